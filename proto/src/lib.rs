@@ -1,0 +1,11 @@
+//! Warden's wire format: the protobuf messages, DSSE envelopes and the
+//! signing and verification rules. A third-party coordinator needs only this crate.
+
+/// Generated protobuf and gRPC code for package `warden.v1`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("warden.v1");
+}
+
+/// The encoded `FileDescriptorSet` of every Warden proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/warden_descriptor.bin"));
