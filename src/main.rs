@@ -1,1 +1,321 @@
-fn main() {}
+//! `warden`: the agent, the reference coordinator and the tools that talk
+//! to them, in one binary.
+
+mod dev;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use warden_agent::AgentConfig;
+use warden_coordinator::{CoordinatorConfig, TlsPem};
+
+#[derive(Parser)]
+#[command(name = "warden", version, about = "Warden: a verifiable GPU worker node and its coordinator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent (as a systemd service, or with --dev to try it out).
+    Agent {
+        /// Agent config file [default: /etc/warden/agent.toml when it exists].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Run an embedded coordinator too, with throwaway TLS, in one process.
+        #[arg(long)]
+        dev: bool,
+        /// State directory (overrides the config's state_dir).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Run the reference coordinator.
+    Coordinator {
+        /// Coordinator config file [default: /etc/warden/coordinator.toml when it exists].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Use throwaway TLS certificates made in the state directory.
+        #[arg(long)]
+        dev: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Listen address for agents (overrides the config's listen).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Show a running agent's status.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// The agent's status socket [default: /var/lib/warden/agent.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// List the nodes a running coordinator knows.
+    Nodes {
+        #[arg(long)]
+        json: bool,
+        /// The coordinator's admin socket [default: /var/lib/warden-coordinator/admin.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match cli.command {
+            Command::Agent {
+                config,
+                dev,
+                state_dir,
+            } => run_agent(config, dev, state_dir).await,
+            Command::Coordinator {
+                config,
+                dev,
+                state_dir,
+                listen,
+            } => run_coordinator(config, dev, state_dir, listen).await,
+            Command::Status { json, socket } => status(json, socket).await,
+            Command::Nodes { json, socket } => nodes(json, socket).await,
+        }
+    })
+}
+
+/// Cancels the token on SIGINT or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        t.cancel();
+    });
+    token
+}
+
+/// An explicit path must exist; the default path is used only if it does.
+fn config_path(given: Option<PathBuf>, default: &str) -> Option<PathBuf> {
+    given.or_else(|| Some(PathBuf::from(default)).filter(|p| p.exists()))
+}
+
+fn load_agent_config(path: Option<PathBuf>) -> Result<AgentConfig> {
+    Ok(match config_path(path, "/etc/warden/agent.toml") {
+        Some(p) => AgentConfig::load(&p)?,
+        None => AgentConfig::default(),
+    })
+}
+
+fn load_coordinator_config(path: Option<PathBuf>) -> Result<CoordinatorConfig> {
+    Ok(match config_path(path, "/etc/warden/coordinator.toml") {
+        Some(p) => CoordinatorConfig::load(&p)?,
+        None => CoordinatorConfig::default(),
+    })
+}
+
+fn default_dev_dir() -> PathBuf {
+    std::env::temp_dir().join("warden-dev")
+}
+
+async fn run_agent(config: Option<PathBuf>, dev: bool, state_dir: Option<PathBuf>) -> Result<()> {
+    let mut cfg = load_agent_config(config)?;
+    let shutdown = shutdown_on_signal();
+    if !dev {
+        if let Some(d) = state_dir {
+            cfg.state_dir = d;
+        }
+        cfg.validate()?;
+        return Ok(warden_agent::run(cfg, shutdown).await?);
+    }
+
+    let root = state_dir.unwrap_or_else(default_dev_dir);
+    let coord_cfg = CoordinatorConfig {
+        state_dir: root.join("coordinator"),
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..CoordinatorConfig::default()
+    };
+    let tls = warden_coordinator::devtls::ensure(&root.join("tls"))?;
+    let coordinator = warden_coordinator::start(&coord_cfg, tls.server, shutdown.clone()).await?;
+    cfg.state_dir = root.join("agent");
+    cfg.coordinator = Some(dev::link(
+        coordinator.addr.port(),
+        &coordinator.public_key.to_base64(),
+        &tls.ca_cert,
+    ));
+    cfg.validate()?;
+    let exe = std::env::current_exe().unwrap_or_else(|_| "warden".into());
+    println!(
+        "\nWarden dev mode: an embedded coordinator and an agent in one process.\n\
+         \n  state dir          {root}\
+         \n  coordinator        https://localhost:{port} (TLS, CA {ca})\
+         \n  coordinator key    {key}\
+         \n  coordinator db     {db}\
+         \n  agent status       {exe} status --socket {status}\
+         \n  nodes              {exe} nodes --socket {admin}\
+         \n\nPress Ctrl-C to stop.\n",
+        root = root.display(),
+        port = coordinator.addr.port(),
+        ca = tls.ca_cert.display(),
+        key = coordinator.public_key.to_base64(),
+        db = coordinator.database.display(),
+        exe = exe.display(),
+        status = cfg.status_socket().display(),
+        admin = coordinator.admin_socket.display(),
+    );
+    let agent = warden_agent::run(cfg, shutdown.clone()).await;
+    shutdown.cancel();
+    coordinator.wait().await?;
+    Ok(agent?)
+}
+
+async fn run_coordinator(
+    config: Option<PathBuf>,
+    dev: bool,
+    state_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+) -> Result<()> {
+    let mut cfg = load_coordinator_config(config)?;
+    if let Some(d) = state_dir {
+        cfg.state_dir = d;
+    }
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    let shutdown = shutdown_on_signal();
+    let (tls, ca) = if dev {
+        let t = warden_coordinator::devtls::ensure(&cfg.state_dir.join("tls"))?;
+        (t.server, Some(t.ca_cert))
+    } else {
+        (TlsPem::from_config(&cfg)?, None)
+    };
+    let running = warden_coordinator::start(&cfg, tls, shutdown).await?;
+    if let Some(ca) = ca {
+        // Agents started by hand (and the tests) read their [coordinator] section from here.
+        let link = dev::link(running.addr.port(), &running.public_key.to_base64(), &ca);
+        let path = cfg.state_dir.join("agent-link.toml");
+        std::fs::write(&path, dev::link_toml(&link))
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("agents connect with the [coordinator] section in {}", path.display());
+    }
+    println!(
+        "coordinator listening on {} (key {}); admin socket {}",
+        running.addr,
+        running.public_key.to_base64(),
+        running.admin_socket.display()
+    );
+    running.wait().await?;
+    Ok(())
+}
+
+async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
+    let socket = socket.unwrap_or_else(|| load_agent_config(None).map(|c| c.status_socket()).unwrap_or_else(|_| Path::new(warden_agent::config::DEFAULT_STATE_DIR).join("agent.sock")));
+    let v = warden_agent::status::query(&socket)
+        .await
+        .with_context(|| "is the agent running? (warden agent, or systemctl status warden)")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let c = &v["coordinator"];
+    let s = &v["spool"];
+    println!("node        {}", v["node_id"].as_str().unwrap_or("?"));
+    println!("version     {}  (start {})", v["version"].as_str().unwrap_or("?"), v["start_id"].as_str().unwrap_or("?"));
+    if c["configured"].as_bool() == Some(true) {
+        let state = if c["connected"].as_bool() == Some(true) { "connected" } else { "disconnected" };
+        println!("coordinator {} {}", c["address"].as_str().unwrap_or("?"), state);
+        if let Some(e) = c["last_error"].as_str() {
+            println!("            last error: {e}");
+        }
+    } else {
+        println!("coordinator none configured");
+    }
+    println!(
+        "spool       {} pending, {} of {} bytes{}",
+        s["pending"], s["bytes"], s["max_bytes"],
+        if s["full"].as_bool() == Some(true) { format!(", FULL ({} refused)", s["refused"]) } else { String::new() }
+    );
+    println!("receipts    last seq {}", v["last_receipt_seq"]);
+    Ok(())
+}
+
+async fn nodes(json: bool, socket: Option<PathBuf>) -> Result<()> {
+    let socket = socket.unwrap_or_else(|| {
+        load_coordinator_config(None)
+            .map(|c| c.admin_socket_path())
+            .unwrap_or_else(|_| Path::new(warden_coordinator::config::DEFAULT_STATE_DIR).join("admin.sock"))
+    });
+    let mut client = warden_coordinator::admin::connect(&socket)
+        .await
+        .with_context(|| format!("cannot reach the coordinator admin socket {}", socket.display()))?;
+    let nodes = client
+        .list_nodes(warden_proto::pb::ListNodesRequest {})
+        .await
+        .context("listing nodes")?
+        .into_inner()
+        .nodes;
+    if json {
+        let list: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                serde_json::json!({
+                    "node_id": n.node_id,
+                    "hostname": n.hostname,
+                    "agent_version": n.agent_version,
+                    "connected": n.connected,
+                    "records": n.records,
+                    "last_seq": n.last_seq,
+                    "first_seen_unix_ms": n.first_seen_unix_ms,
+                    "last_seen_unix_ms": n.last_seen_unix_ms,
+                    "peer_address": n.peer_address,
+                    "public_key": hex::encode(&n.public_key),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if nodes.is_empty() {
+        println!("no nodes yet");
+        return Ok(());
+    }
+    println!("{:<34} {:<16} {:<10} {:>9} {:>8}  last seen", "NODE", "HOST", "STATE", "RECORDS", "LAST SEQ");
+    let now = warden_agent::now_ms();
+    for n in nodes {
+        println!(
+            "{:<34} {:<16} {:<10} {:>9} {:>8}  {}s ago",
+            n.node_id,
+            n.hostname,
+            if n.connected { "connected" } else { "offline" },
+            n.records,
+            n.last_seq,
+            (now - n.last_seen_unix_ms).max(0) / 1000
+        );
+    }
+    Ok(())
+}

@@ -1,1 +1,42 @@
-//! Warden agent.
+//! The Warden agent: the host daemon that turns a GPU machine into a
+//! rentable, verifiable node. Each module owns one concern; `daemon`
+//! wires them into tasks.
+
+pub mod config;
+pub mod daemon;
+pub mod host;
+pub mod outbox;
+pub mod spool;
+pub mod status;
+pub mod telemetry;
+pub mod uplink;
+
+pub use config::AgentConfig;
+pub use daemon::{run, AgentError};
+
+use warden_proto::pb;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A random 128-bit id in hex (start ids).
+pub fn random_id() -> String {
+    use rand::Rng;
+    format!("{:032x}", rand::rng().random::<u128>())
+}
+
+/// The spool's figures as they go on the wire.
+pub fn spool_state(s: &spool::SpoolStats) -> pb::SpoolState {
+    pb::SpoolState {
+        pending: s.pending,
+        bytes: s.bytes,
+        max_bytes: s.max_bytes,
+        full: s.full,
+        refused: s.refused,
+    }
+}

@@ -1,1 +1,13 @@
-//! Warden coordinator.
+//! The reference Warden coordinator: verifies every envelope agents send,
+//! stores nodes, records and receipts in SQLite, and answers each record
+//! with a signed receipt.
+
+pub mod admin;
+pub mod config;
+pub mod devtls;
+pub mod server;
+pub mod session;
+pub mod store;
+
+pub use config::CoordinatorConfig;
+pub use server::{start, Running, ServeError, TlsPem};

@@ -1,0 +1,388 @@
+//! The agent's configuration: a TOML file merged over documented defaults.
+//!
+//! Every key is listed in `docs/config.md`. Unknown keys and bad values are
+//! errors that name the key, so a typo never silently falls back to a default.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use warden_proto::dsse::VerifyingKey;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, or a key is unknown or of the wrong type.
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    /// A key parsed but its value cannot be used.
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Where the node key, the spool and the status socket live.
+    pub state_dir: PathBuf,
+    /// The coordinator this node reports to; absent means records are
+    /// spooled locally until one is configured.
+    pub coordinator: Option<CoordinatorLink>,
+    pub uplink: UplinkConfig,
+    pub spool: SpoolConfig,
+    pub telemetry: TelemetryConfig,
+    pub status: StatusConfig,
+}
+
+/// How to reach and trust the coordinator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorLink {
+    /// `https://host:port` of the coordinator's gRPC endpoint.
+    pub address: String,
+    /// The coordinator's Ed25519 public key (base64 or hex): messages not
+    /// signed by it are ignored.
+    pub public_key: String,
+    /// PEM file of the CA that signed the coordinator's TLS certificate.
+    pub ca_cert: PathBuf,
+    /// Name to check in the coordinator's certificate; defaults to the
+    /// address's host.
+    pub server_name: Option<String>,
+}
+
+/// The gRPC stream to the coordinator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkConfig {
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Records sent but not yet acknowledged, at most.
+    pub max_in_flight: usize,
+}
+
+/// The durable spool of records awaiting acknowledgement.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Defaults to `<state_dir>/spool`.
+    pub dir: Option<PathBuf>,
+    pub max_bytes: u64,
+    pub segment_bytes: u64,
+}
+
+/// Host telemetry records.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Stop after this many telemetry records from this process (0: never).
+    /// For load tests and benchmarks.
+    pub max_records: u64,
+}
+
+/// The local status socket read by `warden status`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusConfig {
+    /// Defaults to `<state_dir>/agent.sock`.
+    pub socket: Option<PathBuf>,
+}
+
+/// Default state directory of a packaged agent.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/warden";
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            coordinator: None,
+            uplink: UplinkConfig::default(),
+            spool: SpoolConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            status: StatusConfig::default(),
+        }
+    }
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(5),
+            backoff_initial: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            max_in_flight: 512,
+        }
+    }
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_bytes: 1 << 30,
+            segment_bytes: 8 << 20,
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            max_records: 0,
+        }
+    }
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        Self { socket: None }
+    }
+}
+
+impl AgentConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let u = &self.uplink;
+        nonzero("uplink.heartbeat_interval", u.heartbeat_interval)?;
+        nonzero("uplink.backoff_initial", u.backoff_initial)?;
+        nonzero("uplink.connect_timeout", u.connect_timeout)?;
+        if u.backoff_max < u.backoff_initial {
+            return Err(invalid(
+                "uplink.backoff_max",
+                format!(
+                    "{} is shorter than uplink.backoff_initial ({})",
+                    humantime::format_duration(u.backoff_max),
+                    humantime::format_duration(u.backoff_initial)
+                ),
+            ));
+        }
+        if !(1..=65_536).contains(&u.max_in_flight) {
+            return Err(invalid(
+                "uplink.max_in_flight",
+                format!("{} is outside 1..=65536", u.max_in_flight),
+            ));
+        }
+        nonzero("telemetry.interval", self.telemetry.interval)?;
+        if self.spool.segment_bytes < 64 << 10 {
+            return Err(invalid(
+                "spool.segment_bytes",
+                format!("{} is below the minimum of 65536", self.spool.segment_bytes),
+            ));
+        }
+        if self.spool.max_bytes < self.spool.segment_bytes {
+            return Err(invalid(
+                "spool.max_bytes",
+                format!(
+                    "{} is smaller than spool.segment_bytes ({})",
+                    self.spool.max_bytes, self.spool.segment_bytes
+                ),
+            ));
+        }
+        if let Some(c) = &self.coordinator {
+            c.host()?;
+            VerifyingKey::parse(&c.public_key)
+                .map_err(|e| invalid("coordinator.public_key", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The spool directory, defaulted under the state directory.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.spool
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("spool"))
+    }
+
+    /// The status socket path, defaulted under the state directory.
+    pub fn status_socket(&self) -> PathBuf {
+        self.status
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("agent.sock"))
+    }
+
+    /// The node key file.
+    pub fn key_file(&self) -> PathBuf {
+        self.state_dir.join("node.key")
+    }
+}
+
+impl CoordinatorLink {
+    /// The host part of `address`, checked to be an `https://host:port` URL.
+    pub fn host(&self) -> Result<&str, ConfigError> {
+        let rest = self.address.strip_prefix("https://").ok_or_else(|| {
+            invalid(
+                "coordinator.address",
+                format!(
+                    "`{}` must start with https:// (TLS is required)",
+                    self.address
+                ),
+            )
+        })?;
+        let authority = rest.split('/').next().unwrap_or_default();
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+        };
+        if host.is_empty() {
+            return Err(invalid(
+                "coordinator.address",
+                format!("`{}` has no host", self.address),
+            ));
+        }
+        Ok(host)
+    }
+
+    /// The TLS name to expect in the coordinator's certificate.
+    pub fn tls_name(&self) -> Result<String, ConfigError> {
+        match &self.server_name {
+            Some(n) => Ok(n.clone()),
+            None => self.host().map(str::to_owned),
+        }
+    }
+
+    /// The pinned coordinator key.
+    pub fn pinned_key(&self) -> Result<VerifyingKey, ConfigError> {
+        VerifyingKey::parse(&self.public_key)
+            .map_err(|e| invalid("coordinator.public_key", e.to_string()))
+    }
+}
+
+fn invalid(key: &'static str, reason: String) -> ConfigError {
+    ConfigError::Invalid { key, reason }
+}
+
+fn nonzero(key: &'static str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        return Err(invalid(key, "must be longer than zero".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = AgentConfig::parse("", "test").unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/warden"));
+        assert_eq!(c.uplink.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(c.spool.max_bytes, 1 << 30);
+        assert_eq!(c.spool_dir(), PathBuf::from("/var/lib/warden/spool"));
+        assert_eq!(
+            c.status_socket(),
+            PathBuf::from("/var/lib/warden/agent.sock")
+        );
+        assert!(c.coordinator.is_none());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = AgentConfig::parse("[uplink]\nheartbeat = \"5s\"\n", "agent.toml").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("agent.toml"), "{msg}");
+        assert!(msg.contains("unknown field `heartbeat`"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_named() {
+        let e = AgentConfig::parse("stat_dir = \"/x\"\n", "agent.toml").unwrap_err();
+        assert!(e.to_string().contains("stat_dir"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let e = AgentConfig::parse("[uplink]\nheartbeat_interval = \"soon\"\n", "a").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("heartbeat_interval"), "{msg}");
+    }
+
+    #[test]
+    fn zero_interval_is_refused() {
+        let e = AgentConfig::parse("[telemetry]\ninterval = \"0s\"\n", "a").unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Invalid { key: "telemetry.interval", .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn backoff_max_below_initial_is_refused() {
+        let e = AgentConfig::parse(
+            "[uplink]\nbackoff_initial = \"10s\"\nbackoff_max = \"1s\"\n",
+            "a",
+        )
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid { key: "uplink.backoff_max", .. }));
+    }
+
+    #[test]
+    fn plain_http_coordinator_is_refused() {
+        let key = "A".repeat(43) + "=";
+        let text = format!(
+            "[coordinator]\naddress = \"http://c:7443\"\npublic_key = \"{key}\"\nca_cert = \"/ca.pem\"\n"
+        );
+        let e = AgentConfig::parse(&text, "a").unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid { key: "coordinator.address", .. }), "{e}");
+    }
+
+    #[test]
+    fn bad_pinned_key_is_refused() {
+        let text = "[coordinator]\naddress = \"https://c:7443\"\npublic_key = \"nope\"\nca_cert = \"/ca.pem\"\n";
+        let e = AgentConfig::parse(text, "a").unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid { key: "coordinator.public_key", .. }), "{e}");
+    }
+
+    #[test]
+    fn coordinator_host_is_taken_from_address() {
+        let link = |a: &str| CoordinatorLink {
+            address: a.into(),
+            public_key: String::new(),
+            ca_cert: PathBuf::new(),
+            server_name: None,
+        };
+        assert_eq!(link("https://coord.example:7443").tls_name().unwrap(), "coord.example");
+        assert_eq!(link("https://[::1]:7443/").tls_name().unwrap(), "::1");
+        assert_eq!(link("https://localhost").tls_name().unwrap(), "localhost");
+        assert!(link("https://:7443").host().is_err());
+    }
+}

@@ -1,0 +1,134 @@
+//! The local status socket: `warden status` connects, the agent writes
+//! one JSON document and closes. The socket is mode 0600 in a 0700
+//! directory: only root (or the agent's user) may read it.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use serde::Serialize;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{UnixListener, UnixStream},
+    sync::watch,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{spool::SpoolStats, uplink::UplinkStatus};
+
+/// The document `warden status --json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    pub node_id: String,
+    pub version: String,
+    pub start_id: String,
+    pub coordinator: CoordinatorStatus,
+    pub spool: SpoolStats,
+    pub last_receipt_seq: u64,
+}
+
+/// The coordinator part of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct CoordinatorStatus {
+    pub configured: bool,
+    #[serde(flatten)]
+    pub uplink: UplinkStatus,
+}
+
+/// What the status task reads to build a report.
+pub struct Sources {
+    pub node_id: String,
+    pub start_id: String,
+    pub configured: bool,
+    pub uplink: watch::Receiver<UplinkStatus>,
+    pub spool: watch::Receiver<SpoolStats>,
+}
+
+impl Sources {
+    fn report(&self) -> StatusReport {
+        let uplink = self.uplink.borrow().clone();
+        StatusReport {
+            node_id: self.node_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            start_id: self.start_id.clone(),
+            last_receipt_seq: uplink.last_receipt_seq,
+            coordinator: CoordinatorStatus {
+                configured: self.configured,
+                uplink,
+            },
+            spool: *self.spool.borrow(),
+        }
+    }
+}
+
+/// Why the status socket could not be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("status socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("status socket {path} answered with something that is not JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// Binds the socket (replacing a stale one) with mode 0600.
+pub fn bind(path: &Path) -> Result<UnixListener, StatusError> {
+    let io = |source| StatusError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+/// Serves reports until `shutdown`, then removes the socket file.
+pub async fn serve(listener: UnixListener, path: PathBuf, sources: Sources, shutdown: CancellationToken) {
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = shutdown.cancelled() => break,
+        };
+        match conn {
+            Ok((mut stream, _)) => {
+                let body = serde_json::to_vec(&sources.report()).unwrap_or_default();
+                tokio::spawn(async move {
+                    let _ = stream.write_all(&body).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "status socket accept failed"),
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Reads one report from a running agent's socket.
+pub async fn query(path: &Path) -> Result<serde_json::Value, StatusError> {
+    let io = |source| StatusError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).await.map_err(io)?;
+    let mut buf = Vec::new();
+    (&mut stream)
+        .take(1 << 20)
+        .read_to_end(&mut buf)
+        .await
+        .map_err(io)?;
+    serde_json::from_slice(&buf).map_err(|source| StatusError::Json {
+        path: path.to_owned(),
+        source,
+    })
+}

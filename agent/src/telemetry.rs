@@ -1,0 +1,38 @@
+//! Periodic host telemetry records: a host sample and the spool's state,
+//! so the coordinator sees a filling spool even before heartbeats are read.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use warden_proto::pb;
+
+use crate::{config::TelemetryConfig, outbox::Outbox, spool::SpoolStats};
+
+/// Emits a telemetry record every `interval` until `shutdown`, or until
+/// `max_records` have been emitted when that is not 0.
+pub async fn run(
+    config: TelemetryConfig,
+    outbox: Outbox,
+    spool: watch::Receiver<SpoolStats>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(config.interval.max(Duration::from_micros(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut emitted = 0u64;
+    while config.max_records == 0 || emitted < config.max_records {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let body = pb::record::Body::Telemetry(pb::Telemetry {
+            host: Some(crate::host::sample()),
+            spool: Some(crate::spool_state(&spool.borrow())),
+        });
+        if !outbox.emit(body).await {
+            return;
+        }
+        emitted += 1;
+    }
+    tracing::info!(emitted, "telemetry.max_records reached; telemetry stopped");
+}

@@ -1,0 +1,347 @@
+//! The task that owns the connection to the coordinator: one bidirectional
+//! gRPC stream over TLS, reopened with jittered exponential backoff.
+//!
+//! On each connection it registers, then sends every pending record from
+//! the spool in seq order (at most `max_in_flight` unacknowledged) and
+//! heartbeats. A record leaves the spool only on a receipt that verifies
+//! against the pinned coordinator key, for this node, with the digest of
+//! what was sent. Anything else from the coordinator is logged and ignored.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use rand::Rng;
+use tokio::{sync::watch, time::Instant};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use warden_proto::{
+    dsse::{self, Signer, VerifyingKey},
+    pb::{self, uplink_client::UplinkClient, Envelope},
+    types,
+};
+
+use crate::{
+    config::{CoordinatorLink, UplinkConfig},
+    outbox::Outbox,
+};
+
+/// Wait before resending a record the coordinator refused.
+const REFUSAL_RETRY: Duration = Duration::from_secs(5);
+
+/// What `warden status` shows of the connection.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct UplinkStatus {
+    pub address: String,
+    pub connected: bool,
+    pub last_error: Option<String>,
+    pub last_receipt_seq: u64,
+    pub records_sent: u64,
+    pub receipts: u64,
+    pub refusals: u64,
+    pub last_refusal: Option<String>,
+}
+
+/// Why one connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("cannot read the coordinator CA certificate {path}: {source}")]
+    Ca {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("coordinator refused the stream: {}", .0.message())]
+    Refused(tonic::Status),
+    #[error("stream broken: {}", .0.message())]
+    Stream(tonic::Status),
+    #[error("the coordinator closed the stream")]
+    Closed,
+    #[error("local spool: {0}")]
+    Spool(String),
+}
+
+/// Everything the uplink task needs.
+pub struct Uplink {
+    pub link: CoordinatorLink,
+    pub config: UplinkConfig,
+    pub signer: Arc<Signer>,
+    pub node_id: String,
+    pub start_id: String,
+    pub inventory: pb::InventorySummary,
+    pub outbox: Outbox,
+    pub status: watch::Sender<UplinkStatus>,
+}
+
+/// The delay before reconnect attempt `attempt` (0-based): exponential
+/// from `initial`, capped at `max`, then scaled into its upper half by
+/// `jitter` in [0, 1) so many agents do not reconnect in lockstep.
+pub fn backoff(attempt: u32, initial: Duration, max: Duration, jitter: f64) -> Duration {
+    let exp = initial.saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX));
+    let capped = exp.min(max);
+    capped.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+}
+
+impl Uplink {
+    /// Runs until `shutdown`, reconnecting as needed.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let pinned = match self.link.pinned_key() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(error = %e, "uplink disabled");
+                return;
+            }
+        };
+        self.status.send_modify(|s| s.address = self.link.address.clone());
+        let mut attempt = 0u32;
+        let mut last_error: Option<String> = None;
+        loop {
+            let started = Instant::now();
+            let end = tokio::select! {
+                r = self.session(&pinned, &shutdown) => r,
+                _ = shutdown.cancelled() => Ok(()),
+            };
+            self.status.send_modify(|s| s.connected = false);
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if let Err(e) = end {
+                let msg = e.to_string();
+                // Log each distinct state once; repeats of the same failure go to debug.
+                if last_error.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!(address = %self.link.address, error = %msg, "coordinator unreachable; retrying with backoff");
+                } else {
+                    tracing::debug!(error = %msg, "still unreachable");
+                }
+                self.status.send_modify(|s| s.last_error = Some(msg.clone()));
+                last_error = Some(msg);
+            }
+            // A connection that lived a while earns a fresh backoff.
+            if started.elapsed() > self.config.backoff_max {
+                attempt = 0;
+            }
+            let delay = backoff(
+                attempt,
+                self.config.backoff_initial,
+                self.config.backoff_max,
+                rand::rng().random::<f64>(),
+            );
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<UplinkClient<tonic::transport::Channel>, UplinkError> {
+        let ca = std::fs::read(&self.link.ca_cert).map_err(|source| UplinkError::Ca {
+            path: self.link.ca_cert.display().to_string(),
+            source,
+        })?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name(self.link.tls_name()?);
+        let channel = Endpoint::from_shared(self.link.address.clone())?
+            .tls_config(tls)?
+            .connect_timeout(self.config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .connect()
+            .await?;
+        Ok(UplinkClient::new(channel)
+            .max_decoding_message_size(1 << 20)
+            .max_encoding_message_size(8 << 20))
+    }
+
+    /// One connection: returns when the stream ends.
+    async fn session(
+        &self,
+        pinned: &VerifyingKey,
+        shutdown: &CancellationToken,
+    ) -> Result<(), UplinkError> {
+        let mut client = self.connect().await?;
+        let window = self.config.max_in_flight;
+        let (out, out_rx) = tokio::sync::mpsc::channel::<Envelope>(window + 16);
+        out.try_send(self.signer.sign_message(
+            types::REGISTER,
+            &pb::Register {
+                node_id: self.node_id.clone(),
+                public_key: self.signer.public_key().to_vec(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                inventory: Some(self.inventory.clone()),
+                time_unix_ms: crate::now_ms(),
+                start_id: self.start_id.clone(),
+            },
+        ))
+        .map_err(|_| UplinkError::Closed)?;
+        let mut inbound = client
+            .session(ReceiverStream::new(out_rx))
+            .await
+            .map_err(UplinkError::Refused)?
+            .into_inner();
+        tracing::info!(address = %self.link.address, "connected to coordinator");
+        self.status.send_modify(|s| {
+            s.connected = true;
+            s.last_error = None;
+        });
+
+        let mut stats = self.outbox.stats();
+        // seq -> SHA-256 of the payload sent: a receipt must match it.
+        let mut in_flight: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
+        let mut retry: BTreeMap<u64, Instant> = BTreeMap::new();
+        let mut cursor = 0u64; // every pending record is (re)sent on a new stream
+        let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            let next_seq = stats.borrow_and_update().next_seq;
+            // Resend refused records whose wait is over.
+            let now = Instant::now();
+            let due: BTreeSet<u64> = retry
+                .iter()
+                .filter(|(_, at)| **at <= now)
+                .map(|(s, _)| *s)
+                .collect();
+            for seq in due {
+                retry.remove(&seq);
+                let recs = self.outbox.read(seq, 1).await.map_err(UplinkError::Spool)?;
+                if let Some(p) = recs.into_iter().find(|p| p.seq == seq) {
+                    in_flight.insert(seq, dsse::payload_sha256(&p.envelope));
+                    if out.try_send(p.envelope).is_err() {
+                        in_flight.remove(&seq);
+                        retry.insert(seq, now + REFUSAL_RETRY);
+                    }
+                }
+            }
+            // Fill the window from the spool.
+            let room = window.saturating_sub(in_flight.len() + retry.len());
+            if room > 0 && cursor < next_seq {
+                let recs = self
+                    .outbox
+                    .read(cursor, room)
+                    .await
+                    .map_err(UplinkError::Spool)?;
+                let mut sent = 0;
+                for p in &recs {
+                    if in_flight.contains_key(&p.seq) || retry.contains_key(&p.seq) {
+                        cursor = p.seq + 1;
+                        continue;
+                    }
+                    if out.try_send(p.envelope.clone()).is_err() {
+                        break;
+                    }
+                    in_flight.insert(p.seq, dsse::payload_sha256(&p.envelope));
+                    cursor = p.seq + 1;
+                    sent += 1;
+                }
+                if recs.is_empty() {
+                    cursor = next_seq;
+                }
+                self.status.send_modify(|s| s.records_sent += sent);
+            }
+            let caught_up = cursor >= next_seq;
+            let next_retry = retry.values().min().copied();
+
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = heartbeat.tick() => {
+                    let spool = *stats.borrow();
+                    // A heartbeat is not a record: if the pipe is full it is skipped.
+                    let _ = out.try_send(self.signer.sign_message(types::HEARTBEAT, &pb::Heartbeat {
+                        node_id: self.node_id.clone(),
+                        time_unix_ms: crate::now_ms(),
+                        spool: Some(crate::spool_state(&spool)),
+                        last_receipt_seq: self.status.borrow().last_receipt_seq,
+                    }));
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(env)) => self.handle(pinned, &env, &mut in_flight, &mut retry),
+                    Ok(None) => return Err(UplinkError::Closed),
+                    Err(status) => return Err(UplinkError::Stream(status)),
+                },
+                r = stats.changed(), if caught_up => {
+                    if r.is_err() {
+                        return Err(UplinkError::Spool("the outbox has stopped".into()));
+                    }
+                }
+                _ = tokio::time::sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {}
+            }
+        }
+    }
+
+    /// Applies one coordinator message, after checking its signature.
+    fn handle(
+        &self,
+        pinned: &VerifyingKey,
+        env: &Envelope,
+        in_flight: &mut BTreeMap<u64, [u8; 32]>,
+        retry: &mut BTreeMap<u64, Instant>,
+    ) {
+        match env.payload_type.as_str() {
+            types::RECEIPT => {
+                let receipt = match dsse::open::<pb::Receipt>(env, types::RECEIPT, pinned) {
+                    Ok(r) => r,
+                    Err(e) => return tracing::warn!(error = %e, "ignored a receipt that does not verify against the pinned coordinator key"),
+                };
+                if receipt.node_id != self.node_id {
+                    return tracing::warn!(node = %receipt.node_id, "ignored a receipt for another node");
+                }
+                match in_flight.get(&receipt.seq) {
+                    Some(d) if d.as_slice() == receipt.payload_sha256.as_slice() => {
+                        in_flight.remove(&receipt.seq);
+                        self.outbox.ack(receipt.seq);
+                        self.status.send_modify(|s| {
+                            s.receipts += 1;
+                            s.last_receipt_seq = s.last_receipt_seq.max(receipt.seq);
+                        });
+                    }
+                    Some(_) => tracing::warn!(seq = receipt.seq, "ignored a receipt whose digest differs from the record sent"),
+                    None => tracing::debug!(seq = receipt.seq, "receipt for a record not in flight"),
+                }
+            }
+            types::REFUSAL => {
+                let refusal = match dsse::open::<pb::Refusal>(env, types::REFUSAL, pinned) {
+                    Ok(r) => r,
+                    Err(e) => return tracing::warn!(error = %e, "ignored a refusal that does not verify against the pinned coordinator key"),
+                };
+                tracing::warn!(seq = refusal.seq, reason = %refusal.reason, "coordinator refused a record; it stays spooled and is sent again");
+                if in_flight.remove(&refusal.seq).is_some() {
+                    retry.insert(refusal.seq, Instant::now() + REFUSAL_RETRY);
+                }
+                self.status.send_modify(|s| {
+                    s.refusals += 1;
+                    s.last_refusal = Some(format!("seq {}: {}", refusal.seq, refusal.reason));
+                });
+            }
+            other => tracing::warn!(payload_type = %other, "ignored an unexpected coordinator message"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters_within_upper_half() {
+        let i = Duration::from_millis(100);
+        let m = Duration::from_secs(10);
+        assert_eq!(backoff(0, i, m, 1.0), Duration::from_millis(100));
+        assert_eq!(backoff(0, i, m, 0.0), Duration::from_millis(50));
+        assert_eq!(backoff(3, i, m, 1.0), Duration::from_millis(800));
+        assert_eq!(backoff(20, i, m, 1.0), m);
+        assert_eq!(backoff(u32::MAX, i, m, 0.0), m / 2);
+        for a in 0..40 {
+            let d = backoff(a, i, m, 0.3);
+            assert!(d <= m && d >= Duration::from_millis(50), "{a}: {d:?}");
+        }
+    }
+}

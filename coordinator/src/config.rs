@@ -1,0 +1,141 @@
+//! The coordinator's configuration: a TOML file over documented defaults.
+//! Unknown keys and bad values are errors naming the key (see `docs/config.md`).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// The whole coordinator configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// Holds the signing key, the database and the admin socket by default.
+    pub state_dir: PathBuf,
+    /// Address the agents' gRPC endpoint listens on (TLS).
+    pub listen: SocketAddr,
+    /// SQLite database; defaults to `<state_dir>/coordinator.db`.
+    pub database: Option<PathBuf>,
+    /// Admin unix socket (mode 0600); defaults to `<state_dir>/admin.sock`.
+    pub admin_socket: Option<PathBuf>,
+    /// The coordinator's Ed25519 signing key; defaults to `<state_dir>/coordinator.key`.
+    pub key_file: Option<PathBuf>,
+    pub tls: TlsConfig,
+}
+
+/// Server certificate and key, PEM. Required outside `--dev`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// Default state directory of a packaged coordinator.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/warden-coordinator";
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            database: None,
+            admin_socket: None,
+            key_file: None,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The TLS certificate and key paths, which production needs.
+    pub fn tls_paths(&self) -> Result<(PathBuf, PathBuf), ConfigError> {
+        let cert = self.tls.cert.clone().ok_or(ConfigError::Invalid {
+            key: "tls.cert",
+            reason: "is required (a PEM certificate for the agents' endpoint); or run with --dev for throwaway certificates".into(),
+        })?;
+        let key = self.tls.key.clone().ok_or(ConfigError::Invalid {
+            key: "tls.key",
+            reason: "is required (the PEM private key of tls.cert)".into(),
+        })?;
+        Ok((cert, key))
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.database
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("coordinator.db"))
+    }
+
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("admin.sock"))
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("coordinator.key"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = CoordinatorConfig::parse("", "t").unwrap();
+        assert_eq!(c.listen.port(), 7443);
+        assert_eq!(
+            c.database_path(),
+            PathBuf::from("/var/lib/warden-coordinator/coordinator.db")
+        );
+        assert!(matches!(
+            c.tls_paths(),
+            Err(ConfigError::Invalid { key: "tls.cert", .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_key_and_bad_address_are_named() {
+        let e = CoordinatorConfig::parse("[tls]\ncertificate = \"x\"\n", "c.toml").unwrap_err();
+        assert!(e.to_string().contains("unknown field `certificate`"), "{e}");
+        let e = CoordinatorConfig::parse("listen = \"nowhere\"\n", "c.toml").unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+    }
+}

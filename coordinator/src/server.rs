@@ -1,0 +1,206 @@
+//! Starts the coordinator: the agents' TLS endpoint (Uplink, health,
+//! reflection) and the admin unix socket.
+
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use warden_proto::{
+    dsse::VerifyingKey,
+    identity::{self, IdentityError},
+    pb::{admin_server::AdminServer, uplink_server::UplinkServer},
+    FILE_DESCRIPTOR_SET,
+};
+
+use crate::{
+    admin::AdminService,
+    config::{ConfigError, CoordinatorConfig},
+    session::{Registry, UplinkService},
+    store::{Store, StoreError},
+};
+
+/// Largest envelope accepted from an agent (a 4 MiB payload and its signature).
+pub const MAX_MESSAGE_BYTES: usize = (4 << 20) + 4096;
+
+/// Why the coordinator could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// TLS material for the agents' endpoint, PEM.
+pub struct TlsPem {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl TlsPem {
+    /// Reads the certificate and key files named in the config.
+    pub fn from_config(cfg: &CoordinatorConfig) -> Result<Self, ServeError> {
+        let (cert, key) = cfg.tls_paths()?;
+        let read = |what, path: PathBuf| {
+            std::fs::read(&path).map_err(|source| ServeError::Io { what, path, source })
+        };
+        Ok(Self {
+            cert: read("TLS certificate (tls.cert)", cert)?,
+            key: read("TLS key (tls.key)", key)?,
+        })
+    }
+}
+
+/// A running coordinator.
+pub struct Running {
+    /// The address agents connect to (the real port when 0 was asked for).
+    pub addr: SocketAddr,
+    pub admin_socket: PathBuf,
+    pub public_key: VerifyingKey,
+    pub database: PathBuf,
+    tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl Running {
+    /// Waits for both servers to stop (after the shutdown token fires).
+    pub async fn wait(self) -> Result<(), ServeError> {
+        for t in self.tasks {
+            match t.await {
+                Ok(r) => r?,
+                Err(e) => tracing::error!(error = %e, "server task panicked"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Binds both endpoints and serves until `shutdown` is cancelled.
+pub async fn start(
+    cfg: &CoordinatorConfig,
+    tls: TlsPem,
+    shutdown: CancellationToken,
+) -> Result<Running, ServeError> {
+    create_private_dir(&cfg.state_dir)?;
+    let (signer, created) = identity::load_or_create(&cfg.key_path())?;
+    if created {
+        tracing::info!(key = %cfg.key_path().display(), "created coordinator signing key");
+    }
+    let public_key = signer.verifying_key();
+    let database = cfg.database_path();
+    let store = Store::open(&database)?;
+    let registry = Registry::default();
+
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<UplinkServer<UplinkService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let uplink = UplinkServer::new(UplinkService::new(
+        Arc::new(signer),
+        store.clone(),
+        registry.clone(),
+        shutdown.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+
+    let grpc = Server::builder()
+        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(tls.cert, tls.key)))?
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(uplink)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
+
+    let admin_socket = cfg.admin_socket_path();
+    let admin_listener = bind_private_socket(&admin_socket)?;
+    let admin = Server::builder()
+        .add_service(AdminServer::new(AdminService::new(store, registry)))
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(admin_listener),
+            shutdown.clone().cancelled_owned(),
+        );
+
+    tracing::info!(%addr, admin = %admin_socket.display(), key = %public_key.to_base64(), "coordinator listening");
+    Ok(Running {
+        addr,
+        admin_socket,
+        public_key,
+        database,
+        tasks: vec![tokio::spawn(grpc), tokio::spawn(admin)],
+    })
+}
+
+/// Creates a directory readable by its owner only.
+pub fn create_private_dir(dir: &Path) -> Result<(), ServeError> {
+    let io = |source| ServeError::Io {
+        what: "state directory",
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)
+}
+
+/// Binds a unix socket that only its owner may connect to, replacing a
+/// stale socket file left by an earlier run.
+pub fn bind_private_socket(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
+    let io = |source| ServeError::Io {
+        what: "admin socket",
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}

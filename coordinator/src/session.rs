@@ -1,0 +1,386 @@
+//! The agents' stream: one session per connected agent.
+//!
+//! A session starts with a Register envelope signed by the key it
+//! announces. After that every envelope is verified against that node's
+//! key; records are stored and answered with a signed Receipt, anything
+//! that fails verification with a signed Refusal giving the reason.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures::StreamExt;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use warden_proto::{
+    dsse::{self, Signer, VerifyingKey},
+    pb::{self, Envelope},
+    types,
+};
+
+use crate::store::{NewRecord, NodeRow, Outcome, Store};
+
+/// How long an agent has to send Register after opening the stream.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Envelopes verified and stored together.
+const CHUNK: usize = 512;
+/// Registrations whose clock is further than this from ours are refused,
+/// so an old captured Register cannot be replayed.
+const MAX_REGISTER_SKEW_MS: i64 = 5 * 60 * 1000;
+
+/// Which nodes have a live stream; read by the admin API.
+#[derive(Clone, Default)]
+pub struct Registry {
+    inner: Arc<Mutex<HashMap<String, u64>>>,
+    next: Arc<AtomicU64>,
+}
+
+impl Registry {
+    fn attach(&self, node_id: &str) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.lock().insert(node_id.to_owned(), id);
+        id
+    }
+
+    /// Detaches only if no newer session of the node replaced this one.
+    fn detach(&self, node_id: &str, session: u64) {
+        let mut map = self.lock();
+        if map.get(node_id) == Some(&session) {
+            map.remove(node_id);
+        }
+    }
+
+    pub fn is_connected(&self, node_id: &str) -> bool {
+        self.lock().contains_key(node_id)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The gRPC `Uplink` service.
+pub struct UplinkService {
+    signer: Arc<Signer>,
+    store: Store,
+    registry: Registry,
+    shutdown: CancellationToken,
+}
+
+impl UplinkService {
+    pub fn new(
+        signer: Arc<Signer>,
+        store: Store,
+        registry: Registry,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            signer,
+            store,
+            registry,
+            shutdown,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::uplink_server::Uplink for UplinkService {
+    type SessionStream = ReceiverStream<Result<Envelope, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<Envelope>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Register within 10 s"))??
+            .ok_or_else(|| Status::cancelled("stream closed before Register"))?;
+        let (reg, key) = check_register(&first, now_ms()).map_err(Status::unauthenticated)?;
+        self.store
+            .register(NodeRow {
+                node_id: reg.node_id.clone(),
+                public_key: reg.public_key.clone(),
+                agent_version: reg.agent_version.clone(),
+                hostname: reg
+                    .inventory
+                    .as_ref()
+                    .map(|i| i.hostname.clone())
+                    .unwrap_or_default(),
+                inventory: reg
+                    .inventory
+                    .as_ref()
+                    .map(|i| i.encode_to_vec())
+                    .unwrap_or_default(),
+                start_id: reg.start_id.clone(),
+                peer_address: peer.map(|p| p.to_string()).unwrap_or_default(),
+                time_ms: now_ms(),
+            })
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        tracing::info!(node = %reg.node_id, peer = ?peer, version = %reg.agent_version, "agent registered");
+        let (tx, rx) = mpsc::channel(CHUNK * 2);
+        let session = Session {
+            node_id: reg.node_id,
+            key,
+            signer: self.signer.clone(),
+            store: self.store.clone(),
+            tx,
+        };
+        let registry = self.registry.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let id = registry.attach(&session.node_id);
+            let node = session.node_id.clone();
+            let end = tokio::select! {
+                r = session.run(inbound) => r,
+                _ = shutdown.cancelled() => Ok(()),
+            };
+            registry.detach(&node, id);
+            match end {
+                Ok(()) => tracing::info!(%node, "agent stream closed"),
+                Err(e) => tracing::warn!(%node, error = %e, "agent stream ended"),
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Checks the first envelope of a stream: a Register signed by the key
+/// inside it, for the node id that key derives.
+pub fn check_register(env: &Envelope, now_ms: i64) -> Result<(pb::Register, VerifyingKey), String> {
+    if env.payload_type != types::REGISTER {
+        return Err(format!(
+            "first message must be {}, got {}",
+            types::REGISTER,
+            env.payload_type
+        ));
+    }
+    let reg = pb::Register::decode(env.payload.as_slice())
+        .map_err(|e| format!("Register does not decode: {e}"))?;
+    let key = VerifyingKey::from_bytes(&reg.public_key).map_err(|e| format!("Register: {e}"))?;
+    if reg.node_id != key.key_id() {
+        return Err(format!(
+            "Register names node {} but its key derives node id {}",
+            reg.node_id,
+            key.key_id()
+        ));
+    }
+    dsse::verify(env, types::REGISTER, &key).map_err(|e| format!("Register: {e}"))?;
+    if (reg.time_unix_ms - now_ms).abs() > MAX_REGISTER_SKEW_MS {
+        return Err(format!(
+            "Register is timestamped {} ms from the coordinator's clock (allowed: {MAX_REGISTER_SKEW_MS}); check the node's clock",
+            reg.time_unix_ms - now_ms
+        ));
+    }
+    Ok((reg, key))
+}
+
+struct Session {
+    node_id: String,
+    key: VerifyingKey,
+    signer: Arc<Signer>,
+    store: Store,
+    tx: mpsc::Sender<Result<Envelope, Status>>,
+}
+
+/// What one inbound envelope asks of the session.
+enum Verdict {
+    Store(NewRecord),
+    Refuse { seq: u64, digest: [u8; 32], reason: String },
+    Heartbeat,
+}
+
+impl Session {
+    async fn run(&self, inbound: Streaming<Envelope>) -> Result<(), Status> {
+        let mut chunks = inbound.ready_chunks(CHUNK);
+        while let Some(chunk) = chunks.next().await {
+            let mut to_store = Vec::new();
+            let mut replies = Vec::new();
+            let mut heard = false;
+            for item in chunk {
+                match self.judge(&item?) {
+                    Verdict::Store(r) => to_store.push(r),
+                    Verdict::Refuse {
+                        seq,
+                        digest,
+                        reason,
+                    } => {
+                        tracing::warn!(node = %self.node_id, seq, %reason, "record refused");
+                        replies.push(self.refusal(seq, digest, reason));
+                    }
+                    Verdict::Heartbeat => heard = true,
+                }
+            }
+            if heard || !to_store.is_empty() {
+                self.store.seen(&self.node_id, now_ms());
+            }
+            if !to_store.is_empty() {
+                let outcomes = self
+                    .store
+                    .insert(to_store.clone())
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                for (rec, outcome) in to_store.into_iter().zip(outcomes) {
+                    match outcome {
+                        Outcome::Stored | Outcome::Duplicate => {
+                            replies.push(Envelope::decode(rec.receipt.as_slice()).map_err(
+                                |e| Status::internal(format!("receipt re-decode: {e}")),
+                            )?)
+                        }
+                        Outcome::Conflict { stored_sha256 } => replies.push(self.refusal(
+                            rec.seq,
+                            rec.payload_sha256,
+                            format!(
+                                "seq {} is already stored with different content (sha256 {})",
+                                rec.seq,
+                                hex::encode(stored_sha256)
+                            ),
+                        )),
+                    }
+                }
+            }
+            for r in replies {
+                if self.tx.send(Ok(r)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn judge(&self, env: &Envelope) -> Verdict {
+        let digest = dsse::payload_sha256(env);
+        match env.payload_type.as_str() {
+            types::HEARTBEAT => match dsse::open::<pb::Heartbeat>(env, types::HEARTBEAT, &self.key) {
+                Ok(_) => Verdict::Heartbeat,
+                Err(e) => Verdict::Refuse {
+                    seq: 0,
+                    digest,
+                    reason: format!("heartbeat: {e}"),
+                },
+            },
+            types::RECORD => {
+                // Decoded before verification only to name the seq in a refusal.
+                let claimed_seq = pb::Record::decode(env.payload.as_slice())
+                    .map(|r| r.seq)
+                    .unwrap_or(0);
+                let refuse = |reason: String| Verdict::Refuse {
+                    seq: claimed_seq,
+                    digest,
+                    reason,
+                };
+                let rec = match dsse::open::<pb::Record>(env, types::RECORD, &self.key) {
+                    Ok(r) => r,
+                    Err(e) => return refuse(e.to_string()),
+                };
+                if rec.node_id != self.node_id {
+                    return refuse(format!(
+                        "record names node {} but this stream belongs to node {}",
+                        rec.node_id, self.node_id
+                    ));
+                }
+                if rec.seq == 0 {
+                    return refuse("record seq must start at 1".into());
+                }
+                let sig = env
+                    .signatures
+                    .iter()
+                    .find(|s| s.keyid == self.key.key_id())
+                    .map(|s| s.sig.clone())
+                    .unwrap_or_default();
+                let receipt = self.signer.sign_message(
+                    types::RECEIPT,
+                    &pb::Receipt {
+                        node_id: self.node_id.clone(),
+                        seq: rec.seq,
+                        payload_sha256: digest.to_vec(),
+                        time_unix_ms: now_ms(),
+                    },
+                );
+                Verdict::Store(NewRecord {
+                    node_id: self.node_id.clone(),
+                    seq: rec.seq,
+                    payload_type: env.payload_type.clone(),
+                    payload: env.payload.clone(),
+                    keyid: self.key.key_id().to_owned(),
+                    sig,
+                    payload_sha256: digest,
+                    received_ms: now_ms(),
+                    receipt: receipt.encode_to_vec(),
+                })
+            }
+            other => Verdict::Refuse {
+                seq: 0,
+                digest,
+                reason: format!("unexpected payload type {other}"),
+            },
+        }
+    }
+
+    fn refusal(&self, seq: u64, digest: [u8; 32], reason: String) -> Envelope {
+        self.signer.sign_message(
+            types::REFUSAL,
+            &pb::Refusal {
+                node_id: self.node_id.clone(),
+                seq,
+                payload_sha256: digest.to_vec(),
+                reason,
+                time_unix_ms: now_ms(),
+            },
+        )
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(signer: &Signer, node_id: &str, time: i64) -> Envelope {
+        signer.sign_message(
+            types::REGISTER,
+            &pb::Register {
+                node_id: node_id.into(),
+                public_key: signer.public_key().to_vec(),
+                agent_version: "t".into(),
+                inventory: None,
+                time_unix_ms: time,
+                start_id: "s".into(),
+            },
+        )
+    }
+
+    #[test]
+    fn register_must_be_self_signed_for_its_own_node_id() {
+        let (a, _) = Signer::generate().unwrap();
+        let (b, _) = Signer::generate().unwrap();
+        let now = 1_000_000_000;
+        assert!(check_register(&register(&a, a.key_id(), now), now).is_ok());
+        let err = check_register(&register(&a, b.key_id(), now), now).unwrap_err();
+        assert!(err.contains("derives node id"), "{err}");
+        let mut env = register(&a, a.key_id(), now);
+        env.payload.push(0);
+        assert!(check_register(&env, now).is_err());
+        let err = check_register(&register(&a, a.key_id(), now - 3_600_000), now).unwrap_err();
+        assert!(err.contains("clock"), "{err}");
+        let hb = a.sign_message(types::HEARTBEAT, &pb::Heartbeat::default());
+        assert!(check_register(&hb, now).unwrap_err().contains("first message"));
+    }
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs what it needs from
+# Debian's packages, makes sure Docker answers, then checks formatting,
+# lints and runs every test. CI (.ci/run) calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+need() { # need COMMAND PACKAGE
+  command -v "$1" >/dev/null 2>&1 || need_pkgs+=("$2")
+}
+need cc build-essential
+need pkg-config pkg-config
+need ip iproute2
+need docker docker.io
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "== installing: ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
+fi
+
+# Docker tests need a live engine: start one if none answers.
+if command -v docker >/dev/null 2>&1 && ! docker info >/dev/null 2>&1; then
+  echo "== starting dockerd"
+  (dockerd >/tmp/warden-dockerd.log 2>&1 &)
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /tmp/warden-dockerd.log"; exit 1; }
+fi
+
+rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy || true
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked "$@"

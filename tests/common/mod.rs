@@ -1,0 +1,254 @@
+//! Helpers for end-to-end tests: real `warden` processes, killed on drop
+//! so a failing test leaves nothing running.
+#![allow(dead_code)]
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub const WARDEN: &str = env!("CARGO_BIN_EXE_warden");
+
+/// A free loopback TCP port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A child process killed (SIGKILL) on drop; its stderr goes to a file.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str], log: PathBuf) -> Proc {
+        let err = std::fs::File::create(&log).unwrap();
+        let child = Command::new(WARDEN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("spawn warden");
+        Proc { child, log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "process did not stop on SIGTERM; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A coordinator in dev mode (throwaway TLS in its state dir).
+pub struct Coordinator {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub proc: Proc,
+}
+
+impl Coordinator {
+    pub fn start(dir: &Path, port: u16) -> Coordinator {
+        let link = dir.join("agent-link.toml");
+        let _ = std::fs::remove_file(&link);
+        let proc = Proc::spawn(
+            &[
+                "coordinator",
+                "--dev",
+                "--state-dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ],
+            dir.with_extension(format!("coordinator-{}.log", crate_now())),
+        );
+        let c = Coordinator {
+            dir: dir.to_owned(),
+            port,
+            proc,
+        };
+        wait_for("coordinator to start", Duration::from_secs(30), || {
+            link.exists().then_some(())
+        });
+        c
+    }
+
+    /// The `[coordinator]` TOML section an agent needs.
+    pub fn link_toml(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent-link.toml")).unwrap()
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.dir.join("coordinator.db")
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("admin.sock")
+    }
+
+    /// The coordinator's public key as written in agent-link.toml.
+    pub fn public_key(&self) -> String {
+        let text = self.link_toml();
+        let line = text.lines().find(|l| l.starts_with("public_key")).unwrap();
+        line.split('"').nth(1).unwrap().to_owned()
+    }
+}
+
+fn crate_now() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// (count, distinct seqs, min seq, max seq) of one database's records.
+pub fn record_stats(db: &Path) -> (u64, u64, u64, u64) {
+    let conn = match rusqlite::Connection::open_with_flags(
+        db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    ) {
+        Ok(c) => c,
+        Err(_) => return (0, 0, 0, 0),
+    };
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.query_row(
+        "SELECT count(*), count(DISTINCT node_id || ':' || seq), coalesce(min(seq), 0), coalesce(max(seq), 0) FROM records",
+        [],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, i64>(3)? as u64,
+            ))
+        },
+    )
+    .unwrap_or((0, 0, 0, 0))
+}
+
+pub fn count(db: &Path, sql: &str) -> u64 {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap() as u64
+}
+
+/// An agent process with a config written into its state dir.
+pub struct Agent {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub proc: Proc,
+}
+
+impl Agent {
+    /// Writes `extra` TOML (sections) after the state dir line and starts.
+    pub fn start(dir: &Path, extra: &str) -> Agent {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.with_extension("toml");
+        std::fs::write(
+            &config,
+            format!("state_dir = \"{}\"\n{extra}", dir.display()),
+        )
+        .unwrap();
+        Self::start_with(dir, &config)
+    }
+
+    pub fn start_with(dir: &Path, config: &Path) -> Agent {
+        let proc = Proc::spawn(
+            &["agent", "--config", config.to_str().unwrap()],
+            dir.with_extension(format!("agent-{}.log", crate_now())),
+        );
+        let a = Agent {
+            dir: dir.to_owned(),
+            config: config.to_owned(),
+            proc,
+        };
+        let sock = a.socket();
+        wait_for("agent status socket", Duration::from_secs(30), || {
+            status(&sock)
+        });
+        a
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    pub fn status(&self) -> Option<serde_json::Value> {
+        status(&self.socket())
+    }
+}
+
+/// `warden status --json` against a socket, parsed; None if unreachable.
+pub fn status(socket: &Path) -> Option<serde_json::Value> {
+    let out = Command::new(WARDEN)
+        .args(["status", "--json", "--socket", socket.to_str().unwrap()])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Agent TOML for fast tests: quick reconnects and a telemetry burst.
+pub fn fast_agent_toml(link: &str, interval: &str, max_records: u64) -> String {
+    format!(
+        "{link}\n[uplink]\nbackoff_initial = \"50ms\"\nbackoff_max = \"500ms\"\nheartbeat_interval = \"1s\"\n\n[telemetry]\ninterval = \"{interval}\"\nmax_records = {max_records}\n"
+    )
+}

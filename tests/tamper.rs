@@ -1,0 +1,190 @@
+//! A hostile or broken sender: envelopes altered after signing, or signed
+//! by a key the stream did not register, reach a real coordinator over
+//! TLS. They must be refused with a reason, and nothing stored for them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use warden_proto::{
+    dsse::{self, Signer, VerifyingKey},
+    pb::{self, uplink_client::UplinkClient, Envelope},
+    types,
+};
+
+fn record(signer: &Signer, seq: u64, load: f64) -> Envelope {
+    signer.sign_message(
+        types::RECORD,
+        &pb::Record {
+            node_id: signer.key_id().to_owned(),
+            seq,
+            time_unix_ms: warden_agent::now_ms(),
+            start_id: "test".into(),
+            body: Some(pb::record::Body::Telemetry(pb::Telemetry {
+                host: Some(pb::HostSample {
+                    load1: load,
+                    ..Default::default()
+                }),
+                spool: None,
+            })),
+        },
+    )
+}
+
+enum Reply {
+    Receipt(pb::Receipt),
+    Refusal(pb::Refusal),
+}
+
+async fn next(inbound: &mut tonic::Streaming<Envelope>, coordinator: &VerifyingKey) -> Reply {
+    let env = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+        .await
+        .expect("a reply within 10 s")
+        .unwrap()
+        .unwrap();
+    match env.payload_type.as_str() {
+        types::RECEIPT => Reply::Receipt(dsse::open(&env, types::RECEIPT, coordinator).unwrap()),
+        types::REFUSAL => Reply::Refusal(dsse::open(&env, types::REFUSAL, coordinator).unwrap()),
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_and_foreign_records_are_refused_and_not_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"), free_port());
+    let coordinator_key = VerifyingKey::parse(&coord.public_key()).unwrap();
+    let ca = std::fs::read(coord.dir.join("tls/ca.pem")).unwrap();
+    let channel = Endpoint::from_shared(format!("https://localhost:{}", coord.port))
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("localhost"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (node, _) = Signer::generate().unwrap();
+    let (stranger, _) = Signer::generate().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(node.sign_message(
+        types::REGISTER,
+        &pb::Register {
+            node_id: node.key_id().to_owned(),
+            public_key: node.public_key().to_vec(),
+            agent_version: "test".into(),
+            inventory: None,
+            time_unix_ms: warden_agent::now_ms(),
+            start_id: "test".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    let mut inbound = UplinkClient::new(channel)
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // 1: a good record is stored and receipted with its digest.
+    let good1 = record(&node, 1, 1.0);
+    tx.send(good1.clone()).await.unwrap();
+    match next(&mut inbound, &coordinator_key).await {
+        Reply::Receipt(r) => {
+            assert_eq!(r.seq, 1);
+            assert_eq!(r.node_id, node.key_id());
+            assert_eq!(r.payload_sha256, dsse::payload_sha256(&good1).to_vec());
+        }
+        Reply::Refusal(r) => panic!("refused: {}", r.reason),
+    }
+
+    // 2: one payload bit flipped after signing, as a tampering proxy would.
+    let good2 = record(&node, 2, 2.0);
+    let mut bad2 = good2.clone();
+    let last = bad2.payload.len() - 1;
+    bad2.payload[last] ^= 0x01;
+    tx.send(bad2).await.unwrap();
+    match next(&mut inbound, &coordinator_key).await {
+        Reply::Refusal(r) => {
+            assert_eq!(r.seq, 2);
+            assert!(r.reason.contains("does not verify"), "{}", r.reason);
+        }
+        Reply::Receipt(_) => panic!("a tampered record was receipted"),
+    }
+    assert_eq!(record_stats(&coord.db()).0, 1, "the tampered record was stored");
+
+    // 3: a record signed by a key this stream did not register.
+    let mut foreign = record(&stranger, 3, 3.0);
+    foreign.payload = {
+        let mut r = pb::Record::decode(foreign.payload.as_slice()).unwrap();
+        r.node_id = node.key_id().to_owned();
+        r.encode_to_vec()
+    };
+    let foreign = stranger.sign(types::RECORD, foreign.payload);
+    tx.send(foreign).await.unwrap();
+    match next(&mut inbound, &coordinator_key).await {
+        Reply::Refusal(r) => {
+            assert_eq!(r.seq, 3);
+            assert!(r.reason.contains(stranger.key_id()), "{}", r.reason);
+        }
+        Reply::Receipt(_) => panic!("a record signed by an unknown key was receipted"),
+    }
+
+    // The sender keeps the record and sends it again intact: now it is stored.
+    tx.send(good2.clone()).await.unwrap();
+    assert!(matches!(next(&mut inbound, &coordinator_key).await, Reply::Receipt(r) if r.seq == 2));
+    // A replay is receipted again but stored once.
+    tx.send(good1.clone()).await.unwrap();
+    assert!(matches!(next(&mut inbound, &coordinator_key).await, Reply::Receipt(r) if r.seq == 1));
+    // The same seq with other content is a conflict.
+    tx.send(record(&node, 1, 9.0)).await.unwrap();
+    match next(&mut inbound, &coordinator_key).await {
+        Reply::Refusal(r) => assert!(r.reason.contains("different content"), "{}", r.reason),
+        Reply::Receipt(_) => panic!("a conflicting record was receipted"),
+    }
+
+    let (n, _, min, max) = record_stats(&coord.db());
+    assert_eq!((n, min, max), (2, 1, 2));
+    let conn = rusqlite::Connection::open(coord.db()).unwrap();
+    let stored = warden_coordinator::store::read_payload(&conn, node.key_id(), 2).unwrap().unwrap();
+    assert_eq!(stored, good2.payload, "the stored bytes are the signed bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_register_not_signed_by_its_key_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"), free_port());
+    let ca = std::fs::read(coord.dir.join("tls/ca.pem")).unwrap();
+    let channel = Endpoint::from_shared(format!("https://localhost:{}", coord.port))
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("localhost"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (node, _) = Signer::generate().unwrap();
+    let (other, _) = Signer::generate().unwrap();
+    // Claims node's key and id but is signed by another key.
+    let payload = pb::Register {
+        node_id: node.key_id().to_owned(),
+        public_key: node.public_key().to_vec(),
+        agent_version: "test".into(),
+        inventory: None,
+        time_unix_ms: warden_agent::now_ms(),
+        start_id: "x".into(),
+    }
+    .encode_to_vec();
+    let mut env = other.sign(types::REGISTER, payload);
+    env.signatures[0].keyid = node.key_id().to_owned();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(env).await.unwrap();
+    let err = UplinkClient::new(channel)
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("Register"), "{}", err.message());
+    assert_eq!(count(&coord.db(), "SELECT count(*) FROM nodes"), 0);
+}
