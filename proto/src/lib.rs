@@ -1,6 +1,10 @@
 //! Warden's wire format: the protobuf messages, DSSE envelopes and the
 //! signing and verification rules. A third-party coordinator needs only this crate.
 
+pub mod dsse;
+pub mod identity;
+pub mod types;
+
 /// Generated protobuf and gRPC code for package `warden.v1`.
 pub mod pb {
     #![allow(clippy::all, missing_docs)]

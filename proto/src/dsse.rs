@@ -1,0 +1,437 @@
+//! DSSE envelopes: signing and verification with Ed25519 (ring).
+//!
+//! The signature covers the pre-authentication encoding (PAE) of the
+//! payload type and the exact payload bytes, never a re-encoding, so a
+//! verifier in any language checks the bytes it received. Spec:
+//! `docs/attestation.md`.
+
+use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use ring::{
+    digest,
+    rand::SystemRandom,
+    signature::{self, Ed25519KeyPair, KeyPair as _},
+};
+
+use crate::pb::{Envelope, Signature};
+
+/// Largest payload accepted for verification.
+pub const MAX_PAYLOAD: usize = 4 << 20;
+
+/// A key that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("not an Ed25519 PKCS#8 key ({0})")]
+    Pkcs8(String),
+    #[error("an Ed25519 public key is 32 bytes, got {0}")]
+    PublicKeyLength(usize),
+    #[error("public key `{0}` is neither base64 nor hex of 32 bytes")]
+    PublicKeyText(String),
+    #[error("no randomness for key generation")]
+    Rng,
+}
+
+/// Why an envelope was not accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VerifyError {
+    #[error("payload type is {got}, expected {expected}")]
+    WrongPayloadType { expected: String, got: String },
+    #[error("envelope has no signature")]
+    NoSignature,
+    #[error("no signature by key {expected}; signed by unknown key {keyid}")]
+    UnknownKey { expected: String, keyid: String },
+    #[error("signature by key {keyid} does not verify over the payload (tampered, or the wrong key)")]
+    BadSignature { keyid: String },
+    #[error("payload of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("{payload_type} payload does not decode: {reason}")]
+    Decode { payload_type: String, reason: String },
+    #[error("envelope JSON: {0}")]
+    Json(String),
+}
+
+/// DSSE v1 pre-authentication encoding:
+/// `"DSSEv1" SP LEN(type) SP type SP LEN(body) SP body`, LEN in ASCII decimal.
+pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload_type.len() + payload.len() + 32);
+    out.extend_from_slice(b"DSSEv1 ");
+    out.extend_from_slice(payload_type.len().to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload_type.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload.len().to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Key id (and node id): lower-case hex of the first 16 bytes of
+/// SHA-256 over the raw 32-byte public key.
+pub fn key_id(public_key: &[u8]) -> String {
+    hex::encode(&digest::digest(&digest::SHA256, public_key).as_ref()[..16])
+}
+
+/// SHA-256 of an envelope's payload bytes: what receipts acknowledge.
+pub fn payload_sha256(env: &Envelope) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest::digest(&digest::SHA256, &env.payload).as_ref());
+    out
+}
+
+/// An Ed25519 private key that signs envelopes.
+pub struct Signer {
+    pair: Ed25519KeyPair,
+    key_id: String,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer").field("key_id", &self.key_id).finish()
+    }
+}
+
+impl Signer {
+    /// A fresh key and its PKCS#8 (v2) encoding, to be stored.
+    pub fn generate() -> Result<(Signer, Vec<u8>), KeyError> {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Rng)?;
+        let der = pkcs8.as_ref().to_vec();
+        Ok((Self::from_pkcs8(&der)?, der))
+    }
+
+    /// Loads a PKCS#8 (v1 or v2) Ed25519 key.
+    pub fn from_pkcs8(der: &[u8]) -> Result<Signer, KeyError> {
+        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
+            .map_err(|e| KeyError::Pkcs8(e.to_string()))?;
+        Ok(Self::wrap(pair))
+    }
+
+    /// A deterministic key from a 32-byte seed: for test vectors only.
+    pub fn from_seed(seed: &[u8; 32]) -> Signer {
+        let pair = Ed25519KeyPair::from_seed_unchecked(seed).expect("any 32-byte seed is a key");
+        Self::wrap(pair)
+    }
+
+    fn wrap(pair: Ed25519KeyPair) -> Signer {
+        let key_id = key_id(pair.public_key().as_ref());
+        Signer { pair, key_id }
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.pair.public_key().as_ref());
+        out
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    pub fn verifying_key(&self) -> VerifyingKey {
+        VerifyingKey {
+            raw: self.public_key(),
+            key_id: self.key_id.clone(),
+        }
+    }
+
+    /// Signs `payload` as it is; the envelope carries one signature.
+    pub fn sign(&self, payload_type: &str, payload: Vec<u8>) -> Envelope {
+        let sig = self.pair.sign(&pae(payload_type, &payload));
+        Envelope {
+            payload_type: payload_type.to_owned(),
+            payload,
+            signatures: vec![Signature {
+                keyid: self.key_id.clone(),
+                sig: sig.as_ref().to_vec(),
+            }],
+        }
+    }
+
+    /// Encodes and signs a protobuf message.
+    pub fn sign_message<M: prost::Message>(&self, payload_type: &str, msg: &M) -> Envelope {
+        self.sign(payload_type, msg.encode_to_vec())
+    }
+}
+
+/// An Ed25519 public key that verifies envelopes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyingKey {
+    raw: [u8; 32],
+    key_id: String,
+}
+
+impl VerifyingKey {
+    /// From the raw 32-byte key.
+    pub fn from_bytes(raw: &[u8]) -> Result<VerifyingKey, KeyError> {
+        let raw: [u8; 32] = raw
+            .try_into()
+            .map_err(|_| KeyError::PublicKeyLength(raw.len()))?;
+        Ok(VerifyingKey {
+            key_id: key_id(&raw),
+            raw,
+        })
+    }
+
+    /// From text as written in config: standard base64 or 64 hex digits.
+    pub fn parse(text: &str) -> Result<VerifyingKey, KeyError> {
+        let t = text.trim();
+        let raw = if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            hex::decode(t).ok()
+        } else {
+            B64.decode(t).ok()
+        };
+        match raw {
+            Some(r) if r.len() == 32 => Self::from_bytes(&r),
+            _ => Err(KeyError::PublicKeyText(t.chars().take(80).collect())),
+        }
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.raw
+    }
+
+    pub fn to_base64(&self) -> String {
+        B64.encode(self.raw)
+    }
+}
+
+/// Checks an envelope and returns its payload. In order: payload type,
+/// size, a signature by `key`'s key id, then the Ed25519 signature over PAE.
+pub fn verify<'a>(env: &'a Envelope, expected_type: &str, key: &VerifyingKey) -> Result<&'a [u8], VerifyError> {
+    if env.payload_type != expected_type {
+        return Err(VerifyError::WrongPayloadType {
+            expected: expected_type.to_owned(),
+            got: env.payload_type.clone(),
+        });
+    }
+    if env.payload.len() > MAX_PAYLOAD {
+        return Err(VerifyError::TooLarge {
+            len: env.payload.len(),
+            max: MAX_PAYLOAD,
+        });
+    }
+    let sig = match env.signatures.iter().find(|s| s.keyid == key.key_id) {
+        Some(s) => s,
+        None => {
+            return Err(match env.signatures.first() {
+                None => VerifyError::NoSignature,
+                Some(s) => VerifyError::UnknownKey {
+                    expected: key.key_id.clone(),
+                    keyid: s.keyid.clone(),
+                },
+            })
+        }
+    };
+    signature::UnparsedPublicKey::new(&signature::ED25519, &key.raw)
+        .verify(&pae(&env.payload_type, &env.payload), &sig.sig)
+        .map_err(|_| VerifyError::BadSignature {
+            keyid: sig.keyid.clone(),
+        })?;
+    Ok(&env.payload)
+}
+
+/// Verifies, then decodes the payload as `M`.
+pub fn open<M: prost::Message + Default>(env: &Envelope, expected_type: &str, key: &VerifyingKey) -> Result<M, VerifyError> {
+    let payload = verify(env, expected_type, key)?;
+    M::decode(payload).map_err(|e| VerifyError::Decode {
+        payload_type: expected_type.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// DSSE's JSON form: `{"payloadType", "payload" (base64), "signatures": [{"keyid", "sig" (base64)}]}`.
+pub fn to_json(env: &Envelope) -> serde_json::Value {
+    serde_json::json!({
+        "payloadType": env.payload_type,
+        "payload": B64.encode(&env.payload),
+        "signatures": env.signatures.iter().map(|s| serde_json::json!({
+            "keyid": s.keyid,
+            "sig": B64.encode(&s.sig),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Parses DSSE's JSON form; errors name the missing or bad field.
+pub fn from_json(v: &serde_json::Value) -> Result<Envelope, VerifyError> {
+    let field = |obj: &serde_json::Value, name: &str| -> Result<String, VerifyError> {
+        obj.get(name)
+            .and_then(|x| x.as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| VerifyError::Json(format!("missing or non-string field `{name}`")))
+    };
+    let b64 = |text: String, name: &str| {
+        B64.decode(text)
+            .map_err(|e| VerifyError::Json(format!("field `{name}` is not base64: {e}")))
+    };
+    let sigs = v
+        .get("signatures")
+        .and_then(|s| s.as_array())
+        .ok_or_else(|| VerifyError::Json("missing array field `signatures`".into()))?;
+    Ok(Envelope {
+        payload_type: field(v, "payloadType")?,
+        payload: b64(field(v, "payload")?, "payload")?,
+        signatures: sigs
+            .iter()
+            .map(|s| {
+                Ok(Signature {
+                    keyid: field(s, "keyid")?,
+                    sig: b64(field(s, "sig")?, "sig")?,
+                })
+            })
+            .collect::<Result<_, VerifyError>>()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const T: &str = "application/vnd.warden.record.v1+protobuf";
+
+    #[test]
+    fn pae_matches_the_dsse_spec_vector() {
+        assert_eq!(
+            pae("http://example.com/HelloWorld", b"hello world"),
+            b"DSSEv1 29 http://example.com/HelloWorld 11 hello world".to_vec()
+        );
+        assert_eq!(pae("", b""), b"DSSEv1 0  0 ".to_vec());
+    }
+
+    #[test]
+    fn fixed_key_gives_fixed_ids_and_signature() {
+        // RFC 8032 section 7.1, TEST 1: the seed, public key and signature of the empty message.
+        let seed: [u8; 32] = hex::decode("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let s = Signer::from_seed(&seed);
+        assert_eq!(
+            hex::encode(s.public_key()),
+            "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+        );
+        let raw = s.pair.sign(b"");
+        assert_eq!(
+            hex::encode(raw.as_ref()),
+            "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
+        );
+        // Key id: first 16 bytes of SHA-256(public key), computed independently with sha256sum.
+        assert_eq!(s.key_id(), "21fe31dfa154a261626bf854046fd227");
+        // The envelope signature is Ed25519 over PAE, nothing else.
+        let env = s.sign("t", b"x".to_vec());
+        assert_eq!(env.signatures[0].sig, s.pair.sign(b"DSSEv1 1 t 1 x").as_ref().to_vec());
+    }
+
+    #[test]
+    fn rejects_flips_wrong_keys_and_types() {
+        let (s, _) = Signer::generate().unwrap();
+        let k = s.verifying_key();
+        let env = s.sign(T, b"payload bytes".to_vec());
+        assert_eq!(verify(&env, T, &k).unwrap(), b"payload bytes");
+
+        let mut e = env.clone();
+        e.payload[0] ^= 1;
+        assert!(matches!(verify(&e, T, &k), Err(VerifyError::BadSignature { .. })));
+
+        let mut e = env.clone();
+        e.signatures[0].sig[10] ^= 0x80;
+        assert!(matches!(verify(&e, T, &k), Err(VerifyError::BadSignature { .. })));
+
+        let (other, _) = Signer::generate().unwrap();
+        let err = verify(&env, T, &other.verifying_key()).unwrap_err();
+        assert!(matches!(err, VerifyError::UnknownKey { .. }), "{err}");
+        assert!(err.to_string().contains(s.key_id()));
+
+        // Same key id claimed, other key's bytes: the signature check catches it.
+        let mut e = other.sign(T, b"payload bytes".to_vec());
+        e.signatures[0].keyid = s.key_id().to_owned();
+        assert!(matches!(verify(&e, T, &k), Err(VerifyError::BadSignature { .. })));
+
+        let err = verify(&env, "application/other", &k).unwrap_err();
+        assert!(matches!(err, VerifyError::WrongPayloadType { .. }));
+        // The type is signed too: relabelling an envelope breaks it.
+        let mut e = env.clone();
+        e.payload_type = "application/other".into();
+        assert!(matches!(verify(&e, "application/other", &k), Err(VerifyError::BadSignature { .. })));
+
+        let mut e = env.clone();
+        e.signatures.clear();
+        assert_eq!(verify(&e, T, &k), Err(VerifyError::NoSignature));
+
+        let big = s.sign(T, vec![0; MAX_PAYLOAD + 1]);
+        assert!(matches!(verify(&big, T, &k), Err(VerifyError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn open_decodes_the_verified_message() {
+        let (s, _) = Signer::generate().unwrap();
+        let msg = crate::pb::Receipt {
+            node_id: "n".into(),
+            seq: 7,
+            payload_sha256: vec![1; 32],
+            time_unix_ms: 5,
+        };
+        let env = s.sign_message(T, &msg);
+        let got: crate::pb::Receipt = open(&env, T, &s.verifying_key()).unwrap();
+        assert_eq!(got, msg);
+        let junk = s.sign(T, vec![0xff, 0xff, 0xff]);
+        assert!(matches!(
+            open::<crate::pb::Receipt>(&junk, T, &s.verifying_key()),
+            Err(VerifyError::Decode { .. })
+        ));
+    }
+
+    #[test]
+    fn public_keys_parse_from_base64_and_hex() {
+        let (s, _) = Signer::generate().unwrap();
+        let k = s.verifying_key();
+        assert_eq!(VerifyingKey::parse(&k.to_base64()).unwrap(), k);
+        assert_eq!(VerifyingKey::parse(&hex::encode(k.as_bytes())).unwrap(), k);
+        assert!(VerifyingKey::parse("nope").is_err());
+        assert!(VerifyingKey::parse(&B64.encode([1u8; 31])).is_err());
+        assert_eq!(VerifyingKey::from_bytes(&[0; 5]), Err(KeyError::PublicKeyLength(5)));
+    }
+
+    #[test]
+    fn pkcs8_round_trip_and_garbage() {
+        let (s, der) = Signer::generate().unwrap();
+        assert_eq!(Signer::from_pkcs8(&der).unwrap().key_id(), s.key_id());
+        assert!(Signer::from_pkcs8(&der[..der.len() - 3]).is_err());
+        assert!(Signer::from_pkcs8(b"not a key").is_err());
+    }
+
+    #[test]
+    fn json_round_trip_and_errors() {
+        let (s, _) = Signer::generate().unwrap();
+        let env = s.sign(T, b"\x00\x01binary".to_vec());
+        let v = to_json(&env);
+        assert_eq!(v["payloadType"], T);
+        assert_eq!(from_json(&v).unwrap(), env);
+        let mut bad = v.clone();
+        bad["payload"] = "!!!".into();
+        assert!(from_json(&bad).unwrap_err().to_string().contains("payload"));
+        let mut bad = v;
+        bad.as_object_mut().unwrap().remove("signatures");
+        assert!(from_json(&bad).unwrap_err().to_string().contains("signatures"));
+    }
+
+    proptest! {
+        #[test]
+        fn any_payload_signs_and_any_bit_flip_fails(
+            payload in proptest::collection::vec(any::<u8>(), 1..512),
+            ty in "[a-z/.+]{0,40}",
+            bit in any::<usize>(),
+        ) {
+            let s = Signer::from_seed(&[7; 32]);
+            let k = s.verifying_key();
+            let env = s.sign(&ty, payload.clone());
+            prop_assert_eq!(verify(&env, &ty, &k).unwrap(), payload.as_slice());
+            let mut e = env.clone();
+            let i = bit % (payload.len() * 8);
+            e.payload[i / 8] ^= 1 << (i % 8);
+            prop_assert!(verify(&e, &ty, &k).is_err());
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! The `payload_type` of every envelope Warden sends: which message is inside.
+
+/// Agent → coordinator, first on every stream: [`crate::pb::Register`].
+pub const REGISTER: &str = "application/vnd.warden.register.v1+protobuf";
+/// Agent → coordinator: [`crate::pb::Heartbeat`].
+pub const HEARTBEAT: &str = "application/vnd.warden.heartbeat.v1+protobuf";
+/// Agent → coordinator, spooled until receipted: [`crate::pb::Record`].
+pub const RECORD: &str = "application/vnd.warden.record.v1+protobuf";
+/// Coordinator → agent: [`crate::pb::Receipt`].
+pub const RECEIPT: &str = "application/vnd.warden.receipt.v1+protobuf";
+/// Coordinator → agent: [`crate::pb::Refusal`].
+pub const REFUSAL: &str = "application/vnd.warden.refusal.v1+protobuf";
