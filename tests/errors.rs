@@ -108,8 +108,11 @@ fn corrupt_spool_tail_is_truncated_with_a_warning_and_nothing_earlier_is_lost() 
     .unwrap();
     let agent = Agent::start_with(&dir, &cfg);
     let s = wait_for("status", Duration::from_secs(10), || agent.status());
-    assert_eq!(s["spool"]["pending"], 25, "records before the torn tail were lost");
-    assert_eq!(s["spool"]["next_seq"], 26);
+    // Without a coordinator every record ever made is pending: none lost, none reused.
+    // (The restarted agent may already have made its first telemetry record.)
+    let pending = s["spool"]["pending"].as_u64().unwrap();
+    assert!(pending >= 25, "records before the torn tail were lost: {s}");
+    assert_eq!(s["spool"]["next_seq"].as_u64().unwrap(), pending + 1);
     let log = agent.proc.log_text();
     assert!(log.contains("WARN"), "{log}");
     assert!(log.contains(seg.file_name().unwrap().to_str().unwrap()), "{log}");
