@@ -162,7 +162,12 @@ fn idle(secs: u64) {
         .port();
     let cdir = tmp.path().join("coord");
     let mut coord = Command::new(WARDEN)
-        .args(["coordinator", "--dev", "--state-dir", cdir.to_str().unwrap()])
+        .args([
+            "coordinator",
+            "--dev",
+            "--state-dir",
+            cdir.to_str().unwrap(),
+        ])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -171,7 +176,10 @@ fn idle(secs: u64) {
     let link = cdir.join("agent-link.toml");
     let t0 = Instant::now();
     while !link.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "coordinator did not start");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "coordinator did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let adir = tmp.path().join("agent");

@@ -15,7 +15,11 @@ use warden_agent::AgentConfig;
 use warden_coordinator::{CoordinatorConfig, TlsPem};
 
 #[derive(Parser)]
-#[command(name = "warden", version, about = "Warden: a verifiable GPU worker node and its coordinator")]
+#[command(
+    name = "warden",
+    version,
+    about = "Warden: a verifiable GPU worker node and its coordinator"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -71,8 +75,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -104,13 +107,14 @@ fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot watch SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch SIGTERM");
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -221,7 +225,10 @@ async fn run_coordinator(
         let path = cfg.state_dir.join("agent-link.toml");
         std::fs::write(&path, dev::link_toml(&link))
             .with_context(|| format!("writing {}", path.display()))?;
-        println!("agents connect with the [coordinator] section in {}", path.display());
+        println!(
+            "agents connect with the [coordinator] section in {}",
+            path.display()
+        );
     }
     println!(
         "coordinator listening on {} (key {}); admin socket {}",
@@ -234,7 +241,13 @@ async fn run_coordinator(
 }
 
 async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
-    let socket = socket.unwrap_or_else(|| load_agent_config(None).map(|c| c.status_socket()).unwrap_or_else(|_| Path::new(warden_agent::config::DEFAULT_STATE_DIR).join("agent.sock")));
+    let socket = socket.unwrap_or_else(|| {
+        load_agent_config(None)
+            .map(|c| c.status_socket())
+            .unwrap_or_else(|_| {
+                Path::new(warden_agent::config::DEFAULT_STATE_DIR).join("agent.sock")
+            })
+    });
     let v = warden_agent::status::query(&socket)
         .await
         .with_context(|| "is the agent running? (warden agent, or systemctl status warden)")?;
@@ -245,10 +258,22 @@ async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
     let c = &v["coordinator"];
     let s = &v["spool"];
     println!("node        {}", v["node_id"].as_str().unwrap_or("?"));
-    println!("version     {}  (start {})", v["version"].as_str().unwrap_or("?"), v["start_id"].as_str().unwrap_or("?"));
+    println!(
+        "version     {}  (start {})",
+        v["version"].as_str().unwrap_or("?"),
+        v["start_id"].as_str().unwrap_or("?")
+    );
     if c["configured"].as_bool() == Some(true) {
-        let state = if c["connected"].as_bool() == Some(true) { "connected" } else { "disconnected" };
-        println!("coordinator {} {}", c["address"].as_str().unwrap_or("?"), state);
+        let state = if c["connected"].as_bool() == Some(true) {
+            "connected"
+        } else {
+            "disconnected"
+        };
+        println!(
+            "coordinator {} {}",
+            c["address"].as_str().unwrap_or("?"),
+            state
+        );
         if let Some(e) = c["last_error"].as_str() {
             println!("            last error: {e}");
         }
@@ -257,8 +282,14 @@ async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
     }
     println!(
         "spool       {} pending, {} of {} bytes{}",
-        s["pending"], s["bytes"], s["max_bytes"],
-        if s["full"].as_bool() == Some(true) { format!(", FULL ({} refused)", s["refused"]) } else { String::new() }
+        s["pending"],
+        s["bytes"],
+        s["max_bytes"],
+        if s["full"].as_bool() == Some(true) {
+            format!(", FULL ({} refused)", s["refused"])
+        } else {
+            String::new()
+        }
     );
     println!("receipts    last seq {}", v["last_receipt_seq"]);
     Ok(())
@@ -268,11 +299,18 @@ async fn nodes(json: bool, socket: Option<PathBuf>) -> Result<()> {
     let socket = socket.unwrap_or_else(|| {
         load_coordinator_config(None)
             .map(|c| c.admin_socket_path())
-            .unwrap_or_else(|_| Path::new(warden_coordinator::config::DEFAULT_STATE_DIR).join("admin.sock"))
+            .unwrap_or_else(|_| {
+                Path::new(warden_coordinator::config::DEFAULT_STATE_DIR).join("admin.sock")
+            })
     });
     let mut client = warden_coordinator::admin::connect(&socket)
         .await
-        .with_context(|| format!("cannot reach the coordinator admin socket {}", socket.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot reach the coordinator admin socket {}",
+                socket.display()
+            )
+        })?;
     let nodes = client
         .list_nodes(warden_proto::pb::ListNodesRequest {})
         .await
@@ -304,7 +342,10 @@ async fn nodes(json: bool, socket: Option<PathBuf>) -> Result<()> {
         println!("no nodes yet");
         return Ok(());
     }
-    println!("{:<34} {:<16} {:<10} {:>9} {:>8}  last seen", "NODE", "HOST", "STATE", "RECORDS", "LAST SEQ");
+    println!(
+        "{:<34} {:<16} {:<10} {:>9} {:>8}  last seen",
+        "NODE", "HOST", "STATE", "RECORDS", "LAST SEQ"
+    );
     let now = warden_agent::now_ms();
     for n in nodes {
         println!(

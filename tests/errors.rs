@@ -22,7 +22,10 @@ fn unknown_config_key_is_named() {
     let cfg = tmp.path().join("agent.toml");
     std::fs::write(
         &cfg,
-        format!("state_dir = \"{}\"\n[spool]\nmax_byte = 10\n", tmp.path().display()),
+        format!(
+            "state_dir = \"{}\"\n[spool]\nmax_byte = 10\n",
+            tmp.path().display()
+        ),
     )
     .unwrap();
     let err = agent_fails(&cfg);
@@ -68,9 +71,15 @@ fn new_key_file_is_private() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("agent");
     let agent = Agent::start(&dir, "[telemetry]\ninterval = \"1h\"\n");
-    let mode = std::fs::metadata(dir.join("node.key")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(dir.join("node.key"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
-    let mode = std::fs::metadata(agent.socket()).unwrap().permissions().mode();
+    let mode = std::fs::metadata(agent.socket())
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let s = agent.status().unwrap();
     assert_eq!(s["coordinator"]["configured"], false);
@@ -86,7 +95,11 @@ fn corrupt_spool_tail_is_truncated_with_a_warning_and_nothing_earlier_is_lost() 
     wait_for("25 records spooled", Duration::from_secs(30), || {
         (agent.status()?["spool"]["pending"] == 25).then_some(())
     });
-    assert!(agent.proc.terminate().success(), "{}", agent.proc.log_text());
+    assert!(
+        agent.proc.terminate().success(),
+        "{}",
+        agent.proc.log_text()
+    );
 
     // A torn write: garbage where the next frame would start.
     let seg = std::fs::read_dir(dir.join("spool"))
@@ -103,7 +116,10 @@ fn corrupt_spool_tail_is_truncated_with_a_warning_and_nothing_earlier_is_lost() 
     let cfg = dir.with_extension("toml");
     std::fs::write(
         &cfg,
-        format!("state_dir = \"{}\"\n[telemetry]\ninterval = \"1h\"\n", dir.display()),
+        format!(
+            "state_dir = \"{}\"\n[telemetry]\ninterval = \"1h\"\n",
+            dir.display()
+        ),
     )
     .unwrap();
     let agent = Agent::start_with(&dir, &cfg);
@@ -115,6 +131,9 @@ fn corrupt_spool_tail_is_truncated_with_a_warning_and_nothing_earlier_is_lost() 
     assert_eq!(s["spool"]["next_seq"].as_u64().unwrap(), pending + 1);
     let log = agent.proc.log_text();
     assert!(log.contains("WARN"), "{log}");
-    assert!(log.contains(seg.file_name().unwrap().to_str().unwrap()), "{log}");
+    assert!(
+        log.contains(seg.file_name().unwrap().to_str().unwrap()),
+        "{log}"
+    );
     assert_eq!(std::fs::metadata(&seg).unwrap().len(), good_len as u64);
 }

@@ -61,7 +61,11 @@ async fn tampered_and_foreign_records_are_refused_and_not_stored() {
     let ca = std::fs::read(coord.dir.join("tls/ca.pem")).unwrap();
     let channel = Endpoint::from_shared(format!("https://localhost:{}", coord.port))
         .unwrap()
-        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("localhost"))
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
         .unwrap()
         .connect()
         .await
@@ -113,7 +117,11 @@ async fn tampered_and_foreign_records_are_refused_and_not_stored() {
         }
         Reply::Receipt(_) => panic!("a tampered record was receipted"),
     }
-    assert_eq!(record_stats(&coord.db()).0, 1, "the tampered record was stored");
+    assert_eq!(
+        record_stats(&coord.db()).0,
+        1,
+        "the tampered record was stored"
+    );
 
     // 3: a record signed by a key this stream did not register.
     let mut foreign = record(&stranger, 3, 3.0);
@@ -148,8 +156,13 @@ async fn tampered_and_foreign_records_are_refused_and_not_stored() {
     let (n, _, min, max) = record_stats(&coord.db());
     assert_eq!((n, min, max), (2, 1, 2));
     let conn = rusqlite::Connection::open(coord.db()).unwrap();
-    let stored = warden_coordinator::store::read_payload(&conn, node.key_id(), 2).unwrap().unwrap();
-    assert_eq!(stored, good2.payload, "the stored bytes are the signed bytes");
+    let stored = warden_coordinator::store::read_payload(&conn, node.key_id(), 2)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored, good2.payload,
+        "the stored bytes are the signed bytes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,7 +172,11 @@ async fn a_register_not_signed_by_its_key_is_refused() {
     let ca = std::fs::read(coord.dir.join("tls/ca.pem")).unwrap();
     let channel = Endpoint::from_shared(format!("https://localhost:{}", coord.port))
         .unwrap()
-        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("localhost"))
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
         .unwrap()
         .connect()
         .await

@@ -43,6 +43,13 @@ fn coordinator_sigkilled_mid_stream_loses_and_duplicates_nothing() {
     assert_eq!(status["coordinator"]["connected"], true);
     let (n, distinct, min, max) = record_stats(&coord.db());
     assert_eq!((n, distinct, min, max), (1000, 1000, 1, 1000));
+    let log = agent.proc.log_text();
+    assert_eq!(log.matches("connected to coordinator").count(), 2, "{log}");
+    assert_eq!(
+        log.matches("coordinator unreachable").count(),
+        1,
+        "each state change is logged once: {log}"
+    );
     assert_eq!(count(&coord.db(), "SELECT count(*) FROM receipts"), 1000);
     assert_eq!(count(&coord.db(), "SELECT count(*) FROM nodes"), 1);
     // Fully acknowledged segments are gone from disk.
@@ -78,19 +85,24 @@ fn agent_sigkilled_mid_stream_resumes_without_loss_or_duplicates() {
     let first = agent.status().unwrap();
     assert_eq!(first["node_id"], node_id, "identity must survive a restart");
     // The restarted process emits 600 more; wait until they are all acknowledged.
-    let status = wait_for("spool drained after restart", Duration::from_secs(120), || {
-        let s = agent.status()?;
-        let next = s["spool"]["next_seq"].as_u64()?;
-        (s["spool"]["pending"] == 0 && next > 600 + seq_at_kill).then_some(s)
-    });
+    let status = wait_for(
+        "spool drained after restart",
+        Duration::from_secs(120),
+        || {
+            let s = agent.status()?;
+            let next = s["spool"]["next_seq"].as_u64()?;
+            (s["spool"]["pending"] == 0 && next > 600 + seq_at_kill).then_some(s)
+        },
+    );
     let last = status["spool"]["next_seq"].as_u64().unwrap() - 1;
     let (n, distinct, min, max) = record_stats(&coord.db());
-    assert_eq!((n, distinct, min, max), (last, last, 1, last), "gap or duplicate");
-    // Two agent processes wrote records: the restart is visible.
     assert_eq!(
-        count(&coord.db(), "SELECT count(*) FROM receipts"),
-        last
+        (n, distinct, min, max),
+        (last, last, 1, last),
+        "gap or duplicate"
     );
+    // Two agent processes wrote records: the restart is visible.
+    assert_eq!(count(&coord.db(), "SELECT count(*) FROM receipts"), last);
 }
 
 #[test]
@@ -104,12 +116,24 @@ fn coordinator_admin_lists_nodes() {
     wait_for("20 records acknowledged", Duration::from_secs(60), || {
         drained(&agent, 20)
     });
-    let node_id = agent.status().unwrap()["node_id"].as_str().unwrap().to_owned();
+    let node_id = agent.status().unwrap()["node_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let out = std::process::Command::new(WARDEN)
-        .args(["nodes", "--json", "--socket", coord.admin_socket().to_str().unwrap()])
+        .args([
+            "nodes",
+            "--json",
+            "--socket",
+            coord.admin_socket().to_str().unwrap(),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(nodes[0]["node_id"], node_id.as_str());
     assert_eq!(nodes[0]["connected"], true);
@@ -117,7 +141,10 @@ fn coordinator_admin_lists_nodes() {
     assert!(nodes[0]["last_seen_unix_ms"].as_i64().unwrap() > 0);
     // The admin socket is private.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(coord.admin_socket()).unwrap().permissions().mode();
+    let mode = std::fs::metadata(coord.admin_socket())
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     // Human output names the node too.
     let out = std::process::Command::new(WARDEN)

@@ -97,7 +97,7 @@ pub struct TelemetryConfig {
 }
 
 /// The local status socket read by `warden status`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StatusConfig {
     /// Defaults to `<state_dir>/agent.sock`.
@@ -148,12 +148,6 @@ impl Default for TelemetryConfig {
             interval: Duration::from_secs(10),
             max_records: 0,
         }
-    }
-}
-
-impl Default for StatusConfig {
-    fn default() -> Self {
-        Self { socket: None }
     }
 }
 
@@ -340,7 +334,13 @@ mod tests {
     fn zero_interval_is_refused() {
         let e = AgentConfig::parse("[telemetry]\ninterval = \"0s\"\n", "a").unwrap_err();
         assert!(
-            matches!(e, ConfigError::Invalid { key: "telemetry.interval", .. }),
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: "telemetry.interval",
+                    ..
+                }
+            ),
             "{e}"
         );
     }
@@ -352,7 +352,13 @@ mod tests {
             "a",
         )
         .unwrap_err();
-        assert!(matches!(e, ConfigError::Invalid { key: "uplink.backoff_max", .. }));
+        assert!(matches!(
+            e,
+            ConfigError::Invalid {
+                key: "uplink.backoff_max",
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -362,14 +368,32 @@ mod tests {
             "[coordinator]\naddress = \"http://c:7443\"\npublic_key = \"{key}\"\nca_cert = \"/ca.pem\"\n"
         );
         let e = AgentConfig::parse(&text, "a").unwrap_err();
-        assert!(matches!(e, ConfigError::Invalid { key: "coordinator.address", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: "coordinator.address",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_pinned_key_is_refused() {
         let text = "[coordinator]\naddress = \"https://c:7443\"\npublic_key = \"nope\"\nca_cert = \"/ca.pem\"\n";
         let e = AgentConfig::parse(text, "a").unwrap_err();
-        assert!(matches!(e, ConfigError::Invalid { key: "coordinator.public_key", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: "coordinator.public_key",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -380,7 +404,10 @@ mod tests {
             ca_cert: PathBuf::new(),
             server_name: None,
         };
-        assert_eq!(link("https://coord.example:7443").tls_name().unwrap(), "coord.example");
+        assert_eq!(
+            link("https://coord.example:7443").tls_name().unwrap(),
+            "coord.example"
+        );
         assert_eq!(link("https://[::1]:7443/").tls_name().unwrap(), "::1");
         assert_eq!(link("https://localhost").tls_name().unwrap(), "localhost");
         assert!(link("https://:7443").host().is_err());

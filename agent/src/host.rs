@@ -97,7 +97,11 @@ mod tests {
         std::fs::create_dir_all(p.join("etc")).unwrap();
         std::fs::write(p.join("proc/sys/kernel/hostname"), "gpu-box-7\n").unwrap();
         std::fs::write(p.join("proc/sys/kernel/osrelease"), "6.1.0-18-amd64\n").unwrap();
-        std::fs::write(p.join("proc/meminfo"), "MemTotal: 2048 kB\nMemAvailable: 1024 kB\n").unwrap();
+        std::fs::write(
+            p.join("proc/meminfo"),
+            "MemTotal: 2048 kB\nMemAvailable: 1024 kB\n",
+        )
+        .unwrap();
         std::fs::write(p.join("proc/loadavg"), "1.50 1 1 1/1 1\n").unwrap();
         std::fs::write(p.join("proc/uptime"), "3600.25 1.0\n").unwrap();
         let s = summary_from(p);

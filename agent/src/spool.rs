@@ -207,7 +207,9 @@ impl Spool {
             match parse_segment_name(&name) {
                 Some(first) => firsts.push(first),
                 None if name == "acked" || name == "acked.tmp" => {}
-                None => tracing::warn!(file = %entry.path().display(), "ignoring a file that is not a spool segment"),
+                None => {
+                    tracing::warn!(file = %entry.path().display(), "ignoring a file that is not a spool segment")
+                }
             }
         }
         firsts.sort_unstable();
@@ -372,7 +374,8 @@ impl Spool {
         self.write_active(&mut buf)?;
         // One fsync for the group (earlier segments of a rotation were synced at rotation).
         if let Some((first, file)) = &self.active {
-            file.sync_data().map_err(io_err(&self.segments[first].path))?;
+            file.sync_data()
+                .map_err(io_err(&self.segments[first].path))?;
         }
         self.next_seq = expected;
         self.full = false;
@@ -384,7 +387,10 @@ impl Spool {
             return Ok(());
         }
         if let Some((first, file)) = &mut self.active {
-            let seg = self.segments.get_mut(first).expect("active segment is known");
+            let seg = self
+                .segments
+                .get_mut(first)
+                .expect("active segment is known");
             file.write_all(buf).map_err(io_err(&seg.path))?;
             seg.len += buf.len() as u64;
             self.bytes += buf.len() as u64;
@@ -397,7 +403,8 @@ impl Spool {
     fn rotate(&mut self, first_seq: u64) -> Result<(), SpoolError> {
         let old = self.active.take();
         if let Some((first, file)) = &old {
-            file.sync_data().map_err(io_err(&self.segments[first].path))?;
+            file.sync_data()
+                .map_err(io_err(&self.segments[first].path))?;
         }
         let path = self.cfg.dir.join(segment_name(first_seq));
         let file = OpenOptions::new()
@@ -411,7 +418,8 @@ impl Spool {
             .and_then(|d| d.sync_all())
             .map_err(io_err(&self.cfg.dir))?;
         self.bytes += len;
-        self.segments.insert(first_seq, Segment { path, len, live: 0 });
+        self.segments
+            .insert(first_seq, Segment { path, len, live: 0 });
         self.active = Some((first_seq, file));
         // Only now that a newer segment exists may the old one go.
         if let Some((first, _)) = old {
@@ -544,7 +552,8 @@ impl Spool {
     /// Syncs the active segment and persists the watermark (clean shutdown).
     pub fn flush(&mut self) -> Result<(), SpoolError> {
         if let Some((first, file)) = &self.active {
-            file.sync_all().map_err(io_err(&self.segments[first].path))?;
+            file.sync_all()
+                .map_err(io_err(&self.segments[first].path))?;
         }
         self.persist_watermark()
     }
@@ -574,7 +583,11 @@ mod tests {
     }
 
     fn pending_seqs(s: &Spool) -> Vec<u64> {
-        s.read_from(0, usize::MAX).unwrap().into_iter().map(|(q, _)| q).collect()
+        s.read_from(0, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(q, _)| q)
+            .collect()
     }
 
     fn segment_files(dir: &Path) -> Vec<PathBuf> {
@@ -614,7 +627,10 @@ mod tests {
             s.flush().unwrap();
         }
         let (mut s, r) = Spool::open(cfg(d.path(), 1 << 20, 1 << 30)).unwrap();
-        assert_eq!(r.pending, 7, "4,6,7,9,10 pending; 5 and 8 were acked above the watermark, so replayed");
+        assert_eq!(
+            r.pending, 7,
+            "4,6,7,9,10 pending; 5 and 8 were acked above the watermark, so replayed"
+        );
         assert_eq!(pending_seqs(&s), vec![4, 5, 6, 7, 8, 9, 10]);
         assert_eq!(s.next_seq(), 11);
         append(&mut s, 1);
@@ -649,7 +665,11 @@ mod tests {
         for q in 1..=12 {
             s.ack(q);
         }
-        assert_eq!(segment_files(d.path()).len(), 1, "only the newest segment stays");
+        assert_eq!(
+            segment_files(d.path()).len(),
+            1,
+            "only the newest segment stays"
+        );
         assert!(s.stats().bytes < bytes_before);
         drop(s);
         // A crash before flush: the newest segment's acked records may come back,
@@ -756,7 +776,10 @@ mod tests {
         let (mut s, _) = Spool::open(cfg(d.path(), 1 << 20, 1 << 30)).unwrap();
         assert!(matches!(
             s.append_batch(&[rec(2)]),
-            Err(SpoolError::OutOfOrder { expected: 1, got: 2 })
+            Err(SpoolError::OutOfOrder {
+                expected: 1,
+                got: 2
+            })
         ));
         assert!(matches!(
             s.append_batch(&[(1, vec![0; MAX_RECORD + 1])]),

@@ -94,7 +94,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, StatusError> {
 }
 
 /// Serves reports until `shutdown`, then removes the socket file.
-pub async fn serve(listener: UnixListener, path: PathBuf, sources: Sources, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    sources: Sources,
+    shutdown: CancellationToken,
+) {
     loop {
         let conn = tokio::select! {
             c = listener.accept() => c,

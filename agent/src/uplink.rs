@@ -98,7 +98,8 @@ impl Uplink {
                 return;
             }
         };
-        self.status.send_modify(|s| s.address = self.link.address.clone());
+        self.status
+            .send_modify(|s| s.address = self.link.address.clone());
         let mut attempt = 0u32;
         let mut last_error: Option<String> = None;
         loop {
@@ -119,7 +120,8 @@ impl Uplink {
                 } else {
                     tracing::debug!(error = %msg, "still unreachable");
                 }
-                self.status.send_modify(|s| s.last_error = Some(msg.clone()));
+                self.status
+                    .send_modify(|s| s.last_error = Some(msg.clone()));
                 last_error = Some(msg);
             }
             // A connection that lived a while earns a fresh backoff.
@@ -289,7 +291,9 @@ impl Uplink {
             types::RECEIPT => {
                 let receipt = match dsse::open::<pb::Receipt>(env, types::RECEIPT, pinned) {
                     Ok(r) => r,
-                    Err(e) => return tracing::warn!(error = %e, "ignored a receipt that does not verify against the pinned coordinator key"),
+                    Err(e) => {
+                        return tracing::warn!(error = %e, "ignored a receipt that does not verify against the pinned coordinator key")
+                    }
                 };
                 if receipt.node_id != self.node_id {
                     return tracing::warn!(node = %receipt.node_id, "ignored a receipt for another node");
@@ -303,14 +307,21 @@ impl Uplink {
                             s.last_receipt_seq = s.last_receipt_seq.max(receipt.seq);
                         });
                     }
-                    Some(_) => tracing::warn!(seq = receipt.seq, "ignored a receipt whose digest differs from the record sent"),
-                    None => tracing::debug!(seq = receipt.seq, "receipt for a record not in flight"),
+                    Some(_) => tracing::warn!(
+                        seq = receipt.seq,
+                        "ignored a receipt whose digest differs from the record sent"
+                    ),
+                    None => {
+                        tracing::debug!(seq = receipt.seq, "receipt for a record not in flight")
+                    }
                 }
             }
             types::REFUSAL => {
                 let refusal = match dsse::open::<pb::Refusal>(env, types::REFUSAL, pinned) {
                     Ok(r) => r,
-                    Err(e) => return tracing::warn!(error = %e, "ignored a refusal that does not verify against the pinned coordinator key"),
+                    Err(e) => {
+                        return tracing::warn!(error = %e, "ignored a refusal that does not verify against the pinned coordinator key")
+                    }
                 };
                 tracing::warn!(seq = refusal.seq, reason = %refusal.reason, "coordinator refused a record; it stays spooled and is sent again");
                 if in_flight.remove(&refusal.seq).is_some() {
@@ -321,7 +332,9 @@ impl Uplink {
                     s.last_refusal = Some(format!("seq {}: {}", refusal.seq, refusal.reason));
                 });
             }
-            other => tracing::warn!(payload_type = %other, "ignored an unexpected coordinator message"),
+            other => {
+                tracing::warn!(payload_type = %other, "ignored an unexpected coordinator message")
+            }
         }
     }
 }

@@ -127,7 +127,10 @@ mod tests {
         );
         assert!(matches!(
             c.tls_paths(),
-            Err(ConfigError::Invalid { key: "tls.cert", .. })
+            Err(ConfigError::Invalid {
+                key: "tls.cert",
+                ..
+            })
         ));
     }
 

@@ -16,7 +16,10 @@ use crate::TlsPem;
 #[derive(Debug, thiserror::Error)]
 pub enum DevTlsError {
     #[error("dev TLS file {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("generating dev certificates: {0}")]
     Rcgen(#[from] rcgen::Error),
 }
@@ -68,7 +71,10 @@ pub fn ensure(dir: &Path) -> Result<DevTls, DevTlsError> {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DevTlsError> {
-    let io = |source| DevTlsError::Io { path: path.to_owned(), source };
+    let io = |source| DevTlsError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)

@@ -127,9 +127,7 @@ pub async fn start(
     })?;
 
     let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<UplinkServer<UplinkService>>()
-        .await;
+    health.set_serving::<UplinkServer<UplinkService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -196,7 +196,11 @@ struct Session {
 /// What one inbound envelope asks of the session.
 enum Verdict {
     Store(NewRecord),
-    Refuse { seq: u64, digest: [u8; 32], reason: String },
+    Refuse {
+        seq: u64,
+        digest: [u8; 32],
+        reason: String,
+    },
     Heartbeat,
 }
 
@@ -232,11 +236,10 @@ impl Session {
                     .map_err(|e| Status::unavailable(e.to_string()))?;
                 for (rec, outcome) in to_store.into_iter().zip(outcomes) {
                     match outcome {
-                        Outcome::Stored | Outcome::Duplicate => {
-                            replies.push(Envelope::decode(rec.receipt.as_slice()).map_err(
-                                |e| Status::internal(format!("receipt re-decode: {e}")),
-                            )?)
-                        }
+                        Outcome::Stored | Outcome::Duplicate => replies
+                            .push(Envelope::decode(rec.receipt.as_slice()).map_err(|e| {
+                                Status::internal(format!("receipt re-decode: {e}"))
+                            })?),
                         Outcome::Conflict { stored_sha256 } => replies.push(self.refusal(
                             rec.seq,
                             rec.payload_sha256,
@@ -261,7 +264,8 @@ impl Session {
     fn judge(&self, env: &Envelope) -> Verdict {
         let digest = dsse::payload_sha256(env);
         match env.payload_type.as_str() {
-            types::HEARTBEAT => match dsse::open::<pb::Heartbeat>(env, types::HEARTBEAT, &self.key) {
+            types::HEARTBEAT => match dsse::open::<pb::Heartbeat>(env, types::HEARTBEAT, &self.key)
+            {
                 Ok(_) => Verdict::Heartbeat,
                 Err(e) => Verdict::Refuse {
                     seq: 0,
@@ -381,6 +385,8 @@ mod tests {
         let err = check_register(&register(&a, a.key_id(), now - 3_600_000), now).unwrap_err();
         assert!(err.contains("clock"), "{err}");
         let hb = a.sign_message(types::HEARTBEAT, &pb::Heartbeat::default());
-        assert!(check_register(&hb, now).unwrap_err().contains("first message"));
+        assert!(check_register(&hb, now)
+            .unwrap_err()
+            .contains("first message"));
     }
 }

@@ -82,8 +82,14 @@ pub struct NodeStats {
 
 enum Cmd {
     Register(NodeRow, oneshot::Sender<Result<(), StoreError>>),
-    Seen { node_id: String, time_ms: i64 },
-    Insert(Vec<NewRecord>, oneshot::Sender<Result<Vec<Outcome>, StoreError>>),
+    Seen {
+        node_id: String,
+        time_ms: i64,
+    },
+    Insert(
+        Vec<NewRecord>,
+        oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
+    ),
     ListNodes(oneshot::Sender<Result<Vec<NodeStats>, StoreError>>),
 }
 
@@ -344,7 +350,11 @@ fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
 }
 
 /// Reads one stored record's payload; for tests and tools.
-pub fn read_payload(conn: &Connection, node_id: &str, seq: u64) -> rusqlite::Result<Option<Vec<u8>>> {
+pub fn read_payload(
+    conn: &Connection,
+    node_id: &str,
+    seq: u64,
+) -> rusqlite::Result<Option<Vec<u8>>> {
     conn.query_row(
         "SELECT payload FROM records WHERE node_id = ?1 AND seq = ?2",
         params![node_id, seq as i64],

@@ -39,12 +39,17 @@ pub enum VerifyError {
     NoSignature,
     #[error("no signature by key {expected}; signed by unknown key {keyid}")]
     UnknownKey { expected: String, keyid: String },
-    #[error("signature by key {keyid} does not verify over the payload (tampered, or the wrong key)")]
+    #[error(
+        "signature by key {keyid} does not verify over the payload (tampered, or the wrong key)"
+    )]
     BadSignature { keyid: String },
     #[error("payload of {len} bytes exceeds the {max}-byte limit")]
     TooLarge { len: usize, max: usize },
     #[error("{payload_type} payload does not decode: {reason}")]
-    Decode { payload_type: String, reason: String },
+    Decode {
+        payload_type: String,
+        reason: String,
+    },
     #[error("envelope JSON: {0}")]
     Json(String),
 }
@@ -85,14 +90,17 @@ pub struct Signer {
 
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer").field("key_id", &self.key_id).finish()
+        f.debug_struct("Signer")
+            .field("key_id", &self.key_id)
+            .finish()
     }
 }
 
 impl Signer {
     /// A fresh key and its PKCS#8 (v2) encoding, to be stored.
     pub fn generate() -> Result<(Signer, Vec<u8>), KeyError> {
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Rng)?;
+        let pkcs8 =
+            Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Rng)?;
         let der = pkcs8.as_ref().to_vec();
         Ok((Self::from_pkcs8(&der)?, der))
     }
@@ -199,7 +207,11 @@ impl VerifyingKey {
 
 /// Checks an envelope and returns its payload. In order: payload type,
 /// size, a signature by `key`'s key id, then the Ed25519 signature over PAE.
-pub fn verify<'a>(env: &'a Envelope, expected_type: &str, key: &VerifyingKey) -> Result<&'a [u8], VerifyError> {
+pub fn verify<'a>(
+    env: &'a Envelope,
+    expected_type: &str,
+    key: &VerifyingKey,
+) -> Result<&'a [u8], VerifyError> {
     if env.payload_type != expected_type {
         return Err(VerifyError::WrongPayloadType {
             expected: expected_type.to_owned(),
@@ -233,7 +245,11 @@ pub fn verify<'a>(env: &'a Envelope, expected_type: &str, key: &VerifyingKey) ->
 }
 
 /// Verifies, then decodes the payload as `M`.
-pub fn open<M: prost::Message + Default>(env: &Envelope, expected_type: &str, key: &VerifyingKey) -> Result<M, VerifyError> {
+pub fn open<M: prost::Message + Default>(
+    env: &Envelope,
+    expected_type: &str,
+    key: &VerifyingKey,
+) -> Result<M, VerifyError> {
     let payload = verify(env, expected_type, key)?;
     M::decode(payload).map_err(|e| VerifyError::Decode {
         payload_type: expected_type.to_owned(),
@@ -303,10 +319,11 @@ mod tests {
     #[test]
     fn fixed_key_gives_fixed_ids_and_signature() {
         // RFC 8032 section 7.1, TEST 1: the seed, public key and signature of the empty message.
-        let seed: [u8; 32] = hex::decode("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
-            .unwrap()
-            .try_into()
-            .unwrap();
+        let seed: [u8; 32] =
+            hex::decode("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+                .unwrap()
+                .try_into()
+                .unwrap();
         let s = Signer::from_seed(&seed);
         assert_eq!(
             hex::encode(s.public_key()),
@@ -321,7 +338,10 @@ mod tests {
         assert_eq!(s.key_id(), "21fe31dfa154a261626bf854046fd227");
         // The envelope signature is Ed25519 over PAE, nothing else.
         let env = s.sign("t", b"x".to_vec());
-        assert_eq!(env.signatures[0].sig, s.pair.sign(b"DSSEv1 1 t 1 x").as_ref().to_vec());
+        assert_eq!(
+            env.signatures[0].sig,
+            s.pair.sign(b"DSSEv1 1 t 1 x").as_ref().to_vec()
+        );
     }
 
     #[test]
@@ -333,11 +353,17 @@ mod tests {
 
         let mut e = env.clone();
         e.payload[0] ^= 1;
-        assert!(matches!(verify(&e, T, &k), Err(VerifyError::BadSignature { .. })));
+        assert!(matches!(
+            verify(&e, T, &k),
+            Err(VerifyError::BadSignature { .. })
+        ));
 
         let mut e = env.clone();
         e.signatures[0].sig[10] ^= 0x80;
-        assert!(matches!(verify(&e, T, &k), Err(VerifyError::BadSignature { .. })));
+        assert!(matches!(
+            verify(&e, T, &k),
+            Err(VerifyError::BadSignature { .. })
+        ));
 
         let (other, _) = Signer::generate().unwrap();
         let err = verify(&env, T, &other.verifying_key()).unwrap_err();
@@ -347,21 +373,30 @@ mod tests {
         // Same key id claimed, other key's bytes: the signature check catches it.
         let mut e = other.sign(T, b"payload bytes".to_vec());
         e.signatures[0].keyid = s.key_id().to_owned();
-        assert!(matches!(verify(&e, T, &k), Err(VerifyError::BadSignature { .. })));
+        assert!(matches!(
+            verify(&e, T, &k),
+            Err(VerifyError::BadSignature { .. })
+        ));
 
         let err = verify(&env, "application/other", &k).unwrap_err();
         assert!(matches!(err, VerifyError::WrongPayloadType { .. }));
         // The type is signed too: relabelling an envelope breaks it.
         let mut e = env.clone();
         e.payload_type = "application/other".into();
-        assert!(matches!(verify(&e, "application/other", &k), Err(VerifyError::BadSignature { .. })));
+        assert!(matches!(
+            verify(&e, "application/other", &k),
+            Err(VerifyError::BadSignature { .. })
+        ));
 
         let mut e = env.clone();
         e.signatures.clear();
         assert_eq!(verify(&e, T, &k), Err(VerifyError::NoSignature));
 
         let big = s.sign(T, vec![0; MAX_PAYLOAD + 1]);
-        assert!(matches!(verify(&big, T, &k), Err(VerifyError::TooLarge { .. })));
+        assert!(matches!(
+            verify(&big, T, &k),
+            Err(VerifyError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -391,7 +426,10 @@ mod tests {
         assert_eq!(VerifyingKey::parse(&hex::encode(k.as_bytes())).unwrap(), k);
         assert!(VerifyingKey::parse("nope").is_err());
         assert!(VerifyingKey::parse(&B64.encode([1u8; 31])).is_err());
-        assert_eq!(VerifyingKey::from_bytes(&[0; 5]), Err(KeyError::PublicKeyLength(5)));
+        assert_eq!(
+            VerifyingKey::from_bytes(&[0; 5]),
+            Err(KeyError::PublicKeyLength(5))
+        );
     }
 
     #[test]
@@ -414,7 +452,10 @@ mod tests {
         assert!(from_json(&bad).unwrap_err().to_string().contains("payload"));
         let mut bad = v;
         bad.as_object_mut().unwrap().remove("signatures");
-        assert!(from_json(&bad).unwrap_err().to_string().contains("signatures"));
+        assert!(from_json(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("signatures"));
     }
 
     proptest! {

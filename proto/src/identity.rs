@@ -18,7 +18,10 @@ pub enum IdentityError {
     #[error("key file {} is not an Ed25519 PKCS#8 key ({reason}); restore it from backup, or move it aside to create a new identity (the node id will change)", path.display())]
     NotAKey { path: PathBuf, reason: String },
     #[error("key file {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot generate a key: {0}")]
     Generate(String),
 }
@@ -87,8 +90,18 @@ mod tests {
         let path = dir.path().join("sub/node.key");
         let (a, created) = load_or_create(&path).unwrap();
         assert!(created);
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            fs::metadata(path.parent().unwrap())
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
         let (b, created) = load_or_create(&path).unwrap();
         assert!(!created);
         assert_eq!(a.key_id(), b.key_id());
@@ -102,11 +115,20 @@ mod tests {
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         let err = load(&path).unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, IdentityError::Permissions { mode: 0o644, .. }));
-        assert!(msg.contains("mode 0644") && msg.contains("chmod 600"), "{msg}");
+        assert!(matches!(
+            err,
+            IdentityError::Permissions { mode: 0o644, .. }
+        ));
+        assert!(
+            msg.contains("mode 0644") && msg.contains("chmod 600"),
+            "{msg}"
+        );
         assert!(msg.contains(path.to_str().unwrap()), "{msg}");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
-        assert!(matches!(load(&path), Err(IdentityError::Permissions { .. })));
+        assert!(matches!(
+            load(&path),
+            Err(IdentityError::Permissions { .. })
+        ));
     }
 
     #[test]
@@ -115,11 +137,21 @@ mod tests {
         let path = dir.path().join("node.key");
         load_or_create(&path).unwrap();
         let der = fs::read(&path).unwrap();
-        for (bytes, what) in [(&der[..20], "truncated"), (&[][..], "empty"), (&b"hello"[..], "garbage")] {
+        for (bytes, what) in [
+            (&der[..20], "truncated"),
+            (&[][..], "empty"),
+            (&b"hello"[..], "garbage"),
+        ] {
             fs::write(&path, bytes).unwrap();
             let err = load(&path).unwrap_err();
-            assert!(matches!(err, IdentityError::NotAKey { .. }), "{what}: {err}");
-            assert!(err.to_string().contains("not an Ed25519 PKCS#8 key"), "{what}");
+            assert!(
+                matches!(err, IdentityError::NotAKey { .. }),
+                "{what}: {err}"
+            );
+            assert!(
+                err.to_string().contains("not an Ed25519 PKCS#8 key"),
+                "{what}"
+            );
         }
     }
 }

@@ -12,4 +12,5 @@ pub mod pb {
 }
 
 /// The encoded `FileDescriptorSet` of every Warden proto, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/warden_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/warden_descriptor.bin"));

@@ -157,13 +157,12 @@ fn crate_now() -> u128 {
 
 /// (count, distinct seqs, min seq, max seq) of one database's records.
 pub fn record_stats(db: &Path) -> (u64, u64, u64, u64) {
-    let conn = match rusqlite::Connection::open_with_flags(
-        db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    ) {
-        Ok(c) => c,
-        Err(_) => return (0, 0, 0, 0),
-    };
+    let conn =
+        match rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        {
+            Ok(c) => c,
+            Err(_) => return (0, 0, 0, 0),
+        };
     conn.busy_timeout(Duration::from_secs(5)).unwrap();
     conn.query_row(
         "SELECT count(*), count(DISTINCT node_id || ':' || seq), coalesce(min(seq), 0), coalesce(max(seq), 0) FROM records",
