@@ -29,6 +29,21 @@ use crate::{
     outbox::Outbox,
 };
 
+/// An error and its sources, so "transport error" says what failed underneath.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let next = s.to_string();
+        if !msg.contains(&next) {
+            msg.push_str(": ");
+            msg.push_str(&next);
+        }
+        src = s.source();
+    }
+    msg
+}
+
 /// Wait before resending a record the coordinator refused.
 const REFUSAL_RETRY: Duration = Duration::from_secs(5);
 
@@ -105,7 +120,7 @@ impl Uplink {
         loop {
             let started = Instant::now();
             let end = tokio::select! {
-                r = self.session(&pinned, &shutdown) => r,
+                r = self.session(&pinned, &shutdown, &mut last_error) => r,
                 _ = shutdown.cancelled() => Ok(()),
             };
             self.status.send_modify(|s| s.connected = false);
@@ -113,10 +128,14 @@ impl Uplink {
                 return;
             }
             if let Err(e) = end {
-                let msg = e.to_string();
+                let msg = error_chain(&e);
                 // Log each distinct state once; repeats of the same failure go to debug.
                 if last_error.as_deref() != Some(msg.as_str()) {
-                    tracing::warn!(address = %self.link.address, error = %msg, "coordinator unreachable; retrying with backoff");
+                    if matches!(e, UplinkError::Stream(_) | UplinkError::Closed) {
+                        tracing::warn!(address = %self.link.address, error = %msg, "disconnected from coordinator; reconnecting with backoff");
+                    } else {
+                        tracing::warn!(address = %self.link.address, error = %msg, "coordinator unreachable; retrying with backoff");
+                    }
                 } else {
                     tracing::debug!(error = %msg, "still unreachable");
                 }
@@ -168,6 +187,7 @@ impl Uplink {
         &self,
         pinned: &VerifyingKey,
         shutdown: &CancellationToken,
+        last_error: &mut Option<String>,
     ) -> Result<(), UplinkError> {
         let mut client = self.connect().await?;
         let window = self.config.max_in_flight;
@@ -190,6 +210,7 @@ impl Uplink {
             .map_err(UplinkError::Refused)?
             .into_inner();
         tracing::info!(address = %self.link.address, "connected to coordinator");
+        last_error.take();
         self.status.send_modify(|s| {
             s.connected = true;
             s.last_error = None;

@@ -127,7 +127,7 @@ impl pb::uplink_server::Uplink for UplinkService {
             })
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        tracing::info!(node = %reg.node_id, peer = ?peer, version = %reg.agent_version, "agent registered");
+        tracing::info!(node = %reg.node_id, peer = %peer.map(|p| p.to_string()).unwrap_or_default(), version = %reg.agent_version, "agent registered");
         let (tx, rx) = mpsc::channel(CHUNK * 2);
         let session = Session {
             node_id: reg.node_id,

@@ -20,12 +20,16 @@ pub const MAX_PAYLOAD: usize = 4 << 20;
 /// A key that cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
+    /// The private key bytes are not a PKCS#8 Ed25519 key; ring's reason.
     #[error("not an Ed25519 PKCS#8 key ({0})")]
     Pkcs8(String),
+    /// A raw public key of the wrong length.
     #[error("an Ed25519 public key is 32 bytes, got {0}")]
     PublicKeyLength(usize),
-    #[error("public key `{0}` is neither base64 nor hex of 32 bytes")]
+    /// A configured public key that is neither encoding (first 80 characters kept).
+    #[error("public key `{0}` is neither standard base64 nor 64 hex digits of a 32-byte key")]
     PublicKeyText(String),
+    /// The system random source failed.
     #[error("no randomness for key generation")]
     Rng,
 }
@@ -33,23 +37,30 @@ pub enum KeyError {
 /// Why an envelope was not accepted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum VerifyError {
+    /// The envelope carries another kind of message than the caller expects.
     #[error("payload type is {got}, expected {expected}")]
     WrongPayloadType { expected: String, got: String },
+    /// The payload is over [`MAX_PAYLOAD`]; nothing else was checked.
+    #[error("payload of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    /// The envelope has an empty signature list.
     #[error("envelope has no signature")]
     NoSignature,
+    /// No signature names the expected key id; `keyid` is the first one present.
     #[error("no signature by key {expected}; signed by unknown key {keyid}")]
     UnknownKey { expected: String, keyid: String },
+    /// The signature that names the key does not verify with it.
     #[error(
         "signature by key {keyid} does not verify over the payload (tampered, or the wrong key)"
     )]
     BadSignature { keyid: String },
-    #[error("payload of {len} bytes exceeds the {max}-byte limit")]
-    TooLarge { len: usize, max: usize },
+    /// The signature verified but the payload is not the expected protobuf message.
     #[error("{payload_type} payload does not decode: {reason}")]
     Decode {
         payload_type: String,
         reason: String,
     },
+    /// The JSON form is malformed; the message names the field.
     #[error("envelope JSON: {0}")]
     Json(String),
 }
@@ -112,7 +123,8 @@ impl Signer {
         Ok(Self::wrap(pair))
     }
 
-    /// A deterministic key from a 32-byte seed: for test vectors only.
+    /// A deterministic key from a 32-byte seed: for tests and published
+    /// vectors only; a real identity comes from [`Signer::generate`].
     pub fn from_seed(seed: &[u8; 32]) -> Signer {
         let pair = Ed25519KeyPair::from_seed_unchecked(seed).expect("any 32-byte seed is a key");
         Self::wrap(pair)
@@ -123,16 +135,19 @@ impl Signer {
         Signer { pair, key_id }
     }
 
+    /// The raw 32-byte Ed25519 public key.
     pub fn public_key(&self) -> [u8; 32] {
         let mut out = [0u8; 32];
         out.copy_from_slice(self.pair.public_key().as_ref());
         out
     }
 
+    /// This key's id, which is also the node id of an agent using it.
     pub fn key_id(&self) -> &str {
         &self.key_id
     }
 
+    /// The public half, to verify this signer's envelopes.
     pub fn verifying_key(&self) -> VerifyingKey {
         VerifyingKey {
             raw: self.public_key(),
@@ -192,21 +207,25 @@ impl VerifyingKey {
         }
     }
 
+    /// The key id signatures by this key carry.
     pub fn key_id(&self) -> &str {
         &self.key_id
     }
 
+    /// The raw 32-byte Ed25519 public key.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.raw
     }
 
+    /// Standard padded base64 of the raw key, as written in config.
     pub fn to_base64(&self) -> String {
         B64.encode(self.raw)
     }
 }
 
 /// Checks an envelope and returns its payload. In order: payload type,
-/// size, a signature by `key`'s key id, then the Ed25519 signature over PAE.
+/// size, a signature by `key`'s key id (the first one naming it is the one
+/// checked), then the Ed25519 signature over PAE of the bytes received.
 pub fn verify<'a>(
     env: &'a Envelope,
     expected_type: &str,
@@ -342,6 +361,58 @@ mod tests {
             env.signatures[0].sig,
             s.pair.sign(b"DSSEv1 1 t 1 x").as_ref().to_vec()
         );
+    }
+
+    /// The worked example in docs/attestation.md, computed once with Python's
+    /// `cryptography` package (an independent Ed25519 and SHA-256).
+    #[test]
+    fn heartbeat_envelope_matches_the_documented_example() {
+        let seed: [u8; 32] =
+            hex::decode("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+                .unwrap()
+                .try_into()
+                .unwrap();
+        let s = Signer::from_seed(&seed);
+        let msg = crate::pb::Heartbeat {
+            node_id: s.key_id().to_owned(),
+            time_unix_ms: 1_700_000_000_000,
+            ..Default::default()
+        };
+        let env = s.sign_message(crate::types::HEARTBEAT, &msg);
+        assert_eq!(
+            hex::encode(&env.payload),
+            "0a2032316665333164666131353461323631363236626638353430343666643232371080d095ffbc31"
+        );
+        assert_eq!(
+            pae(&env.payload_type, &env.payload),
+            [
+                &b"DSSEv1 44 application/vnd.warden.heartbeat.v1+protobuf 41 "[..],
+                &env.payload
+            ]
+            .concat()
+        );
+        assert_eq!(
+            hex::encode(&env.signatures[0].sig),
+            "347cd6c6cc4646eff7abca1821fe2e9bd174791afe16f313734151f560ab7dc6\
+             b780b239195f852bd6bde40572ba2c7e85374d89959804d9a1a68b2ff7306906"
+        );
+        assert_eq!(
+            hex::encode(payload_sha256(&env)),
+            "3f38aa575b52dd5a224f4f77663c5016ad2338c7d59f8cbdfb68222629a4a48c"
+        );
+        let json = serde_json::json!({
+            "payloadType": "application/vnd.warden.heartbeat.v1+protobuf",
+            "payload": "CiAyMWZlMzFkZmExNTRhMjYxNjI2YmY4NTQwNDZmZDIyNxCA0JX/vDE=",
+            "signatures": [{
+                "keyid": "21fe31dfa154a261626bf854046fd227",
+                "sig": "NHzWxsxGRu/3q8oYIf4um9F0eRr+FvMTc0FR9WCrfca3gLI5GV+FK9a95AVyuix+hTdNiZWYBNmhposv9zBpBg==",
+            }],
+        });
+        assert_eq!(to_json(&env), json);
+        let key = VerifyingKey::parse("11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=").unwrap();
+        let got: crate::pb::Heartbeat =
+            open(&from_json(&json).unwrap(), crate::types::HEARTBEAT, &key).unwrap();
+        assert_eq!(got, msg);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 
 use std::{
     fs,
-    io::Write,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    io::{Read, Write},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -26,8 +26,11 @@ pub enum IdentityError {
     Generate(String),
 }
 
-/// Loads the key at `path`, or creates it (mode 0600, parent 0700) if
-/// there is none. Returns whether it was created.
+/// Largest key file read. An Ed25519 PKCS#8 v2 key is 83 bytes.
+pub const MAX_KEY_FILE: u64 = 4096;
+
+/// Loads the key at `path`, or creates it (mode 0600, new parent
+/// directories 0700) if there is none. Returns whether it was created.
 pub fn load_or_create(path: &Path) -> Result<(Signer, bool), IdentityError> {
     if path.exists() {
         return load(path).map(|s| (s, false));
@@ -38,19 +41,38 @@ pub fn load_or_create(path: &Path) -> Result<(Signer, bool), IdentityError> {
     };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.exists() {
-            fs::create_dir_all(parent).map_err(io)?;
-            fs::set_permissions(parent, fs::Permissions::from_mode(0o700)).map_err(io)?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(io)?;
         }
     }
     let (signer, der) = Signer::generate().map_err(|e| IdentityError::Generate(e.to_string()))?;
-    let mut f = fs::OpenOptions::new()
+    let mut f = match fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(io)?;
-    f.write_all(&der).map_err(io)?;
-    f.sync_all().map_err(io)?;
+    {
+        Ok(f) => f,
+        // Another process created it since we looked: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return load(path).map(|s| (s, false))
+        }
+        Err(e) => return Err(io(e)),
+    };
+    if let Err(e) = f.write_all(&der).and_then(|()| f.sync_all()) {
+        // A half-written key would read as garbage on the next start.
+        let _ = fs::remove_file(path);
+        return Err(io(e));
+    }
+    // Make the new directory entry durable too.
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
     Ok((signer, true))
 }
 
@@ -60,24 +82,37 @@ pub fn load(path: &Path) -> Result<Signer, IdentityError> {
         path: path.to_owned(),
         source,
     };
-    let mode = fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+    let not_a_key = |reason: String| IdentityError::NotAKey {
+        path: path.to_owned(),
+        reason,
+    };
+    // Check the mode and size of the file we read, not of a path that may change.
+    let mut f = fs::File::open(path).map_err(io)?;
+    let meta = f.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(not_a_key("not a regular file".into()));
+    }
+    let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(IdentityError::Permissions {
             path: path.to_owned(),
             mode,
         });
     }
-    let der = fs::read(path).map_err(io)?;
+    let mut der = Vec::new();
+    (&mut f)
+        .take(MAX_KEY_FILE + 1)
+        .read_to_end(&mut der)
+        .map_err(io)?;
     if der.is_empty() {
-        return Err(IdentityError::NotAKey {
-            path: path.to_owned(),
-            reason: "the file is empty".into(),
-        });
+        return Err(not_a_key("the file is empty".into()));
     }
-    Signer::from_pkcs8(&der).map_err(|e| IdentityError::NotAKey {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })
+    if der.len() as u64 > MAX_KEY_FILE {
+        return Err(not_a_key(format!(
+            "the file is over {MAX_KEY_FILE} bytes; a key is 83"
+        )));
+    }
+    Signer::from_pkcs8(&der).map_err(|e| not_a_key(e.to_string()))
 }
 
 #[cfg(test)]
@@ -132,6 +167,27 @@ mod tests {
     }
 
     #[test]
+    fn a_private_key_file_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        let (s, der) = Signer::generate().unwrap();
+        fs::write(&path, der).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(load(&path).unwrap().key_id(), s.key_id());
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(load_or_create(&path).unwrap().0.key_id(), s.key_id());
+    }
+
+    #[test]
+    fn a_missing_file_is_an_io_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.key");
+        let err = load(&path).unwrap_err();
+        assert!(matches!(err, IdentityError::Io { .. }));
+        assert!(err.to_string().contains(path.to_str().unwrap()), "{err}");
+    }
+
+    #[test]
     fn names_truncated_empty_and_garbage_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.key");
@@ -141,6 +197,7 @@ mod tests {
             (&der[..20], "truncated"),
             (&[][..], "empty"),
             (&b"hello"[..], "garbage"),
+            (&[0x30; 5000][..], "oversized"),
         ] {
             fs::write(&path, bytes).unwrap();
             let err = load(&path).unwrap_err();
