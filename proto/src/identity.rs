@@ -109,7 +109,7 @@ pub fn load(path: &Path) -> Result<Signer, IdentityError> {
     }
     if der.len() as u64 > MAX_KEY_FILE {
         return Err(not_a_key(format!(
-            "the file is over {MAX_KEY_FILE} bytes; a key is 83"
+            "the file is over {MAX_KEY_FILE} bytes; an Ed25519 key file is under 100"
         )));
     }
     Signer::from_pkcs8(&der).map_err(|e| not_a_key(e.to_string()))
