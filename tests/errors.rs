@@ -137,3 +137,127 @@ fn corrupt_spool_tail_is_truncated_with_a_warning_and_nothing_earlier_is_lost() 
     );
     assert_eq!(std::fs::metadata(&seg).unwrap().len(), good_len as u64);
 }
+
+#[test]
+fn a_full_spool_is_reported_and_keeps_every_old_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("agent");
+    // No coordinator and a tiny cap: the spool fills within a second.
+    let agent = Agent::start(
+        &dir,
+        "[spool]\nmax_bytes = 65536\nsegment_bytes = 65536\n[telemetry]\ninterval = \"1ms\"\n",
+    );
+    let s = wait_for("spool full", Duration::from_secs(30), || {
+        let s = agent.status()?;
+        (s["spool"]["full"] == true && s["spool"]["refused"].as_u64()? > 0).then_some(s)
+    });
+    let pending = s["spool"]["pending"].as_u64().unwrap();
+    assert!(pending > 100, "{s}");
+    assert_eq!(
+        s["spool"]["next_seq"].as_u64().unwrap(),
+        pending + 1,
+        "a record was dropped"
+    );
+    assert!(s["spool"]["bytes"].as_u64().unwrap() <= 65536);
+    std::thread::sleep(Duration::from_millis(200));
+    let later = agent.status().unwrap();
+    assert_eq!(
+        later["spool"]["pending"].as_u64().unwrap(),
+        pending,
+        "old records must stay"
+    );
+    assert!(later["spool"]["refused"].as_u64().unwrap() > s["spool"]["refused"].as_u64().unwrap());
+    let log = agent.proc.log_text();
+    assert_eq!(log.matches("spool full").count(), 1, "said once: {log}");
+}
+
+#[test]
+fn coordinator_without_tls_paths_names_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("coordinator.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n",
+            tmp.path().join("c").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(WARDEN)
+        .args(["coordinator", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`tls.cert`"), "{err}");
+}
+
+#[test]
+fn coordinator_with_configured_tls_serves_an_agent() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Certificates made once by a dev coordinator, then used as production files.
+    let port = free_port();
+    let dev = Coordinator::start(&tmp.path().join("dev"), port);
+    drop(dev);
+    let tls = tmp.path().join("dev/tls");
+    let cdir = tmp.path().join("prod");
+    let cfg = tmp.path().join("coordinator.toml");
+    let port = free_port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cdir.display(),
+            tls.join("server.pem").display(),
+            tls.join("server.key").display()
+        ),
+    )
+    .unwrap();
+    let _coord = Proc::spawn(
+        &["coordinator", "--config", cfg.to_str().unwrap()],
+        tmp.path().join("prod.log"),
+    );
+    let key_file = cdir.join("coordinator.key");
+    wait_for("coordinator key", Duration::from_secs(30), || {
+        key_file.exists().then_some(())
+    });
+    let key = warden_proto::identity::load(&key_file)
+        .unwrap()
+        .verifying_key();
+    let link = format!(
+        "[coordinator]\naddress = \"https://localhost:{port}\"\npublic_key = \"{}\"\nca_cert = \"{}\"\n",
+        key.to_base64(),
+        tls.join("ca.pem").display()
+    );
+    let agent = Agent::start(
+        &tmp.path().join("agent"),
+        &fast_agent_toml(&link, "5ms", 10),
+    );
+    wait_for("10 receipts", Duration::from_secs(30), || {
+        let s = agent.status()?;
+        (s["last_receipt_seq"] == 10 && s["spool"]["pending"] == 0).then_some(())
+    });
+}
+
+#[test]
+fn an_agent_pinned_to_another_coordinator_key_acknowledges_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"), free_port());
+    let (impostor, _) = warden_proto::dsse::Signer::generate().unwrap();
+    let link = coord
+        .link_toml()
+        .replace(&coord.public_key(), &impostor.verifying_key().to_base64());
+    let agent = Agent::start(
+        &tmp.path().join("agent"),
+        &fast_agent_toml(&link, "5ms", 10),
+    );
+    // The records reach the coordinator, but its receipts are not signed by the pinned key.
+    wait_for("10 stored", Duration::from_secs(30), || {
+        (record_stats(&coord.db()).0 == 10).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let s = agent.status().unwrap();
+    assert_eq!(s["spool"]["pending"], 10, "{s}");
+    assert_eq!(s["last_receipt_seq"], 0);
+    assert!(agent.proc.log_text().contains("pinned coordinator key"));
+}

@@ -205,3 +205,97 @@ async fn a_register_not_signed_by_its_key_is_refused() {
     assert!(err.message().contains("Register"), "{}", err.message());
     assert_eq!(count(&coord.db(), "SELECT count(*) FROM nodes"), 0);
 }
+
+async fn tls_channel(coord: &Coordinator) -> tonic::transport::Channel {
+    let ca = std::fs::read(coord.dir.join("tls/ca.pem")).unwrap();
+    Endpoint::from_shared(format!("https://localhost:{}", coord.port))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served_over_tls() {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"), free_port());
+    let channel = tls_channel(&coord).await;
+
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: "warden.v1.Uplink".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply {reply:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"warden.v1.Uplink"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_envelope_is_rejected_and_nothing_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"), free_port());
+    let channel = tls_channel(&coord).await;
+    let (node, _) = Signer::generate().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(node.sign_message(
+        types::REGISTER,
+        &pb::Register {
+            node_id: node.key_id().to_owned(),
+            public_key: node.public_key().to_vec(),
+            agent_version: "test".into(),
+            inventory: None,
+            time_unix_ms: warden_agent::now_ms(),
+            start_id: "x".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    let mut inbound = UplinkClient::new(channel)
+        .max_encoding_message_size(64 << 20)
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(node.sign(types::RECORD, vec![0x42; 6 << 20]))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+    assert_eq!(record_stats(&coord.db()).0, 0);
+}

@@ -212,7 +212,15 @@ impl Session {
             let mut replies = Vec::new();
             let mut heard = false;
             for item in chunk {
-                match self.judge(&item?) {
+                let env = match item {
+                    Ok(env) => env,
+                    Err(status) => {
+                        // Tell the agent why (e.g. an oversized message), not just hang up.
+                        let _ = self.tx.send(Err(status.clone())).await;
+                        return Err(status);
+                    }
+                };
+                match self.judge(&env) {
                     Verdict::Store(r) => to_store.push(r),
                     Verdict::Refuse {
                         seq,
