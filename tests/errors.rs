@@ -261,3 +261,31 @@ fn an_agent_pinned_to_another_coordinator_key_acknowledges_nothing() {
     assert_eq!(s["last_receipt_seq"], 0);
     assert!(agent.proc.log_text().contains("pinned coordinator key"));
 }
+
+#[test]
+fn coordinator_key_readable_by_others_stops_the_coordinator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("coord");
+    std::fs::create_dir_all(&state).unwrap();
+    let key = state.join("coordinator.key");
+    let (_, pkcs8) = warden_proto::dsse::Signer::generate().unwrap();
+    std::fs::write(&key, pkcs8).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = Command::new(WARDEN)
+        .args([
+            "coordinator",
+            "--dev",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ])
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(key.to_str().unwrap()) && err.contains("0640"),
+        "{err}"
+    );
+    assert!(err.contains("chmod 600"), "{err}");
+}
