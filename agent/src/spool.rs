@@ -788,6 +788,31 @@ mod tests {
         assert_eq!(s.stats().pending, 0);
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// Whatever bytes follow a run of good frames, open keeps the good
+        /// frames, cuts the rest, and never panics.
+        #[test]
+        fn open_survives_arbitrary_tails(good in 0u64..6, tail in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let d = tempfile::tempdir().unwrap();
+            let c = cfg(d.path(), 1 << 20, 1 << 30);
+            {
+                let (mut s, _) = Spool::open(c.clone()).unwrap();
+                append(&mut s, good);
+            }
+            let seg = d.path().join(segment_name(1));
+            let mut bytes = fs::read(&seg).unwrap_or_default();
+            bytes.extend_from_slice(&tail);
+            fs::write(&seg, &bytes).unwrap();
+            let (s, r) = Spool::open(c).unwrap();
+            let seqs = pending_seqs(&s);
+            prop_assert!(seqs.len() as u64 >= good);
+            prop_assert_eq!(&seqs[..good as usize], &(1..=good).collect::<Vec<_>>()[..]);
+            prop_assert_eq!(s.next_seq(), seqs.last().map_or(1, |q| q + 1));
+            prop_assert!(r.truncated.len() <= 1);
+        }
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Append(u8),
