@@ -334,6 +334,13 @@ async fn nodes(json: bool, socket: Option<PathBuf>) -> Result<()> {
                     "last_seen_unix_ms": n.last_seen_unix_ms,
                     "peer_address": n.peer_address,
                     "public_key": hex::encode(&n.public_key),
+                    "spool": n.spool.as_ref().map(|s| serde_json::json!({
+                        "pending": s.pending,
+                        "bytes": s.bytes,
+                        "max_bytes": s.max_bytes,
+                        "full": s.full,
+                        "refused": s.refused,
+                    })),
                 })
             })
             .collect();
@@ -351,13 +358,17 @@ async fn nodes(json: bool, socket: Option<PathBuf>) -> Result<()> {
     let now = warden_agent::now_ms();
     for n in nodes {
         println!(
-            "{:<34} {:<16} {:<10} {:>9} {:>8}  {}s ago",
+            "{:<34} {:<16} {:<10} {:>9} {:>8}  {}s ago{}",
             n.node_id,
             n.hostname,
             if n.connected { "connected" } else { "offline" },
             n.records,
             n.last_seq,
-            (now - n.last_seen_unix_ms).max(0) / 1000
+            (now - n.last_seen_unix_ms).max(0) / 1000,
+            match &n.spool {
+                Some(s) if s.full => format!("  SPOOL FULL ({} records refused)", s.refused),
+                _ => String::new(),
+            }
         );
     }
     Ok(())

@@ -289,3 +289,43 @@ fn coordinator_key_readable_by_others_stops_the_coordinator() {
     );
     assert!(err.contains("chmod 600"), "{err}");
 }
+
+#[test]
+fn a_full_spool_shows_at_the_coordinator_through_heartbeats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"), free_port());
+    // Pinned to the wrong key: receipts are ignored, so the spool can only fill.
+    let (impostor, _) = warden_proto::dsse::Signer::generate().unwrap();
+    let link = coord
+        .link_toml()
+        .replace(&coord.public_key(), &impostor.verifying_key().to_base64());
+    let _agent = Agent::start(
+        &tmp.path().join("agent"),
+        &format!(
+            "{}\n[spool]\nmax_bytes = 65536\nsegment_bytes = 65536\n",
+            fast_agent_toml(&link, "1ms", 0)
+        ),
+    );
+    let nodes = wait_for(
+        "coordinator sees the full spool",
+        Duration::from_secs(30),
+        || {
+            let out = Command::new(WARDEN)
+                .args([
+                    "nodes",
+                    "--json",
+                    "--socket",
+                    coord.admin_socket().to_str().unwrap(),
+                ])
+                .output()
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v[0]["spool"]["full"] == true).then_some(v)
+        },
+    );
+    assert!(
+        nodes[0]["spool"]["refused"].as_u64().unwrap() > 0,
+        "{nodes}"
+    );
+    assert_eq!(nodes[0]["spool"]["max_bytes"], 65536);
+}

@@ -41,6 +41,9 @@ impl pb::admin_server::Admin for AdminService {
                 last_seq: n.last_seq,
                 peer_address: n.peer_address,
                 hostname: n.hostname,
+                spool: n
+                    .spool_state
+                    .and_then(|b| prost::Message::decode(b.as_slice()).ok()),
             })
             .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))

@@ -201,7 +201,7 @@ enum Verdict {
         digest: [u8; 32],
         reason: String,
     },
-    Heartbeat,
+    Heartbeat(pb::Heartbeat),
 }
 
 impl Session {
@@ -211,6 +211,7 @@ impl Session {
             let mut to_store = Vec::new();
             let mut replies = Vec::new();
             let mut heard = false;
+            let mut spool = None;
             for item in chunk {
                 let env = match item {
                     Ok(env) => env,
@@ -230,11 +231,14 @@ impl Session {
                         tracing::warn!(node = %self.node_id, seq, %reason, "record refused");
                         replies.push(self.refusal(seq, digest, reason));
                     }
-                    Verdict::Heartbeat => heard = true,
+                    Verdict::Heartbeat(hb) => {
+                        heard = true;
+                        spool = hb.spool.map(|s| s.encode_to_vec()).or(spool);
+                    }
                 }
             }
             if heard || !to_store.is_empty() {
-                self.store.seen(&self.node_id, now_ms());
+                self.store.seen(&self.node_id, now_ms(), spool);
             }
             if !to_store.is_empty() {
                 let outcomes = self
@@ -274,7 +278,7 @@ impl Session {
         match env.payload_type.as_str() {
             types::HEARTBEAT => match dsse::open::<pb::Heartbeat>(env, types::HEARTBEAT, &self.key)
             {
-                Ok(_) => Verdict::Heartbeat,
+                Ok(hb) => Verdict::Heartbeat(hb),
                 Err(e) => Verdict::Refuse {
                     seq: 0,
                     digest,

@@ -78,6 +78,8 @@ pub struct NodeStats {
     pub peer_address: String,
     pub records: u64,
     pub last_seq: u64,
+    /// Encoded `SpoolState` from the last heartbeat, if any.
+    pub spool_state: Option<Vec<u8>>,
 }
 
 enum Cmd {
@@ -85,6 +87,7 @@ enum Cmd {
     Seen {
         node_id: String,
         time_ms: i64,
+        spool: Option<Vec<u8>>,
     },
     Insert(
         Vec<NewRecord>,
@@ -124,11 +127,13 @@ impl Store {
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 
-    /// Notes that a node was heard from; written with the next batch.
-    pub fn seen(&self, node_id: &str, time_ms: i64) {
+    /// Notes that a node was heard from, with the spool state its last
+    /// heartbeat reported (encoded `SpoolState`); written with the next batch.
+    pub fn seen(&self, node_id: &str, time_ms: i64, spool: Option<Vec<u8>>) {
         let _ = self.send(Cmd::Seen {
             node_id: node_id.to_owned(),
             time_ms,
+            spool,
         });
     }
 
@@ -164,7 +169,8 @@ fn init(conn: &Connection) -> rusqlite::Result<()> {
             start_id TEXT NOT NULL,
             peer_address TEXT NOT NULL,
             first_seen_ms INTEGER NOT NULL,
-            last_seen_ms INTEGER NOT NULL
+            last_seen_ms INTEGER NOT NULL,
+            spool_state BLOB
         );
         CREATE TABLE IF NOT EXISTS records (
             node_id TEXT NOT NULL,
@@ -218,10 +224,16 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>) {
                     upsert_node(&tx, &node)?;
                     replies.push(Reply::Register(reply));
                 }
-                Cmd::Seen { node_id, time_ms } => {
+                Cmd::Seen {
+                    node_id,
+                    time_ms,
+                    spool,
+                } => {
                     tx.execute(
-                        "UPDATE nodes SET last_seen_ms = max(last_seen_ms, ?2) WHERE node_id = ?1",
-                        params![node_id, time_ms],
+                        "UPDATE nodes SET last_seen_ms = max(last_seen_ms, ?2),
+                                          spool_state = coalesce(?3, spool_state)
+                         WHERE node_id = ?1",
+                        params![node_id, time_ms, spool],
                     )?;
                 }
                 Cmd::Insert(records, reply) => {
@@ -330,7 +342,8 @@ fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
         "SELECT n.node_id, n.public_key, n.agent_version, n.hostname, n.first_seen_ms,
                 n.last_seen_ms, n.peer_address,
                 (SELECT count(*) FROM records r WHERE r.node_id = n.node_id),
-                (SELECT max(seq) FROM records r WHERE r.node_id = n.node_id)
+                (SELECT max(seq) FROM records r WHERE r.node_id = n.node_id),
+                n.spool_state
          FROM nodes n ORDER BY n.node_id",
     )?;
     let rows = stmt.query_map([], |row| {
@@ -344,6 +357,7 @@ fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
             peer_address: row.get(6)?,
             records: row.get::<_, i64>(7)? as u64,
             last_seq: row.get::<_, Option<i64>>(8)?.unwrap_or(0) as u64,
+            spool_state: row.get(9)?,
         })
     })?;
     rows.collect()
@@ -410,13 +424,14 @@ mod tests {
                 stored_sha256: vec![3; 32]
             }]
         );
-        store.seen("n1", 99);
+        store.seen("n1", 99, Some(vec![0x20, 0x01]));
         let nodes = store.list_nodes().await.unwrap();
         assert_eq!(nodes.len(), 1);
         assert_eq!(nodes[0].records, 3);
         assert_eq!(nodes[0].last_seq, 3);
         assert_eq!(nodes[0].last_seen_ms, 99);
         assert_eq!(nodes[0].first_seen_ms, 10);
+        assert_eq!(nodes[0].spool_state, Some(vec![0x20, 0x01]));
     }
 
     #[tokio::test]
