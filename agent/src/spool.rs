@@ -62,7 +62,7 @@ pub struct SpoolStats {
     pub pending: u64,
     pub bytes: u64,
     pub max_bytes: u64,
-    /// The last append was refused for lack of room.
+    /// Appends are refused for lack of room, until acknowledgements free some.
     pub full: bool,
     /// Records refused since start because the spool was full.
     pub refused: u64,
@@ -123,7 +123,9 @@ pub struct Spool {
     next_seq: u64,
     persisted_watermark: u64,
     bytes: u64,
-    full: bool,
+    /// Size when an append was last refused: the spool stays full until
+    /// acknowledgements bring it below that, so it does not flap.
+    full_at: Option<u64>,
     refused: u64,
 }
 
@@ -221,7 +223,7 @@ impl Spool {
             next_seq: 1,
             persisted_watermark: watermark,
             bytes: 0,
-            full: false,
+            full_at: None,
             refused: 0,
             cfg,
         };
@@ -330,8 +332,9 @@ impl Spool {
         if records.is_empty() {
             return Ok(());
         }
-        if self.bytes + size > self.cfg.max_bytes {
-            self.full = true;
+        let still_full = self.full_at.is_some_and(|at| self.bytes >= at);
+        if still_full || self.bytes + size > self.cfg.max_bytes {
+            self.full_at = Some(self.bytes);
             self.refused += records.len() as u64;
             return Err(SpoolError::Full {
                 bytes: self.bytes,
@@ -378,7 +381,7 @@ impl Spool {
                 .map_err(io_err(&self.segments[first].path))?;
         }
         self.next_seq = expected;
-        self.full = false;
+        self.full_at = None;
         Ok(())
     }
 
@@ -542,7 +545,7 @@ impl Spool {
             pending: self.index.len() as u64,
             bytes: self.bytes,
             max_bytes: self.cfg.max_bytes,
-            full: self.full,
+            full: self.full_at.is_some(),
             refused: self.refused,
             next_seq: self.next_seq,
             acked_through: self.acked_through(),
@@ -746,12 +749,20 @@ mod tests {
         assert_eq!(st.refused, 3);
         assert_eq!(st.next_seq, 7, "nothing written");
         assert_eq!(pending_seqs(&s), (1..=6).collect::<Vec<_>>());
+        // Still full for a record that would fit: no flapping until space is freed.
+        assert!(matches!(
+            s.append_batch(&[rec(7)]),
+            Err(SpoolError::Full { .. })
+        ));
+        // Acks that free no segment free no space.
         for q in 1..=4 {
             s.ack(q);
         }
+        assert!(s.append_batch(&[rec(7)]).is_err());
+        s.ack(5); // the first segment goes
         append(&mut s, 2);
         assert!(!s.stats().full);
-        assert_eq!(pending_seqs(&s), vec![5, 6, 7, 8]);
+        assert_eq!(pending_seqs(&s), vec![6, 7, 8]);
     }
 
     #[test]
