@@ -97,7 +97,7 @@ async fn throughput(n: u64, window: usize) -> f64 {
         signer,
         node_id,
         start_id: "bench".into(),
-        inventory: pb::InventorySummary::default(),
+        inventory: watch::channel(pb::InventorySummary::default()).1,
         outbox: outbox.clone(),
         status: status_tx,
     };
@@ -113,7 +113,7 @@ async fn throughput(n: u64, window: usize) -> f64 {
                 mem_available_bytes: 20 << 30,
                 uptime_s: i,
             }),
-            spool: None,
+            ..Default::default()
         });
         assert!(outbox.emit(body).await);
     }

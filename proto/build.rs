@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/warden/v1/envelope.proto",
         "proto/warden/v1/uplink.proto",
         "proto/warden/v1/admin.proto",
+        "proto/warden/v1/probe.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
@@ -16,10 +17,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("warden_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure()
+    let mut builder = tonic_prost_build::configure();
+    // The state messages that `warden status/inventory/nodes --json` print.
+    for m in [
+        "InventorySummary",
+        "GpuInfo",
+        "GpuSample",
+        "GpuProcess",
+        "GpuEvent",
+        "LinkSample",
+        "SpoolState",
+        "HostSample",
+    ] {
+        builder = builder.type_attribute(format!(".warden.v1.{m}"), "#[derive(serde::Serialize)]");
+    }
+    builder
         .build_server(true)
         .build_client(true)
         .build_transport(false)
+        // Probe filler is sliced from one shared buffer, not copied per chunk.
+        .bytes(".warden.v1.ProbeChunk.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -117,7 +117,7 @@ fn corrupt_spool_tail_is_truncated_with_a_warning_and_nothing_earlier_is_lost() 
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = \"{}\"\n[telemetry]\ninterval = \"1h\"\n",
+            "state_dir = \"{}\"\n[telemetry]\ninterval = \"1h\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
             dir.display()
         ),
     )

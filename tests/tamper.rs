@@ -29,7 +29,7 @@ fn record(signer: &Signer, seq: u64, load: f64) -> Envelope {
                     load1: load,
                     ..Default::default()
                 }),
-                spool: None,
+                ..Default::default()
             })),
         },
     )

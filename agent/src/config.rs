@@ -41,6 +41,102 @@ pub struct AgentConfig {
     pub spool: SpoolConfig,
     pub telemetry: TelemetryConfig,
     pub status: StatusConfig,
+    pub gpu: GpuConfig,
+    pub metrics: MetricsConfig,
+    pub probe: ProbeConfig,
+    pub doctor: DoctorConfig,
+}
+
+/// The link probe against the coordinator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    /// Time between probes, the first at start; 0 turns probing off.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// How long each of download and upload runs.
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// Round trips timed for the RTT (the median is reported).
+    pub pings: u32,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(6 * 3600),
+            duration: Duration::from_secs(2),
+            pings: 10,
+        }
+    }
+}
+
+/// The supplier minimums `warden doctor` checks against.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DoctorConfig {
+    /// Installed memory, in GB (10^9 bytes).
+    pub min_memory_gb: f64,
+    /// Free space on the state directory's filesystem, in GB.
+    pub min_disk_free_gb: f64,
+    pub min_download_mbps: f64,
+    pub min_upload_mbps: f64,
+    /// Round trip to the coordinator must be below this.
+    pub max_rtt_ms: f64,
+    /// Largest tolerated difference between our clock and the coordinator's.
+    pub max_clock_offset_ms: f64,
+}
+
+impl Default for DoctorConfig {
+    fn default() -> Self {
+        Self {
+            min_memory_gb: 12.0,
+            min_disk_free_gb: 500.0,
+            min_download_mbps: 500.0,
+            min_upload_mbps: 250.0,
+            max_rtt_ms: 30.0,
+            max_clock_offset_ms: 1000.0,
+        }
+    }
+}
+
+/// GPU sampling through NVML.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// The NVML library; defaults to the driver's `libnvidia-ml.so.1`.
+    pub nvml_library: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub sample_interval: Duration,
+    /// How often the inventory is re-read to notice a change.
+    #[serde(with = "humantime_serde")]
+    pub inventory_interval: Duration,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self {
+            nvml_library: None,
+            sample_interval: Duration::from_secs(1),
+            inventory_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` to serve `/metrics` on; loopback by default. Empty disables it.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9477".into(),
+        }
+    }
 }
 
 /// How to reach and trust the coordinator.
@@ -116,6 +212,10 @@ impl Default for AgentConfig {
             spool: SpoolConfig::default(),
             telemetry: TelemetryConfig::default(),
             status: StatusConfig::default(),
+            gpu: GpuConfig::default(),
+            metrics: MetricsConfig::default(),
+            probe: ProbeConfig::default(),
+            doctor: DoctorConfig::default(),
         }
     }
 }
@@ -194,6 +294,36 @@ impl AgentConfig {
             ));
         }
         nonzero("telemetry.interval", self.telemetry.interval)?;
+        nonzero("gpu.sample_interval", self.gpu.sample_interval)?;
+        nonzero("gpu.inventory_interval", self.gpu.inventory_interval)?;
+        nonzero("probe.duration", self.probe.duration)?;
+        if self.probe.pings == 0 {
+            return Err(invalid("probe.pings", "must be at least 1".into()));
+        }
+        let d = &self.doctor;
+        for (key, v) in [
+            ("doctor.min_memory_gb", d.min_memory_gb),
+            ("doctor.min_disk_free_gb", d.min_disk_free_gb),
+            ("doctor.min_download_mbps", d.min_download_mbps),
+            ("doctor.min_upload_mbps", d.min_upload_mbps),
+            ("doctor.max_rtt_ms", d.max_rtt_ms),
+            ("doctor.max_clock_offset_ms", d.max_clock_offset_ms),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(invalid(key, format!("{v} is not a number >= 0")));
+            }
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "metrics.listen",
+                format!(
+                    "`{}` is not host:port (an IP address and a port)",
+                    self.metrics.listen
+                ),
+            ));
+        }
         if self.spool.segment_bytes < 64 << 10 {
             return Err(invalid(
                 "spool.segment_bytes",

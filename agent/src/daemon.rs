@@ -8,6 +8,8 @@ use warden_proto::identity::{self, IdentityError};
 
 use crate::{
     config::AgentConfig,
+    gpu::{self, nvml::NvmlSource, GpuSource},
+    inventory, linkprobe, metrics,
     outbox::{self, Stamp},
     spool::{Spool, SpoolConfig, SpoolError},
     status, telemetry,
@@ -23,6 +25,10 @@ pub enum AgentError {
     Spool(#[from] SpoolError),
     #[error(transparent)]
     Status(#[from] status::StatusError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("state directory {path}: {source}")]
     StateDir {
         path: PathBuf,
@@ -59,6 +65,24 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         "agent starting"
     );
 
+    let gpus = load_gpus(&config).await;
+    let inv = {
+        let (dir, g) = (dir.clone(), gpus.clone());
+        tokio::task::spawn_blocking(move || {
+            inventory::collect(&dir, g.as_ref().map(|g| g.as_ref()).map_err(String::clone))
+        })
+        .await
+        .unwrap_or_default()
+    };
+    tracing::info!(
+        hostname = %inv.hostname, cpu = %inv.cpu_model, cores = inv.cpu_cores,
+        memory_gib = inv.memory_bytes >> 30, gpus = inv.gpus.len(), docker = %inv.docker,
+        tun = inv.tun_available, "inventory"
+    );
+    let (inventory_tx, inventory_rx) = watch::channel(inv);
+    let (gpus_tx, gpus_rx) = watch::channel(Vec::new());
+    let (link_tx, link_rx) = watch::channel(None);
+
     let tasks = shutdown.child_token();
     let stop_producers = tasks.child_token();
     let stop_outbox = CancellationToken::new();
@@ -81,7 +105,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 signer: signer.clone(),
                 node_id: node_id.clone(),
                 start_id: start_id.clone(),
-                inventory: crate::host::summary(),
+                inventory: inventory_rx.clone(),
                 outbox: outbox.clone(),
                 status: uplink_tx,
             };
@@ -93,6 +117,39 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
     };
 
+    let mut metrics_address = None;
+    let metrics_task = if config.metrics.listen.is_empty() {
+        None
+    } else {
+        let addr =
+            config
+                .metrics
+                .listen
+                .parse()
+                .map_err(|_| crate::config::ConfigError::Invalid {
+                    key: "metrics.listen",
+                    reason: format!("`{}` is not host:port", config.metrics.listen),
+                })?;
+        let listener = metrics::bind(addr).await?;
+        let bound = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::info!(addr = %bound, "serving /metrics");
+        metrics_address = Some(bound);
+        Some(tokio::spawn(metrics::serve(
+            listener,
+            metrics::Sources {
+                configured: config.coordinator.is_some(),
+                inventory: inventory_rx.clone(),
+                gpus: gpus_rx.clone(),
+                spool: outbox.stats(),
+                uplink: uplink_rx.clone(),
+                link: link_rx.clone(),
+            },
+            tasks.clone(),
+        )))
+    };
     let socket = config.status_socket();
     let listener = status::bind(&socket)?;
     tracing::info!(socket = %socket.display(), "status socket ready");
@@ -103,11 +160,47 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             node_id,
             start_id,
             configured: config.coordinator.is_some(),
-            uplink: uplink_rx,
+            uplink: uplink_rx.clone(),
             spool: outbox.stats(),
+            inventory: inventory_rx.clone(),
+            gpus: gpus_rx.clone(),
+            link: link_rx.clone(),
+            metrics_address,
         },
         tasks.clone(),
     ));
+    let mut producers = Vec::new();
+    if let Ok(source) = &gpus {
+        producers.push(tokio::spawn(gpu::sampler::run(
+            source.clone(),
+            config.gpu.sample_interval,
+            outbox.clone(),
+            gpus_tx,
+            stop_producers.clone(),
+        )));
+    }
+    producers.push(tokio::spawn(inventory::watch(
+        dir.clone(),
+        gpus,
+        config.gpu.inventory_interval,
+        outbox.clone(),
+        inventory_tx,
+        stop_producers.clone(),
+    )));
+    if let Some(link) = config
+        .coordinator
+        .clone()
+        .filter(|_| !config.probe.interval.is_zero())
+    {
+        producers.push(tokio::spawn(linkprobe::run(
+            link,
+            config.probe.clone(),
+            config.uplink.connect_timeout,
+            outbox.clone(),
+            link_tx,
+            stop_producers.clone(),
+        )));
+    }
     let telemetry_task = tokio::spawn(telemetry::run(
         config.telemetry.clone(),
         outbox.clone(),
@@ -118,13 +211,45 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     shutdown.cancelled().await;
     tracing::info!("shutting down");
     let _ = telemetry_task.await;
+    for p in producers {
+        let _ = p.await;
+    }
     if let Some(t) = uplink_task {
         let _ = t.await;
     }
     let _ = status_task.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     // The outbox stops last so everything produced is spooled and flushed.
     stop_outbox.cancel();
     let _ = outbox_task.await;
     tracing::info!("agent stopped; spool flushed");
     Ok(())
+}
+
+/// Loads NVML. Without it the node runs CPU-only: said once, here.
+async fn load_gpus(config: &AgentConfig) -> Result<Arc<dyn GpuSource>, String> {
+    let lib = config.gpu.nvml_library.clone();
+    let loaded = tokio::task::spawn_blocking(move || NvmlSource::load(lib.as_deref()))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    match loaded {
+        Ok(src) => {
+            let src: Arc<dyn GpuSource> = Arc::new(src);
+            let s = src.clone();
+            let count = tokio::task::spawn_blocking(move || s.inventory().map(|i| i.gpus.len()))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(0);
+            tracing::info!(gpus = count, "NVML loaded");
+            Ok(src)
+        }
+        Err(e) => {
+            tracing::warn!(reason = %e, "no usable NVML: running as a CPU-only node");
+            Err(e)
+        }
+    }
 }

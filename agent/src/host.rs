@@ -36,7 +36,7 @@ fn summary_from(root: &Path) -> pb::InventorySummary {
             .map(|n| n.get() as u32)
             .unwrap_or(0),
         memory_bytes: mem_total,
-        gpu_count: 0,
+        ..Default::default()
     }
 }
 

@@ -4,7 +4,11 @@
 
 pub mod config;
 pub mod daemon;
+pub mod gpu;
 pub mod host;
+pub mod inventory;
+pub mod linkprobe;
+pub mod metrics;
 pub mod outbox;
 pub mod spool;
 pub mod status;

@@ -15,6 +15,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use warden_proto::pb;
+
 use crate::{spool::SpoolStats, uplink::UplinkStatus};
 
 /// The document `warden status --json` prints.
@@ -26,6 +28,14 @@ pub struct StatusReport {
     pub coordinator: CoordinatorStatus,
     pub spool: SpoolStats,
     pub last_receipt_seq: u64,
+    /// "ok", or why NVML is not loaded (a CPU-only node).
+    pub nvml: String,
+    /// The latest sample of each GPU.
+    pub gpus: Vec<pb::GpuSample>,
+    /// The last link probe, if one ran.
+    pub link: Option<pb::LinkSample>,
+    /// Where /metrics is served (the bound address), if it is.
+    pub metrics_address: Option<String>,
 }
 
 /// The coordinator part of the report.
@@ -43,6 +53,10 @@ pub struct Sources {
     pub configured: bool,
     pub uplink: watch::Receiver<UplinkStatus>,
     pub spool: watch::Receiver<SpoolStats>,
+    pub inventory: watch::Receiver<pb::InventorySummary>,
+    pub gpus: watch::Receiver<Vec<pb::GpuSample>>,
+    pub link: watch::Receiver<Option<pb::LinkSample>>,
+    pub metrics_address: Option<String>,
 }
 
 impl Sources {
@@ -58,6 +72,10 @@ impl Sources {
                 uplink,
             },
             spool: *self.spool.borrow(),
+            nvml: self.inventory.borrow().nvml_status.clone(),
+            gpus: self.gpus.borrow().clone(),
+            link: self.link.borrow().clone(),
+            metrics_address: self.metrics_address.clone(),
         }
     }
 }

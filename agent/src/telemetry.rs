@@ -28,6 +28,7 @@ pub async fn run(
         let body = pb::record::Body::Telemetry(pb::Telemetry {
             host: Some(crate::host::sample()),
             spool: Some(crate::spool_state(&spool.borrow())),
+            ..Default::default()
         });
         if !outbox.emit(body).await {
             return;

@@ -30,7 +30,7 @@ use crate::{
 };
 
 /// An error and its sources, so "transport error" says what failed underneath.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {
@@ -89,9 +89,32 @@ pub struct Uplink {
     pub signer: Arc<Signer>,
     pub node_id: String,
     pub start_id: String,
-    pub inventory: pb::InventorySummary,
+    /// The latest inventory, sent at each Register.
+    pub inventory: watch::Receiver<pb::InventorySummary>,
     pub outbox: Outbox,
     pub status: watch::Sender<UplinkStatus>,
+}
+
+/// A TLS channel to the coordinator, trusting only the configured CA.
+pub async fn channel(
+    link: &CoordinatorLink,
+    connect_timeout: Duration,
+) -> Result<tonic::transport::Channel, UplinkError> {
+    let ca = std::fs::read(&link.ca_cert).map_err(|source| UplinkError::Ca {
+        path: link.ca_cert.display().to_string(),
+        source,
+    })?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(link.tls_name()?);
+    Ok(Endpoint::from_shared(link.address.clone())?
+        .tls_config(tls)?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .connect()
+        .await?)
 }
 
 /// The delay before reconnect attempt `attempt` (0-based): exponential
@@ -162,21 +185,7 @@ impl Uplink {
     }
 
     async fn connect(&self) -> Result<UplinkClient<tonic::transport::Channel>, UplinkError> {
-        let ca = std::fs::read(&self.link.ca_cert).map_err(|source| UplinkError::Ca {
-            path: self.link.ca_cert.display().to_string(),
-            source,
-        })?;
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .domain_name(self.link.tls_name()?);
-        let channel = Endpoint::from_shared(self.link.address.clone())?
-            .tls_config(tls)?
-            .connect_timeout(self.config.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .connect()
-            .await?;
+        let channel = channel(&self.link, self.config.connect_timeout).await?;
         Ok(UplinkClient::new(channel)
             .max_decoding_message_size(1 << 20)
             .max_encoding_message_size(8 << 20))
@@ -198,7 +207,7 @@ impl Uplink {
                 node_id: self.node_id.clone(),
                 public_key: self.signer.public_key().to_vec(),
                 agent_version: env!("CARGO_PKG_VERSION").into(),
-                inventory: Some(self.inventory.clone()),
+                inventory: Some(self.inventory.borrow().clone()),
                 time_unix_ms: crate::now_ms(),
                 start_id: self.start_id.clone(),
             },

@@ -44,6 +44,12 @@ impl pb::admin_server::Admin for AdminService {
                 spool: n
                     .spool_state
                     .and_then(|b| prost::Message::decode(b.as_slice()).ok()),
+                inventory: prost::Message::decode(n.inventory.as_slice()).ok(),
+                gpus: n
+                    .gpus
+                    .iter()
+                    .filter_map(|b| prost::Message::decode(b.as_slice()).ok())
+                    .collect(),
             })
             .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))

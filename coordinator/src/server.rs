@@ -16,13 +16,16 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use warden_proto::{
     dsse::VerifyingKey,
     identity::{self, IdentityError},
-    pb::{admin_server::AdminServer, uplink_server::UplinkServer},
+    pb::{
+        admin_server::AdminServer, link_probe_server::LinkProbeServer, uplink_server::UplinkServer,
+    },
     FILE_DESCRIPTOR_SET,
 };
 
 use crate::{
     admin::AdminService,
     config::{ConfigError, CoordinatorConfig},
+    probe::ProbeService,
     session::{Registry, UplinkService},
     store::{Store, StoreError},
 };
@@ -128,6 +131,7 @@ pub async fn start(
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<UplinkServer<UplinkService>>().await;
+    health.set_serving::<LinkProbeServer<ProbeService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -147,6 +151,7 @@ pub async fn start(
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(uplink)
+        .add_service(LinkProbeServer::new(ProbeService::default()))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),

@@ -26,7 +26,7 @@ use warden_proto::{
     types,
 };
 
-use crate::store::{NewRecord, NodeRow, Outcome, Store};
+use crate::store::{NewRecord, NodeRow, NodeState, Outcome, Store};
 
 /// How long an agent has to send Register after opening the stream.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -124,6 +124,7 @@ impl pb::uplink_server::Uplink for UplinkService {
                 start_id: reg.start_id.clone(),
                 peer_address: peer.map(|p| p.to_string()).unwrap_or_default(),
                 time_ms: now_ms(),
+                inventory_ms: reg.time_unix_ms,
             })
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
@@ -333,6 +334,7 @@ impl Session {
                     payload_sha256: digest,
                     received_ms: now_ms(),
                     receipt: receipt.encode_to_vec(),
+                    state: node_state(&rec),
                 })
             }
             other => Verdict::Refuse {
@@ -354,6 +356,25 @@ impl Session {
                 time_unix_ms: now_ms(),
             },
         )
+    }
+}
+
+/// What a record says about the node's present state.
+pub fn node_state(rec: &pb::Record) -> NodeState {
+    match &rec.body {
+        Some(pb::record::Body::Telemetry(t)) => NodeState {
+            gpus: t
+                .gpus
+                .iter()
+                .map(|g| (g.uuid.clone(), g.index, g.encode_to_vec(), g.time_unix_ms))
+                .collect(),
+            inventory: None,
+        },
+        Some(pb::record::Body::Inventory(i)) => NodeState {
+            gpus: Vec::new(),
+            inventory: Some((i.encode_to_vec(), rec.time_unix_ms)),
+        },
+        None => NodeState::default(),
     }
 }
 

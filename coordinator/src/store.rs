@@ -38,6 +38,8 @@ pub struct NodeRow {
     pub start_id: String,
     pub peer_address: String,
     pub time_ms: i64,
+    /// When the inventory was taken, by the node's clock (as records are).
+    pub inventory_ms: i64,
 }
 
 /// A verified record to store, with the receipt that acknowledges it.
@@ -53,6 +55,18 @@ pub struct NewRecord {
     pub received_ms: i64,
     /// The encoded, signed receipt envelope.
     pub receipt: Vec<u8>,
+    /// What the record says about the node's current state, applied only
+    /// when it is newer than what is stored (replays come late).
+    pub state: NodeState,
+}
+
+/// The node state a record carries: GPU samples and a new inventory.
+#[derive(Debug, Clone, Default)]
+pub struct NodeState {
+    /// (uuid, index, encoded `GpuSample`, sample time).
+    pub gpus: Vec<(String, u32, Vec<u8>, i64)>,
+    /// (encoded `InventorySummary`, record time).
+    pub inventory: Option<(Vec<u8>, i64)>,
 }
 
 /// What storing one record did.
@@ -80,6 +94,10 @@ pub struct NodeStats {
     pub last_seq: u64,
     /// Encoded `SpoolState` from the last heartbeat, if any.
     pub spool_state: Option<Vec<u8>>,
+    /// Encoded `InventorySummary`, the newest the node sent.
+    pub inventory: Vec<u8>,
+    /// Encoded `GpuSample`s, the latest per GPU, in index order.
+    pub gpus: Vec<Vec<u8>>,
 }
 
 enum Cmd {
@@ -105,11 +123,11 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database and starts its thread.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+        let mut conn = Connection::open(path).map_err(|source| StoreError::Open {
             path: path.display().to_string(),
             source,
         })?;
-        init(&conn).map_err(|source| StoreError::Open {
+        init(&mut conn).map_err(|source| StoreError::Open {
             path: path.display().to_string(),
             source,
         })?;
@@ -155,12 +173,12 @@ impl Store {
     }
 }
 
-fn init(conn: &Connection) -> rusqlite::Result<()> {
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS nodes (
+/// Schema changes in order; `PRAGMA user_version` counts those applied, so
+/// a database from an older coordinator is brought up to date at open.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema (databases made before versioning have it already,
+    // hence IF NOT EXISTS).
+    "CREATE TABLE IF NOT EXISTS nodes (
             node_id TEXT PRIMARY KEY,
             public_key BLOB NOT NULL,
             agent_version TEXT NOT NULL,
@@ -189,7 +207,31 @@ fn init(conn: &Connection) -> rusqlite::Result<()> {
             envelope BLOB NOT NULL,
             PRIMARY KEY (node_id, seq)
         ) WITHOUT ROWID;",
-    )
+    // 2: the latest state per GPU, and when the stored inventory was taken.
+    "ALTER TABLE nodes ADD COLUMN inventory_ms INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE gpus (
+         node_id TEXT NOT NULL,
+         uuid TEXT NOT NULL,
+         idx INTEGER NOT NULL,
+         sample BLOB NOT NULL,
+         time_ms INTEGER NOT NULL,
+         PRIMARY KEY (node_id, uuid)
+     ) WITHOUT ROWID;",
+];
+
+fn init(conn: &mut Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let applied: usize =
+        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
 }
 
 fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Cmd>) {
@@ -278,11 +320,12 @@ fn clone_err(e: &rusqlite::Error) -> rusqlite::Error {
 fn upsert_node(tx: &rusqlite::Transaction, n: &NodeRow) -> rusqlite::Result<()> {
     tx.execute(
         "INSERT INTO nodes (node_id, public_key, agent_version, hostname, inventory, start_id,
-                            peer_address, first_seen_ms, last_seen_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                            peer_address, first_seen_ms, last_seen_ms, inventory_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)
          ON CONFLICT (node_id) DO UPDATE SET
             agent_version = excluded.agent_version, hostname = excluded.hostname,
-            inventory = excluded.inventory, start_id = excluded.start_id,
+            inventory = excluded.inventory, inventory_ms = excluded.inventory_ms,
+            start_id = excluded.start_id,
             peer_address = excluded.peer_address,
             last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
         params![
@@ -293,7 +336,8 @@ fn upsert_node(tx: &rusqlite::Transaction, n: &NodeRow) -> rusqlite::Result<()> 
             n.inventory,
             n.start_id,
             n.peer_address,
-            n.time_ms
+            n.time_ms,
+            n.inventory_ms
         ],
     )?;
     Ok(())
@@ -321,6 +365,7 @@ fn insert_record(tx: &rusqlite::Transaction, r: &NewRecord) -> rusqlite::Result<
             "INSERT OR REPLACE INTO receipts (node_id, seq, envelope) VALUES (?1, ?2, ?3)",
             params![r.node_id, seq, r.receipt],
         )?;
+        apply_state(tx, &r.node_id, &r.state)?;
         return Ok(Outcome::Stored);
     }
     let stored: Vec<u8> = tx.query_row(
@@ -337,15 +382,36 @@ fn insert_record(tx: &rusqlite::Transaction, r: &NewRecord) -> rusqlite::Result<
     }
 }
 
+/// Keeps the newest of what is stored and what the record says.
+fn apply_state(tx: &rusqlite::Transaction, node_id: &str, st: &NodeState) -> rusqlite::Result<()> {
+    for (uuid, idx, sample, time_ms) in &st.gpus {
+        tx.execute(
+            "INSERT INTO gpus (node_id, uuid, idx, sample, time_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (node_id, uuid) DO UPDATE SET
+                idx = excluded.idx, sample = excluded.sample, time_ms = excluded.time_ms
+             WHERE excluded.time_ms >= gpus.time_ms",
+            params![node_id, uuid, idx, sample, time_ms],
+        )?;
+    }
+    if let Some((inv, time_ms)) = &st.inventory {
+        tx.execute(
+            "UPDATE nodes SET inventory = ?2, inventory_ms = ?3 WHERE node_id = ?1 AND inventory_ms <= ?3",
+            params![node_id, inv, time_ms],
+        )?;
+    }
+    Ok(())
+}
+
 fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
     let mut stmt = conn.prepare(
         "SELECT n.node_id, n.public_key, n.agent_version, n.hostname, n.first_seen_ms,
                 n.last_seen_ms, n.peer_address,
                 (SELECT count(*) FROM records r WHERE r.node_id = n.node_id),
                 (SELECT max(seq) FROM records r WHERE r.node_id = n.node_id),
-                n.spool_state
+                n.spool_state, n.inventory
          FROM nodes n ORDER BY n.node_id",
     )?;
+    let mut gpus = conn.prepare("SELECT sample FROM gpus WHERE node_id = ?1 ORDER BY idx, uuid")?;
     let rows = stmt.query_map([], |row| {
         Ok(NodeStats {
             node_id: row.get(0)?,
@@ -358,9 +424,17 @@ fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
             records: row.get::<_, i64>(7)? as u64,
             last_seq: row.get::<_, Option<i64>>(8)?.unwrap_or(0) as u64,
             spool_state: row.get(9)?,
+            inventory: row.get(10)?,
+            gpus: Vec::new(),
         })
     })?;
-    rows.collect()
+    let mut nodes = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+    for n in &mut nodes {
+        n.gpus = gpus
+            .query_map([&n.node_id], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+    }
+    Ok(nodes)
 }
 
 /// Reads one stored record's payload; for tests and tools.
@@ -392,6 +466,7 @@ mod tests {
             payload_sha256: [digest; 32],
             received_ms: 1,
             receipt: vec![9],
+            state: NodeState::default(),
         }
     }
 
@@ -405,6 +480,7 @@ mod tests {
             start_id: "s".into(),
             peer_address: "127.0.0.1:1".into(),
             time_ms: 10,
+            inventory_ms: 10,
         }
     }
 
@@ -450,5 +526,76 @@ mod tests {
         );
         let conn = Connection::open(&path).unwrap();
         assert_eq!(read_payload(&conn, "n1", 1).unwrap(), Some(vec![1]));
+    }
+
+    #[tokio::test]
+    async fn keeps_the_newest_gpu_state_and_inventory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        store.register(node()).await.unwrap();
+        let with = |seq, gpus: Vec<(&str, u32, u8, i64)>, inv: Option<(u8, i64)>| NewRecord {
+            state: NodeState {
+                gpus: gpus
+                    .into_iter()
+                    .map(|(u, i, b, t)| (u.to_owned(), i, vec![b], t))
+                    .collect(),
+                inventory: inv.map(|(b, t)| (vec![b], t)),
+            },
+            ..rec(seq, seq as u8)
+        };
+        store
+            .insert(vec![
+                with(
+                    1,
+                    vec![("GPU-b", 1, 10, 100), ("GPU-a", 0, 20, 100)],
+                    Some((1, 100)),
+                ),
+                // A replayed older record must not roll the state back.
+                with(2, vec![("GPU-a", 0, 21, 200)], Some((2, 200))),
+                with(3, vec![("GPU-a", 0, 19, 50)], Some((3, 50))),
+            ])
+            .await
+            .unwrap();
+        let n = &store.list_nodes().await.unwrap()[0];
+        assert_eq!(
+            n.gpus,
+            vec![vec![21], vec![10]],
+            "index order, newest sample"
+        );
+        assert_eq!(n.inventory, vec![2]);
+        // A duplicate carries no new state either.
+        store
+            .insert(vec![with(2, vec![("GPU-a", 0, 99, 999)], None)])
+            .await
+            .unwrap();
+        assert_eq!(store.list_nodes().await.unwrap()[0].gpus[0], vec![21]);
+    }
+
+    #[tokio::test]
+    async fn migrates_a_database_made_before_versioning() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // The first schema exactly as the first coordinator made it.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute(
+                "INSERT INTO nodes VALUES ('n1', x'01', '0.1.0', 'h', x'', 's', 'p', 1, 2, NULL)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let n = &store.list_nodes().await.unwrap()[0];
+        assert_eq!((n.node_id.as_str(), n.last_seen_ms), ("n1", 2));
+        assert!(n.gpus.is_empty());
+        drop(store);
+        let conn = Connection::open(&path).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
+        // Opening again applies nothing twice.
+        Store::open(&path).unwrap();
     }
 }

@@ -196,14 +196,19 @@ pub struct Agent {
 
 impl Agent {
     /// Writes `extra` TOML (sections) after the state dir line and starts.
+    /// Unless `extra` says otherwise, /metrics gets a free port and the
+    /// link probe is off, so agents of parallel tests do not collide.
     pub fn start(dir: &Path, extra: &str) -> Agent {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.with_extension("toml");
-        std::fs::write(
-            &config,
-            format!("state_dir = \"{}\"\n{extra}", dir.display()),
-        )
-        .unwrap();
+        let mut text = format!("state_dir = \"{}\"\n{extra}\n", dir.display());
+        if !extra.contains("[metrics]") {
+            text.push_str("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+        }
+        if !extra.contains("[probe]") {
+            text.push_str("[probe]\ninterval = \"0s\"\n");
+        }
+        std::fs::write(&config, text).unwrap();
         Self::start_with(dir, &config)
     }
 

@@ -1,0 +1,531 @@
+//! `/metrics`: Prometheus text exposition of the GPUs and the agent.
+//!
+//! GPU gauges carry the names and labels of NVIDIA's DCGM exporter
+//! (`DCGM_FI_DEV_GPU_UTIL{gpu="0",UUID="GPU-…"}` and so on), so existing
+//! dashboards work unchanged; agent health is `warden_*`. `render` is a pure
+//! function of a snapshot; `serve` is a deliberately tiny HTTP/1.1 server
+//! (GET only, one response per connection) so the agent needs no web stack.
+
+use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tokio_util::sync::CancellationToken;
+use warden_proto::pb;
+
+use crate::{spool::SpoolStats, uplink::UplinkStatus};
+
+/// Everything one scrape shows.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub hostname: String,
+    pub inventory: pb::InventorySummary,
+    pub gpus: Vec<pb::GpuSample>,
+    pub spool: SpoolStats,
+    pub uplink: UplinkStatus,
+    pub coordinator_configured: bool,
+    pub link: Option<pb::LinkSample>,
+}
+
+/// Where a scrape reads the agent's live state.
+#[derive(Clone)]
+pub struct Sources {
+    pub configured: bool,
+    pub inventory: watch::Receiver<pb::InventorySummary>,
+    pub gpus: watch::Receiver<Vec<pb::GpuSample>>,
+    pub spool: watch::Receiver<SpoolStats>,
+    pub uplink: watch::Receiver<UplinkStatus>,
+    pub link: watch::Receiver<Option<pb::LinkSample>>,
+}
+
+impl Sources {
+    pub fn snapshot(&self) -> Snapshot {
+        let inventory = self.inventory.borrow().clone();
+        Snapshot {
+            hostname: inventory.hostname.clone(),
+            inventory,
+            gpus: self.gpus.borrow().clone(),
+            spool: *self.spool.borrow(),
+            uplink: self.uplink.borrow().clone(),
+            coordinator_configured: self.configured,
+            link: self.link.borrow().clone(),
+        }
+    }
+}
+
+/// Escapes a label value as the exposition format requires.
+fn label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A metric family: HELP and TYPE once, then its samples.
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn head<'a>(out: &'a mut String, name: &str, kind: &str, help: &str) -> Family<'a> {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        Family { out }
+    }
+    fn sample(&mut self, name: &str, labels: &str, value: f64) {
+        if labels.is_empty() {
+            let _ = writeln!(self.out, "{name} {value}");
+        } else {
+            let _ = writeln!(self.out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The exposition text for one snapshot.
+pub fn render(s: &Snapshot) -> String {
+    let mut out = String::with_capacity(4096);
+    let gpu_labels = |g: &pb::GpuSample| {
+        let info = s.inventory.gpus.iter().find(|i| i.uuid == g.uuid);
+        format!(
+            "gpu=\"{}\",UUID=\"{}\",device=\"nvidia{}\",modelName=\"{}\",pci_bus_id=\"{}\",Hostname=\"{}\"",
+            g.index,
+            label(&g.uuid),
+            g.index,
+            label(info.map_or("", |i| i.name.as_str())),
+            label(info.map_or("", |i| i.pci_bus_id.as_str())),
+            label(&s.hostname),
+        )
+    };
+    // Readings exist only for GPUs that answered this cycle.
+    let live: Vec<&pb::GpuSample> = s.gpus.iter().filter(|g| g.error.is_empty()).collect();
+    type Reading = fn(&pb::GpuSample) -> f64;
+    let dcgm: [(&str, &str, Reading); 7] = [
+        ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", |g| {
+            g.utilization_gpu as f64
+        }),
+        (
+            "DCGM_FI_DEV_MEM_COPY_UTIL",
+            "Memory utilization (in %).",
+            |g| g.utilization_memory as f64,
+        ),
+        (
+            "DCGM_FI_DEV_FB_USED",
+            "Framebuffer memory used (in MiB).",
+            |g| (g.memory_used_bytes as f64 / MIB).round(),
+        ),
+        (
+            "DCGM_FI_DEV_FB_FREE",
+            "Framebuffer memory free (in MiB).",
+            |g| (g.memory_total_bytes.saturating_sub(g.memory_used_bytes) as f64 / MIB).round(),
+        ),
+        ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", |g| {
+            g.power_mw as f64 / 1000.0
+        }),
+        ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", |g| {
+            g.temperature_c as f64
+        }),
+        (
+            "DCGM_FI_DEV_SM_CLOCK",
+            "SM clock frequency (in MHz).",
+            |g| g.sm_clock_mhz as f64,
+        ),
+    ];
+    for (name, help, read) in dcgm {
+        let mut f = Family::head(&mut out, name, "gauge", help);
+        for g in &live {
+            f.sample(name, &gpu_labels(g), read(g));
+        }
+    }
+    let mut f = Family::head(
+        &mut out,
+        "warden_gpu_processes",
+        "gauge",
+        "Processes running on the GPU, by kind.",
+    );
+    for g in &live {
+        let graphics = g.processes.iter().filter(|p| p.graphics).count();
+        let base = gpu_labels(g);
+        f.sample(
+            "warden_gpu_processes",
+            &format!("{base},kind=\"compute\""),
+            (g.processes.len() - graphics) as f64,
+        );
+        f.sample(
+            "warden_gpu_processes",
+            &format!("{base},kind=\"graphics\""),
+            graphics as f64,
+        );
+    }
+    let mut f = Family::head(
+        &mut out,
+        "warden_gpu_lost",
+        "gauge",
+        "1 when NVML reports the GPU lost (fallen off the bus).",
+    );
+    for g in &s.gpus {
+        f.sample("warden_gpu_lost", &gpu_labels(g), g.lost as u8 as f64);
+    }
+    let mut f = Family::head(
+        &mut out,
+        "warden_gpu_error",
+        "gauge",
+        "1 when NVML failed to read the GPU this cycle.",
+    );
+    for g in &s.gpus {
+        f.sample(
+            "warden_gpu_error",
+            &gpu_labels(g),
+            !g.error.is_empty() as u8 as f64,
+        );
+    }
+    let nvml_ok = s.inventory.nvml_status == "ok";
+    let scalars: [(&str, &str, &str, f64); 12] = [
+        (
+            "warden_nvml_loaded",
+            "gauge",
+            "1 when NVML is loaded; 0 on a CPU-only node.",
+            nvml_ok as u8 as f64,
+        ),
+        (
+            "warden_gpus",
+            "gauge",
+            "GPUs in the inventory.",
+            s.inventory.gpus.len() as f64,
+        ),
+        (
+            "warden_spool_pending_records",
+            "gauge",
+            "Records spooled and not yet acknowledged.",
+            s.spool.pending as f64,
+        ),
+        (
+            "warden_spool_bytes",
+            "gauge",
+            "Bytes the spool holds on disk.",
+            s.spool.bytes as f64,
+        ),
+        (
+            "warden_spool_max_bytes",
+            "gauge",
+            "The spool's size cap.",
+            s.spool.max_bytes as f64,
+        ),
+        (
+            "warden_spool_full",
+            "gauge",
+            "1 while the spool refuses records for lack of room.",
+            s.spool.full as u8 as f64,
+        ),
+        (
+            "warden_spool_refused_total",
+            "counter",
+            "Records refused because the spool was full.",
+            s.spool.refused as f64,
+        ),
+        (
+            "warden_coordinator_connected",
+            "gauge",
+            "1 while the stream to the coordinator is up.",
+            s.uplink.connected as u8 as f64,
+        ),
+        (
+            "warden_records_sent_total",
+            "counter",
+            "Records sent to the coordinator (replays included).",
+            s.uplink.records_sent as f64,
+        ),
+        (
+            "warden_receipts_total",
+            "counter",
+            "Signed receipts received from the coordinator.",
+            s.uplink.receipts as f64,
+        ),
+        (
+            "warden_refusals_total",
+            "counter",
+            "Records the coordinator refused.",
+            s.uplink.refusals as f64,
+        ),
+        (
+            "warden_last_receipt_seq",
+            "gauge",
+            "Highest record seq the coordinator acknowledged.",
+            s.uplink.last_receipt_seq as f64,
+        ),
+    ];
+    for (name, kind, help, v) in scalars {
+        Family::head(&mut out, name, kind, help).sample(name, "", v);
+    }
+    if let Some(l) = s.link.as_ref().filter(|l| l.error.is_empty()) {
+        for (name, help, v) in [
+            (
+                "warden_link_download_mbps",
+                "Download from the coordinator at the last link probe (Mbit/s).",
+                l.download_mbps,
+            ),
+            (
+                "warden_link_upload_mbps",
+                "Upload to the coordinator at the last link probe (Mbit/s).",
+                l.upload_mbps,
+            ),
+            (
+                "warden_link_rtt_ms",
+                "Median round trip to the coordinator at the last link probe (ms).",
+                l.rtt_ms,
+            ),
+            (
+                "warden_link_clock_offset_ms",
+                "Coordinator clock minus ours at the last link probe (ms).",
+                l.clock_offset_ms as f64,
+            ),
+        ] {
+            Family::head(&mut out, name, "gauge", help).sample(name, "", v);
+        }
+    }
+    let version = format!("version=\"{}\"", label(env!("CARGO_PKG_VERSION")));
+    Family::head(
+        &mut out,
+        "warden_build_info",
+        "gauge",
+        "The agent's version.",
+    )
+    .sample("warden_build_info", &version, 1.0);
+    out
+}
+
+/// Why /metrics could not be served.
+#[derive(Debug, thiserror::Error)]
+#[error("metrics.listen {addr}: {source}")]
+pub struct MetricsError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+/// Binds the metrics address.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError { addr, source })
+}
+
+/// Serves scrapes until `shutdown`.
+pub async fn serve(listener: TcpListener, sources: Sources, shutdown: CancellationToken) {
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = shutdown.cancelled() => return,
+        };
+        match conn {
+            Ok((stream, _)) => {
+                let sources = sources.clone();
+                tokio::spawn(async move {
+                    // A client that never finishes its request is dropped.
+                    let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &sources))
+                        .await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Largest request head read; scrapers send a few hundred bytes.
+const MAX_REQUEST: usize = 16 << 10;
+
+async fn answer(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_REQUEST {
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                b"request too large\n",
+            )
+            .await;
+        }
+    }
+    let line = String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == b'\r').unwrap_or(0)])
+        .into_owned();
+    let mut parts = line.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => {
+            let body = render(&sources.snapshot());
+            respond(
+                &mut stream,
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                body.as_bytes(),
+            )
+            .await
+        }
+        ("GET", "/") => {
+            respond(
+                &mut stream,
+                "200 OK",
+                "text/plain",
+                b"warden agent: see /metrics\n",
+            )
+            .await
+        }
+        ("GET", _) => {
+            respond(
+                &mut stream,
+                "404 Not Found",
+                "text/plain",
+                b"not found; try /metrics\n",
+            )
+            .await
+        }
+        _ => {
+            respond(
+                &mut stream,
+                "405 Method Not Allowed",
+                "text/plain",
+                b"only GET\n",
+            )
+            .await
+        }
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    kind: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            hostname: "box".into(),
+            inventory: pb::InventorySummary {
+                nvml_status: "ok".into(),
+                gpus: vec![pb::GpuInfo {
+                    index: 0,
+                    uuid: "GPU-a".into(),
+                    name: "NVIDIA \"H100\"".into(),
+                    memory_total_bytes: 80 << 30,
+                    pci_bus_id: "00000000:01:00.0".into(),
+                }],
+                ..Default::default()
+            },
+            gpus: vec![
+                pb::GpuSample {
+                    index: 0,
+                    uuid: "GPU-a".into(),
+                    utilization_gpu: 87,
+                    memory_used_bytes: 1 << 30,
+                    memory_total_bytes: 80 << 30,
+                    power_mw: 312_500,
+                    processes: vec![pb::GpuProcess {
+                        pid: 1,
+                        used_memory_bytes: 1,
+                        graphics: false,
+                    }],
+                    ..Default::default()
+                },
+                pb::GpuSample {
+                    index: 1,
+                    uuid: "GPU-b".into(),
+                    lost: true,
+                    error: "GPU is lost".into(),
+                    ..Default::default()
+                },
+            ],
+            spool: SpoolStats {
+                pending: 3,
+                ..Default::default()
+            },
+            uplink: UplinkStatus {
+                connected: true,
+                records_sent: 9,
+                ..Default::default()
+            },
+            coordinator_configured: true,
+            link: None,
+        }
+    }
+
+    #[test]
+    fn renders_dcgm_names_and_labels() {
+        let text = render(&snapshot());
+        let l = "gpu=\"0\",UUID=\"GPU-a\",device=\"nvidia0\",modelName=\"NVIDIA \\\"H100\\\"\",pci_bus_id=\"00000000:01:00.0\",Hostname=\"box\"";
+        assert!(
+            text.contains(&format!("DCGM_FI_DEV_GPU_UTIL{{{l}}} 87\n")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("DCGM_FI_DEV_FB_USED{{{l}}} 1024\n")));
+        assert!(text.contains(&format!("DCGM_FI_DEV_FB_FREE{{{l}}} 80896\n")));
+        assert!(text.contains(&format!("DCGM_FI_DEV_POWER_USAGE{{{l}}} 312.5\n")));
+        assert!(text.contains(&format!("warden_gpu_processes{{{l},kind=\"compute\"}} 1\n")));
+        // The lost GPU has no readings, only its state.
+        assert!(!text.contains("DCGM_FI_DEV_GPU_UTIL{gpu=\"1\""));
+        assert!(text.contains("warden_gpu_lost{gpu=\"1\",UUID=\"GPU-b\""));
+        assert!(text.contains("warden_spool_pending_records 3\n"));
+        assert!(text.contains("warden_coordinator_connected 1\n"));
+        assert!(text.contains("warden_records_sent_total 9\n"));
+        assert!(
+            !text.contains("warden_link_"),
+            "no probe yet, no link gauges"
+        );
+    }
+
+    #[test]
+    fn every_sample_line_belongs_to_a_declared_family() {
+        let mut s = snapshot();
+        s.link = Some(pb::LinkSample {
+            download_mbps: 900.0,
+            ..Default::default()
+        });
+        let text = render(&s);
+        let mut declared = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(declared.insert(name.to_owned()), "{name} declared twice");
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert!(declared.contains(name), "{name} has no TYPE line");
+                let value = line.rsplit(' ').next().unwrap();
+                value
+                    .parse::<f64>()
+                    .unwrap_or_else(|_| panic!("bad value in {line}"));
+            }
+        }
+        assert!(text.contains("warden_link_download_mbps 900\n"));
+    }
+}
