@@ -171,11 +171,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     ));
     let mut producers = Vec::new();
     if let Ok(source) = &gpus {
+        let (driver_events, watcher) = gpu::watch_events(source.clone(), stop_producers.clone());
+        producers.push(watcher);
         producers.push(tokio::spawn(gpu::sampler::run(
             source.clone(),
             config.gpu.sample_interval,
             outbox.clone(),
             gpus_tx,
+            driver_events,
             stop_producers.clone(),
         )));
     }

@@ -45,6 +45,10 @@ impl pb::admin_server::Admin for AdminService {
                     .spool_state
                     .and_then(|b| prost::Message::decode(b.as_slice()).ok()),
                 inventory: prost::Message::decode(n.inventory.as_slice()).ok(),
+                link: n
+                    .link
+                    .as_deref()
+                    .and_then(|b| prost::Message::decode(b).ok()),
                 gpus: n
                     .gpus
                     .iter()

@@ -369,10 +369,12 @@ pub fn node_state(rec: &pb::Record) -> NodeState {
                 .map(|g| (g.uuid.clone(), g.index, g.encode_to_vec(), g.time_unix_ms))
                 .collect(),
             inventory: None,
+            link: t.link.as_ref().map(|l| (l.encode_to_vec(), l.time_unix_ms)),
         },
         Some(pb::record::Body::Inventory(i)) => NodeState {
             gpus: Vec::new(),
             inventory: Some((i.encode_to_vec(), rec.time_unix_ms)),
+            link: None,
         },
         None => NodeState::default(),
     }

@@ -67,6 +67,8 @@ pub struct NodeState {
     pub gpus: Vec<(String, u32, Vec<u8>, i64)>,
     /// (encoded `InventorySummary`, record time).
     pub inventory: Option<(Vec<u8>, i64)>,
+    /// (encoded `LinkSample`, probe time).
+    pub link: Option<(Vec<u8>, i64)>,
 }
 
 /// What storing one record did.
@@ -98,6 +100,8 @@ pub struct NodeStats {
     pub inventory: Vec<u8>,
     /// Encoded `GpuSample`s, the latest per GPU, in index order.
     pub gpus: Vec<Vec<u8>>,
+    /// Encoded `LinkSample`, the node's last link probe.
+    pub link: Option<Vec<u8>>,
 }
 
 enum Cmd {
@@ -207,8 +211,11 @@ const MIGRATIONS: &[&str] = &[
             envelope BLOB NOT NULL,
             PRIMARY KEY (node_id, seq)
         ) WITHOUT ROWID;",
-    // 2: the latest state per GPU, and when the stored inventory was taken.
+    // 2: the latest state per GPU, when the stored inventory was taken, and
+    // the last link probe.
     "ALTER TABLE nodes ADD COLUMN inventory_ms INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE nodes ADD COLUMN link BLOB;
+     ALTER TABLE nodes ADD COLUMN link_ms INTEGER NOT NULL DEFAULT 0;
      CREATE TABLE gpus (
          node_id TEXT NOT NULL,
          uuid TEXT NOT NULL,
@@ -393,6 +400,12 @@ fn apply_state(tx: &rusqlite::Transaction, node_id: &str, st: &NodeState) -> rus
             params![node_id, uuid, idx, sample, time_ms],
         )?;
     }
+    if let Some((link, time_ms)) = &st.link {
+        tx.execute(
+            "UPDATE nodes SET link = ?2, link_ms = ?3 WHERE node_id = ?1 AND link_ms <= ?3",
+            params![node_id, link, time_ms],
+        )?;
+    }
     if let Some((inv, time_ms)) = &st.inventory {
         tx.execute(
             "UPDATE nodes SET inventory = ?2, inventory_ms = ?3 WHERE node_id = ?1 AND inventory_ms <= ?3",
@@ -408,7 +421,7 @@ fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
                 n.last_seen_ms, n.peer_address,
                 (SELECT count(*) FROM records r WHERE r.node_id = n.node_id),
                 (SELECT max(seq) FROM records r WHERE r.node_id = n.node_id),
-                n.spool_state, n.inventory
+                n.spool_state, n.inventory, n.link
          FROM nodes n ORDER BY n.node_id",
     )?;
     let mut gpus = conn.prepare("SELECT sample FROM gpus WHERE node_id = ?1 ORDER BY idx, uuid")?;
@@ -426,6 +439,7 @@ fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
             spool_state: row.get(9)?,
             inventory: row.get(10)?,
             gpus: Vec::new(),
+            link: row.get(11)?,
         })
     })?;
     let mut nodes = rows.collect::<rusqlite::Result<Vec<_>>>()?;
@@ -540,6 +554,7 @@ mod tests {
                     .map(|(u, i, b, t)| (u.to_owned(), i, vec![b], t))
                     .collect(),
                 inventory: inv.map(|(b, t)| (vec![b], t)),
+                link: None,
             },
             ..rec(seq, seq as u8)
         };

@@ -9,6 +9,8 @@ pub mod sampler;
 
 use warden_proto::pb;
 
+pub use sampler::watch_events;
+
 /// What NVML reports about the machine's GPUs.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Inventory {
@@ -34,6 +36,9 @@ pub trait GpuSource: Send + Sync {
     /// One cycle: a sample per GPU of the inventory, in index order. A GPU
     /// that fails gives a sample with `error` (and `lost`) set, never a panic.
     fn sample(&self) -> Vec<pb::GpuSample>;
+    /// Blocks up to `timeout` for driver events (Xid errors), returning
+    /// those that came; empty on timeout. Sources without events sleep.
+    fn wait_events(&self, timeout: std::time::Duration) -> Vec<pb::GpuEvent>;
 }
 
 /// Health changes between two sampling cycles, keyed by GPU uuid: a GPU

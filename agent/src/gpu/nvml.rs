@@ -1,12 +1,13 @@
 //! The NVML edge, through nvml-wrapper with a configurable library path.
 
-use std::{ffi::OsStr, path::Path};
+use std::{ffi::OsStr, path::Path, sync::Mutex, time::Duration};
 
 use nvml_wrapper::{
+    bitmasks::event::EventTypes,
     enum_wrappers::device::{Clock, TemperatureSensor},
-    enums::device::UsedGpuMemory,
+    enums::{device::UsedGpuMemory, event::XidError},
     error::NvmlError,
-    Nvml,
+    EventSet, Nvml,
 };
 use warden_proto::pb;
 
@@ -17,9 +18,12 @@ pub const DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
 
 /// NVML, loaded once and shared by the sampler and the inventory.
 pub struct NvmlSource {
-    nvml: Nvml,
+    /// Loaded once for the life of the process (an event set borrows it).
+    nvml: &'static Nvml,
     /// uuid by index, from the inventory at load: names a GPU that is lost.
     uuids: Vec<String>,
+    /// Registered for Xid critical errors on every GPU that supports them.
+    events: Option<Mutex<EventSet<'static>>>,
 }
 
 impl NvmlSource {
@@ -33,9 +37,12 @@ impl NvmlSource {
                 library: lib.to_string_lossy().into_owned(),
                 reason: describe(&e),
             })?;
+        // Leaked on purpose: loaded once per process, and an event set must borrow it.
+        let nvml: &'static Nvml = Box::leak(Box::new(nvml));
         let mut src = NvmlSource {
             nvml,
             uuids: Vec::new(),
+            events: None,
         };
         let count = src
             .nvml
@@ -49,6 +56,7 @@ impl NvmlSource {
                     .unwrap_or_else(|_| format!("index-{i}"))
             })
             .collect();
+        src.events = xid_events(nvml, count).map(Mutex::new);
         Ok(src)
     }
 
@@ -87,6 +95,37 @@ impl NvmlSource {
             time_unix_ms,
         })
     }
+}
+
+/// An event set registered for Xid errors on every GPU that reports them;
+/// None when no GPU does (or events are unavailable, as in containers
+/// without the driver's event support).
+fn xid_events(nvml: &'static Nvml, count: u32) -> Option<EventSet<'static>> {
+    let mut set = nvml.create_event_set().ok()?;
+    let mut registered = 0;
+    for i in 0..count {
+        let Ok(d) = nvml.device_by_index(i) else {
+            continue;
+        };
+        if !d
+            .supported_event_types()
+            .is_ok_and(|t| t.contains(EventTypes::CRITICAL_XID_ERROR))
+        {
+            continue;
+        }
+        match d.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+            Ok(s) => {
+                set = s;
+                registered += 1;
+            }
+            Err(e) => {
+                tracing::debug!(gpu = i, error = %e.error, "cannot watch Xid errors");
+                // A failed registration frees the set: start a new one.
+                set = nvml.create_event_set().ok()?;
+            }
+        }
+    }
+    (registered > 0).then_some(set)
 }
 
 fn optional(r: Result<u32, NvmlError>) -> Result<u32, NvmlError> {
@@ -133,6 +172,56 @@ impl GpuSource for NvmlSource {
             cuda_version: self.nvml.sys_cuda_driver_version().map_err(err)?,
             gpus,
         })
+    }
+
+    fn wait_events(&self, timeout: Duration) -> Vec<pb::GpuEvent> {
+        let Some(events) = &self.events else {
+            std::thread::sleep(timeout);
+            return Vec::new();
+        };
+        let set = events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        let mut wait = timeout.as_millis().min(u32::MAX as u128) as u32;
+        // Collect whatever is queued: block for the first, then drain.
+        loop {
+            match set.wait(wait) {
+                Ok(ev) => {
+                    let xid = match ev.event_data {
+                        Some(XidError::Value(v)) => v.to_string(),
+                        _ => "unknown".into(),
+                    };
+                    let index = ev.device.index().unwrap_or(u32::MAX);
+                    out.push(pb::GpuEvent {
+                        index,
+                        uuid: ev
+                            .device
+                            .uuid()
+                            .or_else(|_| {
+                                self.uuids
+                                    .get(index as usize)
+                                    .cloned()
+                                    .ok_or(NvmlError::Unknown)
+                            })
+                            .unwrap_or_default(),
+                        kind: "xid".into(),
+                        detail: format!("Xid {xid}"),
+                        time_unix_ms: crate::now_ms(),
+                    });
+                    wait = 0;
+                }
+                Err(NvmlError::Timeout) => break,
+                Err(e) => {
+                    tracing::debug!(error = %describe(&e), "waiting for NVML events");
+                    if out.is_empty() {
+                        // Do not spin on a broken event set.
+                        drop(set);
+                        std::thread::sleep(timeout);
+                    }
+                    break;
+                }
+            }
+        }
+        out
     }
 
     fn sample(&self) -> Vec<pb::GpuSample> {

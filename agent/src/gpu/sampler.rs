@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use warden_proto::pb;
 
@@ -18,6 +18,7 @@ pub async fn run(
     interval: Duration,
     outbox: Outbox,
     latest: watch::Sender<Vec<pb::GpuSample>>,
+    mut driver_events: mpsc::UnboundedReceiver<pb::GpuEvent>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(interval);
@@ -36,8 +37,13 @@ pub async fn run(
                 continue;
             }
         };
-        let events = health_events(&prev, &now, crate::now_ms());
-        for e in &events {
+        let mut events = Vec::new();
+        while let Ok(e) = driver_events.try_recv() {
+            tracing::warn!(gpu = e.index, uuid = %e.uuid, detail = %e.detail, "GPU reported an Xid error");
+            events.push(e);
+        }
+        let health = health_events(&prev, &now, crate::now_ms());
+        for e in &health {
             match e.kind.as_str() {
                 "recovered" => tracing::info!(gpu = e.index, uuid = %e.uuid, "GPU answers again"),
                 _ => {
@@ -45,7 +51,8 @@ pub async fn run(
                 }
             }
         }
-        if !now.is_empty() {
+        events.extend(health);
+        if !now.is_empty() || !events.is_empty() {
             let body = pb::record::Body::Telemetry(pb::Telemetry {
                 gpus: now.clone(),
                 gpu_events: events,
@@ -58,4 +65,29 @@ pub async fn run(
         latest.send_replace(now.clone());
         prev = now;
     }
+}
+
+/// How long one wait for driver events blocks: bounds how late shutdown is noticed.
+const EVENT_WAIT: Duration = Duration::from_millis(500);
+
+/// Waits for driver events (Xid errors) on a blocking thread and forwards
+/// them to the sampler, which records them with the next cycle.
+pub fn watch_events(
+    source: Arc<dyn GpuSource>,
+    shutdown: CancellationToken,
+) -> (
+    mpsc::UnboundedReceiver<pb::GpuEvent>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::task::spawn_blocking(move || {
+        while !shutdown.is_cancelled() {
+            for e in source.wait_events(EVENT_WAIT) {
+                if tx.send(e).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (rx, task)
 }

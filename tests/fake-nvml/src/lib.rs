@@ -21,6 +21,7 @@ const ERROR_INVALID_ARGUMENT: Ret = 2;
 const ERROR_NOT_SUPPORTED: Ret = 3;
 const ERROR_INSUFFICIENT_SIZE: Ret = 7;
 const ERROR_DRIVER_NOT_LOADED: Ret = 9;
+const ERROR_TIMEOUT: Ret = 10;
 const ERROR_GPU_IS_LOST: Ret = 15;
 const ERROR_UNKNOWN: Ret = 999;
 
@@ -50,6 +51,9 @@ struct Device {
     processes: Vec<Process>,
     graphics_processes: Vec<Process>,
     lost: bool,
+    /// Xid errors to raise, in order; each is delivered once through the
+    /// event API (`nvmlEventSetWait_v2`), so a test appends to raise more.
+    xid_errors: Vec<u64>,
 }
 
 #[derive(Deserialize, Clone, Default)]
@@ -165,6 +169,7 @@ pub extern "C" fn nvmlErrorString(result: Ret) -> *const c_char {
         ERROR_INSUFFICIENT_SIZE => b"Insufficient Size\0",
         ERROR_DRIVER_NOT_LOADED => b"Driver Not Loaded\0",
         ERROR_GPU_IS_LOST => b"GPU is lost\0",
+        ERROR_TIMEOUT => b"Timeout\0",
         _ => b"Unknown Error\0",
     };
     s.as_ptr() as *const c_char
@@ -459,4 +464,147 @@ pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
     infos: *mut ProcessInfo,
 ) -> Ret {
     run(|| processes(&self::device(device)?.graphics_processes, count, infos))
+}
+
+// Events: only Xid critical errors, as the agent registers for.
+
+/// `nvmlEventTypeXidCriticalError`.
+const EVENT_XID: c_ulonglong = 0x8;
+
+/// Xid errors delivered so far, by device uuid.
+static DELIVERED: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
+
+/// What an event set handle points at: registered (device index, mask).
+struct EventSet {
+    registered: Mutex<Vec<(usize, c_ulonglong)>>,
+}
+
+/// `nvmlEventData_t` as in nvml.h.
+#[repr(C)]
+pub struct EventData {
+    device: *mut c_void,
+    event_type: c_ulonglong,
+    event_data: c_ulonglong,
+    gpu_instance_id: c_uint,
+    compute_instance_id: c_uint,
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlEventSetCreate(set: *mut *mut c_void) -> Ret {
+    run(|| {
+        initialized()?;
+        let boxed = Box::new(EventSet {
+            registered: Mutex::new(Vec::new()),
+        });
+        put(set, Box::into_raw(boxed) as *mut c_void)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlEventSetFree(set: *mut c_void) -> Ret {
+    if set.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    drop(Box::from_raw(set as *mut EventSet));
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(
+    device: *mut c_void,
+    types: *mut c_ulonglong,
+) -> Ret {
+    run(|| {
+        self::device(device)?;
+        put(types, EVENT_XID)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceRegisterEvents(
+    device: *mut c_void,
+    types: c_ulonglong,
+    set: *mut c_void,
+) -> Ret {
+    run(|| {
+        self::device(device)?;
+        if set.is_null() {
+            return Err(ERROR_INVALID_ARGUMENT);
+        }
+        if types & !EVENT_XID != 0 {
+            return Err(ERROR_NOT_SUPPORTED);
+        }
+        let set = &*(set as *const EventSet);
+        set.registered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((device as usize - 1, types));
+        Ok(())
+    })
+}
+
+/// The next undelivered Xid on a registered, answering device, if any.
+fn next_xid(set: &EventSet) -> Result<Option<(usize, u64)>, Ret> {
+    let s = initialized()?;
+    let registered = set
+        .registered
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mut delivered = DELIVERED.lock().unwrap_or_else(|e| e.into_inner());
+    for (index, mask) in registered {
+        let Some(d) = s
+            .devices
+            .get(index)
+            .filter(|d| !d.lost && mask & EVENT_XID != 0)
+        else {
+            continue;
+        };
+        let n = match delivered.iter_mut().find(|(u, _)| *u == d.uuid) {
+            Some((_, n)) => n,
+            None => {
+                delivered.push((d.uuid.clone(), 0));
+                &mut delivered.last_mut().unwrap().1
+            }
+        };
+        if let Some(&xid) = d.xid_errors.get(*n) {
+            *n += 1;
+            return Ok(Some((index, xid)));
+        }
+    }
+    Ok(None)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlEventSetWait_v2(
+    set: *mut c_void,
+    data: *mut EventData,
+    timeout_ms: c_uint,
+) -> Ret {
+    run(|| {
+        if set.is_null() || data.is_null() {
+            return Err(ERROR_INVALID_ARGUMENT);
+        }
+        let set = &*(set as *const EventSet);
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms.into());
+        loop {
+            if let Some((index, xid)) = next_xid(set)? {
+                return put(
+                    data,
+                    EventData {
+                        device: (index + 1) as *mut c_void,
+                        event_type: EVENT_XID,
+                        event_data: xid,
+                        gpu_instance_id: 0,
+                        compute_instance_id: 0,
+                    },
+                );
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(ERROR_TIMEOUT);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    })
 }

@@ -1,0 +1,543 @@
+//! `warden doctor`: is this machine fit to be a supplier node?
+//!
+//! `gather` measures (memory, disk, the link to the coordinator, Docker,
+//! NVML, TUN, the key file, the clock); `evaluate` is the pure part that
+//! holds the facts against the configured minimums and says how to fix
+//! each failure.
+
+use std::path::Path;
+
+use serde::Serialize;
+use warden_proto::{identity, pb};
+
+use crate::{
+    config::{AgentConfig, DoctorConfig},
+    gpu::{nvml::NvmlSource, GpuSource},
+};
+
+/// A check's outcome. Only `Fail` makes the doctor exit non-zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    /// Not ideal, not disqualifying.
+    Warn,
+    Fail,
+    /// Could not be measured (e.g. no coordinator configured).
+    Skip,
+}
+
+/// One row of the report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub verdict: Verdict,
+    /// What was measured, with units.
+    pub value: String,
+    /// What it is held against.
+    pub threshold: String,
+    /// What to do about a failure (empty when it passed).
+    pub fix: String,
+}
+
+/// What the key file looks like.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyState {
+    /// Not created yet: the agent creates it 0600 at first start.
+    Missing,
+    Ok,
+    /// Unreadable, wrong mode, or not a key: the loader's own message.
+    Bad(String),
+}
+
+/// The kernel's view of the clock (adjtimex).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KernelClock {
+    /// NTP (or PTP) discipline is in effect.
+    pub synced: bool,
+    /// Estimated error, µs.
+    pub est_error_us: i64,
+}
+
+/// Everything measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Facts {
+    pub memory_bytes: u64,
+    pub disk_path: String,
+    pub disk_free: Result<u64, String>,
+    /// None when no coordinator is configured.
+    pub link: Option<pb::LinkSample>,
+    pub docker: Result<String, String>,
+    /// (GPU count, driver version) or why NVML did not load.
+    pub nvml: Result<(usize, String), String>,
+    pub tun: Result<(), String>,
+    pub key_path: String,
+    pub key: KeyState,
+    pub clock: Option<KernelClock>,
+}
+
+const GB: f64 = 1e9;
+
+fn row(name: &'static str, ok: bool, value: String, threshold: String, fix: &str) -> Check {
+    Check {
+        name,
+        verdict: if ok { Verdict::Pass } else { Verdict::Fail },
+        value,
+        threshold,
+        fix: if ok { String::new() } else { fix.to_owned() },
+    }
+}
+
+/// Holds the facts against the thresholds: one row per check, in a fixed order.
+pub fn evaluate(f: &Facts, t: &DoctorConfig) -> Vec<Check> {
+    let mut out = Vec::new();
+    let mem = f.memory_bytes as f64 / GB;
+    out.push(row(
+        "memory",
+        mem >= t.min_memory_gb,
+        format!("{mem:.1} GB"),
+        format!(">= {} GB", t.min_memory_gb),
+        "add RAM: suppliers need the minimum installed",
+    ));
+    out.push(match &f.disk_free {
+        Ok(b) => {
+            let gb = *b as f64 / GB;
+            row(
+                "disk",
+                gb >= t.min_disk_free_gb,
+                format!("{gb:.1} GB free on {}", f.disk_path),
+                format!(">= {} GB", t.min_disk_free_gb),
+                "free space on that filesystem, or set state_dir to one with room",
+            )
+        }
+        Err(e) => row(
+            "disk",
+            false,
+            e.clone(),
+            format!(">= {} GB", t.min_disk_free_gb),
+            "make state_dir's filesystem readable",
+        ),
+    });
+    match &f.link {
+        None => {
+            for (name, threshold) in [
+                ("download", format!(">= {} Mbit/s", t.min_download_mbps)),
+                ("upload", format!(">= {} Mbit/s", t.min_upload_mbps)),
+                ("rtt", format!("< {} ms", t.max_rtt_ms)),
+            ] {
+                out.push(Check {
+                    name,
+                    verdict: Verdict::Skip,
+                    value: "no coordinator configured".into(),
+                    threshold,
+                    fix: "set [coordinator] in the config to measure the link against it".into(),
+                });
+            }
+        }
+        Some(l) if !l.error.is_empty() => {
+            for (name, threshold) in [
+                ("download", format!(">= {} Mbit/s", t.min_download_mbps)),
+                ("upload", format!(">= {} Mbit/s", t.min_upload_mbps)),
+                ("rtt", format!("< {} ms", t.max_rtt_ms)),
+            ] {
+                out.push(row(
+                    name,
+                    false,
+                    format!("probe failed: {}", l.error),
+                    threshold,
+                    "check that the coordinator is reachable (address, CA, firewall)",
+                ));
+            }
+        }
+        Some(l) => {
+            out.push(row(
+                "download",
+                l.download_mbps >= t.min_download_mbps,
+                format!("{:.0} Mbit/s", l.download_mbps),
+                format!(">= {} Mbit/s", t.min_download_mbps),
+                "a faster downlink is needed (check the NIC's negotiated speed and the ISP plan)",
+            ));
+            out.push(row(
+                "upload",
+                l.upload_mbps >= t.min_upload_mbps,
+                format!("{:.0} Mbit/s", l.upload_mbps),
+                format!(">= {} Mbit/s", t.min_upload_mbps),
+                "a faster uplink is needed (check the NIC's negotiated speed and the ISP plan)",
+            ));
+            out.push(row(
+                "rtt",
+                l.rtt_ms < t.max_rtt_ms,
+                format!("{:.2} ms", l.rtt_ms),
+                format!("< {} ms", t.max_rtt_ms),
+                "the coordinator is too far away on the network: use a closer region or a wired link",
+            ));
+        }
+    }
+    out.push(match &f.docker {
+        Ok(v) => row("docker", true, format!("engine {v}"), "socket reachable".into(), ""),
+        Err(e) => row(
+            "docker",
+            false,
+            e.clone(),
+            "socket reachable".into(),
+            "install Docker and run the agent as root (or in the docker group); `systemctl status docker`",
+        ),
+    });
+    out.push(match &f.nvml {
+        Ok((n, driver)) => row(
+            "nvml",
+            true,
+            format!("{n} GPU(s), driver {driver}"),
+            "NVML loads".into(),
+            "",
+        ),
+        Err(e) => row(
+            "nvml",
+            false,
+            e.clone(),
+            "NVML loads".into(),
+            "install the NVIDIA driver (nvidia-smi must work), or set gpu.nvml_library",
+        ),
+    });
+    out.push(match &f.tun {
+        Ok(()) => row(
+            "tun",
+            true,
+            "TUN interface created".into(),
+            "/dev/net/tun usable".into(),
+            "",
+        ),
+        Err(e) => row(
+            "tun",
+            false,
+            e.clone(),
+            "/dev/net/tun usable".into(),
+            "`modprobe tun`; the agent needs CAP_NET_ADMIN for its mesh interface",
+        ),
+    });
+    out.push(match &f.key {
+        KeyState::Ok => row(
+            "key",
+            true,
+            format!("{} is 0600", f.key_path),
+            "owner-only".into(),
+            "",
+        ),
+        KeyState::Missing => row(
+            "key",
+            true,
+            format!("{} not created yet (made 0600 at first start)", f.key_path),
+            "owner-only".into(),
+            "",
+        ),
+        KeyState::Bad(e) => row(
+            "key",
+            false,
+            e.clone(),
+            "owner-only".into(),
+            "see the message: fix the mode, or move the bad file away to get a new identity",
+        ),
+    });
+    let offset = f
+        .link
+        .as_ref()
+        .filter(|l| l.error.is_empty())
+        .map(|l| l.clock_offset_ms);
+    let threshold = format!("synchronized, |offset| <= {} ms", t.max_clock_offset_ms);
+    let fix = "enable time synchronization (systemd-timesyncd or chrony)";
+    out.push(match (offset, f.clock) {
+        (Some(o), _) if (o.unsigned_abs() as f64) > t.max_clock_offset_ms => row(
+            "clock",
+            false,
+            format!("{o} ms from the coordinator's clock"),
+            threshold,
+            fix,
+        ),
+        (Some(o), Some(k)) if !k.synced => Check {
+            name: "clock",
+            verdict: Verdict::Warn,
+            value: format!("{o} ms from the coordinator, but the kernel says unsynchronized"),
+            threshold,
+            fix: fix.into(),
+        },
+        (Some(o), _) => row(
+            "clock",
+            true,
+            format!("{o} ms from the coordinator's clock"),
+            threshold,
+            fix,
+        ),
+        (None, Some(k)) => row(
+            "clock",
+            k.synced,
+            if k.synced {
+                format!("synchronized (estimated error {} µs)", k.est_error_us)
+            } else {
+                "the kernel says unsynchronized".into()
+            },
+            threshold,
+            fix,
+        ),
+        (None, None) => Check {
+            name: "clock",
+            verdict: Verdict::Skip,
+            value: "cannot read the kernel clock state".into(),
+            threshold,
+            fix: String::new(),
+        },
+    });
+    out
+}
+
+/// Measures everything `evaluate` needs. Runs a link probe when a
+/// coordinator is configured (a few seconds).
+pub async fn gather(cfg: &AgentConfig) -> Facts {
+    let state_dir = cfg.state_dir.clone();
+    let lib = cfg.gpu.nvml_library.clone();
+    let key_path = cfg.key_file();
+    let local = tokio::task::spawn_blocking(move || {
+        let nvml = NvmlSource::load(lib.as_deref())
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.inventory().map_err(|e| e.to_string()))
+            .map(|i| (i.gpus.len(), i.driver_version));
+        (
+            crate::host::summary().memory_bytes,
+            crate::inventory::free_bytes(&state_dir).map_err(|e| e.to_string()),
+            crate::inventory::docker_version(Path::new(crate::inventory::DOCKER_SOCKET)),
+            nvml,
+            tun_check(),
+            key_state(&key_path),
+            kernel_clock(),
+        )
+    })
+    .await;
+    let (memory_bytes, disk_free, docker, nvml, tun, key, clock) = match local {
+        Ok(v) => v,
+        Err(e) => {
+            let e = format!("check panicked: {e}");
+            (
+                0,
+                Err(e.clone()),
+                Err(e.clone()),
+                Err(e.clone()),
+                Err(e.clone()),
+                KeyState::Bad(e),
+                None,
+            )
+        }
+    };
+    let link = match &cfg.coordinator {
+        Some(link) => {
+            Some(crate::linkprobe::probe(link, &cfg.probe, cfg.uplink.connect_timeout).await)
+        }
+        None => None,
+    };
+    Facts {
+        memory_bytes,
+        disk_path: cfg.state_dir.display().to_string(),
+        disk_free,
+        link,
+        docker,
+        nvml,
+        tun,
+        key_path: cfg.key_file().display().to_string(),
+        key,
+        clock,
+    }
+}
+
+fn key_state(path: &Path) -> KeyState {
+    match identity::load(path) {
+        Ok(_) => KeyState::Ok,
+        Err(identity::IdentityError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            KeyState::Missing
+        }
+        Err(e) => KeyState::Bad(e.to_string()),
+    }
+}
+
+/// Creates (and at once drops) a TUN interface: what the mesh will do.
+fn tun_check() -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| format!("/dev/net/tun: {e}"))?;
+    // struct ifreq: a 16-byte name, then the flags.
+    let mut req = [0u8; 40];
+    req[..9].copy_from_slice(b"wdoctor%d");
+    let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as i16;
+    req[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is sized for.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, req.as_mut_ptr()) };
+    if r < 0 {
+        return Err(format!(
+            "creating a TUN interface: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // Not persistent: it goes away with the descriptor.
+    Ok(())
+}
+
+fn kernel_clock() -> Option<KernelClock> {
+    // SAFETY: a zeroed timex with modes 0 only reads the kernel's state.
+    let mut t: libc::timex = unsafe { std::mem::zeroed() };
+    let state = unsafe { libc::adjtimex(&mut t) };
+    if state < 0 {
+        return None;
+    }
+    Some(KernelClock {
+        synced: state != libc::TIME_ERROR && t.status & libc::STA_UNSYNC == 0,
+        est_error_us: t.esterror,
+    })
+}
+
+/// The names of the failed checks.
+pub fn failed(checks: &[Check]) -> Vec<&'static str> {
+    checks
+        .iter()
+        .filter(|c| c.verdict == Verdict::Fail)
+        .map(|c| c.name)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> Facts {
+        Facts {
+            memory_bytes: 64_000_000_000,
+            disk_path: "/var/lib/warden".into(),
+            disk_free: Ok(2_000_000_000_000),
+            link: Some(pb::LinkSample {
+                download_mbps: 940.0,
+                upload_mbps: 930.0,
+                rtt_ms: 4.0,
+                clock_offset_ms: 3,
+                ..Default::default()
+            }),
+            docker: Ok("24.0.7".into()),
+            nvml: Ok((8, "550.54.15".into())),
+            tun: Ok(()),
+            key_path: "/var/lib/warden/node.key".into(),
+            key: KeyState::Ok,
+            clock: Some(KernelClock {
+                synced: true,
+                est_error_us: 10,
+            }),
+        }
+    }
+
+    fn verdicts(f: &Facts) -> Vec<(&'static str, Verdict)> {
+        evaluate(f, &DoctorConfig::default())
+            .into_iter()
+            .map(|c| (c.name, c.verdict))
+            .collect()
+    }
+
+    #[test]
+    fn a_good_machine_passes_every_check() {
+        let checks = evaluate(&good(), &DoctorConfig::default());
+        assert_eq!(
+            checks.iter().map(|c| c.name).collect::<Vec<_>>(),
+            [
+                "memory", "disk", "download", "upload", "rtt", "docker", "nvml", "tun", "key",
+                "clock"
+            ]
+        );
+        assert!(
+            checks
+                .iter()
+                .all(|c| c.verdict == Verdict::Pass && c.fix.is_empty()),
+            "{checks:#?}"
+        );
+        assert!(failed(&checks).is_empty());
+    }
+
+    #[test]
+    fn each_minimum_fails_on_its_own_with_a_fix() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut Facts)>)> = vec![
+            ("memory", Box::new(|f| f.memory_bytes = 11_900_000_000)),
+            ("disk", Box::new(|f| f.disk_free = Ok(499_000_000_000))),
+            (
+                "download",
+                Box::new(|f| f.link.as_mut().unwrap().download_mbps = 499.0),
+            ),
+            (
+                "upload",
+                Box::new(|f| f.link.as_mut().unwrap().upload_mbps = 249.0),
+            ),
+            ("rtt", Box::new(|f| f.link.as_mut().unwrap().rtt_ms = 30.0)),
+            (
+                "docker",
+                Box::new(|f| f.docker = Err("permission denied".into())),
+            ),
+            ("nvml", Box::new(|f| f.nvml = Err("not loaded".into()))),
+            ("tun", Box::new(|f| f.tun = Err("no such device".into()))),
+            (
+                "key",
+                Box::new(|f| f.key = KeyState::Bad("mode 0644".into())),
+            ),
+            (
+                "clock",
+                Box::new(|f| f.link.as_mut().unwrap().clock_offset_ms = -1500),
+            ),
+        ];
+        for (name, break_it) in cases {
+            let mut f = good();
+            break_it(&mut f);
+            let checks = evaluate(&f, &DoctorConfig::default());
+            assert_eq!(failed(&checks), [name], "{checks:#?}");
+            let c = checks.iter().find(|c| c.name == name).unwrap();
+            assert!(!c.fix.is_empty() && !c.value.is_empty(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn thresholds_come_from_the_config() {
+        let mut f = good();
+        f.disk_free = Ok(100_000_000_000);
+        let t = DoctorConfig {
+            min_disk_free_gb: 50.0,
+            ..Default::default()
+        };
+        assert!(failed(&evaluate(&f, &t)).is_empty());
+        assert_eq!(failed(&evaluate(&f, &DoctorConfig::default())), ["disk"]);
+    }
+
+    #[test]
+    fn without_a_coordinator_the_link_is_skipped_and_the_kernel_clock_decides() {
+        let mut f = good();
+        f.link = None;
+        let v = verdicts(&f);
+        assert!(v.contains(&("download", Verdict::Skip)) && v.contains(&("rtt", Verdict::Skip)));
+        assert!(v.contains(&("clock", Verdict::Pass)));
+        f.clock = Some(KernelClock {
+            synced: false,
+            est_error_us: 16_000_000,
+        });
+        assert_eq!(failed(&evaluate(&f, &DoctorConfig::default())), ["clock"]);
+        // With a coordinator close in time, an unsynchronized kernel is only a warning.
+        let mut f = good();
+        f.clock = Some(KernelClock {
+            synced: false,
+            est_error_us: 0,
+        });
+        assert!(verdicts(&f).contains(&("clock", Verdict::Warn)));
+        // A failed probe fails the three link rows, naming the error.
+        let mut f = good();
+        f.link = Some(pb::LinkSample {
+            error: "connection refused".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            failed(&evaluate(&f, &DoctorConfig::default())),
+            ["download", "upload", "rtt"]
+        );
+    }
+}
