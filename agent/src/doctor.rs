@@ -461,7 +461,8 @@ mod tests {
 
     #[test]
     fn each_minimum_fails_on_its_own_with_a_fix() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Facts)>)> = vec![
+        type Breaker = Box<dyn Fn(&mut Facts)>;
+        let cases: Vec<(&str, Breaker)> = vec![
             ("memory", Box::new(|f| f.memory_bytes = 11_900_000_000)),
             ("disk", Box::new(|f| f.disk_free = Ok(499_000_000_000))),
             (

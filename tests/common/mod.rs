@@ -42,9 +42,14 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str], log: PathBuf) -> Proc {
+        Self::spawn_env(args, log, &[])
+    }
+
+    pub fn spawn_env(args: &[&str], log: PathBuf, env: &[(&str, &Path)]) -> Proc {
         let err = std::fs::File::create(&log).unwrap();
         let child = Command::new(WARDEN)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -199,6 +204,11 @@ impl Agent {
     /// Unless `extra` says otherwise, /metrics gets a free port and the
     /// link probe is off, so agents of parallel tests do not collide.
     pub fn start(dir: &Path, extra: &str) -> Agent {
+        Self::start_env(dir, extra, &[])
+    }
+
+    /// As `start`, with environment variables (e.g. `FAKE_NVML_STATE`).
+    pub fn start_env(dir: &Path, extra: &str, env: &[(&str, &Path)]) -> Agent {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.with_extension("toml");
         let mut text = format!("state_dir = \"{}\"\n{extra}\n", dir.display());
@@ -209,13 +219,18 @@ impl Agent {
             text.push_str("[probe]\ninterval = \"0s\"\n");
         }
         std::fs::write(&config, text).unwrap();
-        Self::start_with(dir, &config)
+        Self::start_with_env(dir, &config, env)
     }
 
     pub fn start_with(dir: &Path, config: &Path) -> Agent {
-        let proc = Proc::spawn(
+        Self::start_with_env(dir, config, &[])
+    }
+
+    pub fn start_with_env(dir: &Path, config: &Path, env: &[(&str, &Path)]) -> Agent {
+        let proc = Proc::spawn_env(
             &["agent", "--config", config.to_str().unwrap()],
             dir.with_extension(format!("agent-{}.log", crate_now())),
+            env,
         );
         let a = Agent {
             dir: dir.to_owned(),
@@ -255,4 +270,108 @@ pub fn fast_agent_toml(link: &str, interval: &str, max_records: u64) -> String {
     format!(
         "{link}\n[uplink]\nbackoff_initial = \"50ms\"\nbackoff_max = \"500ms\"\nheartbeat_interval = \"1s\"\n\n[telemetry]\ninterval = \"{interval}\"\nmax_records = {max_records}\n"
     )
+}
+
+/// The fake NVML library, built on first use if this test run has not
+/// built it (it is a workspace member, so `cargo test --workspace` does).
+pub fn fake_nvml() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let lib = Path::new(WARDEN).parent().unwrap().join("libfake_nvml.so");
+            if !lib.exists() {
+                let ok = Command::new(env!("CARGO"))
+                    .args(["build", "-p", "fake-nvml"])
+                    .current_dir(env!("CARGO_MANIFEST_DIR"))
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok && lib.exists(), "could not build {}", lib.display());
+            }
+            lib
+        })
+        .clone()
+}
+
+/// One fake GPU as the fake library's state file describes it.
+pub fn fake_gpu(i: usize) -> serde_json::Value {
+    serde_json::json!({
+        "uuid": format!("GPU-{i:08x}-0000-4000-8000-000000000000"),
+        "name": "NVIDIA H100 80GB HBM3",
+        "pci_bus_id": format!("00000000:{:02X}:00.0", i + 1),
+        "memory_total_mib": 81559,
+        "memory_used_mib": 1024 * i,
+        "utilization_gpu": 10 + i,
+        "utilization_memory": i,
+        "power_mw": 70000 + 1000 * i,
+        "temperature_c": 35,
+        "sm_clock_mhz": 1980,
+        "processes": if i == 0 { serde_json::json!([{"pid": 4242, "used_memory_mib": 512}]) } else { serde_json::json!([]) },
+        "lost": false,
+    })
+}
+
+/// Writes the fake library's state atomically (write, then rename), so the
+/// agent never reads half a file.
+pub fn write_fake_state(path: &Path, devices: &[serde_json::Value]) {
+    let state = serde_json::json!({
+        "driver_version": "550.54.15",
+        "cuda_version": 12040,
+        "devices": devices,
+    });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// `warden nodes --json` against a coordinator, parsed.
+pub fn nodes_json(c: &Coordinator) -> serde_json::Value {
+    let out = Command::new(WARDEN)
+        .args([
+            "nodes",
+            "--json",
+            "--socket",
+            c.admin_socket().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Every stored record of a coordinator's database, decoded.
+pub fn stored_records(db: &Path) -> Vec<warden_proto::pb::Record> {
+    use prost::Message;
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT payload FROM records ORDER BY seq")
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .map(|b| warden_proto::pb::Record::decode(b.unwrap().as_slice()).unwrap())
+        .collect();
+    rows
+}
+
+/// One HTTP GET, the whole answer (head and body).
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }

@@ -9,7 +9,7 @@
 use std::{
     ffi::{c_char, c_int, c_uint, c_ulonglong, c_void},
     os::unix::fs::MetadataExt,
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use serde::Deserialize;
@@ -63,11 +63,13 @@ struct Process {
     used_memory_mib: u64,
 }
 
-/// (file identity, parsed state) of the last read.
-static CACHE: Mutex<Option<((u64, u64, i64, i64), Result<State, ()>)>> = Mutex::new(None);
+/// Identifies a version of the state file: inode, size, mtime (s, ns).
+type FileKey = (u64, u64, i64, i64);
+/// The last read: its file key and what it parsed to (None: unparsable).
+static CACHE: Mutex<Option<(FileKey, Option<Arc<State>>)>> = Mutex::new(None);
 static INITIALIZED: Mutex<u32> = Mutex::new(0);
 
-fn state() -> Result<State, Ret> {
+fn state() -> Result<Arc<State>, Ret> {
     let path = std::env::var_os("FAKE_NVML_STATE").ok_or(ERROR_DRIVER_NOT_LOADED)?;
     let meta = std::fs::metadata(&path).map_err(|_| ERROR_DRIVER_NOT_LOADED)?;
     let key = (meta.ino(), meta.len(), meta.mtime(), meta.mtime_nsec());
@@ -76,16 +78,16 @@ fn state() -> Result<State, Ret> {
         let parsed = std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice::<State>(&b).ok())
-            .ok_or(());
+            .map(Arc::new);
         *cache = Some((key, parsed));
     }
-    match &cache.as_ref().map(|(_, s)| s.clone()) {
-        Some(Ok(s)) => Ok(s.clone()),
-        _ => Err(ERROR_UNKNOWN),
-    }
+    cache
+        .as_ref()
+        .and_then(|(_, s)| s.clone())
+        .ok_or(ERROR_UNKNOWN)
 }
 
-fn initialized() -> Result<State, Ret> {
+fn initialized() -> Result<Arc<State>, Ret> {
     if *INITIALIZED.lock().unwrap_or_else(|e| e.into_inner()) == 0 {
         return Err(ERROR_UNINITIALIZED);
     }
