@@ -8,7 +8,6 @@
 //!    connected to a coordinator process, over `WARDEN_BENCH_IDLE_SECS` (30).
 
 use std::{
-    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -24,17 +23,14 @@ use warden_agent::{
 use warden_coordinator::CoordinatorConfig;
 use warden_proto::{dsse::Signer, pb};
 
-const WARDEN: &str = env!("CARGO_BIN_EXE_warden");
+mod common;
 
 fn main() {
     let records: u64 = std::env::var("WARDEN_BENCH_RECORDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    let idle_secs: u64 = std::env::var("WARDEN_BENCH_IDLE_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+    let idle_secs = common::steady_secs();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -138,87 +134,19 @@ async fn throughput(n: u64, window: usize) -> f64 {
     rate
 }
 
-/// (utime + stime) in clock ticks, and VmRSS in KiB, of a process.
-fn proc_figures(pid: u32) -> (u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    (ticks, rss)
-}
-
 fn idle(secs: u64) {
     let tmp = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let cdir = tmp.path().join("coord");
-    let mut coord = Command::new(WARDEN)
-        .args([
-            "coordinator",
-            "--dev",
-            "--state-dir",
-            cdir.to_str().unwrap(),
-        ])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let link = cdir.join("agent-link.toml");
-    let t0 = Instant::now();
-    while !link.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "coordinator did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let adir = tmp.path().join("agent");
-    let cfg = tmp.path().join("agent.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "state_dir = \"{}\"\n{}",
-            adir.display(),
-            std::fs::read_to_string(&link).unwrap()
-        ),
-    )
-    .unwrap();
-    let mut agent = Command::new(WARDEN)
-        .args(["agent", "--config", cfg.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Let start-up settle before measuring.
-    std::thread::sleep(Duration::from_secs(3));
-    let (t_start, _) = proc_figures(agent.id());
-    let start = Instant::now();
-    let mut max_rss = 0;
-    while start.elapsed() < Duration::from_secs(secs) {
-        std::thread::sleep(Duration::from_secs(1));
-        max_rss = max_rss.max(proc_figures(agent.id()).1);
-    }
-    let (t_end, rss) = proc_figures(agent.id());
-    let elapsed = start.elapsed().as_secs_f64();
-    let ticks_per_s = 100.0; // USER_HZ on Linux
-    let cpu = (t_end - t_start) as f64 / ticks_per_s / elapsed * 100.0;
-    println!(
-        "agent/idle over {elapsed:.0}s (heartbeat 5s, telemetry 10s): cpu {cpu:.3}% of one core, rss {:.1} MiB (max {:.1} MiB)",
-        rss as f64 / 1024.0,
-        max_rss as f64 / 1024.0
+    let (_coord, link) = common::coordinator(&tmp.path().join("coord"));
+    // Default heartbeat and telemetry; the start-up link probe settles first.
+    let s = common::measure_agent(
+        tmp.path(),
+        &format!("{link}\n[metrics]\nlisten = \"127.0.0.1:0\"\n"),
+        &[],
+        Duration::from_secs(8),
+        secs,
     );
-    let _ = agent.kill();
-    let _ = coord.kill();
-    let _ = agent.wait();
-    let _ = coord.wait();
+    println!(
+        "agent/idle over {:.0}s (heartbeat 5s, telemetry 10s): cpu {:.3}% of one core, rss {:.1} MiB (max {:.1} MiB)",
+        s.secs, s.cpu, s.rss_mib, s.max_rss_mib
+    );
 }

@@ -1,0 +1,124 @@
+//! What the benches share: starting real `warden` processes and reading a
+//! process's CPU time and memory from procfs.
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub const WARDEN: &str = env!("CARGO_BIN_EXE_warden");
+
+/// (utime + stime) in clock ticks, and VmRSS in KiB, of a process.
+pub fn proc_figures(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    (ticks, rss)
+}
+
+/// A child killed on drop.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a dev coordinator in `dir`; returns it and the agents' `[coordinator]` TOML.
+pub fn coordinator(dir: &Path) -> (Killed, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(WARDEN)
+        .args(["coordinator", "--dev", "--state-dir", dir.to_str().unwrap()])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let link = dir.join("agent-link.toml");
+    let t0 = Instant::now();
+    while !link.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "coordinator did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Killed(child), std::fs::read_to_string(&link).unwrap())
+}
+
+/// Steady-state figures of one agent process.
+pub struct Steady {
+    pub secs: f64,
+    /// Percent of one core.
+    pub cpu: f64,
+    pub rss_mib: f64,
+    pub max_rss_mib: f64,
+}
+
+/// Runs an agent with `config` (TOML after state_dir) and `env`, lets
+/// start-up (and its link probe) settle for `settle`, then measures it for `secs`.
+pub fn measure_agent(
+    dir: &Path,
+    config: &str,
+    env: &[(&str, PathBuf)],
+    settle: Duration,
+    secs: u64,
+) -> Steady {
+    let adir = dir.join("agent");
+    let cfg = dir.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!("state_dir = \"{}\"\n{config}", adir.display()),
+    )
+    .unwrap();
+    let agent = Killed(
+        Command::new(WARDEN)
+            .args(["agent", "--config", cfg.to_str().unwrap()])
+            .envs(env.iter().map(|(k, v)| (*k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = agent.0.id();
+    std::thread::sleep(settle);
+    let (t_start, _) = proc_figures(pid);
+    let start = Instant::now();
+    let mut max_rss = 0;
+    while start.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_secs(1));
+        max_rss = max_rss.max(proc_figures(pid).1);
+    }
+    let (t_end, rss) = proc_figures(pid);
+    let elapsed = start.elapsed().as_secs_f64();
+    let ticks_per_s = 100.0; // USER_HZ on Linux
+    Steady {
+        secs: elapsed,
+        cpu: (t_end - t_start) as f64 / ticks_per_s / elapsed * 100.0,
+        rss_mib: rss as f64 / 1024.0,
+        max_rss_mib: max_rss as f64 / 1024.0,
+    }
+}
+
+/// Seconds from `WARDEN_BENCH_IDLE_SECS`, 30 by default.
+pub fn steady_secs() -> u64 {
+    std::env::var("WARDEN_BENCH_IDLE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30)
+}
