@@ -241,6 +241,7 @@ async fn run_agent(
          \n  coordinator db     {db}\
          \n  agent status       {exe} status --socket {status}\
          \n  nodes              {exe} nodes --socket {admin}\
+         \n  metrics            http://{metrics}/metrics (if the port is free)\
          \n\nPress Ctrl-C to stop.\n",
         root = root.display(),
         port = coordinator.addr.port(),
@@ -250,6 +251,7 @@ async fn run_agent(
         exe = exe.display(),
         status = cfg.status_socket().display(),
         admin = coordinator.admin_socket.display(),
+        metrics = cfg.metrics.listen,
     );
     let agent = warden_agent::run(cfg, shutdown.clone()).await;
     shutdown.cancel();
@@ -351,6 +353,52 @@ async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
         }
     );
     println!("receipts    last seq {}", v["last_receipt_seq"]);
+    let gpus = v["gpus"].as_array().cloned().unwrap_or_default();
+    match v["nvml"].as_str() {
+        Some("ok") => println!("gpus        {}", gpus.len()),
+        Some(why) => println!("gpus        none: CPU-only node ({why})"),
+        None => {}
+    }
+    for g in &gpus {
+        if g["lost"] == true || g["error"].as_str().is_some_and(|e| !e.is_empty()) {
+            println!(
+                "  {:<3} {}  {}",
+                g["index"],
+                g["uuid"].as_str().unwrap_or("?"),
+                g["error"].as_str().unwrap_or("")
+            );
+        } else {
+            println!(
+                "  {:<3} {}  {:>3}% util  {:>6} MiB used  {:>4} W  {:>3} C  {} processes",
+                g["index"],
+                g["uuid"].as_str().unwrap_or("?"),
+                g["utilization_gpu"],
+                g["memory_used_bytes"].as_u64().unwrap_or(0) >> 20,
+                g["power_mw"].as_u64().unwrap_or(0) / 1000,
+                g["temperature_c"],
+                g["processes"].as_array().map_or(0, |p| p.len()),
+            );
+        }
+    }
+    let l = &v["link"];
+    if !l.is_null() {
+        if l["error"].as_str().is_some_and(|e| !e.is_empty()) {
+            println!(
+                "link        probe failed: {}",
+                l["error"].as_str().unwrap_or("")
+            );
+        } else {
+            println!(
+                "link        down {:.0} Mbit/s, up {:.0} Mbit/s, rtt {:.2} ms",
+                l["download_mbps"].as_f64().unwrap_or(0.0),
+                l["upload_mbps"].as_f64().unwrap_or(0.0),
+                l["rtt_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    if let Some(m) = v["metrics_address"].as_str() {
+        println!("metrics     http://{m}/metrics");
+    }
     Ok(())
 }
 
@@ -406,22 +454,27 @@ async fn nodes(json: bool, socket: Option<PathBuf>) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<34} {:<16} {:<10} {:>9} {:>8}  last seen",
-        "NODE", "HOST", "STATE", "RECORDS", "LAST SEQ"
+        "{:<34} {:<16} {:<10} {:>5} {:>9} {:>8}  last seen",
+        "NODE", "HOST", "STATE", "GPUS", "RECORDS", "LAST SEQ"
     );
     let now = warden_agent::now_ms();
     for n in nodes {
         println!(
-            "{:<34} {:<16} {:<10} {:>9} {:>8}  {}s ago{}",
+            "{:<34} {:<16} {:<10} {:>5} {:>9} {:>8}  {}s ago{}{}",
             n.node_id,
             n.hostname,
             if n.connected { "connected" } else { "offline" },
+            n.inventory.as_ref().map_or(0, |i| i.gpus.len()),
             n.records,
             n.last_seq,
             (now - n.last_seen_unix_ms).max(0) / 1000,
             match &n.spool {
                 Some(s) if s.full => format!("  SPOOL FULL ({} records refused)", s.refused),
                 _ => String::new(),
+            },
+            match n.gpus.iter().filter(|g| g.lost).count() {
+                0 => String::new(),
+                lost => format!("  {lost} GPU(s) LOST"),
             }
         );
     }

@@ -138,3 +138,77 @@ impl pb::link_probe_server::LinkProbe for ProbeService {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::link_probe_server::LinkProbe;
+
+    #[tokio::test]
+    async fn download_sends_what_was_asked_up_to_the_cap() {
+        let svc = ProbeService::default();
+        let stream = svc
+            .download(Request::new(pb::DownloadRequest {
+                bytes: 3 * 65536 + 100,
+                chunk_bytes: 65536,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let chunks: Vec<_> = stream.map(|c| c.unwrap().data.len()).collect().await;
+        assert_eq!(chunks, [65536, 65536, 65536, 100]);
+        // Tiny chunk sizes are raised, huge ones lowered.
+        let first = svc
+            .download(Request::new(pb::DownloadRequest {
+                bytes: 10 << 20,
+                chunk_bytes: 1,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .next()
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.data.len(), 1024);
+        // The filler is not trivially compressible.
+        let distinct: std::collections::HashSet<u8> = svc.filler[..4096].iter().copied().collect();
+        assert!(distinct.len() > 200);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_download_frees_its_slot() {
+        let svc = ProbeService::default();
+        for _ in 0..CONCURRENT_PROBES * 3 {
+            let s = svc
+                .download(Request::new(pb::DownloadRequest {
+                    bytes: MAX_PROBE_BYTES,
+                    chunk_bytes: 1 << 20,
+                }))
+                .await
+                .unwrap();
+            drop(s); // the agent hung up
+        }
+        assert_eq!(svc.slots.available_permits(), CONCURRENT_PROBES);
+    }
+
+    #[tokio::test]
+    async fn ping_echoes_with_the_server_clock_and_refuses_big_payloads() {
+        let svc = ProbeService::default();
+        let r = svc
+            .ping(Request::new(pb::PingRequest { payload: vec![7; 8] }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.payload, vec![7; 8]);
+        assert!((r.server_time_unix_ms - crate::session::now_ms()).abs() < 5000);
+        let err = svc
+            .ping(Request::new(pb::PingRequest {
+                payload: vec![0; MAX_PING_BYTES + 1],
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("at most 1024"));
+    }
+}
