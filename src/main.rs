@@ -231,6 +231,10 @@ async fn run_agent(
         &coordinator.public_key.to_base64(),
         &tls.ca_cert,
     ));
+    // A second dev agent (or anything else on the port) must not stop a newcomer.
+    if std::net::TcpListener::bind(&cfg.metrics.listen).is_err() {
+        cfg.metrics.listen = "127.0.0.1:0".into();
+    }
     cfg.validate()?;
     let exe = std::env::current_exe().unwrap_or_else(|_| "warden".into());
     println!(
@@ -241,7 +245,7 @@ async fn run_agent(
          \n  coordinator db     {db}\
          \n  agent status       {exe} status --socket {status}\
          \n  nodes              {exe} nodes --socket {admin}\
-         \n  metrics            http://{metrics}/metrics (if the port is free)\
+         \n  metrics            {metrics}\
          \n\nPress Ctrl-C to stop.\n",
         root = root.display(),
         port = coordinator.addr.port(),
@@ -251,7 +255,11 @@ async fn run_agent(
         exe = exe.display(),
         status = cfg.status_socket().display(),
         admin = coordinator.admin_socket.display(),
-        metrics = cfg.metrics.listen,
+        metrics = if cfg.metrics.listen.ends_with(":0") {
+            "on a free port (warden status shows it)".to_owned()
+        } else {
+            format!("http://{}/metrics", cfg.metrics.listen)
+        },
     );
     let agent = warden_agent::run(cfg, shutdown.clone()).await;
     shutdown.cancel();

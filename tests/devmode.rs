@@ -10,9 +10,20 @@ use common::*;
 fn dev_mode_runs_both_halves_and_stops_cleanly_on_sigint() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dev");
-    let mut p = Proc::spawn(
-        &["agent", "--dev", "--state-dir", dir.to_str().unwrap()],
+    let gpus = tmp.path().join("gpus.json");
+    write_fake_state(&gpus, &[fake_gpu(0)]);
+    let lib = fake_nvml();
+    let mut p = Proc::spawn_env(
+        &[
+            "agent",
+            "--dev",
+            "--state-dir",
+            dir.to_str().unwrap(),
+            "--nvml-lib",
+            lib.to_str().unwrap(),
+        ],
         tmp.path().join("dev.log"),
+        &[("FAKE_NVML_STATE", &gpus)],
     );
     let sock = dir.join("agent/agent.sock");
     let s = wait_for(
@@ -39,6 +50,15 @@ fn dev_mode_runs_both_halves_and_stops_cleanly_on_sigint() {
         .unwrap();
     let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(nodes[0]["node_id"], s["node_id"]);
+    // --nvml-lib reached the agent: its one GPU is sampled and served on /metrics.
+    let s = wait_for("a GPU sample", Duration::from_secs(30), || {
+        status(&sock).filter(|s| s["gpus"].as_array().is_some_and(|g| g.len() == 1))
+    });
+    let metrics = http_get(s["metrics_address"].as_str().unwrap(), "/metrics");
+    assert!(
+        metrics.contains("DCGM_FI_DEV_GPU_UTIL{gpu=\"0\""),
+        "{metrics}"
+    );
 
     let _ = std::process::Command::new("kill")
         .args(["-INT", &p.pid().to_string()])

@@ -397,9 +397,42 @@ fn doctor_holds_this_machine_to_the_minimums() {
     // No NVIDIA driver here.
     assert_eq!(check("nvml")["verdict"], "fail");
     assert_eq!(report["ok"], false);
-    for name in ["memory", "upload", "rtt", "docker", "tun", "key", "clock"] {
+    for name in ["memory", "upload", "rtt", "docker", "tun", "clock"] {
         check(name);
     }
+    assert_eq!(
+        check("key")["verdict"],
+        "pass",
+        "no key yet is fine: it is made 0600"
+    );
+
+    // A key file others can read fails the key check, naming the file.
+    let key = tmp.path().join("node.key");
+    std::fs::write(&key, [0u8; 85]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = Command::new(WARDEN)
+        .args([
+            "doctor",
+            "--json",
+            "--state-dir",
+            tmp.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key_check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "key")
+        .unwrap()
+        .clone();
+    assert_eq!(key_check["verdict"], "fail", "{key_check}");
+    assert!(
+        key_check["value"].as_str().unwrap().contains("node.key"),
+        "{key_check}"
+    );
+    std::fs::remove_file(&key).unwrap();
 
     // The human form names the failures too, with a fix under each.
     let out = Command::new(WARDEN)

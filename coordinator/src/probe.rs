@@ -196,7 +196,9 @@ mod tests {
     async fn ping_echoes_with_the_server_clock_and_refuses_big_payloads() {
         let svc = ProbeService::default();
         let r = svc
-            .ping(Request::new(pb::PingRequest { payload: vec![7; 8] }))
+            .ping(Request::new(pb::PingRequest {
+                payload: vec![7; 8],
+            }))
             .await
             .unwrap()
             .into_inner();
