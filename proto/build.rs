@@ -7,6 +7,7 @@ use prost::Message as _;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/warden/v1/envelope.proto",
+        "proto/warden/v1/lease.proto",
         "proto/warden/v1/uplink.proto",
         "proto/warden/v1/admin.proto",
         "proto/warden/v1/probe.proto",
@@ -28,6 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "LinkSample",
         "SpoolState",
         "HostSample",
+        "ContainerState",
+        "WorkloadEvent",
     ] {
         builder = builder.type_attribute(format!(".warden.v1.{m}"), "#[derive(serde::Serialize)]");
     }

@@ -45,6 +45,46 @@ pub struct AgentConfig {
     pub metrics: MetricsConfig,
     pub probe: ProbeConfig,
     pub doctor: DoctorConfig,
+    pub workload: WorkloadConfig,
+}
+
+/// The renter's containers: where Docker is and what they may have.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadConfig {
+    pub docker_socket: PathBuf,
+    /// Host paths (and what is below them) a container may bind-mount.
+    /// Empty: none. The Docker socket is refused whatever this says.
+    pub allowed_host_paths: Vec<PathBuf>,
+    /// Capabilities a container may add beyond the default set.
+    pub allowed_capabilities: Vec<String>,
+    /// Memory limit of a container whose spec gives none; 0: 90 % of the host's memory.
+    pub default_memory_bytes: u64,
+    pub pids_limit: i64,
+    /// SIGTERM, then SIGKILL after this long, when a lease ends.
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+    /// Docker's device driver for GPU requests.
+    pub gpu_driver: String,
+    /// Largest tolerated gap between a command's expiry and our clock,
+    /// on top of its own expiry (clocks differ).
+    #[serde(with = "humantime_serde")]
+    pub clock_skew: Duration,
+}
+
+impl Default for WorkloadConfig {
+    fn default() -> Self {
+        Self {
+            docker_socket: PathBuf::from("/var/run/docker.sock"),
+            allowed_host_paths: Vec::new(),
+            allowed_capabilities: Vec::new(),
+            default_memory_bytes: 0,
+            pids_limit: 4096,
+            stop_grace: Duration::from_secs(10),
+            gpu_driver: "nvidia".into(),
+            clock_skew: Duration::from_secs(5),
+        }
+    }
 }
 
 /// The link probe against the coordinator.
@@ -216,6 +256,7 @@ impl Default for AgentConfig {
             metrics: MetricsConfig::default(),
             probe: ProbeConfig::default(),
             doctor: DoctorConfig::default(),
+            workload: WorkloadConfig::default(),
         }
     }
 }
@@ -297,6 +338,29 @@ impl AgentConfig {
         nonzero("gpu.sample_interval", self.gpu.sample_interval)?;
         nonzero("gpu.inventory_interval", self.gpu.inventory_interval)?;
         nonzero("probe.duration", self.probe.duration)?;
+        let w = &self.workload;
+        if w.pids_limit < 16 {
+            return Err(invalid(
+                "workload.pids_limit",
+                format!("{} is below 16", w.pids_limit),
+            ));
+        }
+        if let Some(p) = w.allowed_host_paths.iter().find(|p| !p.is_absolute()) {
+            return Err(invalid(
+                "workload.allowed_host_paths",
+                format!("{} is not an absolute path", p.display()),
+            ));
+        }
+        if let Some(c) = w
+            .allowed_capabilities
+            .iter()
+            .find(|c| !crate::confine::is_capability_name(c))
+        {
+            return Err(invalid(
+                "workload.allowed_capabilities",
+                format!("`{c}` is not a capability name (e.g. SYS_NICE)"),
+            ));
+        }
         if self.probe.pings == 0 {
             return Err(invalid("probe.pings", "must be at least 1".into()));
         }

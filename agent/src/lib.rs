@@ -3,6 +3,7 @@
 //! wires them into tasks.
 
 pub mod config;
+pub mod confine;
 pub mod daemon;
 pub mod doctor;
 pub mod gpu;

@@ -1,0 +1,514 @@
+//! How a renter's container is confined: which specs are refused, and the
+//! Docker configuration the agent builds for the ones it runs.
+//!
+//! Pure: a spec and the agent's config in, a refusal or a Docker config
+//! out. Everything a spec may ask that could reach the host (privileged
+//! mode, host namespaces, devices, capabilities, host paths, the Docker
+//! socket) is refused here, before anything is created.
+
+use std::{
+    collections::HashMap,
+    path::{Component, Path, PathBuf},
+};
+
+use bollard::models::{
+    ContainerCreateBody, DeviceRequest, HostConfig, Mount, MountType, PortBinding, RestartPolicy,
+    RestartPolicyNameEnum,
+};
+use warden_proto::pb;
+
+use crate::config::WorkloadConfig;
+
+// Until the Docker edge lands these live here; then they come from `docker`.
+mod docker {
+    pub const LABEL_MANAGED: &str = "warden.managed";
+    pub const LABEL_LEASE: &str = "warden.lease";
+    pub const LABEL_NODE: &str = "warden.node";
+    pub const LABEL_NAME: &str = "warden.name";
+}
+
+/// Capabilities every container keeps (all others are dropped): what
+/// ordinary images need to start as root and drop to a user, and nothing
+/// that reaches beyond the container.
+pub const DEFAULT_CAPABILITIES: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "NET_BIND_SERVICE",
+];
+
+/// Where Docker's socket lives on common hosts; never mountable.
+const DOCKER_SOCKETS: &[&str] = &["/var/run/docker.sock", "/run/docker.sock"];
+
+/// Longest container name within a lease.
+const MAX_NAME: usize = 64;
+
+/// Why a spec is refused, in words for the operator's terminal.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("container {name}: {reason}")]
+pub struct Refusal {
+    pub name: String,
+    pub reason: String,
+}
+
+/// Whether `c` is written like a capability (`SYS_NICE`, `CAP_SYS_NICE`).
+pub fn is_capability_name(c: &str) -> bool {
+    let c = c.strip_prefix("CAP_").unwrap_or(c);
+    !c.is_empty() && c.chars().all(|ch| ch.is_ascii_uppercase() || ch == '_')
+}
+
+fn normalize_cap(c: &str) -> String {
+    let up = c.trim().to_ascii_uppercase();
+    up.strip_prefix("CAP_").unwrap_or(&up).to_owned()
+}
+
+/// A container name Docker and we both accept.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// Docker's name for a lease's container.
+pub fn docker_name(lease_id: &str, name: &str) -> String {
+    format!("warden-{lease_id}-{name}")
+}
+
+/// Whether `path` is `base` or below it, comparing components (so
+/// `/data2` is not under `/data`).
+fn under(path: &Path, base: &Path) -> bool {
+    path.starts_with(base)
+}
+
+/// Checks a spec against the agent's config. The first problem found is
+/// the refusal; nothing has been created when this fails.
+pub fn check(spec: &pb::ContainerSpec, cfg: &WorkloadConfig) -> Result<(), Refusal> {
+    let refuse = |reason: String| Refusal {
+        name: spec.name.clone(),
+        reason,
+    };
+    if !valid_name(&spec.name) {
+        return Err(refuse(format!(
+            "the name `{}` is not 1-{MAX_NAME} characters of [A-Za-z0-9_.-] starting with a letter or digit",
+            spec.name
+        )));
+    }
+    if spec.image.trim().is_empty() {
+        return Err(refuse("no image given".into()));
+    }
+    if spec.privileged {
+        return Err(refuse(
+            "privileged mode is refused: it gives the container the whole host".into(),
+        ));
+    }
+    match spec.network_mode.as_str() {
+        "" | "bridge" | "default" | "none" => {}
+        "host" => {
+            return Err(refuse(
+                "network mode `host` is refused: containers get their own network namespace".into(),
+            ))
+        }
+        other => {
+            return Err(refuse(format!(
+                "network mode `{other}` is refused: only bridge (the default) or none"
+            )))
+        }
+    }
+    if !spec.pid_mode.is_empty() {
+        return Err(refuse(format!(
+            "pid mode `{}` is refused: containers never share another PID namespace",
+            spec.pid_mode
+        )));
+    }
+    match spec.ipc_mode.as_str() {
+        "" | "private" | "none" => {}
+        other => {
+            return Err(refuse(format!(
+                "ipc mode `{other}` is refused: only private (the default) or none"
+            )))
+        }
+    }
+    if let Some(d) = spec.devices.first() {
+        return Err(refuse(format!(
+            "device {d} is refused: a container gets the lease's GPUs and no other device"
+        )));
+    }
+    for opt in &spec.security_opt {
+        if !matches!(opt.as_str(), "no-new-privileges" | "no-new-privileges:true") {
+            return Err(refuse(format!(
+                "security option `{opt}` is refused: the agent sets the security options"
+            )));
+        }
+    }
+    let allowed: Vec<String> = DEFAULT_CAPABILITIES
+        .iter()
+        .map(|c| c.to_string())
+        .chain(cfg.allowed_capabilities.iter().map(|c| normalize_cap(c)))
+        .collect();
+    for cap in &spec.cap_add {
+        let c = normalize_cap(cap);
+        if c == "ALL" || !allowed.contains(&c) {
+            return Err(refuse(format!(
+                "capability {c} is refused (allowed: {}; more only through workload.allowed_capabilities)",
+                allowed.join(", ")
+            )));
+        }
+    }
+    for m in &spec.mounts {
+        check_mount(m, cfg).map_err(refuse)?;
+    }
+    for e in &spec.env {
+        if !e.contains('=') || e.starts_with('=') {
+            return Err(refuse(format!("environment entry `{e}` is not KEY=VALUE")));
+        }
+    }
+    for p in &spec.ports {
+        if p.container_port == 0 || p.container_port > 65535 || p.host_port > 65535 {
+            return Err(refuse(format!(
+                "port {}:{} is out of range",
+                p.host_port, p.container_port
+            )));
+        }
+        if !matches!(p.protocol.as_str(), "" | "tcp" | "udp") {
+            return Err(refuse(format!(
+                "protocol `{}` is not tcp or udp",
+                p.protocol
+            )));
+        }
+    }
+    if spec.memory_bytes != 0 && spec.memory_bytes < 6 << 20 {
+        return Err(refuse(format!(
+            "memory limit {} bytes is below Docker's minimum (6 MiB)",
+            spec.memory_bytes
+        )));
+    }
+    if !spec.cpus.is_finite() || spec.cpus < 0.0 {
+        return Err(refuse(format!("cpus {} is not a number >= 0", spec.cpus)));
+    }
+    Ok(())
+}
+
+fn check_mount(m: &pb::MountSpec, cfg: &WorkloadConfig) -> Result<(), String> {
+    let src = Path::new(&m.source);
+    if !src.is_absolute() || src.components().any(|c| c == Component::ParentDir) {
+        return Err(format!(
+            "mount source `{}` must be an absolute path without `..`",
+            m.source
+        ));
+    }
+    if !Path::new(&m.target).is_absolute() {
+        return Err(format!("mount target `{}` must be absolute", m.target));
+    }
+    // The socket itself, or any directory that holds it.
+    let socket_hit = DOCKER_SOCKETS
+        .iter()
+        .map(PathBuf::from)
+        .chain(std::iter::once(cfg.docker_socket.clone()))
+        .any(|sock| under(&sock, src))
+        || src.file_name().is_some_and(|n| n == "docker.sock");
+    if socket_hit {
+        return Err(format!(
+            "mounting {} is refused: it would expose the Docker socket, which is the host",
+            m.source
+        ));
+    }
+    if !cfg.allowed_host_paths.iter().any(|base| under(src, base)) {
+        return Err(format!(
+            "host path {} is not allowed (workload.allowed_host_paths: {})",
+            m.source,
+            if cfg.allowed_host_paths.is_empty() {
+                "none".to_owned()
+            } else {
+                cfg.allowed_host_paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ));
+    }
+    Ok(())
+}
+
+/// Who a container belongs to, for its labels.
+pub struct Owner<'a> {
+    pub lease_id: &'a str,
+    pub node_id: &'a str,
+}
+
+/// The Docker configuration for a checked spec: everything dropped that
+/// the spec does not need, the lease's GPUs by uuid, Warden's labels.
+pub fn container_config(
+    spec: &pb::ContainerSpec,
+    owner: &Owner,
+    gpus: &[String],
+    cfg: &WorkloadConfig,
+    default_memory: i64,
+) -> ContainerCreateBody {
+    let labels = HashMap::from([
+        (docker::LABEL_MANAGED.to_owned(), "true".to_owned()),
+        (docker::LABEL_LEASE.to_owned(), owner.lease_id.to_owned()),
+        (docker::LABEL_NODE.to_owned(), owner.node_id.to_owned()),
+        (docker::LABEL_NAME.to_owned(), spec.name.clone()),
+    ]);
+    let mut cap_add: Vec<String> = DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect();
+    for c in &spec.cap_add {
+        let c = normalize_cap(c);
+        if !cap_add.contains(&c) {
+            cap_add.push(c);
+        }
+    }
+    let memory = if spec.memory_bytes > 0 {
+        spec.memory_bytes as i64
+    } else {
+        default_memory
+    };
+    let mut exposed = Vec::new();
+    let mut bindings = HashMap::new();
+    for p in &spec.ports {
+        let key = format!(
+            "{}/{}",
+            p.container_port,
+            if p.protocol.is_empty() {
+                "tcp"
+            } else {
+                &p.protocol
+            }
+        );
+        exposed.push(key.clone());
+        bindings.insert(
+            key,
+            Some(vec![PortBinding {
+                host_ip: None,
+                host_port: Some(if p.host_port == 0 {
+                    String::new()
+                } else {
+                    p.host_port.to_string()
+                }),
+            }]),
+        );
+    }
+    let device_requests = (!gpus.is_empty()).then(|| {
+        vec![DeviceRequest {
+            driver: Some(cfg.gpu_driver.clone()),
+            count: None,
+            device_ids: Some(gpus.to_vec()),
+            capabilities: Some(vec![vec!["gpu".to_owned()]]),
+            options: None,
+        }]
+    });
+    let mounts: Vec<Mount> = spec
+        .mounts
+        .iter()
+        .map(|m| Mount {
+            target: Some(m.target.clone()),
+            source: Some(m.source.clone()),
+            typ: Some(MountType::BIND),
+            read_only: Some(m.read_only),
+            ..Default::default()
+        })
+        .collect();
+    ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
+        env: (!spec.env.is_empty()).then(|| spec.env.clone()),
+        labels: Some(labels),
+        exposed_ports: (!exposed.is_empty()).then_some(exposed),
+        host_config: Some(HostConfig {
+            privileged: Some(false),
+            cap_drop: Some(vec!["ALL".into()]),
+            cap_add: Some(cap_add),
+            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            pids_limit: Some(cfg.pids_limit),
+            memory: Some(memory),
+            // No swap beyond the memory limit.
+            memory_swap: Some(memory),
+            nano_cpus: (spec.cpus > 0.0).then(|| (spec.cpus * 1e9) as i64),
+            network_mode: Some(if spec.network_mode == "none" {
+                "none".into()
+            } else {
+                "bridge".into()
+            }),
+            ipc_mode: Some(if spec.ipc_mode == "none" {
+                "none".into()
+            } else {
+                "private".into()
+            }),
+            port_bindings: (!bindings.is_empty()).then_some(bindings),
+            mounts: (!mounts.is_empty()).then_some(mounts),
+            device_requests,
+            // tini as PID 1: signals reach the workload and zombies are reaped,
+            // so a lease ends on SIGTERM instead of waiting out the grace period.
+            init: Some(true),
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::NO),
+                maximum_retry_count: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> pb::ContainerSpec {
+        pb::ContainerSpec {
+            name: "main".into(),
+            image: "busybox".into(),
+            command: vec!["sleep".into(), "60".into()],
+            ..Default::default()
+        }
+    }
+
+    fn refused(f: impl FnOnce(&mut pb::ContainerSpec)) -> String {
+        refused_with(f, &WorkloadConfig::default())
+    }
+
+    fn refused_with(f: impl FnOnce(&mut pb::ContainerSpec), cfg: &WorkloadConfig) -> String {
+        let mut s = spec();
+        f(&mut s);
+        check(&s, cfg).expect_err("should be refused").to_string()
+    }
+
+    #[test]
+    fn a_plain_spec_passes() {
+        check(&spec(), &WorkloadConfig::default()).unwrap();
+    }
+
+    #[test]
+    fn every_way_to_reach_the_host_is_refused_with_a_reason() {
+        assert!(refused(|s| s.privileged = true).contains("privileged mode is refused"));
+        assert!(refused(|s| s.network_mode = "host".into()).contains("network mode `host`"));
+        assert!(refused(|s| s.network_mode = "container:x".into()).contains("container:x"));
+        assert!(refused(|s| s.pid_mode = "host".into()).contains("pid mode `host`"));
+        assert!(refused(|s| s.ipc_mode = "host".into()).contains("ipc mode `host`"));
+        assert!(refused(|s| s.devices = vec!["/dev/sda".into()]).contains("device /dev/sda"));
+        assert!(refused(|s| s.cap_add = vec!["SYS_ADMIN".into()]).contains("capability SYS_ADMIN"));
+        assert!(refused(|s| s.cap_add = vec!["all".into()]).contains("capability ALL"));
+        assert!(
+            refused(|s| s.security_opt = vec!["seccomp=unconfined".into()])
+                .contains("seccomp=unconfined")
+        );
+        let mount = |src: &str| pb::MountSpec {
+            source: src.into(),
+            target: "/x".into(),
+            read_only: false,
+        };
+        assert!(
+            refused(|s| s.mounts = vec![mount("/etc")]).contains("host path /etc is not allowed")
+        );
+        assert!(refused(|s| s.mounts = vec![mount("relative")]).contains("absolute"));
+        assert!(refused(|s| s.mounts = vec![mount("/data/../etc")]).contains("without `..`"));
+        // The Docker socket, and the directories holding it, even when allowlisted.
+        let cfg = WorkloadConfig {
+            allowed_host_paths: vec!["/".into()],
+            ..Default::default()
+        };
+        for src in [
+            "/var/run/docker.sock",
+            "/run/docker.sock",
+            "/var/run",
+            "/run",
+            "/",
+            "/srv/x/docker.sock",
+        ] {
+            let r = refused_with(|s| s.mounts = vec![mount(src)], &cfg);
+            assert!(r.contains("Docker socket"), "{src}: {r}");
+        }
+        assert!(refused(|s| s.name = "../x".into()).contains("name"));
+        assert!(refused(|s| s.image = " ".into()).contains("no image"));
+        assert!(refused(|s| s.env = vec!["NOVALUE".into()]).contains("KEY=VALUE"));
+        assert!(refused(|s| s.memory_bytes = 1024).contains("6 MiB"));
+    }
+
+    #[test]
+    fn the_config_can_allow_paths_and_capabilities() {
+        let cfg = WorkloadConfig {
+            allowed_host_paths: vec!["/data".into()],
+            allowed_capabilities: vec!["CAP_SYS_NICE".into()],
+            ..Default::default()
+        };
+        let mut s = spec();
+        s.mounts = vec![pb::MountSpec {
+            source: "/data/set1".into(),
+            target: "/in".into(),
+            read_only: true,
+        }];
+        s.cap_add = vec!["sys_nice".into(), "CHOWN".into()];
+        check(&s, &cfg).unwrap();
+        // A sibling with a shared prefix is not under the allowed path.
+        s.mounts[0].source = "/data2".into();
+        assert!(check(&s, &cfg).is_err());
+    }
+
+    #[test]
+    fn the_docker_config_confines_by_default() {
+        let mut s = spec();
+        s.ports = vec![pb::PortSpec {
+            container_port: 8080,
+            protocol: String::new(),
+            host_port: 0,
+        }];
+        s.cpus = 1.5;
+        let cfg = WorkloadConfig::default();
+        let c = container_config(
+            &s,
+            &Owner {
+                lease_id: "l1",
+                node_id: "n1",
+            },
+            &["GPU-a".into()],
+            &cfg,
+            1 << 30,
+        );
+        let h = c.host_config.unwrap();
+        assert_eq!(h.privileged, Some(false));
+        assert_eq!(h.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(h.cap_add.unwrap().len(), DEFAULT_CAPABILITIES.len());
+        assert_eq!(
+            h.security_opt,
+            Some(vec!["no-new-privileges:true".to_owned()])
+        );
+        assert_eq!(h.pids_limit, Some(4096));
+        assert_eq!(h.memory, Some(1 << 30));
+        assert_eq!(h.memory_swap, Some(1 << 30));
+        assert_eq!(h.nano_cpus, Some(1_500_000_000));
+        assert_eq!(h.network_mode.as_deref(), Some("bridge"));
+        assert!(h.mounts.is_none() && h.binds.is_none() && h.devices.is_none());
+        assert_eq!(h.pid_mode, None);
+        let dr = &h.device_requests.unwrap()[0];
+        assert_eq!(dr.driver.as_deref(), Some("nvidia"));
+        assert_eq!(dr.device_ids, Some(vec!["GPU-a".to_owned()]));
+        assert_eq!(dr.capabilities, Some(vec![vec!["gpu".to_owned()]]));
+        let labels = c.labels.unwrap();
+        assert_eq!(labels["warden.managed"], "true");
+        assert_eq!(labels["warden.lease"], "l1");
+        assert_eq!(labels["warden.node"], "n1");
+        assert!(h.port_bindings.unwrap().contains_key("8080/tcp"));
+        // No GPUs, no device request.
+        let c = container_config(
+            &spec(),
+            &Owner {
+                lease_id: "l",
+                node_id: "n",
+            },
+            &[],
+            &cfg,
+            1 << 30,
+        );
+        assert!(c.host_config.unwrap().device_requests.is_none());
+    }
+}
