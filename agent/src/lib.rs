@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod gpu;
 pub mod host;
 pub mod inventory;
+pub mod lease;
 pub mod linkprobe;
 pub mod metrics;
 pub mod outbox;

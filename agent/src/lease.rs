@@ -1,0 +1,327 @@
+//! The node's leases: which are active, which GPUs and containers each
+//! holds, and which coordinator commands were already acted on.
+//!
+//! Pure data and decisions; the workload task persists it (`book.json` in
+//! the state directory, replaced atomically) so a restarted agent knows its
+//! leases, adopts their containers and refuses a replayed command.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use warden_proto::pb;
+
+/// One container of a lease, as the agent last saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Container {
+    pub name: String,
+    pub image: String,
+    /// Docker's id once created.
+    pub id: String,
+    pub state: String,
+    pub exit_code: i64,
+    pub health: String,
+    pub time_unix_ms: i64,
+}
+
+impl Container {
+    pub fn to_pb(&self, lease_id: &str) -> pb::ContainerState {
+        pb::ContainerState {
+            lease_id: lease_id.to_owned(),
+            name: self.name.clone(),
+            id: self.id.clone(),
+            state: self.state.clone(),
+            exit_code: self.exit_code,
+            health: self.health.clone(),
+            image: self.image.clone(),
+            time_unix_ms: self.time_unix_ms,
+        }
+    }
+}
+
+/// An active lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: String,
+    pub renter: String,
+    /// GPU uuids, resolved (`all_gpus` becomes the list).
+    pub gpus: Vec<String>,
+    pub started_unix_ms: i64,
+    pub containers: Vec<Container>,
+}
+
+impl Lease {
+    pub fn container_states(&self) -> Vec<pb::ContainerState> {
+        self.containers.iter().map(|c| c.to_pb(&self.id)).collect()
+    }
+}
+
+/// Everything the agent must remember about leases across restarts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Book {
+    pub leases: BTreeMap<String, Lease>,
+    /// Command ids acted on, with their expiry: a replay is refused, and an
+    /// id is forgotten only once its command could no longer be accepted.
+    pub seen_commands: BTreeMap<String, i64>,
+}
+
+/// Longest lease id and command id accepted.
+const MAX_ID: usize = 128;
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Book {
+    /// Whether a verified command may be acted on now: it names this node,
+    /// has not expired (allowing `skew_ms` for clocks) and is not a replay.
+    pub fn admit(
+        &self,
+        cmd: &pb::Command,
+        node_id: &str,
+        now_ms: i64,
+        skew_ms: i64,
+    ) -> Result<(), String> {
+        if cmd.node_id != node_id {
+            return Err(format!(
+                "command {} is for node {}, not this node ({node_id})",
+                cmd.command_id, cmd.node_id
+            ));
+        }
+        if !valid_id(&cmd.command_id) {
+            return Err("command id is empty, too long or has odd characters".into());
+        }
+        if now_ms > cmd.expires_unix_ms + skew_ms {
+            return Err(format!(
+                "command {} expired {} ms ago (check both clocks)",
+                cmd.command_id,
+                now_ms - cmd.expires_unix_ms
+            ));
+        }
+        if self.seen_commands.contains_key(&cmd.command_id) {
+            return Err(format!(
+                "command {} was already acted on (a replay)",
+                cmd.command_id
+            ));
+        }
+        Ok(())
+    }
+
+    /// Remembers an admitted command and forgets those long expired.
+    pub fn remember(&mut self, cmd: &pb::Command, now_ms: i64, skew_ms: i64) {
+        self.seen_commands
+            .retain(|_, expires| *expires + skew_ms >= now_ms);
+        self.seen_commands
+            .insert(cmd.command_id.clone(), cmd.expires_unix_ms);
+    }
+
+    /// Which lease holds a GPU.
+    pub fn gpu_owner(&self, uuid: &str) -> Option<&str> {
+        self.leases
+            .values()
+            .find(|l| l.gpus.iter().any(|g| g == uuid))
+            .map(|l| l.id.as_str())
+    }
+
+    /// Checks a LeaseStart against the node's GPUs and the active leases;
+    /// returns the GPUs the lease gets.
+    pub fn plan_start(
+        &self,
+        ls: &pb::LeaseStart,
+        node_gpus: &[String],
+    ) -> Result<Vec<String>, String> {
+        if !valid_id(&ls.lease_id) {
+            return Err(format!("lease id `{}` is not valid", ls.lease_id));
+        }
+        if self.leases.contains_key(&ls.lease_id) {
+            return Err(format!("lease {} is already active", ls.lease_id));
+        }
+        let gpus: Vec<String> = if ls.all_gpus {
+            if !ls.gpu_uuids.is_empty() {
+                return Err("give GPU uuids or all GPUs, not both".into());
+            }
+            node_gpus.to_vec()
+        } else {
+            ls.gpu_uuids.clone()
+        };
+        for (i, g) in gpus.iter().enumerate() {
+            if !node_gpus.contains(g) {
+                return Err(format!(
+                    "GPU {g} is not on this node (it has: {})",
+                    if node_gpus.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        node_gpus.join(", ")
+                    }
+                ));
+            }
+            if gpus[..i].contains(g) {
+                return Err(format!("GPU {g} is asked for twice"));
+            }
+            if let Some(other) = self.gpu_owner(g) {
+                return Err(format!("GPU {g} is already leased ({other})"));
+            }
+        }
+        let mut names: Vec<&str> = ls.containers.iter().map(|c| c.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("two containers are named {}", w[0]));
+        }
+        Ok(gpus)
+    }
+
+    /// A lease and container a Docker container belongs to, by its labels.
+    pub fn find_container(&self, lease_id: &str, name: &str) -> Option<&Container> {
+        self.leases
+            .get(lease_id)?
+            .containers
+            .iter()
+            .find(|c| c.name == name)
+    }
+
+    pub fn container_mut(&mut self, lease_id: &str, name: &str) -> Option<&mut Container> {
+        self.leases
+            .get_mut(lease_id)?
+            .containers
+            .iter_mut()
+            .find(|c| c.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(id: &str, node: &str, expires: i64) -> pb::Command {
+        pb::Command {
+            node_id: node.into(),
+            command_id: id.into(),
+            issued_unix_ms: 0,
+            expires_unix_ms: expires,
+            body: None,
+        }
+    }
+
+    fn lease(id: &str, gpus: &[&str]) -> Lease {
+        Lease {
+            id: id.into(),
+            renter: String::new(),
+            gpus: gpus.iter().map(|g| g.to_string()).collect(),
+            started_unix_ms: 1,
+            containers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn commands_are_admitted_once_for_this_node_before_expiry() {
+        let mut b = Book::default();
+        let c = cmd("c1", "n1", 1000);
+        b.admit(&c, "n1", 900, 0).unwrap();
+        assert!(b
+            .admit(&c, "n2", 900, 0)
+            .unwrap_err()
+            .contains("not this node"));
+        assert!(b
+            .admit(&c, "n1", 1001, 0)
+            .unwrap_err()
+            .contains("expired 1 ms ago"));
+        b.admit(&c, "n1", 1001, 5).unwrap(); // within the skew
+        b.remember(&c, 900, 0);
+        assert!(b.admit(&c, "n1", 950, 0).unwrap_err().contains("replay"));
+        // Forgotten only once it could no longer be admitted anyway.
+        b.remember(&cmd("c2", "n1", 5000), 1000, 0);
+        assert!(b.seen_commands.contains_key("c1"));
+        b.remember(&cmd("c3", "n1", 9000), 1001, 0);
+        assert!(!b.seen_commands.contains_key("c1"));
+        assert!(b.admit(&cmd("", "n1", 5000), "n1", 0, 0).is_err());
+    }
+
+    #[test]
+    fn gpus_go_to_one_lease_at_a_time() {
+        let mut b = Book::default();
+        let node = vec!["GPU-a".to_owned(), "GPU-b".to_owned()];
+        let start = |id: &str, gpus: &[&str], all: bool| pb::LeaseStart {
+            lease_id: id.into(),
+            gpu_uuids: gpus.iter().map(|g| g.to_string()).collect(),
+            all_gpus: all,
+            ..Default::default()
+        };
+        assert_eq!(b.plan_start(&start("l1", &[], true), &node).unwrap(), node);
+        assert_eq!(
+            b.plan_start(&start("l1", &[], false), &node).unwrap(),
+            Vec::<String>::new()
+        );
+        b.leases.insert("l1".into(), lease("l1", &["GPU-a"]));
+        assert!(b
+            .plan_start(&start("l1", &[], false), &node)
+            .unwrap_err()
+            .contains("already active"));
+        assert!(b
+            .plan_start(&start("l2", &["GPU-a"], false), &node)
+            .unwrap_err()
+            .contains("already leased (l1)"));
+        assert!(b
+            .plan_start(&start("l2", &[], true), &node)
+            .unwrap_err()
+            .contains("already leased"));
+        assert_eq!(
+            b.plan_start(&start("l2", &["GPU-b"], false), &node)
+                .unwrap(),
+            ["GPU-b"]
+        );
+        assert!(b
+            .plan_start(&start("l2", &["GPU-z"], false), &node)
+            .unwrap_err()
+            .contains("not on this node"));
+        assert!(b
+            .plan_start(&start("l2", &["GPU-b", "GPU-b"], false), &node)
+            .unwrap_err()
+            .contains("twice"));
+        assert!(b
+            .plan_start(&start("l2", &["GPU-b"], true), &node)
+            .unwrap_err()
+            .contains("not both"));
+        assert!(b.plan_start(&start("bad id", &[], false), &node).is_err());
+        let mut two = start("l3", &[], false);
+        two.containers = vec![
+            pb::ContainerSpec {
+                name: "x".into(),
+                ..Default::default()
+            },
+            pb::ContainerSpec {
+                name: "x".into(),
+                ..Default::default()
+            },
+        ];
+        assert!(b
+            .plan_start(&two, &node)
+            .unwrap_err()
+            .contains("two containers are named x"));
+        assert_eq!(b.gpu_owner("GPU-a"), Some("l1"));
+        assert_eq!(b.gpu_owner("GPU-b"), None);
+    }
+
+    #[test]
+    fn the_book_round_trips_through_json() {
+        let mut b = Book::default();
+        let mut l = lease("l1", &["GPU-a"]);
+        l.containers.push(Container {
+            name: "main".into(),
+            image: "busybox".into(),
+            id: "abc".into(),
+            state: "running".into(),
+            exit_code: 0,
+            health: String::new(),
+            time_unix_ms: 5,
+        });
+        b.leases.insert("l1".into(), l);
+        b.remember(&cmd("c1", "n", 10), 0, 0);
+        let json = serde_json::to_string(&b).unwrap();
+        assert_eq!(serde_json::from_str::<Book>(&json).unwrap(), b);
+        assert_eq!(b.find_container("l1", "main").unwrap().id, "abc");
+        assert_eq!(b.leases["l1"].container_states()[0].lease_id, "l1");
+    }
+}
