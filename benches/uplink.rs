@@ -96,6 +96,7 @@ async fn throughput(n: u64, window: usize) -> f64 {
         inventory: watch::channel(pb::InventorySummary::default()).1,
         outbox: outbox.clone(),
         status: status_tx,
+        commands: None,
     };
     let uplink_task = tokio::spawn(uplink.run(shutdown.clone()));
 

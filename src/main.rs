@@ -25,6 +25,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent (as a systemd service, or with --dev to try it out).
@@ -56,6 +58,19 @@ enum Command {
         json: bool,
         #[command(flatten)]
         local: Local,
+    },
+    /// Start, list and end leases (talks to a coordinator's admin socket).
+    Lease {
+        #[command(subcommand)]
+        command: LeaseCommand,
+        /// The coordinator's admin socket [default: /var/lib/warden-coordinator/admin.sock].
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+    },
+    /// Docker images on this node.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
     },
     /// Run the reference coordinator.
     Coordinator {
@@ -89,6 +104,92 @@ enum Command {
     },
 }
 
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum LeaseCommand {
+    /// Lease GPUs of a node and run a container on them; prints the lease id.
+    Start {
+        node_id: String,
+        /// A GPU of the lease, by uuid (repeat for more).
+        #[arg(long = "gpu", value_name = "UUID", conflicts_with = "gpus")]
+        gpu: Vec<String>,
+        /// `all`: every GPU of the node.
+        #[arg(long, value_name = "all", value_parser = ["all"])]
+        gpus: Option<String>,
+        #[arg(long)]
+        image: String,
+        /// The container's name within the lease.
+        #[arg(long, default_value = "main")]
+        name: String,
+        /// KEY=VALUE (repeat for more).
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// CONTAINER_PORT[/udp] or HOST_PORT:CONTAINER_PORT[/udp] (repeat for more).
+        #[arg(long = "port", value_name = "PORT")]
+        port: Vec<String>,
+        /// Memory limit: bytes, or with k, m, g (1024-based).
+        #[arg(long)]
+        memory: Option<String>,
+        #[arg(long)]
+        cpus: Option<f64>,
+        #[arg(long)]
+        renter: Option<String>,
+        /// Requests the node refuses unless its config allows them; they exist
+        /// so that the refusal, with its reason, reaches this terminal.
+        #[arg(long)]
+        privileged: bool,
+        #[arg(long)]
+        network: Option<String>,
+        #[arg(long)]
+        pid: Option<String>,
+        #[arg(long)]
+        ipc: Option<String>,
+        #[arg(long = "cap-add", value_name = "CAP")]
+        cap_add: Vec<String>,
+        /// HOST_PATH:CONTAINER_PATH[:ro]
+        #[arg(long = "mount", value_name = "SRC:DST[:ro]")]
+        mount: Vec<String>,
+        #[arg(long = "device", value_name = "PATH")]
+        device: Vec<String>,
+        #[arg(long = "security-opt", value_name = "OPT")]
+        security_opt: Vec<String>,
+        /// Seconds to wait for the node's answer.
+        #[arg(long, default_value_t = 60)]
+        timeout: u32,
+        /// The command to run in the container.
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// Leases the coordinator knows, with their containers.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a lease: its containers are stopped and removed, its GPUs freed.
+    End {
+        lease_id: String,
+        /// Seconds between SIGTERM and SIGKILL (default: the node's workload.stop_grace).
+        #[arg(long)]
+        grace: Option<u32>,
+        #[arg(long, default_value_t = 60)]
+        timeout: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Load an image archive (`docker save` format) into this node's Docker,
+    /// for suppliers without a registry.
+    Load {
+        archive: PathBuf,
+        /// Docker's socket [default: the agent config's workload.docker_socket].
+        #[arg(long)]
+        docker_socket: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
 /// How the local tools find the agent's settings.
 #[derive(clap::Args)]
 struct Local {
@@ -117,7 +218,17 @@ impl Local {
     }
 }
 
-fn main() -> Result<()> {
+fn main() {
+    // Errors are for people: the cause chain, never a backtrace (RUST_BACKTRACE
+    // is often set on servers), and exit status 1.
+    if let Err(e) = run() {
+        // Each cause once: many messages already quote their source.
+        eprintln!("error: {}", warden_agent::uplink::error_chain(e.as_ref()));
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -140,6 +251,15 @@ fn main() -> Result<()> {
                 nvml_lib,
             } => run_agent(config, dev, state_dir, nvml_lib).await,
             Command::Inventory { json, local } => inventory(json, local.load()?).await,
+            Command::Lease { command, socket } => lease(command, socket).await,
+            Command::Image {
+                command:
+                    ImageCommand::Load {
+                        archive,
+                        docker_socket,
+                        config,
+                    },
+            } => image_load(archive, docker_socket, config).await,
             Command::Doctor { json, local } => doctor(json, local.load()?).await,
             Command::Coordinator {
                 config,
@@ -292,7 +412,10 @@ async fn run_coordinator(
         // Agents started by hand (and the tests) read their [coordinator] section from here.
         let link = dev::link(running.addr.port(), &running.public_key.to_base64(), &ca);
         let path = cfg.state_dir.join("agent-link.toml");
-        std::fs::write(&path, dev::link_toml(&link))
+        // Whole or absent: whoever waits for the file never reads half of it.
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, dev::link_toml(&link))
+            .and_then(|()| std::fs::rename(&tmp, &path))
             .with_context(|| format!("writing {}", path.display()))?;
         println!(
             "agents connect with the [coordinator] section in {}",
@@ -592,4 +715,244 @@ async fn doctor(json: bool, cfg: AgentConfig) -> Result<()> {
     // A verdict, not an error: the names and exit status 1, no backtrace.
     eprintln!("{} check(s) failed: {}", failed.len(), failed.join(", "));
     std::process::exit(1);
+}
+
+/// `512m`, `2g`, `1048576`: bytes, 1024-based suffixes.
+fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('t') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("--memory {s}: not a size (e.g. 512m, 2g)"))?;
+    anyhow::ensure!(n >= 0.0 && n.is_finite(), "--memory {s}: not a size");
+    Ok((n * mult as f64) as u64)
+}
+
+/// `8080`, `8080/udp`, `9000:8080`, `9000:8080/udp`.
+fn parse_port(s: &str) -> Result<warden_proto::pb::PortSpec> {
+    let (ports, protocol) = match s.split_once('/') {
+        Some((p, proto)) => (p, proto.to_owned()),
+        None => (s, String::new()),
+    };
+    let bad = || {
+        anyhow::anyhow!(
+            "--port {s}: expected CONTAINER_PORT or HOST_PORT:CONTAINER_PORT, with /udp for UDP"
+        )
+    };
+    let (host, container) = match ports.split_once(':') {
+        Some((h, c)) => (h.parse().map_err(|_| bad())?, c.parse().map_err(|_| bad())?),
+        None => (0, ports.parse().map_err(|_| bad())?),
+    };
+    Ok(warden_proto::pb::PortSpec {
+        container_port: container,
+        protocol,
+        host_port: host,
+    })
+}
+
+fn parse_mount(s: &str) -> Result<warden_proto::pb::MountSpec> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let (source, target, read_only) = match parts.as_slice() {
+        [src, dst] => (src, dst, false),
+        [src, dst, "ro"] => (src, dst, true),
+        [src, dst, "rw"] => (src, dst, false),
+        _ => anyhow::bail!("--mount {s}: expected HOST_PATH:CONTAINER_PATH[:ro]"),
+    };
+    Ok(warden_proto::pb::MountSpec {
+        source: source.to_string(),
+        target: target.to_string(),
+        read_only,
+    })
+}
+
+fn admin_socket(socket: Option<PathBuf>) -> PathBuf {
+    socket.unwrap_or_else(|| {
+        load_coordinator_config(None)
+            .map(|c| c.admin_socket_path())
+            .unwrap_or_else(|_| {
+                Path::new(warden_coordinator::config::DEFAULT_STATE_DIR).join("admin.sock")
+            })
+    })
+}
+
+async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
+    use warden_proto::pb;
+    let socket = admin_socket(socket);
+    let mut client = warden_coordinator::admin::connect(&socket)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the coordinator admin socket {}",
+                socket.display()
+            )
+        })?;
+    // The node's own words, not gRPC's framing, reach the terminal.
+    let refused = |s: tonic::Status| anyhow::anyhow!("{}", s.message());
+    match command {
+        LeaseCommand::Start {
+            node_id,
+            gpu,
+            gpus,
+            image,
+            name,
+            env,
+            port,
+            memory,
+            cpus,
+            renter,
+            privileged,
+            network,
+            pid,
+            ipc,
+            cap_add,
+            mount,
+            device,
+            security_opt,
+            timeout,
+            cmd,
+        } => {
+            let spec = pb::ContainerSpec {
+                name,
+                image,
+                command: cmd,
+                env,
+                ports: port.iter().map(|p| parse_port(p)).collect::<Result<_>>()?,
+                memory_bytes: memory.as_deref().map(parse_size).transpose()?.unwrap_or(0),
+                cpus: cpus.unwrap_or(0.0),
+                privileged,
+                network_mode: network.unwrap_or_default(),
+                pid_mode: pid.unwrap_or_default(),
+                ipc_mode: ipc.unwrap_or_default(),
+                cap_add,
+                mounts: mount
+                    .iter()
+                    .map(|m| parse_mount(m))
+                    .collect::<Result<_>>()?,
+                devices: device,
+                security_opt,
+            };
+            let info = client
+                .start_lease(pb::StartLeaseRequest {
+                    node_id,
+                    gpu_uuids: gpu,
+                    all_gpus: gpus.is_some(),
+                    container: Some(spec),
+                    renter: renter.unwrap_or_default(),
+                    timeout_seconds: timeout,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            println!("{}", info.lease_id);
+        }
+        LeaseCommand::List { json } => {
+            let leases = client
+                .list_leases(pb::ListLeasesRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .leases;
+            if json {
+                let list: Vec<_> = leases
+                    .iter()
+                    .map(|l| {
+                        serde_json::json!({
+                            "lease_id": l.lease_id,
+                            "node_id": l.node_id,
+                            "state": l.state,
+                            "gpu_uuids": l.gpu_uuids,
+                            "all_gpus": l.all_gpus,
+                            "renter": l.renter,
+                            "created_unix_ms": l.created_unix_ms,
+                            "started_unix_ms": l.started_unix_ms,
+                            "ended_unix_ms": l.ended_unix_ms,
+                            "error": l.error,
+                            "containers": l.containers,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            if leases.is_empty() {
+                println!("no leases yet");
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:<34} {:<9} {:<6} CONTAINERS",
+                "LEASE", "NODE", "STATE", "GPUS"
+            );
+            for l in leases {
+                let containers: Vec<String> = l
+                    .containers
+                    .iter()
+                    .map(|c| match c.state.as_str() {
+                        "exited" | "oom-killed" => {
+                            format!("{} {} ({})", c.name, c.state, c.exit_code)
+                        }
+                        _ if !c.health.is_empty() => format!("{} {} {}", c.name, c.state, c.health),
+                        _ => format!("{} {}", c.name, c.state),
+                    })
+                    .collect();
+                println!(
+                    "{:<20} {:<34} {:<9} {:<6} {}{}",
+                    l.lease_id,
+                    l.node_id,
+                    l.state,
+                    if l.all_gpus {
+                        "all".to_owned()
+                    } else {
+                        l.gpu_uuids.len().to_string()
+                    },
+                    containers.join(", "),
+                    if l.error.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  error: {}", l.error)
+                    }
+                );
+            }
+        }
+        LeaseCommand::End {
+            lease_id,
+            grace,
+            timeout,
+        } => {
+            let info = client
+                .end_lease(pb::EndLeaseRequest {
+                    lease_id,
+                    grace_seconds: grace.unwrap_or(0),
+                    timeout_seconds: timeout,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            println!("{} {}", info.lease_id, info.state);
+        }
+    }
+    Ok(())
+}
+
+async fn image_load(
+    archive: PathBuf,
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+) -> Result<()> {
+    let socket = match socket {
+        Some(s) => s,
+        None => load_agent_config(config)?.workload.docker_socket,
+    };
+    let docker = warden_agent::docker::Docker::connect(&socket).await?;
+    let loaded = docker.load_image(&archive).await?;
+    for name in loaded {
+        println!("loaded {name}");
+    }
+    Ok(())
 }

@@ -17,15 +17,7 @@ use bollard::models::{
 };
 use warden_proto::pb;
 
-use crate::config::WorkloadConfig;
-
-// Until the Docker edge lands these live here; then they come from `docker`.
-mod docker {
-    pub const LABEL_MANAGED: &str = "warden.managed";
-    pub const LABEL_LEASE: &str = "warden.lease";
-    pub const LABEL_NODE: &str = "warden.node";
-    pub const LABEL_NAME: &str = "warden.name";
-}
+use crate::{config::WorkloadConfig, docker};
 
 /// Capabilities every container keeps (all others are dropped): what
 /// ordinary images need to start as root and drop to a user, and nothing
@@ -333,7 +325,7 @@ pub fn container_config(
             memory: Some(memory),
             // No swap beyond the memory limit.
             memory_swap: Some(memory),
-            nano_cpus: (spec.cpus > 0.0).then(|| (spec.cpus * 1e9) as i64),
+            nano_cpus: (spec.cpus > 0.0).then_some((spec.cpus * 1e9) as i64),
             network_mode: Some(if spec.network_mode == "none" {
                 "none".into()
             } else {

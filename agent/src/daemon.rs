@@ -14,6 +14,7 @@ use crate::{
     spool::{Spool, SpoolConfig, SpoolError},
     status, telemetry,
     uplink::{Uplink, UplinkStatus},
+    workload::Workload,
 };
 
 /// Why the agent could not start.
@@ -97,6 +98,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     );
 
     let (uplink_tx, uplink_rx) = watch::channel(UplinkStatus::default());
+    let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(64);
     let uplink_task = match config.coordinator.clone() {
         Some(link) => {
             let up = Uplink {
@@ -108,6 +110,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 inventory: inventory_rx.clone(),
                 outbox: outbox.clone(),
                 status: uplink_tx,
+                commands: Some(commands_tx),
             };
             Some(tokio::spawn(up.run(tasks.clone())))
         }
@@ -117,6 +120,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
     };
 
+    let (leases_tx, leases_rx) = watch::channel(Vec::new());
     let mut metrics_address = None;
     let metrics_task = if config.metrics.listen.is_empty() {
         None
@@ -150,6 +154,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             tasks.clone(),
         )))
     };
+    let node_id_for_workload = node_id.clone();
     let socket = config.status_socket();
     let listener = status::bind(&socket)?;
     tracing::info!(socket = %socket.display(), "status socket ready");
@@ -166,10 +171,21 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             gpus: gpus_rx.clone(),
             link: link_rx.clone(),
             metrics_address,
+            leases: leases_rx,
         },
         tasks.clone(),
     ));
-    let mut producers = Vec::new();
+    let mut producers = vec![tokio::spawn(
+        Workload {
+            config: config.workload.clone(),
+            node_id: node_id_for_workload,
+            book_path: dir.join("book.json"),
+            outbox: outbox.clone(),
+            inventory: inventory_rx.clone(),
+            leases: leases_tx,
+        }
+        .run(commands_rx, stop_producers.clone()),
+    )];
     if let Ok(source) = &gpus {
         let (driver_events, watcher) = gpu::watch_events(source.clone(), stop_producers.clone());
         producers.push(watcher);

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod confine;
 pub mod daemon;
+pub mod docker;
 pub mod doctor;
 pub mod gpu;
 pub mod host;
@@ -17,6 +18,7 @@ pub mod spool;
 pub mod status;
 pub mod telemetry;
 pub mod uplink;
+pub mod workload;
 
 pub use config::AgentConfig;
 pub use daemon::{run, AgentError};

@@ -36,6 +36,8 @@ pub struct StatusReport {
     pub link: Option<pb::LinkSample>,
     /// Where /metrics is served (the bound address), if it is.
     pub metrics_address: Option<String>,
+    /// The active leases, with their GPUs and containers.
+    pub leases: Vec<crate::lease::Lease>,
 }
 
 /// The coordinator part of the report.
@@ -57,6 +59,7 @@ pub struct Sources {
     pub gpus: watch::Receiver<Vec<pb::GpuSample>>,
     pub link: watch::Receiver<Option<pb::LinkSample>>,
     pub metrics_address: Option<String>,
+    pub leases: watch::Receiver<Vec<crate::lease::Lease>>,
 }
 
 impl Sources {
@@ -76,6 +79,7 @@ impl Sources {
             gpus: self.gpus.borrow().clone(),
             link: self.link.borrow().clone(),
             metrics_address: self.metrics_address.clone(),
+            leases: self.leases.borrow().clone(),
         }
     }
 }

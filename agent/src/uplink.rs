@@ -93,6 +93,8 @@ pub struct Uplink {
     pub inventory: watch::Receiver<pb::InventorySummary>,
     pub outbox: Outbox,
     pub status: watch::Sender<UplinkStatus>,
+    /// Where verified coordinator commands go (the workload task).
+    pub commands: Option<tokio::sync::mpsc::Sender<pb::Command>>,
 }
 
 /// A TLS channel to the coordinator, trusting only the configured CA.
@@ -361,6 +363,26 @@ impl Uplink {
                     s.refusals += 1;
                     s.last_refusal = Some(format!("seq {}: {}", refusal.seq, refusal.reason));
                 });
+            }
+            types::COMMAND => {
+                let cmd = match dsse::open::<pb::Command>(env, types::COMMAND, pinned) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return tracing::warn!(error = %e, "ignored a command that does not verify against the pinned coordinator key")
+                    }
+                };
+                match &self.commands {
+                    Some(tx) => {
+                        if tx.try_send(cmd).is_err() {
+                            tracing::warn!(
+                                "ignored a command: the workload task is busy or stopped"
+                            );
+                        }
+                    }
+                    None => {
+                        tracing::warn!(command = %cmd.command_id, "ignored a command: workloads are not run here")
+                    }
+                }
             }
             other => {
                 tracing::warn!(payload_type = %other, "ignored an unexpected coordinator message")

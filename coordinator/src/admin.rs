@@ -1,19 +1,108 @@
 //! The Admin gRPC service, served only on a unix socket with mode 0600:
 //! whoever can open it administers the coordinator.
 
-use tonic::{Request, Response, Status};
-use warden_proto::pb;
+use std::{sync::Arc, time::Duration};
 
-use crate::{session::Registry, store::Store};
+use tonic::{Request, Response, Status};
+use warden_proto::{dsse::Signer, pb, types};
+
+use crate::{
+    leases::Kind,
+    session::{now_ms, Registry},
+    store::Store,
+};
+
+/// How long a command stays valid after it is sent.
+pub const COMMAND_TTL: Duration = Duration::from_secs(60);
+/// How long the admin call waits for the node's answer by default.
+const DEFAULT_WAIT: Duration = Duration::from_secs(60);
 
 pub struct AdminService {
     store: Store,
     registry: Registry,
+    signer: Arc<Signer>,
 }
 
 impl AdminService {
-    pub fn new(store: Store, registry: Registry) -> Self {
-        Self { store, registry }
+    pub fn new(store: Store, registry: Registry, signer: Arc<Signer>) -> Self {
+        Self {
+            store,
+            registry,
+            signer,
+        }
+    }
+
+    /// Signs and sends a command to a connected node, waits for its answer
+    /// (stored by then), and returns the lease as it stands.
+    async fn command(
+        &self,
+        info: pb::LeaseInfo,
+        body: pb::command::Body,
+        wait: Duration,
+    ) -> Result<pb::LeaseInfo, Status> {
+        let tx = self.registry.sender(&info.node_id).ok_or_else(|| {
+            Status::failed_precondition(format!("node {} is not connected", info.node_id))
+        })?;
+        let now = now_ms();
+        let cmd = pb::Command {
+            node_id: info.node_id.clone(),
+            command_id: format!("c-{}", random_hex()),
+            issued_unix_ms: now,
+            expires_unix_ms: now + COMMAND_TTL.as_millis() as i64,
+            body: Some(body),
+        };
+        let kind = Kind::of(&cmd).ok_or_else(|| Status::internal("empty command"))?;
+        let lease_id = info.lease_id.clone();
+        self.store
+            .put_lease(info, cmd.command_id.clone(), kind)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let answer = self.registry.wait_for(&cmd.command_id);
+        if tx
+            .send(Ok(self.signer.sign_message(types::COMMAND, &cmd)))
+            .await
+            .is_err()
+        {
+            self.registry.forget(&cmd.command_id);
+            return Err(Status::unavailable(
+                "the node's stream closed before the command was sent",
+            ));
+        }
+        let result = match tokio::time::timeout(wait, answer).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => return Err(Status::unavailable("the coordinator is shutting down")),
+            Err(_) => {
+                self.registry.forget(&cmd.command_id);
+                return Err(Status::deadline_exceeded(format!(
+                    "node did not answer within {}s; lease {lease_id} keeps its last state (see warden lease list)",
+                    wait.as_secs()
+                )));
+            }
+        };
+        let info = self
+            .store
+            .get_lease(&lease_id)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| Status::internal(format!("lease {lease_id} vanished")))?;
+        if result.ok {
+            Ok(info)
+        } else {
+            Err(Status::failed_precondition(result.error))
+        }
+    }
+}
+
+fn random_hex() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::rng().random::<u64>())
+}
+
+fn wait(seconds: u32) -> Duration {
+    if seconds == 0 {
+        DEFAULT_WAIT
+    } else {
+        Duration::from_secs(seconds.into())
     }
 }
 
@@ -57,6 +146,75 @@ impl pb::admin_server::Admin for AdminService {
             })
             .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn start_lease(
+        &self,
+        req: Request<pb::StartLeaseRequest>,
+    ) -> Result<Response<pb::LeaseInfo>, Status> {
+        let req = req.into_inner();
+        if req.all_gpus && !req.gpu_uuids.is_empty() {
+            return Err(Status::invalid_argument(
+                "give GPU uuids or all GPUs, not both",
+            ));
+        }
+        let lease_id = format!("l-{}", random_hex());
+        let info = pb::LeaseInfo {
+            lease_id: lease_id.clone(),
+            node_id: req.node_id.clone(),
+            state: "starting".into(),
+            gpu_uuids: req.gpu_uuids.clone(),
+            all_gpus: req.all_gpus,
+            created_unix_ms: now_ms(),
+            renter: req.renter.clone(),
+            ..Default::default()
+        };
+        let body = pb::command::Body::LeaseStart(pb::LeaseStart {
+            lease_id,
+            renter: req.renter,
+            gpu_uuids: req.gpu_uuids,
+            all_gpus: req.all_gpus,
+            containers: req.container.into_iter().collect(),
+        });
+        Ok(Response::new(
+            self.command(info, body, wait(req.timeout_seconds)).await?,
+        ))
+    }
+
+    async fn end_lease(
+        &self,
+        req: Request<pb::EndLeaseRequest>,
+    ) -> Result<Response<pb::LeaseInfo>, Status> {
+        let req = req.into_inner();
+        let mut info = self
+            .store
+            .get_lease(&req.lease_id)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("no lease {}", req.lease_id)))?;
+        if info.state == "ended" {
+            return Ok(Response::new(info));
+        }
+        info.state = "ending".into();
+        let body = pb::command::Body::LeaseEnd(pb::LeaseEnd {
+            lease_id: req.lease_id,
+            grace_seconds: req.grace_seconds,
+        });
+        Ok(Response::new(
+            self.command(info, body, wait(req.timeout_seconds)).await?,
+        ))
+    }
+
+    async fn list_leases(
+        &self,
+        _: Request<pb::ListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        let leases = self
+            .store
+            .list_leases()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(pb::ListLeasesResponse { leases }))
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod devtls;
+pub mod leases;
 pub mod probe;
 pub mod server;
 pub mod session;

@@ -136,8 +136,9 @@ pub async fn start(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let signer = Arc::new(signer);
     let uplink = UplinkServer::new(UplinkService::new(
-        Arc::new(signer),
+        signer.clone(),
         store.clone(),
         registry.clone(),
         shutdown.clone(),
@@ -160,7 +161,7 @@ pub async fn start(
     let admin_socket = cfg.admin_socket_path();
     let admin_listener = bind_private_socket(&admin_socket)?;
     let admin = Server::builder()
-        .add_service(AdminServer::new(AdminService::new(store, registry)))
+        .add_service(AdminServer::new(AdminService::new(store, registry, signer)))
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(admin_listener),
             shutdown.clone().cancelled_owned(),

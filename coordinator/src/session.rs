@@ -16,7 +16,7 @@ use std::{
 
 use futures::StreamExt;
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -36,33 +36,68 @@ const CHUNK: usize = 512;
 /// so an old captured Register cannot be replayed.
 const MAX_REGISTER_SKEW_MS: i64 = 5 * 60 * 1000;
 
-/// Which nodes have a live stream; read by the admin API.
+/// The live streams, by node: the admin API sends commands down them and
+/// waits here for the answers.
 #[derive(Clone, Default)]
 pub struct Registry {
-    inner: Arc<Mutex<HashMap<String, u64>>>,
+    inner: Arc<Mutex<Streams>>,
     next: Arc<AtomicU64>,
 }
 
+type Outbound = mpsc::Sender<Result<Envelope, Status>>;
+
+#[derive(Default)]
+struct Streams {
+    /// node id -> (session number, its outbound half).
+    nodes: HashMap<String, (u64, Outbound)>,
+    /// command id -> whoever waits for its answer.
+    waiting: HashMap<String, oneshot::Sender<pb::CommandResult>>,
+}
+
 impl Registry {
-    fn attach(&self, node_id: &str) -> u64 {
+    fn attach(&self, node_id: &str, tx: Outbound) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        self.lock().insert(node_id.to_owned(), id);
+        self.lock().nodes.insert(node_id.to_owned(), (id, tx));
         id
     }
 
     /// Detaches only if no newer session of the node replaced this one.
     fn detach(&self, node_id: &str, session: u64) {
         let mut map = self.lock();
-        if map.get(node_id) == Some(&session) {
-            map.remove(node_id);
+        if map.nodes.get(node_id).map(|(s, _)| *s) == Some(session) {
+            map.nodes.remove(node_id);
         }
     }
 
     pub fn is_connected(&self, node_id: &str) -> bool {
-        self.lock().contains_key(node_id)
+        self.lock().nodes.contains_key(node_id)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+    /// The outbound half of a node's live stream.
+    pub fn sender(&self, node_id: &str) -> Option<Outbound> {
+        self.lock().nodes.get(node_id).map(|(_, tx)| tx.clone())
+    }
+
+    /// Registers interest in a command's answer (before sending it).
+    pub fn wait_for(&self, command_id: &str) -> oneshot::Receiver<pb::CommandResult> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().waiting.insert(command_id.to_owned(), tx);
+        rx
+    }
+
+    /// Stops waiting (timed out or failed to send).
+    pub fn forget(&self, command_id: &str) {
+        self.lock().waiting.remove(command_id);
+    }
+
+    /// Hands a stored answer to whoever waits for it.
+    fn resolve(&self, result: &pb::CommandResult) {
+        if let Some(tx) = self.lock().waiting.remove(&result.command_id) {
+            let _ = tx.send(result.clone());
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Streams> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -130,17 +165,18 @@ impl pb::uplink_server::Uplink for UplinkService {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         tracing::info!(node = %reg.node_id, peer = %peer.map(|p| p.to_string()).unwrap_or_default(), version = %reg.agent_version, "agent registered");
         let (tx, rx) = mpsc::channel(CHUNK * 2);
+        let registry = self.registry.clone();
+        let id = registry.attach(&reg.node_id, tx.clone());
         let session = Session {
             node_id: reg.node_id,
             key,
             signer: self.signer.clone(),
             store: self.store.clone(),
+            registry: registry.clone(),
             tx,
         };
-        let registry = self.registry.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            let id = registry.attach(&session.node_id);
             let node = session.node_id.clone();
             let end = tokio::select! {
                 r = session.run(inbound) => r,
@@ -191,12 +227,13 @@ struct Session {
     key: VerifyingKey,
     signer: Arc<Signer>,
     store: Store,
+    registry: Registry,
     tx: mpsc::Sender<Result<Envelope, Status>>,
 }
 
 /// What one inbound envelope asks of the session.
 enum Verdict {
-    Store(NewRecord),
+    Store(Box<NewRecord>),
     Refuse {
         seq: u64,
         digest: [u8; 32],
@@ -223,7 +260,7 @@ impl Session {
                     }
                 };
                 match self.judge(&env) {
-                    Verdict::Store(r) => to_store.push(r),
+                    Verdict::Store(r) => to_store.push(*r),
                     Verdict::Refuse {
                         seq,
                         digest,
@@ -248,6 +285,11 @@ impl Session {
                     .await
                     .map_err(|e| Status::unavailable(e.to_string()))?;
                 for (rec, outcome) in to_store.into_iter().zip(outcomes) {
+                    if matches!(outcome, Outcome::Stored | Outcome::Duplicate) {
+                        for r in &rec.state.results {
+                            self.registry.resolve(r);
+                        }
+                    }
                     match outcome {
                         Outcome::Stored | Outcome::Duplicate => replies
                             .push(Envelope::decode(rec.receipt.as_slice()).map_err(|e| {
@@ -324,7 +366,7 @@ impl Session {
                         time_unix_ms: now_ms(),
                     },
                 );
-                Verdict::Store(NewRecord {
+                Verdict::Store(Box::new(NewRecord {
                     node_id: self.node_id.clone(),
                     seq: rec.seq,
                     payload_type: env.payload_type.clone(),
@@ -335,7 +377,7 @@ impl Session {
                     received_ms: now_ms(),
                     receipt: receipt.encode_to_vec(),
                     state: node_state(&rec),
-                })
+                }))
             }
             other => Verdict::Refuse {
                 seq: 0,
@@ -370,11 +412,17 @@ pub fn node_state(rec: &pb::Record) -> NodeState {
                 .collect(),
             inventory: None,
             link: t.link.as_ref().map(|l| (l.encode_to_vec(), l.time_unix_ms)),
+            workload_events: t.workload_events.clone(),
+            ..Default::default()
         },
         Some(pb::record::Body::Inventory(i)) => NodeState {
             gpus: Vec::new(),
             inventory: Some((i.encode_to_vec(), rec.time_unix_ms)),
-            link: None,
+            ..Default::default()
+        },
+        Some(pb::record::Body::CommandResult(r)) => NodeState {
+            results: vec![r.clone()],
+            ..Default::default()
         },
         None => NodeState::default(),
     }

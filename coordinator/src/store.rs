@@ -7,8 +7,12 @@
 
 use std::{path::Path, thread};
 
+use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
+use warden_proto::pb;
+
+use crate::leases::{self, Kind};
 
 /// Most commands folded into one transaction.
 const MAX_BATCH: usize = 4096;
@@ -69,6 +73,10 @@ pub struct NodeState {
     pub inventory: Option<(Vec<u8>, i64)>,
     /// (encoded `LinkSample`, probe time).
     pub link: Option<(Vec<u8>, i64)>,
+    /// Answers to commands: they move leases along.
+    pub results: Vec<pb::CommandResult>,
+    /// Container lifecycle the node reported.
+    pub workload_events: Vec<pb::WorkloadEvent>,
 }
 
 /// What storing one record did.
@@ -116,6 +124,19 @@ enum Cmd {
         oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
     ),
     ListNodes(oneshot::Sender<Result<Vec<NodeStats>, StoreError>>),
+    /// A new lease (or a new command on one): the lease row as it now is,
+    /// and the command sent for it.
+    PutLease {
+        info: pb::LeaseInfo,
+        command_id: String,
+        kind: Kind,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    GetLease(
+        String,
+        oneshot::Sender<Result<Option<pb::LeaseInfo>, StoreError>>,
+    ),
+    ListLeases(oneshot::Sender<Result<Vec<pb::LeaseInfo>, StoreError>>),
 }
 
 /// Cheap handle to the store thread.
@@ -172,6 +193,35 @@ impl Store {
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 
+    /// Saves a lease row and the command just sent for it.
+    pub async fn put_lease(
+        &self,
+        info: pb::LeaseInfo,
+        command_id: String,
+        kind: Kind,
+    ) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::PutLease {
+            info,
+            command_id,
+            kind,
+            reply,
+        })?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    pub async fn get_lease(&self, lease_id: &str) -> Result<Option<pb::LeaseInfo>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::GetLease(lease_id.to_owned(), tx))?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    pub async fn list_leases(&self) -> Result<Vec<pb::LeaseInfo>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::ListLeases(tx))?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
     fn send(&self, cmd: Cmd) -> Result<(), StoreError> {
         self.tx.send(cmd).map_err(|_| StoreError::Stopped)
     }
@@ -224,6 +274,20 @@ const MIGRATIONS: &[&str] = &[
          time_ms INTEGER NOT NULL,
          PRIMARY KEY (node_id, uuid)
      ) WITHOUT ROWID;",
+    // 3: leases (the row is an encoded LeaseInfo) and the commands sent for them.
+    "CREATE TABLE leases (
+         lease_id TEXT PRIMARY KEY,
+         node_id TEXT NOT NULL,
+         created_ms INTEGER NOT NULL,
+         info BLOB NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE commands (
+         command_id TEXT PRIMARY KEY,
+         node_id TEXT NOT NULL,
+         lease_id TEXT NOT NULL,
+         kind TEXT NOT NULL,
+         result BLOB
+     ) WITHOUT ROWID;",
 ];
 
 fn init(conn: &mut Connection) -> rusqlite::Result<()> {
@@ -256,7 +320,8 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Cmd>) {
 
 /// Replies waiting for the commit of one batch.
 enum Reply {
-    Register(oneshot::Sender<Result<(), StoreError>>),
+    /// Ok once committed (a registration, a lease row).
+    Done(oneshot::Sender<Result<(), StoreError>>),
     Insert(
         oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
         Vec<Outcome>,
@@ -271,7 +336,7 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>) {
             match cmd {
                 Cmd::Register(node, reply) => {
                     upsert_node(&tx, &node)?;
-                    replies.push(Reply::Register(reply));
+                    replies.push(Reply::Done(reply));
                 }
                 Cmd::Seen {
                     node_id,
@@ -295,19 +360,38 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>) {
                 Cmd::ListNodes(reply) => {
                     let _ = reply.send(list_nodes(&tx).map_err(StoreError::from));
                 }
+                Cmd::PutLease {
+                    info,
+                    command_id,
+                    kind,
+                    reply,
+                } => {
+                    put_lease(&tx, &info)?;
+                    tx.execute(
+                        "INSERT OR REPLACE INTO commands (command_id, node_id, lease_id, kind) VALUES (?1, ?2, ?3, ?4)",
+                        params![command_id, info.node_id, info.lease_id, kind.as_str()],
+                    )?;
+                    replies.push(Reply::Done(reply));
+                }
+                Cmd::GetLease(id, reply) => {
+                    let _ = reply.send(get_lease(&tx, &id).map_err(StoreError::from));
+                }
+                Cmd::ListLeases(reply) => {
+                    let _ = reply.send(list_leases(&tx).map_err(StoreError::from));
+                }
             }
         }
         tx.commit()
     })();
     for r in replies {
         match (r, &result) {
-            (Reply::Register(tx), Ok(())) => {
+            (Reply::Done(tx), Ok(())) => {
                 let _ = tx.send(Ok(()));
             }
             (Reply::Insert(tx, outcomes), Ok(())) => {
                 let _ = tx.send(Ok(outcomes));
             }
-            (Reply::Register(tx), Err(e)) => {
+            (Reply::Done(tx), Err(e)) => {
                 let _ = tx.send(Err(StoreError::Sql(clone_err(e))));
             }
             (Reply::Insert(tx, _), Err(e)) => {
@@ -389,8 +473,80 @@ fn insert_record(tx: &rusqlite::Transaction, r: &NewRecord) -> rusqlite::Result<
     }
 }
 
+fn put_lease(tx: &rusqlite::Transaction, info: &pb::LeaseInfo) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO leases (lease_id, node_id, created_ms, info) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (lease_id) DO UPDATE SET info = excluded.info",
+        params![
+            info.lease_id,
+            info.node_id,
+            info.created_unix_ms,
+            info.encode_to_vec()
+        ],
+    )?;
+    Ok(())
+}
+
+fn get_lease(conn: &Connection, lease_id: &str) -> rusqlite::Result<Option<pb::LeaseInfo>> {
+    let blob: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT info FROM leases WHERE lease_id = ?1",
+            [lease_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(blob.and_then(|b| pb::LeaseInfo::decode(b.as_slice()).ok()))
+}
+
+fn list_leases(conn: &Connection) -> rusqlite::Result<Vec<pb::LeaseInfo>> {
+    let mut stmt = conn.prepare("SELECT info FROM leases ORDER BY created_ms, lease_id")?;
+    let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+    let mut out = Vec::new();
+    for b in rows {
+        if let Ok(info) = pb::LeaseInfo::decode(b?.as_slice()) {
+            out.push(info);
+        }
+    }
+    Ok(out)
+}
+
+/// Moves leases along with what a node answered and reported. A node can
+/// only touch its own leases and answer its own commands.
+fn apply_leases(tx: &rusqlite::Transaction, node_id: &str, st: &NodeState) -> rusqlite::Result<()> {
+    let now = crate::session::now_ms();
+    for r in &st.results {
+        let cmd: Option<(String, String)> = tx
+            .query_row(
+                "SELECT lease_id, kind FROM commands WHERE command_id = ?1 AND node_id = ?2",
+                params![r.command_id, node_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let Some((lease_id, kind)) = cmd else {
+            continue;
+        };
+        tx.execute(
+            "UPDATE commands SET result = ?2 WHERE command_id = ?1",
+            params![r.command_id, r.encode_to_vec()],
+        )?;
+        let (Some(kind), Some(mut info)) = (Kind::parse(&kind), get_lease(tx, &lease_id)?) else {
+            continue;
+        };
+        leases::apply_result(&mut info, kind, r, now);
+        put_lease(tx, &info)?;
+    }
+    for ev in st.workload_events.iter().filter(|e| !e.lease_id.is_empty()) {
+        if let Some(mut info) = get_lease(tx, &ev.lease_id)?.filter(|i| i.node_id == node_id) {
+            leases::apply_event(&mut info, ev);
+            put_lease(tx, &info)?;
+        }
+    }
+    Ok(())
+}
+
 /// Keeps the newest of what is stored and what the record says.
 fn apply_state(tx: &rusqlite::Transaction, node_id: &str, st: &NodeState) -> rusqlite::Result<()> {
+    apply_leases(tx, node_id, st)?;
     for (uuid, idx, sample, time_ms) in &st.gpus {
         tx.execute(
             "INSERT INTO gpus (node_id, uuid, idx, sample, time_ms) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -555,6 +711,7 @@ mod tests {
                     .collect(),
                 inventory: inv.map(|(b, t)| (vec![b], t)),
                 link: None,
+                ..Default::default()
             },
             ..rec(seq, seq as u8)
         };

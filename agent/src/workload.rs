@@ -1,0 +1,672 @@
+//! The workload task: the only owner of the Docker connection and of the
+//! lease book. It acts on the coordinator's commands (start and end leases,
+//! run and stop their containers), follows Docker's events, reconciles
+//! what Docker runs with the book when Docker (re)appears, and reports all
+//! of it: command answers as records, lifecycle as telemetry.
+//!
+//! Policy lives in `confine` (what a container may be) and `lease` (what a
+//! command may do); this file only sequences Docker calls around them.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use warden_proto::pb;
+
+use crate::{
+    config::WorkloadConfig,
+    confine,
+    docker::{ContainerEvent, Docker, EventKind, LABEL_LEASE, LABEL_NAME, LABEL_NODE},
+    lease::{Book, Container, Lease},
+    outbox::Outbox,
+};
+
+/// How often an unreachable Docker is tried again.
+const DOCKER_RETRY: Duration = Duration::from_secs(2);
+/// Pull progress goes out at most this often.
+const PULL_REPORT: Duration = Duration::from_secs(1);
+
+/// What the task needs from the rest of the agent.
+pub struct Workload {
+    pub config: WorkloadConfig,
+    pub node_id: String,
+    /// `book.json` in the state directory.
+    pub book_path: PathBuf,
+    pub outbox: Outbox,
+    /// The node's GPUs come from the inventory.
+    pub inventory: watch::Receiver<pb::InventorySummary>,
+    /// The active leases, for `warden status`.
+    pub leases: watch::Sender<Vec<Lease>>,
+}
+
+/// Why the book could not be loaded or saved.
+#[derive(Debug, thiserror::Error)]
+pub enum BookError {
+    #[error("lease book {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("lease book {path} is not valid JSON ({source}); it was moved to {aside} and the agent starts with no leases, removing nothing")]
+    Corrupt {
+        path: PathBuf,
+        aside: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// Loads the book; a missing file is an empty book.
+pub fn load_book(path: &Path) -> Result<Book, BookError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| {
+            let aside = path.with_extension(format!("corrupt-{}", crate::now_ms()));
+            let _ = std::fs::rename(path, &aside);
+            BookError::Corrupt {
+                path: path.to_owned(),
+                aside,
+                source,
+            }
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Book::default()),
+        Err(source) => Err(BookError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Writes the book durably: a temporary file, fsync, rename, fsync the directory.
+pub fn save_book(path: &Path, book: &Book) -> Result<(), BookError> {
+    use std::io::Write;
+    let io = |source| BookError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec_pretty(book).map_err(|e| io(std::io::Error::other(e)))?;
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(&bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
+/// A workload event, now.
+fn wev(lease_id: &str, name: &str, id: &str, kind: &str, detail: String) -> pb::WorkloadEvent {
+    pb::WorkloadEvent {
+        lease_id: lease_id.into(),
+        name: name.into(),
+        container_id: id.into(),
+        kind: kind.into(),
+        detail,
+        exit_code: 0,
+        time_unix_ms: crate::now_ms(),
+    }
+}
+
+/// The task's state while it runs.
+struct State {
+    w: Workload,
+    book: Book,
+    /// False when the book on disk was corrupt: then nothing Docker runs is
+    /// removed as stale, since the book cannot say what is ours.
+    trusted: bool,
+    docker: Option<Docker>,
+    docker_error: Option<String>,
+    default_memory: i64,
+}
+
+impl Workload {
+    /// Runs until `shutdown`. Lease containers are left running on shutdown:
+    /// the next start adopts them.
+    pub async fn run(self, mut commands: mpsc::Receiver<pb::Command>, shutdown: CancellationToken) {
+        let (book, trusted) = match load_book(&self.book_path) {
+            Ok(b) => (b, true),
+            Err(e) => {
+                tracing::error!(error = %e, "lease book unusable");
+                (Book::default(), false)
+            }
+        };
+        let default_memory = if self.config.default_memory_bytes > 0 {
+            self.config.default_memory_bytes as i64
+        } else {
+            (crate::host::summary().memory_bytes as f64 * 0.9) as i64
+        };
+        let mut st = State {
+            w: self,
+            book,
+            trusted,
+            docker: None,
+            docker_error: None,
+            default_memory,
+        };
+        st.publish();
+        let mut events: Option<mpsc::Receiver<ContainerEvent>> = None;
+        let mut retry_at = Instant::now();
+        loop {
+            if st.docker.is_none() && Instant::now() >= retry_at {
+                events = st.connect().await;
+                retry_at = Instant::now() + DOCKER_RETRY;
+            }
+            let next_retry = tokio::time::Instant::from_std(retry_at);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => st.command(cmd).await,
+                    None => return,
+                },
+                ev = async { events.as_mut()?.recv().await }, if events.is_some() => match ev {
+                    Some(ev) => st.docker_event(ev).await,
+                    None => {
+                        events = None;
+                        st.docker_gone("Docker's event stream ended").await;
+                        retry_at = Instant::now() + DOCKER_RETRY;
+                    }
+                },
+                _ = tokio::time::sleep_until(next_retry), if st.docker.is_none() => {}
+            }
+        }
+    }
+}
+
+impl State {
+    fn publish(&self) {
+        self.w
+            .leases
+            .send_replace(self.book.leases.values().cloned().collect());
+    }
+
+    fn save(&self) {
+        if let Err(e) = save_book(&self.w.book_path, &self.book) {
+            tracing::error!(error = %e, "cannot save the lease book");
+        }
+        self.publish();
+    }
+
+    async fn report(&self, events: Vec<pb::WorkloadEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let _ = self
+            .w
+            .outbox
+            .emit(pb::record::Body::Telemetry(pb::Telemetry {
+                workload_events: events,
+                ..Default::default()
+            }))
+            .await;
+    }
+
+    /// Connects to Docker, starts following its events, then reconciles.
+    async fn connect(&mut self) -> Option<mpsc::Receiver<ContainerEvent>> {
+        let docker = match Docker::connect(&self.w.config.docker_socket).await {
+            Ok(d) => d,
+            Err(e) => {
+                let msg = e.to_string();
+                if self.docker_error.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!(error = %msg, "Docker is unreachable; retrying (leases cannot start until it answers)");
+                    self.report(vec![wev("", "", "", "docker-down", msg.clone())])
+                        .await;
+                    self.docker_error = Some(msg);
+                }
+                return None;
+            }
+        };
+        // Follow events before listing, so nothing between the two is missed.
+        let (tx, rx) = mpsc::channel(256);
+        let mut stream = Box::pin(docker.events());
+        tokio::spawn(async move {
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(ev) => {
+                        if tx.send(ev).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "Docker event stream failed");
+                        return;
+                    }
+                }
+            }
+        });
+        let version = docker.version().await.unwrap_or_default();
+        tracing::info!(%version, "connected to Docker");
+        if self.docker_error.take().is_some() {
+            self.report(vec![wev("", "", "", "docker-up", version)])
+                .await;
+        }
+        self.docker = Some(docker);
+        self.reconcile().await;
+        Some(rx)
+    }
+
+    async fn docker_gone(&mut self, why: &str) {
+        tracing::warn!(reason = why, "lost Docker; reconnecting");
+        self.docker = None;
+        self.docker_error = Some(why.to_owned());
+        self.report(vec![wev("", "", "", "docker-down", why.to_owned())])
+            .await;
+    }
+
+    /// Adopts the containers of active leases, removes every other managed
+    /// container, and notes lease containers Docker no longer has.
+    async fn reconcile(&mut self) {
+        let Some(docker) = self.docker.clone() else {
+            return;
+        };
+        let managed = match docker.list_managed().await {
+            Ok(m) => m,
+            Err(e) => return tracing::warn!(error = %e, "cannot list managed containers"),
+        };
+        let mut events = Vec::new();
+        let grace = self.w.config.stop_grace;
+        let mut seen = Vec::new();
+        for m in managed {
+            // Another identity's containers (another agent on this Docker, or a
+            // wiped state directory) cannot be attributed: left alone, said once.
+            let owner = m.labels.get(LABEL_NODE).map(String::as_str).unwrap_or("");
+            if owner != self.w.node_id {
+                tracing::info!(id = %m.id, name = %m.name, node = %owner, "left alone a managed container of another node id");
+                continue;
+            }
+            let lease = m.labels.get(LABEL_LEASE).cloned().unwrap_or_default();
+            let name = m.labels.get(LABEL_NAME).cloned().unwrap_or_default();
+            if let Some(c) = self.book.container_mut(&lease, &name) {
+                c.id = m.id.clone();
+                c.state = if m.running {
+                    "running".into()
+                } else {
+                    m.state.clone()
+                };
+                c.time_unix_ms = crate::now_ms();
+                seen.push((lease.clone(), name.clone()));
+                tracing::info!(%lease, %name, id = %m.id, state = %c.state, "adopted a lease container");
+                events.push(wev(&lease, &name, &m.id, "adopted", c.state.clone()));
+            } else if self.trusted {
+                let outcome = match docker.stop_and_remove(&m.id, grace).await {
+                    Ok(()) => "stopped and removed".to_owned(),
+                    Err(e) => format!("could not be removed: {e}"),
+                };
+                tracing::info!(%lease, %name, id = %m.id, %outcome, "managed container of no active lease");
+                events.push(wev(&lease, &name, &m.id, "removed-stale", outcome));
+            } else {
+                tracing::warn!(%lease, %name, id = %m.id, "left a managed container alone: the lease book was unusable");
+            }
+        }
+        for lease in self.book.leases.values_mut() {
+            for c in &mut lease.containers {
+                if !seen.contains(&(lease.id.clone(), c.name.clone())) && c.state != "missing" {
+                    c.state = "missing".into();
+                    events.push(wev(
+                        &lease.id,
+                        &c.name,
+                        &c.id,
+                        "missing",
+                        "Docker no longer has it".into(),
+                    ));
+                }
+            }
+        }
+        self.save();
+        self.report(events).await;
+    }
+
+    /// Follows one Docker event of a managed container.
+    async fn docker_event(&mut self, ev: ContainerEvent) {
+        // Docker's filter is Warden's label; another node id's containers are not ours.
+        if ev.labels.get(LABEL_NODE).map(String::as_str) != Some(self.w.node_id.as_str()) {
+            return;
+        }
+        let lease = ev.labels.get(LABEL_LEASE).cloned().unwrap_or_default();
+        let name = ev.labels.get(LABEL_NAME).cloned().unwrap_or_default();
+        let (kind, detail, exit_code, state) = match &ev.kind {
+            EventKind::Start => ("started", String::new(), 0, Some("running")),
+            EventKind::Die { exit_code } => {
+                let code = exit_code.unwrap_or(-1);
+                ("exited", format!("exit code {code}"), code, Some("exited"))
+            }
+            EventKind::Oom => (
+                "oom",
+                "killed for exceeding its memory limit".into(),
+                0,
+                Some("oom-killed"),
+            ),
+            EventKind::Health(h) => ("health", h.clone(), 0, None),
+            _ => return,
+        };
+        if let Some(c) = self.book.container_mut(&lease, &name) {
+            if c.id.is_empty() || c.id == ev.id {
+                match (&ev.kind, state) {
+                    (EventKind::Health(h), _) => c.health = h.clone(),
+                    // An OOM kill is followed by its die event: keep saying why it died.
+                    (EventKind::Die { .. }, _) if c.state == "oom-killed" => {
+                        c.exit_code = exit_code
+                    }
+                    (EventKind::Die { .. }, Some(s)) => {
+                        c.state = s.into();
+                        c.exit_code = exit_code;
+                    }
+                    (_, Some(s)) => c.state = s.into(),
+                    _ => {}
+                }
+                c.time_unix_ms = ev.time_unix_ms;
+                self.save();
+            }
+        }
+        tracing::info!(%lease, %name, id = %ev.id, kind, %detail, "container event");
+        let mut e = wev(&lease, &name, &ev.id, kind, detail);
+        e.exit_code = exit_code;
+        e.time_unix_ms = ev.time_unix_ms;
+        self.report(vec![e]).await;
+    }
+
+    /// Acts on one verified command and sends the answer as a record.
+    async fn command(&mut self, cmd: pb::Command) {
+        let now = crate::now_ms();
+        let skew = self.w.config.clock_skew.as_millis() as i64;
+        let (lease_id, outcome) = match self.book.admit(&cmd, &self.w.node_id, now, skew) {
+            Err(e) => (String::new(), Err(e)),
+            Ok(()) => {
+                self.book.remember(&cmd, now, skew);
+                self.save();
+                match cmd.body {
+                    Some(pb::command::Body::LeaseStart(ls)) => {
+                        let id = ls.lease_id.clone();
+                        (id, self.lease_start(ls).await)
+                    }
+                    Some(pb::command::Body::LeaseEnd(le)) => {
+                        let id = le.lease_id.clone();
+                        (id, self.lease_end(le).await)
+                    }
+                    Some(pb::command::Body::RunContainer(rc)) => {
+                        let id = rc.lease_id.clone();
+                        (id, self.run_container(rc).await)
+                    }
+                    Some(pb::command::Body::StopContainer(sc)) => {
+                        let id = sc.lease_id.clone();
+                        (id, self.stop_container(sc).await)
+                    }
+                    None => (String::new(), Err("the command is empty".into())),
+                }
+            }
+        };
+        let result = match outcome {
+            Ok(containers) => pb::CommandResult {
+                command_id: cmd.command_id.clone(),
+                lease_id,
+                ok: true,
+                error: String::new(),
+                containers,
+            },
+            Err(error) => {
+                tracing::warn!(command = %cmd.command_id, lease = %lease_id, %error, "command refused or failed");
+                pb::CommandResult {
+                    command_id: cmd.command_id.clone(),
+                    lease_id,
+                    ok: false,
+                    error,
+                    containers: Vec::new(),
+                }
+            }
+        };
+        let _ = self
+            .w
+            .outbox
+            .emit(pb::record::Body::CommandResult(result))
+            .await;
+    }
+
+    fn docker(&self) -> Result<Docker, String> {
+        self.docker.clone().ok_or_else(|| {
+            format!(
+                "Docker is unreachable on this node ({})",
+                self.docker_error.as_deref().unwrap_or("not connected yet")
+            )
+        })
+    }
+
+    fn node_gpus(&self) -> Vec<String> {
+        self.w
+            .inventory
+            .borrow()
+            .gpus
+            .iter()
+            .map(|g| g.uuid.clone())
+            .collect()
+    }
+
+    async fn lease_start(&mut self, ls: pb::LeaseStart) -> Result<Vec<pb::ContainerState>, String> {
+        let gpus = self.book.plan_start(&ls, &self.node_gpus())?;
+        // Every spec is checked before anything is created.
+        for spec in &ls.containers {
+            confine::check(spec, &self.w.config).map_err(|e| e.to_string())?;
+        }
+        let docker = self.docker()?;
+        let mut lease = Lease {
+            id: ls.lease_id.clone(),
+            renter: ls.renter.clone(),
+            gpus,
+            started_unix_ms: crate::now_ms(),
+            containers: Vec::new(),
+        };
+        for spec in &ls.containers {
+            match self.start_container(&docker, &lease, spec).await {
+                Ok(c) => lease.containers.push(c),
+                Err(e) => {
+                    // All or nothing: what this lease already started goes.
+                    for c in &lease.containers {
+                        let _ = docker.stop_and_remove(&c.id, Duration::from_secs(1)).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        tracing::info!(lease = %lease.id, gpus = ?lease.gpus, containers = lease.containers.len(), "lease started");
+        let states = lease.container_states();
+        self.report(vec![wev(
+            &lease.id,
+            "",
+            "",
+            "lease-started",
+            lease.gpus.join(","),
+        )])
+        .await;
+        self.book.leases.insert(lease.id.clone(), lease);
+        self.save();
+        Ok(states)
+    }
+
+    /// Makes sure the image is here (pulling it if not), then creates and
+    /// starts the container.
+    async fn start_container(
+        &self,
+        docker: &Docker,
+        lease: &Lease,
+        spec: &pb::ContainerSpec,
+    ) -> Result<Container, String> {
+        let fail = |e: String| format!("container {}: {e}", spec.name);
+        let present = docker
+            .image_present(&spec.image)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if !present {
+            self.pull(docker, lease, spec).await.map_err(fail)?;
+        }
+        let config = confine::container_config(
+            spec,
+            &confine::Owner {
+                lease_id: &lease.id,
+                node_id: &self.w.node_id,
+            },
+            &lease.gpus,
+            &self.w.config,
+            self.default_memory,
+        );
+        let id = docker
+            .create_and_start(&confine::docker_name(&lease.id, &spec.name), config)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(Container {
+            name: spec.name.clone(),
+            image: spec.image.clone(),
+            id,
+            state: "running".into(),
+            exit_code: 0,
+            health: String::new(),
+            time_unix_ms: crate::now_ms(),
+        })
+    }
+
+    async fn pull(
+        &self,
+        docker: &Docker,
+        lease: &Lease,
+        spec: &pb::ContainerSpec,
+    ) -> Result<(), String> {
+        tracing::info!(image = %spec.image, "pulling");
+        let mut last = Instant::now() - PULL_REPORT;
+        let mut progress = Vec::new();
+        let result = docker
+            .pull(&spec.image, |line| {
+                if last.elapsed() >= PULL_REPORT {
+                    last = Instant::now();
+                    progress.push(wev(
+                        &lease.id,
+                        &spec.name,
+                        "",
+                        "pull",
+                        format!("{}: {line}", spec.image),
+                    ));
+                }
+            })
+            .await;
+        let outcome = match &result {
+            Ok(()) => format!("{}: pulled", spec.image),
+            Err(e) => format!("{}: pull failed: {e}", spec.image),
+        };
+        progress.push(wev(&lease.id, &spec.name, "", "pull", outcome));
+        self.report(progress).await;
+        result.map_err(|e| format!("pulling {}: {e}", spec.image))
+    }
+
+    async fn lease_end(&mut self, le: pb::LeaseEnd) -> Result<Vec<pb::ContainerState>, String> {
+        let Some(lease) = self.book.leases.get(&le.lease_id).cloned() else {
+            return Err(format!("lease {} is not active on this node", le.lease_id));
+        };
+        let docker = self.docker()?;
+        let grace = if le.grace_seconds > 0 {
+            Duration::from_secs(le.grace_seconds.into())
+        } else {
+            self.w.config.stop_grace
+        };
+        let mut states = Vec::new();
+        let mut errors = Vec::new();
+        for c in &lease.containers {
+            let mut s = c.to_pb(&lease.id);
+            match docker.stop_and_remove(&c.id, grace).await {
+                Ok(()) => s.state = "removed".into(),
+                Err(e) => errors.push(format!("{}: {e}", c.name)),
+            }
+            s.time_unix_ms = crate::now_ms();
+            states.push(s);
+        }
+        if !errors.is_empty() {
+            // The lease stays so that ending it again retries what is left.
+            return Err(format!("could not remove: {}", errors.join("; ")));
+        }
+        self.book.leases.remove(&lease.id);
+        self.save();
+        tracing::info!(lease = %lease.id, "lease ended; its containers are removed");
+        self.report(vec![wev(&lease.id, "", "", "lease-ended", String::new())])
+            .await;
+        Ok(states)
+    }
+
+    async fn run_container(
+        &mut self,
+        rc: pb::RunContainer,
+    ) -> Result<Vec<pb::ContainerState>, String> {
+        let spec = rc.spec.unwrap_or_default();
+        let Some(lease) = self.book.leases.get(&rc.lease_id).cloned() else {
+            return Err(format!("lease {} is not active on this node", rc.lease_id));
+        };
+        if lease.containers.iter().any(|c| c.name == spec.name) {
+            return Err(format!(
+                "lease {} already has a container named {}",
+                rc.lease_id, spec.name
+            ));
+        }
+        confine::check(&spec, &self.w.config).map_err(|e| e.to_string())?;
+        let docker = self.docker()?;
+        let c = self.start_container(&docker, &lease, &spec).await?;
+        let state = c.to_pb(&lease.id);
+        if let Some(l) = self.book.leases.get_mut(&rc.lease_id) {
+            l.containers.push(c);
+        }
+        self.save();
+        Ok(vec![state])
+    }
+
+    async fn stop_container(
+        &mut self,
+        sc: pb::StopContainer,
+    ) -> Result<Vec<pb::ContainerState>, String> {
+        let Some(c) = self.book.find_container(&sc.lease_id, &sc.name).cloned() else {
+            return Err(format!(
+                "lease {} has no container named {}",
+                sc.lease_id, sc.name
+            ));
+        };
+        let grace = if sc.grace_seconds > 0 {
+            Duration::from_secs(sc.grace_seconds.into())
+        } else {
+            self.w.config.stop_grace
+        };
+        self.docker()?
+            .stop_and_remove(&c.id, grace)
+            .await
+            .map_err(|e| format!("{}: {e}", sc.name))?;
+        if let Some(l) = self.book.leases.get_mut(&sc.lease_id) {
+            l.containers.retain(|x| x.name != sc.name);
+        }
+        self.save();
+        let mut s = c.to_pb(&sc.lease_id);
+        s.state = "removed".into();
+        Ok(vec![s])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_book_survives_a_save_and_a_corrupt_file_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("book.json");
+        assert_eq!(load_book(&path).unwrap(), Book::default());
+        let mut b = Book::default();
+        b.seen_commands.insert("c1".into(), 5);
+        save_book(&path, &b).unwrap();
+        assert_eq!(load_book(&path).unwrap(), b);
+        std::fs::write(&path, b"{not json").unwrap();
+        let err = load_book(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("not valid JSON") && err.contains("removing nothing"),
+            "{err}"
+        );
+        assert!(!path.exists(), "the corrupt file is moved aside");
+        let aside: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(aside.len(), 1);
+    }
+}

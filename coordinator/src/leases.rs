@@ -1,0 +1,225 @@
+//! How a lease's record at the coordinator changes: pure functions of the
+//! lease, the command that was sent and what the node answered or reported.
+
+use warden_proto::pb;
+
+/// Which command a CommandResult answers (kept with the command id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    LeaseStart,
+    LeaseEnd,
+    RunContainer,
+    StopContainer,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::LeaseStart => "lease_start",
+            Kind::LeaseEnd => "lease_end",
+            Kind::RunContainer => "run_container",
+            Kind::StopContainer => "stop_container",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Some(match s {
+            "lease_start" => Kind::LeaseStart,
+            "lease_end" => Kind::LeaseEnd,
+            "run_container" => Kind::RunContainer,
+            "stop_container" => Kind::StopContainer,
+            _ => return None,
+        })
+    }
+
+    pub fn of(cmd: &pb::Command) -> Option<Kind> {
+        Some(match cmd.body.as_ref()? {
+            pb::command::Body::LeaseStart(_) => Kind::LeaseStart,
+            pb::command::Body::LeaseEnd(_) => Kind::LeaseEnd,
+            pb::command::Body::RunContainer(_) => Kind::RunContainer,
+            pb::command::Body::StopContainer(_) => Kind::StopContainer,
+        })
+    }
+}
+
+/// Replaces or adds container states by name.
+fn merge(into: &mut Vec<pb::ContainerState>, from: &[pb::ContainerState]) {
+    for c in from {
+        match into.iter_mut().find(|x| x.name == c.name) {
+            Some(x) => *x = c.clone(),
+            None => into.push(c.clone()),
+        }
+    }
+}
+
+/// Applies the node's answer to a command of `kind`.
+pub fn apply_result(info: &mut pb::LeaseInfo, kind: Kind, r: &pb::CommandResult, now_ms: i64) {
+    match (kind, r.ok) {
+        (Kind::LeaseStart, true) => {
+            info.state = "running".into();
+            info.started_unix_ms = now_ms;
+            info.error.clear();
+            merge(&mut info.containers, &r.containers);
+        }
+        (Kind::LeaseStart, false) => {
+            info.state = "failed".into();
+            info.error = r.error.clone();
+        }
+        (Kind::LeaseEnd, true) => {
+            info.state = "ended".into();
+            info.ended_unix_ms = now_ms;
+            info.error.clear();
+            merge(&mut info.containers, &r.containers);
+        }
+        (Kind::RunContainer | Kind::StopContainer, true) => {
+            merge(&mut info.containers, &r.containers)
+        }
+        (Kind::LeaseEnd, false) => {
+            // The node still runs it: ending it can be tried again.
+            if info.state == "ending" {
+                info.state = "running".into();
+            }
+            info.error = r.error.clone();
+        }
+        (_, false) => info.error = r.error.clone(),
+    }
+}
+
+/// Applies a lifecycle event the node reported for one of the lease's containers.
+pub fn apply_event(info: &mut pb::LeaseInfo, ev: &pb::WorkloadEvent) {
+    let Some(c) = info.containers.iter_mut().find(|c| c.name == ev.name) else {
+        return;
+    };
+    // Events can arrive after the answer to a later command: never go back in time.
+    if ev.time_unix_ms < c.time_unix_ms {
+        return;
+    }
+    match ev.kind.as_str() {
+        "started" | "adopted" => c.state = "running".into(),
+        "exited" => {
+            if c.state != "oom-killed" {
+                c.state = "exited".into();
+            }
+            c.exit_code = ev.exit_code;
+        }
+        "oom" => c.state = "oom-killed".into(),
+        "health" => c.health = ev.detail.clone(),
+        "missing" => c.state = "missing".into(),
+        _ => return,
+    }
+    if !ev.container_id.is_empty() {
+        c.id = ev.container_id.clone();
+    }
+    c.time_unix_ms = ev.time_unix_ms;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(name: &str, state: &str, t: i64) -> pb::ContainerState {
+        pb::ContainerState {
+            name: name.into(),
+            state: state.into(),
+            time_unix_ms: t,
+            ..Default::default()
+        }
+    }
+
+    fn ev(name: &str, kind: &str, code: i64, t: i64) -> pb::WorkloadEvent {
+        pb::WorkloadEvent {
+            name: name.into(),
+            kind: kind.into(),
+            exit_code: code,
+            time_unix_ms: t,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_lease_goes_from_starting_to_running_to_ended() {
+        let mut info = pb::LeaseInfo {
+            state: "starting".into(),
+            ..Default::default()
+        };
+        let ok = |containers| pb::CommandResult {
+            ok: true,
+            containers,
+            ..Default::default()
+        };
+        apply_result(
+            &mut info,
+            Kind::LeaseStart,
+            &ok(vec![c("main", "running", 10)]),
+            11,
+        );
+        assert_eq!((info.state.as_str(), info.started_unix_ms), ("running", 11));
+        apply_event(&mut info, &ev("main", "exited", 3, 20));
+        assert_eq!(
+            (
+                info.containers[0].state.as_str(),
+                info.containers[0].exit_code
+            ),
+            ("exited", 3)
+        );
+        apply_result(
+            &mut info,
+            Kind::LeaseEnd,
+            &ok(vec![c("main", "removed", 30)]),
+            31,
+        );
+        assert_eq!((info.state.as_str(), info.ended_unix_ms), ("ended", 31));
+        assert_eq!(info.containers[0].state, "removed");
+        // A late event does not bring a removed container back.
+        apply_event(&mut info, &ev("main", "started", 0, 25));
+        assert_eq!(info.containers[0].state, "removed");
+    }
+
+    #[test]
+    fn failures_keep_the_reason() {
+        let mut info = pb::LeaseInfo {
+            state: "starting".into(),
+            ..Default::default()
+        };
+        let no = pb::CommandResult {
+            ok: false,
+            error: "container main: privileged mode is refused".into(),
+            ..Default::default()
+        };
+        apply_result(&mut info, Kind::LeaseStart, &no, 5);
+        assert_eq!(info.state, "failed");
+        assert!(info.error.contains("privileged"));
+        let mut running = pb::LeaseInfo {
+            state: "ending".into(),
+            ..Default::default()
+        };
+        apply_result(&mut running, Kind::LeaseEnd, &no, 5);
+        assert_eq!(
+            running.state, "running",
+            "a failed end leaves the lease running"
+        );
+        assert!(!running.error.is_empty());
+    }
+
+    #[test]
+    fn an_oom_kill_stays_the_reason_after_the_exit() {
+        let mut info = pb::LeaseInfo {
+            containers: vec![c("main", "running", 1)],
+            ..Default::default()
+        };
+        apply_event(&mut info, &ev("main", "oom", 0, 2));
+        apply_event(&mut info, &ev("main", "exited", 137, 3));
+        assert_eq!(info.containers[0].state, "oom-killed");
+        assert_eq!(info.containers[0].exit_code, 137);
+        apply_event(&mut info, &ev("other", "oom", 0, 4)); // not of this lease: ignored
+        assert_eq!(info.containers.len(), 1);
+        for k in [
+            "lease_start",
+            "lease_end",
+            "run_container",
+            "stop_container",
+        ] {
+            assert_eq!(Kind::parse(k).unwrap().as_str(), k);
+        }
+    }
+}

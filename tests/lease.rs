@@ -1,0 +1,489 @@
+//! Leases against the real Docker engine: the operator's `warden lease`
+//! commands through the coordinator to the agent and Docker, confinement
+//! checked with `docker inspect`, refusals that create nothing, exit and
+//! OOM reported, adoption after an agent restart, stale containers removed.
+
+mod common;
+
+use std::{
+    path::Path,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use common::*;
+use serde_json::Value;
+
+/// A coordinator and an agent connected to it, with the agent's node id.
+struct Node {
+    coord: Coordinator,
+    agent: Agent,
+    node_id: String,
+}
+
+fn node(tmp: &Path, extra: &str) -> Node {
+    let coord = Coordinator::start(&tmp.join("coord"), free_port());
+    let agent = Agent::start(
+        &tmp.join("agent"),
+        &format!(
+            "{}\n[workload]\nstop_grace = \"2s\"\n{extra}",
+            fast_agent_toml(&coord.link_toml(), "1h", 0)
+        ),
+    );
+    let s = wait_for("agent connected", Duration::from_secs(30), || {
+        agent
+            .status()
+            .filter(|s| s["coordinator"]["connected"] == true)
+    });
+    let node_id = s["node_id"].as_str().unwrap().to_owned();
+    Node {
+        coord,
+        agent,
+        node_id,
+    }
+}
+
+/// Removes every container of a node when the test ends, pass or fail.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let out = Command::new("docker")
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=warden.node={}", self.0),
+            ])
+            .output()
+            .unwrap();
+        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("docker").args(["rm", "-f", "-v", id]).output();
+        }
+    }
+}
+
+impl Node {
+    /// `warden lease --socket ADMIN ARGS…` (before any `--` that ends the options).
+    fn warden(&self, args: &[&str]) -> Output {
+        Command::new(WARDEN)
+            .arg(args[0])
+            .args(["--socket", self.coord.admin_socket().to_str().unwrap()])
+            .args(&args[1..])
+            .output()
+            .unwrap()
+    }
+
+    /// `warden lease start NODE ARGS…`: Ok(lease id) or Err(stderr).
+    fn start(&self, args: &[&str]) -> Result<String, String> {
+        let mut all = vec!["lease", "start", &self.node_id];
+        all.extend_from_slice(args);
+        let out = self.warden(&all);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn leases(&self) -> Vec<Value> {
+        let out = self.warden(&["lease", "list", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    fn lease(&self, id: &str) -> Value {
+        self.leases()
+            .into_iter()
+            .find(|l| l["lease_id"] == id)
+            .unwrap_or_else(|| panic!("no lease {id}"))
+    }
+
+    /// Docker's containers of this node (any state).
+    fn containers(&self) -> Vec<String> {
+        let out = Command::new("docker")
+            .args(["ps", "-a", "--format", "{{.Names}}", "--filter"])
+            .arg(format!("label=warden.node={}", self.node_id))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+fn inspect(name: &str) -> Option<Value> {
+    let out = Command::new("docker")
+        .args(["inspect", name])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice::<Value>(&out.stdout)
+        .ok()?
+        .get(0)
+        .cloned()
+}
+
+#[test]
+fn a_lease_runs_confined_and_ends_with_nothing_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = node(tmp.path(), "");
+    let _clean = Cleanup(n.node_id.clone());
+    let image = image::busybox_image();
+    let id = n
+        .start(&[
+            "--image", &image, "--memory", "64m", "--env", "A=1", "--port", "8080", "--", "sleep",
+            "300",
+        ])
+        .unwrap();
+    let name = format!("warden-{id}-main");
+    let c = inspect(&name).expect("the container exists");
+    assert_eq!(c["State"]["Running"], true);
+    let h = &c["HostConfig"];
+    assert_eq!(h["Privileged"], false);
+    assert_eq!(h["CapDrop"], serde_json::json!(["ALL"]));
+    assert!(h["CapAdd"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c != "SYS_ADMIN"));
+    assert!(
+        h["SecurityOpt"]
+            .as_array()
+            .unwrap()
+            .contains(&"no-new-privileges:true".into()),
+        "{h}"
+    );
+    assert_eq!(h["PidsLimit"], 4096);
+    assert_eq!(h["Memory"], 64u64 << 20);
+    assert_eq!(h["MemorySwap"], 64u64 << 20);
+    assert_eq!(h["NetworkMode"], "bridge");
+    assert_eq!(h["PidMode"], "");
+    assert_ne!(h["IpcMode"], "host");
+    assert!(h["Devices"].as_array().is_none_or(|d| d.is_empty()));
+    assert!(h["Binds"].is_null(), "{h}");
+    assert!(
+        c["Mounts"].as_array().unwrap().is_empty(),
+        "no mounts at all: {}",
+        c["Mounts"]
+    );
+    let labels = &c["Config"]["Labels"];
+    assert_eq!(labels["warden.managed"], "true");
+    assert_eq!(labels["warden.lease"], id.as_str());
+    assert_eq!(labels["warden.node"], n.node_id.as_str());
+    assert!(c["Config"]["Env"]
+        .as_array()
+        .unwrap()
+        .contains(&"A=1".into()));
+
+    let l = n.lease(&id);
+    assert_eq!(l["state"], "running");
+    assert_eq!(l["containers"][0]["state"], "running");
+    let s = n.agent.status().unwrap();
+    assert_eq!(s["leases"][0]["id"], id.as_str());
+
+    let out = n.warden(&["lease", "end", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{id} ended")
+    );
+    assert!(inspect(&name).is_none(), "the container is removed");
+    assert!(n.containers().is_empty());
+    let l = n.lease(&id);
+    assert_eq!(l["state"], "ended");
+    assert_eq!(l["containers"][0]["state"], "removed");
+    assert!(n.agent.status().unwrap()["leases"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn every_forbidden_spec_is_refused_and_nothing_is_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = node(tmp.path(), "");
+    let _clean = Cleanup(n.node_id.clone());
+    let image = image::busybox_image();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--privileged"], "privileged mode is refused"),
+        (&["--network", "host"], "network mode `host` is refused"),
+        (&["--pid", "host"], "pid mode `host` is refused"),
+        (&["--ipc", "host"], "ipc mode `host` is refused"),
+        (
+            &["--cap-add", "SYS_ADMIN"],
+            "capability SYS_ADMIN is refused",
+        ),
+        (
+            &["--mount", "/etc:/host-etc:ro"],
+            "host path /etc is not allowed",
+        ),
+        (
+            &["--mount", "/var/run/docker.sock:/var/run/docker.sock"],
+            "Docker socket",
+        ),
+        (&["--device", "/dev/sda"], "device /dev/sda is refused"),
+        (
+            &["--security-opt", "seccomp=unconfined"],
+            "security option `seccomp=unconfined` is refused",
+        ),
+        (
+            &["--gpu", "GPU-not-here"],
+            "GPU GPU-not-here is not on this node",
+        ),
+    ];
+    for (args, reason) in cases {
+        let mut all = vec!["--image", image.as_str()];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--", "sleep", "300"]);
+        let err = n.start(&all).expect_err("refused");
+        assert!(err.contains(reason), "{args:?}: {err}");
+        assert!(!err.contains("backtrace"), "{err}");
+        assert!(n.containers().is_empty(), "{args:?} created a container");
+    }
+    let leases = n.leases();
+    assert_eq!(leases.len(), cases.len());
+    assert!(leases
+        .iter()
+        .all(|l| l["state"] == "failed" && !l["error"].as_str().unwrap().is_empty()));
+    // The agent refused; it did not crash.
+    assert!(n.agent.status().is_some());
+}
+
+#[test]
+fn a_missing_image_fails_with_the_registrys_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = node(tmp.path(), "");
+    let _clean = Cleanup(n.node_id.clone());
+    let err = n
+        .start(&["--image", "warden-test/not-here:404", "--", "true"])
+        .expect_err("no registry here");
+    assert!(err.contains("pulling warden-test/not-here:404"), "{err}");
+    assert!(n.containers().is_empty());
+    // The pull was reported as telemetry too.
+    let log = n.agent.proc.log_text();
+    assert!(log.contains("pulling"), "{log}");
+}
+
+#[test]
+fn exits_and_oom_kills_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = node(tmp.path(), "");
+    let _clean = Cleanup(n.node_id.clone());
+    let image = image::busybox_image();
+    let exits = n
+        .start(&["--image", &image, "--", "sh", "-c", "exit 3"])
+        .unwrap();
+    let oom = n
+        .start(&[
+            "--image",
+            &image,
+            "--memory",
+            "16m",
+            "--",
+            "sh",
+            "-c",
+            "tail /dev/zero",
+        ])
+        .unwrap();
+    wait_for("exit 3 reported", Duration::from_secs(30), || {
+        let c = &n.lease(&exits)["containers"][0];
+        (c["state"] == "exited" && c["exit_code"] == 3).then_some(())
+    });
+    wait_for("the OOM kill reported", Duration::from_secs(60), || {
+        let c = &n.lease(&oom)["containers"][0];
+        (c["state"] == "oom-killed" && c["exit_code"] == 137).then_some(())
+    });
+    // Ending a lease whose container already exited still cleans it up.
+    for id in [&exits, &oom] {
+        let out = n.warden(&["lease", "end", id]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(n.containers().is_empty());
+}
+
+#[test]
+fn a_restarted_agent_adopts_its_lease_containers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n = node(tmp.path(), "");
+    let _clean = Cleanup(n.node_id.clone());
+    let image = image::busybox_image();
+    let id = n.start(&["--image", &image, "--", "sleep", "300"]).unwrap();
+    let name = format!("warden-{id}-main");
+    let before = inspect(&name).unwrap()["Id"].clone();
+
+    n.agent.proc.kill9();
+    let config = n.agent.config.clone();
+    n.agent = Agent::start_with(&tmp.path().join("agent"), &config);
+    let s = wait_for("the lease adopted", Duration::from_secs(30), || {
+        n.agent.status().filter(|s| {
+            s["leases"][0]["containers"][0]["state"] == "running"
+                && s["coordinator"]["connected"] == true
+        })
+    });
+    assert_eq!(s["leases"][0]["id"], id.as_str());
+    let after = inspect(&name).unwrap();
+    assert_eq!(after["Id"], before, "the same container, not a new one");
+    assert_eq!(after["State"]["Running"], true);
+    assert!(n
+        .agent
+        .proc
+        .log_text()
+        .contains("adopted a lease container"));
+
+    let out = n.warden(&["lease", "end", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(inspect(&name).is_none());
+}
+
+#[test]
+fn a_stale_managed_container_is_removed_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = image::busybox_image();
+    let mut n = node(tmp.path(), "");
+    let _clean = Cleanup(n.node_id.clone());
+    n.agent.proc.kill9();
+    // While the agent is down, a container of this node appears that belongs
+    // to no lease it knows (e.g. its lease ended while the agent was away).
+    let stale = format!("warden-stale-{}", std::process::id());
+    let run = |name: &str, labels: &[String]| {
+        let mut cmd = Command::new("docker");
+        cmd.args(["run", "-d", "--name", name]);
+        for l in labels {
+            cmd.args(["--label", l]);
+        }
+        let out = cmd.args([&image, "sleep", "300"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(
+        &stale,
+        &[
+            "warden.managed=true".into(),
+            "warden.lease=l-gone".into(),
+            "warden.name=main".into(),
+            format!("warden.node={}", n.node_id),
+        ],
+    );
+    // Neither an unmanaged container nor another node's is its business.
+    let bystander = format!("bystander-{}", std::process::id());
+    run(&bystander, &[]);
+    let other = format!("other-node-{}", std::process::id());
+    run(
+        &other,
+        &[
+            "warden.managed=true".into(),
+            "warden.node=someone-else".into(),
+        ],
+    );
+    struct Rm(Vec<String>);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            for n in &self.0 {
+                let _ = Command::new("docker").args(["rm", "-f", n]).output();
+            }
+        }
+    }
+    let _rm = Rm(vec![stale.clone(), bystander.clone(), other.clone()]);
+
+    let config = n.agent.config.clone();
+    n.agent = Agent::start_with(&tmp.path().join("agent"), &config);
+    wait_for(
+        "the stale container removed",
+        Duration::from_secs(30),
+        || inspect(&stale).is_none().then_some(()),
+    );
+    assert!(
+        inspect(&bystander).is_some(),
+        "an unmanaged container is left alone"
+    );
+    assert!(
+        inspect(&other).is_some(),
+        "another node's container is left alone"
+    );
+    let log = n.agent.proc.log_text();
+    assert!(
+        log.contains("managed container of no active lease"),
+        "{log}"
+    );
+}
+
+#[test]
+fn image_load_brings_an_archive_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = image::busybox_image();
+    let tag = format!("warden-test/loaded:{}", std::process::id());
+    assert!(Command::new("docker")
+        .args(["tag", &image, &tag])
+        .status()
+        .unwrap()
+        .success());
+    let tar = tmp.path().join("image.tar");
+    assert!(Command::new("docker")
+        .args(["save", "-o", tar.to_str().unwrap(), &tag])
+        .status()
+        .unwrap()
+        .success());
+    assert!(Command::new("docker")
+        .args(["rmi", &tag])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let out = Command::new(WARDEN)
+        .args([
+            "image",
+            "load",
+            tar.to_str().unwrap(),
+            "--docker-socket",
+            "/var/run/docker.sock",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&tag));
+    assert!(image::image_exists(&tag));
+    let _ = Command::new("docker").args(["rmi", &tag]).output();
+    let out = Command::new(WARDEN)
+        .args([
+            "image",
+            "load",
+            "/no/such.tar",
+            "--docker-socket",
+            "/var/run/docker.sock",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such.tar"));
+}
