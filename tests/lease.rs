@@ -487,3 +487,224 @@ fn image_load_brings_an_archive_in() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such.tar"));
 }
+
+/// A stand-in for the Docker socket that forwards to the real one, and
+/// can be cut: to the agent, Docker went away.
+struct DockerProxy {
+    path: std::path::PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+}
+
+impl DockerProxy {
+    fn start(path: &Path) -> DockerProxy {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<UnixStream>::new()));
+        let (s, c) = (stop.clone(), conns.clone());
+        std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let Ok(docker) = UnixStream::connect("/var/run/docker.sock") else {
+                    continue;
+                };
+                let mut list = c.lock().unwrap();
+                list.push(client.try_clone().unwrap());
+                list.push(docker.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), docker.try_clone().unwrap()),
+                    (docker, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        DockerProxy {
+            path: path.to_owned(),
+            stop,
+            conns,
+        }
+    }
+
+    /// Docker "goes away": no new connections, and the open ones are cut.
+    fn cut(self) {
+        drop(self);
+    }
+}
+
+impl Drop for DockerProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::fs::remove_file(&self.path);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn workload_events(db: &Path) -> Vec<warden_proto::pb::WorkloadEvent> {
+    stored_records(db)
+        .into_iter()
+        .filter_map(|r| match r.body {
+            Some(warden_proto::pb::record::Body::Telemetry(t)) => Some(t.workload_events),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[test]
+fn docker_going_away_is_reported_and_survived() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = image::busybox_image();
+    let sock = tmp.path().join("docker.sock");
+    let proxy = DockerProxy::start(&sock);
+    let n = node(
+        tmp.path(),
+        &format!("docker_socket = \"{}\"\n", sock.display()),
+    );
+    let _clean = Cleanup(n.node_id.clone());
+    let id = n.start(&["--image", &image, "--", "sleep", "300"]).unwrap();
+
+    proxy.cut();
+    wait_for("docker-down reported", Duration::from_secs(30), || {
+        workload_events(&n.coord.db())
+            .iter()
+            .any(|e| e.kind == "docker-down")
+            .then_some(())
+    });
+    let err = n
+        .start(&["--image", &image, "--", "sleep", "300"])
+        .expect_err("no Docker, no lease");
+    assert!(err.contains("Docker is unreachable on this node"), "{err}");
+    // Its other duties go on: the stream stays up and status answers.
+    let s = n.agent.status().unwrap();
+    assert_eq!(s["coordinator"]["connected"], true);
+
+    let _proxy = DockerProxy::start(&sock);
+    wait_for("docker-up reported", Duration::from_secs(30), || {
+        workload_events(&n.coord.db())
+            .iter()
+            .any(|e| e.kind == "docker-up")
+            .then_some(())
+    });
+    // Back: the running lease was adopted again and can be ended.
+    let out = n.warden(&["lease", "end", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(n.containers().is_empty());
+}
+
+#[test]
+fn commands_not_signed_by_the_pinned_coordinator_are_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"), free_port());
+    let (impostor, _) = warden_proto::dsse::Signer::generate().unwrap();
+    let link = coord
+        .link_toml()
+        .replace(&coord.public_key(), &impostor.verifying_key().to_base64());
+    let agent = Agent::start(&tmp.path().join("agent"), &fast_agent_toml(&link, "1h", 0));
+    let s = wait_for("connected", Duration::from_secs(30), || {
+        agent
+            .status()
+            .filter(|s| s["coordinator"]["connected"] == true)
+    });
+    let node_id = s["node_id"].as_str().unwrap().to_owned();
+    let _clean = Cleanup(node_id.clone());
+    let image = image::busybox_image();
+    let out = Command::new(WARDEN)
+        .args(["lease", "--socket", coord.admin_socket().to_str().unwrap()])
+        .args([
+            "start",
+            &node_id,
+            "--image",
+            &image,
+            "--timeout",
+            "3",
+            "--",
+            "sleep",
+            "300",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("did not answer within 3s"), "{err}");
+    let log = agent.proc.log_text();
+    assert!(
+        log.contains("ignored a command that does not verify"),
+        "{log}"
+    );
+    let ps = Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=warden.node={node_id}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(ps.stdout.is_empty(), "a forged command created a container");
+}
+
+#[test]
+fn health_status_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = image::busybox_image();
+    // The same image with a HEALTHCHECK, as a renter's image would carry one.
+    let tag = format!("warden-test/healthy:{}", std::process::id());
+    let cid = String::from_utf8(
+        Command::new("docker")
+            .args(["create", &base, "true"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let ok = Command::new("docker")
+        .args([
+            "commit",
+            "--change",
+            "HEALTHCHECK --interval=1s --timeout=1s CMD true",
+            cid.trim(),
+            &tag,
+        ])
+        .output()
+        .unwrap();
+    let _ = Command::new("docker").args(["rm", cid.trim()]).output();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    struct Rmi(String);
+    impl Drop for Rmi {
+        fn drop(&mut self) {
+            let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
+        }
+    }
+    let _rmi = Rmi(tag.clone());
+    let n = node(tmp.path(), "");
+    let _clean = Cleanup(n.node_id.clone());
+    let id = n.start(&["--image", &tag, "--", "sleep", "300"]).unwrap();
+    wait_for("healthy reported", Duration::from_secs(30), || {
+        (n.lease(&id)["containers"][0]["health"] == "healthy").then_some(())
+    });
+    let out = n.warden(&["lease", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("main running healthy"));
+    let out = n.warden(&["lease", "end", &id]);
+    assert!(out.status.success());
+}

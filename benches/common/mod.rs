@@ -70,6 +70,26 @@ pub struct Steady {
     pub max_rss_mib: f64,
 }
 
+/// Starts an agent with `config` (TOML after state_dir) in `dir/agent`.
+pub fn spawn_agent(dir: &Path, config: &str, env: &[(&str, PathBuf)]) -> Killed {
+    let adir = dir.join("agent");
+    let cfg = dir.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!("state_dir = \"{}\"\n{config}", adir.display()),
+    )
+    .unwrap();
+    Killed(
+        Command::new(WARDEN)
+            .args(["agent", "--config", cfg.to_str().unwrap()])
+            .envs(env.iter().map(|(k, v)| (*k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 /// Runs an agent with `config` (TOML after state_dir) and `env`, lets
 /// start-up (and its link probe) settle for `settle`, then measures it for `secs`.
 pub fn measure_agent(
