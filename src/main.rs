@@ -117,48 +117,25 @@ enum LeaseCommand {
         #[arg(long, value_name = "all", value_parser = ["all"])]
         gpus: Option<String>,
         #[arg(long)]
-        image: String,
-        /// The container's name within the lease.
-        #[arg(long, default_value = "main")]
-        name: String,
-        /// KEY=VALUE (repeat for more).
-        #[arg(long = "env", value_name = "K=V")]
-        env: Vec<String>,
-        /// CONTAINER_PORT[/udp] or HOST_PORT:CONTAINER_PORT[/udp] (repeat for more).
-        #[arg(long = "port", value_name = "PORT")]
-        port: Vec<String>,
-        /// Memory limit: bytes, or with k, m, g (1024-based).
-        #[arg(long)]
-        memory: Option<String>,
-        #[arg(long)]
-        cpus: Option<f64>,
-        #[arg(long)]
         renter: Option<String>,
-        /// Requests the node refuses unless its config allows them; they exist
-        /// so that the refusal, with its reason, reaches this terminal.
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    /// Run one more container in a running lease.
+    Run {
+        lease_id: String,
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    /// Stop and remove one container of a lease (the lease goes on).
+    Stop {
+        lease_id: String,
+        /// The container's name within the lease.
+        name: String,
         #[arg(long)]
-        privileged: bool,
-        #[arg(long)]
-        network: Option<String>,
-        #[arg(long)]
-        pid: Option<String>,
-        #[arg(long)]
-        ipc: Option<String>,
-        #[arg(long = "cap-add", value_name = "CAP")]
-        cap_add: Vec<String>,
-        /// HOST_PATH:CONTAINER_PATH[:ro]
-        #[arg(long = "mount", value_name = "SRC:DST[:ro]")]
-        mount: Vec<String>,
-        #[arg(long = "device", value_name = "PATH")]
-        device: Vec<String>,
-        #[arg(long = "security-opt", value_name = "OPT")]
-        security_opt: Vec<String>,
-        /// Seconds to wait for the node's answer.
+        grace: Option<u32>,
         #[arg(long, default_value_t = 60)]
         timeout: u32,
-        /// The command to run in the container.
-        #[arg(last = true)]
-        cmd: Vec<String>,
     },
     /// Leases the coordinator knows, with their containers.
     List {
@@ -174,6 +151,87 @@ enum LeaseCommand {
         #[arg(long, default_value_t = 60)]
         timeout: u32,
     },
+}
+
+/// What to run: the container spec, as `lease start` and `lease run` take it.
+#[derive(clap::Args)]
+struct SpecArgs {
+    #[arg(long)]
+    image: String,
+    /// The container's name within the lease.
+    #[arg(long, default_value = "main")]
+    name: String,
+    /// KEY=VALUE (repeat for more).
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// CONTAINER_PORT[/udp] or HOST_PORT:CONTAINER_PORT[/udp] (repeat for more).
+    #[arg(long = "port", value_name = "PORT")]
+    port: Vec<String>,
+    /// Memory limit: bytes, or with k, m, g (1024-based).
+    #[arg(long)]
+    memory: Option<String>,
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Requests the node refuses unless its config allows them; they exist
+    /// so that the refusal, with its reason, reaches this terminal.
+    #[arg(long)]
+    privileged: bool,
+    #[arg(long)]
+    network: Option<String>,
+    #[arg(long)]
+    pid: Option<String>,
+    #[arg(long)]
+    ipc: Option<String>,
+    #[arg(long = "cap-add", value_name = "CAP")]
+    cap_add: Vec<String>,
+    /// HOST_PATH:CONTAINER_PATH[:ro]
+    #[arg(long = "mount", value_name = "SRC:DST[:ro]")]
+    mount: Vec<String>,
+    #[arg(long = "device", value_name = "PATH")]
+    device: Vec<String>,
+    #[arg(long = "security-opt", value_name = "OPT")]
+    security_opt: Vec<String>,
+    /// Seconds to wait for the node's answer.
+    #[arg(long, default_value_t = 60)]
+    timeout: u32,
+    /// The command to run in the container.
+    #[arg(last = true)]
+    cmd: Vec<String>,
+}
+
+impl SpecArgs {
+    fn spec(self) -> Result<warden_proto::pb::ContainerSpec> {
+        Ok(warden_proto::pb::ContainerSpec {
+            name: self.name,
+            image: self.image,
+            command: self.cmd,
+            env: self.env,
+            ports: self
+                .port
+                .iter()
+                .map(|p| parse_port(p))
+                .collect::<Result<_>>()?,
+            memory_bytes: self
+                .memory
+                .as_deref()
+                .map(parse_size)
+                .transpose()?
+                .unwrap_or(0),
+            cpus: self.cpus.unwrap_or(0.0),
+            privileged: self.privileged,
+            network_mode: self.network.unwrap_or_default(),
+            pid_mode: self.pid.unwrap_or_default(),
+            ipc_mode: self.ipc.unwrap_or_default(),
+            cap_add: self.cap_add,
+            mounts: self
+                .mount
+                .iter()
+                .map(|m| parse_mount(m))
+                .collect::<Result<_>>()?,
+            devices: self.device,
+            security_opt: self.security_opt,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -800,50 +858,16 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
             node_id,
             gpu,
             gpus,
-            image,
-            name,
-            env,
-            port,
-            memory,
-            cpus,
             renter,
-            privileged,
-            network,
-            pid,
-            ipc,
-            cap_add,
-            mount,
-            device,
-            security_opt,
-            timeout,
-            cmd,
+            spec,
         } => {
-            let spec = pb::ContainerSpec {
-                name,
-                image,
-                command: cmd,
-                env,
-                ports: port.iter().map(|p| parse_port(p)).collect::<Result<_>>()?,
-                memory_bytes: memory.as_deref().map(parse_size).transpose()?.unwrap_or(0),
-                cpus: cpus.unwrap_or(0.0),
-                privileged,
-                network_mode: network.unwrap_or_default(),
-                pid_mode: pid.unwrap_or_default(),
-                ipc_mode: ipc.unwrap_or_default(),
-                cap_add,
-                mounts: mount
-                    .iter()
-                    .map(|m| parse_mount(m))
-                    .collect::<Result<_>>()?,
-                devices: device,
-                security_opt,
-            };
+            let timeout = spec.timeout;
             let info = client
                 .start_lease(pb::StartLeaseRequest {
                     node_id,
                     gpu_uuids: gpu,
                     all_gpus: gpus.is_some(),
-                    container: Some(spec),
+                    container: Some(spec.spec()?),
                     renter: renter.unwrap_or_default(),
                     timeout_seconds: timeout,
                 })
@@ -851,6 +875,36 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
                 .map_err(refused)?
                 .into_inner();
             println!("{}", info.lease_id);
+        }
+        LeaseCommand::Run { lease_id, spec } => {
+            let timeout = spec.timeout;
+            let name = spec.name.clone();
+            client
+                .run_container(pb::RunContainerRequest {
+                    lease_id: lease_id.clone(),
+                    container: Some(spec.spec()?),
+                    timeout_seconds: timeout,
+                })
+                .await
+                .map_err(refused)?;
+            println!("{lease_id} {name} running");
+        }
+        LeaseCommand::Stop {
+            lease_id,
+            name,
+            grace,
+            timeout,
+        } => {
+            client
+                .stop_container(pb::StopContainerRequest {
+                    lease_id: lease_id.clone(),
+                    name: name.clone(),
+                    grace_seconds: grace.unwrap_or(0),
+                    timeout_seconds: timeout,
+                })
+                .await
+                .map_err(refused)?;
+            println!("{lease_id} {name} removed");
         }
         LeaseCommand::List { json } => {
             let leases = client

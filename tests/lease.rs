@@ -708,3 +708,120 @@ fn health_status_is_reported() {
     let out = n.warden(&["lease", "end", &id]);
     assert!(out.status.success());
 }
+
+#[test]
+fn containers_are_run_and_stopped_within_a_lease() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = node(tmp.path(), "");
+    let _clean = Cleanup(n.node_id.clone());
+    let image = image::busybox_image();
+    let id = n.start(&["--image", &image, "--", "sleep", "300"]).unwrap();
+    let out = n.warden(&[
+        "lease", "run", &id, "--name", "side", "--image", &image, "--", "sleep", "300",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        inspect(&format!("warden-{id}-side")).unwrap()["State"]["Running"],
+        true
+    );
+    // The same checks apply to a container added later.
+    let out = n.warden(&[
+        "lease",
+        "run",
+        &id,
+        "--name",
+        "bad",
+        "--image",
+        &image,
+        "--privileged",
+        "--",
+        "true",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("privileged mode is refused"));
+    let out = n.warden(&[
+        "lease", "run", &id, "--name", "side", "--image", &image, "--", "true",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already has a container named side"));
+    let out = n.warden(&["lease", "stop", &id, "side"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(inspect(&format!("warden-{id}-side")).is_none());
+    assert_eq!(
+        inspect(&format!("warden-{id}-main")).unwrap()["State"]["Running"],
+        true
+    );
+    let l = n.lease(&id);
+    assert_eq!(l["state"], "running");
+    let states: Vec<(String, String)> = l["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_owned(),
+                c["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        states.contains(&("main".into(), "running".into())),
+        "{states:?}"
+    );
+    assert!(
+        states.contains(&("side".into(), "removed".into())),
+        "{states:?}"
+    );
+    let out = n.warden(&["lease", "end", &id]);
+    assert!(out.status.success());
+    let out = n.warden(&["lease", "run", &id, "--image", &image, "--", "true"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is ended, not running"));
+}
+
+#[test]
+fn a_gpu_lease_asks_docker_for_the_gpus_by_uuid() {
+    // The fake NVML gives the node a GPU; this engine has no NVIDIA runtime,
+    // so Docker refuses the device request, and that reason reaches the operator.
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("gpus.json");
+    write_fake_state(&state, &[fake_gpu(0), fake_gpu(1)]);
+    let coord = Coordinator::start(&tmp.path().join("coord"), free_port());
+    let agent = Agent::start_env(
+        &tmp.path().join("agent"),
+        &format!(
+            "{}\n[gpu]\nnvml_library = \"{}\"\n",
+            fast_agent_toml(&coord.link_toml(), "1h", 0),
+            fake_nvml().display()
+        ),
+        &[("FAKE_NVML_STATE", &state)],
+    );
+    let s = wait_for("connected", Duration::from_secs(30), || {
+        agent
+            .status()
+            .filter(|s| s["coordinator"]["connected"] == true)
+    });
+    let n = Node {
+        coord,
+        agent,
+        node_id: s["node_id"].as_str().unwrap().to_owned(),
+    };
+    let _clean = Cleanup(n.node_id.clone());
+    let image = image::busybox_image();
+    let uuid = fake_gpu(1)["uuid"].as_str().unwrap().to_owned();
+    let err = n
+        .start(&["--gpu", &uuid, "--image", &image, "--", "sleep", "300"])
+        .expect_err("no NVIDIA runtime here");
+    assert!(err.contains("nvidia"), "Docker's reason: {err}");
+    assert!(n.containers().is_empty(), "nothing is left behind");
+    // The GPU was not taken by the failed lease.
+    let err = n
+        .start(&["--gpus", "all", "--image", &image, "--", "sleep", "300"])
+        .expect_err("no NVIDIA runtime here");
+    assert!(!err.contains("already leased"), "{err}");
+}

@@ -512,6 +512,9 @@ impl State {
             &self.w.config,
             self.default_memory,
         );
+        // Taken before the container exists, so that every Docker event of it
+        // is later than this state (the coordinator keeps the latest).
+        let created_ms = crate::now_ms();
         let id = docker
             .create_and_start(&confine::docker_name(&lease.id, &spec.name), config)
             .await
@@ -523,7 +526,7 @@ impl State {
             state: "running".into(),
             exit_code: 0,
             health: String::new(),
-            time_unix_ms: crate::now_ms(),
+            time_unix_ms: created_ms,
         })
     }
 
@@ -642,6 +645,7 @@ impl State {
         self.save();
         let mut s = c.to_pb(&sc.lease_id);
         s.state = "removed".into();
+        s.time_unix_ms = crate::now_ms();
         Ok(vec![s])
     }
 }

@@ -93,6 +93,25 @@ impl AdminService {
     }
 }
 
+impl AdminService {
+    /// A lease that is running, or why it cannot take a container command.
+    async fn running_lease(&self, lease_id: &str) -> Result<pb::LeaseInfo, Status> {
+        let info = self
+            .store
+            .get_lease(lease_id)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("no lease {lease_id}")))?;
+        if info.state != "running" {
+            return Err(Status::failed_precondition(format!(
+                "lease {lease_id} is {}, not running",
+                info.state
+            )));
+        }
+        Ok(info)
+    }
+}
+
 fn random_hex() -> String {
     use rand::Rng;
     format!("{:016x}", rand::rng().random::<u64>())
@@ -198,6 +217,37 @@ impl pb::admin_server::Admin for AdminService {
         info.state = "ending".into();
         let body = pb::command::Body::LeaseEnd(pb::LeaseEnd {
             lease_id: req.lease_id,
+            grace_seconds: req.grace_seconds,
+        });
+        Ok(Response::new(
+            self.command(info, body, wait(req.timeout_seconds)).await?,
+        ))
+    }
+
+    async fn run_container(
+        &self,
+        req: Request<pb::RunContainerRequest>,
+    ) -> Result<Response<pb::LeaseInfo>, Status> {
+        let req = req.into_inner();
+        let info = self.running_lease(&req.lease_id).await?;
+        let body = pb::command::Body::RunContainer(pb::RunContainer {
+            lease_id: req.lease_id,
+            spec: req.container,
+        });
+        Ok(Response::new(
+            self.command(info, body, wait(req.timeout_seconds)).await?,
+        ))
+    }
+
+    async fn stop_container(
+        &self,
+        req: Request<pb::StopContainerRequest>,
+    ) -> Result<Response<pb::LeaseInfo>, Status> {
+        let req = req.into_inner();
+        let info = self.running_lease(&req.lease_id).await?;
+        let body = pb::command::Body::StopContainer(pb::StopContainer {
+            lease_id: req.lease_id,
+            name: req.name,
             grace_seconds: req.grace_seconds,
         });
         Ok(Response::new(

@@ -90,8 +90,9 @@ pub fn apply_event(info: &mut pb::LeaseInfo, ev: &pb::WorkloadEvent) {
     let Some(c) = info.containers.iter_mut().find(|c| c.name == ev.name) else {
         return;
     };
-    // Events can arrive after the answer to a later command: never go back in time.
-    if ev.time_unix_ms < c.time_unix_ms {
+    // Events can arrive after the answer to a later command: never go back
+    // in time, and a removed container stays removed.
+    if ev.time_unix_ms < c.time_unix_ms || c.state == "removed" {
         return;
     }
     match ev.kind.as_str() {
