@@ -298,7 +298,7 @@ fn exits_and_oom_kills_are_reported() {
             "--",
             "sh",
             "-c",
-            "tail /dev/zero",
+            "sleep 0.5; tail /dev/zero",
         ])
         .unwrap();
     wait_for("exit 3 reported", Duration::from_secs(30), || {
