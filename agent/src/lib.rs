@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod docker;
 pub mod doctor;
 pub mod gpu;
 pub mod host;
