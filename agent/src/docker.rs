@@ -19,8 +19,8 @@ use std::{
 use bollard::{
     errors::Error as BollardError,
     models::{
-        ContainerCreateBody, ContainerStateStatusEnum, ContainerSummaryStateEnum, CreateImageInfo,
-        EventMessage, HealthStatusEnum, HostConfig, MountPoint,
+        ContainerStateStatusEnum, ContainerSummaryStateEnum, CreateImageInfo, EventMessage,
+        HealthStatusEnum,
     },
     query_parameters::{
         CreateContainerOptions, CreateImageOptions, EventsOptions, ImportImageOptions,
@@ -32,6 +32,10 @@ use bollard::{
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The container types of this API, re-exported so callers build configs
+/// and read inspections without depending on `bollard` themselves.
+pub use bollard::models::{ContainerCreateBody, HostConfig, MountPoint};
 
 /// Label marking a container as Warden's (value `"true"`): the filter for
 /// listing and events, so Warden never touches what it does not own.
@@ -173,7 +177,7 @@ impl Docker {
                 minor_version: minor,
             }
         } else {
-            API_DEFAULT_VERSION.clone()
+            *API_DEFAULT_VERSION
         };
         let path = socket
             .to_str()
