@@ -505,3 +505,91 @@ async fn failed_start_leaves_nothing() {
     }
     d.stop_and_remove(&id, Duration::ZERO).await.unwrap();
 }
+
+/// A stand-in engine on a socket of its own: answers /_ping, then sends one
+/// event and drops the connection, as a dying daemon would. Returns the
+/// events request line it saw.
+async fn one_event_then_gone(listener: tokio::net::UnixListener) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if conn.read(&mut byte).await.unwrap() == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let request = head.lines().next().unwrap_or("").to_owned();
+        if request.contains("/_ping") {
+            let answer = "HTTP/1.1 200 OK\r\nApi-Version: 1.41\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK";
+            conn.write_all(answer.as_bytes()).await.unwrap();
+            continue;
+        }
+        let event = serde_json::json!({
+            "Type": "container",
+            "Action": "die",
+            "Actor": {"ID": "c0ffee", "Attributes": {"exitCode": "3", "name": "job", "warden.managed": "true"}},
+            "scope": "local",
+            "time": 1_700_000_000,
+            "timeNano": 1_700_000_000_500_000_000i64,
+        })
+        .to_string()
+            + "\n";
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n",
+            event.len()
+        );
+        conn.write_all(answer.as_bytes()).await.unwrap();
+        conn.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        return request; // dropping `conn` cuts the stream mid-body
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_end_when_the_daemon_goes_away() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("docker.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let server = tokio::spawn(one_event_then_gone(listener));
+
+    let d = Docker::connect(&socket).await.unwrap();
+    let mut events: Events = Box::pin(d.events());
+    let first = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("an event");
+    let first = first.expect("an item").expect("an event, not an error");
+    assert_eq!(first.id, "c0ffee");
+    assert_eq!(first.name, "job");
+    assert_eq!(first.kind, EventKind::Die { exit_code: Some(3) });
+    assert_eq!(first.time_unix_ms, 1_700_000_000_500);
+
+    // The connection is cut: the stream yields an error or ends, no hang.
+    let rest = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut items = Vec::new();
+        while let Some(item) = events.next().await {
+            items.push(item);
+        }
+        items
+    })
+    .await
+    .expect("the stream to end once the daemon is gone");
+    assert!(
+        rest.iter()
+            .all(|r| matches!(r, Err(DockerError::Connect { .. }))),
+        "{rest:?}"
+    );
+    eprintln!("after the daemon went away: {rest:?}");
+
+    let request = server.await.unwrap();
+    // bollard 0.21.1 drops the version prefix (see the module's docs).
+    assert!(
+        request.starts_with("GET /events?") || request.starts_with("GET /v1.41/events?"),
+        "{request}"
+    );
+    assert!(request.contains("since="), "{request}");
+    assert!(request.contains("warden.managed%3Dtrue"), "{request}");
+}
