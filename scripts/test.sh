@@ -13,6 +13,7 @@ need cc build-essential
 need pkg-config pkg-config
 need ip iproute2
 need docker docker.io
+need busybox busybox-static
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "== installing: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

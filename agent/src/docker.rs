@@ -6,8 +6,12 @@
 //!
 //! The engine may be older than the API version `bollard` speaks by
 //! default, so `connect` asks the engine for its API version first (an
-//! unversioned `GET /_ping`, as the Docker CLI does) and speaks the older
-//! of the two.
+//! unversioned `GET /_ping`, as the Docker CLI does) and sets the older of
+//! the two. (bollard 0.21.1 in fact sends unversioned paths: its URI
+//! builder joins an absolute path onto the versioned base, which drops the
+//! `/vX.Y` prefix, so the engine answers in its own current version. The
+//! negotiation keeps this module right if bollard starts prefixing, and
+//! doubles as the reachability check.)
 
 use std::{
     collections::HashMap,
@@ -62,30 +66,49 @@ pub enum DockerError {
     /// The engine could not be reached (socket missing, refused, no answer,
     /// or the connection dropped).
     #[error("cannot reach the Docker engine at {}: {reason} (is dockerd running, and may this user open its socket?)", socket.display())]
-    Connect { socket: PathBuf, reason: String },
+    Connect {
+        /// The socket path that was tried.
+        socket: PathBuf,
+        /// What went wrong, with its causes.
+        reason: String,
+    },
     /// Docker answered with an error; `message` is Docker's own text
     /// (e.g. the registry's reason for a failed pull, or "Conflict. ...").
     #[error("Docker could not {what}: {message}")]
     Api {
+        /// The operation, e.g. "pull image nvidia/cuda:12.4.0-base".
         what: String,
         /// HTTP status, when the error came as a response rather than
         /// mid-stream.
         status: Option<u16>,
+        /// Docker's message, verbatim.
         message: String,
     },
     /// The container or image does not exist (HTTP 404).
     #[error("Docker could not {what}: {message}")]
-    NotFound { what: String, message: String },
+    NotFound {
+        /// The operation, e.g. "inspect container abc".
+        what: String,
+        /// Docker's message, verbatim ("No such container: abc").
+        message: String,
+    },
     /// An image archive could not be read from disk.
     #[error("cannot read image archive {}: {source}", path.display())]
     Archive {
+        /// The archive file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
     /// Docker's answer could not be understood (an engine this agent does
     /// not know how to talk to).
     #[error("Docker's answer to '{what}' could not be understood: {reason}")]
-    Protocol { what: String, reason: String },
+    Protocol {
+        /// The operation.
+        what: String,
+        /// What could not be understood.
+        reason: String,
+    },
 }
 
 /// A handle on one Docker engine; cheap to clone (the connection pool is shared).
@@ -98,10 +121,13 @@ pub struct Docker {
 /// A container Warden owns, as `list_managed` reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Managed {
+    /// Docker's container id (64 hex digits).
     pub id: String,
     /// Without Docker's leading '/'.
     pub name: String,
+    /// All its labels, Warden's among them.
     pub labels: HashMap<String, String>,
+    /// Whether its state is "running" (paused counts as not).
     pub running: bool,
     /// Docker's state string: "created", "running", "exited", ...
     pub state: String,
@@ -110,48 +136,69 @@ pub struct Managed {
 /// The fields of a container's inspection Warden needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Inspected {
+    /// Docker's container id (64 hex digits).
     pub id: String,
     /// Without Docker's leading '/'.
     pub name: String,
+    /// Docker's State.Running (true while paused too).
     pub running: bool,
     /// Set once the container has exited (state "exited" or "dead");
     /// None while it is created, running or paused.
     pub exit_code: Option<i64>,
+    /// Docker's State.OOMKilled. Docker 20.10 sets it only when
+    /// containerd's OOM notice arrives before the exit, which under load it
+    /// may not: an `EventKind::Oom`, or exit code 137 under a memory limit,
+    /// is the surer sign.
     pub oom_killed: bool,
     /// "starting" | "healthy" | "unhealthy"; None without a health check.
     pub health: Option<String>,
+    /// The labels it was created with.
     pub labels: HashMap<String, String>,
     /// As Docker reports it, for confinement checks.
     pub host_config: HostConfig,
+    /// What is mounted into it, as Docker reports it.
     pub mounts: Vec<MountPoint>,
 }
 
 /// One event about a Warden container.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContainerEvent {
+    /// Docker's container id.
     pub id: String,
+    /// The container's name (without '/').
     pub name: String,
     /// The container's labels as the event carries them (Docker mixes its
     /// own attributes in: name, image, exitCode, signal, execID and oldName
     /// are taken out).
     pub labels: HashMap<String, String>,
+    /// What happened.
     pub kind: EventKind,
+    /// When Docker saw it, in milliseconds since the Unix epoch.
     pub time_unix_ms: i64,
 }
 
 /// What happened to a container.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EventKind {
+    /// Created (not yet started).
     Create,
+    /// Its main process started.
     Start,
-    Die {
-        exit_code: Option<i64>,
-    },
+    /// Its main process exited; 137 is SIGKILL (stop after the grace, or
+    /// the OOM killer).
+    Die { exit_code: Option<i64> },
+    /// The kernel's OOM killer acted in its cgroup. It may come before or
+    /// after `Die`, more than once, and (cgroup v1: containerd watches only
+    /// once the task has started) not at all for a process killed within
+    /// moments of starting.
     Oom,
     /// "healthy" | "unhealthy" | "starting" (from "health_status: healthy").
     Health(String),
+    /// A stop request completed.
     Stop,
+    /// A signal was sent to it (by stop, kill or force-remove).
     Kill,
+    /// Removed.
     Destroy,
     /// Any other action, verbatim ("attach", "exec_create: ...", ...).
     Other(String),
@@ -160,7 +207,8 @@ pub enum EventKind {
 impl Docker {
     /// Connects over the unix socket and negotiates the API version: the
     /// engine may be older than `bollard` (API 1.41 for Docker 20.10), and a
-    /// request with a newer version fails with "client version is too new".
+    /// request with a newer version prefix fails with "client version is
+    /// too new". Fails with `Connect` if the engine does not answer.
     pub async fn connect(socket: &Path) -> Result<Docker, DockerError> {
         let connect_err = |reason: String| DockerError::Connect {
             socket: socket.to_owned(),
@@ -414,7 +462,8 @@ impl Docker {
     /// mapped to `ContainerEvent`, so the caller learns of exits, OOMs and
     /// health changes as they happen. Events count from this call, even
     /// though the request goes out on the first poll (it asks Docker for
-    /// events since now), so a caller may subscribe, then list, then poll.
+    /// events since now, by this host's clock, which a local engine
+    /// shares), so a caller may subscribe, then list, then poll.
     /// The stream ends, or yields an error, when the daemon goes away; the
     /// caller then reconnects and reconciles with `list_managed`.
     pub fn events(
