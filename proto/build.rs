@@ -7,6 +7,7 @@ use prost::Message as _;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/warden/v1/envelope.proto",
+        "proto/warden/v1/attest.proto",
         "proto/warden/v1/lease.proto",
         "proto/warden/v1/uplink.proto",
         "proto/warden/v1/admin.proto",

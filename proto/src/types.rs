@@ -12,3 +12,7 @@ pub const RECEIPT: &str = "application/vnd.warden.receipt.v1+protobuf";
 pub const REFUSAL: &str = "application/vnd.warden.refusal.v1+protobuf";
 /// Coordinator → agent: [`crate::pb::Command`] (lease and workload orders).
 pub const COMMAND: &str = "application/vnd.warden.command.v1+protobuf";
+/// Coordinator → agent: [`crate::pb::Challenge`] (a nonce to attest).
+pub const CHALLENGE: &str = "application/vnd.warden.challenge.v1+protobuf";
+/// Coordinator's judgement of a lease: [`crate::pb::LeaseVerdict`].
+pub const VERDICT: &str = "application/vnd.warden.verdict.v1+protobuf";
