@@ -67,6 +67,19 @@ enum Command {
         #[arg(long, global = true)]
         socket: Option<PathBuf>,
     },
+    /// Check a lease bundle offline: signatures, chain, windows, challenges,
+    /// coverage and proof. Exit 0 when it holds; 1 with each reason when not.
+    Verify {
+        bundle: PathBuf,
+        /// Least acceptable coverage (sampled time over lease time).
+        #[arg(long, default_value_t = 0.9)]
+        min_coverage: f64,
+        /// Clock difference tolerated between node, coordinator and this machine.
+        #[arg(long, default_value_t = 5000)]
+        max_skew_ms: i64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Docker images on this node.
     Image {
         #[command(subcommand)]
@@ -310,6 +323,12 @@ fn run() -> Result<()> {
             } => run_agent(config, dev, state_dir, nvml_lib).await,
             Command::Inventory { json, local } => inventory(json, local.load()?).await,
             Command::Lease { command, socket } => lease(command, socket).await,
+            Command::Verify {
+                bundle,
+                min_coverage,
+                max_skew_ms,
+                json,
+            } => verify(&bundle, min_coverage, max_skew_ms, json),
             Command::Image {
                 command:
                     ImageCommand::Load {
@@ -1009,4 +1028,71 @@ async fn image_load(
         println!("loaded {name}");
     }
     Ok(())
+}
+
+fn verify(path: &Path, min_coverage: f64, max_skew_ms: i64, json: bool) -> Result<()> {
+    use warden_proto::{bundle::Bundle, chain::Params};
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let bundle = Bundle::from_json(&value)?;
+    let report = bundle.verify(&Params {
+        max_skew_ms,
+        min_coverage,
+        now_unix_ms: warden_agent::now_ms(),
+    });
+    let s = &report.summary;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "holds": report.holds(),
+                "lease_id": s.lease_id,
+                "node_id": s.node_id,
+                "records": s.records,
+                "first_seq": s.first_seq,
+                "last_seq": s.last_seq,
+                "head_sha256": hex::encode(s.head_sha256),
+                "coverage": s.coverage,
+                "restarts": s.restarts,
+                "start_ids": s.start_ids,
+                "foreign_events": s.foreign_events,
+                "kills": s.kills,
+                "container_stops": s.container_stops,
+                "challenges_answered": s.challenges_answered,
+                "failures": report.failures.iter().map(|f| serde_json::json!({"rule": f.rule, "detail": f.detail})).collect::<Vec<_>>(),
+            }))?
+        );
+    } else {
+        println!("lease       {} on node {}", s.lease_id, s.node_id);
+        println!(
+            "chain       {} records, lease seq {}..{}, head {}",
+            s.records,
+            s.first_seq,
+            s.last_seq,
+            hex::encode(s.head_sha256)
+        );
+        println!(
+            "coverage    {:.2} % ({} restarts: {})",
+            s.coverage * 100.0,
+            s.restarts,
+            s.start_ids.join(", ")
+        );
+        println!(
+            "enforcement {} foreign holders, {} kills, {} containers stopped",
+            s.foreign_events, s.kills, s.container_stops
+        );
+        println!("challenges  {} answered", s.challenges_answered);
+    }
+    if report.holds() {
+        if !json {
+            println!("HOLDS");
+        }
+        return Ok(());
+    }
+    for f in &report.failures {
+        eprintln!("{f}");
+    }
+    eprintln!("does NOT hold: {} problem(s)", report.failures.len());
+    std::process::exit(1);
 }

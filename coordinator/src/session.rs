@@ -424,7 +424,10 @@ pub fn node_state(rec: &pb::Record) -> NodeState {
             results: vec![r.clone()],
             ..Default::default()
         },
-        None => NodeState::default(),
+        // Stored as records; the chain is judged per lease, not folded into node state.
+        Some(pb::record::Body::Attestation(_) | pb::record::Body::LeaseProof(_)) | None => {
+            NodeState::default()
+        }
     }
 }
 

@@ -123,6 +123,30 @@ pub struct Chain<'a> {
     pub coordinator_key: Option<&'a VerifyingKey>,
 }
 
+/// The head of a lease's chain: what the next attestation links to. The
+/// agent keeps it (persisted) so a restarted agent continues the chain.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Head {
+    /// The last attestation's lease seq (0: none yet).
+    pub lease_seq: u64,
+    /// SHA-256 of the last attestation's Record payload (zeros: none yet).
+    pub sha256: [u8; 32],
+}
+
+impl Head {
+    /// Stamps `a` as the next link: its lease seq and previous digest.
+    pub fn link(&self, a: &mut pb::Attestation) {
+        a.lease_seq = self.lease_seq + 1;
+        a.prev_sha256 = self.sha256.to_vec();
+    }
+
+    /// Moves past a signed record holding the attestation just linked.
+    pub fn advance(&mut self, lease_seq: u64, record_payload: &[u8]) {
+        self.lease_seq = lease_seq;
+        self.sha256 = sha256(record_payload);
+    }
+}
+
 fn sha256(bytes: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
@@ -536,13 +560,11 @@ mod tests {
         let coord = Signer::from_seed(&[9; 32]);
         let t1 = 1_000_000;
         let mut records = Vec::new();
-        let mut prev = [0u8; 32];
+        let mut head = Head::default();
         for i in 0..n {
             let start = t1 + i as i64 * 10_000;
-            let a = pb::Attestation {
+            let mut a = pb::Attestation {
                 lease_id: LEASE.into(),
-                lease_seq: i + 1,
-                prev_sha256: prev.to_vec(),
                 window_start_unix_ms: start,
                 window_end_unix_ms: start + 10_000,
                 sampled_ms: 10_000,
@@ -553,8 +575,9 @@ mod tests {
                 },
                 ..Default::default()
             };
+            head.link(&mut a);
             let env = record(&node, 100 + i * 3, "start-a", a);
-            prev = sha256(&env.payload);
+            head.advance(i + 1, &env.payload);
             records.push(env);
         }
         let challenges = vec![coord.sign_message(

@@ -1,6 +1,7 @@
 //! Warden's wire format: the protobuf messages, DSSE envelopes and the
 //! signing and verification rules. A third-party coordinator needs only this crate.
 
+pub mod bundle;
 pub mod chain;
 pub mod dsse;
 pub mod identity;
