@@ -34,10 +34,13 @@ enum Control {
     },
 }
 
+/// A body to spool, and who wants the signed envelope once it is on disk.
+type Emit = (pb::record::Body, Option<oneshot::Sender<Option<Envelope>>>);
+
 /// Handle used by producers and by the uplink.
 #[derive(Clone)]
 pub struct Outbox {
-    emit: mpsc::Sender<pb::record::Body>,
+    emit: mpsc::Sender<Emit>,
     control: mpsc::UnboundedSender<Control>,
     stats: watch::Receiver<SpoolStats>,
 }
@@ -45,7 +48,16 @@ pub struct Outbox {
 impl Outbox {
     /// Queues a record body; it gets its seq and signature when spooled.
     pub async fn emit(&self, body: pb::record::Body) -> bool {
-        self.emit.send(body).await.is_ok()
+        self.emit.send((body, None)).await.is_ok()
+    }
+
+    /// Queues a record body and waits until it is spooled: the signed
+    /// envelope, or None if it was not (spool full, or shutting down). For
+    /// producers that chain records by digest (the attestor).
+    pub async fn emit_signed(&self, body: pb::record::Body) -> Option<Envelope> {
+        let (tx, rx) = oneshot::channel();
+        self.emit.send((body, Some(tx))).await.ok()?;
+        rx.await.ok().flatten()
     }
 
     /// Marks a record acknowledged by a verified receipt.
@@ -99,7 +111,7 @@ pub fn spawn(
 async fn run(
     mut spool: Spool,
     stamp: Stamp,
-    mut emit_rx: mpsc::Receiver<pb::record::Body>,
+    mut emit_rx: mpsc::Receiver<Emit>,
     mut control_rx: mpsc::UnboundedReceiver<Control>,
     stats_tx: watch::Sender<SpoolStats>,
     shutdown: CancellationToken,
@@ -163,14 +175,16 @@ fn handle_control(spool: &mut Spool, c: Control) {
     }
 }
 
-/// Numbers, signs and appends one group with a single fsync.
-fn append(spool: &mut Spool, stamp: &Stamp, bodies: Vec<pb::record::Body>) {
+/// Numbers, signs and appends one group with a single fsync; then tells
+/// whoever asked what was spooled.
+fn append(spool: &mut Spool, stamp: &Stamp, bodies: Vec<Emit>) {
     let first = spool.next_seq();
     let now = crate::now_ms();
+    let mut waiting = Vec::new();
     let records: Vec<(u64, Vec<u8>)> = bodies
         .into_iter()
         .enumerate()
-        .map(|(i, body)| {
+        .map(|(i, (body, reply))| {
             let seq = first + i as u64;
             let record = pb::Record {
                 node_id: stamp.node_id.clone(),
@@ -180,16 +194,73 @@ fn append(spool: &mut Spool, stamp: &Stamp, bodies: Vec<pb::record::Body>) {
                 body: Some(body),
             };
             let env = stamp.signer.sign_message(types::RECORD, &record);
-            (seq, env.encode_to_vec())
+            let bytes = env.encode_to_vec();
+            if let Some(reply) = reply {
+                waiting.push((reply, env));
+            }
+            (seq, bytes)
         })
         .collect();
     let was_full = spool.stats().full;
-    match spool.append_batch(&records) {
+    let result = spool.append_batch(&records);
+    let spooled = result.is_ok();
+    for (reply, env) in waiting {
+        let _ = reply.send(spooled.then_some(env));
+    }
+    match result {
         Ok(()) if was_full => tracing::info!("spool has room again; records are spooled"),
         Ok(()) => {}
         // Said once when the spool fills; status and heartbeats carry the count.
         Err(e @ SpoolError::Full { .. }) if !was_full => tracing::warn!(error = %e, "spool full"),
         Err(SpoolError::Full { .. }) => {}
         Err(e) => tracing::error!(error = %e, "records not spooled"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::SpoolConfig;
+
+    #[tokio::test]
+    async fn emit_signed_returns_the_spooled_envelope_or_none_when_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(SpoolConfig {
+            dir: dir.path().to_owned(),
+            max_bytes: 64 << 10,
+            segment_bytes: 64 << 10,
+        })
+        .unwrap();
+        let signer = Arc::new(Signer::from_seed(&[4; 32]));
+        let stop = CancellationToken::new();
+        let (outbox, task) = spawn(
+            spool,
+            Stamp {
+                signer: signer.clone(),
+                node_id: signer.key_id().into(),
+                start_id: "s".into(),
+            },
+            stop.clone(),
+        );
+        let body = |n: usize| {
+            pb::record::Body::Telemetry(pb::Telemetry {
+                gpu_events: vec![pb::GpuEvent {
+                    detail: "x".repeat(n),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        };
+        let env = outbox.emit_signed(body(10)).await.expect("spooled");
+        let rec: pb::Record =
+            warden_proto::dsse::open(&env, types::RECORD, &signer.verifying_key()).unwrap();
+        assert_eq!(rec.seq, 1);
+        // The spool holds exactly what was returned.
+        let read = outbox.read(1, 1).await.unwrap();
+        assert_eq!(read[0].envelope, env);
+        // Too big for the cap: refused, and the producer is told.
+        assert!(outbox.emit_signed(body(80 << 10)).await.is_none());
+        stop.cancel();
+        task.await.unwrap();
     }
 }
