@@ -2,6 +2,7 @@
 //! rentable, verifiable node. Each module owns one concern; `daemon`
 //! wires them into tasks.
 
+pub mod attest;
 pub mod config;
 pub mod confine;
 pub mod daemon;

@@ -484,45 +484,78 @@ pub fn verify(c: &Chain, p: &Params) -> Report {
     report
 }
 
+/// Running totals of a lease's chain, kept by the agent as it signs each
+/// attestation (and persisted with the lease), so that at lease end it can
+/// sign the proof without keeping every record.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Tally {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub head_sha256: [u8; 32],
+    pub sampled_ms: i64,
+    pub foreign_events: u64,
+    pub kills: u64,
+    pub container_stops: u64,
+    pub start_ids: Vec<String>,
+}
+
+impl Tally {
+    /// Counts one signed attestation record (its Record and payload bytes).
+    pub fn add(&mut self, rec: &pb::Record, a: &pb::Attestation, payload: &[u8]) {
+        if self.first_seq == 0 {
+            self.first_seq = a.lease_seq;
+        }
+        self.last_seq = a.lease_seq;
+        self.head_sha256 = sha256(payload);
+        self.sampled_ms += a
+            .sampled_ms
+            .clamp(0, (a.window_end_unix_ms - a.window_start_unix_ms).max(0));
+        self.foreign_events += a.holders.iter().filter(|h| h.verdict == "foreign").count() as u64;
+        self.kills += a.enforcement.iter().filter(|e| e.action == "kill").count() as u64;
+        self.container_stops += a.enforcement.iter().filter(|e| e.action == "stop").count() as u64;
+        if !self.start_ids.contains(&rec.start_id) {
+            self.start_ids.push(rec.start_id.clone());
+        }
+    }
+
+    /// The proof for a lease that ran from `t1` to `t2`.
+    pub fn proof(&self, lease_id: &str, t1: i64, t2: i64) -> pb::LeaseProof {
+        pb::LeaseProof {
+            lease_id: lease_id.to_owned(),
+            t1_unix_ms: t1,
+            t2_unix_ms: t2,
+            first_seq: self.first_seq,
+            last_seq: self.last_seq,
+            head_sha256: if self.last_seq == 0 {
+                Vec::new()
+            } else {
+                self.head_sha256.to_vec()
+            },
+            coverage: if t2 > t1 {
+                self.sampled_ms as f64 / (t2 - t1) as f64
+            } else {
+                0.0
+            },
+            foreign_events: self.foreign_events,
+            kills: self.kills,
+            container_stops: self.container_stops,
+            restarts: self.start_ids.len().saturating_sub(1) as u32,
+        }
+    }
+}
+
 /// The proof an honest agent signs for a chain (what `verify` expects).
 pub fn proof_for(lease_id: &str, t1: i64, t2: i64, records: &[Envelope]) -> pb::LeaseProof {
-    let mut p = pb::LeaseProof {
-        lease_id: lease_id.to_owned(),
-        t1_unix_ms: t1,
-        t2_unix_ms: t2,
-        ..Default::default()
-    };
-    let mut sampled = 0i64;
-    let mut start_ids: Vec<String> = Vec::new();
+    let mut tally = Tally::default();
     for env in records {
         let Ok(rec) = pb::Record::decode(env.payload.as_slice()) else {
             continue;
         };
-        let Some(pb::record::Body::Attestation(a)) = rec.body else {
-            continue;
-        };
-        if p.first_seq == 0 {
-            p.first_seq = a.lease_seq;
-        }
-        p.last_seq = a.lease_seq;
-        p.head_sha256 = sha256(&env.payload).to_vec();
-        sampled += a
-            .sampled_ms
-            .clamp(0, (a.window_end_unix_ms - a.window_start_unix_ms).max(0));
-        p.foreign_events += a.holders.iter().filter(|h| h.verdict == "foreign").count() as u64;
-        p.kills += a.enforcement.iter().filter(|e| e.action == "kill").count() as u64;
-        p.container_stops += a.enforcement.iter().filter(|e| e.action == "stop").count() as u64;
-        if !start_ids.contains(&rec.start_id) {
-            start_ids.push(rec.start_id.clone());
+        if let Some(pb::record::Body::Attestation(a)) = &rec.body {
+            tally.add(&rec, a, &env.payload);
         }
     }
-    p.restarts = start_ids.len().saturating_sub(1) as u32;
-    p.coverage = if t2 > t1 {
-        sampled as f64 / (t2 - t1) as f64
-    } else {
-        0.0
-    };
-    p
+    tally.proof(lease_id, t1, t2)
 }
 
 #[cfg(test)]
