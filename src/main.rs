@@ -150,6 +150,13 @@ enum LeaseCommand {
         #[arg(long, default_value_t = 60)]
         timeout: u32,
     },
+    /// Write a lease's evidence (node key, records, proof, challenges,
+    /// verdict) as a bundle that `warden verify` checks offline.
+    Export {
+        lease_id: String,
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+    },
     /// Leases the coordinator knows, with their containers.
     List {
         #[arg(long)]
@@ -925,6 +932,18 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
                 .map_err(refused)?;
             println!("{lease_id} {name} removed");
         }
+        LeaseCommand::Export { lease_id, output } => {
+            let json = client
+                .export_lease(pb::ExportLeaseRequest {
+                    lease_id: lease_id.clone(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .bundle_json;
+            std::fs::write(&output, json).with_context(|| format!("writing {}", output.display()))?;
+            println!("{lease_id} → {}", output.display());
+        }
         LeaseCommand::List { json } => {
             let leases = client
                 .list_leases(pb::ListLeasesRequest {})
@@ -948,6 +967,12 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
                             "ended_unix_ms": l.ended_unix_ms,
                             "error": l.error,
                             "containers": l.containers,
+                            "verdict": l.verdict,
+                            "verdict_reasons": l.verdict_reasons,
+                            "coverage": l.coverage,
+                            "chain_errors": l.chain_errors,
+                            "attestations": l.attestations,
+                            "challenges_sent": l.challenges_sent,
                         })
                     })
                     .collect();
@@ -975,7 +1000,7 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
                     })
                     .collect();
                 println!(
-                    "{:<20} {:<34} {:<9} {:<6} {}{}",
+                    "{:<20} {:<34} {:<9} {:<6} {}{}{}",
                     l.lease_id,
                     l.node_id,
                     l.state,
@@ -989,6 +1014,10 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
                         String::new()
                     } else {
                         format!("  error: {}", l.error)
+                    },
+                    match l.verdict.as_str() {
+                        "" => String::new(),
+                        v => format!("  proof {v} (coverage {:.1} %)", l.coverage * 100.0),
                     }
                 );
             }

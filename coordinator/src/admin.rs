@@ -255,6 +255,25 @@ impl pb::admin_server::Admin for AdminService {
         ))
     }
 
+    async fn export_lease(
+        &self,
+        req: Request<pb::ExportLeaseRequest>,
+    ) -> Result<Response<pb::ExportLeaseResponse>, Status> {
+        let lease_id = req.into_inner().lease_id;
+        let ev = self
+            .store
+            .evidence(&lease_id)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("no lease {lease_id}")))?;
+        let bundle = crate::verdict::bundle(&lease_id, &ev, &self.signer.verifying_key())
+            .map_err(|e| Status::internal(format!("node key: {e}")))?;
+        Ok(Response::new(pb::ExportLeaseResponse {
+            bundle_json: serde_json::to_string_pretty(&bundle.to_json())
+                .map_err(|e| Status::internal(e.to_string()))?,
+        }))
+    }
+
     async fn list_leases(
         &self,
         _: Request<pb::ListLeasesRequest>,

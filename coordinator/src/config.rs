@@ -37,6 +37,32 @@ pub struct CoordinatorConfig {
     /// The coordinator's Ed25519 signing key; defaults to `<state_dir>/coordinator.key`.
     pub key_file: Option<PathBuf>,
     pub tls: TlsConfig,
+    pub leases: LeasesConfig,
+}
+
+/// How leases are watched: challenges and the verdict's threshold.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeasesConfig {
+    /// Mean time between challenges to each running lease (each gap is drawn
+    /// uniformly from half to one and a half of it); 0 sends none.
+    #[serde(with = "humantime_serde")]
+    pub challenge_interval: std::time::Duration,
+    /// How long a node has to put a challenge's nonce in an attestation.
+    #[serde(with = "humantime_serde")]
+    pub challenge_deadline: std::time::Duration,
+    /// Least coverage for a lease's proof to hold.
+    pub min_coverage: f64,
+}
+
+impl Default for LeasesConfig {
+    fn default() -> Self {
+        Self {
+            challenge_interval: std::time::Duration::from_secs(60),
+            challenge_deadline: std::time::Duration::from_secs(30),
+            min_coverage: 0.9,
+        }
+    }
 }
 
 /// Server certificate and key, PEM. Required outside `--dev`.
@@ -59,6 +85,7 @@ impl Default for CoordinatorConfig {
             admin_socket: None,
             key_file: None,
             tls: TlsConfig::default(),
+            leases: LeasesConfig::default(),
         }
     }
 }
@@ -75,10 +102,24 @@ impl CoordinatorConfig {
 
     /// Parses TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             origin: origin.to_owned(),
             message: e.to_string(),
-        })
+        })?;
+        let m = cfg.leases.min_coverage;
+        if !(0.0..=1.0).contains(&m) {
+            return Err(ConfigError::Invalid {
+                key: "leases.min_coverage",
+                reason: format!("{m} is not between 0 and 1"),
+            });
+        }
+        if cfg.leases.challenge_deadline.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "leases.challenge_deadline",
+                reason: "must be longer than zero".into(),
+            });
+        }
+        Ok(cfg)
     }
 
     /// The TLS certificate and key paths, which production needs.

@@ -3,6 +3,7 @@
 //! with a signed receipt.
 
 pub mod admin;
+pub mod challenge;
 pub mod config;
 pub mod devtls;
 pub mod leases;
@@ -10,6 +11,7 @@ pub mod probe;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod verdict;
 
 pub use config::CoordinatorConfig;
 pub use server::{start, Running, ServeError, TlsPem};

@@ -137,11 +137,14 @@ pub async fn start(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let signer = Arc::new(signer);
+    let (challenge_store, challenge_registry, challenge_signer) =
+        (store.clone(), registry.clone(), signer.clone());
     let uplink = UplinkServer::new(UplinkService::new(
         signer.clone(),
         store.clone(),
         registry.clone(),
         shutdown.clone(),
+        cfg.leases.min_coverage,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
@@ -167,13 +170,27 @@ pub async fn start(
             shutdown.clone().cancelled_owned(),
         );
 
+    let challenges = tokio::spawn(crate::challenge::run(
+        challenge_store,
+        challenge_registry,
+        challenge_signer,
+        cfg.leases.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!(%addr, admin = %admin_socket.display(), key = %public_key.to_base64(), "coordinator listening");
     Ok(Running {
         addr,
         admin_socket,
         public_key,
         database,
-        tasks: vec![tokio::spawn(grpc), tokio::spawn(admin)],
+        tasks: vec![
+            tokio::spawn(grpc),
+            tokio::spawn(admin),
+            tokio::spawn(async move {
+                let _ = challenges.await;
+                Ok(())
+            }),
+        ],
     })
 }
 

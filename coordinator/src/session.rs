@@ -26,7 +26,7 @@ use warden_proto::{
     types,
 };
 
-use crate::store::{NewRecord, NodeRow, NodeState, Outcome, Store};
+use crate::store::{ChainItem, NewRecord, NodeRow, NodeState, Outcome, Store};
 
 /// How long an agent has to send Register after opening the stream.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -108,6 +108,8 @@ pub struct UplinkService {
     store: Store,
     registry: Registry,
     shutdown: CancellationToken,
+    /// Least coverage for a lease's proof to hold.
+    min_coverage: f64,
 }
 
 impl UplinkService {
@@ -116,12 +118,14 @@ impl UplinkService {
         store: Store,
         registry: Registry,
         shutdown: CancellationToken,
+        min_coverage: f64,
     ) -> Self {
         Self {
             signer,
             store,
             registry,
             shutdown,
+            min_coverage,
         }
     }
 }
@@ -174,6 +178,7 @@ impl pb::uplink_server::Uplink for UplinkService {
             store: self.store.clone(),
             registry: registry.clone(),
             tx,
+            min_coverage: self.min_coverage,
         };
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -229,6 +234,7 @@ struct Session {
     store: Store,
     registry: Registry,
     tx: mpsc::Sender<Result<Envelope, Status>>,
+    min_coverage: f64,
 }
 
 /// What one inbound envelope asks of the session.
@@ -289,6 +295,17 @@ impl Session {
                         for r in &rec.state.results {
                             self.registry.resolve(r);
                         }
+                    }
+                    if let (Outcome::Stored, Some(ChainItem::Proof { lease_id })) =
+                        (&outcome, &rec.state.chain)
+                    {
+                        // The lease has ended: judge its whole chain against the proof.
+                        let (store, signer, lease) =
+                            (self.store.clone(), self.signer.clone(), lease_id.clone());
+                        let min = self.min_coverage;
+                        tokio::spawn(async move {
+                            crate::verdict::judge(&store, &signer, &lease, min).await
+                        });
                     }
                     match outcome {
                         Outcome::Stored | Outcome::Duplicate => replies
@@ -424,10 +441,21 @@ pub fn node_state(rec: &pb::Record) -> NodeState {
             results: vec![r.clone()],
             ..Default::default()
         },
-        // Stored as records; the chain is judged per lease, not folded into node state.
-        Some(pb::record::Body::Attestation(_) | pb::record::Body::LeaseProof(_)) | None => {
-            NodeState::default()
-        }
+        Some(pb::record::Body::Attestation(a)) => NodeState {
+            chain: Some(ChainItem::Attestation {
+                lease_id: a.lease_id.clone(),
+                lease_seq: a.lease_seq,
+                prev_sha256: a.prev_sha256.clone(),
+            }),
+            ..Default::default()
+        },
+        Some(pb::record::Body::LeaseProof(p)) => NodeState {
+            chain: Some(ChainItem::Proof {
+                lease_id: p.lease_id.clone(),
+            }),
+            ..Default::default()
+        },
+        None => NodeState::default(),
     }
 }
 

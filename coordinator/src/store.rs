@@ -77,6 +77,32 @@ pub struct NodeState {
     pub results: Vec<pb::CommandResult>,
     /// Container lifecycle the node reported.
     pub workload_events: Vec<pb::WorkloadEvent>,
+    /// An attestation (lease id, lease seq, prev digest) or a proof (lease id).
+    pub chain: Option<ChainItem>,
+}
+
+/// A record of a lease's chain, indexed so the lease's evidence can be gathered.
+#[derive(Debug, Clone)]
+pub enum ChainItem {
+    Attestation {
+        lease_id: String,
+        lease_seq: u64,
+        prev_sha256: Vec<u8>,
+    },
+    Proof {
+        lease_id: String,
+    },
+}
+
+/// Everything stored about one lease's chain, for verification and export.
+#[derive(Debug, Clone)]
+pub struct Evidence {
+    pub node_id: String,
+    pub node_public_key: Vec<u8>,
+    pub records: Vec<pb::Envelope>,
+    pub proof: Option<pb::Envelope>,
+    pub challenges: Vec<pb::Envelope>,
+    pub verdict: Option<pb::Envelope>,
 }
 
 /// What storing one record did.
@@ -136,6 +162,11 @@ enum Cmd {
         String,
         oneshot::Sender<Result<Option<pb::LeaseInfo>, StoreError>>,
     ),
+    Evidence(String, oneshot::Sender<Result<Option<Evidence>, StoreError>>),
+    /// A challenge sent (the signed envelope), counted on the lease.
+    PutChallenge(String, pb::Envelope),
+    /// The coordinator's signed verdict, and what it says.
+    PutVerdict(String, pb::Envelope, pb::LeaseVerdict),
     ListLeases(oneshot::Sender<Result<Vec<pb::LeaseInfo>, StoreError>>),
 }
 
@@ -216,6 +247,21 @@ impl Store {
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 
+    /// A lease's chain, proof, challenges and verdict as stored (None: no such lease).
+    pub async fn evidence(&self, lease_id: &str) -> Result<Option<Evidence>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Evidence(lease_id.to_owned(), tx))?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    pub fn put_challenge(&self, lease_id: &str, env: pb::Envelope) {
+        let _ = self.send(Cmd::PutChallenge(lease_id.to_owned(), env));
+    }
+
+    pub fn put_verdict(&self, lease_id: &str, env: pb::Envelope, verdict: pb::LeaseVerdict) {
+        let _ = self.send(Cmd::PutVerdict(lease_id.to_owned(), env, verdict));
+    }
+
     pub async fn list_leases(&self) -> Result<Vec<pb::LeaseInfo>, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.send(Cmd::ListLeases(tx))?;
@@ -288,6 +334,24 @@ const MIGRATIONS: &[&str] = &[
          kind TEXT NOT NULL,
          result BLOB
      ) WITHOUT ROWID;",
+    // 4: each lease's chain records (by the node's record seq), its
+    // challenges and the verdict.
+    "CREATE TABLE lease_records (
+         lease_id TEXT NOT NULL,
+         node_id TEXT NOT NULL,
+         seq INTEGER NOT NULL,
+         lease_seq INTEGER NOT NULL,
+         kind TEXT NOT NULL,
+         payload_sha256 BLOB NOT NULL,
+         PRIMARY KEY (lease_id, seq)
+     ) WITHOUT ROWID;
+     CREATE TABLE challenges (
+         lease_id TEXT NOT NULL,
+         issued_ms INTEGER NOT NULL,
+         envelope BLOB NOT NULL
+     );
+     CREATE INDEX challenges_lease ON challenges (lease_id);
+     ALTER TABLE leases ADD COLUMN verdict BLOB;",
 ];
 
 fn init(conn: &mut Connection) -> rusqlite::Result<()> {
@@ -376,6 +440,31 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>) {
                 Cmd::GetLease(id, reply) => {
                     let _ = reply.send(get_lease(&tx, &id).map_err(StoreError::from));
                 }
+                Cmd::Evidence(id, reply) => {
+                    let _ = reply.send(evidence(&tx, &id).map_err(StoreError::from));
+                }
+                Cmd::PutChallenge(lease_id, env) => {
+                    tx.execute(
+                        "INSERT INTO challenges (lease_id, issued_ms, envelope) VALUES (?1, ?2, ?3)",
+                        params![lease_id, crate::session::now_ms(), env.encode_to_vec()],
+                    )?;
+                    if let Some(mut info) = get_lease(&tx, &lease_id)? {
+                        info.challenges_sent += 1;
+                        put_lease(&tx, &info)?;
+                    }
+                }
+                Cmd::PutVerdict(lease_id, env, v) => {
+                    tx.execute(
+                        "UPDATE leases SET verdict = ?2 WHERE lease_id = ?1",
+                        params![lease_id, env.encode_to_vec()],
+                    )?;
+                    if let Some(mut info) = get_lease(&tx, &lease_id)? {
+                        info.verdict = if v.holds { "holds" } else { "fails" }.into();
+                        info.verdict_reasons = v.reasons;
+                        info.coverage = v.coverage;
+                        put_lease(&tx, &info)?;
+                    }
+                }
                 Cmd::ListLeases(reply) => {
                     let _ = reply.send(list_leases(&tx).map_err(StoreError::from));
                 }
@@ -457,6 +546,9 @@ fn insert_record(tx: &rusqlite::Transaction, r: &NewRecord) -> rusqlite::Result<
             params![r.node_id, seq, r.receipt],
         )?;
         apply_state(tx, &r.node_id, &r.state)?;
+        if let Some(item) = &r.state.chain {
+            index_chain(tx, r, item)?;
+        }
         return Ok(Outcome::Stored);
     }
     let stored: Vec<u8> = tx.query_row(
@@ -471,6 +563,99 @@ fn insert_record(tx: &rusqlite::Transaction, r: &NewRecord) -> rusqlite::Result<
             stored_sha256: stored,
         })
     }
+}
+
+/// Indexes a chain record under its lease, checking the link live: a record
+/// that does not follow the last one stored is noted on the lease (it is
+/// stored all the same: the verdict judges the whole chain).
+fn index_chain(tx: &rusqlite::Transaction, r: &NewRecord, item: &ChainItem) -> rusqlite::Result<()> {
+    let (lease_id, lease_seq, kind) = match item {
+        ChainItem::Attestation { lease_id, lease_seq, .. } => (lease_id, *lease_seq as i64, "attestation"),
+        ChainItem::Proof { lease_id } => (lease_id, 0, "proof"),
+    };
+    let Some(mut info) = get_lease(tx, lease_id)?.filter(|i| i.node_id == r.node_id) else {
+        return Ok(()); // not a lease of this node: nothing to index
+    };
+    if let ChainItem::Attestation { lease_seq, prev_sha256, .. } = item {
+        let last: Option<(i64, Vec<u8>)> = tx
+            .query_row(
+                "SELECT lease_seq, payload_sha256 FROM lease_records
+                 WHERE lease_id = ?1 AND kind = 'attestation' ORDER BY lease_seq DESC LIMIT 1",
+                [lease_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let (want_seq, want_prev) = last.map_or((1, vec![0u8; 32]), |(s, d)| (s as u64 + 1, d));
+        if *lease_seq != want_seq || *prev_sha256 != want_prev {
+            info.chain_errors.push(format!(
+                "record seq {}: lease seq {} does not follow {} (or its link is wrong)",
+                r.seq,
+                lease_seq,
+                want_seq - 1
+            ));
+        }
+        info.attestations += 1;
+        put_lease(tx, &info)?;
+    }
+    tx.execute(
+        "INSERT OR IGNORE INTO lease_records (lease_id, node_id, seq, lease_seq, kind, payload_sha256)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![lease_id, r.node_id, r.seq as i64, lease_seq, kind, &r.payload_sha256[..]],
+    )?;
+    Ok(())
+}
+
+fn envelope(payload_type: String, payload: Vec<u8>, keyid: String, sig: Vec<u8>) -> pb::Envelope {
+    pb::Envelope {
+        payload_type,
+        payload,
+        signatures: vec![pb::Signature { keyid, sig }],
+    }
+}
+
+fn evidence(conn: &Connection, lease_id: &str) -> rusqlite::Result<Option<Evidence>> {
+    let row: Option<(String, Vec<u8>, Option<Vec<u8>>)> = conn
+        .query_row(
+            "SELECT l.node_id, n.public_key, l.verdict FROM leases l JOIN nodes n ON n.node_id = l.node_id
+             WHERE l.lease_id = ?1",
+            [lease_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((node_id, node_public_key, verdict)) = row else {
+        return Ok(None);
+    };
+    let mut stmt = conn.prepare(
+        "SELECT lr.kind, r.payload_type, r.payload, r.keyid, r.sig FROM lease_records lr
+         JOIN records r ON r.node_id = lr.node_id AND r.seq = lr.seq
+         WHERE lr.lease_id = ?1 ORDER BY lr.seq",
+    )?;
+    let mut records = Vec::new();
+    let mut proof = None;
+    let rows = stmt.query_map([lease_id], |r| {
+        Ok((r.get::<_, String>(0)?, envelope(r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+    })?;
+    for row in rows {
+        let (kind, env) = row?;
+        if kind == "proof" {
+            proof = Some(env);
+        } else {
+            records.push(env);
+        }
+    }
+    let mut stmt = conn.prepare("SELECT envelope FROM challenges WHERE lease_id = ?1 ORDER BY issued_ms, rowid")?;
+    let challenges = stmt
+        .query_map([lease_id], |r| r.get::<_, Vec<u8>>(0))?
+        .filter_map(|b| b.ok().and_then(|b| pb::Envelope::decode(b.as_slice()).ok()))
+        .collect();
+    Ok(Some(Evidence {
+        node_id,
+        node_public_key,
+        records,
+        proof,
+        challenges,
+        verdict: verdict.and_then(|b| pb::Envelope::decode(b.as_slice()).ok()),
+    }))
 }
 
 fn put_lease(tx: &rusqlite::Transaction, info: &pb::LeaseInfo) -> rusqlite::Result<()> {
