@@ -165,6 +165,7 @@ impl GpuSource for NvmlSource {
                 name: d.name().map_err(err)?,
                 memory_total_bytes: d.memory_info().map_err(err)?.total,
                 pci_bus_id: d.pci_info().map_err(err)?.bus_id,
+                minor_number: d.minor_number().map_err(err)?,
             });
         }
         Ok(Inventory {

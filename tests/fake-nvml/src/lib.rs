@@ -51,6 +51,8 @@ struct Device {
     processes: Vec<Process>,
     graphics_processes: Vec<Process>,
     lost: bool,
+    /// Minor number of its device node (/dev/nvidiaN); default: its index.
+    minor_number: Option<u32>,
     /// Xid errors to raise, in order; each is delivered once through the
     /// event API (`nvmlEventSetWait_v2`), so a test appends to raise more.
     xid_errors: Vec<u64>,
@@ -610,5 +612,13 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(
             // instead, and benchmarks should not measure this loop.
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMinorNumber(device: *mut c_void, minor: *mut c_uint) -> Ret {
+    run(|| {
+        let d = self::device(device)?;
+        put(minor, d.minor_number.unwrap_or(device as u32 - 1))
     })
 }
