@@ -440,6 +440,7 @@ mod tests {
                     name: "NVIDIA \"H100\"".into(),
                     memory_total_bytes: 80 << 30,
                     pci_bus_id: "00000000:01:00.0".into(),
+                    minor_number: 0,
                 }],
                 ..Default::default()
             },
