@@ -97,6 +97,7 @@ async fn throughput(n: u64, window: usize) -> f64 {
         outbox: outbox.clone(),
         status: status_tx,
         commands: None,
+        challenges: None,
     };
     let uplink_task = tokio::spawn(uplink.run(shutdown.clone()));
 

@@ -176,8 +176,10 @@ enum LeaseCommand {
 /// What to run: the container spec, as `lease start` and `lease run` take it.
 #[derive(clap::Args)]
 struct SpecArgs {
+    /// The image to run. `lease start` without it reserves the GPUs and
+    /// runs nothing yet (`lease run` adds containers).
     #[arg(long)]
-    image: String,
+    image: Option<String>,
     /// The container's name within the lease.
     #[arg(long, default_value = "main")]
     name: String,
@@ -220,10 +222,14 @@ struct SpecArgs {
 }
 
 impl SpecArgs {
-    fn spec(self) -> Result<warden_proto::pb::ContainerSpec> {
-        Ok(warden_proto::pb::ContainerSpec {
+    /// The container spec, or None when no image was given.
+    fn spec(self) -> Result<Option<warden_proto::pb::ContainerSpec>> {
+        let Some(image) = self.image else {
+            return Ok(None);
+        };
+        Ok(Some(warden_proto::pb::ContainerSpec {
             name: self.name,
-            image: self.image,
+            image,
             command: self.cmd,
             env: self.env,
             ports: self
@@ -250,7 +256,7 @@ impl SpecArgs {
                 .collect::<Result<_>>()?,
             devices: self.device,
             security_opt: self.security_opt,
-        })
+        }))
     }
 }
 
@@ -893,7 +899,7 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
                     node_id,
                     gpu_uuids: gpu,
                     all_gpus: gpus.is_some(),
-                    container: Some(spec.spec()?),
+                    container: spec.spec()?,
                     renter: renter.unwrap_or_default(),
                     timeout_seconds: timeout,
                 })
@@ -908,7 +914,7 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
             client
                 .run_container(pb::RunContainerRequest {
                     lease_id: lease_id.clone(),
-                    container: Some(spec.spec()?),
+                    container: Some(spec.spec()?.context("lease run needs --image")?),
                     timeout_seconds: timeout,
                 })
                 .await
@@ -941,7 +947,8 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
                 .map_err(refused)?
                 .into_inner()
                 .bundle_json;
-            std::fs::write(&output, json).with_context(|| format!("writing {}", output.display()))?;
+            std::fs::write(&output, json)
+                .with_context(|| format!("writing {}", output.display()))?;
             println!("{lease_id} → {}", output.display());
         }
         LeaseCommand::List { json } => {

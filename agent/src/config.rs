@@ -46,6 +46,37 @@ pub struct AgentConfig {
     pub probe: ProbeConfig,
     pub doctor: DoctorConfig,
     pub workload: WorkloadConfig,
+    pub timelock: TimeLockConfig,
+}
+
+/// Proof of Time-Lock: who may hold a leased GPU, and the attestation epoch.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeLockConfig {
+    /// One attestation per lease per epoch.
+    #[serde(with = "humantime_serde")]
+    pub epoch: Duration,
+    /// GPU device nodes whose holders are found (a trailing `*` matches any rest).
+    pub device_patterns: Vec<String>,
+    /// Executables (paths or names) allowed to hold any GPU.
+    pub allow_exe: Vec<String>,
+    /// SIGTERM, then SIGKILL after this long, for a foreign process.
+    #[serde(with = "humantime_serde")]
+    pub kill_grace: Duration,
+}
+
+impl Default for TimeLockConfig {
+    fn default() -> Self {
+        Self {
+            epoch: Duration::from_secs(10),
+            device_patterns: crate::procs::default_patterns(),
+            allow_exe: crate::enforce::DEFAULT_ALLOW_EXE
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            kill_grace: Duration::from_secs(2),
+        }
+    }
 }
 
 /// The renter's containers: where Docker is and what they may have.
@@ -257,6 +288,7 @@ impl Default for AgentConfig {
             probe: ProbeConfig::default(),
             doctor: DoctorConfig::default(),
             workload: WorkloadConfig::default(),
+            timelock: TimeLockConfig::default(),
         }
     }
 }
@@ -338,6 +370,13 @@ impl AgentConfig {
         nonzero("gpu.sample_interval", self.gpu.sample_interval)?;
         nonzero("gpu.inventory_interval", self.gpu.inventory_interval)?;
         nonzero("probe.duration", self.probe.duration)?;
+        nonzero("timelock.epoch", self.timelock.epoch)?;
+        if self.timelock.epoch < self.gpu.sample_interval {
+            return Err(invalid(
+                "timelock.epoch",
+                "must be at least gpu.sample_interval".into(),
+            ));
+        }
         let w = &self.workload;
         if w.pids_limit < 16 {
             return Err(invalid(

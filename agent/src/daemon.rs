@@ -13,6 +13,7 @@ use crate::{
     outbox::{self, Stamp},
     spool::{Spool, SpoolConfig, SpoolError},
     status, telemetry,
+    timelock::TimeLock,
     uplink::{Uplink, UplinkStatus},
     workload::Workload,
 };
@@ -99,6 +100,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 
     let (uplink_tx, uplink_rx) = watch::channel(UplinkStatus::default());
     let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(64);
+    let (challenges_tx, challenges_rx) = tokio::sync::mpsc::channel(64);
     let uplink_task = match config.coordinator.clone() {
         Some(link) => {
             let up = Uplink {
@@ -111,6 +113,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 outbox: outbox.clone(),
                 status: uplink_tx,
                 commands: Some(commands_tx),
+                challenges: Some(challenges_tx),
             };
             Some(tokio::spawn(up.run(tasks.clone())))
         }
@@ -171,7 +174,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             gpus: gpus_rx.clone(),
             link: link_rx.clone(),
             metrics_address,
-            leases: leases_rx,
+            leases: leases_rx.clone(),
         },
         tasks.clone(),
     ));
@@ -186,6 +189,20 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
         .run(commands_rx, stop_producers.clone()),
     )];
+    producers.push(tokio::spawn(
+        TimeLock {
+            config: config.timelock.clone(),
+            sample_interval: config.gpu.sample_interval,
+            state_path: dir.join("chains.json"),
+            outbox: outbox.clone(),
+            leases: leases_rx,
+            gpus: gpus_rx.clone(),
+            inventory: inventory_rx.clone(),
+            docker_socket: config.workload.docker_socket.clone(),
+            stop_grace: config.workload.stop_grace,
+        }
+        .run(challenges_rx, stop_producers.clone()),
+    ));
     if let Ok(source) = &gpus {
         let (driver_events, watcher) = gpu::watch_events(source.clone(), stop_producers.clone());
         producers.push(watcher);

@@ -20,6 +20,7 @@ pub mod procs;
 pub mod spool;
 pub mod status;
 pub mod telemetry;
+pub mod timelock;
 pub mod uplink;
 pub mod workload;
 

@@ -95,6 +95,8 @@ pub struct Uplink {
     pub status: watch::Sender<UplinkStatus>,
     /// Where verified coordinator commands go (the workload task).
     pub commands: Option<tokio::sync::mpsc::Sender<pb::Command>>,
+    /// Where verified challenges go (the time-lock task).
+    pub challenges: Option<tokio::sync::mpsc::Sender<pb::Challenge>>,
 }
 
 /// A TLS channel to the coordinator, trusting only the configured CA.
@@ -363,6 +365,20 @@ impl Uplink {
                     s.refusals += 1;
                     s.last_refusal = Some(format!("seq {}: {}", refusal.seq, refusal.reason));
                 });
+            }
+            types::CHALLENGE => {
+                let ch = match dsse::open::<pb::Challenge>(env, types::CHALLENGE, pinned) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return tracing::warn!(error = %e, "ignored a challenge that does not verify against the pinned coordinator key")
+                    }
+                };
+                if ch.node_id != self.node_id {
+                    return tracing::warn!(node = %ch.node_id, "ignored a challenge for another node");
+                }
+                if let Some(tx) = &self.challenges {
+                    let _ = tx.try_send(ch);
+                }
             }
             types::COMMAND => {
                 let cmd = match dsse::open::<pb::Command>(env, types::COMMAND, pinned) {

@@ -162,7 +162,10 @@ enum Cmd {
         String,
         oneshot::Sender<Result<Option<pb::LeaseInfo>, StoreError>>,
     ),
-    Evidence(String, oneshot::Sender<Result<Option<Evidence>, StoreError>>),
+    Evidence(
+        String,
+        oneshot::Sender<Result<Option<Evidence>, StoreError>>,
+    ),
     /// A challenge sent (the signed envelope), counted on the lease.
     PutChallenge(String, pb::Envelope),
     /// The coordinator's signed verdict, and what it says.
@@ -568,15 +571,28 @@ fn insert_record(tx: &rusqlite::Transaction, r: &NewRecord) -> rusqlite::Result<
 /// Indexes a chain record under its lease, checking the link live: a record
 /// that does not follow the last one stored is noted on the lease (it is
 /// stored all the same: the verdict judges the whole chain).
-fn index_chain(tx: &rusqlite::Transaction, r: &NewRecord, item: &ChainItem) -> rusqlite::Result<()> {
+fn index_chain(
+    tx: &rusqlite::Transaction,
+    r: &NewRecord,
+    item: &ChainItem,
+) -> rusqlite::Result<()> {
     let (lease_id, lease_seq, kind) = match item {
-        ChainItem::Attestation { lease_id, lease_seq, .. } => (lease_id, *lease_seq as i64, "attestation"),
+        ChainItem::Attestation {
+            lease_id,
+            lease_seq,
+            ..
+        } => (lease_id, *lease_seq as i64, "attestation"),
         ChainItem::Proof { lease_id } => (lease_id, 0, "proof"),
     };
     let Some(mut info) = get_lease(tx, lease_id)?.filter(|i| i.node_id == r.node_id) else {
         return Ok(()); // not a lease of this node: nothing to index
     };
-    if let ChainItem::Attestation { lease_seq, prev_sha256, .. } = item {
+    if let ChainItem::Attestation {
+        lease_seq,
+        prev_sha256,
+        ..
+    } = item
+    {
         let last: Option<(i64, Vec<u8>)> = tx
             .query_row(
                 "SELECT lease_seq, payload_sha256 FROM lease_records
@@ -633,7 +649,10 @@ fn evidence(conn: &Connection, lease_id: &str) -> rusqlite::Result<Option<Eviden
     let mut records = Vec::new();
     let mut proof = None;
     let rows = stmt.query_map([lease_id], |r| {
-        Ok((r.get::<_, String>(0)?, envelope(r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+        Ok((
+            r.get::<_, String>(0)?,
+            envelope(r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?),
+        ))
     })?;
     for row in rows {
         let (kind, env) = row?;
@@ -643,7 +662,8 @@ fn evidence(conn: &Connection, lease_id: &str) -> rusqlite::Result<Option<Eviden
             records.push(env);
         }
     }
-    let mut stmt = conn.prepare("SELECT envelope FROM challenges WHERE lease_id = ?1 ORDER BY issued_ms, rowid")?;
+    let mut stmt = conn
+        .prepare("SELECT envelope FROM challenges WHERE lease_id = ?1 ORDER BY issued_ms, rowid")?;
     let challenges = stmt
         .query_map([lease_id], |r| r.get::<_, Vec<u8>>(0))?
         .filter_map(|b| b.ok().and_then(|b| pb::Envelope::decode(b.as_slice()).ok()))

@@ -12,7 +12,11 @@ use warden_proto::{
 use crate::store::{Evidence, Store};
 
 /// The lease's evidence as a bundle (the same thing `warden verify` reads).
-pub fn bundle(lease_id: &str, ev: &Evidence, coordinator: &VerifyingKey) -> Result<Bundle, KeyError> {
+pub fn bundle(
+    lease_id: &str,
+    ev: &Evidence,
+    coordinator: &VerifyingKey,
+) -> Result<Bundle, KeyError> {
     Ok(Bundle {
         lease_id: lease_id.to_owned(),
         node_key: VerifyingKey::from_bytes(&ev.node_public_key)?,
@@ -29,7 +33,9 @@ pub async fn judge(store: &Store, signer: &Signer, lease_id: &str, min_coverage:
     let ev = match store.evidence(lease_id).await {
         Ok(Some(ev)) => ev,
         Ok(None) => return,
-        Err(e) => return tracing::error!(lease = lease_id, error = %e, "cannot read the lease's evidence"),
+        Err(e) => {
+            return tracing::error!(lease = lease_id, error = %e, "cannot read the lease's evidence")
+        }
     };
     let b = match bundle(lease_id, &ev, &signer.verifying_key()) {
         Ok(b) => b,
@@ -50,7 +56,12 @@ pub async fn judge(store: &Store, signer: &Signer, lease_id: &str, min_coverage:
         time_unix_ms: crate::session::now_ms(),
     };
     if verdict.holds {
-        tracing::info!(lease = lease_id, coverage = verdict.coverage, records = report.summary.records, "lease proof holds");
+        tracing::info!(
+            lease = lease_id,
+            coverage = verdict.coverage,
+            records = report.summary.records,
+            "lease proof holds"
+        );
     } else {
         tracing::warn!(lease = lease_id, reasons = ?verdict.reasons, "lease proof does not hold");
     }

@@ -180,6 +180,12 @@ fn open_record(
     }
 }
 
+/// A kill that happened: action `kill` with a signal sent. A decision to
+/// kill a process that was already gone is recorded but is not a kill.
+pub fn is_kill(e: &pb::EnforcementEvent) -> bool {
+    e.action == "kill" && e.sigterm_unix_ms > 0
+}
+
 /// Checks a lease's chain (and proof, if given) against every rule.
 pub fn verify(c: &Chain, p: &Params) -> Report {
     let mut report = Report::default();
@@ -333,7 +339,7 @@ pub fn verify(c: &Chain, p: &Params) -> Report {
         }
         s.sampled_ms += a.sampled_ms.clamp(0, (end - start).max(0));
         s.foreign_events += a.holders.iter().filter(|h| h.verdict == "foreign").count() as u64;
-        s.kills += a.enforcement.iter().filter(|e| e.action == "kill").count() as u64;
+        s.kills += a.enforcement.iter().filter(|e| is_kill(e)).count() as u64;
         s.container_stops += a.enforcement.iter().filter(|e| e.action == "stop").count() as u64;
         if !start_ids.contains(&rec.start_id) {
             start_ids.push(rec.start_id.clone());
@@ -511,7 +517,7 @@ impl Tally {
             .sampled_ms
             .clamp(0, (a.window_end_unix_ms - a.window_start_unix_ms).max(0));
         self.foreign_events += a.holders.iter().filter(|h| h.verdict == "foreign").count() as u64;
-        self.kills += a.enforcement.iter().filter(|e| e.action == "kill").count() as u64;
+        self.kills += a.enforcement.iter().filter(|e| is_kill(e)).count() as u64;
         self.container_stops += a.enforcement.iter().filter(|e| e.action == "stop").count() as u64;
         if !self.start_ids.contains(&rec.start_id) {
             self.start_ids.push(rec.start_id.clone());

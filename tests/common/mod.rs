@@ -108,14 +108,25 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub fn start(dir: &Path, port: u16) -> Coordinator {
+        Self::start_with(dir, port, "")
+    }
+
+    /// As `start`, with `extra` TOML (e.g. a `[leases]` section) in a config file.
+    pub fn start_with(dir: &Path, port: u16, extra: &str) -> Coordinator {
         let link = dir.join("agent-link.toml");
         let _ = std::fs::remove_file(&link);
+        let config = dir.with_extension("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!("state_dir = \"{}\"\n{extra}\n", dir.display()),
+        )
+        .unwrap();
         let proc = Proc::spawn(
             &[
                 "coordinator",
                 "--dev",
-                "--state-dir",
-                dir.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
                 "--listen",
                 &format!("127.0.0.1:{port}"),
             ],

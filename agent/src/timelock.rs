@@ -1,0 +1,363 @@
+//! Proof of Time-Lock, the task. During leases, every sampling cycle it
+//! finds the GPU holders (`procs`), judges them (`enforce::decide`), ends
+//! foreign processes and stops foreign containers; every epoch it signs one
+//! attestation per lease (`attest::Epoch`), linked into the lease's chain
+//! (`chain::Head`); when a lease ends it closes the last epoch and signs the
+//! proof (`chain::Tally`). Challenges from the coordinator go into the open
+//! epoch of their lease.
+//!
+//! The chain heads and totals are persisted (`chains.json`, replaced
+//! atomically) after every signed attestation, so a restarted agent goes on
+//! with the same chain under its new start id; the epoch it was in when it
+//! stopped is lost, and shows as a gap in the windows and in coverage.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use warden_proto::{
+    chain::{Head, Tally},
+    pb,
+};
+
+use crate::{
+    attest::Epoch,
+    config::TimeLockConfig,
+    docker::Docker,
+    enforce::{self, AllowReason, LeaseView, Policy, Seen, Verdict},
+    lease::Lease,
+    outbox::Outbox,
+    procs,
+};
+
+/// What is kept of a lease's chain across restarts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChainState {
+    pub t1_unix_ms: i64,
+    pub head_seq: u64,
+    pub head_sha256: [u8; 32],
+    pub tally: Tally,
+}
+
+impl ChainState {
+    fn head(&self) -> Head {
+        Head {
+            lease_seq: self.head_seq,
+            sha256: self.head_sha256,
+        }
+    }
+}
+
+/// Loads the chains; a missing file is none. A corrupt one is an error: a
+/// chain cannot be continued from a guess.
+pub fn load_chains(path: &Path) -> Result<BTreeMap<String, ChainState>, String> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+fn save_chains(path: &Path, chains: &BTreeMap<String, ChainState>) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(chains).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The verdict of a holder of a leased GPU, as the record names it; None
+/// for holders that concern no lease (not recorded).
+pub fn verdict_name(v: &Verdict) -> Option<&'static str> {
+    match v {
+        Verdict::Allowed(AllowReason::LeaseContainer) => Some("lease-container"),
+        Verdict::Allowed(AllowReason::Agent) => Some("agent"),
+        Verdict::Allowed(AllowReason::Allowlisted) => Some("allowlisted"),
+        Verdict::Allowed(AllowReason::ProtectedPid)
+        | Verdict::KillProcess
+        | Verdict::StopContainer(_) => Some("foreign"),
+        Verdict::Allowed(_) => None,
+    }
+}
+
+/// What the task needs from the rest of the agent.
+pub struct TimeLock {
+    pub config: TimeLockConfig,
+    pub sample_interval: Duration,
+    pub state_path: PathBuf,
+    pub outbox: Outbox,
+    pub leases: watch::Receiver<Vec<Lease>>,
+    pub gpus: watch::Receiver<Vec<pb::GpuSample>>,
+    pub inventory: watch::Receiver<pb::InventorySummary>,
+    pub docker_socket: PathBuf,
+    /// Grace for stopping a foreign container.
+    pub stop_grace: Duration,
+}
+
+/// An enforcement finished, and which GPU it concerned.
+type Done = pb::EnforcementEvent;
+
+impl TimeLock {
+    /// Runs until `shutdown`.
+    pub async fn run(
+        self,
+        mut challenges: mpsc::Receiver<pb::Challenge>,
+        shutdown: CancellationToken,
+    ) {
+        let mut chains = match load_chains(&self.state_path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "lease chains unreadable; the chains of running leases restart from nothing and will not verify");
+                BTreeMap::new()
+            }
+        };
+        let policy = Policy {
+            agent_pid: std::process::id(),
+            allow_exe: self.config.allow_exe.clone(),
+        };
+        let cycle_ms = self.sample_interval.as_millis() as i64;
+        let epoch_ms = self.config.epoch.as_millis() as i64;
+        let mut epochs: BTreeMap<String, Epoch> = BTreeMap::new();
+        let mut in_flight: HashSet<(u32, u64)> = HashSet::new();
+        let mut stopping: HashSet<String> = HashSet::new();
+        let (done_tx, mut done_rx) = mpsc::channel::<(Option<(u32, u64)>, Done)>(256);
+        let mut tick = tokio::time::interval(self.sample_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                Some(ch) = challenges.recv() => {
+                    match epochs.get_mut(&ch.lease_id) {
+                        Some(e) => e.add_challenge(ch.nonce),
+                        None => tracing::debug!(lease = %ch.lease_id, "challenge for no active lease"),
+                    }
+                }
+                Some((key, ev)) = done_rx.recv() => {
+                    if let Some(k) = key {
+                        in_flight.remove(&k);
+                    } else {
+                        stopping.remove(&ev.container);
+                    }
+                    tracing::warn!(pid = ev.pid, exe = %ev.exe, container = %ev.container, gpu = %ev.gpu, action = %ev.action, outcome = %ev.outcome, "enforced");
+                    let leases = self.leases.borrow().clone();
+                    for l in leases.iter().filter(|l| ev.gpu.is_empty() || l.gpus.contains(&ev.gpu)) {
+                        if let Some(e) = epochs.get_mut(&l.id) {
+                            e.add_enforcement(ev.clone());
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = crate::now_ms();
+                    let leases = self.leases.borrow().clone();
+                    // Leases that ended: last epoch, then the proof.
+                    let ended: Vec<String> = chains.keys().filter(|id| !leases.iter().any(|l| &l.id == *id)).cloned().collect();
+                    for id in ended {
+                        while let Ok(ch) = challenges.try_recv() {
+                            if let Some(e) = epochs.get_mut(&ch.lease_id) {
+                                e.add_challenge(ch.nonce);
+                            }
+                        }
+                        if let (Some(epoch), Some(state)) = (epochs.remove(&id), chains.get_mut(&id)) {
+                            self.sign(epoch, now, state).await;
+                        }
+                        if let Some(state) = chains.remove(&id) {
+                            let proof = state.tally.proof(&id, state.t1_unix_ms, now);
+                            tracing::info!(lease = %id, records = proof.last_seq, coverage = format!("{:.3}", proof.coverage), kills = proof.kills, "lease proof signed");
+                            let _ = self.outbox.emit(pb::record::Body::LeaseProof(proof)).await;
+                        }
+                        self.persist(&chains);
+                    }
+                    // Leases that started (or that a restart finds running).
+                    for l in &leases {
+                        let state = chains.entry(l.id.clone()).or_insert_with(|| ChainState {
+                            t1_unix_ms: l.started_unix_ms,
+                            ..Default::default()
+                        });
+                        let start = if state.head_seq == 0 { state.t1_unix_ms.min(now) } else { now };
+                        epochs.entry(l.id.clone()).or_insert_with(|| Epoch::new(&l.id, &l.gpus, start, cycle_ms));
+                    }
+                    if leases.is_empty() {
+                        continue;
+                    }
+                    let samples = self.gpus.borrow().clone();
+                    for e in epochs.values_mut() {
+                        e.add_cycle(&samples);
+                    }
+                    // Who holds what, and what to do about it.
+                    let patterns = self.config.device_patterns.clone();
+                    let holders = tokio::task::spawn_blocking(move || procs::scan(Path::new("/proc"), &patterns)).await.unwrap_or_default();
+                    let inv = self.inventory.borrow().clone();
+                    let seen = Seen::resolve(holders, |minor| inv.gpus.iter().find(|g| g.minor_number == minor).map(|g| g.uuid.clone()));
+                    let views: Vec<LeaseView> = leases.iter().map(|l| LeaseView {
+                        lease_id: l.id.clone(),
+                        gpus: l.gpus.clone(),
+                        containers: l.containers.iter().map(|c| c.id.clone()).collect(),
+                    }).collect();
+                    let leased: HashSet<&String> = leases.iter().flat_map(|l| &l.gpus).collect();
+                    let all_leased = !inv.gpus.is_empty() && inv.gpus.iter().all(|g| leased.contains(&g.uuid));
+                    for d in enforce::decide(&seen, &views, all_leased, &policy) {
+                        let Some(name) = verdict_name(&d.verdict) else { continue };
+                        let gpu = d.gpu.clone().unwrap_or_default();
+                        for l in leases.iter().filter(|l| gpu.is_empty() || l.gpus.contains(&gpu)) {
+                            if let Some(e) = epochs.get_mut(&l.id) {
+                                e.add_holder(pb::HolderSeen {
+                                    pid: d.pid,
+                                    exe: d.exe.clone(),
+                                    container: d.container.clone().unwrap_or_default(),
+                                    gpu: gpu.clone(),
+                                    verdict: name.into(),
+                                });
+                            }
+                        }
+                        match &d.verdict {
+                            Verdict::KillProcess if in_flight.insert((d.pid, d.start_time)) => {
+                                let (tx, grace, key) = (done_tx.clone(), self.config.kill_grace, (d.pid, d.start_time));
+                                tracing::warn!(pid = d.pid, exe = %d.exe, gpu = %gpu, "foreign process on a leased GPU: ending it");
+                                tokio::spawn(async move {
+                                    let o = enforce::kill_process(d.pid, d.start_time, grace).await;
+                                    let ev = pb::EnforcementEvent {
+                                        pid: d.pid,
+                                        exe: d.exe,
+                                        container: String::new(),
+                                        gpu,
+                                        action: "kill".into(),
+                                        outcome: o.outcome.to_string(),
+                                        detected_unix_ms: now,
+                                        sigterm_unix_ms: o.sigterm_at_ms.unwrap_or(0),
+                                        sigkill_unix_ms: o.sigkill_at_ms.unwrap_or(0),
+                                        done_unix_ms: o.exited_at_ms.unwrap_or_else(crate::now_ms),
+                                    };
+                                    let _ = tx.send((Some(key), ev)).await;
+                                });
+                            }
+                            Verdict::StopContainer(id) if stopping.insert(id.clone()) => {
+                                let (tx, socket, grace, id) = (done_tx.clone(), self.docker_socket.clone(), self.stop_grace, id.clone());
+                                tracing::warn!(container = %id, gpu = %gpu, "foreign container on a leased GPU: stopping it");
+                                tokio::spawn(async move {
+                                    let sigterm = crate::now_ms();
+                                    let outcome = match Docker::connect(&socket).await {
+                                        Ok(d) => match d.stop(&id, grace).await {
+                                            Ok(()) => "stopped".to_owned(),
+                                            Err(e) => format!("stop failed: {e}"),
+                                        },
+                                        Err(e) => format!("stop failed: {e}"),
+                                    };
+                                    let ev = pb::EnforcementEvent {
+                                        pid: d.pid,
+                                        exe: d.exe,
+                                        container: id,
+                                        gpu,
+                                        action: "stop".into(),
+                                        outcome,
+                                        detected_unix_ms: now,
+                                        sigterm_unix_ms: sigterm,
+                                        sigkill_unix_ms: 0,
+                                        done_unix_ms: crate::now_ms(),
+                                    };
+                                    let _ = tx.send((None, ev)).await;
+                                });
+                            }
+                            _ => {}
+                        }
+                    }
+                    // Epochs that are over.
+                    let due: Vec<String> = epochs.iter().filter(|(_, e)| now - e.start_ms() >= epoch_ms).map(|(id, _)| id.clone()).collect();
+                    for id in due {
+                        let Some(l) = leases.iter().find(|l| l.id == id) else { continue };
+                        if let (Some(epoch), Some(state)) = (epochs.remove(&id), chains.get_mut(&id)) {
+                            self.sign(epoch, now, state).await;
+                        }
+                        epochs.insert(id.clone(), Epoch::new(&id, &l.gpus, now, cycle_ms));
+                        self.persist(&chains);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes an epoch at `end`, signs it into the chain and advances the head.
+    async fn sign(&self, epoch: Epoch, end: i64, state: &mut ChainState) {
+        let a = epoch.finish(end, &state.head());
+        let seq = a.lease_seq;
+        match self
+            .outbox
+            .emit_signed(pb::record::Body::Attestation(a.clone()))
+            .await
+        {
+            Some(env) => {
+                let Ok(rec) = pb::Record::decode(env.payload.as_slice()) else {
+                    return;
+                };
+                let mut head = state.head();
+                head.advance(seq, &env.payload);
+                state.head_seq = head.lease_seq;
+                state.head_sha256 = head.sha256;
+                state.tally.add(&rec, &a, &env.payload);
+            }
+            None => {
+                tracing::error!(lease = %a.lease_id, "attestation not spooled (spool full?); the chain has a gap in time")
+            }
+        }
+    }
+
+    fn persist(&self, chains: &BTreeMap<String, ChainState>) {
+        if let Err(e) = save_chains(&self.state_path, chains) {
+            tracing::error!(path = %self.state_path.display(), error = %e, "cannot save the lease chains");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chains_survive_a_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chains.json");
+        assert!(load_chains(&path).unwrap().is_empty());
+        let mut c = BTreeMap::new();
+        c.insert(
+            "l1".to_owned(),
+            ChainState {
+                t1_unix_ms: 5,
+                head_seq: 3,
+                head_sha256: [7; 32],
+                tally: Tally {
+                    first_seq: 1,
+                    last_seq: 3,
+                    ..Default::default()
+                },
+            },
+        );
+        save_chains(&path, &c).unwrap();
+        assert_eq!(load_chains(&path).unwrap(), c);
+        std::fs::write(&path, "{").unwrap();
+        assert!(load_chains(&path).is_err());
+    }
+
+    #[test]
+    fn only_holders_of_leased_gpus_are_recorded() {
+        assert_eq!(verdict_name(&Verdict::KillProcess), Some("foreign"));
+        assert_eq!(
+            verdict_name(&Verdict::StopContainer("c".into())),
+            Some("foreign")
+        );
+        assert_eq!(
+            verdict_name(&Verdict::Allowed(AllowReason::LeaseContainer)),
+            Some("lease-container")
+        );
+        assert_eq!(verdict_name(&Verdict::Allowed(AllowReason::NoLease)), None);
+        assert_eq!(
+            verdict_name(&Verdict::Allowed(AllowReason::NotALeasedGpu)),
+            None
+        );
+    }
+}

@@ -1,0 +1,328 @@
+//! Proof of Time-Lock end to end: real processes opening the test's own
+//! GPU device node, the agent's enforcement, the signed chain at the
+//! coordinator, the proof and verdict, the exported bundle verified offline.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output},
+    time::Duration,
+};
+
+use common::*;
+use serde_json::Value;
+
+/// A coordinator challenging often, an agent with one fake GPU (minor 0)
+/// whose device node is `dev/nvidia0` under the test's directory.
+struct Rig {
+    coord: Coordinator,
+    agent: Agent,
+    node_id: String,
+    dev: PathBuf,
+    tmp: PathBuf,
+}
+
+fn rig(tmp: &Path) -> Rig {
+    let dev_dir = tmp.join("dev");
+    std::fs::create_dir_all(&dev_dir).unwrap();
+    let dev = dev_dir.join("nvidia0");
+    std::fs::write(&dev, b"").unwrap();
+    let state = tmp.join("gpus.json");
+    write_fake_state(&state, &[fake_gpu(0)]);
+    let coord = Coordinator::start_with(
+        &tmp.join("coord"),
+        free_port(),
+        "[leases]\nchallenge_interval = \"700ms\"\nchallenge_deadline = \"5s\"\n",
+    );
+    let agent = Agent::start_env(
+        &tmp.join("agent"),
+        &format!(
+            "{}\n[gpu]\nnvml_library = \"{}\"\nsample_interval = \"100ms\"\n\
+             [timelock]\nepoch = \"1s\"\nkill_grace = \"300ms\"\ndevice_patterns = [\"{}/nvidia*\"]\n",
+            fast_agent_toml(&coord.link_toml(), "1h", 0),
+            fake_nvml().display(),
+            dev_dir.display()
+        ),
+        &[("FAKE_NVML_STATE", &state)],
+    );
+    let s = wait_for("agent connected", Duration::from_secs(30), || {
+        agent.status().filter(|s| {
+            s["coordinator"]["connected"] == true
+                && s["gpus"].as_array().is_some_and(|g| g.len() == 1)
+        })
+    });
+    Rig {
+        node_id: s["node_id"].as_str().unwrap().to_owned(),
+        coord,
+        agent,
+        dev,
+        tmp: tmp.to_owned(),
+    }
+}
+
+impl Rig {
+    fn lease(&self, args: &[&str]) -> Output {
+        Command::new(WARDEN)
+            .args([
+                "lease",
+                "--socket",
+                self.coord.admin_socket().to_str().unwrap(),
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn start(&self) -> String {
+        let out = self.lease(&["start", &self.node_id, "--gpus", "all"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn info(&self, id: &str) -> Value {
+        let out = self.lease(&["list", "--json"]);
+        serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["lease_id"] == id)
+            .cloned()
+            .unwrap()
+    }
+
+    fn end(&self, id: &str) {
+        let out = self.lease(&["end", id]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Waits for the coordinator's verdict, exports the bundle, returns its path.
+    fn export(&self, id: &str) -> (Value, PathBuf) {
+        let info = wait_for("the verdict", Duration::from_secs(30), || {
+            let i = self.info(id);
+            (!i["verdict"].as_str().unwrap_or("").is_empty()).then_some(i)
+        });
+        let path = self.tmp.join(format!("{id}.json"));
+        let out = self.lease(&["export", id, "-o", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (info, path)
+    }
+
+    /// A host process that opens the GPU's device node and ignores SIGTERM.
+    fn squatter(&self) -> Child {
+        Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "exec 3<{}; trap '' TERM; while :; do sleep 0.05; done",
+                    self.dev.display()
+                ),
+            ])
+            .spawn()
+            .unwrap()
+    }
+}
+
+fn verify(path: &Path, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(WARDEN)
+        .arg("verify")
+        .arg(path)
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn alive(child: &mut Child) -> bool {
+    child.try_wait().unwrap().is_none()
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_foreign_process_is_killed_during_a_lease_and_the_kill_is_in_the_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = rig(tmp.path());
+
+    // Outside a lease the same process is left alone.
+    let mut before = r.squatter();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(alive(&mut before), "killed outside a lease");
+    kill(&mut before);
+
+    let id = r.start();
+    let mut squatter = r.squatter();
+    wait_for("the squatter killed", Duration::from_secs(15), || {
+        (!alive(&mut squatter)).then_some(())
+    });
+    let log = r.agent.proc.log_text();
+    assert!(log.contains("foreign process on a leased GPU"), "{log}");
+    // A few epochs, so that challenges come and are answered.
+    wait_for(
+        "attestations and a challenge",
+        Duration::from_secs(30),
+        || {
+            let i = r.info(&id);
+            (i["attestations"].as_u64()? >= 3 && i["challenges_sent"].as_u64()? >= 1).then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    r.end(&id);
+
+    let (info, bundle) = r.export(&id);
+    assert_eq!(info["verdict"], "holds", "{info:#}");
+    assert!(
+        info["chain_errors"].as_array().unwrap().is_empty(),
+        "{info:#}"
+    );
+    let (ok, out) = verify(&bundle, &[]);
+    assert!(ok, "{out}");
+    let log = r.agent.proc.log_text();
+    // The shell ignored SIGTERM: it took the SIGKILL.
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("enforced pid={} ", squatter.id()))
+                && l.contains("outcome=killed")),
+        "{log}"
+    );
+    let kills: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("enforcement "))
+        .and_then(|l| l.split(", ").nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(
+        kills >= 1,
+        "{out}\n{}",
+        r.agent
+            .proc
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("enforced") || l.contains("foreign"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(out.contains("0 restarts"), "{out}");
+    let b: Value = serde_json::from_slice(&std::fs::read(&bundle).unwrap()).unwrap();
+    assert!(!b["challenges"].as_array().unwrap().is_empty());
+    assert!(!b["verdict"].is_null());
+
+    // The same evidence judged more strictly: the verifier says why it fails.
+    let (_, out) = verify(&bundle, &["--min-coverage", "1.01"]);
+    assert!(out.contains("low-coverage"), "{out}");
+}
+
+#[test]
+fn a_restarted_agent_continues_the_chain_and_the_gap_shows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = rig(tmp.path());
+    let id = r.start();
+    wait_for("two attestations", Duration::from_secs(30), || {
+        (r.info(&id)["attestations"].as_u64()? >= 2).then_some(())
+    });
+    r.agent.proc.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    let config = r.agent.config.clone();
+    let state = r.tmp.join("gpus.json");
+    r.agent = Agent::start_with_env(
+        &r.tmp.join("agent"),
+        &config,
+        &[("FAKE_NVML_STATE", &state)],
+    );
+    let before = r.info(&id)["attestations"].as_u64().unwrap();
+    wait_for(
+        "attestations after the restart",
+        Duration::from_secs(30),
+        || (r.info(&id)["attestations"].as_u64()? >= before + 3).then_some(()),
+    );
+    r.end(&id);
+    let (info, bundle) = r.export(&id);
+    assert!(
+        info["chain_errors"].as_array().unwrap().is_empty(),
+        "{info:#}"
+    );
+    // The chain holds as a chain; the lost epoch shows as a restart and lower coverage.
+    let (ok, out) = verify(&bundle, &["--min-coverage", "0.3"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("1 restarts"), "{out}");
+    let coverage = info["coverage"].as_f64().unwrap();
+    assert!(
+        coverage < 0.95,
+        "a 1.5 s outage must cost coverage: {coverage}"
+    );
+}
+
+#[test]
+fn a_container_not_of_the_lease_holding_a_leased_gpu_is_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = rig(tmp.path());
+    let image = image::busybox_image();
+    let name = format!("squatter-{}", std::process::id());
+    struct Rm(String);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+        }
+    }
+    let _rm = Rm(name.clone());
+    let dev = r.dev.display().to_string();
+    let id = r.start();
+    // Mounted at the same path, so the process inside holds a node the pattern matches.
+    let out = Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "-v",
+            &format!("{dev}:{dev}"),
+            &image,
+        ])
+        .args(["sh", "-c", &format!("exec 3<{dev}; sleep 300")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the container stopped", Duration::from_secs(30), || {
+        let out = Command::new("docker")
+            .args(["inspect", "-f", "{{.State.Running}}", &name])
+            .output()
+            .unwrap();
+        (String::from_utf8_lossy(&out.stdout).trim() == "false").then_some(())
+    });
+    assert!(r
+        .agent
+        .proc
+        .log_text()
+        .contains("foreign container on a leased GPU"));
+    std::thread::sleep(Duration::from_millis(1200));
+    r.end(&id);
+    let (_, bundle) = r.export(&id);
+    let (_, out) = verify(&bundle, &["--min-coverage", "0"]);
+    assert!(out.contains("1 containers stopped"), "{out}");
+}
