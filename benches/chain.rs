@@ -79,7 +79,9 @@ fn main() {
             seq: n + 1,
             time_unix_ms: 0,
             start_id: "s".into(),
-            body: Some(pb::record::Body::LeaseProof(chain::proof_for("l-bench", t1, t2, &records))),
+            body: Some(pb::record::Body::LeaseProof(chain::proof_for(
+                "l-bench", t1, t2, &records,
+            ))),
         },
     );
     let key = node.verifying_key();

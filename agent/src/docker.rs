@@ -425,6 +425,20 @@ impl Docker {
             .collect())
     }
 
+    /// The ids of every running container (managed or not): the time-lock
+    /// task inspects them for GPU device requests.
+    pub async fn list_running(&self) -> Result<Vec<String>, DockerError> {
+        let list = self
+            .api
+            .list_containers(Some(ListContainersOptions {
+                all: false,
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| self.error("list containers", e))?;
+        Ok(list.into_iter().filter_map(|c| c.id).collect())
+    }
+
     /// Inspects one container: the fields Warden needs to report its state
     /// and check its confinement.
     pub async fn inspect(&self, id: &str) -> Result<Inspected, DockerError> {

@@ -87,6 +87,53 @@ pub fn verdict_name(v: &Verdict) -> Option<&'static str> {
     }
 }
 
+/// Whether a container's device requests ask for one of `gpus`: by uuid,
+/// or for every GPU (count -1) through a GPU driver or capability.
+pub fn requests_gpu(requests: &[bollard::models::DeviceRequest], gpus: &[String]) -> bool {
+    requests.iter().any(|r| {
+        let is_gpu = r.driver.as_deref() == Some("nvidia")
+            || r.capabilities
+                .as_ref()
+                .is_some_and(|c| c.iter().flatten().any(|cap| cap == "gpu"));
+        let by_id = r
+            .device_ids
+            .as_ref()
+            .is_some_and(|ids| ids.iter().any(|id| gpus.contains(id)));
+        let all = r.count == Some(-1)
+            || (r.count.unwrap_or(0) > 0 && r.device_ids.as_ref().is_none_or(|i| i.is_empty()));
+        is_gpu && (by_id || (all && !gpus.is_empty()))
+    })
+}
+
+/// Running containers that are no lease's own but asked Docker for a
+/// leased GPU (they may not have opened it yet): (container id, gpu).
+async fn gpu_requesters(socket: &Path, leases: &[Lease]) -> Vec<(String, String)> {
+    let Ok(docker) = Docker::connect(socket).await else {
+        return Vec::new();
+    };
+    let Ok(ids) = docker.list_running().await else {
+        return Vec::new();
+    };
+    let ours: HashSet<&str> = leases
+        .iter()
+        .flat_map(|l| l.containers.iter().map(|c| c.id.as_str()))
+        .collect();
+    let mut out = Vec::new();
+    for id in ids.into_iter().filter(|id| !ours.contains(id.as_str())) {
+        let Ok(c) = docker.inspect(&id).await else {
+            continue;
+        };
+        let requests = c.host_config.device_requests.clone().unwrap_or_default();
+        for l in leases {
+            if requests_gpu(&requests, &l.gpus) {
+                out.push((id.clone(), l.gpus.first().cloned().unwrap_or_default()));
+                break;
+            }
+        }
+    }
+    out
+}
+
 /// What the task needs from the rest of the agent.
 pub struct TimeLock {
     pub config: TimeLockConfig,
@@ -269,6 +316,34 @@ impl TimeLock {
                     }
                     // Epochs that are over.
                     let due: Vec<String> = epochs.iter().filter(|(_, e)| now - e.start_ms() >= epoch_ms).map(|(id, _)| id.clone()).collect();
+                    // Once per epoch: containers that asked Docker for a leased GPU.
+                    if !due.is_empty() && leases.iter().any(|l| !l.gpus.is_empty()) {
+                        for (id, gpu) in gpu_requesters(&self.docker_socket, &leases).await {
+                            if !stopping.insert(id.clone()) {
+                                continue;
+                            }
+                            tracing::warn!(container = %id, gpu = %gpu, "container with a device request for a leased GPU: stopping it");
+                            let (tx, socket, grace) = (done_tx.clone(), self.docker_socket.clone(), self.stop_grace);
+                            tokio::spawn(async move {
+                                let sigterm = crate::now_ms();
+                                let outcome = match Docker::connect(&socket).await {
+                                    Ok(d) => d.stop(&id, grace).await.map_or_else(|e| format!("stop failed: {e}"), |()| "stopped".to_owned()),
+                                    Err(e) => format!("stop failed: {e}"),
+                                };
+                                let ev = pb::EnforcementEvent {
+                                    container: id,
+                                    gpu,
+                                    action: "stop".into(),
+                                    outcome,
+                                    detected_unix_ms: now,
+                                    sigterm_unix_ms: sigterm,
+                                    done_unix_ms: crate::now_ms(),
+                                    ..Default::default()
+                                };
+                                let _ = tx.send((None, ev)).await;
+                            });
+                        }
+                    }
                     for id in due {
                         let Some(l) = leases.iter().find(|l| l.id == id) else { continue };
                         if let (Some(epoch), Some(state)) = (epochs.remove(&id), chains.get_mut(&id)) {
@@ -341,6 +416,34 @@ mod tests {
         assert_eq!(load_chains(&path).unwrap(), c);
         std::fs::write(&path, "{").unwrap();
         assert!(load_chains(&path).is_err());
+    }
+
+    #[test]
+    fn device_requests_for_leased_gpus_are_recognised() {
+        use bollard::models::DeviceRequest;
+        let gpus = vec!["GPU-a".to_owned()];
+        let by_id = DeviceRequest {
+            driver: Some("nvidia".into()),
+            device_ids: Some(vec!["GPU-a".into()]),
+            capabilities: Some(vec![vec!["gpu".into()]]),
+            ..Default::default()
+        };
+        assert!(requests_gpu(&[by_id.clone()], &gpus));
+        assert!(!requests_gpu(&[by_id], &["GPU-b".to_owned()]));
+        let all = DeviceRequest {
+            count: Some(-1),
+            capabilities: Some(vec![vec!["gpu".into()]]),
+            ..Default::default()
+        };
+        assert!(requests_gpu(&[all.clone()], &gpus));
+        assert!(!requests_gpu(&[all], &[]), "no leased GPU, nothing to take");
+        let other_driver = DeviceRequest {
+            driver: Some("other".into()),
+            count: Some(-1),
+            ..Default::default()
+        };
+        assert!(!requests_gpu(&[other_driver], &gpus));
+        assert!(!requests_gpu(&[], &gpus));
     }
 
     #[test]
