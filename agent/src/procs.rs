@@ -43,7 +43,8 @@ pub struct Holder {
     pub container: Option<String>,
     /// The device node path it holds, e.g. `/dev/nvidia0`.
     pub device: String,
-    /// Real uid (first field of `Uid:` in `/proc/PID/status`).
+    /// Real uid (first field of `Uid:` in `/proc/PID/status`); `u32::MAX`
+    /// if unreadable.
     pub uid: u32,
 }
 
@@ -211,7 +212,10 @@ fn read_capped(path: &Path) -> Option<String> {
 /// descriptors appears once for it. Processes that vanish mid-scan, or whose
 /// files are unreadable, are skipped; this never panics and never fails.
 /// A trailing ` (deleted)` on a descriptor's target (the node was removed
-/// after it was opened) is dropped.
+/// after it was opened) is dropped. Threads share their process's
+/// descriptor table and are covered by it; a task cloned without
+/// `CLONE_FILES` has a table of its own under `/proc/PID/task/TID/fd`,
+/// which is not read.
 ///
 /// Cost: one `getdents` over `proc_root`, then for every process one
 /// directory listing of `fd/` plus one `readlink` per descriptor; only
