@@ -221,8 +221,8 @@ fn read_capped(path: &Path) -> Option<String> {
 /// directory listing of `fd/` plus one `readlink` per descriptor; only
 /// processes holding a match cost more (`stat`, `status`, `cgroup`, `exe`:
 /// four small reads). So it is linear in the total number of descriptors
-/// on the host: on the order of 10 ms for ~1,100 processes with a few
-/// descriptors each (see `benches/enforce.rs`).
+/// on the host: about 15 ms (p50, release build, 2-core VM) for ~1,100
+/// processes with a few descriptors each (see `benches/enforce.rs`).
 pub fn scan(proc_root: &Path, patterns: &[String]) -> Vec<Holder> {
     let Ok(entries) = std::fs::read_dir(proc_root) else {
         return Vec::new();
