@@ -43,7 +43,8 @@ pub struct Holder {
     pub container: Option<String>,
     /// The device node path it holds, e.g. `/dev/nvidia0`.
     pub device: String,
-    /// Real uid (first field of `Uid:` in `/proc/PID/status`).
+    /// Real uid (first field of `Uid:` in `/proc/PID/status`); `u32::MAX`
+    /// if unreadable.
     pub uid: u32,
 }
 
@@ -211,14 +212,17 @@ fn read_capped(path: &Path) -> Option<String> {
 /// descriptors appears once for it. Processes that vanish mid-scan, or whose
 /// files are unreadable, are skipped; this never panics and never fails.
 /// A trailing ` (deleted)` on a descriptor's target (the node was removed
-/// after it was opened) is dropped.
+/// after it was opened) is dropped. Threads share their process's
+/// descriptor table and are covered by it; a task cloned without
+/// `CLONE_FILES` has a table of its own under `/proc/PID/task/TID/fd`,
+/// which is not read.
 ///
 /// Cost: one `getdents` over `proc_root`, then for every process one
 /// directory listing of `fd/` plus one `readlink` per descriptor; only
 /// processes holding a match cost more (`stat`, `status`, `cgroup`, `exe`:
 /// four small reads). So it is linear in the total number of descriptors
-/// on the host: on the order of 10 ms for ~1,100 processes with a few
-/// descriptors each (see `benches/enforce.rs`).
+/// on the host: about 15 ms (p50, release build, 2-core VM) for ~1,100
+/// processes with a few descriptors each (see `benches/enforce.rs`).
 pub fn scan(proc_root: &Path, patterns: &[String]) -> Vec<Holder> {
     let Ok(entries) = std::fs::read_dir(proc_root) else {
         return Vec::new();

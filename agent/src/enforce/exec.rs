@@ -91,6 +91,8 @@ impl std::fmt::Display for KillResult {
 /// right after SIGTERM. Never signals pid 0, pid 1 or the calling process.
 /// Returns when the process is gone or the waits are over: up to
 /// `grace + KILL_CONFIRM`, so a caller handling several spawns one task each.
+/// Runs on a tokio runtime with I/O enabled (the pidfd is registered with
+/// its reactor).
 pub async fn kill_process(pid: u32, start_time: u64, grace: Duration) -> KillOutcome {
     kill_with(pid, start_time, grace, true).await
 }
@@ -195,9 +197,11 @@ impl Target {
             Liveness::Exited => return Err(KillResult::AlreadyGone),
             Liveness::Reused => return Err(KillResult::PidReused),
         }
-        match fd.map(|fd| AsyncFd::with_interest(fd, Interest::READABLE)) {
+        // SAFETY: the `OwnedFd` is a valid open descriptor, owned by the
+        // `AsyncFd` for its whole life and never replaced.
+        match fd.map(|fd| unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }) {
             Some(Ok(afd)) => Ok(Target::Pidfd(afd)),
-            // No reactor to register with: fall back to polling.
+            // epoll refused it: fall back to polling.
             _ => Ok(Target::Pid { pid, start_time }),
         }
     }

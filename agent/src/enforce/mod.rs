@@ -584,7 +584,7 @@ mod tests {
                 "[kworker]",
             ]),
         );
-        let pids = vec![0u32, 1, 2, 3, AGENT, 501, 502, 503];
+        let pids = [0u32, 1, 2, 3, AGENT, 501, 502, 503];
         (
             prop::collection::vec(process, pids.len()),
             prop::collection::vec((0..pids.len(), prop::option::of(0u32..5)), 0..12),
