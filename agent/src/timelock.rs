@@ -428,14 +428,14 @@ mod tests {
             capabilities: Some(vec![vec!["gpu".into()]]),
             ..Default::default()
         };
-        assert!(requests_gpu(&[by_id.clone()], &gpus));
+        assert!(requests_gpu(std::slice::from_ref(&by_id), &gpus));
         assert!(!requests_gpu(&[by_id], &["GPU-b".to_owned()]));
         let all = DeviceRequest {
             count: Some(-1),
             capabilities: Some(vec![vec!["gpu".into()]]),
             ..Default::default()
         };
-        assert!(requests_gpu(&[all.clone()], &gpus));
+        assert!(requests_gpu(std::slice::from_ref(&all), &gpus));
         assert!(!requests_gpu(&[all], &[]), "no leased GPU, nothing to take");
         let other_driver = DeviceRequest {
             driver: Some("other".into()),
