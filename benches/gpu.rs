@@ -50,7 +50,7 @@ fn write_state(path: &Path, gpus: usize) {
                 "memory_total_mib": 81559, "memory_used_mib": 40000,
                 "utilization_gpu": 97, "utilization_memory": 60,
                 "power_mw": 650000, "temperature_c": 71, "sm_clock_mhz": 1980,
-                "processes": [{"pid": 1000 + i, "used_memory_mib": 40000}],
+                "processes": [{"pid": 99_999_000 + i, "used_memory_mib": 40000}],
             })
         })
         .collect();

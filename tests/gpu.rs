@@ -161,7 +161,7 @@ fn eight_gpus_are_sampled_to_the_coordinator_and_scraped() {
         assert_eq!(g["sm_clock_mhz"], 1980);
         assert_eq!(g["lost"], false);
     }
-    assert_eq!(gpus[0]["processes"][0]["pid"], 4242);
+    assert_eq!(gpus[0]["processes"][0]["pid"], FAKE_PID);
     assert_eq!(gpus[0]["processes"][0]["used_memory_bytes"], 512u64 << 20);
 
     // The state file is read live: a change shows up without a restart.

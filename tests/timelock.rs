@@ -326,3 +326,26 @@ fn a_container_not_of_the_lease_holding_a_leased_gpu_is_stopped() {
     let (_, out) = verify(&bundle, &["--min-coverage", "0"]);
     assert!(out.contains("1 containers stopped"), "{out}");
 }
+
+#[test]
+fn a_process_nvml_reports_on_a_leased_gpu_is_killed_too() {
+    // No descriptor on the device node: only NVML's process list names it.
+    let tmp = tempfile::tempdir().unwrap();
+    let r = rig(tmp.path());
+    let id = r.start();
+    let mut quiet = Command::new("sleep").arg("300").spawn().unwrap();
+    let mut gpu = fake_gpu(0);
+    gpu["processes"] = serde_json::json!([{"pid": quiet.id(), "used_memory_mib": 100}]);
+    write_fake_state(&r.tmp.join("gpus.json"), &[gpu]);
+    wait_for(
+        "the NVML-listed process ended",
+        Duration::from_secs(15),
+        || (!alive(&mut quiet)).then_some(()),
+    );
+    let log = r.agent.proc.log_text();
+    assert!(
+        log.contains(&format!("enforced pid={} ", quiet.id())),
+        "{log}"
+    );
+    r.end(&id);
+}

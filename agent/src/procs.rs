@@ -206,6 +206,30 @@ fn read_capped(path: &Path) -> Option<String> {
     Some(text)
 }
 
+/// A holder record for process `pid` holding `device` (for a holder found
+/// another way, e.g. in NVML's process lists); None if it is gone.
+pub fn describe(proc_root: &Path, pid: u32, device: String) -> Option<Holder> {
+    let dir = proc_root.join(pid.to_string());
+    let stat = read_capped(&dir.join("stat")).and_then(|t| parse_stat(&t))?;
+    let container = read_capped(&dir.join("cgroup")).and_then(|t| parse_cgroup(&t));
+    let uid = read_capped(&dir.join("status"))
+        .and_then(|t| parse_status_uid(&t))
+        .unwrap_or(u32::MAX);
+    let exe = std::fs::read_link(dir.join("exe"))
+        .ok()
+        .and_then(|p| p.to_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("[{}]", stat.comm));
+    Some(Holder {
+        pid,
+        start_time: stat.start_time,
+        exe,
+        comm: stat.comm,
+        container,
+        device,
+        uid,
+    })
+}
+
 /// Every (process, device) pair under `proc_root` (normally `/proc`) where
 /// the process has a descriptor open on a path matching `patterns`, sorted
 /// by pid then device. A process holding a device through several
@@ -239,28 +263,11 @@ pub fn scan(proc_root: &Path, patterns: &[String]) -> Vec<Holder> {
             continue;
         }
         // The process may have exited since its descriptors were read.
-        let Some(stat) = read_capped(&dir.join("stat")).and_then(|t| parse_stat(&t)) else {
-            continue;
-        };
-        let container = read_capped(&dir.join("cgroup")).and_then(|t| parse_cgroup(&t));
-        let uid = read_capped(&dir.join("status"))
-            .and_then(|t| parse_status_uid(&t))
-            .unwrap_or(u32::MAX);
-        let exe = std::fs::read_link(dir.join("exe"))
-            .ok()
-            .and_then(|p| p.to_str().map(str::to_owned))
-            .unwrap_or_else(|| format!("[{}]", stat.comm));
-        for device in devices {
-            holders.push(Holder {
-                pid,
-                start_time: stat.start_time,
-                exe: exe.clone(),
-                comm: stat.comm.clone(),
-                container: container.clone(),
-                device,
-                uid,
-            });
-        }
+        holders.extend(
+            devices
+                .into_iter()
+                .filter_map(|d| describe(proc_root, pid, d)),
+        );
     }
     holders
 }

@@ -239,9 +239,31 @@ impl TimeLock {
                     }
                     // Who holds what, and what to do about it.
                     let patterns = self.config.device_patterns.clone();
-                    let holders = tokio::task::spawn_blocking(move || procs::scan(Path::new("/proc"), &patterns)).await.unwrap_or_default();
+                    // Two sources: descriptors on the device nodes, and NVML's process lists.
+                    let from_nvml: Vec<(u32, String)> = samples
+                        .iter()
+                        .flat_map(|g| g.processes.iter().map(move |p| (p.pid, g.uuid.clone())))
+                        .collect();
+                    let (holders, nvml_holders) = tokio::task::spawn_blocking(move || {
+                        let proc_root = Path::new("/proc");
+                        let nvml: Vec<Seen> = from_nvml
+                            .into_iter()
+                            .filter_map(|(pid, uuid)| {
+                                let holder = procs::describe(proc_root, pid, format!("nvml:{uuid}"))?;
+                                Some(Seen { holder, gpu: Some(uuid) })
+                            })
+                            .collect();
+                        (procs::scan(proc_root, &patterns), nvml)
+                    })
+                    .await
+                    .unwrap_or_default();
                     let inv = self.inventory.borrow().clone();
-                    let seen = Seen::resolve(holders, |minor| inv.gpus.iter().find(|g| g.minor_number == minor).map(|g| g.uuid.clone()));
+                    let mut seen = Seen::resolve(holders, |minor| inv.gpus.iter().find(|g| g.minor_number == minor).map(|g| g.uuid.clone()));
+                    for n in nvml_holders {
+                        if !seen.iter().any(|s| s.holder.pid == n.holder.pid && s.gpu == n.gpu) {
+                            seen.push(n);
+                        }
+                    }
                     let views: Vec<LeaseView> = leases.iter().map(|l| LeaseView {
                         lease_id: l.id.clone(),
                         gpus: l.gpus.clone(),

@@ -304,6 +304,10 @@ pub fn fake_nvml() -> PathBuf {
         .clone()
 }
 
+/// The pid the fake GPU 0 reports running on it: above any kernel's
+/// pid_max, so no real process is ever mistaken for it (a lease would kill it).
+pub const FAKE_PID: u32 = 99_999_999;
+
 /// One fake GPU as the fake library's state file describes it.
 pub fn fake_gpu(i: usize) -> serde_json::Value {
     serde_json::json!({
@@ -317,7 +321,7 @@ pub fn fake_gpu(i: usize) -> serde_json::Value {
         "power_mw": 70000 + 1000 * i,
         "temperature_c": 35,
         "sm_clock_mhz": 1980,
-        "processes": if i == 0 { serde_json::json!([{"pid": 4242, "used_memory_mib": 512}]) } else { serde_json::json!([]) },
+        "processes": if i == 0 { serde_json::json!([{"pid": FAKE_PID, "used_memory_mib": 512}]) } else { serde_json::json!([]) },
         "lost": false,
     })
 }
