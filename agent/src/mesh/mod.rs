@@ -1,0 +1,4 @@
+//! The mesh: a userspace WireGuard interface (boringtun's noise protocol
+//! over a TUN device and a UDP socket) joining the nodes of a cluster.
+
+pub mod tun;

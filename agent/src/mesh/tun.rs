@@ -1,0 +1,230 @@
+//! The TUN device: the kernel side of the mesh interface. IP packets the
+//! host routes to the interface are read here, and packets decrypted from
+//! peers are written here. Linux only (`/dev/net/tun`, `TUNSETIFF`).
+
+use std::{
+    fs::File,
+    io::{self, Read, Write},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use tokio::io::unix::AsyncFd;
+
+/// Longest interface name the kernel takes (IFNAMSIZ minus the NUL).
+pub const MAX_NAME: usize = 15;
+
+/// Why a TUN device could not be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TunError {
+    #[error("interface name `{0}` is empty, longer than 15 bytes or has a `/` or whitespace")]
+    BadName(String),
+    #[error("/dev/net/tun: {0} (is the tun module loaded? the agent needs CAP_NET_ADMIN)")]
+    Open(io::Error),
+    #[error("creating TUN interface {name}: {source}")]
+    Create { name: String, source: io::Error },
+}
+
+/// An open TUN interface (no packet-info header: every read is one IP packet).
+pub struct Tun {
+    file: AsyncFd<File>,
+    name: String,
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.contains('/')
+        && !name.contains(char::is_whitespace)
+}
+
+impl Tun {
+    /// Creates (or attaches to) the interface `name`; a `%d` in the name
+    /// lets the kernel pick a number. The interface goes away when this is
+    /// dropped (it is not made persistent). Needs a tokio runtime.
+    pub fn create(name: &str) -> Result<Tun, TunError> {
+        if !valid_name(name) {
+            return Err(TunError::BadName(name.to_owned()));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(TunError::Open)?;
+        // struct ifreq: a 16-byte name, then the flags.
+        let mut req = [0u8; 40];
+        req[..name.len()].copy_from_slice(name.as_bytes());
+        let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as i16;
+        req[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is sized for.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, req.as_mut_ptr()) };
+        if r < 0 {
+            return Err(TunError::Create {
+                name: name.to_owned(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        let end = req[..16].iter().position(|&b| b == 0).unwrap_or(16);
+        let actual = String::from_utf8_lossy(&req[..end]).into_owned();
+        // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
+        unsafe {
+            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        let create = |source| TunError::Create {
+            name: actual.clone(),
+            source,
+        };
+        Ok(Tun {
+            file: register(file).map_err(create)?,
+            name: actual.clone(),
+        })
+    }
+
+    /// The interface's name as the kernel made it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one IP packet into `buf`; returns its length.
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.file.readable().await?;
+            match guard.try_io(|f| f.get_ref().read(buf)) {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Writes one IP packet.
+    pub async fn send(&self, packet: &[u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.file.writable().await?;
+            match guard.try_io(|f| f.get_ref().write(packet)) {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// A second handle on the same queue (for a reader and a writer task).
+    pub fn try_clone(&self) -> io::Result<Tun> {
+        // SAFETY: dup of a descriptor we own; the new one is owned by the result.
+        let fd = unsafe { libc::dup(self.file.get_ref().as_raw_fd()) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by dup and is owned by nothing else.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        Ok(Tun {
+            file: register(file)?,
+            name: self.name.clone(),
+        })
+    }
+}
+
+/// Registers a file we own with the reactor.
+fn register(file: File) -> io::Result<AsyncFd<File>> {
+    // SAFETY: the `File` owns its descriptor for the whole life of the
+    // `AsyncFd`, which never replaces it.
+    unsafe { AsyncFd::register(file) }.map_err(|e| e.into_parts().1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(valid_name("wg0") && valid_name("warden%d") && valid_name("a23456789012345"));
+        assert!(
+            !valid_name("")
+                && !valid_name("a234567890123456")
+                && !valid_name("a/b")
+                && !valid_name("a b")
+        );
+        assert!(matches!(Tun::create("bad/name"), Err(TunError::BadName(_))));
+    }
+
+    /// In a network namespace of its own (this thread only), a packet sent
+    /// to an address routed to the interface comes out of `recv`.
+    #[test]
+    fn packets_routed_to_the_interface_are_read() {
+        let t = std::thread::spawn(|| {
+            // SAFETY: moves only this thread into a new network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!("unshare: {}", io::Error::last_os_error()));
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let tun = Tun::create("wtest%d").map_err(|e| e.to_string())?;
+                let name = tun.name().to_owned();
+                assert!(name.starts_with("wtest"), "{name}");
+                // Configured with ioctls: they act in this thread's namespace.
+                up_with_address(&name, [10, 99, 0, 1]).map_err(|e| e.to_string())?;
+                let sock = std::net::UdpSocket::bind("10.99.0.1:0").map_err(|e| e.to_string())?;
+                sock.send_to(b"hello", "10.99.0.2:9")
+                    .map_err(|e| e.to_string())?;
+                let mut buf = [0u8; 2048];
+                // The kernel may send its own IPv6 chatter first; wait for ours.
+                let p = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                    loop {
+                        let n = tun.recv(&mut buf).await?;
+                        if buf[0] >> 4 == 4 {
+                            return Ok::<_, io::Error>(buf[..n].to_vec());
+                        }
+                    }
+                })
+                .await
+                .map_err(|_| "no packet on the TUN".to_owned())?
+                .map_err(|e| e.to_string())?;
+                let p = &p[..];
+                assert_eq!(&p[16..20], &[10, 99, 0, 2], "destination");
+                assert_eq!(p[9], 17, "UDP");
+                assert!(p.ends_with(b"hello"));
+                Ok(())
+            })
+        });
+        t.join().unwrap().unwrap();
+    }
+
+    /// Sets an IPv4 address (/24) and brings the interface up with ioctls,
+    /// in the calling thread's network namespace.
+    fn up_with_address(name: &str, addr: [u8; 4]) -> io::Result<()> {
+        // SAFETY: plain ioctls on a datagram socket with ifreq-sized buffers.
+        unsafe {
+            let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            if s < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut req = [0u8; 40];
+            req[..name.len()].copy_from_slice(name.as_bytes());
+            // struct sockaddr_in at offset 16: family, port, address.
+            req[16..18].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+            req[20..24].copy_from_slice(&addr);
+            if libc::ioctl(s, libc::SIOCSIFADDR, req.as_mut_ptr()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            req[20..24].copy_from_slice(&[255, 255, 255, 0]);
+            if libc::ioctl(s, libc::SIOCSIFNETMASK, req.as_mut_ptr()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut flags = [0u8; 40];
+            flags[..name.len()].copy_from_slice(name.as_bytes());
+            if libc::ioctl(s, libc::SIOCGIFFLAGS, flags.as_mut_ptr()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let f = i16::from_ne_bytes([flags[16], flags[17]])
+                | (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+            flags[16..18].copy_from_slice(&f.to_ne_bytes());
+            if libc::ioctl(s, libc::SIOCSIFFLAGS, flags.as_mut_ptr()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::close(s);
+        }
+        Ok(())
+    }
+}
