@@ -447,6 +447,10 @@ async fn run_agent(
     }
     cfg.validate()?;
     let exe = std::env::current_exe().unwrap_or_else(|_| "warden".into());
+    // Made now (the agent would make it at start) so the banner can name the node.
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    let (signer, _) = warden_proto::identity::load_or_create(&cfg.key_file())?;
     println!(
         "\nWarden dev mode: an embedded coordinator and an agent in one process.\n\
          \n  state dir          {root}\
@@ -455,6 +459,7 @@ async fn run_agent(
          \n  coordinator db     {db}\
          \n  agent status       {exe} status --socket {status}\
          \n  nodes              {exe} nodes --socket {admin}\
+         \n  run a lease        {exe} lease --socket {admin} start {node} --image IMAGE -- CMD\
          \n  metrics            {metrics}\
          \n\nPress Ctrl-C to stop.\n",
         root = root.display(),
@@ -465,6 +470,7 @@ async fn run_agent(
         exe = exe.display(),
         status = cfg.status_socket().display(),
         admin = coordinator.admin_socket.display(),
+        node = signer.key_id(),
         metrics = if cfg.metrics.listen.ends_with(":0") {
             "on a free port (warden status shows it)".to_owned()
         } else {
