@@ -244,8 +244,42 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         stop_producers.clone(),
     ));
 
+    // systemd: READY once registered with the coordinator, or, when it cannot
+    // be reached in time, once the local duties run; then the watchdog.
+    let notifier = crate::notify::Notifier::from_env();
+    let notify_task = {
+        let (n, mut up, stop) = (notifier.clone(), uplink_rx.clone(), tasks.clone());
+        let wait = if config.coordinator.is_some() {
+            config.uplink.connect_timeout
+        } else {
+            std::time::Duration::ZERO
+        };
+        tokio::spawn(async move {
+            let connected = tokio::time::timeout(wait, up.wait_for(|s| s.connected))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            n.send(if connected {
+                "READY=1\nSTATUS=connected to the coordinator"
+            } else {
+                "READY=1\nSTATUS=running; the coordinator is not reachable yet"
+            });
+            let Some(every) = n.watchdog_interval() else {
+                return;
+            };
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => n.send("WATCHDOG=1"),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        })
+    };
+
     shutdown.cancelled().await;
+    notifier.send("STOPPING=1");
     tracing::info!("shutting down");
+    let _ = notify_task.await;
     let _ = telemetry_task.await;
     for p in producers {
         let _ = p.await;

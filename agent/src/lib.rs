@@ -16,6 +16,7 @@ pub mod lease;
 pub mod linkprobe;
 pub mod mesh;
 pub mod metrics;
+pub mod notify;
 pub mod outbox;
 pub mod procs;
 pub mod spool;
