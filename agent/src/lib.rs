@@ -14,6 +14,7 @@ pub mod host;
 pub mod inventory;
 pub mod lease;
 pub mod linkprobe;
+pub mod mesh;
 pub mod metrics;
 pub mod outbox;
 pub mod procs;
