@@ -15,7 +15,7 @@
 //!   that passed go to [`diff`], whose operations [`Table::apply`] applies.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
 };
 
@@ -417,11 +417,11 @@ pub enum ConfigError {
 pub fn split_config(desired: &[Peer]) -> (Vec<Peer>, Vec<(Key, ConfigError)>) {
     let mut ok: Vec<Peer> = Vec::new();
     let mut errors = Vec::new();
-    let mut seen: HashMap<Key, ()> = HashMap::new();
+    let mut seen: HashSet<Key> = HashSet::new();
     let mut taken: Vec<(IpNet, Key)> = Vec::new();
     'peers: for p in desired {
         let k = p.public_key;
-        if seen.insert(k, ()).is_some() {
+        if !seen.insert(k) {
             errors.push((k, ConfigError::DuplicatePeer(k)));
             continue;
         }
