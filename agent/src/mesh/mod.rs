@@ -1,5 +1,22 @@
-//! The mesh: a userspace WireGuard interface (boringtun's noise protocol
-//! over a TUN device and a UDP socket) joining the nodes of a cluster.
+//! The mesh: a userspace WireGuard interface that links this node to the
+//! other Warden nodes. Peers come from two places: the coordinator pushes
+//! the full peer list (its `MeshConfig`), and an operator may drive the
+//! interface with stock `wg show` / `wg set` through the cross-platform
+//! userspace API (UAPI) on `/var/run/wireguard/IFNAME.sock`.
+//!
+//! The pure core, fed with text and peer lists and answering with text,
+//! operations and decisions:
+//! - [`uapi`] parses UAPI requests and renders their answers;
+//! - [`peers`] is the peer table: set semantics as WireGuard applies them,
+//!   cryptokey routing (longest-prefix match), roaming, and the diff that
+//!   turns a pushed peer list into the fewest operations.
+//!
+//! The I/O, thin around it:
+//! - [`tun`] is the TUN device;
+//! - [`device`] runs boringtun's noise protocol per peer between the TUN
+//!   device and one UDP socket.
 
 pub mod device;
+pub mod peers;
 pub mod tun;
+pub mod uapi;
