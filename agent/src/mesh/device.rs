@@ -569,3 +569,61 @@ mod netns_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod garbage_tests {
+    use super::*;
+    use rand::{Rng, RngCore};
+
+    /// Random datagrams, some shaped like WireGuard messages, are dropped and
+    /// counted; the device keeps working.
+    #[test]
+    fn random_datagrams_are_dropped_and_counted() {
+        let t = std::thread::spawn(|| {
+            // SAFETY: only this thread moves to a new network namespace.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let dev = Device::new([3; 32], "127.0.0.1:0".parse().unwrap())
+                    .await
+                    .unwrap();
+                dev.set_peer(PeerConfig {
+                    public_key: public_of([4; 32]),
+                    preshared_key: None,
+                    endpoint: None,
+                    keepalive: None,
+                    allowed_ips: vec![Net {
+                        addr: "10.0.0.2".parse().unwrap(),
+                        prefix: 32,
+                    }],
+                });
+                let tun = Tun::create("wgz%d").unwrap();
+                let mut rng = rand::rng();
+                let mut dst = vec![0u8; BUF];
+                let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+                let sizes = [0usize, 1, 3, 4, 32, 92, 148, 1500];
+                for i in 0..5_000 {
+                    let len = if i % 2 == 0 {
+                        sizes[i % sizes.len()]
+                    } else {
+                        rng.random_range(0..2048)
+                    };
+                    let mut d = vec![0u8; len];
+                    rng.fill_bytes(&mut d);
+                    // Half of them claim a WireGuard message type (1..4, zero reserved bytes).
+                    if len >= 4 && i % 4 < 2 {
+                        d[..4].copy_from_slice(&(1 + (i as u32 % 4)).to_le_bytes());
+                    }
+                    dev.inbound(&d, from, &mut dst, &tun).await;
+                }
+                let dropped = dev.counters.dropped_datagrams.load(Ordering::Relaxed);
+                assert!(dropped >= 4_900, "dropped {dropped}");
+                assert_eq!(dev.stats().len(), 1, "the peer is still there");
+            });
+        });
+        t.join().unwrap();
+    }
+}
