@@ -1,82 +1,97 @@
 //! One userspace WireGuard interface: a TUN device, one UDP socket, and a
-//! `boringtun::noise::Tunn` per peer. Three loops: TUN → peers (cryptokey
-//! routing by destination, encrypt, send), UDP → TUN (find the peer,
-//! decrypt, check the source against its allowed IPs, write), and timers
-//! (handshakes, keepalives, rekeys) every 250 ms.
+//! `boringtun::noise::Tunn` per peer. Configured live with UAPI operations
+//! (from `wg set` or the coordinator's mesh config) through the pure peer
+//! table (`peers::Table`): cryptokey routing, allowed sources and roaming
+//! are the table's; sessions are this file's. A peer whose keys and
+//! keepalive did not change keeps its session whatever else changes.
 //!
-//! Simple first: one packet per syscall. Garbage datagrams are dropped and
-//! counted; they never stop a loop.
+//! Three loops: TUN → peers (route by destination, encrypt, send), UDP →
+//! TUN (find the peer, decrypt, check the source, write), and timers
+//! (handshakes, keepalives, rekeys) every 250 ms. One packet per syscall
+//! for now. Garbage datagrams are dropped and counted; they never stop a loop.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use boringtun::{
     noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult},
     x25519::{PublicKey, StaticSecret},
 };
-use tokio::net::UdpSocket;
+use tokio::{net::UdpSocket, sync::watch};
 use tokio_util::sync::CancellationToken;
 
-use super::tun::Tun;
+use super::{
+    peers::{Change, Table},
+    tun::Tun,
+    uapi::{self, DeviceView, Key, Op, PeerView},
+};
 
-/// Largest packet handled (TUN MTU 1420 plus WireGuard's overhead, with room).
+/// Largest packet handled.
 const BUF: usize = 65_535;
 
-/// An allowed-IP network of a peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Net {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl Net {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let bits = u32::from(self.prefix.min(32));
-                let mask = if bits == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - bits)
-                };
-                u32::from(n) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let bits = u32::from(self.prefix.min(128));
-                let mask = if bits == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - bits)
-                };
-                u128::from(n) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-/// What a peer is configured with.
-#[derive(Debug, Clone)]
-pub struct PeerConfig {
-    pub public_key: [u8; 32],
-    pub preshared_key: Option<[u8; 32]>,
-    pub endpoint: Option<SocketAddr>,
-    pub keepalive: Option<u16>,
-    pub allowed_ips: Vec<Net>,
-}
-
-struct Peer {
-    config: PeerConfig,
+/// One peer's session state.
+struct Tunnel {
     tunn: Mutex<Tunn>,
-    endpoint: Mutex<Option<SocketAddr>>,
-    /// The upper 24 bits of every session index boringtun makes for this peer.
+    /// The upper 24 bits of every session index boringtun makes for it.
     index: u32,
+    /// What the session was made with: a change of either needs a new one.
+    made_with: (Option<Key>, u16),
+}
+
+struct State {
+    key: Option<(StaticSecret, PublicKey)>,
+    listen_port: u16,
+    fwmark: u32,
+    table: Table,
+    tunnels: HashMap<Key, Arc<Tunnel>>,
+    next_index: u32,
+}
+
+impl State {
+    fn tunnel_for(&mut self, peer: &Key) {
+        let Some((private, _)) = &self.key else {
+            self.tunnels.remove(peer);
+            return;
+        };
+        let Some(p) = self.table.get(peer) else {
+            self.tunnels.remove(peer);
+            return;
+        };
+        let made_with = (p.preshared_key, p.keepalive);
+        if self
+            .tunnels
+            .get(peer)
+            .is_some_and(|t| t.made_with == made_with)
+        {
+            return; // endpoint or allowed IPs only: the session stays
+        }
+        self.next_index = (self.next_index + 1) & 0x00ff_ffff;
+        let index = self.next_index;
+        let tunn = Tunn::new(
+            private.clone(),
+            PublicKey::from(*peer),
+            p.preshared_key,
+            Some(p.keepalive).filter(|k| *k > 0),
+            // boringtun shifts it left by 8 itself: session indexes are index<<8 | n.
+            index,
+            None,
+        );
+        self.tunnels.insert(
+            *peer,
+            Arc::new(Tunnel {
+                tunn: Mutex::new(tunn),
+                index,
+                made_with,
+            }),
+        );
+    }
 }
 
 /// Counters the interface keeps.
@@ -84,40 +99,18 @@ struct Peer {
 pub struct Counters {
     /// Datagrams that were not WireGuard, or were for no known peer, or failed.
     pub dropped_datagrams: AtomicU64,
-    /// Decrypted packets whose source is outside the sending peer's allowed IPs.
+    /// Decrypted packets whose source is not routed to the sending peer.
     pub dropped_spoofed: AtomicU64,
     /// Packets from the TUN for which no peer's allowed IPs match.
     pub no_route: AtomicU64,
 }
 
-/// Per-peer figures (for `wg show`, status and telemetry).
-#[derive(Debug, Clone)]
-pub struct PeerStats {
-    pub public_key: [u8; 32],
-    pub endpoint: Option<SocketAddr>,
-    pub last_handshake: Option<Duration>,
-    pub tx_bytes: usize,
-    pub rx_bytes: usize,
-    pub rtt_ms: Option<u32>,
-}
-
 /// A running interface.
 pub struct Device {
-    private: StaticSecret,
-    public: PublicKey,
-    peers: Mutex<Vec<Arc<Peer>>>,
-    next_index: AtomicU32,
+    state: Mutex<State>,
+    udp: watch::Sender<Option<Arc<UdpSocket>>>,
+    bind: IpAddr,
     pub counters: Counters,
-    udp: Arc<UdpSocket>,
-}
-
-fn lookup(peers: &[Arc<Peer>], dst: IpAddr) -> Option<Arc<Peer>> {
-    peers
-        .iter()
-        .flat_map(|p| p.config.allowed_ips.iter().map(move |n| (n, p)))
-        .filter(|(n, _)| n.contains(dst))
-        .max_by_key(|(n, _)| n.prefix)
-        .map(|(_, p)| p.clone())
 }
 
 fn dst_of(packet: &[u8]) -> Option<IpAddr> {
@@ -128,94 +121,141 @@ fn dst_of(packet: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// The X25519 public key of a private key.
+pub fn public_of(private_key: Key) -> Key {
+    *PublicKey::from(&StaticSecret::from(private_key)).as_bytes()
+}
+
 impl Device {
-    /// A device with this private key, its UDP socket bound to `listen`.
-    pub async fn new(private_key: [u8; 32], listen: SocketAddr) -> std::io::Result<Device> {
-        let private = StaticSecret::from(private_key);
-        let public = PublicKey::from(&private);
-        Ok(Device {
-            private,
-            public,
-            peers: Mutex::new(Vec::new()),
-            next_index: AtomicU32::new(1),
+    /// An unconfigured device whose UDP socket, once a port is set, binds
+    /// on `bind` (the unspecified address in production).
+    pub fn new(bind: IpAddr) -> Device {
+        Device {
+            state: Mutex::new(State {
+                key: None,
+                listen_port: 0,
+                fwmark: 0,
+                table: Table::new(),
+                tunnels: HashMap::new(),
+                next_index: 0,
+            }),
+            udp: watch::channel(None).0,
+            bind,
             counters: Counters::default(),
-            udp: Arc::new(UdpSocket::bind(listen).await?),
-        })
+        }
     }
 
-    pub fn public_key(&self) -> [u8; 32] {
-        *self.public.as_bytes()
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.udp.local_addr()
+    /// The bound UDP address, once there is one.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.udp.borrow().as_ref().and_then(|s| s.local_addr().ok())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Peer>>> {
-        self.peers.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Adds a peer, or replaces one with the same key (a new session).
-    pub fn set_peer(&self, config: PeerConfig) {
-        let index = self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
-        let tunn = Tunn::new(
-            self.private.clone(),
-            PublicKey::from(config.public_key),
-            config.preshared_key,
-            config.keepalive.filter(|k| *k > 0),
-            // boringtun shifts it left by 8 itself: session indexes are index<<8 | n.
-            index,
-            None,
-        );
-        let peer = Arc::new(Peer {
-            endpoint: Mutex::new(config.endpoint),
-            config,
-            tunn: Mutex::new(tunn),
-            index,
+    /// Applies a UAPI set: the errno to answer (0: done).
+    pub async fn apply(&self, ops: &[Op]) -> i32 {
+        // The socket first: a port that cannot be bound fails the whole set.
+        let port = ops.iter().rev().find_map(|o| match o {
+            Op::ListenPort(p) => Some(*p),
+            _ => None,
         });
-        let mut peers = self.lock();
-        peers.retain(|p| p.config.public_key != peer.config.public_key);
-        peers.push(peer);
-    }
-
-    pub fn remove_peer(&self, key: &[u8; 32]) -> bool {
-        let mut peers = self.lock();
-        let before = peers.len();
-        peers.retain(|p| &p.config.public_key != key);
-        peers.len() != before
-    }
-
-    pub fn stats(&self) -> Vec<PeerStats> {
-        self.lock()
-            .iter()
-            .map(|p| {
-                let (last, tx, rx, _, rtt) =
-                    p.tunn.lock().unwrap_or_else(|e| e.into_inner()).stats();
-                PeerStats {
-                    public_key: p.config.public_key,
-                    endpoint: *p.endpoint.lock().unwrap_or_else(|e| e.into_inner()),
-                    last_handshake: last,
-                    tx_bytes: tx,
-                    rx_bytes: rx,
-                    rtt_ms: rtt,
+        let bound = match port {
+            Some(p) if p != self.lock().listen_port || self.udp.borrow().is_none() => {
+                match UdpSocket::bind(SocketAddr::new(self.bind, p)).await {
+                    Ok(s) => Some(s),
+                    Err(_) => return uapi::ERRNO_PORT_IN_USE,
                 }
-            })
-            .collect()
+            }
+            _ => None,
+        };
+        let mut st = self.lock();
+        if let Some(sock) = bound {
+            st.listen_port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
+            self.udp.send_replace(Some(Arc::new(sock)));
+        }
+        let mut rekey = false;
+        for op in ops {
+            match op {
+                Op::PrivateKey(k) if *k == [0; 32] => {
+                    st.key = None;
+                    rekey = true;
+                }
+                Op::PrivateKey(k) => {
+                    let private = StaticSecret::from(*k);
+                    let public = PublicKey::from(&private);
+                    st.key = Some((private, public));
+                    rekey = true;
+                }
+                Op::Fwmark(m) => st.fwmark = *m,
+                _ => {}
+            }
+        }
+        if rekey {
+            st.tunnels.clear();
+        }
+        let changes = st.table.apply(ops);
+        for c in changes {
+            match c {
+                Change::Added(k) | Change::Updated(k) => st.tunnel_for(&k),
+                Change::Removed(k) => {
+                    st.tunnels.remove(&k);
+                }
+            }
+        }
+        if rekey {
+            let keys: Vec<Key> = st.table.peers().map(|p| p.public_key).collect();
+            for k in keys {
+                st.tunnel_for(&k);
+            }
+        }
+        0
     }
 
-    async fn send_to(&self, peer: &Peer, bytes: &[u8]) {
-        let ep = *peer.endpoint.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(ep) = ep {
-            let _ = self.udp.send_to(bytes, ep).await;
+    /// What `wg show` sees.
+    pub fn view(&self) -> DeviceView {
+        let st = self.lock();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        DeviceView {
+            private_key: st.key.as_ref().map(|(k, _)| k.to_bytes()),
+            listen_port: st.listen_port,
+            fwmark: st.fwmark,
+            peers: st
+                .table
+                .peers()
+                .map(|p| {
+                    let stats = st
+                        .tunnels
+                        .get(&p.public_key)
+                        .map(|t| t.tunn.lock().unwrap_or_else(|e| e.into_inner()).stats());
+                    let (ago, tx, rx) = stats.map_or((None, 0, 0), |(a, tx, rx, _, _)| (a, tx, rx));
+                    PeerView {
+                        public_key: p.public_key,
+                        preshared_key: p.preshared_key,
+                        endpoint: p.endpoint,
+                        keepalive: p.keepalive,
+                        allowed_ips: p.allowed_ips.clone(),
+                        last_handshake: ago.map(|a| now.saturating_sub(a)),
+                        rx_bytes: rx as u64,
+                        tx_bytes: tx as u64,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    async fn send_to(&self, ep: Option<SocketAddr>, bytes: &[u8]) {
+        let sock = self.udp.borrow().clone();
+        if let (Some(sock), Some(ep)) = (sock, ep) {
+            let _ = sock.send_to(bytes, ep).await;
         }
     }
 
     /// Runs the three loops over `tun` until `shutdown`.
-    pub async fn run(
-        self: Arc<Self>,
-        tun: Tun,
-        shutdown: CancellationToken,
-    ) -> std::io::Result<()> {
+    pub async fn run(self: Arc<Self>, tun: Tun, shutdown: CancellationToken) {
         let tun = Arc::new(tun);
         let outbound = {
             let (dev, tun, stop) = (self.clone(), tun.clone(), shutdown.clone());
@@ -230,11 +270,17 @@ impl Device {
                     let Some(ip) = dst_of(&src[..n]) else {
                         continue;
                     };
-                    let Some(peer) = lookup(&dev.lock(), ip) else {
+                    let route = {
+                        let st = dev.lock();
+                        st.table.lookup(ip).and_then(|k| {
+                            Some((st.tunnels.get(k)?.clone(), st.table.get(k)?.endpoint))
+                        })
+                    };
+                    let Some((tunnel, ep)) = route else {
                         dev.counters.no_route.fetch_add(1, Ordering::Relaxed);
                         continue;
                     };
-                    let out = match peer
+                    let out = match tunnel
                         .tunn
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -244,7 +290,7 @@ impl Device {
                         _ => None,
                     };
                     if let Some(b) = out {
-                        dev.send_to(&peer, &b).await;
+                        dev.send_to(ep, &b).await;
                     }
                 }
             })
@@ -254,9 +300,19 @@ impl Device {
             tokio::spawn(async move {
                 let mut buf = vec![0u8; BUF];
                 let mut dst = vec![0u8; BUF];
+                let mut sockets = dev.udp.subscribe();
                 loop {
+                    let sock = sockets.borrow_and_update().clone();
+                    let Some(sock) = sock else {
+                        tokio::select! {
+                            r = sockets.changed() => if r.is_err() { return },
+                            _ = stop.cancelled() => return,
+                        }
+                        continue;
+                    };
                     let (n, from) = tokio::select! {
-                        r = dev.udp.recv_from(&mut buf) => match r { Ok(x) => x, Err(_) => continue },
+                        r = sock.recv_from(&mut buf) => match r { Ok(x) => x, Err(_) => continue },
+                        _ = sockets.changed() => continue, // rebound: read the new socket
                         _ = stop.cancelled() => return,
                     };
                     dev.inbound(&buf[..n], from, &mut dst, &tun).await;
@@ -273,9 +329,15 @@ impl Device {
                         _ = tick.tick() => {}
                         _ = stop.cancelled() => return,
                     }
-                    let peers = dev.lock().clone();
-                    for p in peers {
-                        let out = match p
+                    let tunnels: Vec<(Arc<Tunnel>, Option<SocketAddr>)> = {
+                        let st = dev.lock();
+                        st.tunnels
+                            .iter()
+                            .map(|(k, t)| (t.clone(), st.table.get(k).and_then(|p| p.endpoint)))
+                            .collect()
+                    };
+                    for (t, ep) in tunnels {
+                        let out = match t
                             .tunn
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -285,116 +347,126 @@ impl Device {
                             _ => None,
                         };
                         if let Some(b) = out {
-                            dev.send_to(&p, &b).await;
+                            dev.send_to(ep, &b).await;
                         }
                     }
                 }
             })
         };
         let _ = tokio::join!(outbound, inbound, timers);
-        Ok(())
+    }
+
+    /// Which peer a datagram is from (None: drop it).
+    fn peer_of(&self, datagram: &[u8]) -> Option<(Key, Arc<Tunnel>)> {
+        let st = self.lock();
+        match Tunn::parse_incoming_packet(datagram).ok()? {
+            Packet::HandshakeInit(init) => {
+                let (private, public) = st.key.as_ref()?;
+                let half = parse_handshake_anon(private, public, &init).ok()?;
+                let key = half.peer_static_public;
+                Some((key, st.tunnels.get(&key)?.clone()))
+            }
+            Packet::HandshakeResponse(p) => by_index(&st, p.receiver_idx),
+            Packet::PacketCookieReply(p) => by_index(&st, p.receiver_idx),
+            Packet::PacketData(p) => by_index(&st, p.receiver_idx),
+        }
     }
 
     /// One datagram from the network.
     async fn inbound(&self, datagram: &[u8], from: SocketAddr, dst: &mut [u8], tun: &Tun) {
-        let drop = || {
+        let Some((key, tunnel)) = self.peer_of(datagram) else {
             self.counters
                 .dropped_datagrams
                 .fetch_add(1, Ordering::Relaxed);
+            return;
         };
-        let peer = match Tunn::parse_incoming_packet(datagram) {
-            Ok(Packet::HandshakeInit(init)) => {
-                match parse_handshake_anon(&self.private, &self.public, &init) {
-                    Ok(half) => self
-                        .lock()
-                        .iter()
-                        .find(|p| p.config.public_key == half.peer_static_public)
-                        .cloned(),
-                    Err(_) => None,
-                }
-            }
-            Ok(Packet::HandshakeResponse(p)) => self.by_index(p.receiver_idx),
-            Ok(Packet::PacketCookieReply(p)) => self.by_index(p.receiver_idx),
-            Ok(Packet::PacketData(p)) => self.by_index(p.receiver_idx),
-            Err(_) => None,
-        };
-        let Some(peer) = peer else { return drop() };
         let mut first = true;
         loop {
             let result = {
-                let mut t = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
+                let mut t = tunnel.tunn.lock().unwrap_or_else(|e| e.into_inner());
                 let input: &[u8] = if first { datagram } else { &[] };
                 match t.decapsulate(Some(from.ip()), input, dst) {
                     TunnResult::Done => None,
                     TunnResult::Err(_) => {
                         if first {
-                            drop();
+                            self.counters
+                                .dropped_datagrams
+                                .fetch_add(1, Ordering::Relaxed);
                         }
                         None
                     }
-                    TunnResult::WriteToNetwork(b) => Some((true, b.to_vec(), None)),
+                    TunnResult::WriteToNetwork(b) => Some((b.to_vec(), None)),
                     TunnResult::WriteToTunnelV4(b, src) => {
-                        Some((false, b.to_vec(), Some(IpAddr::V4(src))))
+                        Some((b.to_vec(), Some(IpAddr::V4(src))))
                     }
                     TunnResult::WriteToTunnelV6(b, src) => {
-                        Some((false, b.to_vec(), Some(IpAddr::V6(src))))
+                        Some((b.to_vec(), Some(IpAddr::V6(src))))
                     }
                 }
             };
             first = false;
-            match result {
-                None => return,
-                Some((true, bytes, _)) => {
-                    // A valid packet from a new address: the peer roamed.
-                    *peer.endpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
-                    let _ = self.udp.send_to(&bytes, from).await;
-                    // Queued packets follow a handshake: keep draining.
+            let Some((bytes, src)) = result else { return };
+            // A packet that authenticated: the peer is where it came from (roaming).
+            let allowed = {
+                let mut st = self.lock();
+                st.table.set_endpoint(&key, from);
+                src.map(|s| st.table.allowed_src(&key, s))
+            };
+            match allowed {
+                // Handshake answers and queued packets: send, and keep draining.
+                None => {
+                    self.send_to(Some(from), &bytes).await;
                     continue;
                 }
-                Some((false, bytes, src)) => {
-                    *peer.endpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
-                    let ok =
-                        src.is_some_and(|s| peer.config.allowed_ips.iter().any(|n| n.contains(s)));
-                    if ok {
-                        let _ = tun.send(&bytes).await;
-                    } else if !bytes.is_empty() {
+                Some(true) => {
+                    let _ = tun.send(&bytes).await;
+                }
+                Some(false) => {
+                    if !bytes.is_empty() {
                         self.counters
                             .dropped_spoofed
                             .fetch_add(1, Ordering::Relaxed);
                     }
-                    return;
                 }
             }
+            return;
         }
-    }
-
-    fn by_index(&self, receiver_idx: u32) -> Option<Arc<Peer>> {
-        let index = receiver_idx >> 8;
-        self.lock().iter().find(|p| p.index == index).cloned()
     }
 }
 
-/// The X25519 public key of a private key.
-pub fn public_of(private_key: [u8; 32]) -> [u8; 32] {
-    *PublicKey::from(&StaticSecret::from(private_key)).as_bytes()
+fn by_index(st: &State, receiver_idx: u32) -> Option<(Key, Arc<Tunnel>)> {
+    let index = receiver_idx >> 8;
+    st.tunnels
+        .iter()
+        .find(|(_, t)| t.index == index)
+        .map(|(k, t)| (*k, t.clone()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mesh::uapi::{IpNet, PeerOp};
 
-    #[test]
-    fn nets_match_by_prefix() {
-        let n = |a: &str, p| Net {
-            addr: a.parse().unwrap(),
-            prefix: p,
-        };
-        assert!(n("10.0.0.0", 8).contains("10.1.2.3".parse().unwrap()));
-        assert!(!n("10.0.0.0", 8).contains("11.0.0.1".parse().unwrap()));
-        assert!(n("0.0.0.0", 0).contains("1.2.3.4".parse().unwrap()));
-        assert!(n("fd00::", 8).contains("fd12::1".parse().unwrap()));
-        assert!(!n("fd00::", 8).contains("10.0.0.1".parse().unwrap()));
-        assert!(n("10.0.0.7", 32).contains("10.0.0.7".parse().unwrap()));
+    /// A set: our key and port, one peer with an endpoint and one allowed IP.
+    pub fn config(
+        key: Key,
+        port: u16,
+        peer: Key,
+        endpoint: Option<&str>,
+        allowed: &str,
+    ) -> Vec<Op> {
+        let (addr, prefix) = allowed.split_once('/').unwrap();
+        vec![
+            Op::PrivateKey(key),
+            Op::ListenPort(port),
+            Op::Peer(PeerOp {
+                endpoint: endpoint.map(|e| e.parse().unwrap()),
+                allowed_ips: vec![
+                    IpNet::new(addr.parse().unwrap(), prefix.parse().unwrap()).unwrap()
+                ],
+                ..PeerOp::new(public_of(peer))
+            }),
+        ]
     }
 
     #[test]
@@ -406,6 +478,49 @@ mod tests {
         assert_eq!(dst_of(&[0x60; 10]), None);
         assert_eq!(dst_of(&[]), None);
     }
+
+    #[tokio::test]
+    async fn a_set_configures_and_keeps_sessions_of_unchanged_peers() {
+        let dev = Device::new("127.0.0.1".parse().unwrap());
+        assert_eq!(
+            dev.apply(&config(
+                [1; 32],
+                0,
+                [2; 32],
+                Some("127.0.0.1:9"),
+                "10.0.0.2/32"
+            ))
+            .await,
+            0
+        );
+        let v = dev.view();
+        assert_eq!(v.private_key, Some([1; 32]));
+        assert_ne!(v.listen_port, 0, "an ephemeral port was bound");
+        assert_eq!(v.peers.len(), 1);
+        let index = dev.lock().tunnels[&public_of([2; 32])].index;
+        // A new endpoint and allowed IP: same session.
+        let mut ops = config(
+            [1; 32],
+            v.listen_port,
+            [2; 32],
+            Some("127.0.0.1:10"),
+            "10.0.0.3/32",
+        );
+        ops.remove(0);
+        assert_eq!(dev.apply(&ops).await, 0);
+        assert_eq!(dev.lock().tunnels[&public_of([2; 32])].index, index);
+        // A new private key: new sessions.
+        assert_eq!(dev.apply(&[Op::PrivateKey([5; 32])]).await, 0);
+        assert_ne!(dev.lock().tunnels[&public_of([2; 32])].index, index);
+        // A port in use is refused with its errno, and nothing else changes.
+        let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        assert_eq!(
+            dev.apply(&[Op::ListenPort(port)]).await,
+            uapi::ERRNO_PORT_IN_USE
+        );
+        assert_eq!(dev.view().listen_port, v.listen_port);
+    }
 }
 
 #[cfg(test)]
@@ -416,7 +531,7 @@ mod netns_tests {
     //! the veth encrypted, and is delivered by B's TUN to a socket on B.
     use std::os::fd::AsRawFd;
 
-    use super::*;
+    use super::{tests::config, *};
 
     fn ip(args: &[&str]) {
         let st = std::process::Command::new("ip")
@@ -439,10 +554,12 @@ mod netns_tests {
         }
     }
 
+    type Job<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T>>>;
+
     /// Runs `f` on a thread inside network namespace `ns`, with its own runtime.
     fn in_ns<T: Send + 'static>(
         ns: &str,
-        f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
+        f: impl FnOnce() -> Job<T> + Send + 'static,
     ) -> std::thread::JoinHandle<T> {
         let path = format!("/var/run/netns/{ns}");
         std::thread::spawn(move || {
@@ -480,28 +597,18 @@ mod netns_tests {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
         let (ka, kb) = ([1u8; 32], [2u8; 32]);
-        let net = |s: &str, p| Net {
-            addr: s.parse().unwrap(),
-            prefix: p,
-        };
         let stop = CancellationToken::new();
-        // B: listens, and receives on its mesh address.
+        // B: no endpoint for A (learnt from A's handshake); receives on its mesh address.
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (nb2, stop_b) = (nb.clone(), stop.clone());
         let b = in_ns(&nb, move || {
             Box::pin(async move {
-                let dev = Arc::new(
-                    Device::new(kb, "192.168.77.2:51820".parse().unwrap())
-                        .await
-                        .unwrap(),
+                let dev = Arc::new(Device::new("192.168.77.2".parse().unwrap()));
+                assert_eq!(
+                    dev.apply(&config(kb, 51820, ka, None, "10.66.0.1/32"))
+                        .await,
+                    0
                 );
-                dev.set_peer(PeerConfig {
-                    public_key: public_of(ka),
-                    preshared_key: None,
-                    endpoint: None, // learnt from A's handshake
-                    keepalive: None,
-                    allowed_ips: vec![net("10.66.0.1", 32)],
-                });
                 let tun = Tun::create("wgb").unwrap();
                 ip(&["-n", &nb2, "addr", "add", "10.66.0.2/24", "dev", "wgb"]);
                 ip(&["-n", &nb2, "link", "set", "wgb", "up"]);
@@ -515,40 +622,31 @@ mod netns_tests {
                     .and_then(Result::ok)
                     .map(|(n, from)| (buf[..n].to_vec(), from));
                 stop_b.cancelled().await;
-                (got, dev.stats())
+                (got, dev.view())
             })
         });
         ready_rx.recv().unwrap();
         let (na2, stop_a) = (na.clone(), stop.clone());
         let a = in_ns(&na, move || {
             Box::pin(async move {
-                let dev = Arc::new(
-                    Device::new(ka, "192.168.77.1:51820".parse().unwrap())
-                        .await
-                        .unwrap(),
-                );
-                dev.set_peer(PeerConfig {
-                    public_key: public_of(kb),
-                    preshared_key: None,
-                    endpoint: Some("192.168.77.2:51820".parse().unwrap()),
-                    keepalive: None,
-                    allowed_ips: vec![net("10.66.0.2", 32)],
-                });
+                let dev = Arc::new(Device::new("192.168.77.1".parse().unwrap()));
+                let cfg = config(ka, 51820, kb, Some("192.168.77.2:51820"), "10.66.0.2/32");
+                assert_eq!(dev.apply(&cfg).await, 0);
                 let tun = Tun::create("wga").unwrap();
                 ip(&["-n", &na2, "addr", "add", "10.66.0.1/24", "dev", "wga"]);
                 ip(&["-n", &na2, "link", "set", "wga", "up"]);
                 tokio::spawn(dev.clone().run(tun, stop_a.clone()));
                 let tx = tokio::net::UdpSocket::bind("10.66.0.1:0").await.unwrap();
-                // The first packet waits for the handshake; resend until B has it.
+                // The first packet waits for the handshake; resend until it is through.
                 for _ in 0..40 {
                     let _ = tx.send_to(b"over the mesh", "10.66.0.2:7000").await;
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    if dev.stats()[0].tx_bytes > 200 {
+                    if dev.view().peers[0].tx_bytes > 200 {
                         break;
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                dev.stats()
+                dev.view()
             })
         });
         let sa = a.join().unwrap();
@@ -561,9 +659,9 @@ mod netns_tests {
             "10.66.0.1".parse::<IpAddr>().unwrap(),
             "the inner source"
         );
-        assert!(sa[0].last_handshake.is_some(), "{sa:?}");
+        assert!(sa.peers[0].last_handshake.is_some(), "{sa:?}");
         assert_eq!(
-            sb[0].endpoint,
+            sb.peers[0].endpoint,
             Some("192.168.77.1:51820".parse().unwrap()),
             "B learnt A's endpoint"
         );
@@ -572,8 +670,9 @@ mod netns_tests {
 
 #[cfg(test)]
 mod garbage_tests {
-    use super::*;
     use rand::{Rng, RngCore};
+
+    use super::{tests::config, *};
 
     /// Random datagrams, some shaped like WireGuard messages, are dropped and
     /// counted; the device keeps working.
@@ -587,19 +686,12 @@ mod garbage_tests {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let dev = Device::new([3; 32], "127.0.0.1:0".parse().unwrap())
-                    .await
-                    .unwrap();
-                dev.set_peer(PeerConfig {
-                    public_key: public_of([4; 32]),
-                    preshared_key: None,
-                    endpoint: None,
-                    keepalive: None,
-                    allowed_ips: vec![Net {
-                        addr: "10.0.0.2".parse().unwrap(),
-                        prefix: 32,
-                    }],
-                });
+                let dev = Device::new("127.0.0.1".parse().unwrap());
+                assert_eq!(
+                    dev.apply(&config([3; 32], 0, [4; 32], None, "10.0.0.2/32"))
+                        .await,
+                    0
+                );
                 let tun = Tun::create("wgz%d").unwrap();
                 let mut rng = rand::rng();
                 let mut dst = vec![0u8; BUF];
@@ -621,7 +713,7 @@ mod garbage_tests {
                 }
                 let dropped = dev.counters.dropped_datagrams.load(Ordering::Relaxed);
                 assert!(dropped >= 4_900, "dropped {dropped}");
-                assert_eq!(dev.stats().len(), 1, "the peer is still there");
+                assert_eq!(dev.view().peers.len(), 1, "the peer is still there");
             });
         });
         t.join().unwrap();
