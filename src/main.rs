@@ -80,6 +80,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Userspace WireGuard interfaces.
+    Mesh {
+        #[command(subcommand)]
+        command: MeshCommand,
+    },
     /// Docker images on this node.
     Image {
         #[command(subcommand)]
@@ -261,6 +266,18 @@ impl SpecArgs {
 }
 
 #[derive(Subcommand)]
+enum MeshCommand {
+    /// Run interface IFNAME in the foreground, driven by stock `wg` through
+    /// /var/run/wireguard/IFNAME.sock, until SIGINT or SIGTERM.
+    Up {
+        ifname: String,
+        /// Where the UAPI socket goes.
+        #[arg(long, default_value = warden_agent::mesh::control::SOCKET_DIR)]
+        socket_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum ImageCommand {
     /// Load an image archive (`docker save` format) into this node's Docker,
     /// for suppliers without a registry.
@@ -336,6 +353,9 @@ fn run() -> Result<()> {
             } => run_agent(config, dev, state_dir, nvml_lib).await,
             Command::Inventory { json, local } => inventory(json, local.load()?).await,
             Command::Lease { command, socket } => lease(command, socket).await,
+            Command::Mesh {
+                command: MeshCommand::Up { ifname, socket_dir },
+            } => mesh_up(&ifname, &socket_dir).await,
             Command::Verify {
                 bundle,
                 min_coverage,
@@ -1137,4 +1157,31 @@ fn verify(path: &Path, min_coverage: f64, max_skew_ms: i64, json: bool) -> Resul
     }
     eprintln!("does NOT hold: {} problem(s)", report.failures.len());
     std::process::exit(1);
+}
+
+async fn mesh_up(ifname: &str, socket_dir: &Path) -> Result<()> {
+    use std::sync::Arc;
+    use warden_agent::mesh::{control, device::Device, tun::Tun};
+    let tun = Tun::create(ifname)?;
+    // Dual-stack: IPv4 peers arrive as mapped addresses.
+    let dev = Arc::new(Device::new(std::net::Ipv6Addr::UNSPECIFIED.into()));
+    let path = control::socket_path(socket_dir, tun.name());
+    let listener =
+        control::bind(&path).with_context(|| format!("UAPI socket {}", path.display()))?;
+    eprintln!(
+        "interface {} is up; configure it with `wg set {} …` (UAPI socket {})",
+        tun.name(),
+        tun.name(),
+        path.display()
+    );
+    let shutdown = shutdown_on_signal();
+    let control = tokio::spawn(control::serve(
+        listener,
+        path,
+        dev.clone(),
+        shutdown.clone(),
+    ));
+    dev.run(tun, shutdown.clone()).await;
+    let _ = control.await;
+    Ok(())
 }

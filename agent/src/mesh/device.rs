@@ -250,6 +250,13 @@ impl Device {
     async fn send_to(&self, ep: Option<SocketAddr>, bytes: &[u8]) {
         let sock = self.udp.borrow().clone();
         if let (Some(sock), Some(ep)) = (sock, ep) {
+            // A dual-stack socket reaches IPv4 peers through mapped addresses.
+            let ep = match (self.bind, ep) {
+                (IpAddr::V6(_), SocketAddr::V4(v4)) => {
+                    SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+                }
+                _ => ep,
+            };
             let _ = sock.send_to(bytes, ep).await;
         }
     }
@@ -374,6 +381,8 @@ impl Device {
 
     /// One datagram from the network.
     async fn inbound(&self, datagram: &[u8], from: SocketAddr, dst: &mut [u8], tun: &Tun) {
+        // An IPv4 peer on a dual-stack socket: remember it as IPv4.
+        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
         let Some((key, tunnel)) = self.peer_of(datagram) else {
             self.counters
                 .dropped_datagrams

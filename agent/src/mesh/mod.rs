@@ -16,6 +16,7 @@
 //! - [`device`] runs boringtun's noise protocol per peer between the TUN
 //!   device and one UDP socket.
 
+pub mod control;
 pub mod device;
 pub mod peers;
 pub mod tun;
