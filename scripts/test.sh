@@ -13,7 +13,12 @@ need cc build-essential
 need pkg-config pkg-config
 need ip iproute2
 need docker docker.io
-need busybox busybox-static
+# The test image needs the static build (Debian's busybox package is dynamic).
+dpkg -s busybox-static >/dev/null 2>&1 || need_pkgs+=(busybox-static)
+# Mesh interop: stock WireGuard tools and a TCP load.
+need wireguard-go wireguard-go
+need wg wireguard-tools
+need iperf3 iperf3
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "== installing: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

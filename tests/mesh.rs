@@ -1,0 +1,214 @@
+//! Interop: `warden mesh up` in one network namespace and Debian's
+//! wireguard-go in another, both configured with stock `wg`, complete a
+//! handshake and carry TCP (iperf3) both ways.
+
+mod common;
+
+use std::{
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use common::*;
+
+fn run(args: &[&str]) -> Output {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn wg_key(dir: &Path, name: &str) -> (String, String) {
+    let private = String::from_utf8(run(&["wg", "genkey"]).stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{private}\n")).unwrap();
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(private.as_bytes())
+        .unwrap();
+    let public = String::from_utf8(child.wait_with_output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+    (path.display().to_string(), public)
+}
+
+/// Namespaces deleted (and their processes gone) when the test ends.
+struct Hosts(Vec<String>);
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+/// A process inside a namespace, killed on drop.
+struct InNs(std::process::Child);
+
+impl Drop for InNs {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_in(ns: &str, args: &[&str], log: &Path) -> InNs {
+    let err = std::fs::File::create(log).unwrap();
+    InNs(
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn iperf(server_ns: &str, client_ns: &str, server_ip: &str, port: &str) -> String {
+    let _server = InNs(
+        Command::new("ip")
+            .args(["netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", port])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The server needs a moment to listen.
+    wait_for("iperf3 through the tunnel", Duration::from_secs(30), || {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", client_ns, "iperf3", "-c", server_ip, "-p", port, "-t", "1", "-J",
+            ])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+}
+
+#[test]
+fn warden_mesh_and_wireguard_go_carry_tcp_both_ways() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = std::process::id() % 100_000;
+    let (na, nb) = (format!("wm-a-{id}"), format!("wm-b-{id}"));
+    let (ifa, ifb) = (format!("wwa{id}"), format!("wgb{id}"));
+    let _hosts = Hosts(vec![na.clone(), nb.clone()]);
+    run(&["ip", "netns", "add", &na]);
+    run(&["ip", "netns", "add", &nb]);
+    run(&[
+        "ip", "link", "add", "va", "netns", &na, "type", "veth", "peer", "name", "vb", "netns", &nb,
+    ]);
+    for (ns, dev, addr) in [
+        (&na, "va", "192.168.88.1/24"),
+        (&nb, "vb", "192.168.88.2/24"),
+    ] {
+        run(&["ip", "-n", ns, "addr", "add", addr, "dev", dev]);
+        run(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+    let (key_a, pub_a) = wg_key(tmp.path(), "a.key");
+    let (key_b, pub_b) = wg_key(tmp.path(), "b.key");
+
+    // A: warden mesh. B: wireguard-go (foreground).
+    let _a = spawn_in(
+        &na,
+        &[WARDEN, "mesh", "up", &ifa],
+        &tmp.path().join("a.log"),
+    );
+    let _b = spawn_in(
+        &nb,
+        &["wireguard-go", "-f", &ifb],
+        &tmp.path().join("b.log"),
+    );
+    for ifname in [&ifa, &ifb] {
+        let sock = format!("/var/run/wireguard/{ifname}.sock");
+        wait_for(&sock, Duration::from_secs(20), || {
+            Path::new(&sock).exists().then_some(())
+        });
+    }
+    for (ns, ifname, key, peer, endpoint, mine, theirs) in [
+        (
+            &na,
+            &ifa,
+            &key_a,
+            &pub_b,
+            "192.168.88.2:51820",
+            "10.77.0.1/24",
+            "10.77.0.2/32",
+        ),
+        (
+            &nb,
+            &ifb,
+            &key_b,
+            &pub_a,
+            "192.168.88.1:51820",
+            "10.77.0.2/24",
+            "10.77.0.1/32",
+        ),
+    ] {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "wg",
+            "set",
+            ifname,
+            "private-key",
+            key,
+            "listen-port",
+            "51820",
+            "peer",
+            peer,
+            "endpoint",
+            endpoint,
+            "allowed-ips",
+            theirs,
+        ]);
+        run(&["ip", "-n", ns, "addr", "add", mine, "dev", ifname]);
+        run(&["ip", "-n", ns, "link", "set", ifname, "up"]);
+    }
+
+    // TCP from warden's side to wireguard-go's, then back.
+    let there = iperf(&nb, &na, "10.77.0.2", "5201");
+    let back = iperf(&na, &nb, "10.77.0.1", "5202");
+    for (what, json) in [
+        ("warden → wireguard-go", &there),
+        ("wireguard-go → warden", &back),
+    ] {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        let bits = v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0);
+        assert!(bits > 1e6, "{what}: {bits} bit/s");
+    }
+
+    // Stock `wg show` reads warden's interface through its UAPI socket.
+    let show =
+        String::from_utf8(run(&["ip", "netns", "exec", &na, "wg", "show", &ifa]).stdout).unwrap();
+    assert!(show.contains(&format!("peer: {pub_b}")), "{show}");
+    assert!(show.contains("latest handshake"), "{show}");
+    assert!(show.contains("endpoint: 192.168.88.2:51820"), "{show}");
+    assert!(show.contains("listening port: 51820"), "{show}");
+}
