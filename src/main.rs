@@ -1122,6 +1122,7 @@ fn verify(path: &Path, min_coverage: f64, max_skew_ms: i64, json: bool) -> Resul
                 "kills": s.kills,
                 "container_stops": s.container_stops,
                 "challenges_answered": s.challenges_answered,
+                "challenges_in_gaps": s.challenges_in_gaps,
                 "failures": report.failures.iter().map(|f| serde_json::json!({"rule": f.rule, "detail": f.detail})).collect::<Vec<_>>(),
             }))?
         );
@@ -1144,7 +1145,10 @@ fn verify(path: &Path, min_coverage: f64, max_skew_ms: i64, json: bool) -> Resul
             "enforcement {} foreign holders, {} kills, {} containers stopped",
             s.foreign_events, s.kills, s.container_stops
         );
-        println!("challenges  {} answered", s.challenges_answered);
+        println!(
+            "challenges  {} answered, {} issued while the agent was down",
+            s.challenges_answered, s.challenges_in_gaps
+        );
     }
     if report.holds() {
         if !json {

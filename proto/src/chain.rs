@@ -91,6 +91,8 @@ pub struct Summary {
     pub restarts: u32,
     pub start_ids: Vec<String>,
     pub challenges_answered: usize,
+    /// Challenges issued while no window was open (during a gap).
+    pub challenges_in_gaps: usize,
 }
 
 /// The outcome: it holds when `failures` is empty.
@@ -228,6 +230,7 @@ pub fn verify(c: &Chain, p: &Params) -> Report {
     let mut prev: Option<(u64, [u8; 32], i64)> = None; // (lease_seq, digest, window end)
     let mut seen_seqs = BTreeSet::new();
     let mut nonces: Vec<(Vec<u8>, i64)> = Vec::new(); // (nonce, window end)
+    let mut windows: Vec<(i64, i64)> = Vec::new();
     let mut start_ids: Vec<String> = Vec::new();
     let s = &mut report.summary.clone();
     for (i, env) in c.records.iter().enumerate() {
@@ -347,6 +350,7 @@ pub fn verify(c: &Chain, p: &Params) -> Report {
         for n in &a.challenges {
             nonces.push((n.clone(), end));
         }
+        windows.push((start, end));
         if s.records == 0 {
             s.first_seq = a.lease_seq;
             s.t1_unix_ms = start;
@@ -386,6 +390,22 @@ pub fn verify(c: &Chain, p: &Params) -> Report {
                     ch.lease_id, ch.node_id
                 ),
             );
+            continue;
+        }
+        // Issued once the lease was over: nothing to answer it with.
+        if proof
+            .as_ref()
+            .is_some_and(|pr| ch.issued_unix_ms >= pr.t2_unix_ms)
+        {
+            continue;
+        }
+        // Issued while no window was open (the agent was down): the gap
+        // already costs coverage; the challenge is not counted against it.
+        if !windows
+            .iter()
+            .any(|(s, e)| *s <= ch.issued_unix_ms && ch.issued_unix_ms < *e)
+        {
+            s.challenges_in_gaps += 1;
             continue;
         }
         let answered = nonces
@@ -846,6 +866,80 @@ mod tests {
         assert!(r.holds(), "{:?}", r.failures);
         assert_eq!(r.summary.restarts, 1);
         assert_eq!(r.summary.start_ids, ["start-a", "start-b"]);
+    }
+
+    #[test]
+    fn challenges_issued_in_a_gap_are_not_required() {
+        let node = Signer::from_seed(&[7; 32]);
+        let coord = Signer::from_seed(&[9; 32]);
+        let mut head = Head::default();
+        let mut records = Vec::new();
+        // [0, 10 s), then the agent is down until 15 s, then [15 s, 25 s).
+        for (i, (start, end)) in [(0i64, 10_000i64), (15_000, 25_000)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut a = pb::Attestation {
+                lease_id: LEASE.into(),
+                window_start_unix_ms: start,
+                window_end_unix_ms: end,
+                sampled_ms: end - start,
+                ..Default::default()
+            };
+            head.link(&mut a);
+            let env = record(&node, i as u64 + 1, "s", a);
+            head.advance(i as u64 + 1, &env.payload);
+            records.push(env);
+        }
+        let challenge = |issued: i64| {
+            coord.sign_message(
+                types::CHALLENGE,
+                &pb::Challenge {
+                    node_id: node.key_id().into(),
+                    lease_id: LEASE.into(),
+                    nonce: issued.to_le_bytes().to_vec(),
+                    issued_unix_ms: issued,
+                    deadline_unix_ms: issued + 5_000,
+                },
+            )
+        };
+        let proof = node.sign_message(
+            types::RECORD,
+            &pb::Record {
+                node_id: node.key_id().into(),
+                seq: 3,
+                time_unix_ms: 0,
+                start_id: "s".into(),
+                body: Some(pb::record::Body::LeaseProof(proof_for(
+                    LEASE, 0, 25_000, &records,
+                ))),
+            },
+        );
+        let (key, ckey) = (node.verifying_key(), coord.verifying_key());
+        let run = |challenges: &[Envelope]| {
+            verify(
+                &Chain {
+                    lease_id: LEASE,
+                    node_key: &key,
+                    records: &records,
+                    proof: Some(&proof),
+                    challenges,
+                    coordinator_key: Some(&ckey),
+                },
+                &Params {
+                    min_coverage: 0.5,
+                    ..Default::default()
+                },
+            )
+        };
+        let r = run(&[challenge(12_000)]);
+        assert!(r.holds(), "{:?}", r.failures);
+        assert_eq!(r.summary.challenges_in_gaps, 1);
+        let r = run(&[challenge(17_000)]);
+        assert_eq!(
+            r.failures.iter().map(|f| f.rule).collect::<Vec<_>>(),
+            [rule::MISSING_CHALLENGE]
+        );
     }
 
     mod props {
