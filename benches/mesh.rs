@@ -65,16 +65,16 @@ fn iperf(server_ns: &str, client_ns: &str, server_ip: &str) -> f64 {
             .args([
                 "netns", "exec", client_ns, "iperf3", "-c", server_ip, "-t", SECS, "-J",
             ])
+            .args(["--connect-timeout", "1000"])
             .output()
             .unwrap();
-        if out.status.success() {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            return v["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .unwrap_or(0.0)
-                / 1e9;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let bps = v["end"]["sum_received"]["bits_per_second"].as_f64();
+        if let Some(bps) = bps.filter(|_| out.status.success()) {
+            return bps / 1e9;
         }
         if t.elapsed() > Duration::from_secs(20) {
+            eprintln!("iperf3 to {server_ip} kept failing: {}", v["error"]);
             return 0.0;
         }
         std::thread::sleep(Duration::from_millis(200));
