@@ -287,17 +287,20 @@ impl Device {
                         dev.counters.no_route.fetch_add(1, Ordering::Relaxed);
                         continue;
                     };
+                    // The span written into `dst`, so the lock is released
+                    // before sending without copying the packet.
+                    let base = dst.as_ptr();
                     let out = match tunnel
                         .tunn
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .encapsulate(&src[..n], &mut dst)
                     {
-                        TunnResult::WriteToNetwork(b) => Some(b.to_vec()),
+                        TunnResult::WriteToNetwork(b) => Some(span(base, b)),
                         _ => None,
                     };
-                    if let Some(b) = out {
-                        dev.send_to(ep, &b).await;
+                    if let Some(r) = out {
+                        dev.send_to(ep, &dst[r]).await;
                     }
                 }
             })
@@ -394,6 +397,7 @@ impl Device {
             let result = {
                 let mut t = tunnel.tunn.lock().unwrap_or_else(|e| e.into_inner());
                 let input: &[u8] = if first { datagram } else { &[] };
+                let base = dst.as_ptr();
                 match t.decapsulate(Some(from.ip()), input, dst) {
                     TunnResult::Done => None,
                     TunnResult::Err(_) => {
@@ -404,17 +408,18 @@ impl Device {
                         }
                         None
                     }
-                    TunnResult::WriteToNetwork(b) => Some((b.to_vec(), None)),
+                    TunnResult::WriteToNetwork(b) => Some((span(base, b), None)),
                     TunnResult::WriteToTunnelV4(b, src) => {
-                        Some((b.to_vec(), Some(IpAddr::V4(src))))
+                        Some((span(base, b), Some(IpAddr::V4(src))))
                     }
                     TunnResult::WriteToTunnelV6(b, src) => {
-                        Some((b.to_vec(), Some(IpAddr::V6(src))))
+                        Some((span(base, b), Some(IpAddr::V6(src))))
                     }
                 }
             };
             first = false;
-            let Some((bytes, src)) = result else { return };
+            let Some((range, src)) = result else { return };
+            let bytes = &dst[range];
             // A packet that authenticated: the peer is where it came from (roaming).
             let allowed = {
                 let mut st = self.lock();
@@ -424,11 +429,11 @@ impl Device {
             match allowed {
                 // Handshake answers and queued packets: send, and keep draining.
                 None => {
-                    self.send_to(Some(from), &bytes).await;
+                    self.send_to(Some(from), bytes).await;
                     continue;
                 }
                 Some(true) => {
-                    let _ = tun.send(&bytes).await;
+                    let _ = tun.send(bytes).await;
                 }
                 Some(false) => {
                     if !bytes.is_empty() {
@@ -441,6 +446,13 @@ impl Device {
             return;
         }
     }
+}
+
+/// Where `part` (a slice boringtun wrote into the buffer starting at
+/// `base`) lies in that buffer.
+fn span(base: *const u8, part: &mut [u8]) -> std::ops::Range<usize> {
+    let start = (part.as_ptr() as usize).saturating_sub(base as usize);
+    start..start + part.len()
 }
 
 fn by_index(st: &State, receiver_idx: u32) -> Option<(Key, Arc<Tunnel>)> {
