@@ -18,6 +18,7 @@
 
 pub mod control;
 pub mod device;
+pub mod key;
 pub mod peers;
 pub mod tun;
 pub mod uapi;
