@@ -98,6 +98,7 @@ async fn throughput(n: u64, window: usize) -> f64 {
         status: status_tx,
         commands: None,
         challenges: None,
+        mesh: Default::default(),
     };
     let uplink_task = tokio::spawn(uplink.run(shutdown.clone()));
 

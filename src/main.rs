@@ -690,6 +690,8 @@ async fn nodes(json: bool, socket: Option<PathBuf>) -> Result<()> {
                     "inventory": n.inventory,
                     "gpus": n.gpus,
                     "link": n.link,
+                    "mesh_public_key": base64_std(&n.mesh_public_key),
+                    "mesh_endpoints": n.mesh_endpoints,
                 })
             })
             .collect();
@@ -1188,4 +1190,10 @@ async fn mesh_up(ifname: &str, socket_dir: &Path) -> Result<()> {
     dev.run(tun, shutdown.clone()).await;
     let _ = control.await;
     Ok(())
+}
+
+/// Standard base64, as `wg` writes keys.
+fn base64_std(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }

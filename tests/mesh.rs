@@ -212,3 +212,34 @@ fn warden_mesh_and_wireguard_go_carry_tcp_both_ways() {
     assert!(show.contains("endpoint: 192.168.88.2:51820"), "{show}");
     assert!(show.contains("listening port: 51820"), "{show}");
 }
+
+#[test]
+fn the_agent_announces_its_mesh_key_and_endpoints_at_register() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"), free_port());
+    let agent = Agent::start(
+        &tmp.path().join("agent"),
+        &format!(
+            "{}\n[mesh]\nendpoints = [\"203.0.113.7:51820\"]\n",
+            fast_agent_toml(&coord.link_toml(), "1h", 0)
+        ),
+    );
+    let key = tmp.path().join("agent/mesh.key");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let theirs = run(&["sh", "-c", &format!("wg pubkey < {}", key.display())]).stdout;
+    let theirs = String::from_utf8(theirs).unwrap().trim().to_owned();
+    let n = wait_for("the node registered", Duration::from_secs(30), || {
+        nodes_json(&coord)
+            .get(0)
+            .cloned()
+            .filter(|n| n["mesh_public_key"] != "")
+    });
+    assert_eq!(n["mesh_public_key"], theirs.as_str());
+    assert_eq!(
+        n["mesh_endpoints"],
+        serde_json::json!(["203.0.113.7:51820"])
+    );
+    drop(agent);
+}

@@ -82,6 +82,7 @@ async fn tampered_and_foreign_records_are_refused_and_not_stored() {
             inventory: None,
             time_unix_ms: warden_agent::now_ms(),
             start_id: "test".into(),
+            ..Default::default()
         },
     ))
     .await
@@ -191,6 +192,7 @@ async fn a_register_not_signed_by_its_key_is_refused() {
         inventory: None,
         time_unix_ms: warden_agent::now_ms(),
         start_id: "x".into(),
+        ..Default::default()
     }
     .encode_to_vec();
     let mut env = other.sign(types::REGISTER, payload);
@@ -279,6 +281,7 @@ async fn an_oversized_envelope_is_rejected_and_nothing_stored() {
             inventory: None,
             time_unix_ms: warden_agent::now_ms(),
             start_id: "x".into(),
+            ..Default::default()
         },
     ))
     .await

@@ -47,6 +47,26 @@ pub struct AgentConfig {
     pub doctor: DoctorConfig,
     pub workload: WorkloadConfig,
     pub timelock: TimeLockConfig,
+    pub mesh: MeshConfig,
+}
+
+/// The node's mesh interface.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    /// UDP port of the mesh interface.
+    pub listen_port: u16,
+    /// Where other nodes reach it ("host:port"), announced at Register.
+    pub endpoints: Vec<String>,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            listen_port: 51820,
+            endpoints: Vec::new(),
+        }
+    }
 }
 
 /// Proof of Time-Lock: who may hold a leased GPU, and the attestation epoch.
@@ -289,6 +309,7 @@ impl Default for AgentConfig {
             doctor: DoctorConfig::default(),
             workload: WorkloadConfig::default(),
             timelock: TimeLockConfig::default(),
+            mesh: MeshConfig::default(),
         }
     }
 }
@@ -371,6 +392,12 @@ impl AgentConfig {
         nonzero("gpu.inventory_interval", self.gpu.inventory_interval)?;
         nonzero("probe.duration", self.probe.duration)?;
         nonzero("timelock.epoch", self.timelock.epoch)?;
+        if let Some(e) = self.mesh.endpoints.iter().find(|e| {
+            e.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        }) {
+            return Err(invalid("mesh.endpoints", format!("`{e}` is not host:port")));
+        }
         if self.timelock.epoch < self.gpu.sample_interval {
             return Err(invalid(
                 "timelock.epoch",

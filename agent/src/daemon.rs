@@ -31,6 +31,8 @@ pub enum AgentError {
     Metrics(#[from] metrics::MetricsError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    MeshKey(#[from] crate::mesh::key::MeshKeyError),
     #[error("state directory {path}: {source}")]
     StateDir {
         path: PathBuf,
@@ -56,6 +58,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         tracing::info!(%node_id, key = %config.key_file().display(), "created node identity");
     }
     let start_id = crate::random_id();
+    let mesh_key_path = dir.join("mesh.key");
+    let (mesh_private, made) = crate::mesh::key::load_or_create(&mesh_key_path)?;
+    let mesh_public = crate::mesh::device::public_of(mesh_private);
+    if made {
+        tracing::info!(key = %mesh_key_path.display(), "created the mesh (WireGuard) key");
+    }
 
     let (spool, recovery) = Spool::open(SpoolConfig {
         dir: config.spool_dir(),
@@ -114,6 +122,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 status: uplink_tx,
                 commands: Some(commands_tx),
                 challenges: Some(challenges_tx),
+                mesh: (mesh_public.to_vec(), config.mesh.endpoints.clone()),
             };
             Some(tokio::spawn(up.run(tasks.clone())))
         }

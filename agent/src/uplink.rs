@@ -97,6 +97,8 @@ pub struct Uplink {
     pub commands: Option<tokio::sync::mpsc::Sender<pb::Command>>,
     /// Where verified challenges go (the time-lock task).
     pub challenges: Option<tokio::sync::mpsc::Sender<pb::Challenge>>,
+    /// The mesh public key and endpoints announced at Register.
+    pub mesh: (Vec<u8>, Vec<String>),
 }
 
 /// A TLS channel to the coordinator, trusting only the configured CA.
@@ -214,6 +216,8 @@ impl Uplink {
                 inventory: Some(self.inventory.borrow().clone()),
                 time_unix_ms: crate::now_ms(),
                 start_id: self.start_id.clone(),
+                mesh_public_key: self.mesh.0.clone(),
+                mesh_endpoints: self.mesh.1.clone(),
             },
         ))
         .map_err(|_| UplinkError::Closed)?;

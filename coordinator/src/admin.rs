@@ -153,6 +153,8 @@ impl pb::admin_server::Admin for AdminService {
                     .spool_state
                     .and_then(|b| prost::Message::decode(b.as_slice()).ok()),
                 inventory: prost::Message::decode(n.inventory.as_slice()).ok(),
+                mesh_public_key: n.mesh_public_key.clone(),
+                mesh_endpoints: n.mesh_endpoints.clone(),
                 link: n
                     .link
                     .as_deref()

@@ -164,6 +164,8 @@ impl pb::uplink_server::Uplink for UplinkService {
                 peer_address: peer.map(|p| p.to_string()).unwrap_or_default(),
                 time_ms: now_ms(),
                 inventory_ms: reg.time_unix_ms,
+                mesh_public_key: reg.mesh_public_key.clone(),
+                mesh_endpoints: reg.mesh_endpoints.clone(),
             })
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
@@ -481,6 +483,7 @@ mod tests {
                 inventory: None,
                 time_unix_ms: time,
                 start_id: "s".into(),
+                ..Default::default()
             },
         )
     }

@@ -44,6 +44,9 @@ pub struct NodeRow {
     pub time_ms: i64,
     /// When the inventory was taken, by the node's clock (as records are).
     pub inventory_ms: i64,
+    /// The node's WireGuard public key and reachable endpoints.
+    pub mesh_public_key: Vec<u8>,
+    pub mesh_endpoints: Vec<String>,
 }
 
 /// A verified record to store, with the receipt that acknowledges it.
@@ -136,6 +139,8 @@ pub struct NodeStats {
     pub gpus: Vec<Vec<u8>>,
     /// Encoded `LinkSample`, the node's last link probe.
     pub link: Option<Vec<u8>>,
+    pub mesh_public_key: Vec<u8>,
+    pub mesh_endpoints: Vec<String>,
 }
 
 enum Cmd {
@@ -355,6 +360,9 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE INDEX challenges_lease ON challenges (lease_id);
      ALTER TABLE leases ADD COLUMN verdict BLOB;",
+    // 5: the node's mesh key and endpoints, from its Register.
+    "ALTER TABLE nodes ADD COLUMN mesh_public_key BLOB NOT NULL DEFAULT x'';
+     ALTER TABLE nodes ADD COLUMN mesh_endpoints TEXT NOT NULL DEFAULT '';",
 ];
 
 fn init(conn: &mut Connection) -> rusqlite::Result<()> {
@@ -503,11 +511,13 @@ fn clone_err(e: &rusqlite::Error) -> rusqlite::Error {
 fn upsert_node(tx: &rusqlite::Transaction, n: &NodeRow) -> rusqlite::Result<()> {
     tx.execute(
         "INSERT INTO nodes (node_id, public_key, agent_version, hostname, inventory, start_id,
-                            peer_address, first_seen_ms, last_seen_ms, inventory_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)
+                            peer_address, first_seen_ms, last_seen_ms, inventory_ms,
+                            mesh_public_key, mesh_endpoints)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11)
          ON CONFLICT (node_id) DO UPDATE SET
             agent_version = excluded.agent_version, hostname = excluded.hostname,
             inventory = excluded.inventory, inventory_ms = excluded.inventory_ms,
+            mesh_public_key = excluded.mesh_public_key, mesh_endpoints = excluded.mesh_endpoints,
             start_id = excluded.start_id,
             peer_address = excluded.peer_address,
             last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
@@ -520,7 +530,9 @@ fn upsert_node(tx: &rusqlite::Transaction, n: &NodeRow) -> rusqlite::Result<()> 
             n.start_id,
             n.peer_address,
             n.time_ms,
-            n.inventory_ms
+            n.inventory_ms,
+            n.mesh_public_key,
+            n.mesh_endpoints.join("\n")
         ],
     )?;
     Ok(())
@@ -782,7 +794,7 @@ fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
                 n.last_seen_ms, n.peer_address,
                 (SELECT count(*) FROM records r WHERE r.node_id = n.node_id),
                 (SELECT max(seq) FROM records r WHERE r.node_id = n.node_id),
-                n.spool_state, n.inventory, n.link
+                n.spool_state, n.inventory, n.link, n.mesh_public_key, n.mesh_endpoints
          FROM nodes n ORDER BY n.node_id",
     )?;
     let mut gpus = conn.prepare("SELECT sample FROM gpus WHERE node_id = ?1 ORDER BY idx, uuid")?;
@@ -801,6 +813,12 @@ fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
             inventory: row.get(10)?,
             gpus: Vec::new(),
             link: row.get(11)?,
+            mesh_public_key: row.get(12)?,
+            mesh_endpoints: row
+                .get::<_, String>(13)?
+                .lines()
+                .map(str::to_owned)
+                .collect(),
         })
     })?;
     let mut nodes = rows.collect::<rusqlite::Result<Vec<_>>>()?;
@@ -856,6 +874,8 @@ mod tests {
             peer_address: "127.0.0.1:1".into(),
             time_ms: 10,
             inventory_ms: 10,
+            mesh_public_key: vec![],
+            mesh_endpoints: vec![],
         }
     }
 
