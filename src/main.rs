@@ -646,6 +646,31 @@ async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
     if let Some(m) = v["metrics_address"].as_str() {
         println!("metrics     http://{m}/metrics");
     }
+    for l in v["leases"].as_array().cloned().unwrap_or_default() {
+        let containers: Vec<String> = l["containers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {}",
+                    c["name"].as_str().unwrap_or("?"),
+                    c["state"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        println!(
+            "lease       {}  {} GPU(s)  {}",
+            l["id"].as_str().unwrap_or("?"),
+            l["gpus"].as_array().map_or(0, |g| g.len()),
+            if containers.is_empty() {
+                "no containers".to_owned()
+            } else {
+                containers.join(", ")
+            }
+        );
+    }
     Ok(())
 }
 
