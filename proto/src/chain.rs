@@ -231,7 +231,7 @@ pub fn verify(c: &Chain, p: &Params) -> Report {
     let mut seen_seqs = BTreeSet::new();
     let mut nonces: Vec<(Vec<u8>, i64)> = Vec::new(); // (nonce, window end)
     let mut windows: Vec<(i64, i64)> = Vec::new();
-    let mut start_ids: Vec<String> = Vec::new();
+    let mut tally = Tally::default();
     let s = &mut report.summary.clone();
     for (i, env) in c.records.iter().enumerate() {
         let what = format!("record {}", i + 1);
@@ -240,7 +240,7 @@ pub fn verify(c: &Chain, p: &Params) -> Report {
             prev = prev.map(|(seq, _, end)| (seq + 1, dsse::payload_sha256(env), end));
             continue;
         };
-        let Some(pb::record::Body::Attestation(a)) = rec.body else {
+        let Some(pb::record::Body::Attestation(a)) = &rec.body else {
             report.fail(
                 rule::BAD_PAYLOAD,
                 format!("{what}: the record is not an Attestation"),
@@ -340,30 +340,28 @@ pub fn verify(c: &Chain, p: &Params) -> Report {
                 ),
             );
         }
-        s.sampled_ms += a.sampled_ms.clamp(0, (end - start).max(0));
-        s.foreign_events += a.holders.iter().filter(|h| h.verdict == "foreign").count() as u64;
-        s.kills += a.enforcement.iter().filter(|e| is_kill(e)).count() as u64;
-        s.container_stops += a.enforcement.iter().filter(|e| e.action == "stop").count() as u64;
-        if !start_ids.contains(&rec.start_id) {
-            start_ids.push(rec.start_id.clone());
-        }
+        // The same totals an honest agent signs in its proof.
+        tally.add(&rec, a, &env.payload);
         for n in &a.challenges {
             nonces.push((n.clone(), end));
         }
         windows.push((start, end));
         if s.records == 0 {
-            s.first_seq = a.lease_seq;
             s.t1_unix_ms = start;
         }
         s.records += 1;
-        s.last_seq = a.lease_seq;
         s.t2_unix_ms = end;
-        let digest = dsse::payload_sha256(env);
-        s.head_sha256 = digest;
-        prev = Some((a.lease_seq.max(expected_seq), digest, end));
+        prev = Some((a.lease_seq.max(expected_seq), tally.head_sha256, end));
     }
-    s.restarts = start_ids.len().saturating_sub(1) as u32;
-    s.start_ids = start_ids;
+    s.first_seq = tally.first_seq;
+    s.last_seq = tally.last_seq;
+    s.head_sha256 = tally.head_sha256;
+    s.sampled_ms = tally.sampled_ms;
+    s.foreign_events = tally.foreign_events;
+    s.kills = tally.kills;
+    s.container_stops = tally.container_stops;
+    s.restarts = tally.start_ids.len().saturating_sub(1) as u32;
+    s.start_ids = tally.start_ids;
 
     // Challenges: each signed by the coordinator, each answered in time.
     for (i, env) in c.challenges.iter().enumerate() {
