@@ -134,6 +134,29 @@ async fn gpu_requesters(socket: &Path, leases: &[Lease]) -> Vec<(String, String)
     out
 }
 
+/// Stops a foreign container in the background (SIGTERM, then SIGKILL
+/// after `grace`); `ev` names it, and comes back on `done` with the outcome.
+fn spawn_stop(
+    done: mpsc::Sender<(Option<(u32, u64)>, Done)>,
+    socket: PathBuf,
+    grace: Duration,
+    mut ev: pb::EnforcementEvent,
+) {
+    tokio::spawn(async move {
+        ev.action = "stop".into();
+        ev.sigterm_unix_ms = crate::now_ms();
+        ev.outcome = match Docker::connect(&socket).await {
+            Ok(d) => d
+                .stop(&ev.container, grace)
+                .await
+                .map_or_else(|e| format!("stop failed: {e}"), |()| "stopped".to_owned()),
+            Err(e) => format!("stop failed: {e}"),
+        };
+        ev.done_unix_ms = crate::now_ms();
+        let _ = done.send((None, ev)).await;
+    });
+}
+
 /// What the task needs from the rest of the agent.
 pub struct TimeLock {
     pub config: TimeLockConfig,
@@ -309,28 +332,13 @@ impl TimeLock {
                             Verdict::StopContainer(id) if stopping.insert(id.clone()) => {
                                 let (tx, socket, grace, id) = (done_tx.clone(), self.docker_socket.clone(), self.stop_grace, id.clone());
                                 tracing::warn!(container = %id, gpu = %gpu, "foreign container on a leased GPU: stopping it");
-                                tokio::spawn(async move {
-                                    let sigterm = crate::now_ms();
-                                    let outcome = match Docker::connect(&socket).await {
-                                        Ok(d) => match d.stop(&id, grace).await {
-                                            Ok(()) => "stopped".to_owned(),
-                                            Err(e) => format!("stop failed: {e}"),
-                                        },
-                                        Err(e) => format!("stop failed: {e}"),
-                                    };
-                                    let ev = pb::EnforcementEvent {
-                                        pid: d.pid,
-                                        exe: d.exe,
-                                        container: id,
-                                        gpu,
-                                        action: "stop".into(),
-                                        outcome,
-                                        detected_unix_ms: now,
-                                        sigterm_unix_ms: sigterm,
-                                        sigkill_unix_ms: 0,
-                                        done_unix_ms: crate::now_ms(),
-                                    };
-                                    let _ = tx.send((None, ev)).await;
+                                spawn_stop(tx, socket, grace, pb::EnforcementEvent {
+                                    pid: d.pid,
+                                    exe: d.exe,
+                                    container: id,
+                                    gpu,
+                                    detected_unix_ms: now,
+                                    ..Default::default()
                                 });
                             }
                             _ => {}
@@ -346,23 +354,11 @@ impl TimeLock {
                             }
                             tracing::warn!(container = %id, gpu = %gpu, "container with a device request for a leased GPU: stopping it");
                             let (tx, socket, grace) = (done_tx.clone(), self.docker_socket.clone(), self.stop_grace);
-                            tokio::spawn(async move {
-                                let sigterm = crate::now_ms();
-                                let outcome = match Docker::connect(&socket).await {
-                                    Ok(d) => d.stop(&id, grace).await.map_or_else(|e| format!("stop failed: {e}"), |()| "stopped".to_owned()),
-                                    Err(e) => format!("stop failed: {e}"),
-                                };
-                                let ev = pb::EnforcementEvent {
-                                    container: id,
-                                    gpu,
-                                    action: "stop".into(),
-                                    outcome,
-                                    detected_unix_ms: now,
-                                    sigterm_unix_ms: sigterm,
-                                    done_unix_ms: crate::now_ms(),
-                                    ..Default::default()
-                                };
-                                let _ = tx.send((None, ev)).await;
+                            spawn_stop(tx, socket, grace, pb::EnforcementEvent {
+                                container: id,
+                                gpu,
+                                detected_unix_ms: now,
+                                ..Default::default()
                             });
                         }
                     }
