@@ -360,27 +360,10 @@ fn key_state(path: &Path) -> KeyState {
 
 /// Creates (and at once drops) a TUN interface: what the mesh will do.
 fn tun_check() -> Result<(), String> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .map_err(|e| format!("/dev/net/tun: {e}"))?;
-    // struct ifreq: a 16-byte name, then the flags.
-    let mut req = [0u8; 40];
-    req[..9].copy_from_slice(b"wdoctor%d");
-    let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as i16;
-    req[16..18].copy_from_slice(&flags.to_ne_bytes());
-    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is sized for.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, req.as_mut_ptr()) };
-    if r < 0 {
-        return Err(format!(
-            "creating a TUN interface: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
     // Not persistent: it goes away with the descriptor.
-    Ok(())
+    crate::mesh::tun::open("wdoctor%d")
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 fn kernel_clock() -> Option<KernelClock> {

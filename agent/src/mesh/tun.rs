@@ -30,6 +30,34 @@ pub struct Tun {
     name: String,
 }
 
+/// Opens `/dev/net/tun` and creates interface `name` (blocking; no
+/// runtime needed): the descriptor, and the name the kernel gave it.
+pub fn open(name: &str) -> Result<(File, String), TunError> {
+    if !valid_name(name) {
+        return Err(TunError::BadName(name.to_owned()));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(TunError::Open)?;
+    // struct ifreq: a 16-byte name, then the flags.
+    let mut req = [0u8; 40];
+    req[..name.len()].copy_from_slice(name.as_bytes());
+    let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as i16;
+    req[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is sized for.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, req.as_mut_ptr()) };
+    if r < 0 {
+        return Err(TunError::Create {
+            name: name.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    let end = req[..16].iter().position(|&b| b == 0).unwrap_or(16);
+    Ok((file, String::from_utf8_lossy(&req[..end]).into_owned()))
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME
@@ -42,41 +70,18 @@ impl Tun {
     /// lets the kernel pick a number. The interface goes away when this is
     /// dropped (it is not made persistent). Needs a tokio runtime.
     pub fn create(name: &str) -> Result<Tun, TunError> {
-        if !valid_name(name) {
-            return Err(TunError::BadName(name.to_owned()));
-        }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-            .map_err(TunError::Open)?;
-        // struct ifreq: a 16-byte name, then the flags.
-        let mut req = [0u8; 40];
-        req[..name.len()].copy_from_slice(name.as_bytes());
-        let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as i16;
-        req[16..18].copy_from_slice(&flags.to_ne_bytes());
-        // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is sized for.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, req.as_mut_ptr()) };
-        if r < 0 {
-            return Err(TunError::Create {
-                name: name.to_owned(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        let end = req[..16].iter().position(|&b| b == 0).unwrap_or(16);
-        let actual = String::from_utf8_lossy(&req[..end]).into_owned();
+        let (file, actual) = open(name)?;
         // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
         unsafe {
             let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
             libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
         }
-        let create = |source| TunError::Create {
-            name: actual.clone(),
-            source,
-        };
         Ok(Tun {
-            file: register(file).map_err(create)?,
-            name: actual.clone(),
+            file: register(file).map_err(|source| TunError::Create {
+                name: actual.clone(),
+                source,
+            })?,
+            name: actual,
         })
     }
 
