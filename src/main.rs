@@ -529,9 +529,7 @@ async fn run_coordinator(
         let link = dev::link(running.addr.port(), &running.public_key.to_base64(), &ca);
         let path = cfg.state_dir.join("agent-link.toml");
         // Whole or absent: whoever waits for the file never reads half of it.
-        let tmp = path.with_extension("toml.tmp");
-        std::fs::write(&tmp, dev::link_toml(&link))
-            .and_then(|()| std::fs::rename(&tmp, &path))
+        warden_agent::write_atomic(&path, dev::link_toml(&link).as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
         println!(
             "agents connect with the [coordinator] section in {}",

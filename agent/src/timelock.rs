@@ -65,12 +65,8 @@ pub fn load_chains(path: &Path) -> Result<BTreeMap<String, ChainState>, String> 
 }
 
 fn save_chains(path: &Path, chains: &BTreeMap<String, ChainState>) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(chains).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let bytes = serde_json::to_vec_pretty(chains).map_err(std::io::Error::other)?;
+    crate::write_atomic(path, &bytes)
 }
 
 /// The verdict of a holder of a leased GPU, as the record names it; None

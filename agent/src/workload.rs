@@ -79,25 +79,15 @@ pub fn load_book(path: &Path) -> Result<Book, BookError> {
     }
 }
 
-/// Writes the book durably: a temporary file, fsync, rename, fsync the directory.
+/// Writes the book durably (`write_atomic`).
 pub fn save_book(path: &Path, book: &Book) -> Result<(), BookError> {
-    use std::io::Write;
-    let io = |source| BookError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec_pretty(book).map_err(|e| io(std::io::Error::other(e)))?;
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(&bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-    }
-    Ok(())
+    let bytes = serde_json::to_vec_pretty(book).map_err(std::io::Error::other);
+    bytes
+        .and_then(|b| crate::write_atomic(path, &b))
+        .map_err(|source| BookError::Io {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// A workload event, now.
