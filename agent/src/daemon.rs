@@ -316,15 +316,8 @@ async fn load_gpus(config: &AgentConfig) -> Result<Arc<dyn GpuSource>, String> {
         .and_then(|r| r.map_err(|e| e.to_string()));
     match loaded {
         Ok(src) => {
-            let src: Arc<dyn GpuSource> = Arc::new(src);
-            let s = src.clone();
-            let count = tokio::task::spawn_blocking(move || s.inventory().map(|i| i.gpus.len()))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or(0);
-            tracing::info!(gpus = count, "NVML loaded");
-            Ok(src)
+            tracing::info!(gpus = src.gpu_count(), "NVML loaded");
+            Ok(Arc::new(src))
         }
         Err(e) => {
             tracing::warn!(reason = %e, "no usable NVML: running as a CPU-only node");

@@ -60,6 +60,11 @@ impl NvmlSource {
         Ok(src)
     }
 
+    /// GPUs found at load (lost ones included).
+    pub fn gpu_count(&self) -> usize {
+        self.uuids.len()
+    }
+
     fn read(&self, index: u32, time_unix_ms: i64) -> Result<pb::GpuSample, NvmlError> {
         let d = self.nvml.device_by_index(index)?;
         let mem = d.memory_info()?;
