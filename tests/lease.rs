@@ -402,15 +402,7 @@ fn a_stale_managed_container_is_removed_at_start() {
             "warden.node=someone-else".into(),
         ],
     );
-    struct Rm(Vec<String>);
-    impl Drop for Rm {
-        fn drop(&mut self) {
-            for n in &self.0 {
-                let _ = Command::new("docker").args(["rm", "-f", n]).output();
-            }
-        }
-    }
-    let _rm = Rm(vec![stale.clone(), bystander.clone(), other.clone()]);
+    let _rm = image::Remove::containers(&[&stale, &bystander, &other]);
 
     let config = n.agent.config.clone();
     n.agent = Agent::start_with(&tmp.path().join("agent"), &config);
@@ -690,13 +682,7 @@ fn health_status_is_reported() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    struct Rmi(String);
-    impl Drop for Rmi {
-        fn drop(&mut self) {
-            let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
-        }
-    }
-    let _rmi = Rmi(tag.clone());
+    let _rmi = image::Remove::image(&tag);
     let n = node(tmp.path(), "");
     let _clean = Cleanup(n.node_id.clone());
     let id = n.start(&["--image", &tag, "--", "sleep", "300"]).unwrap();

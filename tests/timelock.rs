@@ -280,13 +280,7 @@ fn a_container_not_of_the_lease_holding_a_leased_gpu_is_stopped() {
     let r = rig(tmp.path());
     let image = image::busybox_image();
     let name = format!("squatter-{}", std::process::id());
-    struct Rm(String);
-    impl Drop for Rm {
-        fn drop(&mut self) {
-            let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
-        }
-    }
-    let _rm = Rm(name.clone());
+    let _rm = image::Remove::containers(&[&name]);
     let dev = r.dev.display().to_string();
     let id = r.start();
     // Mounted at the same path, so the process inside holds a node the pattern matches.

@@ -108,3 +108,34 @@ fn is_static(path: &Path) -> bool {
     };
     (0..phnum).all(|i| u32_at(phoff + i * phentsize) != Some(PT_INTERP))
 }
+
+/// Force-removes Docker objects when a test ends, pass or fail: containers
+/// (`docker rm -f`) or images (`docker rmi -f`).
+pub struct Remove {
+    what: &'static str,
+    names: Vec<String>,
+}
+
+impl Remove {
+    pub fn containers(names: &[&str]) -> Remove {
+        Remove {
+            what: "rm",
+            names: names.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    pub fn image(tag: &str) -> Remove {
+        Remove {
+            what: "rmi",
+            names: vec![tag.to_owned()],
+        }
+    }
+}
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("docker").args([self.what, "-f", n]).output();
+        }
+    }
+}
