@@ -86,6 +86,17 @@ impl Node {
         }
     }
 
+    /// `warden lease end ID`, which must succeed; its output.
+    fn end(&self, id: &str) -> Output {
+        let out = self.warden(&["lease", "end", id]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     fn leases(&self) -> Vec<Value> {
         let out = self.warden(&["lease", "list", "--json"]);
         assert!(
@@ -193,12 +204,7 @@ fn a_lease_runs_confined_and_ends_with_nothing_left() {
     let s = n.agent.status().unwrap();
     assert_eq!(s["leases"][0]["id"], id.as_str());
 
-    let out = n.warden(&["lease", "end", &id]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = n.end(&id);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("{id} ended")
@@ -311,12 +317,7 @@ fn exits_and_oom_kills_are_reported() {
     });
     // Ending a lease whose container already exited still cleans it up.
     for id in [&exits, &oom] {
-        let out = n.warden(&["lease", "end", id]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        n.end(id);
     }
     assert!(n.containers().is_empty());
 }
@@ -350,12 +351,7 @@ fn a_restarted_agent_adopts_its_lease_containers() {
         .log_text()
         .contains("adopted a lease container"));
 
-    let out = n.warden(&["lease", "end", &id]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    n.end(&id);
     assert!(inspect(&name).is_none());
 }
 
@@ -591,12 +587,7 @@ fn docker_going_away_is_reported_and_survived() {
             .then_some(())
     });
     // Back: the running lease was adopted again and can be ended.
-    let out = n.warden(&["lease", "end", &id]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    n.end(&id);
     assert!(n.containers().is_empty());
 }
 
@@ -691,8 +682,7 @@ fn health_status_is_reported() {
     });
     let out = n.warden(&["lease", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("main running healthy"));
-    let out = n.warden(&["lease", "end", &id]);
-    assert!(out.status.success());
+    n.end(&id);
 }
 
 #[test]
@@ -764,8 +754,7 @@ fn containers_are_run_and_stopped_within_a_lease() {
         states.contains(&("side".into(), "removed".into())),
         "{states:?}"
     );
-    let out = n.warden(&["lease", "end", &id]);
-    assert!(out.status.success());
+    n.end(&id);
     let out = n.warden(&["lease", "run", &id, "--image", &image, "--", "true"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("is ended, not running"));
 }
