@@ -94,6 +94,14 @@ impl AdminService {
 }
 
 impl AdminService {
+    fn mesh(&self) -> crate::mesh::MeshSender {
+        crate::mesh::MeshSender {
+            store: self.store.clone(),
+            registry: self.registry.clone(),
+            signer: self.signer.clone(),
+        }
+    }
+
     /// A lease that is running, or why it cannot take a container command.
     async fn running_lease(&self, lease_id: &str) -> Result<pb::LeaseInfo, Status> {
         let info = self
@@ -112,9 +120,19 @@ impl AdminService {
     }
 }
 
-fn random_hex() -> String {
+pub(crate) fn random_hex() -> String {
     use rand::Rng;
     format!("{:016x}", rand::rng().random::<u64>())
+}
+
+/// How long SetCluster waits for the members by default: the promise is a
+/// cluster in seconds.
+fn cluster_wait(seconds: u32) -> Duration {
+    if seconds == 0 {
+        Duration::from_secs(30)
+    } else {
+        Duration::from_secs(seconds.into())
+    }
 }
 
 fn wait(seconds: u32) -> Duration {
@@ -274,6 +292,126 @@ impl pb::admin_server::Admin for AdminService {
             bundle_json: serde_json::to_string_pretty(&bundle.to_json())
                 .map_err(|e| Status::internal(e.to_string()))?,
         }))
+    }
+
+    async fn set_cluster(
+        &self,
+        request: Request<pb::SetClusterRequest>,
+    ) -> Result<Response<pb::ClusterInfo>, Status> {
+        let r = request.into_inner();
+        let unavailable = |e: crate::store::StoreError| Status::unavailable(e.to_string());
+        let clusters = self.store.list_clusters().await.map_err(unavailable)?;
+        let existing = clusters.iter().find(|c| c.cluster_id == r.cluster_id);
+        let mesh = self.mesh();
+        let who = mesh.identities().await.map_err(unavailable)?;
+        for n in &r.node_ids {
+            match who.get(n) {
+                None => return Err(Status::invalid_argument(format!("no node {n} has registered"))),
+                Some(id) if id.public_key.len() != 32 => {
+                    return Err(Status::invalid_argument(format!(
+                        "node {n} has not announced a mesh key (an agent older than the mesh?)"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        let (mut info, left) = crate::cluster::set_members(
+            existing,
+            &r.cluster_id,
+            &r.subnet,
+            &r.node_ids,
+            &clusters,
+            now_ms(),
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        for m in &mut info.members {
+            if !self.registry.is_connected(&m.node_id) {
+                m.error = "not connected: sent when it connects".into();
+            }
+        }
+        let answers = mesh
+            .send(
+                &r.cluster_id,
+                crate::store::ClusterWrite::Put(info.clone()),
+                Some(&info),
+                &left,
+            )
+            .await
+            .map_err(unavailable)?;
+        crate::mesh::wait_all(&self.registry, answers, cluster_wait(r.timeout_seconds)).await;
+        let info = self
+            .store
+            .list_clusters()
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .find(|c| c.cluster_id == r.cluster_id)
+            .ok_or_else(|| Status::internal(format!("cluster {} vanished", r.cluster_id)))?;
+        Ok(Response::new(info))
+    }
+
+    async fn delete_cluster(
+        &self,
+        request: Request<pb::DeleteClusterRequest>,
+    ) -> Result<Response<pb::ClusterInfo>, Status> {
+        let r = request.into_inner();
+        let unavailable = |e: crate::store::StoreError| Status::unavailable(e.to_string());
+        let mut info = self
+            .store
+            .list_clusters()
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .find(|c| c.cluster_id == r.cluster_id)
+            .ok_or_else(|| Status::not_found(format!("no cluster {}", r.cluster_id)))?;
+        let left: Vec<String> = info.members.iter().map(|m| m.node_id.clone()).collect();
+        let answers = self
+            .mesh()
+            .send(
+                &r.cluster_id,
+                crate::store::ClusterWrite::Delete,
+                None,
+                &left,
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut answered = Vec::new();
+        let deadline = tokio::time::Instant::now() + cluster_wait(r.timeout_seconds);
+        for (node, id, rx) in answers {
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(res)) => answered.push((node, res)),
+                _ => self.registry.forget(&id),
+            }
+        }
+        for m in &mut info.members {
+            match answered.iter().find(|(n, _)| *n == m.node_id) {
+                Some((_, res)) if res.ok => {
+                    m.state = "left".into();
+                    m.error.clear();
+                }
+                Some((_, res)) => {
+                    m.state = "failed".into();
+                    m.error = res.error.clone();
+                }
+                None => {
+                    m.state = "pending".into();
+                    m.error = "did not answer: its interface goes when it next hears from us".into();
+                }
+            }
+        }
+        Ok(Response::new(info))
+    }
+
+    async fn list_clusters(
+        &self,
+        _request: Request<pb::ListClustersRequest>,
+    ) -> Result<Response<pb::ListClustersResponse>, Status> {
+        let clusters = self
+            .store
+            .list_clusters()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(pb::ListClustersResponse { clusters }))
     }
 
     async fn list_leases(

@@ -38,6 +38,8 @@ impl Kind {
             pb::command::Body::LeaseEnd(_) => Kind::LeaseEnd,
             pb::command::Body::RunContainer(_) => Kind::RunContainer,
             pb::command::Body::StopContainer(_) => Kind::StopContainer,
+            // Not a lease command: the mesh keeps its own books.
+            pb::command::Body::MeshConfig(_) => return None,
         })
     }
 }

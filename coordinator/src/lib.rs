@@ -4,9 +4,11 @@
 
 pub mod admin;
 pub mod challenge;
+pub mod cluster;
 pub mod config;
 pub mod devtls;
 pub mod leases;
+pub mod mesh;
 pub mod probe;
 pub mod server;
 pub mod session;

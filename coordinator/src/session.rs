@@ -173,6 +173,15 @@ impl pb::uplink_server::Uplink for UplinkService {
         let (tx, rx) = mpsc::channel(CHUNK * 2);
         let registry = self.registry.clone();
         let id = registry.attach(&reg.node_id, tx.clone());
+        {
+            let mesh = crate::mesh::MeshSender {
+                store: self.store.clone(),
+                registry: registry.clone(),
+                signer: self.signer.clone(),
+            };
+            let node = reg.node_id.clone();
+            tokio::spawn(async move { mesh.connected(&node).await });
+        }
         let session = Session {
             node_id: reg.node_id,
             key,

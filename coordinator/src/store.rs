@@ -176,6 +176,33 @@ enum Cmd {
     /// The coordinator's signed verdict, and what it says.
     PutVerdict(String, pb::Envelope, pb::LeaseVerdict),
     ListLeases(oneshot::Sender<Result<Vec<pb::LeaseInfo>, StoreError>>),
+    /// A cluster as it now is (`None`: deleted), and the mesh configs just
+    /// sent for it.
+    PutCluster {
+        cluster_id: String,
+        info: ClusterWrite,
+        sent: Vec<MeshSent>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    ListClusters(oneshot::Sender<Result<Vec<pb::ClusterInfo>, StoreError>>),
+}
+
+/// What a cluster write does to the cluster's row.
+#[derive(Debug, Clone)]
+pub enum ClusterWrite {
+    /// Leaves it as it is (only commands are recorded).
+    Keep,
+    Put(pb::ClusterInfo),
+    Delete,
+}
+
+/// A MeshConfig command sent to a node, so its answer finds its cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshSent {
+    pub command_id: String,
+    pub node_id: String,
+    pub cluster_id: String,
+    pub generation: u64,
 }
 
 /// Cheap handle to the store thread.
@@ -276,6 +303,29 @@ impl Store {
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 
+    /// Writes a cluster and records the mesh commands sent for it.
+    pub async fn put_cluster(
+        &self,
+        cluster_id: &str,
+        info: ClusterWrite,
+        sent: Vec<MeshSent>,
+    ) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::PutCluster {
+            cluster_id: cluster_id.to_owned(),
+            info,
+            sent,
+            reply,
+        })?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    pub async fn list_clusters(&self) -> Result<Vec<pb::ClusterInfo>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::ListClusters(tx))?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
     fn send(&self, cmd: Cmd) -> Result<(), StoreError> {
         self.tx.send(cmd).map_err(|_| StoreError::Stopped)
     }
@@ -363,6 +413,19 @@ const MIGRATIONS: &[&str] = &[
     // 5: the node's mesh key and endpoints, from its Register.
     "ALTER TABLE nodes ADD COLUMN mesh_public_key BLOB NOT NULL DEFAULT x'';
      ALTER TABLE nodes ADD COLUMN mesh_endpoints TEXT NOT NULL DEFAULT '';",
+    // 6: clusters (the row is an encoded ClusterInfo) and the MeshConfig
+    // commands sent to their members.
+    "CREATE TABLE clusters (
+         cluster_id TEXT PRIMARY KEY,
+         info BLOB NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE mesh_commands (
+         command_id TEXT PRIMARY KEY,
+         node_id TEXT NOT NULL,
+         cluster_id TEXT NOT NULL,
+         generation INTEGER NOT NULL,
+         result BLOB
+     ) WITHOUT ROWID;",
 ];
 
 fn init(conn: &mut Connection) -> rusqlite::Result<()> {
@@ -478,6 +541,34 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>) {
                 }
                 Cmd::ListLeases(reply) => {
                     let _ = reply.send(list_leases(&tx).map_err(StoreError::from));
+                }
+                Cmd::PutCluster {
+                    cluster_id,
+                    info,
+                    sent,
+                    reply,
+                } => {
+                    match info {
+                        ClusterWrite::Put(info) => tx.execute(
+                            "INSERT OR REPLACE INTO clusters (cluster_id, info) VALUES (?1, ?2)",
+                            params![cluster_id, info.encode_to_vec()],
+                        )?,
+                        ClusterWrite::Delete => tx.execute(
+                            "DELETE FROM clusters WHERE cluster_id = ?1",
+                            params![cluster_id],
+                        )?,
+                        ClusterWrite::Keep => 0,
+                    };
+                    for m in sent {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO mesh_commands (command_id, node_id, cluster_id, generation) VALUES (?1, ?2, ?3, ?4)",
+                            params![m.command_id, m.node_id, m.cluster_id, m.generation as i64],
+                        )?;
+                    }
+                    replies.push(Reply::Done(reply));
+                }
+                Cmd::ListClusters(reply) => {
+                    let _ = reply.send(list_clusters(&tx).map_err(StoreError::from));
                 }
             }
         }
@@ -761,9 +852,62 @@ fn apply_leases(tx: &rusqlite::Transaction, node_id: &str, st: &NodeState) -> ru
     Ok(())
 }
 
+/// A member's answer to a MeshConfig moves its state in its cluster.
+fn apply_mesh_results(
+    tx: &rusqlite::Transaction,
+    node_id: &str,
+    st: &NodeState,
+) -> rusqlite::Result<()> {
+    for r in &st.results {
+        let sent: Option<(String, i64)> = tx
+            .query_row(
+                "SELECT cluster_id, generation FROM mesh_commands WHERE command_id = ?1 AND node_id = ?2",
+                params![r.command_id, node_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let Some((cluster_id, generation)) = sent else {
+            continue;
+        };
+        tx.execute(
+            "UPDATE mesh_commands SET result = ?2 WHERE command_id = ?1",
+            params![r.command_id, r.encode_to_vec()],
+        )?;
+        let info: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT info FROM clusters WHERE cluster_id = ?1",
+                params![cluster_id],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let Some(mut info) = info.and_then(|b| pb::ClusterInfo::decode(b.as_slice()).ok()) else {
+            continue;
+        };
+        crate::cluster::apply_result(&mut info, node_id, generation as u64, r);
+        tx.execute(
+            "UPDATE clusters SET info = ?2 WHERE cluster_id = ?1",
+            params![cluster_id, info.encode_to_vec()],
+        )?;
+    }
+    Ok(())
+}
+
+fn list_clusters(conn: &Connection) -> rusqlite::Result<Vec<pb::ClusterInfo>> {
+    let mut stmt = conn.prepare("SELECT info FROM clusters ORDER BY cluster_id")?;
+    let rows = stmt.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
+    let mut out = Vec::new();
+    for b in rows {
+        if let Ok(c) = pb::ClusterInfo::decode(b?.as_slice()) {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
 /// Keeps the newest of what is stored and what the record says.
 fn apply_state(tx: &rusqlite::Transaction, node_id: &str, st: &NodeState) -> rusqlite::Result<()> {
     apply_leases(tx, node_id, st)?;
+    apply_mesh_results(tx, node_id, st)?;
     for (uuid, idx, sample, time_ms) in &st.gpus {
         tx.execute(
             "INSERT INTO gpus (node_id, uuid, idx, sample, time_ms) VALUES (?1, ?2, ?3, ?4, ?5)

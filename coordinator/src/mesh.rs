@@ -1,0 +1,152 @@
+//! Sends cluster members their `MeshConfig` down their streams: when an
+//! operator changes a cluster, and when a member (re)connects, so a node
+//! that was offline, restarted or moved catches up, and its peers learn
+//! its new key or endpoint.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use tokio::sync::oneshot;
+use warden_proto::{dsse::Signer, pb, types};
+
+use crate::{
+    admin::COMMAND_TTL,
+    cluster::{self, MeshIdentity},
+    session::{now_ms, Registry},
+    store::{ClusterWrite, MeshSent, Store, StoreError},
+};
+
+/// What the mesh sender needs; cheap to clone.
+#[derive(Clone)]
+pub struct MeshSender {
+    pub store: Store,
+    pub registry: Registry,
+    pub signer: Arc<Signer>,
+}
+
+/// Answers to wait for: node, command id, the answer.
+pub type Answers = Vec<(String, String, oneshot::Receiver<pb::CommandResult>)>;
+
+impl MeshSender {
+    /// Every node's announced mesh key and endpoints.
+    pub async fn identities(&self) -> Result<HashMap<String, MeshIdentity>, StoreError> {
+        Ok(self
+            .store
+            .list_nodes()
+            .await?
+            .into_iter()
+            .map(|n| {
+                (
+                    n.node_id,
+                    MeshIdentity {
+                        public_key: n.mesh_public_key,
+                        endpoints: n.mesh_endpoints,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Writes the cluster (`write`), then sends `cluster`'s config to each
+    /// connected member and the leave config to each connected node of
+    /// `left`. Members not connected get theirs when they connect.
+    pub async fn send(
+        &self,
+        cluster_id: &str,
+        write: ClusterWrite,
+        cluster: Option<&pb::ClusterInfo>,
+        left: &[String],
+    ) -> Result<Answers, StoreError> {
+        let who = self.identities().await?;
+        let generation = cluster.map(|c| c.generation).unwrap_or(0);
+        let mut out = Vec::new();
+        if let Some(c) = cluster {
+            for m in &c.members {
+                if let Some(cfg) = cluster::mesh_config(c, &m.node_id, &who) {
+                    out.push((m.node_id.clone(), cfg));
+                }
+            }
+        }
+        let leave_gen = generation.max(now_ms().max(0) as u64);
+        for n in left {
+            out.push((n.clone(), cluster::leave_config(leave_gen)));
+        }
+        let mut sent = Vec::new();
+        let mut commands = Vec::new();
+        for (node, cfg) in out {
+            let Some(tx) = self.registry.sender(&node) else {
+                continue;
+            };
+            let now = now_ms();
+            let cmd = pb::Command {
+                node_id: node.clone(),
+                command_id: format!("m-{}", crate::admin::random_hex()),
+                issued_unix_ms: now,
+                expires_unix_ms: now + COMMAND_TTL.as_millis() as i64,
+                body: Some(pb::command::Body::MeshConfig(cfg.clone())),
+            };
+            sent.push(MeshSent {
+                command_id: cmd.command_id.clone(),
+                node_id: node.clone(),
+                cluster_id: cluster_id.to_owned(),
+                generation: cfg.generation,
+            });
+            commands.push((node, tx, cmd));
+        }
+        // Stored before sending, so an answer always finds its command.
+        self.store.put_cluster(cluster_id, write, sent).await?;
+        let mut answers = Vec::new();
+        for (node, tx, cmd) in commands {
+            let answer = self.registry.wait_for(&cmd.command_id);
+            if tx
+                .send(Ok(self.signer.sign_message(types::COMMAND, &cmd)))
+                .await
+                .is_err()
+            {
+                self.registry.forget(&cmd.command_id);
+                continue;
+            }
+            answers.push((node, cmd.command_id, answer));
+        }
+        Ok(answers)
+    }
+
+    /// A node (re)connected: if it is in a cluster, every member is sent the
+    /// cluster's config again (its key or endpoint may be new; applying an
+    /// unchanged config changes nothing on a node).
+    pub async fn connected(&self, node_id: &str) {
+        let clusters = match self.store.list_clusters().await {
+            Ok(c) => c,
+            Err(e) => return tracing::warn!(error = %e, "cannot read clusters"),
+        };
+        let Some(c) = clusters
+            .into_iter()
+            .find(|c| c.members.iter().any(|m| m.node_id == node_id))
+        else {
+            return;
+        };
+        match self
+            .send(&c.cluster_id, ClusterWrite::Keep, Some(&c), &[])
+            .await
+        {
+            Ok(answers) => {
+                // Nobody waits here: the answers land in the store.
+                for (_, id, _) in answers {
+                    self.registry.forget(&id);
+                }
+                tracing::info!(node = %node_id, cluster = %c.cluster_id, "mesh config sent to the cluster");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot send mesh configs"),
+        }
+    }
+}
+
+/// Waits for answers until `wait` has passed; those that did not come are
+/// forgotten (their members stay `pending` until they answer).
+pub async fn wait_all(registry: &Registry, answers: Answers, wait: Duration) {
+    let deadline = tokio::time::Instant::now() + wait;
+    for (_, id, rx) in answers {
+        if tokio::time::timeout_at(deadline, rx).await.is_err() {
+            registry.forget(&id);
+        }
+    }
+}
