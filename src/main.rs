@@ -67,6 +67,15 @@ enum Command {
         #[arg(long, global = true)]
         socket: Option<PathBuf>,
     },
+    /// Group nodes into a cluster joined by a WireGuard mesh (talks to a
+    /// coordinator's admin socket).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+        /// The coordinator's admin socket [default: /var/lib/warden-coordinator/admin.sock].
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+    },
     /// Check a lease bundle offline: signatures, chain, windows, challenges,
     /// coverage and proof. Exit 0 when it holds; 1 with each reason when not.
     Verify {
@@ -353,6 +362,7 @@ fn run() -> Result<()> {
             } => run_agent(config, dev, state_dir, nvml_lib).await,
             Command::Inventory { json, local } => inventory(json, local.load()?).await,
             Command::Lease { command, socket } => lease(command, socket).await,
+            Command::Cluster { command, socket } => cluster(command, socket).await,
             Command::Mesh {
                 command: MeshCommand::Up { ifname, socket_dir },
             } => mesh_up(&ifname, &socket_dir).await,
@@ -669,7 +679,154 @@ async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
             }
         );
     }
+    let m = &v["mesh"];
+    if !m.is_null() {
+        println!(
+            "mesh        {} {} in cluster {} (generation {}), port {}",
+            m["interface"].as_str().unwrap_or("?"),
+            m["address"].as_str().unwrap_or("?"),
+            m["cluster_id"].as_str().unwrap_or("?"),
+            m["generation"],
+            m["listen_port"],
+        );
+        let now = warden_agent::now_ms();
+        for p in m["peers"].as_array().cloned().unwrap_or_default() {
+            let hs = p["last_handshake_unix_ms"].as_i64().unwrap_or(0);
+            println!(
+                "  peer {}  {}  endpoint {}  handshake {}  rx {} B  tx {} B  rtt {}",
+                p["node_id"].as_str().unwrap_or("?"),
+                p["allowed_ips"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default(),
+                p["endpoint"].as_str().unwrap_or("unknown"),
+                if hs == 0 {
+                    "never".to_owned()
+                } else {
+                    format!("{} s ago", (now - hs).max(0) / 1000)
+                },
+                p["rx_bytes"],
+                p["tx_bytes"],
+                p["rtt_ms"]
+                    .as_f64()
+                    .map_or("no answer".to_owned(), |r| format!("{r:.2} ms")),
+            );
+        }
+        for e in m["errors"].as_array().cloned().unwrap_or_default() {
+            println!("  problem: {}", e.as_str().unwrap_or(""));
+        }
+    }
     Ok(())
+}
+
+async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()> {
+    use warden_proto::pb;
+    let socket = admin_socket(socket);
+    let mut client = warden_coordinator::admin::connect(&socket)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the coordinator admin socket {}",
+                socket.display()
+            )
+        })?;
+    let refused = |s: tonic::Status| anyhow::anyhow!("{}", s.message());
+    let print = |c: &pb::ClusterInfo, json: bool| -> Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&cluster_json(c))?);
+            return Ok(());
+        }
+        println!(
+            "cluster {}  subnet {}  generation {}",
+            c.cluster_id, c.subnet, c.generation
+        );
+        for m in &c.members {
+            println!(
+                "  {}  {:<16} {:<8} {}",
+                m.node_id, m.address, m.state, m.error
+            );
+        }
+        Ok(())
+    };
+    match command {
+        ClusterCommand::Set {
+            cluster_id,
+            nodes,
+            subnet,
+            timeout,
+            json,
+        } => {
+            let started = std::time::Instant::now();
+            let c = client
+                .set_cluster(pb::SetClusterRequest {
+                    cluster_id,
+                    node_ids: nodes,
+                    subnet: subnet.unwrap_or_default(),
+                    timeout_seconds: timeout,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            print(&c, json)?;
+            if !json {
+                let applied = c.members.iter().filter(|m| m.state == "applied").count();
+                println!(
+                    "{applied} of {} member(s) applied it in {:.2} s",
+                    c.members.len(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        ClusterCommand::Delete {
+            cluster_id,
+            timeout,
+        } => {
+            let c = client
+                .delete_cluster(pb::DeleteClusterRequest {
+                    cluster_id,
+                    timeout_seconds: timeout,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            print(&c, false)?;
+        }
+        ClusterCommand::List { json } => {
+            let list = client
+                .list_clusters(pb::ListClustersRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .clusters;
+            if json {
+                let v: Vec<_> = list.iter().map(cluster_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if list.is_empty() {
+                println!("no clusters");
+            } else {
+                for c in &list {
+                    print(c, false)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cluster_json(c: &warden_proto::pb::ClusterInfo) -> serde_json::Value {
+    serde_json::json!({
+        "cluster_id": c.cluster_id,
+        "subnet": c.subnet,
+        "generation": c.generation,
+        "created_unix_ms": c.created_unix_ms,
+        "members": c.members.iter().map(|m| serde_json::json!({
+            "node_id": m.node_id,
+            "address": m.address,
+            "state": m.state,
+            "error": m.error,
+            "applied_generation": m.applied_generation,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 async fn nodes(json: bool, socket: Option<PathBuf>) -> Result<()> {
@@ -921,6 +1078,36 @@ fn admin_socket(socket: Option<PathBuf>) -> PathBuf {
                 Path::new(warden_coordinator::config::DEFAULT_STATE_DIR).join("admin.sock")
             })
     })
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Create a cluster or set its members; waits for them to apply their mesh.
+    Set {
+        cluster_id: String,
+        /// Node ids: the members after this call.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+        /// IPv4 prefix of mesh addresses [default: 10.90.0.0/24 for a new cluster].
+        #[arg(long)]
+        subnet: Option<String>,
+        /// Seconds to wait for the members' answers.
+        #[arg(long, default_value_t = 30)]
+        timeout: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take every member out of the mesh and forget the cluster.
+    Delete {
+        cluster_id: String,
+        #[arg(long, default_value_t = 30)]
+        timeout: u32,
+    },
+    /// Clusters, their members, addresses and states.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {

@@ -58,6 +58,16 @@ pub struct MeshConfig {
     pub listen_port: u16,
     /// Where other nodes reach it ("host:port"), announced at Register.
     pub endpoints: Vec<String>,
+    /// The interface's name, made when the coordinator puts the node in a
+    /// cluster.
+    pub interface: String,
+    /// Its MTU.
+    pub mtu: u32,
+    /// How often each peer is pinged over the mesh (round-trip time).
+    #[serde(with = "humantime_serde")]
+    pub rtt_interval: Duration,
+    /// Where the interface's UAPI socket goes (`wg show` looks there).
+    pub socket_dir: PathBuf,
 }
 
 impl Default for MeshConfig {
@@ -65,6 +75,10 @@ impl Default for MeshConfig {
         Self {
             listen_port: 51820,
             endpoints: Vec::new(),
+            interface: "warden0".into(),
+            mtu: crate::mesh::ifaddr::DEFAULT_MTU,
+            rtt_interval: Duration::from_secs(10),
+            socket_dir: PathBuf::from(crate::mesh::control::SOCKET_DIR),
         }
     }
 }
@@ -397,6 +411,24 @@ impl AgentConfig {
                 .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
         }) {
             return Err(invalid("mesh.endpoints", format!("`{e}` is not host:port")));
+        }
+        nonzero("mesh.rtt_interval", self.mesh.rtt_interval)?;
+        if !(576..=65535).contains(&self.mesh.mtu) {
+            return Err(invalid(
+                "mesh.mtu",
+                format!("{} is outside 576..=65535", self.mesh.mtu),
+            ));
+        }
+        let name = &self.mesh.interface;
+        if name.is_empty()
+            || name.len() > crate::mesh::tun::MAX_NAME
+            || name.contains(['/', '%'])
+            || name.contains(char::is_whitespace)
+        {
+            return Err(invalid(
+                "mesh.interface",
+                format!("`{name}` is not an interface name (1 to 15 bytes, no `/`, `%` or spaces)"),
+            ));
         }
         if self.timelock.epoch < self.gpu.sample_interval {
             return Err(invalid(

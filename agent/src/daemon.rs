@@ -133,6 +133,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     };
 
     let (leases_tx, leases_rx) = watch::channel(Vec::new());
+    let (mesh_tx, mesh_rx) = tokio::sync::mpsc::channel(8);
+    let (mesh_status_tx, mesh_status_rx) = watch::channel(None);
     let mut metrics_address = None;
     let metrics_task = if config.metrics.listen.is_empty() {
         None
@@ -162,6 +164,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 spool: outbox.stats(),
                 uplink: uplink_rx.clone(),
                 link: link_rx.clone(),
+                mesh: mesh_status_rx.clone(),
             },
             tasks.clone(),
         )))
@@ -184,6 +187,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             link: link_rx.clone(),
             metrics_address,
             leases: leases_rx.clone(),
+            mesh: mesh_status_rx.clone(),
         },
         tasks.clone(),
     ));
@@ -195,9 +199,19 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             outbox: outbox.clone(),
             inventory: inventory_rx.clone(),
             leases: leases_tx,
+            mesh: Some(mesh_tx),
         }
         .run(commands_rx, stop_producers.clone()),
     )];
+    producers.push(tokio::spawn(
+        crate::mesh::node::MeshNode {
+            config: config.mesh.clone(),
+            private_key: mesh_private,
+            socket_dir: config.mesh.socket_dir.clone(),
+            status: mesh_status_tx,
+        }
+        .run(mesh_rx, stop_producers.clone()),
+    ));
     producers.push(tokio::spawn(
         TimeLock {
             config: config.timelock.clone(),
@@ -250,6 +264,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         config.telemetry.clone(),
         outbox.clone(),
         outbox.stats(),
+        mesh_status_rx,
         stop_producers.clone(),
     ));
 

@@ -28,6 +28,7 @@ pub struct Snapshot {
     pub uplink: UplinkStatus,
     pub coordinator_configured: bool,
     pub link: Option<pb::LinkSample>,
+    pub mesh: Option<crate::mesh::node::MeshStatus>,
 }
 
 /// Where a scrape reads the agent's live state.
@@ -39,6 +40,7 @@ pub struct Sources {
     pub spool: watch::Receiver<SpoolStats>,
     pub uplink: watch::Receiver<UplinkStatus>,
     pub link: watch::Receiver<Option<pb::LinkSample>>,
+    pub mesh: watch::Receiver<Option<crate::mesh::node::MeshStatus>>,
 }
 
 impl Sources {
@@ -52,6 +54,7 @@ impl Sources {
             uplink: self.uplink.borrow().clone(),
             coordinator_configured: self.configured,
             link: self.link.borrow().clone(),
+            mesh: self.mesh.borrow().clone(),
         }
     }
 }
@@ -291,6 +294,62 @@ pub fn render(s: &Snapshot) -> String {
         ] {
             Family::head(&mut out, name, "gauge", help).sample(name, "", v);
         }
+    }
+    if let Some(m) = &s.mesh {
+        let peer_labels = |p: &crate::mesh::node::PeerStatus| {
+            format!(
+                "cluster=\"{}\",peer=\"{}\",public_key=\"{}\"",
+                label(&m.cluster_id),
+                label(&p.node_id),
+                label(&p.public_key)
+            )
+        };
+        type PeerReading = fn(&crate::mesh::node::PeerStatus) -> Option<f64>;
+        let families: [(&str, &str, &str, PeerReading); 4] = [
+            (
+                "warden_mesh_peer_rx_bytes_total",
+                "counter",
+                "Bytes received from the mesh peer.",
+                |p| Some(p.rx_bytes as f64),
+            ),
+            (
+                "warden_mesh_peer_tx_bytes_total",
+                "counter",
+                "Bytes sent to the mesh peer.",
+                |p| Some(p.tx_bytes as f64),
+            ),
+            (
+                "warden_mesh_peer_last_handshake_seconds",
+                "gauge",
+                "Time of the last handshake with the peer (Unix seconds; 0: none).",
+                |p| Some(p.last_handshake_unix_ms as f64 / 1000.0),
+            ),
+            (
+                "warden_mesh_peer_rtt_ms",
+                "gauge",
+                "Round trip of the last ping over the mesh (absent when unanswered).",
+                |p| p.rtt_ms,
+            ),
+        ];
+        for (name, kind, help, v) in families {
+            let mut f = Family::head(&mut out, name, kind, help);
+            for p in &m.peers {
+                if let Some(v) = v(p) {
+                    f.sample(name, &peer_labels(p), v);
+                }
+            }
+        }
+        Family::head(
+            &mut out,
+            "warden_mesh_dropped_datagrams_total",
+            "counter",
+            "Datagrams at the mesh port that were not WireGuard, for no peer, or failed.",
+        )
+        .sample(
+            "warden_mesh_dropped_datagrams_total",
+            "",
+            m.dropped_datagrams as f64,
+        );
     }
     let version = format!("version=\"{}\"", label(env!("CARGO_PKG_VERSION")));
     Family::head(

@@ -38,6 +38,8 @@ pub struct StatusReport {
     pub metrics_address: Option<String>,
     /// The active leases, with their GPUs and containers.
     pub leases: Vec<crate::lease::Lease>,
+    /// The mesh interface, when the node is in a cluster.
+    pub mesh: Option<crate::mesh::node::MeshStatus>,
 }
 
 /// The coordinator part of the report.
@@ -60,6 +62,7 @@ pub struct Sources {
     pub link: watch::Receiver<Option<pb::LinkSample>>,
     pub metrics_address: Option<String>,
     pub leases: watch::Receiver<Vec<crate::lease::Lease>>,
+    pub mesh: watch::Receiver<Option<crate::mesh::node::MeshStatus>>,
 }
 
 impl Sources {
@@ -80,6 +83,7 @@ impl Sources {
             link: self.link.borrow().clone(),
             metrics_address: self.metrics_address.clone(),
             leases: self.leases.borrow().clone(),
+            mesh: self.mesh.borrow().clone(),
         }
     }
 }

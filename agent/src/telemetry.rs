@@ -15,6 +15,7 @@ pub async fn run(
     config: TelemetryConfig,
     outbox: Outbox,
     spool: watch::Receiver<SpoolStats>,
+    mesh: watch::Receiver<Option<crate::mesh::node::MeshStatus>>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(config.interval.max(Duration::from_micros(100)));
@@ -28,6 +29,11 @@ pub async fn run(
         let body = pb::record::Body::Telemetry(pb::Telemetry {
             host: Some(crate::host::sample()),
             spool: Some(crate::spool_state(&spool.borrow())),
+            mesh_peers: mesh
+                .borrow()
+                .as_ref()
+                .map(|m| m.samples())
+                .unwrap_or_default(),
             ..Default::default()
         });
         if !outbox.emit(body).await {

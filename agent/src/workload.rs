@@ -41,6 +41,8 @@ pub struct Workload {
     pub inventory: watch::Receiver<pb::InventorySummary>,
     /// The active leases, for `warden status`.
     pub leases: watch::Sender<Vec<Lease>>,
+    /// Where MeshConfig commands go, once admitted here like every command.
+    pub mesh: Option<mpsc::Sender<crate::mesh::node::Request>>,
 }
 
 /// Why the book could not be loaded or saved.
@@ -364,6 +366,8 @@ impl State {
     async fn command(&mut self, cmd: pb::Command) {
         let now = crate::now_ms();
         let skew = self.w.config.clock_skew.as_millis() as i64;
+        // Notes that go with a success (peers a mesh config left out).
+        let mut note = String::new();
         let (lease_id, outcome) = match self.book.admit(&cmd, &self.w.node_id, now, skew) {
             Err(e) => (String::new(), Err(e)),
             Ok(()) => {
@@ -386,6 +390,13 @@ impl State {
                         let id = sc.lease_id.clone();
                         (id, self.stop_container(sc).await)
                     }
+                    Some(pb::command::Body::MeshConfig(mc)) => match self.mesh_config(mc).await {
+                        Ok(n) => {
+                            note = n;
+                            (String::new(), Ok(Vec::new()))
+                        }
+                        Err(e) => (String::new(), Err(e)),
+                    },
                     None => (String::new(), Err("the command is empty".into())),
                 }
             }
@@ -395,7 +406,7 @@ impl State {
                 command_id: cmd.command_id.clone(),
                 lease_id,
                 ok: true,
-                error: String::new(),
+                error: note,
                 containers,
             },
             Err(error) => {
@@ -414,6 +425,20 @@ impl State {
             .outbox
             .emit(pb::record::Body::CommandResult(result))
             .await;
+    }
+
+    /// Hands a mesh config to the mesh task and waits for how it went.
+    async fn mesh_config(&self, mc: pb::MeshConfig) -> Result<String, String> {
+        let tx = self
+            .w
+            .mesh
+            .as_ref()
+            .ok_or("this agent runs no mesh")?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        tx.send((mc, reply))
+            .await
+            .map_err(|_| "the mesh task has stopped")?;
+        rx.await.map_err(|_| "the mesh task stopped while applying".to_owned())?
     }
 
     fn docker(&self) -> Result<Docker, String> {

@@ -213,6 +213,12 @@ impl Device {
         0
     }
 
+    /// The operations that turn the peer table into `desired` (see
+    /// [`crate::mesh::peers::diff`]): unchanged peers are not touched.
+    pub fn diff_to(&self, desired: &[crate::mesh::peers::Peer]) -> Vec<Op> {
+        crate::mesh::peers::diff(&self.lock().table, desired)
+    }
+
     /// What `wg show` sees.
     pub fn view(&self) -> DeviceView {
         let st = self.lock();

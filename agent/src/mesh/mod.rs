@@ -14,11 +14,17 @@
 //! The I/O, thin around it:
 //! - [`tun`] is the TUN device;
 //! - [`device`] runs boringtun's noise protocol per peer between the TUN
-//!   device and one UDP socket.
+//!   device and one UDP socket;
+//! - [`ifaddr`] sets the interface's address, MTU and up flag;
+//! - [`rtt`] pings peers over the mesh;
+//! - [`node`] is the agent's own interface, driven by the coordinator.
 
 pub mod control;
 pub mod device;
+pub mod ifaddr;
 pub mod key;
+pub mod node;
 pub mod peers;
+pub mod rtt;
 pub mod tun;
 pub mod uapi;

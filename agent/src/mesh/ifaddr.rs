@@ -1,0 +1,112 @@
+//! The mesh interface's IPv4 address, MTU and up flag, set with the
+//! classic `SIOCSIF*` ioctls so the agent needs no `ip` binary. Setting an
+//! address with its prefix also gives the kernel the route to the mesh.
+
+use std::{io, net::Ipv4Addr, os::fd::AsRawFd};
+
+/// Why the interface could not be configured.
+#[derive(Debug, thiserror::Error)]
+#[error("interface {name}: {what}: {source}")]
+pub struct IfError {
+    pub name: String,
+    pub what: &'static str,
+    pub source: io::Error,
+}
+
+/// WireGuard's overhead over UDP/IPv4 is 60 bytes and 80 over IPv6; 1420
+/// keeps every encrypted packet within a 1500-byte path, as `wg-quick` does.
+pub const DEFAULT_MTU: u32 = 1420;
+
+/// An ifreq: 16 bytes of name, then a 24-byte union.
+fn ifreq(name: &str) -> [u8; 40] {
+    let mut r = [0u8; 40];
+    let n = name.len().min(15);
+    r[..n].copy_from_slice(&name.as_bytes()[..n]);
+    r
+}
+
+fn sockaddr_in(addr: Ipv4Addr) -> [u8; 16] {
+    let mut s = [0u8; 16];
+    s[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+    s[4..8].copy_from_slice(&addr.octets());
+    s
+}
+
+/// The netmask of a prefix length.
+pub fn netmask(prefix: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0))
+}
+
+/// Sets `addr/prefix`, the MTU, and brings the interface up.
+pub fn configure(name: &str, addr: Ipv4Addr, prefix: u8, mtu: u32) -> Result<(), IfError> {
+    let err = |what| {
+        let source = io::Error::last_os_error();
+        IfError {
+            name: name.to_owned(),
+            what,
+            source,
+        }
+    };
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|source| IfError {
+        name: name.to_owned(),
+        what: "control socket",
+        source,
+    })?;
+    let fd = sock.as_raw_fd();
+    let ioctl = |req: libc::c_ulong, r: &mut [u8; 40]| {
+        // SAFETY: each SIOC*IF* request reads or writes one ifreq, which `r` is.
+        unsafe { libc::ioctl(fd, req as _, r.as_mut_ptr()) }
+    };
+    let mut r = ifreq(name);
+    r[16..32].copy_from_slice(&sockaddr_in(addr));
+    if ioctl(libc::SIOCSIFADDR, &mut r) < 0 {
+        return Err(err("setting its address"));
+    }
+    let mut r = ifreq(name);
+    r[16..32].copy_from_slice(&sockaddr_in(netmask(prefix)));
+    if ioctl(libc::SIOCSIFNETMASK, &mut r) < 0 {
+        return Err(err("setting its netmask"));
+    }
+    let mut r = ifreq(name);
+    r[16..20].copy_from_slice(&(mtu as i32).to_ne_bytes());
+    if ioctl(libc::SIOCSIFMTU, &mut r) < 0 {
+        return Err(err("setting its MTU"));
+    }
+    let mut r = ifreq(name);
+    if ioctl(libc::SIOCGIFFLAGS, &mut r) < 0 {
+        return Err(err("reading its flags"));
+    }
+    let flags = i16::from_ne_bytes([r[16], r[17]]) | (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+    r[16..18].copy_from_slice(&flags.to_ne_bytes());
+    if ioctl(libc::SIOCSIFFLAGS, &mut r) < 0 {
+        return Err(err("bringing it up"));
+    }
+    Ok(())
+}
+
+/// Parses "10.90.0.2/24".
+pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (a, p) = s.split_once('/')?;
+    let p: u8 = p.parse().ok()?;
+    (p <= 32).then_some(())?;
+    Some((a.parse().ok()?, p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_and_cidrs() {
+        assert_eq!(netmask(24), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(netmask(0), Ipv4Addr::new(0, 0, 0, 0));
+        assert_eq!(netmask(32), Ipv4Addr::new(255, 255, 255, 255));
+        assert_eq!(
+            parse_cidr("10.90.0.2/24"),
+            Some((Ipv4Addr::new(10, 90, 0, 2), 24))
+        );
+        assert_eq!(parse_cidr("10.90.0.2"), None);
+        assert_eq!(parse_cidr("10.90.0.2/33"), None);
+        assert_eq!(parse_cidr("fd00::1/64"), None);
+    }
+}

@@ -1,0 +1,503 @@
+//! The agent's own mesh interface. It is made when the coordinator first
+//! puts the node in a cluster, changed live by every later `MeshConfig`
+//! (only the peers that changed are touched, so the others keep their
+//! sessions), and taken down when the node leaves its cluster. Each
+//! `rtt_interval` it pings every peer over the mesh and publishes what
+//! status, /metrics and telemetry show.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+use warden_proto::pb;
+
+use super::{
+    control,
+    device::Device,
+    ifaddr,
+    peers::{split_config, Peer},
+    rtt::Pinger,
+    tun::Tun,
+    uapi::{IpNet, Key, Op},
+};
+
+/// A config to apply, and where to say how it went: `Ok` with notes (peers
+/// left out) or `Err` with why nothing was applied.
+pub type Request = (pb::MeshConfig, oneshot::Sender<Result<String, String>>);
+
+/// The mesh as `warden status` shows it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct MeshStatus {
+    pub interface: String,
+    pub cluster_id: String,
+    pub generation: u64,
+    pub address: String,
+    pub listen_port: u16,
+    pub peers: Vec<PeerStatus>,
+    /// Peers of the last config that were left out or are incomplete, and why.
+    pub errors: Vec<String>,
+    /// Datagrams that were not WireGuard, for no peer, or failed to authenticate.
+    pub dropped_datagrams: u64,
+}
+
+/// One peer.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct PeerStatus {
+    pub node_id: String,
+    /// Base64, as `wg` shows it.
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    /// 0: no handshake yet.
+    pub last_handshake_unix_ms: i64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// The last ping's round trip; `None` when it went unanswered.
+    pub rtt_ms: Option<f64>,
+}
+
+impl MeshStatus {
+    /// The peers as telemetry carries them.
+    pub fn samples(&self) -> Vec<pb::MeshPeerSample> {
+        use base64::Engine;
+        self.peers
+            .iter()
+            .map(|p| pb::MeshPeerSample {
+                node_id: p.node_id.clone(),
+                public_key: base64::engine::general_purpose::STANDARD
+                    .decode(&p.public_key)
+                    .unwrap_or_default(),
+                endpoint: p.endpoint.clone().unwrap_or_default(),
+                last_handshake_unix_ms: p.last_handshake_unix_ms,
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+                rtt_ms: p.rtt_ms.unwrap_or(-1.0),
+                cluster_id: self.cluster_id.clone(),
+            })
+            .collect()
+    }
+}
+
+/// One pushed peer, checked: what to configure, and what was wrong with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wanted {
+    pub node_id: String,
+    pub peer: Peer,
+}
+
+/// Turns the pushed peers into table peers, given how their endpoints
+/// resolved (`resolved`: endpoint text → address or why not). A peer with
+/// a malformed key or allowed IP is left out; one whose endpoint does not
+/// resolve is kept without an endpoint (it can still reach us). Then
+/// overlapping allowed IPs and repeated keys are left out as
+/// [`split_config`] decides. Each problem is one line naming the peer.
+pub fn wanted(
+    peers: &[pb::MeshPeer],
+    resolved: &HashMap<String, Result<SocketAddr, String>>,
+) -> (Vec<Wanted>, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut names: HashMap<Key, String> = HashMap::new();
+    let mut list = Vec::new();
+    'peers: for p in peers {
+        let who = if p.node_id.is_empty() {
+            "(unnamed)"
+        } else {
+            &p.node_id
+        };
+        let Ok(key) = <Key>::try_from(p.public_key.as_slice()) else {
+            errors.push(format!(
+                "peer {who}: public key is {} bytes, not 32; left out",
+                p.public_key.len()
+            ));
+            continue;
+        };
+        let mut peer = Peer::new(key);
+        for a in &p.allowed_ips {
+            match a.parse::<IpNet>() {
+                Ok(n) => peer.allowed_ips.push(n),
+                Err(e) => {
+                    errors.push(format!("peer {who}: allowed IP `{a}`: {e}; left out"));
+                    continue 'peers;
+                }
+            }
+        }
+        if !p.endpoint.is_empty() {
+            match resolved.get(&p.endpoint) {
+                Some(Ok(ep)) => peer.endpoint = Some(*ep),
+                Some(Err(e)) => errors.push(format!(
+                    "peer {who}: endpoint `{}` does not resolve ({e}); kept, waiting for it to call",
+                    p.endpoint
+                )),
+                None => errors.push(format!(
+                    "peer {who}: endpoint `{}` was not resolved; kept, waiting for it to call",
+                    p.endpoint
+                )),
+            }
+        }
+        peer.keepalive = u16::try_from(p.keepalive_seconds).unwrap_or(u16::MAX);
+        names.entry(key).or_insert_with(|| p.node_id.clone());
+        list.push(peer);
+    }
+    let (ok, bad) = split_config(&list);
+    for (k, e) in bad {
+        let who = names.get(&k).cloned().unwrap_or_default();
+        errors.push(format!("peer {who}: {e}; left out"));
+    }
+    let ok = ok
+        .into_iter()
+        .map(|peer| Wanted {
+            node_id: names.get(&peer.public_key).cloned().unwrap_or_default(),
+            peer,
+        })
+        .collect();
+    (ok, errors)
+}
+
+/// Resolves "host:port" endpoints (IP literals need no lookup).
+async fn resolve(peers: &[pb::MeshPeer]) -> HashMap<String, Result<SocketAddr, String>> {
+    let mut out = HashMap::new();
+    for p in peers.iter().filter(|p| !p.endpoint.is_empty()) {
+        if out.contains_key(&p.endpoint) {
+            continue;
+        }
+        let r = match p.endpoint.parse::<SocketAddr>() {
+            Ok(a) => Ok(a),
+            Err(_) => match tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::net::lookup_host(p.endpoint.clone()),
+            )
+            .await
+            {
+                Ok(Ok(mut it)) => it.next().ok_or_else(|| "no address".to_owned()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("lookup timed out".to_owned()),
+            },
+        };
+        out.insert(p.endpoint.clone(), r);
+    }
+    out
+}
+
+/// The task's settings.
+pub struct MeshNode {
+    pub config: crate::config::MeshConfig,
+    pub private_key: Key,
+    /// Where the interface's UAPI socket goes, so `wg show` works on it.
+    pub socket_dir: PathBuf,
+    pub status: watch::Sender<Option<MeshStatus>>,
+}
+
+struct Running {
+    dev: Arc<Device>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    interface: String,
+    cluster_id: String,
+    generation: u64,
+    address: String,
+    names: HashMap<Key, String>,
+    errors: Vec<String>,
+    rtt: HashMap<Key, Duration>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    fn status(&self) -> MeshStatus {
+        use base64::Engine;
+        let view = self.dev.view();
+        let epoch_ms = |d: Duration| d.as_millis() as i64;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        MeshStatus {
+            interface: self.interface.clone(),
+            cluster_id: self.cluster_id.clone(),
+            generation: self.generation,
+            address: self.address.clone(),
+            listen_port: view.listen_port,
+            peers: view
+                .peers
+                .iter()
+                .map(|p| PeerStatus {
+                    node_id: self.names.get(&p.public_key).cloned().unwrap_or_default(),
+                    public_key: base64::engine::general_purpose::STANDARD.encode(p.public_key),
+                    endpoint: p.endpoint.map(|e| e.to_string()),
+                    allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
+                    // The view holds the handshake time since the epoch.
+                    last_handshake_unix_ms: p
+                        .last_handshake
+                        .filter(|t| *t <= now)
+                        .map(epoch_ms)
+                        .unwrap_or(0),
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                    rtt_ms: self
+                        .rtt
+                        .get(&p.public_key)
+                        .map(|d| d.as_secs_f64() * 1000.0),
+                })
+                .collect(),
+            errors: self.errors.clone(),
+            dropped_datagrams: self
+                .dev
+                .counters
+                .dropped_datagrams
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
+impl MeshNode {
+    /// Applies configs from `requests` until `shutdown`, then takes the
+    /// interface down.
+    pub async fn run(self, mut requests: mpsc::Receiver<Request>, shutdown: CancellationToken) {
+        let mut running: Option<Running> = None;
+        let mut applied_generation = 0u64;
+        let mut pinger: Option<Pinger> = None;
+        let mut pinger_said = false;
+        let every = self.config.rtt_interval.max(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                r = requests.recv() => {
+                    let Some((cfg, reply)) = r else { break };
+                    let outcome = if cfg.generation < applied_generation {
+                        Ok(format!(
+                            "ignored: generation {} is older than the applied {applied_generation}",
+                            cfg.generation
+                        ))
+                    } else {
+                        let r = self.apply(&mut running, cfg.clone()).await;
+                        if r.is_ok() {
+                            applied_generation = cfg.generation;
+                        }
+                        r
+                    };
+                    match &outcome {
+                        Ok(note) if note.is_empty() => tracing::info!(cluster = %cfg.cluster_id, generation = cfg.generation, peers = cfg.peers.len(), "mesh config applied"),
+                        Ok(note) => tracing::warn!(cluster = %cfg.cluster_id, generation = cfg.generation, %note, "mesh config applied, with problems"),
+                        Err(e) => tracing::warn!(cluster = %cfg.cluster_id, error = %e, "mesh config not applied"),
+                    }
+                    let _ = reply.send(outcome);
+                    self.status.send_replace(running.as_ref().map(Running::status));
+                }
+                _ = tick.tick() => {
+                    let Some(run) = running.as_mut() else { continue };
+                    if pinger.is_none() {
+                        match Pinger::open() {
+                            Ok(p) => pinger = Some(p),
+                            Err(e) if !pinger_said => {
+                                pinger_said = true;
+                                tracing::warn!(error = %e, "cannot open a raw ICMP socket: no mesh round-trip times");
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    if let Some(p) = pinger.as_mut() {
+                        let targets: Vec<(Key, Ipv4Addr)> = run
+                            .dev
+                            .view()
+                            .peers
+                            .iter()
+                            .filter_map(|peer| {
+                                let first = peer.allowed_ips.first()?;
+                                match first.addr {
+                                    IpAddr::V4(a) => Some((peer.public_key, a)),
+                                    IpAddr::V6(_) => None,
+                                }
+                            })
+                            .collect();
+                        let wait = (every / 2).min(Duration::from_secs(5));
+                        run.rtt = tokio::select! {
+                            r = p.round(&targets, wait) => r,
+                            _ = shutdown.cancelled() => break,
+                        };
+                    }
+                    self.status.send_replace(Some(run.status()));
+                }
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        if let Some(r) = running.take() {
+            r.stop().await;
+        }
+        self.status.send_replace(None);
+    }
+
+    async fn apply(&self, running: &mut Option<Running>, cfg: pb::MeshConfig) -> Result<String, String> {
+        if cfg.cluster_id.is_empty() {
+            return Ok(match running.take() {
+                Some(r) => {
+                    let name = r.interface.clone();
+                    r.stop().await;
+                    format!("left the mesh; interface {name} removed")
+                }
+                None => String::new(),
+            });
+        }
+        let (addr, prefix) = ifaddr::parse_cidr(&cfg.address)
+            .ok_or_else(|| format!("mesh address `{}` is not IPv4 ADDR/PREFIX", cfg.address))?;
+        let resolved = resolve(&cfg.peers).await;
+        let (wanted, errors) = wanted(&cfg.peers, &resolved);
+        if running.is_none() {
+            *running = Some(self.start().await?);
+        }
+        let Some(run) = running.as_mut() else {
+            return Err("the mesh interface is not running".into());
+        };
+        if run.address != cfg.address {
+            ifaddr::configure(&run.interface, addr, prefix, self.config.mtu)
+                .map_err(|e| e.to_string())?;
+            run.address = cfg.address.clone();
+        }
+        let peers: Vec<Peer> = wanted.iter().map(|w| w.peer.clone()).collect();
+        let ops = run.dev.diff_to(&peers);
+        let errno = run.dev.apply(&ops).await;
+        if errno != 0 {
+            return Err(format!("the device refused the peer changes (errno {errno})"));
+        }
+        run.names = wanted
+            .into_iter()
+            .map(|w| (w.peer.public_key, w.node_id))
+            .collect();
+        run.rtt.retain(|k, _| run.names.contains_key(k));
+        run.cluster_id = cfg.cluster_id;
+        run.generation = cfg.generation;
+        run.errors = errors.clone();
+        Ok(errors.join("; "))
+    }
+
+    /// Makes the interface: TUN, device with our key and port, UAPI socket.
+    async fn start(&self) -> Result<Running, String> {
+        let tun = Tun::create(&self.config.interface).map_err(|e| e.to_string())?;
+        let interface = tun.name().to_owned();
+        // Dual-stack: IPv4 peers arrive as mapped addresses.
+        let dev = Arc::new(Device::new(Ipv6Addr::UNSPECIFIED.into()));
+        let errno = dev
+            .apply(&[
+                Op::PrivateKey(self.private_key),
+                Op::ListenPort(self.config.listen_port),
+            ])
+            .await;
+        if errno != 0 {
+            return Err(format!(
+                "mesh.listen_port {} cannot be bound (in use?)",
+                self.config.listen_port
+            ));
+        }
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let path = control::socket_path(&self.socket_dir, &interface);
+        match control::bind(&path) {
+            Ok(l) => tasks.push(tokio::spawn(control::serve(
+                l,
+                path,
+                dev.clone(),
+                stop.clone(),
+            ))),
+            Err(e) => {
+                tracing::warn!(socket = %path.display(), error = %e, "no UAPI socket: `wg show` will not see the mesh")
+            }
+        }
+        tasks.push(tokio::spawn(dev.clone().run(tun, stop.clone())));
+        tracing::info!(%interface, port = self.config.listen_port, "mesh interface up");
+        Ok(Running {
+            dev,
+            stop,
+            tasks,
+            interface,
+            cluster_id: String::new(),
+            generation: 0,
+            address: String::new(),
+            names: HashMap::new(),
+            errors: Vec::new(),
+            rtt: HashMap::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(node: &str, key: &[u8], ep: &str, ips: &[&str]) -> pb::MeshPeer {
+        pb::MeshPeer {
+            node_id: node.into(),
+            public_key: key.to_vec(),
+            endpoint: ep.into(),
+            allowed_ips: ips.iter().map(|s| s.to_string()).collect(),
+            keepalive_seconds: 25,
+        }
+    }
+
+    #[test]
+    fn each_bad_peer_costs_only_itself_and_is_named() {
+        let mut resolved = HashMap::new();
+        resolved.insert(
+            "192.0.2.2:51820".to_string(),
+            Ok("192.0.2.2:51820".parse().unwrap()),
+        );
+        resolved.insert("nowhere.invalid:1".to_string(), Err("no such host".into()));
+        let peers = [
+            peer("b", &[2; 32], "192.0.2.2:51820", &["10.90.0.2/32"]),
+            peer("short", &[3; 31], "", &["10.90.0.3/32"]),
+            peer("badip", &[4; 32], "", &["10.90.0.400/32"]),
+            peer("lost", &[5; 32], "nowhere.invalid:1", &["10.90.0.5/32"]),
+            peer("overlap", &[6; 32], "", &["10.90.0.0/24"]),
+            peer("again", &[2; 32], "", &["10.90.0.9/32"]),
+        ];
+        let (ok, errors) = wanted(&peers, &resolved);
+        let names: Vec<&str> = ok.iter().map(|w| w.node_id.as_str()).collect();
+        assert_eq!(names, ["b", "lost"]);
+        assert_eq!(ok[0].peer.endpoint, Some("192.0.2.2:51820".parse().unwrap()));
+        assert_eq!(ok[0].peer.keepalive, 25);
+        assert_eq!(ok[1].peer.endpoint, None, "kept without an endpoint");
+        assert_eq!(errors.len(), 5, "{errors:#?}");
+        for (e, who) in errors.iter().zip(["short", "badip", "lost", "overlap", "b"]) {
+            assert!(e.starts_with(&format!("peer {who}:")), "{e}");
+        }
+        assert!(errors[0].contains("31 bytes"));
+        assert!(errors[2].contains("does not resolve (no such host)"));
+        assert!(errors[3].contains("overlaps"), "{}", errors[3]);
+        assert!(errors[4].contains("more than once"), "{}", errors[4]);
+    }
+
+    #[test]
+    fn status_becomes_telemetry_samples() {
+        let s = MeshStatus {
+            cluster_id: "c1".into(),
+            peers: vec![PeerStatus {
+                node_id: "b".into(),
+                public_key: "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=".into(),
+                endpoint: Some("192.0.2.2:51820".into()),
+                rx_bytes: 5,
+                tx_bytes: 7,
+                rtt_ms: None,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let t = s.samples();
+        assert_eq!(t[0].public_key, vec![2u8; 32]);
+        assert_eq!(t[0].rtt_ms, -1.0);
+        assert_eq!((t[0].rx_bytes, t[0].tx_bytes), (5, 7));
+        assert_eq!(t[0].cluster_id, "c1");
+    }
+}
