@@ -697,7 +697,11 @@ async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
                 p["node_id"].as_str().unwrap_or("?"),
                 p["allowed_ips"]
                     .as_array()
-                    .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
+                    .map(|a| a
+                        .iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","))
                     .unwrap_or_default(),
                 p["endpoint"].as_str().unwrap_or("unknown"),
                 if hs == 0 {

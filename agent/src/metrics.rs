@@ -537,7 +537,51 @@ mod tests {
             },
             coordinator_configured: true,
             link: None,
+            mesh: None,
         }
+    }
+
+    #[test]
+    fn mesh_peers_have_counters_and_a_round_trip_only_when_answered() {
+        use crate::mesh::node::{MeshStatus, PeerStatus};
+        let mut s = snapshot();
+        assert!(!render(&s).contains("warden_mesh_"), "no mesh, no families");
+        s.mesh = Some(MeshStatus {
+            cluster_id: "c1".into(),
+            dropped_datagrams: 4,
+            peers: vec![
+                PeerStatus {
+                    node_id: "b".into(),
+                    public_key: "KEY".into(),
+                    rx_bytes: 10,
+                    tx_bytes: 20,
+                    last_handshake_unix_ms: 1_500,
+                    rtt_ms: Some(0.25),
+                    ..Default::default()
+                },
+                PeerStatus {
+                    node_id: "c".into(),
+                    public_key: "KEY2".into(),
+                    rtt_ms: None,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        });
+        let text = render(&s);
+        let b = "cluster=\"c1\",peer=\"b\",public_key=\"KEY\"";
+        assert!(
+            text.contains(&format!("warden_mesh_peer_rx_bytes_total{{{b}}} 10\n")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("warden_mesh_peer_tx_bytes_total{{{b}}} 20\n")));
+        assert!(text.contains(&format!(
+            "warden_mesh_peer_last_handshake_seconds{{{b}}} 1.5\n"
+        )));
+        assert!(text.contains(&format!("warden_mesh_peer_rtt_ms{{{b}}} 0.25\n")));
+        assert!(!text.contains("warden_mesh_peer_rtt_ms{cluster=\"c1\",peer=\"c\""));
+        assert!(text.contains("warden_mesh_peer_rx_bytes_total{cluster=\"c1\",peer=\"c\""));
+        assert!(text.contains("warden_mesh_dropped_datagrams_total 4\n"));
     }
 
     #[test]

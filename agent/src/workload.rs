@@ -429,16 +429,13 @@ impl State {
 
     /// Hands a mesh config to the mesh task and waits for how it went.
     async fn mesh_config(&self, mc: pb::MeshConfig) -> Result<String, String> {
-        let tx = self
-            .w
-            .mesh
-            .as_ref()
-            .ok_or("this agent runs no mesh")?;
+        let tx = self.w.mesh.as_ref().ok_or("this agent runs no mesh")?;
         let (reply, rx) = tokio::sync::oneshot::channel();
         tx.send((mc, reply))
             .await
             .map_err(|_| "the mesh task has stopped")?;
-        rx.await.map_err(|_| "the mesh task stopped while applying".to_owned())?
+        rx.await
+            .map_err(|_| "the mesh task stopped while applying".to_owned())?
     }
 
     fn docker(&self) -> Result<Docker, String> {

@@ -306,7 +306,11 @@ impl pb::admin_server::Admin for AdminService {
         let who = mesh.identities().await.map_err(unavailable)?;
         for n in &r.node_ids {
             match who.get(n) {
-                None => return Err(Status::invalid_argument(format!("no node {n} has registered"))),
+                None => {
+                    return Err(Status::invalid_argument(format!(
+                        "no node {n} has registered"
+                    )))
+                }
                 Some(id) if id.public_key.len() != 32 => {
                     return Err(Status::invalid_argument(format!(
                         "node {n} has not announced a mesh key (an agent older than the mesh?)"
@@ -395,7 +399,8 @@ impl pb::admin_server::Admin for AdminService {
                 }
                 None => {
                     m.state = "pending".into();
-                    m.error = "did not answer: its interface goes when it next hears from us".into();
+                    m.error =
+                        "did not answer: its interface goes when it next hears from us".into();
                 }
             }
         }

@@ -411,7 +411,10 @@ mod tests {
         assert_eq!(c.members[0].state, "applied");
         assert_eq!(c.members[0].applied_generation, 10);
         apply_result(&mut c, "a", 8, &bad);
-        assert_eq!(c.members[0].state, "applied", "a stale answer changes nothing");
+        assert_eq!(
+            c.members[0].state, "applied",
+            "a stale answer changes nothing"
+        );
         apply_result(&mut c, "nobody", 10, &bad);
     }
 }

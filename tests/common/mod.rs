@@ -46,8 +46,22 @@ impl Proc {
     }
 
     pub fn spawn_env(args: &[&str], log: PathBuf, env: &[(&str, &Path)]) -> Proc {
+        Self::spawn_in(None, args, log, env)
+    }
+
+    /// As `spawn_env`, inside network namespace `ns` when given (`ip netns
+    /// exec` execs warden, so the pid is warden's).
+    pub fn spawn_in(ns: Option<&str>, args: &[&str], log: PathBuf, env: &[(&str, &Path)]) -> Proc {
         let err = std::fs::File::create(&log).unwrap();
-        let child = Command::new(WARDEN)
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, WARDEN]);
+                c
+            }
+            None => Command::new(WARDEN),
+        };
+        let child = cmd
             .args(args)
             .envs(env.iter().map(|(k, v)| (*k, *v)))
             .env("RUST_LOG", "info")
@@ -113,6 +127,12 @@ impl Coordinator {
 
     /// As `start`, with `extra` TOML (e.g. a `[leases]` section) in a config file.
     pub fn start_with(dir: &Path, port: u16, extra: &str) -> Coordinator {
+        Self::start_in(None, dir, &format!("127.0.0.1:{port}"), extra)
+    }
+
+    /// As `start_with`, listening on `listen` inside namespace `ns`.
+    pub fn start_in(ns: Option<&str>, dir: &Path, listen: &str, extra: &str) -> Coordinator {
+        let port: u16 = listen.rsplit(':').next().unwrap().parse().unwrap();
         let link = dir.join("agent-link.toml");
         let _ = std::fs::remove_file(&link);
         let config = dir.with_extension("coordinator.toml");
@@ -121,16 +141,18 @@ impl Coordinator {
             format!("state_dir = \"{}\"\n{extra}\n", dir.display()),
         )
         .unwrap();
-        let proc = Proc::spawn(
+        let proc = Proc::spawn_in(
+            ns,
             &[
                 "coordinator",
                 "--dev",
                 "--config",
                 config.to_str().unwrap(),
                 "--listen",
-                &format!("127.0.0.1:{port}"),
+                listen,
             ],
             dir.with_extension(format!("coordinator-{}.log", crate_now())),
+            &[],
         );
         let c = Coordinator {
             dir: dir.to_owned(),
@@ -238,7 +260,14 @@ impl Agent {
     }
 
     pub fn start_with_env(dir: &Path, config: &Path, env: &[(&str, &Path)]) -> Agent {
-        let proc = Proc::spawn_env(
+        Self::start_in(None, dir, config, env)
+    }
+
+    /// An agent inside network namespace `ns` (its status socket is a file,
+    /// so the test still reads it from outside).
+    pub fn start_in(ns: Option<&str>, dir: &Path, config: &Path, env: &[(&str, &Path)]) -> Agent {
+        let proc = Proc::spawn_in(
+            ns,
             &["agent", "--config", config.to_str().unwrap()],
             dir.with_extension(format!("agent-{}.log", crate_now())),
             env,

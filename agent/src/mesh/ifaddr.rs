@@ -34,7 +34,11 @@ fn sockaddr_in(addr: Ipv4Addr) -> [u8; 16] {
 
 /// The netmask of a prefix length.
 pub fn netmask(prefix: u8) -> Ipv4Addr {
-    Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0))
+    Ipv4Addr::from(
+        u32::MAX
+            .checked_shl(32 - u32::from(prefix.min(32)))
+            .unwrap_or(0),
+    )
 }
 
 /// Sets `addr/prefix`, the MTU, and brings the interface up.

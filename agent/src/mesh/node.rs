@@ -341,16 +341,18 @@ impl MeshNode {
         self.status.send_replace(None);
     }
 
-    async fn apply(&self, running: &mut Option<Running>, cfg: pb::MeshConfig) -> Result<String, String> {
+    async fn apply(
+        &self,
+        running: &mut Option<Running>,
+        cfg: pb::MeshConfig,
+    ) -> Result<String, String> {
         if cfg.cluster_id.is_empty() {
-            return Ok(match running.take() {
-                Some(r) => {
-                    let name = r.interface.clone();
-                    r.stop().await;
-                    format!("left the mesh; interface {name} removed")
-                }
-                None => String::new(),
-            });
+            if let Some(r) = running.take() {
+                let name = r.interface.clone();
+                r.stop().await;
+                tracing::info!(interface = %name, "left the mesh; interface removed");
+            }
+            return Ok(String::new());
         }
         let (addr, prefix) = ifaddr::parse_cidr(&cfg.address)
             .ok_or_else(|| format!("mesh address `{}` is not IPv4 ADDR/PREFIX", cfg.address))?;
@@ -371,7 +373,9 @@ impl MeshNode {
         let ops = run.dev.diff_to(&peers);
         let errno = run.dev.apply(&ops).await;
         if errno != 0 {
-            return Err(format!("the device refused the peer changes (errno {errno})"));
+            return Err(format!(
+                "the device refused the peer changes (errno {errno})"
+            ));
         }
         run.names = wanted
             .into_iter()
@@ -466,11 +470,17 @@ mod tests {
         let (ok, errors) = wanted(&peers, &resolved);
         let names: Vec<&str> = ok.iter().map(|w| w.node_id.as_str()).collect();
         assert_eq!(names, ["b", "lost"]);
-        assert_eq!(ok[0].peer.endpoint, Some("192.0.2.2:51820".parse().unwrap()));
+        assert_eq!(
+            ok[0].peer.endpoint,
+            Some("192.0.2.2:51820".parse().unwrap())
+        );
         assert_eq!(ok[0].peer.keepalive, 25);
         assert_eq!(ok[1].peer.endpoint, None, "kept without an endpoint");
         assert_eq!(errors.len(), 5, "{errors:#?}");
-        for (e, who) in errors.iter().zip(["short", "badip", "lost", "overlap", "b"]) {
+        for (e, who) in errors
+            .iter()
+            .zip(["short", "badip", "lost", "overlap", "b"])
+        {
             assert!(e.starts_with(&format!("peer {who}:")), "{e}");
         }
         assert!(errors[0].contains("31 bytes"));

@@ -216,7 +216,10 @@ mod tests {
     fn replies_are_matched_and_anything_else_is_not() {
         let req = echo_request(42, 9, b"warden-rtt");
         let rep = reply_from([10, 90, 0, 2], &req);
-        assert_eq!(parse_reply(&rep), Some((Ipv4Addr::new(10, 90, 0, 2), 42, 9)));
+        assert_eq!(
+            parse_reply(&rep),
+            Some((Ipv4Addr::new(10, 90, 0, 2), 42, 9))
+        );
         let mut bad = rep.clone();
         *bad.last_mut().unwrap() ^= 1;
         assert_eq!(parse_reply(&bad), None, "a corrupt payload");
@@ -228,7 +231,8 @@ mod tests {
         assert_eq!(parse_reply(&[]), None);
     }
 
-    /// Needs root (a raw socket): pings the loopback address.
+    /// Needs root (a raw socket): pings the loopback address. (Unanswered
+    /// pings are covered by tests/cluster.rs, inside its own namespaces.)
     #[tokio::test]
     async fn loopback_answers_a_ping() {
         // SAFETY: geteuid has no preconditions.
@@ -241,10 +245,5 @@ mod tests {
             .round(&[(1u8, Ipv4Addr::LOCALHOST)], Duration::from_secs(2))
             .await;
         assert!(got.contains_key(&1), "{got:?}");
-        // An address nobody answers for: no RTT, and no hang.
-        let got = p
-            .round(&[(2u8, Ipv4Addr::new(192, 0, 2, 1))], Duration::from_millis(200))
-            .await;
-        assert!(got.is_empty());
     }
 }
