@@ -163,7 +163,9 @@ fn three_agents_form_a_mesh_that_survives_removal_and_a_cut_link() {
                     "state_dir = \"{}\"\n{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n\
                      [mesh]\ninterface = \"{}\"\nendpoints = [\"10.201.0.{}:51820\"]\nrtt_interval = \"1s\"\n",
                     dir.display(),
-                    fast_agent_toml(&link, "1s", 0),
+                    // A dead stream (C's address moves) is noticed in ~2 s.
+                    fast_agent_toml(&link, "1s", 0)
+                        .replace("[uplink]\n", "[uplink]\nkeepalive = \"1s\"\n"),
                     ifnames[i],
                     11 + i
                 ),
@@ -267,6 +269,58 @@ fn three_agents_form_a_mesh_that_survives_removal_and_a_cut_link() {
     run(&["ip", "-n", &hub, "link", "set", "p3", "up"]);
     wait_pings(&pairs, &[a, b, c], "the mesh recovers after the cut");
 
+    // C moves to another address (as behind a NAT that rebinds): A and B
+    // learn its new endpoint from its authenticated packets (roaming), and a
+    // config re-sent with the old announced endpoint does not undo that.
+    run(&[
+        "ip",
+        "-n",
+        &ns[2],
+        "addr",
+        "del",
+        "10.201.0.13/24",
+        "dev",
+        "eth0",
+    ]);
+    run(&[
+        "ip",
+        "-n",
+        &ns[2],
+        "addr",
+        "add",
+        "10.201.0.23/24",
+        "dev",
+        "eth0",
+    ]);
+    wait_for(
+        "A and B follow C to its new address",
+        Duration::from_secs(30),
+        || {
+            agents[..2]
+                .iter()
+                .all(|ag| {
+                    peer(&mesh_of(ag), c).is_some_and(|p| {
+                        p["endpoint"] == "10.201.0.23:51820" && p["rtt_ms"].is_f64()
+                    })
+                })
+                .then_some(())
+        },
+    );
+    // C's stream from its old address is dead: it reconnects, re-registers,
+    // and the coordinator sends the cluster its config again.
+    wait_for("C reconnected", Duration::from_secs(30), || {
+        nodes_json(&coord)
+            .as_array()?
+            .iter()
+            .find(|n| n["node_id"] == c)?["peer_address"]
+            .as_str()?
+            .starts_with("10.201.0.23:")
+            .then_some(())
+    });
+    set(&coord, &[a, b, c]);
+    let p = peer(&mesh_of(&agents[0]), c).unwrap();
+    assert_eq!(p["endpoint"], "10.201.0.23:51820", "{p:#}");
+
     // Telemetry carried the peers, with round trips, to the coordinator.
     let seen = wait_for("mesh telemetry stored", Duration::from_secs(30), || {
         stored_records(&coord.db())
@@ -282,6 +336,27 @@ fn three_agents_form_a_mesh_that_survives_removal_and_a_cut_link() {
     });
     assert!(seen.iter().all(|p| p.cluster_id == "c1"));
 
+    // C is taken out while its link is cut, so the leave never reaches it;
+    // when it is back, its Register names the cluster it still runs, and
+    // the coordinator tells it to leave.
+    run(&["ip", "-n", &hub, "link", "set", "p3", "down"]);
+    let out = cluster_cli(&coord, &["set", "c1", a, b, "--timeout", "2", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!mesh_of(&agents[2]).is_null(), "C did not hear of it");
+    run(&["ip", "-n", &hub, "link", "set", "p3", "up"]);
+    wait_for("C leaves once it is back", Duration::from_secs(30), || {
+        mesh_of(&agents[2]).is_null().then_some(())
+    });
+    assert!(
+        coord.proc.log_text().contains("told to leave"),
+        "{}",
+        coord.proc.log_text()
+    );
+
     // Deleting the cluster takes every interface down.
     let out = cluster_cli(&coord, &["delete", "c1"]);
     assert!(
@@ -289,7 +364,7 @@ fn three_agents_form_a_mesh_that_survives_removal_and_a_cut_link() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for ag in &agents {
+    for ag in &agents[..2] {
         wait_for("mesh gone after delete", Duration::from_secs(30), || {
             mesh_of(ag).is_null().then_some(())
         });

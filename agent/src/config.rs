@@ -272,6 +272,11 @@ pub struct UplinkConfig {
     pub backoff_max: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// HTTP/2 pings on an idle stream; one unanswered this long ends the
+    /// stream, so a dead path (an address gone, a cut cable) is noticed
+    /// and the agent reconnects instead of waiting for TCP to give up.
+    #[serde(with = "humantime_serde")]
+    pub keepalive: Duration,
     /// Records sent but not yet acknowledged, at most.
     pub max_in_flight: usize,
 }
@@ -335,6 +340,7 @@ impl Default for UplinkConfig {
             backoff_initial: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(20),
             max_in_flight: 512,
         }
     }
@@ -385,6 +391,7 @@ impl AgentConfig {
         nonzero("uplink.heartbeat_interval", u.heartbeat_interval)?;
         nonzero("uplink.backoff_initial", u.backoff_initial)?;
         nonzero("uplink.connect_timeout", u.connect_timeout)?;
+        nonzero("uplink.keepalive", u.keepalive)?;
         if u.backoff_max < u.backoff_initial {
             return Err(invalid(
                 "uplink.backoff_max",

@@ -107,6 +107,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     );
 
     let (uplink_tx, uplink_rx) = watch::channel(UplinkStatus::default());
+    let (mesh_tx, mesh_rx) = tokio::sync::mpsc::channel(8);
+    let (mesh_status_tx, mesh_status_rx) = watch::channel(None);
     let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(64);
     let (challenges_tx, challenges_rx) = tokio::sync::mpsc::channel(64);
     let uplink_task = match config.coordinator.clone() {
@@ -123,6 +125,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 commands: Some(commands_tx),
                 challenges: Some(challenges_tx),
                 mesh: (mesh_public.to_vec(), config.mesh.endpoints.clone()),
+                mesh_status: mesh_status_rx.clone(),
             };
             Some(tokio::spawn(up.run(tasks.clone())))
         }
@@ -133,8 +136,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     };
 
     let (leases_tx, leases_rx) = watch::channel(Vec::new());
-    let (mesh_tx, mesh_rx) = tokio::sync::mpsc::channel(8);
-    let (mesh_status_tx, mesh_status_rx) = watch::channel(None);
     let mut metrics_address = None;
     let metrics_task = if config.metrics.listen.is_empty() {
         None

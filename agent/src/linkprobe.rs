@@ -160,7 +160,13 @@ pub async fn probe(
     cfg: &ProbeConfig,
     connect_timeout: Duration,
 ) -> pb::LinkSample {
-    let result = match crate::uplink::channel(link, connect_timeout).await {
+    let result = match crate::uplink::channel(
+        link,
+        connect_timeout,
+        crate::config::UplinkConfig::default().keepalive,
+    )
+    .await
+    {
         Ok(ch) => measure(ch, cfg).await,
         Err(e) => Err(ProbeError::Connect(crate::uplink::error_chain(&e))),
     };

@@ -99,12 +99,15 @@ pub struct Uplink {
     pub challenges: Option<tokio::sync::mpsc::Sender<pb::Challenge>>,
     /// The mesh public key and endpoints announced at Register.
     pub mesh: (Vec<u8>, Vec<String>),
+    /// The mesh as it runs, so Register says which cluster it is in.
+    pub mesh_status: watch::Receiver<Option<crate::mesh::node::MeshStatus>>,
 }
 
 /// A TLS channel to the coordinator, trusting only the configured CA.
 pub async fn channel(
     link: &CoordinatorLink,
     connect_timeout: Duration,
+    keepalive: Duration,
 ) -> Result<tonic::transport::Channel, UplinkError> {
     let ca = std::fs::read(&link.ca_cert).map_err(|source| UplinkError::Ca {
         path: link.ca_cert.display().to_string(),
@@ -117,8 +120,9 @@ pub async fn channel(
         .tls_config(tls)?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(20))
+        .http2_keep_alive_interval(keepalive)
+        .keep_alive_timeout(keepalive)
+        .keep_alive_while_idle(true)
         .connect()
         .await?)
 }
@@ -191,7 +195,12 @@ impl Uplink {
     }
 
     async fn connect(&self) -> Result<UplinkClient<tonic::transport::Channel>, UplinkError> {
-        let channel = channel(&self.link, self.config.connect_timeout).await?;
+        let channel = channel(
+            &self.link,
+            self.config.connect_timeout,
+            self.config.keepalive,
+        )
+        .await?;
         Ok(UplinkClient::new(channel)
             .max_decoding_message_size(1 << 20)
             .max_encoding_message_size(8 << 20))
@@ -207,19 +216,27 @@ impl Uplink {
         let mut client = self.connect().await?;
         let window = self.config.max_in_flight;
         let (out, out_rx) = tokio::sync::mpsc::channel::<Envelope>(window + 16);
-        out.try_send(self.signer.sign_message(
-            types::REGISTER,
-            &pb::Register {
-                node_id: self.node_id.clone(),
-                public_key: self.signer.public_key().to_vec(),
-                agent_version: env!("CARGO_PKG_VERSION").into(),
-                inventory: Some(self.inventory.borrow().clone()),
-                time_unix_ms: crate::now_ms(),
-                start_id: self.start_id.clone(),
-                mesh_public_key: self.mesh.0.clone(),
-                mesh_endpoints: self.mesh.1.clone(),
-            },
-        ))
+        out.try_send(
+            self.signer.sign_message(
+                types::REGISTER,
+                &pb::Register {
+                    node_id: self.node_id.clone(),
+                    public_key: self.signer.public_key().to_vec(),
+                    agent_version: env!("CARGO_PKG_VERSION").into(),
+                    inventory: Some(self.inventory.borrow().clone()),
+                    time_unix_ms: crate::now_ms(),
+                    start_id: self.start_id.clone(),
+                    mesh_public_key: self.mesh.0.clone(),
+                    mesh_endpoints: self.mesh.1.clone(),
+                    mesh_cluster_id: self
+                        .mesh_status
+                        .borrow()
+                        .as_ref()
+                        .map(|m| m.cluster_id.clone())
+                        .unwrap_or_default(),
+                },
+            ),
+        )
         .map_err(|_| UplinkError::Closed)?;
         let mut inbound = client
             .session(ReceiverStream::new(out_rx))

@@ -112,8 +112,10 @@ impl MeshSender {
 
     /// A node (re)connected: if it is in a cluster, every member is sent the
     /// cluster's config again (its key or endpoint may be new; applying an
-    /// unchanged config changes nothing on a node).
-    pub async fn connected(&self, node_id: &str) {
+    /// unchanged config changes nothing on a node). If it is in none but
+    /// says it runs a mesh (`running`: the cluster its Register names), it
+    /// missed its removal while offline and is told to leave.
+    pub async fn connected(&self, node_id: &str, running: &str) {
         let clusters = match self.store.list_clusters().await {
             Ok(c) => c,
             Err(e) => return tracing::warn!(error = %e, "cannot read clusters"),
@@ -122,6 +124,20 @@ impl MeshSender {
             .into_iter()
             .find(|c| c.members.iter().any(|m| m.node_id == node_id))
         else {
+            if !running.is_empty() {
+                tracing::info!(node = %node_id, cluster = %running, "node runs a mesh of a cluster it is not in: told to leave");
+                match self
+                    .send(running, ClusterWrite::Keep, None, &[node_id.to_owned()])
+                    .await
+                {
+                    Ok(answers) => {
+                        for (_, id, _) in answers {
+                            self.registry.forget(&id);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot send the leave config"),
+                }
+            }
             return;
         };
         match self

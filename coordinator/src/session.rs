@@ -180,7 +180,8 @@ impl pb::uplink_server::Uplink for UplinkService {
                 signer: self.signer.clone(),
             };
             let node = reg.node_id.clone();
-            tokio::spawn(async move { mesh.connected(&node).await });
+            let running = reg.mesh_cluster_id.clone();
+            tokio::spawn(async move { mesh.connected(&node, &running).await });
         }
         let session = Session {
             node_id: reg.node_id,
