@@ -99,6 +99,7 @@ async fn throughput(n: u64, window: usize) -> f64 {
         commands: None,
         challenges: None,
         mesh: Default::default(),
+        mesh_status: watch::channel(None).1,
     };
     let uplink_task = tokio::spawn(uplink.run(shutdown.clone()));
 
