@@ -368,8 +368,9 @@ async fn oom_kill_is_reported() {
     // kernel kills it. It waits a moment first: on cgroup v1, containerd's
     // shim watches for OOM only once the task has started, and a process
     // killed before that yields no "oom" event and, on Docker 20.10, no
-    // OOMKilled either (only exit code 137).
-    let cmd = ["sh", "-c", "sleep 0.5; exec tail /dev/zero"];
+    // OOMKilled either (only exit code 137). Two seconds, because on a
+    // loaded 2-core machine half a second was seen not to be enough.
+    let cmd = ["sh", "-c", "sleep 2; exec tail /dev/zero"];
     let mut events: Events = Box::pin(d.events());
     let id = d
         .create_and_start(&name, lease.config(&name, &cmd, host))

@@ -304,7 +304,7 @@ fn exits_and_oom_kills_are_reported() {
             "--",
             "sh",
             "-c",
-            "sleep 0.5; tail /dev/zero",
+            "sleep 2; tail /dev/zero",
         ])
         .unwrap();
     wait_for("exit 3 reported", Duration::from_secs(30), || {
