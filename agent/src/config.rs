@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use warden_proto::dsse::VerifyingKey;
 
 /// Why a configuration could not be used.
@@ -29,7 +29,7 @@ pub enum ConfigError {
 }
 
 /// The whole agent configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// Where the node key, the spool and the status socket live.
@@ -51,7 +51,7 @@ pub struct AgentConfig {
 }
 
 /// The node's mesh interface.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MeshConfig {
     /// UDP port of the mesh interface.
@@ -70,7 +70,7 @@ impl Default for MeshConfig {
 }
 
 /// Proof of Time-Lock: who may hold a leased GPU, and the attestation epoch.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeLockConfig {
     /// One attestation per lease per epoch.
@@ -100,7 +100,7 @@ impl Default for TimeLockConfig {
 }
 
 /// The renter's containers: where Docker is and what they may have.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkloadConfig {
     pub docker_socket: PathBuf,
@@ -139,7 +139,7 @@ impl Default for WorkloadConfig {
 }
 
 /// The link probe against the coordinator.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProbeConfig {
     /// Time between probes, the first at start; 0 turns probing off.
@@ -163,7 +163,7 @@ impl Default for ProbeConfig {
 }
 
 /// The supplier minimums `warden doctor` checks against.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DoctorConfig {
     /// Installed memory, in GB (10^9 bytes).
@@ -192,7 +192,7 @@ impl Default for DoctorConfig {
 }
 
 /// GPU sampling through NVML.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GpuConfig {
     /// The NVML library; defaults to the driver's `libnvidia-ml.so.1`.
@@ -215,7 +215,7 @@ impl Default for GpuConfig {
 }
 
 /// The Prometheus endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// `host:port` to serve `/metrics` on; loopback by default. Empty disables it.
@@ -231,7 +231,7 @@ impl Default for MetricsConfig {
 }
 
 /// How to reach and trust the coordinator.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorLink {
     /// `https://host:port` of the coordinator's gRPC endpoint.
@@ -247,7 +247,7 @@ pub struct CoordinatorLink {
 }
 
 /// The gRPC stream to the coordinator.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UplinkConfig {
     #[serde(with = "humantime_serde")]
@@ -263,7 +263,7 @@ pub struct UplinkConfig {
 }
 
 /// The durable spool of records awaiting acknowledgement.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
     /// Defaults to `<state_dir>/spool`.
@@ -273,7 +273,7 @@ pub struct SpoolConfig {
 }
 
 /// Host telemetry records.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     #[serde(with = "humantime_serde")]
@@ -284,7 +284,7 @@ pub struct TelemetryConfig {
 }
 
 /// The local status socket read by `warden status`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StatusConfig {
     /// Defaults to `<state_dir>/agent.sock`.
