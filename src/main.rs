@@ -575,6 +575,10 @@ async fn run_coordinator(
     if let Some(l) = listen {
         cfg.listen = l;
     }
+    credentials_for_tls(
+        &mut cfg,
+        std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+    );
     let shutdown = shutdown_on_signal();
     let (tls, ca) = if dev {
         let t = warden_coordinator::devtls::ensure(&cfg.state_dir.join("tls"))?;
@@ -603,6 +607,20 @@ async fn run_coordinator(
     );
     running.wait().await?;
     Ok(())
+}
+
+/// Under systemd the packaged unit hands the TLS certificate and key over as
+/// credentials (`LoadCredential=tls.crt:…`), since its dynamic user cannot
+/// read root's files: they fill `tls.cert` and `tls.key` unless the config sets them.
+fn credentials_for_tls(cfg: &mut CoordinatorConfig, dir: Option<PathBuf>) {
+    let Some(dir) = dir else { return };
+    let found = |name: &str| Some(dir.join(name)).filter(|p| p.exists());
+    if cfg.tls.cert.is_none() {
+        cfg.tls.cert = found("tls.crt");
+    }
+    if cfg.tls.key.is_none() {
+        cfg.tls.key = found("tls.key");
+    }
 }
 
 async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
@@ -1297,4 +1315,28 @@ async fn mesh_up(ifname: &str, socket_dir: &Path) -> Result<()> {
 fn base64_std(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_credentials_fill_only_the_tls_paths_the_config_leaves_out() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tls.crt"), "cert").unwrap();
+        let mut cfg = CoordinatorConfig::default();
+        credentials_for_tls(&mut cfg, Some(dir.path().to_owned()));
+        assert_eq!(cfg.tls.cert, Some(dir.path().join("tls.crt")));
+        assert_eq!(cfg.tls.key, None, "no tls.key credential was passed");
+
+        let mut cfg = CoordinatorConfig::default();
+        cfg.tls.cert = Some("/etc/mine.pem".into());
+        credentials_for_tls(&mut cfg, Some(dir.path().to_owned()));
+        assert_eq!(cfg.tls.cert, Some(PathBuf::from("/etc/mine.pem")));
+
+        let mut cfg = CoordinatorConfig::default();
+        credentials_for_tls(&mut cfg, None);
+        assert_eq!(cfg.tls.cert, None);
+    }
 }

@@ -656,6 +656,87 @@ mod tests {
         );
     }
 
+    /// The commented default file the .deb installs as /etc/warden/agent.toml.
+    const PACKAGED: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/agent.toml"
+    ));
+
+    /// The packaged file with every `# key = value` and `# [section]` line uncommented.
+    fn packaged_uncommented() -> String {
+        PACKAGED
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.starts_with('[') || rest.contains(" = ") => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_packaged_file_parses_to_the_defaults() {
+        let c = AgentConfig::parse(PACKAGED, "packaging/agent.toml").unwrap();
+        assert!(crate::reload::changed_keys(&AgentConfig::default(), &c).is_empty());
+    }
+
+    /// Every value the packaged file shows is the real default, and every
+    /// key is shown (but the coordinator, whose values are examples, and
+    /// the paths that default to a place under state_dir or to the driver's).
+    #[test]
+    fn the_packaged_file_shows_every_key_with_its_default() {
+        // The placeholder key is refused on purpose: a supplier who forgets it is told.
+        let text = packaged_uncommented();
+        assert!(AgentConfig::parse(&text, "a").is_err());
+        let text = text.replace(
+            "BASE64-OF-THE-COORDINATORS-ED25519-KEY=",
+            "5866666666666666666666666666666666666666666666666666666666666666",
+        );
+        let c = AgentConfig::parse(&text, "uncommented packaging/agent.toml").unwrap();
+        let changed = crate::reload::changed_keys(&AgentConfig::default(), &c);
+        assert!(
+            changed.iter().all(|k| k.starts_with("coordinator.")),
+            "{changed:?}"
+        );
+        let mut shown = Vec::new();
+        fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+            match v.as_table() {
+                Some(t) => t.iter().for_each(|(k, v)| {
+                    walk(&format!("{prefix}{k}."), v, out);
+                }),
+                None => out.push(prefix.trim_end_matches('.').to_owned()),
+            }
+        }
+        walk(
+            "",
+            &toml::Value::Table(toml::from_str(&text).unwrap()),
+            &mut shown,
+        );
+        let all = serde_json::to_value(AgentConfig::default()).unwrap();
+        let mut missing = Vec::new();
+        for (section, v) in all.as_object().unwrap() {
+            let keys: Vec<String> = match v.as_object() {
+                Some(o) => o.keys().map(|k| format!("{section}.{k}")).collect(),
+                None => vec![section.clone()],
+            };
+            for k in keys {
+                let implied = [
+                    "spool.dir",
+                    "status.socket",
+                    "gpu.nvml_library",
+                    "coordinator",
+                ];
+                if !shown.contains(&k) && !implied.contains(&k.as_str()) {
+                    missing.push(k);
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "not in packaging/agent.toml: {missing:?}"
+        );
+    }
+
     #[test]
     fn coordinator_host_is_taken_from_address() {
         let link = |a: &str| CoordinatorLink {
