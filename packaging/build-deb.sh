@@ -53,6 +53,17 @@ for f in security.md config.md workloads.md attestation.md; do
 	install -m 0644 "$repo/docs/$f" "$doc/$f"
 done
 install -m 0644 "$here/debian/copyright" "$doc/copyright"
+# Debian wants a changelog in every package; this one says where it came from.
+cat <<EOF | gzip -9n >"$doc/changelog.Debian.gz"
+warden ($version) unstable; urgency=medium
+
+  * Built from the warden source tree by packaging/build-deb.sh.
+
+ -- The Warden authors <warden@localhost>  $(date -R ${SOURCE_DATE_EPOCH:+-d @$SOURCE_DATE_EPOCH})
+EOF
+chmod 0644 "$doc/changelog.Debian.gz"
+# The config's 0640 is deliberate (see above).
+install -D -m 0644 "$here/debian/lintian-overrides" "$root/usr/share/lintian/overrides/warden"
 
 mkdir -p "$root/DEBIAN"
 for s in postinst prerm postrm; do
