@@ -19,6 +19,10 @@ dpkg -s busybox-static >/dev/null 2>&1 || need_pkgs+=(busybox-static)
 need wireguard-go wireguard-go
 need wg wireguard-tools
 need iperf3 iperf3
+# The package test: a clean Debian root to install the .deb into (systemd-analyze
+# runs inside it, so the host needs no systemd), and the .deb's library Depends.
+need debootstrap debootstrap
+need dpkg-shlibdeps dpkg-dev
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "== installing: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -415,13 +415,54 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+/// One message per SIGHUP; the handler is in place when this returns, so
+/// a SIGHUP from then on never kills the process.
+fn reload_on_sighup() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    // A reload already waiting reads the file after this signal too.
+                    let _ = tx.try_send(());
+                }
+            });
+        }
+        Err(e) => tracing::error!(error = %e, "cannot watch SIGHUP: config reload is off"),
+    }
+    rx
+}
+
+const AGENT_CONFIG: &str = "/etc/warden/agent.toml";
+
+/// The agent's config file (or the defaults without one) with the command
+/// line's overrides, validated: at start and at each reload.
+fn agent_config(
+    file: Option<&Path>,
+    state_dir: Option<&Path>,
+    nvml_lib: Option<&Path>,
+) -> Result<AgentConfig, warden_agent::config::ConfigError> {
+    let mut cfg = match file {
+        Some(p) => AgentConfig::load(p)?,
+        None => AgentConfig::default(),
+    };
+    if let Some(d) = state_dir {
+        cfg.state_dir = d.to_owned();
+    }
+    if let Some(l) = nvml_lib {
+        cfg.gpu.nvml_library = Some(l.to_owned());
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
 /// An explicit path must exist; the default path is used only if it does.
 fn config_path(given: Option<PathBuf>, default: &str) -> Option<PathBuf> {
     given.or_else(|| Some(PathBuf::from(default)).filter(|p| p.exists()))
 }
 
 fn load_agent_config(path: Option<PathBuf>) -> Result<AgentConfig> {
-    Ok(match config_path(path, "/etc/warden/agent.toml") {
+    Ok(match config_path(path, AGENT_CONFIG) {
         Some(p) => AgentConfig::load(&p)?,
         None => AgentConfig::default(),
     })
@@ -444,18 +485,36 @@ async fn run_agent(
     state_dir: Option<PathBuf>,
     nvml_lib: Option<PathBuf>,
 ) -> Result<()> {
+    let shutdown = shutdown_on_signal();
+    let reloads = reload_on_sighup();
+    if !dev {
+        let file = config.clone().unwrap_or_else(|| AGENT_CONFIG.into());
+        // The default file is read if it exists at the time, at start or reload.
+        let load = move || {
+            let file = config_path(config.clone(), AGENT_CONFIG);
+            agent_config(file.as_deref(), state_dir.as_deref(), nvml_lib.as_deref())
+        };
+        let cfg = load()?;
+        let reload = warden_agent::Reloader {
+            requests: reloads,
+            load: Box::new(load),
+            file,
+        };
+        return Ok(warden_agent::run(cfg, Some(reload), shutdown).await?);
+    }
     let mut cfg = load_agent_config(config)?;
     if let Some(l) = nvml_lib {
         cfg.gpu.nvml_library = Some(l);
     }
-    let shutdown = shutdown_on_signal();
-    if !dev {
-        if let Some(d) = state_dir {
-            cfg.state_dir = d;
+    // Dev mode makes its config in code: SIGHUP only says so.
+    let mut reloads = reloads;
+    tokio::spawn(async move {
+        while reloads.recv().await.is_some() {
+            tracing::warn!(
+                "SIGHUP ignored: --dev has no config file to re-read; restart to change settings"
+            );
         }
-        cfg.validate()?;
-        return Ok(warden_agent::run(cfg, shutdown).await?);
-    }
+    });
 
     let root = state_dir.unwrap_or_else(default_dev_dir);
     let coord_cfg = CoordinatorConfig {
@@ -507,7 +566,7 @@ async fn run_agent(
             format!("http://{}/metrics", cfg.metrics.listen)
         },
     );
-    let agent = warden_agent::run(cfg, shutdown.clone()).await;
+    let agent = warden_agent::run(cfg, None, shutdown.clone()).await;
     shutdown.cancel();
     coordinator.wait().await?;
     Ok(agent?)
@@ -526,6 +585,10 @@ async fn run_coordinator(
     if let Some(l) = listen {
         cfg.listen = l;
     }
+    credentials_for_tls(
+        &mut cfg,
+        std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+    );
     let shutdown = shutdown_on_signal();
     let (tls, ca) = if dev {
         let t = warden_coordinator::devtls::ensure(&cfg.state_dir.join("tls"))?;
@@ -554,6 +617,20 @@ async fn run_coordinator(
     );
     running.wait().await?;
     Ok(())
+}
+
+/// Under systemd the packaged unit hands the TLS certificate and key over as
+/// credentials (`LoadCredential=tls.crt:…`), since its dynamic user cannot
+/// read root's files: they fill `tls.cert` and `tls.key` unless the config sets them.
+fn credentials_for_tls(cfg: &mut CoordinatorConfig, dir: Option<PathBuf>) {
+    let Some(dir) = dir else { return };
+    let found = |name: &str| Some(dir.join(name)).filter(|p| p.exists());
+    if cfg.tls.cert.is_none() {
+        cfg.tls.cert = found("tls.crt");
+    }
+    if cfg.tls.key.is_none() {
+        cfg.tls.key = found("tls.key");
+    }
 }
 
 async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
@@ -608,6 +685,25 @@ async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
         }
     );
     println!("receipts    last seq {}", v["last_receipt_seq"]);
+    let cfg = &v["config"];
+    if let Some(file) = cfg["file"].as_str() {
+        let restart: Vec<&str> = cfg["needs_restart"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|k| k.as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "config      {file}, reloaded {} time(s){}",
+            cfg["reloads"],
+            if restart.is_empty() {
+                String::new()
+            } else {
+                format!("; needs a restart for: {}", restart.join(", "))
+            }
+        );
+        if let Some(e) = cfg["last_error"].as_str() {
+            println!("            last reload refused: {e}");
+        }
+    }
     let gpus = v["gpus"].as_array().cloned().unwrap_or_default();
     match v["nvml"].as_str() {
         Some("ok") => println!("gpus        {}", gpus.len()),
@@ -1410,4 +1506,28 @@ async fn mesh_up(ifname: &str, socket_dir: &Path) -> Result<()> {
 fn base64_std(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_credentials_fill_only_the_tls_paths_the_config_leaves_out() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tls.crt"), "cert").unwrap();
+        let mut cfg = CoordinatorConfig::default();
+        credentials_for_tls(&mut cfg, Some(dir.path().to_owned()));
+        assert_eq!(cfg.tls.cert, Some(dir.path().join("tls.crt")));
+        assert_eq!(cfg.tls.key, None, "no tls.key credential was passed");
+
+        let mut cfg = CoordinatorConfig::default();
+        cfg.tls.cert = Some("/etc/mine.pem".into());
+        credentials_for_tls(&mut cfg, Some(dir.path().to_owned()));
+        assert_eq!(cfg.tls.cert, Some(PathBuf::from("/etc/mine.pem")));
+
+        let mut cfg = CoordinatorConfig::default();
+        credentials_for_tls(&mut cfg, None);
+        assert_eq!(cfg.tls.cert, None);
+    }
 }

@@ -355,6 +355,114 @@ fn a_restarted_agent_adopts_its_lease_containers() {
     assert!(inspect(&name).is_none());
 }
 
+/// systemd's stop: SIGTERM ends the agent cleanly within 10 s (the stream
+/// closed, the spool flushed) and leaves the lease's container running; the
+/// next start adopts that same container.
+#[test]
+fn sigterm_stops_the_agent_within_10s_and_the_restart_adopts_the_running_lease() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n = node(tmp.path(), "");
+    let _clean = Cleanup(n.node_id.clone());
+    let image = image::busybox_image();
+    let id = n.start(&["--image", &image, "--", "sleep", "300"]).unwrap();
+    let name = format!("warden-{id}-main");
+    let before = inspect(&name).unwrap()["Id"].clone();
+
+    let started = std::time::Instant::now();
+    let exit = n.agent.proc.terminate();
+    let took = started.elapsed();
+    assert!(exit.success(), "{exit:?}");
+    assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
+    let log = n.agent.proc.log_text();
+    assert!(log.contains("agent stopped; spool flushed"), "{log}");
+    // The coordinator saw the stream end, not a timeout much later.
+    let node_id = n.node_id.clone();
+    wait_for(
+        "the coordinator to see the node go",
+        Duration::from_secs(5),
+        || {
+            let nodes = nodes_json(&n.coord);
+            let me = nodes
+                .as_array()?
+                .iter()
+                .find(|x| x["node_id"] == node_id.as_str())?
+                .clone();
+            (me["connected"] == false).then_some(())
+        },
+    );
+    let c = inspect(&name).unwrap();
+    assert_eq!(
+        c["State"]["Running"], true,
+        "the lease container was stopped"
+    );
+
+    let config = n.agent.config.clone();
+    n.agent = Agent::start_with(&tmp.path().join("agent"), &config);
+    let s = wait_for("the lease adopted", Duration::from_secs(30), || {
+        n.agent.status().filter(|s| {
+            s["leases"][0]["containers"][0]["state"] == "running"
+                && s["coordinator"]["connected"] == true
+        })
+    });
+    assert_eq!(s["leases"][0]["id"], id.as_str());
+    assert_eq!(inspect(&name).unwrap()["Id"], before, "the same container");
+    assert!(n
+        .agent
+        .proc
+        .log_text()
+        .contains("adopted a lease container"));
+    assert_eq!(n.lease(&id)["state"], "running");
+    n.end(&id);
+}
+
+/// SIGHUP: a capability allowed in the re-read file is allowed for the next
+/// container, without a restart.
+#[test]
+fn a_reloaded_workload_policy_applies_to_the_next_container() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = node(tmp.path(), "");
+    let _clean = Cleanup(n.node_id.clone());
+    let image = image::busybox_image();
+    let args = [
+        "--image",
+        &image,
+        "--cap-add",
+        "SYS_NICE",
+        "--",
+        "sleep",
+        "300",
+    ];
+    let err = n.start(&args).expect_err("SYS_NICE is not allowed yet");
+    assert!(err.contains("capability SYS_NICE is refused"), "{err}");
+
+    let text = std::fs::read_to_string(&n.agent.config).unwrap();
+    let edited = text.replacen(
+        "stop_grace = \"2s\"",
+        "stop_grace = \"2s\"\nallowed_capabilities = [\"SYS_NICE\"]",
+        1,
+    );
+    assert_ne!(edited, text);
+    std::fs::write(&n.agent.config, edited).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &n.agent.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let s = wait_for("the reload", Duration::from_secs(10), || {
+        n.agent.status().filter(|s| s["config"]["reloads"] == 1)
+    });
+    assert_eq!(
+        s["config"]["applied"],
+        serde_json::json!(["workload.allowed_capabilities"])
+    );
+
+    let id = n.start(&args).expect("SYS_NICE is allowed now");
+    let c = inspect(&format!("warden-{id}-main")).unwrap();
+    let added = c["HostConfig"]["CapAdd"].to_string();
+    assert!(added.contains("SYS_NICE"), "{added}");
+    n.end(&id);
+}
+
 #[test]
 fn a_stale_managed_container_is_removed_at_start() {
     let tmp = tempfile::tempdir().unwrap();

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use warden_proto::dsse::VerifyingKey;
 
 /// Why a configuration could not be used.
@@ -29,7 +29,7 @@ pub enum ConfigError {
 }
 
 /// The whole agent configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// Where the node key, the spool and the status socket live.
@@ -51,7 +51,7 @@ pub struct AgentConfig {
 }
 
 /// The node's mesh interface.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MeshConfig {
     /// UDP port of the mesh interface.
@@ -84,7 +84,7 @@ impl Default for MeshConfig {
 }
 
 /// Proof of Time-Lock: who may hold a leased GPU, and the attestation epoch.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeLockConfig {
     /// One attestation per lease per epoch.
@@ -114,7 +114,7 @@ impl Default for TimeLockConfig {
 }
 
 /// The renter's containers: where Docker is and what they may have.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkloadConfig {
     pub docker_socket: PathBuf,
@@ -153,7 +153,7 @@ impl Default for WorkloadConfig {
 }
 
 /// The link probe against the coordinator.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProbeConfig {
     /// Time between probes, the first at start; 0 turns probing off.
@@ -177,7 +177,7 @@ impl Default for ProbeConfig {
 }
 
 /// The supplier minimums `warden doctor` checks against.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DoctorConfig {
     /// Installed memory, in GB (10^9 bytes).
@@ -206,7 +206,7 @@ impl Default for DoctorConfig {
 }
 
 /// GPU sampling through NVML.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GpuConfig {
     /// The NVML library; defaults to the driver's `libnvidia-ml.so.1`.
@@ -229,7 +229,7 @@ impl Default for GpuConfig {
 }
 
 /// The Prometheus endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// `host:port` to serve `/metrics` on; loopback by default. Empty disables it.
@@ -245,7 +245,7 @@ impl Default for MetricsConfig {
 }
 
 /// How to reach and trust the coordinator.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorLink {
     /// `https://host:port` of the coordinator's gRPC endpoint.
@@ -261,7 +261,7 @@ pub struct CoordinatorLink {
 }
 
 /// The gRPC stream to the coordinator.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UplinkConfig {
     #[serde(with = "humantime_serde")]
@@ -282,7 +282,7 @@ pub struct UplinkConfig {
 }
 
 /// The durable spool of records awaiting acknowledgement.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
     /// Defaults to `<state_dir>/spool`.
@@ -292,7 +292,7 @@ pub struct SpoolConfig {
 }
 
 /// Host telemetry records.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     #[serde(with = "humantime_serde")]
@@ -303,7 +303,7 @@ pub struct TelemetryConfig {
 }
 
 /// The local status socket read by `warden status`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StatusConfig {
     /// Defaults to `<state_dir>/agent.sock`.
@@ -692,6 +692,87 @@ mod tests {
                 }
             ),
             "{e}"
+        );
+    }
+
+    /// The commented default file the .deb installs as /etc/warden/agent.toml.
+    const PACKAGED: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/agent.toml"
+    ));
+
+    /// The packaged file with every `# key = value` and `# [section]` line uncommented.
+    fn packaged_uncommented() -> String {
+        PACKAGED
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.starts_with('[') || rest.contains(" = ") => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_packaged_file_parses_to_the_defaults() {
+        let c = AgentConfig::parse(PACKAGED, "packaging/agent.toml").unwrap();
+        assert!(crate::reload::changed_keys(&AgentConfig::default(), &c).is_empty());
+    }
+
+    /// Every value the packaged file shows is the real default, and every
+    /// key is shown (but the coordinator, whose values are examples, and
+    /// the paths that default to a place under state_dir or to the driver's).
+    #[test]
+    fn the_packaged_file_shows_every_key_with_its_default() {
+        // The placeholder key is refused on purpose: a supplier who forgets it is told.
+        let text = packaged_uncommented();
+        assert!(AgentConfig::parse(&text, "a").is_err());
+        let text = text.replace(
+            "BASE64-OF-THE-COORDINATORS-ED25519-KEY=",
+            "5866666666666666666666666666666666666666666666666666666666666666",
+        );
+        let c = AgentConfig::parse(&text, "uncommented packaging/agent.toml").unwrap();
+        let changed = crate::reload::changed_keys(&AgentConfig::default(), &c);
+        assert!(
+            changed.iter().all(|k| k.starts_with("coordinator.")),
+            "{changed:?}"
+        );
+        let mut shown = Vec::new();
+        fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+            match v.as_table() {
+                Some(t) => t.iter().for_each(|(k, v)| {
+                    walk(&format!("{prefix}{k}."), v, out);
+                }),
+                None => out.push(prefix.trim_end_matches('.').to_owned()),
+            }
+        }
+        walk(
+            "",
+            &toml::Value::Table(toml::from_str(&text).unwrap()),
+            &mut shown,
+        );
+        let all = serde_json::to_value(AgentConfig::default()).unwrap();
+        let mut missing = Vec::new();
+        for (section, v) in all.as_object().unwrap() {
+            let keys: Vec<String> = match v.as_object() {
+                Some(o) => o.keys().map(|k| format!("{section}.{k}")).collect(),
+                None => vec![section.clone()],
+            };
+            for k in keys {
+                let implied = [
+                    "spool.dir",
+                    "status.socket",
+                    "gpu.nvml_library",
+                    "coordinator",
+                ];
+                if !shown.contains(&k) && !implied.contains(&k.as_str()) {
+                    missing.push(k);
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "not in packaging/agent.toml: {missing:?}"
         );
     }
 

@@ -2,15 +2,18 @@
 
 use std::{os::unix::fs::PermissionsExt, path::PathBuf, sync::Arc};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use warden_proto::identity::{self, IdentityError};
 
 use crate::{
     config::AgentConfig,
+    config::ConfigError,
     gpu::{self, nvml::NvmlSource, GpuSource},
     inventory, linkprobe, metrics,
+    notify::Notifier,
     outbox::{self, Stamp},
+    reload,
     spool::{Spool, SpoolConfig, SpoolError},
     status, telemetry,
     timelock::TimeLock,
@@ -40,9 +43,26 @@ pub enum AgentError {
     },
 }
 
+/// How a running agent re-reads its configuration (on SIGHUP).
+pub struct Reloader {
+    /// One message per reload asked for.
+    pub requests: mpsc::Receiver<()>,
+    /// Reads the file, applies the command line's overrides and validates,
+    /// as at start.
+    pub load: Box<dyn Fn() -> Result<AgentConfig, ConfigError> + Send>,
+    /// The file `load` reads, for messages.
+    pub file: PathBuf,
+}
+
 /// Runs the agent until `shutdown` is cancelled, then stops its tasks in
 /// order: producers first, then the stream, then the spool is flushed.
-pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+/// With a `reload`, each request re-reads the configuration and applies
+/// what can change while running ([`reload::LIVE`]).
+pub async fn run(
+    config: AgentConfig,
+    reload: Option<Reloader>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let dir = &config.state_dir;
     let dir_err = |source| AgentError::StateDir {
         path: dir.clone(),
@@ -90,6 +110,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         tun = inv.tun_available, "inventory"
     );
     let (inventory_tx, inventory_rx) = watch::channel(inv);
+    let (live_tx, live_rx) = watch::channel(config.clone());
+    let (config_status_tx, config_status_rx) = watch::channel(status::ConfigStatus {
+        file: reload.as_ref().map(|r| r.file.display().to_string()),
+        ..Default::default()
+    });
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let notifier = Notifier::from_env();
     let (gpus_tx, gpus_rx) = watch::channel(Vec::new());
     let (link_tx, link_rx) = watch::channel(None);
 
@@ -189,6 +216,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             metrics_address,
             leases: leases_rx.clone(),
             mesh: mesh_status_rx.clone(),
+            config: config_status_rx,
         },
         tasks.clone(),
     ));
@@ -197,6 +225,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             config: config.workload.clone(),
             node_id: node_id_for_workload,
             book_path: dir.join("book.json"),
+            reload: live_rx.clone(),
             outbox: outbox.clone(),
             inventory: inventory_rx.clone(),
             leases: leases_tx,
@@ -224,6 +253,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             inventory: inventory_rx.clone(),
             docker_socket: config.workload.docker_socket.clone(),
             stop_grace: config.workload.stop_grace,
+            reload: live_rx,
         }
         .run(challenges_rx, stop_producers.clone()),
     ));
@@ -271,7 +301,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 
     // systemd: READY once registered with the coordinator, or, when it cannot
     // be reached in time, once the local duties run; then the watchdog.
-    let notifier = crate::notify::Notifier::from_env();
     let notify_task = {
         let (n, mut up, stop) = (notifier.clone(), uplink_rx.clone(), tasks.clone());
         let wait = if config.coordinator.is_some() {
@@ -288,6 +317,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             } else {
                 "READY=1\nSTATUS=running; the coordinator is not reachable yet"
             });
+            ready_tx.send_replace(true);
             let Some(every) = n.watchdog_interval() else {
                 return;
             };
@@ -301,10 +331,24 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         })
     };
 
+    let reload_task = reload.map(|r| {
+        tokio::spawn(reload_loop(
+            r,
+            config.clone(),
+            live_tx,
+            config_status_tx,
+            (notifier.clone(), ready_rx),
+            tasks.clone(),
+        ))
+    });
+
     shutdown.cancelled().await;
     notifier.send("STOPPING=1");
     tracing::info!("shutting down");
     let _ = notify_task.await;
+    if let Some(t) = reload_task {
+        let _ = t.await;
+    }
     let _ = telemetry_task.await;
     for p in producers {
         let _ = p.await;
@@ -323,6 +367,87 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     Ok(())
 }
 
+/// Re-reads the configuration on each request: applies the live keys,
+/// names in the log each changed key that waits for a restart, and keeps
+/// the running configuration when the file is unusable. systemd hears
+/// RELOADING, then READY with a STATUS saying what happened (once the
+/// agent has said READY at all).
+async fn reload_loop(
+    mut r: Reloader,
+    mut running: AgentConfig,
+    live: watch::Sender<AgentConfig>,
+    status: watch::Sender<status::ConfigStatus>,
+    (notifier, ready): (Notifier, watch::Receiver<bool>),
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            req = r.requests.recv() => if req.is_none() { return },
+        }
+        let tell_systemd = *ready.borrow();
+        if tell_systemd {
+            notifier.send(&crate::notify::reloading());
+        }
+        let file = r.file.display().to_string();
+        let loaded = (r.load)().and_then(|new| {
+            let plan = reload::plan(&running, &new);
+            plan.config.validate()?;
+            Ok(plan)
+        });
+        let outcome = match loaded {
+            Err(e) => {
+                let e = one_line(&e.to_string());
+                tracing::error!(file = %file, error = %e, "config not reloaded: the agent keeps running with its previous config");
+                status.send_modify(|s| s.last_error = Some(e.clone()));
+                format!("config {file} not reloaded ({e}); running with the previous config")
+            }
+            Ok(plan) => {
+                for k in &plan.applied {
+                    tracing::info!("{k} changed: applied");
+                }
+                for k in &plan.restart {
+                    tracing::warn!("{k} changed: takes effect after a restart");
+                }
+                tracing::info!(file = %file, applied = plan.applied.len(), needs_restart = plan.restart.len(), "config reloaded");
+                running = plan.config;
+                live.send_replace(running.clone());
+                let summary = format!(
+                    "config reloaded: {} applied; needs a restart: {}",
+                    plan.applied.len(),
+                    if plan.restart.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        plan.restart.join(", ")
+                    }
+                );
+                status.send_modify(|s| {
+                    s.reloads += 1;
+                    s.last_reload_unix_ms = crate::now_ms();
+                    s.applied = plan.applied;
+                    s.needs_restart = plan.restart;
+                    s.last_error = None;
+                });
+                summary
+            }
+        };
+        if tell_systemd {
+            notifier.send(&format!("READY=1\nSTATUS={outcome}"));
+        }
+    }
+}
+
+/// A TOML error's first line (where) and last (what), for one journal line;
+/// between them is a drawing of the line with a caret.
+fn one_line(message: &str) -> String {
+    let mut lines = message.lines().map(str::trim).filter(|l| !l.is_empty());
+    match (lines.next(), lines.next_back()) {
+        (Some(first), Some(last)) => format!("{first}: {last}"),
+        (Some(first), None) => first.to_owned(),
+        _ => String::new(),
+    }
+}
+
 /// Loads NVML. Without it the node runs CPU-only: said once, here.
 async fn load_gpus(config: &AgentConfig) -> Result<Arc<dyn GpuSource>, String> {
     let lib = config.gpu.nvml_library.clone();
@@ -339,5 +464,29 @@ async fn load_gpus(config: &AgentConfig) -> Result<Arc<dyn GpuSource>, String> {
             tracing::warn!(reason = %e, "no usable NVML: running as a CPU-only node");
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_toml_error_fits_one_line_with_where_and_what() {
+        let e = AgentConfig::parse(
+            "[uplink]\nheartbeat_interval = [\n",
+            "/etc/warden/agent.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.lines().count() > 1, "{e}");
+        let line = one_line(&e);
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.starts_with("config /etc/warden/agent.toml: TOML parse error at line"),
+            "{line}"
+        );
+        assert!(line.ends_with(e.lines().last().unwrap().trim()), "{line}");
+        assert_eq!(one_line("config key `x`: bad"), "config key `x`: bad");
     }
 }

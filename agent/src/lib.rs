@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod notify;
 pub mod outbox;
 pub mod procs;
+pub mod reload;
 pub mod spool;
 pub mod status;
 pub mod telemetry;
@@ -27,7 +28,7 @@ pub mod uplink;
 pub mod workload;
 
 pub use config::AgentConfig;
-pub use daemon::{run, AgentError};
+pub use daemon::{run, AgentError, Reloader};
 
 use warden_proto::pb;
 

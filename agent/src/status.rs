@@ -40,6 +40,24 @@ pub struct StatusReport {
     pub leases: Vec<crate::lease::Lease>,
     /// The mesh interface, when the node is in a cluster.
     pub mesh: Option<crate::mesh::node::MeshStatus>,
+    /// Reloads of the configuration file (SIGHUP) and what they left undone.
+    pub config: ConfigStatus,
+}
+
+/// What the reloads of the configuration did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConfigStatus {
+    /// The file a reload reads, if the agent has one.
+    pub file: Option<String>,
+    /// Reloads that applied (a refused file does not count).
+    pub reloads: u64,
+    pub last_reload_unix_ms: i64,
+    /// Keys the last reload changed in the running agent.
+    pub applied: Vec<String>,
+    /// Keys whose value in the file differs from the running one until a restart.
+    pub needs_restart: Vec<String>,
+    /// Why the last reload was refused, until one succeeds.
+    pub last_error: Option<String>,
 }
 
 /// The coordinator part of the report.
@@ -63,6 +81,7 @@ pub struct Sources {
     pub metrics_address: Option<String>,
     pub leases: watch::Receiver<Vec<crate::lease::Lease>>,
     pub mesh: watch::Receiver<Option<crate::mesh::node::MeshStatus>>,
+    pub config: watch::Receiver<ConfigStatus>,
 }
 
 impl Sources {
@@ -84,6 +103,7 @@ impl Sources {
             metrics_address: self.metrics_address.clone(),
             leases: self.leases.borrow().clone(),
             mesh: self.mesh.borrow().clone(),
+            config: self.config.borrow().clone(),
         }
     }
 }

@@ -165,6 +165,9 @@ pub struct TimeLock {
     pub docker_socket: PathBuf,
     /// Grace for stopping a foreign container.
     pub stop_grace: Duration,
+    /// A reloaded configuration (SIGHUP): the allowlist, device patterns
+    /// and graces apply from the next cycle; the epoch stays as started.
+    pub reload: watch::Receiver<crate::AgentConfig>,
 }
 
 /// An enforcement finished, and which GPU it concerned.
@@ -173,7 +176,7 @@ type Done = pb::EnforcementEvent;
 impl TimeLock {
     /// Runs until `shutdown`.
     pub async fn run(
-        self,
+        mut self,
         mut challenges: mpsc::Receiver<pb::Challenge>,
         shutdown: CancellationToken,
     ) {
@@ -184,7 +187,7 @@ impl TimeLock {
                 BTreeMap::new()
             }
         };
-        let policy = Policy {
+        let mut policy = Policy {
             agent_pid: std::process::id(),
             allow_exe: self.config.allow_exe.clone(),
         };
@@ -199,6 +202,14 @@ impl TimeLock {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                Ok(()) = self.reload.changed() => {
+                    let c = self.reload.borrow_and_update().clone();
+                    policy.allow_exe = c.timelock.allow_exe.clone();
+                    self.config.device_patterns = c.timelock.device_patterns;
+                    self.config.kill_grace = c.timelock.kill_grace;
+                    self.config.allow_exe = c.timelock.allow_exe;
+                    self.stop_grace = c.workload.stop_grace;
+                }
                 Some(ch) = challenges.recv() => {
                     match epochs.get_mut(&ch.lease_id) {
                         Some(e) => e.add_challenge(ch.nonce),

@@ -33,6 +33,9 @@ const PULL_REPORT: Duration = Duration::from_secs(1);
 /// What the task needs from the rest of the agent.
 pub struct Workload {
     pub config: WorkloadConfig,
+    /// A reloaded configuration (SIGHUP): its workload section applies to
+    /// containers made or stopped from then on.
+    pub reload: watch::Receiver<crate::AgentConfig>,
     pub node_id: String,
     /// `book.json` in the state directory.
     pub book_path: PathBuf,
@@ -128,18 +131,14 @@ impl Workload {
                 (Book::default(), false)
             }
         };
-        let default_memory = if self.config.default_memory_bytes > 0 {
-            self.config.default_memory_bytes as i64
-        } else {
-            (crate::host::summary().memory_bytes as f64 * 0.9) as i64
-        };
+        let memory = default_memory(&self.config);
         let mut st = State {
             w: self,
             book,
             trusted,
             docker: None,
             docker_error: None,
-            default_memory,
+            default_memory: memory,
         };
         st.publish();
         let mut events: Option<mpsc::Receiver<ContainerEvent>> = None;
@@ -165,8 +164,22 @@ impl Workload {
                     }
                 },
                 _ = tokio::time::sleep_until(next_retry), if st.docker.is_none() => {}
+                Ok(()) = st.w.reload.changed() => {
+                    let config = st.w.reload.borrow_and_update().workload.clone();
+                    st.default_memory = default_memory(&config);
+                    st.w.config = config;
+                }
             }
         }
+    }
+}
+
+/// The memory limit of a container whose spec gives none.
+fn default_memory(config: &WorkloadConfig) -> i64 {
+    if config.default_memory_bytes > 0 {
+        config.default_memory_bytes as i64
+    } else {
+        (crate::host::summary().memory_bytes as f64 * 0.9) as i64
     }
 }
 
