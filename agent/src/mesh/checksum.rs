@@ -6,25 +6,30 @@ use std::net::IpAddr;
 
 /// The one's-complement sum of `data` as big-endian 16-bit words (an odd
 /// last byte is the high half of a word), added to `initial`; not folded.
-/// Data up to 64 KiB cannot overflow the accumulator.
 pub fn sum(data: &[u8], initial: u64) -> u64 {
-    let mut acc = initial;
-    let mut words = data.chunks_exact(4);
-    // 32-bit words into a 64-bit accumulator: the compiler vectorises it,
-    // and folding afterwards gives the same 16-bit sum.
-    for w in &mut words {
-        acc += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
+    // The sum is independent of byte order (RFC 1071 §2(B)): add 64-bit
+    // native words as 32-bit halves in four independent lanes, fold, and
+    // swap to big-endian once at the end. A lane overflows only after
+    // gigabytes.
+    let mut lanes = [0u64; 4];
+    let mut blocks = data.chunks_exact(32);
+    for b in &mut blocks {
+        for (lane, w) in lanes.iter_mut().zip(b.chunks_exact(8)) {
+            let w = u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+            *lane += (w & 0xffff_ffff) + (w >> 32);
+        }
     }
-    let rest = words.remainder();
-    let mut i = 0;
-    while i + 1 < rest.len() {
-        acc += u64::from(u16::from_be_bytes([rest[i], rest[i + 1]]));
-        i += 2;
+    // The rest padded with zeros: an odd last byte lands in the high half
+    // of its big-endian word, as it should.
+    let rest = blocks.remainder();
+    let mut tail = [0u8; 32];
+    tail[..rest.len()].copy_from_slice(rest);
+    for (lane, w) in lanes.iter_mut().zip(tail.chunks_exact(8)) {
+        let w = u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        *lane += (w & 0xffff_ffff) + (w >> 32);
     }
-    if i < rest.len() {
-        acc += u64::from(rest[i]) << 8;
-    }
-    acc
+    let native = fold(lanes.iter().sum());
+    initial + u64::from(u16::from_be(native))
 }
 
 /// `acc` folded to 16 bits (not complemented).
