@@ -1,9 +1,11 @@
 //! iperf3 TCP throughput over one veth pair between two network
 //! namespaces, on the same cores: the plain veth (the ceiling), Debian's
 //! wireguard-go, boringtun-cli (if installed: `cargo install boringtun-cli`)
-//! and `warden mesh`, each configured with stock `wg`. Prints each and the
-//! ratios. Run as root with `cargo bench --bench mesh`; needs iproute2,
-//! iperf3, wireguard-go and wireguard-tools. Asserts nothing.
+//! and `warden mesh`, each configured with stock `wg`; then `warden mesh`
+//! again on a plain TUN (`--no-offload`: batched UDP I/O only, the fallback
+//! where the kernel refuses TUN offloads). Prints each and the ratios. Run
+//! as root with `cargo bench --bench mesh`; needs iproute2, iperf3,
+//! wireguard-go and wireguard-tools. Asserts nothing.
 
 mod common;
 
@@ -208,6 +210,17 @@ fn main() {
         "mesh/warden: {warden:.2} Gbit/s ({:.1} % of veth, {:.2}x wireguard-go)",
         100.0 * warden / veth,
         warden / wggo
+    );
+    let plain = tunnel(
+        &[common::WARDEN, "mesh", "up", "--no-offload"],
+        "p",
+        &a,
+        &b,
+        dir.path(),
+    );
+    println!(
+        "mesh/warden --no-offload: {plain:.2} Gbit/s ({:.2}x wireguard-go)",
+        plain / wggo
     );
 }
 
