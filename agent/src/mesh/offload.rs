@@ -164,12 +164,27 @@ fn split_tcp(
     if packet.first().map(|b| b >> 4) != Some(version) {
         return Err(BadTcp("the IP version is not the GSO type's"));
     }
-    if hdr.csum_offset != 16 {
-        return Err(BadTcp("the checksum offset is not TCP's"));
-    }
     // The kernel's hdr_len may span the whole linear part, payload too:
-    // the headers' length comes from the headers themselves.
-    let iph = usize::from(hdr.csum_start);
+    // the headers' length comes from the headers themselves. The TCP
+    // header starts where the partial checksum does; a super-packet whose
+    // checksum was already checked (DATA_VALID) may not say, and then it
+    // follows a plain IP header.
+    let iph = if hdr.flags & F_NEEDS_CSUM != 0 {
+        if hdr.csum_offset != 16 {
+            return Err(BadTcp("the checksum offset is not TCP's"));
+        }
+        usize::from(hdr.csum_start)
+    } else if v6 {
+        match packet.get(6) {
+            Some(&TCP) => 40,
+            _ => return Err(BadTcp("IPv6 extension headers and no checksum start")),
+        }
+    } else {
+        match packet.get(9) {
+            Some(&TCP) => usize::from(packet[0] & 0x0f) * 4,
+            _ => return Err(BadTcp("not TCP")),
+        }
+    };
     if iph < if v6 { 40 } else { 20 } || iph + 20 > len {
         return Err(BadTcp("the TCP header lies outside the packet"));
     }
@@ -715,6 +730,23 @@ mod tests {
     }
 
     #[test]
+    fn a_super_packet_without_a_checksum_start_is_cut_too() {
+        // Forwarded traffic may come checked (DATA_VALID) with no csum_start.
+        for v6 in [false, true] {
+            let payload = bytes(3000, 4);
+            let (hdr, p) = super_packet(v6, 77, ACK, &payload, 1000);
+            let hdr = VnetHdr {
+                flags: 2, // VIRTIO_NET_HDR_F_DATA_VALID
+                csum_start: 0,
+                csum_offset: 0,
+                ..hdr
+            };
+            let segs = split_all(&hdr, p).unwrap();
+            assert_eq!(check_segments(&segs, v6, 77, ACK, 1000), payload);
+        }
+    }
+
+    #[test]
     fn a_payload_that_fits_one_segment_is_one_packet() {
         let payload = bytes(10, 3);
         let (hdr, p) = super_packet(false, 5, ACK, &payload, 1368);
@@ -751,6 +783,16 @@ mod tests {
         let bad = |h: VnetHdr, p: &[u8]| split_all(&h, p.to_vec()).unwrap_err();
         assert!(matches!(
             bad(VnetHdr { gso_size: 0, ..hdr }, &p),
+            OffloadError::BadTcp(_)
+        ));
+        assert!(matches!(
+            bad(
+                VnetHdr {
+                    csum_offset: 6,
+                    ..hdr
+                },
+                &p
+            ),
             OffloadError::BadTcp(_)
         ));
         assert!(matches!(
