@@ -791,73 +791,12 @@ mod netns_tests {
     //! device in each (each run by a thread that entered its namespace): a
     //! UDP packet sent to B's mesh address leaves through A's TUN, crosses
     //! the veth encrypted, and is delivered by B's TUN to a socket on B.
-    use std::os::fd::AsRawFd;
-
     use super::{tests::config, *};
-
-    fn ip(args: &[&str]) {
-        let st = std::process::Command::new("ip")
-            .args(args)
-            .status()
-            .unwrap();
-        assert!(st.success(), "ip {args:?}");
-    }
-
-    /// Deletes the namespaces when the test ends, pass or fail.
-    struct Hosts(Vec<String>);
-
-    impl Drop for Hosts {
-        fn drop(&mut self) {
-            for n in &self.0 {
-                let _ = std::process::Command::new("ip")
-                    .args(["netns", "del", n])
-                    .status();
-            }
-        }
-    }
-
-    type Job<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T>>>;
-
-    /// Runs `f` on a thread inside network namespace `ns`, with its own runtime.
-    fn in_ns<T: Send + 'static>(
-        ns: &str,
-        f: impl FnOnce() -> Job<T> + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = format!("/var/run/netns/{ns}");
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            // SAFETY: moves only this thread into the namespace.
-            assert_eq!(
-                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns {path}"
-            );
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(f())
-        })
-    }
+    use crate::mesh::netns::{in_ns, ip, two_hosts};
 
     #[test]
     fn a_packet_crosses_the_tunnel() {
-        let id = std::process::id();
-        let (na, nb) = (format!("wt-a-{id}"), format!("wt-b-{id}"));
-        let _hosts = Hosts(vec![na.clone(), nb.clone()]);
-        ip(&["netns", "add", &na]);
-        ip(&["netns", "add", &nb]);
-        ip(&[
-            "link", "add", "va", "netns", &na, "type", "veth", "peer", "name", "vb", "netns", &nb,
-        ]);
-        for (ns, dev, addr) in [
-            (&na, "va", "192.168.77.1/24"),
-            (&nb, "vb", "192.168.77.2/24"),
-        ] {
-            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
+        let (_hosts, na, nb) = two_hosts("", ("va", "192.168.77.1/24"), ("vb", "192.168.77.2/24"));
         let (ka, kb) = ([1u8; 32], [2u8; 32]);
         let stop = CancellationToken::new();
         // B: no endpoint for A (learnt from A's handshake); receives on its mesh address.
@@ -1047,22 +986,7 @@ mod netns_tests {
     );
 
     fn stream_both_ways(tag: &str, offload_a: bool, total: usize) -> Streamed {
-        let id = std::process::id();
-        let (na, nb) = (format!("wt{tag}a-{id}"), format!("wt{tag}b-{id}"));
-        let _hosts = Hosts(vec![na.clone(), nb.clone()]);
-        ip(&["netns", "add", &na]);
-        ip(&["netns", "add", &nb]);
-        ip(&[
-            "link", "add", "vc", "netns", &na, "type", "veth", "peer", "name", "vd", "netns", &nb,
-        ]);
-        for (ns, dev, addr) in [
-            (&na, "vc", "192.168.78.1/24"),
-            (&nb, "vd", "192.168.78.2/24"),
-        ] {
-            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
+        let (_hosts, na, nb) = two_hosts(tag, ("vc", "192.168.78.1/24"), ("vd", "192.168.78.2/24"));
         let (ka, kb) = ([5u8; 32], [6u8; 32]);
         let stop = CancellationToken::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -24,6 +24,8 @@ pub mod checksum;
 pub mod control;
 pub mod device;
 pub mod key;
+#[cfg(test)]
+mod netns;
 pub mod offload;
 pub mod peers;
 pub mod tun;

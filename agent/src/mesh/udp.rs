@@ -89,23 +89,33 @@ impl Socket {
     /// skipped; the error ends the call only if the socket itself failed.
     pub async fn send(&self, batch: &SendBatch) -> io::Result<()> {
         let mut next = 0;
+        // Datagrams before this one go one by one (a run the kernel refused).
+        let mut plain_until = 0;
         while next < batch.datagrams.len() {
             self.sock.writable().await?;
-            let gso = self.gso();
+            let gso = self.gso() && next >= plain_until;
             let r = self.sock.try_io(Interest::WRITABLE, || {
                 sendmmsg(self.sock.as_raw_fd(), batch, next, gso)
             });
+            let run = batch.run_len(next, gso);
             match r {
                 Ok(sent) => next += sent,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // EIO: the route's device cannot checksum a GSO run; EINVAL
-                // from some kernels for the same. Send one by one from now on.
-                Err(e) if gso && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) => {
+                // The route's device cannot checksum a GSO run: one by one from now on.
+                Err(e) if run > 1 && e.raw_os_error() == Some(libc::EIO) => {
                     self.gso.store(false, Ordering::Relaxed);
+                }
+                // This run the kernel would not segment (a segment above the
+                // path MTU, too many): send it one by one, to be fragmented.
+                Err(e)
+                    if run > 1
+                        && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EMSGSIZE)) =>
+                {
+                    plain_until = next + run;
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EBADF) => return Err(e),
                 // The first message failed (its peer unreachable...): skip it.
-                Err(_) => next += batch.run_len(next, gso),
+                Err(_) => next += run,
             }
         }
         Ok(())
@@ -507,6 +517,8 @@ pub fn for_socket(bind: IpAddr, addr: SocketAddr) -> SocketAddr {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn batch(sizes: &[(u16, usize)]) -> SendBatch {
@@ -569,5 +581,54 @@ mod tests {
             }
             assert_eq!(got, sent, "offload={offload}");
         }
+    }
+
+    /// Across a link whose MTU is below the datagrams' size the kernel
+    /// refuses a GSO run: it goes one by one (fragmented) and arrives
+    /// whole, and GSO stays on for the runs that fit.
+    #[test]
+    fn a_run_above_the_path_mtu_goes_one_by_one() {
+        use crate::mesh::netns::{in_ns, ip, two_hosts};
+        let (_hosts, na, nb) = two_hosts("u", ("ua", "192.168.79.1/24"), ("ub", "192.168.79.2/24"));
+        ip(&["-n", &na, "link", "set", "ua", "mtu", "1280"]);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let receiver = in_ns(&nb, move || {
+            Box::pin(async move {
+                let rx = Socket::bind("192.168.79.2:7100".parse().unwrap())
+                    .await
+                    .unwrap();
+                ready_tx.send(()).unwrap();
+                let (mut got, mut r) = (Vec::new(), RecvBatch::new());
+                while got.len() < 60 {
+                    let recv = tokio::time::timeout(Duration::from_secs(10), rx.recv(&mut r));
+                    recv.await.expect("all datagrams arrive").unwrap();
+                    got.extend(r.datagrams().map(|(_, d)| d.to_vec()));
+                }
+                got
+            })
+        });
+        ready_rx.recv().unwrap();
+        let sender = in_ns(&na, move || {
+            Box::pin(async move {
+                let tx = Socket::bind("192.168.79.1:0".parse().unwrap())
+                    .await
+                    .unwrap();
+                let to = "192.168.79.2:7100".parse().unwrap();
+                let (mut b, mut sent) = (SendBatch::new(), Vec::new());
+                // A run too big for the link, then one that fits, twice.
+                for (n, len) in [(20u8, 1400), (10, 1000), (20, 1400), (10, 1000)] {
+                    for i in 0..n {
+                        let d = vec![i.wrapping_mul(len as u8); len];
+                        b.push(to, &d);
+                        sent.push(d);
+                    }
+                }
+                tx.send(&b).await.unwrap();
+                (sent, tx.gso())
+            })
+        });
+        let (sent, gso) = sender.join().unwrap();
+        assert_eq!(receiver.join().unwrap(), sent);
+        assert!(gso, "a refused run does not turn GSO off");
     }
 }
