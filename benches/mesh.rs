@@ -36,6 +36,17 @@ impl Drop for Killed {
     }
 }
 
+/// Files removed on drop.
+struct Removed(Vec<String>);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
 struct Hosts(Vec<String>);
 
 impl Drop for Hosts {
@@ -96,7 +107,16 @@ fn key(dir: &Path, name: &str) -> (PathBuf, String) {
 /// Throughput through a tunnel made by `daemon` (the command that brings
 /// up an interface in the foreground) on both sides.
 fn tunnel(daemon: &[&str], tag: &str, a: &str, b: &str, dir: &Path) -> f64 {
-    let (ifa, ifb) = (format!("bt{tag}a"), format!("bt{tag}b"));
+    // Names of our own: the UAPI sockets are global, and a daemon killed by
+    // an earlier run leaves its socket behind.
+    let id = std::process::id() % 100_000;
+    let (ifa, ifb) = (format!("b{tag}{id}a"), format!("b{tag}{id}b"));
+    let socks = [&ifa, &ifb].map(|i| format!("/var/run/wireguard/{i}.sock"));
+    for s in &socks {
+        let _ = std::fs::remove_file(s);
+    }
+    // Declared before the daemons, so dropped after them: their sockets go too.
+    let _gone = Removed(socks.to_vec());
     let with = |ifname: &str| -> Vec<String> {
         daemon
             .iter()
@@ -111,7 +131,7 @@ fn tunnel(daemon: &[&str], tag: &str, a: &str, b: &str, dir: &Path) -> f64 {
     for i in [&ifa, &ifb] {
         let sock = format!("/var/run/wireguard/{i}.sock");
         let t = Instant::now();
-        while !Path::new(&sock).exists() {
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             if t.elapsed() > Duration::from_secs(20) {
                 eprintln!("{daemon:?}: no {sock}");
                 return 0.0;
