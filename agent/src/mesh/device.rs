@@ -606,7 +606,8 @@ impl Device {
                 Decap::Network(r) => {
                     self.roamed(&key, from, &mut st.peer);
                     let at = st.filled;
-                    st.replies.push(from, &st.arena[at + r.start..at + r.end]);
+                    let to = udp::for_socket(self.bind, from);
+                    st.replies.push(to, &st.arena[at + r.start..at + r.end]);
                 }
                 Decap::Tunnel(r, src) => {
                     self.roamed(&key, from, &mut st.peer);
