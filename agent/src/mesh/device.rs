@@ -1120,3 +1120,102 @@ mod garbage_tests {
         t.join().unwrap();
     }
 }
+
+#[cfg(test)]
+mod roaming_tests {
+    use super::{tests::config, *};
+
+    fn network(r: TunnResult<'_>) -> Vec<u8> {
+        match r {
+            TunnResult::WriteToNetwork(b) => b.to_vec(),
+            _ => panic!("expected a datagram"),
+        }
+    }
+
+    /// An IPv4 packet from `src` to 10.0.0.1 carrying `payload`.
+    fn packet(src: [u8; 4], payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&[10, 0, 0, 1]);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    /// A peer (a boringtun session driven by hand) handshakes from one
+    /// address and then sends from another: the endpoint follows it at
+    /// once, for the outbound route too; packets from a source it is not
+    /// allowed are dropped and counted; the byte counters and the
+    /// handshake time are kept.
+    #[tokio::test]
+    async fn the_endpoint_follows_a_peer_that_moves() {
+        let (ours, theirs) = ([7u8; 32], [8u8; 32]);
+        let dev = Device::new("127.0.0.1".parse().unwrap());
+        let cfg = config(ours, 0, theirs, Some("127.0.0.1:9"), "10.0.0.2/32");
+        assert_eq!(dev.apply(&cfg).await, 0);
+        let our_public = PublicKey::from(&StaticSecret::from(ours));
+        let mut peer = Tunn::new(StaticSecret::from(theirs), our_public, None, None, 1, None);
+        let (mut st, mut buf) = (Inbound::new(), vec![0u8; 2048]);
+        let (here, there): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:4001".parse().unwrap(),
+            "127.0.0.1:4002".parse().unwrap(),
+        );
+        let mut routes = RouteCache::default();
+        let to_peer = "10.0.0.2".parse().unwrap();
+        assert_eq!(
+            dev.route(to_peer, &mut routes).unwrap().1,
+            Some("127.0.0.1:9".parse().unwrap())
+        );
+
+        let init = network(peer.format_handshake_initiation(&mut buf, false));
+        dev.receive(&init, here, &mut st);
+        let replies: Vec<_> = st.replies.iter().map(|(to, d)| (to, d.to_vec())).collect();
+        assert_eq!(replies.len(), 1, "a handshake response");
+        assert_eq!(replies[0].0, here, "answered where it came from");
+        let keepalive = network(peer.decapsulate(None, &replies[0].1, &mut buf));
+        dev.receive(&keepalive, here, &mut st);
+        assert_eq!(dev.view().peers[0].endpoint, Some(here));
+        assert_eq!(
+            dev.route(to_peer, &mut routes).unwrap().1,
+            Some(here),
+            "the route saw it"
+        );
+
+        let p = packet([10, 0, 0, 2], b"from here");
+        dev.receive(&network(peer.encapsulate(&p, &mut buf)), here, &mut st);
+        let q = packet([10, 0, 0, 2], b"and from there");
+        dev.receive(&network(peer.encapsulate(&q, &mut buf)), there, &mut st);
+        let spoofed = packet([10, 0, 0, 3], b"not its address");
+        dev.receive(
+            &network(peer.encapsulate(&spoofed, &mut buf)),
+            there,
+            &mut st,
+        );
+
+        let got: Vec<&[u8]> = st.packets.iter().map(|r| &st.arena[r.clone()]).collect();
+        assert_eq!(got, vec![&p[..], &q[..]]);
+        assert_eq!(dev.counters.dropped_spoofed.load(Ordering::Relaxed), 1);
+        let v = dev.view();
+        assert_eq!(v.peers[0].endpoint, Some(there), "it moved");
+        assert_eq!(dev.route(to_peer, &mut routes).unwrap().1, Some(there));
+        assert_eq!(
+            v.peers[0].rx_bytes as usize,
+            p.len() + q.len() + spoofed.len()
+        );
+        assert!(v.peers[0].last_handshake.is_some());
+        // The same datagram replayed from elsewhere is dropped and counted,
+        // and the endpoint does not move to the replayer.
+        let before = dev.counters.dropped_datagrams.load(Ordering::Relaxed);
+        let replay = network(peer.encapsulate(&p, &mut buf));
+        dev.receive(&replay, there, &mut st);
+        dev.receive(&replay, here, &mut st);
+        assert_eq!(
+            dev.counters.dropped_datagrams.load(Ordering::Relaxed),
+            before + 1
+        );
+        assert_eq!(dev.view().peers[0].endpoint, Some(there));
+    }
+}

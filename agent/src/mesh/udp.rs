@@ -182,6 +182,13 @@ impl SendBatch {
         self.commit(to, datagram.len());
     }
 
+    /// The datagrams queued, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> + '_ {
+        self.datagrams
+            .iter()
+            .map(|(to, span)| (*to, &self.buf[span.clone()]))
+    }
+
     /// Bytes queued.
     pub fn bytes(&self) -> usize {
         self.filled
