@@ -1,9 +1,11 @@
 //! iperf3 TCP throughput over one veth pair between two network
 //! namespaces, on the same cores: the plain veth (the ceiling), Debian's
 //! wireguard-go, boringtun-cli (if installed: `cargo install boringtun-cli`)
-//! and `warden mesh`, each configured with stock `wg`. Prints each and the
-//! ratios. Run as root with `cargo bench --bench mesh`; needs iproute2,
-//! iperf3, wireguard-go and wireguard-tools. Asserts nothing.
+//! and `warden mesh`, each configured with stock `wg`; then `warden mesh`
+//! again on a plain TUN (`--no-offload`: batched UDP I/O only, the fallback
+//! where the kernel refuses TUN offloads). Prints each and the ratios. Run
+//! as root with `cargo bench --bench mesh`; needs iproute2, iperf3,
+//! wireguard-go and wireguard-tools. Asserts nothing.
 
 mod common;
 
@@ -31,6 +33,17 @@ impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Files removed on drop.
+struct Removed(Vec<String>);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
     }
 }
 
@@ -94,7 +107,16 @@ fn key(dir: &Path, name: &str) -> (PathBuf, String) {
 /// Throughput through a tunnel made by `daemon` (the command that brings
 /// up an interface in the foreground) on both sides.
 fn tunnel(daemon: &[&str], tag: &str, a: &str, b: &str, dir: &Path) -> f64 {
-    let (ifa, ifb) = (format!("bt{tag}a"), format!("bt{tag}b"));
+    // Names of our own: the UAPI sockets are global, and a daemon killed by
+    // an earlier run leaves its socket behind.
+    let id = std::process::id() % 100_000;
+    let (ifa, ifb) = (format!("b{tag}{id}a"), format!("b{tag}{id}b"));
+    let socks = [&ifa, &ifb].map(|i| format!("/var/run/wireguard/{i}.sock"));
+    for s in &socks {
+        let _ = std::fs::remove_file(s);
+    }
+    // Declared before the daemons, so dropped after them: their sockets go too.
+    let _gone = Removed(socks.to_vec());
     let with = |ifname: &str| -> Vec<String> {
         daemon
             .iter()
@@ -109,7 +131,7 @@ fn tunnel(daemon: &[&str], tag: &str, a: &str, b: &str, dir: &Path) -> f64 {
     for i in [&ifa, &ifb] {
         let sock = format!("/var/run/wireguard/{i}.sock");
         let t = Instant::now();
-        while !Path::new(&sock).exists() {
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             if t.elapsed() > Duration::from_secs(20) {
                 eprintln!("{daemon:?}: no {sock}");
                 return 0.0;
@@ -208,6 +230,17 @@ fn main() {
         "mesh/warden: {warden:.2} Gbit/s ({:.1} % of veth, {:.2}x wireguard-go)",
         100.0 * warden / veth,
         warden / wggo
+    );
+    let plain = tunnel(
+        &[common::WARDEN, "mesh", "up", "--no-offload"],
+        "p",
+        &a,
+        &b,
+        dir.path(),
+    );
+    println!(
+        "mesh/warden --no-offload: {plain:.2} Gbit/s ({:.2}x wireguard-go)",
+        plain / wggo
     );
 }
 

@@ -283,6 +283,10 @@ enum MeshCommand {
         /// Where the UAPI socket goes.
         #[arg(long, default_value = warden_agent::mesh::control::SOCKET_DIR)]
         socket_dir: PathBuf,
+        /// A plain TUN device: one packet per read and write, no TCP
+        /// segmentation offload (the fallback the kernel may force anyway).
+        #[arg(long)]
+        no_offload: bool,
     },
 }
 
@@ -364,8 +368,13 @@ fn run() -> Result<()> {
             Command::Lease { command, socket } => lease(command, socket).await,
             Command::Cluster { command, socket } => cluster(command, socket).await,
             Command::Mesh {
-                command: MeshCommand::Up { ifname, socket_dir },
-            } => mesh_up(&ifname, &socket_dir).await,
+                command:
+                    MeshCommand::Up {
+                        ifname,
+                        socket_dir,
+                        no_offload,
+                    },
+            } => mesh_up(&ifname, &socket_dir, !no_offload).await,
             Command::Verify {
                 bundle,
                 min_coverage,
@@ -1475,18 +1484,27 @@ fn verify(path: &Path, min_coverage: f64, max_skew_ms: i64, json: bool) -> Resul
     std::process::exit(1);
 }
 
-async fn mesh_up(ifname: &str, socket_dir: &Path) -> Result<()> {
+async fn mesh_up(ifname: &str, socket_dir: &Path, offload: bool) -> Result<()> {
     use std::sync::Arc;
     use warden_agent::mesh::{control, device::Device, tun::Tun};
-    let tun = Tun::create(ifname)?;
+    let tun = if offload {
+        Tun::create(ifname)?
+    } else {
+        Tun::create_plain(ifname)?
+    };
     // Dual-stack: IPv4 peers arrive as mapped addresses.
     let dev = Arc::new(Device::new(std::net::Ipv6Addr::UNSPECIFIED.into()));
     let path = control::socket_path(socket_dir, tun.name());
     let listener =
         control::bind(&path).with_context(|| format!("UAPI socket {}", path.display()))?;
     eprintln!(
-        "interface {} is up; configure it with `wg set {} …` (UAPI socket {})",
+        "interface {} is up{}; configure it with `wg set {} …` (UAPI socket {})",
         tun.name(),
+        if tun.offload() {
+            " with TCP segmentation offload"
+        } else {
+            ""
+        },
         tun.name(),
         path.display()
     );

@@ -7,15 +7,24 @@
 //!
 //! Three loops: TUN → peers (route by destination, encrypt, send), UDP →
 //! TUN (find the peer, decrypt, check the source, write), and timers
-//! (handshakes, keepalives, rekeys) every 250 ms. One packet per syscall
-//! for now. Garbage datagrams are dropped and counted; they never stop a loop.
+//! (handshakes, keepalives, rekeys) every 250 ms. Packets move in batches:
+//! a TUN read may be a 64 KiB TCP super-packet, split here (`offload`),
+//! and the TUN reads waiting at a wakeup are encrypted into one batch sent
+//! with `sendmmsg` and UDP GSO (`udp`); a `recvmmsg` brings runs of
+//! datagrams, whose decrypted TCP segments are joined again before they
+//! are written to the TUN. Routes and peers are looked up under the
+//! device's lock once per batch and peer, not per packet (a generation
+//! counter says when a loop's cached answer is stale). Garbage datagrams
+//! are dropped and counted; they never stop a loop.
 
 use std::{
     collections::HashMap,
+    io::IoSlice,
     net::{IpAddr, SocketAddr},
+    ops::Range,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard,
     },
     time::{Duration, SystemTime},
 };
@@ -24,17 +33,35 @@ use boringtun::{
     noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult},
     x25519::{PublicKey, StaticSecret},
 };
-use tokio::{net::UdpSocket, sync::watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
+    offload::{self, Gro, VnetHdr, VNET_HDR_LEN},
     peers::{Change, Table},
     tun::Tun,
     uapi::{self, DeviceView, Key, Op, PeerView},
+    udp::{self, RecvBatch, SendBatch},
 };
 
 /// Largest packet handled.
 const BUF: usize = 65_535;
+
+/// Room boringtun needs to write any message: a packet and its overhead,
+/// and never less than a handshake initiation.
+const fn room_for(len: usize) -> usize {
+    if len + 32 > 148 {
+        len + 32
+    } else {
+        148
+    }
+}
+
+/// Stop reading the TUN and send once this much is queued.
+const SEND_BATCH_BYTES: usize = 256 << 10;
+
+/// Most TUN reads per wakeup before sending what they gave.
+const MAX_READS: usize = 64;
 
 /// One peer's session state.
 struct Tunnel {
@@ -43,6 +70,12 @@ struct Tunnel {
     index: u32,
     /// What the session was made with: a change of either needs a new one.
     made_with: (Option<Key>, u16),
+}
+
+impl Tunnel {
+    fn lock(&self) -> MutexGuard<'_, Tunn> {
+        self.tunn.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 struct State {
@@ -103,13 +136,18 @@ pub struct Counters {
     pub dropped_spoofed: AtomicU64,
     /// Packets from the TUN for which no peer's allowed IPs match.
     pub no_route: AtomicU64,
+    /// TUN reads with a malformed offload header, and TUN writes the kernel refused.
+    pub tun_errors: AtomicU64,
 }
 
 /// A running interface.
 pub struct Device {
     state: Mutex<State>,
-    udp: watch::Sender<Option<Arc<UdpSocket>>>,
+    udp: watch::Sender<Option<Arc<udp::Socket>>>,
     bind: IpAddr,
+    /// Bumped after every change to peers, routes, sessions or endpoints:
+    /// the loops' cached lookups are good while it stays the same.
+    generation: AtomicU64,
     pub counters: Counters,
 }
 
@@ -124,6 +162,67 @@ fn dst_of(packet: &[u8]) -> Option<IpAddr> {
 /// The X25519 public key of a private key.
 pub fn public_of(private_key: Key) -> Key {
     *PublicKey::from(&StaticSecret::from(private_key)).as_bytes()
+}
+
+/// The outbound loop's last route: good while the generation holds.
+#[derive(Default)]
+struct RouteCache {
+    generation: u64,
+    dst: Option<IpAddr>,
+    hit: Option<(Arc<Tunnel>, Option<SocketAddr>)>,
+}
+
+/// The peer of the last data message: good while the generation holds.
+struct PeerCache {
+    generation: u64,
+    index: u32,
+    key: Key,
+    tunnel: Arc<Tunnel>,
+    /// Where its packets were last seen coming from (the endpoint as set).
+    endpoint: Option<SocketAddr>,
+    /// The last inner source checked, and whether it was allowed.
+    source: Option<(IpAddr, bool)>,
+}
+
+/// What the inbound loop gathers from one `recvmmsg` before writing it out.
+struct Inbound {
+    /// Decrypted packets end to end; `packets` says where.
+    arena: Vec<u8>,
+    filled: usize,
+    packets: Vec<Range<usize>>,
+    gro: Gro,
+    /// Handshake answers and packets boringtun had queued.
+    replies: SendBatch,
+    peer: Option<PeerCache>,
+}
+
+impl Inbound {
+    fn new() -> Inbound {
+        Inbound {
+            arena: Vec::new(),
+            filled: 0,
+            packets: Vec::new(),
+            gro: Gro::new(),
+            replies: SendBatch::new(),
+            peer: None,
+        }
+    }
+
+    /// The free part of the arena, at least `room` bytes.
+    fn spare(&mut self, room: usize) -> &mut [u8] {
+        if self.arena.len() < self.filled + room {
+            self.arena.resize(self.filled + room, 0);
+        }
+        &mut self.arena[self.filled..]
+    }
+}
+
+/// What one decapsulate call gave, as spans of the buffer it wrote.
+enum Decap {
+    Done,
+    Failed,
+    Network(Range<usize>),
+    Tunnel(Range<usize>, IpAddr),
 }
 
 impl Device {
@@ -141,12 +240,17 @@ impl Device {
             }),
             udp: watch::channel(None).0,
             bind,
+            generation: AtomicU64::new(0),
             counters: Counters::default(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// The bound UDP address, once there is one.
@@ -163,7 +267,7 @@ impl Device {
         });
         let bound = match port {
             Some(p) if p != self.lock().listen_port || self.udp.borrow().is_none() => {
-                match UdpSocket::bind(SocketAddr::new(self.bind, p)).await {
+                match udp::Socket::bind(SocketAddr::new(self.bind, p)).await {
                     Ok(s) => Some(s),
                     Err(_) => return uapi::ERRNO_PORT_IN_USE,
                 }
@@ -210,6 +314,7 @@ impl Device {
                 st.tunnel_for(&k);
             }
         }
+        self.changed();
         0
     }
 
@@ -233,10 +338,7 @@ impl Device {
                 .table
                 .peers()
                 .map(|p| {
-                    let stats = st
-                        .tunnels
-                        .get(&p.public_key)
-                        .map(|t| t.tunn.lock().unwrap_or_else(|e| e.into_inner()).stats());
+                    let stats = st.tunnels.get(&p.public_key).map(|t| t.lock().stats());
                     let (ago, tx, rx) = stats.map_or((None, 0, 0), |(a, tx, rx, _, _)| (a, tx, rx));
                     PeerView {
                         public_key: p.public_key,
@@ -253,123 +355,173 @@ impl Device {
         }
     }
 
-    async fn send_to(&self, ep: Option<SocketAddr>, bytes: &[u8]) {
-        let sock = self.udp.borrow().clone();
-        if let (Some(sock), Some(ep)) = (sock, ep) {
-            // A dual-stack socket reaches IPv4 peers through mapped addresses.
-            let ep = match (self.bind, ep) {
-                (IpAddr::V6(_), SocketAddr::V4(v4)) => {
-                    SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-                }
-                _ => ep,
-            };
-            let _ = sock.send_to(bytes, ep).await;
+    /// Sends `batch` on the current socket (if any) and empties it.
+    async fn flush(&self, batch: &mut SendBatch) {
+        if batch.is_empty() {
+            return;
         }
+        let sock = self.udp.borrow().clone();
+        if let Some(sock) = sock {
+            let _ = sock.send(batch).await;
+        }
+        batch.clear();
     }
 
     /// Runs the three loops over `tun` until `shutdown`.
     pub async fn run(self: Arc<Self>, tun: Tun, shutdown: CancellationToken) {
         let tun = Arc::new(tun);
-        let outbound = {
-            let (dev, tun, stop) = (self.clone(), tun.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let mut src = vec![0u8; BUF];
-                let mut dst = vec![0u8; BUF];
-                loop {
-                    let n = tokio::select! {
-                        r = tun.recv(&mut src) => match r { Ok(n) => n, Err(_) => return },
-                        _ = stop.cancelled() => return,
-                    };
-                    let Some(ip) = dst_of(&src[..n]) else {
-                        continue;
-                    };
-                    let route = {
-                        let st = dev.lock();
-                        st.table.lookup(ip).and_then(|k| {
-                            Some((st.tunnels.get(k)?.clone(), st.table.get(k)?.endpoint))
-                        })
-                    };
-                    let Some((tunnel, ep)) = route else {
-                        dev.counters.no_route.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    };
-                    // The span written into `dst`, so the lock is released
-                    // before sending without copying the packet.
-                    let base = dst.as_ptr();
-                    let out = match tunnel
-                        .tunn
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .encapsulate(&src[..n], &mut dst)
-                    {
-                        TunnResult::WriteToNetwork(b) => Some(span(base, b)),
-                        _ => None,
-                    };
-                    if let Some(r) = out {
-                        dev.send_to(ep, &dst[r]).await;
-                    }
-                }
-            })
-        };
-        let inbound = {
-            let (dev, tun, stop) = (self.clone(), tun.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; BUF];
-                let mut dst = vec![0u8; BUF];
-                let mut sockets = dev.udp.subscribe();
-                loop {
-                    let sock = sockets.borrow_and_update().clone();
-                    let Some(sock) = sock else {
-                        tokio::select! {
-                            r = sockets.changed() => if r.is_err() { return },
-                            _ = stop.cancelled() => return,
-                        }
-                        continue;
-                    };
-                    let (n, from) = tokio::select! {
-                        r = sock.recv_from(&mut buf) => match r { Ok(x) => x, Err(_) => continue },
-                        _ = sockets.changed() => continue, // rebound: read the new socket
-                        _ = stop.cancelled() => return,
-                    };
-                    dev.inbound(&buf[..n], from, &mut dst, &tun).await;
-                }
-            })
-        };
-        let timers = {
-            let (dev, stop) = (self.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let mut dst = vec![0u8; BUF];
-                let mut tick = tokio::time::interval(Duration::from_millis(250));
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => {}
-                        _ = stop.cancelled() => return,
-                    }
-                    let tunnels: Vec<(Arc<Tunnel>, Option<SocketAddr>)> = {
-                        let st = dev.lock();
-                        st.tunnels
-                            .iter()
-                            .map(|(k, t)| (t.clone(), st.table.get(k).and_then(|p| p.endpoint)))
-                            .collect()
-                    };
-                    for (t, ep) in tunnels {
-                        let out = match t
-                            .tunn
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .update_timers(&mut dst)
-                        {
-                            TunnResult::WriteToNetwork(b) => Some(b.to_vec()),
-                            _ => None,
-                        };
-                        if let Some(b) = out {
-                            dev.send_to(ep, &b).await;
-                        }
-                    }
-                }
-            })
-        };
+        let outbound = tokio::spawn(self.clone().outbound(tun.clone(), shutdown.clone()));
+        let inbound = tokio::spawn(self.clone().inbound_loop(tun.clone(), shutdown.clone()));
+        let timers = tokio::spawn(self.clone().timers(shutdown.clone()));
         let _ = tokio::join!(outbound, inbound, timers);
+    }
+
+    /// TUN → peers: the reads waiting at each wakeup, encrypted into one batch.
+    async fn outbound(self: Arc<Self>, tun: Arc<Tun>, stop: CancellationToken) {
+        let mut frame = vec![0u8; VNET_HDR_LEN + BUF];
+        let mut batch = SendBatch::new();
+        let mut cache = RouteCache::default();
+        loop {
+            let n = tokio::select! {
+                r = tun.recv(&mut frame) => match r { Ok(n) => n, Err(_) => return },
+                _ = stop.cancelled() => return,
+            };
+            self.encrypt(tun.offload(), &mut frame[..n], &mut batch, &mut cache);
+            for _ in 1..MAX_READS {
+                if batch.bytes() >= SEND_BATCH_BYTES {
+                    break;
+                }
+                match tun.try_recv(&mut frame) {
+                    Ok(n) => self.encrypt(tun.offload(), &mut frame[..n], &mut batch, &mut cache),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => return,
+                }
+            }
+            self.flush(&mut batch).await;
+        }
+    }
+
+    /// The route for `dst`: its peer's tunnel and endpoint.
+    fn route(
+        &self,
+        dst: IpAddr,
+        cache: &mut RouteCache,
+    ) -> Option<(Arc<Tunnel>, Option<SocketAddr>)> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if cache.generation != generation || cache.dst != Some(dst) {
+            let hit = {
+                let st = self.lock();
+                st.table
+                    .lookup(dst)
+                    .and_then(|k| Some((st.tunnels.get(k)?.clone(), st.table.get(k)?.endpoint)))
+            };
+            *cache = RouteCache {
+                generation,
+                dst: Some(dst),
+                hit,
+            };
+        }
+        cache.hit.clone()
+    }
+
+    /// One TUN frame, cut into packets if it is a super-packet, encrypted
+    /// into `batch`.
+    fn encrypt(
+        &self,
+        offload: bool,
+        frame: &mut [u8],
+        batch: &mut SendBatch,
+        cache: &mut RouteCache,
+    ) {
+        let (hdr, packet) = if offload {
+            match VnetHdr::parse(frame) {
+                Some(hdr) => (hdr, &mut frame[VNET_HDR_LEN..]),
+                None => {
+                    self.counters.tun_errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        } else {
+            (VnetHdr::default(), frame)
+        };
+        let Some(ip) = dst_of(packet) else {
+            return;
+        };
+        let Some((tunnel, ep)) = self.route(ip, cache) else {
+            self.counters.no_route.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let ep = ep.map(|e| udp::for_socket(self.bind, e));
+        let mut t = tunnel.lock();
+        let split = offload::split(&hdr, packet, |p| {
+            let dst = batch.spare(room_for(p.len()));
+            let base = dst.as_ptr();
+            if let TunnResult::WriteToNetwork(b) = t.encapsulate(p, dst) {
+                let at = span(base, b);
+                if let Some(ep) = ep {
+                    batch.commit_at(ep, at);
+                }
+            }
+        });
+        if split.is_err() {
+            self.counters.tun_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// UDP → TUN: each `recvmmsg`'s datagrams decrypted, then written.
+    async fn inbound_loop(self: Arc<Self>, tun: Arc<Tun>, stop: CancellationToken) {
+        let mut rx = RecvBatch::new();
+        let mut st = Inbound::new();
+        let mut sockets = self.udp.subscribe();
+        loop {
+            let sock = sockets.borrow_and_update().clone();
+            let Some(sock) = sock else {
+                tokio::select! {
+                    r = sockets.changed() => if r.is_err() { return },
+                    _ = stop.cancelled() => return,
+                }
+                continue;
+            };
+            tokio::select! {
+                r = sock.recv(&mut rx) => if r.is_err() { continue },
+                _ = sockets.changed() => continue, // rebound: read the new socket
+                _ = stop.cancelled() => return,
+            }
+            for (from, datagram) in rx.datagrams() {
+                self.receive(datagram, from, &mut st);
+            }
+            self.deliver(&tun, &mut st).await;
+        }
+    }
+
+    /// Writes what `receive` gathered to the TUN, joined where it can be,
+    /// and sends the replies.
+    async fn deliver(&self, tun: &Tun, st: &mut Inbound) {
+        if tun.offload() {
+            st.gro.coalesce(&mut st.arena[..st.filled], &st.packets);
+            for n in 0..st.gro.len() {
+                let hdr = st.gro.header(n).encode();
+                let mut iov = [IoSlice::new(&[]); 1 + offload::MAX_SEGMENTS];
+                iov[0] = IoSlice::new(&hdr);
+                let mut k = 1;
+                for r in st.gro.parts(n, &st.packets).take(offload::MAX_SEGMENTS) {
+                    iov[k] = IoSlice::new(&st.arena[r]);
+                    k += 1;
+                }
+                if tun.send_vectored(&iov[..k]).await.is_err() {
+                    self.counters.tun_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        } else {
+            for r in &st.packets {
+                if tun.send(&st.arena[r.clone()]).await.is_err() {
+                    self.counters.tun_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        st.packets.clear();
+        st.filled = 0;
+        self.flush(&mut st.replies).await;
     }
 
     /// Which peer a datagram is from (None: drop it).
@@ -388,75 +540,165 @@ impl Device {
         }
     }
 
-    /// One datagram from the network.
-    async fn inbound(&self, datagram: &[u8], from: SocketAddr, dst: &mut [u8], tun: &Tun) {
+    /// The peer of a datagram, from the cache when it is a data message
+    /// for the same peer as the last one.
+    fn cached_peer<'c>(
+        &self,
+        datagram: &[u8],
+        cache: &'c mut Option<PeerCache>,
+    ) -> Option<&'c mut PeerCache> {
+        let generation = self.generation.load(Ordering::Acquire);
+        // A data message: type 4, then the receiver's index (little-endian).
+        let index = match datagram {
+            [4, 0, 0, 0, a, b, c, d, ..] if datagram.len() >= 32 => {
+                Some(u32::from_le_bytes([*a, *b, *c, *d]) >> 8)
+            }
+            _ => None,
+        };
+        let hit = matches!(cache, Some(c) if c.generation == generation && Some(c.index) == index);
+        if !hit {
+            let (key, tunnel) = self.peer_of(datagram)?;
+            *cache = Some(PeerCache {
+                generation,
+                index: tunnel.index,
+                key,
+                tunnel,
+                endpoint: None,
+                source: None,
+            });
+        }
+        cache.as_mut()
+    }
+
+    /// One datagram from the network: what it decrypts to goes to
+    /// `st.packets`, what it answers to `st.replies`.
+    fn receive(&self, datagram: &[u8], from: SocketAddr, st: &mut Inbound) {
         // An IPv4 peer on a dual-stack socket: remember it as IPv4.
         let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-        let Some((key, tunnel)) = self.peer_of(datagram) else {
+        let Some(peer) = self.cached_peer(datagram, &mut st.peer) else {
             self.counters
                 .dropped_datagrams
                 .fetch_add(1, Ordering::Relaxed);
             return;
         };
+        let (key, tunnel) = (peer.key, peer.tunnel.clone());
         let mut first = true;
         loop {
-            let result = {
-                let mut t = tunnel.tunn.lock().unwrap_or_else(|e| e.into_inner());
-                let input: &[u8] = if first { datagram } else { &[] };
+            let out = {
+                let room = room_for(datagram.len().max(BUF));
+                let dst = st.spare(room);
                 let base = dst.as_ptr();
-                match t.decapsulate(Some(from.ip()), input, dst) {
-                    TunnResult::Done => None,
-                    TunnResult::Err(_) => {
-                        if first {
-                            self.counters
-                                .dropped_datagrams
-                                .fetch_add(1, Ordering::Relaxed);
-                        }
-                        None
-                    }
-                    TunnResult::WriteToNetwork(b) => Some((span(base, b), None)),
-                    TunnResult::WriteToTunnelV4(b, src) => {
-                        Some((span(base, b), Some(IpAddr::V4(src))))
-                    }
-                    TunnResult::WriteToTunnelV6(b, src) => {
-                        Some((span(base, b), Some(IpAddr::V6(src))))
-                    }
+                let input: &[u8] = if first { datagram } else { &[] };
+                match tunnel.lock().decapsulate(Some(from.ip()), input, dst) {
+                    TunnResult::Done => Decap::Done,
+                    TunnResult::Err(_) => Decap::Failed,
+                    TunnResult::WriteToNetwork(b) => Decap::Network(span(base, b)),
+                    TunnResult::WriteToTunnelV4(b, src) => Decap::Tunnel(span(base, b), src.into()),
+                    TunnResult::WriteToTunnelV6(b, src) => Decap::Tunnel(span(base, b), src.into()),
                 }
             };
-            first = false;
-            let Some((range, src)) = result else { return };
-            let bytes = &dst[range];
-            // A packet that authenticated: the peer is where it came from (roaming).
-            let allowed = {
-                let mut st = self.lock();
-                st.table.set_endpoint(&key, from);
-                src.map(|s| st.table.allowed_src(&key, s))
-            };
-            match allowed {
+            let was_first = std::mem::replace(&mut first, false);
+            match out {
+                Decap::Done => return,
+                Decap::Failed => {
+                    if was_first {
+                        self.counters
+                            .dropped_datagrams
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
                 // Handshake answers and queued packets: send, and keep draining.
-                None => {
-                    self.send_to(Some(from), bytes).await;
-                    continue;
+                Decap::Network(r) => {
+                    self.roamed(&key, from, &mut st.peer);
+                    let at = st.filled;
+                    let to = udp::for_socket(self.bind, from);
+                    st.replies.push(to, &st.arena[at + r.start..at + r.end]);
                 }
-                Some(true) => {
-                    let _ = tun.send(bytes).await;
-                }
-                Some(false) => {
-                    if !bytes.is_empty() {
+                Decap::Tunnel(r, src) => {
+                    self.roamed(&key, from, &mut st.peer);
+                    if r.is_empty() {
+                        return; // a keepalive
+                    }
+                    if self.allowed(&key, src, &mut st.peer) {
+                        let at = st.filled;
+                        st.packets.push(at + r.start..at + r.end);
+                        st.filled = at + r.end;
+                    } else {
                         self.counters
                             .dropped_spoofed
                             .fetch_add(1, Ordering::Relaxed);
                     }
+                    return;
                 }
             }
+        }
+    }
+
+    /// A packet that authenticated: the peer is where it came from (roaming).
+    fn roamed(&self, key: &Key, from: SocketAddr, cache: &mut Option<PeerCache>) {
+        let known = matches!(cache, Some(c) if c.key == *key && c.endpoint == Some(from));
+        if known {
             return;
+        }
+        if self.lock().table.set_endpoint(key, from) {
+            self.changed();
+        }
+        if let Some(c) = cache.as_mut().filter(|c| c.key == *key) {
+            c.endpoint = Some(from);
+        }
+    }
+
+    /// Whether `src` routes back to the peer `key` (the inbound source check).
+    fn allowed(&self, key: &Key, src: IpAddr, cache: &mut Option<PeerCache>) -> bool {
+        if let Some((s, ok)) = cache
+            .as_ref()
+            .filter(|c| c.key == *key)
+            .and_then(|c| c.source)
+        {
+            if s == src {
+                return ok;
+            }
+        }
+        let ok = self.lock().table.allowed_src(key, src);
+        if let Some(c) = cache.as_mut().filter(|c| c.key == *key) {
+            c.source = Some((src, ok));
+        }
+        ok
+    }
+
+    /// Handshakes, keepalives and rekeys, every 250 ms.
+    async fn timers(self: Arc<Self>, stop: CancellationToken) {
+        let mut dst = vec![0u8; BUF];
+        let mut batch = SendBatch::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let tunnels: Vec<(Arc<Tunnel>, Option<SocketAddr>)> = {
+                let st = self.lock();
+                st.tunnels
+                    .iter()
+                    .map(|(k, t)| (t.clone(), st.table.get(k).and_then(|p| p.endpoint)))
+                    .collect()
+            };
+            for (t, ep) in tunnels {
+                if let TunnResult::WriteToNetwork(b) = t.lock().update_timers(&mut dst) {
+                    if let Some(ep) = ep {
+                        batch.push(udp::for_socket(self.bind, ep), b);
+                    }
+                }
+            }
+            self.flush(&mut batch).await;
         }
     }
 }
 
 /// Where `part` (a slice boringtun wrote into the buffer starting at
 /// `base`) lies in that buffer.
-fn span(base: *const u8, part: &mut [u8]) -> std::ops::Range<usize> {
+fn span(base: *const u8, part: &mut [u8]) -> Range<usize> {
     let start = (part.as_ptr() as usize).saturating_sub(base as usize);
     start..start + part.len()
 }
@@ -556,73 +798,12 @@ mod netns_tests {
     //! device in each (each run by a thread that entered its namespace): a
     //! UDP packet sent to B's mesh address leaves through A's TUN, crosses
     //! the veth encrypted, and is delivered by B's TUN to a socket on B.
-    use std::os::fd::AsRawFd;
-
     use super::{tests::config, *};
-
-    fn ip(args: &[&str]) {
-        let st = std::process::Command::new("ip")
-            .args(args)
-            .status()
-            .unwrap();
-        assert!(st.success(), "ip {args:?}");
-    }
-
-    /// Deletes the namespaces when the test ends, pass or fail.
-    struct Hosts(Vec<String>);
-
-    impl Drop for Hosts {
-        fn drop(&mut self) {
-            for n in &self.0 {
-                let _ = std::process::Command::new("ip")
-                    .args(["netns", "del", n])
-                    .status();
-            }
-        }
-    }
-
-    type Job<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T>>>;
-
-    /// Runs `f` on a thread inside network namespace `ns`, with its own runtime.
-    fn in_ns<T: Send + 'static>(
-        ns: &str,
-        f: impl FnOnce() -> Job<T> + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = format!("/var/run/netns/{ns}");
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            // SAFETY: moves only this thread into the namespace.
-            assert_eq!(
-                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns {path}"
-            );
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(f())
-        })
-    }
+    use crate::mesh::netns::{in_ns, ip, two_hosts};
 
     #[test]
     fn a_packet_crosses_the_tunnel() {
-        let id = std::process::id();
-        let (na, nb) = (format!("wt-a-{id}"), format!("wt-b-{id}"));
-        let _hosts = Hosts(vec![na.clone(), nb.clone()]);
-        ip(&["netns", "add", &na]);
-        ip(&["netns", "add", &nb]);
-        ip(&[
-            "link", "add", "va", "netns", &na, "type", "veth", "peer", "name", "vb", "netns", &nb,
-        ]);
-        for (ns, dev, addr) in [
-            (&na, "va", "192.168.77.1/24"),
-            (&nb, "vb", "192.168.77.2/24"),
-        ] {
-            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
+        let (_hosts, na, nb) = two_hosts("", ("va", "192.168.77.1/24"), ("vb", "192.168.77.2/24"));
         let (ka, kb) = ([1u8; 32], [2u8; 32]);
         let stop = CancellationToken::new();
         // B: no endpoint for A (learnt from A's handshake); receives on its mesh address.
@@ -693,6 +874,202 @@ mod netns_tests {
             "B learnt A's endpoint"
         );
     }
+
+    /// Bytes from a seeded xorshift, the same for the sender and the
+    /// checker whatever sizes they read and write in.
+    struct Pattern {
+        state: u64,
+        word: [u8; 8],
+        used: usize,
+    }
+
+    impl Pattern {
+        fn new(seed: u64) -> Pattern {
+            Pattern {
+                state: seed | 1,
+                word: [0; 8],
+                used: 8,
+            }
+        }
+
+        fn fill(&mut self, out: &mut [u8]) {
+            for b in out {
+                if self.used == 8 {
+                    self.state ^= self.state << 13;
+                    self.state ^= self.state >> 7;
+                    self.state ^= self.state << 17;
+                    self.word = self.state.to_le_bytes();
+                    self.used = 0;
+                }
+                *b = self.word[self.used];
+                self.used += 1;
+            }
+        }
+    }
+
+    async fn send_pattern(mut s: tokio::net::TcpStream, seed: u64, total: usize) {
+        use tokio::io::AsyncWriteExt;
+        let mut p = Pattern::new(seed);
+        let mut buf = vec![0u8; 100_000]; // not a multiple of anything
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(buf.len());
+            p.fill(&mut buf[..n]);
+            s.write_all(&buf[..n]).await.unwrap();
+            left -= n;
+        }
+        s.shutdown().await.unwrap();
+    }
+
+    /// Reads to the end: how many bytes came, and where the first one that
+    /// differs from the pattern is.
+    async fn check_pattern(mut s: tokio::net::TcpStream, seed: u64) -> (usize, Option<usize>) {
+        use tokio::io::AsyncReadExt;
+        let mut p = Pattern::new(seed);
+        let (mut buf, mut want) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+        let (mut got, mut bad) = (0, None);
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return (got, bad);
+            }
+            p.fill(&mut want[..n]);
+            if bad.is_none() {
+                bad = (0..n).find(|&i| buf[i] != want[i]).map(|i| got + i);
+            }
+            got += n;
+        }
+    }
+
+    /// Brings up host `ns`'s mesh interface with a v4 and a v6 address.
+    fn mesh_addresses(ns: &str, ifname: &str, v4: &str, v6: &str) {
+        ip(&["-n", ns, "addr", "add", v4, "dev", ifname]);
+        ip(&["-n", ns, "addr", "add", v6, "dev", ifname, "nodad"]);
+        ip(&["-n", ns, "link", "set", ifname, "mtu", "1420", "up"]);
+    }
+
+    /// The peer config of one side: its peer's v4 and v6 mesh addresses.
+    fn dual_config(key: Key, peer: Key, endpoint: Option<&str>, v4: &str, v6: &str) -> Vec<Op> {
+        use crate::mesh::uapi::IpNet;
+        let mut ops = config(key, 51820, peer, endpoint, v4);
+        if let Some(Op::Peer(p)) = ops.last_mut() {
+            p.allowed_ips
+                .push(IpNet::new(v6.parse().unwrap(), 128).unwrap());
+        }
+        ops
+    }
+
+    /// TCP streams both ways at once (IPv4 A → B, IPv6 B → A) arrive byte
+    /// for byte: through TUN segmentation offload on both sides (the
+    /// kernel's super-packets split, sent as GSO runs, received as GRO
+    /// runs, joined again), and between an offloading side and a plain one.
+    #[test]
+    fn tcp_streams_cross_intact_with_and_without_offload() {
+        for (tag, offload_a, total) in [("o", true, 50 << 20), ("p", false, 10 << 20)] {
+            let (up, down, view_a, view_b) = stream_both_ways(tag, offload_a, total);
+            assert_eq!(
+                up,
+                (total, None),
+                "A → B over IPv4, offload on A: {offload_a}"
+            );
+            assert_eq!(
+                down,
+                (total / 2, None),
+                "B → A over IPv6, offload on A: {offload_a}"
+            );
+            // The byte counters saw it all: at least the payload, at most with headers.
+            assert!(view_b.peers[0].rx_bytes as usize >= total, "{view_b:?}");
+            assert!(view_a.peers[0].tx_bytes as usize >= total, "{view_a:?}");
+            assert!(view_a.peers[0].rx_bytes as usize >= total / 2, "{view_a:?}");
+            assert!(view_b.peers[0].tx_bytes as usize <= 2 * total, "{view_b:?}");
+        }
+    }
+
+    type Streamed = (
+        (usize, Option<usize>),
+        (usize, Option<usize>),
+        DeviceView,
+        DeviceView,
+    );
+
+    fn stream_both_ways(tag: &str, offload_a: bool, total: usize) -> Streamed {
+        let (_hosts, na, nb) = two_hosts(tag, ("vc", "192.168.78.1/24"), ("vd", "192.168.78.2/24"));
+        let (ka, kb) = ([5u8; 32], [6u8; 32]);
+        let stop = CancellationToken::new();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (nb2, stop_b) = (nb.clone(), stop.clone());
+        let b = in_ns(&nb, move || {
+            Box::pin(async move {
+                let dev = Arc::new(Device::new("192.168.78.2".parse().unwrap()));
+                let cfg = dual_config(kb, ka, None, "10.67.0.1/32", "fd67::1");
+                assert_eq!(dev.apply(&cfg).await, 0);
+                let tun = Tun::create("wgd").unwrap();
+                assert!(tun.offload(), "this kernel takes TUN offloads");
+                mesh_addresses(&nb2, "wgd", "10.67.0.2/24", "fd67::2/64");
+                tokio::spawn(dev.clone().run(tun, stop_b.clone()));
+                let up = tokio::net::TcpListener::bind("10.67.0.2:7001")
+                    .await
+                    .unwrap();
+                let down = tokio::net::TcpListener::bind("[fd67::2]:7002")
+                    .await
+                    .unwrap();
+                ready_tx.send(()).unwrap();
+                let work = async {
+                    let ((s1, _), (s2, _)) =
+                        (up.accept().await.unwrap(), down.accept().await.unwrap());
+                    tokio::join!(check_pattern(s1, 1), send_pattern(s2, 2, total / 2)).0
+                };
+                let got = tokio::time::timeout(Duration::from_secs(120), work)
+                    .await
+                    .expect("A's streams within 2 minutes");
+                stop_b.cancelled().await;
+                (got, dev.view())
+            })
+        });
+        ready_rx.recv().unwrap();
+        let (na2, stop_a) = (na.clone(), stop.clone());
+        let a = in_ns(&na, move || {
+            Box::pin(async move {
+                let dev = Arc::new(Device::new("192.168.78.1".parse().unwrap()));
+                let cfg = dual_config(
+                    ka,
+                    kb,
+                    Some("192.168.78.2:51820"),
+                    "10.67.0.2/32",
+                    "fd67::2",
+                );
+                assert_eq!(dev.apply(&cfg).await, 0);
+                let tun = if offload_a {
+                    Tun::create("wgc").unwrap()
+                } else {
+                    Tun::create_plain("wgc").unwrap()
+                };
+                assert_eq!(tun.offload(), offload_a);
+                mesh_addresses(&na2, "wgc", "10.67.0.1/24", "fd67::1/64");
+                tokio::spawn(dev.clone().run(tun, stop_a.clone()));
+                let work = async {
+                    // The first SYN waits for the handshake; connect retries it.
+                    let up = tokio::net::TcpStream::connect("10.67.0.2:7001")
+                        .await
+                        .unwrap();
+                    let down = tokio::net::TcpStream::connect("[fd67::2]:7002")
+                        .await
+                        .unwrap();
+                    tokio::join!(send_pattern(up, 1, total), check_pattern(down, 2)).1
+                };
+                let got = tokio::time::timeout(Duration::from_secs(120), work)
+                    .await
+                    .expect("streams to B within 2 minutes");
+                // Let B's last ACKs and the counters settle.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                (got, dev.view())
+            })
+        });
+        let (down, view_a) = a.join().unwrap();
+        stop.cancel();
+        let (up, view_b) = b.join().unwrap();
+        (up, down, view_a, view_b)
+    }
 }
 
 #[cfg(test)]
@@ -721,7 +1098,7 @@ mod garbage_tests {
                 );
                 let tun = Tun::create("wgz%d").unwrap();
                 let mut rng = rand::rng();
-                let mut dst = vec![0u8; BUF];
+                let mut st = Inbound::new();
                 let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
                 let sizes = [0usize, 1, 3, 4, 32, 92, 148, 1500];
                 for i in 0..5_000 {
@@ -736,7 +1113,10 @@ mod garbage_tests {
                     if len >= 4 && i % 4 < 2 {
                         d[..4].copy_from_slice(&(1 + (i as u32 % 4)).to_le_bytes());
                     }
-                    dev.inbound(&d, from, &mut dst, &tun).await;
+                    dev.receive(&d, from, &mut st);
+                    if i % 64 == 63 {
+                        dev.deliver(&tun, &mut st).await;
+                    }
                 }
                 let dropped = dev.counters.dropped_datagrams.load(Ordering::Relaxed);
                 assert!(dropped >= 4_900, "dropped {dropped}");
@@ -744,5 +1124,104 @@ mod garbage_tests {
             });
         });
         t.join().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod roaming_tests {
+    use super::{tests::config, *};
+
+    fn network(r: TunnResult<'_>) -> Vec<u8> {
+        match r {
+            TunnResult::WriteToNetwork(b) => b.to_vec(),
+            _ => panic!("expected a datagram"),
+        }
+    }
+
+    /// An IPv4 packet from `src` to 10.0.0.1 carrying `payload`.
+    fn packet(src: [u8; 4], payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&[10, 0, 0, 1]);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    /// A peer (a boringtun session driven by hand) handshakes from one
+    /// address and then sends from another: the endpoint follows it at
+    /// once, for the outbound route too; packets from a source it is not
+    /// allowed are dropped and counted; the byte counters and the
+    /// handshake time are kept.
+    #[tokio::test]
+    async fn the_endpoint_follows_a_peer_that_moves() {
+        let (ours, theirs) = ([7u8; 32], [8u8; 32]);
+        let dev = Device::new("127.0.0.1".parse().unwrap());
+        let cfg = config(ours, 0, theirs, Some("127.0.0.1:9"), "10.0.0.2/32");
+        assert_eq!(dev.apply(&cfg).await, 0);
+        let our_public = PublicKey::from(&StaticSecret::from(ours));
+        let mut peer = Tunn::new(StaticSecret::from(theirs), our_public, None, None, 1, None);
+        let (mut st, mut buf) = (Inbound::new(), vec![0u8; 2048]);
+        let (here, there): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:4001".parse().unwrap(),
+            "127.0.0.1:4002".parse().unwrap(),
+        );
+        let mut routes = RouteCache::default();
+        let to_peer = "10.0.0.2".parse().unwrap();
+        assert_eq!(
+            dev.route(to_peer, &mut routes).unwrap().1,
+            Some("127.0.0.1:9".parse().unwrap())
+        );
+
+        let init = network(peer.format_handshake_initiation(&mut buf, false));
+        dev.receive(&init, here, &mut st);
+        let replies: Vec<_> = st.replies.iter().map(|(to, d)| (to, d.to_vec())).collect();
+        assert_eq!(replies.len(), 1, "a handshake response");
+        assert_eq!(replies[0].0, here, "answered where it came from");
+        let keepalive = network(peer.decapsulate(None, &replies[0].1, &mut buf));
+        dev.receive(&keepalive, here, &mut st);
+        assert_eq!(dev.view().peers[0].endpoint, Some(here));
+        assert_eq!(
+            dev.route(to_peer, &mut routes).unwrap().1,
+            Some(here),
+            "the route saw it"
+        );
+
+        let p = packet([10, 0, 0, 2], b"from here");
+        dev.receive(&network(peer.encapsulate(&p, &mut buf)), here, &mut st);
+        let q = packet([10, 0, 0, 2], b"and from there");
+        dev.receive(&network(peer.encapsulate(&q, &mut buf)), there, &mut st);
+        let spoofed = packet([10, 0, 0, 3], b"not its address");
+        dev.receive(
+            &network(peer.encapsulate(&spoofed, &mut buf)),
+            there,
+            &mut st,
+        );
+
+        let got: Vec<&[u8]> = st.packets.iter().map(|r| &st.arena[r.clone()]).collect();
+        assert_eq!(got, vec![&p[..], &q[..]]);
+        assert_eq!(dev.counters.dropped_spoofed.load(Ordering::Relaxed), 1);
+        let v = dev.view();
+        assert_eq!(v.peers[0].endpoint, Some(there), "it moved");
+        assert_eq!(dev.route(to_peer, &mut routes).unwrap().1, Some(there));
+        assert_eq!(
+            v.peers[0].rx_bytes as usize,
+            p.len() + q.len() + spoofed.len()
+        );
+        assert!(v.peers[0].last_handshake.is_some());
+        // The same datagram replayed from elsewhere is dropped and counted,
+        // and the endpoint does not move to the replayer.
+        let before = dev.counters.dropped_datagrams.load(Ordering::Relaxed);
+        let replay = network(peer.encapsulate(&p, &mut buf));
+        dev.receive(&replay, there, &mut st);
+        dev.receive(&replay, here, &mut st);
+        assert_eq!(
+            dev.counters.dropped_datagrams.load(Ordering::Relaxed),
+            before + 1
+        );
+        assert_eq!(dev.view().peers[0].endpoint, Some(there));
     }
 }

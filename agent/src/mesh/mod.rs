@@ -9,22 +9,31 @@
 //! - [`uapi`] parses UAPI requests and renders their answers;
 //! - [`peers`] is the peer table: set semantics as WireGuard applies them,
 //!   cryptokey routing (longest-prefix match), roaming, and the diff that
-//!   turns a pushed peer list into the fewest operations.
+//!   turns a pushed peer list into the fewest operations;
+//! - [`offload`] splits the TCP super-packets the TUN hands over into
+//!   packets, and joins decrypted segments back into super-packets
+//!   ([`checksum`] computes what that rewrites).
 //!
 //! The I/O, thin around it:
-//! - [`tun`] is the TUN device;
+//! - [`tun`] is the TUN device (with segmentation offload where allowed);
+//! - [`udp`] is the UDP socket, many datagrams per syscall;
 //! - [`device`] runs boringtun's noise protocol per peer between the TUN
-//!   device and one UDP socket;
+//!   device and the UDP socket;
 //! - [`ifaddr`] sets the interface's address, MTU and up flag;
 //! - [`rtt`] pings peers over the mesh;
 //! - [`node`] is the agent's own interface, driven by the coordinator.
 
+pub mod checksum;
 pub mod control;
 pub mod device;
 pub mod ifaddr;
 pub mod key;
+#[cfg(test)]
+mod netns;
 pub mod node;
+pub mod offload;
 pub mod peers;
 pub mod rtt;
 pub mod tun;
 pub mod uapi;
+pub mod udp;
