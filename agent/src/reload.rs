@@ -210,6 +210,7 @@ heartbeat_interval = "6s"
 backoff_initial = "1s"
 backoff_max = "31s"
 connect_timeout = "11s"
+keepalive = "3s"
 max_in_flight = 5
 [spool]
 dir = "/srv/s"
@@ -254,6 +255,10 @@ kill_grace = "1s"
 [mesh]
 listen_port = 1
 endpoints = ["a:1"]
+interface = "wm9"
+mtu = 1280
+rtt_interval = "2s"
+socket_dir = "/run/x"
 "#,
         );
         let p = plan(&running, &new);
