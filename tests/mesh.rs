@@ -66,6 +66,17 @@ struct InNs(std::process::Child);
 
 impl Drop for InNs {
     fn drop(&mut self) {
+        // SIGTERM first: warden and wireguard-go then remove their UAPI
+        // sockets from /var/run/wireguard instead of leaving them behind.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
