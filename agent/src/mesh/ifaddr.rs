@@ -88,29 +88,14 @@ pub fn configure(name: &str, addr: Ipv4Addr, prefix: u8, mtu: u32) -> Result<(),
     Ok(())
 }
 
-/// Parses "10.90.0.2/24".
-pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
-    let (a, p) = s.split_once('/')?;
-    let p: u8 = p.parse().ok()?;
-    (p <= 32).then_some(())?;
-    Some((a.parse().ok()?, p))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn masks_and_cidrs() {
+    fn masks() {
         assert_eq!(netmask(24), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(netmask(0), Ipv4Addr::new(0, 0, 0, 0));
         assert_eq!(netmask(32), Ipv4Addr::new(255, 255, 255, 255));
-        assert_eq!(
-            parse_cidr("10.90.0.2/24"),
-            Some((Ipv4Addr::new(10, 90, 0, 2), 24))
-        );
-        assert_eq!(parse_cidr("10.90.0.2"), None);
-        assert_eq!(parse_cidr("10.90.0.2/33"), None);
-        assert_eq!(parse_cidr("fd00::1/64"), None);
     }
 }

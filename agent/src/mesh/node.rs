@@ -354,8 +354,18 @@ impl MeshNode {
             }
             return Ok(String::new());
         }
-        let (addr, prefix) = ifaddr::parse_cidr(&cfg.address)
-            .ok_or_else(|| format!("mesh address `{}` is not IPv4 ADDR/PREFIX", cfg.address))?;
+        let (addr, prefix) = match cfg.address.parse::<IpNet>() {
+            Ok(IpNet {
+                addr: IpAddr::V4(a),
+                prefix,
+            }) => (a, prefix),
+            _ => {
+                return Err(format!(
+                    "mesh address `{}` is not IPv4 ADDR/PREFIX",
+                    cfg.address
+                ))
+            }
+        };
         let resolved = resolve(&cfg.peers).await;
         let (wanted, errors) = wanted(&cfg.peers, &resolved);
         if running.is_none() {

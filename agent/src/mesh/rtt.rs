@@ -17,21 +17,9 @@ use tokio::io::unix::AsyncFd;
 const ECHO_REQUEST: u8 = 8;
 const ECHO_REPLY: u8 = 0;
 
-/// The Internet checksum (RFC 1071) of `data`.
-pub fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for c in data.chunks(2) {
-        let word = if c.len() == 2 {
-            u16::from_be_bytes([c[0], c[1]])
-        } else {
-            u16::from_be_bytes([c[0], 0])
-        };
-        sum += u32::from(word);
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+/// The ICMP checksum: the Internet checksum of the whole message.
+fn checksum(data: &[u8]) -> u16 {
+    super::checksum::checksum(data, 0)
 }
 
 /// An ICMP echo request (without IP header: the kernel adds it).
