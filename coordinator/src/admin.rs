@@ -94,6 +94,17 @@ impl AdminService {
 }
 
 impl AdminService {
+    /// One cluster as stored.
+    async fn cluster(&self, id: &str) -> Result<Option<pb::ClusterInfo>, Status> {
+        Ok(self
+            .store
+            .list_clusters()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .into_iter()
+            .find(|c| c.cluster_id == id))
+    }
+
     fn mesh(&self) -> crate::mesh::MeshSender {
         crate::mesh::MeshSender {
             store: self.store.clone(),
@@ -344,12 +355,8 @@ impl pb::admin_server::Admin for AdminService {
             .map_err(unavailable)?;
         crate::mesh::wait_all(&self.registry, answers, cluster_wait(r.timeout_seconds)).await;
         let info = self
-            .store
-            .list_clusters()
-            .await
-            .map_err(unavailable)?
-            .into_iter()
-            .find(|c| c.cluster_id == r.cluster_id)
+            .cluster(&r.cluster_id)
+            .await?
             .ok_or_else(|| Status::internal(format!("cluster {} vanished", r.cluster_id)))?;
         Ok(Response::new(info))
     }
@@ -361,12 +368,8 @@ impl pb::admin_server::Admin for AdminService {
         let r = request.into_inner();
         let unavailable = |e: crate::store::StoreError| Status::unavailable(e.to_string());
         let mut info = self
-            .store
-            .list_clusters()
-            .await
-            .map_err(unavailable)?
-            .into_iter()
-            .find(|c| c.cluster_id == r.cluster_id)
+            .cluster(&r.cluster_id)
+            .await?
             .ok_or_else(|| Status::not_found(format!("no cluster {}", r.cluster_id)))?;
         let left: Vec<String> = info.members.iter().map(|m| m.node_id.clone()).collect();
         let answers = self
@@ -379,14 +382,8 @@ impl pb::admin_server::Admin for AdminService {
             )
             .await
             .map_err(unavailable)?;
-        let mut answered = Vec::new();
-        let deadline = tokio::time::Instant::now() + cluster_wait(r.timeout_seconds);
-        for (node, id, rx) in answers {
-            match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(res)) => answered.push((node, res)),
-                _ => self.registry.forget(&id),
-            }
-        }
+        let answered =
+            crate::mesh::wait_all(&self.registry, answers, cluster_wait(r.timeout_seconds)).await;
         for m in &mut info.members {
             match answered.iter().find(|(n, _)| *n == m.node_id) {
                 Some((_, res)) if res.ok => {

@@ -120,49 +120,47 @@ impl MeshSender {
             Ok(c) => c,
             Err(e) => return tracing::warn!(error = %e, "cannot read clusters"),
         };
-        let Some(c) = clusters
+        let member_of = clusters
             .into_iter()
-            .find(|c| c.members.iter().any(|m| m.node_id == node_id))
-        else {
-            if !running.is_empty() {
+            .find(|c| c.members.iter().any(|m| m.node_id == node_id));
+        let leaving = [node_id.to_owned()];
+        let sent = match &member_of {
+            Some(c) => self.send(&c.cluster_id, ClusterWrite::Keep, Some(c), &[]),
+            None if !running.is_empty() => {
                 tracing::info!(node = %node_id, cluster = %running, "node runs a mesh of a cluster it is not in: told to leave");
-                match self
-                    .send(running, ClusterWrite::Keep, None, &[node_id.to_owned()])
-                    .await
-                {
-                    Ok(answers) => {
-                        for (_, id, _) in answers {
-                            self.registry.forget(&id);
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot send the leave config"),
-                }
+                self.send(running, ClusterWrite::Keep, None, &leaving)
             }
-            return;
+            None => return,
         };
-        match self
-            .send(&c.cluster_id, ClusterWrite::Keep, Some(&c), &[])
-            .await
-        {
+        match sent.await {
             Ok(answers) => {
                 // Nobody waits here: the answers land in the store.
                 for (_, id, _) in answers {
                     self.registry.forget(&id);
                 }
-                tracing::info!(node = %node_id, cluster = %c.cluster_id, "mesh config sent to the cluster");
+                if let Some(c) = &member_of {
+                    tracing::info!(node = %node_id, cluster = %c.cluster_id, "mesh config sent to the cluster");
+                }
             }
             Err(e) => tracing::warn!(error = %e, "cannot send mesh configs"),
         }
     }
 }
 
-/// Waits for answers until `wait` has passed; those that did not come are
-/// forgotten (their members stay `pending` until they answer).
-pub async fn wait_all(registry: &Registry, answers: Answers, wait: Duration) {
+/// Waits for answers until `wait` has passed: those that came, by node;
+/// the others are forgotten (their members stay `pending` until they answer).
+pub async fn wait_all(
+    registry: &Registry,
+    answers: Answers,
+    wait: Duration,
+) -> Vec<(String, pb::CommandResult)> {
     let deadline = tokio::time::Instant::now() + wait;
-    for (_, id, rx) in answers {
-        if tokio::time::timeout_at(deadline, rx).await.is_err() {
-            registry.forget(&id);
+    let mut came = Vec::new();
+    for (node, id, rx) in answers {
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(r)) => came.push((node, r)),
+            _ => registry.forget(&id),
         }
     }
+    came
 }
