@@ -830,16 +830,7 @@ async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
 
 async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()> {
     use warden_proto::pb;
-    let socket = admin_socket(socket);
-    let mut client = warden_coordinator::admin::connect(&socket)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the coordinator admin socket {}",
-                socket.display()
-            )
-        })?;
-    let refused = |s: tonic::Status| anyhow::anyhow!("{}", s.message());
+    let mut client = admin_client(socket).await?;
     let print = |c: &pb::ClusterInfo, json: bool| -> Result<()> {
         if json {
             println!("{}", serde_json::to_string_pretty(&cluster_json(c))?);
@@ -939,21 +930,7 @@ fn cluster_json(c: &warden_proto::pb::ClusterInfo) -> serde_json::Value {
 }
 
 async fn nodes(json: bool, socket: Option<PathBuf>) -> Result<()> {
-    let socket = socket.unwrap_or_else(|| {
-        load_coordinator_config(None)
-            .map(|c| c.admin_socket_path())
-            .unwrap_or_else(|_| {
-                Path::new(warden_coordinator::config::DEFAULT_STATE_DIR).join("admin.sock")
-            })
-    });
-    let mut client = warden_coordinator::admin::connect(&socket)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the coordinator admin socket {}",
-                socket.display()
-            )
-        })?;
+    let mut client = admin_client(socket).await?;
     let nodes = client
         .list_nodes(warden_proto::pb::ListNodesRequest {})
         .await
@@ -1179,14 +1156,32 @@ fn parse_mount(s: &str) -> Result<warden_proto::pb::MountSpec> {
     })
 }
 
-fn admin_socket(socket: Option<PathBuf>) -> PathBuf {
-    socket.unwrap_or_else(|| {
+/// A client of the coordinator's admin socket: `socket`, or the one the
+/// coordinator's config names, or the default.
+async fn admin_client(
+    socket: Option<PathBuf>,
+) -> Result<warden_proto::pb::admin_client::AdminClient<tonic::transport::Channel>> {
+    let socket = socket.unwrap_or_else(|| {
         load_coordinator_config(None)
             .map(|c| c.admin_socket_path())
             .unwrap_or_else(|_| {
                 Path::new(warden_coordinator::config::DEFAULT_STATE_DIR).join("admin.sock")
             })
-    })
+    });
+    warden_coordinator::admin::connect(&socket)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the coordinator admin socket {}",
+                socket.display()
+            )
+        })
+}
+
+/// An admin call refused: the node's (or coordinator's) own words, not
+/// gRPC's framing, reach the terminal.
+fn refused(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
 }
 
 #[derive(Subcommand)]
@@ -1221,17 +1216,7 @@ enum ClusterCommand {
 
 async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
     use warden_proto::pb;
-    let socket = admin_socket(socket);
-    let mut client = warden_coordinator::admin::connect(&socket)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the coordinator admin socket {}",
-                socket.display()
-            )
-        })?;
-    // The node's own words, not gRPC's framing, reach the terminal.
-    let refused = |s: tonic::Status| anyhow::anyhow!("{}", s.message());
+    let mut client = admin_client(socket).await?;
     match command {
         LeaseCommand::Start {
             node_id,
