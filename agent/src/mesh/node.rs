@@ -56,6 +56,9 @@ pub struct PeerStatus {
     pub node_id: String,
     /// Base64, as `wg` shows it.
     pub public_key: String,
+    /// The same key as bytes, for telemetry.
+    #[serde(skip)]
+    pub key: Key,
     pub endpoint: Option<String>,
     pub allowed_ips: Vec<String>,
     /// 0: no handshake yet.
@@ -69,14 +72,11 @@ pub struct PeerStatus {
 impl MeshStatus {
     /// The peers as telemetry carries them.
     pub fn samples(&self) -> Vec<pb::MeshPeerSample> {
-        use base64::Engine;
         self.peers
             .iter()
             .map(|p| pb::MeshPeerSample {
                 node_id: p.node_id.clone(),
-                public_key: base64::engine::general_purpose::STANDARD
-                    .decode(&p.public_key)
-                    .unwrap_or_default(),
+                public_key: p.key.to_vec(),
                 endpoint: p.endpoint.clone().unwrap_or_default(),
                 last_handshake_unix_ms: p.last_handshake_unix_ms,
                 rx_bytes: p.rx_bytes,
@@ -237,6 +237,7 @@ impl Running {
                 .map(|p| PeerStatus {
                     node_id: self.names.get(&p.public_key).cloned().unwrap_or_default(),
                     public_key: base64::engine::general_purpose::STANDARD.encode(p.public_key),
+                    key: p.public_key,
                     endpoint: p.endpoint.map(|e| e.to_string()),
                     allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
                     // The view holds the handshake time since the epoch.
@@ -506,6 +507,7 @@ mod tests {
             peers: vec![PeerStatus {
                 node_id: "b".into(),
                 public_key: "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=".into(),
+                key: [2; 32],
                 endpoint: Some("192.0.2.2:51820".into()),
                 rx_bytes: 5,
                 tx_bytes: 7,
