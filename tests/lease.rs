@@ -322,6 +322,19 @@ fn exits_and_oom_kills_are_reported() {
     assert!(n.containers().is_empty());
 }
 
+/// Starts the agent again with its config; waits until its status shows the
+/// lease's container running and the coordinator connected.
+fn restart_until_adopted(n: &mut Node, tmp: &Path) -> Value {
+    let config = n.agent.config.clone();
+    n.agent = Agent::start_with(&tmp.join("agent"), &config);
+    wait_for("the lease adopted", Duration::from_secs(30), || {
+        n.agent.status().filter(|s| {
+            s["leases"][0]["containers"][0]["state"] == "running"
+                && s["coordinator"]["connected"] == true
+        })
+    })
+}
+
 #[test]
 fn a_restarted_agent_adopts_its_lease_containers() {
     let tmp = tempfile::tempdir().unwrap();
@@ -333,14 +346,7 @@ fn a_restarted_agent_adopts_its_lease_containers() {
     let before = inspect(&name).unwrap()["Id"].clone();
 
     n.agent.proc.kill9();
-    let config = n.agent.config.clone();
-    n.agent = Agent::start_with(&tmp.path().join("agent"), &config);
-    let s = wait_for("the lease adopted", Duration::from_secs(30), || {
-        n.agent.status().filter(|s| {
-            s["leases"][0]["containers"][0]["state"] == "running"
-                && s["coordinator"]["connected"] == true
-        })
-    });
+    let s = restart_until_adopted(&mut n, tmp.path());
     assert_eq!(s["leases"][0]["id"], id.as_str());
     let after = inspect(&name).unwrap();
     assert_eq!(after["Id"], before, "the same container, not a new one");
@@ -396,14 +402,7 @@ fn sigterm_stops_the_agent_within_10s_and_the_restart_adopts_the_running_lease()
         "the lease container was stopped"
     );
 
-    let config = n.agent.config.clone();
-    n.agent = Agent::start_with(&tmp.path().join("agent"), &config);
-    let s = wait_for("the lease adopted", Duration::from_secs(30), || {
-        n.agent.status().filter(|s| {
-            s["leases"][0]["containers"][0]["state"] == "running"
-                && s["coordinator"]["connected"] == true
-        })
-    });
+    let s = restart_until_adopted(&mut n, tmp.path());
     assert_eq!(s["leases"][0]["id"], id.as_str());
     assert_eq!(inspect(&name).unwrap()["Id"], before, "the same container");
     assert!(n
