@@ -349,7 +349,9 @@ impl pb::admin_server::Admin for AdminService {
                 &r.cluster_id,
                 crate::store::ClusterWrite::Put(info.clone()),
                 Some(&info),
+                None,
                 &left,
+                &who,
             )
             .await
             .map_err(unavailable)?;
@@ -378,7 +380,9 @@ impl pb::admin_server::Admin for AdminService {
                 &r.cluster_id,
                 crate::store::ClusterWrite::Delete,
                 None,
+                None,
                 &left,
+                &Default::default(),
             )
             .await
             .map_err(unavailable)?;

@@ -47,21 +47,27 @@ impl MeshSender {
     }
 
     /// Writes the cluster (`write`), then sends `cluster`'s config to each
-    /// connected member and the leave config to each connected node of
-    /// `left`. Members not connected get theirs when they connect.
+    /// connected member (only to `only`, when given) and the leave config to
+    /// each connected node of `left`. Members not connected get theirs when
+    /// they connect. `who`: the nodes' mesh identities.
     pub async fn send(
         &self,
         cluster_id: &str,
         write: ClusterWrite,
         cluster: Option<&pb::ClusterInfo>,
+        only: Option<&str>,
         left: &[String],
+        who: &HashMap<String, MeshIdentity>,
     ) -> Result<Answers, StoreError> {
-        let who = self.identities().await?;
         let generation = cluster.map(|c| c.generation).unwrap_or(0);
         let mut out = Vec::new();
         if let Some(c) = cluster {
-            for m in &c.members {
-                if let Some(cfg) = cluster::mesh_config(c, &m.node_id, &who) {
+            for m in c
+                .members
+                .iter()
+                .filter(|m| only.is_none_or(|n| n == m.node_id))
+            {
+                if let Some(cfg) = cluster::mesh_config(c, &m.node_id, who) {
                     out.push((m.node_id.clone(), cfg));
                 }
             }
@@ -110,12 +116,13 @@ impl MeshSender {
         Ok(answers)
     }
 
-    /// A node (re)connected: if it is in a cluster, every member is sent the
-    /// cluster's config again (its key or endpoint may be new; applying an
-    /// unchanged config changes nothing on a node). If it is in none but
-    /// says it runs a mesh (`running`: the cluster its Register names), it
-    /// missed its removal while offline and is told to leave.
-    pub async fn connected(&self, node_id: &str, running: &str) {
+    /// A node (re)connected: if it is in a cluster, it is sent the cluster's
+    /// config, and so is every other member when the node's mesh key or
+    /// endpoints changed (`changed`; applying an unchanged config changes
+    /// nothing on a node). If it is in none but says it runs a mesh
+    /// (`running`: the cluster its Register names), it missed its removal
+    /// while offline and is told to leave.
+    pub async fn connected(&self, node_id: &str, running: &str, changed: bool) {
         let clusters = match self.store.list_clusters().await {
             Ok(c) => c,
             Err(e) => return tracing::warn!(error = %e, "cannot read clusters"),
@@ -123,12 +130,20 @@ impl MeshSender {
         let member_of = clusters
             .into_iter()
             .find(|c| c.members.iter().any(|m| m.node_id == node_id));
+        let who = match &member_of {
+            Some(_) => match self.identities().await {
+                Ok(w) => w,
+                Err(e) => return tracing::warn!(error = %e, "cannot read mesh identities"),
+            },
+            None => HashMap::new(),
+        };
         let leaving = [node_id.to_owned()];
+        let only = (!changed).then_some(node_id);
         let sent = match &member_of {
-            Some(c) => self.send(&c.cluster_id, ClusterWrite::Keep, Some(c), &[]),
+            Some(c) => self.send(&c.cluster_id, ClusterWrite::Keep, Some(c), only, &[], &who),
             None if !running.is_empty() => {
                 tracing::info!(node = %node_id, cluster = %running, "node runs a mesh of a cluster it is not in: told to leave");
-                self.send(running, ClusterWrite::Keep, None, &leaving)
+                self.send(running, ClusterWrite::Keep, None, None, &leaving, &who)
             }
             None => return,
         };
@@ -139,7 +154,7 @@ impl MeshSender {
                     self.registry.forget(&id);
                 }
                 if let Some(c) = &member_of {
-                    tracing::info!(node = %node_id, cluster = %c.cluster_id, "mesh config sent to the cluster");
+                    tracing::info!(node = %node_id, cluster = %c.cluster_id, to_all = changed, "mesh config sent");
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot send mesh configs"),

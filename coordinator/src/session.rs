@@ -145,7 +145,8 @@ impl pb::uplink_server::Uplink for UplinkService {
             .map_err(|_| Status::deadline_exceeded("no Register within 10 s"))??
             .ok_or_else(|| Status::cancelled("stream closed before Register"))?;
         let (reg, key) = check_register(&first, now_ms()).map_err(Status::unauthenticated)?;
-        self.store
+        let mesh_changed = self
+            .store
             .register(NodeRow {
                 node_id: reg.node_id.clone(),
                 public_key: reg.public_key.clone(),
@@ -181,7 +182,7 @@ impl pb::uplink_server::Uplink for UplinkService {
             };
             let node = reg.node_id.clone();
             let running = reg.mesh_cluster_id.clone();
-            tokio::spawn(async move { mesh.connected(&node, &running).await });
+            tokio::spawn(async move { mesh.connected(&node, &running, mesh_changed).await });
         }
         let session = Session {
             node_id: reg.node_id,

@@ -144,7 +144,7 @@ pub struct NodeStats {
 }
 
 enum Cmd {
-    Register(NodeRow, oneshot::Sender<Result<(), StoreError>>),
+    Register(NodeRow, oneshot::Sender<Result<bool, StoreError>>),
     Seen {
         node_id: String,
         time_ms: i64,
@@ -230,7 +230,9 @@ impl Store {
         Ok(Self { tx })
     }
 
-    pub async fn register(&self, node: NodeRow) -> Result<(), StoreError> {
+    /// Stores a registration: whether the node's mesh key or endpoints are
+    /// new or changed (its cluster's peers then need them).
+    pub async fn register(&self, node: NodeRow) -> Result<bool, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.send(Cmd::Register(node, tx))?;
         rx.await.map_err(|_| StoreError::Stopped)?
@@ -464,6 +466,8 @@ enum Reply {
         oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
         Vec<Outcome>,
     ),
+    /// A registration, and whether its mesh identity changed.
+    Registered(oneshot::Sender<Result<bool, StoreError>>, bool),
 }
 
 fn apply(conn: &mut Connection, batch: Vec<Cmd>) {
@@ -473,8 +477,8 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>) {
         for cmd in batch {
             match cmd {
                 Cmd::Register(node, reply) => {
-                    upsert_node(&tx, &node)?;
-                    replies.push(Reply::Done(reply));
+                    let changed = upsert_node(&tx, &node)?;
+                    replies.push(Reply::Registered(reply, changed));
                 }
                 Cmd::Seen {
                     node_id,
@@ -588,6 +592,12 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>) {
             (Reply::Insert(tx, _), Err(e)) => {
                 let _ = tx.send(Err(StoreError::Sql(clone_err(e))));
             }
+            (Reply::Registered(tx, changed), Ok(())) => {
+                let _ = tx.send(Ok(changed));
+            }
+            (Reply::Registered(tx, _), Err(e)) => {
+                let _ = tx.send(Err(StoreError::Sql(clone_err(e))));
+            }
         }
     }
     if let Err(e) = result {
@@ -599,7 +609,17 @@ fn clone_err(e: &rusqlite::Error) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
 }
 
-fn upsert_node(tx: &rusqlite::Transaction, n: &NodeRow) -> rusqlite::Result<()> {
+/// Whether the node's mesh key or endpoints differ from those stored (a
+/// new node: true).
+fn upsert_node(tx: &rusqlite::Transaction, n: &NodeRow) -> rusqlite::Result<bool> {
+    let endpoints = n.mesh_endpoints.join("\n");
+    let before: Option<(Vec<u8>, String)> = tx
+        .query_row(
+            "SELECT mesh_public_key, mesh_endpoints FROM nodes WHERE node_id = ?1",
+            params![n.node_id],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
     tx.execute(
         "INSERT INTO nodes (node_id, public_key, agent_version, hostname, inventory, start_id,
                             peer_address, first_seen_ms, last_seen_ms, inventory_ms,
@@ -623,10 +643,10 @@ fn upsert_node(tx: &rusqlite::Transaction, n: &NodeRow) -> rusqlite::Result<()> 
             n.time_ms,
             n.inventory_ms,
             n.mesh_public_key,
-            n.mesh_endpoints.join("\n")
+            endpoints
         ],
     )?;
-    Ok(())
+    Ok(before != Some((n.mesh_public_key.clone(), endpoints)))
 }
 
 fn insert_record(tx: &rusqlite::Transaction, r: &NewRecord) -> rusqlite::Result<Outcome> {
@@ -1021,6 +1041,21 @@ mod tests {
             mesh_public_key: vec![],
             mesh_endpoints: vec![],
         }
+    }
+
+    #[tokio::test]
+    async fn registration_says_when_the_mesh_identity_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        let mut n = node();
+        n.mesh_public_key = vec![7; 32];
+        n.mesh_endpoints = vec!["192.0.2.1:51820".into()];
+        assert!(store.register(n.clone()).await.unwrap(), "a new node");
+        assert!(!store.register(n.clone()).await.unwrap(), "the same again");
+        n.mesh_endpoints = vec!["192.0.2.2:51820".into()];
+        assert!(store.register(n.clone()).await.unwrap(), "a new endpoint");
+        n.mesh_public_key = vec![8; 32];
+        assert!(store.register(n).await.unwrap(), "a new key");
     }
 
     #[tokio::test]
