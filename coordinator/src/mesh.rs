@@ -29,21 +29,7 @@ pub type Answers = Vec<(String, String, oneshot::Receiver<pb::CommandResult>)>;
 impl MeshSender {
     /// Every node's announced mesh key and endpoints.
     pub async fn identities(&self) -> Result<HashMap<String, MeshIdentity>, StoreError> {
-        Ok(self
-            .store
-            .list_nodes()
-            .await?
-            .into_iter()
-            .map(|n| {
-                (
-                    n.node_id,
-                    MeshIdentity {
-                        public_key: n.mesh_public_key,
-                        endpoints: n.mesh_endpoints,
-                    },
-                )
-            })
-            .collect())
+        self.store.mesh_identities().await
     }
 
     /// Writes the cluster (`write`), then sends `cluster`'s config to each

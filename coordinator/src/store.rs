@@ -185,7 +185,11 @@ enum Cmd {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     ListClusters(oneshot::Sender<Result<Vec<pb::ClusterInfo>, StoreError>>),
+    MeshIdentities(oneshot::Sender<Result<MeshIdentities, StoreError>>),
 }
+
+/// Every node's announced mesh key and endpoints, by node id.
+pub type MeshIdentities = std::collections::HashMap<String, crate::cluster::MeshIdentity>;
 
 /// What a cluster write does to the cluster's row.
 #[derive(Debug, Clone)]
@@ -319,6 +323,14 @@ impl Store {
             sent,
             reply,
         })?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// Every node's mesh key and endpoints (without the per-node figures
+    /// `list_nodes` adds up).
+    pub async fn mesh_identities(&self) -> Result<MeshIdentities, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::MeshIdentities(tx))?;
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 
@@ -573,6 +585,9 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>) {
                 }
                 Cmd::ListClusters(reply) => {
                     let _ = reply.send(list_clusters(&tx).map_err(StoreError::from));
+                }
+                Cmd::MeshIdentities(reply) => {
+                    let _ = reply.send(mesh_identities(&tx).map_err(StoreError::from));
                 }
             }
         }
@@ -910,6 +925,21 @@ fn apply_mesh_results(
         )?;
     }
     Ok(())
+}
+
+fn mesh_identities(conn: &Connection) -> rusqlite::Result<MeshIdentities> {
+    let mut stmt = conn.prepare("SELECT node_id, mesh_public_key, mesh_endpoints FROM nodes")?;
+    let rows = stmt.query_map([], |row| {
+        let endpoints: String = row.get(2)?;
+        Ok((
+            row.get::<_, String>(0)?,
+            crate::cluster::MeshIdentity {
+                public_key: row.get(1)?,
+                endpoints: endpoints.lines().map(str::to_owned).collect(),
+            },
+        ))
+    })?;
+    rows.collect()
 }
 
 fn list_clusters(conn: &Connection) -> rusqlite::Result<Vec<pb::ClusterInfo>> {
