@@ -138,20 +138,19 @@ pub(crate) fn random_hex() -> String {
 
 /// How long SetCluster waits for the members by default: the promise is a
 /// cluster in seconds.
-fn cluster_wait(seconds: u32) -> Duration {
+const CLUSTER_WAIT: Duration = Duration::from_secs(30);
+
+/// A request's timeout in seconds; 0 is `default`.
+fn wait_or(seconds: u32, default: Duration) -> Duration {
     if seconds == 0 {
-        Duration::from_secs(30)
+        default
     } else {
         Duration::from_secs(seconds.into())
     }
 }
 
 fn wait(seconds: u32) -> Duration {
-    if seconds == 0 {
-        DEFAULT_WAIT
-    } else {
-        Duration::from_secs(seconds.into())
-    }
+    wait_or(seconds, DEFAULT_WAIT)
 }
 
 #[tonic::async_trait]
@@ -355,7 +354,12 @@ impl pb::admin_server::Admin for AdminService {
             )
             .await
             .map_err(unavailable)?;
-        crate::mesh::wait_all(&self.registry, answers, cluster_wait(r.timeout_seconds)).await;
+        crate::mesh::wait_all(
+            &self.registry,
+            answers,
+            wait_or(r.timeout_seconds, CLUSTER_WAIT),
+        )
+        .await;
         let info = self
             .cluster(&r.cluster_id)
             .await?
@@ -386,8 +390,12 @@ impl pb::admin_server::Admin for AdminService {
             )
             .await
             .map_err(unavailable)?;
-        let answered =
-            crate::mesh::wait_all(&self.registry, answers, cluster_wait(r.timeout_seconds)).await;
+        let answered = crate::mesh::wait_all(
+            &self.registry,
+            answers,
+            wait_or(r.timeout_seconds, CLUSTER_WAIT),
+        )
+        .await;
         for m in &mut info.members {
             match answered.iter().find(|(n, _)| *n == m.node_id) {
                 Some((_, res)) if res.ok => {
