@@ -155,6 +155,23 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
+/// WRONG_NODE / WRONG_LEASE when a record names another node (`node`:
+/// named, expected) or lease (`lease`: named, expected) than the chain's.
+fn names_this(report: &mut Report, what: &str, node: (&str, &str), lease: (&str, &str)) {
+    if node.0 != node.1 {
+        report.fail(
+            rule::WRONG_NODE,
+            format!("{what}: names node {}, the key is {}", node.0, node.1),
+        );
+    }
+    if lease.0 != lease.1 {
+        report.fail(
+            rule::WRONG_LEASE,
+            format!("{what}: is for lease {}, not {}", lease.0, lease.1),
+        );
+    }
+}
+
 /// Opens one record envelope: signature by the node key, a Record payload.
 fn open_record(
     env: &Envelope,
@@ -201,18 +218,12 @@ pub fn verify(c: &Chain, p: &Params) -> Report {
         Some(env) => match open_record(env, c.node_key, "proof", &mut report) {
             Some(r) => match r.body {
                 Some(pb::record::Body::LeaseProof(pr)) => {
-                    if r.node_id != node_id {
-                        report.fail(
-                            rule::WRONG_NODE,
-                            format!("proof: names node {}, the key is {node_id}", r.node_id),
-                        );
-                    }
-                    if pr.lease_id != c.lease_id {
-                        report.fail(
-                            rule::WRONG_LEASE,
-                            format!("proof: is for lease {}, not {}", pr.lease_id, c.lease_id),
-                        );
-                    }
+                    names_this(
+                        &mut report,
+                        "proof",
+                        (&r.node_id, &node_id),
+                        (&pr.lease_id, c.lease_id),
+                    );
                     Some(pr)
                 }
                 _ => {
@@ -248,18 +259,12 @@ pub fn verify(c: &Chain, p: &Params) -> Report {
             continue;
         };
         let what = format!("record {} (lease seq {})", i + 1, a.lease_seq);
-        if rec.node_id != node_id {
-            report.fail(
-                rule::WRONG_NODE,
-                format!("{what}: names node {}, the key is {node_id}", rec.node_id),
-            );
-        }
-        if a.lease_id != c.lease_id {
-            report.fail(
-                rule::WRONG_LEASE,
-                format!("{what}: is for lease {}, not {}", a.lease_id, c.lease_id),
-            );
-        }
+        names_this(
+            &mut report,
+            &what,
+            (&rec.node_id, &node_id),
+            (&a.lease_id, c.lease_id),
+        );
         if !seen_seqs.insert(a.lease_seq) {
             report.fail(
                 rule::SEQ_REPEAT,
