@@ -460,6 +460,147 @@ fn a_reloaded_workload_policy_applies_to_the_next_container() {
     let added = c["HostConfig"]["CapAdd"].to_string();
     assert!(added.contains("SYS_NICE"), "{added}");
     n.end(&id);
+
+    // A reload that would undo confinement is refused, and the policy in
+    // force stays: SYS_ADMIN is still refused to a spec.
+    let text = std::fs::read_to_string(&n.agent.config).unwrap();
+    std::fs::write(
+        &n.agent.config,
+        text.replacen("[\"SYS_NICE\"]", "[\"SYS_NICE\", \"SYS_ADMIN\"]", 1),
+    )
+    .unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &n.agent.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let s = wait_for("the refusal", Duration::from_secs(10), || {
+        n.agent
+            .status()
+            .filter(|s| s["config"]["last_error"].is_string())
+    });
+    let err = s["config"]["last_error"].as_str().unwrap();
+    assert!(
+        err.contains("workload.allowed_capabilities") && err.contains("SYS_ADMIN is refused"),
+        "{err}"
+    );
+    let err = n
+        .start(&["--image", &image, "--cap-add", "SYS_ADMIN", "--", "true"])
+        .expect_err("still refused");
+    assert!(err.contains("capability SYS_ADMIN is refused"), "{err}");
+}
+
+/// The audit's escape: a lease plants symlinks in an allowed host path,
+/// then asks to mount them. Each is refused; nothing is created; a source
+/// a running container could swap is refused until it stops.
+#[test]
+fn symlinks_in_an_allowed_path_never_reach_the_host() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().canonicalize().unwrap().join("srv/data");
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    let n = node(
+        tmp.path(),
+        &format!("allowed_host_paths = [\"{}\"]\n", data.display()),
+    );
+    let _clean = Cleanup(n.node_id.clone());
+    let image = image::busybox_image();
+    let mount = |src: &Path, dst: &str| format!("{}:{dst}", src.display());
+
+    // Lease 1 may write /srv/data and plants links to the host's root and run dir.
+    let l1 = n
+        .start(&[
+            "--image",
+            &image,
+            "--mount",
+            &mount(&data, "/data"),
+            "--",
+            "sh",
+            "-c",
+            "ln -s / /data/hostroot; ln -s /var/run /data/hostrun; ln -s sub /data/alias; sleep 300",
+        ])
+        .unwrap();
+    wait_for("the planted links", Duration::from_secs(30), || {
+        data.join("alias").symlink_metadata().ok()
+    });
+    assert_eq!(
+        std::fs::read_link(data.join("hostroot")).unwrap(),
+        Path::new("/")
+    );
+    let before = n.containers();
+
+    // Through a new lease and through `lease run` into lease 1 itself.
+    for (src, dst) in [
+        (data.join("hostroot"), "/host"),
+        (data.join("hostrun"), "/hostrun"),
+        (data.join("hostroot/etc"), "/etc-host"),
+        (data.join("alias"), "/in"),
+    ] {
+        let m = mount(&src, dst);
+        let err = n
+            .start(&[
+                "--image",
+                &image,
+                "--mount",
+                &m,
+                "--",
+                "cat",
+                "/host/etc/shadow",
+            ])
+            .expect_err("a symlinked source is refused");
+        assert!(err.contains("is a symbolic link"), "{m}: {err}");
+        let out = n.warden(&[
+            "lease", "run", &l1, "--name", "esc", "--image", &image, "--mount", &m, "--", "true",
+        ]);
+        assert!(!out.status.success(), "{m}: lease run accepted it");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("is a symbolic link"), "{m}: {err}");
+        assert_eq!(n.containers(), before, "{m}: something was created");
+    }
+
+    // A real directory, but below what lease 1 can write while it runs: it
+    // could be swapped for a link between the check and Docker's mount.
+    let err = n
+        .start(&[
+            "--image",
+            &image,
+            "--mount",
+            &mount(&data.join("sub"), "/in:ro"),
+            "--",
+            "true",
+        ])
+        .expect_err("swappable while lease 1 runs");
+    assert!(err.contains("which a running container can write"), "{err}");
+    // Lease 1's own mount point is no risk: it cannot replace it.
+    let l2 = n
+        .start(&[
+            "--image",
+            &image,
+            "--mount",
+            &mount(&data, "/d:ro"),
+            "--",
+            "sleep",
+            "300",
+        ])
+        .unwrap();
+    n.end(&l2);
+
+    n.end(&l1);
+    std::fs::remove_file(data.join("alias")).unwrap();
+    let l3 = n
+        .start(&[
+            "--image",
+            &image,
+            "--mount",
+            &mount(&data.join("sub"), "/in:ro"),
+            "--",
+            "sleep",
+            "300",
+        ])
+        .expect("nothing can write /srv/data now");
+    let c = inspect(&format!("warden-{l3}-main")).unwrap();
+    assert_eq!(c["Mounts"][0]["Source"], data.join("sub").to_str().unwrap());
+    assert_eq!(c["Mounts"][0]["RW"], false);
+    n.end(&l3);
 }
 
 #[test]

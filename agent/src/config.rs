@@ -456,14 +456,43 @@ impl AgentConfig {
                 format!("{} is not an absolute path", p.display()),
             ));
         }
-        if let Some(c) = w
-            .allowed_capabilities
-            .iter()
-            .find(|c| !crate::confine::is_capability_name(c))
-        {
+        // Values that would undo confinement are refused here, so at start
+        // and at reload alike.
+        for p in &w.allowed_host_paths {
+            if let Some(why) =
+                crate::confine::host_path_danger(p, &self.state_dir, &w.docker_socket)
+            {
+                return Err(invalid(
+                    "workload.allowed_host_paths",
+                    format!(
+                        "{} is refused: {why}; allow only directories of data to mount",
+                        p.display()
+                    ),
+                ));
+            }
+        }
+        for c in &w.allowed_capabilities {
+            if !crate::confine::is_capability_name(c) {
+                return Err(invalid(
+                    "workload.allowed_capabilities",
+                    format!("`{c}` is not a capability name (e.g. SYS_NICE)"),
+                ));
+            }
+            if let Some(why) = crate::confine::forbidden_capability(c) {
+                return Err(invalid(
+                    "workload.allowed_capabilities",
+                    format!("{c} is refused: it gives a container {why}"),
+                ));
+            }
+        }
+        if w.default_memory_bytes != 0 && w.default_memory_bytes < crate::confine::MIN_MEMORY {
             return Err(invalid(
-                "workload.allowed_capabilities",
-                format!("`{c}` is not a capability name (e.g. SYS_NICE)"),
+                "workload.default_memory_bytes",
+                format!(
+                    "{} is below Docker's minimum of {} bytes (6 MiB); 0 means 90 % of the host's memory",
+                    w.default_memory_bytes,
+                    crate::confine::MIN_MEMORY
+                ),
             ));
         }
         if self.probe.pings == 0 {
@@ -677,6 +706,76 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn values_that_undo_confinement_are_refused() {
+        let refused = |workload: &str| {
+            AgentConfig::parse(
+                &format!("state_dir = \"/srv/warden\"\n[workload]\n{workload}\n"),
+                "a",
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        for (text, key, why) in [
+            (
+                "allowed_capabilities = [\"ALL\"]",
+                "allowed_capabilities",
+                "ALL is refused",
+            ),
+            (
+                "allowed_capabilities = [\"CAP_SYS_ADMIN\"]",
+                "allowed_capabilities",
+                "CAP_SYS_ADMIN is refused: it gives a container mounts",
+            ),
+            (
+                "allowed_capabilities = [\"DAC_READ_SEARCH\"]",
+                "allowed_capabilities",
+                "open_by_handle_at",
+            ),
+            (
+                "allowed_host_paths = [\"/\"]",
+                "allowed_host_paths",
+                "whole file system",
+            ),
+            (
+                "allowed_host_paths = [\"/var\"]",
+                "allowed_host_paths",
+                "it holds /var/run",
+            ),
+            (
+                "allowed_host_paths = [\"/srv\"]",
+                "allowed_host_paths",
+                "it holds /srv/warden",
+            ),
+            (
+                "allowed_host_paths = [\"/srv/warden/spool\"]",
+                "allowed_host_paths",
+                "lies inside /srv/warden",
+            ),
+            (
+                "allowed_host_paths = [\"/proc/1\"]",
+                "allowed_host_paths",
+                "lies inside /proc",
+            ),
+            (
+                "docker_socket = \"/data/d.sock\"\nallowed_host_paths = [\"/data\"]",
+                "allowed_host_paths",
+                "it holds /data/d.sock",
+            ),
+            ("default_memory_bytes = 1", "default_memory_bytes", "6 MiB"),
+        ] {
+            let e = refused(text);
+            assert!(e.contains(&format!("workload.{key}")), "{text}: {e}");
+            assert!(e.contains(why), "{text}: {e}");
+        }
+        // What stays allowed: data directories, harmless capabilities.
+        AgentConfig::parse(
+            "[workload]\nallowed_host_paths = [\"/srv/data\", \"/usr/local/models\"]\nallowed_capabilities = [\"SYS_NICE\", \"IPC_LOCK\"]\ndefault_memory_bytes = 6291456\n",
+            "a",
+        )
+        .unwrap();
     }
 
     #[test]

@@ -36,6 +36,137 @@ pub const DEFAULT_CAPABILITIES: &[&str] = &[
 /// Where Docker's socket lives on common hosts; never mountable.
 const DOCKER_SOCKETS: &[&str] = &["/var/run/docker.sock", "/run/docker.sock"];
 
+/// Capabilities no config may allow a container, each with what it gives:
+/// every one of them reaches past the container to the host (or is all of
+/// them). `workload.allowed_capabilities` naming one is refused at start
+/// and at reload, and a spec asking for one is refused whatever the config.
+pub const FORBIDDEN_CAPABILITIES: &[(&str, &str)] = &[
+    ("ALL", "every capability, the host included"),
+    (
+        "SYS_ADMIN",
+        "mounts, namespaces and most of the kernel: the host",
+    ),
+    ("SYS_MODULE", "loading kernel modules"),
+    ("SYS_RAWIO", "raw I/O ports and memory"),
+    (
+        "SYS_PTRACE",
+        "tracing the agent and other tenants' processes",
+    ),
+    (
+        "DAC_READ_SEARCH",
+        "open_by_handle_at, which reads any host file",
+    ),
+    ("SYS_BOOT", "rebooting the host"),
+    (
+        "SYS_TIME",
+        "setting the host's clock, which the proofs rely on",
+    ),
+    ("MAC_ADMIN", "changing the host's MAC policy"),
+    ("MAC_OVERRIDE", "bypassing the host's MAC policy"),
+    ("BPF", "loading BPF programs into the host kernel"),
+    ("PERFMON", "observing the host and other tenants"),
+    (
+        "NET_ADMIN",
+        "changing network interfaces, routes and filters",
+    ),
+    ("SYSLOG", "the kernel log and its addresses"),
+    ("AUDIT_CONTROL", "the host's audit rules"),
+    ("LINUX_IMMUTABLE", "changing immutable host files' flags"),
+    (
+        "CHECKPOINT_RESTORE",
+        "choosing pids and reading other processes",
+    ),
+];
+
+/// Host places whose contents a container may never see: an allowed host
+/// path may not hold one of them (`/` holds them all).
+const PROTECTED: &[&str] = &[
+    "/etc",
+    "/root",
+    "/boot",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib64",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/var/run",
+    "/var/lib/docker",
+    "/var/lib/containerd",
+    "/var/lib/warden",
+];
+
+/// Host places an allowed host path may not lie inside either: kernel
+/// interfaces, secrets, runtime sockets, Docker's own storage.
+const NEVER_BELOW: &[&str] = &[
+    "/etc",
+    "/root",
+    "/boot",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/var/run",
+    "/var/lib/docker",
+    "/var/lib/containerd",
+    "/var/lib/warden",
+];
+
+/// Why `path` may never be a bind-mount source or an allowed host path, or
+/// `None`. `state_dir` (the node key) and `docker_socket` are this agent's
+/// own, on top of the fixed list. Pure: callers pass the path as it
+/// resolves on the host (`hostpath`) as well as the configured text.
+pub fn host_path_danger(path: &Path, state_dir: &Path, docker_socket: &Path) -> Option<String> {
+    if path == Path::new("/") {
+        return Some("it is the host's whole file system".into());
+    }
+    let own = [state_dir, docker_socket];
+    let protected = PROTECTED
+        .iter()
+        .chain(DOCKER_SOCKETS)
+        .map(Path::new)
+        .chain(own);
+    for p in protected {
+        if under(p, path) {
+            return Some(format!("it holds {}", p.display()));
+        }
+    }
+    let never_below = NEVER_BELOW.iter().map(Path::new).chain(own);
+    for p in never_below {
+        if under(path, p) {
+            return Some(format!("it lies inside {}", p.display()));
+        }
+    }
+    None
+}
+
+/// Why a capability may never be allowed, or `None`.
+pub fn forbidden_capability(c: &str) -> Option<&'static str> {
+    let c = normalize_cap(c);
+    FORBIDDEN_CAPABILITIES
+        .iter()
+        .find(|(name, _)| *name == c)
+        .map(|(_, why)| *why)
+}
+
+/// The source of a running container's writable bind mount that holds
+/// `source` strictly below it, if any. Such a container can swap any
+/// directory of `source` below its own mount for a symlink between our
+/// check and Docker's mount, so the mount is refused while it runs. (Its
+/// own mount point it cannot replace: that is what makes equality safe.)
+pub fn swappable_by<'a>(source: &Path, writable: &'a [PathBuf]) -> Option<&'a Path> {
+    writable
+        .iter()
+        .map(PathBuf::as_path)
+        .find(|w| source != *w && under(source, w))
+}
+
+/// Docker's smallest memory limit.
+pub const MIN_MEMORY: u64 = 6 << 20;
+
 /// Longest container name within a lease.
 const MAX_NAME: usize = 64;
 
@@ -149,7 +280,7 @@ pub fn check(spec: &pb::ContainerSpec, cfg: &WorkloadConfig) -> Result<(), Refus
         .collect();
     for cap in &spec.cap_add {
         let c = normalize_cap(cap);
-        if c == "ALL" || !allowed.contains(&c) {
+        if forbidden_capability(&c).is_some() || !allowed.contains(&c) {
             return Err(refuse(format!(
                 "capability {c} is refused (allowed: {}; more only through workload.allowed_capabilities)",
                 allowed.join(", ")
@@ -178,9 +309,16 @@ pub fn check(spec: &pb::ContainerSpec, cfg: &WorkloadConfig) -> Result<(), Refus
             )));
         }
     }
-    if spec.memory_bytes != 0 && spec.memory_bytes < 6 << 20 {
+    if spec.memory_bytes != 0 && spec.memory_bytes < MIN_MEMORY {
         return Err(refuse(format!(
             "memory limit {} bytes is below Docker's minimum (6 MiB)",
+            spec.memory_bytes
+        )));
+    }
+    if spec.memory_bytes > i64::MAX as u64 {
+        // Docker's field is signed: larger would wrap to "no limit".
+        return Err(refuse(format!(
+            "memory limit {} bytes is too large",
             spec.memory_bytes
         )));
     }
@@ -424,6 +562,52 @@ mod tests {
         assert!(refused(|s| s.image = " ".into()).contains("no image"));
         assert!(refused(|s| s.env = vec!["NOVALUE".into()]).contains("KEY=VALUE"));
         assert!(refused(|s| s.memory_bytes = 1024).contains("6 MiB"));
+        assert!(refused(|s| s.memory_bytes = u64::MAX).contains("too large"));
+    }
+
+    #[test]
+    fn a_forbidden_capability_is_refused_even_if_the_config_lists_it() {
+        // The config check refuses this too; the spec check does not rely on it.
+        let cfg = WorkloadConfig {
+            allowed_capabilities: vec!["SYS_ADMIN".into(), "SYS_PTRACE".into()],
+            ..Default::default()
+        };
+        for cap in ["SYS_ADMIN", "cap_sys_ptrace"] {
+            let r = refused_with(|s| s.cap_add = vec![cap.into()], &cfg);
+            assert!(r.contains("is refused"), "{cap}: {r}");
+        }
+    }
+
+    #[test]
+    fn protected_host_places_are_named() {
+        let state = Path::new("/var/lib/warden");
+        let sock = Path::new("/var/run/docker.sock");
+        let danger = |p: &str| host_path_danger(Path::new(p), state, sock);
+        assert!(danger("/").unwrap().contains("whole file system"));
+        assert!(danger("/var").unwrap().contains("holds"));
+        assert!(danger("/var/lib").unwrap().contains("/var/lib/docker"));
+        assert!(danger("/etc/ssl").unwrap().contains("inside /etc"));
+        assert!(danger("/var/lib/docker/volumes/x")
+            .unwrap()
+            .contains("inside"));
+        assert!(danger("/var/lib/warden/spool").unwrap().contains("inside"));
+        assert!(danger("/dev/shm").unwrap().contains("inside /dev"));
+        assert_eq!(danger("/srv/data"), None);
+        assert_eq!(danger("/usr/local/models"), None);
+        assert_eq!(danger("/var/lib/dockerish"), None, "components, not text");
+    }
+
+    #[test]
+    fn a_source_below_a_running_writable_mount_is_swappable() {
+        let writable = vec![PathBuf::from("/srv/data"), PathBuf::from("/srv/other/x")];
+        let swappable = |p: &str| swappable_by(Path::new(p), &writable);
+        assert_eq!(swappable("/srv/data/sub"), Some(Path::new("/srv/data")));
+        assert_eq!(swappable("/srv/data/a/b"), Some(Path::new("/srv/data")));
+        // The writer cannot replace its own mount point, nor reach above it.
+        assert_eq!(swappable("/srv/data"), None);
+        assert_eq!(swappable("/srv"), None);
+        assert_eq!(swappable("/srv/other"), None);
+        assert_eq!(swappable("/srv/data2"), None);
     }
 
     #[test]

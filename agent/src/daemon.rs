@@ -225,6 +225,7 @@ pub async fn run(
             config: config.workload.clone(),
             node_id: node_id_for_workload,
             book_path: dir.join("book.json"),
+            state_dir: dir.to_owned(),
             reload: live_rx.clone(),
             outbox: outbox.clone(),
             inventory: inventory_rx.clone(),

@@ -439,6 +439,28 @@ impl Docker {
         Ok(list.into_iter().filter_map(|c| c.id).collect())
     }
 
+    /// The host sources of every writable bind mount and volume of the
+    /// containers that can run now (running, paused, restarting; managed
+    /// or not), resolved where they exist: what a container could change
+    /// below while another container's mount is being made.
+    pub async fn writable_mount_sources(&self) -> Result<Vec<PathBuf>, DockerError> {
+        let list = self
+            .api
+            .list_containers(Some(ListContainersOptions {
+                all: false,
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| self.error("list containers", e))?;
+        Ok(list
+            .into_iter()
+            .flat_map(|c| c.mounts.unwrap_or_default())
+            .filter(|m| m.rw.unwrap_or(true))
+            .filter_map(|m| m.source.filter(|s| !s.is_empty()))
+            .map(|s| std::fs::canonicalize(&s).unwrap_or_else(|_| PathBuf::from(s)))
+            .collect())
+    }
+
     /// Inspects one container: the fields Warden needs to report its state
     /// and check its confinement.
     pub async fn inspect(&self, id: &str) -> Result<Inspected, DockerError> {

@@ -11,6 +11,7 @@ pub mod doctor;
 pub mod enforce;
 pub mod gpu;
 pub mod host;
+pub mod hostpath;
 pub mod inventory;
 pub mod lease;
 pub mod linkprobe;

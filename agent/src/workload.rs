@@ -21,6 +21,7 @@ use crate::{
     config::WorkloadConfig,
     confine,
     docker::{ContainerEvent, Docker, EventKind, LABEL_LEASE, LABEL_NAME, LABEL_NODE},
+    hostpath,
     lease::{Book, Container, Lease},
     outbox::Outbox,
 };
@@ -39,6 +40,8 @@ pub struct Workload {
     pub node_id: String,
     /// `book.json` in the state directory.
     pub book_path: PathBuf,
+    /// The state directory (the node key): never mountable.
+    pub state_dir: PathBuf,
     pub outbox: Outbox,
     /// The node's GPUs come from the inventory.
     pub inventory: watch::Receiver<pb::InventorySummary>,
@@ -520,6 +523,7 @@ impl State {
         spec: &pb::ContainerSpec,
     ) -> Result<Container, String> {
         let fail = |e: String| format!("container {}: {e}", spec.name);
+        let spec = &self.resolve_mounts(docker, spec).await.map_err(fail)?;
         let present = docker
             .image_present(&spec.image)
             .await
@@ -553,6 +557,43 @@ impl State {
             health: String::new(),
             time_unix_ms: created_ms,
         })
+    }
+
+    /// The spec with each mount source resolved on the host (no symlink
+    /// below its allowed path, not in a protected place), refused if a
+    /// running container could swap part of it before Docker mounts it.
+    /// Done just before the container is made, after every container
+    /// started before it, so the list of writers is the one that counts.
+    async fn resolve_mounts(
+        &self,
+        docker: &Docker,
+        spec: &pb::ContainerSpec,
+    ) -> Result<pb::ContainerSpec, String> {
+        let mut spec = spec.clone();
+        if spec.mounts.is_empty() {
+            return Ok(spec);
+        }
+        let cfg = &self.w.config;
+        let writable = docker
+            .writable_mount_sources()
+            .await
+            .map_err(|e| e.to_string())?;
+        for m in &mut spec.mounts {
+            let resolved = hostpath::resolve(Path::new(&m.source), &cfg.allowed_host_paths, |p| {
+                confine::host_path_danger(p, &self.w.state_dir, &cfg.docker_socket)
+            })
+            .map_err(|e| e.to_string())?;
+            if let Some(w) = confine::swappable_by(&resolved, &writable) {
+                return Err(format!(
+                    "host path {} is refused: it lies below {}, which a running container can write, so it could be swapped for a symbolic link while it is mounted",
+                    m.source,
+                    w.display()
+                ));
+            }
+            tracing::info!(source = %m.source, resolved = %resolved.display(), "mount source resolved");
+            m.source = resolved.to_string_lossy().into_owned();
+        }
+        Ok(spec)
     }
 
     async fn pull(
