@@ -60,6 +60,14 @@ impl Drop for Cleanup {
         for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             let _ = Command::new("docker").args(["rm", "-f", "-v", id]).output();
         }
+        let out = Command::new("docker")
+            .args(["network", "ls", "-q", "--filter"])
+            .arg(format!("label=warden.node={}", self.0))
+            .output()
+            .unwrap();
+        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("docker").args(["network", "rm", id]).output();
+        }
     }
 }
 
@@ -179,7 +187,13 @@ fn a_lease_runs_confined_and_ends_with_nothing_left() {
     assert_eq!(h["PidsLimit"], 4096);
     assert_eq!(h["Memory"], 64u64 << 20);
     assert_eq!(h["MemorySwap"], 64u64 << 20);
-    assert_eq!(h["NetworkMode"], "bridge");
+    assert_eq!(
+        h["NetworkMode"],
+        format!("warden-{id}"),
+        "the lease's own network"
+    );
+    // Published on loopback (workload.publish_address), never on every address.
+    assert_eq!(h["PortBindings"]["8080/tcp"][0]["HostIp"], "127.0.0.1");
     assert_eq!(h["PidMode"], "");
     assert_ne!(h["IpcMode"], "host");
     assert!(h["Devices"].as_array().is_none_or(|d| d.is_empty()));
@@ -211,6 +225,7 @@ fn a_lease_runs_confined_and_ends_with_nothing_left() {
     );
     assert!(inspect(&name).is_none(), "the container is removed");
     assert!(n.containers().is_empty());
+    assert!(!network_exists(&format!("warden-{id}")), "and its network");
     let l = n.lease(&id);
     assert_eq!(l["state"], "ended");
     assert_eq!(l["containers"][0]["state"], "removed");
@@ -490,6 +505,123 @@ fn a_reloaded_workload_policy_applies_to_the_next_container() {
     assert!(err.contains("capability SYS_ADMIN is refused"), "{err}");
 }
 
+fn network_exists(name: &str) -> bool {
+    Command::new("docker")
+        .args(["network", "inspect", name])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// A container's address and gateway on its lease's network.
+fn lease_address(lease: &str, name: &str) -> (String, String) {
+    let c = inspect(&format!("warden-{lease}-{name}")).unwrap();
+    // Whichever network it is on (the check below is that it is the lease's).
+    let nets = c["NetworkSettings"]["Networks"].as_object().unwrap();
+    assert_eq!(nets.len(), 1, "{nets:?}");
+    let net = nets.values().next().unwrap();
+    (
+        net["IPAddress"].as_str().unwrap().to_owned(),
+        net["Gateway"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// What a finished container printed, once it has exited.
+fn output_when_exited(name: &str) -> String {
+    wait_for(name, Duration::from_secs(60), || {
+        (inspect(name)?["State"]["Running"] == false).then_some(())
+    });
+    let out = Command::new("docker")
+        .args(["logs", name])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// The audit's cross-tenant read: one lease fetched another's port 8080.
+/// Each lease has its own network now: containers of one lease reach each
+/// other by name, another lease reaches neither their addresses nor their
+/// published ports (bound to loopback), and low host ports are refused.
+#[test]
+fn tenants_do_not_reach_each_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = node(tmp.path(), "");
+    let _clean = Cleanup(n.node_id.clone());
+    let image = image::busybox_image();
+    let host_port = free_port().to_string();
+    let publish = format!("{host_port}:8080");
+    let serve = [
+        "--",
+        "sh",
+        "-c",
+        "echo secret > /www; httpd -f -p 8080 -h /",
+    ];
+    let mut args = vec!["--image", image.as_str(), "--port", &publish];
+    args.extend_from_slice(&serve);
+    let a = n.start(&args).unwrap();
+    let (a_ip, _) = lease_address(&a, "main");
+    // busybox's static wget cannot resolve a URL (no NSS); nc takes an address.
+    let get = |ip: &str, port: &str| {
+        format!("printf 'GET /www HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} {port} | grep secret")
+    };
+    let fetch = |ip: &str, port: &str| format!("{} && echo REACHED || echo BLOCKED", get(ip, port));
+
+    // The same lease: its Warden name resolves (Docker's DNS on the lease
+    // network), and its address answers once httpd is up.
+    let script = format!(
+        "nslookup main; for i in $(seq 1 40); do {} && exit 0; sleep 0.5; done; echo BLOCKED",
+        get(&a_ip, "8080")
+    );
+    let out = n.warden(&[
+        "lease", "run", &a, "--name", "peer", "--image", &image, "--", "sh", "-c", &script,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = output_when_exited(&format!("warden-{a}-peer"));
+    assert!(seen.contains(&format!("Address: {a_ip}")), "{seen}");
+    assert!(seen.contains("secret"), "{seen}");
+
+    // Another lease: neither A's address, nor A's port published on the host.
+    let probe = n.start(&["--image", &image, "--", "sleep", "300"]).unwrap();
+    let (_, gateway) = lease_address(&probe, "main");
+    let script = format!("{}; {}", fetch(&a_ip, "8080"), fetch(&gateway, &host_port));
+    let out = n.warden(&[
+        "lease", "run", &probe, "--name", "spy", "--image", &image, "--", "sh", "-c", &script,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = output_when_exited(&format!("warden-{probe}-spy"));
+    assert!(!seen.contains("secret"), "another lease read it: {seen}");
+    assert_eq!(seen.matches("BLOCKED").count(), 2, "{seen}");
+
+    // The host itself reaches the published port on loopback.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", host_port.parse::<u16>().unwrap()))
+        .expect("published on loopback");
+    use std::io::{Read, Write};
+    s.write_all(b"GET /www HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.contains("secret"), "{body}");
+
+    // Low host ports are refused unless the config allows them.
+    let err = n
+        .start(&["--image", &image, "--port", "80:8080", "--", "true"])
+        .expect_err("port 80");
+    assert!(err.contains("below workload.min_host_port (1024)"), "{err}");
+
+    n.end(&a);
+    n.end(&probe);
+    assert!(!network_exists(&format!("warden-{a}")));
+    assert!(!network_exists(&format!("warden-{probe}")));
+}
+
 /// The audit's escape: a lease plants symlinks in an allowed host path,
 /// then asks to mount them. Each is refused; nothing is created; a source
 /// a running container could swap is refused until it stops.
@@ -647,6 +779,25 @@ fn a_stale_managed_container_is_removed_at_start() {
         ],
     );
     let _rm = image::Remove::containers(&[&stale, &bystander, &other]);
+    // And the network of that gone lease; another node's stays.
+    let net = |name: &str, node: &str| {
+        let out = Command::new("docker")
+            .args(["network", "create", "--label", "warden.managed=true"])
+            .args(["--label", "warden.lease=l-gone", "--label"])
+            .arg(format!("warden.node={node}"))
+            .arg(name)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let stale_net = format!("warden-l-gone-{}", std::process::id());
+    let other_net = format!("warden-other-{}", std::process::id());
+    net(&stale_net, &n.node_id);
+    net(&other_net, "someone-else");
 
     let config = n.agent.config.clone();
     n.agent = Agent::start_with(&tmp.path().join("agent"), &config);
@@ -655,6 +806,16 @@ fn a_stale_managed_container_is_removed_at_start() {
         Duration::from_secs(30),
         || inspect(&stale).is_none().then_some(()),
     );
+    wait_for("the stale network removed", Duration::from_secs(30), || {
+        (!network_exists(&stale_net)).then_some(())
+    });
+    assert!(
+        network_exists(&other_net),
+        "another node's network is left alone"
+    );
+    let _ = Command::new("docker")
+        .args(["network", "rm", &other_net])
+        .output();
     assert!(
         inspect(&bystander).is_some(),
         "an unmanaged container is left alone"

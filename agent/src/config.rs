@@ -131,6 +131,12 @@ pub struct WorkloadConfig {
     pub stop_grace: Duration,
     /// Docker's device driver for GPU requests.
     pub gpu_driver: String,
+    /// The host address a container's published ports bind to; loopback
+    /// unless the operator opens them (`0.0.0.0`, or one address).
+    pub publish_address: std::net::IpAddr,
+    /// The lowest host port a container may publish (0 lets Docker choose
+    /// one above it anyway).
+    pub min_host_port: u16,
     /// Largest tolerated gap between a command's expiry and our clock,
     /// on top of its own expiry (clocks differ).
     #[serde(with = "humantime_serde")]
@@ -147,6 +153,8 @@ impl Default for WorkloadConfig {
             pids_limit: 4096,
             stop_grace: Duration::from_secs(10),
             gpu_driver: "nvidia".into(),
+            publish_address: std::net::Ipv4Addr::LOCALHOST.into(),
+            min_host_port: 1024,
             clock_skew: Duration::from_secs(5),
         }
     }

@@ -12,8 +12,8 @@ use std::{
 };
 
 use bollard::models::{
-    ContainerCreateBody, DeviceRequest, HostConfig, Mount, MountType, PortBinding, RestartPolicy,
-    RestartPolicyNameEnum,
+    ContainerCreateBody, DeviceRequest, EndpointSettings, HostConfig, Mount, MountType,
+    NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use warden_proto::pb;
 
@@ -207,6 +207,25 @@ pub fn docker_name(lease_id: &str, name: &str) -> String {
     format!("warden-{lease_id}-{name}")
 }
 
+/// Docker's name for a lease's own network.
+pub fn network_name(lease_id: &str) -> String {
+    format!("warden-{lease_id}")
+}
+
+/// The labels of a lease's network, like its containers' (no name).
+pub fn network_labels(owner: &Owner) -> HashMap<String, String> {
+    HashMap::from([
+        (docker::LABEL_MANAGED.to_owned(), "true".to_owned()),
+        (docker::LABEL_LEASE.to_owned(), owner.lease_id.to_owned()),
+        (docker::LABEL_NODE.to_owned(), owner.node_id.to_owned()),
+    ])
+}
+
+/// Whether a spec needs its lease's network (every mode but `none`).
+pub fn wants_network(spec: &pb::ContainerSpec) -> bool {
+    spec.network_mode != "none"
+}
+
 /// Whether `path` is `base` or below it, comparing components (so
 /// `/data2` is not under `/data`).
 fn under(path: &Path, base: &Path) -> bool {
@@ -300,6 +319,12 @@ pub fn check(spec: &pb::ContainerSpec, cfg: &WorkloadConfig) -> Result<(), Refus
             return Err(refuse(format!(
                 "port {}:{} is out of range",
                 p.host_port, p.container_port
+            )));
+        }
+        if p.host_port != 0 && p.host_port < u32::from(cfg.min_host_port) {
+            return Err(refuse(format!(
+                "host port {} is refused: below workload.min_host_port ({}); 0 lets Docker choose one",
+                p.host_port, cfg.min_host_port
             )));
         }
         if !matches!(p.protocol.as_str(), "" | "tcp" | "udp") {
@@ -419,7 +444,9 @@ pub fn container_config(
         bindings.insert(
             key,
             Some(vec![PortBinding {
-                host_ip: None,
+                // Where the operator says, loopback by default: never every
+                // address of the host unless the config asks for it.
+                host_ip: Some(cfg.publish_address.to_string()),
                 host_port: Some(if p.host_port == 0 {
                     String::new()
                 } else {
@@ -464,10 +491,11 @@ pub fn container_config(
             // No swap beyond the memory limit.
             memory_swap: Some(memory),
             nano_cpus: (spec.cpus > 0.0).then_some((spec.cpus * 1e9) as i64),
-            network_mode: Some(if spec.network_mode == "none" {
-                "none".into()
+            // The lease's own network: no route to another lease's.
+            network_mode: Some(if wants_network(spec) {
+                network_name(owner.lease_id)
             } else {
-                "bridge".into()
+                "none".into()
             }),
             ipc_mode: Some(if spec.ipc_mode == "none" {
                 "none".into()
@@ -485,6 +513,16 @@ pub fn container_config(
                 maximum_retry_count: None,
             }),
             ..Default::default()
+        }),
+        // Within its lease a container is reached by its Warden name.
+        networking_config: wants_network(spec).then(|| NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                network_name(owner.lease_id),
+                EndpointSettings {
+                    aliases: Some(vec![spec.name.clone()]),
+                    ..Default::default()
+                },
+            )])),
         }),
         ..Default::default()
     }
@@ -563,6 +601,19 @@ mod tests {
         assert!(refused(|s| s.env = vec!["NOVALUE".into()]).contains("KEY=VALUE"));
         assert!(refused(|s| s.memory_bytes = 1024).contains("6 MiB"));
         assert!(refused(|s| s.memory_bytes = u64::MAX).contains("too large"));
+        let port = |host_port| pb::PortSpec {
+            container_port: 80,
+            protocol: String::new(),
+            host_port,
+        };
+        assert!(refused(|s| s.ports = vec![port(80)]).contains("below workload.min_host_port"));
+        let low_ok = WorkloadConfig {
+            min_host_port: 80,
+            ..Default::default()
+        };
+        let mut s = spec();
+        s.ports = vec![port(80), port(0)];
+        check(&s, &low_ok).unwrap();
     }
 
     #[test]
@@ -662,7 +713,13 @@ mod tests {
         assert_eq!(h.memory, Some(1 << 30));
         assert_eq!(h.memory_swap, Some(1 << 30));
         assert_eq!(h.nano_cpus, Some(1_500_000_000));
-        assert_eq!(h.network_mode.as_deref(), Some("bridge"));
+        assert_eq!(h.network_mode.as_deref(), Some("warden-l1"));
+        let eps = c.networking_config.unwrap().endpoints_config.unwrap();
+        assert_eq!(eps["warden-l1"].aliases, Some(vec!["main".to_owned()]));
+        let bound = &h.port_bindings.as_ref().unwrap()["8080/tcp"]
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!(bound.host_ip.as_deref(), Some("127.0.0.1"));
         assert!(h.mounts.is_none() && h.binds.is_none() && h.devices.is_none());
         assert_eq!(h.pid_mode, None);
         let dr = &h.device_requests.unwrap()[0];

@@ -24,12 +24,12 @@ use bollard::{
     errors::Error as BollardError,
     models::{
         ContainerStateStatusEnum, ContainerSummaryStateEnum, CreateImageInfo, EventMessage,
-        HealthStatusEnum,
+        HealthStatusEnum, NetworkCreateRequest,
     },
     query_parameters::{
         CreateContainerOptions, CreateImageOptions, EventsOptions, ImportImageOptions,
-        InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
-        StartContainerOptions, StopContainerOptions,
+        InspectContainerOptions, InspectNetworkOptions, ListContainersOptions, ListNetworksOptions,
+        RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
     },
     ClientVersion, API_DEFAULT_VERSION,
 };
@@ -437,6 +437,75 @@ impl Docker {
             .await
             .map_err(|e| self.error("list containers", e))?;
         Ok(list.into_iter().filter_map(|c| c.id).collect())
+    }
+
+    /// Creates a lease's own bridge network (labelled like its containers)
+    /// unless one of that name exists; returns whether it was created.
+    /// Docker keeps separate bridge networks apart (its isolation chains),
+    /// so one lease's containers have no route to another's.
+    pub async fn ensure_network(
+        &self,
+        name: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<bool, DockerError> {
+        match self
+            .api
+            .inspect_network(name, None::<InspectNetworkOptions>)
+            .await
+        {
+            Ok(_) => return Ok(false),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {}
+            Err(e) => return Err(self.error(format!("inspect network {name}"), e)),
+        }
+        let request = NetworkCreateRequest {
+            name: name.to_owned(),
+            driver: Some("bridge".into()),
+            internal: Some(false),
+            attachable: Some(false),
+            enable_ipv6: Some(false),
+            labels: Some(labels),
+            options: Some(HashMap::from([(
+                // Containers of one lease talk to each other.
+                "com.docker.network.bridge.enable_icc".to_owned(),
+                "true".to_owned(),
+            )])),
+            ..Default::default()
+        };
+        self.api
+            .create_network(request)
+            .await
+            .map_err(|e| self.error(format!("create network {name}"), e))?;
+        Ok(true)
+    }
+
+    /// Removes a network; one already gone is not an error.
+    pub async fn remove_network(&self, name: &str) -> Result<(), DockerError> {
+        match self.api.remove_network(name).await {
+            Ok(())
+            | Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(self.error(format!("remove network {name}"), e)),
+        }
+    }
+
+    /// Every network labelled warden.managed=true: name and labels.
+    pub async fn list_managed_networks(
+        &self,
+    ) -> Result<Vec<(String, HashMap<String, String>)>, DockerError> {
+        let list = self
+            .api
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(managed_filter(false)),
+            }))
+            .await
+            .map_err(|e| self.error("list networks", e))?;
+        Ok(list
+            .into_iter()
+            .map(|n| (n.name.unwrap_or_default(), n.labels.unwrap_or_default()))
+            .collect())
     }
 
     /// The host sources of every writable bind mount and volume of the

@@ -311,6 +311,9 @@ impl State {
                 tracing::warn!(%lease, %name, id = %m.id, "left a managed container alone: the lease book was unusable");
             }
         }
+        if self.trusted {
+            self.remove_stale_networks(&docker).await;
+        }
         for lease in self.book.leases.values_mut() {
             for c in &mut lease.containers {
                 if !seen.contains(&(lease.id.clone(), c.name.clone())) && c.state != "missing" {
@@ -327,6 +330,30 @@ impl State {
         }
         self.save();
         self.report(events).await;
+    }
+
+    /// Removes this node's lease networks whose lease is not active (its
+    /// containers are gone by now: reconcile removed them first).
+    async fn remove_stale_networks(&self, docker: &Docker) {
+        let networks = match docker.list_managed_networks().await {
+            Ok(n) => n,
+            Err(e) => return tracing::warn!(error = %e, "cannot list managed networks"),
+        };
+        for (name, labels) in networks {
+            let owner = labels.get(LABEL_NODE).map(String::as_str).unwrap_or("");
+            let lease = labels.get(LABEL_LEASE).map(String::as_str).unwrap_or("");
+            if owner != self.w.node_id || self.book.leases.contains_key(lease) {
+                continue;
+            }
+            match docker.remove_network(&name).await {
+                Ok(()) => {
+                    tracing::info!(%lease, network = %name, "removed the network of no active lease")
+                }
+                Err(e) => {
+                    tracing::warn!(%lease, network = %name, error = %e, "cannot remove a stale lease network")
+                }
+            }
+        }
     }
 
     /// Follows one Docker event of a managed container.
@@ -488,13 +515,18 @@ impl State {
             containers: Vec::new(),
         };
         for spec in &ls.containers {
-            match self.start_container(&docker, &lease, spec).await {
+            let started = match self.ensure_network(&docker, &lease.id, spec).await {
+                Ok(()) => self.start_container(&docker, &lease, spec).await,
+                Err(e) => Err(e),
+            };
+            match started {
                 Ok(c) => lease.containers.push(c),
                 Err(e) => {
                     // All or nothing: what this lease already started goes.
                     for c in &lease.containers {
                         let _ = docker.stop_and_remove(&c.id, Duration::from_secs(1)).await;
                     }
+                    self.remove_network(&docker, &lease.id).await;
                     return Err(e);
                 }
             }
@@ -557,6 +589,41 @@ impl State {
             health: String::new(),
             time_unix_ms: created_ms,
         })
+    }
+
+    /// Makes the lease's own network before its first container that
+    /// needs one (a lease adopted from before networks were per lease gets
+    /// one for its next container).
+    async fn ensure_network(
+        &self,
+        docker: &Docker,
+        lease_id: &str,
+        spec: &pb::ContainerSpec,
+    ) -> Result<(), String> {
+        if !confine::wants_network(spec) {
+            return Ok(());
+        }
+        let name = confine::network_name(lease_id);
+        let labels = confine::network_labels(&confine::Owner {
+            lease_id,
+            node_id: &self.w.node_id,
+        });
+        if docker
+            .ensure_network(&name, labels)
+            .await
+            .map_err(|e| format!("lease network: {e}"))?
+        {
+            tracing::info!(lease = %lease_id, network = %name, "lease network created");
+        }
+        Ok(())
+    }
+
+    /// Removes a lease's network, saying so if it cannot.
+    async fn remove_network(&self, docker: &Docker, lease_id: &str) {
+        let name = confine::network_name(lease_id);
+        if let Err(e) = docker.remove_network(&name).await {
+            tracing::warn!(lease = %lease_id, network = %name, error = %e, "cannot remove the lease network");
+        }
     }
 
     /// The spec with each mount source resolved on the host (no symlink
@@ -653,6 +720,7 @@ impl State {
             // The lease stays so that ending it again retries what is left.
             return Err(format!("could not remove: {}", errors.join("; ")));
         }
+        self.remove_network(&docker, &lease.id).await;
         self.book.leases.remove(&lease.id);
         self.save();
         tracing::info!(lease = %lease.id, "lease ended; its containers are removed");
@@ -677,6 +745,7 @@ impl State {
         }
         confine::check(&spec, &self.w.config).map_err(|e| e.to_string())?;
         let docker = self.docker()?;
+        self.ensure_network(&docker, &lease.id, &spec).await?;
         let c = self.start_container(&docker, &lease, &spec).await?;
         let state = c.to_pb(&lease.id);
         if let Some(l) = self.book.leases.get_mut(&rc.lease_id) {
