@@ -1,128 +1,150 @@
-//! `warden verify` on lease bundles: an honest bundle holds (exit 0), and a
-//! bundle tampered each way the spec lists is rejected (exit 1) naming the
-//! rule it breaks.
+//! `warden verify` against the conformance vectors in `tests/vectors/`:
+//! the files are exactly what the generator (`warden_proto::vectors`)
+//! makes, and the binary fails exactly the rules each one lists. Also the
+//! trust flags: nothing holds on the bundle's own keys unless asked.
+//!
+//! `WARDEN_WRITE_VECTORS=1 cargo test --test verify` rewrites the files.
 
-use std::{path::Path, process::Command};
-
-use warden_proto::{
-    bundle::Bundle,
-    chain::{self, Head},
-    dsse::Signer,
-    pb::{self, Envelope},
-    types,
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
 };
 
+use serde_json::Value;
+use warden_proto::vectors;
+
 const WARDEN: &str = env!("CARGO_BIN_EXE_warden");
-const LEASE: &str = "l-0123456789abcdef";
-const T1: i64 = 1_700_000_000_000;
-const EPOCH: i64 = 10_000;
 
-struct Evidence {
-    node: Signer,
-    coord: Signer,
-    attestations: Vec<pb::Attestation>,
-    start_ids: Vec<String>,
-    challenges: Vec<Envelope>,
+fn vectors_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
 }
 
-/// An honest lease of `n` epochs with one challenge answered in epoch 2, and
-/// a restart of the agent before epoch 4 (a new start id, the chain goes on).
-fn evidence(n: usize) -> Evidence {
-    let node = Signer::from_seed(&[21; 32]);
-    let coord = Signer::from_seed(&[42; 32]);
-    let attestations = (0..n)
-        .map(|i| pb::Attestation {
-            lease_id: LEASE.into(),
-            window_start_unix_ms: T1 + i as i64 * EPOCH,
-            window_end_unix_ms: T1 + (i as i64 + 1) * EPOCH,
-            sampled_ms: EPOCH - 100,
-            gpus: vec![pb::GpuWindow {
-                uuid: "GPU-a".into(),
-                samples: 10,
-                util_min: 90,
-                util_mean: 95.0,
-                util_max: 99,
-                ..Default::default()
-            }],
-            challenges: if i == 1 {
-                vec![b"nonce-42".to_vec()]
-            } else {
-                vec![]
-            },
-            ..Default::default()
-        })
-        .collect();
-    let challenge = coord.sign_message(
-        types::CHALLENGE,
-        &pb::Challenge {
-            node_id: node.key_id().into(),
-            lease_id: LEASE.into(),
-            nonce: b"nonce-42".to_vec(),
-            issued_unix_ms: T1 + 12_000,
-            deadline_unix_ms: T1 + 2 * EPOCH + 5_000,
-        },
-    );
-    Evidence {
-        node,
-        coord,
-        attestations,
-        start_ids: (0..n)
-            .map(|i| if i < 3 { "start-1" } else { "start-2" }.to_owned())
-            .collect(),
-        challenges: vec![challenge],
-    }
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap() + "\n"
 }
 
-impl Evidence {
-    /// Links and signs the attestations as the agent does, then the proof.
-    fn bundle(&self) -> Bundle {
-        let mut head = Head::default();
-        let records: Vec<Envelope> = self
-            .attestations
-            .iter()
-            .zip(&self.start_ids)
-            .enumerate()
-            .map(|(i, (a, start_id))| {
-                let mut a = a.clone();
-                head.link(&mut a);
-                let seq = a.lease_seq;
-                let env = self.record(i as u64 * 4 + 7, start_id, pb::record::Body::Attestation(a));
-                head.advance(seq, &env.payload);
-                env
-            })
-            .collect();
-        let t2 = T1 + self.attestations.len() as i64 * EPOCH;
-        let proof = chain::proof_for(LEASE, T1, t2, &records);
-        Bundle {
-            lease_id: LEASE.into(),
-            node_key: self.node.verifying_key(),
-            coordinator_key: Some(self.coord.verifying_key()),
-            proof: Some(self.record(9999, "start-2", pb::record::Body::LeaseProof(proof))),
-            records,
-            challenges: self.challenges.clone(),
-            verdict: None,
+#[test]
+fn the_vector_files_are_what_the_generator_makes() {
+    let dir = vectors_dir();
+    let cases = vectors::cases();
+    if std::env::var_os("WARDEN_WRITE_VECTORS").is_some() {
+        for old in std::fs::read_dir(&dir).unwrap().flatten() {
+            if old.path().extension().is_some_and(|e| e == "json") {
+                std::fs::remove_file(old.path()).unwrap();
+            }
+        }
+        for c in &cases {
+            std::fs::write(dir.join(format!("{}.json", c.name)), pretty(&c.to_json())).unwrap();
         }
     }
-
-    fn record(&self, seq: u64, start_id: &str, body: pb::record::Body) -> Envelope {
-        self.node.sign_message(
-            types::RECORD,
-            &pb::Record {
-                node_id: self.node.key_id().into(),
-                seq,
-                time_unix_ms: T1,
-                start_id: start_id.into(),
-                body: Some(body),
-            },
-        )
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    on_disk.sort();
+    let mut names: Vec<String> = cases.iter().map(|c| format!("{}.json", c.name)).collect();
+    names.sort();
+    assert_eq!(on_disk, names, "regenerate with WARDEN_WRITE_VECTORS=1");
+    for c in &cases {
+        let text = std::fs::read_to_string(dir.join(format!("{}.json", c.name))).unwrap();
+        assert!(
+            text == pretty(&c.to_json()),
+            "{} differs from the generator's: regenerate with WARDEN_WRITE_VECTORS=1",
+            c.name
+        );
     }
 }
 
-fn run(dir: &Path, bundle: &serde_json::Value) -> (bool, String, String) {
+/// `warden verify` with the vector's trust and parameters, as flags.
+fn verify_vector(file: &Path, v: &Value) -> Output {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("bundle.json");
+    std::fs::write(&bundle, v["bundle"].to_string()).unwrap();
+    let mut cmd = Command::new(WARDEN);
+    cmd.arg("verify").arg(&bundle).arg("--json");
+    let t = &v["trust"];
+    if let Some(k) = t["coordinator_public_key"].as_str() {
+        cmd.args(["--coordinator-key", k]);
+    }
+    if let Some(k) = t["node_public_key"].as_str() {
+        cmd.args(["--node-key", k]);
+    }
+    if t["self_asserted"] == true {
+        cmd.arg("--self-asserted");
+    }
+    let p = &v["params"];
+    cmd.args(["--now", &p["now_unix_ms"].to_string()])
+        .args(["--max-skew-ms", &p["max_skew_ms"].to_string()])
+        .args(["--min-coverage", &p["min_coverage"].to_string()])
+        .args(["--max-delay-ms", &p["max_delay_ms"].to_string()]);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.code().is_some(),
+        "{}: killed by a signal",
+        file.display()
+    );
+    out
+}
+
+#[test]
+fn warden_verify_fails_exactly_the_rules_of_every_vector() {
+    let mut wrong = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(vectors_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 40, "only {} vectors", files.len());
+    for file in &files {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+        let out = verify_vector(file, &v);
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let mut got: Vec<String> = report["failures"]
+            .as_array()
+            .map(|f| {
+                f.iter()
+                    .map(|f| f["rule"].as_str().unwrap_or("?").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        got.sort();
+        let expected: Vec<String> = v["expected"]["failures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap().to_owned())
+            .collect();
+        let holds = v["expected"]["holds"] == true;
+        if got != expected || out.status.success() != holds || report["holds"] != holds {
+            wrong.push(format!(
+                "{}: exit {:?}, expected {expected:?}, got {got:?}\n{}",
+                file.display(),
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
+}
+
+fn valid_bundle(dir: &Path) -> (PathBuf, Value) {
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(vectors_dir().join("valid.json")).unwrap())
+            .unwrap();
     let path = dir.join("bundle.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(bundle).unwrap()).unwrap();
+    std::fs::write(&path, v["bundle"].to_string()).unwrap();
+    (path, v)
+}
+
+fn verify(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(WARDEN)
-        .args(["verify", path.to_str().unwrap()])
+        .arg("verify")
+        .args(args)
+        .args(["--now", &(vectors::T1 + 3_600_000).to_string()])
         .output()
         .unwrap();
     (
@@ -132,141 +154,130 @@ fn run(dir: &Path, bundle: &serde_json::Value) -> (bool, String, String) {
     )
 }
 
-fn rejected(dir: &Path, bundle: &serde_json::Value, rule: &str) {
-    let (ok, _, err) = run(dir, bundle);
-    assert!(!ok, "a bundle breaking {rule} was accepted");
-    assert!(
-        err.lines().any(|l| l.starts_with(&format!("{rule}: "))),
-        "expected {rule}:\n{err}"
-    );
-}
-
 #[test]
-fn an_honest_bundle_holds_with_its_restart_visible() {
+fn trust_is_pinned_never_taken_from_the_bundle() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = evidence(6).bundle().to_json();
-    let (ok, out, err) = run(tmp.path(), &b);
-    assert!(ok, "{out}\n{err}");
-    assert!(out.contains("HOLDS"));
-    assert!(out.contains("6 records, lease seq 1..6"), "{out}");
-    assert!(out.contains("1 restarts: start-1, start-2"), "{out}");
-    assert!(out.contains("challenges  1 answered"));
-}
+    let (bundle, v) = valid_bundle(tmp.path());
+    let bundle = bundle.to_str().unwrap();
+    let key = v["trust"]["coordinator_public_key"].as_str().unwrap();
 
-#[test]
-fn every_kind_of_tampering_is_rejected_with_its_reason() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let ev = evidence(6);
-    let honest = ev.bundle().to_json();
-
-    // A flipped byte in a record: its signature fails.
-    let mut b = honest.clone();
-    let p = b["records"][2]["payload"].as_str().unwrap().to_owned();
-    let mut bytes = base64_decode(&p);
-    bytes[3] ^= 0x10;
-    b["records"][2]["payload"] = base64_encode(&bytes).into();
-    rejected(dir, &b, "bad-signature");
-
-    // The bundle claims another node key.
-    let mut b = honest.clone();
-    b["node_public_key"] = Signer::from_seed(&[5; 32])
-        .verifying_key()
-        .to_base64()
-        .into();
-    rejected(dir, &b, "wrong-key");
-
-    // A record removed, a record repeated.
-    let mut b = honest.clone();
-    b["records"].as_array_mut().unwrap().remove(3);
-    rejected(dir, &b, "seq-gap");
-    let mut b = honest.clone();
-    let dup = b["records"][1].clone();
-    b["records"].as_array_mut().unwrap().insert(2, dup);
-    rejected(dir, &b, "seq-repeat");
-
-    // The agent's own key, misused: re-signed records that break the rules.
-    let forged = |f: &dyn Fn(&mut Evidence)| {
-        let mut e = evidence(6);
-        f(&mut e);
-        e.bundle().to_json()
-    };
-    // A record swapped for another with the right seq but different content:
-    // the next link no longer matches.
-    let mut b = honest.clone();
-    let other = forged(&|e| e.attestations[2].sampled_ms = 1);
-    b["records"][2] = other["records"][2].clone();
-    rejected(dir, &b, "broken-link");
-    rejected(
-        dir,
-        &forged(&|e| e.attestations[3].window_start_unix_ms -= 3_000),
-        "window-overlap",
-    );
-    rejected(
-        dir,
-        &forged(&|e| e.attestations[3].window_end_unix_ms = e.attestations[3].window_start_unix_ms),
-        "window-backward",
-    );
-    rejected(
-        dir,
-        &forged(&|e| {
-            let last = e.attestations.len() - 1;
-            e.attestations[last].window_end_unix_ms += 3_600_000;
-        }),
-        "window-outside-lease",
-    );
-    // Epochs far in the future of this machine's clock.
-    rejected(
-        dir,
-        &forged(&|e| {
-            for a in &mut e.attestations {
-                a.window_start_unix_ms += 10 * 365 * 86_400_000;
-                a.window_end_unix_ms += 10 * 365 * 86_400_000;
-            }
-        }),
-        "window-future",
-    );
-    rejected(
-        dir,
-        &forged(&|e| e.attestations[1].challenges.clear()),
-        "missing-challenge",
-    );
-    rejected(
-        dir,
-        &forged(&|e| {
-            e.attestations
-                .iter_mut()
-                .for_each(|a| a.sampled_ms = EPOCH / 2)
-        }),
-        "low-coverage",
-    );
-    // A proof that disagrees with the records.
-    let mut b = honest.clone();
-    let other = forged(&|e| e.start_ids = vec!["start-1".to_owned(); 6]);
-    b["proof"] = other["proof"].clone();
-    rejected(dir, &b, "proof-mismatch");
-    // A challenge the coordinator did not sign.
-    let mut b = honest.clone();
-    b["challenges"][0]["signatures"][0]["sig"] = base64_encode(&[0u8; 64]).into();
-    rejected(dir, &b, "bad-challenge");
-}
-
-#[test]
-fn a_malformed_bundle_is_an_error_naming_the_field() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut b = evidence(2).bundle().to_json();
-    b["records"] = "nope".into();
-    let (ok, _, err) = run(tmp.path(), &b);
+    // No key pinned: it does not hold, and says why.
+    let (ok, _, err) = verify(&[bundle]);
     assert!(!ok);
-    assert!(err.contains("records"), "{err}");
+    assert!(
+        err.contains("untrusted: no coordinator key is pinned"),
+        "{err}"
+    );
+
+    // Pinned on the command line, from a file, or from a keys file.
+    let (ok, out, err) = verify(&[bundle, "--coordinator-key", key]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("coordinator key") && out.contains("(pinned)"),
+        "{out}"
+    );
+    assert!(out.trim_end().ends_with("HOLDS"), "{out}");
+    let key_file = tmp.path().join("coordinator.pub");
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    let (ok, _, err) = verify(&[bundle, "--coordinator-key", key_file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let keys = tmp.path().join("keys");
+    let node = v["bundle"]["node_public_key"].as_str().unwrap();
+    std::fs::write(
+        &keys,
+        format!("# trusted\ncoordinator {key}\nnode {node}\n"),
+    )
+    .unwrap();
+    let (ok, out, err) = verify(&[bundle, "--keys", keys.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("node key") && out.ends_with("HOLDS\n"),
+        "{out}"
+    );
+
+    // Another coordinator's key: nothing it signed verifies.
+    let other = warden_proto::dsse::Signer::from_seed(&[3; 32])
+        .verifying_key()
+        .to_base64();
+    let (ok, _, err) = verify(&[bundle, "--coordinator-key", &other]);
+    assert!(!ok);
+    assert!(
+        err.contains("bad-verdict") && err.contains("bad-countersignature"),
+        "{err}"
+    );
+    // Another node key pinned.
+    let (ok, _, err) = verify(&[bundle, "--coordinator-key", key, "--node-key", &other]);
+    assert!(!ok);
+    assert!(err.contains("wrong-key: the bundle's node key"), "{err}");
+
+    // Self-asserted: allowed only when asked, and said so.
+    let (ok, out, _) = verify(&[bundle, "--self-asserted"]);
+    assert!(ok);
+    assert!(out.contains("HOLDS (SELF-ASSERTED"), "{out}");
+    assert!(out.contains("bundle (self-asserted)"), "{out}");
+
+    // A bad key on the command line is an error naming it.
+    let (ok, _, err) = verify(&[bundle, "--coordinator-key", "nope"]);
+    assert!(!ok);
+    assert!(err.contains("--coordinator-key `nope`"), "{err}");
 }
 
-fn base64_decode(s: &str) -> Vec<u8> {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+#[test]
+fn a_bundle_that_is_not_one_is_an_error_naming_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (bundle, v) = valid_bundle(tmp.path());
+    let mut b = v["bundle"].clone();
+    b["format"] = "warden.lease-bundle.v1".into();
+    std::fs::write(&bundle, b.to_string()).unwrap();
+    let (ok, _, err) = verify(&[bundle.to_str().unwrap(), "--self-asserted"]);
+    assert!(!ok);
+    assert!(err.contains("predates countersignatures"), "{err}");
+    let mut b = v["bundle"].clone();
+    b.as_object_mut().unwrap().remove("node_public_key");
+    std::fs::write(&bundle, b.to_string()).unwrap();
+    let (ok, _, err) = verify(&[bundle.to_str().unwrap(), "--self-asserted"]);
+    assert!(!ok);
+    assert!(err.contains("node_public_key"), "{err}");
 }
 
-fn base64_encode(b: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(b)
+#[test]
+fn the_coordinator_prints_its_key_without_starting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let config = tmp.path().join("coordinator.toml");
+    std::fs::write(&config, format!("state_dir = \"{}\"\n", state.display())).unwrap();
+    let key = |json: bool| {
+        let mut cmd = Command::new(WARDEN);
+        cmd.args(["coordinator", "key", "--config", config.to_str().unwrap()]);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.output().unwrap()
+    };
+    let out = key(false);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no coordinator key") && err.contains("first starts"),
+        "{err}"
+    );
+    assert!(!state.join("coordinator.key").exists(), "nothing is made");
+
+    std::fs::create_dir_all(&state).unwrap();
+    let (signer, _) =
+        warden_proto::identity::load_or_create(&state.join("coordinator.key")).unwrap();
+    let out = key(false);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().next().unwrap(),
+        signer.verifying_key().to_base64()
+    );
+    let out = key(true);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["key_id"], signer.key_id());
 }

@@ -28,6 +28,8 @@ pub const LIVE: &[&str] = &[
     "workload.pids_limit",
     "workload.stop_grace",
     "workload.gpu_driver",
+    "workload.publish_address",
+    "workload.min_host_port",
     "workload.clock_skew",
     "doctor.",
 ];
@@ -242,10 +244,12 @@ max_clock_offset_ms = 1
 docker_socket = "/d.sock"
 allowed_host_paths = ["/data"]
 allowed_capabilities = ["SYS_NICE"]
-default_memory_bytes = 1
+default_memory_bytes = 7000000
 pids_limit = 17
 stop_grace = "3s"
 gpu_driver = "cdi"
+publish_address = "0.0.0.0"
+min_host_port = 80
 clock_skew = "1s"
 [timelock]
 epoch = "20s"

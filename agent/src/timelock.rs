@@ -399,7 +399,9 @@ impl TimeLock {
                 head.advance(seq, &env.payload);
                 state.head_seq = head.lease_seq;
                 state.head_sha256 = head.sha256;
-                state.tally.add(&rec, &a, &env.payload);
+                state
+                    .tally
+                    .add(&rec, &a, warden_proto::dsse::payload_sha256(&env));
             }
             None => {
                 tracing::error!(lease = %a.lease_id, "attestation not spooled (spool full?); the chain has a gap in time")

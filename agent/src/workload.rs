@@ -411,6 +411,7 @@ impl State {
         let skew = self.w.config.clock_skew.as_millis() as i64;
         // Notes that go with a success (peers a mesh config left out).
         let mut note = String::new();
+        let started = matches!(cmd.body, Some(pb::command::Body::LeaseStart(_)));
         let (lease_id, outcome) = match self.book.admit(&cmd, &self.w.node_id, now, skew) {
             Err(e) => (String::new(), Err(e)),
             Ok(()) => {
@@ -447,6 +448,16 @@ impl State {
         let result = match outcome {
             Ok(containers) => pb::CommandResult {
                 command_id: cmd.command_id.clone(),
+                // What "all GPUs" meant here: the GPUs the chain will report.
+                gpu_uuids: if started {
+                    self.book
+                        .leases
+                        .get(&lease_id)
+                        .map(|l| l.gpus.clone())
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
                 lease_id,
                 ok: true,
                 error: note,
@@ -459,7 +470,7 @@ impl State {
                     lease_id,
                     ok: false,
                     error,
-                    containers: Vec::new(),
+                    ..Default::default()
                 }
             }
         };

@@ -39,6 +39,12 @@ pub async fn run(
             let Some(tx) = registry.sender(&lease.node_id) else {
                 continue;
             };
+            // Chained per lease: each names the previous one, so a bundle
+            // cannot drop one unseen.
+            let (index, prev) = match store.last_challenge(&lease.lease_id).await {
+                Ok(last) => last.map_or((1, [0u8; 32]), |(i, d)| (i + 1, d)),
+                Err(_) => return,
+            };
             let now = crate::session::now_ms();
             let challenge = pb::Challenge {
                 node_id: lease.node_id.clone(),
@@ -46,6 +52,8 @@ pub async fn run(
                 nonce: rand::rng().random::<[u8; 16]>().to_vec(),
                 issued_unix_ms: now,
                 deadline_unix_ms: now + cfg.challenge_deadline.as_millis() as i64,
+                index,
+                prev_sha256: prev.to_vec(),
             };
             let env = signer.sign_message(types::CHALLENGE, &challenge);
             // Stored first: a challenge counts once it is sent.

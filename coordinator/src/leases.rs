@@ -60,6 +60,10 @@ pub fn apply_result(info: &mut pb::LeaseInfo, kind: Kind, r: &pb::CommandResult,
         (Kind::LeaseStart, true) => {
             info.state = "running".into();
             info.started_unix_ms = now_ms;
+            // What "all GPUs" meant on the node: the GPUs the chain must report.
+            if info.all_gpus && !r.gpu_uuids.is_empty() {
+                info.gpu_uuids = r.gpu_uuids.clone();
+            }
             info.error.clear();
             merge(&mut info.containers, &r.containers);
         }

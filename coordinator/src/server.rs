@@ -114,6 +114,20 @@ pub async fn start(
         tracing::info!(key = %cfg.key_path().display(), "created coordinator signing key");
     }
     let public_key = signer.verifying_key();
+    // Where operators look for the key verifiers pin (`warden coordinator
+    // key` prints the same): public, so readable by all.
+    let pub_path = cfg.state_dir.join("coordinator.pub");
+    let text = format!("{}\n", public_key.to_base64());
+    if std::fs::read_to_string(&pub_path).ok().as_deref() != Some(text.as_str()) {
+        use std::os::unix::fs::PermissionsExt;
+        let written = std::fs::write(&pub_path, &text).and_then(|()| {
+            std::fs::set_permissions(&pub_path, std::fs::Permissions::from_mode(0o644))
+        });
+        if let Err(e) = written {
+            tracing::warn!(path = %pub_path.display(), error = %e, "cannot write the coordinator's public key");
+        }
+    }
+    tracing::info!(key = %public_key.to_base64(), key_id = %public_key.key_id(), "coordinator signing key (verifiers pin it: `warden coordinator key`)");
     let database = cfg.database_path();
     let store = Store::open(&database)?;
     let registry = Registry::default();

@@ -387,6 +387,17 @@ impl Session {
                     .find(|s| s.keyid == self.key.key_id())
                     .map(|s| s.sig.clone())
                     .unwrap_or_default();
+                let state = node_state(&rec);
+                // An attestation's receipt is the live countersignature of
+                // that link: its lease and lease seq, and when it arrived.
+                let (lease_id, lease_seq) = match &state.chain {
+                    Some(ChainItem::Attestation {
+                        lease_id,
+                        lease_seq,
+                        ..
+                    }) => (lease_id.clone(), *lease_seq),
+                    _ => (String::new(), 0),
+                };
                 let receipt = self.signer.sign_message(
                     types::RECEIPT,
                     &pb::Receipt {
@@ -394,6 +405,8 @@ impl Session {
                         seq: rec.seq,
                         payload_sha256: digest.to_vec(),
                         time_unix_ms: now_ms(),
+                        lease_id,
+                        lease_seq,
                     },
                 );
                 Verdict::Store(Box::new(NewRecord {
@@ -406,7 +419,7 @@ impl Session {
                     payload_sha256: digest,
                     received_ms: now_ms(),
                     receipt: receipt.encode_to_vec(),
-                    state: node_state(&rec),
+                    state,
                 }))
             }
             other => Verdict::Refuse {

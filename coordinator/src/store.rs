@@ -103,9 +103,14 @@ pub struct Evidence {
     pub node_id: String,
     pub node_public_key: Vec<u8>,
     pub records: Vec<pb::Envelope>,
+    /// The coordinator's receipt of each attestation, stored on its first
+    /// arrival: the live countersignatures.
+    pub receipts: Vec<pb::Envelope>,
     pub proof: Option<pb::Envelope>,
     pub challenges: Vec<pb::Envelope>,
     pub verdict: Option<pb::Envelope>,
+    /// The lease as the coordinator keeps it (its GPUs, when it started and ended).
+    pub lease: pb::LeaseInfo,
 }
 
 /// What storing one record did.
@@ -173,6 +178,11 @@ enum Cmd {
     ),
     /// A challenge sent (the signed envelope), counted on the lease.
     PutChallenge(String, pb::Envelope),
+    /// The lease's last challenge: its index and payload digest.
+    LastChallenge(
+        String,
+        oneshot::Sender<Result<Option<(u64, [u8; 32])>, StoreError>>,
+    ),
     /// The coordinator's signed verdict, and what it says.
     PutVerdict(String, pb::Envelope, pb::LeaseVerdict),
     ListLeases(oneshot::Sender<Result<Vec<pb::LeaseInfo>, StoreError>>),
@@ -297,6 +307,17 @@ impl Store {
 
     pub fn put_challenge(&self, lease_id: &str, env: pb::Envelope) {
         let _ = self.send(Cmd::PutChallenge(lease_id.to_owned(), env));
+    }
+
+    /// The index and digest of the lease's last challenge (what the next
+    /// one chains to), if any.
+    pub async fn last_challenge(
+        &self,
+        lease_id: &str,
+    ) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::LastChallenge(lease_id.to_owned(), tx))?;
+        rx.await.map_err(|_| StoreError::Stopped)?
     }
 
     pub fn put_verdict(&self, lease_id: &str, env: pb::Envelope, verdict: pb::LeaseVerdict) {
@@ -543,6 +564,9 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>) {
                         put_lease(&tx, &info)?;
                     }
                 }
+                Cmd::LastChallenge(id, reply) => {
+                    let _ = reply.send(last_challenge(&tx, &id).map_err(StoreError::from));
+                }
                 Cmd::PutVerdict(lease_id, env, v) => {
                     tx.execute(
                         "UPDATE leases SET verdict = ?2 WHERE lease_id = ?1",
@@ -780,24 +804,30 @@ fn evidence(conn: &Connection, lease_id: &str) -> rusqlite::Result<Option<Eviden
         return Ok(None);
     };
     let mut stmt = conn.prepare(
-        "SELECT lr.kind, r.payload_type, r.payload, r.keyid, r.sig FROM lease_records lr
+        "SELECT lr.kind, r.payload_type, r.payload, r.keyid, r.sig, rc.envelope FROM lease_records lr
          JOIN records r ON r.node_id = lr.node_id AND r.seq = lr.seq
-         WHERE lr.lease_id = ?1 ORDER BY lr.seq",
+         JOIN receipts rc ON rc.node_id = lr.node_id AND rc.seq = lr.seq
+         WHERE lr.lease_id = ?1 ORDER BY lr.lease_seq, lr.seq",
     )?;
     let mut records = Vec::new();
+    let mut receipts = Vec::new();
     let mut proof = None;
     let rows = stmt.query_map([lease_id], |r| {
         Ok((
             r.get::<_, String>(0)?,
             envelope(r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?),
+            r.get::<_, Vec<u8>>(5)?,
         ))
     })?;
     for row in rows {
-        let (kind, env) = row?;
+        let (kind, env, receipt) = row?;
         if kind == "proof" {
             proof = Some(env);
         } else {
             records.push(env);
+            if let Ok(r) = pb::Envelope::decode(receipt.as_slice()) {
+                receipts.push(r);
+            }
         }
     }
     let mut stmt = conn
@@ -806,14 +836,35 @@ fn evidence(conn: &Connection, lease_id: &str) -> rusqlite::Result<Option<Eviden
         .query_map([lease_id], |r| r.get::<_, Vec<u8>>(0))?
         .filter_map(|b| b.ok().and_then(|b| pb::Envelope::decode(b.as_slice()).ok()))
         .collect();
+    let lease = get_lease(conn, lease_id)?.unwrap_or_default();
     Ok(Some(Evidence {
         node_id,
         node_public_key,
         records,
+        receipts,
         proof,
         challenges,
         verdict: verdict.and_then(|b| pb::Envelope::decode(b.as_slice()).ok()),
+        lease,
     }))
+}
+
+fn last_challenge(conn: &Connection, lease_id: &str) -> rusqlite::Result<Option<(u64, [u8; 32])>> {
+    let blob: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT envelope FROM challenges WHERE lease_id = ?1 ORDER BY issued_ms DESC, rowid DESC LIMIT 1",
+            [lease_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(blob
+        .and_then(|b| pb::Envelope::decode(b.as_slice()).ok())
+        .map(|env| {
+            let index = pb::Challenge::decode(env.payload.as_slice())
+                .map(|c| c.index)
+                .unwrap_or(0);
+            (index, warden_proto::dsse::payload_sha256(&env))
+        }))
 }
 
 fn put_lease(tx: &rusqlite::Transaction, info: &pb::LeaseInfo) -> rusqlite::Result<()> {

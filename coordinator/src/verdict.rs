@@ -1,34 +1,99 @@
 //! The coordinator's judgement of a lease: when the proof arrives, the
-//! whole chain is verified against it (`warden_proto::chain`), and a signed
-//! verdict is stored with the lease and included in its bundle.
+//! whole evidence is checked (`warden_proto::chain::judge`), and a signed
+//! verdict committing to what the coordinator holds is stored with the
+//! lease and included in its bundle.
 
 use warden_proto::{
     bundle::Bundle,
-    chain::Params,
-    dsse::{KeyError, Signer, VerifyingKey},
+    chain::{self, rule, Chain, Item, Params},
+    dsse::{self, KeyError, Signer, VerifyingKey},
     pb, types,
 };
 
 use crate::store::{Evidence, Store};
 
 /// The lease's evidence as a bundle (the same thing `warden verify` reads).
+/// The keys it carries are hints; a verifier pins the coordinator's.
 pub fn bundle(
     lease_id: &str,
     ev: &Evidence,
     coordinator: &VerifyingKey,
 ) -> Result<Bundle, KeyError> {
+    let items = |v: &[pb::Envelope]| v.iter().cloned().map(Ok).collect::<Vec<Item>>();
     Ok(Bundle {
         lease_id: lease_id.to_owned(),
         node_key: VerifyingKey::from_bytes(&ev.node_public_key)?,
         coordinator_key: Some(coordinator.clone()),
-        records: ev.records.clone(),
-        proof: ev.proof.clone(),
-        challenges: ev.challenges.clone(),
-        verdict: ev.verdict.clone(),
+        records: items(&ev.records),
+        receipts: items(&ev.receipts),
+        proof: ev.proof.clone().map(Ok),
+        challenges: items(&ev.challenges),
+        verdict: ev.verdict.clone().map(Ok),
     })
 }
 
-/// Verifies a lease whose proof has been stored, signs the verdict and stores it.
+/// The verdict on a lease's evidence, as of `now`: every rule of the chain,
+/// plus T1/T2 checked against when this coordinator saw the lease start and
+/// end (a node cannot move its lease in time).
+pub fn verdict(
+    ev: &Evidence,
+    signer: &Signer,
+    params: &Params,
+    now: i64,
+) -> Result<pb::LeaseVerdict, KeyError> {
+    let node_key = VerifyingKey::from_bytes(&ev.node_public_key)?;
+    let ckey = signer.verifying_key();
+    let items = |v: &[pb::Envelope]| v.iter().cloned().map(Ok).collect::<Vec<Item>>();
+    let (records, receipts, challenges) = (
+        items(&ev.records),
+        items(&ev.receipts),
+        items(&ev.challenges),
+    );
+    let proof = ev.proof.clone().map(Ok);
+    let lease = &ev.lease;
+    let mut report = chain::judge(
+        &Chain {
+            lease_id: &lease.lease_id,
+            node_key: &node_key,
+            coordinator_key: Some(&ckey),
+            records: &records,
+            receipts: &receipts,
+            proof: proof.as_ref(),
+            challenges: &challenges,
+            verdict: None,
+        },
+        params,
+        &lease.gpu_uuids,
+    );
+    let (t1, t2) = (report.summary.t1_unix_ms, report.summary.t2_unix_ms);
+    let skew = params.max_skew_ms;
+    // The node's T1 is when its containers started: after the lease was
+    // made here, and before the node's answer saying so arrived.
+    if lease.started_unix_ms > 0
+        && (t1 < lease.created_unix_ms - skew || t1 > lease.started_unix_ms + skew)
+    {
+        report.fail(
+            rule::PROOF_MISMATCH,
+            format!(
+                "t1 {t1} is outside [{}, {}], when this coordinator made the lease and heard it started",
+                lease.created_unix_ms, lease.started_unix_ms
+            ),
+        );
+    }
+    if lease.ended_unix_ms > 0 && (t2 < lease.started_unix_ms || t2 > lease.ended_unix_ms + skew) {
+        report.fail(
+            rule::PROOF_MISMATCH,
+            format!(
+                "t2 {t2} is outside [{}, {}], when this coordinator heard the lease start and end",
+                lease.started_unix_ms, lease.ended_unix_ms
+            ),
+        );
+    }
+    let last = ev.challenges.last().map(dsse::payload_sha256);
+    Ok(chain::verdict_for(&report, &lease.gpu_uuids, last, now))
+}
+
+/// Judges a lease whose proof has been stored, signs the verdict and stores it.
 pub async fn judge(store: &Store, signer: &Signer, lease_id: &str, min_coverage: f64) {
     let ev = match store.evidence(lease_id).await {
         Ok(Some(ev)) => ev,
@@ -37,29 +102,21 @@ pub async fn judge(store: &Store, signer: &Signer, lease_id: &str, min_coverage:
             return tracing::error!(lease = lease_id, error = %e, "cannot read the lease's evidence")
         }
     };
-    let b = match bundle(lease_id, &ev, &signer.verifying_key()) {
-        Ok(b) => b,
-        Err(e) => return tracing::error!(lease = lease_id, error = %e, "bad node key"),
-    };
-    let report = b.verify(&Params {
+    let now = crate::session::now_ms();
+    let params = Params {
         min_coverage,
-        now_unix_ms: crate::session::now_ms(),
+        now_unix_ms: now,
         ..Default::default()
-    });
-    let verdict = pb::LeaseVerdict {
-        lease_id: lease_id.to_owned(),
-        node_id: ev.node_id.clone(),
-        holds: report.holds(),
-        reasons: report.failures.iter().map(|f| f.to_string()).collect(),
-        coverage: report.summary.coverage,
-        head_sha256: report.summary.head_sha256.to_vec(),
-        time_unix_ms: crate::session::now_ms(),
+    };
+    let verdict = match verdict(&ev, signer, &params, now) {
+        Ok(v) => v,
+        Err(e) => return tracing::error!(lease = lease_id, error = %e, "bad node key"),
     };
     if verdict.holds {
         tracing::info!(
             lease = lease_id,
             coverage = verdict.coverage,
-            records = report.summary.records,
+            records = ev.records.len(),
             "lease proof holds"
         );
     } else {

@@ -2,22 +2,25 @@
 //! by `warden verify` (or any verifier written from docs/attestation.md).
 //!
 //! ```json
-//! {"format": "warden.lease-bundle.v1", "lease_id": "…",
+//! {"format": "warden.lease-bundle.v2", "lease_id": "…",
 //!  "node_public_key": "<base64>", "coordinator_public_key": "<base64>",
-//!  "records": [<DSSE JSON envelope>…], "proof": <DSSE JSON envelope>,
-//!  "challenges": [<DSSE JSON envelope>…], "verdict": <DSSE JSON envelope or null>}
+//!  "records": [<DSSE JSON envelope>…], "receipts": [<DSSE JSON envelope>…],
+//!  "proof": <envelope or null>, "challenges": [<envelope>…], "verdict": <envelope or null>}
 //! ```
+//!
+//! The keys a bundle carries are hints, never trust: a verifier checks the
+//! coordinator's signatures with a key it was given (`Trust`), and the
+//! node's key is bound to the lease by what that coordinator signed.
 
 use serde_json::{json, Value};
 
 use crate::{
-    chain::{self, Chain, Params, Report},
+    chain::{self, rule, Chain, Item, Params, Report},
     dsse::{self, VerifyingKey},
-    pb::Envelope,
 };
 
 /// The `format` a bundle of this version carries.
-pub const FORMAT: &str = "warden.lease-bundle.v1";
+pub const FORMAT: &str = "warden.lease-bundle.v2";
 
 /// A lease's evidence.
 #[derive(Debug, Clone)]
@@ -25,19 +28,54 @@ pub struct Bundle {
     pub lease_id: String,
     pub node_key: VerifyingKey,
     pub coordinator_key: Option<VerifyingKey>,
-    pub records: Vec<Envelope>,
-    pub proof: Option<Envelope>,
-    pub challenges: Vec<Envelope>,
-    pub verdict: Option<Envelope>,
+    pub records: Vec<Item>,
+    pub receipts: Vec<Item>,
+    pub proof: Option<Item>,
+    pub challenges: Vec<Item>,
+    pub verdict: Option<Item>,
 }
 
-/// Why a file is not a bundle.
+/// The keys a verifier holds before it opens a bundle.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    /// The coordinator's key, pinned (from its operator, `warden
+    /// coordinator key`): what makes the verdict, the countersignatures and
+    /// the challenges evidence.
+    pub coordinator_key: Option<VerifyingKey>,
+    /// The node's key, if the verifier pins it too; otherwise the bundle's,
+    /// bound to the lease by the coordinator's verdict and receipts.
+    pub node_key: Option<VerifyingKey>,
+    /// Take the bundle's own keys where none is pinned, and say so: a
+    /// self-asserted check, which proves nothing against the node's owner.
+    pub self_asserted: bool,
+}
+
+/// Where each key used came from, for the report.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeysUsed {
+    pub coordinator_key_id: Option<String>,
+    /// `pinned`, `bundle (self-asserted)`, `bundle (untrusted)` or `none`.
+    pub coordinator_key_source: &'static str,
+    pub node_key_id: String,
+    /// `pinned` or `bundle`.
+    pub node_key_source: &'static str,
+}
+
+/// Why a file is not a bundle at all. (A malformed envelope inside one is
+/// not this: it fails a rule.)
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     #[error("bundle: {0}")]
     Shape(String),
     #[error("bundle: {field}: {reason}")]
     Field { field: String, reason: String },
+}
+
+fn item_json(item: &Item) -> Value {
+    match item {
+        Ok(env) => dsse::to_json(env),
+        Err(_) => Value::Null,
+    }
 }
 
 impl Bundle {
@@ -47,10 +85,11 @@ impl Bundle {
             "lease_id": self.lease_id,
             "node_public_key": self.node_key.to_base64(),
             "coordinator_public_key": self.coordinator_key.as_ref().map(|k| k.to_base64()),
-            "records": self.records.iter().map(dsse::to_json).collect::<Vec<_>>(),
-            "proof": self.proof.as_ref().map(dsse::to_json),
-            "challenges": self.challenges.iter().map(dsse::to_json).collect::<Vec<_>>(),
-            "verdict": self.verdict.as_ref().map(dsse::to_json),
+            "records": self.records.iter().map(item_json).collect::<Vec<_>>(),
+            "receipts": self.receipts.iter().map(item_json).collect::<Vec<_>>(),
+            "proof": self.proof.as_ref().map(item_json),
+            "challenges": self.challenges.iter().map(item_json).collect::<Vec<_>>(),
+            "verdict": self.verdict.as_ref().map(item_json),
         })
     }
 
@@ -59,6 +98,9 @@ impl Bundle {
             field: name.to_owned(),
             reason,
         };
+        if !v.is_object() {
+            return Err(BundleError::Shape("not a JSON object".into()));
+        }
         let str_field = |name: &str| -> Result<String, BundleError> {
             v.get(name)
                 .and_then(Value::as_str)
@@ -66,32 +108,31 @@ impl Bundle {
                 .ok_or_else(|| field(name, "missing or not a string".into()))
         };
         let format = str_field("format")?;
+        if format == "warden.lease-bundle.v1" {
+            return Err(field(
+                "format",
+                format!("`{format}` predates countersignatures; export the lease again ({FORMAT})"),
+            ));
+        }
         if format != FORMAT {
             return Err(field("format", format!("`{format}` is not {FORMAT}")));
         }
         let key = |name: &str, text: String| {
             VerifyingKey::parse(&text).map_err(|e| field(name, e.to_string()))
         };
-        let envelopes = |name: &str| -> Result<Vec<Envelope>, BundleError> {
+        // A malformed envelope keeps its place, to fail a rule there.
+        let envelope = |e: &Value| dsse::from_json(e).map_err(|err| err.to_string());
+        let envelopes = |name: &str| -> Result<Vec<Item>, BundleError> {
             match v.get(name) {
                 None | Some(Value::Null) => Ok(Vec::new()),
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, e)| {
-                        dsse::from_json(e)
-                            .map_err(|err| field(&format!("{name}[{i}]"), err.to_string()))
-                    })
-                    .collect(),
+                Some(Value::Array(items)) => Ok(items.iter().map(envelope).collect()),
                 Some(_) => Err(field(name, "not an array".into())),
             }
         };
-        let one = |name: &str| -> Result<Option<Envelope>, BundleError> {
+        let one = |name: &str| -> Option<Item> {
             match v.get(name) {
-                None | Some(Value::Null) => Ok(None),
-                Some(e) => dsse::from_json(e)
-                    .map(Some)
-                    .map_err(|err| field(name, err.to_string())),
+                None | Some(Value::Null) => None,
+                Some(e) => Some(envelope(e)),
             }
         };
         Ok(Bundle {
@@ -103,66 +144,80 @@ impl Bundle {
                 Some(_) => return Err(field("coordinator_public_key", "not a string".into())),
             },
             records: envelopes("records")?,
-            proof: one("proof")?,
+            receipts: envelopes("receipts")?,
+            proof: one("proof"),
             challenges: envelopes("challenges")?,
-            verdict: one("verdict")?,
+            verdict: one("verdict"),
         })
     }
 
-    /// Checks everything the bundle holds.
-    pub fn verify(&self, params: &Params) -> Report {
-        chain::verify(
+    /// Checks everything the bundle holds with the keys of `trust`.
+    pub fn verify(&self, trust: &Trust, params: &Params) -> (Report, KeysUsed) {
+        let mut pre = Vec::new();
+        let (coordinator_key, coordinator_key_source) = match (
+            &trust.coordinator_key,
+            &self.coordinator_key,
+        ) {
+            (Some(k), _) => (Some(k.clone()), "pinned"),
+            (None, Some(k)) if trust.self_asserted => (Some(k.clone()), "bundle (self-asserted)"),
+            (None, found) => {
+                if !trust.self_asserted {
+                    pre.push((
+                            rule::UNTRUSTED,
+                            "no coordinator key is pinned: the bundle's own keys prove nothing against the node's owner (pass the coordinator's key)".to_owned(),
+                        ));
+                }
+                (
+                    found.clone(),
+                    if found.is_some() {
+                        "bundle (untrusted)"
+                    } else {
+                        "none"
+                    },
+                )
+            }
+        };
+        let (node_key, node_key_source) = match &trust.node_key {
+            Some(k) => {
+                if k.key_id() != self.node_key.key_id() {
+                    pre.push((
+                        rule::WRONG_KEY,
+                        format!(
+                            "the bundle's node key {} is not the pinned node key {}",
+                            self.node_key.key_id(),
+                            k.key_id()
+                        ),
+                    ));
+                }
+                (k.clone(), "pinned")
+            }
+            None => (self.node_key.clone(), "bundle"),
+        };
+        let mut report = chain::verify(
             &Chain {
                 lease_id: &self.lease_id,
-                node_key: &self.node_key,
+                node_key: &node_key,
+                coordinator_key: coordinator_key.as_ref(),
                 records: &self.records,
+                receipts: &self.receipts,
                 proof: self.proof.as_ref(),
                 challenges: &self.challenges,
-                coordinator_key: self.coordinator_key.as_ref(),
+                verdict: self.verdict.as_ref(),
             },
             params,
-        )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{dsse::Signer, pb, types};
-
-    #[test]
-    fn round_trips_and_names_bad_fields() {
-        let node = Signer::from_seed(&[3; 32]);
-        let b = Bundle {
-            lease_id: "l-1".into(),
-            node_key: node.verifying_key(),
-            coordinator_key: None,
-            records: vec![node.sign_message(types::RECORD, &pb::Record::default())],
-            proof: None,
-            challenges: vec![],
-            verdict: None,
+        );
+        let mut failures: Vec<_> = pre
+            .into_iter()
+            .map(|(rule, detail)| chain::Failure { rule, detail })
+            .collect();
+        failures.append(&mut report.failures);
+        report.failures = failures;
+        let keys = KeysUsed {
+            coordinator_key_id: coordinator_key.map(|k| k.key_id().to_owned()),
+            coordinator_key_source,
+            node_key_id: node_key.key_id().to_owned(),
+            node_key_source,
         };
-        let v = b.to_json();
-        let back = Bundle::from_json(&v).unwrap();
-        assert_eq!(back.records, b.records);
-        assert_eq!(back.node_key.key_id(), node.key_id());
-        let mut bad = v.clone();
-        bad["format"] = "x".into();
-        assert!(Bundle::from_json(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("format"));
-        let mut bad = v.clone();
-        bad["records"][0]["payload"] = "***".into();
-        assert!(Bundle::from_json(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("records[0]"));
-        let mut bad = v;
-        bad["node_public_key"] = "short".into();
-        assert!(Bundle::from_json(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("node_public_key"));
+        (report, keys)
     }
 }

@@ -1,12 +1,18 @@
-//! Verification of a lease's attestation chain and proof: the rules of
-//! docs/attestation.md ("Verifying a lease"), as pure functions. The
-//! coordinator runs them live and again at lease end; `warden verify` runs
-//! them offline on a bundle.
+//! Verification of a lease's evidence: the rules of docs/attestation.md
+//! ("Verifying a lease"), as pure functions. The coordinator runs them at
+//! lease end to sign its verdict; `warden verify` runs them offline on a
+//! bundle, with keys it was given (never the bundle's own).
 //!
-//! Every failure is reported with a stable rule name (the reason string of
-//! the spec) and a detail; verification does not stop at the first one.
+//! The node's key signs the chain and the proof; the coordinator's key
+//! signs what the node cannot rewrite afterwards: a countersignature
+//! (receipt) of each attestation as it arrived, the challenges (chained),
+//! and the verdict, which commits to the chain's head, its last seq, T1/T2,
+//! the last challenge, the leased GPUs and the countersigned coverage.
+//!
+//! Every failure is reported with a stable rule name and a detail;
+//! verification does not stop at the first one.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message;
 
@@ -16,38 +22,85 @@ use crate::{
     types,
 };
 
-/// The rule names, as the spec lists them.
+/// The rule names, as the spec lists them, in the order they are checked.
 pub mod rule {
+    pub const UNTRUSTED: &str = "untrusted";
+    pub const NO_VERDICT: &str = "no-verdict";
+    pub const BAD_VERDICT: &str = "bad-verdict";
+    pub const NO_PROOF: &str = "no-proof";
     pub const BAD_SIGNATURE: &str = "bad-signature";
     pub const WRONG_KEY: &str = "wrong-key";
     pub const BAD_PAYLOAD: &str = "bad-payload";
     pub const WRONG_NODE: &str = "wrong-node";
     pub const WRONG_LEASE: &str = "wrong-lease";
-    pub const SEQ_GAP: &str = "seq-gap";
     pub const SEQ_REPEAT: &str = "seq-repeat";
+    pub const SEQ_GAP: &str = "seq-gap";
     pub const BROKEN_LINK: &str = "broken-link";
     pub const WINDOW_BACKWARD: &str = "window-backward";
     pub const WINDOW_OVERLAP: &str = "window-overlap";
     pub const WINDOW_OUTSIDE: &str = "window-outside-lease";
     pub const WINDOW_FUTURE: &str = "window-future";
+    pub const WRONG_GPUS: &str = "wrong-gpus";
+    pub const EMPTY_CHAIN: &str = "empty-chain";
+    pub const BAD_COUNTERSIGNATURE: &str = "bad-countersignature";
+    pub const MISSING_COUNTERSIGNATURE: &str = "missing-countersignature";
     pub const BAD_CHALLENGE: &str = "bad-challenge";
+    pub const BROKEN_CHALLENGE_CHAIN: &str = "broken-challenge-chain";
     pub const MISSING_CHALLENGE: &str = "missing-challenge";
     pub const LOW_COVERAGE: &str = "low-coverage";
-    pub const NO_PROOF: &str = "no-proof";
     pub const PROOF_MISMATCH: &str = "proof-mismatch";
-    pub const EMPTY_CHAIN: &str = "empty-chain";
+    pub const VERDICT_MISMATCH: &str = "verdict-mismatch";
+
+    /// Every rule, in check order.
+    pub const ALL: &[&str] = &[
+        UNTRUSTED,
+        NO_VERDICT,
+        BAD_VERDICT,
+        NO_PROOF,
+        BAD_SIGNATURE,
+        WRONG_KEY,
+        BAD_PAYLOAD,
+        WRONG_NODE,
+        WRONG_LEASE,
+        SEQ_REPEAT,
+        SEQ_GAP,
+        BROKEN_LINK,
+        WINDOW_BACKWARD,
+        WINDOW_OVERLAP,
+        WINDOW_OUTSIDE,
+        WINDOW_FUTURE,
+        WRONG_GPUS,
+        EMPTY_CHAIN,
+        BAD_COUNTERSIGNATURE,
+        MISSING_COUNTERSIGNATURE,
+        BAD_CHALLENGE,
+        BROKEN_CHALLENGE_CHAIN,
+        MISSING_CHALLENGE,
+        LOW_COVERAGE,
+        PROOF_MISMATCH,
+        VERDICT_MISMATCH,
+    ];
 }
+
+/// The holder verdicts an attestation may carry.
+pub const HOLDER_VERDICTS: &[&str] = &["lease-container", "agent", "allowlisted", "foreign"];
 
 /// What a verifier tolerates.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Params {
     /// Clock difference allowed between node, coordinator and verifier.
     pub max_skew_ms: i64,
-    /// Least acceptable coverage (sampled time over lease time).
+    /// Least acceptable countersigned coverage.
     pub min_coverage: f64,
     /// The verifier's clock: no window may end after `now + max_skew`.
     pub now_unix_ms: i64,
+    /// An attestation countersigned more than this after its window ended
+    /// proves nothing live: its window counts as not covered.
+    pub max_delay_ms: i64,
 }
+
+/// The lateness bound of docs/attestation.md: two minutes.
+pub const MAX_DELAY_MS: i64 = 120_000;
 
 impl Default for Params {
     fn default() -> Self {
@@ -55,12 +108,13 @@ impl Default for Params {
             max_skew_ms: 5_000,
             min_coverage: 0.9,
             now_unix_ms: i64::MAX / 2,
+            max_delay_ms: MAX_DELAY_MS,
         }
     }
 }
 
 /// One broken rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Failure {
     pub rule: &'static str,
     pub detail: String,
@@ -72,31 +126,53 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// What the chain adds up to, whether or not it holds.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// What the evidence adds up to, whether or not it holds.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Summary {
     pub lease_id: String,
     pub node_id: String,
+    /// Attestations that verify and belong to this lease.
     pub records: usize,
     pub first_seq: u64,
     pub last_seq: u64,
+    #[serde(with = "hex_bytes")]
     pub head_sha256: [u8; 32],
     pub t1_unix_ms: i64,
     pub t2_unix_ms: i64,
+    /// Sampled time of the windows that count for the node (not blind).
     pub sampled_ms: i64,
+    /// `sampled_ms / (t2 − t1)`: what the proof must state.
+    pub claimed_coverage: f64,
+    /// Sampled time of the windows countersigned in time.
+    pub countersigned_ms: i64,
+    /// `countersigned_ms / (t2 − t1)`: what the lease is judged by.
     pub coverage: f64,
+    /// Windows countersigned after the lateness bound.
+    pub late: usize,
+    /// Windows in which the agent could not see (`blind`).
+    pub blind: usize,
     pub foreign_events: u64,
     pub kills: u64,
     pub container_stops: u64,
     pub restarts: u32,
     pub start_ids: Vec<String>,
+    pub challenges: usize,
     pub challenges_answered: usize,
     /// Challenges issued while no window was open (during a gap).
     pub challenges_in_gaps: usize,
+    /// The coordinator's own judgement, when the verdict verifies.
+    pub verdict_holds: Option<bool>,
+    pub gpus: Vec<String>,
+}
+
+mod hex_bytes {
+    pub fn serialize<S: serde::Serializer>(b: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
 }
 
 /// The outcome: it holds when `failures` is empty.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Report {
     pub summary: Summary,
     pub failures: Vec<Failure>,
@@ -107,22 +183,38 @@ impl Report {
         self.failures.is_empty()
     }
 
-    fn fail(&mut self, rule: &'static str, detail: String) {
+    pub fn fail(&mut self, rule: &'static str, detail: String) {
         self.failures.push(Failure { rule, detail });
+    }
+
+    /// The rule names failed, in report order (with repeats).
+    pub fn rules(&self) -> Vec<&'static str> {
+        self.failures.iter().map(|f| f.rule).collect()
     }
 }
 
-/// Everything needed to judge one lease.
+/// One signed item as a bundle holds it: an envelope, or why its JSON is
+/// not one (a malformed envelope is a rule failure, not a refusal of the
+/// whole bundle).
+pub type Item = Result<Envelope, String>;
+
+/// Everything needed to judge one lease, with the keys the caller trusts.
 pub struct Chain<'a> {
     pub lease_id: &'a str,
     pub node_key: &'a VerifyingKey,
-    /// The lease's attestation records, in the order they were made.
-    pub records: &'a [Envelope],
-    /// The signed lease proof, if the lease has ended.
-    pub proof: Option<&'a Envelope>,
-    /// The coordinator's challenges for this lease, and its key to check them.
-    pub challenges: &'a [Envelope],
+    /// `None`: nothing the coordinator signed can be checked, so the lease
+    /// cannot hold.
     pub coordinator_key: Option<&'a VerifyingKey>,
+    /// The lease's attestation records (any order).
+    pub records: &'a [Item],
+    /// The coordinator's countersignatures (receipts) of those records.
+    pub receipts: &'a [Item],
+    /// The signed lease proof, if the lease has ended.
+    pub proof: Option<&'a Item>,
+    /// The coordinator's challenges for this lease.
+    pub challenges: &'a [Item],
+    /// The coordinator's verdict, if it has judged the lease.
+    pub verdict: Option<&'a Item>,
 }
 
 /// The head of a lease's chain: what the next attestation links to. The
@@ -149,54 +241,11 @@ impl Head {
     }
 }
 
-fn sha256(bytes: &[u8]) -> [u8; 32] {
+/// SHA-256 of some bytes.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
     out
-}
-
-/// WRONG_NODE / WRONG_LEASE when a record names another node (`node`:
-/// named, expected) or lease (`lease`: named, expected) than the chain's.
-fn names_this(report: &mut Report, what: &str, node: (&str, &str), lease: (&str, &str)) {
-    if node.0 != node.1 {
-        report.fail(
-            rule::WRONG_NODE,
-            format!("{what}: names node {}, the key is {}", node.0, node.1),
-        );
-    }
-    if lease.0 != lease.1 {
-        report.fail(
-            rule::WRONG_LEASE,
-            format!("{what}: is for lease {}, not {}", lease.0, lease.1),
-        );
-    }
-}
-
-/// Opens one record envelope: signature by the node key, a Record payload.
-fn open_record(
-    env: &Envelope,
-    key: &VerifyingKey,
-    what: &str,
-    report: &mut Report,
-) -> Option<pb::Record> {
-    match dsse::open::<pb::Record>(env, types::RECORD, key) {
-        Ok(r) => Some(r),
-        Err(VerifyError::BadSignature { keyid }) => {
-            report.fail(
-                rule::BAD_SIGNATURE,
-                format!("{what}: the signature by {keyid} does not verify"),
-            );
-            None
-        }
-        Err(e @ (VerifyError::UnknownKey { .. } | VerifyError::NoSignature)) => {
-            report.fail(rule::WRONG_KEY, format!("{what}: {e}"));
-            None
-        }
-        Err(e) => {
-            report.fail(rule::BAD_PAYLOAD, format!("{what}: {e}"));
-            None
-        }
-    }
 }
 
 /// A kill that happened: action `kill` with a signal sent. A decision to
@@ -205,25 +254,251 @@ pub fn is_kill(e: &pb::EnforcementEvent) -> bool {
     e.action == "kill" && e.sigterm_unix_ms > 0
 }
 
-/// Checks a lease's chain (and proof, if given) against every rule.
+/// The sampled time a window contributes: none when the agent was blind,
+/// else `sampled_ms` clamped to the window.
+pub fn window_sampled(a: &pb::Attestation) -> i64 {
+    if !a.blind.is_empty() {
+        return 0;
+    }
+    a.sampled_ms
+        .clamp(0, (a.window_end_unix_ms - a.window_start_unix_ms).max(0))
+}
+
+/// Where a signature check failed, as a rule.
+fn signature_rule(e: &VerifyError) -> &'static str {
+    match e {
+        VerifyError::BadSignature { .. } => rule::BAD_SIGNATURE,
+        VerifyError::UnknownKey { .. } | VerifyError::NoSignature => rule::WRONG_KEY,
+        _ => rule::BAD_PAYLOAD,
+    }
+}
+
+/// Opens a coordinator-signed item as `M`, or says why not under `rule`.
+fn open_coordinator<M: Message + Default>(
+    item: &Item,
+    payload_type: &str,
+    key: Option<&VerifyingKey>,
+    what: &str,
+    rule: &'static str,
+    report: &mut Report,
+) -> Option<(M, [u8; 32])> {
+    let env = match item {
+        Ok(env) => env,
+        Err(e) => {
+            report.fail(rule, format!("{what}: {e}"));
+            return None;
+        }
+    };
+    let Some(key) = key else {
+        report.fail(rule, format!("{what}: no coordinator key to check it with"));
+        return None;
+    };
+    match dsse::open::<M>(env, payload_type, key) {
+        Ok(m) => Some((m, dsse::payload_sha256(env))),
+        Err(e) => {
+            report.fail(rule, format!("{what}: {e}"));
+            None
+        }
+    }
+}
+
+/// One record of the bundle, as far as it could be read.
+struct Read {
+    /// Position in the bundle, from 1.
+    pos: usize,
+    digest: Option<[u8; 32]>,
+    /// The Record and its attestation, if the payload decodes as one
+    /// (whether or not the signature verifies: the seq places it).
+    record: Option<pb::Record>,
+    /// It verifies, decodes, names this node and lease: it counts.
+    valid: bool,
+}
+
+impl Read {
+    fn attestation(&self) -> Option<&pb::Attestation> {
+        match self.record.as_ref()?.body.as_ref()? {
+            pb::record::Body::Attestation(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    fn what(&self) -> String {
+        match self.attestation() {
+            Some(a) => format!("record {} (lease seq {})", self.pos, a.lease_seq),
+            None => format!("record {}", self.pos),
+        }
+    }
+}
+
+/// Reads one record item: signature, payload, naming; the content rules
+/// of a valid attestation are checked later, in chain order.
+fn read_record(
+    pos: usize,
+    item: &Item,
+    key: &VerifyingKey,
+    node_id: &str,
+    lease_id: &str,
+    report: &mut Report,
+) -> Read {
+    let mut r = Read {
+        pos,
+        digest: None,
+        record: None,
+        valid: false,
+    };
+    let env = match item {
+        Ok(env) => env,
+        Err(e) => {
+            report.fail(rule::BAD_PAYLOAD, format!("record {pos}: {e}"));
+            return r;
+        }
+    };
+    r.digest = Some(dsse::payload_sha256(env));
+    let signed = dsse::verify(env, types::RECORD, key);
+    if let Err(e) = &signed {
+        report.fail(signature_rule(e), format!("record {pos}: {e}"));
+        if matches!(
+            e,
+            VerifyError::WrongPayloadType { .. } | VerifyError::TooLarge { .. }
+        ) {
+            return r;
+        }
+    }
+    match pb::Record::decode(env.payload.as_slice()) {
+        Ok(rec) => r.record = Some(rec),
+        Err(e) => {
+            if signed.is_ok() {
+                report.fail(
+                    rule::BAD_PAYLOAD,
+                    format!("record {pos}: the payload is not a Record: {e}"),
+                );
+            }
+            return r;
+        }
+    }
+    if signed.is_err() {
+        return r;
+    }
+    let Some(a) = r.attestation() else {
+        report.fail(
+            rule::BAD_PAYLOAD,
+            format!("record {pos}: the record is not an Attestation"),
+        );
+        return r;
+    };
+    let what = r.what();
+    let rec = r.record.as_ref().expect("decoded above");
+    let mut named = true;
+    if rec.node_id != node_id {
+        report.fail(
+            rule::WRONG_NODE,
+            format!("{what}: names node {}, the key is {node_id}", rec.node_id),
+        );
+        named = false;
+    }
+    if a.lease_id != lease_id {
+        report.fail(
+            rule::WRONG_LEASE,
+            format!("{what}: is for lease {}, not {lease_id}", a.lease_id),
+        );
+        named = false;
+    }
+    r.valid = named;
+    r
+}
+
+/// Checks a lease's evidence against every rule.
 pub fn verify(c: &Chain, p: &Params) -> Report {
+    check(c, p, None)
+}
+
+/// What the coordinator checks before it has a verdict to sign: every rule
+/// but the verdict's own, with the GPUs it leased in place of the verdict's.
+/// `c.verdict` is ignored.
+pub fn judge(c: &Chain, p: &Params, leased_gpus: &[String]) -> Report {
+    check(c, p, Some(leased_gpus))
+}
+
+fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
     let mut report = Report::default();
     let node_id = c.node_key.key_id().to_owned();
+    let ckey = c.coordinator_key;
     report.summary.lease_id = c.lease_id.to_owned();
     report.summary.node_id = node_id.clone();
 
-    // The proof first: it bounds the windows.
+    // 1. The verdict: what the coordinator committed to.
+    let verdict = match c.verdict.filter(|_| judging.is_none()) {
+        None if judging.is_some() => None,
+        None => {
+            report.fail(
+                rule::NO_VERDICT,
+                "the coordinator has not judged the lease (no verdict)".into(),
+            );
+            None
+        }
+        Some(item) => open_coordinator::<pb::LeaseVerdict>(
+            item,
+            types::VERDICT,
+            ckey,
+            "verdict",
+            rule::BAD_VERDICT,
+            &mut report,
+        )
+        .map(|(v, _)| v),
+    };
+    if let Some(v) = &verdict {
+        if v.lease_id != c.lease_id {
+            report.fail(
+                rule::VERDICT_MISMATCH,
+                format!("verdict: is for lease {}, not {}", v.lease_id, c.lease_id),
+            );
+        }
+        if v.node_id != node_id {
+            report.fail(
+                rule::VERDICT_MISMATCH,
+                format!(
+                    "verdict: names node {}, the node key is {node_id}",
+                    v.node_id
+                ),
+            );
+        }
+        report.summary.verdict_holds = Some(v.holds);
+        report.summary.gpus = v.gpus.clone();
+    }
+
+    if let Some(gpus) = judging {
+        report.summary.gpus = gpus.to_vec();
+    }
+
+    // 2. The proof: the node's own totals, and T1/T2.
     let proof = match c.proof {
-        None => None,
-        Some(env) => match open_record(env, c.node_key, "proof", &mut report) {
-            Some(r) => match r.body {
+        None => {
+            report.fail(rule::NO_PROOF, "the lease has no proof (not ended?)".into());
+            None
+        }
+        Some(Err(e)) => {
+            report.fail(rule::BAD_PAYLOAD, format!("proof: {e}"));
+            None
+        }
+        Some(Ok(env)) => match dsse::open::<pb::Record>(env, types::RECORD, c.node_key) {
+            Err(e) => {
+                report.fail(signature_rule(&e), format!("proof: {e}"));
+                None
+            }
+            Ok(rec) => match rec.body {
                 Some(pb::record::Body::LeaseProof(pr)) => {
-                    names_this(
-                        &mut report,
-                        "proof",
-                        (&r.node_id, &node_id),
-                        (&pr.lease_id, c.lease_id),
-                    );
+                    if rec.node_id != node_id {
+                        report.fail(
+                            rule::WRONG_NODE,
+                            format!("proof: names node {}, the key is {node_id}", rec.node_id),
+                        );
+                    }
+                    if pr.lease_id != c.lease_id {
+                        report.fail(
+                            rule::WRONG_LEASE,
+                            format!("proof: is for lease {}, not {}", pr.lease_id, c.lease_id),
+                        );
+                    }
                     Some(pr)
                 }
                 _ => {
@@ -234,108 +509,122 @@ pub fn verify(c: &Chain, p: &Params) -> Report {
                     None
                 }
             },
-            None => None,
         },
     };
+    // The lease's span: the proof's, else the verdict's.
+    let span = proof
+        .as_ref()
+        .map(|pr| (pr.t1_unix_ms, pr.t2_unix_ms))
+        .or_else(|| verdict.as_ref().map(|v| (v.t1_unix_ms, v.t2_unix_ms)));
 
-    let mut prev: Option<(u64, [u8; 32], i64)> = None; // (lease_seq, digest, window end)
-    let mut seen_seqs = BTreeSet::new();
-    let mut nonces: Vec<(Vec<u8>, i64)> = Vec::new(); // (nonce, window end)
-    let mut windows: Vec<(i64, i64)> = Vec::new();
-    let mut tally = Tally::default();
-    let s = &mut report.summary.clone();
-    for (i, env) in c.records.iter().enumerate() {
-        let what = format!("record {}", i + 1);
-        let Some(rec) = open_record(env, c.node_key, &what, &mut report) else {
-            // An unreadable record still counts as a link: the next one cannot be checked against it.
-            prev = prev.map(|(seq, _, end)| (seq + 1, dsse::payload_sha256(env), end));
-            continue;
-        };
-        let Some(pb::record::Body::Attestation(a)) = &rec.body else {
-            report.fail(
-                rule::BAD_PAYLOAD,
-                format!("{what}: the record is not an Attestation"),
-            );
-            continue;
-        };
-        let what = format!("record {} (lease seq {})", i + 1, a.lease_seq);
-        names_this(
-            &mut report,
-            &what,
-            (&rec.node_id, &node_id),
-            (&a.lease_id, c.lease_id),
-        );
-        if !seen_seqs.insert(a.lease_seq) {
-            report.fail(
-                rule::SEQ_REPEAT,
-                format!("{what}: lease seq {} appears twice", a.lease_seq),
-            );
+    // 3. The records, placed by lease seq (bundle order does not matter).
+    let reads: Vec<Read> = c
+        .records
+        .iter()
+        .enumerate()
+        .map(|(i, item)| read_record(i + 1, item, c.node_key, &node_id, c.lease_id, &mut report))
+        .collect();
+    let mut placed: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+    for (i, r) in reads.iter().enumerate() {
+        if let Some(a) = r.attestation() {
+            placed.entry(a.lease_seq).or_default().push(i);
         }
-        let expected_seq = prev.map_or(1, |(seq, _, _)| seq + 1);
-        if a.lease_seq > expected_seq {
+    }
+    // A record that is no attestation still takes the place its successor
+    // links it at, so it is reported once, not again as a gap or a break.
+    for (i, r) in reads.iter().enumerate() {
+        let Some(d) = r.digest.filter(|_| r.attestation().is_none()) else {
+            continue;
+        };
+        let linked_at = reads.iter().find_map(|n| {
+            let a = n.attestation()?;
+            (a.lease_seq >= 2 && a.prev_sha256 == d).then_some(a.lease_seq - 1)
+        });
+        if let Some(seq) = linked_at {
+            placed.entry(seq).or_default().push(i);
+        }
+    }
+    let mut members: BTreeMap<u64, usize> = BTreeMap::new();
+    for (seq, idx) in &placed {
+        let first = idx[0];
+        for &other in &idx[1..] {
+            let detail = if reads[other].digest == reads[first].digest {
+                format!(
+                    "record {} repeats record {} (lease seq {seq})",
+                    reads[other].pos, reads[first].pos
+                )
+            } else {
+                format!(
+                    "records {} and {} both claim lease seq {seq}",
+                    reads[first].pos, reads[other].pos
+                )
+            };
+            report.fail(rule::SEQ_REPEAT, detail);
+        }
+        members.insert(*seq, first);
+    }
+    if let Some((&first, _)) = members.iter().next() {
+        match first {
+            0 => report.fail(
+                rule::SEQ_GAP,
+                "lease seqs start at 1; this chain starts at 0".into(),
+            ),
+            1 => {}
+            n => report.fail(
+                rule::SEQ_GAP,
+                format!("lease seqs 1..{} are missing", n - 1),
+            ),
+        }
+    }
+    let seqs: Vec<u64> = members.keys().copied().collect();
+    for w in seqs.windows(2) {
+        if w[1] > w[0] + 1 {
             report.fail(
                 rule::SEQ_GAP,
-                format!(
-                    "{what}: expected lease seq {expected_seq}, so {}..{} are missing",
-                    expected_seq,
-                    a.lease_seq - 1
-                ),
-            );
-        } else if a.lease_seq < expected_seq
-            && !report
-                .failures
-                .iter()
-                .any(|f| f.rule == rule::SEQ_REPEAT && f.detail.starts_with(&what))
-        {
-            report.fail(
-                rule::SEQ_REPEAT,
-                format!(
-                    "{what}: lease seq goes back from {} to {}",
-                    expected_seq - 1,
-                    a.lease_seq
-                ),
+                format!("lease seqs {}..{} are missing", w[0] + 1, w[1] - 1),
             );
         }
-        let expected_link = prev.map_or([0u8; 32], |(_, d, _)| d);
-        if a.prev_sha256.as_slice() != expected_link {
-            report.fail(
-                rule::BROKEN_LINK,
-                format!(
-                    "{what}: prev_sha256 is {}, the previous record's payload hashes to {}",
-                    hex::encode(&a.prev_sha256),
-                    hex::encode(expected_link)
-                ),
-            );
-        }
-        let (start, end) = (a.window_start_unix_ms, a.window_end_unix_ms);
-        if end <= start {
-            report.fail(
-                rule::WINDOW_BACKWARD,
-                format!("{what}: window [{start}, {end}) does not move forward"),
-            );
-        }
-        if let Some((_, _, prev_end)) = prev {
-            if start < prev_end {
-                report.fail(rule::WINDOW_OVERLAP, format!("{what}: window starts at {start}, before the previous one ended ({prev_end})"));
-            }
-        }
-        if end > p.now_unix_ms.saturating_add(p.max_skew_ms) {
-            report.fail(
-                rule::WINDOW_FUTURE,
-                format!(
-                    "{what}: window ends at {end}, {} ms after the verifier's clock",
-                    end - p.now_unix_ms
-                ),
-            );
-        }
-        if let Some(pr) = &proof {
-            if start < pr.t1_unix_ms - p.max_skew_ms || end > pr.t2_unix_ms + p.max_skew_ms {
+    }
+    for (&seq, &i) in &members {
+        let Some(a) = reads[i].attestation() else {
+            continue;
+        };
+        let expected = if seq == seqs[0] && seq <= 1 {
+            Some([0u8; 32])
+        } else {
+            seq.checked_sub(1)
+                .and_then(|prev| members.get(&prev))
+                .and_then(|&j| reads[j].digest)
+        };
+        if let Some(want) = expected {
+            if a.prev_sha256.as_slice() != want {
                 report.fail(
-                    rule::WINDOW_OUTSIDE,
-                    format!("{what}: window [{start}, {end}) is outside the lease [{}, {}) beyond the allowed skew", pr.t1_unix_ms, pr.t2_unix_ms),
+                    rule::BROKEN_LINK,
+                    format!(
+                        "{}: prev_sha256 is {}, the previous record's payload hashes to {}",
+                        reads[i].what(),
+                        hex::encode(&a.prev_sha256),
+                        hex::encode(want)
+                    ),
                 );
             }
         }
+    }
+
+    // The content of each valid attestation, in chain order.
+    let mut tally = Tally::default();
+    let mut windows: Vec<(i64, i64)> = Vec::new();
+    let mut prev_end: Option<i64> = None;
+    let valid: Vec<usize> = members
+        .values()
+        .copied()
+        .filter(|&i| reads[i].valid)
+        .collect();
+    for &i in &valid {
+        let r = &reads[i];
+        let a = r.attestation().expect("valid records are attestations");
+        let what = r.what();
+        let (start, end) = (a.window_start_unix_ms, a.window_end_unix_ms);
         if a.sampled_ms < 0 || a.sampled_ms > (end - start).max(0) {
             report.fail(
                 rule::BAD_PAYLOAD,
@@ -345,45 +634,168 @@ pub fn verify(c: &Chain, p: &Params) -> Report {
                 ),
             );
         }
-        // The same totals an honest agent signs in its proof.
-        tally.add(&rec, a, &env.payload);
-        for n in &a.challenges {
-            nonces.push((n.clone(), end));
-        }
-        windows.push((start, end));
-        if s.records == 0 {
-            s.t1_unix_ms = start;
-        }
-        s.records += 1;
-        s.t2_unix_ms = end;
-        prev = Some((a.lease_seq.max(expected_seq), tally.head_sha256, end));
-    }
-    s.first_seq = tally.first_seq;
-    s.last_seq = tally.last_seq;
-    s.head_sha256 = tally.head_sha256;
-    s.sampled_ms = tally.sampled_ms;
-    s.foreign_events = tally.foreign_events;
-    s.kills = tally.kills;
-    s.container_stops = tally.container_stops;
-    s.restarts = tally.start_ids.len().saturating_sub(1) as u32;
-    s.start_ids = tally.start_ids;
-
-    // Challenges: each signed by the coordinator, each answered in time.
-    for (i, env) in c.challenges.iter().enumerate() {
-        let what = format!("challenge {}", i + 1);
-        let Some(key) = c.coordinator_key else {
+        if let Some(h) = a
+            .holders
+            .iter()
+            .find(|h| !HOLDER_VERDICTS.contains(&h.verdict.as_str()))
+        {
             report.fail(
-                rule::BAD_CHALLENGE,
-                format!("{what}: no coordinator key to check it with"),
+                rule::BAD_PAYLOAD,
+                format!(
+                    "{what}: holder pid {} has verdict `{}`, not one of {}",
+                    h.pid,
+                    h.verdict,
+                    HOLDER_VERDICTS.join(", ")
+                ),
+            );
+        }
+        if end <= start {
+            report.fail(
+                rule::WINDOW_BACKWARD,
+                format!("{what}: window [{start}, {end}) does not move forward"),
+            );
+        }
+        if let Some(prev_end) = prev_end {
+            if start < prev_end {
+                report.fail(
+                    rule::WINDOW_OVERLAP,
+                    format!("{what}: window starts at {start}, before the previous one ended ({prev_end})"),
+                );
+            }
+        }
+        if let Some((t1, t2)) = span {
+            if start < t1 - p.max_skew_ms || end > t2 + p.max_skew_ms {
+                report.fail(
+                    rule::WINDOW_OUTSIDE,
+                    format!("{what}: window [{start}, {end}) is outside the lease [{t1}, {t2}) beyond the allowed skew"),
+                );
+            }
+        }
+        if end > p.now_unix_ms.saturating_add(p.max_skew_ms) {
+            report.fail(
+                rule::WINDOW_FUTURE,
+                format!(
+                    "{what}: window ends at {end}, {} ms after the verifier's clock",
+                    end.saturating_sub(p.now_unix_ms)
+                ),
+            );
+        }
+        let leased = judging.or(verdict.as_ref().map(|v| v.gpus.as_slice()));
+        if let Some(leased) = leased {
+            let attested: BTreeSet<&str> = a.gpus.iter().map(|g| g.uuid.as_str()).collect();
+            let leased_set: BTreeSet<&str> = leased.iter().map(String::as_str).collect();
+            if attested != leased_set || attested.len() != a.gpus.len() {
+                report.fail(
+                    rule::WRONG_GPUS,
+                    format!(
+                        "{what}: reports GPUs [{}], the lease has [{}]",
+                        a.gpus
+                            .iter()
+                            .map(|g| g.uuid.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        leased.join(", ")
+                    ),
+                );
+            }
+        }
+        tally.add(
+            r.record.as_ref().expect("decoded"),
+            a,
+            r.digest.expect("read"),
+        );
+        windows.push((start, end));
+        prev_end = Some(end);
+    }
+    if valid.is_empty() {
+        report.fail(
+            rule::EMPTY_CHAIN,
+            "the lease has no attestation record that verifies".into(),
+        );
+    }
+
+    // 4. Countersignatures: each valid attestation, countersigned as it arrived.
+    let mut received: BTreeMap<(u64, [u8; 32]), i64> = BTreeMap::new();
+    for (i, item) in c.receipts.iter().enumerate() {
+        let what = format!("receipt {}", i + 1);
+        let Some((rc, _)) = open_coordinator::<pb::Receipt>(
+            item,
+            types::RECEIPT,
+            ckey,
+            &what,
+            rule::BAD_COUNTERSIGNATURE,
+            &mut report,
+        ) else {
+            continue;
+        };
+        if rc.node_id != node_id || rc.lease_id != c.lease_id {
+            report.fail(
+                rule::BAD_COUNTERSIGNATURE,
+                format!(
+                    "{what}: countersigns lease {} of node {}, not lease {} of node {node_id}",
+                    rc.lease_id, rc.node_id, c.lease_id
+                ),
+            );
+            continue;
+        }
+        let Ok(digest) = <[u8; 32]>::try_from(rc.payload_sha256.as_slice()) else {
+            report.fail(
+                rule::BAD_COUNTERSIGNATURE,
+                format!("{what}: payload_sha256 is not 32 bytes"),
             );
             continue;
         };
-        let ch = match dsse::open::<pb::Challenge>(env, types::CHALLENGE, key) {
-            Ok(ch) => ch,
-            Err(e) => {
-                report.fail(rule::BAD_CHALLENGE, format!("{what}: {e}"));
-                continue;
+        let at = received
+            .entry((rc.lease_seq, digest))
+            .or_insert(rc.time_unix_ms);
+        *at = (*at).min(rc.time_unix_ms);
+    }
+    // (lease seq → when received), for the valid attestations countersigned.
+    let mut countersigned: BTreeMap<u64, i64> = BTreeMap::new();
+    let mut s = std::mem::take(&mut report.summary);
+    for &i in &valid {
+        let r = &reads[i];
+        let a = r.attestation().expect("valid");
+        match received.get(&(a.lease_seq, r.digest.expect("read"))) {
+            Some(&at) => {
+                countersigned.insert(a.lease_seq, at);
+                let sampled = window_sampled(a);
+                if at > a.window_end_unix_ms.saturating_add(p.max_delay_ms) {
+                    s.late += 1;
+                } else {
+                    s.countersigned_ms += sampled;
+                }
             }
+            None if ckey.is_some() => report.fail(
+                rule::MISSING_COUNTERSIGNATURE,
+                format!("{}: the coordinator never countersigned it", r.what()),
+            ),
+            None => report.fail(
+                rule::MISSING_COUNTERSIGNATURE,
+                format!(
+                    "{}: no coordinator key to check a countersignature with",
+                    r.what()
+                ),
+            ),
+        }
+        if !a.blind.is_empty() {
+            s.blind += 1;
+        }
+    }
+
+    // 5. Challenges: signed, chained, each answered live.
+    let mut chain_of: BTreeMap<u64, Vec<(pb::Challenge, [u8; 32])>> = BTreeMap::new();
+    for (i, item) in c.challenges.iter().enumerate() {
+        let what = format!("challenge {}", i + 1);
+        let Some((ch, digest)) = open_coordinator::<pb::Challenge>(
+            item,
+            types::CHALLENGE,
+            ckey,
+            &what,
+            rule::BAD_CHALLENGE,
+            &mut report,
+        ) else {
+            continue;
         };
         if ch.lease_id != c.lease_id || ch.node_id != node_id {
             report.fail(
@@ -395,32 +807,98 @@ pub fn verify(c: &Chain, p: &Params) -> Report {
             );
             continue;
         }
-        // Issued once the lease was over: nothing to answer it with.
-        if proof
-            .as_ref()
-            .is_some_and(|pr| ch.issued_unix_ms >= pr.t2_unix_ms)
-        {
-            continue;
+        chain_of.entry(ch.index).or_default().push((ch, digest));
+    }
+    let mut prev_digest = [0u8; 32];
+    let mut expected_index = 1u64;
+    let mut last_digest: Option<[u8; 32]> = None;
+    for (&index, list) in &chain_of {
+        if list.len() > 1 {
+            report.fail(
+                rule::BROKEN_CHALLENGE_CHAIN,
+                format!("{} challenges claim index {index}", list.len()),
+            );
         }
-        // Issued while no window was open (the agent was down): the gap
-        // already costs coverage; the challenge is not counted against it.
+        let (ch, digest) = &list[0];
+        if index != expected_index {
+            report.fail(
+                rule::BROKEN_CHALLENGE_CHAIN,
+                if index > expected_index {
+                    format!("challenges {expected_index}..{} are missing", index - 1)
+                } else {
+                    format!("challenge index {index}: challenges are numbered from 1")
+                },
+            );
+        } else if ch.prev_sha256.as_slice() != prev_digest {
+            report.fail(
+                rule::BROKEN_CHALLENGE_CHAIN,
+                format!(
+                    "challenge {index}: prev_sha256 is {}, the previous challenge hashes to {}",
+                    hex::encode(&ch.prev_sha256),
+                    hex::encode(prev_digest)
+                ),
+            );
+        }
+        prev_digest = *digest;
+        expected_index = index + 1;
+        last_digest = Some(*digest);
+    }
+    let issued = chain_of.values().map(|l| l.len()).sum::<usize>() as u64;
+    s.challenges = issued as usize;
+    if let Some(v) = &verdict {
+        let last = last_digest.map(|d| d.to_vec()).unwrap_or_default();
+        if v.challenges != issued || v.last_challenge_sha256 != last {
+            report.fail(
+                rule::BROKEN_CHALLENGE_CHAIN,
+                format!(
+                    "the verdict counts {} challenges ending with {}; the bundle has {issued} ending with {}",
+                    v.challenges,
+                    hex::encode(&v.last_challenge_sha256),
+                    hex::encode(&last)
+                ),
+            );
+        }
+    }
+    // Nonces answered in valid windows: (nonce, window end, when received).
+    let mut answers: Vec<(&[u8], i64, Option<i64>)> = Vec::new();
+    for &i in &valid {
+        let a = reads[i].attestation().expect("valid");
+        for n in &a.challenges {
+            answers.push((
+                n,
+                a.window_end_unix_ms,
+                countersigned.get(&a.lease_seq).copied(),
+            ));
+        }
+    }
+    for (ch, _) in chain_of.values().map(|l| &l[0]) {
+        let what = format!("challenge {}", ch.index);
+        if span.is_some_and(|(_, t2)| ch.issued_unix_ms >= t2) {
+            continue; // issued once the lease was over
+        }
         if !windows
             .iter()
             .any(|(s, e)| *s <= ch.issued_unix_ms && ch.issued_unix_ms < *e)
         {
+            // Issued while no window was open (the agent was down): the gap
+            // already costs coverage.
             s.challenges_in_gaps += 1;
             continue;
         }
-        let answered = nonces
-            .iter()
-            .any(|(n, end)| *n == ch.nonce && *end <= ch.deadline_unix_ms + p.max_skew_ms);
+        let due = ch.deadline_unix_ms.saturating_add(p.max_skew_ms);
+        let answered = answers.iter().any(|(n, end, at)| {
+            *n == ch.nonce.as_slice()
+                && *end > ch.issued_unix_ms - p.max_skew_ms
+                && *end <= due
+                && at.is_some_and(|at| at <= due)
+        });
         if answered {
             s.challenges_answered += 1;
         } else {
             report.fail(
                 rule::MISSING_CHALLENGE,
                 format!(
-                    "{what}: nonce {} (issued {}, due {}) is in no record ending by its deadline",
+                    "{what}: nonce {} (issued {}, due {}) is in no record made after it was issued and countersigned by its deadline",
                     hex::encode(&ch.nonce),
                     ch.issued_unix_ms,
                     ch.deadline_unix_ms
@@ -429,88 +907,176 @@ pub fn verify(c: &Chain, p: &Params) -> Report {
         }
     }
 
-    if s.records == 0 {
-        report.fail(
-            rule::EMPTY_CHAIN,
-            "the lease has no attestation records".into(),
-        );
-    }
-    // Coverage is over the lease as the proof states it (or the chain's span).
-    let (t1, t2) = proof.as_ref().map_or((s.t1_unix_ms, s.t2_unix_ms), |pr| {
-        (pr.t1_unix_ms, pr.t2_unix_ms)
+    // 6. Totals: coverage, the proof's figures, the verdict's commitments.
+    s.records = valid.len();
+    s.first_seq = tally.first_seq;
+    s.last_seq = members.keys().next_back().copied().unwrap_or(0);
+    let head = members
+        .values()
+        .next_back()
+        .and_then(|&i| reads[i].digest)
+        .unwrap_or_default();
+    s.head_sha256 = head;
+    s.sampled_ms = tally.sampled_ms;
+    s.foreign_events = tally.foreign_events;
+    s.kills = tally.kills;
+    s.container_stops = tally.container_stops;
+    s.restarts = tally.start_ids.len().saturating_sub(1) as u32;
+    s.start_ids = tally.start_ids.clone();
+    let (t1, t2) = span.unwrap_or_else(|| {
+        (
+            windows.first().map_or(0, |w| w.0),
+            windows.last().map_or(0, |w| w.1),
+        )
     });
-    s.coverage = if t2 > t1 {
-        s.sampled_ms as f64 / (t2 - t1) as f64
-    } else {
-        0.0
+    s.t1_unix_ms = t1;
+    s.t2_unix_ms = t2;
+    let ratio = |ms: i64| {
+        if t2 > t1 {
+            ms as f64 / (t2 - t1) as f64
+        } else {
+            0.0
+        }
     };
-    if s.records > 0 && s.coverage < p.min_coverage {
+    s.claimed_coverage = ratio(s.sampled_ms);
+    s.coverage = ratio(s.countersigned_ms);
+    if !valid.is_empty() && s.coverage < p.min_coverage {
         report.fail(
             rule::LOW_COVERAGE,
             format!(
-                "coverage {:.4} is below {:.4} ({} ms sampled of {} ms)",
+                "countersigned coverage {:.4} is below {:.4} ({} ms sampled in windows countersigned in time, of {} ms; {} late, {} blind)",
                 s.coverage,
                 p.min_coverage,
-                s.sampled_ms,
-                t2 - t1
+                s.countersigned_ms,
+                t2 - t1,
+                s.late,
+                s.blind
             ),
         );
     }
-
-    match &proof {
-        None if c.proof.is_none() => {
-            report.fail(rule::NO_PROOF, "the lease has no proof (not ended?)".into())
-        }
-        None => {}
-        Some(pr) => {
-            let mut mismatch = |field: &str, proof: String, chain: String| {
-                if proof != chain {
-                    report.fail(
-                        rule::PROOF_MISMATCH,
-                        format!("{field}: the proof says {proof}, the records say {chain}"),
-                    );
-                }
-            };
-            mismatch(
-                "first_seq",
-                pr.first_seq.to_string(),
-                s.first_seq.to_string(),
-            );
-            mismatch("last_seq", pr.last_seq.to_string(), s.last_seq.to_string());
-            mismatch(
-                "head_sha256",
-                hex::encode(&pr.head_sha256),
-                hex::encode(s.head_sha256),
-            );
-            mismatch(
-                "foreign_events",
-                pr.foreign_events.to_string(),
-                s.foreign_events.to_string(),
-            );
-            mismatch("kills", pr.kills.to_string(), s.kills.to_string());
-            mismatch(
-                "container_stops",
-                pr.container_stops.to_string(),
-                s.container_stops.to_string(),
-            );
-            mismatch("restarts", pr.restarts.to_string(), s.restarts.to_string());
-            if (pr.coverage - s.coverage).abs() > 1e-6 {
-                mismatch(
-                    "coverage",
-                    format!("{:.6}", pr.coverage),
-                    format!("{:.6}", s.coverage),
-                );
-            }
-            if pr.t2_unix_ms <= pr.t1_unix_ms {
+    if let Some(pr) = &proof {
+        let mut mismatch = |field: &str, proof: String, chain: String| {
+            if proof != chain {
                 report.fail(
                     rule::PROOF_MISMATCH,
-                    format!("t2 {} is not after t1 {}", pr.t2_unix_ms, pr.t1_unix_ms),
+                    format!("{field}: the proof says {proof}, the records say {chain}"),
                 );
             }
+        };
+        mismatch(
+            "first_seq",
+            pr.first_seq.to_string(),
+            s.first_seq.to_string(),
+        );
+        mismatch(
+            "last_seq",
+            pr.last_seq.to_string(),
+            tally.last_seq.to_string(),
+        );
+        mismatch(
+            "head_sha256",
+            hex::encode(&pr.head_sha256),
+            if tally.last_seq == 0 {
+                String::new()
+            } else {
+                hex::encode(tally.head_sha256)
+            },
+        );
+        mismatch(
+            "foreign_events",
+            pr.foreign_events.to_string(),
+            s.foreign_events.to_string(),
+        );
+        mismatch("kills", pr.kills.to_string(), s.kills.to_string());
+        mismatch(
+            "container_stops",
+            pr.container_stops.to_string(),
+            s.container_stops.to_string(),
+        );
+        mismatch("restarts", pr.restarts.to_string(), s.restarts.to_string());
+        if (pr.coverage - s.claimed_coverage).abs() > 1e-6 {
+            mismatch(
+                "coverage",
+                format!("{:.6}", pr.coverage),
+                format!("{:.6}", s.claimed_coverage),
+            );
+        }
+        if pr.t2_unix_ms <= pr.t1_unix_ms {
+            report.fail(
+                rule::PROOF_MISMATCH,
+                format!("t2 {} is not after t1 {}", pr.t2_unix_ms, pr.t1_unix_ms),
+            );
         }
     }
-    report.summary = s.clone();
+    if let Some(v) = &verdict {
+        let mut mismatch = |field: &str, verdict: String, here: String| {
+            if verdict != here {
+                report.fail(
+                    rule::VERDICT_MISMATCH,
+                    format!("{field}: the verdict says {verdict}, the bundle says {here}"),
+                );
+            }
+        };
+        if let Some(pr) = &proof {
+            mismatch("t1", v.t1_unix_ms.to_string(), pr.t1_unix_ms.to_string());
+            mismatch("t2", v.t2_unix_ms.to_string(), pr.t2_unix_ms.to_string());
+        }
+        mismatch("last_seq", v.last_seq.to_string(), s.last_seq.to_string());
+        mismatch(
+            "head_sha256",
+            hex::encode(&v.head_sha256),
+            head_hex(&s.head_sha256),
+        );
+        if (v.coverage - s.coverage).abs() > 1e-6 {
+            mismatch(
+                "coverage",
+                format!("{:.6}", v.coverage),
+                format!("{:.6}", s.coverage),
+            );
+        }
+    }
+    report.summary = s;
     report
+}
+
+/// The verdict a coordinator signs for a report of its own evidence: the
+/// commitments are taken from what it holds, so that a bundle changed
+/// afterwards disagrees with them.
+pub fn verdict_for(
+    report: &Report,
+    gpus: &[String],
+    last_challenge_sha256: Option<[u8; 32]>,
+    now_unix_ms: i64,
+) -> pb::LeaseVerdict {
+    let s = &report.summary;
+    let mut gpus = gpus.to_vec();
+    gpus.sort();
+    pb::LeaseVerdict {
+        lease_id: s.lease_id.clone(),
+        node_id: s.node_id.clone(),
+        holds: report.holds(),
+        reasons: report.failures.iter().map(|f| f.to_string()).collect(),
+        coverage: s.coverage,
+        head_sha256: hex::decode(head_hex(&s.head_sha256)).unwrap_or_default(),
+        time_unix_ms: now_unix_ms,
+        t1_unix_ms: s.t1_unix_ms,
+        t2_unix_ms: s.t2_unix_ms,
+        last_seq: s.last_seq,
+        challenges: s.challenges as u64,
+        last_challenge_sha256: last_challenge_sha256
+            .map(|d| d.to_vec())
+            .unwrap_or_default(),
+        gpus,
+    }
+}
+
+/// A chain head in hex; empty when there is none (all zeros: no digest is).
+fn head_hex(head: &[u8; 32]) -> String {
+    if *head == [0; 32] {
+        String::new()
+    } else {
+        hex::encode(head)
+    }
 }
 
 /// Running totals of a lease's chain, kept by the agent as it signs each
@@ -529,16 +1095,15 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Counts one signed attestation record (its Record and payload bytes).
-    pub fn add(&mut self, rec: &pb::Record, a: &pb::Attestation, payload: &[u8]) {
-        if self.first_seq == 0 {
+    /// Counts one signed attestation record (its Record and payload digest).
+    pub fn add(&mut self, rec: &pb::Record, a: &pb::Attestation, payload_sha256: [u8; 32]) {
+        if self.start_ids.is_empty() {
+            // The first record (every record adds its start id if new).
             self.first_seq = a.lease_seq;
         }
         self.last_seq = a.lease_seq;
-        self.head_sha256 = sha256(payload);
-        self.sampled_ms += a
-            .sampled_ms
-            .clamp(0, (a.window_end_unix_ms - a.window_start_unix_ms).max(0));
+        self.head_sha256 = payload_sha256;
+        self.sampled_ms += window_sampled(a);
         self.foreign_events += a.holders.iter().filter(|h| h.verdict == "foreign").count() as u64;
         self.kills += a.enforcement.iter().filter(|e| is_kill(e)).count() as u64;
         self.container_stops += a.enforcement.iter().filter(|e| e.action == "stop").count() as u64;
@@ -581,7 +1146,7 @@ pub fn proof_for(lease_id: &str, t1: i64, t2: i64, records: &[Envelope]) -> pb::
             continue;
         };
         if let Some(pb::record::Body::Attestation(a)) = &rec.body {
-            tally.add(&rec, a, &env.payload);
+            tally.add(&rec, a, dsse::payload_sha256(env));
         }
     }
     tally.proof(lease_id, t1, t2)
@@ -590,359 +1155,92 @@ pub fn proof_for(lease_id: &str, t1: i64, t2: i64, records: &[Envelope]) -> pb::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dsse::Signer;
+    use crate::{
+        bundle::Trust,
+        vectors::{self, Lease},
+    };
 
-    const LEASE: &str = "l-test";
-
-    /// An honest chain: `n` windows of 10 s from t=1_000_000, fully sampled.
-    struct Fixture {
-        node: Signer,
-        coord: Signer,
-        records: Vec<Envelope>,
-        challenges: Vec<Envelope>,
-        t1: i64,
-        t2: i64,
-    }
-
-    fn record(node: &Signer, seq: u64, start_id: &str, a: pb::Attestation) -> Envelope {
-        node.sign_message(
-            types::RECORD,
-            &pb::Record {
-                node_id: node.key_id().to_owned(),
-                seq,
-                time_unix_ms: a.window_end_unix_ms,
-                start_id: start_id.into(),
-                body: Some(pb::record::Body::Attestation(a)),
-            },
-        )
-    }
-
-    fn chain(n: u64) -> Fixture {
-        let node = Signer::from_seed(&[7; 32]);
-        let coord = Signer::from_seed(&[9; 32]);
-        let t1 = 1_000_000;
-        let mut records = Vec::new();
-        let mut head = Head::default();
-        for i in 0..n {
-            let start = t1 + i as i64 * 10_000;
-            let mut a = pb::Attestation {
-                lease_id: LEASE.into(),
-                window_start_unix_ms: start,
-                window_end_unix_ms: start + 10_000,
-                sampled_ms: 10_000,
-                challenges: if i == 1 {
-                    vec![b"nonce-1".to_vec()]
-                } else {
-                    vec![]
-                },
-                ..Default::default()
-            };
-            head.link(&mut a);
-            let env = record(&node, 100 + i * 3, "start-a", a);
-            head.advance(i + 1, &env.payload);
-            records.push(env);
-        }
-        let challenges = vec![coord.sign_message(
-            types::CHALLENGE,
-            &pb::Challenge {
-                node_id: node.key_id().into(),
-                lease_id: LEASE.into(),
-                nonce: b"nonce-1".to_vec(),
-                issued_unix_ms: t1 + 12_000,
-                deadline_unix_ms: t1 + 30_000,
-            },
-        )];
-        Fixture {
-            node,
-            coord,
-            records,
-            challenges,
-            t1,
-            t2: t1 + n as i64 * 10_000,
-        }
-    }
-
-    impl Fixture {
-        fn proof(&self) -> Envelope {
-            self.proof_with(|_| {})
-        }
-
-        fn proof_with(&self, f: impl FnOnce(&mut pb::LeaseProof)) -> Envelope {
-            let mut p = proof_for(LEASE, self.t1, self.t2, &self.records);
-            f(&mut p);
-            self.node.sign_message(
-                types::RECORD,
-                &pb::Record {
-                    node_id: self.node.key_id().into(),
-                    seq: 999,
-                    time_unix_ms: self.t2,
-                    start_id: "start-a".into(),
-                    body: Some(pb::record::Body::LeaseProof(p)),
-                },
-            )
-        }
-
-        fn verify_with(&self, records: &[Envelope], proof: &Envelope) -> Report {
-            let key = self.node.verifying_key();
-            let ckey = self.coord.verifying_key();
-            verify(
-                &Chain {
-                    lease_id: LEASE,
-                    node_key: &key,
-                    records,
-                    proof: Some(proof),
-                    challenges: &self.challenges,
-                    coordinator_key: Some(&ckey),
-                },
-                &Params::default(),
-            )
-        }
-
-        fn rules(&self, records: &[Envelope], proof: &Envelope) -> Vec<&'static str> {
-            let mut r: Vec<_> = self
-                .verify_with(records, proof)
-                .failures
-                .iter()
-                .map(|f| f.rule)
-                .collect();
-            r.dedup();
-            r
-        }
-    }
-
-    /// Re-signs a record after `f` changed its attestation (a forger with the key).
-    fn resign(node: &Signer, env: &Envelope, f: impl FnOnce(&mut pb::Attestation)) -> Envelope {
-        let mut rec = pb::Record::decode(env.payload.as_slice()).unwrap();
-        if let Some(pb::record::Body::Attestation(a)) = rec.body.as_mut() {
-            f(a);
-        }
-        node.sign_message(types::RECORD, &rec)
-    }
-
-    #[test]
-    fn an_honest_chain_holds() {
-        let fx = chain(6);
-        let r = fx.verify_with(&fx.records, &fx.proof());
-        assert!(r.holds(), "{:?}", r.failures);
-        assert_eq!(r.summary.records, 6);
-        assert_eq!((r.summary.first_seq, r.summary.last_seq), (1, 6));
-        assert_eq!(r.summary.coverage, 1.0);
-        assert_eq!(r.summary.challenges_answered, 1);
-        assert_eq!(r.summary.restarts, 0);
-    }
-
-    #[test]
-    fn each_tampering_is_named() {
-        let fx = chain(5);
-        let proof = fx.proof();
-        // A flipped byte: the signature no longer verifies.
-        let mut recs = fx.records.clone();
-        recs[2].payload[5] ^= 1;
-        assert!(fx.rules(&recs, &proof).contains(&rule::BAD_SIGNATURE));
-        // Signed by another key.
-        let other = Signer::from_seed(&[1; 32]);
-        let mut recs = fx.records.clone();
-        recs[1] = other.sign(types::RECORD, recs[1].payload.clone());
-        assert!(fx.rules(&recs, &proof).contains(&rule::WRONG_KEY));
-        // A record dropped: a gap, and the next link is broken.
-        let mut recs = fx.records.clone();
-        recs.remove(2);
-        let r = fx.rules(&recs, &proof);
-        assert!(
-            r.contains(&rule::SEQ_GAP) && r.contains(&rule::BROKEN_LINK),
-            "{r:?}"
-        );
-        // A record repeated.
-        let mut recs = fx.records.clone();
-        recs.insert(3, recs[2].clone());
-        assert!(fx.rules(&recs, &proof).contains(&rule::SEQ_REPEAT));
-        // Re-signed with a wrong link.
-        let mut recs = fx.records.clone();
-        recs[3] = resign(&fx.node, &recs[3], |a| a.prev_sha256 = vec![1; 32]);
-        assert!(fx.rules(&recs, &proof).contains(&rule::BROKEN_LINK));
-        // Overlapping and backward windows.
-        let mut recs = fx.records.clone();
-        recs[2] = resign(&fx.node, &recs[2], |a| a.window_start_unix_ms -= 5_000);
-        assert!(fx.rules(&recs, &proof).contains(&rule::WINDOW_OVERLAP));
-        let mut recs = fx.records.clone();
-        recs[2] = resign(&fx.node, &recs[2], |a| {
-            a.window_end_unix_ms = a.window_start_unix_ms - 1
-        });
-        assert!(fx.rules(&recs, &proof).contains(&rule::WINDOW_BACKWARD));
-        // A window beyond the lease and the allowed skew.
-        let mut recs = fx.records.clone();
-        let last = recs.len() - 1;
-        recs[last] = resign(&fx.node, &recs[last], |a| a.window_end_unix_ms += 60_000);
-        assert!(fx.rules(&recs, &proof).contains(&rule::WINDOW_OUTSIDE));
-        // Coverage too low.
-        let mut recs = fx.records.clone();
-        recs[0] = resign(&fx.node, &recs[0], |a| a.sampled_ms = 0);
-        recs[1] = resign(&fx.node, &recs[1], |a| a.sampled_ms = 0);
-        assert!(fx.rules(&recs, &proof).contains(&rule::LOW_COVERAGE));
-        // The challenge left unanswered.
-        let mut recs = fx.records.clone();
-        recs[1] = resign(&fx.node, &recs[1], |a| a.challenges.clear());
-        assert!(fx.rules(&recs, &proof).contains(&rule::MISSING_CHALLENGE));
-        // A proof that disagrees with the records.
-        for f in [
-            (|p: &mut pb::LeaseProof| p.last_seq += 1) as fn(&mut pb::LeaseProof),
-            |p| p.head_sha256 = vec![0; 32],
-            |p| p.coverage = 0.5,
-            |p| p.kills = 3,
-            |p| p.restarts = 1,
-        ] {
-            assert_eq!(
-                fx.rules(&fx.records, &fx.proof_with(f)),
-                [rule::PROOF_MISMATCH]
-            );
-        }
-    }
-
-    #[test]
-    fn future_windows_and_foreign_challenges() {
-        let fx = chain(3);
-        let key = fx.node.verifying_key();
-        let ckey = fx.coord.verifying_key();
-        let proof = fx.proof();
-        let params = Params {
-            now_unix_ms: fx.t1 + 15_000,
+    fn pinned(l: &Lease) -> Trust {
+        Trust {
+            coordinator_key: Some(l.coordinator().verifying_key()),
             ..Default::default()
-        };
-        let r = verify(
-            &Chain {
-                lease_id: LEASE,
-                node_key: &key,
-                records: &fx.records,
-                proof: Some(&proof),
-                challenges: &fx.challenges,
-                coordinator_key: Some(&ckey),
-            },
-            &params,
-        );
-        assert!(
-            r.failures.iter().any(|f| f.rule == rule::WINDOW_FUTURE),
-            "{:?}",
-            r.failures
-        );
-        // A challenge not signed by the coordinator is not evidence either way.
-        let forged = fx
-            .node
-            .sign_message(types::CHALLENGE, &pb::Challenge::default());
-        let r = verify(
-            &Chain {
-                lease_id: LEASE,
-                node_key: &key,
-                records: &fx.records,
-                proof: Some(&proof),
-                challenges: &[forged],
-                coordinator_key: Some(&ckey),
-            },
-            &Params::default(),
-        );
-        assert_eq!(
-            r.failures.iter().map(|f| f.rule).collect::<Vec<_>>(),
-            [rule::BAD_CHALLENGE]
-        );
+        }
+    }
+
+    fn run(ev: &vectors::Evidence) -> Report {
+        ev.bundle().verify(&pinned(&ev.lease), &vectors::params()).0
     }
 
     #[test]
-    fn a_restart_is_visible_and_still_holds() {
-        let fx = chain(4);
-        // Records 3 and 4 come from a new agent process: new start id, same chain.
-        let mut recs = fx.records[..2].to_vec();
-        let mut prev = sha256(&recs[1].payload);
-        for env in &fx.records[2..] {
-            let mut rec = pb::Record::decode(env.payload.as_slice()).unwrap();
-            rec.start_id = "start-b".into();
-            if let Some(pb::record::Body::Attestation(a)) = rec.body.as_mut() {
-                a.prev_sha256 = prev.to_vec();
-            }
-            let e = fx.node.sign_message(types::RECORD, &rec);
-            prev = sha256(&e.payload);
-            recs.push(e);
-        }
-        let fx2 = Fixture {
-            records: recs.clone(),
-            ..chain(4)
-        };
-        let r = fx2.verify_with(&recs, &fx2.proof());
+    fn an_honest_lease_holds_with_its_figures() {
+        let ev = Lease::honest(6, 2).sign();
+        let r = run(&ev);
         assert!(r.holds(), "{:?}", r.failures);
-        assert_eq!(r.summary.restarts, 1);
-        assert_eq!(r.summary.start_ids, ["start-a", "start-b"]);
+        let s = &r.summary;
+        assert_eq!((s.records, s.first_seq, s.last_seq), (6, 1, 6));
+        assert_eq!((s.coverage, s.claimed_coverage), (1.0, 1.0));
+        assert_eq!((s.challenges, s.challenges_answered), (2, 2));
+        assert_eq!((s.late, s.blind, s.restarts), (0, 0, 0));
+        assert_eq!(s.verdict_holds, Some(true));
+        assert_eq!(s.gpus.len(), 2);
     }
 
     #[test]
-    fn challenges_issued_in_a_gap_are_not_required() {
-        let node = Signer::from_seed(&[7; 32]);
-        let coord = Signer::from_seed(&[9; 32]);
-        let mut head = Head::default();
-        let mut records = Vec::new();
-        // [0, 10 s), then the agent is down until 15 s, then [15 s, 25 s).
-        for (i, (start, end)) in [(0i64, 10_000i64), (15_000, 25_000)]
-            .into_iter()
-            .enumerate()
-        {
-            let mut a = pb::Attestation {
-                lease_id: LEASE.into(),
-                window_start_unix_ms: start,
-                window_end_unix_ms: end,
-                sampled_ms: end - start,
-                ..Default::default()
-            };
-            head.link(&mut a);
-            let env = record(&node, i as u64 + 1, "s", a);
-            head.advance(i as u64 + 1, &env.payload);
-            records.push(env);
-        }
-        let challenge = |issued: i64| {
-            coord.sign_message(
-                types::CHALLENGE,
-                &pb::Challenge {
-                    node_id: node.key_id().into(),
-                    lease_id: LEASE.into(),
-                    nonce: issued.to_le_bytes().to_vec(),
-                    issued_unix_ms: issued,
-                    deadline_unix_ms: issued + 5_000,
-                },
-            )
-        };
-        let proof = node.sign_message(
-            types::RECORD,
-            &pb::Record {
-                node_id: node.key_id().into(),
-                seq: 3,
-                time_unix_ms: 0,
-                start_id: "s".into(),
-                body: Some(pb::record::Body::LeaseProof(proof_for(
-                    LEASE, 0, 25_000, &records,
-                ))),
-            },
-        );
-        let (key, ckey) = (node.verifying_key(), coord.verifying_key());
-        let run = |challenges: &[Envelope]| {
-            verify(
-                &Chain {
-                    lease_id: LEASE,
-                    node_key: &key,
-                    records: &records,
-                    proof: Some(&proof),
-                    challenges,
-                    coordinator_key: Some(&ckey),
-                },
-                &Params {
-                    min_coverage: 0.5,
-                    ..Default::default()
-                },
-            )
-        };
-        let r = run(&[challenge(12_000)]);
+    fn a_late_window_is_not_covered_but_is_not_a_failure() {
+        let mut l = Lease::honest(10, 1);
+        l.delays_ms[3] = MAX_DELAY_MS + 1;
+        let r = run(&l.sign());
         assert!(r.holds(), "{:?}", r.failures);
-        assert_eq!(r.summary.challenges_in_gaps, 1);
-        let r = run(&[challenge(17_000)]);
-        assert_eq!(
-            r.failures.iter().map(|f| f.rule).collect::<Vec<_>>(),
-            [rule::MISSING_CHALLENGE]
+        assert_eq!(r.summary.late, 1);
+        assert!((r.summary.coverage - 0.9).abs() < 1e-9);
+        assert_eq!(r.summary.claimed_coverage, 1.0);
+    }
+
+    #[test]
+    fn the_coordinator_judges_without_a_verdict_and_checks_the_gpus() {
+        let mut l = Lease::honest(3, 1);
+        l.attestations[1].gpus.clear();
+        let ev = l.sign();
+        let items = |v: &[Envelope]| v.iter().cloned().map(Ok).collect::<Vec<Item>>();
+        let (records, receipts, challenges) = (
+            items(&ev.records),
+            items(&ev.receipts),
+            items(&ev.challenges),
         );
+        let proof = ev.proof.clone().map(Ok);
+        let (nk, ck) = (l.node().verifying_key(), l.coordinator().verifying_key());
+        let r = judge(
+            &Chain {
+                lease_id: &l.lease_id,
+                node_key: &nk,
+                coordinator_key: Some(&ck),
+                records: &records,
+                receipts: &receipts,
+                proof: proof.as_ref(),
+                challenges: &challenges,
+                verdict: None,
+            },
+            &vectors::params(),
+            &l.gpus,
+        );
+        assert_eq!(r.rules(), [rule::WRONG_GPUS]);
+        let v = verdict_for(&r, &l.gpus, None, 7);
+        assert!(!v.holds);
+        assert_eq!(v.last_seq, 3);
+        assert_eq!(v.head_sha256, dsse::payload_sha256(&ev.records[2]).to_vec());
+    }
+
+    #[test]
+    fn an_oversize_record_is_a_bad_payload_where_it_stands() {
+        let mut ev = Lease::honest(3, 1).sign();
+        ev.records.push(
+            ev.lease
+                .node()
+                .sign(types::RECORD, vec![0; dsse::MAX_PAYLOAD + 1]),
+        );
+        let r = run(&ev);
+        assert_eq!(r.rules(), [rule::BAD_PAYLOAD]);
+        assert!(r.failures[0].detail.contains("exceeds"), "{:?}", r.failures);
     }
 
     mod props {
@@ -950,41 +1248,54 @@ mod tests {
         use proptest::prelude::*;
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(64))]
+            #![proptest_config(ProptestConfig::with_cases(48))]
 
-            /// Honest chains of any length hold.
+            /// Honest leases of any length and GPU count hold.
             #[test]
-            fn honest_chains_hold(n in 1u64..20) {
-                let fx = chain(n.max(2));
-                let r = fx.verify_with(&fx.records, &fx.proof());
+            fn honest_leases_hold(n in 1usize..16, gpus in 0usize..4) {
+                let r = run(&Lease::honest(n, gpus).sign());
                 prop_assert!(r.holds(), "{:?}", r.failures);
             }
 
-            /// Any single flipped payload bit is caught.
+            /// Any flipped bit of any signed item is caught.
             #[test]
-            fn any_flipped_bit_fails(n in 2u64..8, which in 0usize..8, byte in 0usize..64, bit in 0u8..8) {
-                let fx = chain(n);
-                let proof = fx.proof();
-                let mut recs = fx.records.clone();
-                let i = which % recs.len();
-                let b = byte % recs[i].payload.len();
-                recs[i].payload[b] ^= 1 << bit;
-                prop_assert!(!fx.verify_with(&recs, &proof).holds());
+            fn any_flipped_bit_fails(which in 0usize..4, i in 0usize..8, byte in 0usize..4096, bit in 0u8..8) {
+                let mut ev = Lease::honest(6, 1).sign();
+                let env = match which {
+                    0 => &mut ev.records[i % 6],
+                    1 => &mut ev.receipts[i % 6],
+                    2 => &mut ev.challenges[i % 2],
+                    _ => ev.verdict.as_mut().unwrap(),
+                };
+                let b = byte % env.payload.len();
+                env.payload[b] ^= 1 << bit;
+                prop_assert!(!run(&ev).holds());
             }
 
-            /// Dropping, duplicating or swapping records is caught.
+            /// Dropping or duplicating a record is caught; reordering the
+            /// bundle changes nothing (the chain is placed by lease seq).
             #[test]
-            fn reordering_fails(n in 3u64..10, i in 0usize..10, j in 0usize..10, op in 0u8..3) {
-                let fx = chain(n);
-                let proof = fx.proof();
-                let mut recs = fx.records.clone();
-                let (i, j) = (i % recs.len(), j % recs.len());
+            fn drops_and_repeats_fail_and_order_does_not_matter(i in 0usize..6, j in 0usize..6, op in 0u8..3) {
+                let mut ev = Lease::honest(6, 1).sign();
                 match op {
-                    0 => { recs.remove(i); }
-                    1 => { let r = recs[i].clone(); recs.insert(j, r); }
-                    _ => { if i == j { return Ok(()); } recs.swap(i, j); }
+                    0 => { ev.records.remove(i); prop_assert!(!run(&ev).holds()); }
+                    1 => { let r = ev.records[i].clone(); ev.records.insert(j, r); prop_assert!(!run(&ev).holds()); }
+                    _ => {
+                        ev.records.swap(i, j);
+                        ev.receipts.swap(j, i);
+                        let r = run(&ev);
+                        prop_assert!(r.holds(), "{:?}", r.failures);
+                    }
                 }
-                prop_assert!(!fx.verify_with(&recs, &proof).holds());
+            }
+
+            /// A duplicate costs exactly one seq-repeat, wherever it lands.
+            #[test]
+            fn a_duplicate_is_one_failure(i in 0usize..6, j in 0usize..7) {
+                let mut ev = Lease::honest(6, 1).sign();
+                let r = ev.records[i].clone();
+                ev.records.insert(j, r);
+                prop_assert_eq!(run(&ev).rules(), vec![rule::SEQ_REPEAT]);
             }
         }
     }

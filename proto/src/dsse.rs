@@ -288,6 +288,15 @@ pub fn to_json(env: &Envelope) -> serde_json::Value {
     })
 }
 
+/// Base64 as the spec reads it: the standard alphabet with its padding;
+/// unused low bits of the last character are ignored (as most decoders do),
+/// so a verifier in any language reads the same bytes. The bytes, not the
+/// text, are what is signed and hashed.
+const B64_READ: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+);
+
 /// Parses DSSE's JSON form; errors name the missing or bad field.
 pub fn from_json(v: &serde_json::Value) -> Result<Envelope, VerifyError> {
     let field = |obj: &serde_json::Value, name: &str| -> Result<String, VerifyError> {
@@ -297,7 +306,8 @@ pub fn from_json(v: &serde_json::Value) -> Result<Envelope, VerifyError> {
             .ok_or_else(|| VerifyError::Json(format!("missing or non-string field `{name}`")))
     };
     let b64 = |text: String, name: &str| {
-        B64.decode(text)
+        B64_READ
+            .decode(text)
             .map_err(|e| VerifyError::Json(format!("field `{name}` is not base64: {e}")))
     };
     let sigs = v
@@ -478,6 +488,7 @@ mod tests {
             seq: 7,
             payload_sha256: vec![1; 32],
             time_unix_ms: 5,
+            ..Default::default()
         };
         let env = s.sign_message(T, &msg);
         let got: crate::pb::Receipt = open(&env, T, &s.verifying_key()).unwrap();

@@ -6,6 +6,7 @@ pub mod chain;
 pub mod dsse;
 pub mod identity;
 pub mod types;
+pub mod vectors;
 
 /// Generated protobuf and gRPC code for package `warden.v1`.
 pub mod pb {
