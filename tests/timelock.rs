@@ -178,18 +178,38 @@ fn a_foreign_process_is_killed_during_a_lease_and_the_kill_is_in_the_chain() {
     wait_for("the squatter killed", Duration::from_secs(15), || {
         (!alive(&mut squatter)).then_some(())
     });
-    let log = r.agent.proc.log_text();
-    assert!(log.contains("foreign process on a leased GPU"), "{log}");
-    // A few epochs, so that challenges come and are answered.
-    wait_for(
+    // The agent logs the outcome once it has seen the exit, which may be
+    // after the test has; the event is in the epoch from then on.
+    let killed = format!("enforced pid={} ", squatter.id());
+    wait_for("the kill logged", Duration::from_secs(30), || {
+        let log = r.agent.proc.log_text();
+        log.lines()
+            .any(|l| l.contains(&killed) && l.contains("outcome=killed"))
+            .then_some(())
+    });
+    assert!(
+        r.agent
+            .proc
+            .log_text()
+            .contains("foreign process on a leased GPU"),
+        "logged before the kill began"
+    );
+    // A few epochs, so that challenges come; then one more epoch signed
+    // after the first challenge, so that it is answered.
+    let signed = wait_for(
         "attestations and a challenge",
         Duration::from_secs(30),
         || {
             let i = r.info(&id);
-            (i["attestations"].as_u64()? >= 3 && i["challenges_sent"].as_u64()? >= 1).then_some(())
+            let n = i["attestations"].as_u64()?;
+            (n >= 3 && i["challenges_sent"].as_u64()? >= 1).then_some(n)
         },
     );
-    std::thread::sleep(Duration::from_millis(1200));
+    wait_for(
+        "an epoch after the challenge",
+        Duration::from_secs(30),
+        || (r.info(&id)["attestations"].as_u64()? > signed).then_some(()),
+    );
     r.end(&id);
 
     let (info, bundle) = r.export(&id);
@@ -200,14 +220,7 @@ fn a_foreign_process_is_killed_during_a_lease_and_the_kill_is_in_the_chain() {
     );
     let (ok, out) = verify(&bundle, &[]);
     assert!(ok, "{out}");
-    let log = r.agent.proc.log_text();
-    // The shell ignored SIGTERM: it took the SIGKILL.
-    assert!(
-        log.lines()
-            .any(|l| l.contains(&format!("enforced pid={} ", squatter.id()))
-                && l.contains("outcome=killed")),
-        "{log}"
-    );
+    // The shell ignored SIGTERM: it took the SIGKILL (outcome=killed, above).
     let kills: u64 = out
         .lines()
         .find_map(|l| l.strip_prefix("enforcement "))
@@ -314,7 +327,18 @@ fn a_container_not_of_the_lease_holding_a_leased_gpu_is_stopped() {
         .proc
         .log_text()
         .contains("foreign container on a leased GPU"));
-    std::thread::sleep(Duration::from_millis(1200));
+    // Docker's stop returns after the container is seen stopped: wait for
+    // the agent to log the outcome, so the event is in the epoch before the end.
+    wait_for("the stop logged", Duration::from_secs(30), || {
+        r.agent
+            .proc
+            .log_text()
+            .lines()
+            .any(|l| {
+                l.contains("enforced") && l.contains("action=stop") && l.contains("outcome=stopped")
+            })
+            .then_some(())
+    });
     r.end(&id);
     let (_, bundle) = r.export(&id);
     let (_, out) = verify(&bundle, &["--min-coverage", "0"]);
@@ -336,10 +360,10 @@ fn a_process_nvml_reports_on_a_leased_gpu_is_killed_too() {
         Duration::from_secs(15),
         || (!alive(&mut quiet)).then_some(()),
     );
-    let log = r.agent.proc.log_text();
-    assert!(
-        log.contains(&format!("enforced pid={} ", quiet.id())),
-        "{log}"
-    );
+    // Logged once the agent has seen the exit: possibly after the test did.
+    let enforced = format!("enforced pid={} ", quiet.id());
+    wait_for("the kill logged", Duration::from_secs(30), || {
+        r.agent.proc.log_text().contains(&enforced).then_some(())
+    });
     r.end(&id);
 }
