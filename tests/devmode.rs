@@ -166,34 +166,46 @@ fn dev_mode_never_uses_a_directory_another_user_prepared() {
         tmp.path().join("dev.log"),
         &[("TMPDIR", &shared)],
     );
-    let (root, _) = wait_for("the dev agent connected", Duration::from_secs(30), || {
-        let root = std::fs::read_dir(&shared)
-            .ok()?
-            .map(|e| e.unwrap().path())
-            .find(|p| {
+    // Polled without panicking: whatever happens, the process is stopped
+    // and the victim checked first, so a failure shows the damage.
+    let started = std::time::Instant::now();
+    let root = loop {
+        let found = std::fs::read_dir(&shared).ok().and_then(|d| {
+            let root = d.map(|e| e.unwrap().path()).find(|p| {
                 p.file_name()
                     .unwrap()
                     .to_string_lossy()
                     .starts_with("warden-dev.")
             })?;
-        let s = status(&root.join("agent/agent.sock"))?;
-        (s["coordinator"]["connected"] == true).then_some((root, s))
-    });
-    assert_eq!(
-        std::fs::metadata(&root).unwrap().permissions().mode() & 0o7777,
-        0o700
-    );
+            let s = status(&root.join("agent/agent.sock"))?;
+            (s["coordinator"]["connected"] == true).then_some(root)
+        });
+        if found.is_some() || started.elapsed() > Duration::from_secs(30) {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let _ = std::process::Command::new("kill")
         .args(["-INT", &p.pid().to_string()])
         .status();
     let code = p.wait_exit(Duration::from_secs(20));
+    unchanged("after a default --dev run");
+    let root = root.unwrap_or_else(|| {
+        panic!(
+            "no fresh warden-dev.* directory came up in 30 s:\n{}",
+            p.log_text()
+        )
+    });
     assert!(code.success(), "{}", p.log_text());
+    assert_eq!(
+        std::fs::metadata(&root).unwrap().permissions().mode() & 0o7777,
+        0o700
+    );
     assert!(
         root.join("agent/node.key").exists(),
         "the dev state went to {}",
         root.display()
     );
-    unchanged("after a default --dev run");
 
     // Named explicitly: refused, whether someone else's or a link.
     for (dir, says) in [

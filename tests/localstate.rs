@@ -482,6 +482,12 @@ fn assert_private(dirs: &[&Path], expect: &[PathBuf]) {
         assert_eq!(mode(d), 0o700, "{}", d.display());
         seen.extend(modes_under(d));
     }
+    let loose: Vec<String> = seen
+        .iter()
+        .filter(|(_, t, m)| *m != if t.is_dir() { 0o700 } else { 0o600 })
+        .map(|(p, _, m)| format!("{} {m:04o}", p.display()))
+        .collect();
+    assert!(loose.is_empty(), "not private: {loose:#?}");
     for p in expect {
         assert!(
             seen.iter().any(|(q, _, _)| q == p),
@@ -489,10 +495,4 @@ fn assert_private(dirs: &[&Path], expect: &[PathBuf]) {
             p.display()
         );
     }
-    let loose: Vec<String> = seen
-        .iter()
-        .filter(|(_, t, m)| *m != if t.is_dir() { 0o700 } else { 0o600 })
-        .map(|(p, _, m)| format!("{} {m:04o}", p.display()))
-        .collect();
-    assert!(loose.is_empty(), "not private: {loose:#?}");
 }
