@@ -493,21 +493,10 @@ impl Spool {
         if w == self.persisted_watermark {
             return Ok(());
         }
-        let tmp = self.cfg.dir.join("acked.tmp");
+        // Whole, 0600, never through a link (its temporary is `acked.tmp`).
         let dst = self.cfg.dir.join("acked");
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        f.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(io_err(&tmp))?;
-        f.write_all(format!("{w}\n").as_bytes())
-            .map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
+        warden_state::file::write_private(&dst, format!("{w}\n").as_bytes())
+            .map_err(io_err(&dst))?;
         self.persisted_watermark = w;
         Ok(())
     }
