@@ -137,6 +137,7 @@ fn dev_mode_never_uses_a_directory_another_user_prepared() {
     chown(&planted, Some(nobody), Some(nobody)).unwrap();
     let linked = shared.join("warden-dev-link");
     symlink(&victim_dir, &linked).unwrap();
+    lchown(&linked, Some(nobody), Some(nobody)).unwrap();
     let before: Vec<String> = [&victim_dir, &victim_file, &planted, &linked]
         .iter()
         .map(|p| snapshot(p))
@@ -207,10 +208,10 @@ fn dev_mode_never_uses_a_directory_another_user_prepared() {
         root.display()
     );
 
-    // Named explicitly: refused, whether someone else's or a link.
+    // Named explicitly: refused, whether someone else's or their link.
     for (dir, says) in [
         (&planted, "belongs to uid 65534"),
-        (&linked, "is a symbolic link"),
+        (&linked, "is a symbolic link owned by uid 65534"),
     ] {
         let mut p = Proc::spawn_env(
             &[

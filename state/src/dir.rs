@@ -1,7 +1,9 @@
-//! Private directories: mode 0700, owned by this process's user, never a
-//! symbolic link. A state directory someone else made (or linked elsewhere)
-//! is refused rather than used, since everything written there could be
-//! redirected or read.
+//! Private directories: mode 0700, owned by this process's user. A state
+//! directory someone else made is refused rather than used, since
+//! everything written there could be redirected or read. A symbolic link
+//! is followed only if root or this user owns it (systemd's `DynamicUser=`
+//! reaches `/var/lib/private/NAME` through a root-owned `/var/lib/NAME`);
+//! one another user planted, in a shared `/tmp` say, is refused.
 
 use std::{
     ffi::CString,
@@ -21,8 +23,8 @@ pub enum DirError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{} is a symbolic link: Warden does not follow links for its own directories; name the real directory instead", path.display())]
-    Symlink { path: PathBuf },
+    #[error("{} is a symbolic link owned by uid {owner}, neither this process's user nor root: it may point anywhere; name the real directory instead", path.display())]
+    Symlink { path: PathBuf, owner: u32 },
     #[error("{} is {kind}, not a directory", path.display())]
     NotADirectory { path: PathBuf, kind: &'static str },
     #[error("directory {} belongs to uid {owner}, not to this process's uid {uid}: someone else made it, so what it holds cannot be trusted; remove it or choose another directory", path.display())]
@@ -30,10 +32,10 @@ pub enum DirError {
 }
 
 /// Makes `path` a private directory: creates it (and missing parents, mode
-/// 0700) if needed, refuses a symbolic link, something not a directory, or
-/// a directory another user owns, and sets mode 0700. The checks and the
-/// chmod are made on the opened directory, so a link swapped in between
-/// cannot redirect them.
+/// 0700) if needed; refuses a link that neither root nor this user owns,
+/// something not a directory, or a directory another user owns; and sets
+/// mode 0700. The owner check and the chmod are made on the opened
+/// directory, so what is checked is what is changed.
 pub fn ensure_private(path: &Path) -> Result<(), DirError> {
     let io = |source| DirError::Io {
         path: path.to_owned(),
@@ -45,24 +47,26 @@ pub fn ensure_private(path: &Path) -> Result<(), DirError> {
             return Err(io(e));
         }
     }
+    let uid = effective_uid();
+    let link = fs::symlink_metadata(path).map_err(io)?;
+    if link.file_type().is_symlink() && link.uid() != uid && link.uid() != 0 {
+        return Err(DirError::Symlink {
+            path: path.to_owned(),
+            owner: link.uid(),
+        });
+    }
     let dir = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .custom_flags(libc::O_DIRECTORY)
         .open(path)
-        .map_err(
-            |e| match fs::symlink_metadata(path).map(|m| m.file_type()) {
-                Ok(t) if t.is_symlink() => DirError::Symlink {
-                    path: path.to_owned(),
-                },
-                Ok(t) if !t.is_dir() => DirError::NotADirectory {
-                    path: path.to_owned(),
-                    kind: crate::kind_of(t),
-                },
-                _ => io(e),
+        .map_err(|e| match fs::metadata(path).map(|m| m.file_type()) {
+            Ok(t) if !t.is_dir() => DirError::NotADirectory {
+                path: path.to_owned(),
+                kind: crate::kind_of(t),
             },
-        )?;
+            _ => io(e),
+        })?;
     let meta = dir.metadata().map_err(io)?;
-    let uid = effective_uid();
     if meta.uid() != uid {
         return Err(DirError::Foreign {
             path: path.to_owned(),
@@ -126,17 +130,38 @@ mod tests {
     }
 
     #[test]
-    fn a_symlink_is_refused_and_its_target_untouched() {
+    fn a_link_another_user_owns_is_refused_and_its_target_untouched() {
         let t = tempfile::tempdir().unwrap();
         let victim = t.path().join("victim");
         fs::create_dir(&victim).unwrap();
         fs::set_permissions(&victim, fs::Permissions::from_mode(0o755)).unwrap();
         let link = t.path().join("link");
         symlink(&victim, &link).unwrap();
+        // Planted by nobody (65534); tests run as root.
+        std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
         let e = ensure_private(&link).unwrap_err();
-        assert!(matches!(e, DirError::Symlink { .. }), "{e}");
-        assert!(e.to_string().contains("link"), "{e}");
+        assert!(matches!(e, DirError::Symlink { owner: 65534, .. }), "{e}");
+        assert!(
+            e.to_string().contains("symbolic link owned by uid 65534"),
+            "{e}"
+        );
         assert_eq!(mode(&victim), 0o755);
+    }
+
+    #[test]
+    fn a_link_of_our_own_is_followed_as_systemd_dynamic_user_lays_it_out() {
+        // /var/lib/NAME -> private/NAME, the link root's, the directory ours.
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(t.path().join("private/coord")).unwrap();
+        let link = t.path().join("coord");
+        symlink("private/coord", &link).unwrap();
+        ensure_private(&link).unwrap();
+        assert_eq!(mode(&t.path().join("private/coord")), 0o700);
+        assert!(fs::symlink_metadata(&link).unwrap().is_symlink());
+        // Followed to a directory another user owns: refused all the same.
+        std::os::unix::fs::chown(t.path().join("private/coord"), Some(65534), None).unwrap();
+        let e = ensure_private(&link).unwrap_err();
+        assert!(matches!(e, DirError::Foreign { owner: 65534, .. }), "{e}");
     }
 
     #[test]
