@@ -153,6 +153,16 @@ impl CoordinatorConfig {
             .unwrap_or_else(|| self.state_dir.join("coordinator.key"))
     }
 
+    /// The lock that keeps one coordinator per state directory.
+    pub fn lock_path(&self) -> PathBuf {
+        self.state_dir.join(warden_state::lock::LOCK_FILE)
+    }
+
+    /// The lock that keeps one coordinator per database: beside it, named after it.
+    pub fn database_lock_path(&self) -> PathBuf {
+        with_suffix(&self.database_path(), ".lock")
+    }
+
     /// Refuses an admin socket on one of the coordinator's own files (the
     /// socket would replace it), whether or not the file exists yet.
     pub fn check_paths(&self) -> Result<(), ConfigError> {
@@ -167,6 +177,8 @@ impl CoordinatorConfig {
                 "database's shared memory file",
             ),
             (self.key_path(), "signing key"),
+            (self.lock_path(), "lock file"),
+            (self.database_lock_path(), "database's lock file"),
         ];
         match own.iter().find(|(p, _)| *p == socket) {
             Some((_, what)) => Err(ConfigError::Invalid {

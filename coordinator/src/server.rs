@@ -17,7 +17,7 @@ use warden_proto::{
 };
 use warden_state::{
     dir::{self, DirError},
-    lock::{DirLock, LockError, LOCK_FILE},
+    lock::{DirLock, LockError},
     socket::SocketError,
 };
 
@@ -123,14 +123,14 @@ pub async fn start(
     let database = cfg.database_path();
     let locks = [
         DirLock::acquire(
-            &cfg.state_dir.join(LOCK_FILE),
+            &cfg.lock_path(),
             format!(
                 "the coordinator state directory {}",
                 cfg.state_dir.display()
             ),
         )?,
         DirLock::acquire(
-            &database_lock(&database),
+            &cfg.database_lock_path(),
             format!("the coordinator database {}", database.display()),
         )?,
     ];
@@ -226,11 +226,4 @@ pub async fn start(
         ],
         _locks: locks,
     })
-}
-
-/// The database's lock file: beside it, named after it.
-pub fn database_lock(database: &std::path::Path) -> PathBuf {
-    let mut p = database.as_os_str().to_owned();
-    p.push(".lock");
-    PathBuf::from(p)
 }
