@@ -287,7 +287,7 @@ fn a_gpu_turning_lost_is_an_event_not_a_crash() {
             .map(|e| e.kind)
             .collect()
     };
-    wait_for("a lost event", Duration::from_secs(10), || {
+    wait_for("a lost event", Duration::from_secs(30), || {
         kinds(&stored_records(&coord.db()))
             .contains(&"lost".to_owned())
             .then_some(())
@@ -313,7 +313,7 @@ fn a_gpu_turning_lost_is_an_event_not_a_crash() {
     wait_for("GPU 1 back", Duration::from_secs(30), || {
         (coordinator_gpus(&coord)[1]["lost"] == false).then_some(())
     });
-    wait_for("a recovered event", Duration::from_secs(10), || {
+    wait_for("a recovered event", Duration::from_secs(30), || {
         (kinds(&stored_records(&coord.db())) == ["lost", "recovered"]).then_some(())
     });
     let log = agent.proc.log_text();

@@ -175,7 +175,7 @@ fn a_foreign_process_is_killed_during_a_lease_and_the_kill_is_in_the_chain() {
 
     let id = r.start();
     let mut squatter = r.squatter();
-    wait_for("the squatter killed", Duration::from_secs(15), || {
+    wait_for("the squatter killed", Duration::from_secs(30), || {
         (!alive(&mut squatter)).then_some(())
     });
     // The agent logs the outcome once it has seen the exit, which may be
@@ -357,7 +357,7 @@ fn a_process_nvml_reports_on_a_leased_gpu_is_killed_too() {
     write_fake_state(&r.tmp.join("gpus.json"), &[gpu]);
     wait_for(
         "the NVML-listed process ended",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         || (!alive(&mut quiet)).then_some(()),
     );
     // Logged once the agent has seen the exit: possibly after the test did.
