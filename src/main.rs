@@ -546,10 +546,6 @@ fn load_coordinator_config(path: Option<PathBuf>) -> Result<CoordinatorConfig> {
     })
 }
 
-fn default_dev_dir() -> PathBuf {
-    std::env::temp_dir().join("warden-dev")
-}
-
 async fn run_agent(
     config: Option<PathBuf>,
     dev: bool,
@@ -587,7 +583,17 @@ async fn run_agent(
         }
     });
 
-    let root = state_dir.unwrap_or_else(default_dev_dir);
+    // A given directory must be a private one of ours; by default a fresh
+    // one, since any user can prepare a predictable name in a shared $TMPDIR
+    // (with links into root's files) before root runs --dev.
+    let fresh = state_dir.is_none();
+    let root = match state_dir {
+        Some(d) => {
+            warden_state::dir::ensure_private(&d)?;
+            d
+        }
+        None => warden_state::dir::fresh_private(&std::env::temp_dir(), "warden-dev.")?,
+    };
     let coord_cfg = CoordinatorConfig {
         state_dir: root.join("coordinator"),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -608,12 +614,11 @@ async fn run_agent(
     cfg.validate()?;
     let exe = std::env::current_exe().unwrap_or_else(|_| "warden".into());
     // Made now (the agent would make it at start) so the banner can name the node.
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    warden_state::dir::ensure_private(&cfg.state_dir)?;
     let (signer, _) = warden_proto::identity::load_or_create(&cfg.key_file())?;
     println!(
         "\nWarden dev mode: an embedded coordinator and an agent in one process.\n\
-         \n  state dir          {root}\
+         \n  state dir          {root}{fresh}\
          \n  coordinator        https://localhost:{port} (TLS, CA {ca})\
          \n  coordinator key    {key}\
          \n  coordinator db     {db}\
@@ -623,6 +628,11 @@ async fn run_agent(
          \n  metrics            {metrics}\
          \n\nPress Ctrl-C to stop.\n",
         root = root.display(),
+        fresh = if fresh {
+            " (new for this run; --state-dir DIR keeps one across runs)"
+        } else {
+            ""
+        },
         port = coordinator.addr.port(),
         ca = tls.ca_cert.display(),
         key = coordinator.public_key.to_base64(),
@@ -673,7 +683,7 @@ async fn run_coordinator(
         let link = dev::link(running.addr.port(), &running.public_key.to_base64(), &ca);
         let path = cfg.state_dir.join("agent-link.toml");
         // Whole or absent: whoever waits for the file never reads half of it.
-        warden_agent::write_atomic(&path, dev::link_toml(&link).as_bytes())
+        warden_state::file::write_private(&path, dev::link_toml(&link).as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
         println!(
             "agents connect with the [coordinator] section in {}",
@@ -1631,7 +1641,7 @@ async fn mesh_up(ifname: &str, socket_dir: &Path, offload: bool) -> Result<()> {
     // Dual-stack: IPv4 peers arrive as mapped addresses.
     let dev = Arc::new(Device::new(std::net::Ipv6Addr::UNSPECIFIED.into()));
     let path = control::socket_path(socket_dir, tun.name());
-    let listener =
+    let (listener, socket_file) =
         control::bind(&path).with_context(|| format!("UAPI socket {}", path.display()))?;
     eprintln!(
         "interface {} is up{}; configure it with `wg set {} …` (UAPI socket {})",
@@ -1647,7 +1657,7 @@ async fn mesh_up(ifname: &str, socket_dir: &Path, offload: bool) -> Result<()> {
     let shutdown = shutdown_on_signal();
     let control = tokio::spawn(control::serve(
         listener,
-        path,
+        socket_file,
         dev.clone(),
         shutdown.clone(),
     ));

@@ -545,6 +545,16 @@ impl AgentConfig {
                 ),
             ));
         }
+        let socket = self.status_socket();
+        if let Some((_, what)) = self.own_paths().iter().find(|(p, _)| *p == socket) {
+            return Err(invalid(
+                "status.socket",
+                format!(
+                    "{} is the agent's {what}; give the socket a path of its own (default <state_dir>/agent.sock)",
+                    socket.display()
+                ),
+            ));
+        }
         if let Some(c) = &self.coordinator {
             c.host()?;
             VerifyingKey::parse(&c.public_key)
@@ -572,6 +582,40 @@ impl AgentConfig {
     /// The node key file.
     pub fn key_file(&self) -> PathBuf {
         self.state_dir.join("node.key")
+    }
+
+    /// The mesh (WireGuard) key file.
+    pub fn mesh_key_file(&self) -> PathBuf {
+        self.state_dir.join("mesh.key")
+    }
+
+    /// The lease book (`workload`).
+    pub fn book_file(&self) -> PathBuf {
+        self.state_dir.join("book.json")
+    }
+
+    /// The lease chains (`timelock`).
+    pub fn chains_file(&self) -> PathBuf {
+        self.state_dir.join("chains.json")
+    }
+
+    /// The lock that keeps one agent per state directory.
+    pub fn lock_file(&self) -> PathBuf {
+        self.state_dir.join(warden_state::lock::LOCK_FILE)
+    }
+
+    /// The agent's own files and directories, by what they are: none of
+    /// them may double as the status socket.
+    pub fn own_paths(&self) -> [(PathBuf, &'static str); 7] {
+        [
+            (self.state_dir.clone(), "state directory"),
+            (self.key_file(), "node key"),
+            (self.mesh_key_file(), "mesh key"),
+            (self.book_file(), "lease book"),
+            (self.chains_file(), "lease chains"),
+            (self.lock_file(), "lock file"),
+            (self.spool_dir(), "spool directory"),
+        ]
     }
 }
 
@@ -643,6 +687,27 @@ mod tests {
             PathBuf::from("/var/lib/warden/agent.sock")
         );
         assert!(c.coordinator.is_none());
+    }
+
+    #[test]
+    fn a_status_socket_on_one_of_the_agents_own_files_is_refused() {
+        for (file, what) in [
+            ("node.key", "node key"),
+            ("book.json", "lease book"),
+            ("spool", "spool directory"),
+        ] {
+            let e = AgentConfig::parse(
+                &format!("state_dir = \"/s\"\n[status]\nsocket = \"/s/{file}\"\n"),
+                "a.toml",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("`status.socket`"), "{e}");
+            assert!(
+                e.contains(&format!("/s/{file} is the agent's {what}")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

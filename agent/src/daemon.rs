@@ -1,10 +1,15 @@
 //! Wires the agent's tasks together and runs them until shutdown.
 
-use std::{os::unix::fs::PermissionsExt, path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use warden_proto::identity::{self, IdentityError};
+use warden_state::{
+    dir::{self, DirError},
+    lock::{DirLock, LockError, LOCK_FILE},
+    socket::SocketError,
+};
 
 use crate::{
     config::AgentConfig,
@@ -36,11 +41,12 @@ pub enum AgentError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     MeshKey(#[from] crate::mesh::key::MeshKeyError),
-    #[error("state directory {path}: {source}")]
-    StateDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Dir(#[from] DirError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("status.socket: {0}")]
+    StatusSocket(SocketError),
 }
 
 /// How a running agent re-reads its configuration (on SIGHUP).
@@ -64,12 +70,20 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let dir = &config.state_dir;
-    let dir_err = |source| AgentError::StateDir {
-        path: dir.clone(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(dir_err)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
+    // One agent per state: a second would take over the socket and reuse
+    // seqs. Held until this function returns (or the kernel drops it with
+    // the process). The spool may live elsewhere, so it is locked too.
+    dir::ensure_private(dir)?;
+    let _state_lock = DirLock::acquire(
+        &config.lock_file(),
+        format!("the agent state directory {}", dir.display()),
+    )?;
+    let spool_dir = config.spool_dir();
+    dir::ensure_private(&spool_dir)?;
+    let _spool_lock = DirLock::acquire(
+        &spool_dir.join(LOCK_FILE),
+        format!("the spool directory {}", spool_dir.display()),
+    )?;
 
     let (signer, created) = identity::load_or_create(&config.key_file())?;
     let signer = Arc::new(signer);
@@ -78,15 +92,22 @@ pub async fn run(
         tracing::info!(%node_id, key = %config.key_file().display(), "created node identity");
     }
     let start_id = crate::random_id();
-    let mesh_key_path = dir.join("mesh.key");
+    let mesh_key_path = config.mesh_key_file();
     let (mesh_private, made) = crate::mesh::key::load_or_create(&mesh_key_path)?;
     let mesh_public = crate::mesh::device::public_of(mesh_private);
     if made {
         tracing::info!(key = %mesh_key_path.display(), "created the mesh (WireGuard) key");
     }
 
+    // Bound early, so a path that is not ours to take stops the start
+    // before anything else runs.
+    let socket = config.status_socket();
+    let (listener, socket_file) =
+        warden_state::socket::bind(&socket).map_err(AgentError::StatusSocket)?;
+    tracing::info!(socket = %socket.display(), "status socket ready");
+
     let (spool, recovery) = Spool::open(SpoolConfig {
-        dir: config.spool_dir(),
+        dir: spool_dir,
         max_bytes: config.spool.max_bytes,
         segment_bytes: config.spool.segment_bytes,
     })?;
@@ -198,12 +219,9 @@ pub async fn run(
         )))
     };
     let node_id_for_workload = node_id.clone();
-    let socket = config.status_socket();
-    let listener = status::bind(&socket)?;
-    tracing::info!(socket = %socket.display(), "status socket ready");
     let status_task = tokio::spawn(status::serve(
         listener,
-        socket,
+        socket_file,
         status::Sources {
             node_id,
             start_id,
@@ -224,7 +242,7 @@ pub async fn run(
         Workload {
             config: config.workload.clone(),
             node_id: node_id_for_workload,
-            book_path: dir.join("book.json"),
+            book_path: config.book_file(),
             state_dir: dir.to_owned(),
             reload: live_rx.clone(),
             outbox: outbox.clone(),
@@ -247,7 +265,7 @@ pub async fn run(
         TimeLock {
             config: config.timelock.clone(),
             sample_interval: config.gpu.sample_interval,
-            state_path: dir.join("chains.json"),
+            state_path: config.chains_file(),
             outbox: outbox.clone(),
             leases: leases_rx,
             gpus: gpus_rx.clone(),

@@ -57,20 +57,3 @@ pub fn spool_state(s: &spool::SpoolStats) -> pb::SpoolState {
         refused: s.refused,
     }
 }
-
-/// Replaces `path` with `bytes` durably: a temporary file beside it,
-/// fsync, rename, fsync of the directory. Readers see the old file or the
-/// new one, never half of either.
-pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}

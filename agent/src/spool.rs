@@ -20,7 +20,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fs::{self, File, OpenOptions},
     io::Write,
-    os::unix::fs::{FileExt, PermissionsExt},
+    os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -208,7 +208,10 @@ impl Spool {
             let name = entry.file_name().to_string_lossy().into_owned();
             match parse_segment_name(&name) {
                 Some(first) => firsts.push(first),
-                None if name == "acked" || name == "acked.tmp" => {}
+                // The agent holds this lock while the spool is open.
+                None if name == "acked"
+                    || name == "acked.tmp"
+                    || name == warden_state::lock::LOCK_FILE => {}
                 None => {
                     tracing::warn!(file = %entry.path().display(), "ignoring a file that is not a spool segment")
                 }
@@ -231,6 +234,8 @@ impl Spool {
         for first in firsts {
             let path = dir.join(segment_name(first));
             let buf = fs::read(&path).map_err(io_err(&path))?;
+            // An older agent made segments under its umask: private from now on.
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(io_err(&path))?;
             let mut offset = 0usize;
             let mut live = 0;
             while offset < buf.len() {
@@ -410,9 +415,11 @@ impl Spool {
                 .map_err(io_err(&self.segments[first].path))?;
         }
         let path = self.cfg.dir.join(segment_name(first_seq));
+        // Records are private whatever the umask.
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&path)
             .map_err(io_err(&path))?;
         let len = file.metadata().map_err(io_err(&path))?.len();
@@ -486,13 +493,10 @@ impl Spool {
         if w == self.persisted_watermark {
             return Ok(());
         }
-        let tmp = self.cfg.dir.join("acked.tmp");
+        // Whole, 0600, never through a link (its temporary is `acked.tmp`).
         let dst = self.cfg.dir.join("acked");
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(format!("{w}\n").as_bytes())
-            .map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
+        warden_state::file::write_private(&dst, format!("{w}\n").as_bytes())
+            .map_err(io_err(&dst))?;
         self.persisted_watermark = w;
         Ok(())
     }
@@ -638,6 +642,38 @@ mod tests {
         assert_eq!(s.next_seq(), 11);
         append(&mut s, 1);
         assert_eq!(s.read_from(11, 1).unwrap(), vec![rec(11)]);
+    }
+
+    #[test]
+    fn segments_and_the_watermark_are_private_whatever_the_umask() {
+        let d = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        {
+            let (mut s, _) = Spool::open(cfg(d.path(), 64, 1 << 30)).unwrap();
+            for _ in 0..3 {
+                append(&mut s, 2);
+            }
+            s.ack(1);
+            s.flush().unwrap();
+            let files = segment_files(d.path());
+            assert!(files.len() >= 2, "{files:?}");
+            for f in &files {
+                assert_eq!(mode(f), 0o600, "{}", f.display());
+            }
+            assert_eq!(mode(&d.path().join("acked")), 0o600);
+            assert_eq!(mode(d.path()), 0o700);
+            // As an older agent left them, under a 022 umask.
+            for f in files.iter().chain([&d.path().join("acked")]) {
+                fs::set_permissions(f, fs::Permissions::from_mode(0o644)).unwrap();
+            }
+        }
+        let (mut s, _) = Spool::open(cfg(d.path(), 64, 1 << 30)).unwrap();
+        for f in segment_files(d.path()) {
+            assert_eq!(mode(&f), 0o600, "reopened {}", f.display());
+        }
+        s.ack(2);
+        s.flush().unwrap();
+        assert_eq!(mode(&d.path().join("acked")), 0o600);
     }
 
     #[test]

@@ -1,11 +1,9 @@
 //! The local status socket: `warden status` connects, the agent writes
 //! one JSON document and closes. The socket is mode 0600 in a 0700
-//! directory: only root (or the agent's user) may read it.
+//! directory: only root (or the agent's user) may read it. It is bound by
+//! `warden_state::socket`, which replaces only a stale socket.
 
-use std::{
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use tokio::{
@@ -123,26 +121,11 @@ pub enum StatusError {
     },
 }
 
-/// Binds the socket (replacing a stale one) with mode 0600.
-pub fn bind(path: &Path) -> Result<UnixListener, StatusError> {
-    let io = |source| StatusError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-    Ok(listener)
-}
-
-/// Serves reports until `shutdown`, then removes the socket file.
+/// Serves reports until `shutdown`, then removes the socket file (if it
+/// is still this agent's).
 pub async fn serve(
     listener: UnixListener,
-    path: PathBuf,
+    file: warden_state::socket::SocketFile,
     sources: Sources,
     shutdown: CancellationToken,
 ) {
@@ -162,7 +145,7 @@ pub async fn serve(
             Err(e) => tracing::warn!(error = %e, "status socket accept failed"),
         }
     }
-    let _ = std::fs::remove_file(&path);
+    drop(file);
 }
 
 /// Reads one report from a running agent's socket.

@@ -66,7 +66,7 @@ pub fn load_chains(path: &Path) -> Result<BTreeMap<String, ChainState>, String> 
 
 fn save_chains(path: &Path, chains: &BTreeMap<String, ChainState>) -> std::io::Result<()> {
     let bytes = serde_json::to_vec_pretty(chains).map_err(std::io::Error::other)?;
-    crate::write_atomic(path, &bytes)
+    warden_state::file::write_private(path, &bytes)
 }
 
 /// The verdict of a holder of a leased GPU, as the record names it; None

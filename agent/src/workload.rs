@@ -87,11 +87,11 @@ pub fn load_book(path: &Path) -> Result<Book, BookError> {
     }
 }
 
-/// Writes the book durably (`write_atomic`).
+/// Writes the book durably and privately (mode 0600, `write_private`).
 pub fn save_book(path: &Path, book: &Book) -> Result<(), BookError> {
     let bytes = serde_json::to_vec_pretty(book).map_err(std::io::Error::other);
     bytes
-        .and_then(|b| crate::write_atomic(path, &b))
+        .and_then(|b| warden_state::file::write_private(path, &b))
         .map_err(|source| BookError::Io {
             path: path.to_owned(),
             source,

@@ -152,6 +152,52 @@ impl CoordinatorConfig {
             .clone()
             .unwrap_or_else(|| self.state_dir.join("coordinator.key"))
     }
+
+    /// The lock that keeps one coordinator per state directory.
+    pub fn lock_path(&self) -> PathBuf {
+        self.state_dir.join(warden_state::lock::LOCK_FILE)
+    }
+
+    /// The lock that keeps one coordinator per database: beside it, named after it.
+    pub fn database_lock_path(&self) -> PathBuf {
+        with_suffix(&self.database_path(), ".lock")
+    }
+
+    /// Refuses an admin socket on one of the coordinator's own files (the
+    /// socket would replace it), whether or not the file exists yet.
+    pub fn check_paths(&self) -> Result<(), ConfigError> {
+        let socket = self.admin_socket_path();
+        let database = self.database_path();
+        let own = [
+            (self.state_dir.clone(), "state directory"),
+            (database.clone(), "database"),
+            (with_suffix(&database, "-wal"), "database's write-ahead log"),
+            (
+                with_suffix(&database, "-shm"),
+                "database's shared memory file",
+            ),
+            (self.key_path(), "signing key"),
+            (self.lock_path(), "lock file"),
+            (self.database_lock_path(), "database's lock file"),
+        ];
+        match own.iter().find(|(p, _)| *p == socket) {
+            Some((_, what)) => Err(ConfigError::Invalid {
+                key: "admin_socket",
+                reason: format!(
+                    "{} is the coordinator's {what}; give the socket a path of its own (default <state_dir>/admin.sock)",
+                    socket.display()
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `path` with `suffix` appended to its last component.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
 }
 
 #[cfg(test)]
@@ -173,6 +219,26 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn an_admin_socket_on_the_database_or_the_key_is_refused() {
+        for (socket, what) in [
+            ("/s/coordinator.db", "database"),
+            ("/s/coordinator.key", "signing key"),
+            ("/s/coordinator.db-wal", "write-ahead log"),
+        ] {
+            let c = CoordinatorConfig::parse(
+                &format!("state_dir = \"/s\"\nadmin_socket = \"{socket}\"\n"),
+                "c.toml",
+            )
+            .unwrap();
+            let e = c.check_paths().unwrap_err().to_string();
+            assert!(e.contains("`admin_socket`"), "{e}");
+            assert!(e.contains(socket) && e.contains(what), "{e}");
+        }
+        let c = CoordinatorConfig::parse("state_dir = \"/s\"\n", "c.toml").unwrap();
+        c.check_paths().unwrap();
     }
 
     #[test]

@@ -3,8 +3,6 @@
 
 use std::{
     fs,
-    io::Write,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -20,6 +18,8 @@ pub enum DevTlsError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Dir(#[from] warden_state::dir::DirError),
     #[error("generating dev certificates: {0}")]
     Rcgen(#[from] rcgen::Error),
 }
@@ -30,15 +30,15 @@ pub struct DevTls {
     pub server: TlsPem,
 }
 
-/// Creates the dev CA and server certificate in `dir`, or reuses them so a
-/// restarted dev coordinator is still trusted by agents already configured.
+/// Creates the dev CA and server certificate in `dir` (a private directory,
+/// files mode 0600), or reuses them so a restarted dev coordinator is still
+/// trusted by agents already configured.
 pub fn ensure(dir: &Path) -> Result<DevTls, DevTlsError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| DevTlsError::Io { path, source }
     };
-    fs::create_dir_all(dir).map_err(io(dir))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    warden_state::dir::ensure_private(dir)?;
     let ca_path = dir.join("ca.pem");
     let cert_path = dir.join("server.pem");
     let key_path = dir.join("server.key");
@@ -57,9 +57,13 @@ pub fn ensure(dir: &Path) -> Result<DevTls, DevTlsError> {
             .distinguished_name
             .push(DnType::CommonName, "warden dev coordinator");
         let server = params.signed_by(&server_key, &ca)?;
-        write_private(&key_path, server_key.serialize_pem().as_bytes())?;
-        fs::write(&cert_path, server.pem()).map_err(io(&cert_path))?;
-        fs::write(&ca_path, ca.pem()).map_err(io(&ca_path))?;
+        for (path, pem) in [
+            (&key_path, server_key.serialize_pem()),
+            (&cert_path, server.pem()),
+            (&ca_path, ca.pem()),
+        ] {
+            warden_state::file::write_private(path, pem.as_bytes()).map_err(io(path))?;
+        }
     }
     Ok(DevTls {
         server: TlsPem {
@@ -68,20 +72,4 @@ pub fn ensure(dir: &Path) -> Result<DevTls, DevTlsError> {
         },
         ca_cert: ca_path,
     })
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DevTlsError> {
-    let io = |source| DevTlsError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)
 }

@@ -1,13 +1,7 @@
 //! Starts the coordinator: the agents' TLS endpoint (Uplink, health,
 //! reflection) and the admin unix socket.
 
-use std::{
-    net::SocketAddr,
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
@@ -20,6 +14,11 @@ use warden_proto::{
         admin_server::AdminServer, link_probe_server::LinkProbeServer, uplink_server::UplinkServer,
     },
     FILE_DESCRIPTOR_SET,
+};
+use warden_state::{
+    dir::{self, DirError},
+    lock::{DirLock, LockError},
+    socket::SocketError,
 };
 
 use crate::{
@@ -53,6 +52,12 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Dir(#[from] DirError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("admin_socket: {0}")]
+    AdminSocket(SocketError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
@@ -87,6 +92,8 @@ pub struct Running {
     pub public_key: VerifyingKey,
     pub database: PathBuf,
     tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    /// The state directory's and the database's, held until the servers stop.
+    _locks: [DirLock; 2],
 }
 
 impl Running {
@@ -108,27 +115,45 @@ pub async fn start(
     tls: TlsPem,
     shutdown: CancellationToken,
 ) -> Result<Running, ServeError> {
-    create_private_dir(&cfg.state_dir)?;
+    cfg.check_paths()?;
+    // One coordinator per state directory and per database: a second would
+    // answer the same nodes from the same rows. The database may live
+    // elsewhere, so it has its own lock beside it.
+    dir::ensure_private(&cfg.state_dir)?;
+    let database = cfg.database_path();
+    let locks = [
+        DirLock::acquire(
+            &cfg.lock_path(),
+            format!(
+                "the coordinator state directory {}",
+                cfg.state_dir.display()
+            ),
+        )?,
+        DirLock::acquire(
+            &cfg.database_lock_path(),
+            format!("the coordinator database {}", database.display()),
+        )?,
+    ];
     let (signer, created) = identity::load_or_create(&cfg.key_path())?;
     if created {
         tracing::info!(key = %cfg.key_path().display(), "created coordinator signing key");
     }
     let public_key = signer.verifying_key();
-    // Where operators look for the key verifiers pin (`warden coordinator
-    // key` prints the same): public, so readable by all.
+    // Beside the key, the half verifiers pin (`warden coordinator key`
+    // prints the same; the log says it at every start).
     let pub_path = cfg.state_dir.join("coordinator.pub");
     let text = format!("{}\n", public_key.to_base64());
     if std::fs::read_to_string(&pub_path).ok().as_deref() != Some(text.as_str()) {
-        use std::os::unix::fs::PermissionsExt;
-        let written = std::fs::write(&pub_path, &text).and_then(|()| {
-            std::fs::set_permissions(&pub_path, std::fs::Permissions::from_mode(0o644))
-        });
-        if let Err(e) = written {
+        if let Err(e) = warden_state::file::write_private(&pub_path, text.as_bytes()) {
             tracing::warn!(path = %pub_path.display(), error = %e, "cannot write the coordinator's public key");
         }
     }
     tracing::info!(key = %public_key.to_base64(), key_id = %public_key.key_id(), "coordinator signing key (verifiers pin it: `warden coordinator key`)");
-    let database = cfg.database_path();
+    // Bound before the database is opened: a path that is not ours to take
+    // stops the start with nothing touched.
+    let admin_socket = cfg.admin_socket_path();
+    let (admin_listener, admin_file) =
+        warden_state::socket::bind(&admin_socket).map_err(ServeError::AdminSocket)?;
     let store = Store::open(&database)?;
     let registry = Registry::default();
 
@@ -175,14 +200,18 @@ pub async fn start(
             shutdown.clone().cancelled_owned(),
         );
 
-    let admin_socket = cfg.admin_socket_path();
-    let admin_listener = bind_private_socket(&admin_socket)?;
     let admin = Server::builder()
         .add_service(AdminServer::new(AdminService::new(store, registry, signer)))
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(admin_listener),
             shutdown.clone().cancelled_owned(),
         );
+    // The socket file goes when its server stops (if it is still ours).
+    let admin = async move {
+        let served = admin.await;
+        drop(admin_file);
+        served
+    };
 
     let challenges = tokio::spawn(crate::challenge::run(
         challenge_store,
@@ -205,37 +234,6 @@ pub async fn start(
                 Ok(())
             }),
         ],
+        _locks: locks,
     })
-}
-
-/// Creates a directory readable by its owner only.
-pub fn create_private_dir(dir: &Path) -> Result<(), ServeError> {
-    let io = |source| ServeError::Io {
-        what: "state directory",
-        path: dir.to_owned(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(io)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)
-}
-
-/// Binds a unix socket that only its owner may connect to, replacing a
-/// stale socket file left by an earlier run.
-pub fn bind_private_socket(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
-    let io = |source| ServeError::Io {
-        what: "admin socket",
-        path: path.to_owned(),
-        source,
-    };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(io)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    let listener = tokio::net::UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-    Ok(listener)
 }

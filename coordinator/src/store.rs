@@ -181,7 +181,7 @@ enum Cmd {
     /// The lease's last challenge: its index and payload digest.
     LastChallenge(
         String,
-        oneshot::Sender<Result<Option<(u64, [u8; 32])>, StoreError>>,
+        oneshot::Sender<Result<Option<ChallengeTip>, StoreError>>,
     ),
     /// The coordinator's signed verdict, and what it says.
     PutVerdict(String, pb::Envelope, pb::LeaseVerdict),
@@ -197,6 +197,9 @@ enum Cmd {
     ListClusters(oneshot::Sender<Result<Vec<pb::ClusterInfo>, StoreError>>),
     MeshIdentities(oneshot::Sender<Result<MeshIdentities, StoreError>>),
 }
+
+/// A lease's last challenge: its index and payload digest.
+pub type ChallengeTip = (u64, [u8; 32]);
 
 /// Every node's announced mesh key and endpoints, by node id.
 pub type MeshIdentities = std::collections::HashMap<String, crate::cluster::MeshIdentity>;
@@ -311,10 +314,7 @@ impl Store {
 
     /// The index and digest of the lease's last challenge (what the next
     /// one chains to), if any.
-    pub async fn last_challenge(
-        &self,
-        lease_id: &str,
-    ) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+    pub async fn last_challenge(&self, lease_id: &str) -> Result<Option<ChallengeTip>, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.send(Cmd::LastChallenge(lease_id.to_owned(), tx))?;
         rx.await.map_err(|_| StoreError::Stopped)?
@@ -849,7 +849,7 @@ fn evidence(conn: &Connection, lease_id: &str) -> rusqlite::Result<Option<Eviden
     }))
 }
 
-fn last_challenge(conn: &Connection, lease_id: &str) -> rusqlite::Result<Option<(u64, [u8; 32])>> {
+fn last_challenge(conn: &Connection, lease_id: &str) -> rusqlite::Result<Option<ChallengeTip>> {
     let blob: Option<Vec<u8>> = conn
         .query_row(
             "SELECT envelope FROM challenges WHERE lease_id = ?1 ORDER BY issued_ms DESC, rowid DESC LIMIT 1",

@@ -3,7 +3,6 @@
 //! wireguard-go. Requests are parsed by `uapi` and applied by the device.
 
 use std::{
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -28,28 +27,19 @@ pub const SOCKET_DIR: &str = "/var/run/wireguard";
 const MAX_REQUEST: usize = 1 << 20;
 
 /// Binds the socket (mode 0600; the directory is made 0700 if it is new),
-/// replacing a stale one.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        }
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+/// replacing only a stale socket: a live one (wireguard-go running the same
+/// interface name) or anything that is not a socket is an error.
+pub fn bind(
+    path: &Path,
+) -> Result<(UnixListener, warden_state::socket::SocketFile), warden_state::socket::SocketError> {
+    warden_state::socket::bind(path)
 }
 
-/// Serves requests until `shutdown`, then removes the socket.
+/// Serves requests until `shutdown`, then removes the socket (if it is
+/// still this one).
 pub async fn serve(
     listener: UnixListener,
-    path: PathBuf,
+    file: warden_state::socket::SocketFile,
     dev: Arc<Device>,
     shutdown: CancellationToken,
 ) {
@@ -65,7 +55,7 @@ pub async fn serve(
             });
         }
     }
-    let _ = std::fs::remove_file(&path);
+    drop(file);
 }
 
 /// Answers each request on one connection until the client closes it.
@@ -127,12 +117,14 @@ mod tests {
         let path = socket_path(dir.path(), "wgtest");
         let dev = Arc::new(Device::new("127.0.0.1".parse().unwrap()));
         let stop = CancellationToken::new();
-        let listener = bind(&path).unwrap();
+        let (listener, file) = bind(&path).unwrap();
         assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(&path).unwrap().permissions()
+            ) & 0o777,
             0o600
         );
-        let task = tokio::spawn(serve(listener, path.clone(), dev, stop.clone()));
+        let task = tokio::spawn(serve(listener, file, dev, stop.clone()));
         let key = hex::encode([7u8; 32]);
         let peer = hex::encode(crate::mesh::device::public_of([8; 32]));
         let set = format!(

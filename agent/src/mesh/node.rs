@@ -421,9 +421,9 @@ impl MeshNode {
         let mut tasks = Vec::new();
         let path = control::socket_path(&self.socket_dir, &interface);
         match control::bind(&path) {
-            Ok(l) => tasks.push(tokio::spawn(control::serve(
+            Ok((l, file)) => tasks.push(tokio::spawn(control::serve(
                 l,
-                path,
+                file,
                 dev.clone(),
                 stop.clone(),
             ))),
