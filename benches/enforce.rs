@@ -75,7 +75,7 @@ async fn trial(dev: &Path, patterns: &[String], grace: Duration) -> f64 {
     loop {
         assert!(t0.elapsed() < Duration::from_secs(10), "holder never seen");
         let scan_at_ms = now_ms();
-        let seen = Seen::resolve(procs::scan(Path::new("/proc"), patterns), |minor| {
+        let seen = Seen::resolve(procs::scan(Path::new("/proc"), patterns).holders, |minor| {
             (minor == 0).then(|| GPU.to_owned())
         });
         let decisions = enforce::decide(&seen, &leases, false, &policy);
@@ -133,7 +133,7 @@ fn main() {
     let scans: Vec<f64> = (0..n)
         .map(|_| {
             let t = Instant::now();
-            let found = procs::scan(Path::new("/proc"), &patterns);
+            let found = procs::scan(Path::new("/proc"), &patterns).holders;
             let ms = t.elapsed().as_secs_f64() * 1e3;
             assert!(found.is_empty());
             ms

@@ -63,6 +63,7 @@ pub struct Epoch {
     holders: Vec<pb::HolderSeen>,
     enforcement: Vec<pb::EnforcementEvent>,
     challenges: Vec<Vec<u8>>,
+    blind: Vec<String>,
 }
 
 impl Epoch {
@@ -82,6 +83,7 @@ impl Epoch {
             holders: Vec::new(),
             enforcement: Vec::new(),
             challenges: Vec::new(),
+            blind: Vec::new(),
         }
     }
 
@@ -124,6 +126,15 @@ impl Epoch {
         }
     }
 
+    /// Something the agent could not see this epoch (a failed scan, a
+    /// Docker call that failed): the window is attested as blind, never as
+    /// clean, and counts as not covered. The same reason once.
+    pub fn add_blind(&mut self, reason: String) {
+        if !self.blind.contains(&reason) {
+            self.blind.push(reason);
+        }
+    }
+
     /// Closes the window `[start, end_ms)` as the link after `head`.
     pub fn finish(self, end_ms: i64, head: &Head) -> pb::Attestation {
         let window = (end_ms - self.start_ms).max(0);
@@ -136,6 +147,7 @@ impl Epoch {
             holders: self.holders,
             enforcement: self.enforcement,
             challenges: self.challenges,
+            blind: self.blind,
             ..Default::default()
         };
         head.link(&mut a);
@@ -209,6 +221,21 @@ mod tests {
             e.add_cycle(&[]);
         }
         assert_eq!(e.finish(10_000, &Head::default()).sampled_ms, 10_000);
+    }
+
+    #[test]
+    fn a_blind_epoch_says_so_and_counts_for_nothing() {
+        let mut e = Epoch::new("l1", &["GPU-a".to_owned()], 0, 1_000);
+        for _ in 0..10 {
+            e.add_cycle(&[sample("GPU-a", 1, 1)]);
+        }
+        e.add_blind("the /proc scan failed".into());
+        e.add_blind("the /proc scan failed".into());
+        let a = e.finish(10_000, &Head::default());
+        assert_eq!(a.blind, ["the /proc scan failed"]);
+        // What the samples covered is still stated; the verifier counts none of it.
+        assert_eq!(a.sampled_ms, 10_000);
+        assert_eq!(warden_proto::chain::window_sampled(&a), 0);
     }
 
     #[test]

@@ -233,8 +233,11 @@ pub fn describe(proc_root: &Path, pid: u32, device: String) -> Option<Holder> {
 /// Every (process, device) pair under `proc_root` (normally `/proc`) where
 /// the process has a descriptor open on a path matching `patterns`, sorted
 /// by pid then device. A process holding a device through several
-/// descriptors appears once for it. Processes that vanish mid-scan, or whose
-/// files are unreadable, are skipped; this never panics and never fails.
+/// descriptors appears once for it. Processes that vanish mid-scan are
+/// skipped; what could not be read for another reason (the listing of
+/// `proc_root`, a process's `fd/` denied) is named in `Scan::blind`, since
+/// a holder there would be missed: the caller must not take the scan for
+/// a clean one. This never panics.
 /// A trailing ` (deleted)` on a descriptor's target (the node was removed
 /// after it was opened) is dropped. Threads share their process's
 /// descriptor table and are covered by it; a task cloned without
@@ -247,18 +250,32 @@ pub fn describe(proc_root: &Path, pid: u32, device: String) -> Option<Holder> {
 /// four small reads). So it is linear in the total number of descriptors
 /// on the host: about 15 ms (p50, release build, 2-core VM) for ~1,100
 /// processes with a few descriptors each (see `benches/enforce.rs`).
-pub fn scan(proc_root: &Path, patterns: &[String]) -> Vec<Holder> {
-    let Ok(entries) = std::fs::read_dir(proc_root) else {
-        return Vec::new();
+pub fn scan(proc_root: &Path, patterns: &[String]) -> Scan {
+    let entries = match std::fs::read_dir(proc_root) {
+        Ok(e) => e,
+        Err(e) => {
+            return Scan {
+                holders: Vec::new(),
+                blind: vec![format!("{} could not be listed: {e}", proc_root.display())],
+            }
+        }
     };
     let mut pids: Vec<u32> = entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     pids.sort_unstable();
     let mut holders = Vec::new();
+    let mut denied: Vec<(u32, std::io::Error)> = Vec::new();
     for pid in pids {
         let dir = proc_root.join(pid.to_string());
-        let devices = held_devices(&dir, patterns);
+        let devices = match held_devices(&dir, patterns) {
+            Ok(d) => d,
+            Err(e) if vanished(&e) => continue,
+            Err(e) => {
+                denied.push((pid, e));
+                continue;
+            }
+        };
         if devices.is_empty() {
             continue;
         }
@@ -269,15 +286,38 @@ pub fn scan(proc_root: &Path, patterns: &[String]) -> Vec<Holder> {
                 .filter_map(|d| describe(proc_root, pid, d)),
         );
     }
-    holders
+    let blind = match denied.first() {
+        None => Vec::new(),
+        Some((pid, e)) => vec![format!(
+            "the descriptors of {} process(es) could not be read (pid {pid}: {e})",
+            denied.len()
+        )],
+    };
+    Scan { holders, blind }
 }
 
-/// The matching device paths among the descriptors in `dir/fd`, in order.
-fn held_devices(dir: &Path, patterns: &[String]) -> BTreeSet<String> {
+/// What a scan found, and what it could not see.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub holders: Vec<Holder>,
+    /// Why part of the host went unseen (empty: nothing did).
+    pub blind: Vec<String>,
+}
+
+/// The process is gone (it exited during the scan), or the entry is no
+/// process directory.
+fn vanished(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::ESRCH | libc::ENOTDIR)
+    )
+}
+
+/// The matching device paths among the descriptors in `dir/fd`, in order;
+/// an error if `fd/` itself cannot be listed.
+fn held_devices(dir: &Path, patterns: &[String]) -> std::io::Result<BTreeSet<String>> {
     let mut devices = BTreeSet::new();
-    let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
-        return devices;
-    };
+    let fds = std::fs::read_dir(dir.join("fd"))?;
     for fd in fds.flatten() {
         let Ok(target) = std::fs::read_link(fd.path()) else {
             continue;
@@ -290,7 +330,7 @@ fn held_devices(dir: &Path, patterns: &[String]) -> BTreeSet<String> {
             devices.insert(target.to_owned());
         }
     }
-    devices
+    Ok(devices)
 }
 
 #[cfg(test)]
@@ -567,7 +607,9 @@ mod tests {
         std::fs::write(root.join("24"), "").unwrap();
         std::fs::create_dir_all(root.join("sys")).unwrap();
 
-        let got = scan(root, &default_patterns());
+        let scanned = scan(root, &default_patterns());
+        assert!(scanned.blind.is_empty(), "{:?}", scanned.blind);
+        let got = scanned.holders;
         let brief: Vec<_> = got
             .iter()
             .map(|h| {
@@ -604,8 +646,26 @@ mod tests {
             ]
         );
         assert_eq!(got[1].comm, "w 300");
-        assert!(scan(&root.join("missing"), &default_patterns()).is_empty());
-        assert!(scan(root, &[]).is_empty());
+        assert!(scan(root, &[]).holders.is_empty());
+        // What could not be read is not a clean scan: it is named.
+        let missing = scan(&root.join("missing"), &default_patterns());
+        assert!(missing.holders.is_empty());
+        assert!(
+            missing.blind[0].contains("could not be listed"),
+            "{:?}",
+            missing.blind
+        );
+        // An fd/ that cannot be listed (here a link loop: ELOOP; on a host,
+        // EACCES without the capabilities) hides whatever that process holds.
+        std::fs::create_dir_all(root.join("25")).unwrap();
+        symlink("fd", root.join("25/fd")).unwrap();
+        let denied = scan(root, &default_patterns());
+        assert_eq!(denied.holders.len(), 3);
+        assert!(
+            denied.blind[0].contains("1 process(es) could not be read (pid 25"),
+            "{:?}",
+            denied.blind
+        );
     }
 
     /// A child killed and reaped on drop.
@@ -634,7 +694,7 @@ mod tests {
         let patterns = vec![format!("{}/nvidia*", tmp.path().display())];
         let t0 = Instant::now();
         let found = loop {
-            let got = scan(Path::new("/proc"), &patterns);
+            let got = scan(Path::new("/proc"), &patterns).holders;
             if let Some(h) = got.iter().find(|h| h.pid == pid && h.comm == "sleep") {
                 assert_eq!(got.len(), 1, "{got:?}");
                 break h.clone();
@@ -651,7 +711,7 @@ mod tests {
             read_stat(Path::new("/proc"), pid).map(|s| s.start_time)
         );
         drop(child);
-        assert!(scan(Path::new("/proc"), &patterns).is_empty());
+        assert!(scan(Path::new("/proc"), &patterns).holders.is_empty());
     }
 
     proptest! {

@@ -102,22 +102,43 @@ pub fn requests_gpu(requests: &[bollard::models::DeviceRequest], gpus: &[String]
 }
 
 /// Running containers that are no lease's own but asked Docker for a
-/// leased GPU (they may not have opened it yet): (container id, gpu).
-async fn gpu_requesters(socket: &Path, leases: &[Lease]) -> Vec<(String, String)> {
-    let Ok(docker) = Docker::connect(socket).await else {
-        return Vec::new();
+/// leased GPU (they may not have opened it yet): (container id, gpu); and
+/// what Docker could not answer, which leaves the epoch blind (an edge
+/// that failed is not "no containers").
+async fn gpu_requesters(socket: &Path, leases: &[Lease]) -> (Vec<(String, String)>, Vec<String>) {
+    let docker = match Docker::connect(socket).await {
+        Ok(d) => d,
+        Err(e) => {
+            return (
+                Vec::new(),
+                vec![format!("Docker could not be asked for GPU requests: {e}")],
+            )
+        }
     };
-    let Ok(ids) = docker.list_running().await else {
-        return Vec::new();
+    let ids = match docker.list_running().await {
+        Ok(ids) => ids,
+        Err(e) => {
+            return (
+                Vec::new(),
+                vec![format!("Docker could not list running containers: {e}")],
+            )
+        }
     };
+    let mut blind = Vec::new();
     let ours: HashSet<&str> = leases
         .iter()
         .flat_map(|l| l.containers.iter().map(|c| c.id.as_str()))
         .collect();
     let mut out = Vec::new();
     for id in ids.into_iter().filter(|id| !ours.contains(id.as_str())) {
-        let Ok(c) = docker.inspect(&id).await else {
-            continue;
+        let c = match docker.inspect(&id).await {
+            Ok(c) => c,
+            // Removed since it was listed: nothing there to see.
+            Err(crate::docker::DockerError::NotFound { .. }) => continue,
+            Err(e) => {
+                blind.push(format!("Docker could not inspect container {id}: {e}"));
+                continue;
+            }
         };
         let requests = c.host_config.device_requests.clone().unwrap_or_default();
         for l in leases {
@@ -127,7 +148,7 @@ async fn gpu_requesters(socket: &Path, leases: &[Lease]) -> Vec<(String, String)
             }
         }
     }
-    out
+    (out, blind)
 }
 
 /// Stops a foreign container in the background (SIGTERM, then SIGKILL
@@ -274,7 +295,7 @@ impl TimeLock {
                         .iter()
                         .flat_map(|g| g.processes.iter().map(move |p| (p.pid, g.uuid.clone())))
                         .collect();
-                    let (holders, nvml_holders) = tokio::task::spawn_blocking(move || {
+                    let scanned = tokio::task::spawn_blocking(move || {
                         let proc_root = Path::new("/proc");
                         let nvml: Vec<Seen> = from_nvml
                             .into_iter()
@@ -285,8 +306,18 @@ impl TimeLock {
                             .collect();
                         (procs::scan(proc_root, &patterns), nvml)
                     })
-                    .await
-                    .unwrap_or_default();
+                    .await;
+                    // A scan that failed is not "no holders": the epochs say so.
+                    let (scan, nvml_holders) = scanned.unwrap_or_else(|e| {
+                        (procs::Scan { holders: Vec::new(), blind: vec![format!("the /proc scan failed: {e}")] }, Vec::new())
+                    });
+                    for reason in &scan.blind {
+                        tracing::warn!(%reason, "part of the host went unseen this cycle");
+                        for e in epochs.values_mut() {
+                            e.add_blind(reason.clone());
+                        }
+                    }
+                    let holders = scan.holders;
                     let inv = self.inventory.borrow().clone();
                     let mut seen = Seen::resolve(holders, |minor| inv.gpus.iter().find(|g| g.minor_number == minor).map(|g| g.uuid.clone()));
                     for n in nvml_holders {
@@ -355,7 +386,16 @@ impl TimeLock {
                     let due: Vec<String> = epochs.iter().filter(|(_, e)| now - e.start_ms() >= epoch_ms).map(|(id, _)| id.clone()).collect();
                     // Once per epoch: containers that asked Docker for a leased GPU.
                     if !due.is_empty() && leases.iter().any(|l| !l.gpus.is_empty()) {
-                        for (id, gpu) in gpu_requesters(&self.docker_socket, &leases).await {
+                        let (requesters, blind) = gpu_requesters(&self.docker_socket, &leases).await;
+                        for reason in blind {
+                            tracing::warn!(%reason, "part of the host went unseen this epoch");
+                            for id in &due {
+                                if let Some(e) = epochs.get_mut(id) {
+                                    e.add_blind(reason.clone());
+                                }
+                            }
+                        }
+                        for (id, gpu) in requesters {
                             if !stopping.insert(id.clone()) {
                                 continue;
                             }
@@ -419,6 +459,22 @@ impl TimeLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn docker_that_cannot_answer_leaves_the_epoch_blind_not_clean() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lease = Lease {
+            id: "l-1".into(),
+            renter: String::new(),
+            gpus: vec!["GPU-a".into()],
+            started_unix_ms: 0,
+            containers: Vec::new(),
+        };
+        let (found, blind) = gpu_requesters(&tmp.path().join("no-docker.sock"), &[lease]).await;
+        assert!(found.is_empty());
+        assert_eq!(blind.len(), 1);
+        assert!(blind[0].contains("Docker could not be asked"), "{blind:?}");
+    }
 
     #[test]
     fn chains_survive_a_save() {
