@@ -138,15 +138,20 @@ impl Rig {
 
 /// `warden verify` pinning the coordinator's key from the file it writes
 /// beside its signing key (what an operator hands verifiers).
-fn verify(r: &Rig, path: &Path, extra: &[&str]) -> (bool, String) {
-    let out = Command::new(WARDEN)
+fn run_verify(r: &Rig, path: &Path, extra: &[&str]) -> Output {
+    Command::new(WARDEN)
         .arg("verify")
         .arg(path)
         .arg("--coordinator-key")
         .arg(r.coord.dir.join("coordinator.pub"))
         .args(extra)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// (holds, what it printed).
+fn verify(r: &Rig, path: &Path, extra: &[&str]) -> (bool, String) {
+    let out = run_verify(r, path, extra);
     (
         out.status.success(),
         format!(
@@ -289,6 +294,99 @@ fn a_restarted_agent_continues_the_chain_and_the_gap_shows() {
         coverage < 0.95,
         "a 1.5 s outage must cost coverage: {coverage}"
     );
+}
+
+/// The coordinator is down for a few seconds mid-lease: the agent goes on
+/// attesting into its spool, the records arrive late but well within the
+/// lateness bound, are countersigned then, and the lease holds at the
+/// default coverage. With a bound shorter than the outage, the same
+/// evidence counts those windows as late.
+#[test]
+fn a_lease_holds_across_a_coordinator_outage_shorter_than_the_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = rig(tmp.path());
+    let id = r.start();
+    wait_for("two attestations", Duration::from_secs(30), || {
+        (r.info(&id)["attestations"].as_u64()? >= 2).then_some(())
+    });
+    let port = r.coord.port;
+    r.coord.proc.kill9();
+    std::thread::sleep(Duration::from_secs(5));
+    r.coord = Coordinator::start_with(
+        &r.tmp.join("coord"),
+        port,
+        "[leases]\nchallenge_interval = \"700ms\"\nchallenge_deadline = \"5s\"\n",
+    );
+    let after = wait_for("the spooled attestations", Duration::from_secs(60), || {
+        let n = r.info(&id)["attestations"].as_u64()?;
+        (n >= 9).then_some(n)
+    });
+    wait_for("more after the outage", Duration::from_secs(30), || {
+        (r.info(&id)["attestations"].as_u64()? >= after + 2).then_some(())
+    });
+    r.end(&id);
+    let (info, bundle) = r.export(&id);
+    assert_eq!(info["verdict"], "holds", "{info:#}");
+    let (ok, report) = verify_json(&r, &bundle, &[]);
+    assert!(ok, "{report:#}");
+    let summary = &report["summary"];
+    assert_eq!(summary["late"], 0, "{report:#}");
+    assert_eq!(summary["restarts"], 0, "{report:#}");
+
+    // Some windows did arrive seconds after they ended: the outage is in the receipts.
+    let b: Value = serde_json::from_slice(&std::fs::read(&bundle).unwrap()).unwrap();
+    let delays = receipt_delays(&b);
+    let worst = delays.iter().max().copied().unwrap_or(0);
+    assert!(
+        worst >= 3_000,
+        "no window waited out the outage: {delays:?}"
+    );
+    // A verifier with a bound shorter than the outage counts them as late.
+    let (_, strict) = verify_json(&r, &bundle, &["--max-delay-ms", "2000"]);
+    assert!(
+        strict["summary"]["late"].as_u64().unwrap() >= 1,
+        "{strict:#}"
+    );
+    assert!(
+        strict["summary"]["coverage"].as_f64().unwrap() < summary["coverage"].as_f64().unwrap(),
+        "{strict:#}"
+    );
+}
+
+/// `warden verify --json`: (holds, the report).
+fn verify_json(r: &Rig, path: &Path, extra: &[&str]) -> (bool, Value) {
+    let out = run_verify(r, path, &[&["--json"], extra].concat());
+    (
+        out.status.success(),
+        serde_json::from_slice(&out.stdout).unwrap(),
+    )
+}
+
+/// For each attestation of a bundle: how long after its window ended the
+/// coordinator countersigned it.
+fn receipt_delays(b: &Value) -> Vec<i64> {
+    use base64::Engine as _;
+    use prost::Message;
+    use warden_proto::pb;
+    let b64 = |v: &Value| {
+        base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().unwrap())
+            .unwrap()
+    };
+    let mut ends = std::collections::HashMap::new();
+    for r in b["records"].as_array().unwrap() {
+        let rec = pb::Record::decode(b64(&r["payload"]).as_slice()).unwrap();
+        if let Some(pb::record::Body::Attestation(a)) = rec.body {
+            ends.insert(a.lease_seq, a.window_end_unix_ms);
+        }
+    }
+    b["receipts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| pb::Receipt::decode(b64(&r["payload"]).as_slice()).unwrap())
+        .filter_map(|rc| Some(rc.time_unix_ms - ends.get(&rc.lease_seq)?))
+        .collect()
 }
 
 #[test]
