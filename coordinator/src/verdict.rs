@@ -125,3 +125,95 @@ pub async fn judge(store: &Store, signer: &Signer, lease_id: &str, min_coverage:
     let env = signer.sign_message(types::VERDICT, &verdict);
     store.put_verdict(lease_id, env, verdict);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warden_proto::vectors::{Lease, T1};
+
+    fn evidence(l: &Lease, created: i64, started: i64, ended: i64) -> Evidence {
+        let ev = l.sign();
+        Evidence {
+            node_id: l.node().key_id().to_owned(),
+            node_public_key: l.node().public_key().to_vec(),
+            records: ev.records,
+            receipts: ev.receipts,
+            proof: ev.proof,
+            challenges: ev.challenges,
+            verdict: None,
+            lease: pb::LeaseInfo {
+                lease_id: l.lease_id.clone(),
+                node_id: l.node().key_id().to_owned(),
+                gpu_uuids: l.gpus.clone(),
+                created_unix_ms: created,
+                started_unix_ms: started,
+                ended_unix_ms: ended,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn the_verdict_commits_to_the_evidence_and_holds_for_an_honest_lease() {
+        let l = Lease::honest(6, 1);
+        let ev = evidence(&l, T1 - 500, T1 + 300, l.t2 + 800);
+        let v = verdict(&ev, &l.coordinator(), &Params::default(), 1).unwrap();
+        assert!(v.holds, "{:?}", v.reasons);
+        assert_eq!((v.t1_unix_ms, v.t2_unix_ms, v.last_seq), (l.t1, l.t2, 6));
+        assert_eq!(v.challenges, 2);
+        assert_eq!(
+            v.last_challenge_sha256,
+            dsse::payload_sha256(&ev.challenges[1]).to_vec()
+        );
+        assert_eq!(v.gpus, l.gpus);
+        assert_eq!(v.coverage, 1.0);
+    }
+
+    #[test]
+    fn a_proof_moved_in_time_against_what_the_coordinator_saw_fails() {
+        let l = Lease::honest(6, 1);
+        // The node claims T1 well before the coordinator even made the lease.
+        let ev = evidence(&l, T1 + 20_000, T1 + 21_000, l.t2 + 800);
+        let v = verdict(&ev, &l.coordinator(), &Params::default(), 1).unwrap();
+        assert!(!v.holds);
+        assert!(
+            v.reasons
+                .iter()
+                .any(|r| r.starts_with("proof-mismatch: t1")),
+            "{:?}",
+            v.reasons
+        );
+        // T2 after the node said the lease had ended.
+        let ev = evidence(&l, T1 - 500, T1 + 300, l.t2 - 30_000);
+        let v = verdict(&ev, &l.coordinator(), &Params::default(), 1).unwrap();
+        assert!(
+            v.reasons
+                .iter()
+                .any(|r| r.starts_with("proof-mismatch: t2")),
+            "{:?}",
+            v.reasons
+        );
+    }
+
+    #[test]
+    fn an_attestation_without_the_leased_gpu_fails_the_coordinators_judgement() {
+        let mut l = Lease::honest(4, 1);
+        l.attestations[2].gpus.clear();
+        let mut ev = evidence(&l, T1 - 500, T1 + 300, l.t2 + 800);
+        let v = verdict(&ev, &l.coordinator(), &Params::default(), 1).unwrap();
+        assert!(
+            v.reasons.iter().any(|r| r.starts_with("wrong-gpus")),
+            "{:?}",
+            v.reasons
+        );
+        // An all-GPU lease is judged against what the node said "all" meant.
+        l.attestations[2] = l.attestations[1].clone();
+        ev.lease.gpu_uuids = vec!["GPU-other".into()];
+        let v = verdict(&ev, &l.coordinator(), &Params::default(), 1).unwrap();
+        assert!(
+            v.reasons.iter().any(|r| r.starts_with("wrong-gpus")),
+            "{:?}",
+            v.reasons
+        );
+    }
+}
