@@ -422,107 +422,161 @@ pub fn judge(c: &Chain, p: &Params, leased_gpus: &[String]) -> Report {
 fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
     let mut report = Report::default();
     let node_id = c.node_key.key_id().to_owned();
-    let ckey = c.coordinator_key;
     report.summary.lease_id = c.lease_id.to_owned();
     report.summary.node_id = node_id.clone();
 
-    // 1. The verdict: what the coordinator committed to.
-    let verdict = match c.verdict.filter(|_| judging.is_none()) {
-        None if judging.is_some() => None,
-        None => {
-            report.fail(
-                rule::NO_VERDICT,
-                "the coordinator has not judged the lease (no verdict)".into(),
-            );
-            None
-        }
-        Some(item) => open_coordinator::<pb::LeaseVerdict>(
-            item,
-            types::VERDICT,
-            ckey,
-            "verdict",
-            rule::BAD_VERDICT,
-            &mut report,
-        )
-        .map(|(v, _)| v),
-    };
-    if let Some(v) = &verdict {
-        if v.lease_id != c.lease_id {
-            report.fail(
-                rule::VERDICT_MISMATCH,
-                format!("verdict: is for lease {}, not {}", v.lease_id, c.lease_id),
-            );
-        }
-        if v.node_id != node_id {
-            report.fail(
-                rule::VERDICT_MISMATCH,
-                format!(
-                    "verdict: names node {}, the node key is {node_id}",
-                    v.node_id
-                ),
-            );
-        }
-        report.summary.verdict_holds = Some(v.holds);
-        report.summary.gpus = v.gpus.clone();
-    }
-
-    if let Some(gpus) = judging {
-        report.summary.gpus = gpus.to_vec();
-    }
-
-    // 2. The proof: the node's own totals, and T1/T2.
-    let proof = match c.proof {
-        None => {
-            report.fail(rule::NO_PROOF, "the lease has no proof (not ended?)".into());
-            None
-        }
-        Some(Err(e)) => {
-            report.fail(rule::BAD_PAYLOAD, format!("proof: {e}"));
-            None
-        }
-        Some(Ok(env)) => match dsse::open::<pb::Record>(env, types::RECORD, c.node_key) {
-            Err(e) => {
-                report.fail(signature_rule(&e), format!("proof: {e}"));
-                None
-            }
-            Ok(rec) => match rec.body {
-                Some(pb::record::Body::LeaseProof(pr)) => {
-                    if rec.node_id != node_id {
-                        report.fail(
-                            rule::WRONG_NODE,
-                            format!("proof: names node {}, the key is {node_id}", rec.node_id),
-                        );
-                    }
-                    if pr.lease_id != c.lease_id {
-                        report.fail(
-                            rule::WRONG_LEASE,
-                            format!("proof: is for lease {}, not {}", pr.lease_id, c.lease_id),
-                        );
-                    }
-                    Some(pr)
-                }
-                _ => {
-                    report.fail(
-                        rule::BAD_PAYLOAD,
-                        "proof: the record is not a LeaseProof".into(),
-                    );
-                    None
-                }
-            },
-        },
-    };
+    let verdict = check_verdict(c, judging, &node_id, &mut report);
+    let proof = check_proof(c, &node_id, &mut report);
     // The lease's span: the proof's, else the verdict's.
     let span = proof
         .as_ref()
         .map(|pr| (pr.t1_unix_ms, pr.t2_unix_ms))
         .or_else(|| verdict.as_ref().map(|v| (v.t1_unix_ms, v.t2_unix_ms)));
+    let chain = place_records(c, &node_id, &mut report);
+    let leased = judging.or(verdict.as_ref().map(|v| v.gpus.as_slice()));
+    let watched = check_windows(&chain, span, leased, p, &mut report);
+    let counted = check_countersignatures(c, &chain, &node_id, p, &mut report);
+    let challenges = check_challenges(
+        c,
+        &chain,
+        &watched,
+        &counted,
+        verdict.as_ref(),
+        span,
+        &node_id,
+        p,
+        &mut report,
+    );
+    let mut s = std::mem::take(&mut report.summary);
+    s.gpus = leased.map(<[String]>::to_vec).unwrap_or_default();
+    s.verdict_holds = verdict.as_ref().map(|v| v.holds);
+    s.challenges = challenges.issued;
+    s.challenges_answered = challenges.answered;
+    s.challenges_in_gaps = challenges.in_gaps;
+    s.late = counted.late;
+    s.blind = counted.blind;
+    s.countersigned_ms = counted.sampled_ms;
+    summarise(&mut s, &chain, &watched, span, p, &mut report);
+    if let Some(pr) = &proof {
+        check_proof_figures(pr, &s, &watched.tally, &mut report);
+    }
+    if let Some(v) = &verdict {
+        check_verdict_commitments(v, proof.as_ref(), &s, &mut report);
+    }
+    report.summary = s;
+    report
+}
 
-    // 3. The records, placed by lease seq (bundle order does not matter).
+/// 1. The verdict: what the coordinator committed to (none when judging).
+fn check_verdict(
+    c: &Chain,
+    judging: Option<&[String]>,
+    node_id: &str,
+    report: &mut Report,
+) -> Option<pb::LeaseVerdict> {
+    if judging.is_some() {
+        return None;
+    }
+    let Some(item) = c.verdict else {
+        report.fail(
+            rule::NO_VERDICT,
+            "the coordinator has not judged the lease (no verdict)".into(),
+        );
+        return None;
+    };
+    let (v, _) = open_coordinator::<pb::LeaseVerdict>(
+        item,
+        types::VERDICT,
+        c.coordinator_key,
+        "verdict",
+        rule::BAD_VERDICT,
+        report,
+    )?;
+    if v.lease_id != c.lease_id {
+        report.fail(
+            rule::VERDICT_MISMATCH,
+            format!("verdict: is for lease {}, not {}", v.lease_id, c.lease_id),
+        );
+    }
+    if v.node_id != node_id {
+        report.fail(
+            rule::VERDICT_MISMATCH,
+            format!(
+                "verdict: names node {}, the node key is {node_id}",
+                v.node_id
+            ),
+        );
+    }
+    Some(v)
+}
+
+/// 2. The proof: the node's own totals, and T1/T2.
+fn check_proof(c: &Chain, node_id: &str, report: &mut Report) -> Option<pb::LeaseProof> {
+    let env = match c.proof {
+        None => {
+            report.fail(rule::NO_PROOF, "the lease has no proof (not ended?)".into());
+            return None;
+        }
+        Some(Err(e)) => {
+            report.fail(rule::BAD_PAYLOAD, format!("proof: {e}"));
+            return None;
+        }
+        Some(Ok(env)) => env,
+    };
+    let rec = match dsse::open::<pb::Record>(env, types::RECORD, c.node_key) {
+        Ok(rec) => rec,
+        Err(e) => {
+            report.fail(signature_rule(&e), format!("proof: {e}"));
+            return None;
+        }
+    };
+    let Some(pb::record::Body::LeaseProof(pr)) = rec.body else {
+        report.fail(
+            rule::BAD_PAYLOAD,
+            "proof: the record is not a LeaseProof".into(),
+        );
+        return None;
+    };
+    if rec.node_id != node_id {
+        report.fail(
+            rule::WRONG_NODE,
+            format!("proof: names node {}, the key is {node_id}", rec.node_id),
+        );
+    }
+    if pr.lease_id != c.lease_id {
+        report.fail(
+            rule::WRONG_LEASE,
+            format!("proof: is for lease {}, not {}", pr.lease_id, c.lease_id),
+        );
+    }
+    Some(pr)
+}
+
+/// The records as placed in the chain.
+struct Placed {
+    reads: Vec<Read>,
+    /// Lease seq → the record (index into `reads`) standing there.
+    members: BTreeMap<u64, usize>,
+}
+
+impl Placed {
+    /// The valid members, in lease-seq order.
+    fn valid(&self) -> impl Iterator<Item = &Read> {
+        self.members
+            .values()
+            .map(|&i| &self.reads[i])
+            .filter(|r| r.valid)
+    }
+}
+
+/// 3. The records, read and placed by lease seq (bundle order does not
+/// matter), then their repeats, gaps and links.
+fn place_records(c: &Chain, node_id: &str, report: &mut Report) -> Placed {
     let reads: Vec<Read> = c
         .records
         .iter()
         .enumerate()
-        .map(|(i, item)| read_record(i + 1, item, c.node_key, &node_id, c.lease_id, &mut report))
+        .map(|(i, item)| read_record(i + 1, item, c.node_key, node_id, c.lease_id, report))
         .collect();
     let mut placed: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
     for (i, r) in reads.iter().enumerate() {
@@ -544,7 +598,7 @@ fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
             placed.entry(seq).or_default().push(i);
         }
     }
-    let mut members: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut members = BTreeMap::new();
     for (seq, idx) in &placed {
         let first = idx[0];
         for &other in &idx[1..] {
@@ -563,20 +617,26 @@ fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
         }
         members.insert(*seq, first);
     }
-    if let Some((&first, _)) = members.iter().next() {
-        match first {
-            0 => report.fail(
-                rule::SEQ_GAP,
-                "lease seqs start at 1; this chain starts at 0".into(),
-            ),
-            1 => {}
-            n => report.fail(
-                rule::SEQ_GAP,
-                format!("lease seqs 1..{} are missing", n - 1),
-            ),
-        }
+    let chain = Placed { reads, members };
+    check_gaps(&chain, report);
+    check_links(&chain, report);
+    chain
+}
+
+/// Seq gaps: the chain starts at 1 and has no hole.
+fn check_gaps(chain: &Placed, report: &mut Report) {
+    let seqs: Vec<u64> = chain.members.keys().copied().collect();
+    match seqs.first() {
+        Some(0) => report.fail(
+            rule::SEQ_GAP,
+            "lease seqs start at 1; this chain starts at 0".into(),
+        ),
+        Some(&n) if n > 1 => report.fail(
+            rule::SEQ_GAP,
+            format!("lease seqs 1..{} are missing", n - 1),
+        ),
+        _ => {}
     }
-    let seqs: Vec<u64> = members.keys().copied().collect();
     for w in seqs.windows(2) {
         if w[1] > w[0] + 1 {
             report.fail(
@@ -585,77 +645,68 @@ fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
             );
         }
     }
-    for (&seq, &i) in &members {
-        let Some(a) = reads[i].attestation() else {
+}
+
+/// Links: each attestation names the digest of the record before it.
+fn check_links(chain: &Placed, report: &mut Report) {
+    let lowest = chain.members.keys().next().copied();
+    for (&seq, &i) in &chain.members {
+        let r = &chain.reads[i];
+        let Some(a) = r.attestation() else {
             continue;
         };
-        let expected = if seq == seqs[0] && seq <= 1 {
+        let expected = if Some(seq) == lowest && seq <= 1 {
             Some([0u8; 32])
         } else {
             seq.checked_sub(1)
-                .and_then(|prev| members.get(&prev))
-                .and_then(|&j| reads[j].digest)
+                .and_then(|prev| chain.members.get(&prev))
+                .and_then(|&j| chain.reads[j].digest)
         };
-        if let Some(want) = expected {
-            if a.prev_sha256.as_slice() != want {
-                report.fail(
-                    rule::BROKEN_LINK,
-                    format!(
-                        "{}: prev_sha256 is {}, the previous record's payload hashes to {}",
-                        reads[i].what(),
-                        hex::encode(&a.prev_sha256),
-                        hex::encode(want)
-                    ),
-                );
-            }
+        if let Some(want) = expected.filter(|want| a.prev_sha256.as_slice() != want) {
+            report.fail(
+                rule::BROKEN_LINK,
+                format!(
+                    "{}: prev_sha256 is {}, the previous record's payload hashes to {}",
+                    r.what(),
+                    hex::encode(&a.prev_sha256),
+                    hex::encode(want)
+                ),
+            );
         }
     }
+}
 
-    // The content of each valid attestation, in chain order.
-    let mut tally = Tally::default();
-    let mut windows: Vec<(i64, i64)> = Vec::new();
-    let mut prev_end: Option<i64> = None;
-    let valid: Vec<usize> = members
-        .values()
-        .copied()
-        .filter(|&i| reads[i].valid)
-        .collect();
-    for &i in &valid {
-        let r = &reads[i];
+/// What the valid windows add up to.
+struct Watched {
+    /// Their `[start, end)`, in lease-seq order.
+    windows: Vec<(i64, i64)>,
+    tally: Tally,
+}
+
+/// The content of each valid attestation, in chain order.
+fn check_windows(
+    chain: &Placed,
+    span: Option<(i64, i64)>,
+    leased: Option<&[String]>,
+    p: &Params,
+    report: &mut Report,
+) -> Watched {
+    let mut watched = Watched {
+        windows: Vec::new(),
+        tally: Tally::default(),
+    };
+    for r in chain.valid() {
         let a = r.attestation().expect("valid records are attestations");
         let what = r.what();
+        check_payload(a, &what, report);
         let (start, end) = (a.window_start_unix_ms, a.window_end_unix_ms);
-        if a.sampled_ms < 0 || a.sampled_ms > (end - start).max(0) {
-            report.fail(
-                rule::BAD_PAYLOAD,
-                format!(
-                    "{what}: sampled_ms {} is not within its window",
-                    a.sampled_ms
-                ),
-            );
-        }
-        if let Some(h) = a
-            .holders
-            .iter()
-            .find(|h| !HOLDER_VERDICTS.contains(&h.verdict.as_str()))
-        {
-            report.fail(
-                rule::BAD_PAYLOAD,
-                format!(
-                    "{what}: holder pid {} has verdict `{}`, not one of {}",
-                    h.pid,
-                    h.verdict,
-                    HOLDER_VERDICTS.join(", ")
-                ),
-            );
-        }
         if end <= start {
             report.fail(
                 rule::WINDOW_BACKWARD,
                 format!("{what}: window [{start}, {end}) does not move forward"),
             );
         }
-        if let Some(prev_end) = prev_end {
+        if let Some(&(_, prev_end)) = watched.windows.last() {
             if start < prev_end {
                 report.fail(
                     rule::WINDOW_OVERLAP,
@@ -680,51 +731,103 @@ fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
                 ),
             );
         }
-        let leased = judging.or(verdict.as_ref().map(|v| v.gpus.as_slice()));
         if let Some(leased) = leased {
-            let attested: BTreeSet<&str> = a.gpus.iter().map(|g| g.uuid.as_str()).collect();
-            let leased_set: BTreeSet<&str> = leased.iter().map(String::as_str).collect();
-            if attested != leased_set || attested.len() != a.gpus.len() {
-                report.fail(
-                    rule::WRONG_GPUS,
-                    format!(
-                        "{what}: reports GPUs [{}], the lease has [{}]",
-                        a.gpus
-                            .iter()
-                            .map(|g| g.uuid.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        leased.join(", ")
-                    ),
-                );
-            }
+            check_gpus(a, leased, &what, report);
         }
-        tally.add(
+        watched.tally.add(
             r.record.as_ref().expect("decoded"),
             a,
             r.digest.expect("read"),
         );
-        windows.push((start, end));
-        prev_end = Some(end);
+        watched.windows.push((start, end));
     }
-    if valid.is_empty() {
+    if watched.windows.is_empty() {
         report.fail(
             rule::EMPTY_CHAIN,
             "the lease has no attestation record that verifies".into(),
         );
     }
+    watched
+}
 
-    // 4. Countersignatures: each valid attestation, countersigned as it arrived.
+/// Values an attestation may not hold.
+fn check_payload(a: &pb::Attestation, what: &str, report: &mut Report) {
+    let window = (a.window_end_unix_ms - a.window_start_unix_ms).max(0);
+    if a.sampled_ms < 0 || a.sampled_ms > window {
+        report.fail(
+            rule::BAD_PAYLOAD,
+            format!(
+                "{what}: sampled_ms {} is not within its window",
+                a.sampled_ms
+            ),
+        );
+    }
+    if let Some(h) = a
+        .holders
+        .iter()
+        .find(|h| !HOLDER_VERDICTS.contains(&h.verdict.as_str()))
+    {
+        report.fail(
+            rule::BAD_PAYLOAD,
+            format!(
+                "{what}: holder pid {} has verdict `{}`, not one of {}",
+                h.pid,
+                h.verdict,
+                HOLDER_VERDICTS.join(", ")
+            ),
+        );
+    }
+}
+
+/// Every leased GPU reported, once, and no other.
+fn check_gpus(a: &pb::Attestation, leased: &[String], what: &str, report: &mut Report) {
+    let attested: BTreeSet<&str> = a.gpus.iter().map(|g| g.uuid.as_str()).collect();
+    let leased_set: BTreeSet<&str> = leased.iter().map(String::as_str).collect();
+    if attested != leased_set || attested.len() != a.gpus.len() {
+        report.fail(
+            rule::WRONG_GPUS,
+            format!(
+                "{what}: reports GPUs [{}], the lease has [{}]",
+                a.gpus
+                    .iter()
+                    .map(|g| g.uuid.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                leased.join(", ")
+            ),
+        );
+    }
+}
+
+/// What the countersignatures say of the valid windows.
+#[derive(Default)]
+struct Counted {
+    /// Lease seq → when the coordinator received it.
+    at: BTreeMap<u64, i64>,
+    /// Sampled time of the windows countersigned in time.
+    sampled_ms: i64,
+    late: usize,
+    blind: usize,
+}
+
+/// 4. Countersignatures: each valid attestation, countersigned as it arrived.
+fn check_countersignatures(
+    c: &Chain,
+    chain: &Placed,
+    node_id: &str,
+    p: &Params,
+    report: &mut Report,
+) -> Counted {
     let mut received: BTreeMap<(u64, [u8; 32]), i64> = BTreeMap::new();
     for (i, item) in c.receipts.iter().enumerate() {
         let what = format!("receipt {}", i + 1);
         let Some((rc, _)) = open_coordinator::<pb::Receipt>(
             item,
             types::RECEIPT,
-            ckey,
+            c.coordinator_key,
             &what,
             rule::BAD_COUNTERSIGNATURE,
-            &mut report,
+            report,
         ) else {
             continue;
         };
@@ -750,50 +853,66 @@ fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
             .or_insert(rc.time_unix_ms);
         *at = (*at).min(rc.time_unix_ms);
     }
-    // (lease seq → when received), for the valid attestations countersigned.
-    let mut countersigned: BTreeMap<u64, i64> = BTreeMap::new();
-    let mut s = std::mem::take(&mut report.summary);
-    for &i in &valid {
-        let r = &reads[i];
+    let mut counted = Counted::default();
+    for r in chain.valid() {
         let a = r.attestation().expect("valid");
-        match received.get(&(a.lease_seq, r.digest.expect("read"))) {
-            Some(&at) => {
-                countersigned.insert(a.lease_seq, at);
-                let sampled = window_sampled(a);
-                if at > a.window_end_unix_ms.saturating_add(p.max_delay_ms) {
-                    s.late += 1;
-                } else {
-                    s.countersigned_ms += sampled;
-                }
-            }
-            None if ckey.is_some() => report.fail(
-                rule::MISSING_COUNTERSIGNATURE,
-                format!("{}: the coordinator never countersigned it", r.what()),
-            ),
-            None => report.fail(
-                rule::MISSING_COUNTERSIGNATURE,
-                format!(
-                    "{}: no coordinator key to check a countersignature with",
-                    r.what()
-                ),
-            ),
-        }
         if !a.blind.is_empty() {
-            s.blind += 1;
+            counted.blind += 1;
+        }
+        let Some(&at) = received.get(&(a.lease_seq, r.digest.expect("read"))) else {
+            report.fail(
+                rule::MISSING_COUNTERSIGNATURE,
+                if c.coordinator_key.is_some() {
+                    format!("{}: the coordinator never countersigned it", r.what())
+                } else {
+                    format!(
+                        "{}: no coordinator key to check a countersignature with",
+                        r.what()
+                    )
+                },
+            );
+            continue;
+        };
+        counted.at.insert(a.lease_seq, at);
+        if at > a.window_end_unix_ms.saturating_add(p.max_delay_ms) {
+            counted.late += 1;
+        } else {
+            counted.sampled_ms += window_sampled(a);
         }
     }
+    counted
+}
 
-    // 5. Challenges: signed, chained, each answered live.
-    let mut chain_of: BTreeMap<u64, Vec<(pb::Challenge, [u8; 32])>> = BTreeMap::new();
+/// How the lease's challenges went.
+struct Challenged {
+    issued: usize,
+    answered: usize,
+    in_gaps: usize,
+}
+
+/// 5. Challenges: signed, chained, each answered live.
+#[allow(clippy::too_many_arguments)]
+fn check_challenges(
+    c: &Chain,
+    chain: &Placed,
+    watched: &Watched,
+    counted: &Counted,
+    verdict: Option<&pb::LeaseVerdict>,
+    span: Option<(i64, i64)>,
+    node_id: &str,
+    p: &Params,
+    report: &mut Report,
+) -> Challenged {
+    let mut by_index: BTreeMap<u64, Vec<(pb::Challenge, [u8; 32])>> = BTreeMap::new();
     for (i, item) in c.challenges.iter().enumerate() {
         let what = format!("challenge {}", i + 1);
         let Some((ch, digest)) = open_coordinator::<pb::Challenge>(
             item,
             types::CHALLENGE,
-            ckey,
+            c.coordinator_key,
             &what,
             rule::BAD_CHALLENGE,
-            &mut report,
+            report,
         ) else {
             continue;
         };
@@ -807,12 +926,89 @@ fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
             );
             continue;
         }
-        chain_of.entry(ch.index).or_default().push((ch, digest));
+        by_index.entry(ch.index).or_default().push((ch, digest));
     }
+    let issued = by_index.values().map(Vec::len).sum::<usize>();
+    let last = check_challenge_chain(&by_index, report);
+    if let Some(v) = verdict {
+        let last = last.map(|d| d.to_vec()).unwrap_or_default();
+        if v.challenges != issued as u64 || v.last_challenge_sha256 != last {
+            report.fail(
+                rule::BROKEN_CHALLENGE_CHAIN,
+                format!(
+                    "the verdict counts {} challenges ending with {}; the bundle has {issued} ending with {}",
+                    v.challenges,
+                    hex::encode(&v.last_challenge_sha256),
+                    hex::encode(&last)
+                ),
+            );
+        }
+    }
+    // Nonces answered in valid windows: (nonce, window end, when received).
+    let answers: Vec<(&[u8], i64, Option<i64>)> = chain
+        .valid()
+        .map(|r| r.attestation().expect("valid"))
+        .flat_map(|a| {
+            let at = counted.at.get(&a.lease_seq).copied();
+            a.challenges
+                .iter()
+                .map(move |n| (n.as_slice(), a.window_end_unix_ms, at))
+        })
+        .collect();
+    let mut out = Challenged {
+        issued,
+        answered: 0,
+        in_gaps: 0,
+    };
+    for (ch, _) in by_index.values().map(|l| &l[0]) {
+        if span.is_some_and(|(_, t2)| ch.issued_unix_ms >= t2) {
+            continue; // issued once the lease was over
+        }
+        if !watched
+            .windows
+            .iter()
+            .any(|(s, e)| *s <= ch.issued_unix_ms && ch.issued_unix_ms < *e)
+        {
+            // Issued while no window was open (the agent was down): the gap
+            // already costs coverage.
+            out.in_gaps += 1;
+            continue;
+        }
+        let due = ch.deadline_unix_ms.saturating_add(p.max_skew_ms);
+        let answered = answers.iter().any(|(n, end, at)| {
+            *n == ch.nonce.as_slice()
+                && *end > ch.issued_unix_ms - p.max_skew_ms
+                && *end <= due
+                && at.is_some_and(|at| at <= due)
+        });
+        if answered {
+            out.answered += 1;
+        } else {
+            report.fail(
+                rule::MISSING_CHALLENGE,
+                format!(
+                    "challenge {}: nonce {} (issued {}, due {}) is in no record made after it was issued and countersigned by its deadline",
+                    ch.index,
+                    hex::encode(&ch.nonce),
+                    ch.issued_unix_ms,
+                    ch.deadline_unix_ms
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// The challenges' own chain: indexes from 1, each naming the one before.
+/// Returns the digest of the last.
+fn check_challenge_chain(
+    by_index: &BTreeMap<u64, Vec<(pb::Challenge, [u8; 32])>>,
+    report: &mut Report,
+) -> Option<[u8; 32]> {
     let mut prev_digest = [0u8; 32];
-    let mut expected_index = 1u64;
-    let mut last_digest: Option<[u8; 32]> = None;
-    for (&index, list) in &chain_of {
+    let mut expected = 1u64;
+    let mut last = None;
+    for (&index, list) in by_index {
         if list.len() > 1 {
             report.fail(
                 rule::BROKEN_CHALLENGE_CHAIN,
@@ -820,11 +1016,11 @@ fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
             );
         }
         let (ch, digest) = &list[0];
-        if index != expected_index {
+        if index != expected {
             report.fail(
                 rule::BROKEN_CHALLENGE_CHAIN,
-                if index > expected_index {
-                    format!("challenges {expected_index}..{} are missing", index - 1)
+                if index > expected {
+                    format!("challenges {expected}..{} are missing", index - 1)
                 } else {
                     format!("challenge index {index}: challenges are numbered from 1")
                 },
@@ -840,83 +1036,31 @@ fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
             );
         }
         prev_digest = *digest;
-        expected_index = index + 1;
-        last_digest = Some(*digest);
+        expected = index + 1;
+        last = Some(*digest);
     }
-    let issued = chain_of.values().map(|l| l.len()).sum::<usize>() as u64;
-    s.challenges = issued as usize;
-    if let Some(v) = &verdict {
-        let last = last_digest.map(|d| d.to_vec()).unwrap_or_default();
-        if v.challenges != issued || v.last_challenge_sha256 != last {
-            report.fail(
-                rule::BROKEN_CHALLENGE_CHAIN,
-                format!(
-                    "the verdict counts {} challenges ending with {}; the bundle has {issued} ending with {}",
-                    v.challenges,
-                    hex::encode(&v.last_challenge_sha256),
-                    hex::encode(&last)
-                ),
-            );
-        }
-    }
-    // Nonces answered in valid windows: (nonce, window end, when received).
-    let mut answers: Vec<(&[u8], i64, Option<i64>)> = Vec::new();
-    for &i in &valid {
-        let a = reads[i].attestation().expect("valid");
-        for n in &a.challenges {
-            answers.push((
-                n,
-                a.window_end_unix_ms,
-                countersigned.get(&a.lease_seq).copied(),
-            ));
-        }
-    }
-    for (ch, _) in chain_of.values().map(|l| &l[0]) {
-        let what = format!("challenge {}", ch.index);
-        if span.is_some_and(|(_, t2)| ch.issued_unix_ms >= t2) {
-            continue; // issued once the lease was over
-        }
-        if !windows
-            .iter()
-            .any(|(s, e)| *s <= ch.issued_unix_ms && ch.issued_unix_ms < *e)
-        {
-            // Issued while no window was open (the agent was down): the gap
-            // already costs coverage.
-            s.challenges_in_gaps += 1;
-            continue;
-        }
-        let due = ch.deadline_unix_ms.saturating_add(p.max_skew_ms);
-        let answered = answers.iter().any(|(n, end, at)| {
-            *n == ch.nonce.as_slice()
-                && *end > ch.issued_unix_ms - p.max_skew_ms
-                && *end <= due
-                && at.is_some_and(|at| at <= due)
-        });
-        if answered {
-            s.challenges_answered += 1;
-        } else {
-            report.fail(
-                rule::MISSING_CHALLENGE,
-                format!(
-                    "{what}: nonce {} (issued {}, due {}) is in no record made after it was issued and countersigned by its deadline",
-                    hex::encode(&ch.nonce),
-                    ch.issued_unix_ms,
-                    ch.deadline_unix_ms
-                ),
-            );
-        }
-    }
+    last
+}
 
-    // 6. Totals: coverage, the proof's figures, the verdict's commitments.
-    s.records = valid.len();
+/// 6. The chain's totals and coverage, and `low-coverage`.
+fn summarise(
+    s: &mut Summary,
+    chain: &Placed,
+    watched: &Watched,
+    span: Option<(i64, i64)>,
+    p: &Params,
+    report: &mut Report,
+) {
+    let tally = &watched.tally;
+    s.records = watched.windows.len();
     s.first_seq = tally.first_seq;
-    s.last_seq = members.keys().next_back().copied().unwrap_or(0);
-    let head = members
+    s.last_seq = chain.members.keys().next_back().copied().unwrap_or(0);
+    s.head_sha256 = chain
+        .members
         .values()
         .next_back()
-        .and_then(|&i| reads[i].digest)
+        .and_then(|&i| chain.reads[i].digest)
         .unwrap_or_default();
-    s.head_sha256 = head;
     s.sampled_ms = tally.sampled_ms;
     s.foreign_events = tally.foreign_events;
     s.kills = tally.kills;
@@ -925,8 +1069,8 @@ fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
     s.start_ids = tally.start_ids.clone();
     let (t1, t2) = span.unwrap_or_else(|| {
         (
-            windows.first().map_or(0, |w| w.0),
-            windows.last().map_or(0, |w| w.1),
+            watched.windows.first().map_or(0, |w| w.0),
+            watched.windows.last().map_or(0, |w| w.1),
         )
     });
     s.t1_unix_ms = t1;
@@ -940,7 +1084,7 @@ fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
     };
     s.claimed_coverage = ratio(s.sampled_ms);
     s.coverage = ratio(s.countersigned_ms);
-    if !valid.is_empty() && s.coverage < p.min_coverage {
+    if s.records > 0 && s.coverage < p.min_coverage {
         report.fail(
             rule::LOW_COVERAGE,
             format!(
@@ -954,89 +1098,92 @@ fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
             ),
         );
     }
-    if let Some(pr) = &proof {
-        let mut mismatch = |field: &str, proof: String, chain: String| {
-            if proof != chain {
-                report.fail(
-                    rule::PROOF_MISMATCH,
-                    format!("{field}: the proof says {proof}, the records say {chain}"),
-                );
-            }
-        };
-        mismatch(
-            "first_seq",
-            pr.first_seq.to_string(),
-            s.first_seq.to_string(),
-        );
-        mismatch(
-            "last_seq",
-            pr.last_seq.to_string(),
-            tally.last_seq.to_string(),
-        );
-        mismatch(
-            "head_sha256",
-            hex::encode(&pr.head_sha256),
-            if tally.last_seq == 0 {
-                String::new()
-            } else {
-                hex::encode(tally.head_sha256)
-            },
-        );
-        mismatch(
-            "foreign_events",
-            pr.foreign_events.to_string(),
-            s.foreign_events.to_string(),
-        );
-        mismatch("kills", pr.kills.to_string(), s.kills.to_string());
-        mismatch(
-            "container_stops",
-            pr.container_stops.to_string(),
-            s.container_stops.to_string(),
-        );
-        mismatch("restarts", pr.restarts.to_string(), s.restarts.to_string());
-        if (pr.coverage - s.claimed_coverage).abs() > 1e-6 {
-            mismatch(
-                "coverage",
-                format!("{:.6}", pr.coverage),
-                format!("{:.6}", s.claimed_coverage),
-            );
-        }
-        if pr.t2_unix_ms <= pr.t1_unix_ms {
+}
+
+/// The proof's figures against the valid records'.
+fn check_proof_figures(pr: &pb::LeaseProof, s: &Summary, tally: &Tally, report: &mut Report) {
+    let mut mismatch = |field: &str, proof: String, chain: String| {
+        if proof != chain {
             report.fail(
                 rule::PROOF_MISMATCH,
-                format!("t2 {} is not after t1 {}", pr.t2_unix_ms, pr.t1_unix_ms),
+                format!("{field}: the proof says {proof}, the records say {chain}"),
             );
         }
-    }
-    if let Some(v) = &verdict {
-        let mut mismatch = |field: &str, verdict: String, here: String| {
-            if verdict != here {
-                report.fail(
-                    rule::VERDICT_MISMATCH,
-                    format!("{field}: the verdict says {verdict}, the bundle says {here}"),
-                );
-            }
-        };
-        if let Some(pr) = &proof {
-            mismatch("t1", v.t1_unix_ms.to_string(), pr.t1_unix_ms.to_string());
-            mismatch("t2", v.t2_unix_ms.to_string(), pr.t2_unix_ms.to_string());
-        }
-        mismatch("last_seq", v.last_seq.to_string(), s.last_seq.to_string());
+    };
+    mismatch(
+        "first_seq",
+        pr.first_seq.to_string(),
+        s.first_seq.to_string(),
+    );
+    mismatch(
+        "last_seq",
+        pr.last_seq.to_string(),
+        tally.last_seq.to_string(),
+    );
+    mismatch(
+        "head_sha256",
+        hex::encode(&pr.head_sha256),
+        head_hex(&tally.head_sha256),
+    );
+    mismatch(
+        "foreign_events",
+        pr.foreign_events.to_string(),
+        s.foreign_events.to_string(),
+    );
+    mismatch("kills", pr.kills.to_string(), s.kills.to_string());
+    mismatch(
+        "container_stops",
+        pr.container_stops.to_string(),
+        s.container_stops.to_string(),
+    );
+    mismatch("restarts", pr.restarts.to_string(), s.restarts.to_string());
+    if (pr.coverage - s.claimed_coverage).abs() > 1e-6 {
         mismatch(
-            "head_sha256",
-            hex::encode(&v.head_sha256),
-            head_hex(&s.head_sha256),
+            "coverage",
+            format!("{:.6}", pr.coverage),
+            format!("{:.6}", s.claimed_coverage),
         );
-        if (v.coverage - s.coverage).abs() > 1e-6 {
-            mismatch(
-                "coverage",
-                format!("{:.6}", v.coverage),
-                format!("{:.6}", s.coverage),
+    }
+    if pr.t2_unix_ms <= pr.t1_unix_ms {
+        report.fail(
+            rule::PROOF_MISMATCH,
+            format!("t2 {} is not after t1 {}", pr.t2_unix_ms, pr.t1_unix_ms),
+        );
+    }
+}
+
+/// The verdict's commitments against the bundle.
+fn check_verdict_commitments(
+    v: &pb::LeaseVerdict,
+    proof: Option<&pb::LeaseProof>,
+    s: &Summary,
+    report: &mut Report,
+) {
+    let mut mismatch = |field: &str, verdict: String, here: String| {
+        if verdict != here {
+            report.fail(
+                rule::VERDICT_MISMATCH,
+                format!("{field}: the verdict says {verdict}, the bundle says {here}"),
             );
         }
+    };
+    if let Some(pr) = proof {
+        mismatch("t1", v.t1_unix_ms.to_string(), pr.t1_unix_ms.to_string());
+        mismatch("t2", v.t2_unix_ms.to_string(), pr.t2_unix_ms.to_string());
     }
-    report.summary = s;
-    report
+    mismatch("last_seq", v.last_seq.to_string(), s.last_seq.to_string());
+    mismatch(
+        "head_sha256",
+        hex::encode(&v.head_sha256),
+        head_hex(&s.head_sha256),
+    );
+    if (v.coverage - s.coverage).abs() > 1e-6 {
+        mismatch(
+            "coverage",
+            format!("{:.6}", v.coverage),
+            format!("{:.6}", s.coverage),
+        );
+    }
 }
 
 /// The verdict a coordinator signs for a report of its own evidence: the
@@ -1120,11 +1267,7 @@ impl Tally {
             t2_unix_ms: t2,
             first_seq: self.first_seq,
             last_seq: self.last_seq,
-            head_sha256: if self.last_seq == 0 {
-                Vec::new()
-            } else {
-                self.head_sha256.to_vec()
-            },
+            head_sha256: hex::decode(head_hex(&self.head_sha256)).unwrap_or_default(),
             coverage: if t2 > t1 {
                 self.sampled_ms as f64 / (t2 - t1) as f64
             } else {
