@@ -467,7 +467,7 @@ fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
     report
 }
 
-/// 1. The verdict: what the coordinator committed to (none when judging).
+/// Step 1, the verdict: what the coordinator committed to (none when judging).
 fn check_verdict(
     c: &Chain,
     judging: Option<&[String]>,
@@ -510,7 +510,7 @@ fn check_verdict(
     Some(v)
 }
 
-/// 2. The proof: the node's own totals, and T1/T2.
+/// Step 2, the proof: the node's own totals, and T1/T2.
 fn check_proof(c: &Chain, node_id: &str, report: &mut Report) -> Option<pb::LeaseProof> {
     let env = match c.proof {
         None => {
@@ -569,7 +569,7 @@ impl Placed {
     }
 }
 
-/// 3. The records, read and placed by lease seq (bundle order does not
+/// Step 3, the records: read and placed by lease seq (bundle order does not
 /// matter), then their repeats, gaps and links.
 fn place_records(c: &Chain, node_id: &str, report: &mut Report) -> Placed {
     let reads: Vec<Read> = c
@@ -810,7 +810,7 @@ struct Counted {
     blind: usize,
 }
 
-/// 4. Countersignatures: each valid attestation, countersigned as it arrived.
+/// Step 4, countersignatures: each valid attestation, countersigned as it arrived.
 fn check_countersignatures(
     c: &Chain,
     chain: &Placed,
@@ -890,7 +890,7 @@ struct Challenged {
     in_gaps: usize,
 }
 
-/// 5. Challenges: signed, chained, each answered live.
+/// Step 5, challenges: signed, chained, each answered live.
 #[allow(clippy::too_many_arguments)]
 fn check_challenges(
     c: &Chain,
@@ -1042,7 +1042,7 @@ fn check_challenge_chain(
     last
 }
 
-/// 6. The chain's totals and coverage, and `low-coverage`.
+/// Step 6, the chain's totals and coverage, and `low-coverage`.
 fn summarise(
     s: &mut Summary,
     chain: &Placed,
