@@ -14,7 +14,7 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use warden_proto::{
-    dsse::VerifyingKey,
+    dsse::{Signer, VerifyingKey},
     identity::{self, IdentityError},
     pb::{
         admin_server::AdminServer, link_probe_server::LinkProbeServer, uplink_server::UplinkServer,
@@ -40,6 +40,8 @@ pub enum ServeError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error("coordinator key file {} is not an Ed25519 PKCS#8 key ({reason}); restore it from backup. Moving it aside makes the coordinator create a new key at the next start: every agent pins the old public key (coordinator.public_key) and ignores this coordinator's receipts and commands until its config names the new one, and the receipts and verdicts signed so far verify only with the old key", path.display())]
+    CoordinatorKey { path: PathBuf, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{what} {path}: {source}")]
@@ -109,7 +111,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<Running, ServeError> {
     create_private_dir(&cfg.state_dir)?;
-    let (signer, created) = identity::load_or_create(&cfg.key_path())?;
+    let (signer, created) = load_signing_key(&cfg.key_path())?;
     if created {
         tracing::info!(key = %cfg.key_path().display(), "created coordinator signing key");
     }
@@ -194,6 +196,16 @@ pub async fn start(
     })
 }
 
+/// Loads or creates the coordinator's signing key. A damaged key file gets a
+/// message saying what replacing it does to agents (the shared loader's
+/// speaks of a node's key).
+pub fn load_signing_key(path: &Path) -> Result<(Signer, bool), ServeError> {
+    identity::load_or_create(path).map_err(|e| match e {
+        IdentityError::NotAKey { path, reason } => ServeError::CoordinatorKey { path, reason },
+        other => ServeError::Identity(other),
+    })
+}
+
 /// Creates a directory readable by its owner only.
 pub fn create_private_dir(dir: &Path) -> Result<(), ServeError> {
     let io = |source| ServeError::Io {
@@ -224,4 +236,25 @@ pub fn bind_private_socket(path: &Path) -> Result<tokio::net::UnixListener, Serv
     let listener = tokio::net::UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_damaged_coordinator_key_says_what_a_new_key_means_for_agents() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.key");
+        std::fs::write(&path, [0x30, 0x53, 0x02]).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let msg = load_signing_key(&path).err().unwrap().to_string();
+        assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+        assert!(!msg.contains("node id"), "{msg}");
+        assert!(msg.contains("coordinator.public_key"), "{msg}");
+        // A good key loads.
+        std::fs::remove_file(&path).unwrap();
+        assert!(load_signing_key(&path).unwrap().1);
+        assert!(!load_signing_key(&path).unwrap().1);
+    }
 }

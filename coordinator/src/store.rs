@@ -5,7 +5,11 @@
 //! (`synchronous=FULL`), so many agents' records share one fsync and a
 //! receipt is only ever sent for a record that is durably stored.
 
-use std::{path::Path, thread};
+use std::{
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::Path,
+    thread,
+};
 
 use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -24,6 +28,13 @@ pub enum StoreError {
     Open {
         path: String,
         source: rusqlite::Error,
+    },
+    #[error("database {path} is damaged ({detail}); the coordinator will not start on it. Stop it, keep a copy of the file (with its -wal and -shm), then restore your last backup, or salvage what SQLite can read: sqlite3 {path} .recover | sqlite3 {path}.recovered, check it and move it into place")]
+    Corrupt { path: String, detail: String },
+    #[error("database {path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
     },
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
@@ -217,15 +228,21 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating if needed) the database and starts its thread.
+    /// The file and its -wal and -shm are private to the owner; a damaged
+    /// database is refused (SQLite's quick_check) rather than served from.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let mut conn = Connection::open(path).map_err(|source| StoreError::Open {
+        private_files(path)?;
+        let open_err = |source| StoreError::Open {
             path: path.display().to_string(),
             source,
-        })?;
-        init(&mut conn).map_err(|source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
+        let started = std::time::Instant::now();
+        check_integrity(&conn, path)?;
+        tracing::debug!(db = %path.display(), took = ?started.elapsed(), "database quick_check ok");
+        init(&mut conn).map_err(|e| corrupt_or(path, e))?;
         let (tx, rx) = mpsc::unbounded_channel();
         thread::Builder::new()
             .name("warden-store".into())
@@ -441,6 +458,79 @@ const MIGRATIONS: &[&str] = &[
          result BLOB
      ) WITHOUT ROWID;",
 ];
+
+/// Creates the database file with mode 0600 (SQLite gives its -wal and
+/// -shm the database's mode), and takes group and other access away from
+/// files an older coordinator made 0644.
+fn private_files(path: &Path) -> Result<(), StoreError> {
+    let file_err = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| StoreError::File { path: p, source }
+    };
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_err(path))?;
+    let mut names = vec![path.to_owned()];
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        names.push(p.into());
+    }
+    for p in names {
+        match std::fs::metadata(&p) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .map_err(file_err(&p))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(file_err(&p)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// SQLite's quick_check (every page and index entry readable and in order;
+/// O(size), without integrity_check's cross-checks of indexes against
+/// tables): a damaged file stops the start instead of failing later, one
+/// record at a time.
+fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let rows: Vec<String> = (|| {
+        let mut stmt = conn.prepare("PRAGMA quick_check(20)")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+    })()
+    .map_err(|e| corrupt_or(path, e))?;
+    if rows.len() == 1 && rows[0] == "ok" {
+        return Ok(());
+    }
+    Err(StoreError::Corrupt {
+        path: path.display().to_string(),
+        detail: format!("quick_check: {}", rows.join("; ")),
+    })
+}
+
+/// SQLite's "not a database" and "malformed" are a damaged file; anything
+/// else (permissions, a full disk) is reported as it is.
+fn corrupt_or(path: &Path, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            StoreError::Corrupt {
+                path: path.display().to_string(),
+                detail: e.to_string(),
+            }
+        }
+        _ => StoreError::Open {
+            path: path.display().to_string(),
+            source: e,
+        },
+    }
+}
 
 fn init(conn: &mut Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -1175,6 +1265,83 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.list_nodes().await.unwrap()[0].gpus[0], vec![21]);
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn database_and_its_wal_and_shm_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let store = Store::open(&path).unwrap();
+        store.register(node()).await.unwrap();
+        // The -wal and -shm exist while the store's connection is open.
+        for p in [
+            path.clone(),
+            dir.path().join("c.db-wal"),
+            dir.path().join("c.db-shm"),
+        ] {
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+        drop(store);
+        // One made 0644 by an older coordinator is tightened at open.
+        let old = dir.path().join("old.db");
+        Connection::open(&old)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Store::open(&old).unwrap();
+        assert_eq!(mode(&old), 0o600);
+    }
+
+    /// A database with `n` records, closed (its WAL checkpointed away).
+    async fn filled(path: &Path, n: u64) {
+        let store = Store::open(path).unwrap();
+        store.register(node()).await.unwrap();
+        let recs = (1..=n)
+            .map(|i| NewRecord {
+                payload: vec![i as u8; 700],
+                ..rec(i, i as u8)
+            })
+            .collect();
+        store.insert(recs).await.unwrap();
+        drop(store);
+        // The store thread closes the connection when its channel closes.
+        for _ in 0..200 {
+            if !path.with_extension("db-wal").exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_damaged_database_stops_the_start_and_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        filled(&path, 200).await;
+        // Garbage over a page in the middle of the records' b-tree.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let page = 4096;
+        assert!(bytes.len() > 8 * page, "{}", bytes.len());
+        let mid = (bytes.len() / page / 2) * page;
+        bytes[mid..mid + page].fill(0xA5);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Store::open(&path).err().expect("a damaged database opened");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+        assert!(msg.contains("restore") && msg.contains(".recover"), "{msg}");
+
+        // A file that is not SQLite at all.
+        let junk = dir.path().join("junk.db");
+        std::fs::write(&junk, vec![0x5A; 3 * page]).unwrap();
+        let err = Store::open(&junk).err().expect("junk opened");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains(junk.to_str().unwrap()), "{err}");
     }
 
     #[tokio::test]
