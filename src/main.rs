@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use warden_agent::AgentConfig;
-use warden_coordinator::{CoordinatorConfig, TlsPem};
+use warden_coordinator::{config::EnrollmentPolicy, CoordinatorConfig, TlsPem};
 
 #[derive(Parser)]
 #[command(
@@ -526,11 +526,13 @@ async fn run_agent(
     });
 
     let root = state_dir.unwrap_or_else(default_dev_dir);
-    let coord_cfg = CoordinatorConfig {
+    let mut coord_cfg = CoordinatorConfig {
         state_dir: root.join("coordinator"),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         ..CoordinatorConfig::default()
     };
+    // Dev mode enrolls anyone: it listens on loopback only.
+    coord_cfg.enrollment.policy = Some(EnrollmentPolicy::Open);
     let tls = warden_coordinator::devtls::ensure(&root.join("tls"))?;
     let coordinator = warden_coordinator::start(&coord_cfg, tls.server, shutdown.clone()).await?;
     cfg.state_dir = root.join("agent");
@@ -598,6 +600,10 @@ async fn run_coordinator(
         &mut cfg,
         std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
     );
+    if dev {
+        // Dev mode enrolls anyone unless its config chose otherwise.
+        cfg.enrollment.policy.get_or_insert(EnrollmentPolicy::Open);
+    }
     let shutdown = shutdown_on_signal();
     let (tls, ca) = if dev {
         let t = warden_coordinator::devtls::ensure(&cfg.state_dir.join("tls"))?;

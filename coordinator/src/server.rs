@@ -10,9 +10,9 @@ use std::{
 };
 
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use warden_proto::{
     dsse::{Signer, VerifyingKey},
     identity::{self, IdentityError},
@@ -25,8 +25,11 @@ use warden_proto::{
 use crate::{
     admin::AdminService,
     config::{ConfigError, CoordinatorConfig},
+    enrollment::{EnrollRate, Policy},
+    listener::{self, Counters, TlsSetupError, TrackRpcsLayer},
     probe::ProbeService,
-    session::{Registry, UplinkService},
+    ratelimit::NodeThrottle,
+    session::{Gate, Registry, UplinkService},
     store::{Store, StoreError},
 };
 
@@ -57,6 +60,8 @@ pub enum ServeError {
     },
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -88,6 +93,11 @@ pub struct Running {
     pub admin_socket: PathBuf,
     pub public_key: VerifyingKey,
     pub database: PathBuf,
+    /// What the connection limits did so far.
+    pub connections: Arc<Counters>,
+    /// The connection cap in force (`limits.max_connections`, fitted under
+    /// the file descriptor limit).
+    pub max_connections: usize,
     tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
@@ -110,6 +120,9 @@ pub async fn start(
     tls: TlsPem,
     shutdown: CancellationToken,
 ) -> Result<Running, ServeError> {
+    // Checked first: a coordinator that would be open by accident does not start.
+    let policy = cfg.enrollment_policy()?;
+    let acceptor = listener::acceptor(&tls.cert, &tls.key)?;
     create_private_dir(&cfg.state_dir)?;
     let (signer, created) = load_signing_key(&cfg.key_path())?;
     if created {
@@ -117,8 +130,31 @@ pub async fn start(
     }
     let public_key = signer.verifying_key();
     let database = cfg.database_path();
-    let store = Store::open(&database)?;
+    let store = Store::open_with_quota(&database, cfg.limits.node_storage_bytes)?;
     let registry = Registry::default();
+    let (max_connections, nofile) = listener::fit_connections(cfg.limits.max_connections);
+    if max_connections < cfg.limits.max_connections {
+        tracing::warn!(
+            wanted = cfg.limits.max_connections,
+            nofile,
+            "limits.max_connections lowered to {max_connections} to stay under the open-file limit; raise LimitNOFILE (systemd) or ulimit -n"
+        );
+    }
+    let gate = Gate::new(
+        Policy::new(policy, &cfg.enrollment),
+        EnrollRate::new(
+            cfg.enrollment.new_nodes_per_minute,
+            cfg.enrollment.new_nodes_per_minute_per_ip,
+            std::time::Instant::now(),
+        ),
+        NodeThrottle::new(
+            cfg.limits.node_envelopes_per_second,
+            cfg.limits.node_bytes_per_second,
+        ),
+    );
+    if policy == crate::config::EnrollmentPolicy::Open {
+        tracing::warn!("enrollment.policy is open: any TLS client may register a node");
+    }
 
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -147,19 +183,38 @@ pub async fn start(
         registry.clone(),
         shutdown.clone(),
         cfg.leases.min_coverage,
+        gate,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
+    // Connections come from our own accept loop (limits, deadlines), TLS done.
+    let counters = Arc::new(Counters::default());
+    let (conns, incoming) = tokio::sync::mpsc::channel(64);
+    let accept = tokio::spawn(listener::run(
+        listener,
+        acceptor,
+        listener::Limits::from_config(&cfg.limits, max_connections),
+        counters.clone(),
+        conns,
+        shutdown.clone(),
+    ));
+    let report = tokio::spawn(listener::report(
+        counters.clone(),
+        Duration::from_secs(60),
+        shutdown.clone(),
+    ));
     let grpc = Server::builder()
-        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(tls.cert, tls.key)))?
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // An agent needs one stream (the probe opens its own connection).
+        .max_concurrent_streams(Some(32))
+        .layer(TrackRpcsLayer)
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(uplink)
         .add_service(LinkProbeServer::new(ProbeService::default()))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            ReceiverStream::new(incoming),
             shutdown.clone().cancelled_owned(),
         );
 
@@ -179,17 +234,19 @@ pub async fn start(
         cfg.leases.clone(),
         shutdown.clone(),
     ));
-    tracing::info!(%addr, admin = %admin_socket.display(), key = %public_key.to_base64(), "coordinator listening");
+    tracing::info!(%addr, admin = %admin_socket.display(), key = %public_key.to_base64(), enrollment = ?policy, max_connections, "coordinator listening");
     Ok(Running {
         addr,
         admin_socket,
         public_key,
         database,
+        connections: counters,
+        max_connections,
         tasks: vec![
             tokio::spawn(grpc),
             tokio::spawn(admin),
             tokio::spawn(async move {
-                let _ = challenges.await;
+                let _ = tokio::join!(challenges, accept, report);
                 Ok(())
             }),
         ],
