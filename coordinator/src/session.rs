@@ -431,6 +431,16 @@ impl Session {
                 bytes as u64,
                 Instant::now(),
             );
+            // Over its rate: this chunk waits, and meanwhile nothing more is
+            // read from the node (HTTP/2 flow control holds it back); other
+            // nodes' sessions go on.
+            if !pause.is_zero() {
+                if !throttled {
+                    tracing::info!(node = %self.node_id, pause = ?pause, "node over its rate (limits.node_envelopes_per_second, limits.node_bytes_per_second): throttled");
+                }
+                tokio::time::sleep(pause).await;
+            }
+            throttled = !pause.is_zero();
             let mut to_store = Vec::new();
             let mut replies = Vec::new();
             let mut heard = false;
@@ -518,15 +528,6 @@ impl Session {
                     return Ok(());
                 }
             }
-            // Over its rate: stop reading this node's stream for a while
-            // (HTTP/2 flow control holds the agent back); others go on.
-            if !pause.is_zero() {
-                if !throttled {
-                    tracing::info!(node = %self.node_id, pause = ?pause, "node over its rate (limits.node_envelopes_per_second, limits.node_bytes_per_second): throttled");
-                }
-                tokio::time::sleep(pause).await;
-            }
-            throttled = !pause.is_zero();
         }
         Ok(())
     }
