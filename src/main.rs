@@ -129,6 +129,9 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Make a join token for a coordinator whose enrollment policy is
+    /// "token": the token for agents, its SHA-256 for the coordinator.
+    JoinToken,
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -398,6 +401,10 @@ fn run() -> Result<()> {
             } => run_coordinator(config, dev, state_dir, listen).await,
             Command::Status { json, socket } => status(json, socket).await,
             Command::Nodes { json, socket } => nodes(json, socket).await,
+            Command::JoinToken => {
+                join_token();
+                Ok(())
+            }
         }
     })
 }
@@ -596,14 +603,16 @@ async fn run_coordinator(
     if let Some(l) = listen {
         cfg.listen = l;
     }
-    credentials_for_tls(
-        &mut cfg,
-        std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
-    );
     if dev {
         // Dev mode enrolls anyone unless its config chose otherwise.
         cfg.enrollment.policy.get_or_insert(EnrollmentPolicy::Open);
     }
+    // Before the TLS files: who may enroll is the first thing to decide.
+    cfg.enrollment_policy()?;
+    credentials_for_tls(
+        &mut cfg,
+        std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+    );
     let shutdown = shutdown_on_signal();
     let (tls, ca) = if dev {
         let t = warden_coordinator::devtls::ensure(&cfg.state_dir.join("tls"))?;
@@ -632,6 +641,21 @@ async fn run_coordinator(
     );
     running.wait().await?;
     Ok(())
+}
+
+/// Prints a new join token and the line the coordinator's config needs.
+fn join_token() {
+    let (token, sha) = warden_coordinator::enrollment::new_token();
+    println!(
+        "# For each agent, in /etc/warden/agent.toml (keep the file private: chmod 600):\n\
+         [coordinator]\n\
+         join_token = \"{token}\"\n\
+         \n\
+         # For the coordinator, in /etc/warden/coordinator.toml (only the digest; it is not a secret):\n\
+         [enrollment]\n\
+         policy = \"token\"\n\
+         join_token_sha256 = [\"{sha}\"]"
+    );
 }
 
 /// Under systemd the packaged unit hands the TLS certificate and key over as

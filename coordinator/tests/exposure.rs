@@ -190,7 +190,10 @@ fn signer() -> Signer {
 /// The seq a Receipt or Refusal is about, and the refusal's reason.
 fn answer(env: &Envelope) -> (u64, Option<String>) {
     match env.payload_type.as_str() {
-        types::RECEIPT => (pb::Receipt::decode(env.payload.as_slice()).unwrap().seq, None),
+        types::RECEIPT => (
+            pb::Receipt::decode(env.payload.as_slice()).unwrap().seq,
+            None,
+        ),
         types::REFUSAL => {
             let r = pb::Refusal::decode(env.payload.as_slice()).unwrap();
             (r.seq, Some(r.reason))
@@ -256,7 +259,11 @@ async fn a_register_replayed_on_another_stream_is_refused_and_the_node_keeps_its
             }),
         ))
         .await;
-    let info = lease.await.unwrap().expect("the lease started").into_inner();
+    let info = lease
+        .await
+        .unwrap()
+        .expect("the lease started")
+        .into_inner();
     assert_eq!(info.node_id, node.key_id());
 }
 
@@ -289,7 +296,10 @@ async fn the_token_policy_lets_in_only_nodes_with_a_listed_token_or_on_the_allow
     assert!(e.message().contains("coordinator.join_token"), "{e:?}");
     let e = attempt("not-the-token").await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    assert!(e.message().contains("not one this coordinator accepts"), "{e:?}");
+    assert!(
+        e.message().contains("not one this coordinator accepts"),
+        "{e:?}"
+    );
     // With the token it enrolls; afterwards it needs the token no more.
     let token: &'static str = Box::leak(token.into_boxed_str());
     attempt(token).await.unwrap();
@@ -398,7 +408,10 @@ async fn oversized_payloads_are_refused_per_type_with_the_cap() {
     ))
     .await;
     let (_, why) = answer(&s.next().await.unwrap());
-    assert!(why.as_deref().unwrap_or("").contains("heartbeat"), "{why:?}");
+    assert!(
+        why.as_deref().unwrap_or("").contains("heartbeat"),
+        "{why:?}"
+    );
     // A telemetry record of a normal size goes in, and nothing refused was stored.
     s.send(record(&node, 1, telemetry(2000))).await;
     assert_eq!(answer(&s.next().await.unwrap()), (1, None));
