@@ -475,8 +475,9 @@ impl Uplink {
     }
 }
 
-/// The next message of a stream being registered; an error status there is
-/// the coordinator refusing the registration.
+/// The next message of a stream being registered; a refusal status there
+/// (unauthenticated, permission denied, too many) is the coordinator
+/// refusing the registration.
 async fn next_message(
     inbound: &mut tonic::Streaming<Envelope>,
     wait: Duration,
@@ -487,7 +488,12 @@ async fn next_message(
             "no {what} from the coordinator within {}",
             humantime::format_duration(wait)
         ))),
-        Ok(Err(status)) => Err(UplinkError::Registration(status)),
+        Ok(Err(status)) => Err(match status.code() {
+            tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied
+            | tonic::Code::ResourceExhausted => UplinkError::Registration(status),
+            _ => UplinkError::Stream(status),
+        }),
         Ok(Ok(None)) => Err(UplinkError::Closed),
         Ok(Ok(Some(env))) => Ok(env),
     }

@@ -112,8 +112,8 @@ impl Default for LimitsConfig {
             max_connections_per_ip: 256,
             handshake_timeout: std::time::Duration::from_secs(10),
             idle_timeout: std::time::Duration::from_secs(60),
-            node_envelopes_per_second: 2000,
-            node_bytes_per_second: 4 << 20,
+            node_envelopes_per_second: 1000,
+            node_bytes_per_second: 1 << 20,
             node_storage_bytes: 16 << 30,
         }
     }
