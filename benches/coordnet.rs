@@ -107,7 +107,9 @@ fn tls(ca: &Path) -> Arc<rustls::ClientConfig> {
 }
 
 fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 async fn connections() {

@@ -96,7 +96,7 @@ pub fn fit_connections(wanted: usize) -> (usize, u64) {
             }
         }
     }
-    let soft = lim.rlim_cur as u64;
+    let soft: u64 = lim.rlim_cur;
     let room = soft.saturating_sub(RESERVED_FDS) as usize;
     (wanted.min(room.max(1)), soft)
 }
