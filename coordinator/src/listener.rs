@@ -36,7 +36,7 @@ use tokio_rustls::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::config::LimitsConfig;
+use crate::{config::LimitsConfig, ratelimit::LogGate};
 
 /// File descriptors kept free of connections: the database and its WAL,
 /// the admin socket and its clients, the key files.
@@ -167,38 +167,6 @@ impl Admission {
 
     pub fn total(&self) -> usize {
         self.total
-    }
-}
-
-/// Says a recurring event at most once per `every`, with how many happened
-/// since it was last said (the first one at once), so a flood cannot flood
-/// the journal.
-#[derive(Debug)]
-pub struct LogGate {
-    every: Duration,
-    last: Option<Instant>,
-    pending: u64,
-}
-
-impl LogGate {
-    pub fn new(every: Duration) -> Self {
-        Self {
-            every,
-            last: None,
-            pending: 0,
-        }
-    }
-
-    /// Counts one event; Some(count) when a line is due now.
-    pub fn hit(&mut self, now: Instant) -> Option<u64> {
-        self.pending += 1;
-        match self.last {
-            Some(t) if now.duration_since(t) < self.every => None,
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.pending))
-            }
-        }
     }
 }
 
@@ -448,7 +416,7 @@ pub async fn run(
             Err(e) => {
                 counters.accept_errors.fetch_add(1, Ordering::Relaxed);
                 let wait = backoff.failed();
-                if let Some(n) = error_log.hit(Instant::now()) {
+                if let Some(n) = error_log.hit(std::time::Instant::now()) {
                     tracing::warn!(error = %e, failures = n, retry_in = ?wait, open = counters.open.load(Ordering::Relaxed),
                         "cannot accept connections (out of file descriptors? see limits.max_connections and LimitNOFILE); backing off");
                 }
@@ -467,7 +435,7 @@ pub async fn run(
         if let Err(why) = admitted {
             counters.refused.fetch_add(1, Ordering::Relaxed);
             drop(tcp);
-            if let Some(n) = refused_log.hit(Instant::now()) {
+            if let Some(n) = refused_log.hit(std::time::Instant::now()) {
                 tracing::warn!(%peer, refused = n, "connection limit reached: {why}; new connections are closed at once");
             }
             continue;
@@ -647,18 +615,6 @@ mod tests {
         // A release of an address holding nothing changes nothing.
         adm.release(a);
         assert_eq!(adm.total(), 0);
-    }
-
-    #[test]
-    fn log_gate_says_the_first_at_once_then_a_count_per_period() {
-        let t0 = Instant::now();
-        let mut g = LogGate::new(Duration::from_secs(10));
-        assert_eq!(g.hit(t0), Some(1));
-        for i in 1..100 {
-            assert_eq!(g.hit(t0 + Duration::from_millis(i * 10)), None);
-        }
-        assert_eq!(g.hit(t0 + Duration::from_secs(10)), Some(100));
-        assert_eq!(g.hit(t0 + Duration::from_secs(11)), None);
     }
 
     #[test]

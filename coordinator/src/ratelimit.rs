@@ -1,5 +1,6 @@
 //! Token buckets, fed the time by their caller (tests pass a simulated
-//! clock): the enrollment rate and each node's throttle.
+//! clock): the enrollment rate and each node's throttle; and a gate that
+//! keeps a recurring log line to one per period.
 
 use std::{
     collections::HashMap,
@@ -72,6 +73,38 @@ impl Bucket {
     pub fn is_full(&mut self, now: Instant) -> bool {
         self.refill(now);
         self.level >= self.burst
+    }
+}
+
+/// Says a recurring event at most once per `every`, with how many happened
+/// since it was last said (the first one at once), so a flood cannot flood
+/// the journal.
+#[derive(Debug)]
+pub struct LogGate {
+    every: Duration,
+    last: Option<Instant>,
+    pending: u64,
+}
+
+impl LogGate {
+    pub fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: None,
+            pending: 0,
+        }
+    }
+
+    /// Counts one event; Some(count) when a line is due now.
+    pub fn hit(&mut self, now: Instant) -> Option<u64> {
+        self.pending += 1;
+        match self.last {
+            Some(t) if now.duration_since(t) < self.every => None,
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.pending))
+            }
+        }
     }
 }
 
@@ -158,6 +191,18 @@ mod tests {
         }
         let rate = sent / 3600.0;
         assert!((99.0..=101.5).contains(&rate), "{rate}");
+    }
+
+    #[test]
+    fn log_gate_says_the_first_at_once_then_a_count_per_period() {
+        let t0 = Instant::now();
+        let mut g = LogGate::new(Duration::from_secs(10));
+        assert_eq!(g.hit(t0), Some(1));
+        for i in 1..100 {
+            assert_eq!(g.hit(t0 + Duration::from_millis(i * 10)), None);
+        }
+        assert_eq!(g.hit(t0 + Duration::from_secs(10)), Some(100));
+        assert_eq!(g.hit(t0 + Duration::from_secs(11)), None);
     }
 
     #[test]

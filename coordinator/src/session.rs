@@ -32,8 +32,8 @@ use warden_proto::{
 
 use crate::{
     enrollment::{Admit, Denied, EnrollRate, Policy},
-    listener::{ConnInfo, LogGate},
-    ratelimit::NodeThrottle,
+    listener::ConnInfo,
+    ratelimit::{LogGate, NodeThrottle},
     store::{ChainItem, NewRecord, NodeRow, NodeState, Outcome, Store},
 };
 
@@ -184,7 +184,7 @@ impl UplinkService {
                     .refused_log
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .hit(tokio::time::Instant::now());
+                    .hit(Instant::now());
                 if let Some(n) = due {
                     tracing::warn!(peer = %peer.map(|p| p.to_string()).unwrap_or_default(), refused = n, reason = %status.message(), "registration refused");
                 }
