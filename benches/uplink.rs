@@ -20,7 +20,10 @@ use warden_agent::{
     spool::{Spool, SpoolConfig},
     uplink::{Uplink, UplinkStatus},
 };
-use warden_coordinator::CoordinatorConfig;
+use warden_coordinator::{
+    config::{EnrollmentConfig, EnrollmentPolicy, LimitsConfig},
+    CoordinatorConfig,
+};
 use warden_proto::{dsse::Signer, pb};
 
 mod common;
@@ -51,6 +54,16 @@ async fn throughput(n: u64, window: usize) -> f64 {
         &CoordinatorConfig {
             state_dir: tmp.path().join("coordinator"),
             listen: ([127, 0, 0, 1], 0).into(),
+            // The bench measures the record path, not the per-node rate limit.
+            enrollment: EnrollmentConfig {
+                policy: Some(EnrollmentPolicy::Open),
+                ..Default::default()
+            },
+            limits: LimitsConfig {
+                node_envelopes_per_second: u32::MAX as u64,
+                node_bytes_per_second: u64::MAX >> 8,
+                ..Default::default()
+            },
             ..Default::default()
         },
         tls.server,
@@ -85,6 +98,7 @@ async fn throughput(n: u64, window: usize) -> f64 {
             public_key: coord.public_key.to_base64(),
             ca_cert: tls.ca_cert.clone(),
             server_name: None,
+            join_token: None,
         },
         config: UplinkConfig {
             max_in_flight: window,

@@ -11,6 +11,7 @@ pub fn link(port: u16, public_key: &str, ca_cert: &Path) -> CoordinatorLink {
         public_key: public_key.to_owned(),
         ca_cert: ca_cert.to_owned(),
         server_name: None,
+        join_token: None,
     }
 }
 

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use warden_agent::AgentConfig;
-use warden_coordinator::{CoordinatorConfig, TlsPem};
+use warden_coordinator::{config::EnrollmentPolicy, CoordinatorConfig, TlsPem};
 
 #[derive(Parser)]
 #[command(
@@ -140,6 +140,9 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Make a join token for a coordinator whose enrollment policy is
+    /// "token": the token for agents, its SHA-256 for the coordinator.
+    JoinToken,
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -460,6 +463,10 @@ fn run() -> Result<()> {
             } => run_coordinator(config, dev, state_dir, listen).await,
             Command::Status { json, socket } => status(json, socket).await,
             Command::Nodes { json, socket } => nodes(json, socket).await,
+            Command::JoinToken => {
+                join_token();
+                Ok(())
+            }
         }
     })
 }
@@ -594,11 +601,13 @@ async fn run_agent(
         }
         None => warden_state::dir::fresh_private(&std::env::temp_dir(), "warden-dev.")?,
     };
-    let coord_cfg = CoordinatorConfig {
+    let mut coord_cfg = CoordinatorConfig {
         state_dir: root.join("coordinator"),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         ..CoordinatorConfig::default()
     };
+    // Dev mode enrolls anyone: it listens on loopback only.
+    coord_cfg.enrollment.policy = Some(EnrollmentPolicy::Open);
     let tls = warden_coordinator::devtls::ensure(&root.join("tls"))?;
     let coordinator = warden_coordinator::start(&coord_cfg, tls.server, shutdown.clone()).await?;
     cfg.state_dir = root.join("agent");
@@ -666,6 +675,12 @@ async fn run_coordinator(
     if let Some(l) = listen {
         cfg.listen = l;
     }
+    if dev {
+        // Dev mode enrolls anyone unless its config chose otherwise.
+        cfg.enrollment.policy.get_or_insert(EnrollmentPolicy::Open);
+    }
+    // Before the TLS files: who may enroll is the first thing to decide.
+    cfg.enrollment_policy()?;
     credentials_for_tls(
         &mut cfg,
         std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
@@ -698,6 +713,21 @@ async fn run_coordinator(
     );
     running.wait().await?;
     Ok(())
+}
+
+/// Prints a new join token and the line the coordinator's config needs.
+fn join_token() {
+    let (token, sha) = warden_coordinator::enrollment::new_token();
+    println!(
+        "# For each agent, in /etc/warden/agent.toml (keep the file private: chmod 600):\n\
+         [coordinator]\n\
+         join_token = \"{token}\"\n\
+         \n\
+         # For the coordinator, in /etc/warden/coordinator.toml (only the digest; it is not a secret):\n\
+         [enrollment]\n\
+         policy = \"token\"\n\
+         join_token_sha256 = [\"{sha}\"]"
+    );
 }
 
 /// Under systemd the packaged unit hands the TLS certificate and key over as

@@ -178,7 +178,7 @@ fn coordinator_without_tls_paths_names_the_key() {
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n",
+            "state_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n[enrollment]\npolicy = \"open\"\n",
             tmp.path().join("c").display()
         ),
     )
@@ -206,7 +206,7 @@ fn coordinator_with_configured_tls_serves_an_agent() {
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            "state_dir = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[enrollment]\npolicy = \"open\"\n",
             cdir.display(),
             tls.join("server.pem").display(),
             tls.join("server.key").display()

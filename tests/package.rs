@@ -510,7 +510,17 @@ fn the_units_run_under_systemd() {
     c.copy_in(&tls.join("server.pem"), "/etc/warden/coordinator.crt");
     c.copy_in(&tls.join("server.key"), "/etc/warden/coordinator.key");
     c.copy_in(&tls.join("ca.pem"), "/etc/warden/coordinator-ca.pem");
-    c.ok("chmod 600 /etc/warden/coordinator.key && echo 'listen = \"127.0.0.1:7443\"' > /etc/warden/coordinator.toml");
+    // New nodes enroll with a join token, made by the packaged binary.
+    let jt = c.ok("warden join-token");
+    let value = |key: &str| {
+        jt.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|r| r.split('"').nth(1))
+            .unwrap_or_else(|| panic!("no {key} in: {jt}"))
+            .to_owned()
+    };
+    let (token, sha) = (value("join_token = "), value("join_token_sha256 = ["));
+    c.ok(&format!("chmod 600 /etc/warden/coordinator.key && printf 'listen = \"127.0.0.1:7443\"\\n[enrollment]\\npolicy = \"token\"\\njoin_token_sha256 = [\"{sha}\"]\\n' > /etc/warden/coordinator.toml"));
     c.ok("systemctl start warden-coordinator");
     let key = wait_for("the coordinator's key", Duration::from_secs(20), || {
         let log = c.ok("journalctl -u warden-coordinator --no-pager -o cat");
@@ -534,7 +544,7 @@ fn the_units_run_under_systemd() {
     // The supplier sets the coordinator and starts the agent: `systemctl
     // start` returns once the agent said READY, i.e. once it registered.
     c.ok(&format!(
-        "printf '\\n[coordinator]\\naddress = \"https://localhost:7443\"\\npublic_key = \"{key}\"\\nca_cert = \"/etc/warden/coordinator-ca.pem\"\\n[probe]\\ninterval = \"0s\"\\n' >> {AGENT_TOML}"
+        "printf '\\n[coordinator]\\naddress = \"https://localhost:7443\"\\npublic_key = \"{key}\"\\nca_cert = \"/etc/warden/coordinator-ca.pem\"\\njoin_token = \"{token}\"\\n[probe]\\ninterval = \"0s\"\\n' >> {AGENT_TOML}"
     ));
     c.ok("systemctl start warden-agent");
     assert_eq!(

@@ -35,6 +35,51 @@ fn record(signer: &Signer, seq: u64, load: f64) -> Envelope {
     )
 }
 
+/// Opens a stream and registers `node` on it: the coordinator's Hello, a
+/// Register carrying its nonce, Registered.
+async fn registered(
+    channel: tonic::transport::Channel,
+    node: &Signer,
+    max_encoding: usize,
+) -> (
+    tokio::sync::mpsc::Sender<Envelope>,
+    tonic::Streaming<Envelope>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut inbound = UplinkClient::new(channel)
+        .max_encoding_message_size(max_encoding)
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let nonce = hello(&mut inbound).await;
+    tx.send(node.sign_message(
+        types::REGISTER,
+        &pb::Register {
+            node_id: node.key_id().to_owned(),
+            public_key: node.public_key().to_vec(),
+            agent_version: "test".into(),
+            inventory: None,
+            time_unix_ms: warden_agent::now_ms(),
+            start_id: "test".into(),
+            session_nonce: nonce,
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    let answer = inbound.message().await.unwrap().unwrap();
+    assert_eq!(answer.payload_type, types::REGISTERED);
+    (tx, inbound)
+}
+
+/// The nonce of a new stream's Hello.
+async fn hello(inbound: &mut tonic::Streaming<Envelope>) -> Vec<u8> {
+    let env = inbound.message().await.unwrap().unwrap();
+    assert_eq!(env.payload_type, types::HELLO);
+    pb::Hello::decode(env.payload.as_slice()).unwrap().nonce
+}
+
 enum Reply {
     Receipt(pb::Receipt),
     Refusal(pb::Refusal),
@@ -72,26 +117,7 @@ async fn tampered_and_foreign_records_are_refused_and_not_stored() {
         .unwrap();
     let (node, _) = Signer::generate().unwrap();
     let (stranger, _) = Signer::generate().unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(node.sign_message(
-        types::REGISTER,
-        &pb::Register {
-            node_id: node.key_id().to_owned(),
-            public_key: node.public_key().to_vec(),
-            agent_version: "test".into(),
-            inventory: None,
-            time_unix_ms: warden_agent::now_ms(),
-            start_id: "test".into(),
-            ..Default::default()
-        },
-    ))
-    .await
-    .unwrap();
-    let mut inbound = UplinkClient::new(channel)
-        .session(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = registered(channel, &node, 4 << 20).await;
 
     // 1: a good record is stored and receipted with its digest.
     let good1 = record(&node, 1, 1.0);
@@ -195,13 +221,20 @@ async fn a_register_not_signed_by_its_key_is_refused() {
         ..Default::default()
     }
     .encode_to_vec();
-    let mut env = other.sign(types::REGISTER, payload);
-    env.signatures[0].keyid = node.key_id().to_owned();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(env).await.unwrap();
-    let err = UplinkClient::new(channel)
+    let mut inbound = UplinkClient::new(channel)
         .session(ReceiverStream::new(rx))
         .await
+        .unwrap()
+        .into_inner();
+    let mut register = pb::Register::decode(payload.as_slice()).unwrap();
+    register.session_nonce = hello(&mut inbound).await;
+    let mut env = other.sign(types::REGISTER, register.encode_to_vec());
+    env.signatures[0].keyid = node.key_id().to_owned();
+    tx.send(env).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+        .await
+        .unwrap()
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert!(err.message().contains("Register"), "{}", err.message());
@@ -271,27 +304,7 @@ async fn an_oversized_envelope_is_rejected_and_nothing_stored() {
     let coord = Coordinator::start(&tmp.path().join("coord"), free_port());
     let channel = tls_channel(&coord).await;
     let (node, _) = Signer::generate().unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(node.sign_message(
-        types::REGISTER,
-        &pb::Register {
-            node_id: node.key_id().to_owned(),
-            public_key: node.public_key().to_vec(),
-            agent_version: "test".into(),
-            inventory: None,
-            time_unix_ms: warden_agent::now_ms(),
-            start_id: "x".into(),
-            ..Default::default()
-        },
-    ))
-    .await
-    .unwrap();
-    let mut inbound = UplinkClient::new(channel)
-        .max_encoding_message_size(64 << 20)
-        .session(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = registered(channel, &node, 64 << 20).await;
     tx.send(node.sign(types::RECORD, vec![0x42; 6 << 20]))
         .await
         .unwrap();

@@ -266,6 +266,27 @@ pub struct CoordinatorLink {
     /// Name to check in the coordinator's certificate; defaults to the
     /// address's host.
     pub server_name: Option<String>,
+    /// The coordinator operator's join token, sent in the Register so that a
+    /// new node may enroll with a coordinator whose policy is "token" (not
+    /// needed once enrolled). Serialized only as a digest, never in clear.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "token_digest"
+    )]
+    pub join_token: Option<String>,
+}
+
+/// A join token as `warden status` and reload diffs show it: a short
+/// SHA-256, so a changed token is seen as changed and never printed.
+fn token_digest<S: serde::Serializer>(t: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => {
+            let d = ring::digest::digest(&ring::digest::SHA256, t.as_bytes());
+            s.serialize_str(&format!("sha256:{}", hex::encode(&d.as_ref()[..8])))
+        }
+        None => s.serialize_none(),
+    }
 }
 
 /// The gRPC stream to the coordinator.
@@ -559,6 +580,14 @@ impl AgentConfig {
             c.host()?;
             VerifyingKey::parse(&c.public_key)
                 .map_err(|e| invalid("coordinator.public_key", e.to_string()))?;
+            if let Some(t) = &c.join_token {
+                if t.is_empty() || t.chars().any(char::is_whitespace) {
+                    return Err(invalid(
+                        "coordinator.join_token",
+                        "is empty or holds spaces; paste the token exactly as the coordinator's operator gave it, or remove the key".into(),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -949,12 +978,33 @@ mod tests {
     }
 
     #[test]
+    fn join_token_is_checked_and_never_serialized_in_clear() {
+        let key = "5866666666666666666666666666666666666666666666666666666666666666";
+        let with = |t: &str| {
+            format!("[coordinator]\naddress = \"https://c:7443\"\npublic_key = \"{key}\"\nca_cert = \"/ca.pem\"\njoin_token = \"{t}\"\n")
+        };
+        let c = AgentConfig::parse(&with("0f1e2d3c4b5a"), "a").unwrap();
+        assert_eq!(
+            c.coordinator.as_ref().unwrap().join_token.as_deref(),
+            Some("0f1e2d3c4b5a")
+        );
+        let shown = serde_json::to_string(&c).unwrap();
+        assert!(!shown.contains("0f1e2d3c4b5a"), "{shown}");
+        assert!(shown.contains("\"join_token\":\"sha256:"), "{shown}");
+        for bad in ["", "a b"] {
+            let e = AgentConfig::parse(&with(bad), "a").unwrap_err();
+            assert!(e.to_string().contains("coordinator.join_token"), "{e}");
+        }
+    }
+
+    #[test]
     fn coordinator_host_is_taken_from_address() {
         let link = |a: &str| CoordinatorLink {
             address: a.into(),
             public_key: String::new(),
             ca_cert: PathBuf::new(),
             server_name: None,
+            join_token: None,
         };
         assert_eq!(
             link("https://coord.example:7443").tls_name().unwrap(),

@@ -207,6 +207,7 @@ address = "https://d.example:1"
 public_key = "5866666666666666666666666666666666666666666666666666666666666666"
 ca_cert = "/other.pem"
 server_name = "x"
+join_token = "t"
 [uplink]
 heartbeat_interval = "6s"
 backoff_initial = "1s"

@@ -1,7 +1,9 @@
 //! The task that owns the connection to the coordinator: one bidirectional
 //! gRPC stream over TLS, reopened with jittered exponential backoff.
 //!
-//! On each connection it registers, then sends every pending record from
+//! On each connection it registers (the coordinator's Hello gives the nonce
+//! that binds the Register to this stream; Registered accepts it), then
+//! sends every pending record from
 //! the spool in seq order (at most `max_in_flight` unacknowledged) and
 //! heartbeats. A record leaves the spool only on a receipt that verifies
 //! against the pinned coordinator key, for this node, with the digest of
@@ -74,6 +76,10 @@ pub enum UplinkError {
     Connect(#[from] tonic::transport::Error),
     #[error("coordinator refused the stream: {}", .0.message())]
     Refused(tonic::Status),
+    #[error("coordinator refused to register this node: {}", .0.message())]
+    Registration(tonic::Status),
+    #[error("registering: {0}")]
+    Handshake(String),
     #[error("stream broken: {}", .0.message())]
     Stream(tonic::Status),
     #[error("the coordinator closed the stream")]
@@ -166,6 +172,8 @@ impl Uplink {
                 if last_error.as_deref() != Some(msg.as_str()) {
                     if matches!(e, UplinkError::Stream(_) | UplinkError::Closed) {
                         tracing::warn!(address = %self.link.address, error = %msg, "disconnected from coordinator; reconnecting with backoff");
+                    } else if matches!(e, UplinkError::Registration(_)) {
+                        tracing::warn!(address = %self.link.address, error = %msg, "registration refused; retrying with backoff");
                     } else {
                         tracing::warn!(address = %self.link.address, error = %msg, "coordinator unreachable; retrying with backoff");
                     }
@@ -216,33 +224,12 @@ impl Uplink {
         let mut client = self.connect().await?;
         let window = self.config.max_in_flight;
         let (out, out_rx) = tokio::sync::mpsc::channel::<Envelope>(window + 16);
-        out.try_send(
-            self.signer.sign_message(
-                types::REGISTER,
-                &pb::Register {
-                    node_id: self.node_id.clone(),
-                    public_key: self.signer.public_key().to_vec(),
-                    agent_version: env!("CARGO_PKG_VERSION").into(),
-                    inventory: Some(self.inventory.borrow().clone()),
-                    time_unix_ms: crate::now_ms(),
-                    start_id: self.start_id.clone(),
-                    mesh_public_key: self.mesh.0.clone(),
-                    mesh_endpoints: self.mesh.1.clone(),
-                    mesh_cluster_id: self
-                        .mesh_status
-                        .borrow()
-                        .as_ref()
-                        .map(|m| m.cluster_id.clone())
-                        .unwrap_or_default(),
-                },
-            ),
-        )
-        .map_err(|_| UplinkError::Closed)?;
         let mut inbound = client
             .session(ReceiverStream::new(out_rx))
             .await
             .map_err(UplinkError::Refused)?
             .into_inner();
+        self.register(pinned, &out, &mut inbound).await?;
         tracing::info!(address = %self.link.address, "connected to coordinator");
         last_error.take();
         self.status.send_modify(|s| {
@@ -332,6 +319,66 @@ impl Uplink {
                 _ = tokio::time::sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {}
             }
         }
+    }
+
+    /// Registers on a new stream: reads the coordinator's Hello, sends the
+    /// Register carrying its nonce (and the join token, if configured), and
+    /// waits for Registered.
+    async fn register(
+        &self,
+        pinned: &VerifyingKey,
+        out: &tokio::sync::mpsc::Sender<Envelope>,
+        inbound: &mut tonic::Streaming<Envelope>,
+    ) -> Result<(), UplinkError> {
+        let wait = self.config.connect_timeout;
+        let hello = next_message(inbound, wait, "Hello (is it older than this agent?)").await?;
+        if hello.payload_type != types::HELLO {
+            return Err(UplinkError::Handshake(format!(
+                "the coordinator spoke first with {}, not a Hello",
+                hello.payload_type
+            )));
+        }
+        let nonce = match dsse::open::<pb::Hello>(&hello, types::HELLO, pinned) {
+            Ok(h) => h.nonce,
+            Err(e) => {
+                // The nonce only binds the Register to this stream; the pinned
+                // key still guards every receipt and command, which is said here early.
+                tracing::warn!(error = %e, "the coordinator's Hello does not verify against the pinned coordinator key (coordinator.public_key): its receipts and commands will be ignored");
+                <pb::Hello as prost::Message>::decode(hello.payload.as_slice())
+                    .map_err(|e| UplinkError::Handshake(format!("Hello does not decode: {e}")))?
+                    .nonce
+            }
+        };
+        let register = self.signer.sign_message(
+            types::REGISTER,
+            &pb::Register {
+                node_id: self.node_id.clone(),
+                public_key: self.signer.public_key().to_vec(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                inventory: Some(self.inventory.borrow().clone()),
+                time_unix_ms: crate::now_ms(),
+                start_id: self.start_id.clone(),
+                mesh_public_key: self.mesh.0.clone(),
+                mesh_endpoints: self.mesh.1.clone(),
+                mesh_cluster_id: self
+                    .mesh_status
+                    .borrow()
+                    .as_ref()
+                    .map(|m| m.cluster_id.clone())
+                    .unwrap_or_default(),
+                session_nonce: nonce,
+                join_token: self.link.join_token.clone().unwrap_or_default(),
+            },
+        );
+        out.try_send(register).map_err(|_| UplinkError::Closed)?;
+        let answer = next_message(inbound, wait, "answer to the Register").await?;
+        if answer.payload_type != types::REGISTERED {
+            return Err(UplinkError::Handshake(format!(
+                "the coordinator answered the Register with {}, not Registered",
+                answer.payload_type
+            )));
+        }
+        Ok(())
     }
 
     /// Applies one coordinator message, after checking its signature.
@@ -425,6 +472,30 @@ impl Uplink {
                 tracing::warn!(payload_type = %other, "ignored an unexpected coordinator message")
             }
         }
+    }
+}
+
+/// The next message of a stream being registered; a refusal status there
+/// (unauthenticated, permission denied, too many) is the coordinator
+/// refusing the registration.
+async fn next_message(
+    inbound: &mut tonic::Streaming<Envelope>,
+    wait: Duration,
+    what: &str,
+) -> Result<Envelope, UplinkError> {
+    match tokio::time::timeout(wait, inbound.message()).await {
+        Err(_) => Err(UplinkError::Handshake(format!(
+            "no {what} from the coordinator within {}",
+            humantime::format_duration(wait)
+        ))),
+        Ok(Err(status)) => Err(match status.code() {
+            tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied
+            | tonic::Code::ResourceExhausted => UplinkError::Registration(status),
+            _ => UplinkError::Stream(status),
+        }),
+        Ok(Ok(None)) => Err(UplinkError::Closed),
+        Ok(Ok(Some(env))) => Ok(env),
     }
 }
 

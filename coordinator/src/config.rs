@@ -38,6 +38,85 @@ pub struct CoordinatorConfig {
     pub key_file: Option<PathBuf>,
     pub tls: TlsConfig,
     pub leases: LeasesConfig,
+    pub enrollment: EnrollmentConfig,
+    pub limits: LimitsConfig,
+}
+
+/// Who may register a node that this coordinator has not seen before.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EnrollmentPolicy {
+    /// Any TLS client may register a new node: `--dev`, or a private network.
+    Open,
+    /// A new node presents a join token whose SHA-256 is listed; nodes in
+    /// `allow`, and nodes enrolled earlier with a token, need none.
+    Token,
+    /// Only the node ids listed in `allow`.
+    Allowlist,
+}
+
+/// `[enrollment]`: the policy and its lists, and how fast new nodes may come.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnrollmentConfig {
+    /// Required outside `--dev` (which defaults to open).
+    pub policy: Option<EnrollmentPolicy>,
+    /// SHA-256 (hex) of each join token accepted (`warden join-token` makes one).
+    pub join_token_sha256: Vec<String>,
+    /// Node ids (their key ids) that may register whatever the token.
+    pub allow: Vec<String>,
+    /// New nodes accepted per minute, in all (a burst of as many at once).
+    pub new_nodes_per_minute: u32,
+    /// New nodes accepted per minute from one source address.
+    pub new_nodes_per_minute_per_ip: u32,
+}
+
+impl Default for EnrollmentConfig {
+    fn default() -> Self {
+        Self {
+            policy: None,
+            join_token_sha256: Vec::new(),
+            allow: Vec::new(),
+            new_nodes_per_minute: 60,
+            new_nodes_per_minute_per_ip: 10,
+        }
+    }
+}
+
+/// `[limits]`: what one client or node may hold or send.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Connections open at once, in all (also kept under the fd limit).
+    pub max_connections: usize,
+    /// Connections open at once from one source address.
+    pub max_connections_per_ip: usize,
+    /// A TLS handshake not done by then is closed.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: std::time::Duration,
+    /// A connection with no RPC open for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: std::time::Duration,
+    /// Envelopes (records and heartbeats) per second per node, over 5 s bursts.
+    pub node_envelopes_per_second: u64,
+    /// Payload bytes per second per node, over 5 s bursts.
+    pub node_bytes_per_second: u64,
+    /// Record payload bytes stored per node, at most.
+    pub node_storage_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 8192,
+            max_connections_per_ip: 256,
+            handshake_timeout: std::time::Duration::from_secs(10),
+            idle_timeout: std::time::Duration::from_secs(60),
+            node_envelopes_per_second: 1000,
+            node_bytes_per_second: 1 << 20,
+            node_storage_bytes: 16 << 30,
+        }
+    }
 }
 
 /// How leases are watched: challenges and the verdict's threshold.
@@ -86,6 +165,8 @@ impl Default for CoordinatorConfig {
             key_file: None,
             tls: TlsConfig::default(),
             leases: LeasesConfig::default(),
+            enrollment: EnrollmentConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -119,7 +200,94 @@ impl CoordinatorConfig {
                 reason: "must be longer than zero".into(),
             });
         }
+        cfg.validate_enrollment()?;
+        cfg.validate_limits()?;
         Ok(cfg)
+    }
+
+    fn validate_enrollment(&self) -> Result<(), ConfigError> {
+        let e = &self.enrollment;
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        if let Some(t) = e
+            .join_token_sha256
+            .iter()
+            .find(|t| t.len() != 64 || hex::decode(t).is_err())
+        {
+            return invalid(
+                "enrollment.join_token_sha256",
+                format!(
+                    "{t:?} is not a SHA-256 in hex (64 characters); `warden join-token` prints one"
+                ),
+            );
+        }
+        if let Some(n) = e.allow.iter().find(|n| !is_node_id(n)) {
+            return invalid(
+                "enrollment.allow",
+                format!("{n:?} is not a node id (32 hex characters, as `warden status` and `warden nodes` show)"),
+            );
+        }
+        match e.policy {
+            Some(EnrollmentPolicy::Token) if e.join_token_sha256.is_empty() => invalid(
+                "enrollment.join_token_sha256",
+                "is empty, so the token policy would let no new node in; add the SHA-256 of a token (`warden join-token` makes one)".into(),
+            ),
+            Some(EnrollmentPolicy::Allowlist) if e.allow.is_empty() => invalid(
+                "enrollment.allow",
+                "is empty, so the allowlist policy would let no node in; list the node ids that may register".into(),
+            ),
+            Some(EnrollmentPolicy::Allowlist) if !e.join_token_sha256.is_empty() => invalid(
+                "enrollment.join_token_sha256",
+                "is set but the policy is \"allowlist\", which takes no tokens; use policy = \"token\" to accept both".into(),
+            ),
+            Some(EnrollmentPolicy::Open) if !e.allow.is_empty() || !e.join_token_sha256.is_empty() => invalid(
+                "enrollment.policy",
+                "is \"open\" (any node may register) but tokens or an allowlist are set; choose \"token\" or \"allowlist\" for them to count".into(),
+            ),
+            _ if e.new_nodes_per_minute == 0 || e.new_nodes_per_minute_per_ip == 0 => invalid(
+                "enrollment.new_nodes_per_minute",
+                "and new_nodes_per_minute_per_ip must be at least 1".into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let checks: [(&'static str, bool); 7] = [
+            ("limits.max_connections", l.max_connections == 0),
+            (
+                "limits.max_connections_per_ip",
+                l.max_connections_per_ip == 0,
+            ),
+            ("limits.handshake_timeout", l.handshake_timeout.is_zero()),
+            ("limits.idle_timeout", l.idle_timeout.is_zero()),
+            (
+                "limits.node_envelopes_per_second",
+                l.node_envelopes_per_second == 0,
+            ),
+            ("limits.node_bytes_per_second", l.node_bytes_per_second == 0),
+            ("limits.node_storage_bytes", l.node_storage_bytes == 0),
+        ];
+        match checks.iter().find(|(_, bad)| *bad) {
+            Some((key, _)) => Err(ConfigError::Invalid {
+                key,
+                reason: "must be more than zero".into(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The enrollment policy; outside `--dev` the operator must choose one,
+    /// so a coordinator facing the internet is never open by accident.
+    pub fn enrollment_policy(&self) -> Result<EnrollmentPolicy, ConfigError> {
+        self.enrollment.policy.ok_or(ConfigError::Invalid {
+            key: "enrollment.policy",
+            reason: "is required (outside --dev): choose who may register a new node. \
+                     \"token\": nodes present a join token (run `warden join-token`, put its SHA-256 in enrollment.join_token_sha256 and the token in each agent's coordinator.join_token); \
+                     \"allowlist\": only the node ids in enrollment.allow; \
+                     \"open\": any TLS client may register a node (only on a network you trust)"
+                .into(),
+        })
     }
 
     /// The TLS certificate and key paths, which production needs.
@@ -200,6 +368,11 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// A node id: the key id of its Ed25519 key, 32 lowercase hex characters.
+pub fn is_node_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +412,59 @@ mod tests {
         }
         let c = CoordinatorConfig::parse("state_dir = \"/s\"\n", "c.toml").unwrap();
         c.check_paths().unwrap();
+    }
+
+    #[test]
+    fn enrollment_policy_must_be_chosen_and_its_lists_fit_it() {
+        let c = CoordinatorConfig::parse("", "t").unwrap();
+        let e = c.enrollment_policy().unwrap_err().to_string();
+        for word in [
+            "enrollment.policy",
+            "\"token\"",
+            "\"allowlist\"",
+            "\"open\"",
+            "coordinator.join_token",
+        ] {
+            assert!(e.contains(word), "{word}: {e}");
+        }
+        let c = CoordinatorConfig::parse("[enrollment]\npolicy = \"open\"\n", "t").unwrap();
+        assert_eq!(c.enrollment_policy().unwrap(), EnrollmentPolicy::Open);
+        let sha = "ab".repeat(32);
+        let node = "0123456789abcdef0123456789abcdef";
+        let ok = [
+            format!("policy = \"token\"\njoin_token_sha256 = [\"{sha}\"]\n"),
+            format!("policy = \"token\"\njoin_token_sha256 = [\"{sha}\"]\nallow = [\"{node}\"]\n"),
+            format!("policy = \"allowlist\"\nallow = [\"{node}\"]\n"),
+        ];
+        for t in ok {
+            CoordinatorConfig::parse(&format!("[enrollment]\n{t}"), "t").unwrap();
+        }
+        let bad = [
+            ("policy = \"token\"\n".to_owned(), "join_token_sha256"),
+            ("policy = \"allowlist\"\n".to_owned(), "enrollment.allow"),
+            (
+                format!("policy = \"open\"\nallow = [\"{node}\"]\n"),
+                "enrollment.policy",
+            ),
+            (
+                format!(
+                    "policy = \"token\"\njoin_token_sha256 = [\"{}\"]\n",
+                    "ab".repeat(31)
+                ),
+                "join_token_sha256",
+            ),
+            (
+                format!("policy = \"allowlist\"\nallow = [\"{}\"]\n", "XYZ"),
+                "enrollment.allow",
+            ),
+            ("policy = \"closed\"\n".to_owned(), "policy"),
+        ];
+        for (t, key) in bad {
+            let e = CoordinatorConfig::parse(&format!("[enrollment]\n{t}"), "t").unwrap_err();
+            assert!(e.to_string().contains(key), "{t}: {e}");
+        }
+        let e = CoordinatorConfig::parse("[limits]\nidle_timeout = \"0s\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("limits.idle_timeout"), "{e}");
     }
 
     #[test]

@@ -4,11 +4,11 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use warden_proto::{
-    dsse::VerifyingKey,
+    dsse::{Signer, VerifyingKey},
     identity::{self, IdentityError},
     pb::{
         admin_server::AdminServer, link_probe_server::LinkProbeServer, uplink_server::UplinkServer,
@@ -24,8 +24,11 @@ use warden_state::{
 use crate::{
     admin::AdminService,
     config::{ConfigError, CoordinatorConfig},
+    enrollment::{EnrollRate, Policy},
+    listener::{self, Counters, TlsSetupError, TrackRpcsLayer},
     probe::ProbeService,
-    session::{Registry, UplinkService},
+    ratelimit::NodeThrottle,
+    session::{Gate, Registry, UplinkService},
     store::{Store, StoreError},
 };
 
@@ -39,6 +42,8 @@ pub enum ServeError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error("coordinator key file {} is not an Ed25519 PKCS#8 key ({reason}); restore it from backup. Moving it aside makes the coordinator create a new key at the next start: every agent pins the old public key (coordinator.public_key) and ignores this coordinator's receipts and commands until its config names the new one, and the receipts and verdicts signed so far verify only with the old key", path.display())]
+    CoordinatorKey { path: PathBuf, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{what} {path}: {source}")]
@@ -60,6 +65,8 @@ pub enum ServeError {
     AdminSocket(SocketError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -91,6 +98,11 @@ pub struct Running {
     pub admin_socket: PathBuf,
     pub public_key: VerifyingKey,
     pub database: PathBuf,
+    /// What the connection limits did so far.
+    pub connections: Arc<Counters>,
+    /// The connection cap in force (`limits.max_connections`, fitted under
+    /// the file descriptor limit).
+    pub max_connections: usize,
     tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     /// The state directory's and the database's, held until the servers stop.
     _locks: [DirLock; 2],
@@ -115,6 +127,9 @@ pub async fn start(
     tls: TlsPem,
     shutdown: CancellationToken,
 ) -> Result<Running, ServeError> {
+    // Checked first: a coordinator that would be open by accident does not start.
+    let policy = cfg.enrollment_policy()?;
+    let acceptor = listener::acceptor(&tls.cert, &tls.key)?;
     cfg.check_paths()?;
     // One coordinator per state directory and per database: a second would
     // answer the same nodes from the same rows. The database may live
@@ -134,7 +149,7 @@ pub async fn start(
             format!("the coordinator database {}", database.display()),
         )?,
     ];
-    let (signer, created) = identity::load_or_create(&cfg.key_path())?;
+    let (signer, created) = load_signing_key(&cfg.key_path())?;
     if created {
         tracing::info!(key = %cfg.key_path().display(), "created coordinator signing key");
     }
@@ -154,8 +169,31 @@ pub async fn start(
     let admin_socket = cfg.admin_socket_path();
     let (admin_listener, admin_file) =
         warden_state::socket::bind(&admin_socket).map_err(ServeError::AdminSocket)?;
-    let store = Store::open(&database)?;
+    let store = Store::open_with_quota(&database, cfg.limits.node_storage_bytes)?;
     let registry = Registry::default();
+    let (max_connections, nofile) = listener::fit_connections(cfg.limits.max_connections);
+    if max_connections < cfg.limits.max_connections {
+        tracing::warn!(
+            wanted = cfg.limits.max_connections,
+            nofile,
+            "limits.max_connections lowered to {max_connections} to stay under the open-file limit; raise LimitNOFILE (systemd) or ulimit -n"
+        );
+    }
+    let gate = Gate::new(
+        Policy::new(policy, &cfg.enrollment),
+        EnrollRate::new(
+            cfg.enrollment.new_nodes_per_minute,
+            cfg.enrollment.new_nodes_per_minute_per_ip,
+            std::time::Instant::now(),
+        ),
+        NodeThrottle::new(
+            cfg.limits.node_envelopes_per_second,
+            cfg.limits.node_bytes_per_second,
+        ),
+    );
+    if policy == crate::config::EnrollmentPolicy::Open {
+        tracing::warn!("enrollment.policy is open: any TLS client may register a node");
+    }
 
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -184,19 +222,38 @@ pub async fn start(
         registry.clone(),
         shutdown.clone(),
         cfg.leases.min_coverage,
+        gate,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
+    // Connections come from our own accept loop (limits, deadlines), TLS done.
+    let counters = Arc::new(Counters::default());
+    let (conns, incoming) = tokio::sync::mpsc::channel(64);
+    let accept = tokio::spawn(listener::run(
+        listener,
+        acceptor,
+        listener::Limits::from_config(&cfg.limits, max_connections),
+        counters.clone(),
+        conns,
+        shutdown.clone(),
+    ));
+    let report = tokio::spawn(listener::report(
+        counters.clone(),
+        Duration::from_secs(60),
+        shutdown.clone(),
+    ));
     let grpc = Server::builder()
-        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(tls.cert, tls.key)))?
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // An agent needs one stream (the probe opens its own connection).
+        .max_concurrent_streams(Some(32))
+        .layer(TrackRpcsLayer)
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(uplink)
         .add_service(LinkProbeServer::new(ProbeService::default()))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            ReceiverStream::new(incoming),
             shutdown.clone().cancelled_owned(),
         );
 
@@ -220,20 +277,54 @@ pub async fn start(
         cfg.leases.clone(),
         shutdown.clone(),
     ));
-    tracing::info!(%addr, admin = %admin_socket.display(), key = %public_key.to_base64(), "coordinator listening");
+    tracing::info!(%addr, admin = %admin_socket.display(), key = %public_key.to_base64(), enrollment = ?policy, max_connections, "coordinator listening");
     Ok(Running {
         addr,
         admin_socket,
         public_key,
         database,
+        connections: counters,
+        max_connections,
         tasks: vec![
             tokio::spawn(grpc),
             tokio::spawn(admin),
             tokio::spawn(async move {
-                let _ = challenges.await;
+                let _ = tokio::join!(challenges, accept, report);
                 Ok(())
             }),
         ],
         _locks: locks,
     })
+}
+
+/// Loads or creates the coordinator's signing key. A damaged key file gets a
+/// message saying what replacing it does to agents (the shared loader's
+/// speaks of a node's key).
+pub fn load_signing_key(path: &std::path::Path) -> Result<(Signer, bool), ServeError> {
+    identity::load_or_create(path).map_err(|e| match e {
+        IdentityError::NotAKey { path, reason } => ServeError::CoordinatorKey { path, reason },
+        other => ServeError::Identity(other),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_damaged_coordinator_key_says_what_a_new_key_means_for_agents() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.key");
+        std::fs::write(&path, [0x30, 0x53, 0x02]).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let msg = load_signing_key(&path).err().unwrap().to_string();
+        assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+        assert!(!msg.contains("node id"), "{msg}");
+        assert!(msg.contains("coordinator.public_key"), "{msg}");
+        // A good key loads.
+        std::fs::remove_file(&path).unwrap();
+        assert!(load_signing_key(&path).unwrap().1);
+        assert!(!load_signing_key(&path).unwrap().1);
+    }
 }

@@ -1,9 +1,12 @@
 //! The agents' stream: one session per connected agent.
 //!
-//! A session starts with a Register envelope signed by the key it
-//! announces. After that every envelope is verified against that node's
-//! key; records are stored and answered with a signed Receipt, anything
-//! that fails verification with a signed Refusal giving the reason.
+//! A session starts with the coordinator's Hello (a fresh nonce), then a
+//! Register signed by the key it announces and carrying that nonce, which
+//! the enrollment policy must let in; the coordinator answers Registered.
+//! After that every envelope is verified against that node's key; records
+//! are stored and answered with a signed Receipt, anything that fails
+//! verification or a limit with a signed Refusal giving the reason. A node
+//! sending faster than its rate is paused (not refused).
 
 use std::{
     collections::HashMap,
@@ -11,7 +14,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use futures::StreamExt;
@@ -22,11 +25,17 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use warden_proto::{
     dsse::{self, Signer, VerifyingKey},
+    limits::{self, RecordKind},
     pb::{self, Envelope},
     types,
 };
 
-use crate::store::{ChainItem, NewRecord, NodeRow, NodeState, Outcome, Store};
+use crate::{
+    enrollment::{Admit, Denied, EnrollRate, Policy},
+    listener::ConnInfo,
+    ratelimit::{LogGate, NodeThrottle},
+    store::{ChainItem, NewRecord, NodeRow, NodeState, Outcome, Store},
+};
 
 /// How long an agent has to send Register after opening the stream.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -102,7 +111,30 @@ impl Registry {
     }
 }
 
+/// What a session enforces beyond verification: who may register, how fast
+/// new nodes may come, and how fast each node may send.
+#[derive(Clone)]
+pub struct Gate {
+    pub policy: Arc<Policy>,
+    pub rate: Arc<Mutex<EnrollRate>>,
+    pub throttle: NodeThrottle,
+    /// Refused registrations are logged at most once per 10 s, with a count.
+    refused_log: Arc<Mutex<LogGate>>,
+}
+
+impl Gate {
+    pub fn new(policy: Policy, rate: EnrollRate, throttle: NodeThrottle) -> Self {
+        Self {
+            policy: Arc::new(policy),
+            rate: Arc::new(Mutex::new(rate)),
+            throttle,
+            refused_log: Arc::new(Mutex::new(LogGate::new(Duration::from_secs(10)))),
+        }
+    }
+}
+
 /// The gRPC `Uplink` service.
+#[derive(Clone)]
 pub struct UplinkService {
     signer: Arc<Signer>,
     store: Store,
@@ -110,6 +142,7 @@ pub struct UplinkService {
     shutdown: CancellationToken,
     /// Least coverage for a lease's proof to hold.
     min_coverage: f64,
+    gate: Gate,
 }
 
 impl UplinkService {
@@ -119,6 +152,7 @@ impl UplinkService {
         registry: Registry,
         shutdown: CancellationToken,
         min_coverage: f64,
+        gate: Gate,
     ) -> Self {
         Self {
             signer,
@@ -126,25 +160,130 @@ impl UplinkService {
             registry,
             shutdown,
             min_coverage,
+            gate,
         }
     }
-}
 
-#[tonic::async_trait]
-impl pb::uplink_server::Uplink for UplinkService {
-    type SessionStream = ReceiverStream<Result<Envelope, Status>>;
+    /// Registers the stream's node, then serves it until the stream ends.
+    async fn serve(
+        self,
+        mut inbound: Streaming<Envelope>,
+        nonce: [u8; 32],
+        peer: Option<std::net::SocketAddr>,
+        tx: Outbound,
+    ) {
+        let registered = tokio::select! {
+            r = self.register(&mut inbound, &nonce, peer) => r,
+            _ = self.shutdown.cancelled() => return,
+        };
+        let (reg, key, mesh_changed) = match registered {
+            Ok(r) => r,
+            Err(status) => {
+                let due = self
+                    .gate
+                    .refused_log
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .hit(Instant::now());
+                if let Some(n) = due {
+                    tracing::warn!(peer = %peer.map(|p| p.to_string()).unwrap_or_default(), refused = n, reason = %status.message(), "registration refused");
+                }
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        };
+        tracing::info!(node = %reg.node_id, peer = %peer.map(|p| p.to_string()).unwrap_or_default(), version = %reg.agent_version, "agent registered");
+        // Before attach: nothing else can reach the agent ahead of it.
+        let registered = self.signer.sign_message(
+            types::REGISTERED,
+            &pb::Registered {
+                node_id: reg.node_id.clone(),
+                session_nonce: nonce.to_vec(),
+                time_unix_ms: now_ms(),
+            },
+        );
+        if tx.send(Ok(registered)).await.is_err() {
+            return;
+        }
+        let registry = self.registry.clone();
+        let id = registry.attach(&reg.node_id, tx.clone());
+        {
+            let mesh = crate::mesh::MeshSender {
+                store: self.store.clone(),
+                registry: registry.clone(),
+                signer: self.signer.clone(),
+            };
+            let node = reg.node_id.clone();
+            let running = reg.mesh_cluster_id.clone();
+            tokio::spawn(async move { mesh.connected(&node, &running, mesh_changed).await });
+        }
+        let session = Session {
+            node_id: reg.node_id,
+            key,
+            signer: self.signer.clone(),
+            store: self.store.clone(),
+            registry: registry.clone(),
+            tx,
+            min_coverage: self.min_coverage,
+            throttle: self.gate.throttle.clone(),
+        };
+        let node = session.node_id.clone();
+        let end = tokio::select! {
+            r = session.run(inbound) => r,
+            _ = self.shutdown.cancelled() => Ok(()),
+        };
+        registry.detach(&node, id);
+        match end {
+            Ok(()) => tracing::info!(%node, "agent stream closed"),
+            Err(e) => tracing::warn!(%node, error = %e, "agent stream ended"),
+        }
+    }
 
-    async fn session(
+    /// Reads the Register, checks it against this stream's nonce and the
+    /// enrollment policy, and stores it: the node, its key, and whether its
+    /// mesh identity changed.
+    async fn register(
         &self,
-        request: Request<Streaming<Envelope>>,
-    ) -> Result<Response<Self::SessionStream>, Status> {
-        let peer = request.remote_addr();
-        let mut inbound = request.into_inner();
+        inbound: &mut Streaming<Envelope>,
+        nonce: &[u8; 32],
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<(pb::Register, VerifyingKey, bool), Status> {
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no Register within 10 s"))??
             .ok_or_else(|| Status::cancelled("stream closed before Register"))?;
-        let (reg, key) = check_register(&first, now_ms()).map_err(Status::unauthenticated)?;
+        let (reg, key) =
+            check_register(&first, now_ms(), nonce).map_err(Status::unauthenticated)?;
+        let unavailable = |e: crate::store::StoreError| Status::unavailable(e.to_string());
+        let stored = self
+            .store
+            .enrolled(&reg.node_id)
+            .await
+            .map_err(unavailable)?;
+        let denied = |d: Denied| Status::new(d.code(), d.to_string());
+        let admit = self
+            .gate
+            .policy
+            .decide(&reg.node_id, stored, &reg.join_token)
+            .map_err(denied)?;
+        if admit.rate_limited() {
+            let ip = peer
+                .map(|p| p.ip().to_canonical())
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+            self.gate
+                .rate
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(ip, Instant::now())
+                .map_err(denied)?;
+        }
+        let enrolled = match admit {
+            Admit::Known => None,
+            Admit::Enroll { by, new } => {
+                tracing::info!(node = %reg.node_id, by = by.as_str(), new, "node enrolled");
+                Some(by)
+            }
+        };
         let mesh_changed = self
             .store
             .register(NodeRow {
@@ -167,52 +306,54 @@ impl pb::uplink_server::Uplink for UplinkService {
                 inventory_ms: reg.time_unix_ms,
                 mesh_public_key: reg.mesh_public_key.clone(),
                 mesh_endpoints: reg.mesh_endpoints.clone(),
+                enrolled,
             })
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        tracing::info!(node = %reg.node_id, peer = %peer.map(|p| p.to_string()).unwrap_or_default(), version = %reg.agent_version, "agent registered");
+            .map_err(unavailable)?;
+        Ok((reg, key, mesh_changed))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::uplink_server::Uplink for UplinkService {
+    type SessionStream = ReceiverStream<Result<Envelope, Status>>;
+
+    /// Answers at once with a Hello; the Register is awaited in the
+    /// session's own task.
+    async fn session(
+        &self,
+        request: Request<Streaming<Envelope>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request
+            .extensions()
+            .get::<ConnInfo>()
+            .map(|c| c.remote)
+            .or_else(|| request.remote_addr());
+        let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(CHUNK * 2);
-        let registry = self.registry.clone();
-        let id = registry.attach(&reg.node_id, tx.clone());
-        {
-            let mesh = crate::mesh::MeshSender {
-                store: self.store.clone(),
-                registry: registry.clone(),
-                signer: self.signer.clone(),
-            };
-            let node = reg.node_id.clone();
-            let running = reg.mesh_cluster_id.clone();
-            tokio::spawn(async move { mesh.connected(&node, &running, mesh_changed).await });
-        }
-        let session = Session {
-            node_id: reg.node_id,
-            key,
-            signer: self.signer.clone(),
-            store: self.store.clone(),
-            registry: registry.clone(),
-            tx,
-            min_coverage: self.min_coverage,
-        };
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let node = session.node_id.clone();
-            let end = tokio::select! {
-                r = session.run(inbound) => r,
-                _ = shutdown.cancelled() => Ok(()),
-            };
-            registry.detach(&node, id);
-            match end {
-                Ok(()) => tracing::info!(%node, "agent stream closed"),
-                Err(e) => tracing::warn!(%node, error = %e, "agent stream ended"),
-            }
-        });
+        let nonce: [u8; 32] = rand::random();
+        let hello = self.signer.sign_message(
+            types::HELLO,
+            &pb::Hello {
+                nonce: nonce.to_vec(),
+                time_unix_ms: now_ms(),
+            },
+        );
+        tx.try_send(Ok(hello))
+            .map_err(|_| Status::internal("a new stream's channel is full"))?;
+        tokio::spawn(self.clone().serve(inbound, nonce, peer, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
-/// Checks the first envelope of a stream: a Register signed by the key
-/// inside it, for the node id that key derives.
-pub fn check_register(env: &Envelope, now_ms: i64) -> Result<(pb::Register, VerifyingKey), String> {
+/// Checks the first envelope of a stream: a Register for this stream (it
+/// carries the nonce of the stream's Hello), signed by the key inside it,
+/// for the node id that key derives.
+pub fn check_register(
+    env: &Envelope,
+    now_ms: i64,
+    nonce: &[u8; 32],
+) -> Result<(pb::Register, VerifyingKey), String> {
     if env.payload_type != types::REGISTER {
         return Err(format!(
             "first message must be {}, got {}",
@@ -220,8 +361,21 @@ pub fn check_register(env: &Envelope, now_ms: i64) -> Result<(pb::Register, Veri
             env.payload_type
         ));
     }
+    if env.payload.len() > limits::REGISTER {
+        return Err(format!(
+            "Register is {} bytes; this coordinator accepts at most {}",
+            env.payload.len(),
+            limits::REGISTER
+        ));
+    }
     let reg = pb::Register::decode(env.payload.as_slice())
         .map_err(|e| format!("Register does not decode: {e}"))?;
+    if reg.session_nonce.is_empty() {
+        return Err("Register carries no session nonce: the agent is older than this coordinator, which binds each Register to its stream; upgrade the agent".into());
+    }
+    if reg.session_nonce.as_slice() != nonce.as_slice() {
+        return Err("Register is not for this stream: its session nonce is not the one this stream's Hello gave (a Register is valid only on the stream it answers)".into());
+    }
     let key = VerifyingKey::from_bytes(&reg.public_key).map_err(|e| format!("Register: {e}"))?;
     if reg.node_id != key.key_id() {
         return Err(format!(
@@ -248,6 +402,7 @@ struct Session {
     registry: Registry,
     tx: mpsc::Sender<Result<Envelope, Status>>,
     min_coverage: f64,
+    throttle: NodeThrottle,
 }
 
 /// What one inbound envelope asks of the session.
@@ -264,7 +419,28 @@ enum Verdict {
 impl Session {
     async fn run(&self, inbound: Streaming<Envelope>) -> Result<(), Status> {
         let mut chunks = inbound.ready_chunks(CHUNK);
+        let mut throttled = false;
         while let Some(chunk) = chunks.next().await {
+            let bytes: usize = chunk
+                .iter()
+                .map(|e| e.as_ref().map_or(0, |e| e.payload.len()))
+                .sum();
+            let pause = self.throttle.charge(
+                &self.node_id,
+                chunk.len() as u64,
+                bytes as u64,
+                Instant::now(),
+            );
+            // Over its rate: this chunk waits, and meanwhile nothing more is
+            // read from the node (HTTP/2 flow control holds it back); other
+            // nodes' sessions go on.
+            if !pause.is_zero() {
+                if !throttled {
+                    tracing::info!(node = %self.node_id, pause = ?pause, "node over its rate (limits.node_envelopes_per_second, limits.node_bytes_per_second): throttled");
+                }
+                tokio::time::sleep(pause).await;
+            }
+            throttled = !pause.is_zero();
             let mut to_store = Vec::new();
             let mut replies = Vec::new();
             let mut heard = false;
@@ -334,6 +510,16 @@ impl Session {
                                 hex::encode(stored_sha256)
                             ),
                         )),
+                        Outcome::OverQuota { stored, quota } => {
+                            let why = OverLimit::Quota {
+                                node: self.node_id.clone(),
+                                stored,
+                                size: rec.payload.len(),
+                                quota,
+                            };
+                            tracing::warn!(node = %self.node_id, seq = rec.seq, "record refused: {why}");
+                            replies.push(self.refusal(rec.seq, rec.payload_sha256, why.to_string()))
+                        }
                     }
                 }
             }
@@ -348,6 +534,18 @@ impl Session {
 
     fn judge(&self, env: &Envelope) -> Verdict {
         let digest = dsse::payload_sha256(env);
+        if env.payload_type == types::HEARTBEAT && env.payload.len() > limits::HEARTBEAT {
+            return Verdict::Refuse {
+                seq: 0,
+                digest,
+                reason: OverLimit::TooLarge {
+                    what: "heartbeat",
+                    size: env.payload.len(),
+                    cap: limits::HEARTBEAT,
+                }
+                .to_string(),
+            };
+        }
         match env.payload_type.as_str() {
             types::HEARTBEAT => match dsse::open::<pb::Heartbeat>(env, types::HEARTBEAT, &self.key)
             {
@@ -359,15 +557,32 @@ impl Session {
                 },
             },
             types::RECORD => {
-                // Decoded before verification only to name the seq in a refusal.
-                let claimed_seq = pb::Record::decode(env.payload.as_slice())
-                    .map(|r| r.seq)
-                    .unwrap_or(0);
+                // Decoded before verification to name the seq in a refusal
+                // and to find the kind's size cap (checked before the signature).
+                let claimed = pb::Record::decode(env.payload.as_slice()).ok();
+                let claimed_seq = claimed.as_ref().map_or(0, |r| r.seq);
                 let refuse = |reason: String| Verdict::Refuse {
                     seq: claimed_seq,
                     digest,
                     reason,
                 };
+                let (what, cap) = match &claimed {
+                    Some(r) => {
+                        let k = RecordKind::of(r);
+                        (k.name(), k.max_payload())
+                    }
+                    None => ("record", limits::RECORD),
+                };
+                if env.payload.len() > cap {
+                    return refuse(
+                        OverLimit::TooLarge {
+                            what,
+                            size: env.payload.len(),
+                            cap,
+                        }
+                        .to_string(),
+                    );
+                }
                 let rec = match dsse::open::<pb::Record>(env, types::RECORD, &self.key) {
                     Ok(r) => r,
                     Err(e) => return refuse(e.to_string()),
@@ -444,6 +659,28 @@ impl Session {
     }
 }
 
+/// Refusals for going past a limit, kept apart from the verification
+/// refusals: each reason starts with a fixed word ("too large:", "quota:")
+/// that says which limit, so a typed refusal kind can be given to them here.
+#[derive(Debug, thiserror::Error)]
+pub enum OverLimit {
+    /// Over the cap for its type (`warden_proto::limits`): never accepted.
+    #[error("too large: a {what} payload of {size} bytes is over this coordinator's cap of {cap} bytes for {what}")]
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        cap: usize,
+    },
+    /// The node's storage quota is used up: accepted once it is raised.
+    #[error("quota: node {node} has {stored} bytes of records stored, and this record's {size} would pass its quota of {quota} (limits.node_storage_bytes); it stays in the agent's spool")]
+    Quota {
+        node: String,
+        stored: u64,
+        size: usize,
+        quota: u64,
+    },
+}
+
 /// What a record says about the node's present state.
 pub fn node_state(rec: &pb::Record) -> NodeState {
     match &rec.body {
@@ -497,7 +734,9 @@ pub fn now_ms() -> i64 {
 mod tests {
     use super::*;
 
-    fn register(signer: &Signer, node_id: &str, time: i64) -> Envelope {
+    const NONCE: [u8; 32] = [7; 32];
+
+    fn register_with(signer: &Signer, node_id: &str, time: i64, nonce: &[u8]) -> Envelope {
         signer.sign_message(
             types::REGISTER,
             &pb::Register {
@@ -507,9 +746,14 @@ mod tests {
                 inventory: None,
                 time_unix_ms: time,
                 start_id: "s".into(),
+                session_nonce: nonce.to_vec(),
                 ..Default::default()
             },
         )
+    }
+
+    fn register(signer: &Signer, node_id: &str, time: i64) -> Envelope {
+        register_with(signer, node_id, time, &NONCE)
     }
 
     #[test]
@@ -517,17 +761,41 @@ mod tests {
         let (a, _) = Signer::generate().unwrap();
         let (b, _) = Signer::generate().unwrap();
         let now = 1_000_000_000;
-        assert!(check_register(&register(&a, a.key_id(), now), now).is_ok());
-        let err = check_register(&register(&a, b.key_id(), now), now).unwrap_err();
+        assert!(check_register(&register(&a, a.key_id(), now), now, &NONCE).is_ok());
+        let err = check_register(&register(&a, b.key_id(), now), now, &NONCE).unwrap_err();
         assert!(err.contains("derives node id"), "{err}");
         let mut env = register(&a, a.key_id(), now);
         env.payload.push(0);
-        assert!(check_register(&env, now).is_err());
-        let err = check_register(&register(&a, a.key_id(), now - 3_600_000), now).unwrap_err();
+        assert!(check_register(&env, now, &NONCE).is_err());
+        let err =
+            check_register(&register(&a, a.key_id(), now - 3_600_000), now, &NONCE).unwrap_err();
         assert!(err.contains("clock"), "{err}");
         let hb = a.sign_message(types::HEARTBEAT, &pb::Heartbeat::default());
-        assert!(check_register(&hb, now)
+        assert!(check_register(&hb, now, &NONCE)
             .unwrap_err()
             .contains("first message"));
+    }
+
+    #[test]
+    fn register_must_carry_this_streams_nonce() {
+        let (a, _) = Signer::generate().unwrap();
+        let now = 1_000_000_000;
+        // Captured from another stream: signed and fresh, but another nonce.
+        let other = register_with(&a, a.key_id(), now, &[8; 32]);
+        let err = check_register(&other, now, &NONCE).unwrap_err();
+        assert!(err.contains("not for this stream"), "{err}");
+        // From an agent that knows no Hello.
+        let old = register_with(&a, a.key_id(), now, &[]);
+        let err = check_register(&old, now, &NONCE).unwrap_err();
+        assert!(err.contains("upgrade the agent"), "{err}");
+    }
+
+    #[test]
+    fn an_oversized_register_is_refused_before_anything_else() {
+        let (a, _) = Signer::generate().unwrap();
+        let mut env = register(&a, a.key_id(), 1);
+        env.payload = vec![0; limits::REGISTER + 1];
+        let err = check_register(&env, 1, &NONCE).unwrap_err();
+        assert!(err.contains("at most"), "{err}");
     }
 }

@@ -5,7 +5,11 @@
 //! (`synchronous=FULL`), so many agents' records share one fsync and a
 //! receipt is only ever sent for a record that is durably stored.
 
-use std::{path::Path, thread};
+use std::{
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::Path,
+    thread,
+};
 
 use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -24,6 +28,13 @@ pub enum StoreError {
     Open {
         path: String,
         source: rusqlite::Error,
+    },
+    #[error("database {path} is damaged ({detail}); the coordinator will not start on it. Stop it, keep a copy of the file (with its -wal and -shm), then restore your last backup, or salvage what SQLite can read: sqlite3 {path} .recover | sqlite3 {path}.recovered, check it and move it into place")]
+    Corrupt { path: String, detail: String },
+    #[error("database {path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
     },
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
@@ -47,6 +58,9 @@ pub struct NodeRow {
     /// The node's WireGuard public key and reachable endpoints.
     pub mesh_public_key: Vec<u8>,
     pub mesh_endpoints: Vec<String>,
+    /// How the node got in, when this registration (re)enrolls it; None
+    /// keeps what is stored.
+    pub enrolled: Option<crate::enrollment::EnrolledBy>,
 }
 
 /// A verified record to store, with the receipt that acknowledges it.
@@ -122,6 +136,9 @@ pub enum Outcome {
     Duplicate,
     /// A different record is stored under this seq: refuse.
     Conflict { stored_sha256: Vec<u8> },
+    /// Storing it would take the node past `limits.node_storage_bytes`:
+    /// refuse (the agent keeps it).
+    OverQuota { stored: u64, quota: u64 },
 }
 
 /// Per-node figures for the admin API.
@@ -150,6 +167,11 @@ pub struct NodeStats {
 
 enum Cmd {
     Register(NodeRow, oneshot::Sender<Result<bool, StoreError>>),
+    /// How a node was enrolled (None: never seen).
+    Enrolled(
+        String,
+        oneshot::Sender<Result<Option<crate::enrollment::EnrolledBy>, StoreError>>,
+    ),
     Seen {
         node_id: String,
         time_ms: i64,
@@ -229,20 +251,33 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database and starts its thread.
+    /// Opens (creating if needed) the database and starts its thread, with
+    /// no storage quota.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let mut conn = Connection::open(path).map_err(|source| StoreError::Open {
+        Self::open_with_quota(path, u64::MAX)
+    }
+
+    /// Opens (creating if needed) the database and starts its thread.
+    /// The file and its -wal and -shm are private to the owner; a damaged
+    /// database is refused (SQLite's quick_check) rather than served from.
+    /// No node may store more than `node_quota` bytes of record payloads.
+    pub fn open_with_quota(path: &Path, node_quota: u64) -> Result<Self, StoreError> {
+        private_files(path)?;
+        let open_err = |source| StoreError::Open {
             path: path.display().to_string(),
             source,
-        })?;
-        init(&mut conn).map_err(|source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
+        let started = std::time::Instant::now();
+        check_integrity(&conn, path)?;
+        tracing::debug!(db = %path.display(), took = ?started.elapsed(), "database quick_check ok");
+        init(&mut conn).map_err(|e| corrupt_or(path, e))?;
         let (tx, rx) = mpsc::unbounded_channel();
         thread::Builder::new()
             .name("warden-store".into())
-            .spawn(move || run(conn, rx))
+            .spawn(move || run(conn, rx, node_quota))
             .map_err(|e| StoreError::Sql(rusqlite::Error::ToSqlConversionFailure(e.into())))?;
         Ok(Self { tx })
     }
@@ -252,6 +287,16 @@ impl Store {
     pub async fn register(&self, node: NodeRow) -> Result<bool, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.send(Cmd::Register(node, tx))?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// How a node was enrolled; None for a node never registered.
+    pub async fn enrolled(
+        &self,
+        node_id: &str,
+    ) -> Result<Option<crate::enrollment::EnrolledBy>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Enrolled(node_id.to_owned(), tx))?;
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 
@@ -461,7 +506,86 @@ const MIGRATIONS: &[&str] = &[
          generation INTEGER NOT NULL,
          result BLOB
      ) WITHOUT ROWID;",
+    // 7: how each node was enrolled (the policy then), and the record bytes
+    // it has stored (its storage quota).
+    "ALTER TABLE nodes ADD COLUMN enrolled TEXT NOT NULL DEFAULT 'open';
+     ALTER TABLE nodes ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0;
+     UPDATE nodes SET stored_bytes =
+         (SELECT coalesce(sum(length(payload)), 0) FROM records r WHERE r.node_id = nodes.node_id);",
 ];
+
+/// Creates the database file with mode 0600 (SQLite gives its -wal and
+/// -shm the database's mode), and takes group and other access away from
+/// files an older coordinator made 0644.
+fn private_files(path: &Path) -> Result<(), StoreError> {
+    let file_err = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| StoreError::File { path: p, source }
+    };
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_err(path))?;
+    let mut names = vec![path.to_owned()];
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        names.push(p.into());
+    }
+    for p in names {
+        match std::fs::metadata(&p) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .map_err(file_err(&p))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(file_err(&p)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// SQLite's quick_check (every page and index entry readable and in order;
+/// O(size), without integrity_check's cross-checks of indexes against
+/// tables): a damaged file stops the start instead of failing later, one
+/// record at a time.
+fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let rows: Vec<String> = (|| {
+        let mut stmt = conn.prepare("PRAGMA quick_check(20)")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+    })()
+    .map_err(|e| corrupt_or(path, e))?;
+    if rows.len() == 1 && rows[0] == "ok" {
+        return Ok(());
+    }
+    Err(StoreError::Corrupt {
+        path: path.display().to_string(),
+        detail: format!("quick_check: {}", rows.join("; ")),
+    })
+}
+
+/// SQLite's "not a database" and "malformed" are a damaged file; anything
+/// else (permissions, a full disk) is reported as it is.
+fn corrupt_or(path: &Path, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            StoreError::Corrupt {
+                path: path.display().to_string(),
+                detail: e.to_string(),
+            }
+        }
+        _ => StoreError::Open {
+            path: path.display().to_string(),
+            source: e,
+        },
+    }
+}
 
 fn init(conn: &mut Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -478,7 +602,7 @@ fn init(conn: &mut Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Cmd>, node_quota: u64) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -487,7 +611,7 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Cmd>) {
                 Err(_) => break,
             }
         }
-        apply(&mut conn, batch);
+        apply(&mut conn, batch, node_quota);
     }
 }
 
@@ -503,7 +627,7 @@ enum Reply {
     Registered(oneshot::Sender<Result<bool, StoreError>>, bool),
 }
 
-fn apply(conn: &mut Connection, batch: Vec<Cmd>) {
+fn apply(conn: &mut Connection, batch: Vec<Cmd>, node_quota: u64) {
     let mut replies = Vec::new();
     let result = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
@@ -512,6 +636,18 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>) {
                 Cmd::Register(node, reply) => {
                     let changed = upsert_node(&tx, &node)?;
                     replies.push(Reply::Registered(reply, changed));
+                }
+                Cmd::Enrolled(node_id, reply) => {
+                    let by = tx
+                        .query_row(
+                            "SELECT enrolled FROM nodes WHERE node_id = ?1",
+                            params![node_id],
+                            |r| r.get::<_, String>(0),
+                        )
+                        .optional()
+                        .map(|o| o.map(|s| crate::enrollment::EnrolledBy::parse(&s)))
+                        .map_err(StoreError::from);
+                    let _ = reply.send(by);
                 }
                 Cmd::Seen {
                     node_id,
@@ -528,7 +664,7 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>) {
                 Cmd::Insert(records, reply) => {
                     let outcomes = records
                         .iter()
-                        .map(|r| insert_record(&tx, r))
+                        .map(|r| insert_record(&tx, r, node_quota))
                         .collect::<rusqlite::Result<Vec<_>>>()?;
                     replies.push(Reply::Insert(reply, outcomes));
                 }
@@ -662,14 +798,15 @@ fn upsert_node(tx: &rusqlite::Transaction, n: &NodeRow) -> rusqlite::Result<bool
     tx.execute(
         "INSERT INTO nodes (node_id, public_key, agent_version, hostname, inventory, start_id,
                             peer_address, first_seen_ms, last_seen_ms, inventory_ms,
-                            mesh_public_key, mesh_endpoints)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11)
+                            mesh_public_key, mesh_endpoints, enrolled)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, coalesce(?12, 'open'))
          ON CONFLICT (node_id) DO UPDATE SET
             agent_version = excluded.agent_version, hostname = excluded.hostname,
             inventory = excluded.inventory, inventory_ms = excluded.inventory_ms,
             mesh_public_key = excluded.mesh_public_key, mesh_endpoints = excluded.mesh_endpoints,
             start_id = excluded.start_id,
             peer_address = excluded.peer_address,
+            enrolled = coalesce(?12, enrolled),
             last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
         params![
             n.node_id,
@@ -682,17 +819,54 @@ fn upsert_node(tx: &rusqlite::Transaction, n: &NodeRow) -> rusqlite::Result<bool
             n.time_ms,
             n.inventory_ms,
             n.mesh_public_key,
-            endpoints
+            endpoints,
+            n.enrolled.map(|e| e.as_str())
         ],
     )?;
     Ok(before != Some((n.mesh_public_key.clone(), endpoints)))
 }
 
-fn insert_record(tx: &rusqlite::Transaction, r: &NewRecord) -> rusqlite::Result<Outcome> {
+fn insert_record(
+    tx: &rusqlite::Transaction,
+    r: &NewRecord,
+    node_quota: u64,
+) -> rusqlite::Result<Outcome> {
     let seq = r.seq as i64;
-    let inserted = tx.execute(
-        "INSERT OR IGNORE INTO records (node_id, seq, payload_type, payload, keyid, sig,
-                                        payload_sha256, received_ms)
+    // A replay is receipted again even over quota: it takes no room.
+    let stored: Option<Vec<u8>> = tx
+        .query_row(
+            "SELECT payload_sha256 FROM records WHERE node_id = ?1 AND seq = ?2",
+            params![r.node_id, seq],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if let Some(stored) = stored {
+        return Ok(if stored == r.payload_sha256 {
+            Outcome::Duplicate
+        } else {
+            Outcome::Conflict {
+                stored_sha256: stored,
+            }
+        });
+    }
+    let used: u64 = tx
+        .query_row(
+            "SELECT stored_bytes FROM nodes WHERE node_id = ?1",
+            params![r.node_id],
+            |row| row.get::<_, i64>(0),
+        )
+        .optional()?
+        .unwrap_or(0)
+        .max(0) as u64;
+    if used.saturating_add(r.payload.len() as u64) > node_quota {
+        return Ok(Outcome::OverQuota {
+            stored: used,
+            quota: node_quota,
+        });
+    }
+    tx.execute(
+        "INSERT INTO records (node_id, seq, payload_type, payload, keyid, sig,
+                              payload_sha256, received_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
             r.node_id,
@@ -705,29 +879,19 @@ fn insert_record(tx: &rusqlite::Transaction, r: &NewRecord) -> rusqlite::Result<
             r.received_ms
         ],
     )?;
-    if inserted == 1 {
-        tx.execute(
-            "INSERT OR REPLACE INTO receipts (node_id, seq, envelope) VALUES (?1, ?2, ?3)",
-            params![r.node_id, seq, r.receipt],
-        )?;
-        apply_state(tx, &r.node_id, &r.state)?;
-        if let Some(item) = &r.state.chain {
-            index_chain(tx, r, item)?;
-        }
-        return Ok(Outcome::Stored);
-    }
-    let stored: Vec<u8> = tx.query_row(
-        "SELECT payload_sha256 FROM records WHERE node_id = ?1 AND seq = ?2",
-        params![r.node_id, seq],
-        |row| row.get(0),
+    tx.execute(
+        "UPDATE nodes SET stored_bytes = stored_bytes + ?2 WHERE node_id = ?1",
+        params![r.node_id, r.payload.len() as i64],
     )?;
-    if stored == r.payload_sha256 {
-        Ok(Outcome::Duplicate)
-    } else {
-        Ok(Outcome::Conflict {
-            stored_sha256: stored,
-        })
+    tx.execute(
+        "INSERT OR REPLACE INTO receipts (node_id, seq, envelope) VALUES (?1, ?2, ?3)",
+        params![r.node_id, seq, r.receipt],
+    )?;
+    apply_state(tx, &r.node_id, &r.state)?;
+    if let Some(item) = &r.state.chain {
+        index_chain(tx, r, item)?;
     }
+    Ok(Outcome::Stored)
 }
 
 /// Indexes a chain record under its lease, checking the link live: a record
@@ -1121,6 +1285,7 @@ mod tests {
             inventory_ms: 10,
             mesh_public_key: vec![],
             mesh_endpoints: vec![],
+            enrolled: None,
         }
     }
 
@@ -1226,6 +1391,149 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.list_nodes().await.unwrap()[0].gpus[0], vec![21]);
+    }
+
+    #[tokio::test]
+    async fn a_node_over_its_storage_quota_is_refused_and_others_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with_quota(&dir.path().join("c.db"), 2500).unwrap();
+        store.register(node()).await.unwrap();
+        store
+            .register(NodeRow {
+                node_id: "n2".into(),
+                ..node()
+            })
+            .await
+            .unwrap();
+        let big = |node: &str, seq| NewRecord {
+            node_id: node.into(),
+            payload: vec![seq as u8; 1000],
+            ..rec(seq, seq as u8)
+        };
+        let out = store
+            .insert(vec![big("n1", 1), big("n1", 2), big("n1", 3), big("n2", 1)])
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            vec![
+                Outcome::Stored,
+                Outcome::Stored,
+                Outcome::OverQuota {
+                    stored: 2000,
+                    quota: 2500
+                },
+                Outcome::Stored
+            ]
+        );
+        // A replay of a stored record is still receipted.
+        assert_eq!(
+            store.insert(vec![big("n1", 2)]).await.unwrap(),
+            vec![Outcome::Duplicate]
+        );
+        // Counted across reopen (from the column, kept by migration 7).
+        drop(store);
+        let store = Store::open_with_quota(&dir.path().join("c.db"), 2500).unwrap();
+        assert!(matches!(
+            store.insert(vec![big("n1", 3)]).await.unwrap()[0],
+            Outcome::OverQuota { stored: 2000, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn enrollment_is_kept_and_only_changed_when_given() {
+        use crate::enrollment::EnrolledBy;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        assert_eq!(store.enrolled("n1").await.unwrap(), None);
+        store.register(node()).await.unwrap();
+        assert_eq!(store.enrolled("n1").await.unwrap(), Some(EnrolledBy::Open));
+        store
+            .register(NodeRow {
+                enrolled: Some(EnrolledBy::Token),
+                ..node()
+            })
+            .await
+            .unwrap();
+        store.register(node()).await.unwrap();
+        assert_eq!(store.enrolled("n1").await.unwrap(), Some(EnrolledBy::Token));
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn database_and_its_wal_and_shm_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let store = Store::open(&path).unwrap();
+        store.register(node()).await.unwrap();
+        // The -wal and -shm exist while the store's connection is open.
+        for p in [
+            path.clone(),
+            dir.path().join("c.db-wal"),
+            dir.path().join("c.db-shm"),
+        ] {
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+        drop(store);
+        // One made 0644 by an older coordinator is tightened at open.
+        let old = dir.path().join("old.db");
+        Connection::open(&old)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Store::open(&old).unwrap();
+        assert_eq!(mode(&old), 0o600);
+    }
+
+    /// A database with `n` records, closed (its WAL checkpointed away).
+    async fn filled(path: &Path, n: u64) {
+        let store = Store::open(path).unwrap();
+        store.register(node()).await.unwrap();
+        let recs = (1..=n)
+            .map(|i| NewRecord {
+                payload: vec![i as u8; 700],
+                ..rec(i, i as u8)
+            })
+            .collect();
+        store.insert(recs).await.unwrap();
+        drop(store);
+        // The store thread closes the connection when its channel closes.
+        for _ in 0..200 {
+            if !path.with_extension("db-wal").exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_damaged_database_stops_the_start_and_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        filled(&path, 200).await;
+        // Garbage over a page in the middle of the records' b-tree.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let page = 4096;
+        assert!(bytes.len() > 8 * page, "{}", bytes.len());
+        let mid = (bytes.len() / page / 2) * page;
+        bytes[mid..mid + page].fill(0xA5);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Store::open(&path).err().expect("a damaged database opened");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+        assert!(msg.contains("restore") && msg.contains(".recover"), "{msg}");
+
+        // A file that is not SQLite at all.
+        let junk = dir.path().join("junk.db");
+        std::fs::write(&junk, vec![0x5A; 3 * page]).unwrap();
+        let err = Store::open(&junk).err().expect("junk opened");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains(junk.to_str().unwrap()), "{err}");
     }
 
     #[tokio::test]

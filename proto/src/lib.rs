@@ -5,6 +5,7 @@ pub mod bundle;
 pub mod chain;
 pub mod dsse;
 pub mod identity;
+pub mod limits;
 pub mod types;
 pub mod vectors;
 

@@ -1,5 +1,10 @@
 //! The `payload_type` of every envelope Warden sends: which message is inside.
 
+/// Coordinator → agent, first on every stream: [`crate::pb::Hello`] (the
+/// nonce the Register must carry).
+pub const HELLO: &str = "application/vnd.warden.hello.v1+protobuf";
+/// Coordinator → agent, once the Register is accepted: [`crate::pb::Registered`].
+pub const REGISTERED: &str = "application/vnd.warden.registered.v1+protobuf";
 /// Agent → coordinator, first on every stream: [`crate::pb::Register`].
 pub const REGISTER: &str = "application/vnd.warden.register.v1+protobuf";
 /// Agent → coordinator: [`crate::pb::Heartbeat`].
