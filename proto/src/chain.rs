@@ -276,8 +276,8 @@ fn signature_rule(e: &VerifyError) -> &'static str {
 /// Opens a coordinator-signed item as `M`, or says why not under `rule`.
 fn open_coordinator<M: Message + Default>(
     item: &Item,
+    signed: Option<&Signed>,
     payload_type: &str,
-    key: Option<&VerifyingKey>,
     what: &str,
     rule: &'static str,
     report: &mut Report,
@@ -289,17 +289,91 @@ fn open_coordinator<M: Message + Default>(
             return None;
         }
     };
-    let Some(key) = key else {
+    let Some(signed) = signed else {
         report.fail(rule, format!("{what}: no coordinator key to check it with"));
         return None;
     };
-    match dsse::open::<M>(env, payload_type, key) {
+    match decode::<M>(signed, payload_type) {
         Ok(m) => Some((m, dsse::payload_sha256(env))),
         Err(e) => {
             report.fail(rule, format!("{what}: {e}"));
             None
         }
     }
+}
+
+/// The outcome of an envelope's signature check: its payload, or why not.
+type Signed<'a> = Result<&'a [u8], VerifyError>;
+
+/// A verified payload decoded as `M` (what `dsse::open` does).
+fn decode<M: Message + Default>(signed: &Signed, payload_type: &str) -> Result<M, VerifyError> {
+    let payload = *signed.as_ref().map_err(Clone::clone)?;
+    M::decode(payload).map_err(|e| VerifyError::Decode {
+        payload_type: payload_type.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Every signature of the evidence, checked in one batch up front
+/// (`dsse::verify_many`): `None` where an item is malformed or there is no
+/// key to check it with.
+struct Verified<'a> {
+    verdict: Option<Signed<'a>>,
+    proof: Option<Signed<'a>>,
+    records: Vec<Option<Signed<'a>>>,
+    receipts: Vec<Option<Signed<'a>>>,
+    challenges: Vec<Option<Signed<'a>>>,
+}
+
+#[derive(Clone, Copy)]
+enum Slot {
+    Verdict,
+    Proof,
+    Record(usize),
+    Receipt(usize),
+    Challenge(usize),
+}
+
+fn verify_signatures<'a>(c: &Chain<'a>) -> Verified<'a> {
+    let mut checks: Vec<(&'a Envelope, &str, &'a VerifyingKey)> = Vec::new();
+    let mut slots = Vec::new();
+    let mut add =
+        |item: Option<&'a Item>, ty: &'static str, key: Option<&'a VerifyingKey>, slot| {
+            if let (Some(Ok(env)), Some(key)) = (item, key) {
+                checks.push((env, ty, key));
+                slots.push(slot);
+            }
+        };
+    let ckey = c.coordinator_key;
+    add(c.verdict, types::VERDICT, ckey, Slot::Verdict);
+    add(c.proof, types::RECORD, Some(c.node_key), Slot::Proof);
+    for (i, item) in c.records.iter().enumerate() {
+        add(Some(item), types::RECORD, Some(c.node_key), Slot::Record(i));
+    }
+    for (i, item) in c.receipts.iter().enumerate() {
+        add(Some(item), types::RECEIPT, ckey, Slot::Receipt(i));
+    }
+    for (i, item) in c.challenges.iter().enumerate() {
+        add(Some(item), types::CHALLENGE, ckey, Slot::Challenge(i));
+    }
+    let mut v = Verified {
+        verdict: None,
+        proof: None,
+        records: vec![None; c.records.len()],
+        receipts: vec![None; c.receipts.len()],
+        challenges: vec![None; c.challenges.len()],
+    };
+    for (slot, result) in slots.into_iter().zip(dsse::verify_many(&checks)) {
+        let place = match slot {
+            Slot::Verdict => &mut v.verdict,
+            Slot::Proof => &mut v.proof,
+            Slot::Record(i) => &mut v.records[i],
+            Slot::Receipt(i) => &mut v.receipts[i],
+            Slot::Challenge(i) => &mut v.challenges[i],
+        };
+        *place = Some(result);
+    }
+    v
 }
 
 /// One record of the bundle, as far as it could be read.
@@ -335,7 +409,7 @@ impl Read {
 fn read_record(
     pos: usize,
     item: &Item,
-    key: &VerifyingKey,
+    signed: Option<&Signed>,
     node_id: &str,
     lease_id: &str,
     report: &mut Report,
@@ -354,7 +428,7 @@ fn read_record(
         }
     };
     r.digest = Some(dsse::payload_sha256(env));
-    let signed = dsse::verify(env, types::RECORD, key);
+    let signed = signed.cloned().unwrap_or(Err(VerifyError::NoSignature));
     if let Err(e) = &signed {
         report.fail(signature_rule(e), format!("record {pos}: {e}"));
         if matches!(
@@ -425,19 +499,21 @@ fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
     report.summary.lease_id = c.lease_id.to_owned();
     report.summary.node_id = node_id.clone();
 
-    let verdict = check_verdict(c, judging, &node_id, &mut report);
-    let proof = check_proof(c, &node_id, &mut report);
+    let verified = verify_signatures(c);
+    let verdict = check_verdict(c, &verified, judging, &node_id, &mut report);
+    let proof = check_proof(c, &verified, &node_id, &mut report);
     // The lease's span: the proof's, else the verdict's.
     let span = proof
         .as_ref()
         .map(|pr| (pr.t1_unix_ms, pr.t2_unix_ms))
         .or_else(|| verdict.as_ref().map(|v| (v.t1_unix_ms, v.t2_unix_ms)));
-    let chain = place_records(c, &node_id, &mut report);
+    let chain = place_records(c, &verified, &node_id, &mut report);
     let leased = judging.or(verdict.as_ref().map(|v| v.gpus.as_slice()));
     let watched = check_windows(&chain, span, leased, p, &mut report);
-    let counted = check_countersignatures(c, &chain, &node_id, p, &mut report);
+    let counted = check_countersignatures(c, &verified, &chain, &node_id, p, &mut report);
     let challenges = check_challenges(
         c,
+        &verified,
         &chain,
         &watched,
         &counted,
@@ -470,6 +546,7 @@ fn check(c: &Chain, p: &Params, judging: Option<&[String]>) -> Report {
 /// Step 1, the verdict: what the coordinator committed to (none when judging).
 fn check_verdict(
     c: &Chain,
+    verified: &Verified,
     judging: Option<&[String]>,
     node_id: &str,
     report: &mut Report,
@@ -486,8 +563,8 @@ fn check_verdict(
     };
     let (v, _) = open_coordinator::<pb::LeaseVerdict>(
         item,
+        verified.verdict.as_ref(),
         types::VERDICT,
-        c.coordinator_key,
         "verdict",
         rule::BAD_VERDICT,
         report,
@@ -511,8 +588,13 @@ fn check_verdict(
 }
 
 /// Step 2, the proof: the node's own totals, and T1/T2.
-fn check_proof(c: &Chain, node_id: &str, report: &mut Report) -> Option<pb::LeaseProof> {
-    let env = match c.proof {
+fn check_proof(
+    c: &Chain,
+    verified: &Verified,
+    node_id: &str,
+    report: &mut Report,
+) -> Option<pb::LeaseProof> {
+    match c.proof {
         None => {
             report.fail(rule::NO_PROOF, "the lease has no proof (not ended?)".into());
             return None;
@@ -521,9 +603,14 @@ fn check_proof(c: &Chain, node_id: &str, report: &mut Report) -> Option<pb::Leas
             report.fail(rule::BAD_PAYLOAD, format!("proof: {e}"));
             return None;
         }
-        Some(Ok(env)) => env,
-    };
-    let rec = match dsse::open::<pb::Record>(env, types::RECORD, c.node_key) {
+        Some(Ok(_)) => {}
+    }
+    // Checked with the node key, which is always there.
+    let signed = verified
+        .proof
+        .clone()
+        .unwrap_or(Err(VerifyError::NoSignature));
+    let rec = match decode::<pb::Record>(&signed, types::RECORD) {
         Ok(rec) => rec,
         Err(e) => {
             report.fail(signature_rule(&e), format!("proof: {e}"));
@@ -571,12 +658,21 @@ impl Placed {
 
 /// Step 3, the records: read and placed by lease seq (bundle order does not
 /// matter), then their repeats, gaps and links.
-fn place_records(c: &Chain, node_id: &str, report: &mut Report) -> Placed {
+fn place_records(c: &Chain, verified: &Verified, node_id: &str, report: &mut Report) -> Placed {
     let reads: Vec<Read> = c
         .records
         .iter()
         .enumerate()
-        .map(|(i, item)| read_record(i + 1, item, c.node_key, node_id, c.lease_id, report))
+        .map(|(i, item)| {
+            read_record(
+                i + 1,
+                item,
+                verified.records[i].as_ref(),
+                node_id,
+                c.lease_id,
+                report,
+            )
+        })
         .collect();
     let mut placed: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
     for (i, r) in reads.iter().enumerate() {
@@ -813,6 +909,7 @@ struct Counted {
 /// Step 4, countersignatures: each valid attestation, countersigned as it arrived.
 fn check_countersignatures(
     c: &Chain,
+    verified: &Verified,
     chain: &Placed,
     node_id: &str,
     p: &Params,
@@ -823,8 +920,8 @@ fn check_countersignatures(
         let what = format!("receipt {}", i + 1);
         let Some((rc, _)) = open_coordinator::<pb::Receipt>(
             item,
+            verified.receipts[i].as_ref(),
             types::RECEIPT,
-            c.coordinator_key,
             &what,
             rule::BAD_COUNTERSIGNATURE,
             report,
@@ -894,6 +991,7 @@ struct Challenged {
 #[allow(clippy::too_many_arguments)]
 fn check_challenges(
     c: &Chain,
+    verified: &Verified,
     chain: &Placed,
     watched: &Watched,
     counted: &Counted,
@@ -908,8 +1006,8 @@ fn check_challenges(
         let what = format!("challenge {}", i + 1);
         let Some((ch, digest)) = open_coordinator::<pb::Challenge>(
             item,
+            verified.challenges[i].as_ref(),
             types::CHALLENGE,
-            c.coordinator_key,
             &what,
             rule::BAD_CHALLENGE,
             report,
