@@ -15,6 +15,8 @@ need ip iproute2
 need docker docker.io
 # The test image needs the static build (Debian's busybox package is dynamic).
 dpkg -s busybox-static >/dev/null 2>&1 || need_pkgs+=(busybox-static)
+# The independent Python verifier of the conformance vectors (tests/vectors/py).
+dpkg -s python3-cryptography >/dev/null 2>&1 || need_pkgs+=(python3-cryptography)
 # Mesh interop: stock WireGuard tools and a TCP load.
 need wireguard-go wireguard-go
 need wg wireguard-tools

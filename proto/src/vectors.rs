@@ -382,6 +382,29 @@ impl Evidence {
             .push(record(&node, 500 + a.lease_seq, &start, a));
     }
 
+    /// The coordinator's receipts for the records as they now are, as if
+    /// they had arrived so (500 ms after their window; for an agent bug).
+    pub fn recountersign(&mut self) {
+        let (coord, node) = (self.lease.coordinator(), self.lease.node());
+        self.receipts = self
+            .records
+            .iter()
+            .filter_map(|env| {
+                let a = pb::Record::decode(env.payload.as_slice()).ok()?;
+                let Some(pb::record::Body::Attestation(a)) = a.body else {
+                    return None;
+                };
+                Some(receipt(
+                    &coord,
+                    &node,
+                    env,
+                    a.lease_seq,
+                    a.window_end_unix_ms + 500,
+                ))
+            })
+            .collect();
+    }
+
     /// Forger: re-signs a proof over the records as they now are.
     pub fn reprove(&mut self, t1: i64, t2: i64) {
         let node = self.lease.node();
@@ -1070,6 +1093,176 @@ pub fn cases() -> Vec<Case> {
         &e,
         pinned(&e),
         &[(NO_VERDICT, 1)],
+    ));
+    out.extend(edge_cases(&honest, &ev));
+    out
+}
+
+/// Paths of the spec that the tampering above does not reach: each
+/// failure path of the proof, placement by link, forks, malformed
+/// coordinator items, the challenges' own chain, a pinned node key.
+fn edge_cases(honest: &Lease, ev: &Evidence) -> Vec<Case> {
+    use crate::chain::rule::*;
+    let mut out = Vec::new();
+    let mut loose = pinned(ev);
+    loose.params.min_coverage = 0.5;
+
+    let mut s = pinned(ev);
+    s.trust.node_key = Some(Signer::from_seed(&[66; 32]).verifying_key());
+    out.push(case(
+        "pinned-node-key-mismatch",
+        "The verifier pins another node key than the bundle's: that key is used, so nothing the node signed verifies and nothing the coordinator signed names it.",
+        ev,
+        s,
+        &[
+            (WRONG_KEY, 8),
+            (EMPTY_CHAIN, 1),
+            (BAD_COUNTERSIGNATURE, 6),
+            (BAD_CHALLENGE, 2),
+            (BROKEN_CHALLENGE_CHAIN, 1),
+            (VERDICT_MISMATCH, 2),
+        ],
+    ));
+
+    // An agent that put a telemetry body where attestation 3 belongs, linked
+    // and countersigned as received: placed by the link, one failure.
+    let mut e = ev.clone();
+    let node = e.lease.node();
+    e.records[2] = node.sign_message(
+        types::RECORD,
+        &pb::Record {
+            node_id: node.key_id().into(),
+            seq: 106,
+            time_unix_ms: T1 + 3 * EPOCH,
+            start_id: "start-1".into(),
+            body: Some(pb::record::Body::Telemetry(pb::Telemetry::default())),
+        },
+    );
+    let mut next = pb::Record::decode(e.records[3].payload.as_slice()).unwrap_or_default();
+    if let Some(pb::record::Body::Attestation(a)) = next.body.as_mut() {
+        a.prev_sha256 = dsse::payload_sha256(&e.records[2]).to_vec();
+    }
+    e.records[3] = node.sign_message(types::RECORD, &next);
+    e.relink_from(4);
+    e.recountersign();
+    e.reprove(T1, T1 + 6 * EPOCH);
+    e.verdict = Some(e.coordinator_verdict());
+    out.push(case(
+        "not-an-attestation-linked",
+        "Record 3 is a telemetry record that record 4 links to (an agent bug, countersigned as received): it fails once, keeps its place, and adds no coverage.",
+        &e,
+        loose.clone(),
+        &[(BAD_PAYLOAD, 1)],
+    ));
+
+    let mut e = ev.clone();
+    let mut fork = e.attestation(2);
+    fork.sampled_ms = 1_000;
+    let start = e.lease.start_ids[2].clone();
+    e.records
+        .insert(3, record(&e.lease.node(), 777, &start, fork));
+    out.push(case(
+        "seq-fork",
+        "A second, different record claims lease seq 3 after the first: one seq-repeat; the first one stands.",
+        &e,
+        pinned(&e),
+        &[(SEQ_REPEAT, 1)],
+    ));
+
+    let mut e = ev.clone();
+    e.records.drain(..2);
+    e.receipts.drain(..2);
+    out.push(case(
+        "first-records-missing",
+        "Records 1 and 2 are missing: one seq-gap for 1..2; the first challenge, issued in a window no longer there, counts as in a gap.",
+        &e,
+        loose.clone(),
+        &[(SEQ_GAP, 1), (PROOF_MISMATCH, 2), (VERDICT_MISMATCH, 1)],
+    ));
+
+    let mut b = ev.bundle().to_json();
+    b["verdict"] = serde_json::json!({"payloadType": types::VERDICT});
+    out.push(case_json(
+        "malformed-verdict",
+        "The verdict's JSON is not an envelope.",
+        b,
+        pinned(ev),
+        &[(BAD_VERDICT, 1)],
+    ));
+    let mut b = ev.bundle().to_json();
+    b["receipts"][2]
+        .as_object_mut()
+        .expect("an envelope")
+        .remove("signatures");
+    out.push(case_json(
+        "malformed-receipt",
+        "Receipt 3's JSON has no signatures: record 3 is then not countersigned.",
+        b,
+        pinned(ev),
+        &[
+            (BAD_COUNTERSIGNATURE, 1),
+            (MISSING_COUNTERSIGNATURE, 1),
+            (LOW_COVERAGE, 1),
+            (VERDICT_MISMATCH, 1),
+        ],
+    ));
+    let mut b = ev.bundle().to_json();
+    b["challenges"][1]["payload"] = "not base64!".into();
+    out.push(case_json(
+        "malformed-challenge",
+        "Challenge 2's payload is not base64.",
+        b,
+        pinned(ev),
+        &[(BAD_CHALLENGE, 1), (BROKEN_CHALLENGE_CHAIN, 1)],
+    ));
+
+    let mut e = ev.clone();
+    e.proof = Some(e.records[0].clone());
+    out.push(case(
+        "proof-not-a-proof",
+        "The proof envelope holds an attestation: the span comes from the verdict.",
+        &e,
+        pinned(&e),
+        &[(BAD_PAYLOAD, 1)],
+    ));
+    let mut e = ev.clone();
+    e.proof = e
+        .proof
+        .map(|p| Signer::from_seed(&[5; 32]).sign(types::RECORD, p.payload));
+    out.push(case(
+        "proof-wrong-key",
+        "The proof is signed by another key.",
+        &e,
+        pinned(&e),
+        &[(WRONG_KEY, 1)],
+    ));
+
+    let coord = honest.coordinator();
+    let rechallenge = |e: &mut Evidence, f: &dyn Fn(&mut pb::Challenge)| {
+        let mut ch = pb::Challenge::decode(e.challenges[1].payload.as_slice()).unwrap_or_default();
+        f(&mut ch);
+        e.challenges[1] = coord.sign_message(types::CHALLENGE, &ch);
+    };
+    let mut e = ev.clone();
+    rechallenge(&mut e, &|c| {
+        c.index = 1;
+        c.prev_sha256 = vec![0; 32];
+    });
+    out.push(case(
+        "challenge-duplicate-index",
+        "Two challenges both numbered 1 (a coordinator bug): the chain says so, and its last digest is not the verdict's.",
+        &e,
+        pinned(&e),
+        &[(BROKEN_CHALLENGE_CHAIN, 2)],
+    ));
+    let mut e = ev.clone();
+    rechallenge(&mut e, &|c| c.prev_sha256 = vec![0; 32]);
+    out.push(case(
+        "challenge-prev-mismatch",
+        "Challenge 2 does not name challenge 1's digest.",
+        &e,
+        pinned(&e),
+        &[(BROKEN_CHALLENGE_CHAIN, 2)],
     ));
     out
 }
