@@ -273,11 +273,12 @@ fn a_restarted_agent_continues_the_chain_and_the_gap_shows() {
         &config,
         &[("FAKE_NVML_STATE", &state)],
     );
-    let before = r.info(&id)["attestations"].as_u64().unwrap();
+    // Long enough (1 s epochs) that the epoch lost to the restart leaves the
+    // lease above the default 0.9 coverage.
     wait_for(
         "attestations after the restart",
-        Duration::from_secs(30),
-        || (r.info(&id)["attestations"].as_u64()? >= before + 3).then_some(()),
+        Duration::from_secs(90),
+        || (r.info(&id)["attestations"].as_u64()? >= 30).then_some(()),
     );
     r.end(&id);
     let (info, bundle) = r.export(&id);
@@ -285,13 +286,15 @@ fn a_restarted_agent_continues_the_chain_and_the_gap_shows() {
         info["chain_errors"].as_array().unwrap().is_empty(),
         "{info:#}"
     );
-    // The chain holds as a chain; the lost epoch shows as a restart and lower coverage.
-    let (ok, out) = verify(&r, &bundle, &["--min-coverage", "0.3"]);
+    // It holds at the default coverage; the lost epoch shows as a restart
+    // and as coverage under 1.
+    let (ok, out) = verify(&r, &bundle, &[]);
     assert!(ok, "{out}");
     assert!(out.contains("restarts    1 ("), "{out}");
+    assert_eq!(info["verdict"], "holds", "{info:#}");
     let coverage = info["coverage"].as_f64().unwrap();
     assert!(
-        coverage < 0.95,
+        coverage < 0.99,
         "a 1.5 s outage must cost coverage: {coverage}"
     );
 }
