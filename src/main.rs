@@ -683,16 +683,36 @@ async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
         println!("coordinator none configured");
     }
     println!(
-        "spool       {} pending, {} of {} bytes{}",
+        "spool       {} pending, {} of {} bytes{}{}",
         s["pending"],
         s["bytes"],
         s["max_bytes"],
         if s["full"].as_bool() == Some(true) {
-            format!(", FULL ({} refused)", s["refused"])
+            format!(", FULL of evidence ({} refused)", s["refused"])
         } else {
             String::new()
+        },
+        if s["shedding"].as_bool() == Some(true) {
+            ", shedding telemetry"
+        } else {
+            ""
         }
     );
+    let nonzero = |k: &str| s[k].as_u64().filter(|n| *n > 0);
+    if let Some(n) = nonzero("shed") {
+        println!("            {n} telemetry samples shed for lack of room since start");
+    }
+    if let Some(n) = nonzero("set_aside") {
+        println!(
+            "            {n} records set aside (refused for good; spool/refused.log, refused.txt)"
+        );
+    }
+    if let Some(n) = nonzero("corrupt") {
+        println!("            {n} damaged frames skipped since start (see the log for their seqs)");
+    }
+    if s["anchored"].as_bool() == Some(false) {
+        println!("            waiting for the coordinator's last seq before sending (the spool was started empty)");
+    }
     println!("receipts    last seq {}", v["last_receipt_seq"]);
     let cfg = &v["config"];
     if let Some(file) = cfg["file"].as_str() {
@@ -948,6 +968,7 @@ async fn nodes(json: bool, socket: Option<PathBuf>) -> Result<()> {
                     "connected": n.connected,
                     "records": n.records,
                     "last_seq": n.last_seq,
+                    "missing": n.missing.iter().map(|r| [r.first, r.last]).collect::<Vec<_>>(),
                     "first_seen_unix_ms": n.first_seen_unix_ms,
                     "last_seen_unix_ms": n.last_seen_unix_ms,
                     "peer_address": n.peer_address,
@@ -985,6 +1006,7 @@ async fn nodes(json: bool, socket: Option<PathBuf>) -> Result<()> {
             (now - n.last_seen_unix_ms).max(0) / 1000,
             match &n.spool {
                 Some(s) if s.full => format!("  SPOOL FULL ({} records refused)", s.refused),
+                Some(s) if s.shedding => format!("  SHEDDING TELEMETRY ({} shed)", s.shed),
                 _ => String::new(),
             },
             match n.gpus.iter().filter(|g| g.lost).count() {

@@ -85,13 +85,20 @@ pub async fn run(
         tracing::info!(key = %mesh_key_path.display(), "created the mesh (WireGuard) key");
     }
 
-    let (spool, recovery) = Spool::open(SpoolConfig {
+    let (mut spool, recovery) = Spool::open(SpoolConfig {
         dir: config.spool_dir(),
         max_bytes: config.spool.max_bytes,
         segment_bytes: config.spool.segment_bytes,
     })?;
+    let moved = spool.claim(&node_id)?;
+    if moved > 0 {
+        tracing::warn!(
+            %node_id, set_aside = moved, dir = %config.spool_dir().display(),
+            "the spooled records were signed by another node key (node.key was replaced): they can never be delivered, so they were set aside (refused.log) and this identity's records start at seq 1"
+        );
+    }
     tracing::info!(
-        %node_id, %start_id, pending = recovery.pending, truncated = recovery.truncated.len(),
+        %node_id, %start_id, pending = recovery.pending, damaged = recovery.damaged.len(),
         "agent starting"
     );
 

@@ -1,9 +1,11 @@
 //! The agents' stream: one session per connected agent.
 //!
 //! A session starts with a Register envelope signed by the key it
-//! announces. After that every envelope is verified against that node's
-//! key; records are stored and answered with a signed Receipt, anything
-//! that fails verification with a signed Refusal giving the reason.
+//! announces, answered first by a signed Welcome carrying the last seq
+//! stored for the node. After that every envelope is verified against that
+//! node's key; records are stored and answered with a signed Receipt,
+//! anything that fails with a signed Refusal giving the reason and its
+//! kind (final, or retry later).
 
 use std::{
     collections::HashMap,
@@ -22,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use warden_proto::{
     dsse::{self, Signer, VerifyingKey},
-    pb::{self, Envelope},
+    pb::{self, Envelope, RefusalKind},
     types,
 };
 
@@ -145,7 +147,7 @@ impl pb::uplink_server::Uplink for UplinkService {
             .map_err(|_| Status::deadline_exceeded("no Register within 10 s"))??
             .ok_or_else(|| Status::cancelled("stream closed before Register"))?;
         let (reg, key) = check_register(&first, now_ms()).map_err(Status::unauthenticated)?;
-        let mesh_changed = self
+        let registered = self
             .store
             .register(NodeRow {
                 node_id: reg.node_id.clone(),
@@ -170,8 +172,20 @@ impl pb::uplink_server::Uplink for UplinkService {
             })
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        tracing::info!(node = %reg.node_id, peer = %peer.map(|p| p.to_string()).unwrap_or_default(), version = %reg.agent_version, "agent registered");
+        tracing::info!(node = %reg.node_id, peer = %peer.map(|p| p.to_string()).unwrap_or_default(), version = %reg.agent_version, last_seq = registered.last_seq, "agent registered");
         let (tx, rx) = mpsc::channel(CHUNK * 2);
+        // First on the stream, before anything else can be queued on it.
+        let welcome = self.signer.sign_message(
+            types::WELCOME,
+            &pb::Welcome {
+                node_id: reg.node_id.clone(),
+                last_seq: registered.last_seq,
+                time_unix_ms: now_ms(),
+            },
+        );
+        tx.try_send(Ok(welcome))
+            .map_err(|_| Status::internal("the new stream has no room for its Welcome"))?;
+        let mesh_changed = registered.mesh_changed;
         let registry = self.registry.clone();
         let id = registry.attach(&reg.node_id, tx.clone());
         {
@@ -256,6 +270,7 @@ enum Verdict {
     Refuse {
         seq: u64,
         digest: [u8; 32],
+        kind: RefusalKind,
         reason: String,
     },
     Heartbeat(pb::Heartbeat),
@@ -265,7 +280,7 @@ impl Session {
     async fn run(&self, inbound: Streaming<Envelope>) -> Result<(), Status> {
         let mut chunks = inbound.ready_chunks(CHUNK);
         while let Some(chunk) = chunks.next().await {
-            let mut to_store = Vec::new();
+            let mut to_store: Vec<NewRecord> = Vec::new();
             let mut replies = Vec::new();
             let mut heard = false;
             let mut spool = None;
@@ -283,10 +298,11 @@ impl Session {
                     Verdict::Refuse {
                         seq,
                         digest,
+                        kind,
                         reason,
                     } => {
-                        tracing::warn!(node = %self.node_id, seq, %reason, "record refused");
-                        replies.push(self.refusal(seq, digest, reason));
+                        tracing::warn!(node = %self.node_id, seq, kind = kind.as_str_name(), %reason, "record refused");
+                        replies.push(self.refusal(seq, digest, kind, reason));
                     }
                     Verdict::Heartbeat(hb) => {
                         heard = true;
@@ -297,44 +313,59 @@ impl Session {
             if heard || !to_store.is_empty() {
                 self.store.seen(&self.node_id, now_ms(), spool);
             }
-            if !to_store.is_empty() {
-                let outcomes = self
-                    .store
-                    .insert(to_store.clone())
-                    .await
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
-                for (rec, outcome) in to_store.into_iter().zip(outcomes) {
-                    if matches!(outcome, Outcome::Stored | Outcome::Duplicate) {
-                        for r in &rec.state.results {
-                            self.registry.resolve(r);
-                        }
-                    }
-                    if let (Outcome::Stored, Some(ChainItem::Proof { lease_id })) =
-                        (&outcome, &rec.state.chain)
-                    {
-                        // The lease has ended: judge its whole chain against the proof.
-                        let (store, signer, lease) =
-                            (self.store.clone(), self.signer.clone(), lease_id.clone());
-                        let min = self.min_coverage;
-                        tokio::spawn(async move {
-                            crate::verdict::judge(&store, &signer, &lease, min).await
-                        });
-                    }
-                    match outcome {
-                        Outcome::Stored | Outcome::Duplicate => replies
-                            .push(Envelope::decode(rec.receipt.as_slice()).map_err(|e| {
-                                Status::internal(format!("receipt re-decode: {e}"))
-                            })?),
-                        Outcome::Conflict { stored_sha256 } => replies.push(self.refusal(
-                            rec.seq,
-                            rec.payload_sha256,
-                            format!(
-                                "seq {} is already stored with different content (sha256 {})",
+            let outcomes = if to_store.is_empty() {
+                Vec::new()
+            } else {
+                match self.store.insert(to_store.clone()).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        // Nothing of the chunk is stored: the agent keeps the
+                        // records and sends them again later; the stream stays up.
+                        tracing::error!(node = %self.node_id, error = %e, records = to_store.len(), "records not stored; refused for now");
+                        for rec in to_store.drain(..) {
+                            replies.push(self.refusal(
                                 rec.seq,
-                                hex::encode(stored_sha256)
-                            ),
-                        )),
+                                rec.payload_sha256,
+                                RefusalKind::RetryLater,
+                                format!("the coordinator could not store it now: {e}"),
+                            ));
+                        }
+                        Vec::new()
                     }
+                }
+            };
+            for (rec, outcome) in to_store.into_iter().zip(outcomes) {
+                if matches!(outcome, Outcome::Stored | Outcome::Duplicate) {
+                    for r in &rec.state.results {
+                        self.registry.resolve(r);
+                    }
+                }
+                if let (Outcome::Stored, Some(ChainItem::Proof { lease_id })) =
+                    (&outcome, &rec.state.chain)
+                {
+                    // The lease has ended: judge its whole chain against the proof.
+                    let (store, signer, lease) =
+                        (self.store.clone(), self.signer.clone(), lease_id.clone());
+                    let min = self.min_coverage;
+                    tokio::spawn(async move {
+                        crate::verdict::judge(&store, &signer, &lease, min).await
+                    });
+                }
+                match outcome {
+                    Outcome::Stored | Outcome::Duplicate => replies.push(
+                        Envelope::decode(rec.receipt.as_slice())
+                            .map_err(|e| Status::internal(format!("receipt re-decode: {e}")))?,
+                    ),
+                    Outcome::Conflict { stored_sha256 } => replies.push(self.refusal(
+                        rec.seq,
+                        rec.payload_sha256,
+                        RefusalKind::Conflict,
+                        format!(
+                            "seq {} is already stored with different content (sha256 {})",
+                            rec.seq,
+                            hex::encode(stored_sha256)
+                        ),
+                    )),
                 }
             }
             for r in replies {
@@ -355,6 +386,7 @@ impl Session {
                 Err(e) => Verdict::Refuse {
                     seq: 0,
                     digest,
+                    kind: RefusalKind::of_verify_error(&e),
                     reason: format!("heartbeat: {e}"),
                 },
             },
@@ -363,23 +395,27 @@ impl Session {
                 let claimed_seq = pb::Record::decode(env.payload.as_slice())
                     .map(|r| r.seq)
                     .unwrap_or(0);
-                let refuse = |reason: String| Verdict::Refuse {
+                let refuse = |kind: RefusalKind, reason: String| Verdict::Refuse {
                     seq: claimed_seq,
                     digest,
+                    kind,
                     reason,
                 };
                 let rec = match dsse::open::<pb::Record>(env, types::RECORD, &self.key) {
                     Ok(r) => r,
-                    Err(e) => return refuse(e.to_string()),
+                    Err(e) => return refuse(RefusalKind::of_verify_error(&e), e.to_string()),
                 };
                 if rec.node_id != self.node_id {
-                    return refuse(format!(
-                        "record names node {} but this stream belongs to node {}",
-                        rec.node_id, self.node_id
-                    ));
+                    return refuse(
+                        RefusalKind::WrongNode,
+                        format!(
+                            "record names node {} but this stream belongs to node {}",
+                            rec.node_id, self.node_id
+                        ),
+                    );
                 }
                 if rec.seq == 0 {
-                    return refuse("record seq must start at 1".into());
+                    return refuse(RefusalKind::Malformed, "record seq must start at 1".into());
                 }
                 let sig = env
                     .signatures
@@ -412,12 +448,13 @@ impl Session {
             other => Verdict::Refuse {
                 seq: 0,
                 digest,
+                kind: RefusalKind::Malformed,
                 reason: format!("unexpected payload type {other}"),
             },
         }
     }
 
-    fn refusal(&self, seq: u64, digest: [u8; 32], reason: String) -> Envelope {
+    fn refusal(&self, seq: u64, digest: [u8; 32], kind: RefusalKind, reason: String) -> Envelope {
         self.signer.sign_message(
             types::REFUSAL,
             &pb::Refusal {
@@ -426,6 +463,7 @@ impl Session {
                 payload_sha256: digest.to_vec(),
                 reason,
                 time_unix_ms: now_ms(),
+                kind: kind.into(),
             },
         )
     }

@@ -5,6 +5,7 @@ pub mod bundle;
 pub mod chain;
 pub mod dsse;
 pub mod identity;
+pub mod refusal;
 pub mod types;
 
 /// Generated protobuf and gRPC code for package `warden.v1`.
