@@ -90,11 +90,10 @@ pub async fn run(
         max_bytes: config.spool.max_bytes,
         segment_bytes: config.spool.segment_bytes,
     })?;
-    let moved = spool.claim(&node_id)?;
-    if moved > 0 {
+    if let Some((previous, moved)) = spool.claim(&node_id)? {
         tracing::warn!(
-            %node_id, set_aside = moved, dir = %config.spool_dir().display(),
-            "the spooled records were signed by another node key (node.key was replaced): they can never be delivered, so they were set aside (refused.log) and this identity's records start at seq 1"
+            %node_id, %previous, set_aside = moved, dir = %config.spool_dir().display(),
+            "the spool belonged to another node key (node.key was replaced): its records can never be delivered by this one, so they were set aside (refused.log) and this identity's records start at seq 1"
         );
     }
     tracing::info!(

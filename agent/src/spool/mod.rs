@@ -1032,9 +1032,9 @@ impl Spool {
     /// Binds the spool to the node whose key signs its records. Records
     /// another node key signed (node.key was replaced) can never be
     /// delivered by this one: they are set aside and the spool starts again
-    /// empty, so the new identity's seqs start at 1. Returns how many were
-    /// set aside.
-    pub fn claim(&mut self, node_id: &str) -> Result<u64, SpoolError> {
+    /// empty, so the new identity's seqs start at 1. Returns the previous
+    /// owner and how many of its records were set aside, when it changed.
+    pub fn claim(&mut self, node_id: &str) -> Result<Option<(String, u64)>, SpoolError> {
         let path = self.cfg.dir.join(OWNER);
         let owner = match fs::read_to_string(&path) {
             Ok(text) => text.trim().to_owned(),
@@ -1042,19 +1042,20 @@ impl Spool {
             Err(e) => return Err(io_err(&path)(e)),
         };
         if owner == node_id {
-            return Ok(0);
+            return Ok(None);
         }
-        let mut moved = 0;
+        let mut changed = None;
         if !owner.is_empty() {
             let seqs: Vec<u64> = self.disk.index.keys().copied().collect();
-            moved = self.set_aside(
+            let moved = self.set_aside(
                 &seqs,
                 &format!("signed by node {owner}, but this agent is node {node_id} (node.key was replaced); it can never be delivered"),
             )?;
             self.reset()?;
+            changed = Some((owner, moved));
         }
         crate::write_atomic(&path, format!("{node_id}\n").as_bytes()).map_err(io_err(&path))?;
-        Ok(moved)
+        Ok(changed)
     }
 
     /// Deletes every segment and the watermark: an empty, unanchored spool.
@@ -1627,16 +1628,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         {
             let (mut s, _) = Spool::open(cfg(d.path(), 64, 1 << 30)).unwrap();
-            assert_eq!(s.claim("old").unwrap(), 0);
+            assert_eq!(s.claim("old").unwrap(), None);
             s.anchor(0, &mut |_, p| Ok(p.to_vec())).unwrap();
             append(&mut s, 8);
             s.ack(1);
-            assert_eq!(s.claim("old").unwrap(), 0, "same key: nothing moves");
+            assert_eq!(s.claim("old").unwrap(), None, "same key: nothing moves");
             s.flush().unwrap();
         }
         let (mut s, _) = Spool::open(cfg(d.path(), 64, 1 << 30)).unwrap();
         assert!(s.stats().anchored);
-        assert_eq!(s.claim("new").unwrap(), 7);
+        assert_eq!(s.claim("new").unwrap(), Some(("old".to_owned(), 7)));
         let st = s.stats();
         assert_eq!((st.pending, st.next_seq, st.set_aside), (0, 1, 7));
         assert!(
