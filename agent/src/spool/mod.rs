@@ -45,6 +45,9 @@ const UNANCHORED: &str = "unanchored";
 const OWNER: &str = "owner";
 const LOCK: &str = "lock";
 const RENUMBER: &str = "renumber.tmp";
+/// Seqs above this are never given out, so `seq + 1` cannot overflow
+/// whatever a coordinator says.
+pub const MAX_SEQ: u64 = 1 << 62;
 /// Files the outbox keeps in the spool directory.
 pub const RELINKS: &str = "relinks";
 
@@ -125,6 +128,8 @@ pub enum SpoolError {
     OutOfOrder { expected: u64, got: u64 },
     #[error("record of {len} bytes exceeds the {max}-byte limit")]
     TooLarge { len: usize, max: usize },
+    #[error("the coordinator says it holds seqs up to {last_stored}, beyond any seq a spool gives out ({MAX_SEQ}); ignored")]
+    Anchor { last_stored: u64 },
     #[error("spooled record {seq} could not be renumbered: {reason}")]
     Renumber { seq: u64, reason: String },
 }
@@ -1094,6 +1099,9 @@ impl Spool {
         last_stored: u64,
         resign: &mut Resign<'_>,
     ) -> Result<Anchoring, SpoolError> {
+        if last_stored > MAX_SEQ {
+            return Err(SpoolError::Anchor { last_stored });
+        }
         let collides = self.first_pending().is_some_and(|f| f <= last_stored);
         let result = if !self.disk.anchored && collides {
             self.renumber(last_stored, resign)?
@@ -1692,6 +1700,10 @@ mod tests {
         let (mut s, _) = Spool::open(cfg(d.path(), 64, 1 << 30)).unwrap();
         assert!(s.stats().anchored);
         assert_eq!(pending_seqs(&mut s), (701..=706).collect::<Vec<_>>());
+        assert!(matches!(
+            s.anchor(u64::MAX, &mut |_, p| Ok(p.to_vec())),
+            Err(SpoolError::Anchor { .. })
+        ));
         // Anchored now: a later Welcome below the next seq changes nothing.
         assert_eq!(
             s.anchor(705, &mut |_, _| Err("must not re-sign".into()))
