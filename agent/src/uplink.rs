@@ -302,7 +302,8 @@ impl Uplink {
                     Ok(None) => return Err(UplinkError::Closed),
                     Err(status) => return Err(UplinkError::Stream(status)),
                 },
-                r = stats.changed(), if caught_up => {
+                // New records to send, or (unanchored) the anchor taking effect.
+                r = stats.changed(), if caught_up || !spool.anchored => {
                     if r.is_err() {
                         return Err(UplinkError::Spool("the outbox has stopped".into()));
                     }
