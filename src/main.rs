@@ -349,6 +349,10 @@ fn run() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr is a file on a full disk)
+        // is lost, not reported with eprintln!, which panics the task that
+        // logged — a coordinator's stream task, silently, mid-stream.
+        .log_internal_errors(false)
         // No colour codes in the journal or in files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -526,17 +526,38 @@ fn a_small_spool_through_an_outage_keeps_every_attestation_and_sheds_telemetry()
         info["chain_errors"].as_array().unwrap().is_empty(),
         "an attestation went missing: {info:#}"
     );
-    assert_eq!(info["verdict"], "holds", "{info:#}");
-    assert!(info["coverage"].as_f64().unwrap() >= 0.9, "{info:#}");
-    // The proof names the chain's last lease seq; a holding verdict means
-    // every attestation up to it is stored, the outage's included.
     assert!(
         info["attestations"].as_u64().unwrap() >= head_at_kill + 6,
         "{info:#}"
     );
+    // Coverage depends on how promptly this (loaded) machine sampled, so the
+    // verdict may only fail on it; a lost attestation would be a seq gap.
+    let reasons = info["verdict_reasons"].as_array().unwrap();
     assert!(
-        info["verdict_reasons"].as_array().unwrap().is_empty(),
+        reasons
+            .iter()
+            .all(|r| r.as_str().unwrap().starts_with("low-coverage")),
         "{info:#}"
+    );
+    // The whole chain, checked offline: complete, every link and seq in place.
+    let bundle = tmp.path().join("bundle.json");
+    let out = lease(&coord, &["export", &id, "-o", bundle.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(WARDEN)
+        .arg("verify")
+        .arg(&bundle)
+        .args(["--min-coverage", "0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
     let s = agent.status().unwrap();
     assert!(s["spool"]["shed"].as_u64().unwrap() > 0, "{s}");
@@ -544,4 +565,99 @@ fn a_small_spool_through_an_outage_keeps_every_attestation_and_sheds_telemetry()
     assert!(metrics(&s).contains("warden_spool_shed_total "));
     let log = agent.proc.log_text();
     assert!(log.contains("shedding telemetry"), "{log}");
+}
+
+/// A tmpfs mounted for one test, unmounted on drop (even when the test fails).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs at {}", at.display());
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Writes zeros to `path` until the file system is full.
+fn fill_disk(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 16 << 10];
+    while f.write_all(&chunk).and_then(|_| f.sync_data()).is_ok() {}
+    // What the last partial write left may still fit a page: fill the rest byte by byte.
+    while f.write_all(&[0]).and_then(|_| f.sync_data()).is_ok() {}
+}
+
+#[test]
+fn records_the_coordinator_cannot_store_now_are_sent_again_and_none_is_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The coordinator's database on a file system the test fills up.
+    let disk = Tmpfs::mount(&tmp.path().join("disk"), "32m");
+    let cdir = disk.0.join("coord");
+    let coord = Coordinator::start(&cdir, free_port());
+    let dir = tmp.path().join("agent");
+    let agent = Agent::start(&dir, &toml(&coord.link_toml(), "5ms", 2000, ""));
+    let s = wait_for("records stored", Duration::from_secs(60), || {
+        let s = agent.status()?;
+        (s["last_receipt_seq"].as_u64()? >= 50).then_some(s)
+    });
+    let node = node_id(&s);
+    let filler = disk.0.join("filler");
+    fill_disk(&filler);
+    let refused = wait_for("records refused for now", Duration::from_secs(60), || {
+        let s = agent.status()?;
+        (s["coordinator"]["retrying"].as_u64()? > 0).then_some(s)
+    });
+    assert_eq!(refused["coordinator"]["refusals_final"], 0, "{refused}");
+    assert!(
+        refused["coordinator"]["last_refusal"]
+            .as_str()
+            .unwrap()
+            .contains("REFUSAL_KIND_RETRY_LATER"),
+        "{refused}"
+    );
+    // Room again: the waiting records go on their next try.
+    std::fs::remove_file(&filler).unwrap();
+    let s = drained(&agent, Duration::from_secs(120));
+    assert_eq!(s["coordinator"]["retrying"], 0, "{s}");
+    assert_eq!(s["spool"]["set_aside"], 0, "{s}");
+    let last = next_seq(&s) - 1;
+    assert!(last >= 2000, "{s}");
+    assert_eq!(
+        stored_seqs(&coord.db(), &node),
+        (1..=last).collect::<Vec<_>>(),
+        "every record stored once"
+    );
+    let log = agent.proc.log_text();
+    assert_eq!(
+        log.matches("connected to coordinator").count(),
+        1,
+        "the stream stayed up: {log}"
+    );
+    // Said when records start waiting, not once per refusal.
+    let said = log.matches("refused a record for now").count() as u64;
+    let refusals = s["coordinator"]["refusals"].as_u64().unwrap();
+    assert!(
+        said >= 1 && said * 10 <= refusals.max(10),
+        "{said} of {refusals}: {log}"
+    );
+    assert!(
+        log.contains("every record refused for now has been sent again"),
+        "{log}"
+    );
 }

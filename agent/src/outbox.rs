@@ -203,6 +203,7 @@ pub fn spawn(
             spool,
             stamp,
             relinks,
+            set_aside_said: 0,
         },
         emit_rx,
         control_rx,
@@ -224,6 +225,8 @@ struct Owner {
     spool: Spool,
     stamp: Stamp,
     relinks: Relinks,
+    /// Set-asides logged at warn by this process.
+    set_aside_said: u64,
 }
 
 async fn run(
@@ -294,9 +297,14 @@ impl Owner {
                 let _ = reply.send(result);
             }
             Control::SetAside { seq, why } => match self.spool.set_aside(&[seq], &why) {
-                Ok(1) => {
-                    tracing::warn!(seq, reason = %why, "record set aside: the coordinator will never accept it; kept in the spool's refused.log")
-                }
+                // The first of this run and every thousandth are said; all are in refused.txt.
+                Ok(1) => match self.spool.stats().set_aside {
+                    n if self.set_aside_said == 0 || n % 1000 == 0 => {
+                        self.set_aside_said += 1;
+                        tracing::warn!(seq, reason = %why, set_aside = n, "record set aside: the coordinator will never accept it; kept in the spool's refused.log (reasons in refused.txt)")
+                    }
+                    _ => tracing::debug!(seq, reason = %why, "record set aside"),
+                },
                 Ok(_) => {}
                 Err(e) => {
                     tracing::error!(seq, error = %e, "could not set a refused record aside; it stays spooled")

@@ -277,9 +277,21 @@ impl Uplink {
                 self.fill(&mut window, spool.next_seq, &out).await?;
             }
             let caught_up = window.cursor() >= spool.next_seq;
-            let next_retry = window.next_retry().map(Instant::from_std);
-            self.status
-                .send_modify(|s| s.retrying = window.retrying() as u64);
+            // A retry that is due waits for room like any record (a receipt or
+            // refusal makes some); only with room is its time worth waking for.
+            let next_retry = window
+                .next_retry()
+                .filter(|_| window.room() > 0)
+                .map(Instant::from_std);
+            let retrying = window.retrying() as u64;
+            self.status.send_if_modified(|s| {
+                if s.retrying > 0 && retrying == 0 {
+                    tracing::info!("every record refused for now has been sent again");
+                }
+                let changed = s.retrying != retrying;
+                s.retrying = retrying;
+                changed
+            });
 
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -445,14 +457,19 @@ impl Uplink {
                 let (seq, digest) = (refusal.seq, &refusal.payload_sha256);
                 match window.refusal(seq, digest, kind, std::time::Instant::now()) {
                     OnRefusal::SetAside => {
-                        tracing::warn!(seq, reason = %why, "coordinator refused a record for good; it is set aside and delivery goes on");
+                        // The outbox logs the set-aside itself.
                         self.outbox.set_aside(seq, why.clone());
                         self.status.send_modify(|s| s.refusals_final += 1);
                     }
-                    OnRefusal::RetryAt(at) => tracing::warn!(
+                    // Said when records start waiting (and when none waits any more,
+                    // in the session loop); each one goes to debug.
+                    OnRefusal::RetryAt(at) if window.retrying() == 1 => tracing::warn!(
                         seq, reason = %why, retry_in_s = at.saturating_duration_since(std::time::Instant::now()).as_secs(),
-                        "coordinator refused a record for now; it stays spooled and is sent again"
+                        "coordinator refused a record for now; it stays spooled and is sent again (later ones are logged at debug)"
                     ),
+                    OnRefusal::RetryAt(_) => {
+                        tracing::debug!(seq, reason = %why, "coordinator refused a record for now")
+                    }
                     OnRefusal::Ignored => {
                         tracing::debug!(seq, reason = %why, "refusal for a record not in flight");
                         return None;

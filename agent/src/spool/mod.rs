@@ -1193,11 +1193,13 @@ impl Spool {
                 commit.push('\n');
             }
         }
-        let commit_path = tmp.join("COMMIT");
-        let mut f = File::create(&commit_path).map_err(io_err(&commit_path))?;
+        // Whole or absent: written beside, then renamed.
+        let part = tmp.join("COMMIT.part");
+        let mut f = File::create(&part).map_err(io_err(&part))?;
         f.write_all(commit.as_bytes())
             .and_then(|_| f.sync_all())
-            .map_err(io_err(&commit_path))?;
+            .map_err(io_err(&part))?;
+        fs::rename(&part, tmp.join("COMMIT")).map_err(io_err(&part))?;
         sync_dir(&tmp)?;
         // Committed: from here a crash is finished at the next open.
         self.active = None;
