@@ -182,6 +182,13 @@ impl Window {
     pub fn next_retry(&self) -> Option<Instant> {
         self.retry.values().min().copied()
     }
+
+    /// When the uplink should wake to resend: the next retry, but only while
+    /// there is room to send it (otherwise a receipt or refusal, which makes
+    /// room, wakes it; waking for a due retry without room would spin).
+    pub fn wake_for_retry(&self) -> Option<Instant> {
+        self.next_retry().filter(|_| self.room() > 0)
+    }
 }
 
 #[cfg(test)]
@@ -291,6 +298,23 @@ mod tests {
         // A retry the spool no longer has is forgotten.
         w.forget(2);
         assert!(!w.due(t + RETRY_MAX).contains(&2));
+    }
+
+    #[test]
+    fn a_due_retry_without_room_does_not_wake_the_uplink() {
+        let t0 = Instant::now();
+        let mut w = Window::new(1);
+        w.sent(1, d(1));
+        w.refusal(1, &d(1), RefusalKind::RetryLater, t0);
+        assert_eq!(w.wake_for_retry(), Some(t0 + RETRY_INITIAL));
+        w.sent(2, d(2)); // the window is full again
+        assert!(
+            w.due(t0 + RETRY_INITIAL).is_empty(),
+            "no room, nothing due to send"
+        );
+        assert_eq!(w.wake_for_retry(), None);
+        w.receipt(2, &d(2));
+        assert_eq!(w.wake_for_retry(), Some(t0 + RETRY_INITIAL));
     }
 
     #[test]

@@ -277,12 +277,7 @@ impl Uplink {
                 self.fill(&mut window, spool.next_seq, &out).await?;
             }
             let caught_up = window.cursor() >= spool.next_seq;
-            // A retry that is due waits for room like any record (a receipt or
-            // refusal makes some); only with room is its time worth waking for.
-            let next_retry = window
-                .next_retry()
-                .filter(|_| window.room() > 0)
-                .map(Instant::from_std);
+            let next_retry = window.wake_for_retry().map(Instant::from_std);
             let retrying = window.retrying() as u64;
             self.status.send_if_modified(|s| {
                 if s.retrying > 0 && retrying == 0 {
