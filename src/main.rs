@@ -396,6 +396,10 @@ fn run() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr is a file on a full disk)
+        // is lost, not reported with eprintln!, which panics the task that
+        // logged — a coordinator's stream task, silently, mid-stream.
+        .log_internal_errors(false)
         // No colour codes in the journal or in files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -785,16 +789,36 @@ async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
         println!("coordinator none configured");
     }
     println!(
-        "spool       {} pending, {} of {} bytes{}",
+        "spool       {} pending, {} of {} bytes{}{}",
         s["pending"],
         s["bytes"],
         s["max_bytes"],
         if s["full"].as_bool() == Some(true) {
-            format!(", FULL ({} refused)", s["refused"])
+            format!(", FULL of evidence ({} refused)", s["refused"])
         } else {
             String::new()
+        },
+        if s["shedding"].as_bool() == Some(true) {
+            ", shedding telemetry"
+        } else {
+            ""
         }
     );
+    let nonzero = |k: &str| s[k].as_u64().filter(|n| *n > 0);
+    if let Some(n) = nonzero("shed") {
+        println!("            {n} telemetry samples shed for lack of room since start");
+    }
+    if let Some(n) = nonzero("set_aside") {
+        println!(
+            "            {n} records set aside (refused for good; spool/refused.log, refused.txt)"
+        );
+    }
+    if let Some(n) = nonzero("corrupt") {
+        println!("            {n} damaged frames skipped since start (see the log for their seqs)");
+    }
+    if s["anchored"].as_bool() == Some(false) {
+        println!("            waiting for the coordinator's last seq before sending (the spool was started empty)");
+    }
     println!("receipts    last seq {}", v["last_receipt_seq"]);
     let cfg = &v["config"];
     if let Some(file) = cfg["file"].as_str() {
@@ -1050,6 +1074,7 @@ async fn nodes(json: bool, socket: Option<PathBuf>) -> Result<()> {
                     "connected": n.connected,
                     "records": n.records,
                     "last_seq": n.last_seq,
+                    "missing": n.missing.iter().map(|r| [r.first, r.last]).collect::<Vec<_>>(),
                     "first_seen_unix_ms": n.first_seen_unix_ms,
                     "last_seen_unix_ms": n.last_seen_unix_ms,
                     "peer_address": n.peer_address,
@@ -1087,6 +1112,7 @@ async fn nodes(json: bool, socket: Option<PathBuf>) -> Result<()> {
             (now - n.last_seen_unix_ms).max(0) / 1000,
             match &n.spool {
                 Some(s) if s.full => format!("  SPOOL FULL ({} records refused)", s.refused),
+                Some(s) if s.shedding => format!("  SHEDDING TELEMETRY ({} shed)", s.shed),
                 _ => String::new(),
             },
             match n.gpus.iter().filter(|g| g.lost).count() {

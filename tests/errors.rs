@@ -87,7 +87,7 @@ fn new_key_file_is_private() {
 }
 
 #[test]
-fn corrupt_spool_tail_is_truncated_with_a_warning_and_nothing_earlier_is_lost() {
+fn corrupt_spool_tail_is_skipped_with_a_warning_nothing_earlier_is_lost_and_no_seq_reused() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("agent");
     // No coordinator: every record stays pending in the spool.
@@ -124,22 +124,29 @@ fn corrupt_spool_tail_is_truncated_with_a_warning_and_nothing_earlier_is_lost() 
     .unwrap();
     let agent = Agent::start_with(&dir, &cfg);
     let s = wait_for("status", Duration::from_secs(10), || agent.status());
-    // Without a coordinator every record ever made is pending: none lost, none reused.
+    // Without a coordinator every record ever made is pending: none lost.
     // (The restarted agent may already have made its first telemetry record.)
     let pending = s["spool"]["pending"].as_u64().unwrap();
     assert!(pending >= 25, "records before the torn tail were lost: {s}");
-    assert_eq!(s["spool"]["next_seq"].as_u64().unwrap(), pending + 1);
+    // The 7 bytes could have held (the start of) one frame: its seq, 26, is
+    // never given out again, so the new records start at 27.
+    assert_eq!(s["spool"]["next_seq"].as_u64().unwrap(), pending + 2, "{s}");
+    assert_eq!(s["spool"]["corrupt"], 1, "{s}");
     let log = agent.proc.log_text();
     assert!(log.contains("WARN"), "{log}");
     assert!(
         log.contains(seg.file_name().unwrap().to_str().unwrap()),
         "{log}"
     );
-    assert_eq!(std::fs::metadata(&seg).unwrap().len(), good_len as u64);
+    assert_eq!(
+        std::fs::metadata(&seg).unwrap().len(),
+        good_len as u64 + 7,
+        "new records never follow the damaged bytes: they go to a new segment"
+    );
 }
 
 #[test]
-fn a_full_spool_is_reported_and_keeps_every_old_record() {
+fn a_full_spool_sheds_telemetry_says_so_and_keeps_every_old_record() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("agent");
     // No coordinator and a tiny cap: the spool fills within a second.
@@ -147,28 +154,33 @@ fn a_full_spool_is_reported_and_keeps_every_old_record() {
         &dir,
         "[spool]\nmax_bytes = 65536\nsegment_bytes = 65536\n[telemetry]\ninterval = \"1ms\"\n",
     );
-    let s = wait_for("spool full", Duration::from_secs(30), || {
+    let s = wait_for("spool shedding", Duration::from_secs(30), || {
         let s = agent.status()?;
-        (s["spool"]["full"] == true && s["spool"]["refused"].as_u64()? > 0).then_some(s)
+        (s["spool"]["shedding"] == true && s["spool"]["shed"].as_u64()? > 0).then_some(s)
     });
+    // Only telemetry samples are shed; no evidence was refused.
+    assert_eq!(s["spool"]["full"], false, "{s}");
+    assert_eq!(s["spool"]["refused"], 0, "{s}");
     let pending = s["spool"]["pending"].as_u64().unwrap();
     assert!(pending > 100, "{s}");
     assert_eq!(
         s["spool"]["next_seq"].as_u64().unwrap(),
         pending + 1,
-        "a record was dropped"
+        "a spooled record was dropped, or a shed sample took a seq"
     );
     assert!(s["spool"]["bytes"].as_u64().unwrap() <= 65536);
-    std::thread::sleep(Duration::from_millis(200));
-    let later = agent.status().unwrap();
+    let later = wait_for("more shed", Duration::from_secs(30), || {
+        let l = agent.status()?;
+        (l["spool"]["shed"].as_u64()? > s["spool"]["shed"].as_u64()?).then_some(l)
+    });
     assert_eq!(
         later["spool"]["pending"].as_u64().unwrap(),
         pending,
         "old records must stay"
     );
-    assert!(later["spool"]["refused"].as_u64().unwrap() > s["spool"]["refused"].as_u64().unwrap());
     let log = agent.proc.log_text();
     assert_eq!(log.matches("spool full").count(), 1, "said once: {log}");
+    assert!(log.contains("shedding telemetry"), "{log}");
 }
 
 #[test]
@@ -291,7 +303,7 @@ fn coordinator_key_readable_by_others_stops_the_coordinator() {
 }
 
 #[test]
-fn a_full_spool_shows_at_the_coordinator_through_heartbeats() {
+fn a_shedding_spool_shows_at_the_coordinator_through_heartbeats() {
     let tmp = tempfile::tempdir().unwrap();
     let coord = Coordinator::start(&tmp.path().join("coord"), free_port());
     // Pinned to the wrong key: receipts are ignored, so the spool can only fill.
@@ -320,12 +332,9 @@ fn a_full_spool_shows_at_the_coordinator_through_heartbeats() {
                 .output()
                 .ok()?;
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            (v[0]["spool"]["full"] == true).then_some(v)
+            (v[0]["spool"]["shedding"] == true).then_some(v)
         },
     );
-    assert!(
-        nodes[0]["spool"]["refused"].as_u64().unwrap() > 0,
-        "{nodes}"
-    );
+    assert!(nodes[0]["spool"]["shed"].as_u64().unwrap() > 0, "{nodes}");
     assert_eq!(nodes[0]["spool"]["max_bytes"], 65536);
 }

@@ -98,6 +98,20 @@ async fn next(inbound: &mut tonic::Streaming<Envelope>, coordinator: &VerifyingK
     }
 }
 
+/// The coordinator's first message on an accepted stream: its Welcome.
+async fn welcome(
+    inbound: &mut tonic::Streaming<Envelope>,
+    coordinator: &VerifyingKey,
+) -> pb::Welcome {
+    let env = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+        .await
+        .expect("a welcome within 10 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(env.payload_type, types::WELCOME);
+    dsse::open(&env, types::WELCOME, coordinator).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_and_foreign_records_are_refused_and_not_stored() {
     let tmp = tempfile::tempdir().unwrap();
@@ -118,6 +132,8 @@ async fn tampered_and_foreign_records_are_refused_and_not_stored() {
     let (node, _) = Signer::generate().unwrap();
     let (stranger, _) = Signer::generate().unwrap();
     let (tx, mut inbound) = registered(channel, &node, 4 << 20).await;
+    let w = welcome(&mut inbound, &coordinator_key).await;
+    assert_eq!((w.node_id.as_str(), w.last_seq), (node.key_id(), 0));
 
     // 1: a good record is stored and receipted with its digest.
     let good1 = record(&node, 1, 1.0);
@@ -141,6 +157,7 @@ async fn tampered_and_foreign_records_are_refused_and_not_stored() {
         Reply::Refusal(r) => {
             assert_eq!(r.seq, 2);
             assert!(r.reason.contains("does not verify"), "{}", r.reason);
+            assert_eq!(r.kind(), pb::RefusalKind::BadSignature);
         }
         Reply::Receipt(_) => panic!("a tampered record was receipted"),
     }
@@ -163,6 +180,7 @@ async fn tampered_and_foreign_records_are_refused_and_not_stored() {
         Reply::Refusal(r) => {
             assert_eq!(r.seq, 3);
             assert!(r.reason.contains(stranger.key_id()), "{}", r.reason);
+            assert_eq!(r.kind(), pb::RefusalKind::WrongKey);
         }
         Reply::Receipt(_) => panic!("a record signed by an unknown key was receipted"),
     }
@@ -176,12 +194,18 @@ async fn tampered_and_foreign_records_are_refused_and_not_stored() {
     // The same seq with other content is a conflict.
     tx.send(record(&node, 1, 9.0)).await.unwrap();
     match next(&mut inbound, &coordinator_key).await {
-        Reply::Refusal(r) => assert!(r.reason.contains("different content"), "{}", r.reason),
+        Reply::Refusal(r) => {
+            assert!(r.reason.contains("different content"), "{}", r.reason);
+            assert_eq!(r.kind(), pb::RefusalKind::Conflict);
+        }
         Reply::Receipt(_) => panic!("a conflicting record was receipted"),
     }
 
     let (n, _, min, max) = record_stats(&coord.db());
     assert_eq!((n, min, max), (2, 1, 2));
+    // A new stream of the same node is told where its stored records end.
+    let (_tx2, mut again) = registered(tls_channel(&coord).await, &node, 4 << 20).await;
+    assert_eq!(welcome(&mut again, &coordinator_key).await.last_seq, 2);
     let conn = rusqlite::Connection::open(coord.db()).unwrap();
     let stored = warden_coordinator::store::read_payload(&conn, node.key_id(), 2)
         .unwrap()
@@ -305,6 +329,8 @@ async fn an_oversized_envelope_is_rejected_and_nothing_stored() {
     let channel = tls_channel(&coord).await;
     let (node, _) = Signer::generate().unwrap();
     let (tx, mut inbound) = registered(channel, &node, 64 << 20).await;
+    let coordinator_key = VerifyingKey::parse(&coord.public_key()).unwrap();
+    welcome(&mut inbound, &coordinator_key).await;
     tx.send(node.sign(types::RECORD, vec![0x42; 6 << 20]))
         .await
         .unwrap();

@@ -106,13 +106,19 @@ pub async fn run(
         warden_state::socket::bind(&socket).map_err(AgentError::StatusSocket)?;
     tracing::info!(socket = %socket.display(), "status socket ready");
 
-    let (spool, recovery) = Spool::open(SpoolConfig {
+    let (mut spool, recovery) = Spool::open(SpoolConfig {
         dir: spool_dir,
         max_bytes: config.spool.max_bytes,
         segment_bytes: config.spool.segment_bytes,
     })?;
+    if let Some((previous, moved)) = spool.claim(&node_id)? {
+        tracing::warn!(
+            %node_id, %previous, set_aside = moved, dir = %config.spool_dir().display(),
+            "the spool belonged to another node key (node.key was replaced): its records can never be delivered by this one, so they were set aside (refused.log) and this identity's records start at seq 1"
+        );
+    }
     tracing::info!(
-        %node_id, %start_id, pending = recovery.pending, truncated = recovery.truncated.len(),
+        %node_id, %start_id, pending = recovery.pending, damaged = recovery.damaged.len(),
         "agent starting"
     );
 

@@ -6,6 +6,7 @@ pub mod attest;
 pub mod config;
 pub mod confine;
 pub mod daemon;
+pub mod delivery;
 pub mod docker;
 pub mod doctor;
 pub mod enforce;
@@ -55,5 +56,9 @@ pub fn spool_state(s: &spool::SpoolStats) -> pb::SpoolState {
         max_bytes: s.max_bytes,
         full: s.full,
         refused: s.refused,
+        shed: s.shed,
+        shedding: s.shedding,
+        set_aside: s.set_aside,
+        corrupt: s.corrupt,
     }
 }

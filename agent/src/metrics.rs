@@ -192,7 +192,7 @@ pub fn render(s: &Snapshot) -> String {
         );
     }
     let nvml_ok = s.inventory.nvml_status == "ok";
-    let scalars: [(&str, &str, &str, f64); 12] = [
+    let scalars: [(&str, &str, &str, f64); 18] = [
         (
             "warden_nvml_loaded",
             "gauge",
@@ -226,14 +226,38 @@ pub fn render(s: &Snapshot) -> String {
         (
             "warden_spool_full",
             "gauge",
-            "1 while the spool refuses records for lack of room.",
+            "1 while the spool refuses evidence for lack of room (no telemetry left to shed).",
             s.spool.full as u8 as f64,
         ),
         (
             "warden_spool_refused_total",
             "counter",
-            "Records refused because the spool was full.",
+            "Evidence records refused because the spool was full of evidence.",
             s.spool.refused as f64,
+        ),
+        (
+            "warden_spool_shedding",
+            "gauge",
+            "1 while new telemetry samples are shed for lack of room.",
+            s.spool.shedding as u8 as f64,
+        ),
+        (
+            "warden_spool_shed_total",
+            "counter",
+            "Telemetry samples not kept for lack of room (not spooled, or evicted for evidence).",
+            s.spool.shed as f64,
+        ),
+        (
+            "warden_spool_set_aside_records",
+            "gauge",
+            "Records in the spool's set-aside log: refused for good, or signed by a replaced node key.",
+            s.spool.set_aside as f64,
+        ),
+        (
+            "warden_spool_corrupt_total",
+            "counter",
+            "Damaged spool frames skipped since start (their seqs are never reused).",
+            s.spool.corrupt as f64,
         ),
         (
             "warden_coordinator_connected",
@@ -258,6 +282,18 @@ pub fn render(s: &Snapshot) -> String {
             "counter",
             "Records the coordinator refused.",
             s.uplink.refusals as f64,
+        ),
+        (
+            "warden_refusals_final_total",
+            "counter",
+            "Records the coordinator refused for good (then set aside).",
+            s.uplink.refusals_final as f64,
+        ),
+        (
+            "warden_records_retrying",
+            "gauge",
+            "Records refused for now, waiting to be sent again.",
+            s.uplink.retrying as f64,
         ),
         (
             "warden_last_receipt_seq",
@@ -528,6 +564,8 @@ mod tests {
             ],
             spool: SpoolStats {
                 pending: 3,
+                shed: 5,
+                set_aside: 2,
                 ..Default::default()
             },
             uplink: UplinkStatus {
@@ -600,6 +638,8 @@ mod tests {
         assert!(!text.contains("DCGM_FI_DEV_GPU_UTIL{gpu=\"1\""));
         assert!(text.contains("warden_gpu_lost{gpu=\"1\",UUID=\"GPU-b\""));
         assert!(text.contains("warden_spool_pending_records 3\n"));
+        assert!(text.contains("warden_spool_shed_total 5\n"));
+        assert!(text.contains("warden_spool_set_aside_records 2\n"));
         assert!(text.contains("warden_coordinator_connected 1\n"));
         assert!(text.contains("warden_records_sent_total 9\n"));
         assert!(

@@ -2,18 +2,18 @@
 //! gRPC stream over TLS, reopened with jittered exponential backoff.
 //!
 //! On each connection it registers (the coordinator's Hello gives the nonce
-//! that binds the Register to this stream; Registered accepts it), then
-//! sends every pending record from
-//! the spool in seq order (at most `max_in_flight` unacknowledged) and
-//! heartbeats. A record leaves the spool only on a receipt that verifies
-//! against the pinned coordinator key, for this node, with the digest of
-//! what was sent. Anything else from the coordinator is logged and ignored.
+//! that binds the Register to this stream; Registered accepts it), takes
+//! the coordinator's Welcome (its last stored seq for this node, which
+//! anchors a spool started empty),
+//! then sends every pending record from the spool in seq order (at most
+//! `max_in_flight` unacknowledged) and heartbeats. A record leaves the
+//! spool only on a receipt that verifies against the pinned coordinator
+//! key, for this node, with the digest of what was sent; or, refused for
+//! good by a refusal that verifies likewise, to the set-aside log. The
+//! window's bookkeeping is [`crate::delivery::Window`]. Anything else from
+//! the coordinator is logged and ignored.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use rand::Rng;
 use tokio::{sync::watch, time::Instant};
@@ -28,6 +28,7 @@ use warden_proto::{
 
 use crate::{
     config::{CoordinatorLink, UplinkConfig},
+    delivery::{OnReceipt, OnRefusal, Window},
     outbox::Outbox,
 };
 
@@ -46,9 +47,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
-/// Wait before resending a record the coordinator refused.
-const REFUSAL_RETRY: Duration = Duration::from_secs(5);
-
 /// What `warden status` shows of the connection.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct UplinkStatus {
@@ -58,8 +56,15 @@ pub struct UplinkStatus {
     pub last_receipt_seq: u64,
     pub records_sent: u64,
     pub receipts: u64,
+    /// Refusals of records in flight, since start (final and retryable).
     pub refusals: u64,
+    /// Of those, refusals for good: the record was set aside.
+    pub refusals_final: u64,
+    /// Records refused for now, waiting to be sent again.
+    pub retrying: u64,
     pub last_refusal: Option<String>,
+    /// The last seq the coordinator said it holds for this node (its Welcome).
+    pub coordinator_last_seq: Option<u64>,
 }
 
 /// Why one connection ended.
@@ -238,66 +243,41 @@ impl Uplink {
         });
 
         let mut stats = self.outbox.stats();
-        // seq -> SHA-256 of the payload sent: a receipt must match it.
-        let mut in_flight: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
-        let mut retry: BTreeMap<u64, Instant> = BTreeMap::new();
-        let mut cursor = 0u64; // every pending record is (re)sent on a new stream
+        let mut window = Window::new(window);
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A spool started empty sends nothing before the coordinator said
+        // its last seq (the Welcome, its first message); an older
+        // coordinator that never says it gets this long.
+        let welcome_by = Instant::now() + self.config.connect_timeout;
+        let mut welcomed = false;
 
         loop {
-            let next_seq = stats.borrow_and_update().next_seq;
-            // Resend refused records whose wait is over.
-            let now = Instant::now();
-            let due: BTreeSet<u64> = retry
-                .iter()
-                .filter(|(_, at)| **at <= now)
-                .map(|(s, _)| *s)
-                .collect();
-            for seq in due {
-                retry.remove(&seq);
-                let recs = self.outbox.read(seq, 1).await.map_err(UplinkError::Spool)?;
-                if let Some(p) = recs.into_iter().find(|p| p.seq == seq) {
-                    in_flight.insert(seq, dsse::payload_sha256(&p.envelope));
-                    if out.try_send(p.envelope).is_err() {
-                        in_flight.remove(&seq);
-                        retry.insert(seq, now + REFUSAL_RETRY);
-                    }
-                }
+            let spool = *stats.borrow_and_update();
+            if !spool.anchored && !welcomed && Instant::now() >= welcome_by {
+                tracing::warn!("the coordinator sent no Welcome with its last seq for this node (an older coordinator?); the spool, started empty, keeps its seqs: records the coordinator already holds under them will be refused and set aside");
+                self.anchor(0).await?;
+                welcomed = true;
+                continue;
             }
-            // Fill the window from the spool.
-            let room = window.saturating_sub(in_flight.len() + retry.len());
-            if room > 0 && cursor < next_seq {
-                let recs = self
-                    .outbox
-                    .read(cursor, room)
-                    .await
-                    .map_err(UplinkError::Spool)?;
-                let mut sent = 0;
-                for p in &recs {
-                    if in_flight.contains_key(&p.seq) || retry.contains_key(&p.seq) {
-                        cursor = p.seq + 1;
-                        continue;
-                    }
-                    if out.try_send(p.envelope.clone()).is_err() {
-                        break;
-                    }
-                    in_flight.insert(p.seq, dsse::payload_sha256(&p.envelope));
-                    cursor = p.seq + 1;
-                    sent += 1;
-                }
-                if recs.is_empty() {
-                    cursor = next_seq;
-                }
-                self.status.send_modify(|s| s.records_sent += sent);
+            if spool.anchored {
+                self.fill(&mut window, spool.next_seq, &out).await?;
             }
-            let caught_up = cursor >= next_seq;
-            let next_retry = retry.values().min().copied();
+            let caught_up = window.cursor() >= spool.next_seq;
+            let next_retry = window.wake_for_retry().map(Instant::from_std);
+            let retrying = window.retrying() as u64;
+            self.status.send_if_modified(|s| {
+                if s.retrying > 0 && retrying == 0 {
+                    tracing::info!("every record refused for now has been sent again");
+                }
+                let changed = s.retrying != retrying;
+                s.retrying = retrying;
+                changed
+            });
 
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = heartbeat.tick() => {
-                    let spool = *stats.borrow();
                     // A heartbeat is not a record: if the pipe is full it is skipped.
                     let _ = out.try_send(self.signer.sign_message(types::HEARTBEAT, &pb::Heartbeat {
                         node_id: self.node_id.clone(),
@@ -307,18 +287,91 @@ impl Uplink {
                     }));
                 }
                 msg = inbound.message() => match msg {
-                    Ok(Some(env)) => self.handle(pinned, &env, &mut in_flight, &mut retry),
+                    Ok(Some(env)) => {
+                        if let Some(last) = self.handle(pinned, &env, &mut window) {
+                            self.anchor(last).await?;
+                            welcomed = true;
+                        }
+                    }
                     Ok(None) => return Err(UplinkError::Closed),
                     Err(status) => return Err(UplinkError::Stream(status)),
                 },
-                r = stats.changed(), if caught_up => {
+                // New records to send, or (unanchored) the anchor taking effect.
+                r = stats.changed(), if caught_up || !spool.anchored => {
                     if r.is_err() {
                         return Err(UplinkError::Spool("the outbox has stopped".into()));
                     }
                 }
                 _ = tokio::time::sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {}
+                _ = tokio::time::sleep_until(welcome_by), if !spool.anchored && !welcomed => {}
             }
         }
+    }
+
+    /// Gives the outbox the coordinator's last seq for this node.
+    async fn anchor(&self, last_stored: u64) -> Result<(), UplinkError> {
+        self.outbox
+            .anchor(last_stored)
+            .await
+            .map_err(UplinkError::Spool)?;
+        self.status
+            .send_modify(|s| s.coordinator_last_seq = Some(last_stored));
+        Ok(())
+    }
+
+    /// Resends refused records whose wait is over, then fills the window
+    /// from the spool.
+    async fn fill(
+        &self,
+        window: &mut Window,
+        next_seq: u64,
+        out: &tokio::sync::mpsc::Sender<Envelope>,
+    ) -> Result<(), UplinkError> {
+        let now = std::time::Instant::now();
+        let mut sent = 0;
+        for seq in window.due(now) {
+            let recs = self.outbox.read(seq, 1).await.map_err(UplinkError::Spool)?;
+            match recs.into_iter().find(|p| p.seq == seq) {
+                Some(p) => {
+                    let digest = dsse::payload_sha256(&p.envelope);
+                    if out.try_send(p.envelope).is_ok() {
+                        window.sent(seq, digest);
+                        sent += 1;
+                    } else {
+                        window.unsent(seq, now);
+                    }
+                }
+                // Acknowledged after all, shed or found damaged meanwhile.
+                None => window.forget(seq),
+            }
+        }
+        let room = window.room();
+        if room > 0 && window.cursor() < next_seq {
+            let recs = self
+                .outbox
+                .read(window.cursor(), room)
+                .await
+                .map_err(UplinkError::Spool)?;
+            if recs.is_empty() {
+                window.caught_up_to(next_seq);
+            }
+            for p in recs {
+                if !window.take_new(p.seq) {
+                    continue;
+                }
+                let digest = dsse::payload_sha256(&p.envelope);
+                if out.try_send(p.envelope).is_err() {
+                    window.rewind(p.seq);
+                    break;
+                }
+                window.sent(p.seq, digest);
+                sent += 1;
+            }
+        }
+        if sent > 0 {
+            self.status.send_modify(|s| s.records_sent += sent);
+        }
+        Ok(())
     }
 
     /// Registers on a new stream: reads the coordinator's Hello, sends the
@@ -382,38 +435,49 @@ impl Uplink {
     }
 
     /// Applies one coordinator message, after checking its signature.
-    fn handle(
-        &self,
-        pinned: &VerifyingKey,
-        env: &Envelope,
-        in_flight: &mut BTreeMap<u64, [u8; 32]>,
-        retry: &mut BTreeMap<u64, Instant>,
-    ) {
+    /// Returns the last stored seq a Welcome carried, for the caller to
+    /// anchor the spool with.
+    fn handle(&self, pinned: &VerifyingKey, env: &Envelope, window: &mut Window) -> Option<u64> {
         match env.payload_type.as_str() {
+            types::WELCOME => {
+                let welcome = match dsse::open::<pb::Welcome>(env, types::WELCOME, pinned) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ignored a welcome that does not verify against the pinned coordinator key");
+                        return None;
+                    }
+                };
+                if welcome.node_id != self.node_id {
+                    tracing::warn!(node = %welcome.node_id, "ignored a welcome for another node");
+                    return None;
+                }
+                return Some(welcome.last_seq);
+            }
             types::RECEIPT => {
                 let receipt = match dsse::open::<pb::Receipt>(env, types::RECEIPT, pinned) {
                     Ok(r) => r,
                     Err(e) => {
-                        return tracing::warn!(error = %e, "ignored a receipt that does not verify against the pinned coordinator key")
+                        tracing::warn!(error = %e, "ignored a receipt that does not verify against the pinned coordinator key");
+                        return None;
                     }
                 };
                 if receipt.node_id != self.node_id {
-                    return tracing::warn!(node = %receipt.node_id, "ignored a receipt for another node");
+                    tracing::warn!(node = %receipt.node_id, "ignored a receipt for another node");
+                    return None;
                 }
-                match in_flight.get(&receipt.seq) {
-                    Some(d) if d.as_slice() == receipt.payload_sha256.as_slice() => {
-                        in_flight.remove(&receipt.seq);
+                match window.receipt(receipt.seq, &receipt.payload_sha256) {
+                    OnReceipt::Ack => {
                         self.outbox.ack(receipt.seq);
                         self.status.send_modify(|s| {
                             s.receipts += 1;
                             s.last_receipt_seq = s.last_receipt_seq.max(receipt.seq);
                         });
                     }
-                    Some(_) => tracing::warn!(
+                    OnReceipt::WrongDigest => tracing::warn!(
                         seq = receipt.seq,
                         "ignored a receipt whose digest differs from the record sent"
                     ),
-                    None => {
+                    OnReceipt::Unknown => {
                         tracing::debug!(seq = receipt.seq, "receipt for a record not in flight")
                     }
                 }
@@ -422,27 +486,53 @@ impl Uplink {
                 let refusal = match dsse::open::<pb::Refusal>(env, types::REFUSAL, pinned) {
                     Ok(r) => r,
                     Err(e) => {
-                        return tracing::warn!(error = %e, "ignored a refusal that does not verify against the pinned coordinator key")
+                        tracing::warn!(error = %e, "ignored a refusal that does not verify against the pinned coordinator key");
+                        return None;
                     }
                 };
-                tracing::warn!(seq = refusal.seq, reason = %refusal.reason, "coordinator refused a record; it stays spooled and is sent again");
-                if in_flight.remove(&refusal.seq).is_some() {
-                    retry.insert(refusal.seq, Instant::now() + REFUSAL_RETRY);
+                if refusal.node_id != self.node_id {
+                    tracing::warn!(node = %refusal.node_id, "ignored a refusal for another node");
+                    return None;
+                }
+                let kind = refusal.kind();
+                let why = format!("{}: {}", kind.as_str_name(), refusal.reason);
+                let (seq, digest) = (refusal.seq, &refusal.payload_sha256);
+                match window.refusal(seq, digest, kind, std::time::Instant::now()) {
+                    OnRefusal::SetAside => {
+                        // The outbox logs the set-aside itself.
+                        self.outbox.set_aside(seq, why.clone());
+                        self.status.send_modify(|s| s.refusals_final += 1);
+                    }
+                    // Said when records start waiting (and when none waits any more,
+                    // in the session loop); each one goes to debug.
+                    OnRefusal::RetryAt(at) if window.retrying() == 1 => tracing::warn!(
+                        seq, reason = %why, retry_in_s = at.saturating_duration_since(std::time::Instant::now()).as_secs(),
+                        "coordinator refused a record for now; it stays spooled and is sent again (later ones are logged at debug)"
+                    ),
+                    OnRefusal::RetryAt(_) => {
+                        tracing::debug!(seq, reason = %why, "coordinator refused a record for now")
+                    }
+                    OnRefusal::Ignored => {
+                        tracing::debug!(seq, reason = %why, "refusal for a record not in flight");
+                        return None;
+                    }
                 }
                 self.status.send_modify(|s| {
                     s.refusals += 1;
-                    s.last_refusal = Some(format!("seq {}: {}", refusal.seq, refusal.reason));
+                    s.last_refusal = Some(format!("seq {seq}: {why}"));
                 });
             }
             types::CHALLENGE => {
                 let ch = match dsse::open::<pb::Challenge>(env, types::CHALLENGE, pinned) {
                     Ok(c) => c,
                     Err(e) => {
-                        return tracing::warn!(error = %e, "ignored a challenge that does not verify against the pinned coordinator key")
+                        tracing::warn!(error = %e, "ignored a challenge that does not verify against the pinned coordinator key");
+                        return None;
                     }
                 };
                 if ch.node_id != self.node_id {
-                    return tracing::warn!(node = %ch.node_id, "ignored a challenge for another node");
+                    tracing::warn!(node = %ch.node_id, "ignored a challenge for another node");
+                    return None;
                 }
                 if let Some(tx) = &self.challenges {
                     let _ = tx.try_send(ch);
@@ -452,7 +542,8 @@ impl Uplink {
                 let cmd = match dsse::open::<pb::Command>(env, types::COMMAND, pinned) {
                     Ok(c) => c,
                     Err(e) => {
-                        return tracing::warn!(error = %e, "ignored a command that does not verify against the pinned coordinator key")
+                        tracing::warn!(error = %e, "ignored a command that does not verify against the pinned coordinator key");
+                        return None;
                     }
                 };
                 match &self.commands {
@@ -472,6 +563,7 @@ impl Uplink {
                 tracing::warn!(payload_type = %other, "ignored an unexpected coordinator message")
             }
         }
+        None
     }
 }
 

@@ -192,6 +192,14 @@ impl pb::admin_server::Admin for AdminService {
                     .iter()
                     .filter_map(|b| prost::Message::decode(b.as_slice()).ok())
                     .collect(),
+                missing: n
+                    .missing
+                    .iter()
+                    .map(|(first, last)| pb::SeqRange {
+                        first: *first,
+                        last: *last,
+                    })
+                    .collect(),
             })
             .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))

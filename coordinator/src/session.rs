@@ -2,11 +2,13 @@
 //!
 //! A session starts with the coordinator's Hello (a fresh nonce), then a
 //! Register signed by the key it announces and carrying that nonce, which
-//! the enrollment policy must let in; the coordinator answers Registered.
-//! After that every envelope is verified against that node's key; records
-//! are stored and answered with a signed Receipt, anything that fails
-//! verification or a limit with a signed Refusal giving the reason. A node
-//! sending faster than its rate is paused (not refused).
+//! the enrollment policy must let in; the coordinator answers Registered,
+//! then a Welcome carrying the last seq it has stored for the node. After
+//! that every envelope is verified against that node's key; records are
+//! stored and answered with a signed Receipt, anything that fails
+//! verification or a limit with a signed Refusal giving the reason and its
+//! kind (final, or retry later). A node sending faster than its rate is
+//! paused (not refused).
 
 use std::{
     collections::HashMap,
@@ -26,7 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 use warden_proto::{
     dsse::{self, Signer, VerifyingKey},
     limits::{self, RecordKind},
-    pb::{self, Envelope},
+    pb::{self, Envelope, RefusalKind},
     types,
 };
 
@@ -176,7 +178,7 @@ impl UplinkService {
             r = self.register(&mut inbound, &nonce, peer) => r,
             _ = self.shutdown.cancelled() => return,
         };
-        let (reg, key, mesh_changed) = match registered {
+        let (reg, key, registration) = match registered {
             Ok(r) => r,
             Err(status) => {
                 let due = self
@@ -192,7 +194,7 @@ impl UplinkService {
                 return;
             }
         };
-        tracing::info!(node = %reg.node_id, peer = %peer.map(|p| p.to_string()).unwrap_or_default(), version = %reg.agent_version, "agent registered");
+        tracing::info!(node = %reg.node_id, peer = %peer.map(|p| p.to_string()).unwrap_or_default(), version = %reg.agent_version, last_seq = registration.last_seq, "agent registered");
         // Before attach: nothing else can reach the agent ahead of it.
         let registered = self.signer.sign_message(
             types::REGISTERED,
@@ -202,9 +204,19 @@ impl UplinkService {
                 time_unix_ms: now_ms(),
             },
         );
-        if tx.send(Ok(registered)).await.is_err() {
+        // Then where the node's seqs stand here: the agent anchors its spool on it.
+        let welcome = self.signer.sign_message(
+            types::WELCOME,
+            &pb::Welcome {
+                node_id: reg.node_id.clone(),
+                last_seq: registration.last_seq,
+                time_unix_ms: now_ms(),
+            },
+        );
+        if tx.send(Ok(registered)).await.is_err() || tx.send(Ok(welcome)).await.is_err() {
             return;
         }
+        let mesh_changed = registration.mesh_changed;
         let registry = self.registry.clone();
         let id = registry.attach(&reg.node_id, tx.clone());
         {
@@ -240,14 +252,14 @@ impl UplinkService {
     }
 
     /// Reads the Register, checks it against this stream's nonce and the
-    /// enrollment policy, and stores it: the node, its key, and whether its
-    /// mesh identity changed.
+    /// enrollment policy, and stores it: the node, its key, and what storing
+    /// it said (the node's last stored seq, whether its mesh identity changed).
     async fn register(
         &self,
         inbound: &mut Streaming<Envelope>,
         nonce: &[u8; 32],
         peer: Option<std::net::SocketAddr>,
-    ) -> Result<(pb::Register, VerifyingKey, bool), Status> {
+    ) -> Result<(pb::Register, VerifyingKey, crate::store::Registered), Status> {
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no Register within 10 s"))??
@@ -284,7 +296,7 @@ impl UplinkService {
                 Some(by)
             }
         };
-        let mesh_changed = self
+        let registration = self
             .store
             .register(NodeRow {
                 node_id: reg.node_id.clone(),
@@ -310,7 +322,7 @@ impl UplinkService {
             })
             .await
             .map_err(unavailable)?;
-        Ok((reg, key, mesh_changed))
+        Ok((reg, key, registration))
     }
 }
 
@@ -411,6 +423,7 @@ enum Verdict {
     Refuse {
         seq: u64,
         digest: [u8; 32],
+        kind: RefusalKind,
         reason: String,
     },
     Heartbeat(pb::Heartbeat),
@@ -441,7 +454,7 @@ impl Session {
                 tokio::time::sleep(pause).await;
             }
             throttled = !pause.is_zero();
-            let mut to_store = Vec::new();
+            let mut to_store: Vec<NewRecord> = Vec::new();
             let mut replies = Vec::new();
             let mut heard = false;
             let mut spool = None;
@@ -459,10 +472,11 @@ impl Session {
                     Verdict::Refuse {
                         seq,
                         digest,
+                        kind,
                         reason,
                     } => {
-                        tracing::warn!(node = %self.node_id, seq, %reason, "record refused");
-                        replies.push(self.refusal(seq, digest, reason));
+                        tracing::warn!(node = %self.node_id, seq, kind = kind.as_str_name(), %reason, "record refused");
+                        replies.push(self.refusal(seq, digest, kind, reason));
                     }
                     Verdict::Heartbeat(hb) => {
                         heard = true;
@@ -473,12 +487,28 @@ impl Session {
             if heard || !to_store.is_empty() {
                 self.store.seen(&self.node_id, now_ms(), spool);
             }
-            if !to_store.is_empty() {
-                let outcomes = self
-                    .store
-                    .insert(to_store.clone())
-                    .await
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
+            let outcomes = if to_store.is_empty() {
+                Vec::new()
+            } else {
+                match self.store.insert(to_store.clone()).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        // Nothing of the chunk is stored: the agent keeps the
+                        // records and sends them again later; the stream stays up.
+                        tracing::error!(node = %self.node_id, error = %e, records = to_store.len(), "records not stored; refused for now");
+                        for rec in to_store.drain(..) {
+                            replies.push(self.refusal(
+                                rec.seq,
+                                rec.payload_sha256,
+                                RefusalKind::RetryLater,
+                                format!("the coordinator could not store it now: {e}"),
+                            ));
+                        }
+                        Vec::new()
+                    }
+                }
+            };
+            {
                 for (rec, outcome) in to_store.into_iter().zip(outcomes) {
                     if matches!(outcome, Outcome::Stored | Outcome::Duplicate) {
                         for r in &rec.state.results {
@@ -504,6 +534,7 @@ impl Session {
                         Outcome::Conflict { stored_sha256 } => replies.push(self.refusal(
                             rec.seq,
                             rec.payload_sha256,
+                            RefusalKind::Conflict,
                             format!(
                                 "seq {} is already stored with different content (sha256 {})",
                                 rec.seq,
@@ -518,7 +549,14 @@ impl Session {
                                 quota,
                             };
                             tracing::warn!(node = %self.node_id, seq = rec.seq, "record refused: {why}");
-                            replies.push(self.refusal(rec.seq, rec.payload_sha256, why.to_string()))
+                            // Retryable: the record stays in the agent's spool until
+                            // the operator raises the quota.
+                            replies.push(self.refusal(
+                                rec.seq,
+                                rec.payload_sha256,
+                                RefusalKind::RetryLater,
+                                why.to_string(),
+                            ))
                         }
                     }
                 }
@@ -538,6 +576,7 @@ impl Session {
             return Verdict::Refuse {
                 seq: 0,
                 digest,
+                kind: RefusalKind::Malformed,
                 reason: OverLimit::TooLarge {
                     what: "heartbeat",
                     size: env.payload.len(),
@@ -553,6 +592,7 @@ impl Session {
                 Err(e) => Verdict::Refuse {
                     seq: 0,
                     digest,
+                    kind: RefusalKind::of_verify_error(&e),
                     reason: format!("heartbeat: {e}"),
                 },
             },
@@ -561,9 +601,10 @@ impl Session {
                 // and to find the kind's size cap (checked before the signature).
                 let claimed = pb::Record::decode(env.payload.as_slice()).ok();
                 let claimed_seq = claimed.as_ref().map_or(0, |r| r.seq);
-                let refuse = |reason: String| Verdict::Refuse {
+                let refuse = |kind: RefusalKind, reason: String| Verdict::Refuse {
                     seq: claimed_seq,
                     digest,
+                    kind,
                     reason,
                 };
                 let (what, cap) = match &claimed {
@@ -574,7 +615,9 @@ impl Session {
                     None => ("record", limits::RECORD),
                 };
                 if env.payload.len() > cap {
+                    // Final: those bytes will never fit under the cap.
                     return refuse(
+                        RefusalKind::Malformed,
                         OverLimit::TooLarge {
                             what,
                             size: env.payload.len(),
@@ -585,16 +628,19 @@ impl Session {
                 }
                 let rec = match dsse::open::<pb::Record>(env, types::RECORD, &self.key) {
                     Ok(r) => r,
-                    Err(e) => return refuse(e.to_string()),
+                    Err(e) => return refuse(RefusalKind::of_verify_error(&e), e.to_string()),
                 };
                 if rec.node_id != self.node_id {
-                    return refuse(format!(
-                        "record names node {} but this stream belongs to node {}",
-                        rec.node_id, self.node_id
-                    ));
+                    return refuse(
+                        RefusalKind::WrongNode,
+                        format!(
+                            "record names node {} but this stream belongs to node {}",
+                            rec.node_id, self.node_id
+                        ),
+                    );
                 }
                 if rec.seq == 0 {
-                    return refuse("record seq must start at 1".into());
+                    return refuse(RefusalKind::Malformed, "record seq must start at 1".into());
                 }
                 let sig = env
                     .signatures
@@ -640,12 +686,13 @@ impl Session {
             other => Verdict::Refuse {
                 seq: 0,
                 digest,
+                kind: RefusalKind::Malformed,
                 reason: format!("unexpected payload type {other}"),
             },
         }
     }
 
-    fn refusal(&self, seq: u64, digest: [u8; 32], reason: String) -> Envelope {
+    fn refusal(&self, seq: u64, digest: [u8; 32], kind: RefusalKind, reason: String) -> Envelope {
         self.signer.sign_message(
             types::REFUSAL,
             &pb::Refusal {
@@ -654,6 +701,7 @@ impl Session {
                 payload_sha256: digest.to_vec(),
                 reason,
                 time_unix_ms: now_ms(),
+                kind: kind.into(),
             },
         )
     }

@@ -163,10 +163,24 @@ pub struct NodeStats {
     pub link: Option<Vec<u8>>,
     pub mesh_public_key: Vec<u8>,
     pub mesh_endpoints: Vec<String>,
+    /// Runs of seqs (first, last) below `last_seq` with no stored record, at most [`MAX_GAPS`].
+    pub missing: Vec<(u64, u64)>,
+}
+
+/// Gap runs listed per node.
+pub const MAX_GAPS: usize = 100;
+
+/// What a registration found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    /// The node's mesh key or endpoints are new or changed.
+    pub mesh_changed: bool,
+    /// The highest record seq stored for the node (0: none).
+    pub last_seq: u64,
 }
 
 enum Cmd {
-    Register(NodeRow, oneshot::Sender<Result<bool, StoreError>>),
+    Register(NodeRow, oneshot::Sender<Result<Registered, StoreError>>),
     /// How a node was enrolled (None: never seen).
     Enrolled(
         String,
@@ -283,8 +297,9 @@ impl Store {
     }
 
     /// Stores a registration: whether the node's mesh key or endpoints are
-    /// new or changed (its cluster's peers then need them).
-    pub async fn register(&self, node: NodeRow) -> Result<bool, StoreError> {
+    /// new or changed (its cluster's peers then need them), and the last
+    /// seq stored for it (the agent's Welcome says it).
+    pub async fn register(&self, node: NodeRow) -> Result<Registered, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.send(Cmd::Register(node, tx))?;
         rx.await.map_err(|_| StoreError::Stopped)?
@@ -623,8 +638,8 @@ enum Reply {
         oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
         Vec<Outcome>,
     ),
-    /// A registration, and whether its mesh identity changed.
-    Registered(oneshot::Sender<Result<bool, StoreError>>, bool),
+    /// A registration, and what it found.
+    Registered(oneshot::Sender<Result<Registered, StoreError>>, Registered),
 }
 
 fn apply(conn: &mut Connection, batch: Vec<Cmd>, node_quota: u64) {
@@ -634,8 +649,19 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, node_quota: u64) {
         for cmd in batch {
             match cmd {
                 Cmd::Register(node, reply) => {
-                    let changed = upsert_node(&tx, &node)?;
-                    replies.push(Reply::Registered(reply, changed));
+                    let mesh_changed = upsert_node(&tx, &node)?;
+                    let last_seq: Option<i64> = tx.query_row(
+                        "SELECT max(seq) FROM records WHERE node_id = ?1",
+                        params![node.node_id],
+                        |row| row.get(0),
+                    )?;
+                    replies.push(Reply::Registered(
+                        reply,
+                        Registered {
+                            mesh_changed,
+                            last_seq: last_seq.unwrap_or(0) as u64,
+                        },
+                    ));
                 }
                 Cmd::Enrolled(node_id, reply) => {
                     let by = tx
@@ -1207,6 +1233,13 @@ fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
          FROM nodes n ORDER BY n.node_id",
     )?;
     let mut gpus = conn.prepare("SELECT sample FROM gpus WHERE node_id = ?1 ORDER BY idx, uuid")?;
+    // Each stored seq whose successor is not stored, with the next stored one.
+    let mut gaps = conn.prepare(
+        "SELECT seq, next FROM (
+             SELECT seq, lead(seq) OVER (ORDER BY seq) AS next FROM records WHERE node_id = ?1
+             UNION ALL SELECT 0, (SELECT min(seq) FROM records WHERE node_id = ?1)
+         ) WHERE next > seq + 1 ORDER BY seq LIMIT ?2",
+    )?;
     let rows = stmt.query_map([], |row| {
         Ok(NodeStats {
             node_id: row.get(0)?,
@@ -1228,12 +1261,21 @@ fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
                 .lines()
                 .map(str::to_owned)
                 .collect(),
+            missing: Vec::new(),
         })
     })?;
     let mut nodes = rows.collect::<rusqlite::Result<Vec<_>>>()?;
     for n in &mut nodes {
         n.gpus = gpus
             .query_map([&n.node_id], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        n.missing = gaps
+            .query_map(params![n.node_id, MAX_GAPS as i64], |row| {
+                Ok((
+                    row.get::<_, i64>(0)? as u64 + 1,
+                    row.get::<_, i64>(1)? as u64 - 1,
+                ))
+            })?
             .collect::<rusqlite::Result<_>>()?;
     }
     Ok(nodes)
@@ -1296,12 +1338,22 @@ mod tests {
         let mut n = node();
         n.mesh_public_key = vec![7; 32];
         n.mesh_endpoints = vec!["192.0.2.1:51820".into()];
-        assert!(store.register(n.clone()).await.unwrap(), "a new node");
-        assert!(!store.register(n.clone()).await.unwrap(), "the same again");
+        let changed = |r: Registered| r.mesh_changed;
+        assert!(
+            changed(store.register(n.clone()).await.unwrap()),
+            "a new node"
+        );
+        assert!(
+            !changed(store.register(n.clone()).await.unwrap()),
+            "the same again"
+        );
         n.mesh_endpoints = vec!["192.0.2.2:51820".into()];
-        assert!(store.register(n.clone()).await.unwrap(), "a new endpoint");
+        assert!(
+            changed(store.register(n.clone()).await.unwrap()),
+            "a new endpoint"
+        );
         n.mesh_public_key = vec![8; 32];
-        assert!(store.register(n).await.unwrap(), "a new key");
+        assert!(changed(store.register(n).await.unwrap()), "a new key");
     }
 
     #[tokio::test]
@@ -1328,6 +1380,21 @@ mod tests {
         assert_eq!(nodes[0].last_seen_ms, 99);
         assert_eq!(nodes[0].first_seen_ms, 10);
         assert_eq!(nodes[0].spool_state, Some(vec![0x20, 0x01]));
+        assert!(nodes[0].missing.is_empty());
+    }
+
+    #[tokio::test]
+    async fn registration_says_the_last_seq_and_listing_names_the_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        assert_eq!(store.register(node()).await.unwrap().last_seq, 0);
+        store
+            .insert(vec![rec(3, 3), rec(4, 4), rec(7, 7), rec(10, 10)])
+            .await
+            .unwrap();
+        assert_eq!(store.register(node()).await.unwrap().last_seq, 10);
+        let nodes = store.list_nodes().await.unwrap();
+        assert_eq!(nodes[0].missing, vec![(1, 2), (5, 6), (8, 9)]);
     }
 
     #[tokio::test]

@@ -15,6 +15,8 @@ pub const RECORD: &str = "application/vnd.warden.record.v1+protobuf";
 pub const RECEIPT: &str = "application/vnd.warden.receipt.v1+protobuf";
 /// Coordinator → agent: [`crate::pb::Refusal`].
 pub const REFUSAL: &str = "application/vnd.warden.refusal.v1+protobuf";
+/// Coordinator → agent, first on every accepted stream: [`crate::pb::Welcome`].
+pub const WELCOME: &str = "application/vnd.warden.welcome.v1+protobuf";
 /// Coordinator → agent: [`crate::pb::Command`] (lease and workload orders).
 pub const COMMAND: &str = "application/vnd.warden.command.v1+protobuf";
 /// Coordinator → agent: [`crate::pb::Challenge`] (a nonce to attest).
