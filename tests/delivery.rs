@@ -409,13 +409,30 @@ fn an_acked_watermark_beyond_the_spool_is_ignored_and_nothing_pending_is_lost() 
     );
 }
 
+/// Two agents with their own state directories but one `spool.dir` would
+/// give the same seqs to different records: the second is refused, naming
+/// the holder (the same state directory is tests/localstate.rs's case).
 #[test]
-fn a_second_agent_on_the_same_state_dir_is_refused() {
+fn a_second_agent_on_the_same_spool_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("agent");
-    let agent = Agent::start(&dir, "[telemetry]\ninterval = \"1h\"\n");
+    let spool = tmp.path().join("shared-spool");
+    let extra = format!(
+        "[telemetry]\ninterval = \"1h\"\n[spool]\ndir = \"{}\"\n",
+        spool.display()
+    );
+    let agent = Agent::start(&tmp.path().join("a"), &extra);
+    let config = tmp.path().join("b.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n[status]\nsocket = \"{}\"\n[metrics]\nlisten = \"\"\n{extra}",
+            tmp.path().join("b").display(),
+            tmp.path().join("b.sock").display()
+        ),
+    )
+    .unwrap();
     let mut second = Proc::spawn(
-        &["agent", "--config", agent.config.to_str().unwrap()],
+        &["agent", "--config", config.to_str().unwrap()],
         tmp.path().join("second.log"),
     );
     let status = wait_for("the second agent to exit", Duration::from_secs(30), || {
@@ -423,7 +440,10 @@ fn a_second_agent_on_the_same_state_dir_is_refused() {
     });
     assert!(!status.success());
     let log = second.log_text();
-    assert!(log.contains("in use by another warden agent"), "{log}");
+    assert!(
+        log.contains(&spool.display().to_string()) && log.contains("held by pid"),
+        "{log}"
+    );
     assert!(agent.status().is_some(), "the first agent runs on");
 }
 
@@ -550,6 +570,8 @@ fn a_small_spool_through_an_outage_keeps_every_attestation_and_sheds_telemetry()
     let out = std::process::Command::new(WARDEN)
         .arg("verify")
         .arg(&bundle)
+        .arg("--coordinator-key")
+        .arg(cdir.join("coordinator.pub"))
         .args(["--min-coverage", "0"])
         .output()
         .unwrap();

@@ -66,10 +66,19 @@ struct Streams {
 }
 
 impl Registry {
-    fn attach(&self, node_id: &str, tx: Outbound) -> u64 {
+    /// Makes `tx` the node's stream, after queueing `first` on it. Both under
+    /// the registry's lock: no command can be queued ahead of `first`, and
+    /// anyone who learns of the node from `first` (the agent says it is
+    /// connected once Registered arrives) finds it attached. `None` if the
+    /// stream is gone or full.
+    fn attach(&self, node_id: &str, tx: Outbound, first: Vec<Envelope>) -> Option<u64> {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        self.lock().nodes.insert(node_id.to_owned(), (id, tx));
-        id
+        let mut map = self.lock();
+        for env in first {
+            tx.try_send(Ok(env)).ok()?;
+        }
+        map.nodes.insert(node_id.to_owned(), (id, tx));
+        Some(id)
     }
 
     /// Detaches only if no newer session of the node replaced this one.
@@ -195,7 +204,7 @@ impl UplinkService {
             }
         };
         tracing::info!(node = %reg.node_id, peer = %peer.map(|p| p.to_string()).unwrap_or_default(), version = %reg.agent_version, last_seq = registration.last_seq, "agent registered");
-        // Before attach: nothing else can reach the agent ahead of it.
+        // Queued as the stream is attached: nothing else reaches the agent first.
         let registered = self.signer.sign_message(
             types::REGISTERED,
             &pb::Registered {
@@ -213,12 +222,11 @@ impl UplinkService {
                 time_unix_ms: now_ms(),
             },
         );
-        if tx.send(Ok(registered)).await.is_err() || tx.send(Ok(welcome)).await.is_err() {
-            return;
-        }
         let mesh_changed = registration.mesh_changed;
         let registry = self.registry.clone();
-        let id = registry.attach(&reg.node_id, tx.clone());
+        let Some(id) = registry.attach(&reg.node_id, tx.clone(), vec![registered, welcome]) else {
+            return;
+        };
         {
             let mesh = crate::mesh::MeshSender {
                 store: self.store.clone(),
