@@ -437,3 +437,67 @@ pub fn http_get(addr: &str, path: &str) -> String {
     out
 }
 pub mod image;
+
+/// A stand-in for the Docker socket that forwards to the real one, and
+/// can be cut: to the agent, Docker went away.
+pub struct DockerProxy {
+    path: std::path::PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+}
+
+impl DockerProxy {
+    pub fn start(path: &Path) -> DockerProxy {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<UnixStream>::new()));
+        let (s, c) = (stop.clone(), conns.clone());
+        std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let Ok(docker) = UnixStream::connect("/var/run/docker.sock") else {
+                    continue;
+                };
+                let mut list = c.lock().unwrap();
+                list.push(client.try_clone().unwrap());
+                list.push(docker.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), docker.try_clone().unwrap()),
+                    (docker, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        DockerProxy {
+            path: path.to_owned(),
+            stop,
+            conns,
+        }
+    }
+
+    /// Docker "goes away": no new connections, and the open ones are cut.
+    pub fn cut(self) {
+        drop(self);
+    }
+}
+
+impl Drop for DockerProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::fs::remove_file(&self.path);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}

@@ -303,11 +303,17 @@ pub struct Spool {
 /// Takes the spool's lock, or says who holds it.
 fn lock(dir: &Path) -> Result<File, SpoolError> {
     let path = dir.join(LOCK);
+    // Private like every other state file, and never through a link.
     let f = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
+        .map_err(io_err(&path))?;
+    // A lock file left by an older version may still be world-readable.
+    f.set_permissions(fs::Permissions::from_mode(0o600))
         .map_err(io_err(&path))?;
     // SAFETY: flock on a descriptor this function owns; no memory is shared.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
