@@ -32,8 +32,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "HostSample",
         "ContainerState",
         "WorkloadEvent",
+        // And what `warden nodes/lease list/cluster --json` print.
+        "NodeInfo",
+        "LeaseInfo",
+        "ClusterInfo",
+        "ClusterMember",
     ] {
         builder = builder.type_attribute(format!(".warden.v1.{m}"), "#[derive(serde::Serialize)]");
+    }
+    for (field, with) in [
+        ("NodeInfo.public_key", "hex"),
+        ("NodeInfo.mesh_public_key", "base64_std"),
+        ("NodeInfo.missing", "seq_ranges"),
+    ] {
+        builder = builder.field_attribute(
+            format!(".warden.v1.{field}"),
+            format!("#[serde(serialize_with = \"crate::json::{with}\")]"),
+        );
     }
     builder
         .build_server(true)

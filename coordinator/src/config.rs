@@ -291,6 +291,21 @@ impl CoordinatorConfig {
     }
 
     /// The TLS certificate and key paths, which production needs.
+    /// Under systemd the packaged unit hands the TLS certificate and key
+    /// over as credentials (`LoadCredential=tls.crt:…`), since its dynamic
+    /// user cannot read root's files: from `dir` (`$CREDENTIALS_DIRECTORY`)
+    /// they fill `tls.cert` and `tls.key` unless the config sets them.
+    pub fn take_tls_credentials(&mut self, dir: Option<&Path>) {
+        let Some(dir) = dir else { return };
+        let found = |name: &str| Some(dir.join(name)).filter(|p| p.exists());
+        if self.tls.cert.is_none() {
+            self.tls.cert = found("tls.crt");
+        }
+        if self.tls.key.is_none() {
+            self.tls.key = found("tls.key");
+        }
+    }
+
     pub fn tls_paths(&self) -> Result<(PathBuf, PathBuf), ConfigError> {
         let cert = self.tls.cert.clone().ok_or(ConfigError::Invalid {
             key: "tls.cert",
@@ -473,5 +488,24 @@ mod tests {
         assert!(e.to_string().contains("unknown field `certificate`"), "{e}");
         let e = CoordinatorConfig::parse("listen = \"nowhere\"\n", "c.toml").unwrap_err();
         assert!(e.to_string().contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn systemd_credentials_fill_only_the_tls_paths_the_config_leaves_out() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tls.crt"), "cert").unwrap();
+        let mut cfg = CoordinatorConfig::default();
+        cfg.take_tls_credentials(Some(dir.path()));
+        assert_eq!(cfg.tls.cert, Some(dir.path().join("tls.crt")));
+        assert_eq!(cfg.tls.key, None, "no tls.key credential was passed");
+
+        let mut cfg = CoordinatorConfig::default();
+        cfg.tls.cert = Some("/etc/mine.pem".into());
+        cfg.take_tls_credentials(Some(dir.path()));
+        assert_eq!(cfg.tls.cert, Some(PathBuf::from("/etc/mine.pem")));
+
+        let mut cfg = CoordinatorConfig::default();
+        cfg.take_tls_credentials(None);
+        assert_eq!(cfg.tls.cert, None);
     }
 }

@@ -5,6 +5,7 @@ pub mod bundle;
 pub mod chain;
 pub mod dsse;
 pub mod identity;
+pub mod json;
 pub mod limits;
 pub mod refusal;
 pub mod types;

@@ -21,7 +21,8 @@
 //!   device and the UDP socket;
 //! - [`ifaddr`] sets the interface's address, MTU and up flag;
 //! - [`rtt`] pings peers over the mesh;
-//! - [`node`] is the agent's own interface, driven by the coordinator.
+//! - [`node`] is the agent's own interface, driven by the coordinator;
+//! - [`standalone`] is an interface on its own, driven by stock `wg`.
 
 pub mod checksum;
 pub mod control;
@@ -34,6 +35,7 @@ pub mod node;
 pub mod offload;
 pub mod peers;
 pub mod rtt;
+pub mod standalone;
 pub mod tun;
 pub mod uapi;
 pub mod udp;

@@ -1,0 +1,13 @@
+//! One file per command: its arguments and how it runs and prints.
+
+pub mod admin;
+pub mod agent;
+pub mod cluster;
+pub mod coordinator;
+pub mod host;
+pub mod image;
+pub mod lease;
+pub mod mesh;
+pub mod nodes;
+pub mod status;
+pub mod verify;
