@@ -40,6 +40,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ] {
         builder = builder.type_attribute(format!(".warden.v1.{m}"), "#[derive(serde::Serialize)]");
     }
+    // What `warden status` reads back from the agent's report.
+    for m in ["GpuSample", "GpuProcess", "LinkSample"] {
+        builder = builder.type_attribute(
+            format!(".warden.v1.{m}"),
+            "#[derive(serde::Deserialize)] #[serde(default)]",
+        );
+    }
     for (field, with) in [
         ("NodeInfo.public_key", "hex"),
         ("NodeInfo.mesh_public_key", "base64_std"),

@@ -54,6 +54,24 @@ fn dev_mode_runs_both_halves_and_stops_cleanly_on_sigint() {
     let s = wait_for("a GPU sample", Duration::from_secs(30), || {
         status(&sock).filter(|s| s["gpus"].as_array().is_some_and(|g| g.len() == 1))
     });
+    // The human form is printed from the same typed report.
+    let out = std::process::Command::new(WARDEN)
+        .args(["status", "--socket", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for line in [
+        format!("node        {}", s["node_id"].as_str().unwrap()),
+        format!(
+            "coordinator {} connected",
+            s["coordinator"]["address"].as_str().unwrap()
+        ),
+        "gpus        1".to_owned(),
+        format!("  0   {}", s["gpus"][0]["uuid"].as_str().unwrap()),
+    ] {
+        assert!(text.contains(&line), "{line:?} in:\n{text}");
+    }
     let metrics = http_get(s["metrics_address"].as_str().unwrap(), "/metrics");
     assert!(
         metrics.contains("DCGM_FI_DEV_GPU_UTIL{gpu=\"0\""),

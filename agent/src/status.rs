@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream},
@@ -18,7 +18,7 @@ use warden_proto::pb;
 use crate::{spool::SpoolStats, uplink::UplinkStatus};
 
 /// The document `warden status --json` prints.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
     pub node_id: String,
     pub version: String,
@@ -43,7 +43,7 @@ pub struct StatusReport {
 }
 
 /// What the reloads of the configuration did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ConfigStatus {
     /// The file a reload reads, if the agent has one.
     pub file: Option<String>,
@@ -59,7 +59,7 @@ pub struct ConfigStatus {
 }
 
 /// The coordinator part of the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CoordinatorStatus {
     pub configured: bool,
     #[serde(flatten)]

@@ -48,7 +48,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// What `warden status` shows of the connection.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct UplinkStatus {
     pub address: String,
     pub connected: bool,

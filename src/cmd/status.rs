@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use warden_agent::status::StatusReport;
+
 use crate::settings::load_agent_config;
 
 #[derive(clap::Args)]
@@ -36,26 +38,25 @@ async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    let c = &v["coordinator"];
-    let s = &v["spool"];
-    println!("node        {}", v["node_id"].as_str().unwrap_or("?"));
-    println!(
-        "version     {}  (start {})",
-        v["version"].as_str().unwrap_or("?"),
-        v["start_id"].as_str().unwrap_or("?")
-    );
-    if c["configured"].as_bool() == Some(true) {
-        let state = if c["connected"].as_bool() == Some(true) {
+    let r: StatusReport = serde_json::from_value(v).context(
+        "the agent's status report is not what this warden reads (a different version?)",
+    )?;
+    print(&r);
+    Ok(())
+}
+
+fn print(r: &StatusReport) {
+    let (c, s) = (&r.coordinator, &r.spool);
+    println!("node        {}", r.node_id);
+    println!("version     {}  (start {})", r.version, r.start_id);
+    if c.configured {
+        let state = if c.uplink.connected {
             "connected"
         } else {
             "disconnected"
         };
-        println!(
-            "coordinator {} {}",
-            c["address"].as_str().unwrap_or("?"),
-            state
-        );
-        if let Some(e) = c["last_error"].as_str() {
+        println!("coordinator {} {}", c.uplink.address, state);
+        if let Some(e) = &c.uplink.last_error {
             println!("            last error: {e}");
         }
     } else {
@@ -63,119 +64,101 @@ async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
     }
     println!(
         "spool       {} pending, {} of {} bytes{}{}",
-        s["pending"],
-        s["bytes"],
-        s["max_bytes"],
-        if s["full"].as_bool() == Some(true) {
-            format!(", FULL of evidence ({} refused)", s["refused"])
+        s.pending,
+        s.bytes,
+        s.max_bytes,
+        if s.full {
+            format!(", FULL of evidence ({} refused)", s.refused)
         } else {
             String::new()
         },
-        if s["shedding"].as_bool() == Some(true) {
+        if s.shedding {
             ", shedding telemetry"
         } else {
             ""
         }
     );
-    let nonzero = |k: &str| s[k].as_u64().filter(|n| *n > 0);
-    if let Some(n) = nonzero("shed") {
-        println!("            {n} telemetry samples shed for lack of room since start");
-    }
-    if let Some(n) = nonzero("set_aside") {
+    if s.shed > 0 {
         println!(
-            "            {n} records set aside (refused for good; spool/refused.log, refused.txt)"
+            "            {} telemetry samples shed for lack of room since start",
+            s.shed
         );
     }
-    if let Some(n) = nonzero("corrupt") {
-        println!("            {n} damaged frames skipped since start (see the log for their seqs)");
+    if s.set_aside > 0 {
+        println!(
+            "            {} records set aside (refused for good; spool/refused.log, refused.txt)",
+            s.set_aside
+        );
     }
-    if s["anchored"].as_bool() == Some(false) {
+    if s.corrupt > 0 {
+        println!(
+            "            {} damaged frames skipped since start (see the log for their seqs)",
+            s.corrupt
+        );
+    }
+    if !s.anchored {
         println!("            waiting for the coordinator's last seq before sending (the spool was started empty)");
     }
-    println!("receipts    last seq {}", v["last_receipt_seq"]);
-    let cfg = &v["config"];
-    if let Some(file) = cfg["file"].as_str() {
-        let restart: Vec<&str> = cfg["needs_restart"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|k| k.as_str()).collect())
-            .unwrap_or_default();
+    println!("receipts    last seq {}", r.last_receipt_seq);
+    let cfg = &r.config;
+    if let Some(file) = &cfg.file {
         println!(
             "config      {file}, reloaded {} time(s){}",
-            cfg["reloads"],
-            if restart.is_empty() {
+            cfg.reloads,
+            if cfg.needs_restart.is_empty() {
                 String::new()
             } else {
-                format!("; needs a restart for: {}", restart.join(", "))
+                format!("; needs a restart for: {}", cfg.needs_restart.join(", "))
             }
         );
-        if let Some(e) = cfg["last_error"].as_str() {
+        if let Some(e) = &cfg.last_error {
             println!("            last reload refused: {e}");
         }
     }
-    let gpus = v["gpus"].as_array().cloned().unwrap_or_default();
-    match v["nvml"].as_str() {
-        Some("ok") => println!("gpus        {}", gpus.len()),
-        Some(why) => println!("gpus        none: CPU-only node ({why})"),
-        None => {}
+    if r.nvml == "ok" {
+        println!("gpus        {}", r.gpus.len());
+    } else {
+        println!("gpus        none: CPU-only node ({})", r.nvml);
     }
-    for g in &gpus {
-        if g["lost"] == true || g["error"].as_str().is_some_and(|e| !e.is_empty()) {
-            println!(
-                "  {:<3} {}  {}",
-                g["index"],
-                g["uuid"].as_str().unwrap_or("?"),
-                g["error"].as_str().unwrap_or("")
-            );
+    for g in &r.gpus {
+        if g.lost || !g.error.is_empty() {
+            println!("  {:<3} {}  {}", g.index, g.uuid, g.error);
         } else {
             println!(
                 "  {:<3} {}  {:>3}% util  {:>6} MiB used  {:>4} W  {:>3} C  {} processes",
-                g["index"],
-                g["uuid"].as_str().unwrap_or("?"),
-                g["utilization_gpu"],
-                g["memory_used_bytes"].as_u64().unwrap_or(0) >> 20,
-                g["power_mw"].as_u64().unwrap_or(0) / 1000,
-                g["temperature_c"],
-                g["processes"].as_array().map_or(0, |p| p.len()),
+                g.index,
+                g.uuid,
+                g.utilization_gpu,
+                g.memory_used_bytes >> 20,
+                g.power_mw / 1000,
+                g.temperature_c,
+                g.processes.len(),
             );
         }
     }
-    let l = &v["link"];
-    if !l.is_null() {
-        if l["error"].as_str().is_some_and(|e| !e.is_empty()) {
-            println!(
-                "link        probe failed: {}",
-                l["error"].as_str().unwrap_or("")
-            );
+    if let Some(l) = &r.link {
+        if !l.error.is_empty() {
+            println!("link        probe failed: {}", l.error);
         } else {
             println!(
                 "link        down {:.0} Mbit/s, up {:.0} Mbit/s, rtt {:.2} ms",
-                l["download_mbps"].as_f64().unwrap_or(0.0),
-                l["upload_mbps"].as_f64().unwrap_or(0.0),
-                l["rtt_ms"].as_f64().unwrap_or(0.0)
+                l.download_mbps, l.upload_mbps, l.rtt_ms
             );
         }
     }
-    if let Some(m) = v["metrics_address"].as_str() {
+    if let Some(m) = &r.metrics_address {
         println!("metrics     http://{m}/metrics");
     }
-    for l in v["leases"].as_array().cloned().unwrap_or_default() {
-        let containers: Vec<String> = l["containers"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+    for l in &r.leases {
+        let containers: Vec<String> = l
+            .containers
             .iter()
-            .map(|c| {
-                format!(
-                    "{} {}",
-                    c["name"].as_str().unwrap_or("?"),
-                    c["state"].as_str().unwrap_or("?")
-                )
-            })
+            .map(|c| format!("{} {}", c.name, c.state))
             .collect();
         println!(
             "lease       {}  {} GPU(s)  {}",
-            l["id"].as_str().unwrap_or("?"),
-            l["gpus"].as_array().map_or(0, |g| g.len()),
+            l.id,
+            l.gpus.len(),
             if containers.is_empty() {
                 "no containers".to_owned()
             } else {
@@ -183,46 +166,32 @@ async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
             }
         );
     }
-    let m = &v["mesh"];
-    if !m.is_null() {
+    if let Some(m) = &r.mesh {
         println!(
             "mesh        {} {} in cluster {} (generation {}), port {}",
-            m["interface"].as_str().unwrap_or("?"),
-            m["address"].as_str().unwrap_or("?"),
-            m["cluster_id"].as_str().unwrap_or("?"),
-            m["generation"],
-            m["listen_port"],
+            m.interface, m.address, m.cluster_id, m.generation, m.listen_port,
         );
         let now = warden_agent::now_ms();
-        for p in m["peers"].as_array().cloned().unwrap_or_default() {
-            let hs = p["last_handshake_unix_ms"].as_i64().unwrap_or(0);
+        for p in &m.peers {
+            let hs = p.last_handshake_unix_ms;
             println!(
                 "  peer {}  {}  endpoint {}  handshake {}  rx {} B  tx {} B  rtt {}",
-                p["node_id"].as_str().unwrap_or("?"),
-                p["allowed_ips"]
-                    .as_array()
-                    .map(|a| a
-                        .iter()
-                        .filter_map(|x| x.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","))
-                    .unwrap_or_default(),
-                p["endpoint"].as_str().unwrap_or("unknown"),
+                p.node_id,
+                p.allowed_ips.join(","),
+                p.endpoint.as_deref().unwrap_or("unknown"),
                 if hs == 0 {
                     "never".to_owned()
                 } else {
                     format!("{} s ago", (now - hs).max(0) / 1000)
                 },
-                p["rx_bytes"],
-                p["tx_bytes"],
-                p["rtt_ms"]
-                    .as_f64()
+                p.rx_bytes,
+                p.tx_bytes,
+                p.rtt_ms
                     .map_or("no answer".to_owned(), |r| format!("{r:.2} ms")),
             );
         }
-        for e in m["errors"].as_array().cloned().unwrap_or_default() {
-            println!("  problem: {}", e.as_str().unwrap_or(""));
+        for e in &m.errors {
+            println!("  problem: {e}");
         }
     }
-    Ok(())
 }

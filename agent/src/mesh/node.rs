@@ -13,7 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{mpsc, oneshot, watch},
     task::JoinHandle,
@@ -36,7 +36,7 @@ use super::{
 pub type Request = (pb::MeshConfig, oneshot::Sender<Result<String, String>>);
 
 /// The mesh as `warden status` shows it.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct MeshStatus {
     pub interface: String,
     pub cluster_id: String,
@@ -51,7 +51,7 @@ pub struct MeshStatus {
 }
 
 /// One peer.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PeerStatus {
     pub node_id: String,
     /// Base64, as `wg` shows it.

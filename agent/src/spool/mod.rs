@@ -84,7 +84,7 @@ pub struct Damaged {
 }
 
 /// Figures for status, heartbeats and telemetry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct SpoolStats {
     pub pending: u64,
     pub bytes: u64,
