@@ -10,6 +10,7 @@ pub mod devtls;
 pub mod enrollment;
 pub mod leases;
 pub mod listener;
+pub mod matcher;
 pub mod mesh;
 pub mod probe;
 pub mod ratelimit;
