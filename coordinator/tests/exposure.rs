@@ -122,11 +122,14 @@ impl Stream {
         self.tx.send(env).await.unwrap();
     }
 
-    /// Sends `reg` and returns the answer: Registered, or the status the stream ended with.
+    /// Sends `reg` and returns the answer: Registered (and the Welcome
+    /// that follows it), or the status the stream ended with.
     async fn register(&mut self, reg: Envelope) -> Result<(), tonic::Status> {
         self.send(reg).await;
         let env = next(&mut self.rx).await?;
         assert_eq!(env.payload_type, types::REGISTERED);
+        let env = next(&mut self.rx).await?;
+        assert_eq!(env.payload_type, types::WELCOME);
         Ok(())
     }
 
