@@ -4,16 +4,9 @@
 use std::{sync::Arc, time::Duration};
 
 use tonic::{Request, Response, Status};
-use warden_proto::{dsse::Signer, pb, types};
+use warden_proto::{dsse::Signer, pb};
 
-use crate::{
-    leases::Kind,
-    session::{now_ms, Registry},
-    store::Store,
-};
-
-/// How long a command stays valid after it is sent.
-pub const COMMAND_TTL: Duration = Duration::from_secs(60);
+use crate::{clock::now_ms, ids, leases::Kind, registry::Registry, store::Store};
 /// How long the admin call waits for the node's answer by default.
 const DEFAULT_WAIT: Duration = Duration::from_secs(60);
 
@@ -40,39 +33,30 @@ impl AdminService {
         body: pb::command::Body,
         wait: Duration,
     ) -> Result<pb::LeaseInfo, Status> {
-        let tx = self.registry.sender(&info.node_id).ok_or_else(|| {
-            Status::failed_precondition(format!("node {} is not connected", info.node_id))
-        })?;
-        let now = now_ms();
-        let cmd = pb::Command {
-            node_id: info.node_id.clone(),
-            command_id: format!("c-{}", random_hex()),
-            issued_unix_ms: now,
-            expires_unix_ms: now + COMMAND_TTL.as_millis() as i64,
-            body: Some(body),
-        };
-        let kind = Kind::of(&cmd).ok_or_else(|| Status::internal("empty command"))?;
+        let cmd = self
+            .registry
+            .command(&info.node_id, "c", body)
+            .ok_or_else(|| {
+                Status::failed_precondition(format!("node {} is not connected", info.node_id))
+            })?;
+        let kind = Kind::of(&cmd.command).ok_or_else(|| Status::internal("empty command"))?;
         let lease_id = info.lease_id.clone();
+        let command_id = cmd.command.command_id.clone();
         self.store
-            .put_lease(info, cmd.command_id.clone(), kind)
+            .put_lease(info, command_id.clone(), kind)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        let answer = self.registry.wait_for(&cmd.command_id);
-        if tx
-            .send(Ok(self.signer.sign_message(types::COMMAND, &cmd)))
+        let answer = self
+            .registry
+            .send(cmd)
             .await
-            .is_err()
-        {
-            self.registry.forget(&cmd.command_id);
-            return Err(Status::unavailable(
-                "the node's stream closed before the command was sent",
-            ));
-        }
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .answer;
         let result = match tokio::time::timeout(wait, answer).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => return Err(Status::unavailable("the coordinator is shutting down")),
             Err(_) => {
-                self.registry.forget(&cmd.command_id);
+                self.registry.forget(&command_id);
                 return Err(Status::deadline_exceeded(format!(
                     "node did not answer within {}s; lease {lease_id} keeps its last state (see warden lease list)",
                     wait.as_secs()
@@ -109,7 +93,6 @@ impl AdminService {
         crate::mesh::MeshSender {
             store: self.store.clone(),
             registry: self.registry.clone(),
-            signer: self.signer.clone(),
         }
     }
 
@@ -129,11 +112,6 @@ impl AdminService {
         }
         Ok(info)
     }
-}
-
-pub(crate) fn random_hex() -> String {
-    use rand::Rng;
-    format!("{:016x}", rand::rng().random::<u64>())
 }
 
 /// How long SetCluster waits for the members by default: the promise is a
@@ -215,7 +193,7 @@ impl pb::admin_server::Admin for AdminService {
                 "give GPU uuids or all GPUs, not both",
             ));
         }
-        let lease_id = format!("l-{}", random_hex());
+        let lease_id = ids::fresh("l");
         let info = pb::LeaseInfo {
             lease_id: lease_id.clone(),
             node_id: req.node_id.clone(),

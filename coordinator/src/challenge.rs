@@ -9,7 +9,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use warden_proto::{dsse::Signer, pb, types};
 
-use crate::{config::LeasesConfig, session::Registry, store::Store};
+use crate::{clock::now_ms, config::LeasesConfig, registry::Registry, store::Store};
 
 /// Runs until `shutdown`.
 pub async fn run(
@@ -45,7 +45,7 @@ pub async fn run(
                 Ok(last) => last.map_or((1, [0u8; 32]), |(i, d)| (i + 1, d)),
                 Err(_) => return,
             };
-            let now = crate::session::now_ms();
+            let now = now_ms();
             let challenge = pb::Challenge {
                 node_id: lease.node_id.clone(),
                 lease_id: lease.lease_id.clone(),

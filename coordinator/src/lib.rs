@@ -4,15 +4,18 @@
 
 pub mod admin;
 pub mod challenge;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod devtls;
 pub mod enrollment;
+pub mod ids;
 pub mod leases;
 pub mod listener;
 pub mod mesh;
 pub mod probe;
 pub mod ratelimit;
+pub mod registry;
 pub mod server;
 pub mod session;
 pub mod store;

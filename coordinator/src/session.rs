@@ -11,17 +11,13 @@
 //! paused (not refused).
 
 use std::{
-    collections::HashMap,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt;
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -33,9 +29,11 @@ use warden_proto::{
 };
 
 use crate::{
+    clock::now_ms,
     enrollment::{Admit, Denied, EnrollRate, Policy},
     listener::ConnInfo,
     ratelimit::{LogGate, NodeThrottle},
+    registry::{Outbound, Registry},
     store::{ChainItem, NewRecord, NodeRow, NodeState, Outcome, Store},
 };
 
@@ -46,81 +44,6 @@ const CHUNK: usize = 512;
 /// Registrations whose clock is further than this from ours are refused,
 /// so an old captured Register cannot be replayed.
 const MAX_REGISTER_SKEW_MS: i64 = 5 * 60 * 1000;
-
-/// The live streams, by node: the admin API sends commands down them and
-/// waits here for the answers.
-#[derive(Clone, Default)]
-pub struct Registry {
-    inner: Arc<Mutex<Streams>>,
-    next: Arc<AtomicU64>,
-}
-
-type Outbound = mpsc::Sender<Result<Envelope, Status>>;
-
-#[derive(Default)]
-struct Streams {
-    /// node id -> (session number, its outbound half).
-    nodes: HashMap<String, (u64, Outbound)>,
-    /// command id -> whoever waits for its answer.
-    waiting: HashMap<String, oneshot::Sender<pb::CommandResult>>,
-}
-
-impl Registry {
-    /// Makes `tx` the node's stream, after queueing `first` on it. Both under
-    /// the registry's lock: no command can be queued ahead of `first`, and
-    /// anyone who learns of the node from `first` (the agent says it is
-    /// connected once Registered arrives) finds it attached. `None` if the
-    /// stream is gone or full.
-    fn attach(&self, node_id: &str, tx: Outbound, first: Vec<Envelope>) -> Option<u64> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut map = self.lock();
-        for env in first {
-            tx.try_send(Ok(env)).ok()?;
-        }
-        map.nodes.insert(node_id.to_owned(), (id, tx));
-        Some(id)
-    }
-
-    /// Detaches only if no newer session of the node replaced this one.
-    fn detach(&self, node_id: &str, session: u64) {
-        let mut map = self.lock();
-        if map.nodes.get(node_id).map(|(s, _)| *s) == Some(session) {
-            map.nodes.remove(node_id);
-        }
-    }
-
-    pub fn is_connected(&self, node_id: &str) -> bool {
-        self.lock().nodes.contains_key(node_id)
-    }
-
-    /// The outbound half of a node's live stream.
-    pub fn sender(&self, node_id: &str) -> Option<Outbound> {
-        self.lock().nodes.get(node_id).map(|(_, tx)| tx.clone())
-    }
-
-    /// Registers interest in a command's answer (before sending it).
-    pub fn wait_for(&self, command_id: &str) -> oneshot::Receiver<pb::CommandResult> {
-        let (tx, rx) = oneshot::channel();
-        self.lock().waiting.insert(command_id.to_owned(), tx);
-        rx
-    }
-
-    /// Stops waiting (timed out or failed to send).
-    pub fn forget(&self, command_id: &str) {
-        self.lock().waiting.remove(command_id);
-    }
-
-    /// Hands a stored answer to whoever waits for it.
-    fn resolve(&self, result: &pb::CommandResult) {
-        if let Some(tx) = self.lock().waiting.remove(&result.command_id) {
-            let _ = tx.send(result.clone());
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Streams> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// What a session enforces beyond verification: who may register, how fast
 /// new nodes may come, and how fast each node may send.
@@ -231,7 +154,6 @@ impl UplinkService {
             let mesh = crate::mesh::MeshSender {
                 store: self.store.clone(),
                 registry: registry.clone(),
-                signer: self.signer.clone(),
             };
             let node = reg.node_id.clone();
             let running = reg.mesh_cluster_id.clone();
@@ -420,7 +342,7 @@ struct Session {
     signer: Arc<Signer>,
     store: Store,
     registry: Registry,
-    tx: mpsc::Sender<Result<Envelope, Status>>,
+    tx: Outbound,
     min_coverage: f64,
     throttle: NodeThrottle,
 }
@@ -776,14 +698,6 @@ pub fn node_state(rec: &pb::Record) -> NodeState {
         },
         None => NodeState::default(),
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

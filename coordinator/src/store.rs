@@ -719,7 +719,7 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, node_quota: u64) {
                 Cmd::PutChallenge(lease_id, env) => {
                     tx.execute(
                         "INSERT INTO challenges (lease_id, issued_ms, envelope) VALUES (?1, ?2, ?3)",
-                        params![lease_id, crate::session::now_ms(), env.encode_to_vec()],
+                        params![lease_id, crate::clock::now_ms(), env.encode_to_vec()],
                     )?;
                     if let Some(mut info) = get_lease(&tx, &lease_id)? {
                         info.challenges_sent += 1;
@@ -1097,7 +1097,7 @@ fn list_leases(conn: &Connection) -> rusqlite::Result<Vec<pb::LeaseInfo>> {
 /// Moves leases along with what a node answered and reported. A node can
 /// only touch its own leases and answer its own commands.
 fn apply_leases(tx: &rusqlite::Transaction, node_id: &str, st: &NodeState) -> rusqlite::Result<()> {
-    let now = crate::session::now_ms();
+    let now = crate::clock::now_ms();
     for r in &st.results {
         let cmd: Option<(String, String)> = tx
             .query_row(

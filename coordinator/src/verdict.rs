@@ -102,7 +102,7 @@ pub async fn judge(store: &Store, signer: &Signer, lease_id: &str, min_coverage:
             return tracing::error!(lease = lease_id, error = %e, "cannot read the lease's evidence")
         }
     };
-    let now = crate::session::now_ms();
+    let now = crate::clock::now_ms();
     let params = Params {
         min_coverage,
         now_unix_ms: now,
