@@ -282,7 +282,7 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .ok_or_else(|| Status::not_found(format!("no lease {lease_id}")))?;
-        let bundle = crate::verdict::bundle(&lease_id, &ev, &self.signer.verifying_key())
+        let bundle = crate::verifier::lease::bundle(&lease_id, &ev, &self.signer.verifying_key())
             .map_err(|e| Status::internal(format!("node key: {e}")))?;
         Ok(Response::new(pb::ExportLeaseResponse {
             bundle_json: serde_json::to_string_pretty(&bundle.to_json())

@@ -19,7 +19,7 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod store;
-pub mod verdict;
+pub mod verifier;
 
 pub use config::CoordinatorConfig;
 pub use server::{start, Running, ServeError, TlsPem};

@@ -14,7 +14,7 @@ use std::{
 use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
-use warden_proto::pb;
+use warden_proto::{chain::Head, pb};
 
 use crate::leases::{self, Kind};
 
@@ -953,13 +953,16 @@ fn index_chain(
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
             .optional()?;
-        let (want_seq, want_prev) = last.map_or((1, vec![0u8; 32]), |(s, d)| (s as u64 + 1, d));
-        if *lease_seq != want_seq || *prev_sha256 != want_prev {
+        // The head the next attestation must follow (the chain's rule,
+        // `chain::Head`); none stored yet: the chain's start.
+        let head = last.map_or(Head::default(), |(s, d)| Head {
+            lease_seq: s as u64,
+            sha256: d.try_into().unwrap_or([0xff; 32]),
+        });
+        if !head.follows(*lease_seq, prev_sha256) {
             info.chain_errors.push(format!(
                 "record seq {}: lease seq {} does not follow {} (or its link is wrong)",
-                r.seq,
-                lease_seq,
-                want_seq - 1
+                r.seq, lease_seq, head.lease_seq
             ));
         }
         info.attestations += 1;

@@ -234,6 +234,12 @@ impl Head {
         a.prev_sha256 = self.sha256.to_vec();
     }
 
+    /// Whether an attestation at `lease_seq` naming `prev_sha256` is the
+    /// next link after this head: the rule `link` stamps, as a check.
+    pub fn follows(&self, lease_seq: u64, prev_sha256: &[u8]) -> bool {
+        lease_seq == self.lease_seq + 1 && prev_sha256 == self.sha256.as_slice()
+    }
+
     /// Moves past a signed record holding the attestation just linked.
     pub fn advance(&mut self, lease_seq: u64, record_payload: &[u8]) {
         self.lease_seq = lease_seq;
@@ -1410,6 +1416,20 @@ mod tests {
 
     fn run(ev: &vectors::Evidence) -> Report {
         ev.bundle().verify(&pinned(&ev.lease), &vectors::params()).0
+    }
+
+    #[test]
+    fn a_link_follows_the_head_that_stamped_it_and_nothing_else() {
+        let mut head = Head::default();
+        let mut a = pb::Attestation::default();
+        head.link(&mut a);
+        assert!(head.follows(a.lease_seq, &a.prev_sha256), "the first link");
+        head.advance(a.lease_seq, b"record 1");
+        assert!(!head.follows(a.lease_seq, &a.prev_sha256), "a repeat");
+        head.link(&mut a);
+        assert!(head.follows(2, &a.prev_sha256));
+        assert!(!head.follows(3, &a.prev_sha256), "a gap");
+        assert!(!head.follows(2, &[0; 32]), "a broken link");
     }
 
     #[test]
