@@ -42,7 +42,7 @@ pub async fn run(
             // Chained per lease: each names the previous one, so a bundle
             // cannot drop one unseen.
             let (index, prev) = match store.last_challenge(&lease.lease_id).await {
-                Ok(last) => last.map_or((1, [0u8; 32]), |(i, d)| (i + 1, d)),
+                Ok(last) => last.map_or((1, [0u8; 32]), |t| (t.index + 1, t.sha256)),
                 Err(_) => return,
             };
             let now = now_ms();

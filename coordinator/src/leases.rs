@@ -120,6 +120,13 @@ pub fn apply_event(info: &mut pb::LeaseInfo, ev: &pb::WorkloadEvent) {
     c.time_unix_ms = ev.time_unix_ms;
 }
 
+/// Notes the coordinator's verdict on the lease's row.
+pub fn apply_verdict(info: &mut pb::LeaseInfo, v: pb::LeaseVerdict) {
+    info.verdict = if v.holds { "holds" } else { "fails" }.into();
+    info.verdict_reasons = v.reasons;
+    info.coverage = v.coverage;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@ pub mod config;
 pub mod devtls;
 pub mod enrollment;
 pub mod ids;
+pub mod ingest;
 pub mod leases;
 pub mod listener;
 pub mod mesh;

@@ -361,7 +361,11 @@ impl Session {
             let outcomes = if to_store.is_empty() {
                 Vec::new()
             } else {
-                match self.store.insert(to_store.clone()).await {
+                match self
+                    .store
+                    .insert_with(to_store.clone(), crate::ingest::effects)
+                    .await
+                {
                     Ok(o) => o,
                     Err(e) => {
                         // Nothing of the chunk is stored: the agent keeps the
