@@ -4,7 +4,11 @@
 use std::{sync::Arc, time::Duration};
 
 use tonic::{Request, Response, Status};
-use warden_proto::{dsse::Signer, pb};
+use warden_proto::{
+    dsse::Signer,
+    pb,
+    states::{LeaseState, MemberState},
+};
 
 use crate::{clock::now_ms, ids, leases::Kind, registry::Registry, store::Store};
 /// How long the admin call waits for the node's answer by default.
@@ -104,7 +108,7 @@ impl AdminService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .ok_or_else(|| Status::not_found(format!("no lease {lease_id}")))?;
-        if info.state != "running" {
+        if info.state != LeaseState::Running {
             return Err(Status::failed_precondition(format!(
                 "lease {lease_id} is {}, not running",
                 info.state
@@ -173,9 +177,9 @@ impl pb::admin_server::Admin for AdminService {
                 missing: n
                     .missing
                     .iter()
-                    .map(|(first, last)| pb::SeqRange {
-                        first: *first,
-                        last: *last,
+                    .map(|g| pb::SeqRange {
+                        first: g.first,
+                        last: g.last,
                     })
                     .collect(),
             })
@@ -197,7 +201,7 @@ impl pb::admin_server::Admin for AdminService {
         let info = pb::LeaseInfo {
             lease_id: lease_id.clone(),
             node_id: req.node_id.clone(),
-            state: "starting".into(),
+            state: LeaseState::Starting.into(),
             gpu_uuids: req.gpu_uuids.clone(),
             all_gpus: req.all_gpus,
             created_unix_ms: now_ms(),
@@ -227,10 +231,10 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .ok_or_else(|| Status::not_found(format!("no lease {}", req.lease_id)))?;
-        if info.state == "ended" {
+        if info.state == LeaseState::Ended {
             return Ok(Response::new(info));
         }
-        info.state = "ending".into();
+        info.state = LeaseState::Ending.into();
         let body = pb::command::Body::LeaseEnd(pb::LeaseEnd {
             lease_id: req.lease_id,
             grace_seconds: req.grace_seconds,
@@ -383,17 +387,17 @@ impl pb::admin_server::Admin for AdminService {
         )
         .await;
         for m in &mut info.members {
-            match answered.iter().find(|(n, _)| *n == m.node_id) {
-                Some((_, res)) if res.ok => {
-                    m.state = "left".into();
+            match answered.get(&m.node_id) {
+                Some(res) if res.ok => {
+                    m.state = MemberState::Left.into();
                     m.error.clear();
                 }
-                Some((_, res)) => {
-                    m.state = "failed".into();
+                Some(res) => {
+                    m.state = MemberState::Failed.into();
                     m.error = res.error.clone();
                 }
                 None => {
-                    m.state = "pending".into();
+                    m.state = MemberState::Pending.into();
                     m.error =
                         "did not answer: its interface goes when it next hears from us".into();
                 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
-use warden_proto::{dsse::Signer, pb, types};
+use warden_proto::{dsse::Signer, pb, states::LeaseState, types};
 
 use crate::{clock::now_ms, config::LeasesConfig, registry::Registry, store::Store};
 
@@ -35,7 +35,7 @@ pub async fn run(
             Ok(l) => l,
             Err(_) => return,
         };
-        for lease in leases.iter().filter(|l| l.state == "running") {
+        for lease in leases.iter().filter(|l| l.state == LeaseState::Running) {
             let Some(tx) = registry.sender(&lease.node_id) else {
                 continue;
             };

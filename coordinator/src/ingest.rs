@@ -53,14 +53,14 @@ fn apply_leases(tx: &Transaction, node_id: &str, st: &NodeState) -> rusqlite::Re
 /// A member's answer to a MeshConfig moves its state in its cluster.
 fn apply_mesh_results(tx: &Transaction, node_id: &str, st: &NodeState) -> rusqlite::Result<()> {
     for r in &st.results {
-        let Some((cluster_id, generation)) = store::answer_mesh_command(tx, node_id, r)? else {
+        let Some(sent) = store::answer_mesh_command(tx, node_id, r)? else {
             continue;
         };
-        let Some(mut info) = store::get_cluster(tx, &cluster_id)? else {
+        let Some(mut info) = store::get_cluster(tx, &sent.cluster_id)? else {
             continue;
         };
-        cluster::apply_result(&mut info, node_id, generation, r);
-        store::update_cluster(tx, &cluster_id, &info)?;
+        cluster::apply_result(&mut info, node_id, sent.generation, r);
+        store::update_cluster(tx, &sent.cluster_id, &info)?;
     }
     Ok(())
 }

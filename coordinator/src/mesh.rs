@@ -136,12 +136,14 @@ pub async fn wait_all(
     registry: &Registry,
     answers: Vec<Pending>,
     wait: Duration,
-) -> Vec<(String, pb::CommandResult)> {
+) -> HashMap<String, pb::CommandResult> {
     let deadline = tokio::time::Instant::now() + wait;
-    let mut came = Vec::new();
+    let mut came = HashMap::new();
     for p in answers {
         match tokio::time::timeout_at(deadline, p.answer).await {
-            Ok(Ok(r)) => came.push((p.node_id, r)),
+            Ok(Ok(r)) => {
+                came.insert(p.node_id, r);
+            }
             _ => registry.forget(&p.command_id),
         }
     }

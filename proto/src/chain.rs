@@ -19,6 +19,7 @@ use prost::Message;
 use crate::{
     dsse::{self, VerifyError, VerifyingKey},
     pb::{self, Envelope},
+    states::HolderClass,
     types,
 };
 
@@ -82,7 +83,7 @@ pub mod rule {
     ];
 }
 
-/// The holder verdicts an attestation may carry.
+/// The holder verdicts an attestation may carry (`states::HolderClass`'s text).
 pub const HOLDER_VERDICTS: &[&str] = &["lease-container", "agent", "allowlisted", "foreign"];
 
 /// What a verifier tolerates.
@@ -867,7 +868,7 @@ fn check_payload(a: &pb::Attestation, what: &str, report: &mut Report) {
     if let Some(h) = a
         .holders
         .iter()
-        .find(|h| !HOLDER_VERDICTS.contains(&h.verdict.as_str()))
+        .find(|h| HolderClass::parse(&h.verdict).is_none())
     {
         report.fail(
             rule::BAD_PAYLOAD,
@@ -1355,7 +1356,11 @@ impl Tally {
         self.last_seq = a.lease_seq;
         self.head_sha256 = payload_sha256;
         self.sampled_ms += window_sampled(a);
-        self.foreign_events += a.holders.iter().filter(|h| h.verdict == "foreign").count() as u64;
+        self.foreign_events += a
+            .holders
+            .iter()
+            .filter(|h| h.verdict == HolderClass::Foreign)
+            .count() as u64;
         self.kills += a.enforcement.iter().filter(|e| is_kill(e)).count() as u64;
         self.container_stops += a.enforcement.iter().filter(|e| e.action == "stop").count() as u64;
         if !self.start_ids.contains(&rec.start_id) {

@@ -7,6 +7,7 @@ pub mod dsse;
 pub mod identity;
 pub mod limits;
 pub mod refusal;
+pub mod states;
 pub mod types;
 pub mod vectors;
 

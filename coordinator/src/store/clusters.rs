@@ -62,13 +62,13 @@ impl Store {
     }
 }
 
-/// The MeshConfig command `command_id`, if it was sent to `node_id`: its
-/// cluster and generation; its answer is kept with it.
+/// The MeshConfig command a result answers, if it was sent to `node_id`
+/// (a node answers only its own commands); its answer is kept with it.
 pub(crate) fn answer_mesh_command(
     tx: &Transaction,
     node_id: &str,
     result: &pb::CommandResult,
-) -> rusqlite::Result<Option<(String, u64)>> {
+) -> rusqlite::Result<Option<MeshSent>> {
     let sent: Option<(String, i64)> = tx
         .query_row(
             "SELECT cluster_id, generation FROM mesh_commands WHERE command_id = ?1 AND node_id = ?2",
@@ -83,7 +83,12 @@ pub(crate) fn answer_mesh_command(
         "UPDATE mesh_commands SET result = ?2 WHERE command_id = ?1",
         params![result.command_id, result.encode_to_vec()],
     )?;
-    Ok(Some((cluster_id, generation as u64)))
+    Ok(Some(MeshSent {
+        command_id: result.command_id.clone(),
+        node_id: node_id.to_owned(),
+        cluster_id,
+        generation: generation as u64,
+    }))
 }
 
 /// One cluster as stored (None: no such cluster, or a row that does not decode).

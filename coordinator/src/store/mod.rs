@@ -24,8 +24,10 @@ pub(crate) use clusters::{answer_mesh_command, get_cluster, update_cluster};
 pub use clusters::{ClusterWrite, MeshSent};
 pub(crate) use leases::{answer_command, chain_head, get_lease, index_chain_record, put_lease};
 pub use leases::{ChallengeTip, Evidence, SentCommand};
-pub use nodes::{MeshIdentities, NodeRow, NodeStats, Registered, MAX_GAPS};
-pub use records::{no_effects, read_payload, ChainItem, Effects, NewRecord, NodeState, Outcome};
+pub use nodes::{Gap, MeshIdentities, NodeRow, NodeStats, Registered, MAX_GAPS};
+pub use records::{
+    no_effects, read_payload, ChainItem, Effects, GpuState, NewRecord, NodeState, Outcome, Stamped,
+};
 
 /// Most jobs folded into one transaction.
 const MAX_BATCH: usize = 4096;
@@ -268,7 +270,8 @@ mod tests {
             .unwrap();
         assert_eq!(store.register(node()).await.unwrap().last_seq, 10);
         let nodes = store.list_nodes().await.unwrap();
-        assert_eq!(nodes[0].missing, vec![(1, 2), (5, 6), (8, 9)]);
+        let gap = |first, last| Gap { first, last };
+        assert_eq!(nodes[0].missing, vec![gap(1, 2), gap(5, 6), gap(8, 9)]);
     }
 
     #[tokio::test]
@@ -298,9 +301,17 @@ mod tests {
             state: NodeState {
                 gpus: gpus
                     .into_iter()
-                    .map(|(u, i, b, t)| (u.to_owned(), i, vec![b], t))
+                    .map(|(u, i, b, t)| GpuState {
+                        uuid: u.to_owned(),
+                        index: i,
+                        sample: vec![b],
+                        time_ms: t,
+                    })
                     .collect(),
-                inventory: inv.map(|(b, t)| (vec![b], t)),
+                inventory: inv.map(|(b, t)| Stamped {
+                    bytes: vec![b],
+                    time_ms: t,
+                }),
                 link: None,
                 ..Default::default()
             },

@@ -58,8 +58,15 @@ pub struct NodeStats {
     pub link: Option<Vec<u8>>,
     pub mesh_public_key: Vec<u8>,
     pub mesh_endpoints: Vec<String>,
-    /// Runs of seqs (first, last) below `last_seq` with no stored record, at most [`MAX_GAPS`].
-    pub missing: Vec<(u64, u64)>,
+    /// Runs of seqs below `last_seq` with no stored record, at most [`MAX_GAPS`].
+    pub missing: Vec<Gap>,
+}
+
+/// Seqs `first..=last` of a node with no stored record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    pub first: u64,
+    pub last: u64,
 }
 
 /// Gap runs listed per node.
@@ -219,10 +226,10 @@ fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
             .collect::<rusqlite::Result<_>>()?;
         n.missing = gaps
             .query_map(params![n.node_id, MAX_GAPS as i64], |row| {
-                Ok((
-                    row.get::<_, i64>(0)? as u64 + 1,
-                    row.get::<_, i64>(1)? as u64 - 1,
-                ))
+                Ok(Gap {
+                    first: row.get::<_, i64>(0)? as u64 + 1,
+                    last: row.get::<_, i64>(1)? as u64 - 1,
+                })
             })?
             .collect::<rusqlite::Result<_>>()?;
     }

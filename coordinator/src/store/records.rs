@@ -25,21 +25,40 @@ pub struct NewRecord {
     pub state: NodeState,
 }
 
-/// The node state a record carries: GPU samples and a new inventory.
+/// The node state a record carries: GPU samples, a new inventory, a link
+/// probe, answers to commands, container events, a link of a lease's chain.
 #[derive(Debug, Clone, Default)]
 pub struct NodeState {
-    /// (uuid, index, encoded `GpuSample`, sample time).
-    pub gpus: Vec<(String, u32, Vec<u8>, i64)>,
-    /// (encoded `InventorySummary`, record time).
-    pub inventory: Option<(Vec<u8>, i64)>,
-    /// (encoded `LinkSample`, probe time).
-    pub link: Option<(Vec<u8>, i64)>,
+    pub gpus: Vec<GpuState>,
+    /// An encoded `InventorySummary`, stamped with the record's time.
+    pub inventory: Option<Stamped>,
+    /// An encoded `LinkSample`, stamped with the probe's time.
+    pub link: Option<Stamped>,
     /// Answers to commands: they move leases along.
     pub results: Vec<pb::CommandResult>,
     /// Container lifecycle the node reported.
     pub workload_events: Vec<pb::WorkloadEvent>,
     /// An attestation (lease id, lease seq, prev digest) or a proof (lease id).
     pub chain: Option<ChainItem>,
+}
+
+/// One GPU's latest sample, kept per GPU (by uuid) in index order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuState {
+    pub uuid: String,
+    pub index: u32,
+    /// The encoded `GpuSample`.
+    pub sample: Vec<u8>,
+    /// When it was sampled, by the node's clock: an older one never
+    /// replaces a newer (replays come late).
+    pub time_ms: i64,
+}
+
+/// Encoded bytes and when they were true, by the node's clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamped {
+    pub bytes: Vec<u8>,
+    pub time_ms: i64,
 }
 
 /// A record of a lease's chain, indexed so the lease's evidence can be gathered.
@@ -175,25 +194,25 @@ fn insert_record(
 
 /// Keeps the newest of what is stored and what the record says.
 fn keep_newest_state(tx: &Transaction, node_id: &str, st: &NodeState) -> rusqlite::Result<()> {
-    for (uuid, idx, sample, time_ms) in &st.gpus {
+    for g in &st.gpus {
         tx.execute(
             "INSERT INTO gpus (node_id, uuid, idx, sample, time_ms) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (node_id, uuid) DO UPDATE SET
                 idx = excluded.idx, sample = excluded.sample, time_ms = excluded.time_ms
              WHERE excluded.time_ms >= gpus.time_ms",
-            params![node_id, uuid, idx, sample, time_ms],
+            params![node_id, g.uuid, g.index, g.sample, g.time_ms],
         )?;
     }
-    if let Some((link, time_ms)) = &st.link {
+    if let Some(link) = &st.link {
         tx.execute(
             "UPDATE nodes SET link = ?2, link_ms = ?3 WHERE node_id = ?1 AND link_ms <= ?3",
-            params![node_id, link, time_ms],
+            params![node_id, link.bytes, link.time_ms],
         )?;
     }
-    if let Some((inv, time_ms)) = &st.inventory {
+    if let Some(inv) = &st.inventory {
         tx.execute(
             "UPDATE nodes SET inventory = ?2, inventory_ms = ?3 WHERE node_id = ?1 AND inventory_ms <= ?3",
-            params![node_id, inv, time_ms],
+            params![node_id, inv.bytes, inv.time_ms],
         )?;
     }
     Ok(())

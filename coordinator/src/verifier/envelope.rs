@@ -13,7 +13,7 @@ use warden_proto::{
 
 use crate::{
     clock::now_ms,
-    store::{ChainItem, NewRecord, NodeState},
+    store::{ChainItem, GpuState, NewRecord, NodeState, Stamped},
 };
 
 /// Registrations whose clock is further than this from ours are refused,
@@ -243,16 +243,27 @@ pub fn node_state(rec: &pb::Record) -> NodeState {
             gpus: t
                 .gpus
                 .iter()
-                .map(|g| (g.uuid.clone(), g.index, g.encode_to_vec(), g.time_unix_ms))
+                .map(|g| GpuState {
+                    uuid: g.uuid.clone(),
+                    index: g.index,
+                    sample: g.encode_to_vec(),
+                    time_ms: g.time_unix_ms,
+                })
                 .collect(),
             inventory: None,
-            link: t.link.as_ref().map(|l| (l.encode_to_vec(), l.time_unix_ms)),
+            link: t.link.as_ref().map(|l| Stamped {
+                bytes: l.encode_to_vec(),
+                time_ms: l.time_unix_ms,
+            }),
             workload_events: t.workload_events.clone(),
             ..Default::default()
         },
         Some(pb::record::Body::Inventory(i)) => NodeState {
             gpus: Vec::new(),
-            inventory: Some((i.encode_to_vec(), rec.time_unix_ms)),
+            inventory: Some(Stamped {
+                bytes: i.encode_to_vec(),
+                time_ms: rec.time_unix_ms,
+            }),
             ..Default::default()
         },
         Some(pb::record::Body::CommandResult(r)) => NodeState {
