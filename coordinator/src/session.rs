@@ -383,58 +383,8 @@ impl Session {
                     }
                 }
             };
-            {
-                for (rec, outcome) in to_store.into_iter().zip(outcomes) {
-                    if matches!(outcome, Outcome::Stored | Outcome::Duplicate) {
-                        for r in &rec.state.results {
-                            self.registry.resolve(r);
-                        }
-                    }
-                    if let (Outcome::Stored, Some(ChainItem::Proof { lease_id })) =
-                        (&outcome, &rec.state.chain)
-                    {
-                        // The lease has ended: judge its whole chain against the proof.
-                        let (store, signer, lease) =
-                            (self.store.clone(), self.signer.clone(), lease_id.clone());
-                        let min = self.min_coverage;
-                        tokio::spawn(async move {
-                            crate::verifier::lease::judge(&store, &signer, &lease, min).await
-                        });
-                    }
-                    match outcome {
-                        Outcome::Stored | Outcome::Duplicate => replies
-                            .push(Envelope::decode(rec.receipt.as_slice()).map_err(|e| {
-                                Status::internal(format!("receipt re-decode: {e}"))
-                            })?),
-                        Outcome::Conflict { stored_sha256 } => replies.push(self.refusal(
-                            rec.seq,
-                            rec.payload_sha256,
-                            RefusalKind::Conflict,
-                            format!(
-                                "seq {} is already stored with different content (sha256 {})",
-                                rec.seq,
-                                hex::encode(stored_sha256)
-                            ),
-                        )),
-                        Outcome::OverQuota { stored, quota } => {
-                            let why = OverLimit::Quota {
-                                node: self.node_id.clone(),
-                                stored,
-                                size: rec.payload.len(),
-                                quota,
-                            };
-                            tracing::warn!(node = %self.node_id, seq = rec.seq, "record refused: {why}");
-                            // Retryable: the record stays in the agent's spool until
-                            // the operator raises the quota.
-                            replies.push(self.refusal(
-                                rec.seq,
-                                rec.payload_sha256,
-                                RefusalKind::RetryLater,
-                                why.to_string(),
-                            ))
-                        }
-                    }
-                }
+            for (rec, outcome) in to_store.into_iter().zip(outcomes) {
+                replies.push(self.stored(rec, outcome)?);
             }
             for r in replies {
                 if self.tx.send(Ok(r)).await.is_err() {
@@ -443,6 +393,58 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// What a record's storing asks once committed: its answers go to whoever
+    /// waits, a stored proof has its lease judged, and the node is answered
+    /// (the receipt, or why not).
+    fn stored(&self, rec: NewRecord, outcome: Outcome) -> Result<Envelope, Status> {
+        if matches!(outcome, Outcome::Stored | Outcome::Duplicate) {
+            for r in &rec.state.results {
+                self.registry.resolve(r);
+            }
+        }
+        if let (Outcome::Stored, Some(ChainItem::Proof { lease_id })) = (&outcome, &rec.state.chain)
+        {
+            // The lease has ended: judge its whole chain against the proof.
+            let (store, signer, lease) =
+                (self.store.clone(), self.signer.clone(), lease_id.clone());
+            let min = self.min_coverage;
+            tokio::spawn(async move {
+                crate::verifier::lease::judge(&store, &signer, &lease, min).await
+            });
+        }
+        Ok(match outcome {
+            Outcome::Stored | Outcome::Duplicate => Envelope::decode(rec.receipt.as_slice())
+                .map_err(|e| Status::internal(format!("receipt re-decode: {e}")))?,
+            Outcome::Conflict { stored_sha256 } => self.refusal(
+                rec.seq,
+                rec.payload_sha256,
+                RefusalKind::Conflict,
+                format!(
+                    "seq {} is already stored with different content (sha256 {})",
+                    rec.seq,
+                    hex::encode(stored_sha256)
+                ),
+            ),
+            Outcome::OverQuota { stored, quota } => {
+                let why = OverLimit::Quota {
+                    node: self.node_id.clone(),
+                    stored,
+                    size: rec.payload.len(),
+                    quota,
+                };
+                tracing::warn!(node = %self.node_id, seq = rec.seq, "record refused: {why}");
+                // Retryable: the record stays in the agent's spool until
+                // the operator raises the quota.
+                self.refusal(
+                    rec.seq,
+                    rec.payload_sha256,
+                    RefusalKind::RetryLater,
+                    why.to_string(),
+                )
+            }
+        })
     }
 
     fn refusal(&self, seq: u64, digest: [u8; 32], kind: RefusalKind, reason: String) -> Envelope {
