@@ -190,8 +190,8 @@ impl UplinkService {
             .await
             .map_err(|_| Status::deadline_exceeded("no Register within 10 s"))??
             .ok_or_else(|| Status::cancelled("stream closed before Register"))?;
-        let (reg, key) =
-            check_register(&first, now_ms(), nonce).map_err(Status::unauthenticated)?;
+        let (reg, key) = check_register(&first, now_ms(), nonce)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
         let unavailable = |e: crate::store::StoreError| Status::unavailable(e.to_string());
         let stored = self
             .store

@@ -20,6 +20,29 @@ use crate::{
 /// so an old captured Register cannot be replayed.
 const MAX_REGISTER_SKEW_MS: i64 = 5 * 60 * 1000;
 
+/// Why a stream's first envelope is not a Register the coordinator takes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    #[error("first message must be {register}, got {0}", register = types::REGISTER)]
+    NotARegister(String),
+    #[error("Register is {0} bytes; this coordinator accepts at most {max}", max = limits::REGISTER)]
+    TooLarge(usize),
+    #[error("Register does not decode: {0}")]
+    Decode(String),
+    #[error("Register carries no session nonce: the agent is older than this coordinator, which binds each Register to its stream; upgrade the agent")]
+    NoNonce,
+    #[error("Register is not for this stream: its session nonce is not the one this stream's Hello gave (a Register is valid only on the stream it answers)")]
+    OtherStream,
+    #[error("Register: {0}")]
+    Key(String),
+    #[error("Register names node {named} but its key derives node id {derived}")]
+    WrongNode { named: String, derived: String },
+    #[error("Register: {0}")]
+    Signature(String),
+    #[error("Register is timestamped {0} ms from the coordinator's clock (allowed: {max}); check the node's clock", max = MAX_REGISTER_SKEW_MS)]
+    Skew(i64),
+}
+
 /// Checks the first envelope of a stream: a Register for this stream (it
 /// carries the nonce of the stream's Hello), signed by the key inside it,
 /// for the node id that key derives.
@@ -27,43 +50,33 @@ pub fn check_register(
     env: &Envelope,
     now_ms: i64,
     nonce: &[u8; 32],
-) -> Result<(pb::Register, VerifyingKey), String> {
+) -> Result<(pb::Register, VerifyingKey), RegisterError> {
     if env.payload_type != types::REGISTER {
-        return Err(format!(
-            "first message must be {}, got {}",
-            types::REGISTER,
-            env.payload_type
-        ));
+        return Err(RegisterError::NotARegister(env.payload_type.clone()));
     }
     if env.payload.len() > limits::REGISTER {
-        return Err(format!(
-            "Register is {} bytes; this coordinator accepts at most {}",
-            env.payload.len(),
-            limits::REGISTER
-        ));
+        return Err(RegisterError::TooLarge(env.payload.len()));
     }
     let reg = pb::Register::decode(env.payload.as_slice())
-        .map_err(|e| format!("Register does not decode: {e}"))?;
+        .map_err(|e| RegisterError::Decode(e.to_string()))?;
     if reg.session_nonce.is_empty() {
-        return Err("Register carries no session nonce: the agent is older than this coordinator, which binds each Register to its stream; upgrade the agent".into());
+        return Err(RegisterError::NoNonce);
     }
     if reg.session_nonce.as_slice() != nonce.as_slice() {
-        return Err("Register is not for this stream: its session nonce is not the one this stream's Hello gave (a Register is valid only on the stream it answers)".into());
+        return Err(RegisterError::OtherStream);
     }
-    let key = VerifyingKey::from_bytes(&reg.public_key).map_err(|e| format!("Register: {e}"))?;
+    let key =
+        VerifyingKey::from_bytes(&reg.public_key).map_err(|e| RegisterError::Key(e.to_string()))?;
     if reg.node_id != key.key_id() {
-        return Err(format!(
-            "Register names node {} but its key derives node id {}",
-            reg.node_id,
-            key.key_id()
-        ));
+        return Err(RegisterError::WrongNode {
+            named: reg.node_id,
+            derived: key.key_id().to_owned(),
+        });
     }
-    dsse::verify(env, types::REGISTER, &key).map_err(|e| format!("Register: {e}"))?;
+    dsse::verify(env, types::REGISTER, &key)
+        .map_err(|e| RegisterError::Signature(e.to_string()))?;
     if (reg.time_unix_ms - now_ms).abs() > MAX_REGISTER_SKEW_MS {
-        return Err(format!(
-            "Register is timestamped {} ms from the coordinator's clock (allowed: {MAX_REGISTER_SKEW_MS}); check the node's clock",
-            reg.time_unix_ms - now_ms
-        ));
+        return Err(RegisterError::Skew(reg.time_unix_ms - now_ms));
     }
     Ok((reg, key))
 }
@@ -320,17 +333,21 @@ mod tests {
         let (b, _) = Signer::generate().unwrap();
         let now = 1_000_000_000;
         assert!(check_register(&register(&a, a.key_id(), now), now, &NONCE).is_ok());
-        let err = check_register(&register(&a, b.key_id(), now), now, &NONCE).unwrap_err();
+        let err = check_register(&register(&a, b.key_id(), now), now, &NONCE)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("derives node id"), "{err}");
         let mut env = register(&a, a.key_id(), now);
         env.payload.push(0);
         assert!(check_register(&env, now, &NONCE).is_err());
-        let err =
-            check_register(&register(&a, a.key_id(), now - 3_600_000), now, &NONCE).unwrap_err();
+        let err = check_register(&register(&a, a.key_id(), now - 3_600_000), now, &NONCE)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("clock"), "{err}");
         let hb = a.sign_message(types::HEARTBEAT, &pb::Heartbeat::default());
         assert!(check_register(&hb, now, &NONCE)
             .unwrap_err()
+            .to_string()
             .contains("first message"));
     }
 
@@ -340,12 +357,31 @@ mod tests {
         let now = 1_000_000_000;
         // Captured from another stream: signed and fresh, but another nonce.
         let other = register_with(&a, a.key_id(), now, &[8; 32]);
-        let err = check_register(&other, now, &NONCE).unwrap_err();
+        let err = check_register(&other, now, &NONCE).unwrap_err().to_string();
         assert!(err.contains("not for this stream"), "{err}");
         // From an agent that knows no Hello.
         let old = register_with(&a, a.key_id(), now, &[]);
-        let err = check_register(&old, now, &NONCE).unwrap_err();
+        let err = check_register(&old, now, &NONCE).unwrap_err().to_string();
         assert!(err.contains("upgrade the agent"), "{err}");
+    }
+
+    #[test]
+    fn a_refused_register_reads_as_it_did_when_the_reasons_were_strings() {
+        assert_eq!(
+            RegisterError::NotARegister("x".into()).to_string(),
+            format!("first message must be {}, got x", types::REGISTER)
+        );
+        assert_eq!(
+            RegisterError::TooLarge(9).to_string(),
+            format!(
+                "Register is 9 bytes; this coordinator accepts at most {}",
+                limits::REGISTER
+            )
+        );
+        assert_eq!(
+            RegisterError::Skew(-7).to_string(),
+            format!("Register is timestamped -7 ms from the coordinator's clock (allowed: {MAX_REGISTER_SKEW_MS}); check the node's clock")
+        );
     }
 
     #[test]
@@ -353,7 +389,7 @@ mod tests {
         let (a, _) = Signer::generate().unwrap();
         let mut env = register(&a, a.key_id(), 1);
         env.payload = vec![0; limits::REGISTER + 1];
-        let err = check_register(&env, 1, &NONCE).unwrap_err();
+        let err = check_register(&env, 1, &NONCE).unwrap_err().to_string();
         assert!(err.contains("at most"), "{err}");
     }
 }

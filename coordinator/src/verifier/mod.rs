@@ -7,4 +7,4 @@
 pub mod envelope;
 pub mod lease;
 
-pub use envelope::{check_register, node_state, Inbound, NodeCheck, OverLimit};
+pub use envelope::{check_register, node_state, Inbound, NodeCheck, OverLimit, RegisterError};
