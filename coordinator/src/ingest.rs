@@ -95,3 +95,89 @@ fn index_chain(tx: &Transaction, r: &NewRecord, item: &ChainItem) -> rusqlite::R
 fn link_error(seq: u64, lease_seq: u64, head: u64) -> String {
     format!("record seq {seq}: lease seq {lease_seq} does not follow {head} (or its link is wrong)")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        leases::Kind,
+        store::{
+            fixtures::{node, rec},
+            NodeRow, Store,
+        },
+    };
+    use warden_proto::{pb, states::LeaseState};
+
+    #[tokio::test]
+    async fn a_nodes_answer_moves_its_lease_and_a_broken_link_is_noted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        store.register(node()).await.unwrap();
+        let other = NodeRow {
+            node_id: "n2".into(),
+            ..node()
+        };
+        store.register(other).await.unwrap();
+        let lease = pb::LeaseInfo {
+            lease_id: "l-1".into(),
+            node_id: "n1".into(),
+            state: LeaseState::Starting.into(),
+            ..Default::default()
+        };
+        store
+            .put_lease(lease, "c-1".into(), Kind::LeaseStart)
+            .await
+            .unwrap();
+        let answer = |node_id: &str, seq| NewRecord {
+            node_id: node_id.into(),
+            state: NodeState {
+                results: vec![pb::CommandResult {
+                    command_id: "c-1".into(),
+                    ok: true,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            ..rec(seq, seq as u8)
+        };
+        // `rec(seq, d)` hashes to [d; 32].
+        let link = |seq: u64, lease_seq, prev: u8| NewRecord {
+            state: NodeState {
+                chain: Some(ChainItem::Attestation {
+                    lease_id: "l-1".into(),
+                    lease_seq,
+                    prev_sha256: vec![prev; 32],
+                }),
+                ..Default::default()
+            },
+            ..rec(seq, seq as u8)
+        };
+        // Another node cannot answer n1's command.
+        store
+            .insert_with(vec![answer("n2", 1)], effects)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get_lease("l-1").await.unwrap().unwrap().state,
+            LeaseState::Starting
+        );
+        store
+            .insert_with(
+                vec![answer("n1", 1), link(2, 1, 0), link(3, 2, 2), link(4, 3, 9)],
+                effects,
+            )
+            .await
+            .unwrap();
+        let info = store.get_lease("l-1").await.unwrap().unwrap();
+        assert_eq!(info.state, LeaseState::Running);
+        assert_eq!(info.attestations, 3);
+        assert_eq!(
+            info.chain_errors,
+            ["record seq 4: lease seq 3 does not follow 2 (or its link is wrong)"]
+        );
+        assert_eq!(
+            store.evidence("l-1").await.unwrap().unwrap().records.len(),
+            3
+        );
+    }
+}

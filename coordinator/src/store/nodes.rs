@@ -250,3 +250,68 @@ fn mesh_identities(conn: &Connection) -> rusqlite::Result<MeshIdentities> {
     })?;
     rows.collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::fixtures::{node, rec};
+
+    #[tokio::test]
+    async fn registration_says_when_the_mesh_identity_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        let mut n = node();
+        n.mesh_public_key = vec![7; 32];
+        n.mesh_endpoints = vec!["192.0.2.1:51820".into()];
+        let changed = |r: Registered| r.mesh_changed;
+        assert!(
+            changed(store.register(n.clone()).await.unwrap()),
+            "a new node"
+        );
+        assert!(
+            !changed(store.register(n.clone()).await.unwrap()),
+            "the same again"
+        );
+        n.mesh_endpoints = vec!["192.0.2.2:51820".into()];
+        assert!(
+            changed(store.register(n.clone()).await.unwrap()),
+            "a new endpoint"
+        );
+        n.mesh_public_key = vec![8; 32];
+        assert!(changed(store.register(n).await.unwrap()), "a new key");
+    }
+
+    #[tokio::test]
+    async fn registration_says_the_last_seq_and_listing_names_the_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        assert_eq!(store.register(node()).await.unwrap().last_seq, 0);
+        store
+            .insert(vec![rec(3, 3), rec(4, 4), rec(7, 7), rec(10, 10)])
+            .await
+            .unwrap();
+        assert_eq!(store.register(node()).await.unwrap().last_seq, 10);
+        let nodes = store.list_nodes().await.unwrap();
+        let gap = |first, last| Gap { first, last };
+        assert_eq!(nodes[0].missing, vec![gap(1, 2), gap(5, 6), gap(8, 9)]);
+    }
+
+    #[tokio::test]
+    async fn enrollment_is_kept_and_only_changed_when_given() {
+        use crate::enrollment::EnrolledBy;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        assert_eq!(store.enrolled("n1").await.unwrap(), None);
+        store.register(node()).await.unwrap();
+        assert_eq!(store.enrolled("n1").await.unwrap(), Some(EnrolledBy::Open));
+        store
+            .register(NodeRow {
+                enrolled: Some(EnrolledBy::Token),
+                ..node()
+            })
+            .await
+            .unwrap();
+        store.register(node()).await.unwrap();
+        assert_eq!(store.enrolled("n1").await.unwrap(), Some(EnrolledBy::Token));
+    }
+}

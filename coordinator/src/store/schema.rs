@@ -219,3 +219,118 @@ fn init(conn: &mut Connection) -> rusqlite::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{
+        fixtures::{node, rec},
+        NewRecord, Store, StoreError,
+    };
+    use std::path::Path;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn database_and_its_wal_and_shm_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let store = Store::open(&path).unwrap();
+        store.register(node()).await.unwrap();
+        // The -wal and -shm exist while the store's connection is open.
+        for p in [
+            path.clone(),
+            dir.path().join("c.db-wal"),
+            dir.path().join("c.db-shm"),
+        ] {
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+        drop(store);
+        // One made 0644 by an older coordinator is tightened at open.
+        let old = dir.path().join("old.db");
+        Connection::open(&old)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Store::open(&old).unwrap();
+        assert_eq!(mode(&old), 0o600);
+    }
+
+    /// A database with `n` records, closed (its WAL checkpointed away).
+    async fn filled(path: &Path, n: u64) {
+        let store = Store::open(path).unwrap();
+        store.register(node()).await.unwrap();
+        let recs = (1..=n)
+            .map(|i| NewRecord {
+                payload: vec![i as u8; 700],
+                ..rec(i, i as u8)
+            })
+            .collect();
+        store.insert(recs).await.unwrap();
+        drop(store);
+        // The store thread closes the connection when its channel closes.
+        for _ in 0..200 {
+            if !path.with_extension("db-wal").exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_damaged_database_stops_the_start_and_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        filled(&path, 200).await;
+        // Garbage over a page in the middle of the records' b-tree.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let page = 4096;
+        assert!(bytes.len() > 8 * page, "{}", bytes.len());
+        let mid = (bytes.len() / page / 2) * page;
+        bytes[mid..mid + page].fill(0xA5);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Store::open(&path).err().expect("a damaged database opened");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+        assert!(msg.contains("restore") && msg.contains(".recover"), "{msg}");
+
+        // A file that is not SQLite at all.
+        let junk = dir.path().join("junk.db");
+        std::fs::write(&junk, vec![0x5A; 3 * page]).unwrap();
+        let err = Store::open(&junk).err().expect("junk opened");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains(junk.to_str().unwrap()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn migrates_a_database_made_before_versioning() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // The first schema exactly as the first coordinator made it.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute(
+                "INSERT INTO nodes VALUES ('n1', x'01', '0.1.0', 'h', x'', 's', 'p', 1, 2, NULL)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let n = &store.list_nodes().await.unwrap()[0];
+        assert_eq!((n.node_id.as_str(), n.last_seen_ms), ("n1", 2));
+        assert!(n.gpus.is_empty());
+        drop(store);
+        let conn = Connection::open(&path).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
+        // Opening again applies nothing twice.
+        Store::open(&path).unwrap();
+    }
+}
