@@ -4,16 +4,13 @@
 use std::{sync::Arc, time::Duration};
 
 use tonic::{Request, Response, Status};
-use warden_proto::{dsse::Signer, pb, types};
-
-use crate::{
-    leases::Kind,
-    session::{now_ms, Registry},
-    store::Store,
+use warden_proto::{
+    dsse::Signer,
+    pb,
+    states::{LeaseState, MemberState},
 };
 
-/// How long a command stays valid after it is sent.
-pub const COMMAND_TTL: Duration = Duration::from_secs(60);
+use crate::{clock::now_ms, ids, leases::Kind, registry::Registry, store::Store};
 /// How long the admin call waits for the node's answer by default.
 const DEFAULT_WAIT: Duration = Duration::from_secs(60);
 
@@ -40,39 +37,30 @@ impl AdminService {
         body: pb::command::Body,
         wait: Duration,
     ) -> Result<pb::LeaseInfo, Status> {
-        let tx = self.registry.sender(&info.node_id).ok_or_else(|| {
-            Status::failed_precondition(format!("node {} is not connected", info.node_id))
-        })?;
-        let now = now_ms();
-        let cmd = pb::Command {
-            node_id: info.node_id.clone(),
-            command_id: format!("c-{}", random_hex()),
-            issued_unix_ms: now,
-            expires_unix_ms: now + COMMAND_TTL.as_millis() as i64,
-            body: Some(body),
-        };
-        let kind = Kind::of(&cmd).ok_or_else(|| Status::internal("empty command"))?;
+        let cmd = self
+            .registry
+            .command(&info.node_id, "c", body)
+            .ok_or_else(|| {
+                Status::failed_precondition(format!("node {} is not connected", info.node_id))
+            })?;
+        let kind = Kind::of(&cmd.command).ok_or_else(|| Status::internal("empty command"))?;
         let lease_id = info.lease_id.clone();
+        let command_id = cmd.command.command_id.clone();
         self.store
-            .put_lease(info, cmd.command_id.clone(), kind)
+            .put_lease(info, command_id.clone(), kind)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        let answer = self.registry.wait_for(&cmd.command_id);
-        if tx
-            .send(Ok(self.signer.sign_message(types::COMMAND, &cmd)))
+        let answer = self
+            .registry
+            .send(cmd)
             .await
-            .is_err()
-        {
-            self.registry.forget(&cmd.command_id);
-            return Err(Status::unavailable(
-                "the node's stream closed before the command was sent",
-            ));
-        }
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .answer;
         let result = match tokio::time::timeout(wait, answer).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => return Err(Status::unavailable("the coordinator is shutting down")),
             Err(_) => {
-                self.registry.forget(&cmd.command_id);
+                self.registry.forget(&command_id);
                 return Err(Status::deadline_exceeded(format!(
                     "node did not answer within {}s; lease {lease_id} keeps its last state (see warden lease list)",
                     wait.as_secs()
@@ -109,7 +97,6 @@ impl AdminService {
         crate::mesh::MeshSender {
             store: self.store.clone(),
             registry: self.registry.clone(),
-            signer: self.signer.clone(),
         }
     }
 
@@ -121,7 +108,7 @@ impl AdminService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .ok_or_else(|| Status::not_found(format!("no lease {lease_id}")))?;
-        if info.state != "running" {
+        if info.state != LeaseState::Running {
             return Err(Status::failed_precondition(format!(
                 "lease {lease_id} is {}, not running",
                 info.state
@@ -129,11 +116,6 @@ impl AdminService {
         }
         Ok(info)
     }
-}
-
-pub(crate) fn random_hex() -> String {
-    use rand::Rng;
-    format!("{:016x}", rand::rng().random::<u64>())
 }
 
 /// How long SetCluster waits for the members by default: the promise is a
@@ -195,9 +177,9 @@ impl pb::admin_server::Admin for AdminService {
                 missing: n
                     .missing
                     .iter()
-                    .map(|(first, last)| pb::SeqRange {
-                        first: *first,
-                        last: *last,
+                    .map(|g| pb::SeqRange {
+                        first: g.first,
+                        last: g.last,
                     })
                     .collect(),
             })
@@ -215,11 +197,11 @@ impl pb::admin_server::Admin for AdminService {
                 "give GPU uuids or all GPUs, not both",
             ));
         }
-        let lease_id = format!("l-{}", random_hex());
+        let lease_id = ids::fresh("l");
         let info = pb::LeaseInfo {
             lease_id: lease_id.clone(),
             node_id: req.node_id.clone(),
-            state: "starting".into(),
+            state: LeaseState::Starting.into(),
             gpu_uuids: req.gpu_uuids.clone(),
             all_gpus: req.all_gpus,
             created_unix_ms: now_ms(),
@@ -249,10 +231,10 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .ok_or_else(|| Status::not_found(format!("no lease {}", req.lease_id)))?;
-        if info.state == "ended" {
+        if info.state == LeaseState::Ended {
             return Ok(Response::new(info));
         }
-        info.state = "ending".into();
+        info.state = LeaseState::Ending.into();
         let body = pb::command::Body::LeaseEnd(pb::LeaseEnd {
             lease_id: req.lease_id,
             grace_seconds: req.grace_seconds,
@@ -304,7 +286,7 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .ok_or_else(|| Status::not_found(format!("no lease {lease_id}")))?;
-        let bundle = crate::verdict::bundle(&lease_id, &ev, &self.signer.verifying_key())
+        let bundle = crate::verifier::lease::bundle(&lease_id, &ev, &self.signer.verifying_key())
             .map_err(|e| Status::internal(format!("node key: {e}")))?;
         Ok(Response::new(pb::ExportLeaseResponse {
             bundle_json: serde_json::to_string_pretty(&bundle.to_json())
@@ -405,17 +387,17 @@ impl pb::admin_server::Admin for AdminService {
         )
         .await;
         for m in &mut info.members {
-            match answered.iter().find(|(n, _)| *n == m.node_id) {
-                Some((_, res)) if res.ok => {
-                    m.state = "left".into();
+            match answered.get(&m.node_id) {
+                Some(res) if res.ok => {
+                    m.state = MemberState::Left.into();
                     m.error.clear();
                 }
-                Some((_, res)) => {
-                    m.state = "failed".into();
+                Some(res) => {
+                    m.state = MemberState::Failed.into();
                     m.error = res.error.clone();
                 }
                 None => {
-                    m.state = "pending".into();
+                    m.state = MemberState::Pending.into();
                     m.error =
                         "did not answer: its interface goes when it next hears from us".into();
                 }

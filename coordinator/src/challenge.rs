@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
-use warden_proto::{dsse::Signer, pb, types};
+use warden_proto::{dsse::Signer, pb, states::LeaseState, types};
 
-use crate::{config::LeasesConfig, session::Registry, store::Store};
+use crate::{clock::now_ms, config::LeasesConfig, registry::Registry, store::Store};
 
 /// Runs until `shutdown`.
 pub async fn run(
@@ -35,17 +35,17 @@ pub async fn run(
             Ok(l) => l,
             Err(_) => return,
         };
-        for lease in leases.iter().filter(|l| l.state == "running") {
+        for lease in leases.iter().filter(|l| l.state == LeaseState::Running) {
             let Some(tx) = registry.sender(&lease.node_id) else {
                 continue;
             };
             // Chained per lease: each names the previous one, so a bundle
             // cannot drop one unseen.
             let (index, prev) = match store.last_challenge(&lease.lease_id).await {
-                Ok(last) => last.map_or((1, [0u8; 32]), |(i, d)| (i + 1, d)),
+                Ok(last) => last.map_or((1, [0u8; 32]), |t| (t.index + 1, t.sha256)),
                 Err(_) => return,
             };
-            let now = crate::session::now_ms();
+            let now = now_ms();
             let challenge = pb::Challenge {
                 node_id: lease.node_id.clone(),
                 lease_id: lease.lease_id.clone(),

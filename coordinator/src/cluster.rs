@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
-use warden_proto::pb;
+use warden_proto::{pb, states::MemberState};
 
 /// The prefix a new cluster's addresses come from when none is given.
 pub const DEFAULT_SUBNET: &str = "10.90.0.0/24";
@@ -161,7 +161,7 @@ pub fn set_members(
         members.push(pb::ClusterMember {
             node_id: n.clone(),
             address,
-            state: "pending".into(),
+            state: MemberState::Pending.into(),
             error: String::new(),
             applied_generation,
         });
@@ -259,11 +259,11 @@ pub fn apply_result(
     if result.ok {
         m.applied_generation = generation;
         if generation == current {
-            m.state = "applied".into();
+            m.state = MemberState::Applied.into();
             m.error = result.error.clone();
         }
     } else if generation == current {
-        m.state = "failed".into();
+        m.state = MemberState::Failed.into();
         m.error = result.error.clone();
     }
 }

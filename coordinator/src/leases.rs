@@ -1,7 +1,10 @@
 //! How a lease's record at the coordinator changes: pure functions of the
 //! lease, the command that was sent and what the node answered or reported.
 
-use warden_proto::pb;
+use warden_proto::{
+    pb,
+    states::{ContainerStatus, Judgement, LeaseState, WorkloadEventKind},
+};
 
 /// Which command a CommandResult answers (kept with the command id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +61,7 @@ fn merge(into: &mut Vec<pb::ContainerState>, from: &[pb::ContainerState]) {
 pub fn apply_result(info: &mut pb::LeaseInfo, kind: Kind, r: &pb::CommandResult, now_ms: i64) {
     match (kind, r.ok) {
         (Kind::LeaseStart, true) => {
-            info.state = "running".into();
+            info.state = LeaseState::Running.into();
             info.started_unix_ms = now_ms;
             // What "all GPUs" meant on the node: the GPUs the chain must report.
             if info.all_gpus && !r.gpu_uuids.is_empty() {
@@ -68,11 +71,11 @@ pub fn apply_result(info: &mut pb::LeaseInfo, kind: Kind, r: &pb::CommandResult,
             merge(&mut info.containers, &r.containers);
         }
         (Kind::LeaseStart, false) => {
-            info.state = "failed".into();
+            info.state = LeaseState::Failed.into();
             info.error = r.error.clone();
         }
         (Kind::LeaseEnd, true) => {
-            info.state = "ended".into();
+            info.state = LeaseState::Ended.into();
             info.ended_unix_ms = now_ms;
             info.error.clear();
             merge(&mut info.containers, &r.containers);
@@ -82,8 +85,8 @@ pub fn apply_result(info: &mut pb::LeaseInfo, kind: Kind, r: &pb::CommandResult,
         }
         (Kind::LeaseEnd, false) => {
             // The node still runs it: ending it can be tried again.
-            if info.state == "ending" {
-                info.state = "running".into();
+            if info.state == LeaseState::Ending {
+                info.state = LeaseState::Running.into();
             }
             info.error = r.error.clone();
         }
@@ -98,26 +101,39 @@ pub fn apply_event(info: &mut pb::LeaseInfo, ev: &pb::WorkloadEvent) {
     };
     // Events can arrive after the answer to a later command: never go back
     // in time, and a removed container stays removed.
-    if ev.time_unix_ms < c.time_unix_ms || c.state == "removed" {
+    if ev.time_unix_ms < c.time_unix_ms || c.state == ContainerStatus::Removed {
         return;
     }
-    match ev.kind.as_str() {
-        "started" | "adopted" => c.state = "running".into(),
-        "exited" => {
-            if c.state != "oom-killed" {
-                c.state = "exited".into();
+    let Some(kind) = WorkloadEventKind::parse(&ev.kind) else {
+        return;
+    };
+    match kind {
+        WorkloadEventKind::Started | WorkloadEventKind::Adopted => {
+            c.state = ContainerStatus::Running.into()
+        }
+        WorkloadEventKind::Exited => {
+            if c.state != ContainerStatus::OomKilled {
+                c.state = ContainerStatus::Exited.into();
             }
             c.exit_code = ev.exit_code;
         }
-        "oom" => c.state = "oom-killed".into(),
-        "health" => c.health = ev.detail.clone(),
-        "missing" => c.state = "missing".into(),
+        WorkloadEventKind::Oom => c.state = ContainerStatus::OomKilled.into(),
+        WorkloadEventKind::Health => c.health = ev.detail.clone(),
+        WorkloadEventKind::Missing => c.state = ContainerStatus::Missing.into(),
+        // Docker's own comings and goings, and the lease's: no container state.
         _ => return,
     }
     if !ev.container_id.is_empty() {
         c.id = ev.container_id.clone();
     }
     c.time_unix_ms = ev.time_unix_ms;
+}
+
+/// Notes the coordinator's verdict on the lease's row.
+pub fn apply_verdict(info: &mut pb::LeaseInfo, v: pb::LeaseVerdict) {
+    info.verdict = Judgement::of(v.holds).into();
+    info.verdict_reasons = v.reasons;
+    info.coverage = v.coverage;
 }
 
 #[cfg(test)]

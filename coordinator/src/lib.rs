@@ -4,20 +4,24 @@
 
 pub mod admin;
 pub mod challenge;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod devtls;
 pub mod enrollment;
+pub mod ids;
+pub mod ingest;
 pub mod leases;
 pub mod listener;
 pub mod matcher;
 pub mod mesh;
 pub mod probe;
 pub mod ratelimit;
+pub mod registry;
 pub mod server;
 pub mod session;
 pub mod store;
-pub mod verdict;
+pub mod verifier;
 
 pub use config::CoordinatorConfig;
 pub use server::{start, Running, ServeError, TlsPem};

@@ -3,15 +3,14 @@
 //! that was offline, restarted or moved catches up, and its peers learn
 //! its new key or endpoint.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
-use tokio::sync::oneshot;
-use warden_proto::{dsse::Signer, pb, types};
+use warden_proto::pb;
 
 use crate::{
-    admin::COMMAND_TTL,
+    clock::now_ms,
     cluster::{self, MeshIdentity},
-    session::{now_ms, Registry},
+    registry::{Pending, Registry},
     store::{ClusterWrite, MeshSent, Store, StoreError},
 };
 
@@ -20,11 +19,7 @@ use crate::{
 pub struct MeshSender {
     pub store: Store,
     pub registry: Registry,
-    pub signer: Arc<Signer>,
 }
-
-/// Answers to wait for: node, command id, the answer.
-pub type Answers = Vec<(String, String, oneshot::Receiver<pb::CommandResult>)>;
 
 impl MeshSender {
     /// Every node's announced mesh key and endpoints.
@@ -44,7 +39,7 @@ impl MeshSender {
         only: Option<&str>,
         left: &[String],
         who: &HashMap<String, MeshIdentity>,
-    ) -> Result<Answers, StoreError> {
+    ) -> Result<Vec<Pending>, StoreError> {
         let generation = cluster.map(|c| c.generation).unwrap_or(0);
         let mut out = Vec::new();
         if let Some(c) = cluster {
@@ -65,39 +60,26 @@ impl MeshSender {
         let mut sent = Vec::new();
         let mut commands = Vec::new();
         for (node, cfg) in out {
-            let Some(tx) = self.registry.sender(&node) else {
+            let generation = cfg.generation;
+            let body = pb::command::Body::MeshConfig(cfg);
+            let Some(cmd) = self.registry.command(&node, "m", body) else {
                 continue;
             };
-            let now = now_ms();
-            let cmd = pb::Command {
-                node_id: node.clone(),
-                command_id: format!("m-{}", crate::admin::random_hex()),
-                issued_unix_ms: now,
-                expires_unix_ms: now + COMMAND_TTL.as_millis() as i64,
-                body: Some(pb::command::Body::MeshConfig(cfg.clone())),
-            };
             sent.push(MeshSent {
-                command_id: cmd.command_id.clone(),
-                node_id: node.clone(),
+                command_id: cmd.command.command_id.clone(),
+                node_id: node,
                 cluster_id: cluster_id.to_owned(),
-                generation: cfg.generation,
+                generation,
             });
-            commands.push((node, tx, cmd));
+            commands.push(cmd);
         }
         // Stored before sending, so an answer always finds its command.
         self.store.put_cluster(cluster_id, write, sent).await?;
         let mut answers = Vec::new();
-        for (node, tx, cmd) in commands {
-            let answer = self.registry.wait_for(&cmd.command_id);
-            if tx
-                .send(Ok(self.signer.sign_message(types::COMMAND, &cmd)))
-                .await
-                .is_err()
-            {
-                self.registry.forget(&cmd.command_id);
-                continue;
+        for cmd in commands {
+            if let Ok(pending) = self.registry.send(cmd).await {
+                answers.push(pending);
             }
-            answers.push((node, cmd.command_id, answer));
         }
         Ok(answers)
     }
@@ -136,8 +118,8 @@ impl MeshSender {
         match sent.await {
             Ok(answers) => {
                 // Nobody waits here: the answers land in the store.
-                for (_, id, _) in answers {
-                    self.registry.forget(&id);
+                for p in answers {
+                    self.registry.forget(&p.command_id);
                 }
                 if let Some(c) = &member_of {
                     tracing::info!(node = %node_id, cluster = %c.cluster_id, to_all = changed, "mesh config sent");
@@ -152,15 +134,17 @@ impl MeshSender {
 /// the others are forgotten (their members stay `pending` until they answer).
 pub async fn wait_all(
     registry: &Registry,
-    answers: Answers,
+    answers: Vec<Pending>,
     wait: Duration,
-) -> Vec<(String, pb::CommandResult)> {
+) -> HashMap<String, pb::CommandResult> {
     let deadline = tokio::time::Instant::now() + wait;
-    let mut came = Vec::new();
-    for (node, id, rx) in answers {
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(r)) => came.push((node, r)),
-            _ => registry.forget(&id),
+    let mut came = HashMap::new();
+    for p in answers {
+        match tokio::time::timeout_at(deadline, p.answer).await {
+            Ok(Ok(r)) => {
+                came.insert(p.node_id, r);
+            }
+            _ => registry.forget(&p.command_id),
         }
     }
     came

@@ -62,7 +62,7 @@ impl pb::link_probe_server::LinkProbe for ProbeService {
         }
         Ok(Response::new(pb::PingReply {
             payload,
-            server_time_unix_ms: crate::session::now_ms(),
+            server_time_unix_ms: crate::clock::now_ms(),
         }))
     }
 
@@ -203,7 +203,7 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_eq!(r.payload, vec![7; 8]);
-        assert!((r.server_time_unix_ms - crate::session::now_ms()).abs() < 5000);
+        assert!((r.server_time_unix_ms - crate::clock::now_ms()).abs() < 5000);
         let err = svc
             .ping(Request::new(pb::PingRequest {
                 payload: vec![0; MAX_PING_BYTES + 1],

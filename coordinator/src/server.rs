@@ -28,7 +28,8 @@ use crate::{
     listener::{self, Counters, TlsSetupError, TrackRpcsLayer},
     probe::ProbeService,
     ratelimit::NodeThrottle,
-    session::{Gate, Registry, UplinkService},
+    registry::Registry,
+    session::{Gate, UplinkService},
     store::{Store, StoreError},
 };
 
@@ -170,7 +171,6 @@ pub async fn start(
     let (admin_listener, admin_file) =
         warden_state::socket::bind(&admin_socket).map_err(ServeError::AdminSocket)?;
     let store = Store::open_with_quota(&database, cfg.limits.node_storage_bytes)?;
-    let registry = Registry::default();
     let (max_connections, nofile) = listener::fit_connections(cfg.limits.max_connections);
     if max_connections < cfg.limits.max_connections {
         tracing::warn!(
@@ -214,6 +214,7 @@ pub async fn start(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let signer = Arc::new(signer);
+    let registry = Registry::new(signer.clone());
     let (challenge_store, challenge_registry, challenge_signer) =
         (store.clone(), registry.clone(), signer.clone());
     let uplink = UplinkServer::new(UplinkService::new(

@@ -11,117 +11,36 @@
 //! paused (not refused).
 
 use std::{
-    collections::HashMap,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt;
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use warden_proto::{
-    dsse::{self, Signer, VerifyingKey},
-    limits::{self, RecordKind},
+    dsse::{Signer, VerifyingKey},
     pb::{self, Envelope, RefusalKind},
     types,
 };
 
 use crate::{
+    clock::now_ms,
     enrollment::{Admit, Denied, EnrollRate, Policy},
     listener::ConnInfo,
     ratelimit::{LogGate, NodeThrottle},
-    store::{ChainItem, NewRecord, NodeRow, NodeState, Outcome, Store},
+    registry::{Outbound, Registry},
+    store::{ChainItem, NewRecord, NodeRow, Outcome, Store},
+    verifier::{check_register, Inbound, NodeCheck, OverLimit},
 };
 
 /// How long an agent has to send Register after opening the stream.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Envelopes verified and stored together.
 const CHUNK: usize = 512;
-/// Registrations whose clock is further than this from ours are refused,
-/// so an old captured Register cannot be replayed.
-const MAX_REGISTER_SKEW_MS: i64 = 5 * 60 * 1000;
-
-/// The live streams, by node: the admin API sends commands down them and
-/// waits here for the answers.
-#[derive(Clone, Default)]
-pub struct Registry {
-    inner: Arc<Mutex<Streams>>,
-    next: Arc<AtomicU64>,
-}
-
-type Outbound = mpsc::Sender<Result<Envelope, Status>>;
-
-#[derive(Default)]
-struct Streams {
-    /// node id -> (session number, its outbound half).
-    nodes: HashMap<String, (u64, Outbound)>,
-    /// command id -> whoever waits for its answer.
-    waiting: HashMap<String, oneshot::Sender<pb::CommandResult>>,
-}
-
-impl Registry {
-    /// Makes `tx` the node's stream, after queueing `first` on it. Both under
-    /// the registry's lock: no command can be queued ahead of `first`, and
-    /// anyone who learns of the node from `first` (the agent says it is
-    /// connected once Registered arrives) finds it attached. `None` if the
-    /// stream is gone or full.
-    fn attach(&self, node_id: &str, tx: Outbound, first: Vec<Envelope>) -> Option<u64> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut map = self.lock();
-        for env in first {
-            tx.try_send(Ok(env)).ok()?;
-        }
-        map.nodes.insert(node_id.to_owned(), (id, tx));
-        Some(id)
-    }
-
-    /// Detaches only if no newer session of the node replaced this one.
-    fn detach(&self, node_id: &str, session: u64) {
-        let mut map = self.lock();
-        if map.nodes.get(node_id).map(|(s, _)| *s) == Some(session) {
-            map.nodes.remove(node_id);
-        }
-    }
-
-    pub fn is_connected(&self, node_id: &str) -> bool {
-        self.lock().nodes.contains_key(node_id)
-    }
-
-    /// The outbound half of a node's live stream.
-    pub fn sender(&self, node_id: &str) -> Option<Outbound> {
-        self.lock().nodes.get(node_id).map(|(_, tx)| tx.clone())
-    }
-
-    /// Registers interest in a command's answer (before sending it).
-    pub fn wait_for(&self, command_id: &str) -> oneshot::Receiver<pb::CommandResult> {
-        let (tx, rx) = oneshot::channel();
-        self.lock().waiting.insert(command_id.to_owned(), tx);
-        rx
-    }
-
-    /// Stops waiting (timed out or failed to send).
-    pub fn forget(&self, command_id: &str) {
-        self.lock().waiting.remove(command_id);
-    }
-
-    /// Hands a stored answer to whoever waits for it.
-    fn resolve(&self, result: &pb::CommandResult) {
-        if let Some(tx) = self.lock().waiting.remove(&result.command_id) {
-            let _ = tx.send(result.clone());
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Streams> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 /// What a session enforces beyond verification: who may register, how fast
 /// new nodes may come, and how fast each node may send.
 #[derive(Clone)]
@@ -231,7 +150,6 @@ impl UplinkService {
             let mesh = crate::mesh::MeshSender {
                 store: self.store.clone(),
                 registry: registry.clone(),
-                signer: self.signer.clone(),
             };
             let node = reg.node_id.clone();
             let running = reg.mesh_cluster_id.clone();
@@ -272,8 +190,8 @@ impl UplinkService {
             .await
             .map_err(|_| Status::deadline_exceeded("no Register within 10 s"))??
             .ok_or_else(|| Status::cancelled("stream closed before Register"))?;
-        let (reg, key) =
-            check_register(&first, now_ms(), nonce).map_err(Status::unauthenticated)?;
+        let (reg, key) = check_register(&first, now_ms(), nonce)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
         let unavailable = |e: crate::store::StoreError| Status::unavailable(e.to_string());
         let stored = self
             .store
@@ -366,75 +284,15 @@ impl pb::uplink_server::Uplink for UplinkService {
     }
 }
 
-/// Checks the first envelope of a stream: a Register for this stream (it
-/// carries the nonce of the stream's Hello), signed by the key inside it,
-/// for the node id that key derives.
-pub fn check_register(
-    env: &Envelope,
-    now_ms: i64,
-    nonce: &[u8; 32],
-) -> Result<(pb::Register, VerifyingKey), String> {
-    if env.payload_type != types::REGISTER {
-        return Err(format!(
-            "first message must be {}, got {}",
-            types::REGISTER,
-            env.payload_type
-        ));
-    }
-    if env.payload.len() > limits::REGISTER {
-        return Err(format!(
-            "Register is {} bytes; this coordinator accepts at most {}",
-            env.payload.len(),
-            limits::REGISTER
-        ));
-    }
-    let reg = pb::Register::decode(env.payload.as_slice())
-        .map_err(|e| format!("Register does not decode: {e}"))?;
-    if reg.session_nonce.is_empty() {
-        return Err("Register carries no session nonce: the agent is older than this coordinator, which binds each Register to its stream; upgrade the agent".into());
-    }
-    if reg.session_nonce.as_slice() != nonce.as_slice() {
-        return Err("Register is not for this stream: its session nonce is not the one this stream's Hello gave (a Register is valid only on the stream it answers)".into());
-    }
-    let key = VerifyingKey::from_bytes(&reg.public_key).map_err(|e| format!("Register: {e}"))?;
-    if reg.node_id != key.key_id() {
-        return Err(format!(
-            "Register names node {} but its key derives node id {}",
-            reg.node_id,
-            key.key_id()
-        ));
-    }
-    dsse::verify(env, types::REGISTER, &key).map_err(|e| format!("Register: {e}"))?;
-    if (reg.time_unix_ms - now_ms).abs() > MAX_REGISTER_SKEW_MS {
-        return Err(format!(
-            "Register is timestamped {} ms from the coordinator's clock (allowed: {MAX_REGISTER_SKEW_MS}); check the node's clock",
-            reg.time_unix_ms - now_ms
-        ));
-    }
-    Ok((reg, key))
-}
-
 struct Session {
     node_id: String,
     key: VerifyingKey,
     signer: Arc<Signer>,
     store: Store,
     registry: Registry,
-    tx: mpsc::Sender<Result<Envelope, Status>>,
+    tx: Outbound,
     min_coverage: f64,
     throttle: NodeThrottle,
-}
-
-/// What one inbound envelope asks of the session.
-enum Verdict {
-    Store(Box<NewRecord>),
-    Refuse {
-        seq: u64,
-        digest: [u8; 32],
-        kind: RefusalKind,
-        reason: String,
-    },
-    Heartbeat(pb::Heartbeat),
 }
 
 impl Session {
@@ -475,9 +333,14 @@ impl Session {
                         return Err(status);
                     }
                 };
-                match self.judge(&env) {
-                    Verdict::Store(r) => to_store.push(*r),
-                    Verdict::Refuse {
+                let check = NodeCheck {
+                    node_id: &self.node_id,
+                    key: &self.key,
+                    signer: &self.signer,
+                };
+                match check.check(&env) {
+                    Inbound::Store(r) => to_store.push(*r),
+                    Inbound::Refuse {
                         seq,
                         digest,
                         kind,
@@ -486,7 +349,7 @@ impl Session {
                         tracing::warn!(node = %self.node_id, seq, kind = kind.as_str_name(), %reason, "record refused");
                         replies.push(self.refusal(seq, digest, kind, reason));
                     }
-                    Verdict::Heartbeat(hb) => {
+                    Inbound::Heartbeat(hb) => {
                         heard = true;
                         spool = hb.spool.map(|s| s.encode_to_vec()).or(spool);
                     }
@@ -498,7 +361,11 @@ impl Session {
             let outcomes = if to_store.is_empty() {
                 Vec::new()
             } else {
-                match self.store.insert(to_store.clone()).await {
+                match self
+                    .store
+                    .insert_with(to_store.clone(), crate::ingest::effects)
+                    .await
+                {
                     Ok(o) => o,
                     Err(e) => {
                         // Nothing of the chunk is stored: the agent keeps the
@@ -516,58 +383,8 @@ impl Session {
                     }
                 }
             };
-            {
-                for (rec, outcome) in to_store.into_iter().zip(outcomes) {
-                    if matches!(outcome, Outcome::Stored | Outcome::Duplicate) {
-                        for r in &rec.state.results {
-                            self.registry.resolve(r);
-                        }
-                    }
-                    if let (Outcome::Stored, Some(ChainItem::Proof { lease_id })) =
-                        (&outcome, &rec.state.chain)
-                    {
-                        // The lease has ended: judge its whole chain against the proof.
-                        let (store, signer, lease) =
-                            (self.store.clone(), self.signer.clone(), lease_id.clone());
-                        let min = self.min_coverage;
-                        tokio::spawn(async move {
-                            crate::verdict::judge(&store, &signer, &lease, min).await
-                        });
-                    }
-                    match outcome {
-                        Outcome::Stored | Outcome::Duplicate => replies
-                            .push(Envelope::decode(rec.receipt.as_slice()).map_err(|e| {
-                                Status::internal(format!("receipt re-decode: {e}"))
-                            })?),
-                        Outcome::Conflict { stored_sha256 } => replies.push(self.refusal(
-                            rec.seq,
-                            rec.payload_sha256,
-                            RefusalKind::Conflict,
-                            format!(
-                                "seq {} is already stored with different content (sha256 {})",
-                                rec.seq,
-                                hex::encode(stored_sha256)
-                            ),
-                        )),
-                        Outcome::OverQuota { stored, quota } => {
-                            let why = OverLimit::Quota {
-                                node: self.node_id.clone(),
-                                stored,
-                                size: rec.payload.len(),
-                                quota,
-                            };
-                            tracing::warn!(node = %self.node_id, seq = rec.seq, "record refused: {why}");
-                            // Retryable: the record stays in the agent's spool until
-                            // the operator raises the quota.
-                            replies.push(self.refusal(
-                                rec.seq,
-                                rec.payload_sha256,
-                                RefusalKind::RetryLater,
-                                why.to_string(),
-                            ))
-                        }
-                    }
-                }
+            for (rec, outcome) in to_store.into_iter().zip(outcomes) {
+                replies.push(self.stored(rec, outcome)?);
             }
             for r in replies {
                 if self.tx.send(Ok(r)).await.is_err() {
@@ -578,126 +395,56 @@ impl Session {
         Ok(())
     }
 
-    fn judge(&self, env: &Envelope) -> Verdict {
-        let digest = dsse::payload_sha256(env);
-        if env.payload_type == types::HEARTBEAT && env.payload.len() > limits::HEARTBEAT {
-            return Verdict::Refuse {
-                seq: 0,
-                digest,
-                kind: RefusalKind::Malformed,
-                reason: OverLimit::TooLarge {
-                    what: "heartbeat",
-                    size: env.payload.len(),
-                    cap: limits::HEARTBEAT,
-                }
-                .to_string(),
-            };
-        }
-        match env.payload_type.as_str() {
-            types::HEARTBEAT => match dsse::open::<pb::Heartbeat>(env, types::HEARTBEAT, &self.key)
-            {
-                Ok(hb) => Verdict::Heartbeat(hb),
-                Err(e) => Verdict::Refuse {
-                    seq: 0,
-                    digest,
-                    kind: RefusalKind::of_verify_error(&e),
-                    reason: format!("heartbeat: {e}"),
-                },
-            },
-            types::RECORD => {
-                // Decoded before verification to name the seq in a refusal
-                // and to find the kind's size cap (checked before the signature).
-                let claimed = pb::Record::decode(env.payload.as_slice()).ok();
-                let claimed_seq = claimed.as_ref().map_or(0, |r| r.seq);
-                let refuse = |kind: RefusalKind, reason: String| Verdict::Refuse {
-                    seq: claimed_seq,
-                    digest,
-                    kind,
-                    reason,
-                };
-                let (what, cap) = match &claimed {
-                    Some(r) => {
-                        let k = RecordKind::of(r);
-                        (k.name(), k.max_payload())
-                    }
-                    None => ("record", limits::RECORD),
-                };
-                if env.payload.len() > cap {
-                    // Final: those bytes will never fit under the cap.
-                    return refuse(
-                        RefusalKind::Malformed,
-                        OverLimit::TooLarge {
-                            what,
-                            size: env.payload.len(),
-                            cap,
-                        }
-                        .to_string(),
-                    );
-                }
-                let rec = match dsse::open::<pb::Record>(env, types::RECORD, &self.key) {
-                    Ok(r) => r,
-                    Err(e) => return refuse(RefusalKind::of_verify_error(&e), e.to_string()),
-                };
-                if rec.node_id != self.node_id {
-                    return refuse(
-                        RefusalKind::WrongNode,
-                        format!(
-                            "record names node {} but this stream belongs to node {}",
-                            rec.node_id, self.node_id
-                        ),
-                    );
-                }
-                if rec.seq == 0 {
-                    return refuse(RefusalKind::Malformed, "record seq must start at 1".into());
-                }
-                let sig = env
-                    .signatures
-                    .iter()
-                    .find(|s| s.keyid == self.key.key_id())
-                    .map(|s| s.sig.clone())
-                    .unwrap_or_default();
-                let state = node_state(&rec);
-                // An attestation's receipt is the live countersignature of
-                // that link: its lease and lease seq, and when it arrived.
-                let (lease_id, lease_seq) = match &state.chain {
-                    Some(ChainItem::Attestation {
-                        lease_id,
-                        lease_seq,
-                        ..
-                    }) => (lease_id.clone(), *lease_seq),
-                    _ => (String::new(), 0),
-                };
-                let receipt = self.signer.sign_message(
-                    types::RECEIPT,
-                    &pb::Receipt {
-                        node_id: self.node_id.clone(),
-                        seq: rec.seq,
-                        payload_sha256: digest.to_vec(),
-                        time_unix_ms: now_ms(),
-                        lease_id,
-                        lease_seq,
-                    },
-                );
-                Verdict::Store(Box::new(NewRecord {
-                    node_id: self.node_id.clone(),
-                    seq: rec.seq,
-                    payload_type: env.payload_type.clone(),
-                    payload: env.payload.clone(),
-                    keyid: self.key.key_id().to_owned(),
-                    sig,
-                    payload_sha256: digest,
-                    received_ms: now_ms(),
-                    receipt: receipt.encode_to_vec(),
-                    state,
-                }))
+    /// What a record's storing asks once committed: its answers go to whoever
+    /// waits, a stored proof has its lease judged, and the node is answered
+    /// (the receipt, or why not).
+    fn stored(&self, rec: NewRecord, outcome: Outcome) -> Result<Envelope, Status> {
+        if matches!(outcome, Outcome::Stored | Outcome::Duplicate) {
+            for r in &rec.state.results {
+                self.registry.resolve(r);
             }
-            other => Verdict::Refuse {
-                seq: 0,
-                digest,
-                kind: RefusalKind::Malformed,
-                reason: format!("unexpected payload type {other}"),
-            },
         }
+        if let (Outcome::Stored, Some(ChainItem::Proof { lease_id })) = (&outcome, &rec.state.chain)
+        {
+            // The lease has ended: judge its whole chain against the proof.
+            let (store, signer, lease) =
+                (self.store.clone(), self.signer.clone(), lease_id.clone());
+            let min = self.min_coverage;
+            tokio::spawn(async move {
+                crate::verifier::lease::judge(&store, &signer, &lease, min).await
+            });
+        }
+        Ok(match outcome {
+            Outcome::Stored | Outcome::Duplicate => Envelope::decode(rec.receipt.as_slice())
+                .map_err(|e| Status::internal(format!("receipt re-decode: {e}")))?,
+            Outcome::Conflict { stored_sha256 } => self.refusal(
+                rec.seq,
+                rec.payload_sha256,
+                RefusalKind::Conflict,
+                format!(
+                    "seq {} is already stored with different content (sha256 {})",
+                    rec.seq,
+                    hex::encode(stored_sha256)
+                ),
+            ),
+            Outcome::OverQuota { stored, quota } => {
+                let why = OverLimit::Quota {
+                    node: self.node_id.clone(),
+                    stored,
+                    size: rec.payload.len(),
+                    quota,
+                };
+                tracing::warn!(node = %self.node_id, seq = rec.seq, "record refused: {why}");
+                // Retryable: the record stays in the agent's spool until
+                // the operator raises the quota.
+                self.refusal(
+                    rec.seq,
+                    rec.payload_sha256,
+                    RefusalKind::RetryLater,
+                    why.to_string(),
+                )
+            }
+        })
     }
 
     fn refusal(&self, seq: u64, digest: [u8; 32], kind: RefusalKind, reason: String) -> Envelope {
@@ -712,146 +459,5 @@ impl Session {
                 kind: kind.into(),
             },
         )
-    }
-}
-
-/// Refusals for going past a limit, kept apart from the verification
-/// refusals: each reason starts with a fixed word ("too large:", "quota:")
-/// that says which limit, so a typed refusal kind can be given to them here.
-#[derive(Debug, thiserror::Error)]
-pub enum OverLimit {
-    /// Over the cap for its type (`warden_proto::limits`): never accepted.
-    #[error("too large: a {what} payload of {size} bytes is over this coordinator's cap of {cap} bytes for {what}")]
-    TooLarge {
-        what: &'static str,
-        size: usize,
-        cap: usize,
-    },
-    /// The node's storage quota is used up: accepted once it is raised.
-    #[error("quota: node {node} has {stored} bytes of records stored, and this record's {size} would pass its quota of {quota} (limits.node_storage_bytes); it stays in the agent's spool")]
-    Quota {
-        node: String,
-        stored: u64,
-        size: usize,
-        quota: u64,
-    },
-}
-
-/// What a record says about the node's present state.
-pub fn node_state(rec: &pb::Record) -> NodeState {
-    match &rec.body {
-        Some(pb::record::Body::Telemetry(t)) => NodeState {
-            gpus: t
-                .gpus
-                .iter()
-                .map(|g| (g.uuid.clone(), g.index, g.encode_to_vec(), g.time_unix_ms))
-                .collect(),
-            inventory: None,
-            link: t.link.as_ref().map(|l| (l.encode_to_vec(), l.time_unix_ms)),
-            workload_events: t.workload_events.clone(),
-            ..Default::default()
-        },
-        Some(pb::record::Body::Inventory(i)) => NodeState {
-            gpus: Vec::new(),
-            inventory: Some((i.encode_to_vec(), rec.time_unix_ms)),
-            ..Default::default()
-        },
-        Some(pb::record::Body::CommandResult(r)) => NodeState {
-            results: vec![r.clone()],
-            ..Default::default()
-        },
-        Some(pb::record::Body::Attestation(a)) => NodeState {
-            chain: Some(ChainItem::Attestation {
-                lease_id: a.lease_id.clone(),
-                lease_seq: a.lease_seq,
-                prev_sha256: a.prev_sha256.clone(),
-            }),
-            ..Default::default()
-        },
-        Some(pb::record::Body::LeaseProof(p)) => NodeState {
-            chain: Some(ChainItem::Proof {
-                lease_id: p.lease_id.clone(),
-            }),
-            ..Default::default()
-        },
-        None => NodeState::default(),
-    }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const NONCE: [u8; 32] = [7; 32];
-
-    fn register_with(signer: &Signer, node_id: &str, time: i64, nonce: &[u8]) -> Envelope {
-        signer.sign_message(
-            types::REGISTER,
-            &pb::Register {
-                node_id: node_id.into(),
-                public_key: signer.public_key().to_vec(),
-                agent_version: "t".into(),
-                inventory: None,
-                time_unix_ms: time,
-                start_id: "s".into(),
-                session_nonce: nonce.to_vec(),
-                ..Default::default()
-            },
-        )
-    }
-
-    fn register(signer: &Signer, node_id: &str, time: i64) -> Envelope {
-        register_with(signer, node_id, time, &NONCE)
-    }
-
-    #[test]
-    fn register_must_be_self_signed_for_its_own_node_id() {
-        let (a, _) = Signer::generate().unwrap();
-        let (b, _) = Signer::generate().unwrap();
-        let now = 1_000_000_000;
-        assert!(check_register(&register(&a, a.key_id(), now), now, &NONCE).is_ok());
-        let err = check_register(&register(&a, b.key_id(), now), now, &NONCE).unwrap_err();
-        assert!(err.contains("derives node id"), "{err}");
-        let mut env = register(&a, a.key_id(), now);
-        env.payload.push(0);
-        assert!(check_register(&env, now, &NONCE).is_err());
-        let err =
-            check_register(&register(&a, a.key_id(), now - 3_600_000), now, &NONCE).unwrap_err();
-        assert!(err.contains("clock"), "{err}");
-        let hb = a.sign_message(types::HEARTBEAT, &pb::Heartbeat::default());
-        assert!(check_register(&hb, now, &NONCE)
-            .unwrap_err()
-            .contains("first message"));
-    }
-
-    #[test]
-    fn register_must_carry_this_streams_nonce() {
-        let (a, _) = Signer::generate().unwrap();
-        let now = 1_000_000_000;
-        // Captured from another stream: signed and fresh, but another nonce.
-        let other = register_with(&a, a.key_id(), now, &[8; 32]);
-        let err = check_register(&other, now, &NONCE).unwrap_err();
-        assert!(err.contains("not for this stream"), "{err}");
-        // From an agent that knows no Hello.
-        let old = register_with(&a, a.key_id(), now, &[]);
-        let err = check_register(&old, now, &NONCE).unwrap_err();
-        assert!(err.contains("upgrade the agent"), "{err}");
-    }
-
-    #[test]
-    fn an_oversized_register_is_refused_before_anything_else() {
-        let (a, _) = Signer::generate().unwrap();
-        let mut env = register(&a, a.key_id(), 1);
-        env.payload = vec![0; limits::REGISTER + 1];
-        let err = check_register(&env, 1, &NONCE).unwrap_err();
-        assert!(err.contains("at most"), "{err}");
     }
 }

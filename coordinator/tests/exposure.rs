@@ -122,12 +122,12 @@ impl Stream {
         self.tx.send(env).await.unwrap();
     }
 
-    /// Sends `reg` and reads the answer, Registered and Welcome, or the status the stream ended with.
+    /// Sends `reg` and returns the answer: Registered (and the Welcome
+    /// that follows it), or the status the stream ended with.
     async fn register(&mut self, reg: Envelope) -> Result<(), tonic::Status> {
         self.send(reg).await;
         let env = next(&mut self.rx).await?;
         assert_eq!(env.payload_type, types::REGISTERED);
-        // Then the node's last stored seq, always next.
         let env = next(&mut self.rx).await?;
         assert_eq!(env.payload_type, types::WELCOME);
         Ok(())
@@ -154,7 +154,7 @@ fn register(node: &Signer, nonce: &[u8], token: &str) -> Envelope {
             node_id: node.key_id().to_owned(),
             public_key: node.public_key().to_vec(),
             agent_version: "test".into(),
-            time_unix_ms: warden_coordinator::session::now_ms(),
+            time_unix_ms: warden_coordinator::clock::now_ms(),
             start_id: "s".into(),
             session_nonce: nonce.to_vec(),
             join_token: token.into(),
@@ -169,7 +169,7 @@ fn record(node: &Signer, seq: u64, body: pb::record::Body) -> Envelope {
         &pb::Record {
             node_id: node.key_id().to_owned(),
             seq,
-            time_unix_ms: warden_coordinator::session::now_ms(),
+            time_unix_ms: warden_coordinator::clock::now_ms(),
             start_id: "s".into(),
             body: Some(body),
         },

@@ -10,13 +10,13 @@ use warden_proto::{dsse::Signer, pb, types};
 fuzz_target!(|data: &[u8]| {
     let key = Signer::from_seed(&[7; 32]).verifying_key();
     if let Ok(env) = pb::Envelope::decode(data) {
-        let _ = warden_coordinator::session::check_register(&env, 1_700_000_000_000, &[7; 32]);
+        let _ = warden_coordinator::verifier::check_register(&env, 1_700_000_000_000, &[7; 32]);
         let _ = warden_proto::dsse::open::<pb::Record>(&env, types::RECORD, &key);
         let _ = warden_proto::dsse::open::<pb::Command>(&env, types::COMMAND, &key);
         let _ = warden_proto::dsse::payload_sha256(&env);
     }
     if let Ok(rec) = pb::Record::decode(data) {
-        let _ = warden_coordinator::session::node_state(&rec);
+        let _ = warden_coordinator::verifier::node_state(&rec);
     }
     let _ = pb::Attestation::decode(data);
     let _ = pb::LeaseProof::decode(data);

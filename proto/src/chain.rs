@@ -19,6 +19,7 @@ use prost::Message;
 use crate::{
     dsse::{self, VerifyError, VerifyingKey},
     pb::{self, Envelope},
+    states::HolderClass,
     types,
 };
 
@@ -82,7 +83,7 @@ pub mod rule {
     ];
 }
 
-/// The holder verdicts an attestation may carry.
+/// The holder verdicts an attestation may carry (`states::HolderClass`'s text).
 pub const HOLDER_VERDICTS: &[&str] = &["lease-container", "agent", "allowlisted", "foreign"];
 
 /// What a verifier tolerates.
@@ -232,6 +233,12 @@ impl Head {
     pub fn link(&self, a: &mut pb::Attestation) {
         a.lease_seq = self.lease_seq + 1;
         a.prev_sha256 = self.sha256.to_vec();
+    }
+
+    /// Whether an attestation at `lease_seq` naming `prev_sha256` is the
+    /// next link after this head: the rule `link` stamps, as a check.
+    pub fn follows(&self, lease_seq: u64, prev_sha256: &[u8]) -> bool {
+        lease_seq == self.lease_seq + 1 && prev_sha256 == self.sha256.as_slice()
     }
 
     /// Moves past a signed record holding the attestation just linked.
@@ -861,7 +868,7 @@ fn check_payload(a: &pb::Attestation, what: &str, report: &mut Report) {
     if let Some(h) = a
         .holders
         .iter()
-        .find(|h| !HOLDER_VERDICTS.contains(&h.verdict.as_str()))
+        .find(|h| HolderClass::parse(&h.verdict).is_none())
     {
         report.fail(
             rule::BAD_PAYLOAD,
@@ -987,6 +994,10 @@ struct Challenged {
     in_gaps: usize,
 }
 
+/// The lease's challenges by index (more than one at an index is a break
+/// of their chain), each with its payload digest.
+type ByIndex = BTreeMap<u64, Vec<(pb::Challenge, [u8; 32])>>;
+
 /// Step 5, challenges: signed, chained, each answered live.
 #[allow(clippy::too_many_arguments)]
 fn check_challenges(
@@ -1001,7 +1012,23 @@ fn check_challenges(
     p: &Params,
     report: &mut Report,
 ) -> Challenged {
-    let mut by_index: BTreeMap<u64, Vec<(pb::Challenge, [u8; 32])>> = BTreeMap::new();
+    let by_index = read_challenges(c, verified, node_id, report);
+    let issued = by_index.values().map(Vec::len).sum::<usize>();
+    let last = check_challenge_chain(&by_index, report);
+    if let Some(v) = verdict {
+        check_challenge_count(v, issued, last, report);
+    }
+    let (answered, in_gaps) = check_answers(&by_index, chain, watched, counted, span, p, report);
+    Challenged {
+        issued,
+        answered,
+        in_gaps,
+    }
+}
+
+/// Bad challenges: each signed by the coordinator, for this lease and node.
+fn read_challenges(c: &Chain, verified: &Verified, node_id: &str, report: &mut Report) -> ByIndex {
+    let mut by_index = ByIndex::new();
     for (i, item) in c.challenges.iter().enumerate() {
         let what = format!("challenge {}", i + 1);
         let Some((ch, digest)) = open_coordinator::<pb::Challenge>(
@@ -1026,22 +1053,42 @@ fn check_challenges(
         }
         by_index.entry(ch.index).or_default().push((ch, digest));
     }
-    let issued = by_index.values().map(Vec::len).sum::<usize>();
-    let last = check_challenge_chain(&by_index, report);
-    if let Some(v) = verdict {
-        let last = last.map(|d| d.to_vec()).unwrap_or_default();
-        if v.challenges != issued as u64 || v.last_challenge_sha256 != last {
-            report.fail(
-                rule::BROKEN_CHALLENGE_CHAIN,
-                format!(
-                    "the verdict counts {} challenges ending with {}; the bundle has {issued} ending with {}",
-                    v.challenges,
-                    hex::encode(&v.last_challenge_sha256),
-                    hex::encode(&last)
-                ),
-            );
-        }
+    by_index
+}
+
+/// The verdict's count of challenges and its last one are the bundle's.
+fn check_challenge_count(
+    v: &pb::LeaseVerdict,
+    issued: usize,
+    last: Option<[u8; 32]>,
+    report: &mut Report,
+) {
+    let last = last.map(|d| d.to_vec()).unwrap_or_default();
+    if v.challenges != issued as u64 || v.last_challenge_sha256 != last {
+        report.fail(
+            rule::BROKEN_CHALLENGE_CHAIN,
+            format!(
+                "the verdict counts {} challenges ending with {}; the bundle has {issued} ending with {}",
+                v.challenges,
+                hex::encode(&v.last_challenge_sha256),
+                hex::encode(&last)
+            ),
+        );
     }
+}
+
+/// Missing challenges: each issued while a window was open is answered in
+/// a record made after it and countersigned by its deadline. Returns how
+/// many were answered, and how many fell in gaps (no window open).
+fn check_answers(
+    by_index: &ByIndex,
+    chain: &Placed,
+    watched: &Watched,
+    counted: &Counted,
+    span: Option<(i64, i64)>,
+    p: &Params,
+    report: &mut Report,
+) -> (usize, usize) {
     // Nonces answered in valid windows: (nonce, window end, when received).
     let answers: Vec<(&[u8], i64, Option<i64>)> = chain
         .valid()
@@ -1053,11 +1100,7 @@ fn check_challenges(
                 .map(move |n| (n.as_slice(), a.window_end_unix_ms, at))
         })
         .collect();
-    let mut out = Challenged {
-        issued,
-        answered: 0,
-        in_gaps: 0,
-    };
+    let (mut answered, mut in_gaps) = (0, 0);
     for (ch, _) in by_index.values().map(|l| &l[0]) {
         if span.is_some_and(|(_, t2)| ch.issued_unix_ms >= t2) {
             continue; // issued once the lease was over
@@ -1069,18 +1112,18 @@ fn check_challenges(
         {
             // Issued while no window was open (the agent was down): the gap
             // already costs coverage.
-            out.in_gaps += 1;
+            in_gaps += 1;
             continue;
         }
         let due = ch.deadline_unix_ms.saturating_add(p.max_skew_ms);
-        let answered = answers.iter().any(|(n, end, at)| {
+        let live = answers.iter().any(|(n, end, at)| {
             *n == ch.nonce.as_slice()
                 && *end > ch.issued_unix_ms - p.max_skew_ms
                 && *end <= due
                 && at.is_some_and(|at| at <= due)
         });
-        if answered {
-            out.answered += 1;
+        if live {
+            answered += 1;
         } else {
             report.fail(
                 rule::MISSING_CHALLENGE,
@@ -1094,15 +1137,12 @@ fn check_challenges(
             );
         }
     }
-    out
+    (answered, in_gaps)
 }
 
 /// The challenges' own chain: indexes from 1, each naming the one before.
 /// Returns the digest of the last.
-fn check_challenge_chain(
-    by_index: &BTreeMap<u64, Vec<(pb::Challenge, [u8; 32])>>,
-    report: &mut Report,
-) -> Option<[u8; 32]> {
+fn check_challenge_chain(by_index: &ByIndex, report: &mut Report) -> Option<[u8; 32]> {
     let mut prev_digest = [0u8; 32];
     let mut expected = 1u64;
     let mut last = None;
@@ -1349,7 +1389,11 @@ impl Tally {
         self.last_seq = a.lease_seq;
         self.head_sha256 = payload_sha256;
         self.sampled_ms += window_sampled(a);
-        self.foreign_events += a.holders.iter().filter(|h| h.verdict == "foreign").count() as u64;
+        self.foreign_events += a
+            .holders
+            .iter()
+            .filter(|h| h.verdict == HolderClass::Foreign)
+            .count() as u64;
         self.kills += a.enforcement.iter().filter(|e| is_kill(e)).count() as u64;
         self.container_stops += a.enforcement.iter().filter(|e| e.action == "stop").count() as u64;
         if !self.start_ids.contains(&rec.start_id) {
@@ -1410,6 +1454,20 @@ mod tests {
 
     fn run(ev: &vectors::Evidence) -> Report {
         ev.bundle().verify(&pinned(&ev.lease), &vectors::params()).0
+    }
+
+    #[test]
+    fn a_link_follows_the_head_that_stamped_it_and_nothing_else() {
+        let mut head = Head::default();
+        let mut a = pb::Attestation::default();
+        head.link(&mut a);
+        assert!(head.follows(a.lease_seq, &a.prev_sha256), "the first link");
+        head.advance(a.lease_seq, b"record 1");
+        assert!(!head.follows(a.lease_seq, &a.prev_sha256), "a repeat");
+        head.link(&mut a);
+        assert!(head.follows(2, &a.prev_sha256));
+        assert!(!head.follows(3, &a.prev_sha256), "a gap");
+        assert!(!head.follows(2, &[0; 32]), "a broken link");
     }
 
     #[test]

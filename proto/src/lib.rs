@@ -8,6 +8,7 @@ pub mod identity;
 pub mod json;
 pub mod limits;
 pub mod refusal;
+pub mod states;
 pub mod types;
 pub mod vectors;
 

@@ -102,7 +102,7 @@ pub async fn judge(store: &Store, signer: &Signer, lease_id: &str, min_coverage:
             return tracing::error!(lease = lease_id, error = %e, "cannot read the lease's evidence")
         }
     };
-    let now = crate::session::now_ms();
+    let now = crate::clock::now_ms();
     let params = Params {
         min_coverage,
         now_unix_ms: now,
@@ -123,7 +123,9 @@ pub async fn judge(store: &Store, signer: &Signer, lease_id: &str, min_coverage:
         tracing::warn!(lease = lease_id, reasons = ?verdict.reasons, "lease proof does not hold");
     }
     let env = signer.sign_message(types::VERDICT, &verdict);
-    store.put_verdict(lease_id, env, verdict);
+    store.put_verdict(lease_id, env, move |info| {
+        crate::leases::apply_verdict(info, verdict)
+    });
 }
 
 #[cfg(test)]

@@ -1,0 +1,132 @@
+//! Clusters: each cluster's row (an encoded `ClusterInfo`) and the
+//! MeshConfig commands sent to its members, with their answers.
+
+use prost::Message;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use warden_proto::pb;
+
+use super::{Store, StoreError};
+
+/// What a cluster write does to the cluster's row.
+#[derive(Debug, Clone)]
+pub enum ClusterWrite {
+    /// Leaves it as it is (only commands are recorded).
+    Keep,
+    Put(pb::ClusterInfo),
+    Delete,
+}
+
+/// A MeshConfig command sent to a node, so its answer finds its cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshSent {
+    pub command_id: String,
+    pub node_id: String,
+    pub cluster_id: String,
+    pub generation: u64,
+}
+
+impl Store {
+    /// Writes a cluster and records the mesh commands sent for it.
+    pub async fn put_cluster(
+        &self,
+        cluster_id: &str,
+        info: ClusterWrite,
+        sent: Vec<MeshSent>,
+    ) -> Result<(), StoreError> {
+        let cluster_id = cluster_id.to_owned();
+        self.write(move |tx| {
+            match info {
+                ClusterWrite::Put(info) => tx.execute(
+                    "INSERT OR REPLACE INTO clusters (cluster_id, info) VALUES (?1, ?2)",
+                    params![cluster_id, info.encode_to_vec()],
+                )?,
+                ClusterWrite::Delete => tx.execute(
+                    "DELETE FROM clusters WHERE cluster_id = ?1",
+                    params![cluster_id],
+                )?,
+                ClusterWrite::Keep => 0,
+            };
+            for m in sent {
+                tx.execute(
+                    "INSERT OR REPLACE INTO mesh_commands (command_id, node_id, cluster_id, generation) VALUES (?1, ?2, ?3, ?4)",
+                    params![m.command_id, m.node_id, m.cluster_id, m.generation as i64],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn list_clusters(&self) -> Result<Vec<pb::ClusterInfo>, StoreError> {
+        self.read(list_clusters).await
+    }
+}
+
+/// The MeshConfig command a result answers, if it was sent to `node_id`
+/// (a node answers only its own commands); its answer is kept with it.
+pub(crate) fn answer_mesh_command(
+    tx: &Transaction,
+    node_id: &str,
+    result: &pb::CommandResult,
+) -> rusqlite::Result<Option<MeshSent>> {
+    let sent: Option<(String, i64)> = tx
+        .query_row(
+            "SELECT cluster_id, generation FROM mesh_commands WHERE command_id = ?1 AND node_id = ?2",
+            params![result.command_id, node_id],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    let Some((cluster_id, generation)) = sent else {
+        return Ok(None);
+    };
+    tx.execute(
+        "UPDATE mesh_commands SET result = ?2 WHERE command_id = ?1",
+        params![result.command_id, result.encode_to_vec()],
+    )?;
+    Ok(Some(MeshSent {
+        command_id: result.command_id.clone(),
+        node_id: node_id.to_owned(),
+        cluster_id,
+        generation: generation as u64,
+    }))
+}
+
+/// One cluster as stored (None: no such cluster, or a row that does not decode).
+pub(crate) fn get_cluster(
+    tx: &Transaction,
+    cluster_id: &str,
+) -> rusqlite::Result<Option<pb::ClusterInfo>> {
+    let info: Option<Vec<u8>> = tx
+        .query_row(
+            "SELECT info FROM clusters WHERE cluster_id = ?1",
+            params![cluster_id],
+            |row| row.get(0),
+        )
+        .optional()?;
+    Ok(info.and_then(|b| pb::ClusterInfo::decode(b.as_slice()).ok()))
+}
+
+/// Rewrites an existing cluster's row.
+pub(crate) fn update_cluster(
+    tx: &Transaction,
+    cluster_id: &str,
+    info: &pb::ClusterInfo,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE clusters SET info = ?2 WHERE cluster_id = ?1",
+        params![cluster_id, info.encode_to_vec()],
+    )?;
+    Ok(())
+}
+
+fn list_clusters(conn: &Connection) -> rusqlite::Result<Vec<pb::ClusterInfo>> {
+    let mut stmt = conn.prepare("SELECT info FROM clusters ORDER BY cluster_id")?;
+    let rows = stmt.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
+    let mut out = Vec::new();
+    for b in rows {
+        if let Ok(c) = pb::ClusterInfo::decode(b?.as_slice()) {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}

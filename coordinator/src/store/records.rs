@@ -1,0 +1,387 @@
+//! Records: each node's signed records by seq, the receipts that
+//! acknowledged them, each node's stored bytes (its quota), and the latest
+//! node state they carry (GPU samples, inventory, link probe).
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use warden_proto::pb;
+
+use super::{Store, StoreError};
+
+/// A verified record to store, with the receipt that acknowledges it.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    pub node_id: String,
+    pub seq: u64,
+    pub payload_type: String,
+    pub payload: Vec<u8>,
+    pub keyid: String,
+    pub sig: Vec<u8>,
+    pub payload_sha256: [u8; 32],
+    pub received_ms: i64,
+    /// The encoded, signed receipt envelope.
+    pub receipt: Vec<u8>,
+    /// What the record says about the node's current state, applied only
+    /// when it is newer than what is stored (replays come late).
+    pub state: NodeState,
+}
+
+/// The node state a record carries: GPU samples, a new inventory, a link
+/// probe, answers to commands, container events, a link of a lease's chain.
+#[derive(Debug, Clone, Default)]
+pub struct NodeState {
+    pub gpus: Vec<GpuState>,
+    /// An encoded `InventorySummary`, stamped with the record's time.
+    pub inventory: Option<Stamped>,
+    /// An encoded `LinkSample`, stamped with the probe's time.
+    pub link: Option<Stamped>,
+    /// Answers to commands: they move leases along.
+    pub results: Vec<pb::CommandResult>,
+    /// Container lifecycle the node reported.
+    pub workload_events: Vec<pb::WorkloadEvent>,
+    /// An attestation (lease id, lease seq, prev digest) or a proof (lease id).
+    pub chain: Option<ChainItem>,
+}
+
+/// One GPU's latest sample, kept per GPU (by uuid) in index order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuState {
+    pub uuid: String,
+    pub index: u32,
+    /// The encoded `GpuSample`.
+    pub sample: Vec<u8>,
+    /// When it was sampled, by the node's clock: an older one never
+    /// replaces a newer (replays come late).
+    pub time_ms: i64,
+}
+
+/// Encoded bytes and when they were true, by the node's clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamped {
+    pub bytes: Vec<u8>,
+    pub time_ms: i64,
+}
+
+/// A record of a lease's chain, indexed so the lease's evidence can be gathered.
+#[derive(Debug, Clone)]
+pub enum ChainItem {
+    Attestation {
+        lease_id: String,
+        lease_seq: u64,
+        prev_sha256: Vec<u8>,
+    },
+    Proof {
+        lease_id: String,
+    },
+}
+
+/// What storing one record did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Newly stored.
+    Stored,
+    /// The same record was already stored (a replay): acknowledge again.
+    Duplicate,
+    /// A different record is stored under this seq: refuse.
+    Conflict { stored_sha256: Vec<u8> },
+    /// Storing it would take the node past `limits.node_storage_bytes`:
+    /// refuse (the agent keeps it).
+    OverQuota { stored: u64, quota: u64 },
+}
+
+/// What storing a record does beyond storing it (moving leases and
+/// clusters along, indexing a lease's chain): rules that live above the
+/// store, run in the transaction of the record they follow, for a record
+/// newly stored (not a replay).
+pub type Effects = fn(&Transaction, &NewRecord) -> rusqlite::Result<()>;
+
+/// No effects: the records are only stored.
+pub fn no_effects(_: &Transaction, _: &NewRecord) -> rusqlite::Result<()> {
+    Ok(())
+}
+
+impl Store {
+    /// Stores records; one outcome per record, in order, after commit.
+    pub async fn insert(&self, records: Vec<NewRecord>) -> Result<Vec<Outcome>, StoreError> {
+        self.insert_with(records, no_effects).await
+    }
+
+    /// Stores records as `insert` does, running `effects` on each one newly
+    /// stored, in the same transaction.
+    pub async fn insert_with(
+        &self,
+        records: Vec<NewRecord>,
+        effects: Effects,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let quota = self.node_quota;
+        self.write(move |tx| {
+            records
+                .iter()
+                .map(|r| insert_record(tx, r, quota, effects))
+                .collect()
+        })
+        .await
+    }
+}
+
+/// Stores one record (unless it is a replay, a conflict or over quota),
+/// its receipt and the node state it carries, then runs `effects` on it.
+fn insert_record(
+    tx: &Transaction,
+    r: &NewRecord,
+    node_quota: u64,
+    effects: Effects,
+) -> rusqlite::Result<Outcome> {
+    let seq = r.seq as i64;
+    // A replay is receipted again even over quota: it takes no room.
+    let stored: Option<Vec<u8>> = tx
+        .query_row(
+            "SELECT payload_sha256 FROM records WHERE node_id = ?1 AND seq = ?2",
+            params![r.node_id, seq],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if let Some(stored) = stored {
+        return Ok(if stored == r.payload_sha256 {
+            Outcome::Duplicate
+        } else {
+            Outcome::Conflict {
+                stored_sha256: stored,
+            }
+        });
+    }
+    let used: u64 = tx
+        .query_row(
+            "SELECT stored_bytes FROM nodes WHERE node_id = ?1",
+            params![r.node_id],
+            |row| row.get::<_, i64>(0),
+        )
+        .optional()?
+        .unwrap_or(0)
+        .max(0) as u64;
+    if used.saturating_add(r.payload.len() as u64) > node_quota {
+        return Ok(Outcome::OverQuota {
+            stored: used,
+            quota: node_quota,
+        });
+    }
+    tx.execute(
+        "INSERT INTO records (node_id, seq, payload_type, payload, keyid, sig,
+                              payload_sha256, received_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            r.node_id,
+            seq,
+            r.payload_type,
+            r.payload,
+            r.keyid,
+            r.sig,
+            &r.payload_sha256[..],
+            r.received_ms
+        ],
+    )?;
+    tx.execute(
+        "UPDATE nodes SET stored_bytes = stored_bytes + ?2 WHERE node_id = ?1",
+        params![r.node_id, r.payload.len() as i64],
+    )?;
+    tx.execute(
+        "INSERT OR REPLACE INTO receipts (node_id, seq, envelope) VALUES (?1, ?2, ?3)",
+        params![r.node_id, seq, r.receipt],
+    )?;
+    keep_newest_state(tx, &r.node_id, &r.state)?;
+    effects(tx, r)?;
+    Ok(Outcome::Stored)
+}
+
+/// Keeps the newest of what is stored and what the record says.
+fn keep_newest_state(tx: &Transaction, node_id: &str, st: &NodeState) -> rusqlite::Result<()> {
+    for g in &st.gpus {
+        tx.execute(
+            "INSERT INTO gpus (node_id, uuid, idx, sample, time_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (node_id, uuid) DO UPDATE SET
+                idx = excluded.idx, sample = excluded.sample, time_ms = excluded.time_ms
+             WHERE excluded.time_ms >= gpus.time_ms",
+            params![node_id, g.uuid, g.index, g.sample, g.time_ms],
+        )?;
+    }
+    if let Some(link) = &st.link {
+        tx.execute(
+            "UPDATE nodes SET link = ?2, link_ms = ?3 WHERE node_id = ?1 AND link_ms <= ?3",
+            params![node_id, link.bytes, link.time_ms],
+        )?;
+    }
+    if let Some(inv) = &st.inventory {
+        tx.execute(
+            "UPDATE nodes SET inventory = ?2, inventory_ms = ?3 WHERE node_id = ?1 AND inventory_ms <= ?3",
+            params![node_id, inv.bytes, inv.time_ms],
+        )?;
+    }
+    Ok(())
+}
+
+/// Reads one stored record's payload; for tests and tools.
+pub fn read_payload(
+    conn: &Connection,
+    node_id: &str,
+    seq: u64,
+) -> rusqlite::Result<Option<Vec<u8>>> {
+    conn.query_row(
+        "SELECT payload FROM records WHERE node_id = ?1 AND seq = ?2",
+        params![node_id, seq as i64],
+        |row| row.get(0),
+    )
+    .optional()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{
+        fixtures::{node, rec},
+        NodeRow,
+    };
+
+    #[tokio::test]
+    async fn stores_once_and_flags_conflicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        store.register(node()).await.unwrap();
+        let out = store.insert(vec![rec(1, 1), rec(2, 2)]).await.unwrap();
+        assert_eq!(out, vec![Outcome::Stored, Outcome::Stored]);
+        let out = store.insert(vec![rec(2, 2), rec(3, 3)]).await.unwrap();
+        assert_eq!(out, vec![Outcome::Duplicate, Outcome::Stored]);
+        let out = store.insert(vec![rec(3, 7)]).await.unwrap();
+        assert_eq!(
+            out,
+            vec![Outcome::Conflict {
+                stored_sha256: vec![3; 32]
+            }]
+        );
+        store.seen("n1", 99, Some(vec![0x20, 0x01]));
+        let nodes = store.list_nodes().await.unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].records, 3);
+        assert_eq!(nodes[0].last_seq, 3);
+        assert_eq!(nodes[0].last_seen_ms, 99);
+        assert_eq!(nodes[0].first_seen_ms, 10);
+        assert_eq!(nodes[0].spool_state, Some(vec![0x20, 0x01]));
+        assert!(nodes[0].missing.is_empty());
+    }
+
+    #[tokio::test]
+    async fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        {
+            let store = Store::open(&path).unwrap();
+            store.register(node()).await.unwrap();
+            store.insert(vec![rec(1, 1)]).await.unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.insert(vec![rec(1, 1)]).await.unwrap(),
+            vec![Outcome::Duplicate]
+        );
+        let conn = Connection::open(&path).unwrap();
+        assert_eq!(read_payload(&conn, "n1", 1).unwrap(), Some(vec![1]));
+    }
+
+    #[tokio::test]
+    async fn keeps_the_newest_gpu_state_and_inventory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        store.register(node()).await.unwrap();
+        let with = |seq, gpus: Vec<(&str, u32, u8, i64)>, inv: Option<(u8, i64)>| NewRecord {
+            state: NodeState {
+                gpus: gpus
+                    .into_iter()
+                    .map(|(u, i, b, t)| GpuState {
+                        uuid: u.to_owned(),
+                        index: i,
+                        sample: vec![b],
+                        time_ms: t,
+                    })
+                    .collect(),
+                inventory: inv.map(|(b, t)| Stamped {
+                    bytes: vec![b],
+                    time_ms: t,
+                }),
+                link: None,
+                ..Default::default()
+            },
+            ..rec(seq, seq as u8)
+        };
+        store
+            .insert(vec![
+                with(
+                    1,
+                    vec![("GPU-b", 1, 10, 100), ("GPU-a", 0, 20, 100)],
+                    Some((1, 100)),
+                ),
+                // A replayed older record must not roll the state back.
+                with(2, vec![("GPU-a", 0, 21, 200)], Some((2, 200))),
+                with(3, vec![("GPU-a", 0, 19, 50)], Some((3, 50))),
+            ])
+            .await
+            .unwrap();
+        let n = &store.list_nodes().await.unwrap()[0];
+        assert_eq!(
+            n.gpus,
+            vec![vec![21], vec![10]],
+            "index order, newest sample"
+        );
+        assert_eq!(n.inventory, vec![2]);
+        // A duplicate carries no new state either.
+        store
+            .insert(vec![with(2, vec![("GPU-a", 0, 99, 999)], None)])
+            .await
+            .unwrap();
+        assert_eq!(store.list_nodes().await.unwrap()[0].gpus[0], vec![21]);
+    }
+
+    #[tokio::test]
+    async fn a_node_over_its_storage_quota_is_refused_and_others_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with_quota(&dir.path().join("c.db"), 2500).unwrap();
+        store.register(node()).await.unwrap();
+        store
+            .register(NodeRow {
+                node_id: "n2".into(),
+                ..node()
+            })
+            .await
+            .unwrap();
+        let big = |node: &str, seq| NewRecord {
+            node_id: node.into(),
+            payload: vec![seq as u8; 1000],
+            ..rec(seq, seq as u8)
+        };
+        let out = store
+            .insert(vec![big("n1", 1), big("n1", 2), big("n1", 3), big("n2", 1)])
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            vec![
+                Outcome::Stored,
+                Outcome::Stored,
+                Outcome::OverQuota {
+                    stored: 2000,
+                    quota: 2500
+                },
+                Outcome::Stored
+            ]
+        );
+        // A replay of a stored record is still receipted.
+        assert_eq!(
+            store.insert(vec![big("n1", 2)]).await.unwrap(),
+            vec![Outcome::Duplicate]
+        );
+        // Counted across reopen (from the column, kept by migration 7).
+        drop(store);
+        let store = Store::open_with_quota(&dir.path().join("c.db"), 2500).unwrap();
+        assert!(matches!(
+            store.insert(vec![big("n1", 3)]).await.unwrap()[0],
+            Outcome::OverQuota { stored: 2000, .. }
+        ));
+    }
+}

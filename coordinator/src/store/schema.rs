@@ -1,0 +1,336 @@
+//! The database file and its schema: opened private and checked, then
+//! brought up to date by the migrations in order.
+
+use std::{
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::Path,
+};
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// Opens (creating if needed) the database: the file and its -wal and -shm
+/// private to the owner, a damaged file refused (SQLite's quick_check), the
+/// schema migrated.
+pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
+    private_files(path)?;
+    let open_err = |source| StoreError::Open {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut conn = Connection::open(path).map_err(open_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(open_err)?;
+    let started = std::time::Instant::now();
+    check_integrity(&conn, path)?;
+    tracing::debug!(db = %path.display(), took = ?started.elapsed(), "database quick_check ok");
+    init(&mut conn).map_err(|e| corrupt_or(path, e))?;
+    Ok(conn)
+}
+
+/// Schema changes in order; `PRAGMA user_version` counts those applied, so
+/// a database from an older coordinator is brought up to date at open.
+pub(super) const MIGRATIONS: &[&str] = &[
+    // 1: the first schema (databases made before versioning have it already,
+    // hence IF NOT EXISTS).
+    "CREATE TABLE IF NOT EXISTS nodes (
+            node_id TEXT PRIMARY KEY,
+            public_key BLOB NOT NULL,
+            agent_version TEXT NOT NULL,
+            hostname TEXT NOT NULL,
+            inventory BLOB NOT NULL,
+            start_id TEXT NOT NULL,
+            peer_address TEXT NOT NULL,
+            first_seen_ms INTEGER NOT NULL,
+            last_seen_ms INTEGER NOT NULL,
+            spool_state BLOB
+        );
+        CREATE TABLE IF NOT EXISTS records (
+            node_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            payload_type TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            keyid TEXT NOT NULL,
+            sig BLOB NOT NULL,
+            payload_sha256 BLOB NOT NULL,
+            received_ms INTEGER NOT NULL,
+            PRIMARY KEY (node_id, seq)
+        ) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS receipts (
+            node_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            envelope BLOB NOT NULL,
+            PRIMARY KEY (node_id, seq)
+        ) WITHOUT ROWID;",
+    // 2: the latest state per GPU, when the stored inventory was taken, and
+    // the last link probe.
+    "ALTER TABLE nodes ADD COLUMN inventory_ms INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE nodes ADD COLUMN link BLOB;
+     ALTER TABLE nodes ADD COLUMN link_ms INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE gpus (
+         node_id TEXT NOT NULL,
+         uuid TEXT NOT NULL,
+         idx INTEGER NOT NULL,
+         sample BLOB NOT NULL,
+         time_ms INTEGER NOT NULL,
+         PRIMARY KEY (node_id, uuid)
+     ) WITHOUT ROWID;",
+    // 3: leases (the row is an encoded LeaseInfo) and the commands sent for them.
+    "CREATE TABLE leases (
+         lease_id TEXT PRIMARY KEY,
+         node_id TEXT NOT NULL,
+         created_ms INTEGER NOT NULL,
+         info BLOB NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE commands (
+         command_id TEXT PRIMARY KEY,
+         node_id TEXT NOT NULL,
+         lease_id TEXT NOT NULL,
+         kind TEXT NOT NULL,
+         result BLOB
+     ) WITHOUT ROWID;",
+    // 4: each lease's chain records (by the node's record seq), its
+    // challenges and the verdict.
+    "CREATE TABLE lease_records (
+         lease_id TEXT NOT NULL,
+         node_id TEXT NOT NULL,
+         seq INTEGER NOT NULL,
+         lease_seq INTEGER NOT NULL,
+         kind TEXT NOT NULL,
+         payload_sha256 BLOB NOT NULL,
+         PRIMARY KEY (lease_id, seq)
+     ) WITHOUT ROWID;
+     CREATE TABLE challenges (
+         lease_id TEXT NOT NULL,
+         issued_ms INTEGER NOT NULL,
+         envelope BLOB NOT NULL
+     );
+     CREATE INDEX challenges_lease ON challenges (lease_id);
+     ALTER TABLE leases ADD COLUMN verdict BLOB;",
+    // 5: the node's mesh key and endpoints, from its Register.
+    "ALTER TABLE nodes ADD COLUMN mesh_public_key BLOB NOT NULL DEFAULT x'';
+     ALTER TABLE nodes ADD COLUMN mesh_endpoints TEXT NOT NULL DEFAULT '';",
+    // 6: clusters (the row is an encoded ClusterInfo) and the MeshConfig
+    // commands sent to their members.
+    "CREATE TABLE clusters (
+         cluster_id TEXT PRIMARY KEY,
+         info BLOB NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE mesh_commands (
+         command_id TEXT PRIMARY KEY,
+         node_id TEXT NOT NULL,
+         cluster_id TEXT NOT NULL,
+         generation INTEGER NOT NULL,
+         result BLOB
+     ) WITHOUT ROWID;",
+    // 7: how each node was enrolled (the policy then), and the record bytes
+    // it has stored (its storage quota).
+    "ALTER TABLE nodes ADD COLUMN enrolled TEXT NOT NULL DEFAULT 'open';
+     ALTER TABLE nodes ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0;
+     UPDATE nodes SET stored_bytes =
+         (SELECT coalesce(sum(length(payload)), 0) FROM records r WHERE r.node_id = nodes.node_id);",
+];
+
+/// Creates the database file with mode 0600 (SQLite gives its -wal and
+/// -shm the database's mode), and takes group and other access away from
+/// files an older coordinator made 0644.
+fn private_files(path: &Path) -> Result<(), StoreError> {
+    let file_err = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| StoreError::File { path: p, source }
+    };
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_err(path))?;
+    let mut names = vec![path.to_owned()];
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        names.push(p.into());
+    }
+    for p in names {
+        match std::fs::metadata(&p) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .map_err(file_err(&p))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(file_err(&p)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// SQLite's quick_check (every page and index entry readable and in order;
+/// O(size), without integrity_check's cross-checks of indexes against
+/// tables): a damaged file stops the start instead of failing later, one
+/// record at a time.
+fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let rows: Vec<String> = (|| {
+        let mut stmt = conn.prepare("PRAGMA quick_check(20)")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+    })()
+    .map_err(|e| corrupt_or(path, e))?;
+    if rows.len() == 1 && rows[0] == "ok" {
+        return Ok(());
+    }
+    Err(StoreError::Corrupt {
+        path: path.display().to_string(),
+        detail: format!("quick_check: {}", rows.join("; ")),
+    })
+}
+
+/// SQLite's "not a database" and "malformed" are a damaged file; anything
+/// else (permissions, a full disk) is reported as it is.
+fn corrupt_or(path: &Path, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            StoreError::Corrupt {
+                path: path.display().to_string(),
+                detail: e.to_string(),
+            }
+        }
+        _ => StoreError::Open {
+            path: path.display().to_string(),
+            source: e,
+        },
+    }
+}
+
+fn init(conn: &mut Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let applied: usize =
+        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{
+        fixtures::{node, rec},
+        NewRecord, Store, StoreError,
+    };
+    use std::path::Path;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn database_and_its_wal_and_shm_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let store = Store::open(&path).unwrap();
+        store.register(node()).await.unwrap();
+        // The -wal and -shm exist while the store's connection is open.
+        for p in [
+            path.clone(),
+            dir.path().join("c.db-wal"),
+            dir.path().join("c.db-shm"),
+        ] {
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+        drop(store);
+        // One made 0644 by an older coordinator is tightened at open.
+        let old = dir.path().join("old.db");
+        Connection::open(&old)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Store::open(&old).unwrap();
+        assert_eq!(mode(&old), 0o600);
+    }
+
+    /// A database with `n` records, closed (its WAL checkpointed away).
+    async fn filled(path: &Path, n: u64) {
+        let store = Store::open(path).unwrap();
+        store.register(node()).await.unwrap();
+        let recs = (1..=n)
+            .map(|i| NewRecord {
+                payload: vec![i as u8; 700],
+                ..rec(i, i as u8)
+            })
+            .collect();
+        store.insert(recs).await.unwrap();
+        drop(store);
+        // The store thread closes the connection when its channel closes.
+        for _ in 0..200 {
+            if !path.with_extension("db-wal").exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_damaged_database_stops_the_start_and_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        filled(&path, 200).await;
+        // Garbage over a page in the middle of the records' b-tree.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let page = 4096;
+        assert!(bytes.len() > 8 * page, "{}", bytes.len());
+        let mid = (bytes.len() / page / 2) * page;
+        bytes[mid..mid + page].fill(0xA5);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Store::open(&path).err().expect("a damaged database opened");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+        assert!(msg.contains("restore") && msg.contains(".recover"), "{msg}");
+
+        // A file that is not SQLite at all.
+        let junk = dir.path().join("junk.db");
+        std::fs::write(&junk, vec![0x5A; 3 * page]).unwrap();
+        let err = Store::open(&junk).err().expect("junk opened");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains(junk.to_str().unwrap()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn migrates_a_database_made_before_versioning() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // The first schema exactly as the first coordinator made it.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute(
+                "INSERT INTO nodes VALUES ('n1', x'01', '0.1.0', 'h', x'', 's', 'p', 1, 2, NULL)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let n = &store.list_nodes().await.unwrap()[0];
+        assert_eq!((n.node_id.as_str(), n.last_seen_ms), ("n1", 2));
+        assert!(n.gpus.is_empty());
+        drop(store);
+        let conn = Connection::open(&path).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
+        // Opening again applies nothing twice.
+        Store::open(&path).unwrap();
+    }
+}

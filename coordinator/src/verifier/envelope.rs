@@ -1,0 +1,395 @@
+//! Checks of each envelope as it arrives: the stream's Register, then
+//! every record and heartbeat against the node's key, the stream's node,
+//! the payload caps (`warden_proto::limits`) and the signatures.
+//! A record that passes leaves with its signed receipt.
+
+use prost::Message;
+use warden_proto::{
+    dsse::{self, Signer, VerifyingKey},
+    limits::{self, RecordKind},
+    pb::{self, Envelope, RefusalKind},
+    types,
+};
+
+use crate::{
+    clock::now_ms,
+    store::{ChainItem, GpuState, NewRecord, NodeState, Stamped},
+};
+
+/// Registrations whose clock is further than this from ours are refused,
+/// so an old captured Register cannot be replayed.
+const MAX_REGISTER_SKEW_MS: i64 = 5 * 60 * 1000;
+
+/// Why a stream's first envelope is not a Register the coordinator takes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    #[error("first message must be {register}, got {0}", register = types::REGISTER)]
+    NotARegister(String),
+    #[error("Register is {0} bytes; this coordinator accepts at most {max}", max = limits::REGISTER)]
+    TooLarge(usize),
+    #[error("Register does not decode: {0}")]
+    Decode(String),
+    #[error("Register carries no session nonce: the agent is older than this coordinator, which binds each Register to its stream; upgrade the agent")]
+    NoNonce,
+    #[error("Register is not for this stream: its session nonce is not the one this stream's Hello gave (a Register is valid only on the stream it answers)")]
+    OtherStream,
+    #[error("Register: {0}")]
+    Key(String),
+    #[error("Register names node {named} but its key derives node id {derived}")]
+    WrongNode { named: String, derived: String },
+    #[error("Register: {0}")]
+    Signature(String),
+    #[error("Register is timestamped {0} ms from the coordinator's clock (allowed: {max}); check the node's clock", max = MAX_REGISTER_SKEW_MS)]
+    Skew(i64),
+}
+
+/// Checks the first envelope of a stream: a Register for this stream (it
+/// carries the nonce of the stream's Hello), signed by the key inside it,
+/// for the node id that key derives.
+pub fn check_register(
+    env: &Envelope,
+    now_ms: i64,
+    nonce: &[u8; 32],
+) -> Result<(pb::Register, VerifyingKey), RegisterError> {
+    if env.payload_type != types::REGISTER {
+        return Err(RegisterError::NotARegister(env.payload_type.clone()));
+    }
+    if env.payload.len() > limits::REGISTER {
+        return Err(RegisterError::TooLarge(env.payload.len()));
+    }
+    let reg = pb::Register::decode(env.payload.as_slice())
+        .map_err(|e| RegisterError::Decode(e.to_string()))?;
+    if reg.session_nonce.is_empty() {
+        return Err(RegisterError::NoNonce);
+    }
+    if reg.session_nonce.as_slice() != nonce.as_slice() {
+        return Err(RegisterError::OtherStream);
+    }
+    let key =
+        VerifyingKey::from_bytes(&reg.public_key).map_err(|e| RegisterError::Key(e.to_string()))?;
+    if reg.node_id != key.key_id() {
+        return Err(RegisterError::WrongNode {
+            named: reg.node_id,
+            derived: key.key_id().to_owned(),
+        });
+    }
+    dsse::verify(env, types::REGISTER, &key)
+        .map_err(|e| RegisterError::Signature(e.to_string()))?;
+    if (reg.time_unix_ms - now_ms).abs() > MAX_REGISTER_SKEW_MS {
+        return Err(RegisterError::Skew(reg.time_unix_ms - now_ms));
+    }
+    Ok((reg, key))
+}
+
+/// Checks one node's envelopes after its Register: the node, its key, and
+/// the coordinator's signer (for receipts).
+pub struct NodeCheck<'a> {
+    pub node_id: &'a str,
+    pub key: &'a VerifyingKey,
+    pub signer: &'a Signer,
+}
+
+/// What one inbound envelope asks of the session: store it (with its
+/// receipt), refuse it (and why), or note a heartbeat.
+pub enum Inbound {
+    Store(Box<NewRecord>),
+    Refuse {
+        seq: u64,
+        digest: [u8; 32],
+        kind: RefusalKind,
+        reason: String,
+    },
+    Heartbeat(pb::Heartbeat),
+}
+
+impl NodeCheck<'_> {
+    pub fn check(&self, env: &Envelope) -> Inbound {
+        let digest = dsse::payload_sha256(env);
+        if env.payload_type == types::HEARTBEAT && env.payload.len() > limits::HEARTBEAT {
+            return Inbound::Refuse {
+                seq: 0,
+                digest,
+                kind: RefusalKind::Malformed,
+                reason: OverLimit::TooLarge {
+                    what: "heartbeat",
+                    size: env.payload.len(),
+                    cap: limits::HEARTBEAT,
+                }
+                .to_string(),
+            };
+        }
+        match env.payload_type.as_str() {
+            types::HEARTBEAT => {
+                match dsse::open::<pb::Heartbeat>(env, types::HEARTBEAT, self.key) {
+                    Ok(hb) => Inbound::Heartbeat(hb),
+                    Err(e) => Inbound::Refuse {
+                        seq: 0,
+                        digest,
+                        kind: RefusalKind::of_verify_error(&e),
+                        reason: format!("heartbeat: {e}"),
+                    },
+                }
+            }
+            types::RECORD => {
+                // Decoded before verification to name the seq in a refusal
+                // and to find the kind's size cap (checked before the signature).
+                let claimed = pb::Record::decode(env.payload.as_slice()).ok();
+                let claimed_seq = claimed.as_ref().map_or(0, |r| r.seq);
+                let refuse = |kind: RefusalKind, reason: String| Inbound::Refuse {
+                    seq: claimed_seq,
+                    digest,
+                    kind,
+                    reason,
+                };
+                let (what, cap) = match &claimed {
+                    Some(r) => {
+                        let k = RecordKind::of(r);
+                        (k.name(), k.max_payload())
+                    }
+                    None => ("record", limits::RECORD),
+                };
+                if env.payload.len() > cap {
+                    // Final: those bytes will never fit under the cap.
+                    return refuse(
+                        RefusalKind::Malformed,
+                        OverLimit::TooLarge {
+                            what,
+                            size: env.payload.len(),
+                            cap,
+                        }
+                        .to_string(),
+                    );
+                }
+                let rec = match dsse::open::<pb::Record>(env, types::RECORD, self.key) {
+                    Ok(r) => r,
+                    Err(e) => return refuse(RefusalKind::of_verify_error(&e), e.to_string()),
+                };
+                if rec.node_id != self.node_id {
+                    return refuse(
+                        RefusalKind::WrongNode,
+                        format!(
+                            "record names node {} but this stream belongs to node {}",
+                            rec.node_id, self.node_id
+                        ),
+                    );
+                }
+                if rec.seq == 0 {
+                    return refuse(RefusalKind::Malformed, "record seq must start at 1".into());
+                }
+                let sig = env
+                    .signatures
+                    .iter()
+                    .find(|s| s.keyid == self.key.key_id())
+                    .map(|s| s.sig.clone())
+                    .unwrap_or_default();
+                let state = node_state(&rec);
+                // An attestation's receipt is the live countersignature of
+                // that link: its lease and lease seq, and when it arrived.
+                let (lease_id, lease_seq) = match &state.chain {
+                    Some(ChainItem::Attestation {
+                        lease_id,
+                        lease_seq,
+                        ..
+                    }) => (lease_id.clone(), *lease_seq),
+                    _ => (String::new(), 0),
+                };
+                let receipt = self.signer.sign_message(
+                    types::RECEIPT,
+                    &pb::Receipt {
+                        node_id: self.node_id.to_owned(),
+                        seq: rec.seq,
+                        payload_sha256: digest.to_vec(),
+                        time_unix_ms: now_ms(),
+                        lease_id,
+                        lease_seq,
+                    },
+                );
+                Inbound::Store(Box::new(NewRecord {
+                    node_id: self.node_id.to_owned(),
+                    seq: rec.seq,
+                    payload_type: env.payload_type.clone(),
+                    payload: env.payload.clone(),
+                    keyid: self.key.key_id().to_owned(),
+                    sig,
+                    payload_sha256: digest,
+                    received_ms: now_ms(),
+                    receipt: receipt.encode_to_vec(),
+                    state,
+                }))
+            }
+            other => Inbound::Refuse {
+                seq: 0,
+                digest,
+                kind: RefusalKind::Malformed,
+                reason: format!("unexpected payload type {other}"),
+            },
+        }
+    }
+}
+
+/// Refusals for going past a limit, kept apart from the verification
+/// refusals: each reason starts with a fixed word ("too large:", "quota:")
+/// that says which limit, so a typed refusal kind can be given to them here.
+#[derive(Debug, thiserror::Error)]
+pub enum OverLimit {
+    /// Over the cap for its type (`warden_proto::limits`): never accepted.
+    #[error("too large: a {what} payload of {size} bytes is over this coordinator's cap of {cap} bytes for {what}")]
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        cap: usize,
+    },
+    /// The node's storage quota is used up: accepted once it is raised.
+    #[error("quota: node {node} has {stored} bytes of records stored, and this record's {size} would pass its quota of {quota} (limits.node_storage_bytes); it stays in the agent's spool")]
+    Quota {
+        node: String,
+        stored: u64,
+        size: usize,
+        quota: u64,
+    },
+}
+
+/// What a record says about the node's present state.
+pub fn node_state(rec: &pb::Record) -> NodeState {
+    match &rec.body {
+        Some(pb::record::Body::Telemetry(t)) => NodeState {
+            gpus: t
+                .gpus
+                .iter()
+                .map(|g| GpuState {
+                    uuid: g.uuid.clone(),
+                    index: g.index,
+                    sample: g.encode_to_vec(),
+                    time_ms: g.time_unix_ms,
+                })
+                .collect(),
+            inventory: None,
+            link: t.link.as_ref().map(|l| Stamped {
+                bytes: l.encode_to_vec(),
+                time_ms: l.time_unix_ms,
+            }),
+            workload_events: t.workload_events.clone(),
+            ..Default::default()
+        },
+        Some(pb::record::Body::Inventory(i)) => NodeState {
+            gpus: Vec::new(),
+            inventory: Some(Stamped {
+                bytes: i.encode_to_vec(),
+                time_ms: rec.time_unix_ms,
+            }),
+            ..Default::default()
+        },
+        Some(pb::record::Body::CommandResult(r)) => NodeState {
+            results: vec![r.clone()],
+            ..Default::default()
+        },
+        Some(pb::record::Body::Attestation(a)) => NodeState {
+            chain: Some(ChainItem::Attestation {
+                lease_id: a.lease_id.clone(),
+                lease_seq: a.lease_seq,
+                prev_sha256: a.prev_sha256.clone(),
+            }),
+            ..Default::default()
+        },
+        Some(pb::record::Body::LeaseProof(p)) => NodeState {
+            chain: Some(ChainItem::Proof {
+                lease_id: p.lease_id.clone(),
+            }),
+            ..Default::default()
+        },
+        None => NodeState::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NONCE: [u8; 32] = [7; 32];
+
+    fn register_with(signer: &Signer, node_id: &str, time: i64, nonce: &[u8]) -> Envelope {
+        signer.sign_message(
+            types::REGISTER,
+            &pb::Register {
+                node_id: node_id.into(),
+                public_key: signer.public_key().to_vec(),
+                agent_version: "t".into(),
+                inventory: None,
+                time_unix_ms: time,
+                start_id: "s".into(),
+                session_nonce: nonce.to_vec(),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn register(signer: &Signer, node_id: &str, time: i64) -> Envelope {
+        register_with(signer, node_id, time, &NONCE)
+    }
+
+    #[test]
+    fn register_must_be_self_signed_for_its_own_node_id() {
+        let (a, _) = Signer::generate().unwrap();
+        let (b, _) = Signer::generate().unwrap();
+        let now = 1_000_000_000;
+        assert!(check_register(&register(&a, a.key_id(), now), now, &NONCE).is_ok());
+        let err = check_register(&register(&a, b.key_id(), now), now, &NONCE)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("derives node id"), "{err}");
+        let mut env = register(&a, a.key_id(), now);
+        env.payload.push(0);
+        assert!(check_register(&env, now, &NONCE).is_err());
+        let err = check_register(&register(&a, a.key_id(), now - 3_600_000), now, &NONCE)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("clock"), "{err}");
+        let hb = a.sign_message(types::HEARTBEAT, &pb::Heartbeat::default());
+        assert!(check_register(&hb, now, &NONCE)
+            .unwrap_err()
+            .to_string()
+            .contains("first message"));
+    }
+
+    #[test]
+    fn register_must_carry_this_streams_nonce() {
+        let (a, _) = Signer::generate().unwrap();
+        let now = 1_000_000_000;
+        // Captured from another stream: signed and fresh, but another nonce.
+        let other = register_with(&a, a.key_id(), now, &[8; 32]);
+        let err = check_register(&other, now, &NONCE).unwrap_err().to_string();
+        assert!(err.contains("not for this stream"), "{err}");
+        // From an agent that knows no Hello.
+        let old = register_with(&a, a.key_id(), now, &[]);
+        let err = check_register(&old, now, &NONCE).unwrap_err().to_string();
+        assert!(err.contains("upgrade the agent"), "{err}");
+    }
+
+    #[test]
+    fn a_refused_register_reads_as_it_did_when_the_reasons_were_strings() {
+        assert_eq!(
+            RegisterError::NotARegister("x".into()).to_string(),
+            format!("first message must be {}, got x", types::REGISTER)
+        );
+        assert_eq!(
+            RegisterError::TooLarge(9).to_string(),
+            format!(
+                "Register is 9 bytes; this coordinator accepts at most {}",
+                limits::REGISTER
+            )
+        );
+        assert_eq!(
+            RegisterError::Skew(-7).to_string(),
+            format!("Register is timestamped -7 ms from the coordinator's clock (allowed: {MAX_REGISTER_SKEW_MS}); check the node's clock")
+        );
+    }
+
+    #[test]
+    fn an_oversized_register_is_refused_before_anything_else() {
+        let (a, _) = Signer::generate().unwrap();
+        let mut env = register(&a, a.key_id(), 1);
+        env.payload = vec![0; limits::REGISTER + 1];
+        let err = check_register(&env, 1, &NONCE).unwrap_err().to_string();
+        assert!(err.contains("at most"), "{err}");
+    }
+}
