@@ -384,7 +384,10 @@ fn main() {
     // is often set on servers), and exit status 1.
     if let Err(e) = run() {
         // Each cause once: many messages already quote their source.
-        eprintln!("error: {}", warden_agent::uplink::error_chain(e.as_ref()));
+        eprintln!(
+            "error: {}",
+            warden_agent::delivery::uplink::error_chain(e.as_ref())
+        );
         std::process::exit(1);
     }
 }
@@ -1130,12 +1133,12 @@ fn gib(bytes: u64) -> String {
 
 async fn inventory(json: bool, cfg: AgentConfig) -> Result<()> {
     let inv = tokio::task::spawn_blocking(move || {
-        let gpus = warden_agent::gpu::nvml::NvmlSource::load(cfg.gpu.nvml_library.as_deref());
+        let gpus = warden_agent::host::gpu::nvml::NvmlSource::load(cfg.gpu.nvml_library.as_deref());
         let src = gpus
             .as_ref()
-            .map(|g| g as &dyn warden_agent::gpu::GpuSource)
+            .map(|g| g as &dyn warden_agent::host::gpu::GpuSource)
             .map_err(|e| e.to_string());
-        warden_agent::inventory::collect(&cfg.state_dir, src)
+        warden_agent::host::inventory::collect(&cfg.state_dir, src)
     })
     .await?;
     if json {
@@ -1191,7 +1194,7 @@ async fn inventory(json: bool, cfg: AgentConfig) -> Result<()> {
 }
 
 async fn doctor(json: bool, cfg: AgentConfig) -> Result<()> {
-    use warden_agent::doctor;
+    use warden_agent::host::doctor;
     let facts = doctor::gather(&cfg).await;
     let checks = doctor::evaluate(&facts, &cfg.doctor);
     let failed = doctor::failed(&checks);
@@ -1518,7 +1521,7 @@ async fn image_load(
         Some(s) => s,
         None => load_agent_config(config)?.workload.docker_socket,
     };
-    let docker = warden_agent::docker::Docker::connect(&socket).await?;
+    let docker = warden_agent::workloads::docker::Docker::connect(&socket).await?;
     let loaded = docker.load_image(&archive).await?;
     for name in loaded {
         println!("loaded {name}");

@@ -2,32 +2,16 @@
 //! rentable, verifiable node. Each module owns one concern; `daemon`
 //! wires them into tasks.
 
-pub mod attest;
 pub mod config;
-pub mod confine;
 pub mod daemon;
 pub mod delivery;
-pub mod docker;
-pub mod doctor;
-pub mod enforce;
-pub mod gpu;
 pub mod host;
-pub mod hostpath;
-pub mod inventory;
-pub mod lease;
-pub mod linkprobe;
 pub mod mesh;
-pub mod metrics;
 pub mod notify;
-pub mod outbox;
-pub mod procs;
 pub mod reload;
-pub mod spool;
 pub mod status;
-pub mod telemetry;
 pub mod timelock;
-pub mod uplink;
-pub mod workload;
+pub mod workloads;
 
 pub use config::AgentConfig;
 pub use daemon::{run, AgentError, Reloader};
@@ -49,7 +33,7 @@ pub fn random_id() -> String {
 }
 
 /// The spool's figures as they go on the wire.
-pub fn spool_state(s: &spool::SpoolStats) -> pb::SpoolState {
+pub fn spool_state(s: &delivery::spool::SpoolStats) -> pb::SpoolState {
     pb::SpoolState {
         pending: s.pending,
         bytes: s.bytes,

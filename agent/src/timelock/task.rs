@@ -26,14 +26,15 @@ use warden_proto::{
     pb,
 };
 
-use crate::{
+use super::{
     attest::Epoch,
-    config::TimeLockConfig,
-    docker::Docker,
     enforce::{self, AllowReason, LeaseView, Policy, Seen, Verdict},
-    lease::Lease,
-    outbox::Outbox,
     procs,
+};
+use crate::{
+    config::TimeLockConfig,
+    delivery::outbox::Outbox,
+    workloads::{book::Lease, docker::Docker},
 };
 
 /// What is kept of a lease's chain across restarts.
@@ -134,7 +135,7 @@ async fn gpu_requesters(socket: &Path, leases: &[Lease]) -> (Vec<(String, String
         let c = match docker.inspect(&id).await {
             Ok(c) => c,
             // Removed since it was listed: nothing there to see.
-            Err(crate::docker::DockerError::NotFound { .. }) => continue,
+            Err(crate::workloads::docker::DockerError::NotFound { .. }) => continue,
             Err(e) => {
                 blind.push(format!("Docker could not inspect container {id}: {e}"));
                 continue;

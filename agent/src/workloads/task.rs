@@ -17,13 +17,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use warden_proto::pb;
 
-use crate::{
-    config::WorkloadConfig,
-    confine,
-    docker::{ContainerEvent, Docker, EventKind, LABEL_LEASE, LABEL_NAME, LABEL_NODE},
+use crate::delivery::outbox::Outbox;
+
+use super::{
+    book::{Book, Container, Lease},
+    confine::{self, WorkloadConfig, LABEL_LEASE, LABEL_NAME, LABEL_NODE},
+    docker::{ContainerEvent, Docker, EventKind},
     hostpath,
-    lease::{Book, Container, Lease},
-    outbox::Outbox,
 };
 
 /// How often an unreachable Docker is tried again.
@@ -182,7 +182,7 @@ fn default_memory(config: &WorkloadConfig) -> i64 {
     if config.default_memory_bytes > 0 {
         config.default_memory_bytes as i64
     } else {
-        (crate::host::summary().memory_bytes as f64 * 0.9) as i64
+        (crate::host::facts::summary().memory_bytes as f64 * 0.9) as i64
     }
 }
 
