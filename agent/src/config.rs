@@ -107,7 +107,7 @@ impl Default for TimeLockConfig {
     fn default() -> Self {
         Self {
             epoch: Duration::from_secs(10),
-            device_patterns: crate::timelock::procs::default_patterns(),
+            device_patterns: crate::timelock::procs::parse::default_patterns(),
             allow_exe: crate::timelock::enforce::DEFAULT_ALLOW_EXE
                 .iter()
                 .map(|s| s.to_string())

@@ -31,7 +31,7 @@ use warden_proto::{
 use super::{
     attest::Epoch,
     enforce::{self, AllowReason, LeaseView, Policy, Seen, Verdict},
-    procs::Holder,
+    procs::parse::Holder,
 };
 use crate::workloads::book::Lease;
 
