@@ -4,6 +4,17 @@
 //! container, sign into the outbox, save the chains) and brings the answers
 //! back. Every decision is the core's; see `core.rs` for the cycle.
 //!
+//! Docker is reached here through connections of this task's own, not
+//! through the workload task, on purpose: enforcement must not queue behind
+//! a workload command (an image load may take up to an hour, a stop its
+//! whole grace), and must keep working while that task waits for Docker to
+//! come back. What the time-lock does is read the engine (list running
+//! containers, inspect them) and stop a container holding a leased GPU;
+//! the engine serialises those against the workload task's calls, and a
+//! container of ours stopped here reaches the workload task as Docker's die
+//! event. Each use connects afresh (one version request, once per epoch or
+//! per stop), so a Docker that restarted is simply found again.
+//!
 //! The chain heads and totals are persisted (`chains.json`, replaced
 //! atomically) after every signed attestation, so a restarted agent goes on
 //! with the same chain under its new start id; the epoch it was in when it

@@ -1,10 +1,15 @@
-//! The workload task: the only owner of the Docker connection and of the
-//! lease book. It acts on the coordinator's commands (start and end leases,
-//! run and stop their containers), follows Docker's events, reconciles
-//! what Docker runs with the book when Docker (re)appears, and reports all
-//! of it: command answers as records, lifecycle as telemetry.
+//! The workload task: the only owner of the lease book and of the lifecycle
+//! of Warden's containers (the ones labelled `warden.managed`). It acts on
+//! the coordinator's commands (start and end leases, run and stop their
+//! containers), follows Docker's events, reconciles what Docker runs with
+//! the book when Docker (re)appears, and reports all of it: command answers
+//! as records, lifecycle as telemetry.
 //!
-//! Policy lives in `confine` (what a container may be) and `lease` (what a
+//! The time-lock has its own Docker connections (see `timelock::task`, why):
+//! it reads the engine and stops containers that hold a leased GPU; a stop
+//! of one of ours reaches this task as Docker's die event, like any stop.
+//!
+//! Policy lives in `confine` (what a container may be) and `book` (what a
 //! command may do); this file only sequences Docker calls around them.
 
 use std::{
