@@ -53,17 +53,57 @@ impl ChainState {
     }
 }
 
-/// The verdict of a holder of a leased GPU, as the record names it; None
-/// for holders that concern no lease (not recorded).
-pub fn verdict_name(v: &Verdict) -> Option<&'static str> {
+/// A holder of a leased GPU as the record names it (`HolderSeen.verdict`,
+/// one of `chain::HOLDER_VERDICTS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    LeaseContainer,
+    Agent,
+    Allowlisted,
+    Foreign,
+}
+
+impl Recorded {
+    /// The word on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Recorded::LeaseContainer => "lease-container",
+            Recorded::Agent => "agent",
+            Recorded::Allowlisted => "allowlisted",
+            Recorded::Foreign => "foreign",
+        }
+    }
+}
+
+/// How a holder is recorded; None for holders that concern no lease (not
+/// recorded).
+pub fn recorded(v: &Verdict) -> Option<Recorded> {
     match v {
-        Verdict::Allowed(AllowReason::LeaseContainer) => Some("lease-container"),
-        Verdict::Allowed(AllowReason::Agent) => Some("agent"),
-        Verdict::Allowed(AllowReason::Allowlisted) => Some("allowlisted"),
+        Verdict::Allowed(AllowReason::LeaseContainer) => Some(Recorded::LeaseContainer),
+        Verdict::Allowed(AllowReason::Agent) => Some(Recorded::Agent),
+        Verdict::Allowed(AllowReason::Allowlisted) => Some(Recorded::Allowlisted),
         Verdict::Allowed(AllowReason::ProtectedPid)
         | Verdict::KillProcess
-        | Verdict::StopContainer(_) => Some("foreign"),
+        | Verdict::StopContainer(_) => Some(Recorded::Foreign),
         Verdict::Allowed(_) => None,
+    }
+}
+
+/// What an enforcement did (`EnforcementEvent.action`; the verifier counts
+/// kills and stops by these words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnforceAction {
+    Kill,
+    Stop,
+}
+
+impl EnforceAction {
+    /// The word on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnforceAction::Kill => "kill",
+            EnforceAction::Stop => "stop",
+        }
     }
 }
 
@@ -375,7 +415,7 @@ impl Core {
         let leased: HashSet<&String> = leases.iter().flat_map(|l| &l.gpus).collect();
         let all_leased = !inv.gpus.is_empty() && inv.gpus.iter().all(|g| leased.contains(&g.uuid));
         for d in enforce::decide(&seen, &views, all_leased, &self.settings.policy) {
-            let Some(name) = verdict_name(&d.verdict) else {
+            let Some(name) = recorded(&d.verdict) else {
                 continue;
             };
             let gpu = d.gpu.clone().unwrap_or_default();
@@ -389,7 +429,7 @@ impl Core {
                         exe: d.exe.clone(),
                         container: d.container.clone().unwrap_or_default(),
                         gpu: gpu.clone(),
-                        verdict: name.into(),
+                        verdict: name.as_str().into(),
                     });
                 }
             }
@@ -404,7 +444,7 @@ impl Core {
                             pid: d.pid,
                             exe: d.exe,
                             gpu,
-                            action: "kill".into(),
+                            action: EnforceAction::Kill.as_str().into(),
                             detected_unix_ms: cycle.now,
                             ..Default::default()
                         },
@@ -553,7 +593,7 @@ impl Core {
     }
 
     fn stop(&mut self, mut event: pb::EnforcementEvent) {
-        event.action = "stop".into();
+        event.action = EnforceAction::Stop.as_str().into();
         self.actions.push_back(Action::Stop {
             grace: self.settings.stop_grace,
             event,
@@ -589,7 +629,7 @@ mod tests {
     //! way the edges would.
 
     use super::*;
-    use crate::workloads::book::Container;
+    use crate::workloads::book::{Container, ContainerStatus};
 
     const GPU: &str = "GPU-a";
     const AGENT_PID: u32 = 4242;
@@ -617,7 +657,7 @@ mod tests {
                     name: format!("n-{c}"),
                     image: "img".into(),
                     id: (*c).into(),
-                    state: "running".into(),
+                    state: ContainerStatus::Running,
                     exit_code: 0,
                     health: String::new(),
                     time_unix_ms: t1,
@@ -1149,19 +1189,31 @@ mod tests {
 
     #[test]
     fn only_holders_of_leased_gpus_are_recorded() {
-        assert_eq!(verdict_name(&Verdict::KillProcess), Some("foreign"));
+        let name = |v: &Verdict| recorded(v).map(Recorded::as_str);
+        assert_eq!(name(&Verdict::KillProcess), Some("foreign"));
+        assert_eq!(name(&Verdict::StopContainer("c".into())), Some("foreign"));
         assert_eq!(
-            verdict_name(&Verdict::StopContainer("c".into())),
-            Some("foreign")
-        );
-        assert_eq!(
-            verdict_name(&Verdict::Allowed(AllowReason::LeaseContainer)),
+            name(&Verdict::Allowed(AllowReason::LeaseContainer)),
             Some("lease-container")
         );
-        assert_eq!(verdict_name(&Verdict::Allowed(AllowReason::NoLease)), None);
+        assert_eq!(name(&Verdict::Allowed(AllowReason::NoLease)), None);
+        assert_eq!(name(&Verdict::Allowed(AllowReason::NotALeasedGpu)), None);
+    }
+
+    #[test]
+    fn the_words_on_the_wire_are_the_verifiers() {
+        let words: Vec<&str> = [
+            Recorded::LeaseContainer,
+            Recorded::Agent,
+            Recorded::Allowlisted,
+            Recorded::Foreign,
+        ]
+        .map(Recorded::as_str)
+        .to_vec();
+        assert_eq!(words, warden_proto::chain::HOLDER_VERDICTS);
         assert_eq!(
-            verdict_name(&Verdict::Allowed(AllowReason::NotALeasedGpu)),
-            None
+            (EnforceAction::Kill.as_str(), EnforceAction::Stop.as_str()),
+            ("kill", "stop")
         );
     }
 }

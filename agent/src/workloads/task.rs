@@ -25,7 +25,7 @@ use warden_proto::pb;
 use crate::delivery::outbox::Outbox;
 
 use super::{
-    book::{Book, Container, Lease},
+    book::{Book, Container, ContainerStatus, Lease},
     confine::{self, WorkloadConfig, LABEL_LEASE, LABEL_NAME, LABEL_NODE},
     docker::{ContainerEvent, Docker, EventKind},
     hostpath,
@@ -297,14 +297,14 @@ impl State {
             if let Some(c) = self.book.container_mut(&lease, &name) {
                 c.id = m.id.clone();
                 c.state = if m.running {
-                    "running".into()
+                    ContainerStatus::Running
                 } else {
-                    m.state.clone()
+                    ContainerStatus::from_docker(&m.state)
                 };
                 c.time_unix_ms = crate::now_ms();
                 seen.push((lease.clone(), name.clone()));
                 tracing::info!(%lease, %name, id = %m.id, state = %c.state, "adopted a lease container");
-                events.push(wev(&lease, &name, &m.id, "adopted", c.state.clone()));
+                events.push(wev(&lease, &name, &m.id, "adopted", c.state.to_string()));
             } else if self.trusted {
                 let outcome = match docker.stop_and_remove(&m.id, grace).await {
                     Ok(()) => "stopped and removed".to_owned(),
@@ -321,8 +321,10 @@ impl State {
         }
         for lease in self.book.leases.values_mut() {
             for c in &mut lease.containers {
-                if !seen.contains(&(lease.id.clone(), c.name.clone())) && c.state != "missing" {
-                    c.state = "missing".into();
+                if !seen.contains(&(lease.id.clone(), c.name.clone()))
+                    && c.state != ContainerStatus::Missing
+                {
+                    c.state = ContainerStatus::Missing;
                     events.push(wev(
                         &lease.id,
                         &c.name,
@@ -370,16 +372,21 @@ impl State {
         let lease = ev.labels.get(LABEL_LEASE).cloned().unwrap_or_default();
         let name = ev.labels.get(LABEL_NAME).cloned().unwrap_or_default();
         let (kind, detail, exit_code, state) = match &ev.kind {
-            EventKind::Start => ("started", String::new(), 0, Some("running")),
+            EventKind::Start => ("started", String::new(), 0, Some(ContainerStatus::Running)),
             EventKind::Die { exit_code } => {
                 let code = exit_code.unwrap_or(-1);
-                ("exited", format!("exit code {code}"), code, Some("exited"))
+                (
+                    "exited",
+                    format!("exit code {code}"),
+                    code,
+                    Some(ContainerStatus::Exited),
+                )
             }
             EventKind::Oom => (
                 "oom",
                 "killed for exceeding its memory limit".into(),
                 0,
-                Some("oom-killed"),
+                Some(ContainerStatus::OomKilled),
             ),
             EventKind::Health(h) => ("health", h.clone(), 0, None),
             _ => return,
@@ -389,14 +396,14 @@ impl State {
                 match (&ev.kind, state) {
                     (EventKind::Health(h), _) => c.health = h.clone(),
                     // An OOM kill is followed by its die event: keep saying why it died.
-                    (EventKind::Die { .. }, _) if c.state == "oom-killed" => {
+                    (EventKind::Die { .. }, _) if c.state == ContainerStatus::OomKilled => {
                         c.exit_code = exit_code
                     }
                     (EventKind::Die { .. }, Some(s)) => {
-                        c.state = s.into();
+                        c.state = s;
                         c.exit_code = exit_code;
                     }
-                    (_, Some(s)) => c.state = s.into(),
+                    (_, Some(s)) => c.state = s,
                     _ => {}
                 }
                 c.time_unix_ms = ev.time_unix_ms;
@@ -600,7 +607,7 @@ impl State {
             name: spec.name.clone(),
             image: spec.image.clone(),
             id,
-            state: "running".into(),
+            state: ContainerStatus::Running,
             exit_code: 0,
             health: String::new(),
             time_unix_ms: created_ms,
@@ -726,7 +733,7 @@ impl State {
         for c in &lease.containers {
             let mut s = c.to_pb(&lease.id);
             match docker.stop_and_remove(&c.id, grace).await {
-                Ok(()) => s.state = "removed".into(),
+                Ok(()) => s.state = ContainerStatus::Removed.to_string(),
                 Err(e) => errors.push(format!("{}: {e}", c.name)),
             }
             s.time_unix_ms = crate::now_ms();
@@ -795,7 +802,7 @@ impl State {
         }
         self.save();
         let mut s = c.to_pb(&sc.lease_id);
-        s.state = "removed".into();
+        s.state = ContainerStatus::Removed.to_string();
         s.time_unix_ms = crate::now_ms();
         Ok(vec![s])
     }
