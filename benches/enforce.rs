@@ -22,8 +22,11 @@ use std::{
 
 use common::Killed;
 use warden_agent::{
-    enforce::{self, LeaseView, Policy, Seen, Verdict},
-    now_ms, procs,
+    now_ms,
+    timelock::{
+        enforce::{self, LeaseView, Policy, Seen, Verdict},
+        procs,
+    },
 };
 
 const GPU: &str = "GPU-00000000-0000-4000-8000-000000000000";

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use warden_agent::gpu::{nvml::NvmlSource, GpuSource};
+use warden_agent::host::gpu::{nvml::NvmlSource, GpuSource};
 
 /// The fake library next to the warden binary, built if this run has not.
 fn fake_nvml() -> PathBuf {

@@ -16,9 +16,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use warden_agent::{
     config::{CoordinatorLink, UplinkConfig},
-    outbox::{self, Stamp},
-    spool::{Spool, SpoolConfig},
-    uplink::{Uplink, UplinkStatus},
+    delivery::{
+        outbox::{self, Stamp},
+        spool::{Spool, SpoolConfig},
+        uplink::{Uplink, UplinkStatus},
+    },
 };
 use warden_coordinator::{
     config::{EnrollmentConfig, EnrollmentPolicy, LimitsConfig},

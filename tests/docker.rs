@@ -16,7 +16,10 @@ use std::{
 
 use common::image::{busybox_image, image_exists};
 use tokio_stream::{Stream, StreamExt};
-use warden_agent::docker::*;
+use warden_agent::workloads::{
+    confine::{LABEL_LEASE, LABEL_MANAGED, LABEL_NAME, LABEL_NODE},
+    docker::*,
+};
 
 const SOCKET: &str = "/var/run/docker.sock";
 

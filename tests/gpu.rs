@@ -352,7 +352,7 @@ fn an_inventory_change_is_sent_again() {
 }
 
 fn free_disk_gb(path: &Path) -> f64 {
-    warden_agent::inventory::free_bytes(path).unwrap() as f64 / 1e9
+    warden_agent::host::inventory::free_bytes(path).unwrap() as f64 / 1e9
 }
 
 #[test]

@@ -11,6 +11,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use warden_proto::dsse::VerifyingKey;
 
+/// The `[workload]` section lives beside the confinement it configures
+/// (pure), so that `confine` needs nothing from this module.
+pub use crate::workloads::confine::WorkloadConfig;
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -103,59 +107,12 @@ impl Default for TimeLockConfig {
     fn default() -> Self {
         Self {
             epoch: Duration::from_secs(10),
-            device_patterns: crate::procs::default_patterns(),
-            allow_exe: crate::enforce::DEFAULT_ALLOW_EXE
+            device_patterns: crate::timelock::procs::parse::default_patterns(),
+            allow_exe: crate::timelock::enforce::DEFAULT_ALLOW_EXE
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
             kill_grace: Duration::from_secs(2),
-        }
-    }
-}
-
-/// The renter's containers: where Docker is and what they may have.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct WorkloadConfig {
-    pub docker_socket: PathBuf,
-    /// Host paths (and what is below them) a container may bind-mount.
-    /// Empty: none. The Docker socket is refused whatever this says.
-    pub allowed_host_paths: Vec<PathBuf>,
-    /// Capabilities a container may add beyond the default set.
-    pub allowed_capabilities: Vec<String>,
-    /// Memory limit of a container whose spec gives none; 0: 90 % of the host's memory.
-    pub default_memory_bytes: u64,
-    pub pids_limit: i64,
-    /// SIGTERM, then SIGKILL after this long, when a lease ends.
-    #[serde(with = "humantime_serde")]
-    pub stop_grace: Duration,
-    /// Docker's device driver for GPU requests.
-    pub gpu_driver: String,
-    /// The host address a container's published ports bind to; loopback
-    /// unless the operator opens them (`0.0.0.0`, or one address).
-    pub publish_address: std::net::IpAddr,
-    /// The lowest host port a container may publish (0 lets Docker choose
-    /// one above it anyway).
-    pub min_host_port: u16,
-    /// Largest tolerated gap between a command's expiry and our clock,
-    /// on top of its own expiry (clocks differ).
-    #[serde(with = "humantime_serde")]
-    pub clock_skew: Duration,
-}
-
-impl Default for WorkloadConfig {
-    fn default() -> Self {
-        Self {
-            docker_socket: PathBuf::from("/var/run/docker.sock"),
-            allowed_host_paths: Vec::new(),
-            allowed_capabilities: Vec::new(),
-            default_memory_bytes: 0,
-            pids_limit: 4096,
-            stop_grace: Duration::from_secs(10),
-            gpu_driver: "nvidia".into(),
-            publish_address: std::net::Ipv4Addr::LOCALHOST.into(),
-            min_host_port: 1024,
-            clock_skew: Duration::from_secs(5),
         }
     }
 }
@@ -489,7 +446,7 @@ impl AgentConfig {
         // and at reload alike.
         for p in &w.allowed_host_paths {
             if let Some(why) =
-                crate::confine::host_path_danger(p, &self.state_dir, &w.docker_socket)
+                crate::workloads::confine::host_path_danger(p, &self.state_dir, &w.docker_socket)
             {
                 return Err(invalid(
                     "workload.allowed_host_paths",
@@ -501,26 +458,28 @@ impl AgentConfig {
             }
         }
         for c in &w.allowed_capabilities {
-            if !crate::confine::is_capability_name(c) {
+            if !crate::workloads::confine::is_capability_name(c) {
                 return Err(invalid(
                     "workload.allowed_capabilities",
                     format!("`{c}` is not a capability name (e.g. SYS_NICE)"),
                 ));
             }
-            if let Some(why) = crate::confine::forbidden_capability(c) {
+            if let Some(why) = crate::workloads::confine::forbidden_capability(c) {
                 return Err(invalid(
                     "workload.allowed_capabilities",
                     format!("{c} is refused: it gives a container {why}"),
                 ));
             }
         }
-        if w.default_memory_bytes != 0 && w.default_memory_bytes < crate::confine::MIN_MEMORY {
+        if w.default_memory_bytes != 0
+            && w.default_memory_bytes < crate::workloads::confine::MIN_MEMORY
+        {
             return Err(invalid(
                 "workload.default_memory_bytes",
                 format!(
                     "{} is below Docker's minimum of {} bytes (6 MiB); 0 means 90 % of the host's memory",
                     w.default_memory_bytes,
-                    crate::confine::MIN_MEMORY
+                    crate::workloads::confine::MIN_MEMORY
                 ),
             ));
         }

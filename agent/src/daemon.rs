@@ -14,16 +14,19 @@ use warden_state::{
 use crate::{
     config::AgentConfig,
     config::ConfigError,
-    gpu::{self, nvml::NvmlSource, GpuSource},
-    inventory, linkprobe, metrics,
+    delivery::{
+        outbox::{self, Stamp},
+        spool::{Spool, SpoolConfig, SpoolError},
+        uplink::{Uplink, UplinkStatus},
+    },
+    host::{
+        gpu::{self, nvml::NvmlSource, GpuSource},
+        inventory, linkprobe, metrics, telemetry,
+    },
     notify::Notifier,
-    outbox::{self, Stamp},
-    reload,
-    spool::{Spool, SpoolConfig, SpoolError},
-    status, telemetry,
+    reload, status,
     timelock::TimeLock,
-    uplink::{Uplink, UplinkStatus},
-    workload::Workload,
+    workloads::Workload,
 };
 
 /// Why the agent could not start.

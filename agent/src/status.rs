@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use warden_proto::pb;
 
-use crate::{spool::SpoolStats, uplink::UplinkStatus};
+use crate::delivery::{spool::SpoolStats, uplink::UplinkStatus};
 
 /// The document `warden status --json` prints.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -35,7 +35,7 @@ pub struct StatusReport {
     /// Where /metrics is served (the bound address), if it is.
     pub metrics_address: Option<String>,
     /// The active leases, with their GPUs and containers.
-    pub leases: Vec<crate::lease::Lease>,
+    pub leases: Vec<crate::workloads::book::Lease>,
     /// The mesh interface, when the node is in a cluster.
     pub mesh: Option<crate::mesh::node::MeshStatus>,
     /// Reloads of the configuration file (SIGHUP) and what they left undone.
@@ -77,7 +77,7 @@ pub struct Sources {
     pub gpus: watch::Receiver<Vec<pb::GpuSample>>,
     pub link: watch::Receiver<Option<pb::LinkSample>>,
     pub metrics_address: Option<String>,
-    pub leases: watch::Receiver<Vec<crate::lease::Lease>>,
+    pub leases: watch::Receiver<Vec<crate::workloads::book::Lease>>,
     pub mesh: watch::Receiver<Option<crate::mesh::node::MeshStatus>>,
     pub config: watch::Receiver<ConfigStatus>,
 }

@@ -70,12 +70,12 @@ fn gib(bytes: u64) -> String {
 
 async fn inventory(json: bool, cfg: AgentConfig) -> Result<()> {
     let inv = tokio::task::spawn_blocking(move || {
-        let gpus = warden_agent::gpu::nvml::NvmlSource::load(cfg.gpu.nvml_library.as_deref());
+        let gpus = warden_agent::host::gpu::nvml::NvmlSource::load(cfg.gpu.nvml_library.as_deref());
         let src = gpus
             .as_ref()
-            .map(|g| g as &dyn warden_agent::gpu::GpuSource)
+            .map(|g| g as &dyn warden_agent::host::gpu::GpuSource)
             .map_err(|e| e.to_string());
-        warden_agent::inventory::collect(&cfg.state_dir, src)
+        warden_agent::host::inventory::collect(&cfg.state_dir, src)
     })
     .await?;
     if json {
@@ -131,7 +131,7 @@ async fn inventory(json: bool, cfg: AgentConfig) -> Result<()> {
 }
 
 async fn doctor(json: bool, cfg: AgentConfig) -> Result<()> {
-    use warden_agent::doctor;
+    use warden_agent::host::doctor;
     let facts = doctor::gather(&cfg).await;
     let checks = doctor::evaluate(&facts, &cfg.doctor);
     let failed = doctor::failed(&checks);

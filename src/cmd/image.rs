@@ -41,7 +41,7 @@ async fn image_load(
         Some(s) => s,
         None => load_agent_config(config)?.workload.docker_socket,
     };
-    let docker = warden_agent::docker::Docker::connect(&socket).await?;
+    let docker = warden_agent::workloads::docker::Docker::connect(&socket).await?;
     let loaded = docker.load_image(&archive).await?;
     for name in loaded {
         println!("loaded {name}");

@@ -10,6 +10,77 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use warden_proto::pb;
 
+/// Where a lease's container is: Docker's own states, and three of
+/// Warden's. The words are the book's (`book.json`), the status document's
+/// and the wire's (`ContainerState.state`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContainerStatus {
+    Created,
+    Running,
+    Paused,
+    Restarting,
+    Removing,
+    Exited,
+    Dead,
+    /// Killed by the kernel for exceeding its memory limit; the die event
+    /// that follows keeps saying so.
+    OomKilled,
+    /// In the book, but Docker had no such container when reconciled.
+    Missing,
+    /// Stopped and removed by Warden.
+    Removed,
+    /// A state Docker reported that this agent does not know, kept as said.
+    #[serde(untagged)]
+    Other(String),
+}
+
+impl ContainerStatus {
+    const KNOWN: [ContainerStatus; 10] = [
+        ContainerStatus::Created,
+        ContainerStatus::Running,
+        ContainerStatus::Paused,
+        ContainerStatus::Restarting,
+        ContainerStatus::Removing,
+        ContainerStatus::Exited,
+        ContainerStatus::Dead,
+        ContainerStatus::OomKilled,
+        ContainerStatus::Missing,
+        ContainerStatus::Removed,
+    ];
+
+    /// The word on the wire.
+    pub fn as_str(&self) -> &str {
+        match self {
+            ContainerStatus::Created => "created",
+            ContainerStatus::Running => "running",
+            ContainerStatus::Paused => "paused",
+            ContainerStatus::Restarting => "restarting",
+            ContainerStatus::Removing => "removing",
+            ContainerStatus::Exited => "exited",
+            ContainerStatus::Dead => "dead",
+            ContainerStatus::OomKilled => "oom-killed",
+            ContainerStatus::Missing => "missing",
+            ContainerStatus::Removed => "removed",
+            ContainerStatus::Other(s) => s,
+        }
+    }
+
+    /// A state as Docker words it.
+    pub fn from_docker(state: &str) -> ContainerStatus {
+        Self::KNOWN
+            .into_iter()
+            .find(|k| k.as_str() == state)
+            .unwrap_or_else(|| ContainerStatus::Other(state.to_owned()))
+    }
+}
+
+impl std::fmt::Display for ContainerStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One container of a lease, as the agent last saw it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Container {
@@ -17,7 +88,7 @@ pub struct Container {
     pub image: String,
     /// Docker's id once created.
     pub id: String,
-    pub state: String,
+    pub state: ContainerStatus,
     pub exit_code: i64,
     pub health: String,
     pub time_unix_ms: i64,
@@ -29,7 +100,7 @@ impl Container {
             lease_id: lease_id.to_owned(),
             name: self.name.clone(),
             id: self.id.clone(),
-            state: self.state.clone(),
+            state: self.state.to_string(),
             exit_code: self.exit_code,
             health: self.health.clone(),
             image: self.image.clone(),
@@ -312,7 +383,7 @@ mod tests {
             name: "main".into(),
             image: "busybox".into(),
             id: "abc".into(),
-            state: "running".into(),
+            state: ContainerStatus::Running,
             exit_code: 0,
             health: String::new(),
             time_unix_ms: 5,
@@ -323,5 +394,26 @@ mod tests {
         assert_eq!(serde_json::from_str::<Book>(&json).unwrap(), b);
         assert_eq!(b.find_container("l1", "main").unwrap().id, "abc");
         assert_eq!(b.leases["l1"].container_states()[0].lease_id, "l1");
+    }
+
+    #[test]
+    fn container_states_keep_their_words() {
+        for k in ContainerStatus::KNOWN {
+            let json = serde_json::to_string(&k).unwrap();
+            assert_eq!(json, format!("\"{}\"", k.as_str()));
+            assert_eq!(serde_json::from_str::<ContainerStatus>(&json).unwrap(), k);
+            assert_eq!(ContainerStatus::from_docker(k.as_str()), k);
+        }
+        assert_eq!(ContainerStatus::OomKilled.as_str(), "oom-killed");
+        // A word Docker may add later, or none, is kept as said.
+        for word in ["hibernating", ""] {
+            let other = ContainerStatus::from_docker(word);
+            assert_eq!(other, ContainerStatus::Other(word.into()));
+            let json = serde_json::to_string(&other).unwrap();
+            assert_eq!(
+                serde_json::from_str::<ContainerStatus>(&json).unwrap(),
+                other
+            );
+        }
     }
 }

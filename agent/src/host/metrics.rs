@@ -16,7 +16,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use warden_proto::pb;
 
-use crate::{spool::SpoolStats, uplink::UplinkStatus};
+use crate::delivery::{spool::SpoolStats, uplink::UplinkStatus};
 
 /// Everything one scrape shows.
 #[derive(Debug, Clone, Default)]

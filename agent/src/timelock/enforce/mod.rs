@@ -9,7 +9,7 @@ pub mod exec;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::procs::{self, Holder};
+use crate::timelock::procs::parse::{self as procs, Holder};
 
 pub use exec::{kill_process, KillOutcome, KillResult};
 

@@ -37,19 +37,11 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::confine::LABEL_MANAGED;
+
 /// The container types of this API, re-exported so callers build configs
 /// and read inspections without depending on `bollard` themselves.
 pub use bollard::models::{ContainerCreateBody, HostConfig, MountPoint};
-
-/// Label marking a container as Warden's (value `"true"`): the filter for
-/// listing and events, so Warden never touches what it does not own.
-pub const LABEL_MANAGED: &str = "warden.managed";
-/// Label carrying the lease a container runs for, to map it back after a restart.
-pub const LABEL_LEASE: &str = "warden.lease";
-/// Label carrying the node id that started the container.
-pub const LABEL_NODE: &str = "warden.node";
-/// Label carrying Warden's own name for the container.
-pub const LABEL_NAME: &str = "warden.name";
 
 /// Limit on how long Docker may take to answer an ordinary request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -858,6 +850,7 @@ fn event_kind(action: &str, attributes: &HashMap<String, String>) -> EventKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workloads::confine::LABEL_LEASE;
     use bollard::models::{EventActor, ProgressDetail};
 
     fn attrs(pairs: &[(&str, &str)]) -> HashMap<String, String> {

@@ -7,7 +7,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use warden_proto::pb;
 
-use crate::{config::TelemetryConfig, outbox::Outbox, spool::SpoolStats};
+use crate::{
+    config::TelemetryConfig,
+    delivery::{outbox::Outbox, spool::SpoolStats},
+};
 
 /// Emits a telemetry record every `interval` until `shutdown`, or until
 /// `max_records` have been emitted when that is not 0.
@@ -27,7 +30,7 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
         }
         let body = pb::record::Body::Telemetry(pb::Telemetry {
-            host: Some(crate::host::sample()),
+            host: Some(crate::host::facts::sample()),
             spool: Some(crate::spool_state(&spool.borrow())),
             mesh_peers: mesh
                 .borrow()

@@ -234,7 +234,11 @@ mod tests {
         assert_eq!(got, root.join("disk1/data"));
         // And judged there: a link to `/` is the whole host.
         let danger = |p: &Path| {
-            crate::confine::host_path_danger(p, &root.join("state"), &root.join("docker.sock"))
+            crate::workloads::confine::host_path_danger(
+                p,
+                &root.join("state"),
+                &root.join("docker.sock"),
+            )
         };
         let err = resolve(&root.join("everything"), &[root.join("everything")], danger)
             .unwrap_err()

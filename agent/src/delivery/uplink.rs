@@ -28,8 +28,8 @@ use warden_proto::{
 
 use crate::{
     config::{CoordinatorLink, UplinkConfig},
+    delivery::outbox::Outbox,
     delivery::{OnReceipt, OnRefusal, Window},
-    outbox::Outbox,
 };
 
 /// An error and its sources, so "transport error" says what failed underneath.

@@ -9,15 +9,72 @@
 use std::{
     collections::HashMap,
     path::{Component, Path, PathBuf},
+    time::Duration,
 };
 
 use bollard::models::{
     ContainerCreateBody, DeviceRequest, EndpointSettings, HostConfig, Mount, MountType,
     NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
+use serde::{Deserialize, Serialize};
 use warden_proto::pb;
 
-use crate::{config::WorkloadConfig, docker};
+/// Label marking a container as Warden's (value `"true"`): the filter for
+/// listing and events, so Warden never touches what it does not own.
+pub const LABEL_MANAGED: &str = "warden.managed";
+/// Label carrying the lease a container runs for, to map it back after a restart.
+pub const LABEL_LEASE: &str = "warden.lease";
+/// Label carrying the node id that started the container.
+pub const LABEL_NODE: &str = "warden.node";
+/// Label carrying Warden's own name for the container.
+pub const LABEL_NAME: &str = "warden.name";
+
+/// The renter's containers: where Docker is and what they may have.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadConfig {
+    pub docker_socket: PathBuf,
+    /// Host paths (and what is below them) a container may bind-mount.
+    /// Empty: none. The Docker socket is refused whatever this says.
+    pub allowed_host_paths: Vec<PathBuf>,
+    /// Capabilities a container may add beyond the default set.
+    pub allowed_capabilities: Vec<String>,
+    /// Memory limit of a container whose spec gives none; 0: 90 % of the host's memory.
+    pub default_memory_bytes: u64,
+    pub pids_limit: i64,
+    /// SIGTERM, then SIGKILL after this long, when a lease ends.
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+    /// Docker's device driver for GPU requests.
+    pub gpu_driver: String,
+    /// The host address a container's published ports bind to; loopback
+    /// unless the operator opens them (`0.0.0.0`, or one address).
+    pub publish_address: std::net::IpAddr,
+    /// The lowest host port a container may publish (0 lets Docker choose
+    /// one above it anyway).
+    pub min_host_port: u16,
+    /// Largest tolerated gap between a command's expiry and our clock,
+    /// on top of its own expiry (clocks differ).
+    #[serde(with = "humantime_serde")]
+    pub clock_skew: Duration,
+}
+
+impl Default for WorkloadConfig {
+    fn default() -> Self {
+        Self {
+            docker_socket: PathBuf::from("/var/run/docker.sock"),
+            allowed_host_paths: Vec::new(),
+            allowed_capabilities: Vec::new(),
+            default_memory_bytes: 0,
+            pids_limit: 4096,
+            stop_grace: Duration::from_secs(10),
+            gpu_driver: "nvidia".into(),
+            publish_address: std::net::Ipv4Addr::LOCALHOST.into(),
+            min_host_port: 1024,
+            clock_skew: Duration::from_secs(5),
+        }
+    }
+}
 
 /// Capabilities every container keeps (all others are dropped): what
 /// ordinary images need to start as root and drop to a user, and nothing
@@ -215,9 +272,9 @@ pub fn network_name(lease_id: &str) -> String {
 /// The labels of a lease's network, like its containers' (no name).
 pub fn network_labels(owner: &Owner) -> HashMap<String, String> {
     HashMap::from([
-        (docker::LABEL_MANAGED.to_owned(), "true".to_owned()),
-        (docker::LABEL_LEASE.to_owned(), owner.lease_id.to_owned()),
-        (docker::LABEL_NODE.to_owned(), owner.node_id.to_owned()),
+        (LABEL_MANAGED.to_owned(), "true".to_owned()),
+        (LABEL_LEASE.to_owned(), owner.lease_id.to_owned()),
+        (LABEL_NODE.to_owned(), owner.node_id.to_owned()),
     ])
 }
 
@@ -411,10 +468,10 @@ pub fn container_config(
     default_memory: i64,
 ) -> ContainerCreateBody {
     let labels = HashMap::from([
-        (docker::LABEL_MANAGED.to_owned(), "true".to_owned()),
-        (docker::LABEL_LEASE.to_owned(), owner.lease_id.to_owned()),
-        (docker::LABEL_NODE.to_owned(), owner.node_id.to_owned()),
-        (docker::LABEL_NAME.to_owned(), spec.name.clone()),
+        (LABEL_MANAGED.to_owned(), "true".to_owned()),
+        (LABEL_LEASE.to_owned(), owner.lease_id.to_owned()),
+        (LABEL_NODE.to_owned(), owner.node_id.to_owned()),
+        (LABEL_NAME.to_owned(), spec.name.clone()),
     ]);
     let mut cap_add: Vec<String> = DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect();
     for c in &spec.cap_add {

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use warden_proto::pb;
 
 use crate::{
-    gpu::{GpuSource, Inventory},
-    outbox::Outbox,
+    delivery::outbox::Outbox,
+    host::gpu::{GpuSource, Inventory},
 };
 
 /// Where the Docker engine listens by default.
@@ -23,7 +23,7 @@ pub const DOCKER_SOCKET: &str = "/var/run/docker.sock";
 
 /// Gathers everything. `gpus` is NVML's answer, or why there is none.
 pub fn collect(state_dir: &Path, gpus: Result<&dyn GpuSource, String>) -> pb::InventorySummary {
-    let mut s = crate::host::summary();
+    let mut s = crate::host::facts::summary();
     s.cpu_model = cpu_model(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default());
     s.disk_free_bytes = free_bytes(state_dir).unwrap_or(0);
     s.docker = match docker_version(Path::new(DOCKER_SOCKET)) {

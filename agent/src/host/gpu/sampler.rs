@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use warden_proto::pb;
 
 use super::{health_events, GpuSource};
-use crate::outbox::Outbox;
+use crate::delivery::outbox::Outbox;
 
 /// Samples until `shutdown`. NVML calls block, so each cycle runs on the
 /// blocking pool.

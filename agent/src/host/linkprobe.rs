@@ -13,7 +13,7 @@ use warden_proto::pb::{self, link_probe_client::LinkProbeClient};
 
 use crate::{
     config::{CoordinatorLink, ProbeConfig},
-    outbox::Outbox,
+    delivery::outbox::Outbox,
 };
 
 /// Bytes per probe chunk: large enough that framing costs nothing.
@@ -160,7 +160,7 @@ pub async fn probe(
     cfg: &ProbeConfig,
     connect_timeout: Duration,
 ) -> pb::LinkSample {
-    let result = match crate::uplink::channel(
+    let result = match crate::delivery::uplink::channel(
         link,
         connect_timeout,
         crate::config::UplinkConfig::default().keepalive,
@@ -168,7 +168,9 @@ pub async fn probe(
     .await
     {
         Ok(ch) => measure(ch, cfg).await,
-        Err(e) => Err(ProbeError::Connect(crate::uplink::error_chain(&e))),
+        Err(e) => Err(ProbeError::Connect(crate::delivery::uplink::error_chain(
+            &e,
+        ))),
     };
     result.unwrap_or_else(|e| pb::LinkSample {
         error: e.to_string(),

@@ -23,7 +23,7 @@ use std::{
 
 use tokio::io::{unix::AsyncFd, Interest};
 
-use crate::{now_ms, procs};
+use crate::{now_ms, timelock::procs};
 
 /// How long `kill_process` waits for a process to go after SIGKILL. A
 /// process stuck in the kernel (state `D`, common with a wedged GPU driver)

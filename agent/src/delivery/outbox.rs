@@ -15,7 +15,7 @@ use warden_proto::{
     types,
 };
 
-use crate::spool::{Admit, Anchoring, Class, Eviction, Spool, SpoolStats, RELINKS};
+use crate::delivery::spool::{Admit, Anchoring, Class, Eviction, Spool, SpoolStats, RELINKS};
 
 /// Records numbered, signed and appended under one fsync, at most.
 const MAX_GROUP: usize = 1024;
@@ -435,7 +435,7 @@ fn log_eviction(e: &Eviction) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::SpoolConfig;
+    use crate::delivery::spool::SpoolConfig;
 
     #[tokio::test]
     async fn emit_signed_returns_the_spooled_envelope_or_none_when_full() {
@@ -483,7 +483,7 @@ mod tests {
 #[cfg(test)]
 mod class_tests {
     use super::*;
-    use crate::spool::SpoolConfig;
+    use crate::delivery::spool::SpoolConfig;
 
     fn stamp(signer: &Arc<Signer>) -> Stamp {
         Stamp {

@@ -1,10 +1,15 @@
-//! The workload task: the only owner of the Docker connection and of the
-//! lease book. It acts on the coordinator's commands (start and end leases,
-//! run and stop their containers), follows Docker's events, reconciles
-//! what Docker runs with the book when Docker (re)appears, and reports all
-//! of it: command answers as records, lifecycle as telemetry.
+//! The workload task: the only owner of the lease book and of the lifecycle
+//! of Warden's containers (the ones labelled `warden.managed`). It acts on
+//! the coordinator's commands (start and end leases, run and stop their
+//! containers), follows Docker's events, reconciles what Docker runs with
+//! the book when Docker (re)appears, and reports all of it: command answers
+//! as records, lifecycle as telemetry.
 //!
-//! Policy lives in `confine` (what a container may be) and `lease` (what a
+//! The time-lock has its own Docker connections (see `timelock::task`, why):
+//! it reads the engine and stops containers that hold a leased GPU; a stop
+//! of one of ours reaches this task as Docker's die event, like any stop.
+//!
+//! Policy lives in `confine` (what a container may be) and `book` (what a
 //! command may do); this file only sequences Docker calls around them.
 
 use std::{
@@ -17,13 +22,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use warden_proto::pb;
 
-use crate::{
-    config::WorkloadConfig,
-    confine,
-    docker::{ContainerEvent, Docker, EventKind, LABEL_LEASE, LABEL_NAME, LABEL_NODE},
+use crate::delivery::outbox::Outbox;
+
+use super::{
+    book::{Book, Container, ContainerStatus, Lease},
+    confine::{self, WorkloadConfig, LABEL_LEASE, LABEL_NAME, LABEL_NODE},
+    docker::{ContainerEvent, Docker, EventKind},
     hostpath,
-    lease::{Book, Container, Lease},
-    outbox::Outbox,
 };
 
 /// How often an unreachable Docker is tried again.
@@ -182,7 +187,7 @@ fn default_memory(config: &WorkloadConfig) -> i64 {
     if config.default_memory_bytes > 0 {
         config.default_memory_bytes as i64
     } else {
-        (crate::host::summary().memory_bytes as f64 * 0.9) as i64
+        (crate::host::facts::summary().memory_bytes as f64 * 0.9) as i64
     }
 }
 
@@ -292,14 +297,14 @@ impl State {
             if let Some(c) = self.book.container_mut(&lease, &name) {
                 c.id = m.id.clone();
                 c.state = if m.running {
-                    "running".into()
+                    ContainerStatus::Running
                 } else {
-                    m.state.clone()
+                    ContainerStatus::from_docker(&m.state)
                 };
                 c.time_unix_ms = crate::now_ms();
                 seen.push((lease.clone(), name.clone()));
                 tracing::info!(%lease, %name, id = %m.id, state = %c.state, "adopted a lease container");
-                events.push(wev(&lease, &name, &m.id, "adopted", c.state.clone()));
+                events.push(wev(&lease, &name, &m.id, "adopted", c.state.to_string()));
             } else if self.trusted {
                 let outcome = match docker.stop_and_remove(&m.id, grace).await {
                     Ok(()) => "stopped and removed".to_owned(),
@@ -316,8 +321,10 @@ impl State {
         }
         for lease in self.book.leases.values_mut() {
             for c in &mut lease.containers {
-                if !seen.contains(&(lease.id.clone(), c.name.clone())) && c.state != "missing" {
-                    c.state = "missing".into();
+                if !seen.contains(&(lease.id.clone(), c.name.clone()))
+                    && c.state != ContainerStatus::Missing
+                {
+                    c.state = ContainerStatus::Missing;
                     events.push(wev(
                         &lease.id,
                         &c.name,
@@ -365,16 +372,21 @@ impl State {
         let lease = ev.labels.get(LABEL_LEASE).cloned().unwrap_or_default();
         let name = ev.labels.get(LABEL_NAME).cloned().unwrap_or_default();
         let (kind, detail, exit_code, state) = match &ev.kind {
-            EventKind::Start => ("started", String::new(), 0, Some("running")),
+            EventKind::Start => ("started", String::new(), 0, Some(ContainerStatus::Running)),
             EventKind::Die { exit_code } => {
                 let code = exit_code.unwrap_or(-1);
-                ("exited", format!("exit code {code}"), code, Some("exited"))
+                (
+                    "exited",
+                    format!("exit code {code}"),
+                    code,
+                    Some(ContainerStatus::Exited),
+                )
             }
             EventKind::Oom => (
                 "oom",
                 "killed for exceeding its memory limit".into(),
                 0,
-                Some("oom-killed"),
+                Some(ContainerStatus::OomKilled),
             ),
             EventKind::Health(h) => ("health", h.clone(), 0, None),
             _ => return,
@@ -384,14 +396,14 @@ impl State {
                 match (&ev.kind, state) {
                     (EventKind::Health(h), _) => c.health = h.clone(),
                     // An OOM kill is followed by its die event: keep saying why it died.
-                    (EventKind::Die { .. }, _) if c.state == "oom-killed" => {
+                    (EventKind::Die { .. }, _) if c.state == ContainerStatus::OomKilled => {
                         c.exit_code = exit_code
                     }
                     (EventKind::Die { .. }, Some(s)) => {
-                        c.state = s.into();
+                        c.state = s;
                         c.exit_code = exit_code;
                     }
-                    (_, Some(s)) => c.state = s.into(),
+                    (_, Some(s)) => c.state = s,
                     _ => {}
                 }
                 c.time_unix_ms = ev.time_unix_ms;
@@ -595,7 +607,7 @@ impl State {
             name: spec.name.clone(),
             image: spec.image.clone(),
             id,
-            state: "running".into(),
+            state: ContainerStatus::Running,
             exit_code: 0,
             health: String::new(),
             time_unix_ms: created_ms,
@@ -721,7 +733,7 @@ impl State {
         for c in &lease.containers {
             let mut s = c.to_pb(&lease.id);
             match docker.stop_and_remove(&c.id, grace).await {
-                Ok(()) => s.state = "removed".into(),
+                Ok(()) => s.state = ContainerStatus::Removed.to_string(),
                 Err(e) => errors.push(format!("{}: {e}", c.name)),
             }
             s.time_unix_ms = crate::now_ms();
@@ -790,7 +802,7 @@ impl State {
         }
         self.save();
         let mut s = c.to_pb(&sc.lease_id);
-        s.state = "removed".into();
+        s.state = ContainerStatus::Removed.to_string();
         s.time_unix_ms = crate::now_ms();
         Ok(vec![s])
     }

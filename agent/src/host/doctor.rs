@@ -12,7 +12,7 @@ use warden_proto::{identity, pb};
 
 use crate::{
     config::{AgentConfig, DoctorConfig},
-    gpu::{nvml::NvmlSource, GpuSource},
+    host::gpu::{nvml::NvmlSource, GpuSource},
 };
 
 /// A check's outcome. Only `Fail` makes the doctor exit non-zero.
@@ -301,9 +301,11 @@ pub async fn gather(cfg: &AgentConfig) -> Facts {
             .and_then(|s| s.inventory().map_err(|e| e.to_string()))
             .map(|i| (i.gpus.len(), i.driver_version));
         (
-            crate::host::summary().memory_bytes,
-            crate::inventory::free_bytes(&state_dir).map_err(|e| e.to_string()),
-            crate::inventory::docker_version(Path::new(crate::inventory::DOCKER_SOCKET)),
+            crate::host::facts::summary().memory_bytes,
+            crate::host::inventory::free_bytes(&state_dir).map_err(|e| e.to_string()),
+            crate::host::inventory::docker_version(Path::new(
+                crate::host::inventory::DOCKER_SOCKET,
+            )),
             nvml,
             tun_check(),
             key_state(&key_path),
@@ -328,7 +330,7 @@ pub async fn gather(cfg: &AgentConfig) -> Facts {
     };
     let link = match &cfg.coordinator {
         Some(link) => {
-            Some(crate::linkprobe::probe(link, &cfg.probe, cfg.uplink.connect_timeout).await)
+            Some(crate::host::linkprobe::probe(link, &cfg.probe, cfg.uplink.connect_timeout).await)
         }
         None => None,
     };

@@ -1,0 +1,13 @@
+//! The renter's containers. `book` (pure) is the node's leases and the
+//! commands already acted on; `confine` (pure) refuses specs and builds the
+//! Docker configuration of the ones run; `hostpath` resolves a bind mount's
+//! source without following a renter's links; `docker` is the edge (bollard);
+//! `task` is the workload task, the only owner of the book.
+
+pub mod book;
+pub mod confine;
+pub mod docker;
+pub mod hostpath;
+pub mod task;
+
+pub use task::Workload;
