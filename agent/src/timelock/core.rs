@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use warden_proto::{
     chain::{Head, Tally},
     dsse, pb,
+    states::HolderClass,
 };
 
 use super::{
@@ -53,38 +54,16 @@ impl ChainState {
     }
 }
 
-/// A holder of a leased GPU as the record names it (`HolderSeen.verdict`,
-/// one of `chain::HOLDER_VERDICTS`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recorded {
-    LeaseContainer,
-    Agent,
-    Allowlisted,
-    Foreign,
-}
-
-impl Recorded {
-    /// The word on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Recorded::LeaseContainer => "lease-container",
-            Recorded::Agent => "agent",
-            Recorded::Allowlisted => "allowlisted",
-            Recorded::Foreign => "foreign",
-        }
-    }
-}
-
-/// How a holder is recorded; None for holders that concern no lease (not
-/// recorded).
-pub fn recorded(v: &Verdict) -> Option<Recorded> {
+/// How a holder is recorded (`HolderSeen.verdict`, in proto's words);
+/// None for holders that concern no lease (not recorded).
+pub fn recorded(v: &Verdict) -> Option<HolderClass> {
     match v {
-        Verdict::Allowed(AllowReason::LeaseContainer) => Some(Recorded::LeaseContainer),
-        Verdict::Allowed(AllowReason::Agent) => Some(Recorded::Agent),
-        Verdict::Allowed(AllowReason::Allowlisted) => Some(Recorded::Allowlisted),
+        Verdict::Allowed(AllowReason::LeaseContainer) => Some(HolderClass::LeaseContainer),
+        Verdict::Allowed(AllowReason::Agent) => Some(HolderClass::Agent),
+        Verdict::Allowed(AllowReason::Allowlisted) => Some(HolderClass::Allowlisted),
         Verdict::Allowed(AllowReason::ProtectedPid)
         | Verdict::KillProcess
-        | Verdict::StopContainer(_) => Some(Recorded::Foreign),
+        | Verdict::StopContainer(_) => Some(HolderClass::Foreign),
         Verdict::Allowed(_) => None,
     }
 }
@@ -1189,7 +1168,7 @@ mod tests {
 
     #[test]
     fn only_holders_of_leased_gpus_are_recorded() {
-        let name = |v: &Verdict| recorded(v).map(Recorded::as_str);
+        let name = |v: &Verdict| recorded(v).map(HolderClass::as_str);
         assert_eq!(name(&Verdict::KillProcess), Some("foreign"));
         assert_eq!(name(&Verdict::StopContainer("c".into())), Some("foreign"));
         assert_eq!(
@@ -1202,15 +1181,6 @@ mod tests {
 
     #[test]
     fn the_words_on_the_wire_are_the_verifiers() {
-        let words: Vec<&str> = [
-            Recorded::LeaseContainer,
-            Recorded::Agent,
-            Recorded::Allowlisted,
-            Recorded::Foreign,
-        ]
-        .map(Recorded::as_str)
-        .to_vec();
-        assert_eq!(words, warden_proto::chain::HOLDER_VERDICTS);
         assert_eq!(
             (EnforceAction::Kill.as_str(), EnforceAction::Stop.as_str()),
             ("kill", "stop")
