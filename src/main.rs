@@ -71,10 +71,7 @@ fn main() {
     // is often set on servers), and exit status 1.
     if let Err(e) = run() {
         // Each cause once: many messages already quote their source.
-        eprintln!(
-            "error: {}",
-            warden_agent::delivery::uplink::error_chain(e.as_ref())
-        );
+        eprintln!("error: {}", warden_agent::error_chain(e.as_ref()));
         std::process::exit(1);
     }
 }

@@ -20,6 +20,23 @@ pub use daemon::{run, AgentError, Reloader};
 
 use warden_proto::pb;
 
+/// An error and its sources on one line, each cause once (many messages
+/// already quote their source), so "transport error" says what failed
+/// underneath. The one helper for it: logs, refusals and the binary's exit.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let next = s.to_string();
+        if !msg.contains(&next) {
+            msg.push_str(": ");
+            msg.push_str(&next);
+        }
+        src = s.source();
+    }
+    msg
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -46,5 +63,23 @@ pub fn spool_state(s: &delivery::spool::SpoolStats) -> pb::SpoolState {
         shedding: s.shedding,
         set_aside: s.set_aside,
         corrupt: s.corrupt,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct E(String, #[source] Option<Box<E>>);
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        let inner = E("connection refused".into(), None);
+        let quoted = E("connect: connection refused".into(), Some(Box::new(inner)));
+        let outer = E("transport error".into(), Some(Box::new(quoted)));
+        assert_eq!(
+            super::error_chain(&outer),
+            "transport error: connect: connection refused"
+        );
     }
 }

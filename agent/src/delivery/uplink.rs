@@ -32,21 +32,6 @@ use crate::{
     delivery::{OnReceipt, OnRefusal, Window},
 };
 
-/// An error and its sources, so "transport error" says what failed underneath.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let next = s.to_string();
-        if !msg.contains(&next) {
-            msg.push_str(": ");
-            msg.push_str(&next);
-        }
-        src = s.source();
-    }
-    msg
-}
-
 /// What `warden status` shows of the connection.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct UplinkStatus {
@@ -172,7 +157,7 @@ impl Uplink {
                 return;
             }
             if let Err(e) = end {
-                let msg = error_chain(&e);
+                let msg = crate::error_chain(&e);
                 // Log each distinct state once; repeats of the same failure go to debug.
                 if last_error.as_deref() != Some(msg.as_str()) {
                     if matches!(e, UplinkError::Stream(_) | UplinkError::Closed) {

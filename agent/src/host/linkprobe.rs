@@ -168,9 +168,7 @@ pub async fn probe(
     .await
     {
         Ok(ch) => measure(ch, cfg).await,
-        Err(e) => Err(ProbeError::Connect(crate::delivery::uplink::error_chain(
-            &e,
-        ))),
+        Err(e) => Err(ProbeError::Connect(crate::error_chain(&e))),
     };
     result.unwrap_or_else(|e| pb::LinkSample {
         error: e.to_string(),

@@ -223,7 +223,7 @@ impl Docker {
             .to_str()
             .ok_or_else(|| connect_err("the socket path is not valid UTF-8".into()))?;
         let api = bollard::Docker::connect_with_unix(path, REQUEST_TIMEOUT.as_secs(), &version)
-            .map_err(|e| connect_err(chain(&e)))?;
+            .map_err(|e| connect_err(crate::error_chain(&e)))?;
         Ok(Docker {
             api,
             socket: Arc::from(socket),
@@ -630,11 +630,11 @@ impl Docker {
             | BollardError::SocketNotFoundError(_)
             | BollardError::RequestTimeoutError) => DockerError::Connect {
                 socket: self.socket.to_path_buf(),
-                reason: format!("{what}: {}", chain(&e)),
+                reason: format!("{what}: {}", crate::error_chain(&e)),
             },
             e => DockerError::Protocol {
                 what,
-                reason: chain(&e),
+                reason: crate::error_chain(&e),
             },
         }
     }
@@ -675,21 +675,6 @@ fn api_version_header(answer: &str) -> Option<(usize, usize)> {
     })?;
     let (major, minor) = value.split_once('.')?;
     Some((major.parse().ok()?, minor.parse().ok()?))
-}
-
-/// The error and its sources, one line, for messages that name the cause.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// The label filter for Warden's containers (`type=container` for events).
