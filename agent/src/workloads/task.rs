@@ -20,7 +20,7 @@ use std::{
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use warden_proto::pb;
+use warden_proto::{pb, states::WorkloadEventKind};
 
 use crate::delivery::outbox::Outbox;
 
@@ -104,12 +104,18 @@ pub fn save_book(path: &Path, book: &Book) -> Result<(), BookError> {
 }
 
 /// A workload event, now.
-fn wev(lease_id: &str, name: &str, id: &str, kind: &str, detail: String) -> pb::WorkloadEvent {
+fn wev(
+    lease_id: &str,
+    name: &str,
+    id: &str,
+    kind: WorkloadEventKind,
+    detail: String,
+) -> pb::WorkloadEvent {
     pb::WorkloadEvent {
         lease_id: lease_id.into(),
         name: name.into(),
         container_id: id.into(),
-        kind: kind.into(),
+        kind: kind.as_str().into(),
         detail,
         exit_code: 0,
         time_unix_ms: crate::now_ms(),
@@ -227,8 +233,14 @@ impl State {
                 let msg = e.to_string();
                 if self.docker_error.as_deref() != Some(msg.as_str()) {
                     tracing::warn!(error = %msg, "Docker is unreachable; retrying (leases cannot start until it answers)");
-                    self.report(vec![wev("", "", "", "docker-down", msg.clone())])
-                        .await;
+                    self.report(vec![wev(
+                        "",
+                        "",
+                        "",
+                        WorkloadEventKind::DockerDown,
+                        msg.clone(),
+                    )])
+                    .await;
                     self.docker_error = Some(msg);
                 }
                 return None;
@@ -255,7 +267,7 @@ impl State {
         let version = docker.version().await.unwrap_or_default();
         tracing::info!(%version, "connected to Docker");
         if self.docker_error.take().is_some() {
-            self.report(vec![wev("", "", "", "docker-up", version)])
+            self.report(vec![wev("", "", "", WorkloadEventKind::DockerUp, version)])
                 .await;
         }
         self.docker = Some(docker);
@@ -267,8 +279,14 @@ impl State {
         tracing::warn!(reason = why, "lost Docker; reconnecting");
         self.docker = None;
         self.docker_error = Some(why.to_owned());
-        self.report(vec![wev("", "", "", "docker-down", why.to_owned())])
-            .await;
+        self.report(vec![wev(
+            "",
+            "",
+            "",
+            WorkloadEventKind::DockerDown,
+            why.to_owned(),
+        )])
+        .await;
     }
 
     /// Adopts the containers of active leases, removes every other managed
@@ -304,14 +322,26 @@ impl State {
                 c.time_unix_ms = crate::now_ms();
                 seen.push((lease.clone(), name.clone()));
                 tracing::info!(%lease, %name, id = %m.id, state = %c.state, "adopted a lease container");
-                events.push(wev(&lease, &name, &m.id, "adopted", c.state.to_string()));
+                events.push(wev(
+                    &lease,
+                    &name,
+                    &m.id,
+                    WorkloadEventKind::Adopted,
+                    c.state.to_string(),
+                ));
             } else if self.trusted {
                 let outcome = match docker.stop_and_remove(&m.id, grace).await {
                     Ok(()) => "stopped and removed".to_owned(),
                     Err(e) => format!("could not be removed: {e}"),
                 };
                 tracing::info!(%lease, %name, id = %m.id, %outcome, "managed container of no active lease");
-                events.push(wev(&lease, &name, &m.id, "removed-stale", outcome));
+                events.push(wev(
+                    &lease,
+                    &name,
+                    &m.id,
+                    WorkloadEventKind::RemovedStale,
+                    outcome,
+                ));
             } else {
                 tracing::warn!(%lease, %name, id = %m.id, "left a managed container alone: the lease book was unusable");
             }
@@ -329,7 +359,7 @@ impl State {
                         &lease.id,
                         &c.name,
                         &c.id,
-                        "missing",
+                        WorkloadEventKind::Missing,
                         "Docker no longer has it".into(),
                     ));
                 }
@@ -372,23 +402,28 @@ impl State {
         let lease = ev.labels.get(LABEL_LEASE).cloned().unwrap_or_default();
         let name = ev.labels.get(LABEL_NAME).cloned().unwrap_or_default();
         let (kind, detail, exit_code, state) = match &ev.kind {
-            EventKind::Start => ("started", String::new(), 0, Some(ContainerStatus::Running)),
+            EventKind::Start => (
+                WorkloadEventKind::Started,
+                String::new(),
+                0,
+                Some(ContainerStatus::Running),
+            ),
             EventKind::Die { exit_code } => {
                 let code = exit_code.unwrap_or(-1);
                 (
-                    "exited",
+                    WorkloadEventKind::Exited,
                     format!("exit code {code}"),
                     code,
                     Some(ContainerStatus::Exited),
                 )
             }
             EventKind::Oom => (
-                "oom",
+                WorkloadEventKind::Oom,
                 "killed for exceeding its memory limit".into(),
                 0,
                 Some(ContainerStatus::OomKilled),
             ),
-            EventKind::Health(h) => ("health", h.clone(), 0, None),
+            EventKind::Health(h) => (WorkloadEventKind::Health, h.clone(), 0, None),
             _ => return,
         };
         if let Some(c) = self.book.container_mut(&lease, &name) {
@@ -410,7 +445,7 @@ impl State {
                 self.save();
             }
         }
-        tracing::info!(%lease, %name, id = %ev.id, kind, %detail, "container event");
+        tracing::info!(%lease, %name, id = %ev.id, kind = kind.as_str(), %detail, "container event");
         let mut e = wev(&lease, &name, &ev.id, kind, detail);
         e.exit_code = exit_code;
         e.time_unix_ms = ev.time_unix_ms;
@@ -560,7 +595,7 @@ impl State {
             &lease.id,
             "",
             "",
-            "lease-started",
+            WorkloadEventKind::LeaseStarted,
             lease.gpus.join(","),
         )])
         .await;
@@ -703,7 +738,7 @@ impl State {
                         &lease.id,
                         &spec.name,
                         "",
-                        "pull",
+                        WorkloadEventKind::Pull,
                         format!("{}: {line}", spec.image),
                     ));
                 }
@@ -713,7 +748,13 @@ impl State {
             Ok(()) => format!("{}: pulled", spec.image),
             Err(e) => format!("{}: pull failed: {e}", spec.image),
         };
-        progress.push(wev(&lease.id, &spec.name, "", "pull", outcome));
+        progress.push(wev(
+            &lease.id,
+            &spec.name,
+            "",
+            WorkloadEventKind::Pull,
+            outcome,
+        ));
         self.report(progress).await;
         result.map_err(|e| format!("pulling {}: {e}", spec.image))
     }
@@ -747,8 +788,14 @@ impl State {
         self.book.leases.remove(&lease.id);
         self.save();
         tracing::info!(lease = %lease.id, "lease ended; its containers are removed");
-        self.report(vec![wev(&lease.id, "", "", "lease-ended", String::new())])
-            .await;
+        self.report(vec![wev(
+            &lease.id,
+            "",
+            "",
+            WorkloadEventKind::LeaseEnded,
+            String::new(),
+        )])
+        .await;
         Ok(states)
     }
 
