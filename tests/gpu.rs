@@ -200,7 +200,12 @@ fn eight_gpus_are_sampled_to_the_coordinator_and_scraped() {
     let addr = s["metrics_address"].as_str().unwrap().to_owned();
     let text = http_get(&addr, "/metrics");
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
-    assert!(text.contains("Content-Type: text/plain; version=0.0.4"));
+    // Header names are case-insensitive (hyper writes them in lower case).
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{text}"
+    );
     let util: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("DCGM_FI_DEV_GPU_UTIL{"))

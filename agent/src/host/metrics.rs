@@ -3,16 +3,17 @@
 //! GPU gauges carry the names and labels of NVIDIA's DCGM exporter
 //! (`DCGM_FI_DEV_GPU_UTIL{gpu="0",UUID="GPU-…"}` and so on), so existing
 //! dashboards work unchanged; agent health is `warden_*`. `render` is a pure
-//! function of a snapshot; `serve` is a deliberately tiny HTTP/1.1 server
-//! (GET only, one response per connection) so the agent needs no web stack.
+//! function of a snapshot; `serve` answers GET through hyper's HTTP/1.1
+//! server (already linked for gRPC), one response per connection.
 
-use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+use std::{convert::Infallible, fmt::Write as _, net::SocketAddr, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use warden_proto::pb;
 
@@ -424,9 +425,18 @@ pub async fn serve(listener: TcpListener, sources: Sources, shutdown: Cancellati
             Ok((stream, _)) => {
                 let sources = sources.clone();
                 tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let reply = answer(&req, &sources);
+                        async move { Ok::<_, Infallible>(reply) }
+                    });
+                    let conn = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(10))
+                        .max_buf_size(MAX_REQUEST)
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(stream), service);
                     // A client that never finishes its request is dropped.
-                    let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &sources))
-                        .await;
+                    let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
                 });
             }
             Err(e) => {
@@ -437,92 +447,121 @@ pub async fn serve(listener: TcpListener, sources: Sources, shutdown: Cancellati
     }
 }
 
-/// Largest request head read; scrapers send a few hundred bytes.
+/// Largest request head read (hyper answers 431 past it); scrapers send a
+/// few hundred bytes.
 const MAX_REQUEST: usize = 16 << 10;
 
-async fn answer(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > MAX_REQUEST {
-            return respond(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                b"request too large\n",
-            )
-            .await;
-        }
-    }
-    let line = String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == b'\r').unwrap_or(0)])
-        .into_owned();
-    let mut parts = line.split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET", "/metrics") => {
-            let body = render(&sources.snapshot());
-            respond(
-                &mut stream,
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                body.as_bytes(),
-            )
-            .await
-        }
-        ("GET", "/") => {
-            respond(
-                &mut stream,
-                "200 OK",
-                "text/plain",
-                b"warden agent: see /metrics\n",
-            )
-            .await
-        }
-        ("GET", _) => {
-            respond(
-                &mut stream,
-                "404 Not Found",
-                "text/plain",
-                b"not found; try /metrics\n",
-            )
-            .await
-        }
-        _ => {
-            respond(
-                &mut stream,
-                "405 Method Not Allowed",
-                "text/plain",
-                b"only GET\n",
-            )
-            .await
-        }
-    }
-}
-
-async fn respond(
-    stream: &mut TcpStream,
-    status: &str,
-    kind: &str,
-    body: &[u8],
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body).await?;
-    stream.shutdown().await
+/// The response to one request: GET /metrics, GET / or an error.
+fn answer<B>(req: &Request<B>, sources: &Sources) -> Response<Full<Bytes>> {
+    let (status, kind, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            Bytes::from(render(&sources.snapshot())),
+        ),
+        (&Method::GET, "/") => (
+            StatusCode::OK,
+            "text/plain",
+            Bytes::from_static(b"warden agent: see /metrics\n"),
+        ),
+        (&Method::GET, _) => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            Bytes::from_static(b"not found; try /metrics\n"),
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            Bytes::from_static(b"only GET\n"),
+        ),
+    };
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(kind));
+    r
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One request over a real socket, read until the server closes it.
+    async fn ask(addr: SocketAddr, request: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("the server closes the connection after one response")
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn the_server_answers_get_only_once_per_connection_and_refuses_huge_heads() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_inv, inventory) = watch::channel(pb::InventorySummary {
+            hostname: "box".into(),
+            ..Default::default()
+        });
+        let (_g, gpus) = watch::channel(Vec::new());
+        let (_s, spool) = watch::channel(SpoolStats::default());
+        let (_u, uplink) = watch::channel(UplinkStatus::default());
+        let (_l, link) = watch::channel(None);
+        let (_m, mesh) = watch::channel(None);
+        let sources = Sources {
+            configured: true,
+            inventory,
+            gpus,
+            spool,
+            uplink,
+            link,
+            mesh,
+        };
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, sources, stop.clone()));
+
+        let r = ask(addr, b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(
+            r.contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+            "{r}"
+        );
+        assert!(r.contains("warden_"), "{r}");
+        let r = ask(addr, b"GET /nothing HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+        let r = ask(
+            addr,
+            b"POST /metrics HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+        let huge = format!(
+            "GET /metrics HTTP/1.1\r\nHost: a\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(64 << 10)
+        );
+        // Refused with 431, or reset outright when the server closes with
+        // the rest of the head unread: never served, never left hanging.
+        {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(huge.as_bytes()).await;
+            let mut out = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+                .await
+                .expect("closed, not left hanging");
+            let r = String::from_utf8_lossy(&out);
+            match read {
+                Ok(_) => assert!(r.starts_with("HTTP/1.1 431"), "{r}"),
+                Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+            }
+        }
+        stop.cancel();
+        server.await.unwrap();
+    }
 
     fn snapshot() -> Snapshot {
         Snapshot {
