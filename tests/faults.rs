@@ -174,30 +174,6 @@ fn docker_going_away_does_not_stop_delivery() {
     assert_eq!((lost, duplicated), (0, 0));
 }
 
-/// Removes a node's containers when the test ends, pass or fail.
-struct ContainersOf(String);
-
-impl Drop for ContainersOf {
-    fn drop(&mut self) {
-        let out = Command::new("docker")
-            .args(["ps", "-aq", "--filter"])
-            .arg(format!("label=warden.node={}", self.0))
-            .output()
-            .unwrap();
-        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = Command::new("docker").args(["rm", "-f", "-v", id]).output();
-        }
-        let out = Command::new("docker")
-            .args(["network", "ls", "-q", "--filter"])
-            .arg(format!("label=warden.node={}", self.0))
-            .output()
-            .unwrap();
-        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = Command::new("docker").args(["network", "rm", id]).output();
-        }
-    }
-}
-
 /// A long outage with a small spool: telemetry is shed, nothing else is
 /// lost, nothing duplicated, and delivery resumes.
 #[test]

@@ -43,34 +43,6 @@ fn node(tmp: &Path, extra: &str) -> Node {
     }
 }
 
-/// Removes every container of a node when the test ends, pass or fail.
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let out = Command::new("docker")
-            .args([
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=warden.node={}", self.0),
-            ])
-            .output()
-            .unwrap();
-        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = Command::new("docker").args(["rm", "-f", "-v", id]).output();
-        }
-        let out = Command::new("docker")
-            .args(["network", "ls", "-q", "--filter"])
-            .arg(format!("label=warden.node={}", self.0))
-            .output()
-            .unwrap();
-        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = Command::new("docker").args(["network", "rm", id]).output();
-        }
-    }
-}
-
 impl Node {
     /// `warden lease --socket ADMIN ARGS…` (before any `--` that ends the options).
     fn warden(&self, args: &[&str]) -> Output {
@@ -158,7 +130,7 @@ fn inspect(name: &str) -> Option<Value> {
 fn a_lease_runs_confined_and_ends_with_nothing_left() {
     let tmp = tempfile::tempdir().unwrap();
     let n = node(tmp.path(), "");
-    let _clean = Cleanup(n.node_id.clone());
+    let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
     let id = n
         .start(&[
@@ -239,7 +211,7 @@ fn a_lease_runs_confined_and_ends_with_nothing_left() {
 fn every_forbidden_spec_is_refused_and_nothing_is_created() {
     let tmp = tempfile::tempdir().unwrap();
     let n = node(tmp.path(), "");
-    let _clean = Cleanup(n.node_id.clone());
+    let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
     let cases: &[(&[&str], &str)] = &[
         (&["--privileged"], "privileged mode is refused"),
@@ -290,7 +262,7 @@ fn every_forbidden_spec_is_refused_and_nothing_is_created() {
 fn a_missing_image_fails_with_the_registrys_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let n = node(tmp.path(), "");
-    let _clean = Cleanup(n.node_id.clone());
+    let _clean = ContainersOf(n.node_id.clone());
     let err = n
         .start(&["--image", "warden-test/not-here:404", "--", "true"])
         .expect_err("no registry here");
@@ -305,7 +277,7 @@ fn a_missing_image_fails_with_the_registrys_reason() {
 fn exits_and_oom_kills_are_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let n = node(tmp.path(), "");
-    let _clean = Cleanup(n.node_id.clone());
+    let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
     let exits = n
         .start(&["--image", &image, "--", "sh", "-c", "exit 3"])
@@ -354,7 +326,7 @@ fn restart_until_adopted(n: &mut Node, tmp: &Path) -> Value {
 fn a_restarted_agent_adopts_its_lease_containers() {
     let tmp = tempfile::tempdir().unwrap();
     let mut n = node(tmp.path(), "");
-    let _clean = Cleanup(n.node_id.clone());
+    let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
     let id = n.start(&["--image", &image, "--", "sleep", "300"]).unwrap();
     let name = format!("warden-{id}-main");
@@ -383,7 +355,7 @@ fn a_restarted_agent_adopts_its_lease_containers() {
 fn sigterm_stops_the_agent_within_10s_and_the_restart_adopts_the_running_lease() {
     let tmp = tempfile::tempdir().unwrap();
     let mut n = node(tmp.path(), "");
-    let _clean = Cleanup(n.node_id.clone());
+    let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
     let id = n.start(&["--image", &image, "--", "sleep", "300"]).unwrap();
     let name = format!("warden-{id}-main");
@@ -435,7 +407,7 @@ fn sigterm_stops_the_agent_within_10s_and_the_restart_adopts_the_running_lease()
 fn a_reloaded_workload_policy_applies_to_the_next_container() {
     let tmp = tempfile::tempdir().unwrap();
     let n = node(tmp.path(), "");
-    let _clean = Cleanup(n.node_id.clone());
+    let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
     let args = [
         "--image",
@@ -547,7 +519,7 @@ fn output_when_exited(name: &str) -> String {
 fn tenants_do_not_reach_each_other() {
     let tmp = tempfile::tempdir().unwrap();
     let n = node(tmp.path(), "");
-    let _clean = Cleanup(n.node_id.clone());
+    let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
     let host_port = free_port().to_string();
     let publish = format!("{host_port}:8080");
@@ -634,7 +606,7 @@ fn symlinks_in_an_allowed_path_never_reach_the_host() {
         tmp.path(),
         &format!("allowed_host_paths = [\"{}\"]\n", data.display()),
     );
-    let _clean = Cleanup(n.node_id.clone());
+    let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
     let mount = |src: &Path, dst: &str| format!("{}:{dst}", src.display());
 
@@ -740,7 +712,7 @@ fn a_stale_managed_container_is_removed_at_start() {
     let tmp = tempfile::tempdir().unwrap();
     let image = image::busybox_image();
     let mut n = node(tmp.path(), "");
-    let _clean = Cleanup(n.node_id.clone());
+    let _clean = ContainersOf(n.node_id.clone());
     n.agent.proc.kill9();
     // While the agent is down, a container of this node appears that belongs
     // to no lease it knows (e.g. its lease ended while the agent was away).
@@ -906,7 +878,7 @@ fn docker_going_away_is_reported_and_survived() {
         tmp.path(),
         &format!("docker_socket = \"{}\"\n", sock.display()),
     );
-    let _clean = Cleanup(n.node_id.clone());
+    let _clean = ContainersOf(n.node_id.clone());
     let id = n.start(&["--image", &image, "--", "sleep", "300"]).unwrap();
 
     proxy.cut();
@@ -951,7 +923,7 @@ fn commands_not_signed_by_the_pinned_coordinator_are_ignored() {
             .filter(|s| s["coordinator"]["connected"] == true)
     });
     let node_id = s["node_id"].as_str().unwrap().to_owned();
-    let _clean = Cleanup(node_id.clone());
+    let _clean = ContainersOf(node_id.clone());
     let image = image::busybox_image();
     let out = Command::new(WARDEN)
         .args(["lease", "--socket", coord.admin_socket().to_str().unwrap()])
@@ -1020,7 +992,7 @@ fn health_status_is_reported() {
     );
     let _rmi = image::Remove::image(&tag);
     let n = node(tmp.path(), "");
-    let _clean = Cleanup(n.node_id.clone());
+    let _clean = ContainersOf(n.node_id.clone());
     let id = n.start(&["--image", &tag, "--", "sleep", "300"]).unwrap();
     wait_for("healthy reported", Duration::from_secs(30), || {
         (n.lease(&id)["containers"][0]["health"] == "healthy").then_some(())
@@ -1034,7 +1006,7 @@ fn health_status_is_reported() {
 fn containers_are_run_and_stopped_within_a_lease() {
     let tmp = tempfile::tempdir().unwrap();
     let n = node(tmp.path(), "");
-    let _clean = Cleanup(n.node_id.clone());
+    let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
     let id = n.start(&["--image", &image, "--", "sleep", "300"]).unwrap();
     let out = n.warden(&[
@@ -1131,7 +1103,7 @@ fn a_gpu_lease_asks_docker_for_the_gpus_by_uuid() {
         agent,
         node_id: s["node_id"].as_str().unwrap().to_owned(),
     };
-    let _clean = Cleanup(n.node_id.clone());
+    let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
     let uuid = fake_gpu(1)["uuid"].as_str().unwrap().to_owned();
     let err = n

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use warden_agent::AgentConfig;
 
-use crate::settings::load_agent_config;
+use crate::settings::{agent_config, config_path, AGENT_CONFIG};
 
 #[derive(clap::Args)]
 pub struct InventoryArgs {
@@ -52,15 +52,12 @@ struct Local {
 
 impl Local {
     fn load(self) -> Result<AgentConfig> {
-        let mut cfg = load_agent_config(self.config)?;
-        if let Some(d) = self.state_dir {
-            cfg.state_dir = d;
-        }
-        if let Some(l) = self.nvml_lib {
-            cfg.gpu.nvml_library = Some(l);
-        }
-        cfg.validate()?;
-        Ok(cfg)
+        let file = config_path(self.config, AGENT_CONFIG);
+        Ok(agent_config(
+            file.as_deref(),
+            self.state_dir.as_deref(),
+            self.nvml_lib.as_deref(),
+        )?)
     }
 }
 

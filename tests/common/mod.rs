@@ -501,3 +501,27 @@ impl Drop for DockerProxy {
         }
     }
 }
+
+/// Removes a node's containers and networks when the test ends, pass or fail.
+pub struct ContainersOf(pub String);
+
+impl Drop for ContainersOf {
+    fn drop(&mut self) {
+        let label = format!("label=warden.node={}", self.0);
+        for (list, remove) in [
+            (&["ps", "-aq"][..], &["rm", "-f", "-v"][..]),
+            (&["network", "ls", "-q"][..], &["network", "rm"][..]),
+        ] {
+            let Ok(out) = Command::new("docker")
+                .args(list)
+                .args(["--filter", &label])
+                .output()
+            else {
+                continue;
+            };
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("docker").args(remove).arg(id).output();
+            }
+        }
+    }
+}

@@ -23,8 +23,8 @@ use std::{
 use bollard::{
     errors::Error as BollardError,
     models::{
-        ContainerStateStatusEnum, ContainerSummaryStateEnum, CreateImageInfo, EventMessage,
-        HealthStatusEnum, NetworkCreateRequest,
+        ContainerStateStatusEnum, ContainerSummary, ContainerSummaryStateEnum, CreateImageInfo,
+        EventMessage, HealthStatusEnum, NetworkCreateRequest,
     },
     query_parameters::{
         CreateContainerOptions, CreateImageOptions, EventsOptions, ImportImageOptions,
@@ -417,17 +417,21 @@ impl Docker {
             .collect())
     }
 
-    /// The ids of every running container (managed or not): the time-lock
-    /// task inspects them for GPU device requests.
-    pub async fn list_running(&self) -> Result<Vec<String>, DockerError> {
-        let list = self
-            .api
+    /// Every running container, managed or not.
+    async fn running(&self) -> Result<Vec<ContainerSummary>, DockerError> {
+        self.api
             .list_containers(Some(ListContainersOptions {
                 all: false,
                 ..Default::default()
             }))
             .await
-            .map_err(|e| self.error("list containers", e))?;
+            .map_err(|e| self.error("list containers", e))
+    }
+
+    /// The ids of every running container (managed or not): the time-lock
+    /// task inspects them for GPU device requests.
+    pub async fn list_running(&self) -> Result<Vec<String>, DockerError> {
+        let list = self.running().await?;
         Ok(list.into_iter().filter_map(|c| c.id).collect())
     }
 
@@ -505,14 +509,7 @@ impl Docker {
     /// or not), resolved where they exist: what a container could change
     /// below while another container's mount is being made.
     pub async fn writable_mount_sources(&self) -> Result<Vec<PathBuf>, DockerError> {
-        let list = self
-            .api
-            .list_containers(Some(ListContainersOptions {
-                all: false,
-                ..Default::default()
-            }))
-            .await
-            .map_err(|e| self.error("list containers", e))?;
+        let list = self.running().await?;
         Ok(list
             .into_iter()
             .flat_map(|c| c.mounts.unwrap_or_default())
