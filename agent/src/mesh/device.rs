@@ -998,8 +998,11 @@ mod netns_tests {
         let (_hosts, na, nb) = two_hosts(tag, ("vc", "192.168.78.1/24"), ("vd", "192.168.78.2/24"));
         let (ka, kb) = ([5u8; 32], [6u8; 32]);
         let stop = CancellationToken::new();
+        // A's writes finishing only means its kernel holds the bytes: A's
+        // device must keep running until B has read them all.
+        let b_done = CancellationToken::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (nb2, stop_b) = (nb.clone(), stop.clone());
+        let (nb2, stop_b, b_done_b) = (nb.clone(), stop.clone(), b_done.clone());
         let b = in_ns(&nb, move || {
             Box::pin(async move {
                 let dev = Arc::new(Device::new("192.168.78.2".parse().unwrap()));
@@ -1024,6 +1027,7 @@ mod netns_tests {
                 let got = tokio::time::timeout(Duration::from_secs(120), work)
                     .await
                     .expect("A's streams within 2 minutes");
+                b_done_b.cancel();
                 stop_b.cancelled().await;
                 (got, dev.view())
             })
@@ -1062,6 +1066,9 @@ mod netns_tests {
                 let got = tokio::time::timeout(Duration::from_secs(120), work)
                     .await
                     .expect("streams to B within 2 minutes");
+                tokio::time::timeout(Duration::from_secs(120), b_done.cancelled())
+                    .await
+                    .expect("B read A's stream to its end within 2 minutes");
                 // Let B's last ACKs and the counters settle.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 (got, dev.view())
