@@ -107,6 +107,7 @@ async fn throughput(n: u64, window: usize) -> f64 {
             ..Default::default()
         },
         signer,
+        labels: Default::default(),
         node_id,
         start_id: "bench".into(),
         inventory: watch::channel(pb::InventorySummary::default()).1,

@@ -37,6 +37,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "LeaseInfo",
         "ClusterInfo",
         "ClusterMember",
+        "NodeLabels",
+        "ClusterOrder",
+        "ClusterTimings",
+        "ClusterPlan",
+        "PlannedMember",
+        "ContainerSpec",
+        "PortSpec",
+        "MountSpec",
     ] {
         builder = builder.type_attribute(format!(".warden.v1.{m}"), "#[derive(serde::Serialize)]");
     }

@@ -14,35 +14,8 @@ use std::{
 use common::*;
 use serde_json::Value;
 
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Namespaces deleted when the test ends (their processes are gone by then).
-struct Hosts(Vec<String>);
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
-
 fn cluster_cli(coord: &Coordinator, args: &[&str]) -> Output {
-    Command::new(WARDEN)
-        .arg("cluster")
-        .args(args)
-        .args(["--socket", coord.admin_socket().to_str().unwrap()])
-        .output()
-        .unwrap()
+    coord.cli("cluster", args)
 }
 
 fn set(coord: &Coordinator, nodes: &[&str]) -> Value {
@@ -70,108 +43,28 @@ fn address(info: &Value, node: &str) -> String {
         .to_owned()
 }
 
-fn mesh_of(a: &Agent) -> Value {
-    a.status().map(|s| s["mesh"].clone()).unwrap_or(Value::Null)
-}
-
-/// The peer `node` in an agent's mesh status.
-fn peer(mesh: &Value, node: &str) -> Option<Value> {
-    mesh["peers"]
-        .as_array()?
-        .iter()
-        .find(|p| p["node_id"] == node)
-        .cloned()
-}
-
-/// Waits until every agent in `who` has an answered ping to every node
-/// in `to` (except itself).
-fn wait_pings(agents: &[(&Agent, &str)], to: &[&str], what: &str) {
-    wait_for(what, Duration::from_secs(60), || {
-        agents
-            .iter()
-            .all(|(a, me)| {
-                let m = mesh_of(a);
-                to.iter()
-                    .filter(|n| *n != me)
-                    .all(|n| peer(&m, n).is_some_and(|p| p["rtt_ms"].is_f64()))
-            })
-            .then_some(())
-    });
-}
-
 #[test]
 fn three_agents_form_a_mesh_that_survives_removal_and_a_cut_link() {
     let tmp = tempfile::tempdir().unwrap();
     let id = std::process::id() % 100_000;
-    let hub = format!("wc-h-{id}");
-    let ns: Vec<String> = (1..=3).map(|i| format!("wc-{i}-{id}")).collect();
-    let mut all = vec![hub.clone()];
-    all.extend(ns.iter().cloned());
-    let _hosts = Hosts(all.clone());
-    for n in &all {
-        run(&["ip", "netns", "add", n]);
-        run(&["ip", "-n", n, "link", "set", "lo", "up"]);
-    }
-    run(&["ip", "-n", &hub, "link", "add", "br0", "type", "bridge"]);
-    run(&[
-        "ip",
-        "-n",
-        &hub,
-        "addr",
-        "add",
-        "10.201.0.1/24",
-        "dev",
-        "br0",
-    ]);
-    run(&["ip", "-n", &hub, "link", "set", "br0", "up"]);
-    for (i, n) in ns.iter().enumerate() {
-        let port = format!("p{}", i + 1);
-        run(&[
-            "ip", "link", "add", "eth0", "netns", n, "type", "veth", "peer", "name", &port,
-            "netns", &hub,
-        ]);
-        run(&["ip", "-n", &hub, "link", "set", &port, "master", "br0"]);
-        run(&["ip", "-n", &hub, "link", "set", &port, "up"]);
-        let addr = format!("10.201.0.{}/24", 11 + i);
-        run(&["ip", "-n", n, "addr", "add", &addr, "dev", "eth0"]);
-        run(&["ip", "-n", n, "link", "set", "eth0", "up"]);
-    }
-
-    let coord = Coordinator::start_in(
-        Some(&hub),
-        &tmp.path().join("coord"),
-        &format!("10.201.0.1:{}", free_port()),
-        "",
-    );
-    // The dev certificate names localhost; the agents dial the hub's address.
-    let link = coord
-        .link_toml()
-        .replace("https://localhost:", "https://10.201.0.1:")
-        .replace(
-            "[coordinator]",
-            "[coordinator]\nserver_name = \"localhost\"",
-        );
+    let lan = Lan::new("wc", 3, 201);
+    let (hub, ns) = (lan.hub.clone(), lan.hosts.clone());
+    let (coord, link) = lan.coordinator(&tmp.path().join("coord"), free_port(), "");
     let ifnames: Vec<String> = (1..=3).map(|i| format!("wc{i}-{id}")).collect();
     let agents: Vec<Agent> = (0..3)
         .map(|i| {
             let dir = tmp.path().join(format!("agent{}", i + 1));
-            std::fs::create_dir_all(&dir).unwrap();
-            let config = dir.with_extension("toml");
-            std::fs::write(
-                &config,
-                format!(
-                    "state_dir = \"{}\"\n{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n\
-                     [mesh]\ninterface = \"{}\"\nendpoints = [\"10.201.0.{}:51820\"]\nrtt_interval = \"1s\"\n",
-                    dir.display(),
-                    // A dead stream (C's address moves) is noticed in ~2 s.
-                    fast_agent_toml(&link, "1s", 0)
-                        .replace("[uplink]\n", "[uplink]\nkeepalive = \"1s\"\n"),
-                    ifnames[i],
-                    11 + i
-                ),
-            )
-            .unwrap();
-            Agent::start_in(Some(&ns[i]), &dir, &config, &[])
+            let config = format!(
+                "state_dir = \"{}\"\n{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n\
+                 [mesh]\ninterface = \"{}\"\nendpoints = [\"{}:51820\"]\nrtt_interval = \"1s\"\n",
+                dir.display(),
+                // A dead stream (C's address moves) is noticed in ~2 s.
+                fast_agent_toml(&link, "1s", 0)
+                    .replace("[uplink]\n", "[uplink]\nkeepalive = \"1s\"\n"),
+                ifnames[i],
+                lan.host_ip(i)
+            );
+            lan.agent(i, &dir, &config, &[])
         })
         .collect();
     let ids: Vec<String> = wait_for("three nodes registered", Duration::from_secs(60), || {
@@ -229,20 +122,20 @@ fn three_agents_form_a_mesh_that_survives_removal_and_a_cut_link() {
     assert!(show.contains("allowed ips: 10.90.0.2/32"), "{show}");
 
     // C leaves: its interface goes; A and B keep their session.
-    let before = peer(&mesh_of(&agents[0]), b).unwrap();
+    let before = mesh_peer(&mesh_status(&agents[0]), b).unwrap();
     let info = set(&coord, &[a, b]);
     assert_eq!(info["members"].as_array().unwrap().len(), 2);
     wait_for("C's mesh is gone", Duration::from_secs(30), || {
-        mesh_of(&agents[2]).is_null().then_some(())
+        mesh_status(&agents[2]).is_null().then_some(())
     });
     let gone = Command::new("ip")
         .args(["-n", &ns[2], "link", "show", &ifnames[2]])
         .output()
         .unwrap();
     assert!(!gone.status.success(), "C's interface was removed");
-    let m = mesh_of(&agents[0]);
-    assert!(peer(&m, c).is_none(), "A no longer has C: {m:#}");
-    let after = peer(&m, b).unwrap();
+    let m = mesh_status(&agents[0]);
+    assert!(mesh_peer(&m, c).is_none(), "A no longer has C: {m:#}");
+    let after = mesh_peer(&m, b).unwrap();
     assert_eq!(
         after["last_handshake_unix_ms"], before["last_handshake_unix_ms"],
         "A-B was not re-keyed by the change"
@@ -262,7 +155,7 @@ fn three_agents_form_a_mesh_that_survives_removal_and_a_cut_link() {
     // Cut C's link at the hub: pings to C go unanswered; restore: recovered.
     run(&["ip", "-n", &hub, "link", "set", "p3", "down"]);
     wait_for("A sees C unreachable", Duration::from_secs(30), || {
-        peer(&mesh_of(&agents[0]), c)
+        mesh_peer(&mesh_status(&agents[0]), c)
             .is_some_and(|p| p["rtt_ms"].is_null())
             .then_some(())
     });
@@ -299,7 +192,7 @@ fn three_agents_form_a_mesh_that_survives_removal_and_a_cut_link() {
             agents[..2]
                 .iter()
                 .all(|ag| {
-                    peer(&mesh_of(ag), c).is_some_and(|p| {
+                    mesh_peer(&mesh_status(ag), c).is_some_and(|p| {
                         p["endpoint"] == "10.201.0.23:51820" && p["rtt_ms"].is_f64()
                     })
                 })
@@ -318,7 +211,7 @@ fn three_agents_form_a_mesh_that_survives_removal_and_a_cut_link() {
             .then_some(())
     });
     set(&coord, &[a, b, c]);
-    let p = peer(&mesh_of(&agents[0]), c).unwrap();
+    let p = mesh_peer(&mesh_status(&agents[0]), c).unwrap();
     assert_eq!(p["endpoint"], "10.201.0.23:51820", "{p:#}");
 
     // Telemetry carried the peers, with round trips, to the coordinator.
@@ -346,10 +239,10 @@ fn three_agents_form_a_mesh_that_survives_removal_and_a_cut_link() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!mesh_of(&agents[2]).is_null(), "C did not hear of it");
+    assert!(!mesh_status(&agents[2]).is_null(), "C did not hear of it");
     run(&["ip", "-n", &hub, "link", "set", "p3", "up"]);
     wait_for("C leaves once it is back", Duration::from_secs(30), || {
-        mesh_of(&agents[2]).is_null().then_some(())
+        mesh_status(&agents[2]).is_null().then_some(())
     });
     assert!(
         coord.proc.log_text().contains("told to leave"),
@@ -366,7 +259,7 @@ fn three_agents_form_a_mesh_that_survives_removal_and_a_cut_link() {
     );
     for ag in &agents[..2] {
         wait_for("mesh gone after delete", Duration::from_secs(30), || {
-            mesh_of(ag).is_null().then_some(())
+            mesh_status(ag).is_null().then_some(())
         });
     }
 }

@@ -6,22 +6,11 @@ mod common;
 
 use std::{
     path::Path,
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use common::*;
-
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn wg_key(dir: &Path, name: &str) -> (String, String) {
     let private = String::from_utf8(run(&["wg", "genkey"]).stdout)
@@ -48,17 +37,6 @@ fn wg_key(dir: &Path, name: &str) -> (String, String) {
         .trim()
         .to_owned();
     (path.display().to_string(), public)
-}
-
-/// Namespaces deleted (and their processes gone) when the test ends.
-struct Hosts(Vec<String>);
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
 }
 
 /// A process inside a namespace, killed on drop.

@@ -52,6 +52,32 @@ pub struct AgentConfig {
     pub workload: WorkloadConfig,
     pub timelock: TimeLockConfig,
     pub mesh: MeshConfig,
+    pub node: NodeConfig,
+}
+
+/// What the supplier declares about the node, for renters' filters
+/// (`warden cluster hire --region/--tag`): sent as declared with each
+/// Register, never verified. Bounds: `warden_proto::labels`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Region name, such as "eu-west" (empty: not declared).
+    pub region: String,
+    /// ISO 3166-1 alpha-2 country code, such as "DE".
+    pub country: String,
+    /// Free-form tags, such as "green-energy" or "soc2".
+    pub tags: Vec<String>,
+}
+
+impl NodeConfig {
+    /// As sent in the Register.
+    pub fn labels(&self) -> warden_proto::pb::NodeLabels {
+        warden_proto::pb::NodeLabels {
+            region: self.region.clone(),
+            country: self.country.clone(),
+            tags: self.tags.clone(),
+        }
+    }
 }
 
 /// The node's mesh interface.
@@ -315,6 +341,7 @@ impl Default for AgentConfig {
             workload: WorkloadConfig::default(),
             timelock: TimeLockConfig::default(),
             mesh: MeshConfig::default(),
+            node: NodeConfig::default(),
         }
     }
 }
@@ -373,6 +400,15 @@ impl AgentConfig {
 
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        use warden_proto::labels::LabelError;
+        if let Err(e) = warden_proto::labels::check(&self.node.labels()) {
+            let key = match e {
+                LabelError::Region(_) => "node.region",
+                LabelError::Country(_) => "node.country",
+                _ => "node.tags",
+            };
+            return Err(invalid(key, e.to_string()));
+        }
         let u = &self.uplink;
         nonzero("uplink.heartbeat_interval", u.heartbeat_interval)?;
         nonzero("uplink.backoff_initial", u.backoff_initial)?;
@@ -704,6 +740,24 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("agent.toml"), "{msg}");
         assert!(msg.contains("unknown field `heartbeat`"), "{msg}");
+    }
+
+    #[test]
+    fn node_labels_are_read_and_bad_ones_name_their_key() {
+        let c = AgentConfig::parse(
+            "[node]\nregion = \"eu-west\"\ncountry = \"DE\"\ntags = [\"green-energy\", \"soc2\"]\n",
+            "a",
+        )
+        .unwrap();
+        assert_eq!(c.node.labels().tags, ["green-energy", "soc2"]);
+        for (text, key) in [
+            ("region = \"EU West\"", "node.region"),
+            ("country = \"germany\"", "node.country"),
+            ("tags = [\"x\", \"x\"]", "node.tags"),
+        ] {
+            let e = AgentConfig::parse(&format!("[node]\n{text}\n"), "a").unwrap_err();
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

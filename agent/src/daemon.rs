@@ -177,6 +177,7 @@ pub async fn run(
                 node_id: node_id.clone(),
                 start_id: start_id.clone(),
                 inventory: inventory_rx.clone(),
+                labels: config.node.labels(),
                 outbox: outbox.clone(),
                 status: uplink_tx,
                 commands: Some(commands_tx),

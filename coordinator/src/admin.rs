@@ -10,7 +10,9 @@ use warden_proto::{
     states::{LeaseState, MemberState},
 };
 
-use crate::{clock::now_ms, ids, leases::Kind, registry::Registry, store::Store};
+use crate::{
+    clock::now_ms, control::LeaseControl, hiring::Hiring, ids, registry::Registry, store::Store,
+};
 /// How long the admin call waits for the node's answer by default.
 const DEFAULT_WAIT: Duration = Duration::from_secs(60);
 
@@ -18,14 +20,21 @@ pub struct AdminService {
     store: Store,
     registry: Registry,
     signer: Arc<Signer>,
+    control: LeaseControl,
+    hiring: Hiring,
 }
 
 impl AdminService {
-    pub fn new(store: Store, registry: Registry, signer: Arc<Signer>) -> Self {
+    pub fn new(store: Store, registry: Registry, signer: Arc<Signer>, hiring: Hiring) -> Self {
         Self {
+            control: LeaseControl {
+                store: store.clone(),
+                registry: registry.clone(),
+            },
             store,
             registry,
             signer,
+            hiring,
         }
     }
 
@@ -37,47 +46,7 @@ impl AdminService {
         body: pb::command::Body,
         wait: Duration,
     ) -> Result<pb::LeaseInfo, Status> {
-        let cmd = self
-            .registry
-            .command(&info.node_id, "c", body)
-            .ok_or_else(|| {
-                Status::failed_precondition(format!("node {} is not connected", info.node_id))
-            })?;
-        let kind = Kind::of(&cmd.command).ok_or_else(|| Status::internal("empty command"))?;
-        let lease_id = info.lease_id.clone();
-        let command_id = cmd.command.command_id.clone();
-        self.store
-            .put_lease(info, command_id.clone(), kind)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        let answer = self
-            .registry
-            .send(cmd)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?
-            .answer;
-        let result = match tokio::time::timeout(wait, answer).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => return Err(Status::unavailable("the coordinator is shutting down")),
-            Err(_) => {
-                self.registry.forget(&command_id);
-                return Err(Status::deadline_exceeded(format!(
-                    "node did not answer within {}s; lease {lease_id} keeps its last state (see warden lease list)",
-                    wait.as_secs()
-                )));
-            }
-        };
-        let info = self
-            .store
-            .get_lease(&lease_id)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?
-            .ok_or_else(|| Status::internal(format!("lease {lease_id} vanished")))?;
-        if result.ok {
-            Ok(info)
-        } else {
-            Err(Status::failed_precondition(result.error))
-        }
+        self.control.command(info, body, wait).await
     }
 }
 
@@ -148,7 +117,16 @@ impl pb::admin_server::Admin for AdminService {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let nodes = nodes
             .into_iter()
-            .map(|n| pb::NodeInfo {
+            .map(|n| {
+                let link: Option<pb::LinkSample> = n
+                    .link
+                    .as_deref()
+                    .and_then(|b| prost::Message::decode(b).ok());
+                (n, link)
+            })
+            .map(|(n, link)| pb::NodeInfo {
+                tier: crate::matcher::Tier::of_sample(link.as_ref()).name().into(),
+                labels: Some(n.labels),
                 connected: self.registry.is_connected(&n.node_id),
                 node_id: n.node_id,
                 public_key: n.public_key,
@@ -165,10 +143,7 @@ impl pb::admin_server::Admin for AdminService {
                 inventory: prost::Message::decode(n.inventory.as_slice()).ok(),
                 mesh_public_key: n.mesh_public_key.clone(),
                 mesh_endpoints: n.mesh_endpoints.clone(),
-                link: n
-                    .link
-                    .as_deref()
-                    .and_then(|b| prost::Message::decode(b).ok()),
+                link,
                 gpus: n
                     .gpus
                     .iter()
@@ -225,22 +200,10 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::EndLeaseRequest>,
     ) -> Result<Response<pb::LeaseInfo>, Status> {
         let req = req.into_inner();
-        let mut info = self
-            .store
-            .get_lease(&req.lease_id)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?
-            .ok_or_else(|| Status::not_found(format!("no lease {}", req.lease_id)))?;
-        if info.state == LeaseState::Ended {
-            return Ok(Response::new(info));
-        }
-        info.state = LeaseState::Ending.into();
-        let body = pb::command::Body::LeaseEnd(pb::LeaseEnd {
-            lease_id: req.lease_id,
-            grace_seconds: req.grace_seconds,
-        });
         Ok(Response::new(
-            self.command(info, body, wait(req.timeout_seconds)).await?,
+            self.control
+                .end(&req.lease_id, req.grace_seconds, wait(req.timeout_seconds))
+                .await?,
         ))
     }
 
@@ -302,6 +265,12 @@ impl pb::admin_server::Admin for AdminService {
         let unavailable = |e: crate::store::StoreError| Status::unavailable(e.to_string());
         let clusters = self.store.list_clusters().await.map_err(unavailable)?;
         let existing = clusters.iter().find(|c| c.cluster_id == r.cluster_id);
+        if existing.is_some_and(|c| c.order.is_some()) {
+            return Err(Status::failed_precondition(format!(
+                "cluster {} was hired: its members are its leases' nodes (end it with `warden cluster end {}`)",
+                r.cluster_id, r.cluster_id
+            )));
+        }
         let mesh = self.mesh();
         let who = mesh.identities().await.map_err(unavailable)?;
         for n in &r.node_ids {
@@ -336,7 +305,7 @@ impl pb::admin_server::Admin for AdminService {
         let answers = mesh
             .send(
                 &r.cluster_id,
-                crate::store::ClusterWrite::Put(info.clone()),
+                crate::store::ClusterWrite::Put(Box::new(info.clone())),
                 Some(&info),
                 None,
                 &left,
@@ -367,6 +336,20 @@ impl pb::admin_server::Admin for AdminService {
             .cluster(&r.cluster_id)
             .await?
             .ok_or_else(|| Status::not_found(format!("no cluster {}", r.cluster_id)))?;
+        if info.order.is_some() {
+            if crate::cluster::is_live(&info) {
+                return Err(Status::failed_precondition(format!(
+                    "cluster {} was hired and runs: end it with `warden cluster end {}`",
+                    r.cluster_id, r.cluster_id
+                )));
+            }
+            // Ended or failed: its members left already; only the record goes.
+            self.store
+                .put_cluster(&r.cluster_id, crate::store::ClusterWrite::Delete, vec![])
+                .await
+                .map_err(unavailable)?;
+            return Ok(Response::new(info));
+        }
         let left: Vec<String> = info.members.iter().map(|m| m.node_id.clone()).collect();
         let answers = self
             .mesh()
@@ -416,6 +399,29 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(pb::ListClustersResponse { clusters }))
+    }
+
+    async fn hire_cluster(
+        &self,
+        req: Request<pb::HireClusterRequest>,
+    ) -> Result<Response<pb::HireClusterResponse>, Status> {
+        Ok(Response::new(self.hiring.hire(req.into_inner()).await?))
+    }
+
+    async fn end_cluster(
+        &self,
+        req: Request<pb::EndClusterRequest>,
+    ) -> Result<Response<pb::ClusterInfo>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.hiring
+                .end(
+                    &r.cluster_id,
+                    r.grace_seconds,
+                    wait_or(r.timeout_seconds, CLUSTER_WAIT),
+                )
+                .await?,
+        ))
     }
 
     async fn list_leases(

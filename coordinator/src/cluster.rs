@@ -74,6 +74,18 @@ impl std::fmt::Display for Subnet {
     }
 }
 
+/// Whether the cluster holds its members now: one made by hand always
+/// does; a hired one until it has ended or failed (its record stays, for
+/// `cluster status`, but its nodes are free again).
+pub fn is_live(c: &pb::ClusterInfo) -> bool {
+    use warden_proto::states::ClusterPhase;
+    c.order.is_none()
+        || !matches!(
+            ClusterPhase::parse(&c.phase),
+            Some(ClusterPhase::Ended | ClusterPhase::Failed)
+        )
+}
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
@@ -120,6 +132,7 @@ pub fn set_members(
         }
         if let Some(o) = others
             .iter()
+            .filter(|o| is_live(o))
             .find(|o| o.cluster_id != cluster_id && o.members.iter().any(|m| &m.node_id == n))
         {
             return Err(ClusterError::Taken {
@@ -164,6 +177,15 @@ pub fn set_members(
             state: MemberState::Pending.into(),
             error: String::new(),
             applied_generation,
+            // A hired cluster's lease and GPUs stay with the member.
+            lease_id: prev
+                .get(n.as_str())
+                .map(|m| m.lease_id.clone())
+                .unwrap_or_default(),
+            gpu_uuids: prev
+                .get(n.as_str())
+                .map(|m| m.gpu_uuids.clone())
+                .unwrap_or_default(),
         });
     }
     let left = existing
@@ -186,6 +208,8 @@ pub fn set_members(
             generation,
             members,
             created_unix_ms: existing.map(|c| c.created_unix_ms).unwrap_or(now_ms),
+            // A hired cluster's order, phase and end stay as they were.
+            ..existing.cloned().unwrap_or_default()
         },
         left,
     ))

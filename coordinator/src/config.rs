@@ -40,6 +40,25 @@ pub struct CoordinatorConfig {
     pub leases: LeasesConfig,
     pub enrollment: EnrollmentConfig,
     pub limits: LimitsConfig,
+    pub clusters: ClustersConfig,
+}
+
+/// `[clusters]`: hired clusters.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClustersConfig {
+    /// The shortest hire accepted: the seed's one hour. Lowered only by
+    /// tests, which cannot wait an hour for a cluster to end.
+    #[serde(with = "humantime_serde")]
+    pub min_duration: std::time::Duration,
+}
+
+impl Default for ClustersConfig {
+    fn default() -> Self {
+        Self {
+            min_duration: crate::hire::MIN_DURATION,
+        }
+    }
 }
 
 /// Who may register a node that this coordinator has not seen before.
@@ -167,6 +186,7 @@ impl Default for CoordinatorConfig {
             leases: LeasesConfig::default(),
             enrollment: EnrollmentConfig::default(),
             limits: LimitsConfig::default(),
+            clusters: ClustersConfig::default(),
         }
     }
 }
@@ -197,6 +217,12 @@ impl CoordinatorConfig {
         if cfg.leases.challenge_deadline.is_zero() {
             return Err(ConfigError::Invalid {
                 key: "leases.challenge_deadline",
+                reason: "must be longer than zero".into(),
+            });
+        }
+        if cfg.clusters.min_duration.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "clusters.min_duration",
                 reason: "must be longer than zero".into(),
             });
         }

@@ -15,6 +15,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use warden_proto::pb;
+
 /// Connectivity tiers, from the measured link: the lesser of download and
 /// upload, since a cluster's traffic between members goes both ways.
 /// Thresholds: the seed's minimum is 250 Mbit/s, the supplier check asks
@@ -54,6 +56,12 @@ impl Tier {
         }
     }
 
+    /// The tier of a node's last link probe, as stored (a failed probe
+    /// measured nothing).
+    pub fn of_sample(sample: Option<&pb::LinkSample>) -> Tier {
+        Tier::of(sample.and_then(Link::from_sample).as_ref())
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Tier::Unmeasured => "unmeasured",
@@ -84,6 +92,17 @@ pub struct Link {
     pub up_mbps: f64,
     /// Round trip to the coordinator.
     pub rtt_ms: f64,
+}
+
+impl Link {
+    /// A probe's figures; None for a probe that failed.
+    pub fn from_sample(s: &pb::LinkSample) -> Option<Link> {
+        s.error.is_empty().then_some(Link {
+            down_mbps: s.download_mbps,
+            up_mbps: s.upload_mbps,
+            rtt_ms: s.rtt_ms,
+        })
+    }
 }
 
 /// One GPU of a node.
@@ -155,7 +174,7 @@ pub enum Filter {
 impl Filter {
     pub fn describe(self) -> &'static str {
         match self {
-            Filter::Excluded => "already in the cluster or replaced",
+            Filter::Excluded => "in a cluster already, or replaced",
             Filter::Offline => "not connected",
             Filter::Unhealthy => "not healthy",
             Filter::NoFreeGpu => "no free GPU",
@@ -518,6 +537,18 @@ mod tests {
         assert_eq!(t(1000.0, 1000.0), Tier::Premium);
         assert_eq!(Tier::parse("standard"), Some(Tier::Standard));
         assert_eq!(Tier::parse("gold"), None);
+        let failed = pb::LinkSample {
+            download_mbps: 2000.0,
+            upload_mbps: 2000.0,
+            error: "probe timed out".into(),
+            ..Default::default()
+        };
+        assert_eq!(Tier::of_sample(Some(&failed)), Tier::Unmeasured);
+        let ok = pb::LinkSample {
+            error: String::new(),
+            ..failed
+        };
+        assert_eq!(Tier::of_sample(Some(&ok)), Tier::Premium);
     }
 
     #[test]

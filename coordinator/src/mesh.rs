@@ -97,7 +97,7 @@ impl MeshSender {
         };
         let member_of = clusters
             .into_iter()
-            .find(|c| c.members.iter().any(|m| m.node_id == node_id));
+            .find(|c| cluster::is_live(c) && c.members.iter().any(|m| m.node_id == node_id));
         let who = match &member_of {
             Some(_) => match self.identities().await {
                 Ok(w) => w,

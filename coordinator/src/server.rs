@@ -258,8 +258,22 @@ pub async fn start(
             shutdown.clone().cancelled_owned(),
         );
 
+    let hiring = crate::hiring::Hiring::new(
+        crate::control::LeaseControl {
+            store: store.clone(),
+            registry: registry.clone(),
+        },
+        cfg.clusters.min_duration,
+    );
+    let expiry = tokio::spawn(
+        hiring
+            .clone()
+            .run_expiry(Duration::from_secs(1), shutdown.clone()),
+    );
     let admin = Server::builder()
-        .add_service(AdminServer::new(AdminService::new(store, registry, signer)))
+        .add_service(AdminServer::new(AdminService::new(
+            store, registry, signer, hiring,
+        )))
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(admin_listener),
             shutdown.clone().cancelled_owned(),
@@ -290,7 +304,7 @@ pub async fn start(
             tokio::spawn(grpc),
             tokio::spawn(admin),
             tokio::spawn(async move {
-                let _ = tokio::join!(challenges, accept, report);
+                let _ = tokio::join!(challenges, accept, report, expiry);
                 Ok(())
             }),
         ],

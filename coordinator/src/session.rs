@@ -244,6 +244,7 @@ impl UplinkService {
                 inventory_ms: reg.time_unix_ms,
                 mesh_public_key: reg.mesh_public_key.clone(),
                 mesh_endpoints: reg.mesh_endpoints.clone(),
+                labels: reg.labels.clone().unwrap_or_default(),
                 enrolled,
             })
             .await

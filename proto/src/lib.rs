@@ -6,6 +6,7 @@ pub mod chain;
 pub mod dsse;
 pub mod identity;
 pub mod json;
+pub mod labels;
 pub mod limits;
 pub mod refusal;
 pub mod states;

@@ -124,6 +124,33 @@ wire_text! {
 }
 
 wire_text! {
+    /// A hired cluster's phase (`ClusterInfo.phase`).
+    pub enum ClusterPhase {
+        /// Leases being started on the chosen nodes.
+        Starting => "starting",
+        /// Leases running; members applying the mesh.
+        Meshing => "meshing",
+        /// Every lease running and every member on the mesh.
+        Ready => "ready",
+        /// A step failed; what started was ended.
+        Failed => "failed",
+        /// Its leases being ended.
+        Ending => "ending",
+        Ended => "ended",
+    }
+}
+
+wire_text! {
+    /// What a hired cluster is for (`ClusterOrder.purpose`).
+    pub enum ClusterPurpose {
+        /// The containers as the order gives them.
+        None => "none",
+        /// A Ray cluster: a head on the first member, the others join it.
+        Ray => "ray",
+    }
+}
+
+wire_text! {
     /// What happened to a lease's container, or to Docker (`WorkloadEvent.kind`).
     pub enum WorkloadEventKind {
         Started => "started",

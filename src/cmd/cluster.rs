@@ -51,6 +51,217 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Hire a cluster: the coordinator picks nodes for the order, starts a
+    /// lease on each and meshes them; waits until it is ready.
+    Hire(Box<HireArgs>),
+    /// One cluster: its phase, how long each step took, its members.
+    Status {
+        cluster_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a hired cluster: its leases end, its members leave the mesh.
+    End {
+        cluster_id: String,
+        /// Seconds the containers get between SIGTERM and SIGKILL.
+        #[arg(long, default_value_t = 10)]
+        grace: u32,
+        #[arg(long, default_value_t = 60)]
+        timeout: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("size").required(true).args(["gpus", "nodes"])))]
+#[command(group(clap::ArgGroup::new("length").args(["hours", "duration"])))]
+struct HireArgs {
+    /// The cluster's name: 1 to 64 of [a-z0-9_.-].
+    cluster_id: String,
+    /// This many GPUs, on as few nodes as the filters allow.
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// This many nodes, each with every free GPU that passes the filters.
+    #[arg(long)]
+    nodes: Option<u32>,
+    /// Only GPUs whose model contains this (e.g. H100).
+    #[arg(long)]
+    gpu_model: Option<String>,
+    /// Only GPUs with at least this much memory (e.g. 40g).
+    #[arg(long)]
+    min_gpu_memory: Option<String>,
+    /// Least connectivity tier of every node: basic, standard or premium.
+    #[arg(long)]
+    tier: Option<String>,
+    /// Every node in this region.
+    #[arg(long)]
+    region: Option<String>,
+    /// Every node declares this tag (repeat for more).
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// How many hours the leases run (at least 1) [default: 1].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    hours: Option<u32>,
+    /// Or a duration such as 90m (a coordinator accepts nothing shorter
+    /// than its clusters.min_duration, an hour).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<std::time::Duration>,
+    /// The image each member's container runs; without one the leases
+    /// hold their GPUs and containers come later (`warden lease run`).
+    #[arg(long)]
+    image: Option<String>,
+    /// The container's name.
+    #[arg(long, default_value = "main")]
+    name: String,
+    /// KEY=VALUE (repeat for more).
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Memory limit of each container: bytes, or with k, m, g.
+    #[arg(long)]
+    memory: Option<String>,
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// none (the containers as given) or ray.
+    #[arg(long, default_value = "none")]
+    purpose: String,
+    #[arg(long, default_value = "")]
+    renter: String,
+    /// Print the plan; start nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Seconds to wait for the cluster to be ready.
+    #[arg(long, default_value_t = 90)]
+    timeout: u32,
+    #[arg(long)]
+    json: bool,
+    /// The command each container runs.
+    #[arg(last = true)]
+    cmd: Vec<String>,
+}
+
+impl HireArgs {
+    fn request(self) -> Result<warden_proto::pb::HireClusterRequest> {
+        use warden_proto::pb;
+        let duration_seconds = match (self.hours, self.duration) {
+            (_, Some(d)) => d.as_secs(),
+            (h, None) => u64::from(h.unwrap_or(1)) * 3600,
+        };
+        let memory_bytes = self
+            .memory
+            .as_deref()
+            .map(super::lease::parse_size)
+            .transpose()?
+            .unwrap_or(0);
+        Ok(pb::HireClusterRequest {
+            cluster_id: self.cluster_id,
+            order: Some(pb::ClusterOrder {
+                gpus: self.gpus.unwrap_or(0),
+                nodes: self.nodes.unwrap_or(0),
+                gpu_model: self.gpu_model.unwrap_or_default(),
+                min_gpu_memory_bytes: self
+                    .min_gpu_memory
+                    .as_deref()
+                    .map(super::lease::parse_size)
+                    .transpose()?
+                    .unwrap_or(0),
+                min_tier: self.tier.unwrap_or_default(),
+                region: self.region.unwrap_or_default(),
+                tags: self.tags,
+                duration_seconds,
+                container: self.image.map(|image| pb::ContainerSpec {
+                    name: self.name,
+                    image,
+                    command: self.cmd,
+                    env: self.env,
+                    memory_bytes,
+                    cpus: self.cpus.unwrap_or(0.0),
+                    ..Default::default()
+                }),
+                purpose: self.purpose,
+                renter: self.renter,
+            }),
+            dry_run: self.dry_run,
+            timeout_seconds: self.timeout,
+        })
+    }
+}
+
+/// A plan, for people.
+fn print_plan(p: &warden_proto::pb::ClusterPlan) {
+    println!(
+        "plan: {} node(s), {} GPU(s), region(s) {}, slowest tier {}",
+        p.members.len(),
+        p.members.iter().map(|m| m.gpu_uuids.len()).sum::<usize>(),
+        if p.regions.iter().all(|r| r.is_empty()) {
+            "-".to_owned()
+        } else {
+            p.regions.join(",")
+        },
+        p.tier
+    );
+    for m in &p.members {
+        println!(
+            "  {}  region {:<10} tier {:<10} rtt {:>6.1} ms  gpus {}",
+            m.node_id,
+            if m.region.is_empty() { "-" } else { &m.region },
+            m.tier,
+            m.rtt_ms,
+            m.gpu_uuids.join(",")
+        );
+    }
+}
+
+/// A cluster with its hire's phase and timings, for people.
+fn print_status(c: &warden_proto::pb::ClusterInfo) {
+    println!(
+        "cluster {}  phase {}  subnet {}",
+        c.cluster_id,
+        if c.phase.is_empty() { "-" } else { &c.phase },
+        c.subnet
+    );
+    if let Some(t) = &c.timings {
+        let ms = |v: u64| {
+            if v == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.2} s", v as f64 / 1000.0)
+            }
+        };
+        println!(
+            "  match {}  leases {}  mesh {}  ray {}  ready after {}",
+            ms(t.match_ms),
+            ms(t.leases_ms),
+            ms(t.mesh_ms),
+            ms(t.ray_ms),
+            ms(t.total_ms)
+        );
+    }
+    if c.ends_unix_ms > 0 {
+        let left = (c.ends_unix_ms - warden_agent::now_ms()).max(0) / 1000;
+        println!(
+            "  ends in {}",
+            humantime::format_duration(std::time::Duration::from_secs(left as u64))
+        );
+    }
+    if !c.error.is_empty() {
+        println!("  error: {}", c.error);
+    }
+    for m in &c.members {
+        println!(
+            "  {}  {:<16} {:<8} lease {}  gpus {}  {}",
+            m.node_id,
+            m.address,
+            m.state,
+            if m.lease_id.is_empty() {
+                "-"
+            } else {
+                &m.lease_id
+            },
+            m.gpu_uuids.len(),
+            m.error
+        );
+    }
 }
 
 async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()> {
@@ -115,6 +326,62 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
                 .map_err(refused)?
                 .into_inner();
             print(&c, false)?;
+        }
+        ClusterCommand::Hire(args) => {
+            let json = args.json;
+            let r = client
+                .hire_cluster(args.request()?)
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if json {
+                let out = serde_json::json!({ "plan": r.plan, "cluster": r.cluster });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(());
+            }
+            if let Some(p) = &r.plan {
+                print_plan(p);
+            }
+            if let Some(c) = &r.cluster {
+                print_status(c);
+            }
+        }
+        ClusterCommand::Status { cluster_id, json } => {
+            let c = client
+                .list_clusters(pb::ListClustersRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .clusters
+                .into_iter()
+                .find(|c| c.cluster_id == cluster_id)
+                .ok_or_else(|| anyhow::anyhow!("no cluster {cluster_id}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                print_status(&c);
+            }
+        }
+        ClusterCommand::End {
+            cluster_id,
+            grace,
+            timeout,
+            json,
+        } => {
+            let c = client
+                .end_cluster(pb::EndClusterRequest {
+                    cluster_id,
+                    grace_seconds: grace,
+                    timeout_seconds: timeout,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                print_status(&c);
+            }
         }
         ClusterCommand::List { json } => {
             let list = client

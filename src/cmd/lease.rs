@@ -310,7 +310,7 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
 }
 
 /// `512m`, `2g`, `1048576`: bytes, 1024-based suffixes.
-fn parse_size(s: &str) -> Result<u64> {
+pub(super) fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim().to_ascii_lowercase();
     let t = t.strip_suffix('b').unwrap_or(&t);
     let (num, mult) = match t.chars().last() {

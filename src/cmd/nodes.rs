@@ -38,17 +38,26 @@ async fn nodes(json: bool, socket: Option<PathBuf>) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<34} {:<16} {:<10} {:>5} {:>9} {:>8}  last seen",
-        "NODE", "HOST", "STATE", "GPUS", "RECORDS", "LAST SEQ"
+        "{:<34} {:<16} {:<10} {:>5} {:<10} {:<12} {:>9} {:>8}  last seen",
+        "NODE", "HOST", "STATE", "GPUS", "TIER", "REGION", "RECORDS", "LAST SEQ"
     );
     let now = warden_agent::now_ms();
     for n in nodes {
+        let labels = n.labels.clone().unwrap_or_default();
+        let region = match (labels.region.as_str(), labels.country.as_str()) {
+            ("", "") => "-".to_owned(),
+            (r, "") => r.to_owned(),
+            ("", c) => c.to_owned(),
+            (r, c) => format!("{r}/{c}"),
+        };
         println!(
-            "{:<34} {:<16} {:<10} {:>5} {:>9} {:>8}  {}s ago{}{}",
+            "{:<34} {:<16} {:<10} {:>5} {:<10} {:<12} {:>9} {:>8}  {}s ago{}{}{}",
             n.node_id,
             n.hostname,
             if n.connected { "connected" } else { "offline" },
             n.inventory.as_ref().map_or(0, |i| i.gpus.len()),
+            n.tier,
+            region,
             n.records,
             n.last_seq,
             (now - n.last_seen_unix_ms).max(0) / 1000,
@@ -60,6 +69,11 @@ async fn nodes(json: bool, socket: Option<PathBuf>) -> Result<()> {
             match n.gpus.iter().filter(|g| g.lost).count() {
                 0 => String::new(),
                 lost => format!("  {lost} GPU(s) LOST"),
+            },
+            if labels.tags.is_empty() {
+                String::new()
+            } else {
+                format!("  tags: {}", labels.tags.join(","))
             }
         );
     }

@@ -195,6 +195,17 @@ impl Coordinator {
         self.dir.join("admin.sock")
     }
 
+    /// `warden COMMAND --socket ADMIN ARGS…` (the socket first, so that
+    /// ARGS may end with `-- CMD…`).
+    pub fn cli(&self, command: &str, args: &[&str]) -> std::process::Output {
+        Command::new(WARDEN)
+            .arg(command)
+            .args(["--socket", self.admin_socket().to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     /// The coordinator's public key as written in agent-link.toml.
     pub fn public_key(&self) -> String {
         let text = self.link_toml();
@@ -311,6 +322,38 @@ impl Agent {
 }
 
 /// `warden status --json` against a socket, parsed; None if unreachable.
+/// The `mesh` part of an agent's status (null when it runs none).
+pub fn mesh_status(a: &Agent) -> serde_json::Value {
+    a.status()
+        .map(|s| s["mesh"].clone())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// The peer `node` in an agent's mesh status.
+pub fn mesh_peer(mesh: &serde_json::Value, node: &str) -> Option<serde_json::Value> {
+    mesh["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["node_id"] == node)
+        .cloned()
+}
+
+/// Waits until every agent in `who` has an answered ping to every node
+/// in `to` (except itself).
+pub fn wait_pings(agents: &[(&Agent, &str)], to: &[&str], what: &str) {
+    wait_for(what, Duration::from_secs(60), || {
+        agents
+            .iter()
+            .all(|(a, me)| {
+                let m = mesh_status(a);
+                to.iter()
+                    .filter(|n| *n != me)
+                    .all(|n| mesh_peer(&m, n).is_some_and(|p| p["rtt_ms"].is_f64()))
+            })
+            .then_some(())
+    });
+}
+
 pub fn status(socket: &Path) -> Option<serde_json::Value> {
     let out = Command::new(WARDEN)
         .args(["status", "--json", "--socket", socket.to_str().unwrap()])
@@ -437,6 +480,10 @@ pub fn http_get(addr: &str, path: &str) -> String {
     out
 }
 pub mod image;
+pub mod lan;
+
+#[allow(unused_imports)]
+pub use lan::{run, Hosts, Lan};
 
 /// A stand-in for the Docker socket that forwards to the real one, and
 /// can be cut: to the agent, Docker went away.

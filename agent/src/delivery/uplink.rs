@@ -87,6 +87,8 @@ pub struct Uplink {
     pub start_id: String,
     /// The latest inventory, sent at each Register.
     pub inventory: watch::Receiver<pb::InventorySummary>,
+    /// The supplier's labels (`[node]`), sent at each Register.
+    pub labels: pb::NodeLabels,
     pub outbox: Outbox,
     pub status: watch::Sender<UplinkStatus>,
     /// Where verified coordinator commands go (the workload task).
@@ -406,6 +408,7 @@ impl Uplink {
                     .unwrap_or_default(),
                 session_nonce: nonce,
                 join_token: self.link.join_token.clone().unwrap_or_default(),
+                labels: Some(self.labels.clone()),
             },
         );
         out.try_send(register).map_err(|_| UplinkError::Closed)?;

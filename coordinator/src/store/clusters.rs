@@ -12,7 +12,7 @@ use super::{Store, StoreError};
 pub enum ClusterWrite {
     /// Leaves it as it is (only commands are recorded).
     Keep,
-    Put(pb::ClusterInfo),
+    Put(Box<pb::ClusterInfo>),
     Delete,
 }
 
@@ -53,6 +53,26 @@ impl Store {
                 )?;
             }
             Ok(())
+        })
+        .await
+    }
+
+    /// Changes a stored cluster in one transaction (member answers landing
+    /// meanwhile are not overwritten); the cluster as written, or None if
+    /// there is no such cluster.
+    pub async fn edit_cluster(
+        &self,
+        cluster_id: &str,
+        edit: impl FnOnce(&mut pb::ClusterInfo) + Send + 'static,
+    ) -> Result<Option<pb::ClusterInfo>, StoreError> {
+        let cluster_id = cluster_id.to_owned();
+        self.write(move |tx| {
+            let Some(mut info) = get_cluster(tx, &cluster_id)? else {
+                return Ok(None);
+            };
+            edit(&mut info);
+            update_cluster(tx, &cluster_id, &info)?;
+            Ok(Some(info))
         })
         .await
     }

@@ -203,6 +203,7 @@ pub(crate) mod fixtures {
             inventory_ms: 10,
             mesh_public_key: vec![],
             mesh_endpoints: vec![],
+            labels: Default::default(),
             enrolled: None,
         }
     }

@@ -1,7 +1,9 @@
 //! Nodes: each node's registration, when it was last heard from, how it
 //! enrolled, its mesh identity, and the per-node figures the admin API lists.
 
+use prost::Message as _;
 use rusqlite::{params, Connection, OptionalExtension};
+use warden_proto::pb;
 
 use super::{Store, StoreError};
 use crate::{cluster::MeshIdentity, enrollment::EnrolledBy};
@@ -22,6 +24,8 @@ pub struct NodeRow {
     /// The node's WireGuard public key and reachable endpoints.
     pub mesh_public_key: Vec<u8>,
     pub mesh_endpoints: Vec<String>,
+    /// What the supplier declared (region, country, tags).
+    pub labels: pb::NodeLabels,
     /// How the node got in, when this registration (re)enrolls it; None
     /// keeps what is stored.
     pub enrolled: Option<EnrolledBy>,
@@ -60,6 +64,8 @@ pub struct NodeStats {
     pub mesh_endpoints: Vec<String>,
     /// Runs of seqs below `last_seq` with no stored record, at most [`MAX_GAPS`].
     pub missing: Vec<Gap>,
+    /// As declared in the node's last Register.
+    pub labels: pb::NodeLabels,
 }
 
 /// Seqs `first..=last` of a node with no stored record.
@@ -150,13 +156,13 @@ fn upsert_node(tx: &rusqlite::Transaction, n: &NodeRow) -> rusqlite::Result<bool
     tx.execute(
         "INSERT INTO nodes (node_id, public_key, agent_version, hostname, inventory, start_id,
                             peer_address, first_seen_ms, last_seen_ms, inventory_ms,
-                            mesh_public_key, mesh_endpoints, enrolled)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, coalesce(?12, 'open'))
+                            mesh_public_key, mesh_endpoints, enrolled, labels)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, coalesce(?12, 'open'), ?13)
          ON CONFLICT (node_id) DO UPDATE SET
             agent_version = excluded.agent_version, hostname = excluded.hostname,
             inventory = excluded.inventory, inventory_ms = excluded.inventory_ms,
             mesh_public_key = excluded.mesh_public_key, mesh_endpoints = excluded.mesh_endpoints,
-            start_id = excluded.start_id,
+            start_id = excluded.start_id, labels = excluded.labels,
             peer_address = excluded.peer_address,
             enrolled = coalesce(?12, enrolled),
             last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
@@ -172,7 +178,8 @@ fn upsert_node(tx: &rusqlite::Transaction, n: &NodeRow) -> rusqlite::Result<bool
             n.inventory_ms,
             n.mesh_public_key,
             endpoints,
-            n.enrolled.map(|e| e.as_str())
+            n.enrolled.map(|e| e.as_str()),
+            n.labels.encode_to_vec()
         ],
     )?;
     Ok(before != Some((n.mesh_public_key.clone(), endpoints)))
@@ -184,7 +191,8 @@ fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
                 n.last_seen_ms, n.peer_address,
                 (SELECT count(*) FROM records r WHERE r.node_id = n.node_id),
                 (SELECT max(seq) FROM records r WHERE r.node_id = n.node_id),
-                n.spool_state, n.inventory, n.link, n.mesh_public_key, n.mesh_endpoints
+                n.spool_state, n.inventory, n.link, n.mesh_public_key, n.mesh_endpoints,
+                n.labels
          FROM nodes n ORDER BY n.node_id",
     )?;
     let mut gpus = conn.prepare("SELECT sample FROM gpus WHERE node_id = ?1 ORDER BY idx, uuid")?;
@@ -217,6 +225,10 @@ fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
                 .map(str::to_owned)
                 .collect(),
             missing: Vec::new(),
+            // Checked before it was stored; a row an older coordinator
+            // wrote has none.
+            labels: pb::NodeLabels::decode(row.get::<_, Vec<u8>>(14)?.as_slice())
+                .unwrap_or_default(),
         })
     })?;
     let mut nodes = rows.collect::<rusqlite::Result<Vec<_>>>()?;
@@ -294,6 +306,30 @@ mod tests {
         let nodes = store.list_nodes().await.unwrap();
         let gap = |first, last| Gap { first, last };
         assert_eq!(nodes[0].missing, vec![gap(1, 2), gap(5, 6), gap(8, 9)]);
+    }
+
+    #[tokio::test]
+    async fn labels_are_stored_as_the_last_register_declared_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        store.register(node()).await.unwrap();
+        assert_eq!(
+            store.list_nodes().await.unwrap()[0].labels,
+            pb::NodeLabels::default()
+        );
+        let labels = pb::NodeLabels {
+            region: "eu-west".into(),
+            country: "DE".into(),
+            tags: vec!["soc2".into()],
+        };
+        store
+            .register(NodeRow {
+                labels: labels.clone(),
+                ..node()
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.list_nodes().await.unwrap()[0].labels, labels);
     }
 
     #[tokio::test]

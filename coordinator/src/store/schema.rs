@@ -130,6 +130,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
      ALTER TABLE nodes ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0;
      UPDATE nodes SET stored_bytes =
          (SELECT coalesce(sum(length(payload)), 0) FROM records r WHERE r.node_id = nodes.node_id);",
+    // 8: the labels the node declared in its last Register (encoded NodeLabels).
+    "ALTER TABLE nodes ADD COLUMN labels BLOB NOT NULL DEFAULT x'';",
 ];
 
 /// Creates the database file with mode 0600 (SQLite gives its -wal and

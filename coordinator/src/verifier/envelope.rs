@@ -39,6 +39,8 @@ pub enum RegisterError {
     WrongNode { named: String, derived: String },
     #[error("Register: {0}")]
     Signature(String),
+    #[error("Register: the node's [node] labels: {0}")]
+    Labels(warden_proto::labels::LabelError),
     #[error("Register is timestamped {0} ms from the coordinator's clock (allowed: {max}); check the node's clock", max = MAX_REGISTER_SKEW_MS)]
     Skew(i64),
 }
@@ -75,6 +77,9 @@ pub fn check_register(
     }
     dsse::verify(env, types::REGISTER, &key)
         .map_err(|e| RegisterError::Signature(e.to_string()))?;
+    if let Some(labels) = &reg.labels {
+        warden_proto::labels::check(labels).map_err(RegisterError::Labels)?;
+    }
     if (reg.time_unix_ms - now_ms).abs() > MAX_REGISTER_SKEW_MS {
         return Err(RegisterError::Skew(reg.time_unix_ms - now_ms));
     }

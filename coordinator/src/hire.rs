@@ -1,0 +1,443 @@
+//! Hiring a cluster, the pure half: an order as the renter wrote it becomes
+//! the matcher's [`Order`], what the store knows of nodes and leases
+//! becomes the matcher's [`Candidate`]s, and a plan becomes the cluster
+//! record that is stored before any lease starts. The admin service runs
+//! the steps (leases in parallel, then the mesh) around these.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    time::Duration,
+};
+
+use prost::Message as _;
+use warden_proto::{
+    pb,
+    states::{ClusterPhase, ClusterPurpose, LeaseState},
+};
+
+use crate::{
+    matcher::{Candidate, Gpu, Link, Order, Plan, Tier, Want},
+    store::NodeStats,
+};
+
+/// The shortest hire the seed allows: one hour.
+pub const MIN_DURATION: Duration = Duration::from_secs(3600);
+/// The longest: a year (a bound, not a product limit).
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+/// How long a hire waits for ready by default: the seed promises 90 s.
+pub const DEFAULT_READY_WAIT: Duration = Duration::from_secs(90);
+
+/// Why an order is refused before matching; the message names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OrderError {
+    #[error("give a number of GPUs (--gpus) or of nodes (--nodes), not both")]
+    GpusAndNodes,
+    #[error("give a number of GPUs (--gpus N) or of nodes (--nodes N), at least 1")]
+    NoSize,
+    #[error("the order asks {0} hours; a hire lasts at least {min} hour(s)", min = .1.as_secs() as f64 / 3600.0)]
+    TooShort(String, Duration),
+    #[error("the order asks {0} seconds; at most a year")]
+    TooLong(u64),
+    #[error("unknown tier {0:?}: basic, standard or premium")]
+    Tier(String),
+    #[error("unknown purpose {0:?}: none or ray")]
+    Purpose(String),
+    #[error("purpose ray is not available yet on this coordinator: hire with --purpose none and start Ray in the containers")]
+    RayNotYet,
+}
+
+/// The matcher's order for `o`, checked; `min_duration` is the
+/// coordinator's (an hour unless a test lowers it).
+pub fn order(
+    o: &pb::ClusterOrder,
+    seed: &str,
+    min_duration: Duration,
+) -> Result<Order, OrderError> {
+    let want = match (o.gpus, o.nodes) {
+        (0, 0) => return Err(OrderError::NoSize),
+        (g, 0) => Want::Gpus(g),
+        (0, n) => Want::Nodes(n),
+        _ => return Err(OrderError::GpusAndNodes),
+    };
+    if o.duration_seconds < min_duration.as_secs() {
+        return Err(OrderError::TooShort(
+            format!("{:.2}", o.duration_seconds as f64 / 3600.0),
+            min_duration,
+        ));
+    }
+    if o.duration_seconds > MAX_DURATION.as_secs() {
+        return Err(OrderError::TooLong(o.duration_seconds));
+    }
+    match ClusterPurpose::parse(if o.purpose.is_empty() {
+        "none"
+    } else {
+        &o.purpose
+    }) {
+        Some(ClusterPurpose::None) => {}
+        Some(ClusterPurpose::Ray) => return Err(OrderError::RayNotYet),
+        None => return Err(OrderError::Purpose(o.purpose.clone())),
+    }
+    let min_tier = match o.min_tier.as_str() {
+        "" => Tier::Unmeasured,
+        t => match Tier::parse(t) {
+            Some(t @ (Tier::Basic | Tier::Standard | Tier::Premium)) => t,
+            _ => return Err(OrderError::Tier(t.to_owned())),
+        },
+    };
+    Ok(Order {
+        want,
+        gpu_model: Some(o.gpu_model.clone()).filter(|m| !m.is_empty()),
+        min_gpu_memory_bytes: o.min_gpu_memory_bytes,
+        min_tier,
+        region: Some(o.region.clone()).filter(|r| !r.is_empty()),
+        tags: o.tags.iter().cloned().collect(),
+        exclude: BTreeSet::new(),
+        seed: seed.to_owned(),
+    })
+}
+
+/// The lease states in which a lease holds its GPUs.
+fn holds_gpus(state: &str) -> bool {
+    matches!(
+        LeaseState::parse(state),
+        Some(LeaseState::Starting | LeaseState::Running | LeaseState::Ending)
+    )
+}
+
+/// What the matcher may choose from: every node the store knows, with the
+/// GPUs no live lease holds, its last link probe and its labels.
+/// `connected` says which nodes have a stream now.
+pub fn candidates(
+    nodes: &[NodeStats],
+    leases: &[pb::LeaseInfo],
+    connected: impl Fn(&str) -> bool,
+) -> Vec<Candidate> {
+    let mut held: HashMap<&str, HashSet<&str>> = HashMap::new();
+    let mut whole: HashSet<&str> = HashSet::new();
+    for l in leases.iter().filter(|l| holds_gpus(&l.state)) {
+        if l.all_gpus {
+            whole.insert(&l.node_id);
+        }
+        held.entry(&l.node_id)
+            .or_default()
+            .extend(l.gpu_uuids.iter().map(String::as_str));
+    }
+    nodes
+        .iter()
+        .map(|n| {
+            let inventory =
+                pb::InventorySummary::decode(n.inventory.as_slice()).unwrap_or_default();
+            let samples: Vec<pb::GpuSample> = n
+                .gpus
+                .iter()
+                .filter_map(|b| pb::GpuSample::decode(b.as_slice()).ok())
+                .collect();
+            let spool = n
+                .spool_state
+                .as_deref()
+                .and_then(|b| pb::SpoolState::decode(b).ok());
+            let taken = held.get(n.node_id.as_str());
+            let gpus = inventory
+                .gpus
+                .iter()
+                .map(|g| Gpu {
+                    uuid: g.uuid.clone(),
+                    model: g.name.clone(),
+                    memory_bytes: g.memory_total_bytes,
+                    free: !whole.contains(n.node_id.as_str())
+                        && !taken.is_some_and(|t| t.contains(g.uuid.as_str())),
+                })
+                .collect();
+            Candidate {
+                node_id: n.node_id.clone(),
+                connected: connected(&n.node_id),
+                // A node that lost a GPU or whose spool is full (evidence
+                // would be refused) is not offered.
+                healthy: !samples.iter().any(|s| s.lost) && !spool.is_some_and(|s| s.full),
+                gpus,
+                link: n
+                    .link
+                    .as_deref()
+                    .and_then(|b| pb::LinkSample::decode(b).ok())
+                    .as_ref()
+                    .and_then(Link::from_sample),
+                region: n.labels.region.clone(),
+                tags: n.labels.tags.iter().cloned().collect(),
+            }
+        })
+        .collect()
+}
+
+/// A plan as the admin API shows it.
+pub fn plan_info(plan: &Plan, nodes: &[Candidate]) -> pb::ClusterPlan {
+    let by_id: HashMap<&str, &Candidate> = nodes.iter().map(|c| (c.node_id.as_str(), c)).collect();
+    pb::ClusterPlan {
+        members: plan
+            .members
+            .iter()
+            .map(|m| {
+                let c = by_id.get(m.node_id.as_str());
+                pb::PlannedMember {
+                    node_id: m.node_id.clone(),
+                    gpu_uuids: m.gpus.clone(),
+                    region: c.map(|c| c.region.clone()).unwrap_or_default(),
+                    tier: Tier::of(c.and_then(|c| c.link.as_ref())).name().into(),
+                    rtt_ms: c.and_then(|c| c.link).map_or(0.0, |l| l.rtt_ms),
+                }
+            })
+            .collect(),
+        regions: plan.regions.clone(),
+        tier: plan.tier.name().into(),
+    }
+}
+
+/// The cluster record of a hire, before its leases start: the mesh
+/// members (addresses from `meshed`, the record `cluster::set_members`
+/// made), each with its lease id and GPUs.
+pub fn starting(
+    mut meshed: pb::ClusterInfo,
+    plan: &Plan,
+    order: &pb::ClusterOrder,
+    lease_ids: &[String],
+    now_ms: i64,
+) -> pb::ClusterInfo {
+    for (m, (planned, lease_id)) in meshed
+        .members
+        .iter_mut()
+        .zip(plan.members.iter().zip(lease_ids))
+    {
+        debug_assert_eq!(m.node_id, planned.node_id);
+        m.lease_id = lease_id.clone();
+        m.gpu_uuids = planned.gpus.clone();
+    }
+    meshed.order = Some(order.clone());
+    meshed.phase = ClusterPhase::Starting.into();
+    meshed.ends_unix_ms =
+        now_ms.saturating_add((order.duration_seconds as i64).saturating_mul(1000));
+    meshed.timings = Some(pb::ClusterTimings::default());
+    meshed
+}
+
+/// The hired clusters whose time is up at `now_ms` and that still run.
+pub fn expired(clusters: &[pb::ClusterInfo], now_ms: i64) -> Vec<String> {
+    clusters
+        .iter()
+        .filter(|c| c.order.is_some() && c.ends_unix_ms > 0 && c.ends_unix_ms <= now_ms)
+        .filter(|c| {
+            matches!(
+                ClusterPhase::parse(&c.phase),
+                Some(ClusterPhase::Starting | ClusterPhase::Meshing | ClusterPhase::Ready)
+            )
+        })
+        .map(|c| c.cluster_id.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matcher;
+
+    fn spec() -> pb::ContainerSpec {
+        pb::ContainerSpec {
+            name: "main".into(),
+            image: "busybox".into(),
+            ..Default::default()
+        }
+    }
+
+    fn an_order() -> pb::ClusterOrder {
+        pb::ClusterOrder {
+            gpus: 2,
+            duration_seconds: 3600,
+            container: Some(spec()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_order_is_checked_field_by_field() {
+        let o = order(&an_order(), "c", MIN_DURATION).unwrap();
+        assert_eq!(o.want, Want::Gpus(2));
+        assert_eq!(o.min_tier, Tier::Unmeasured);
+        let bad = |f: &dyn Fn(&mut pb::ClusterOrder)| {
+            let mut o = an_order();
+            f(&mut o);
+            order(&o, "c", MIN_DURATION).unwrap_err()
+        };
+        assert_eq!(bad(&|o| o.nodes = 1), OrderError::GpusAndNodes);
+        assert_eq!(bad(&|o| o.gpus = 0), OrderError::NoSize);
+        assert!(matches!(
+            bad(&|o| o.duration_seconds = 3599),
+            OrderError::TooShort(..)
+        ));
+        assert_eq!(
+            bad(&|o| o.duration_seconds = u64::MAX),
+            OrderError::TooLong(u64::MAX)
+        );
+        // No container: the leases hold the GPUs; containers come later
+        // (`warden lease run`).
+        let mut bare = an_order();
+        bare.container = None;
+        assert!(order(&bare, "c", MIN_DURATION).is_ok());
+        assert_eq!(
+            bad(&|o| o.min_tier = "gold".into()),
+            OrderError::Tier("gold".into())
+        );
+        assert_eq!(
+            bad(&|o| o.min_tier = "below".into()),
+            OrderError::Tier("below".into())
+        );
+        assert_eq!(
+            bad(&|o| o.purpose = "mpi".into()),
+            OrderError::Purpose("mpi".into())
+        );
+        assert_eq!(bad(&|o| o.purpose = "ray".into()), OrderError::RayNotYet);
+        // A test coordinator may allow shorter hires.
+        let mut short = an_order();
+        short.duration_seconds = 5;
+        assert!(order(&short, "c", Duration::from_secs(1)).is_ok());
+        let mut n = an_order();
+        (n.gpus, n.nodes, n.min_tier, n.region) = (0, 3, "premium".into(), "eu".into());
+        let o = order(&n, "c", MIN_DURATION).unwrap();
+        assert_eq!((o.want, o.min_tier), (Want::Nodes(3), Tier::Premium));
+        assert_eq!(o.region.as_deref(), Some("eu"));
+    }
+
+    fn stats(id: &str, gpus: &[&str], link: Option<(f64, &str)>) -> NodeStats {
+        NodeStats {
+            node_id: id.into(),
+            public_key: vec![],
+            agent_version: String::new(),
+            hostname: String::new(),
+            first_seen_ms: 0,
+            last_seen_ms: 0,
+            peer_address: String::new(),
+            records: 0,
+            last_seq: 0,
+            spool_state: None,
+            inventory: pb::InventorySummary {
+                gpus: gpus
+                    .iter()
+                    .map(|u| pb::GpuInfo {
+                        uuid: (*u).into(),
+                        name: "NVIDIA H100".into(),
+                        memory_total_bytes: 80 << 30,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            gpus: vec![],
+            link: link.map(|(mbps, error)| {
+                pb::LinkSample {
+                    download_mbps: mbps,
+                    upload_mbps: mbps,
+                    rtt_ms: 4.0,
+                    error: error.into(),
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            }),
+            mesh_public_key: vec![],
+            mesh_endpoints: vec![],
+            missing: vec![],
+            labels: pb::NodeLabels {
+                region: "eu".into(),
+                tags: vec!["soc2".into()],
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn gpus_in_live_leases_are_not_free_and_ended_leases_free_them() {
+        let nodes = [
+            stats("a", &["a0", "a1"], Some((1000.0, ""))),
+            stats("b", &["b0"], Some((1000.0, "timed out"))),
+            stats("c", &["c0"], None),
+        ];
+        let lease = |node: &str, gpus: &[&str], all, state: LeaseState| pb::LeaseInfo {
+            node_id: node.into(),
+            gpu_uuids: gpus.iter().map(|g| g.to_string()).collect(),
+            all_gpus: all,
+            state: state.into(),
+            ..Default::default()
+        };
+        let leases = [
+            lease("a", &["a0"], false, LeaseState::Running),
+            lease("a", &["a1"], false, LeaseState::Ended),
+            lease("b", &[], true, LeaseState::Starting),
+            lease("c", &["c0"], false, LeaseState::Failed),
+        ];
+        let c = candidates(&nodes, &leases, |n| n != "c");
+        let free = |i: usize| -> Vec<bool> { c[i].gpus.iter().map(|g| g.free).collect() };
+        assert_eq!(free(0), [false, true]);
+        assert_eq!(free(1), [false]);
+        assert_eq!(free(2), [true]);
+        assert_eq!((c[0].connected, c[2].connected), (true, false));
+        assert!(c[0].link.is_some());
+        assert!(c[1].link.is_none(), "a failed probe measured nothing");
+        assert_eq!(c[0].region, "eu");
+        assert!(c[0].tags.contains("soc2"));
+        assert!(c.iter().all(|c| c.healthy));
+    }
+
+    #[test]
+    fn a_node_with_a_lost_gpu_or_a_full_spool_is_not_healthy() {
+        let mut lost = stats("a", &["a0"], None);
+        lost.gpus = vec![pb::GpuSample {
+            uuid: "a0".into(),
+            lost: true,
+            ..Default::default()
+        }
+        .encode_to_vec()];
+        let mut full = stats("b", &["b0"], None);
+        full.spool_state = Some(
+            pb::SpoolState {
+                full: true,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        let c = candidates(&[lost, full, stats("c", &["c0"], None)], &[], |_| true);
+        assert_eq!(
+            c.iter().map(|c| c.healthy).collect::<Vec<_>>(),
+            [false, false, true]
+        );
+    }
+
+    #[test]
+    fn the_starting_record_carries_leases_gpus_order_and_end() {
+        let nodes = [
+            stats("a", &["a0", "a1"], Some((1000.0, ""))),
+            stats("b", &["b0", "b1"], Some((1000.0, ""))),
+        ];
+        let c = candidates(&nodes, &[], |_| true);
+        let mut o = an_order();
+        o.gpus = 4;
+        let plan = matcher::plan(&c, &order(&o, "c1", MIN_DURATION).unwrap()).unwrap();
+        let ids: Vec<String> = plan.members.iter().map(|m| m.node_id.clone()).collect();
+        let (meshed, _) = crate::cluster::set_members(None, "c1", "", &ids, &[], 1_000).unwrap();
+        let leases: Vec<String> = ids.iter().map(|n| format!("l-{n}")).collect();
+        let info = starting(meshed, &plan, &o, &leases, 1_000);
+        assert_eq!(info.phase, ClusterPhase::Starting);
+        assert_eq!(info.ends_unix_ms, 1_000 + 3_600_000);
+        for m in &info.members {
+            assert_eq!(m.lease_id, format!("l-{}", m.node_id));
+            assert_eq!(m.gpu_uuids.len(), 2);
+            assert!(m.gpu_uuids.iter().all(|g| g.starts_with(&m.node_id)));
+        }
+        let shown = plan_info(&plan, &c);
+        assert_eq!(shown.tier, "premium");
+        assert_eq!(shown.members.len(), 2);
+        assert_eq!(expired(std::slice::from_ref(&info), 3_600_999), Vec::<String>::new());
+        assert_eq!(expired(std::slice::from_ref(&info), 3_601_000), ["c1"]);
+        let ended = pb::ClusterInfo {
+            phase: ClusterPhase::Ended.into(),
+            ..info
+        };
+        assert!(expired(&[ended], 9_999_999_999).is_empty());
+    }
+}

@@ -1,0 +1,126 @@
+//! Hosts for tests: network namespaces joined by a bridge in a hub
+//! namespace, deleted when the test ends (pass or fail).
+
+use std::process::{Command, Output};
+
+use super::{Agent, Coordinator};
+
+/// Runs a command that must succeed; its output.
+pub fn run(args: &[&str]) -> Output {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Namespaces deleted when the test ends (their processes are gone by then).
+pub struct Hosts(pub Vec<String>);
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+/// A hub namespace with bridge `br0` at `10.N.0.1/24` and hosts
+/// `10.N.0.11`, `.12`, … each on a veth whose hub end is `p1`, `p2`, …
+pub struct Lan {
+    pub hub: String,
+    pub hosts: Vec<String>,
+    net: u8,
+    _hosts: Hosts,
+}
+
+impl Lan {
+    /// `tag` keeps names apart between tests (with this process's id);
+    /// `net` is the second octet of the LAN's addresses.
+    pub fn new(tag: &str, hosts: usize, net: u8) -> Lan {
+        let id = std::process::id() % 100_000;
+        let hub = format!("{tag}-h-{id}");
+        let names: Vec<String> = (1..=hosts).map(|i| format!("{tag}-{i}-{id}")).collect();
+        let mut all = vec![hub.clone()];
+        all.extend(names.iter().cloned());
+        let guard = Hosts(all.clone());
+        for n in &all {
+            run(&["ip", "netns", "add", n]);
+            run(&["ip", "-n", n, "link", "set", "lo", "up"]);
+        }
+        let hub_addr = format!("10.{net}.0.1/24");
+        run(&["ip", "-n", &hub, "link", "add", "br0", "type", "bridge"]);
+        run(&["ip", "-n", &hub, "addr", "add", &hub_addr, "dev", "br0"]);
+        run(&["ip", "-n", &hub, "link", "set", "br0", "up"]);
+        for (i, n) in names.iter().enumerate() {
+            let port = format!("p{}", i + 1);
+            run(&[
+                "ip", "link", "add", "eth0", "netns", n, "type", "veth", "peer", "name", &port,
+                "netns", &hub,
+            ]);
+            run(&["ip", "-n", &hub, "link", "set", &port, "master", "br0"]);
+            run(&["ip", "-n", &hub, "link", "set", &port, "up"]);
+            let addr = format!("10.{net}.0.{}/24", 11 + i);
+            run(&["ip", "-n", n, "addr", "add", &addr, "dev", "eth0"]);
+            run(&["ip", "-n", n, "link", "set", "eth0", "up"]);
+        }
+        Lan {
+            hub,
+            hosts: names,
+            net,
+            _hosts: guard,
+        }
+    }
+
+    /// The hub's address.
+    pub fn hub_ip(&self) -> String {
+        format!("10.{}.0.1", self.net)
+    }
+
+    /// Host `i`'s address (from 0).
+    pub fn host_ip(&self, i: usize) -> String {
+        format!("10.{}.0.{}", self.net, 11 + i)
+    }
+
+    /// A coordinator in the hub listening on `port`, and the agents'
+    /// `[coordinator]` section that dials it (the dev certificate names
+    /// localhost, so the agents name it too).
+    pub fn coordinator(
+        &self,
+        dir: &std::path::Path,
+        port: u16,
+        extra: &str,
+    ) -> (Coordinator, String) {
+        let coord = Coordinator::start_in(
+            Some(&self.hub),
+            dir,
+            &format!("{}:{port}", self.hub_ip()),
+            extra,
+        );
+        let link = coord
+            .link_toml()
+            .replace("https://localhost:", &format!("https://{}:", self.hub_ip()))
+            .replace(
+                "[coordinator]",
+                "[coordinator]\nserver_name = \"localhost\"",
+            );
+        (coord, link)
+    }
+
+    /// An agent on host `i` with `config` (a full agent.toml).
+    pub fn agent(
+        &self,
+        i: usize,
+        dir: &std::path::Path,
+        config: &str,
+        env: &[(&str, &std::path::Path)],
+    ) -> Agent {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.with_extension("toml");
+        std::fs::write(&path, config).unwrap();
+        Agent::start_in(Some(&self.hosts[i]), dir, &path, env)
+    }
+}

@@ -1,0 +1,309 @@
+//! Hiring clusters end to end: three agents with fake GPUs and declared
+//! labels, each in its own network namespace, a coordinator in the hub.
+//! `warden cluster hire` matches an order (a dry run first, then orders no
+//! node can fill, named by the filter that left nodes out), starts the
+//! leases on the chosen nodes at once and meshes them; the members reach
+//! each other over the mesh; a second hire cannot take their GPUs; a
+//! cluster is ended by hand, another when its time is up, and a hire whose
+//! containers cannot start is undone. Needs root, iproute2 and Docker.
+
+mod common;
+
+use std::{path::Path, time::Duration};
+
+use common::*;
+use serde_json::Value;
+
+/// Two fake GPUs with no process on them.
+fn gpus(state: &Path, node: usize) {
+    let devices: Vec<Value> = (0..2)
+        .map(|i| {
+            let mut g = fake_gpu(i);
+            g["uuid"] = format!("GPU-{node:04x}{i:04x}-0000-4000-8000-000000000000").into();
+            g["processes"] = serde_json::json!([]);
+            g
+        })
+        .collect();
+    write_fake_state(state, &devices);
+}
+
+/// `warden cluster ARGS… --json`: Ok(parsed output) or Err(stderr).
+fn cluster(coord: &Coordinator, args: &[&str]) -> Result<Value, String> {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = coord.cli("cluster", &all);
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn leases(coord: &Coordinator) -> Vec<Value> {
+    let out = coord.cli("lease", &["list", "--json"]);
+    assert!(out.status.success());
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn lease_state(coord: &Coordinator, id: &str) -> String {
+    leases(coord)
+        .into_iter()
+        .find(|l| l["lease_id"] == id)
+        .unwrap_or_else(|| panic!("no lease {id}"))["state"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn members(c: &Value) -> Vec<Value> {
+    c["members"].as_array().unwrap().clone()
+}
+
+#[test]
+fn a_cluster_is_matched_started_meshed_ended_and_undone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = std::process::id() % 100_000;
+    let lan = Lan::new("wh", 3, 202);
+    // Hires as short as a second: the test cannot wait the seed's hour.
+    let (coord, link) = lan.coordinator(
+        &tmp.path().join("coord"),
+        free_port(),
+        "[clusters]\nmin_duration = \"1s\"\n",
+    );
+    let labels = [
+        "region = \"eu-west\"\ncountry = \"DE\"\ntags = [\"soc2\", \"green-energy\"]",
+        "region = \"eu-west\"\ncountry = \"FR\"\ntags = [\"soc2\"]",
+        "region = \"us-east\"\ntags = [\"soc2\"]",
+    ];
+    let agents: Vec<Agent> = (0..3)
+        .map(|i| {
+            let dir = tmp.path().join(format!("agent{i}"));
+            let state = tmp.path().join(format!("gpus{i}.json"));
+            gpus(&state, i);
+            let config = format!(
+                "state_dir = \"{}\"\n{}\n[gpu]\nnvml_library = \"{}\"\nsample_interval = \"200ms\"\n\
+                 [metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n\
+                 [mesh]\ninterface = \"wh{i}-{id}\"\nendpoints = [\"{}:51820\"]\nrtt_interval = \"1s\"\n\
+                 [node]\n{}\n",
+                dir.display(),
+                fast_agent_toml(&link, "1s", 0),
+                fake_nvml().display(),
+                lan.host_ip(i),
+                labels[i]
+            );
+            lan.agent(i, &dir, &config, &[("FAKE_NVML_STATE", &state)])
+        })
+        .collect();
+    let node_of = |a: &Agent| {
+        wait_for("agent status", Duration::from_secs(30), || a.status())["node_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let names: Vec<String> = agents.iter().map(node_of).collect();
+    wait_for(
+        "three nodes with GPUs and mesh keys",
+        Duration::from_secs(60),
+        || {
+            let n = nodes_json(&coord);
+            (n.as_array()?
+                .iter()
+                .filter(|n| {
+                    n["connected"] == true
+                        && n["mesh_public_key"] != ""
+                        && n["inventory"]["gpus"].as_array().map_or(0, |g| g.len()) == 2
+                })
+                .count()
+                == 3)
+                .then_some(())
+        },
+    );
+    // The declared labels and the derived tier show as the nodes' own.
+    let nodes = nodes_json(&coord);
+    let node = |id: &str| {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(node(&names[0])["labels"]["country"], "DE");
+    assert_eq!(node(&names[2])["labels"]["region"], "us-east");
+    assert_eq!(node(&names[1])["tier"], "unmeasured", "no probe has run");
+    let table = String::from_utf8(coord.cli("nodes", &[]).stdout).unwrap();
+    assert!(table.contains("eu-west/DE"), "{table}");
+    assert!(table.contains("tags: soc2,green-energy"), "{table}");
+
+    // A dry run: the plan, in one region, and nothing started.
+    let plan = cluster(
+        &coord,
+        &["hire", "c1", "--gpus", "4", "--tag", "soc2", "--dry-run"],
+    )
+    .unwrap();
+    let planned: Vec<&str> = plan["plan"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["node_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(planned.len(), 2, "{plan:#}");
+    assert!(planned.contains(&names[0].as_str()) && planned.contains(&names[1].as_str()));
+    assert_eq!(plan["plan"]["regions"], serde_json::json!(["eu-west"]));
+    assert!(plan["cluster"].is_null());
+    assert!(leases(&coord).is_empty());
+
+    // Orders no node can fill say which filter left how many out.
+    let err = cluster(
+        &coord,
+        &["hire", "c1", "--gpus", "5", "--region", "eu-west"],
+    )
+    .unwrap_err();
+    assert!(err.contains("region"), "{err}");
+    let err = cluster(
+        &coord,
+        &["hire", "c1", "--nodes", "2", "--tag", "green-energy"],
+    )
+    .unwrap_err();
+    assert!(err.contains("tag"), "{err}");
+    let err = cluster(
+        &coord,
+        &["hire", "c1", "--gpus", "1", "--gpu-model", "A100"],
+    )
+    .unwrap_err();
+    assert!(err.contains("model"), "{err}");
+    let err = cluster(&coord, &["hire", "c1", "--gpus", "1", "--tier", "premium"]).unwrap_err();
+    assert!(err.contains("tier"), "{err}");
+    let out = coord.cli("cluster", &["hire", "c1", "--gpus", "1", "--hours", "0"]);
+    assert!(!out.status.success(), "an hour is the least");
+    assert!(leases(&coord).is_empty(), "nothing started");
+
+    // The hire: leases on both eu-west nodes at once, then the mesh.
+    let hired = cluster(
+        &coord,
+        &[
+            "hire",
+            "c1",
+            "--gpus",
+            "4",
+            "--region",
+            "eu-west",
+            "--duration",
+            "10m",
+        ],
+    )
+    .unwrap();
+    let c1 = &hired["cluster"];
+    assert_eq!(c1["phase"], "ready", "{hired:#}");
+    let t = &c1["timings"];
+    eprintln!("hire of 2 nodes: {t}");
+    assert!(t["total_ms"].as_u64().unwrap() > 0);
+    assert!(t["total_ms"].as_u64() >= t["leases_ms"].as_u64());
+    let m1 = members(c1);
+    assert_eq!(m1.len(), 2);
+    for m in &m1 {
+        assert_eq!(m["state"], "applied", "{m:#}");
+        assert_eq!(m["gpu_uuids"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            lease_state(&coord, m["lease_id"].as_str().unwrap()),
+            "running"
+        );
+    }
+    let eu: Vec<(&Agent, &str)> = agents[..2].iter().zip([&*names[0], &*names[1]]).collect();
+    wait_pings(
+        &eu,
+        &[&names[0], &names[1]],
+        "the members reach each other over the mesh",
+    );
+    let status = cluster(&coord, &["status", "c1"]).unwrap();
+    assert_eq!(status["phase"], "ready");
+    let text = String::from_utf8(coord.cli("cluster", &["status", "c1"]).stdout).unwrap();
+    assert!(
+        text.contains("phase ready") && text.contains("ready after"),
+        "{text}"
+    );
+
+    // Their GPUs are taken: eu-west has none left, and the name is taken.
+    let err = cluster(
+        &coord,
+        &["hire", "c2", "--gpus", "1", "--region", "eu-west"],
+    )
+    .unwrap_err();
+    assert!(err.contains("in a cluster already"), "{err}");
+    let err = cluster(&coord, &["hire", "c1", "--gpus", "1"]).unwrap_err();
+    assert!(err.contains("exists"), "{err}");
+    // A hired cluster's members are not changed by hand.
+    let err = coord.cli("cluster", &["set", "c1", &names[2]]);
+    assert!(String::from_utf8_lossy(&err.stderr).contains("hired"));
+
+    // The us-east node, for a few seconds: ended when its time is up.
+    let c2 = cluster(&coord, &["hire", "c2", "--nodes", "1", "--duration", "3s"]).unwrap();
+    assert_eq!(c2["cluster"]["phase"], "ready", "{c2:#}");
+    assert_eq!(members(&c2["cluster"])[0]["node_id"], names[2].as_str());
+    let lease2 = members(&c2["cluster"])[0]["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for(
+        "c2 ended when its time was up",
+        Duration::from_secs(60),
+        || (cluster(&coord, &["status", "c2"]).ok()?["phase"] == "ended").then_some(()),
+    );
+    assert_eq!(lease_state(&coord, &lease2), "ended");
+    wait_for(
+        "the us-east node left the mesh",
+        Duration::from_secs(30),
+        || mesh_status(&agents[2]).is_null().then_some(()),
+    );
+
+    // c1 ended by hand: its leases end, its members leave the mesh.
+    let ended = cluster(&coord, &["end", "c1"]).unwrap();
+    assert_eq!(ended["phase"], "ended", "{ended:#}");
+    for m in &m1 {
+        assert_eq!(
+            lease_state(&coord, m["lease_id"].as_str().unwrap()),
+            "ended"
+        );
+    }
+    for a in &agents[..2] {
+        wait_for(
+            "the eu-west nodes left the mesh",
+            Duration::from_secs(30),
+            || mesh_status(a).is_null().then_some(()),
+        );
+    }
+
+    // A hire whose container cannot start (no NVIDIA runtime here) is
+    // undone: its lease ended, the cluster failed with Docker's reason, and
+    // the GPUs free for the next order.
+    let image = image::busybox_image();
+    let _clean: Vec<ContainersOf> = names.iter().map(|n| ContainersOf(n.clone())).collect();
+    let err = cluster(
+        &coord,
+        &[
+            "hire", "c3", "--gpus", "1", "--image", &image, "--", "sleep", "300",
+        ],
+    )
+    .unwrap_err();
+    assert!(err.contains("failed") && err.contains("nvidia"), "{err}");
+    let c3 = cluster(&coord, &["status", "c3"]).unwrap();
+    assert_eq!(c3["phase"], "failed");
+    assert!(c3["error"].as_str().unwrap().contains("nvidia"), "{c3:#}");
+    for l in leases(&coord) {
+        assert_ne!(l["state"], "running", "{l:#}");
+        assert_ne!(l["state"], "starting", "{l:#}");
+    }
+    let again = cluster(&coord, &["hire", "c4", "--gpus", "6", "--dry-run"]).unwrap();
+    assert_eq!(
+        again["plan"]["members"].as_array().unwrap().len(),
+        3,
+        "every GPU free again"
+    );
+    // An ended or failed cluster's record can be deleted; a running one's cannot.
+    assert!(coord.cli("cluster", &["delete", "c3"]).status.success());
+}
