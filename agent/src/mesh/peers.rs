@@ -19,7 +19,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use super::uapi::{mask, IpNet, Key, Op, PeerOp};
+use super::uapi::{new_net, overlaps, IpNet, Key, Op, PeerOp};
 
 /// One peer as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +52,7 @@ impl Peer {
     /// The form the table keeps: allowed IPs masked to their networks,
     /// sorted and without duplicates; an all-zero preshared key is none.
     pub fn normalized(&self) -> Peer {
-        let mut ips: Vec<IpNet> = self.allowed_ips.iter().map(IpNet::network).collect();
+        let mut ips: Vec<IpNet> = self.allowed_ips.iter().map(IpNet::trunc).collect();
         ips.sort();
         ips.dedup();
         Peer {
@@ -199,7 +199,7 @@ impl Table {
             self.unindex(&net);
         }
         for net in &op.allowed_ips {
-            self.claim(k, net.network(), changes);
+            self.claim(k, net.trunc(), changes);
         }
         match before {
             None => changes.push(Change::Added(k)),
@@ -218,7 +218,12 @@ impl Table {
                 }
                 note_updated(changes, owner);
             }
-            None => *self.lens_mut(net.addr).entry(net.prefix).or_insert(0) += 1,
+            None => {
+                *self
+                    .lens_mut(net.addr())
+                    .entry(net.prefix_len())
+                    .or_insert(0) += 1
+            }
         }
         self.owners.insert(net, k);
         if let Some(e) = self.peers.get_mut(&k) {
@@ -233,11 +238,11 @@ impl Table {
         if self.owners.remove(net).is_none() {
             return;
         }
-        let lens = self.lens_mut(net.addr);
-        if let Some(n) = lens.get_mut(&net.prefix) {
+        let lens = self.lens_mut(net.addr());
+        if let Some(n) = lens.get_mut(&net.prefix_len()) {
             *n -= 1;
             if *n == 0 {
-                lens.remove(&net.prefix);
+                lens.remove(&net.prefix_len());
             }
         }
     }
@@ -266,11 +271,11 @@ impl Table {
             IpAddr::V4(_) => &self.v4_lens,
             IpAddr::V6(_) => &self.v6_lens,
         };
+        // The lengths in `lens` are of `dst`'s family, so `new_net` never
+        // refuses one.
         lens.keys().rev().find_map(|&prefix| {
-            self.owners.get(&IpNet {
-                addr: mask(dst, prefix),
-                prefix,
-            })
+            let net = new_net(dst, prefix).ok()?.trunc();
+            self.owners.get(&net)
         })
     }
 
@@ -427,7 +432,7 @@ pub fn split_config(desired: &[Peer]) -> (Vec<Peer>, Vec<(Key, ConfigError)>) {
         }
         let p = p.normalized();
         for net in &p.allowed_ips {
-            if let Some((other, owner)) = taken.iter().find(|(t, _)| t.overlaps(net)) {
+            if let Some((other, owner)) = taken.iter().find(|(t, _)| overlaps(t, net)) {
                 errors.push((
                     k,
                     ConfigError::Overlap {
@@ -460,7 +465,7 @@ mod tests {
     }
 
     fn net(s: &str) -> IpNet {
-        s.parse().unwrap()
+        crate::mesh::uapi::parse_net(s).unwrap()
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -928,17 +933,10 @@ mod tests {
     fn arb_peer() -> impl Strategy<Value = Peer> {
         let nets = proptest::collection::vec(
             prop_oneof![
-                (0u8..4, prop_oneof![Just(8u8), Just(16), Just(24), Just(32)]).prop_map(
-                    |(b, p)| IpNet {
-                        addr: IpAddr::from([10, b, b, 1]),
-                        prefix: p
-                    }
-                ),
+                (0u8..4, prop_oneof![Just(8u8), Just(16), Just(24), Just(32)])
+                    .prop_map(|(b, p)| new_net(IpAddr::from([10, b, b, 1]), p).unwrap()),
                 (0u16..4, prop_oneof![Just(0u8), Just(64), Just(128)]).prop_map(|(b, p)| {
-                    IpNet {
-                        addr: IpAddr::from([0xfd00, b, 0, 0, 0, 0, 0, 1]),
-                        prefix: p,
-                    }
+                    new_net(IpAddr::from([0xfd00, b, 0, 0, 0, 0, 0, 1]), p).unwrap()
                 }),
             ],
             0..3,
@@ -1039,8 +1037,8 @@ mod tests {
             let best = t
                 .peers()
                 .flat_map(|p| p.allowed_ips.iter().map(move |n| (n, p.public_key)))
-                .filter(|(n, _)| n.contains(probe))
-                .max_by_key(|(n, _)| n.prefix)
+                .filter(|(n, _)| n.contains(&probe))
+                .max_by_key(|(n, _)| n.prefix_len())
                 .map(|(_, k)| k);
             prop_assert_eq!(t.lookup(probe).copied(), best);
         }
