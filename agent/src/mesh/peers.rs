@@ -393,9 +393,10 @@ fn with_key_only(k: Key) -> PeerOp {
     op
 }
 
-/// Why a pushed peer was left out.
+/// Why a peer pushed by the coordinator was refused from the peer table
+/// (left out of the config applied; the other peers go on).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfigError {
+pub enum PeerRefusal {
     /// The same public key appears again; the first entry is kept.
     #[error("peer {} is listed more than once; the first entry is used", hex::encode(.0))]
     DuplicatePeer(Key),
@@ -419,7 +420,7 @@ pub enum ConfigError {
 /// after it are checked only against accepted peers, so one bad entry
 /// costs only itself. Overlaps are found by comparing every pair of
 /// prefixes: fine for the few thousand a mesh holds.
-pub fn split_config(desired: &[Peer]) -> (Vec<Peer>, Vec<(Key, ConfigError)>) {
+pub fn split_config(desired: &[Peer]) -> (Vec<Peer>, Vec<(Key, PeerRefusal)>) {
     let mut ok: Vec<Peer> = Vec::new();
     let mut errors = Vec::new();
     let mut seen: HashSet<Key> = HashSet::new();
@@ -427,7 +428,7 @@ pub fn split_config(desired: &[Peer]) -> (Vec<Peer>, Vec<(Key, ConfigError)>) {
     'peers: for p in desired {
         let k = p.public_key;
         if !seen.insert(k) {
-            errors.push((k, ConfigError::DuplicatePeer(k)));
+            errors.push((k, PeerRefusal::DuplicatePeer(k)));
             continue;
         }
         let p = p.normalized();
@@ -435,7 +436,7 @@ pub fn split_config(desired: &[Peer]) -> (Vec<Peer>, Vec<(Key, ConfigError)>) {
             if let Some((other, owner)) = taken.iter().find(|(t, _)| overlaps(t, net)) {
                 errors.push((
                     k,
-                    ConfigError::Overlap {
+                    PeerRefusal::Overlap {
                         net: *net,
                         other: *other,
                         owner: *owner,
@@ -451,7 +452,7 @@ pub fn split_config(desired: &[Peer]) -> (Vec<Peer>, Vec<(Key, ConfigError)>) {
 }
 
 /// The errors of [`split_config`]: which pushed peers are left out, and why.
-pub fn check_config(desired: &[Peer]) -> Vec<(Key, ConfigError)> {
+pub fn check_config(desired: &[Peer]) -> Vec<(Key, PeerRefusal)> {
     split_config(desired).1
 }
 
@@ -868,7 +869,7 @@ mod tests {
             vec![
                 (
                     k(2),
-                    ConfigError::Overlap {
+                    PeerRefusal::Overlap {
                         net: net("10.0.1.0/24"),
                         other: net("10.0.1.0/24"),
                         owner: k(1)
@@ -876,7 +877,7 @@ mod tests {
                 ),
                 (
                     k(3),
-                    ConfigError::Overlap {
+                    PeerRefusal::Overlap {
                         net: net("10.0.1.5/32"),
                         other: net("10.0.1.0/24"),
                         owner: k(1)
@@ -884,7 +885,7 @@ mod tests {
                 ),
                 (
                     k(4),
-                    ConfigError::Overlap {
+                    PeerRefusal::Overlap {
                         net: net("10.0.0.0/16"),
                         other: net("10.0.1.0/24"),
                         owner: k(1)
@@ -921,7 +922,7 @@ mod tests {
         };
         let (ok, errors) = split_config(&[full_peer(1), again]);
         assert_eq!(ok, vec![full_peer(1)]);
-        assert_eq!(errors, vec![(k(1), ConfigError::DuplicatePeer(k(1)))]);
+        assert_eq!(errors, vec![(k(1), PeerRefusal::DuplicatePeer(k(1)))]);
         // A peer's own prefixes may nest.
         let nested = Peer {
             allowed_ips: vec![net("10.0.0.0/8"), net("10.0.0.1/32")],
