@@ -24,7 +24,7 @@ use common::Killed;
 use warden_agent::{
     now_ms,
     timelock::{
-        enforce::{self, LeaseView, Policy, Seen, Verdict},
+        enforce::{self, exec, LeaseView, Policy, Seen, Verdict},
         procs,
     },
 };
@@ -86,8 +86,8 @@ async fn trial(dev: &Path, patterns: &[String], grace: Duration) -> f64 {
             .iter()
             .find(|d| d.pid == pid && d.verdict == Verdict::KillProcess)
         {
-            let out = enforce::kill_process(d.pid, d.start_time, grace).await;
-            assert_eq!(out.outcome, enforce::KillResult::Killed, "{out:?}");
+            let out = exec::kill_process(d.pid, d.start_time, grace).await;
+            assert_eq!(out.outcome, exec::KillResult::Killed, "{out:?}");
             let _ = holder.0.wait();
             return (out.sigkill_at_ms.unwrap() - scan_at_ms) as f64;
         }

@@ -15,22 +15,9 @@ use warden_proto::dsse::VerifyingKey;
 /// (pure), so that `confine` needs nothing from this module.
 pub use crate::workloads::confine::WorkloadConfig;
 
-/// Why a configuration could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// The TOML is malformed, or a key is unknown or of the wrong type.
-    #[error("config {origin}: {message}")]
-    Parse { origin: String, message: String },
-    /// A key parsed but its value cannot be used.
-    #[error("config key `{key}`: {reason}")]
-    Invalid { key: &'static str, reason: String },
-}
+/// Why a configuration could not be used: the one type the agent and the
+/// coordinator share, so a config error reads the same from both.
+pub use warden_state::config::ConfigError;
 
 /// The whole agent configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -381,19 +368,13 @@ impl Default for TelemetryConfig {
 impl AgentConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = warden_state::config::read(path)?;
         Self::parse(&text, &path.display().to_string())
     }
 
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_owned(),
-            message: e.to_string(),
-        })?;
+        let cfg: Self = warden_state::config::parse_toml(text, origin)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -18,8 +18,6 @@ pub mod workloads;
 pub use config::AgentConfig;
 pub use daemon::{run, AgentError, Reloader};
 
-use warden_proto::pb;
-
 /// An error and its sources on one line, each cause once (many messages
 /// already quote their source), so "transport error" says what failed
 /// underneath. The one helper for it: logs, refusals and the binary's exit.
@@ -49,21 +47,6 @@ pub fn now_ms() -> i64 {
 pub fn random_id() -> String {
     use rand::Rng;
     format!("{:032x}", rand::rng().random::<u128>())
-}
-
-/// The spool's figures as they go on the wire.
-pub fn spool_state(s: &delivery::spool::SpoolStats) -> pb::SpoolState {
-    pb::SpoolState {
-        pending: s.pending,
-        bytes: s.bytes,
-        max_bytes: s.max_bytes,
-        full: s.full,
-        refused: s.refused,
-        shed: s.shed,
-        shedding: s.shedding,
-        set_aside: s.set_aside,
-        corrupt: s.corrupt,
-    }
 }
 
 #[cfg(test)]

@@ -57,12 +57,7 @@ impl Notifier {
 /// `RELOADING=1` with the monotonic time systemd 253 and later ask for
 /// beside it (older versions ignore the field).
 pub fn reloading() -> String {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into the one we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000;
     format!("RELOADING=1\nMONOTONIC_USEC={usec}")
 }

@@ -4,6 +4,8 @@
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
+use ipnet::Ipv4Net;
+
 use warden_proto::{pb, states::MemberState};
 
 /// The prefix a new cluster's addresses come from when none is given.
@@ -33,45 +35,23 @@ pub enum ClusterError {
     SubnetChange { old: String, new: String },
 }
 
-/// An IPv4 prefix: network address and length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Subnet {
-    pub network: Ipv4Addr,
-    pub prefix: u8,
+/// A cluster's subnet: an IPv4 prefix of /8 to /30, host bits masked
+/// (`10.1.2.3/30` is `10.1.2.0/30`), as `ipnet` holds it.
+fn parse_subnet(s: &str) -> Result<Ipv4Net, ClusterError> {
+    let bad = || ClusterError::BadSubnet(s.to_owned());
+    let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    if !(8..=30).contains(&prefix) {
+        return Err(bad());
+    }
+    Ok(Ipv4Net::new(addr, prefix).map_err(|_| bad())?.trunc())
 }
 
-impl Subnet {
-    pub fn parse(s: &str) -> Result<Subnet, ClusterError> {
-        let bad = || ClusterError::BadSubnet(s.to_owned());
-        let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        if !(8..=30).contains(&prefix) {
-            return Err(bad());
-        }
-        let mask = u32::MAX << (32 - prefix);
-        Ok(Subnet {
-            network: Ipv4Addr::from(u32::from(addr) & mask),
-            prefix,
-        })
-    }
-
-    /// Usable host addresses: not the network, not the broadcast.
-    fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
-        let base = u32::from(self.network);
-        let size = 1u32 << (32 - self.prefix);
-        (1..size - 1).map(move |i| Ipv4Addr::from(base + i))
-    }
-
-    fn room(&self) -> usize {
-        (1usize << (32 - self.prefix)) - 2
-    }
-}
-
-impl std::fmt::Display for Subnet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.network, self.prefix)
-    }
+/// How many members fit: its hosts, not the network, not the broadcast
+/// (what `Ipv4Net::hosts` gives below /31).
+fn room(subnet: &Ipv4Net) -> usize {
+    (1usize << (32 - subnet.prefix_len())) - 2
 }
 
 /// Whether the cluster holds its members now: one made by hand always
@@ -112,12 +92,12 @@ pub fn set_members(
         return Err(ClusterError::BadId(cluster_id.to_owned()));
     }
     let subnet = match (existing, subnet) {
-        (Some(c), "") => Subnet::parse(&c.subnet)?,
-        (None, "") => Subnet::parse(DEFAULT_SUBNET)?,
-        (_, s) => Subnet::parse(s)?,
+        (Some(c), "") => parse_subnet(&c.subnet)?,
+        (None, "") => parse_subnet(DEFAULT_SUBNET)?,
+        (_, s) => parse_subnet(s)?,
     };
     if let Some(c) = existing.filter(|c| !c.members.is_empty()) {
-        let old = Subnet::parse(&c.subnet)?;
+        let old = parse_subnet(&c.subnet)?;
         if old != subnet {
             return Err(ClusterError::SubnetChange {
                 old: old.to_string(),
@@ -141,10 +121,10 @@ pub fn set_members(
             });
         }
     }
-    if nodes.len() > subnet.room() {
+    if nodes.len() > room(&subnet) {
         return Err(ClusterError::Full {
             subnet: subnet.to_string(),
-            room: subnet.room(),
+            room: room(&subnet),
             wanted: nodes.len(),
         });
     }
@@ -165,10 +145,10 @@ pub fn set_members(
                 // Room was checked above, so a free address exists.
                 let a = free.next().ok_or(ClusterError::Full {
                     subnet: subnet.to_string(),
-                    room: subnet.room(),
+                    room: room(&subnet),
                     wanted: nodes.len(),
                 })?;
-                (format!("{a}/{}", subnet.prefix), 0)
+                (format!("{a}/{}", subnet.prefix_len()), 0)
             }
         };
         members.push(pb::ClusterMember {

@@ -8,19 +8,9 @@ use std::{
 
 use serde::Deserialize;
 
-/// Why a configuration could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config {origin}: {message}")]
-    Parse { origin: String, message: String },
-    #[error("config key `{key}`: {reason}")]
-    Invalid { key: &'static str, reason: String },
-}
+/// Why a configuration could not be used: the one type the agent and the
+/// coordinator share, so a config error reads the same from both.
+pub use warden_state::config::ConfigError;
 
 /// The whole coordinator configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -194,19 +184,13 @@ impl Default for CoordinatorConfig {
 impl CoordinatorConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = warden_state::config::read(path)?;
         Self::parse(&text, &path.display().to_string())
     }
 
     /// Parses TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_owned(),
-            message: e.to_string(),
-        })?;
+        let cfg: Self = warden_state::config::parse_toml(text, origin)?;
         let m = cfg.leases.min_coverage;
         if !(0.0..=1.0).contains(&m) {
             return Err(ConfigError::Invalid {

@@ -1,9 +1,11 @@
 //! The files a Warden process keeps on its host, for the agent and the
-//! coordinator alike: directories only their owner may enter, files written
-//! whole with mode 0600, the lock that keeps one process per state directory,
-//! and unix sockets that replace only a stale socket. Nothing here follows a
+//! coordinator alike: the configuration file (read, parsed, and its one
+//! error type), directories only their owner may enter, files written whole
+//! with mode 0600, the lock that keeps one process per state directory, and
+//! unix sockets that replace only a stale socket. Nothing here follows a
 //! symbolic link where one could have been planted.
 
+pub mod config;
 pub mod dir;
 pub mod file;
 pub mod lock;

@@ -269,7 +269,7 @@ impl Uplink {
                     let _ = out.try_send(self.signer.sign_message(types::HEARTBEAT, &pb::Heartbeat {
                         node_id: self.node_id.clone(),
                         time_unix_ms: crate::now_ms(),
-                        spool: Some(crate::spool_state(&spool)),
+                        spool: Some(spool.to_pb()),
                         last_receipt_seq: self.status.borrow().last_receipt_seq,
                     }));
                 }

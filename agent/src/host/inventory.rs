@@ -114,14 +114,8 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     while !p.exists() {
         p = p.parent().unwrap_or(Path::new("/"));
     }
-    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c is a NUL-terminated path and st a valid out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    let st = rustix::fs::statvfs(p)?;
+    Ok(st.f_bavail * st.f_frsize)
 }
 
 /// Whether a TUN device can be opened (the mesh needs it).

@@ -31,7 +31,7 @@ pub async fn run(
         }
         let body = pb::record::Body::Telemetry(pb::Telemetry {
             host: Some(crate::host::facts::sample()),
-            spool: Some(crate::spool_state(&spool.borrow())),
+            spool: Some(spool.borrow().to_pb()),
             mesh_peers: mesh
                 .borrow()
                 .as_ref()

@@ -28,7 +28,7 @@ use super::{
     peers::{split_config, Peer},
     rtt::Pinger,
     tun::Tun,
-    uapi::{IpNet, Key, Op},
+    uapi::{parse_net, Key, Op},
 };
 
 /// A config to apply, and where to say how it went: `Ok` with notes (peers
@@ -123,7 +123,7 @@ pub fn wanted(
         };
         let mut peer = Peer::new(key);
         for a in &p.allowed_ips {
-            match a.parse::<IpNet>() {
+            match parse_net(a) {
                 Ok(n) => peer.allowed_ips.push(n),
                 Err(e) => {
                     errors.push(format!("peer {who}: allowed IP `{a}`: {e}; left out"));
@@ -319,7 +319,7 @@ impl MeshNode {
                             .iter()
                             .filter_map(|peer| {
                                 let first = peer.allowed_ips.first()?;
-                                match first.addr {
+                                match first.addr() {
                                     IpAddr::V4(a) => Some((peer.public_key, a)),
                                     IpAddr::V6(_) => None,
                                 }
@@ -355,11 +355,8 @@ impl MeshNode {
             }
             return Ok(String::new());
         }
-        let (addr, prefix) = match cfg.address.parse::<IpNet>() {
-            Ok(IpNet {
-                addr: IpAddr::V4(a),
-                prefix,
-            }) => (a, prefix),
+        let (addr, prefix) = match parse_net(&cfg.address) {
+            Ok(ipnet::IpNet::V4(n)) => (n.addr(), n.prefix_len()),
             _ => {
                 return Err(format!(
                     "mesh address `{}` is not IPv4 ADDR/PREFIX",

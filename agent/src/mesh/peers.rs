@@ -19,7 +19,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use super::uapi::{mask, IpNet, Key, Op, PeerOp};
+use super::uapi::{new_net, overlaps, IpNet, Key, Op, PeerOp};
 
 /// One peer as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +52,7 @@ impl Peer {
     /// The form the table keeps: allowed IPs masked to their networks,
     /// sorted and without duplicates; an all-zero preshared key is none.
     pub fn normalized(&self) -> Peer {
-        let mut ips: Vec<IpNet> = self.allowed_ips.iter().map(IpNet::network).collect();
+        let mut ips: Vec<IpNet> = self.allowed_ips.iter().map(IpNet::trunc).collect();
         ips.sort();
         ips.dedup();
         Peer {
@@ -199,7 +199,7 @@ impl Table {
             self.unindex(&net);
         }
         for net in &op.allowed_ips {
-            self.claim(k, net.network(), changes);
+            self.claim(k, net.trunc(), changes);
         }
         match before {
             None => changes.push(Change::Added(k)),
@@ -218,7 +218,12 @@ impl Table {
                 }
                 note_updated(changes, owner);
             }
-            None => *self.lens_mut(net.addr).entry(net.prefix).or_insert(0) += 1,
+            None => {
+                *self
+                    .lens_mut(net.addr())
+                    .entry(net.prefix_len())
+                    .or_insert(0) += 1
+            }
         }
         self.owners.insert(net, k);
         if let Some(e) = self.peers.get_mut(&k) {
@@ -233,11 +238,11 @@ impl Table {
         if self.owners.remove(net).is_none() {
             return;
         }
-        let lens = self.lens_mut(net.addr);
-        if let Some(n) = lens.get_mut(&net.prefix) {
+        let lens = self.lens_mut(net.addr());
+        if let Some(n) = lens.get_mut(&net.prefix_len()) {
             *n -= 1;
             if *n == 0 {
-                lens.remove(&net.prefix);
+                lens.remove(&net.prefix_len());
             }
         }
     }
@@ -266,11 +271,11 @@ impl Table {
             IpAddr::V4(_) => &self.v4_lens,
             IpAddr::V6(_) => &self.v6_lens,
         };
+        // The lengths in `lens` are of `dst`'s family, so `new_net` never
+        // refuses one.
         lens.keys().rev().find_map(|&prefix| {
-            self.owners.get(&IpNet {
-                addr: mask(dst, prefix),
-                prefix,
-            })
+            let net = new_net(dst, prefix).ok()?.trunc();
+            self.owners.get(&net)
         })
     }
 
@@ -388,9 +393,10 @@ fn with_key_only(k: Key) -> PeerOp {
     op
 }
 
-/// Why a pushed peer was left out.
+/// Why a peer pushed by the coordinator was refused from the peer table
+/// (left out of the config applied; the other peers go on).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfigError {
+pub enum PeerRefusal {
     /// The same public key appears again; the first entry is kept.
     #[error("peer {} is listed more than once; the first entry is used", hex::encode(.0))]
     DuplicatePeer(Key),
@@ -414,7 +420,7 @@ pub enum ConfigError {
 /// after it are checked only against accepted peers, so one bad entry
 /// costs only itself. Overlaps are found by comparing every pair of
 /// prefixes: fine for the few thousand a mesh holds.
-pub fn split_config(desired: &[Peer]) -> (Vec<Peer>, Vec<(Key, ConfigError)>) {
+pub fn split_config(desired: &[Peer]) -> (Vec<Peer>, Vec<(Key, PeerRefusal)>) {
     let mut ok: Vec<Peer> = Vec::new();
     let mut errors = Vec::new();
     let mut seen: HashSet<Key> = HashSet::new();
@@ -422,15 +428,15 @@ pub fn split_config(desired: &[Peer]) -> (Vec<Peer>, Vec<(Key, ConfigError)>) {
     'peers: for p in desired {
         let k = p.public_key;
         if !seen.insert(k) {
-            errors.push((k, ConfigError::DuplicatePeer(k)));
+            errors.push((k, PeerRefusal::DuplicatePeer(k)));
             continue;
         }
         let p = p.normalized();
         for net in &p.allowed_ips {
-            if let Some((other, owner)) = taken.iter().find(|(t, _)| t.overlaps(net)) {
+            if let Some((other, owner)) = taken.iter().find(|(t, _)| overlaps(t, net)) {
                 errors.push((
                     k,
-                    ConfigError::Overlap {
+                    PeerRefusal::Overlap {
                         net: *net,
                         other: *other,
                         owner: *owner,
@@ -446,7 +452,7 @@ pub fn split_config(desired: &[Peer]) -> (Vec<Peer>, Vec<(Key, ConfigError)>) {
 }
 
 /// The errors of [`split_config`]: which pushed peers are left out, and why.
-pub fn check_config(desired: &[Peer]) -> Vec<(Key, ConfigError)> {
+pub fn check_config(desired: &[Peer]) -> Vec<(Key, PeerRefusal)> {
     split_config(desired).1
 }
 
@@ -460,7 +466,7 @@ mod tests {
     }
 
     fn net(s: &str) -> IpNet {
-        s.parse().unwrap()
+        crate::mesh::uapi::parse_net(s).unwrap()
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -863,7 +869,7 @@ mod tests {
             vec![
                 (
                     k(2),
-                    ConfigError::Overlap {
+                    PeerRefusal::Overlap {
                         net: net("10.0.1.0/24"),
                         other: net("10.0.1.0/24"),
                         owner: k(1)
@@ -871,7 +877,7 @@ mod tests {
                 ),
                 (
                     k(3),
-                    ConfigError::Overlap {
+                    PeerRefusal::Overlap {
                         net: net("10.0.1.5/32"),
                         other: net("10.0.1.0/24"),
                         owner: k(1)
@@ -879,7 +885,7 @@ mod tests {
                 ),
                 (
                     k(4),
-                    ConfigError::Overlap {
+                    PeerRefusal::Overlap {
                         net: net("10.0.0.0/16"),
                         other: net("10.0.1.0/24"),
                         owner: k(1)
@@ -916,7 +922,7 @@ mod tests {
         };
         let (ok, errors) = split_config(&[full_peer(1), again]);
         assert_eq!(ok, vec![full_peer(1)]);
-        assert_eq!(errors, vec![(k(1), ConfigError::DuplicatePeer(k(1)))]);
+        assert_eq!(errors, vec![(k(1), PeerRefusal::DuplicatePeer(k(1)))]);
         // A peer's own prefixes may nest.
         let nested = Peer {
             allowed_ips: vec![net("10.0.0.0/8"), net("10.0.0.1/32")],
@@ -928,17 +934,10 @@ mod tests {
     fn arb_peer() -> impl Strategy<Value = Peer> {
         let nets = proptest::collection::vec(
             prop_oneof![
-                (0u8..4, prop_oneof![Just(8u8), Just(16), Just(24), Just(32)]).prop_map(
-                    |(b, p)| IpNet {
-                        addr: IpAddr::from([10, b, b, 1]),
-                        prefix: p
-                    }
-                ),
+                (0u8..4, prop_oneof![Just(8u8), Just(16), Just(24), Just(32)])
+                    .prop_map(|(b, p)| new_net(IpAddr::from([10, b, b, 1]), p).unwrap()),
                 (0u16..4, prop_oneof![Just(0u8), Just(64), Just(128)]).prop_map(|(b, p)| {
-                    IpNet {
-                        addr: IpAddr::from([0xfd00, b, 0, 0, 0, 0, 0, 1]),
-                        prefix: p,
-                    }
+                    new_net(IpAddr::from([0xfd00, b, 0, 0, 0, 0, 0, 1]), p).unwrap()
                 }),
             ],
             0..3,
@@ -1039,8 +1038,8 @@ mod tests {
             let best = t
                 .peers()
                 .flat_map(|p| p.allowed_ips.iter().map(move |n| (n, p.public_key)))
-                .filter(|(n, _)| n.contains(probe))
-                .max_by_key(|(n, _)| n.prefix)
+                .filter(|(n, _)| n.contains(&probe))
+                .max_by_key(|(n, _)| n.prefix_len())
                 .map(|(_, k)| k);
             prop_assert_eq!(t.lookup(probe).copied(), best);
         }

@@ -15,8 +15,7 @@
 //! wireguard-go does for every malformed value or unknown key.
 
 use std::{
-    fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     str::FromStr,
     time::Duration,
 };
@@ -104,17 +103,12 @@ impl PeerOp {
     }
 }
 
-/// An IP prefix, `ADDR/CIDR`. Parsing keeps the address as given (host
-/// bits included, as `wg set` may send `10.0.0.1/24`); [`IpNet::network`]
-/// masks them, and everything that compares prefixes (the peer table, the
-/// config checks) compares masked networks, as WireGuard itself does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IpNet {
-    /// The address as given.
-    pub addr: IpAddr,
-    /// Prefix length: at most 32 for IPv4, 128 for IPv6.
-    pub prefix: u8,
-}
+/// An IP prefix, `ADDR/CIDR` (the `ipnet` crate's). [`parse_net`] keeps
+/// the address as given (host bits included, as `wg set` may send
+/// `10.0.0.1/24`); `IpNet::trunc` masks them, and everything that compares
+/// prefixes (the peer table, the config checks) compares masked networks,
+/// as WireGuard itself does.
+pub use ipnet::IpNet;
 
 /// Why a prefix was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -140,101 +134,36 @@ pub enum IpNetError {
     },
 }
 
-impl IpNet {
-    /// A prefix, refusing lengths beyond the address family's.
-    pub fn new(addr: IpAddr, prefix: u8) -> Result<IpNet, IpNetError> {
-        let max = max_prefix(addr);
-        if prefix > max {
-            return Err(IpNetError::PrefixTooLong { addr, prefix, max });
-        }
-        Ok(IpNet { addr, prefix })
-    }
-
-    /// The same prefix with the host bits cleared (`10.0.0.1/24` →
-    /// `10.0.0.0/24`).
-    pub fn network(&self) -> IpNet {
-        IpNet {
-            addr: mask(self.addr, self.prefix),
-            prefix: self.prefix,
-        }
-    }
-
-    /// Whether `ip` lies inside this prefix (never across families).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
-                mask(ip, self.prefix) == mask(self.addr, self.prefix)
-            }
-            _ => false,
-        }
-    }
-
-    /// Whether the two prefixes share any address (one contains the other).
-    pub fn overlaps(&self, other: &IpNet) -> bool {
-        let shorter = if self.prefix <= other.prefix {
-            self
-        } else {
-            other
-        };
-        let longer = if self.prefix <= other.prefix {
-            other
-        } else {
-            self
-        };
-        shorter.contains(longer.addr)
-    }
+/// A prefix, refusing lengths beyond the address family's (`ipnet`'s own
+/// error does not say which family, nor its limit).
+pub fn new_net(addr: IpAddr, prefix: u8) -> Result<IpNet, IpNetError> {
+    IpNet::new(addr, prefix).map_err(|ipnet::PrefixLenError| IpNetError::PrefixTooLong {
+        addr,
+        prefix,
+        max: match addr {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
+        },
+    })
 }
 
-fn max_prefix(addr: IpAddr) -> u8 {
-    match addr {
-        IpAddr::V4(_) => 32,
-        IpAddr::V6(_) => 128,
-    }
+/// `ADDR/CIDR` as UAPI sends it: the address kept as given, the length in
+/// ASCII digits only (Go's parse refuses a leading `+`, which `ipnet`'s
+/// `FromStr` would not name), errors saying which part was wrong.
+pub fn parse_net(s: &str) -> Result<IpNet, IpNetError> {
+    let (addr, prefix) = s.split_once('/').ok_or(IpNetError::NoSlash)?;
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| IpNetError::BadAddr(clip(addr).to_string()))?;
+    let prefix = parse_decimal::<u8>(prefix)
+        .ok_or_else(|| IpNetError::BadPrefix(clip(prefix).to_string()))?;
+    new_net(addr, prefix)
 }
 
-/// `ip` with all but the first `prefix` bits cleared (`prefix` is clamped to
-/// the family's length).
-pub(crate) fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(a) => {
-            let bits = u32::from(a);
-            let m = match prefix {
-                0 => 0,
-                p if p >= 32 => u32::MAX,
-                p => u32::MAX << (32 - p),
-            };
-            IpAddr::V4(Ipv4Addr::from(bits & m))
-        }
-        IpAddr::V6(a) => {
-            let bits = u128::from(a);
-            let m = match prefix {
-                0 => 0,
-                p if p >= 128 => u128::MAX,
-                p => u128::MAX << (128 - p),
-            };
-            IpAddr::V6(Ipv6Addr::from(bits & m))
-        }
-    }
-}
-
-impl FromStr for IpNet {
-    type Err = IpNetError;
-
-    fn from_str(s: &str) -> Result<IpNet, IpNetError> {
-        let (addr, prefix) = s.split_once('/').ok_or(IpNetError::NoSlash)?;
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| IpNetError::BadAddr(clip(addr).to_string()))?;
-        let prefix = parse_decimal::<u8>(prefix)
-            .ok_or_else(|| IpNetError::BadPrefix(clip(prefix).to_string()))?;
-        IpNet::new(addr, prefix)
-    }
-}
-
-impl fmt::Display for IpNet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
+/// Whether the two prefixes share any address (one contains the other;
+/// never across families).
+pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(b) || b.contains(a)
 }
 
 /// Why a request was refused. Messages name the line (1 is the `set=1`
@@ -479,11 +408,9 @@ pub fn parse_request(text: &str) -> Result<Request, UapiError> {
                                 .ok_or_else(|| invalid("expected seconds, 0 to 65535".into()))?,
                         )
                     }
-                    "allowed_ip" => p.allowed_ips.push(
-                        value
-                            .parse()
-                            .map_err(|e: IpNetError| invalid(e.to_string()))?,
-                    ),
+                    "allowed_ip" => p
+                        .allowed_ips
+                        .push(parse_net(value).map_err(|e| invalid(e.to_string()))?),
                     _ => {
                         if value != "1" {
                             return Err(invalid("only protocol version 1 exists".into()));
@@ -631,6 +558,7 @@ pub fn render_set(ops: &[Op]) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     const A: &str = "e84b5a6d2717c1003a13b431570353dbaca9146cf150c5f8575680feba52027a";
     const B: &str = "b85996fecc9c7f1fc6d2572a76eda11d59bcd20be8e543b15ce4bd85a8e75a33";
@@ -641,7 +569,7 @@ mod tests {
     }
 
     fn net(s: &str) -> IpNet {
-        s.parse().unwrap()
+        parse_net(s).unwrap()
     }
 
     fn set(ops: &[Op]) -> Request {
@@ -969,31 +897,31 @@ mod tests {
     fn ipnet_parses_displays_and_masks() {
         let n = net("10.1.2.3/24");
         assert_eq!(n.to_string(), "10.1.2.3/24");
-        assert_eq!(n.network(), net("10.1.2.0/24"));
-        assert_eq!(net("fd00::1:2/112").network().to_string(), "fd00::1:0/112");
-        assert_eq!(net("fd00::1:2/96").network().to_string(), "fd00::/96");
-        assert_eq!(net("10.0.0.1/0").network(), net("0.0.0.0/0"));
-        assert_eq!(net("10.0.0.1/32").network(), net("10.0.0.1/32"));
+        assert_eq!(n.trunc(), net("10.1.2.0/24"));
+        assert_eq!(net("fd00::1:2/112").trunc().to_string(), "fd00::1:0/112");
+        assert_eq!(net("fd00::1:2/96").trunc().to_string(), "fd00::/96");
+        assert_eq!(net("10.0.0.1/0").trunc(), net("0.0.0.0/0"));
+        assert_eq!(net("10.0.0.1/32").trunc(), net("10.0.0.1/32"));
         assert!(matches!(
-            "10.0.0.0/33".parse::<IpNet>(),
+            parse_net("10.0.0.0/33"),
             Err(IpNetError::PrefixTooLong { max: 32, .. })
         ));
         assert!(matches!(
-            "::/129".parse::<IpNet>(),
+            parse_net("::/129"),
             Err(IpNetError::PrefixTooLong { max: 128, .. })
         ));
-        assert!("::/128".parse::<IpNet>().is_ok());
-        assert_eq!("10.0.0.0".parse::<IpNet>(), Err(IpNetError::NoSlash));
+        assert!(parse_net("::/128").is_ok());
+        assert_eq!(parse_net("10.0.0.0"), Err(IpNetError::NoSlash));
         assert!(matches!(
-            "10.0.0.0/+8".parse::<IpNet>(),
+            parse_net("10.0.0.0/+8"),
             Err(IpNetError::BadPrefix(_))
         ));
-        assert!(net("10.0.0.0/8").contains("10.255.0.1".parse().unwrap()));
-        assert!(!net("10.0.0.0/8").contains("11.0.0.1".parse().unwrap()));
-        assert!(!net("0.0.0.0/0").contains("::1".parse().unwrap()));
-        assert!(net("10.0.0.0/8").overlaps(&net("10.9.0.0/16")));
-        assert!(net("10.9.0.0/16").overlaps(&net("10.0.0.0/8")));
-        assert!(!net("10.9.0.0/16").overlaps(&net("10.8.0.0/16")));
+        assert!(net("10.0.0.0/8").contains(&"10.255.0.1".parse::<IpAddr>().unwrap()));
+        assert!(!net("10.0.0.0/8").contains(&"11.0.0.1".parse::<IpAddr>().unwrap()));
+        assert!(!net("0.0.0.0/0").contains(&"::1".parse::<IpAddr>().unwrap()));
+        assert!(overlaps(&net("10.0.0.0/8"), &net("10.9.0.0/16")));
+        assert!(overlaps(&net("10.9.0.0/16"), &net("10.0.0.0/8")));
+        assert!(!overlaps(&net("10.9.0.0/16"), &net("10.8.0.0/16")));
     }
 
     fn sample_device() -> DeviceView {
@@ -1084,14 +1012,10 @@ mod tests {
 
     fn arb_net() -> impl Strategy<Value = IpNet> {
         prop_oneof![
-            (any::<u32>(), 0u8..=32).prop_map(|(a, p)| IpNet {
-                addr: IpAddr::V4(Ipv4Addr::from(a)),
-                prefix: p
-            }),
-            (any::<u128>(), 0u8..=128).prop_map(|(a, p)| IpNet {
-                addr: IpAddr::V6(Ipv6Addr::from(a)),
-                prefix: p
-            }),
+            (any::<u32>(), 0u8..=32)
+                .prop_map(|(a, p)| new_net(IpAddr::V4(Ipv4Addr::from(a)), p).unwrap()),
+            (any::<u128>(), 0u8..=128)
+                .prop_map(|(a, p)| new_net(IpAddr::V6(Ipv6Addr::from(a)), p).unwrap()),
         ]
     }
 
@@ -1177,9 +1101,9 @@ mod tests {
 
         #[test]
         fn ipnet_round_trips(n in arb_net()) {
-            prop_assert_eq!(n.to_string().parse::<IpNet>(), Ok(n));
-            prop_assert!(n.contains(n.addr));
-            prop_assert_eq!(n.network().network(), n.network());
+            prop_assert_eq!(parse_net(&n.to_string()), Ok(n));
+            prop_assert!(n.contains(&n.addr()));
+            prop_assert_eq!(n.trunc().trunc(), n.trunc());
         }
     }
 }

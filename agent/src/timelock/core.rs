@@ -608,7 +608,8 @@ mod tests {
     //! way the edges would.
 
     use super::*;
-    use crate::workloads::book::{Container, ContainerStatus};
+    use crate::workloads::book::Container;
+    use warden_proto::states::ContainerStatus;
 
     const GPU: &str = "GPU-a";
     const AGENT_PID: u32 = 4242;
@@ -636,7 +637,7 @@ mod tests {
                     name: format!("n-{c}"),
                     image: "img".into(),
                     id: (*c).into(),
-                    state: ContainerStatus::Running,
+                    state: ContainerStatus::Running.into(),
                     exit_code: 0,
                     health: String::new(),
                     time_unix_ms: t1,

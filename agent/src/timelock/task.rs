@@ -32,7 +32,7 @@ use warden_proto::pb;
 
 use super::{
     core::{Action, ChainState, Core, Enforcing, GpuRequests, HostScan, Settings},
-    enforce::{self, Policy, Seen},
+    enforce::{exec, Policy, Seen},
     procs,
 };
 use crate::{
@@ -155,7 +155,7 @@ fn spawn_kill(
     mut ev: pb::EnforcementEvent,
 ) {
     tokio::spawn(async move {
-        let o = enforce::kill_process(pid, start_time, grace).await;
+        let o = exec::kill_process(pid, start_time, grace).await;
         ev.outcome = o.outcome.to_string();
         ev.sigterm_unix_ms = o.sigterm_at_ms.unwrap_or(0);
         ev.sigkill_unix_ms = o.sigkill_at_ms.unwrap_or(0);

@@ -8,74 +8,69 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use warden_proto::pb;
+use warden_proto::{pb, states};
 
-/// Where a lease's container is: Docker's own states, and three of
-/// Warden's. The words are the book's (`book.json`), the status document's
-/// and the wire's (`ContainerState.state`).
+/// Where a lease's container is, as this agent observed it: one of the
+/// states the protocol names ([`states::ContainerStatus`]: running, exited,
+/// oom-killed, removed, missing), or any other word Docker used (created,
+/// paused, restarting, removing, dead, or a later Docker's), kept as said.
+/// The text is the book's (`book.json`), the status document's and the
+/// wire's (`ContainerState.state`, written in [`Container::to_pb`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ContainerStatus {
-    Created,
-    Running,
-    Paused,
-    Restarting,
-    Removing,
-    Exited,
-    Dead,
-    /// Killed by the kernel for exceeding its memory limit; the die event
-    /// that follows keeps saying so.
-    OomKilled,
-    /// In the book, but Docker had no such container when reconciled.
-    Missing,
-    /// Stopped and removed by Warden.
-    Removed,
-    /// A state Docker reported that this agent does not know, kept as said.
-    #[serde(untagged)]
-    Other(String),
+#[serde(from = "String", into = "String")]
+pub enum ObservedStatus {
+    /// A state the protocol names.
+    Known(states::ContainerStatus),
+    /// Docker's word for a state the protocol does not name.
+    Docker(String),
 }
 
-impl ContainerStatus {
-    const KNOWN: [ContainerStatus; 10] = [
-        ContainerStatus::Created,
-        ContainerStatus::Running,
-        ContainerStatus::Paused,
-        ContainerStatus::Restarting,
-        ContainerStatus::Removing,
-        ContainerStatus::Exited,
-        ContainerStatus::Dead,
-        ContainerStatus::OomKilled,
-        ContainerStatus::Missing,
-        ContainerStatus::Removed,
-    ];
-
+impl ObservedStatus {
     /// The word on the wire.
     pub fn as_str(&self) -> &str {
         match self {
-            ContainerStatus::Created => "created",
-            ContainerStatus::Running => "running",
-            ContainerStatus::Paused => "paused",
-            ContainerStatus::Restarting => "restarting",
-            ContainerStatus::Removing => "removing",
-            ContainerStatus::Exited => "exited",
-            ContainerStatus::Dead => "dead",
-            ContainerStatus::OomKilled => "oom-killed",
-            ContainerStatus::Missing => "missing",
-            ContainerStatus::Removed => "removed",
-            ContainerStatus::Other(s) => s,
+            ObservedStatus::Known(s) => s.as_str(),
+            ObservedStatus::Docker(s) => s,
         }
     }
 
-    /// A state as Docker words it.
-    pub fn from_docker(state: &str) -> ContainerStatus {
-        Self::KNOWN
-            .into_iter()
-            .find(|k| k.as_str() == state)
-            .unwrap_or_else(|| ContainerStatus::Other(state.to_owned()))
+    /// A state as Docker words it (or as the book stored it).
+    pub fn from_docker(state: &str) -> ObservedStatus {
+        match states::ContainerStatus::parse(state) {
+            Some(s) => ObservedStatus::Known(s),
+            None => ObservedStatus::Docker(state.to_owned()),
+        }
     }
 }
 
-impl std::fmt::Display for ContainerStatus {
+impl From<states::ContainerStatus> for ObservedStatus {
+    fn from(s: states::ContainerStatus) -> Self {
+        ObservedStatus::Known(s)
+    }
+}
+
+impl PartialEq<states::ContainerStatus> for ObservedStatus {
+    fn eq(&self, other: &states::ContainerStatus) -> bool {
+        *self == ObservedStatus::Known(*other)
+    }
+}
+
+impl From<String> for ObservedStatus {
+    fn from(s: String) -> Self {
+        ObservedStatus::from_docker(&s)
+    }
+}
+
+impl From<ObservedStatus> for String {
+    fn from(s: ObservedStatus) -> String {
+        match s {
+            ObservedStatus::Known(k) => k.as_str().to_owned(),
+            ObservedStatus::Docker(w) => w,
+        }
+    }
+}
+
+impl std::fmt::Display for ObservedStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
@@ -88,7 +83,7 @@ pub struct Container {
     pub image: String,
     /// Docker's id once created.
     pub id: String,
-    pub state: ContainerStatus,
+    pub state: ObservedStatus,
     pub exit_code: i64,
     pub health: String,
     pub time_unix_ms: i64,
@@ -383,7 +378,7 @@ mod tests {
             name: "main".into(),
             image: "busybox".into(),
             id: "abc".into(),
-            state: ContainerStatus::Running,
+            state: states::ContainerStatus::Running.into(),
             exit_code: 0,
             health: String::new(),
             time_unix_ms: 5,
@@ -398,20 +393,32 @@ mod tests {
 
     #[test]
     fn container_states_keep_their_words() {
-        for k in ContainerStatus::KNOWN {
+        let words = states::ContainerStatus::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .chain(["created", "paused", "restarting", "removing", "dead"]);
+        for word in words {
+            let k = ObservedStatus::from_docker(word);
+            assert_eq!(k.as_str(), word);
             let json = serde_json::to_string(&k).unwrap();
-            assert_eq!(json, format!("\"{}\"", k.as_str()));
-            assert_eq!(serde_json::from_str::<ContainerStatus>(&json).unwrap(), k);
-            assert_eq!(ContainerStatus::from_docker(k.as_str()), k);
+            assert_eq!(json, format!("\"{word}\""));
+            assert_eq!(serde_json::from_str::<ObservedStatus>(&json).unwrap(), k);
         }
-        assert_eq!(ContainerStatus::OomKilled.as_str(), "oom-killed");
+        assert_eq!(
+            ObservedStatus::from_docker("oom-killed"),
+            states::ContainerStatus::OomKilled
+        );
+        assert_eq!(
+            ObservedStatus::from(states::ContainerStatus::OomKilled).as_str(),
+            "oom-killed"
+        );
         // A word Docker may add later, or none, is kept as said.
-        for word in ["hibernating", ""] {
-            let other = ContainerStatus::from_docker(word);
-            assert_eq!(other, ContainerStatus::Other(word.into()));
+        for word in ["hibernating", "paused", ""] {
+            let other = ObservedStatus::from_docker(word);
+            assert_eq!(other, ObservedStatus::Docker(word.into()));
             let json = serde_json::to_string(&other).unwrap();
             assert_eq!(
-                serde_json::from_str::<ContainerStatus>(&json).unwrap(),
+                serde_json::from_str::<ObservedStatus>(&json).unwrap(),
                 other
             );
         }

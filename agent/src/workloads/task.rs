@@ -20,12 +20,15 @@ use std::{
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use warden_proto::{pb, states::WorkloadEventKind};
+use warden_proto::{
+    pb,
+    states::{ContainerStatus, WorkloadEventKind},
+};
 
 use crate::delivery::outbox::Outbox;
 
 use super::{
-    book::{Book, Container, ContainerStatus, Lease},
+    book::{Book, Container, Lease, ObservedStatus},
     confine::{self, WorkloadConfig, LABEL_LEASE, LABEL_NAME, LABEL_NODE},
     docker::{ContainerEvent, Docker, EventKind},
     hostpath,
@@ -315,9 +318,9 @@ impl State {
             if let Some(c) = self.book.container_mut(&lease, &name) {
                 c.id = m.id.clone();
                 c.state = if m.running {
-                    ContainerStatus::Running
+                    ContainerStatus::Running.into()
                 } else {
-                    ContainerStatus::from_docker(&m.state)
+                    ObservedStatus::from_docker(&m.state)
                 };
                 c.time_unix_ms = crate::now_ms();
                 seen.push((lease.clone(), name.clone()));
@@ -354,7 +357,7 @@ impl State {
                 if !seen.contains(&(lease.id.clone(), c.name.clone()))
                     && c.state != ContainerStatus::Missing
                 {
-                    c.state = ContainerStatus::Missing;
+                    c.state = ContainerStatus::Missing.into();
                     events.push(wev(
                         &lease.id,
                         &c.name,
@@ -435,10 +438,10 @@ impl State {
                         c.exit_code = exit_code
                     }
                     (EventKind::Die { .. }, Some(s)) => {
-                        c.state = s;
+                        c.state = s.into();
                         c.exit_code = exit_code;
                     }
-                    (_, Some(s)) => c.state = s,
+                    (_, Some(s)) => c.state = s.into(),
                     _ => {}
                 }
                 c.time_unix_ms = ev.time_unix_ms;
@@ -642,7 +645,7 @@ impl State {
             name: spec.name.clone(),
             image: spec.image.clone(),
             id,
-            state: ContainerStatus::Running,
+            state: ContainerStatus::Running.into(),
             exit_code: 0,
             health: String::new(),
             time_unix_ms: created_ms,
@@ -774,7 +777,7 @@ impl State {
         for c in &lease.containers {
             let mut s = c.to_pb(&lease.id);
             match docker.stop_and_remove(&c.id, grace).await {
-                Ok(()) => s.state = ContainerStatus::Removed.to_string(),
+                Ok(()) => s.state = ContainerStatus::Removed.into(),
                 Err(e) => errors.push(format!("{}: {e}", c.name)),
             }
             s.time_unix_ms = crate::now_ms();
@@ -849,7 +852,7 @@ impl State {
         }
         self.save();
         let mut s = c.to_pb(&sc.lease_id);
-        s.state = ContainerStatus::Removed.to_string();
+        s.state = ContainerStatus::Removed.into();
         s.time_unix_ms = crate::now_ms();
         Ok(vec![s])
     }

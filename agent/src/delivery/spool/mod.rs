@@ -108,6 +108,23 @@ pub struct SpoolStats {
     pub acked_through: u64,
 }
 
+impl SpoolStats {
+    /// The figures as they go on the wire (heartbeats, telemetry).
+    pub fn to_pb(&self) -> warden_proto::pb::SpoolState {
+        warden_proto::pb::SpoolState {
+            pending: self.pending,
+            bytes: self.bytes,
+            max_bytes: self.max_bytes,
+            full: self.full,
+            refused: self.refused,
+            shed: self.shed,
+            shedding: self.shedding,
+            set_aside: self.set_aside,
+            corrupt: self.corrupt,
+        }
+    }
+}
+
 /// Why a spool operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {

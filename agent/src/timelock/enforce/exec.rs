@@ -14,13 +14,9 @@
 //! "Exited" means gone from procfs, recycled, or a zombie (state `Z`: dead,
 //! not yet reaped by its parent; it holds no device any more).
 
-use std::{
-    io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    path::Path,
-    time::Duration,
-};
+use std::{io, os::fd::OwnedFd, path::Path, time::Duration};
 
+use rustix::process::{Pid, PidfdFlags, Signal};
 use tokio::io::{unix::AsyncFd, Interest};
 
 use crate::{now_ms, timelock::procs};
@@ -118,7 +114,7 @@ async fn kill_with(pid: u32, start_time: u64, grace: Duration, use_pidfd: bool) 
         }
     };
 
-    if let Err(result) = target.signal(libc::SIGTERM) {
+    if let Err(result) = target.signal(Signal::TERM) {
         out.outcome = result;
         return out;
     }
@@ -129,7 +125,7 @@ async fn kill_with(pid: u32, start_time: u64, grace: Duration, use_pidfd: bool) 
         return out;
     }
 
-    match target.signal(libc::SIGKILL) {
+    match target.signal(Signal::KILL) {
         Ok(()) => out.sigkill_at_ms = Some(now_ms()),
         // It went between the end of the wait and SIGKILL.
         Err(KillResult::AlreadyGone | KillResult::PidReused) => {
@@ -180,7 +176,7 @@ impl Target {
     /// Takes hold of the process, checking it is the one meant and running.
     fn open(pid: u32, start_time: u64, use_pidfd: bool) -> Result<Target, KillResult> {
         let fd = if use_pidfd {
-            pidfd_open(pid)
+            rustix::process::pidfd_open(as_pid(pid)?, PidfdFlags::empty()).map_err(io::Error::from)
         } else {
             Err(io::Error::from_raw_os_error(libc::ENOSYS))
         };
@@ -206,36 +202,23 @@ impl Target {
         }
     }
 
-    fn signal(&self, sig: libc::c_int) -> Result<(), KillResult> {
-        let rc = match self {
-            // SAFETY: a plain syscall on a descriptor we own; no pointers
-            // besides the null siginfo the call documents.
-            Target::Pidfd(afd) => unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    afd.get_ref().as_raw_fd(),
-                    sig,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                ) as i32
-            },
+    fn signal(&self, sig: Signal) -> Result<(), KillResult> {
+        let sent = match self {
+            Target::Pidfd(afd) => rustix::process::pidfd_send_signal(afd.get_ref(), sig),
             Target::Pid { pid, start_time } => match liveness(*pid, *start_time) {
-                Liveness::Running => {
-                    // SAFETY: kill(2) with a pid checked to be in 2..=i32::MAX.
-                    unsafe { libc::kill(*pid as libc::pid_t, sig) }
-                }
+                Liveness::Running => rustix::process::kill_process(as_pid(*pid)?, sig),
                 Liveness::Exited => return Err(KillResult::AlreadyGone),
                 Liveness::Reused => return Err(KillResult::PidReused),
             },
         };
-        if rc == 0 {
+        let Err(e) = sent else {
             return Ok(());
-        }
-        let e = io::Error::last_os_error();
+        };
+        let e = io::Error::from(e);
         Err(match e.raw_os_error() {
             Some(libc::ESRCH) => KillResult::AlreadyGone,
             Some(libc::EPERM) => KillResult::PermissionDenied,
-            _ => KillResult::Error(format!("signal {sig}: {e}")),
+            _ => KillResult::Error(format!("signal {}: {e}", sig.as_raw())),
         })
     }
 
@@ -262,14 +245,13 @@ impl Target {
     }
 }
 
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+/// `pid` as the kernel's type; `kill_with` refused pids outside
+/// 2..=i32::MAX before any call gets here.
+fn as_pid(pid: u32) -> Result<Pid, KillResult> {
+    i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or(KillResult::Refused)
 }
 
 #[cfg(test)]

@@ -1,17 +1,16 @@
 //! Enforcement of a lease: who may hold a leased GPU.
 //!
 //! [`decide`] is the policy, pure: the GPU holders of one scan and the
-//! active leases in, one [`Decision`] per process or container out. The
-//! executor that ends a foreign process is [`exec::kill_process`]; stopping
-//! a foreign container is the Docker edge's job, given the id.
+//! active leases in, one [`Decision`] per process or container out. Nothing
+//! here signals anything: the executor that ends a foreign process is the
+//! edge beside it, `exec` (callers import it by that name); stopping a
+//! foreign container is the Docker edge's job, given the id.
 
 pub mod exec;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::timelock::procs::parse::{self as procs, Holder};
-
-pub use exec::{kill_process, KillOutcome, KillResult};
 
 /// Executables allowed to hold any GPU by default: `nvidia-persistenced`,
 /// which keeps every device open so the driver stays initialised.
@@ -146,7 +145,7 @@ impl AllowReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub pid: u32,
-    /// The process's start time, for [`kill_process`]'s pid-reuse guard.
+    /// The process's start time, for `exec::kill_process`'s pid-reuse guard.
     pub start_time: u64,
     pub exe: String,
     pub container: Option<String>,
