@@ -9,9 +9,11 @@
 //! `max_in_flight` unacknowledged) and heartbeats. A record leaves the
 //! spool only on a receipt that verifies against the pinned coordinator
 //! key, for this node, with the digest of what was sent; or, refused for
-//! good by a refusal that verifies likewise, to the set-aside log. The
-//! window's bookkeeping is [`crate::delivery::Window`]. Anything else from
-//! the coordinator is logged and ignored.
+//! good by a refusal that verifies likewise, to the set-aside log. What
+//! each coordinator message means, when to stop waiting for the Welcome and
+//! when to wake are decided by [`Session`] (pure, beside the window's
+//! bookkeeping, [`crate::delivery::Window`]); this task carries it out.
+//! Anything else from the coordinator is logged and ignored.
 
 use std::{sync::Arc, time::Duration};
 
@@ -29,7 +31,8 @@ use warden_proto::{
 use crate::{
     config::{CoordinatorLink, UplinkConfig},
     delivery::outbox::Outbox,
-    delivery::{OnReceipt, OnRefusal, Window},
+    delivery::session::{Ignored, Inbound, Session},
+    delivery::Window,
 };
 
 /// What `warden status` shows of the connection.
@@ -230,29 +233,29 @@ impl Uplink {
         });
 
         let mut stats = self.outbox.stats();
-        let mut window = Window::new(window);
+        let mut core = Session::new(
+            self.node_id.clone(),
+            pinned.clone(),
+            window,
+            std::time::Instant::now(),
+            self.config.connect_timeout,
+        );
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // A spool started empty sends nothing before the coordinator said
-        // its last seq (the Welcome, its first message); an older
-        // coordinator that never says it gets this long.
-        let welcome_by = Instant::now() + self.config.connect_timeout;
-        let mut welcomed = false;
 
         loop {
             let spool = *stats.borrow_and_update();
-            if !spool.anchored && !welcomed && Instant::now() >= welcome_by {
+            if core.welcome_overdue(spool.anchored, std::time::Instant::now()) {
                 tracing::warn!("the coordinator sent no Welcome with its last seq for this node (an older coordinator?); the spool, started empty, keeps its seqs: records the coordinator already holds under them will be refused and set aside");
                 self.anchor(0).await?;
-                welcomed = true;
                 continue;
             }
             if spool.anchored {
-                self.fill(&mut window, spool.next_seq, &out).await?;
+                self.fill(core.window(), spool.next_seq, &out).await?;
             }
-            let caught_up = window.cursor() >= spool.next_seq;
-            let next_retry = window.wake_for_retry().map(Instant::from_std);
-            let retrying = window.retrying() as u64;
+            let watch_spool = core.wants_spool_change(spool.anchored, spool.next_seq);
+            let wake = core.wake_at(spool.anchored).map(Instant::from_std);
+            let retrying = core.retrying() as u64;
             self.status.send_if_modified(|s| {
                 if s.retrying > 0 && retrying == 0 {
                     tracing::info!("every record refused for now has been sent again");
@@ -275,22 +278,20 @@ impl Uplink {
                 }
                 msg = inbound.message() => match msg {
                     Ok(Some(env)) => {
-                        if let Some(last) = self.handle(pinned, &env, &mut window) {
-                            self.anchor(last).await?;
-                            welcomed = true;
-                        }
+                        let inbound = core.handle(&env, std::time::Instant::now());
+                        self.carry_out(inbound).await?;
                     }
                     Ok(None) => return Err(UplinkError::Closed),
                     Err(status) => return Err(UplinkError::Stream(status)),
                 },
                 // New records to send, or (unanchored) the anchor taking effect.
-                r = stats.changed(), if caught_up || !spool.anchored => {
+                r = stats.changed(), if watch_spool => {
                     if r.is_err() {
                         return Err(UplinkError::Spool("the outbox has stopped".into()));
                     }
                 }
-                _ = tokio::time::sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {}
-                _ = tokio::time::sleep_until(welcome_by), if !spool.anchored && !welcomed => {}
+                // A retry falls due, or the wait for the Welcome ends.
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
             }
         }
     }
@@ -422,136 +423,93 @@ impl Uplink {
         Ok(())
     }
 
-    /// Applies one coordinator message, after checking its signature.
-    /// Returns the last stored seq a Welcome carried, for the caller to
-    /// anchor the spool with.
-    fn handle(&self, pinned: &VerifyingKey, env: &Envelope, window: &mut Window) -> Option<u64> {
-        match env.payload_type.as_str() {
-            types::WELCOME => {
-                let welcome = match dsse::open::<pb::Welcome>(env, types::WELCOME, pinned) {
-                    Ok(w) => w,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "ignored a welcome that does not verify against the pinned coordinator key");
-                        return None;
-                    }
-                };
-                if welcome.node_id != self.node_id {
-                    tracing::warn!(node = %welcome.node_id, "ignored a welcome for another node");
-                    return None;
-                }
-                return Some(welcome.last_seq);
+    /// Does what one coordinator message asks (the session core decided
+    /// it): anchors the spool, acks or sets aside a record, passes a
+    /// challenge or command on, and keeps the status and the log.
+    async fn carry_out(&self, inbound: Inbound) -> Result<(), UplinkError> {
+        match inbound {
+            Inbound::Anchor(last) => self.anchor(last).await?,
+            Inbound::Ack(seq) => {
+                self.outbox.ack(seq);
+                self.status.send_modify(|s| {
+                    s.receipts += 1;
+                    s.last_receipt_seq = s.last_receipt_seq.max(seq);
+                });
             }
-            types::RECEIPT => {
-                let receipt = match dsse::open::<pb::Receipt>(env, types::RECEIPT, pinned) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "ignored a receipt that does not verify against the pinned coordinator key");
-                        return None;
-                    }
-                };
-                if receipt.node_id != self.node_id {
-                    tracing::warn!(node = %receipt.node_id, "ignored a receipt for another node");
-                    return None;
-                }
-                match window.receipt(receipt.seq, &receipt.payload_sha256) {
-                    OnReceipt::Ack => {
-                        self.outbox.ack(receipt.seq);
-                        self.status.send_modify(|s| {
-                            s.receipts += 1;
-                            s.last_receipt_seq = s.last_receipt_seq.max(receipt.seq);
-                        });
-                    }
-                    OnReceipt::WrongDigest => tracing::warn!(
-                        seq = receipt.seq,
-                        "ignored a receipt whose digest differs from the record sent"
-                    ),
-                    OnReceipt::Unknown => {
-                        tracing::debug!(seq = receipt.seq, "receipt for a record not in flight")
-                    }
-                }
+            Inbound::SetAside { seq, why } => {
+                // The outbox logs the set-aside itself.
+                self.outbox.set_aside(seq, why.clone());
+                self.status.send_modify(|s| {
+                    s.refusals_final += 1;
+                    s.refusals += 1;
+                    s.last_refusal = Some(format!("seq {seq}: {why}"));
+                });
             }
-            types::REFUSAL => {
-                let refusal = match dsse::open::<pb::Refusal>(env, types::REFUSAL, pinned) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "ignored a refusal that does not verify against the pinned coordinator key");
-                        return None;
-                    }
-                };
-                if refusal.node_id != self.node_id {
-                    tracing::warn!(node = %refusal.node_id, "ignored a refusal for another node");
-                    return None;
-                }
-                let kind = refusal.kind();
-                let why = format!("{}: {}", kind.as_str_name(), refusal.reason);
-                let (seq, digest) = (refusal.seq, &refusal.payload_sha256);
-                match window.refusal(seq, digest, kind, std::time::Instant::now()) {
-                    OnRefusal::SetAside => {
-                        // The outbox logs the set-aside itself.
-                        self.outbox.set_aside(seq, why.clone());
-                        self.status.send_modify(|s| s.refusals_final += 1);
-                    }
-                    // Said when records start waiting (and when none waits any more,
-                    // in the session loop); each one goes to debug.
-                    OnRefusal::RetryAt(at) if window.retrying() == 1 => tracing::warn!(
-                        seq, reason = %why, retry_in_s = at.saturating_duration_since(std::time::Instant::now()).as_secs(),
+            Inbound::Retry {
+                seq,
+                why,
+                retry_in,
+                first,
+            } => {
+                // Said when records start waiting (and when none waits any more,
+                // in the session loop); each one goes to debug.
+                if first {
+                    tracing::warn!(
+                        seq, reason = %why, retry_in_s = retry_in.as_secs(),
                         "coordinator refused a record for now; it stays spooled and is sent again (later ones are logged at debug)"
-                    ),
-                    OnRefusal::RetryAt(_) => {
-                        tracing::debug!(seq, reason = %why, "coordinator refused a record for now")
-                    }
-                    OnRefusal::Ignored => {
-                        tracing::debug!(seq, reason = %why, "refusal for a record not in flight");
-                        return None;
-                    }
+                    );
+                } else {
+                    tracing::debug!(seq, reason = %why, "coordinator refused a record for now");
                 }
                 self.status.send_modify(|s| {
                     s.refusals += 1;
                     s.last_refusal = Some(format!("seq {seq}: {why}"));
                 });
             }
-            types::CHALLENGE => {
-                let ch = match dsse::open::<pb::Challenge>(env, types::CHALLENGE, pinned) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "ignored a challenge that does not verify against the pinned coordinator key");
-                        return None;
-                    }
-                };
-                if ch.node_id != self.node_id {
-                    tracing::warn!(node = %ch.node_id, "ignored a challenge for another node");
-                    return None;
-                }
+            Inbound::Challenge(ch) => {
                 if let Some(tx) = &self.challenges {
                     let _ = tx.try_send(ch);
                 }
             }
-            types::COMMAND => {
-                let cmd = match dsse::open::<pb::Command>(env, types::COMMAND, pinned) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "ignored a command that does not verify against the pinned coordinator key");
-                        return None;
-                    }
-                };
-                match &self.commands {
-                    Some(tx) => {
-                        if tx.try_send(cmd).is_err() {
-                            tracing::warn!(
-                                "ignored a command: the workload task is busy or stopped"
-                            );
-                        }
-                    }
-                    None => {
-                        tracing::warn!(command = %cmd.command_id, "ignored a command: workloads are not run here")
+            Inbound::Command(cmd) => match &self.commands {
+                Some(tx) => {
+                    if tx.try_send(*cmd).is_err() {
+                        tracing::warn!("ignored a command: the workload task is busy or stopped");
                     }
                 }
-            }
-            other => {
-                tracing::warn!(payload_type = %other, "ignored an unexpected coordinator message")
-            }
+                None => {
+                    tracing::warn!(command = %cmd.command_id, "ignored a command: workloads are not run here")
+                }
+            },
+            Inbound::Ignored(why) => log_ignored(&why),
         }
-        None
+        Ok(())
+    }
+}
+
+/// Says why a coordinator message was ignored.
+fn log_ignored(why: &Ignored) {
+    match why {
+        Ignored::Unverified { what, error } => tracing::warn!(
+            error = %error,
+            "ignored a {what} that does not verify against the pinned coordinator key"
+        ),
+        Ignored::OtherNode { what, node } => {
+            tracing::warn!(node = %node, "ignored a {what} for another node")
+        }
+        Ignored::WrongDigest { seq } => tracing::warn!(
+            seq,
+            "ignored a receipt whose digest differs from the record sent"
+        ),
+        Ignored::NotInFlight { seq } => {
+            tracing::debug!(seq, "receipt for a record not in flight")
+        }
+        Ignored::RefusalNotInFlight { seq, why } => {
+            tracing::debug!(seq, reason = %why, "refusal for a record not in flight")
+        }
+        Ignored::Unexpected { payload_type } => {
+            tracing::warn!(payload_type = %payload_type, "ignored an unexpected coordinator message")
+        }
     }
 }
 
