@@ -432,7 +432,10 @@ mod tests {
         let shown = plan_info(&plan, &c);
         assert_eq!(shown.tier, "premium");
         assert_eq!(shown.members.len(), 2);
-        assert_eq!(expired(std::slice::from_ref(&info), 3_600_999), Vec::<String>::new());
+        assert_eq!(
+            expired(std::slice::from_ref(&info), 3_600_999),
+            Vec::<String>::new()
+        );
         assert_eq!(expired(std::slice::from_ref(&info), 3_601_000), ["c1"]);
         let ended = pb::ClusterInfo {
             phase: ClusterPhase::Ended.into(),

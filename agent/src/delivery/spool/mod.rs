@@ -332,15 +332,26 @@ fn lock(dir: &Path) -> Result<File, SpoolError> {
     // A lock file left by an older version may still be world-readable.
     f.set_permissions(fs::Permissions::from_mode(0o600))
         .map_err(io_err(&path))?;
-    // SAFETY: flock on a descriptor this function owns; no memory is shared.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    // A child this process forks shares the lock of the descriptor it was
+    // opened with until its exec closes it (a moment): a spool reopened
+    // right after it was closed may find it held by such a child, so a
+    // held lock is tried again for a little while before it means another
+    // agent.
+    for attempt in 0.. {
+        // SAFETY: flock on a descriptor this function owns; no memory is shared.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            break;
+        }
         let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(io_err(&path)(e));
+        }
+        if attempt == 10 {
             return Err(SpoolError::Locked {
                 dir: dir.to_owned(),
             });
         }
-        return Err(io_err(&path)(e));
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     Ok(f)
 }
