@@ -230,11 +230,21 @@ pub fn mesh_config(
             })
         })
         .collect();
+    // A hired cluster whose leases run containers meshes the containers.
+    let in_lease = cluster
+        .order
+        .as_ref()
+        .is_some_and(|o| o.container.as_ref().is_some_and(|c| !c.image.is_empty()));
     Some(pb::MeshConfig {
         cluster_id: cluster.cluster_id.clone(),
         generation: cluster.generation,
         address: me.address.clone(),
         peers,
+        lease_id: if in_lease {
+            me.lease_id.clone()
+        } else {
+            String::new()
+        },
     })
 }
 
@@ -389,6 +399,22 @@ mod tests {
         assert_eq!(c_cfg.peers[0].endpoint, "192.0.2.1:51820");
         assert_eq!(c_cfg.peers[0].keepalive_seconds, KEEPALIVE_SECONDS);
         assert!(mesh_config(&c, "zz", &who).is_none());
+        assert_eq!(a.lease_id, "", "a hand-made cluster meshes the hosts");
+
+        // A hired cluster whose leases run containers meshes the containers;
+        // one whose leases hold only GPUs meshes the hosts.
+        let mut hired = c.clone();
+        hired.members[0].lease_id = "l-a".into();
+        hired.order = Some(pb::ClusterOrder {
+            container: Some(pb::ContainerSpec {
+                image: "busybox".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(mesh_config(&hired, "a", &who).unwrap().lease_id, "l-a");
+        hired.order = Some(pb::ClusterOrder::default());
+        assert_eq!(mesh_config(&hired, "a", &who).unwrap().lease_id, "");
     }
 
     #[test]

@@ -22,6 +22,8 @@
 //! - [`ifaddr`] sets the interface's address, MTU and up flag;
 //! - [`rtt`] pings peers over the mesh;
 //! - [`node`] is the agent's own interface, driven by the coordinator;
+//! - [`place`] puts it in a lease container's network namespace instead
+//!   of the host's;
 //! - [`standalone`] is an interface on its own, driven by stock `wg`.
 
 pub mod checksum;
@@ -34,6 +36,7 @@ mod netns;
 pub mod node;
 pub mod offload;
 pub mod peers;
+pub mod place;
 pub mod rtt;
 pub mod standalone;
 pub mod tun;

@@ -26,14 +26,22 @@ use super::{
     device::Device,
     ifaddr,
     peers::{split_config, Peer},
-    rtt::Pinger,
-    tun::Tun,
+    place::Netns,
+    rtt::{self, Pinger},
+    tun::{self, Tun},
     uapi::{parse_net, Key, Op},
 };
 
 /// A config to apply, and where to say how it went: `Ok` with notes (peers
 /// left out) or `Err` with why nothing was applied.
-pub type Request = (pb::MeshConfig, oneshot::Sender<Result<String, String>>);
+pub struct Request {
+    pub config: pb::MeshConfig,
+    /// For a config naming a lease: the network namespace of its first
+    /// container, where the interface goes (found by the workload task,
+    /// which owns Docker).
+    pub netns: Option<Netns>,
+    pub reply: oneshot::Sender<Result<String, String>>,
+}
 
 /// The mesh as `warden status` shows it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -198,6 +206,12 @@ pub struct MeshNode {
 }
 
 struct Running {
+    /// The lease whose container's namespace holds the interface ("" for
+    /// the host's), and that namespace.
+    lease_id: String,
+    netns: Option<Netns>,
+    /// Pings from where the interface is.
+    pinger: Option<Pinger>,
     dev: Arc<Device>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -211,6 +225,15 @@ struct Running {
 }
 
 impl Running {
+    /// A pinger where the interface is.
+    fn open_pinger(&self) -> std::io::Result<Pinger> {
+        let socket = match &self.netns {
+            None => rtt::raw_socket()?,
+            Some(ns) => ns.run(rtt::raw_socket)??,
+        };
+        Pinger::from_socket(socket)
+    }
+
     async fn stop(self) {
         self.stop.cancel();
         for t in self.tasks {
@@ -270,7 +293,6 @@ impl MeshNode {
     pub async fn run(self, mut requests: mpsc::Receiver<Request>, shutdown: CancellationToken) {
         let mut running: Option<Running> = None;
         let mut applied_generation = 0u64;
-        let mut pinger: Option<Pinger> = None;
         let mut pinger_said = false;
         let every = self.config.rtt_interval.max(Duration::from_millis(100));
         let mut tick = tokio::time::interval(every);
@@ -278,14 +300,14 @@ impl MeshNode {
         loop {
             tokio::select! {
                 r = requests.recv() => {
-                    let Some((cfg, reply)) = r else { break };
+                    let Some(Request { config: cfg, netns, reply }) = r else { break };
                     let outcome = if cfg.generation < applied_generation {
                         Ok(format!(
                             "ignored: generation {} is older than the applied {applied_generation}",
                             cfg.generation
                         ))
                     } else {
-                        let r = self.apply(&mut running, cfg.clone()).await;
+                        let r = self.apply(&mut running, cfg.clone(), netns).await;
                         if r.is_ok() {
                             applied_generation = cfg.generation;
                         }
@@ -301,9 +323,9 @@ impl MeshNode {
                 }
                 _ = tick.tick() => {
                     let Some(run) = running.as_mut() else { continue };
-                    if pinger.is_none() {
-                        match Pinger::open() {
-                            Ok(p) => pinger = Some(p),
+                    if run.pinger.is_none() {
+                        match run.open_pinger() {
+                            Ok(p) => run.pinger = Some(p),
                             Err(e) if !pinger_said => {
                                 pinger_said = true;
                                 tracing::warn!(error = %e, "cannot open a raw ICMP socket: no mesh round-trip times");
@@ -311,7 +333,7 @@ impl MeshNode {
                             Err(_) => {}
                         }
                     }
-                    if let Some(p) = pinger.as_mut() {
+                    if let Some(p) = run.pinger.as_mut() {
                         let targets: Vec<(Key, Ipv4Addr)> = run
                             .dev
                             .view()
@@ -346,6 +368,7 @@ impl MeshNode {
         &self,
         running: &mut Option<Running>,
         cfg: pb::MeshConfig,
+        netns: Option<Netns>,
     ) -> Result<String, String> {
         if cfg.cluster_id.is_empty() {
             if let Some(r) = running.take() {
@@ -366,15 +389,40 @@ impl MeshNode {
         };
         let resolved = resolve(&cfg.peers).await;
         let (wanted, errors) = wanted(&cfg.peers, &resolved);
+        // The interface moves (host ↔ a lease's container) by being made
+        // anew where it now belongs.
+        if running.as_ref().is_some_and(|r| r.lease_id != cfg.lease_id) {
+            if let Some(r) = running.take() {
+                let (name, from) = (r.interface.clone(), r.lease_id.clone());
+                r.stop().await;
+                tracing::info!(interface = %name, lease = %from, "mesh interface moves: taken down where it was");
+            }
+        }
         if running.is_none() {
-            *running = Some(self.start().await?);
+            let netns = match (cfg.lease_id.as_str(), netns) {
+                ("", _) => None,
+                (_, Some(ns)) => Some(ns),
+                (lease, None) => {
+                    return Err(format!(
+                        "lease {lease} has no running container to put the mesh interface in"
+                    ))
+                }
+            };
+            *running = Some(self.start(cfg.lease_id.clone(), netns).await?);
         }
         let Some(run) = running.as_mut() else {
             return Err("the mesh interface is not running".into());
         };
         if run.address != cfg.address {
-            ifaddr::configure(&run.interface, addr, prefix, self.config.mtu)
-                .map_err(|e| e.to_string())?;
+            let (name, mtu) = (run.interface.clone(), self.config.mtu);
+            let configure = move || ifaddr::configure(&name, addr, prefix, mtu);
+            match &run.netns {
+                None => configure(),
+                Some(ns) => ns
+                    .run(configure)
+                    .map_err(|e| format!("{}: {e}", ns.label))?,
+            }
+            .map_err(|e| e.to_string())?;
             run.address = cfg.address.clone();
         }
         let peers: Vec<Peer> = wanted.iter().map(|w| w.peer.clone()).collect();
@@ -396,9 +444,18 @@ impl MeshNode {
         Ok(errors.join("; "))
     }
 
-    /// Makes the interface: TUN, device with our key and port, UAPI socket.
-    async fn start(&self) -> Result<Running, String> {
-        let tun = Tun::create(&self.config.interface).map_err(|e| e.to_string())?;
+    /// Makes the interface: TUN (on the host, or inside `netns`), device
+    /// with our key and port (always on the host), UAPI socket.
+    async fn start(&self, lease_id: String, netns: Option<Netns>) -> Result<Running, String> {
+        let name = self.config.interface.as_str();
+        let opened = match &netns {
+            None => tun::open_best(name),
+            Some(ns) => ns
+                .run(|| tun::open_best(name))
+                .map_err(|e| format!("entering {}: {e}", ns.label))?,
+        }
+        .map_err(|e| e.to_string())?;
+        let tun = Tun::from_opened(opened).map_err(|e| e.to_string())?;
         let interface = tun.name().to_owned();
         // Dual-stack: IPv4 peers arrive as mapped addresses.
         let dev = Arc::new(Device::new(Ipv6Addr::UNSPECIFIED.into()));
@@ -429,8 +486,18 @@ impl MeshNode {
             }
         }
         tasks.push(tokio::spawn(dev.clone().run(tun, stop.clone())));
-        tracing::info!(%interface, port = self.config.listen_port, "mesh interface up");
+        match &netns {
+            None => {
+                tracing::info!(%interface, port = self.config.listen_port, "mesh interface up")
+            }
+            Some(ns) => {
+                tracing::info!(%interface, port = self.config.listen_port, netns = %ns.label, "mesh interface up in the lease's container")
+            }
+        }
         Ok(Running {
+            lease_id,
+            netns,
+            pinger: None,
             dev,
             stop,
             tasks,
@@ -518,5 +585,167 @@ mod tests {
         assert_eq!(t[0].rtt_ms, -1.0);
         assert_eq!((t[0].rx_bytes, t[0].tx_bytes), (5, 7));
         assert_eq!(t[0].cluster_id, "c1");
+    }
+}
+
+#[cfg(test)]
+mod netns_tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::mesh::netns::{in_ns, ip, two_hosts, Hosts};
+
+    fn public(private: Key) -> Vec<u8> {
+        boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(private))
+            .as_bytes()
+            .to_vec()
+    }
+
+    /// Waits until the status shows an answered ping to the peer.
+    fn wait_rtt(status: &watch::Receiver<Option<MeshStatus>>) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let rtt = status
+                .borrow()
+                .as_ref()
+                .and_then(|s| s.peers.first().and_then(|p| p.rtt_ms));
+            if rtt.is_some() {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "no ping answered");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A UDP socket made inside namespace `ns` (std sockets need no runtime).
+    fn udp_in(ns: &str, bind: &str) -> std::net::UdpSocket {
+        let ns = Netns::open(Path::new(&format!("/var/run/netns/{ns}")), ns.into()).unwrap();
+        let s = ns.run(|| std::net::UdpSocket::bind(bind)).unwrap().unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        s
+    }
+
+    /// Whether a datagram sent from namespace `from` reaches `to` (an
+    /// address in namespace `to_ns`).
+    fn reaches(from: &str, to_ns: &str, to: &str) -> bool {
+        let rx = udp_in(to_ns, &format!("{to}:0"));
+        let tx = udp_in(from, "0.0.0.0:0");
+        if tx.send_to(b"hi", rx.local_addr().unwrap()).is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 8];
+        matches!(rx.recv_from(&mut buf), Ok((2, _)))
+    }
+
+    /// Two hosts whose mesh interfaces live in a "container" namespace each
+    /// (as a hired cluster's leases): the containers reach each other over
+    /// the mesh, while neither host has a route to the mesh addresses; the
+    /// UDP sockets stay on the hosts. Taking the mesh down removes the
+    /// interface from the container.
+    #[test]
+    fn the_mesh_lives_in_the_lease_container_and_not_on_the_host() {
+        let (_hosts, ha, hb) =
+            two_hosts("pl", ("vpa", "192.168.79.1/24"), ("vpb", "192.168.79.2/24"));
+        let id = std::process::id();
+        let (ca, cb) = (format!("wtplca-{id}"), format!("wtplcb-{id}"));
+        let _containers = Hosts(vec![ca.clone(), cb.clone()]);
+        for c in [&ca, &cb] {
+            ip(&["netns", "add", c]);
+            ip(&["-n", c, "link", "set", "lo", "up"]);
+        }
+        let (ka, kb) = ([7u8; 32], [8u8; 32]);
+        let dir = tempfile::tempdir().unwrap();
+        let stop = CancellationToken::new();
+        let start =
+            |host: &str, container: &str, key: Key, peer: Key, me: &str, other: (&str, &str)| {
+                let (tx, rx) = mpsc::channel::<Request>(4);
+                let (status, status_rx) = watch::channel(None);
+                let node = MeshNode {
+                    config: crate::config::MeshConfig {
+                        interface: "wmesh0".into(),
+                        rtt_interval: Duration::from_millis(200),
+                        ..Default::default()
+                    },
+                    private_key: key,
+                    socket_dir: dir.path().join(host),
+                    status,
+                };
+                let stop = stop.clone();
+                let handle = in_ns(host, move || Box::pin(node.run(rx, stop)));
+                let cfg = pb::MeshConfig {
+                    cluster_id: "c1".into(),
+                    generation: 1,
+                    address: format!("{me}/24"),
+                    lease_id: "l-1".into(),
+                    peers: vec![pb::MeshPeer {
+                        node_id: "peer".into(),
+                        public_key: public(peer),
+                        endpoint: format!("{}:51820", other.1),
+                        allowed_ips: vec![format!("{}/32", other.0)],
+                        keepalive_seconds: 1,
+                    }],
+                };
+                let netns = Netns::open(
+                    Path::new(&format!("/var/run/netns/{container}")),
+                    container.to_owned(),
+                )
+                .unwrap();
+                (tx, cfg, netns, (handle, status_rx))
+            };
+        let (txa, cfga, nsa, (ta, sa)) =
+            start(&ha, &ca, ka, kb, "10.88.0.1", ("10.88.0.2", "192.168.79.2"));
+        let (txb, cfgb, nsb, (tb, _sb)) =
+            start(&hb, &cb, kb, ka, "10.88.0.2", ("10.88.0.1", "192.168.79.1"));
+        let apply = |tx: &mpsc::Sender<Request>, config: pb::MeshConfig, netns: Option<Netns>| {
+            let (reply, rx) = oneshot::channel();
+            tx.blocking_send(Request {
+                config,
+                netns,
+                reply,
+            })
+            .unwrap();
+            rx.blocking_recv().unwrap()
+        };
+        // A config naming a lease with no namespace given is refused.
+        let err = apply(&txa, cfga.clone(), None).unwrap_err();
+        assert!(err.contains("no running container"), "{err}");
+        assert_eq!(apply(&txa, cfga.clone(), Some(nsa)), Ok(String::new()));
+        assert_eq!(apply(&txb, cfgb, Some(nsb)), Ok(String::new()));
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !reaches(&ca, &cb, "10.88.0.2") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "container A never reached B: {:?}",
+                *sa.borrow()
+            );
+        }
+        assert!(reaches(&cb, &ca, "10.88.0.1"));
+        // Neither host, nor anything else there, has the mesh.
+        assert!(!reaches(&ha, &cb, "10.88.0.2"), "host A reaches the mesh");
+        assert!(!reaches(&hb, &ca, "10.88.0.1"), "host B reaches the mesh");
+        // The pinger pings from inside the container too.
+        wait_rtt(&sa);
+        let links = std::process::Command::new("ip")
+            .args(["-n", &ha, "link", "show", "wmesh0"])
+            .output()
+            .unwrap();
+        assert!(!links.status.success(), "no interface on host A");
+
+        // Leaving takes the interface out of the container.
+        let leave = pb::MeshConfig {
+            generation: 2,
+            ..Default::default()
+        };
+        assert_eq!(apply(&txa, leave, None), Ok(String::new()));
+        let gone = std::process::Command::new("ip")
+            .args(["-n", &ca, "link", "show", "wmesh0"])
+            .output()
+            .unwrap();
+        assert!(!gone.status.success(), "the interface left container A");
+        stop.cancel();
+        ta.join().unwrap();
+        tb.join().unwrap();
     }
 }

@@ -59,6 +59,24 @@ pub fn parse_reply(packet: &[u8]) -> Option<(Ipv4Addr, u16, u16)> {
     ))
 }
 
+/// A raw ICMP socket, in the network namespace of the calling thread (no
+/// runtime needed).
+pub fn raw_socket() -> io::Result<OwnedFd> {
+    // SAFETY: a plain socket(2); the descriptor is owned right after.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMP,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// A raw ICMP socket that pings mesh addresses.
 pub struct Pinger {
     fd: AsyncFd<OwnedFd>,
@@ -69,19 +87,12 @@ pub struct Pinger {
 impl Pinger {
     /// Opens the raw socket (needs root or CAP_NET_RAW, and a runtime).
     pub fn open() -> io::Result<Pinger> {
-        // SAFETY: a plain socket(2); the descriptor is owned right after.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_ICMP,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a new descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Pinger::from_socket(raw_socket()?)
+    }
+
+    /// A pinger on a socket [`raw_socket`] made (perhaps in another network
+    /// namespace: it pings from there). Needs a runtime.
+    pub fn from_socket(fd: OwnedFd) -> io::Result<Pinger> {
         // SAFETY: the `OwnedFd` owns its descriptor for the whole life of
         // the `AsyncFd`, which never replaces it.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;

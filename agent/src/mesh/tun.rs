@@ -75,6 +75,39 @@ fn open_with(name: &str, vnet_hdr: bool) -> Result<(File, String), TunError> {
     Ok((file, String::from_utf8_lossy(&req[..end]).into_owned()))
 }
 
+/// A TUN device opened but not yet handed to the runtime: the interface
+/// lives in the network namespace of the thread that opened it, wherever
+/// the descriptor is used afterwards.
+#[derive(Debug)]
+pub struct Opened {
+    pub file: File,
+    pub name: String,
+    pub offload: bool,
+}
+
+/// Opens interface `name` with offloads if the kernel takes them, plain if
+/// not (blocking; no runtime needed, so it can run on a thread that has
+/// entered another network namespace).
+pub fn open_best(name: &str) -> Result<Opened, TunError> {
+    if let Ok((file, actual)) = open_with(name, true) {
+        if offer_offloads(&file) {
+            return Ok(Opened {
+                file,
+                name: actual,
+                offload: true,
+            });
+        }
+        // Closing it removes the interface, so the name is free again.
+        drop(file);
+    }
+    let (file, name) = open(name)?;
+    Ok(Opened {
+        file,
+        name,
+        offload: false,
+    })
+}
+
 /// Offers the kernel checksum and TCP segmentation offload on a TUN opened
 /// with a virtio-net header; false if it refuses.
 fn offer_offloads(file: &File) -> bool {
@@ -102,14 +135,14 @@ impl Tun {
     /// dropped (it is not made persistent). Needs a tokio runtime. With
     /// offloads if the kernel takes them (see [`Tun::offload`]), plain if not.
     pub fn create(name: &str) -> Result<Tun, TunError> {
-        if let Ok((file, actual)) = open_with(name, true) {
-            if offer_offloads(&file) {
-                return Tun::from_file(file, actual, true);
-            }
-            // Closing it removes the interface, so the name is free again.
-            drop(file);
-        }
-        Tun::create_plain(name)
+        let opened = open_best(name)?;
+        Tun::from_opened(opened)
+    }
+
+    /// A device [`open_best`] opened (perhaps in another network
+    /// namespace), made ready for the runtime.
+    pub fn from_opened(opened: Opened) -> Result<Tun, TunError> {
+        Tun::from_file(opened.file, opened.name, opened.offload)
     }
 
     /// As [`Tun::create`], without offloads: one finished packet per read

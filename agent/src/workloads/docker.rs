@@ -134,6 +134,9 @@ pub struct Inspected {
     pub name: String,
     /// Docker's State.Running (true while paused too).
     pub running: bool,
+    /// The container's init process, as this host's pid namespace sees it
+    /// (while it runs).
+    pub pid: Option<u32>,
     /// Set once the container has exited (state "exited" or "dead");
     /// None while it is created, running or paused.
     pub exit_code: Option<i64>,
@@ -539,6 +542,10 @@ impl Docker {
                 .map(|n| n.trim_start_matches('/').to_owned())
                 .unwrap_or_default(),
             running: state.running.unwrap_or(false),
+            pid: state
+                .pid
+                .and_then(|p| u32::try_from(p).ok())
+                .filter(|p| *p > 0),
             exit_code: if exited { state.exit_code } else { None },
             oom_killed: state.oom_killed.unwrap_or(false),
             health: state

@@ -531,15 +531,61 @@ impl State {
             .await;
     }
 
-    /// Hands a mesh config to the mesh task and waits for how it went.
+    /// Hands a mesh config to the mesh task and waits for how it went. A
+    /// config naming a lease goes with the network namespace of the lease's
+    /// first container, where the interface is to live.
     async fn mesh_config(&self, mc: pb::MeshConfig) -> Result<String, String> {
         let tx = self.w.mesh.as_ref().ok_or("this agent runs no mesh")?;
+        let netns = if mc.lease_id.is_empty() || mc.cluster_id.is_empty() {
+            None
+        } else {
+            Some(self.lease_netns(&mc.lease_id).await?)
+        };
         let (reply, rx) = tokio::sync::oneshot::channel();
-        tx.send((mc, reply))
-            .await
-            .map_err(|_| "the mesh task has stopped")?;
+        tx.send(crate::mesh::node::Request {
+            config: mc,
+            netns,
+            reply,
+        })
+        .await
+        .map_err(|_| "the mesh task has stopped")?;
         rx.await
             .map_err(|_| "the mesh task stopped while applying".to_owned())?
+    }
+
+    /// The network namespace of the lease's first container, running.
+    async fn lease_netns(&self, lease_id: &str) -> Result<crate::mesh::place::Netns, String> {
+        let lease = self
+            .book
+            .leases
+            .get(lease_id)
+            .ok_or_else(|| format!("no lease {lease_id} on this node"))?;
+        let first = lease
+            .containers
+            .iter()
+            .find(|c| !c.id.is_empty())
+            .ok_or_else(|| format!("lease {lease_id} runs no container to put the mesh in"))?;
+        let seen = self
+            .docker()?
+            .inspect(&first.id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let pid = seen.pid.filter(|_| seen.running).ok_or_else(|| {
+            format!(
+                "container {} of lease {lease_id} is not running",
+                first.name
+            )
+        })?;
+        crate::mesh::place::Netns::of_pid(
+            pid,
+            format!("lease {lease_id} ({}, pid {pid})", first.name),
+        )
+        .map_err(|e| {
+            format!(
+                "the network namespace of container {} (pid {pid}): {e}",
+                first.name
+            )
+        })
     }
 
     fn docker(&self) -> Result<Docker, String> {
