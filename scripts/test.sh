@@ -32,12 +32,40 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
 fi
 
-# Docker tests need a live engine: start one if none answers.
-if command -v docker >/dev/null 2>&1 && ! docker info >/dev/null 2>&1; then
-  echo "== starting dockerd"
-  (dockerd >/tmp/warden-dockerd.log 2>&1 &)
+# GPU containers: Docker serves GPU device requests only when the NVIDIA
+# Container Toolkit's hook is on dockerd's PATH. A host without a real one
+# gets the stand-in from tests/fake-nvidia (it does nothing; the tests read
+# which GPUs reached which container), and its dockerd is (re)started with
+# it on PATH.
+fake_hook_dir=/usr/local/lib/warden-test/bin
+hook=nvidia-container-runtime-hook
+dockerd_path() { # the PATH of the running dockerd, or nothing
+  local pid
+  pid=$(pidof dockerd 2>/dev/null | cut -d' ' -f1) || return 0
+  [ -n "$pid" ] && tr '\0' '\n' <"/proc/$pid/environ" | sed -n 's/^PATH=//p'
+}
+start_dockerd() { # start_dockerd [PATH-PREFIX]
+  echo "== starting dockerd${1:+ with $1 on its PATH}"
+  (PATH="${1:+$1:}$PATH" dockerd >/tmp/warden-dockerd.log 2>&1 &)
   for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /tmp/warden-dockerd.log"; exit 1; }
+}
+prefix=
+if ! command -v "$hook" >/dev/null 2>&1; then
+  install -D -m 0755 tests/fake-nvidia/$hook "$fake_hook_dir/$hook"
+  prefix=$fake_hook_dir
+fi
+if command -v docker >/dev/null 2>&1; then
+  if docker info >/dev/null 2>&1 && [ -n "$prefix" ] && ! dockerd_path | grep -q "$fake_hook_dir"; then
+    echo "== restarting dockerd: it has no NVIDIA hook on its PATH"
+    kill "$(pidof dockerd | cut -d' ' -f1)"
+    for _ in $(seq 1 60); do pidof dockerd >/dev/null || break; sleep 1; done
+  fi
+  docker info >/dev/null 2>&1 || start_dockerd "$prefix"
+  if [ -n "$prefix" ] && ! dockerd_path | grep -q "$fake_hook_dir"; then
+    echo "dockerd runs without $fake_hook_dir on its PATH (did its supervisor restart it?): GPU containers cannot start"
+    exit 1
+  fi
 fi
 
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy || true

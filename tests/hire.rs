@@ -11,7 +11,7 @@ mod common;
 
 use std::{path::Path, time::Duration};
 
-use common::*;
+use common::{image::Remove, *};
 use serde_json::Value;
 
 /// Two fake GPUs with no process on them.
@@ -29,8 +29,10 @@ fn gpus(state: &Path, node: usize) {
 
 /// `warden cluster ARGS… --json`: Ok(parsed output) or Err(stderr).
 fn cluster(coord: &Coordinator, args: &[&str]) -> Result<Value, String> {
+    // Before any `--`, after which the words are the container's command.
     let mut all = args.to_vec();
-    all.push("--json");
+    let at = all.iter().position(|a| *a == "--").unwrap_or(all.len());
+    all.insert(at, "--json");
     let out = coord.cli("cluster", &all);
     if out.status.success() {
         Ok(serde_json::from_slice(&out.stdout).unwrap())
@@ -278,22 +280,156 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
         );
     }
 
-    // A hire whose container cannot start (no NVIDIA runtime here) is
-    // undone: its lease ended, the cluster failed with Docker's reason, and
-    // the GPUs free for the next order.
+    // With an image, the mesh lives in the containers: each lease's first
+    // container gets the mesh interface, the containers reach each other at
+    // their mesh addresses, and neither this host nor another container
+    // (another renter's) can reach them there.
     let image = image::busybox_image();
     let _clean: Vec<ContainersOf> = names.iter().map(|n| ContainersOf(n.clone())).collect();
+    let c5 = cluster(
+        &coord,
+        &[
+            "hire",
+            "c5",
+            "--nodes",
+            "2",
+            "--region",
+            "eu-west",
+            "--duration",
+            "10m",
+            "--image",
+            &image,
+            "--",
+            "sleep",
+            "600",
+        ],
+    )
+    .unwrap();
+    assert_eq!(c5["cluster"]["phase"], "ready", "{c5:#}");
+    let m5 = members(&c5["cluster"]);
+    let container_of = |lease: &str| {
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-q", "--filter"])
+            .arg(format!("label=warden.lease={lease}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let (ca, cb) = (
+        container_of(m5[0]["lease_id"].as_str().unwrap()),
+        container_of(m5[1]["lease_id"].as_str().unwrap()),
+    );
+    let b_addr = m5[1]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let docker = |args: &[&str]| {
+        std::process::Command::new("docker")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // B listens on its mesh address; A sends over the mesh.
+    assert!(
+        docker(&["exec", "-d", &cb, "sh", "-c", "nc -l -p 7000 > /tmp/got"])
+            .status
+            .success()
+    );
+    wait_for("A reaches B over the mesh", Duration::from_secs(30), || {
+        let _ = docker(&[
+            "exec",
+            &ca,
+            "sh",
+            "-c",
+            &format!("echo over-the-mesh | nc -w 2 {b_addr} 7000"),
+        ]);
+        let got = docker(&["exec", &cb, "cat", "/tmp/got"]);
+        String::from_utf8_lossy(&got.stdout)
+            .contains("over-the-mesh")
+            .then_some(())
+    });
+    let links = docker(&["exec", &ca, "ip", "addr"]);
+    let links = String::from_utf8_lossy(&links.stdout);
+    let a_addr = m5[0]["address"].as_str().unwrap();
+    assert!(
+        links.contains(a_addr),
+        "A's container holds its mesh address: {links}"
+    );
+    // Nothing off the mesh reaches B there: not this machine (whose default
+    // route leads elsewhere), not the agent's host namespace, not a
+    // container outside the cluster. B listens again; each of them tries;
+    // then A sends, and only A's words arrive.
+    assert!(
+        docker(&["exec", "-d", &cb, "sh", "-c", "nc -l -p 7001 > /tmp/got2"])
+            .status
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let to_b: std::net::SocketAddr = format!("{b_addr}:7001").parse().unwrap();
+    if let Ok(mut s) = std::net::TcpStream::connect_timeout(&to_b, Duration::from_secs(1)) {
+        use std::io::Write;
+        let _ = s.write_all(b"from-host\n");
+    }
+    let host_ns = warden_agent::mesh::place::Netns::open(
+        Path::new(&format!("/var/run/netns/{}", lan.hosts[0])),
+        "host 0".into(),
+    )
+    .unwrap();
+    let from_agent_host = host_ns
+        .run(|| std::net::TcpStream::connect_timeout(&to_b, Duration::from_secs(1)).is_ok())
+        .unwrap();
+    assert!(!from_agent_host, "the agent's host reaches the mesh");
+    let stranger = format!("wh-stranger-{id}");
+    let _stranger = Remove::containers(&[&stranger]);
+    assert!(
+        docker(&["run", "-d", "--name", &stranger, &image, "sleep", "60"])
+            .status
+            .success()
+    );
+    let _ = docker(&[
+        "exec",
+        &stranger,
+        "sh",
+        "-c",
+        &format!("echo from-stranger | nc -w 2 {b_addr} 7001"),
+    ]);
+    let got = wait_for(
+        "A's words on B's second listener",
+        Duration::from_secs(30),
+        || {
+            let _ = docker(&[
+                "exec",
+                &ca,
+                "sh",
+                "-c",
+                &format!("echo from-a | nc -w 2 {b_addr} 7001"),
+            ]);
+            let got = docker(&["exec", &cb, "cat", "/tmp/got2"]);
+            let got = String::from_utf8_lossy(&got.stdout).into_owned();
+            (!got.is_empty()).then_some(got)
+        },
+    );
+    assert_eq!(got.trim(), "from-a", "only the member reached B");
+    let ended = cluster(&coord, &["end", "c5"]).unwrap();
+    assert_eq!(ended["phase"], "ended");
+
+    // A hire whose container cannot start (Docker refuses a 1 KiB memory
+    // limit) is undone: its lease ended, the cluster failed with Docker's
+    // reason, and the GPUs free for the next order.
     let err = cluster(
         &coord,
         &[
-            "hire", "c3", "--gpus", "1", "--image", &image, "--", "sleep", "300",
+            "hire", "c3", "--gpus", "1", "--image", &image, "--memory", "1k", "--", "sleep", "300",
         ],
     )
     .unwrap_err();
-    assert!(err.contains("failed") && err.contains("nvidia"), "{err}");
+    assert!(err.contains("failed") && err.contains("emory"), "{err}");
     let c3 = cluster(&coord, &["status", "c3"]).unwrap();
     assert_eq!(c3["phase"], "failed");
-    assert!(c3["error"].as_str().unwrap().contains("nvidia"), "{c3:#}");
+    assert!(c3["error"].as_str().unwrap().contains("emory"), "{c3:#}");
     for l in leases(&coord) {
         assert_ne!(l["state"], "running", "{l:#}");
         assert_ne!(l["state"], "starting", "{l:#}");
@@ -304,6 +440,6 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
         3,
         "every GPU free again"
     );
-    // An ended or failed cluster's record can be deleted; a running one's cannot.
+    // An ended or failed cluster's record can be deleted.
     assert!(coord.cli("cluster", &["delete", "c3"]).status.success());
 }

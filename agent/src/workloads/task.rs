@@ -572,8 +572,12 @@ impl State {
             .map_err(|e| e.to_string())?;
         let pid = seen.pid.filter(|_| seen.running).ok_or_else(|| {
             format!(
-                "container {} of lease {lease_id} is not running",
-                first.name
+                "container {} of lease {lease_id} is not running ({})",
+                first.name,
+                match seen.exit_code {
+                    Some(code) => format!("it exited with {code}"),
+                    None => "Docker gives it no process".to_owned(),
+                }
             )
         })?;
         crate::mesh::place::Netns::of_pid(
