@@ -25,6 +25,9 @@ need iperf3 iperf3
 # runs inside it, so the host needs no systemd), and the .deb's library Depends.
 need debootstrap debootstrap
 need dpkg-shlibdeps dpkg-dev
+# The Ray image (tests/common/ray.rs): the host's pip fetches Ray's wheels into
+# a debootstrapped root.
+python3 -m pip --version >/dev/null 2>&1 || need_pkgs+=(python3-pip)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "== installing: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -481,6 +481,7 @@ pub fn http_get(addr: &str, path: &str) -> String {
 }
 pub mod image;
 pub mod lan;
+pub mod ray;
 
 #[allow(unused_imports)]
 pub use lan::{run, Hosts, Lan};
