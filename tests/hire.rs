@@ -65,37 +65,44 @@ fn members(c: &Value) -> Vec<Value> {
     c["members"].as_array().unwrap().clone()
 }
 
-#[test]
-fn a_cluster_is_matched_started_meshed_ended_and_undone() {
+/// A coordinator in a hub and one agent per `labels` entry on its own host,
+/// each with two fake GPUs, all connected: the LAN, the coordinator, the
+/// agents and their node ids.
+struct Rig {
+    _tmp: tempfile::TempDir,
+    lan: Lan,
+    coord: Coordinator,
+    agents: Vec<Agent>,
+    names: Vec<String>,
+    id: u32,
+}
+
+fn rig(tag: &str, net: u8, labels: &[&str]) -> Rig {
     let tmp = tempfile::tempdir().unwrap();
     let id = std::process::id() % 100_000;
-    let lan = Lan::new("wh", 3, 202);
+    let lan = Lan::new(tag, labels.len(), net);
     // Hires as short as a second: the test cannot wait the seed's hour.
     let (coord, link) = lan.coordinator(
         &tmp.path().join("coord"),
         free_port(),
         "[clusters]\nmin_duration = \"1s\"\n",
     );
-    let labels = [
-        "region = \"eu-west\"\ncountry = \"DE\"\ntags = [\"soc2\", \"green-energy\"]",
-        "region = \"eu-west\"\ncountry = \"FR\"\ntags = [\"soc2\"]",
-        "region = \"us-east\"\ntags = [\"soc2\"]",
-    ];
-    let agents: Vec<Agent> = (0..3)
-        .map(|i| {
+    let agents: Vec<Agent> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, labels)| {
             let dir = tmp.path().join(format!("agent{i}"));
             let state = tmp.path().join(format!("gpus{i}.json"));
             gpus(&state, i);
             let config = format!(
                 "state_dir = \"{}\"\n{}\n[gpu]\nnvml_library = \"{}\"\nsample_interval = \"200ms\"\n\
                  [metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n\
-                 [mesh]\ninterface = \"wh{i}-{id}\"\nendpoints = [\"{}:51820\"]\nrtt_interval = \"1s\"\n\
-                 [node]\n{}\n",
+                 [mesh]\ninterface = \"{tag}{i}-{id}\"\nendpoints = [\"{}:51820\"]\nrtt_interval = \"1s\"\n\
+                 [node]\n{labels}\n",
                 dir.display(),
                 fast_agent_toml(&link, "1s", 0),
                 fake_nvml().display(),
                 lan.host_ip(i),
-                labels[i]
             );
             lan.agent(i, &dir, &config, &[("FAKE_NVML_STATE", &state)])
         })
@@ -108,7 +115,7 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
     };
     let names: Vec<String> = agents.iter().map(node_of).collect();
     wait_for(
-        "three nodes with GPUs and mesh keys",
+        "every node connected with GPUs and a mesh key",
         Duration::from_secs(60),
         || {
             let n = nodes_json(&coord);
@@ -120,12 +127,34 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
                         && n["inventory"]["gpus"].as_array().map_or(0, |g| g.len()) == 2
                 })
                 .count()
-                == 3)
-                .then_some(())
+                == labels.len())
+            .then_some(())
         },
     );
+    Rig {
+        _tmp: tmp,
+        lan,
+        coord,
+        agents,
+        names,
+        id,
+    }
+}
+
+#[test]
+fn a_cluster_is_matched_started_meshed_ended_and_undone() {
+    let r = rig(
+        "wh",
+        202,
+        &[
+            "region = \"eu-west\"\ncountry = \"DE\"\ntags = [\"soc2\", \"green-energy\"]",
+            "region = \"eu-west\"\ncountry = \"FR\"\ntags = [\"soc2\"]",
+            "region = \"us-east\"\ntags = [\"soc2\"]",
+        ],
+    );
+    let (lan, coord, agents, names, id) = (&r.lan, &r.coord, &r.agents, &r.names, r.id);
     // The declared labels and the derived tier show as the nodes' own.
-    let nodes = nodes_json(&coord);
+    let nodes = nodes_json(coord);
     let node = |id: &str| {
         nodes
             .as_array()
@@ -144,7 +173,7 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
 
     // A dry run: the plan, in one region, and nothing started.
     let plan = cluster(
-        &coord,
+        coord,
         &["hire", "c1", "--gpus", "4", "--tag", "soc2", "--dry-run"],
     )
     .unwrap();
@@ -158,36 +187,28 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
     assert!(planned.contains(&names[0].as_str()) && planned.contains(&names[1].as_str()));
     assert_eq!(plan["plan"]["regions"], serde_json::json!(["eu-west"]));
     assert!(plan["cluster"].is_null());
-    assert!(leases(&coord).is_empty());
+    assert!(leases(coord).is_empty());
 
     // Orders no node can fill say which filter left how many out.
-    let err = cluster(
-        &coord,
-        &["hire", "c1", "--gpus", "5", "--region", "eu-west"],
-    )
-    .unwrap_err();
+    let err = cluster(coord, &["hire", "c1", "--gpus", "5", "--region", "eu-west"]).unwrap_err();
     assert!(err.contains("region"), "{err}");
     let err = cluster(
-        &coord,
+        coord,
         &["hire", "c1", "--nodes", "2", "--tag", "green-energy"],
     )
     .unwrap_err();
     assert!(err.contains("tag"), "{err}");
-    let err = cluster(
-        &coord,
-        &["hire", "c1", "--gpus", "1", "--gpu-model", "A100"],
-    )
-    .unwrap_err();
+    let err = cluster(coord, &["hire", "c1", "--gpus", "1", "--gpu-model", "A100"]).unwrap_err();
     assert!(err.contains("model"), "{err}");
-    let err = cluster(&coord, &["hire", "c1", "--gpus", "1", "--tier", "premium"]).unwrap_err();
+    let err = cluster(coord, &["hire", "c1", "--gpus", "1", "--tier", "premium"]).unwrap_err();
     assert!(err.contains("tier"), "{err}");
     let out = coord.cli("cluster", &["hire", "c1", "--gpus", "1", "--hours", "0"]);
     assert!(!out.status.success(), "an hour is the least");
-    assert!(leases(&coord).is_empty(), "nothing started");
+    assert!(leases(coord).is_empty(), "nothing started");
 
     // The hire: leases on both eu-west nodes at once, then the mesh.
     let hired = cluster(
-        &coord,
+        coord,
         &[
             "hire",
             "c1",
@@ -212,7 +233,7 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
         assert_eq!(m["state"], "applied", "{m:#}");
         assert_eq!(m["gpu_uuids"].as_array().unwrap().len(), 2);
         assert_eq!(
-            lease_state(&coord, m["lease_id"].as_str().unwrap()),
+            lease_state(coord, m["lease_id"].as_str().unwrap()),
             "running"
         );
     }
@@ -222,7 +243,7 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
         &[&names[0], &names[1]],
         "the members reach each other over the mesh",
     );
-    let status = cluster(&coord, &["status", "c1"]).unwrap();
+    let status = cluster(coord, &["status", "c1"]).unwrap();
     assert_eq!(status["phase"], "ready");
     let text = String::from_utf8(coord.cli("cluster", &["status", "c1"]).stdout).unwrap();
     assert!(
@@ -231,20 +252,16 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
     );
 
     // Their GPUs are taken: eu-west has none left, and the name is taken.
-    let err = cluster(
-        &coord,
-        &["hire", "c2", "--gpus", "1", "--region", "eu-west"],
-    )
-    .unwrap_err();
+    let err = cluster(coord, &["hire", "c2", "--gpus", "1", "--region", "eu-west"]).unwrap_err();
     assert!(err.contains("in a cluster already"), "{err}");
-    let err = cluster(&coord, &["hire", "c1", "--gpus", "1"]).unwrap_err();
+    let err = cluster(coord, &["hire", "c1", "--gpus", "1"]).unwrap_err();
     assert!(err.contains("exists"), "{err}");
     // A hired cluster's members are not changed by hand.
     let err = coord.cli("cluster", &["set", "c1", &names[2]]);
     assert!(String::from_utf8_lossy(&err.stderr).contains("hired"));
 
     // The us-east node, for a few seconds: ended when its time is up.
-    let c2 = cluster(&coord, &["hire", "c2", "--nodes", "1", "--duration", "3s"]).unwrap();
+    let c2 = cluster(coord, &["hire", "c2", "--nodes", "1", "--duration", "3s"]).unwrap();
     assert_eq!(c2["cluster"]["phase"], "ready", "{c2:#}");
     assert_eq!(members(&c2["cluster"])[0]["node_id"], names[2].as_str());
     let lease2 = members(&c2["cluster"])[0]["lease_id"]
@@ -254,9 +271,9 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
     wait_for(
         "c2 ended when its time was up",
         Duration::from_secs(60),
-        || (cluster(&coord, &["status", "c2"]).ok()?["phase"] == "ended").then_some(()),
+        || (cluster(coord, &["status", "c2"]).ok()?["phase"] == "ended").then_some(()),
     );
-    assert_eq!(lease_state(&coord, &lease2), "ended");
+    assert_eq!(lease_state(coord, &lease2), "ended");
     wait_for(
         "the us-east node left the mesh",
         Duration::from_secs(30),
@@ -264,13 +281,10 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
     );
 
     // c1 ended by hand: its leases end, its members leave the mesh.
-    let ended = cluster(&coord, &["end", "c1"]).unwrap();
+    let ended = cluster(coord, &["end", "c1"]).unwrap();
     assert_eq!(ended["phase"], "ended", "{ended:#}");
     for m in &m1 {
-        assert_eq!(
-            lease_state(&coord, m["lease_id"].as_str().unwrap()),
-            "ended"
-        );
+        assert_eq!(lease_state(coord, m["lease_id"].as_str().unwrap()), "ended");
     }
     for a in &agents[..2] {
         wait_for(
@@ -287,7 +301,7 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
     let image = image::busybox_image();
     let _clean: Vec<ContainersOf> = names.iter().map(|n| ContainersOf(n.clone())).collect();
     let c5 = cluster(
-        &coord,
+        coord,
         &[
             "hire",
             "c5",
@@ -413,28 +427,28 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
         },
     );
     assert_eq!(got.trim(), "from-a", "only the member reached B");
-    let ended = cluster(&coord, &["end", "c5"]).unwrap();
+    let ended = cluster(coord, &["end", "c5"]).unwrap();
     assert_eq!(ended["phase"], "ended");
 
     // A hire whose container cannot start (Docker refuses a 1 KiB memory
     // limit) is undone: its lease ended, the cluster failed with Docker's
     // reason, and the GPUs free for the next order.
     let err = cluster(
-        &coord,
+        coord,
         &[
             "hire", "c3", "--gpus", "1", "--image", &image, "--memory", "1k", "--", "sleep", "300",
         ],
     )
     .unwrap_err();
     assert!(err.contains("failed") && err.contains("emory"), "{err}");
-    let c3 = cluster(&coord, &["status", "c3"]).unwrap();
+    let c3 = cluster(coord, &["status", "c3"]).unwrap();
     assert_eq!(c3["phase"], "failed");
     assert!(c3["error"].as_str().unwrap().contains("emory"), "{c3:#}");
-    for l in leases(&coord) {
+    for l in leases(coord) {
         assert_ne!(l["state"], "running", "{l:#}");
         assert_ne!(l["state"], "starting", "{l:#}");
     }
-    let again = cluster(&coord, &["hire", "c4", "--gpus", "6", "--dry-run"]).unwrap();
+    let again = cluster(coord, &["hire", "c4", "--gpus", "6", "--dry-run"]).unwrap();
     assert_eq!(
         again["plan"]["members"].as_array().unwrap().len(),
         3,
@@ -442,4 +456,112 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
     );
     // An ended or failed cluster's record can be deleted.
     assert!(coord.cli("cluster", &["delete", "c3"]).status.success());
+}
+
+/// `--purpose ray`: the head in the first member's container on its mesh
+/// address, the other joining it, token authentication on; the hire is
+/// ready when Ray says every member is alive, and the renter's connection
+/// details work only with the token.
+#[test]
+fn a_ray_cluster_is_ready_when_every_member_is_alive() {
+    let r = rig("wr", 203, &["region = \"eu\"", "region = \"eu\""]);
+    let image = common::ray::ray_image();
+    let _clean: Vec<ContainersOf> = r.names.iter().map(|n| ContainersOf(n.clone())).collect();
+    // A Ray cluster runs Ray: a command of the renter's is refused.
+    let err = cluster(
+        &r.coord,
+        &[
+            "hire",
+            "bad",
+            "--nodes",
+            "2",
+            "--purpose",
+            "ray",
+            "--image",
+            &image,
+            "--",
+            "python3",
+        ],
+    )
+    .unwrap_err();
+    assert!(err.contains("no command"), "{err}");
+    let hired = cluster(
+        &r.coord,
+        &[
+            "hire",
+            "r1",
+            "--nodes",
+            "2",
+            "--purpose",
+            "ray",
+            "--image",
+            &image,
+            "--cpus",
+            "1",
+            "--memory",
+            "2g",
+            "--duration",
+            "10m",
+            "--timeout",
+            "300",
+        ],
+    )
+    .unwrap();
+    let c = &hired["cluster"];
+    assert_eq!(c["phase"], "ready", "{hired:#}");
+    eprintln!("ray hire of 2 nodes: {}", c["timings"]);
+    assert!(c["timings"]["ray_ms"].as_u64().unwrap() > 0);
+    let head = members(c)[0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(c["ray_address"], format!("{head}:6379"));
+    assert_eq!(c["ray_client"], format!("ray://{head}:10001"));
+    let token = c["ray_token"].as_str().unwrap().to_owned();
+    assert_eq!(token.len(), 64);
+    let text = String::from_utf8(r.coord.cli("cluster", &["status", "r1"]).stdout).unwrap();
+    assert!(text.contains(&format!("RAY_AUTH_TOKEN={token}")), "{text}");
+
+    // From the second member's container, a driver with the token sees both
+    // nodes; with a wrong token it is refused.
+    let second = {
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-q", "--filter"])
+            .arg(format!(
+                "label=warden.lease={}",
+                members(c)[1]["lease_id"].as_str().unwrap()
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let driver = |token: &str| {
+        std::process::Command::new("docker")
+            .args(["exec", "-e", &format!("RAY_AUTH_TOKEN={token}"), &second])
+            .args(["timeout", "-k", "5", "120", "python3", "-c"])
+            .arg(format!(
+                "import ray; ray.init(address='{head}:6379', logging_level='ERROR'); \
+                 print('alive', sum(1 for n in ray.nodes() if n['Alive']))"
+            ))
+            .output()
+            .unwrap()
+    };
+    let ok = driver(&token);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        out.contains("alive 2"),
+        "{out}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let bad = driver(&"0".repeat(64));
+    assert!(
+        !String::from_utf8_lossy(&bad.stdout).contains("alive"),
+        "a wrong token is refused"
+    );
+
+    let ended = cluster(&r.coord, &["end", "r1"]).unwrap();
+    assert_eq!(ended["phase"], "ended");
 }

@@ -42,8 +42,10 @@ pub enum OrderError {
     Tier(String),
     #[error("unknown purpose {0:?}: none or ray")]
     Purpose(String),
-    #[error("purpose ray is not available yet on this coordinator: hire with --purpose none and start Ray in the containers")]
-    RayNotYet,
+    #[error("--purpose ray needs an image with Ray (2.52 or later) in it (--image)")]
+    RayNeedsImage,
+    #[error("--purpose ray runs Ray as the containers' command: give no command")]
+    RayCommand,
 }
 
 /// The matcher's order for `o`, checked; `min_duration` is the
@@ -74,7 +76,11 @@ pub fn order(
         &o.purpose
     }) {
         Some(ClusterPurpose::None) => {}
-        Some(ClusterPurpose::Ray) => return Err(OrderError::RayNotYet),
+        Some(ClusterPurpose::Ray) => match &o.container {
+            Some(c) if !c.image.is_empty() && c.command.is_empty() => {}
+            Some(c) if !c.image.is_empty() => return Err(OrderError::RayCommand),
+            _ => return Err(OrderError::RayNeedsImage),
+        },
         None => return Err(OrderError::Purpose(o.purpose.clone())),
     }
     let min_tier = match o.min_tier.as_str() {
@@ -94,6 +100,68 @@ pub fn order(
         exclude: BTreeSet::new(),
         seed: seed.to_owned(),
     })
+}
+
+/// Ray's ports on the head: its GCS, and the client server renters'
+/// `ray://` clients dial.
+pub const RAY_GCS_PORT: u16 = 6379;
+pub const RAY_CLIENT_PORT: u16 = 10001;
+
+/// Whether the order asks for a Ray cluster.
+pub fn is_ray(o: &pb::ClusterOrder) -> bool {
+    ClusterPurpose::parse(&o.purpose) == Some(ClusterPurpose::Ray)
+}
+
+/// A fresh Ray token (256 random bits, hex, as Ray makes its own).
+pub fn ray_token() -> String {
+    use rand::Rng;
+    let bytes: [u8; 32] = rand::rng().random();
+    hex::encode(bytes)
+}
+
+/// A member's container for a Ray cluster: the renter's image and
+/// settings, with token authentication on, running the Ray head (the first
+/// member) or a Ray node joining it, bound to the member's mesh address.
+/// The node waits until its mesh address exists (the mesh comes up after
+/// the container starts), and a joining node until the head answers.
+pub fn ray_container(
+    base: &pb::ContainerSpec,
+    head: std::net::Ipv4Addr,
+    me: std::net::Ipv4Addr,
+    token: &str,
+) -> pb::ContainerSpec {
+    let wait_addr = format!(
+        "until python3 -c 'import socket; socket.socket().bind((\"{me}\", 0))' 2>/dev/null; do sleep 0.2; done"
+    );
+    let mut flags = vec!["--disable-usage-stats".to_owned(), "--block".to_owned()];
+    if base.cpus > 0.0 {
+        flags.push(format!("--num-cpus {}", base.cpus.ceil() as u64));
+    }
+    if base.memory_bytes > 0 {
+        // Ray's default takes 30 % of the machine's memory, not the container's.
+        flags.push(format!(
+            "--object-store-memory {}",
+            (base.memory_bytes / 5).max(78 << 20)
+        ));
+    }
+    let start = if head == me {
+        format!(
+            "exec ray start --head --node-ip-address {me} --port {RAY_GCS_PORT} --ray-client-server-port {RAY_CLIENT_PORT} --include-dashboard=false {}",
+            flags.join(" ")
+        )
+    } else {
+        format!(
+            "until python3 -c 'import socket; socket.create_connection((\"{head}\", {RAY_GCS_PORT}), 1)' 2>/dev/null; do sleep 0.5; done; \
+             exec ray start --address {head}:{RAY_GCS_PORT} --node-ip-address {me} {}",
+            flags.join(" ")
+        )
+    };
+    let mut spec = base.clone();
+    spec.env.retain(|e| !e.starts_with("RAY_AUTH_"));
+    spec.env.push("RAY_AUTH_MODE=token".into());
+    spec.env.push(format!("RAY_AUTH_TOKEN={token}"));
+    spec.command = vec!["sh".into(), "-c".into(), format!("{wait_addr}; {start}")];
+    spec
 }
 
 /// The lease states in which a lease holds its GPUs.
@@ -226,7 +294,12 @@ pub fn expired(clusters: &[pb::ClusterInfo], now_ms: i64) -> Vec<String> {
         .filter(|c| {
             matches!(
                 ClusterPhase::parse(&c.phase),
-                Some(ClusterPhase::Starting | ClusterPhase::Meshing | ClusterPhase::Ready)
+                Some(
+                    ClusterPhase::Starting
+                        | ClusterPhase::Meshing
+                        | ClusterPhase::Ray
+                        | ClusterPhase::Ready
+                )
             )
         })
         .map(|c| c.cluster_id.clone())
@@ -292,7 +365,23 @@ mod tests {
             bad(&|o| o.purpose = "mpi".into()),
             OrderError::Purpose("mpi".into())
         );
-        assert_eq!(bad(&|o| o.purpose = "ray".into()), OrderError::RayNotYet);
+        assert_eq!(
+            bad(&|o| {
+                o.purpose = "ray".into();
+                o.container.as_mut().unwrap().command = vec!["python3".into()];
+            }),
+            OrderError::RayCommand
+        );
+        let mut ray = an_order();
+        ray.purpose = "ray".into();
+        assert!(order(&ray, "c", MIN_DURATION).is_ok());
+        assert_eq!(
+            bad(&|o| {
+                o.purpose = "ray".into();
+                o.container = None;
+            }),
+            OrderError::RayNeedsImage
+        );
         // A test coordinator may allow shorter hires.
         let mut short = an_order();
         short.duration_seconds = 5;
@@ -302,6 +391,42 @@ mod tests {
         let o = order(&n, "c", MIN_DURATION).unwrap();
         assert_eq!((o.want, o.min_tier), (Want::Nodes(3), Tier::Premium));
         assert_eq!(o.region.as_deref(), Some("eu"));
+    }
+
+    #[test]
+    fn ray_members_get_the_token_and_start_where_the_mesh_puts_them() {
+        let base = pb::ContainerSpec {
+            env: vec!["A=1".into(), "RAY_AUTH_TOKEN=renter-chosen".into()],
+            cpus: 1.5,
+            memory_bytes: 3 << 30,
+            ..spec()
+        };
+        let (head, other) = ("10.90.0.1".parse().unwrap(), "10.90.0.2".parse().unwrap());
+        let h = ray_container(&base, head, head, "tok");
+        let w = ray_container(&base, head, other, "tok");
+        for c in [&h, &w] {
+            assert_eq!(c.env, ["A=1", "RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN=tok"]);
+            assert_eq!(c.command[..2], ["sh", "-c"]);
+            assert!(c.command[2].contains("--num-cpus 2"), "{}", c.command[2]);
+            assert!(c.command[2].contains("--block"));
+        }
+        let (hs, ws) = (&h.command[2], &w.command[2]);
+        assert!(
+            hs.contains("bind((\"10.90.0.1\", 0))")
+                && hs.contains("--head --node-ip-address 10.90.0.1"),
+            "{hs}"
+        );
+        assert!(ws.contains("bind((\"10.90.0.2\", 0))"), "{ws}");
+        assert!(
+            ws.contains("create_connection((\"10.90.0.1\", 6379)"),
+            "{ws}"
+        );
+        assert!(
+            ws.contains("--address 10.90.0.1:6379 --node-ip-address 10.90.0.2"),
+            "{ws}"
+        );
+        assert_eq!(ray_token().len(), 64);
+        assert_ne!(ray_token(), ray_token());
     }
 
     fn stats(id: &str, gpus: &[&str], link: Option<(f64, &str)>) -> NodeStats {

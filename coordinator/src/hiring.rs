@@ -113,7 +113,30 @@ impl Hiring {
             )));
         }
         let lease_ids: Vec<String> = plan.members.iter().map(|_| ids::fresh("l")).collect();
+        // Each member's container; for Ray, each its part, on its mesh address.
+        let base: Option<pb::ContainerSpec> =
+            order_pb.container.clone().filter(|c| !c.image.is_empty());
+        let ray = hire::is_ray(&order_pb);
+        let host_of = |m: &pb::ClusterMember| -> Option<std::net::Ipv4Addr> {
+            m.address.split('/').next()?.parse().ok()
+        };
+        let head = meshed.members.first().and_then(host_of);
+        let token = ray.then(hire::ray_token);
+        let containers: Vec<Vec<pb::ContainerSpec>> = meshed
+            .members
+            .iter()
+            .map(|m| match (&base, &token, head, host_of(m)) {
+                (Some(b), Some(t), Some(h), Some(me)) => vec![hire::ray_container(b, h, me, t)],
+                (Some(b), _, _, _) => vec![b.clone()],
+                _ => Vec::new(),
+            })
+            .collect();
         let mut info = hire::starting(meshed, &plan, &order_pb, &lease_ids, now_ms());
+        if let (Some(t), Some(h)) = (&token, head) {
+            info.ray_address = format!("{h}:{}", hire::RAY_GCS_PORT);
+            info.ray_client = format!("ray://{h}:{}", hire::RAY_CLIENT_PORT);
+            info.ray_token = t.clone();
+        }
         info.timings = Some(pb::ClusterTimings {
             match_ms: began.elapsed().as_millis() as u64,
             ..Default::default()
@@ -124,16 +147,9 @@ impl Hiring {
             .map_err(unavailable)?;
         // The leases are stored as they are sent, still under the lock:
         // the next hire sees their GPUs taken.
-        // No image: the leases hold the GPUs, containers come later.
-        let containers: Vec<pb::ContainerSpec> = order_pb
-            .container
-            .clone()
-            .filter(|c| !c.image.is_empty())
-            .into_iter()
-            .collect();
         let mut sent = Vec::new();
         let mut failed: Option<String> = None;
-        for (m, lease_id) in plan.members.iter().zip(&lease_ids) {
+        for ((m, lease_id), containers) in plan.members.iter().zip(&lease_ids).zip(containers) {
             let lease = pb::LeaseInfo {
                 lease_id: lease_id.clone(),
                 node_id: m.node_id.clone(),
@@ -148,7 +164,7 @@ impl Hiring {
                 renter: order_pb.renter.clone(),
                 gpu_uuids: m.gpus.clone(),
                 all_gpus: false,
-                containers: containers.clone(),
+                containers,
             });
             match self.control.send(lease, body).await {
                 Ok(s) => sent.push(s),
@@ -230,12 +246,40 @@ impl Hiring {
             };
             return self.undo(&id, why, leases_ms).await;
         }
+        let mut ray_ms = 0;
+        if ray {
+            store
+                .edit_cluster(&id, move |c| {
+                    c.phase = ClusterPhase::Ray.into();
+                    if let Some(t) = c.timings.as_mut() {
+                        t.mesh_ms = mesh_ms;
+                    }
+                })
+                .await
+                .map_err(unavailable)?;
+            let ray_began = Instant::now();
+            let (node, lease) = (&plan.members[0].node_id, &lease_ids[0]);
+            if let Err(why) = self
+                .ray_ready(
+                    node,
+                    lease,
+                    &info.ray_address,
+                    member_ids.len() as u32,
+                    deadline,
+                )
+                .await
+            {
+                return self.undo(&id, why, leases_ms).await;
+            }
+            ray_ms = ray_began.elapsed().as_millis() as u64;
+        }
         let total_ms = began.elapsed().as_millis() as u64;
         let info = store
             .edit_cluster(&id, move |c| {
                 c.phase = ClusterPhase::Ready.into();
                 if let Some(t) = c.timings.as_mut() {
                     t.mesh_ms = mesh_ms;
+                    t.ray_ms = ray_ms;
                     t.total_ms = total_ms;
                 }
             })
@@ -246,6 +290,48 @@ impl Hiring {
             plan: Some(shown),
             cluster: info,
         })
+    }
+
+    /// Asks the head's node, every second, how many Ray nodes are alive,
+    /// until all `members` are or `deadline` passes (then why not).
+    async fn ray_ready(
+        &self,
+        node: &str,
+        lease: &str,
+        address: &str,
+        members: u32,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        let registry = &self.control.registry;
+        let mut last = String::from("no answer yet");
+        while Instant::now() < deadline {
+            let body = pb::command::Body::RayProbe(pb::RayProbe {
+                lease_id: lease.to_owned(),
+                address: address.to_owned(),
+            });
+            let Some(cmd) = registry.command(node, "r", body) else {
+                return Err(format!("the Ray head's node {node} is not connected"));
+            };
+            let pending = registry
+                .send(cmd)
+                .await
+                .map_err(|e| format!("the Ray head's node {node}: {e}"))?;
+            let command_id = pending.command_id.clone();
+            match tokio::time::timeout_at(deadline, pending.answer).await {
+                Ok(Ok(r)) if r.ok && r.ray_alive_nodes >= members => return Ok(()),
+                Ok(Ok(r)) if r.ok => {
+                    last = format!("{} of {members} Ray nodes alive", r.ray_alive_nodes)
+                }
+                Ok(Ok(r)) => last = r.error,
+                Ok(Err(_)) => return Err("the coordinator is shutting down".into()),
+                Err(_) => {
+                    registry.forget(&command_id);
+                    break;
+                }
+            }
+            tokio::time::sleep_until((Instant::now() + Duration::from_secs(1)).min(deadline)).await;
+        }
+        Err(format!("Ray was not ready in time: {last}"))
     }
 
     /// A hire that failed: its leases are ended, its mesh taken down, the

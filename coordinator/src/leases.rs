@@ -41,8 +41,9 @@ impl Kind {
             pb::command::Body::LeaseEnd(_) => Kind::LeaseEnd,
             pb::command::Body::RunContainer(_) => Kind::RunContainer,
             pb::command::Body::StopContainer(_) => Kind::StopContainer,
-            // Not a lease command: the mesh keeps its own books.
-            pb::command::Body::MeshConfig(_) => return None,
+            // Not a lease command: the mesh keeps its own books, and a
+            // Ray probe's answer goes only to whoever waits for it.
+            pb::command::Body::MeshConfig(_) | pb::command::Body::RayProbe(_) => return None,
         })
     }
 }

@@ -130,6 +130,8 @@ wire_text! {
         Starting => "starting",
         /// Leases running; members applying the mesh.
         Meshing => "meshing",
+        /// A Ray cluster's nodes joining its head.
+        Ray => "ray",
         /// Every lease running and every member on the mesh.
         Ready => "ready",
         /// A step failed; what started was ended.

@@ -247,6 +247,13 @@ fn print_status(c: &warden_proto::pb::ClusterInfo) {
     if !c.error.is_empty() {
         println!("  error: {}", c.error);
     }
+    if !c.ray_address.is_empty() {
+        // What the renter needs: on the mesh (in a member, or a peer of it).
+        println!(
+            "  ray: head {}  client {}\n  connect with RAY_AUTH_MODE=token RAY_AUTH_TOKEN={}",
+            c.ray_address, c.ray_client, c.ray_token
+        );
+    }
     for m in &c.members {
         println!(
             "  {}  {:<16} {:<8} lease {}  gpus {}  {}",

@@ -522,6 +522,66 @@ impl Docker {
             .collect())
     }
 
+    /// Runs `cmd` inside a running container (as its own user, never
+    /// privileged) and returns its exit code and output, at most `limit`
+    /// bytes of it; gives up after `wait`.
+    pub async fn exec_output(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<(i64, String), DockerError> {
+        use bollard::exec::{StartExecOptions, StartExecResults};
+        let what = || format!("exec in container {id}");
+        // `output` chunks: stdout and stderr alike.
+        let exec = self
+            .api
+            .create_exec(
+                id,
+                bollard::models::ExecConfig {
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    privileged: Some(false),
+                    cmd: Some(cmd),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| self.error(what(), e))?;
+        let run = async {
+            let mut out = Vec::new();
+            if let StartExecResults::Attached { mut output, .. } = self
+                .api
+                .start_exec(&exec.id, None::<StartExecOptions>)
+                .await
+                .map_err(|e| self.error(what(), e))?
+            {
+                while let Some(chunk) = output.next().await {
+                    let chunk = chunk.map_err(|e| self.error(what(), e))?;
+                    let bytes = chunk.into_bytes();
+                    let room = limit.saturating_sub(out.len());
+                    out.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                }
+            }
+            let code = self
+                .api
+                .inspect_exec(&exec.id)
+                .await
+                .map_err(|e| self.error(what(), e))?
+                .exit_code
+                .unwrap_or(-1);
+            Ok((code, String::from_utf8_lossy(&out).into_owned()))
+        };
+        tokio::time::timeout(wait, run)
+            .await
+            .map_err(|_| DockerError::Api {
+                what: what(),
+                status: None,
+                message: format!("no answer within {}s", wait.as_secs()),
+            })?
+    }
+
     /// Inspects one container: the fields Warden needs to report its state
     /// and check its confinement.
     pub async fn inspect(&self, id: &str) -> Result<Inspected, DockerError> {

@@ -461,6 +461,7 @@ impl State {
         let skew = self.w.config.clock_skew.as_millis() as i64;
         // Notes that go with a success (peers a mesh config left out).
         let mut note = String::new();
+        let mut ray_alive_nodes = 0;
         let started = matches!(cmd.body, Some(pb::command::Body::LeaseStart(_)));
         let (lease_id, outcome) = match self.book.admit(&cmd, &self.w.node_id, now, skew) {
             Err(e) => (String::new(), Err(e)),
@@ -483,6 +484,16 @@ impl State {
                     Some(pb::command::Body::StopContainer(sc)) => {
                         let id = sc.lease_id.clone();
                         (id, self.stop_container(sc).await)
+                    }
+                    Some(pb::command::Body::RayProbe(rp)) => {
+                        let id = rp.lease_id.clone();
+                        match self.ray_probe(rp).await {
+                            Ok(n) => {
+                                ray_alive_nodes = n;
+                                (id, Ok(Vec::new()))
+                            }
+                            Err(e) => (id, Err(e)),
+                        }
                     }
                     Some(pb::command::Body::MeshConfig(mc)) => match self.mesh_config(mc).await {
                         Ok(n) => {
@@ -512,6 +523,7 @@ impl State {
                 ok: true,
                 error: note,
                 containers,
+                ray_alive_nodes,
             },
             Err(error) => {
                 tracing::warn!(command = %cmd.command_id, lease = %lease_id, %error, "command refused or failed");
@@ -551,6 +563,58 @@ impl State {
         .map_err(|_| "the mesh task has stopped")?;
         rx.await
             .map_err(|_| "the mesh task stopped while applying".to_owned())?
+    }
+
+    /// How many Ray nodes the cluster whose head is at `rp.address` has
+    /// alive, asked from inside the lease's first container (it holds the
+    /// cluster's token). A fixed probe: the address is checked and passed
+    /// as an argument, never through a shell.
+    async fn ray_probe(&self, rp: pb::RayProbe) -> Result<u32, String> {
+        let addr: std::net::SocketAddr = rp
+            .address
+            .parse()
+            .map_err(|_| format!("Ray head address `{}` is not IP:port", rp.address))?;
+        let first = self
+            .book
+            .leases
+            .get(&rp.lease_id)
+            .ok_or_else(|| format!("no lease {} on this node", rp.lease_id))?
+            .containers
+            .iter()
+            .find(|c| !c.id.is_empty())
+            .ok_or_else(|| format!("lease {} runs no container", rp.lease_id))?;
+        const PROBE: &str = "import ray, sys\n\
+            ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n\
+            print('alive', sum(1 for n in ray.nodes() if n['Alive']))\n";
+        let cmd = vec![
+            "python3".to_owned(),
+            "-c".to_owned(),
+            PROBE.to_owned(),
+            addr.to_string(),
+        ];
+        let (code, out) = self
+            .docker()?
+            .exec_output(&first.id, cmd, 64 << 10, Duration::from_secs(60))
+            .await
+            .map_err(|e| e.to_string())?;
+        let alive = out
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("alive ")?.trim().parse().ok());
+        match (code, alive) {
+            (0, Some(n)) => Ok(n),
+            _ => {
+                let tail: String = out
+                    .chars()
+                    .rev()
+                    .take(300)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                Err(format!("the Ray probe exited with {code}: {}", tail.trim()))
+            }
+        }
     }
 
     /// The network namespace of the lease's first container, running.
