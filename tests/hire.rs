@@ -14,12 +14,15 @@ use std::{path::Path, time::Duration};
 use common::{image::Remove, *};
 use serde_json::Value;
 
-/// Two fake GPUs with no process on them.
-fn gpus(state: &Path, node: usize) {
+/// Two fake GPUs with no process on them, their uuids unique to this LAN
+/// and node: all the tests' agents share one Docker engine, and an agent
+/// stops any container holding a GPU uuid it leased (as it must).
+fn gpus(state: &Path, net: u8, node: usize) {
     let devices: Vec<Value> = (0..2)
         .map(|i| {
             let mut g = fake_gpu(i);
-            g["uuid"] = format!("GPU-{node:04x}{i:04x}-0000-4000-8000-000000000000").into();
+            g["uuid"] =
+                format!("GPU-{net:02x}{node:02x}{i:04x}-0000-4000-8000-000000000000").into();
             g["processes"] = serde_json::json!([]);
             g
         })
@@ -65,6 +68,27 @@ fn members(c: &Value) -> Vec<Value> {
     c["members"].as_array().unwrap().clone()
 }
 
+/// Whether this machine opens a TCP connection to `port` on the
+/// container's bridge (Docker network) address.
+fn bridge_connects(container: &str, port: u16) -> bool {
+    let out = std::process::Command::new("docker")
+        .args([
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+            container,
+        ])
+        .output()
+        .unwrap();
+    let ip = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("the container has a bridge address")
+        .to_owned();
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+}
+
 /// A coordinator in a hub and one agent per `labels` entry on its own host,
 /// each with two fake GPUs, all connected: the LAN, the coordinator, the
 /// agents and their node ids.
@@ -93,7 +117,7 @@ fn rig(tag: &str, net: u8, labels: &[&str]) -> Rig {
         .map(|(i, labels)| {
             let dir = tmp.path().join(format!("agent{i}"));
             let state = tmp.path().join(format!("gpus{i}.json"));
-            gpus(&state, i);
+            gpus(&state, net, i);
             let config = format!(
                 "state_dir = \"{}\"\n{}\n[gpu]\nnvml_library = \"{}\"\nsample_interval = \"200ms\"\n\
                  [metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n\
@@ -427,6 +451,16 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
         },
     );
     assert_eq!(got.trim(), "from-a", "only the member reached B");
+    // B's bridge address (its egress network) takes no new connection
+    // either, though this machine routes to it.
+    assert!(docker(&["exec", "-d", &cb, "sh", "-c", "nc -l -p 7002"])
+        .status
+        .success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !bridge_connects(&cb, 7002),
+        "B's service is reachable on its bridge address"
+    );
     let ended = cluster(coord, &["end", "c5"]).unwrap();
     assert_eq!(ended["phase"], "ended");
 
@@ -556,6 +590,25 @@ fn a_ray_cluster_is_ready_when_every_member_is_alive() {
         "{out}{}",
         String::from_utf8_lossy(&ok.stderr)
     );
+    // No Ray port is reachable off the mesh: not the head's GCS or client
+    // server through its bridge address.
+    let head_container = {
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-q", "--filter"])
+            .arg(format!(
+                "label=warden.lease={}",
+                members(c)[0]["lease_id"].as_str().unwrap()
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    for port in [6379, 10001] {
+        assert!(
+            !bridge_connects(&head_container, port),
+            "Ray port {port} off the mesh"
+        );
+    }
     let bad = driver(&"0".repeat(64));
     assert!(
         !String::from_utf8_lossy(&bad.stdout).contains("alive"),

@@ -457,6 +457,9 @@ impl MeshNode {
         .map_err(|e| e.to_string())?;
         let tun = Tun::from_opened(opened).map_err(|e| e.to_string())?;
         let interface = tun.name().to_owned();
+        if let Some(ns) = &netns {
+            super::place::mesh_only_inbound(ns, &interface)?;
+        }
         // Dual-stack: IPv4 peers arrive as mapped addresses.
         let dev = Arc::new(Device::new(Ipv6Addr::UNSPECIFIED.into()));
         let errno = dev
