@@ -292,12 +292,19 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
         .as_str()
         .unwrap()
         .to_owned();
+    // Two seconds more; its end moves, and it still ends on its own.
+    let ends = c2["cluster"]["ends_unix_ms"].as_i64().unwrap();
+    let longer = cluster(coord, &["extend", "c2", "--duration", "2s"]).unwrap();
+    assert_eq!(longer["ends_unix_ms"].as_i64().unwrap(), ends + 2000);
+    assert_eq!(longer["order"]["duration_seconds"], 5);
     wait_for(
         "c2 ended when its time was up",
         Duration::from_secs(60),
         || (cluster(coord, &["status", "c2"]).ok()?["phase"] == "ended").then_some(()),
     );
     assert_eq!(lease_state(coord, &lease2), "ended");
+    let err = cluster(coord, &["extend", "c2", "--hours", "1"]).unwrap_err();
+    assert!(err.contains("only a running cluster"), "{err}");
     wait_for(
         "the us-east node left the mesh",
         Duration::from_secs(30),

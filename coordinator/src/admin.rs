@@ -424,6 +424,16 @@ impl pb::admin_server::Admin for AdminService {
         ))
     }
 
+    async fn extend_cluster(
+        &self,
+        req: Request<pb::ExtendClusterRequest>,
+    ) -> Result<Response<pb::ClusterInfo>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.hiring.extend(&r.cluster_id, r.add_seconds).await?,
+        ))
+    }
+
     async fn list_leases(
         &self,
         _: Request<pb::ListLeasesRequest>,

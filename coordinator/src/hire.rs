@@ -286,6 +286,57 @@ pub fn starting(
     meshed
 }
 
+/// Why a cluster's end cannot move.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExtendError {
+    #[error("cluster {0} was made with `cluster set`, not hired: it has no end")]
+    NotHired(String),
+    #[error("cluster {0} is {1}: only a running cluster is extended")]
+    NotRunning(String, String),
+    #[error("extend by at least a second")]
+    Nothing,
+    #[error("a hire lasts at most a year from its start")]
+    TooLong,
+}
+
+/// The cluster with its end `add_seconds` later, or why not.
+pub fn extend(c: &mut pb::ClusterInfo, add_seconds: u64) -> Result<(), ExtendError> {
+    if c.order.is_none() {
+        return Err(ExtendError::NotHired(c.cluster_id.clone()));
+    }
+    if !matches!(
+        ClusterPhase::parse(&c.phase),
+        Some(
+            ClusterPhase::Starting
+                | ClusterPhase::Meshing
+                | ClusterPhase::Ray
+                | ClusterPhase::Ready
+        )
+    ) {
+        return Err(ExtendError::NotRunning(
+            c.cluster_id.clone(),
+            c.phase.clone(),
+        ));
+    }
+    if add_seconds == 0 {
+        return Err(ExtendError::Nothing);
+    }
+    let add_ms =
+        i64::try_from(add_seconds.saturating_mul(1000)).map_err(|_| ExtendError::TooLong)?;
+    let end = c
+        .ends_unix_ms
+        .checked_add(add_ms)
+        .ok_or(ExtendError::TooLong)?;
+    if end - c.created_unix_ms > MAX_DURATION.as_millis() as i64 {
+        return Err(ExtendError::TooLong);
+    }
+    c.ends_unix_ms = end;
+    if let Some(o) = c.order.as_mut() {
+        o.duration_seconds = o.duration_seconds.saturating_add(add_seconds);
+    }
+    Ok(())
+}
+
 /// The hired clusters whose time is up at `now_ms` and that still run.
 pub fn expired(clusters: &[pb::ClusterInfo], now_ms: i64) -> Vec<String> {
     clusters
@@ -566,6 +617,31 @@ mod tests {
             phase: ClusterPhase::Ended.into(),
             ..info
         };
-        assert!(expired(&[ended], 9_999_999_999).is_empty());
+        assert!(expired(std::slice::from_ref(&ended), 9_999_999_999).is_empty());
+        assert!(matches!(
+            extend(&mut ended.clone(), 60),
+            Err(ExtendError::NotRunning(..))
+        ));
+        let mut running = pb::ClusterInfo {
+            phase: ClusterPhase::Ready.into(),
+            ..ended
+        };
+        extend(&mut running, 60).unwrap();
+        assert_eq!(running.ends_unix_ms, 1_000 + 3_600_000 + 60_000);
+        assert_eq!(running.order.as_ref().unwrap().duration_seconds, 3660);
+        assert!(
+            expired(std::slice::from_ref(&running), 3_601_000).is_empty(),
+            "later now"
+        );
+        assert_eq!(extend(&mut running, 0), Err(ExtendError::Nothing));
+        assert_eq!(
+            extend(&mut running, 400 * 24 * 3600),
+            Err(ExtendError::TooLong)
+        );
+        let mut by_hand = pb::ClusterInfo::default();
+        assert!(matches!(
+            extend(&mut by_hand, 60),
+            Err(ExtendError::NotHired(_))
+        ));
     }
 }

@@ -460,6 +460,17 @@ impl Hiring {
             .ok_or_else(|| Status::not_found(format!("no cluster {id}")))
     }
 
+    /// Moves a running hired cluster's end `add_seconds` later.
+    pub async fn extend(&self, id: &str, add_seconds: u64) -> Result<pb::ClusterInfo, Status> {
+        self.control
+            .store
+            .try_edit_cluster(id, move |c| hire::extend(c, add_seconds))
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| Status::not_found(format!("no cluster {id}")))?
+            .map_err(|e| Status::failed_precondition(e.to_string()))
+    }
+
     /// Ends hired clusters when their time is up, checking every `every`.
     pub async fn run_expiry(self, every: Duration, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(every);

@@ -60,6 +60,18 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Move a running hired cluster's end later.
+    #[command(group(clap::ArgGroup::new("by").required(true).args(["hours", "duration"])))]
+    Extend {
+        cluster_id: String,
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        hours: Option<u32>,
+        /// Or a duration such as 30m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
     /// End a hired cluster: its leases end, its members leave the mesh.
     End {
         cluster_id: String,
@@ -363,6 +375,30 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
                 .into_iter()
                 .find(|c| c.cluster_id == cluster_id)
                 .ok_or_else(|| anyhow::anyhow!("no cluster {cluster_id}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                print_status(&c);
+            }
+        }
+        ClusterCommand::Extend {
+            cluster_id,
+            hours,
+            duration,
+            json,
+        } => {
+            let add_seconds = match (hours, duration) {
+                (_, Some(d)) => d.as_secs(),
+                (h, None) => u64::from(h.unwrap_or(0)) * 3600,
+            };
+            let c = client
+                .extend_cluster(pb::ExtendClusterRequest {
+                    cluster_id,
+                    add_seconds,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
             if json {
                 println!("{}", serde_json::to_string_pretty(&c)?);
             } else {

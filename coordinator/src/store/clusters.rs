@@ -65,14 +65,35 @@ impl Store {
         cluster_id: &str,
         edit: impl FnOnce(&mut pb::ClusterInfo) + Send + 'static,
     ) -> Result<Option<pb::ClusterInfo>, StoreError> {
+        let edited = self
+            .try_edit_cluster(cluster_id, move |c| {
+                edit(c);
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .await?;
+        Ok(edited.map(|r| match r {
+            Ok(c) => c,
+            Err(never) => match never {},
+        }))
+    }
+
+    /// As [`Store::edit_cluster`], for a change that may be refused: the
+    /// row is written only when `edit` says Ok.
+    pub async fn try_edit_cluster<E: Send + 'static>(
+        &self,
+        cluster_id: &str,
+        edit: impl FnOnce(&mut pb::ClusterInfo) -> Result<(), E> + Send + 'static,
+    ) -> Result<Option<Result<pb::ClusterInfo, E>>, StoreError> {
         let cluster_id = cluster_id.to_owned();
         self.write(move |tx| {
             let Some(mut info) = get_cluster(tx, &cluster_id)? else {
                 return Ok(None);
             };
-            edit(&mut info);
+            if let Err(e) = edit(&mut info) {
+                return Ok(Some(Err(e)));
+            }
             update_cluster(tx, &cluster_id, &info)?;
-            Ok(Some(info))
+            Ok(Some(Ok(info)))
         })
         .await
     }
