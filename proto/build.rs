@@ -45,6 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ContainerSpec",
         "PortSpec",
         "MountSpec",
+        "RenterPeer",
     ] {
         builder = builder.type_attribute(format!(".warden.v1.{m}"), "#[derive(serde::Serialize)]");
     }
@@ -59,6 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("NodeInfo.public_key", "hex"),
         ("NodeInfo.mesh_public_key", "base64_std"),
         ("NodeInfo.missing", "seq_ranges"),
+        ("RenterPeer.public_key", "base64_std"),
     ] {
         builder = builder.field_attribute(
             format!(".warden.v1.{field}"),

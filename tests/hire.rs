@@ -93,7 +93,7 @@ fn bridge_connects(container: &str, port: u16) -> bool {
 /// each with two fake GPUs, all connected: the LAN, the coordinator, the
 /// agents and their node ids.
 struct Rig {
-    _tmp: tempfile::TempDir,
+    tmp: tempfile::TempDir,
     lan: Lan,
     coord: Coordinator,
     agents: Vec<Agent>,
@@ -101,10 +101,11 @@ struct Rig {
     id: u32,
 }
 
-fn rig(tag: &str, net: u8, labels: &[&str]) -> Rig {
+/// `spare` more hosts on the LAN run no agent (a renter's machine).
+fn rig(tag: &str, net: u8, labels: &[&str], spare: usize) -> Rig {
     let tmp = tempfile::tempdir().unwrap();
     let id = std::process::id() % 100_000;
-    let lan = Lan::new(tag, labels.len(), net);
+    let lan = Lan::new(tag, labels.len() + spare, net);
     // Hires as short as a second: the test cannot wait the seed's hour.
     let (coord, link) = lan.coordinator(
         &tmp.path().join("coord"),
@@ -156,7 +157,7 @@ fn rig(tag: &str, net: u8, labels: &[&str]) -> Rig {
         },
     );
     Rig {
-        _tmp: tmp,
+        tmp,
         lan,
         coord,
         agents,
@@ -175,6 +176,7 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
             "region = \"eu-west\"\ncountry = \"FR\"\ntags = [\"soc2\"]",
             "region = \"us-east\"\ntags = [\"soc2\"]",
         ],
+        1,
     );
     let (lan, coord, agents, names, id) = (&r.lan, &r.coord, &r.agents, &r.names, r.id);
     // The declared labels and the derived tier show as the nodes' own.
@@ -468,6 +470,108 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
         !bridge_connects(&cb, 7002),
         "B's service is reachable on its bridge address"
     );
+    // The renter's own machine (the LAN's fourth host, stock wireguard-go
+    // and wg) joins the mesh with the file `cluster export` writes, and
+    // reaches B's container there.
+    let conf = r.tmp.path().join("renter.conf");
+    let out = coord.cli(
+        "cluster",
+        &[
+            "export",
+            "c5",
+            "--name",
+            "laptop",
+            "-o",
+            conf.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&conf).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&conf).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let address = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Address = "))
+        .unwrap()
+        .to_owned();
+    assert_eq!(address, "10.90.0.254/24", "{text}");
+    assert_eq!(text.matches("[Peer]").count(), 2, "{text}");
+    // Again with the same file: the same key, the same address.
+    let again = coord.cli(
+        "cluster",
+        &[
+            "export",
+            "c5",
+            "--name",
+            "laptop",
+            "-o",
+            conf.to_str().unwrap(),
+        ],
+    );
+    assert!(again.status.success());
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), text);
+    let stripped = run(&["wg-quick", "strip", conf.to_str().unwrap()]);
+    let plain = r.tmp.path().join("renter.wg");
+    std::fs::write(&plain, &stripped.stdout).unwrap();
+    let renter = lan.hosts[3].clone();
+    let ifname = format!("wgr-{id}");
+    let _wg = spawn_in(
+        &renter,
+        &["wireguard-go", "-f", &ifname],
+        &r.tmp.path().join("wireguard-go.log"),
+    );
+    let sock = format!("/var/run/wireguard/{ifname}.sock");
+    wait_for(&sock, Duration::from_secs(20), || {
+        Path::new(&sock).exists().then_some(())
+    });
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &renter,
+        "wg",
+        "setconf",
+        &ifname,
+        plain.to_str().unwrap(),
+    ]);
+    run(&["ip", "-n", &renter, "addr", "add", &address, "dev", &ifname]);
+    run(&["ip", "-n", &renter, "link", "set", &ifname, "up"]);
+    assert!(
+        docker(&["exec", "-d", &cb, "sh", "-c", "nc -l -p 7003 > /tmp/got3"])
+            .status
+            .success()
+    );
+    let renter_ns = warden_agent::mesh::place::Netns::open(
+        Path::new(&format!("/var/run/netns/{renter}")),
+        "renter".into(),
+    )
+    .unwrap();
+    let to_b3: std::net::SocketAddr = format!("{b_addr}:7003").parse().unwrap();
+    wait_for(
+        "the renter reaches B over the mesh",
+        Duration::from_secs(30),
+        || {
+            let _ = renter_ns.run(|| {
+                use std::io::Write;
+                std::net::TcpStream::connect_timeout(&to_b3, Duration::from_secs(1))
+                    .and_then(|mut s| s.write_all(b"from-renter\n"))
+            });
+            let got = docker(&["exec", &cb, "cat", "/tmp/got3"]);
+            String::from_utf8_lossy(&got.stdout)
+                .contains("from-renter")
+                .then_some(())
+        },
+    );
+    let status = cluster(coord, &["status", "c5"]).unwrap();
+    assert_eq!(status["renter_peers"][0]["name"], "laptop", "{status:#}");
+
     let ended = cluster(coord, &["end", "c5"]).unwrap();
     assert_eq!(ended["phase"], "ended");
 
@@ -505,7 +609,7 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
 /// details work only with the token.
 #[test]
 fn a_ray_cluster_is_ready_when_every_member_is_alive() {
-    let r = rig("wr", 203, &["region = \"eu\"", "region = \"eu\""]);
+    let r = rig("wr", 203, &["region = \"eu\"", "region = \"eu\""], 0);
     let image = common::ray::ray_image();
     let _clean: Vec<ContainersOf> = r.names.iter().map(|n| ContainersOf(n.clone())).collect();
     // A Ray cluster runs Ray: a command of the renter's is refused.

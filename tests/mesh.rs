@@ -39,40 +39,6 @@ fn wg_key(dir: &Path, name: &str) -> (String, String) {
     (path.display().to_string(), public)
 }
 
-/// A process inside a namespace, killed on drop.
-struct InNs(std::process::Child);
-
-impl Drop for InNs {
-    fn drop(&mut self) {
-        // SIGTERM first: warden and wireguard-go then remove their UAPI
-        // sockets from /var/run/wireguard instead of leaving them behind.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_in(ns: &str, args: &[&str], log: &Path) -> InNs {
-    let err = std::fs::File::create(log).unwrap();
-    InNs(
-        Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .unwrap(),
-    )
-}
-
 fn iperf(server_ns: &str, client_ns: &str, server_ip: &str, port: &str) -> String {
     let _server = InNs(
         Command::new("ip")

@@ -434,6 +434,23 @@ impl pb::admin_server::Admin for AdminService {
         ))
     }
 
+    async fn export_cluster(
+        &self,
+        req: Request<pb::ExportClusterRequest>,
+    ) -> Result<Response<pb::ExportClusterResponse>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.hiring
+                .export(
+                    &r.cluster_id,
+                    r.public_key,
+                    &r.name,
+                    wait_or(r.timeout_seconds, CLUSTER_WAIT),
+                )
+                .await?,
+        ))
+    }
+
     async fn list_leases(
         &self,
         _: Request<pb::ListLeasesRequest>,

@@ -132,9 +132,15 @@ pub fn set_members(
         .map(|c| c.members.iter().map(|m| (m.node_id.as_str(), m)).collect())
         .unwrap_or_default();
     let host = |m: &pb::ClusterMember| m.address.split('/').next().unwrap_or("").to_owned();
+    // Members that stay keep theirs; renters' machines keep theirs.
     let taken: std::collections::HashSet<String> = nodes
         .iter()
         .filter_map(|n| prev.get(n.as_str()).map(|m| host(m)))
+        .chain(existing.into_iter().flat_map(|c| {
+            c.renter_peers
+                .iter()
+                .map(|r| r.address.split('/').next().unwrap_or("").to_owned())
+        }))
         .collect();
     let mut free = subnet.hosts().filter(|a| !taken.contains(&a.to_string()));
     let mut members = Vec::with_capacity(nodes.len());
@@ -195,6 +201,76 @@ pub fn set_members(
     ))
 }
 
+/// Renters' machines one cluster takes at most.
+pub const MAX_RENTER_PEERS: usize = 8;
+
+/// Why a renter's machine cannot join a cluster's mesh.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExportError {
+    #[error("a WireGuard public key is 32 bytes, not {0}")]
+    BadKey(usize),
+    #[error("cluster {0} has ended or failed")]
+    NotLive(String),
+    #[error("name {0:?} must be 1 to 32 of [a-z0-9_.-]")]
+    BadName(String),
+    #[error("the cluster has {MAX_RENTER_PEERS} renter machines already")]
+    Full,
+    #[error("the subnet has no free address left")]
+    NoAddress,
+}
+
+/// Adds a renter's machine to the cluster's mesh, at the highest free
+/// address (members fill the subnet from the bottom), or gives the same
+/// key its address again; the generation moves on, so members apply it.
+pub fn add_renter(
+    c: &mut pb::ClusterInfo,
+    key: &[u8],
+    name: &str,
+    now_ms: i64,
+) -> Result<String, ExportError> {
+    if key.len() != 32 {
+        return Err(ExportError::BadKey(key.len()));
+    }
+    if !is_live(c) {
+        return Err(ExportError::NotLive(c.cluster_id.clone()));
+    }
+    if name.is_empty() || name.len() > 32 || !valid_id(name) {
+        return Err(ExportError::BadName(name.to_owned()));
+    }
+    if let Some(r) = c.renter_peers.iter().find(|r| r.public_key == key) {
+        return Ok(r.address.clone());
+    }
+    if c.renter_peers.len() >= MAX_RENTER_PEERS {
+        return Err(ExportError::Full);
+    }
+    let subnet = parse_subnet(&c.subnet).map_err(|_| ExportError::NoAddress)?;
+    let host = |a: &str| a.split('/').next().unwrap_or("").to_owned();
+    let taken: std::collections::HashSet<String> = c
+        .members
+        .iter()
+        .map(|m| host(&m.address))
+        .chain(c.renter_peers.iter().map(|r| host(&r.address)))
+        .collect();
+    // From the last host address down (not the broadcast address).
+    let (first, last) = (
+        u32::from(subnet.network()) + 1,
+        u32::from(subnet.broadcast()) - 1,
+    );
+    let free = (first..=last)
+        .rev()
+        .map(Ipv4Addr::from)
+        .find(|a| !taken.contains(&a.to_string()))
+        .ok_or(ExportError::NoAddress)?;
+    let address = format!("{free}/32");
+    c.renter_peers.push(pb::RenterPeer {
+        name: name.to_owned(),
+        public_key: key.to_vec(),
+        address: address.clone(),
+    });
+    c.generation = (c.generation + 1).max(now_ms.max(0) as u64);
+    Ok(address)
+}
+
 /// What a node announced at Register: its mesh key and endpoints.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MeshIdentity {
@@ -211,7 +287,7 @@ pub fn mesh_config(
     identities: &HashMap<String, MeshIdentity>,
 ) -> Option<pb::MeshConfig> {
     let me = cluster.members.iter().find(|m| m.node_id == node_id)?;
-    let peers = cluster
+    let peers: Vec<pb::MeshPeer> = cluster
         .members
         .iter()
         .filter(|m| m.node_id != node_id)
@@ -235,6 +311,17 @@ pub fn mesh_config(
         .order
         .as_ref()
         .is_some_and(|o| o.container.as_ref().is_some_and(|c| !c.image.is_empty()));
+    // The renters' machines call in: no endpoint, their keepalive.
+    let peers = peers
+        .into_iter()
+        .chain(cluster.renter_peers.iter().map(|r| pb::MeshPeer {
+            node_id: format!("renter:{}", r.name),
+            public_key: r.public_key.clone(),
+            endpoint: String::new(),
+            allowed_ips: vec![r.address.clone()],
+            keepalive_seconds: 0,
+        }))
+        .collect();
     Some(pb::MeshConfig {
         cluster_id: cluster.cluster_id.clone(),
         generation: cluster.generation,
@@ -415,6 +502,74 @@ mod tests {
         assert_eq!(mesh_config(&hired, "a", &who).unwrap().lease_id, "l-a");
         hired.order = Some(pb::ClusterOrder::default());
         assert_eq!(mesh_config(&hired, "a", &who).unwrap().lease_id, "");
+    }
+
+    #[test]
+    fn a_renters_machine_takes_the_top_address_and_every_member_gets_it_as_a_peer() {
+        let (mut c, _) =
+            set_members(None, "c1", "10.90.0.0/29", &ids(&["a", "b"]), &[], 7).unwrap();
+        assert_eq!(
+            add_renter(&mut c, &[9; 32], "laptop", 8),
+            Ok("10.90.0.6/32".into())
+        );
+        assert_eq!(c.generation, 8);
+        assert_eq!(
+            add_renter(&mut c, &[9; 32], "laptop", 9),
+            Ok("10.90.0.6/32".into()),
+            "same key"
+        );
+        assert_eq!(
+            add_renter(&mut c, &[8; 32], "desk", 10),
+            Ok("10.90.0.5/32".into())
+        );
+        assert_eq!(
+            add_renter(&mut c, &[7; 31], "x", 11),
+            Err(ExportError::BadKey(31))
+        );
+        assert_eq!(
+            add_renter(&mut c, &[7; 32], "No Name", 11),
+            Err(ExportError::BadName("No Name".into()))
+        );
+        let mut who = HashMap::new();
+        who.insert(
+            "b".to_string(),
+            MeshIdentity {
+                public_key: vec![2; 32],
+                endpoints: vec![],
+            },
+        );
+        let a = mesh_config(&c, "a", &who).unwrap();
+        let renters: Vec<_> = a
+            .peers
+            .iter()
+            .filter(|p| p.node_id.starts_with("renter:"))
+            .collect();
+        assert_eq!(renters.len(), 2);
+        assert_eq!(renters[0].allowed_ips, ["10.90.0.6/32"]);
+        assert_eq!(renters[0].endpoint, "", "the renter calls in");
+        // A member added later does not take a renter's address.
+        let (c2, _) =
+            set_members(Some(&c), "c1", "", &ids(&["a", "b", "c", "d"]), &[], 12).unwrap();
+        let addrs: Vec<&str> = c2.members.iter().map(|m| m.address.as_str()).collect();
+        assert_eq!(
+            addrs,
+            [
+                "10.90.0.1/29",
+                "10.90.0.2/29",
+                "10.90.0.3/29",
+                "10.90.0.4/29"
+            ]
+        );
+        assert_eq!(c2.renter_peers.len(), 2, "kept");
+        assert!(set_members(
+            Some(&c),
+            "c1",
+            "",
+            &ids(&["a", "b", "c", "d", "e"]),
+            &[],
+            12
+        )
+        .is_err());
     }
 
     #[test]

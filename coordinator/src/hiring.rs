@@ -471,6 +471,72 @@ impl Hiring {
             .map_err(|e| Status::failed_precondition(e.to_string()))
     }
 
+    /// Adds a renter's machine to a live cluster's mesh (the public key it
+    /// made; the same key again gets the same address) and sends every
+    /// member the new peer list; answers with the renter's side: its
+    /// address and every member as its peer.
+    pub async fn export(
+        &self,
+        id: &str,
+        key: Vec<u8>,
+        name: &str,
+        wait: Duration,
+    ) -> Result<pb::ExportClusterResponse, Status> {
+        let name = if name.is_empty() { "renter" } else { name }.to_owned();
+        let theirs = key.clone();
+        let info = self
+            .control
+            .store
+            .try_edit_cluster(id, move |c| {
+                cluster::add_renter(c, &key, &name, now_ms()).map(|_| ())
+            })
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| Status::not_found(format!("no cluster {id}")))?
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let mesh = self.mesh();
+        let who = mesh.identities().await.map_err(unavailable)?;
+        let pending = mesh
+            .send(id, ClusterWrite::Keep, Some(&info), None, &[], &who)
+            .await
+            .map_err(unavailable)?;
+        mesh::wait_all(&self.control.registry, pending, wait).await;
+        let address = info
+            .renter_peers
+            .iter()
+            .find(|r| r.public_key == theirs)
+            .map(|r| r.address.clone())
+            .unwrap_or_default();
+        let prefix = info.subnet.split('/').nth(1).unwrap_or("24");
+        let peers = info
+            .members
+            .iter()
+            .filter_map(|m| {
+                let id = who.get(&m.node_id)?;
+                Some(pb::MeshPeer {
+                    node_id: m.node_id.clone(),
+                    public_key: id.public_key.clone(),
+                    endpoint: id.endpoints.first().cloned().unwrap_or_default(),
+                    allowed_ips: vec![format!("{}/32", m.address.split('/').next().unwrap_or(""))],
+                    keepalive_seconds: cluster::KEEPALIVE_SECONDS,
+                })
+            })
+            .collect();
+        let cluster = self
+            .control
+            .store
+            .list_clusters()
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .find(|c| c.cluster_id == id);
+        Ok(pb::ExportClusterResponse {
+            address: format!("{}/{prefix}", address.split('/').next().unwrap_or("")),
+            peers,
+            cluster,
+        })
+    }
+
     /// Ends hired clusters when their time is up, checking every `every`.
     pub async fn run_expiry(self, every: Duration, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(every);

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Subcommand;
 
 use super::admin::{admin_client, refused};
@@ -59,6 +59,20 @@ enum ClusterCommand {
         cluster_id: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Put this machine (or another, with the file it writes) on the
+    /// cluster's mesh: a WireGuard config for wg-quick, its private key made
+    /// here (kept when FILE already holds one, so the address stays).
+    Export {
+        cluster_id: String,
+        /// A name for the machine, shown in status.
+        #[arg(long, default_value = "renter")]
+        name: String,
+        /// Write the config here (mode 0600) instead of printing it.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[arg(long, default_value_t = 30)]
+        timeout: u32,
     },
     /// Move a running hired cluster's end later.
     #[command(group(clap::ArgGroup::new("by").required(true).args(["hours", "duration"])))]
@@ -199,6 +213,54 @@ impl HireArgs {
     }
 }
 
+/// The private key of a config this command wrote.
+fn private_key_in(text: &str) -> Option<[u8; 32]> {
+    use base64::Engine;
+    let line = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("PrivateKey"))?
+        .trim()
+        .strip_prefix('=')?
+        .trim();
+    base64::engine::general_purpose::STANDARD
+        .decode(line)
+        .ok()?
+        .try_into()
+        .ok()
+}
+
+/// A wg-quick config: this machine's key and mesh address, every member a
+/// peer at its announced endpoint.
+fn wg_quick_config(
+    cluster: &str,
+    name: &str,
+    private: &[u8; 32],
+    r: &warden_proto::pb::ExportClusterResponse,
+) -> String {
+    use base64::{engine::general_purpose::STANDARD as B64, Engine};
+    let mut out = format!(
+        "# {name} on cluster {cluster}'s mesh (warden cluster export); `wg-quick up FILE`.\n\
+         [Interface]\nPrivateKey = {}\nAddress = {}\n",
+        B64.encode(private),
+        r.address
+    );
+    for p in &r.peers {
+        out.push_str(&format!(
+            "\n# node {}\n[Peer]\nPublicKey = {}\n{}AllowedIPs = {}\nPersistentKeepalive = {}\n",
+            p.node_id,
+            B64.encode(&p.public_key),
+            if p.endpoint.is_empty() {
+                String::new()
+            } else {
+                format!("Endpoint = {}\n", p.endpoint)
+            },
+            p.allowed_ips.join(", "),
+            p.keepalive_seconds
+        ));
+    }
+    out
+}
+
 /// A plan, for people.
 fn print_plan(p: &warden_proto::pb::ClusterPlan) {
     println!(
@@ -265,6 +327,9 @@ fn print_status(c: &warden_proto::pb::ClusterInfo) {
             "  ray: head {}  client {}\n  connect with RAY_AUTH_MODE=token RAY_AUTH_TOKEN={}",
             c.ray_address, c.ray_client, c.ray_token
         );
+    }
+    for r in &c.renter_peers {
+        println!("  renter machine {}  {}", r.name, r.address);
     }
     for m in &c.members {
         println!(
@@ -379,6 +444,60 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
                 println!("{}", serde_json::to_string_pretty(&c)?);
             } else {
                 print_status(&c);
+            }
+        }
+        ClusterCommand::Export {
+            cluster_id,
+            name,
+            output,
+            timeout,
+        } => {
+            let private = match output.as_deref().map(std::fs::read_to_string) {
+                Some(Ok(text)) => private_key_in(&text).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{} holds no PrivateKey line; move it away to make a new one",
+                        output.as_ref().unwrap().display()
+                    )
+                })?,
+                _ => {
+                    use rand::RngCore;
+                    let mut k = [0u8; 32];
+                    rand::rng().fill_bytes(&mut k);
+                    k
+                }
+            };
+            let public = warden_agent::mesh::device::public_of(private);
+            let r = client
+                .export_cluster(pb::ExportClusterRequest {
+                    cluster_id: cluster_id.clone(),
+                    public_key: public.to_vec(),
+                    name: name.clone(),
+                    timeout_seconds: timeout,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let text = wg_quick_config(&cluster_id, &name, &private, &r);
+            match output {
+                Some(path) => {
+                    use std::io::Write;
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(&path)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    f.write_all(text.as_bytes())?;
+                    eprintln!(
+                        "{}: {} on cluster {cluster_id}'s mesh; bring it up with `wg-quick up {}`",
+                        path.display(),
+                        r.address,
+                        path.display()
+                    );
+                }
+                None => print!("{text}"),
             }
         }
         ClusterCommand::Extend {

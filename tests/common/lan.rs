@@ -1,7 +1,10 @@
 //! Hosts for tests: network namespaces joined by a bridge in a hub
 //! namespace, deleted when the test ends (pass or fail).
 
-use std::process::{Command, Output};
+use std::{
+    path::Path,
+    process::{Command, Output, Stdio},
+};
 
 use super::{Agent, Coordinator};
 
@@ -123,4 +126,38 @@ impl Lan {
         std::fs::write(&path, config).unwrap();
         Agent::start_in(Some(&self.hosts[i]), dir, &path, env)
     }
+}
+
+/// A process inside a namespace, killed on drop.
+pub struct InNs(pub std::process::Child);
+
+impl Drop for InNs {
+    fn drop(&mut self) {
+        // SIGTERM first: warden and wireguard-go then remove their UAPI
+        // sockets from /var/run/wireguard instead of leaving them behind.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn_in(ns: &str, args: &[&str], log: &Path) -> InNs {
+    let err = std::fs::File::create(log).unwrap();
+    InNs(
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap(),
+    )
 }

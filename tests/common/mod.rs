@@ -484,7 +484,7 @@ pub mod lan;
 pub mod ray;
 
 #[allow(unused_imports)]
-pub use lan::{run, Hosts, Lan};
+pub use lan::{run, spawn_in, Hosts, InNs, Lan};
 
 /// A stand-in for the Docker socket that forwards to the real one, and
 /// can be cut: to the agent, Docker went away.
