@@ -471,13 +471,13 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
         "B's service is reachable on its bridge address"
     );
     // The renter's own machine (the LAN's fourth host, stock wireguard-go
-    // and wg) joins the mesh with the file `cluster export` writes, and
+    // and wg) joins the mesh with the file `cluster connect` writes, and
     // reaches B's container there.
     let conf = r.tmp.path().join("renter.conf");
     let out = coord.cli(
         "cluster",
         &[
-            "export",
+            "connect",
             "c5",
             "--name",
             "laptop",
@@ -507,7 +507,7 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
     let again = coord.cli(
         "cluster",
         &[
-            "export",
+            "connect",
             "c5",
             "--name",
             "laptop",
@@ -609,7 +609,12 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
 /// details work only with the token.
 #[test]
 fn a_ray_cluster_is_ready_when_every_member_is_alive() {
-    let r = rig("wr", 203, &["region = \"eu\"", "region = \"eu\""], 0);
+    let r = rig(
+        "wr",
+        203,
+        &["region = \"eu\"", "region = \"eu\"", "region = \"eu\""],
+        0,
+    );
     let image = common::ray::ray_image();
     let _clean: Vec<ContainersOf> = r.names.iter().map(|n| ContainersOf(n.clone())).collect();
     // A Ray cluster runs Ray: a command of the renter's is refused.
@@ -636,7 +641,7 @@ fn a_ray_cluster_is_ready_when_every_member_is_alive() {
             "hire",
             "r1",
             "--nodes",
-            "2",
+            "3",
             "--purpose",
             "ray",
             "--image",
@@ -654,7 +659,7 @@ fn a_ray_cluster_is_ready_when_every_member_is_alive() {
     .unwrap();
     let c = &hired["cluster"];
     assert_eq!(c["phase"], "ready", "{hired:#}");
-    eprintln!("ray hire of 2 nodes: {}", c["timings"]);
+    eprintln!("ray hire of 3 nodes: {}", c["timings"]);
     assert!(c["timings"]["ray_ms"].as_u64().unwrap() > 0);
     let head = members(c)[0]["address"]
         .as_str()
@@ -670,8 +675,17 @@ fn a_ray_cluster_is_ready_when_every_member_is_alive() {
     let text = String::from_utf8(r.coord.cli("cluster", &["status", "r1"]).stdout).unwrap();
     assert!(text.contains(&format!("RAY_AUTH_TOKEN={token}")), "{text}");
 
-    // From the second member's container, a driver with the token sees both
-    // nodes; with a wrong token it is refused.
+    // Each member's interface is WireGuard with the others as peers (`wg
+    // show` through its UAPI socket, which stays on the host).
+    let ifname = format!("wr0-{}", r.id);
+    let show = run(&["wg", "show", &ifname]);
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert_eq!(show.matches("peer: ").count(), 2, "{show}");
+    assert!(show.contains("latest handshake"), "{show}");
+
+    // From the second member's container, a driver with the token sees every
+    // node, and a task placed on each returns that node's mesh address (so
+    // the work crossed the mesh); with a wrong token it is refused.
     let second = {
         let out = std::process::Command::new("docker")
             .args(["ps", "-q", "--filter"])
@@ -697,9 +711,43 @@ fn a_ray_cluster_is_ready_when_every_member_is_alive() {
     let ok = driver(&token);
     let out = String::from_utf8_lossy(&ok.stdout);
     assert!(
-        out.contains("alive 2"),
+        out.contains("alive 3"),
         "{out}{}",
         String::from_utf8_lossy(&ok.stderr)
+    );
+    let placed = std::process::Command::new("docker")
+        .args(["exec", "-e", &format!("RAY_AUTH_TOKEN={token}"), &second])
+        .args(["timeout", "-k", "5", "180", "python3", "-c"])
+        .arg(format!(
+            "import ray\n\
+             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On\n\
+             ray.init(address='{head}:6379', logging_level='ERROR')\n\
+             @ray.remote(num_cpus=0)\n\
+             def where():\n    return ray.util.get_node_ip_address()\n\
+             ids = [n['NodeID'] for n in ray.nodes() if n['Alive']]\n\
+             got = ray.get([where.options(scheduling_strategy=On(i, soft=False)).remote() for i in ids])\n\
+             print('ran on', ' '.join(sorted(got)))\n"
+        ))
+        .output()
+        .unwrap();
+    let mut mesh: Vec<String> = members(c)
+        .iter()
+        .map(|m| {
+            m["address"]
+                .as_str()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    mesh.sort();
+    let ran = String::from_utf8_lossy(&placed.stdout);
+    assert!(
+        ran.contains(&format!("ran on {}", mesh.join(" "))),
+        "{ran}{}",
+        String::from_utf8_lossy(&placed.stderr)
     );
     // No Ray port is reachable off the mesh: not the head's GCS or client
     // server through its bridge address.

@@ -434,14 +434,14 @@ impl pb::admin_server::Admin for AdminService {
         ))
     }
 
-    async fn export_cluster(
+    async fn connect_cluster(
         &self,
-        req: Request<pb::ExportClusterRequest>,
-    ) -> Result<Response<pb::ExportClusterResponse>, Status> {
+        req: Request<pb::ConnectClusterRequest>,
+    ) -> Result<Response<pb::ConnectClusterResponse>, Status> {
         let r = req.into_inner();
         Ok(Response::new(
             self.hiring
-                .export(
+                .connect(
                     &r.cluster_id,
                     r.public_key,
                     &r.name,

@@ -475,13 +475,13 @@ impl Hiring {
     /// made; the same key again gets the same address) and sends every
     /// member the new peer list; answers with the renter's side: its
     /// address and every member as its peer.
-    pub async fn export(
+    pub async fn connect(
         &self,
         id: &str,
         key: Vec<u8>,
         name: &str,
         wait: Duration,
-    ) -> Result<pb::ExportClusterResponse, Status> {
+    ) -> Result<pb::ConnectClusterResponse, Status> {
         let name = if name.is_empty() { "renter" } else { name }.to_owned();
         let theirs = key.clone();
         let info = self
@@ -530,7 +530,7 @@ impl Hiring {
             .map_err(unavailable)?
             .into_iter()
             .find(|c| c.cluster_id == id);
-        Ok(pb::ExportClusterResponse {
+        Ok(pb::ConnectClusterResponse {
             address: format!("{}/{prefix}", address.split('/').next().unwrap_or("")),
             peers,
             cluster,

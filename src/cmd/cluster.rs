@@ -63,7 +63,7 @@ enum ClusterCommand {
     /// Put this machine (or another, with the file it writes) on the
     /// cluster's mesh: a WireGuard config for wg-quick, its private key made
     /// here (kept when FILE already holds one, so the address stays).
-    Export {
+    Connect {
         cluster_id: String,
         /// A name for the machine, shown in status.
         #[arg(long, default_value = "renter")]
@@ -235,11 +235,11 @@ fn wg_quick_config(
     cluster: &str,
     name: &str,
     private: &[u8; 32],
-    r: &warden_proto::pb::ExportClusterResponse,
+    r: &warden_proto::pb::ConnectClusterResponse,
 ) -> String {
     use base64::{engine::general_purpose::STANDARD as B64, Engine};
     let mut out = format!(
-        "# {name} on cluster {cluster}'s mesh (warden cluster export); `wg-quick up FILE`.\n\
+        "# {name} on cluster {cluster}'s mesh (warden cluster connect); `wg-quick up FILE`.\n\
          [Interface]\nPrivateKey = {}\nAddress = {}\n",
         B64.encode(private),
         r.address
@@ -446,7 +446,7 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
                 print_status(&c);
             }
         }
-        ClusterCommand::Export {
+        ClusterCommand::Connect {
             cluster_id,
             name,
             output,
@@ -468,7 +468,7 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
             };
             let public = warden_agent::mesh::device::public_of(private);
             let r = client
-                .export_cluster(pb::ExportClusterRequest {
+                .connect_cluster(pb::ConnectClusterRequest {
                     cluster_id: cluster_id.clone(),
                     public_key: public.to_vec(),
                     name: name.clone(),
