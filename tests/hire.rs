@@ -68,6 +68,16 @@ fn members(c: &Value) -> Vec<Value> {
     c["members"].as_array().unwrap().clone()
 }
 
+/// The running container of a lease.
+fn container_of(lease: &str) -> String {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "-q", "--filter"])
+        .arg(format!("label=warden.lease={lease}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// Whether this machine opens a TCP connection to `port` on the
 /// container's bridge (Docker network) address.
 fn bridge_connects(container: &str, port: u16) -> bool {
@@ -354,14 +364,6 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
     .unwrap();
     assert_eq!(c5["cluster"]["phase"], "ready", "{c5:#}");
     let m5 = members(&c5["cluster"]);
-    let container_of = |lease: &str| {
-        let out = std::process::Command::new("docker")
-            .args(["ps", "-q", "--filter"])
-            .arg(format!("label=warden.lease={lease}"))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
     let (ca, cb) = (
         container_of(m5[0]["lease_id"].as_str().unwrap()),
         container_of(m5[1]["lease_id"].as_str().unwrap()),
@@ -686,17 +688,7 @@ fn a_ray_cluster_is_ready_when_every_member_is_alive() {
     // From the second member's container, a driver with the token sees every
     // node, and a task placed on each returns that node's mesh address (so
     // the work crossed the mesh); with a wrong token it is refused.
-    let second = {
-        let out = std::process::Command::new("docker")
-            .args(["ps", "-q", "--filter"])
-            .arg(format!(
-                "label=warden.lease={}",
-                members(c)[1]["lease_id"].as_str().unwrap()
-            ))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let second = container_of(members(c)[1]["lease_id"].as_str().unwrap());
     let driver = |token: &str| {
         std::process::Command::new("docker")
             .args(["exec", "-e", &format!("RAY_AUTH_TOKEN={token}"), &second])
@@ -751,17 +743,7 @@ fn a_ray_cluster_is_ready_when_every_member_is_alive() {
     );
     // No Ray port is reachable off the mesh: not the head's GCS or client
     // server through its bridge address.
-    let head_container = {
-        let out = std::process::Command::new("docker")
-            .args(["ps", "-q", "--filter"])
-            .arg(format!(
-                "label=warden.lease={}",
-                members(c)[0]["lease_id"].as_str().unwrap()
-            ))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let head_container = container_of(members(c)[0]["lease_id"].as_str().unwrap());
     for port in [6379, 10001] {
         assert!(
             !bridge_connects(&head_container, port),

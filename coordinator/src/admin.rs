@@ -4,11 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use tonic::{Request, Response, Status};
-use warden_proto::{
-    dsse::Signer,
-    pb,
-    states::{LeaseState, MemberState},
-};
+use warden_proto::{dsse::Signer, pb, states::LeaseState};
 
 use crate::{
     clock::now_ms, control::LeaseControl, hiring::Hiring, ids, registry::Registry, store::Store,
@@ -350,42 +346,16 @@ impl pb::admin_server::Admin for AdminService {
                 .map_err(unavailable)?;
             return Ok(Response::new(info));
         }
-        let left: Vec<String> = info.members.iter().map(|m| m.node_id.clone()).collect();
-        let answers = self
+        info.members = self
             .mesh()
-            .send(
+            .leave_all(
                 &r.cluster_id,
                 crate::store::ClusterWrite::Delete,
-                None,
-                None,
-                &left,
-                &Default::default(),
+                std::mem::take(&mut info.members),
+                wait_or(r.timeout_seconds, CLUSTER_WAIT),
             )
             .await
             .map_err(unavailable)?;
-        let answered = crate::mesh::wait_all(
-            &self.registry,
-            answers,
-            wait_or(r.timeout_seconds, CLUSTER_WAIT),
-        )
-        .await;
-        for m in &mut info.members {
-            match answered.get(&m.node_id) {
-                Some(res) if res.ok => {
-                    m.state = MemberState::Left.into();
-                    m.error.clear();
-                }
-                Some(res) => {
-                    m.state = MemberState::Failed.into();
-                    m.error = res.error.clone();
-                }
-                None => {
-                    m.state = MemberState::Pending.into();
-                    m.error =
-                        "did not answer: its interface goes when it next hears from us".into();
-                }
-            }
-        }
         Ok(Response::new(info))
     }
 

@@ -201,6 +201,28 @@ pub fn set_members(
     ))
 }
 
+/// Members after the answers to their leave config: `left`, `failed`
+/// with the node's words, or still `pending` (it leaves when it next hears
+/// from the coordinator).
+pub fn note_left(members: &mut [pb::ClusterMember], answered: &HashMap<String, pb::CommandResult>) {
+    for m in members {
+        match answered.get(&m.node_id) {
+            Some(res) if res.ok => {
+                m.state = MemberState::Left.into();
+                m.error.clear();
+            }
+            Some(res) => {
+                m.state = MemberState::Failed.into();
+                m.error = res.error.clone();
+            }
+            None => {
+                m.state = MemberState::Pending.into();
+                m.error = "did not answer: its interface goes when it next hears from us".into();
+            }
+        }
+    }
+}
+
 /// Renters' machines one cluster takes at most.
 pub const MAX_RENTER_PEERS: usize = 8;
 

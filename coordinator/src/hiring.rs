@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use warden_proto::{
     pb,
-    states::{ClusterPhase, LeaseState, MemberState},
+    states::{ClusterPhase, LeaseState},
 };
 
 use crate::{
@@ -383,36 +383,22 @@ impl Hiring {
             .filter(|m| !m.lease_id.is_empty())
             .map(|m| self.control.end(&m.lease_id, grace, wait));
         let ended = futures::future::join_all(ends).await;
-        let left: Vec<String> = info.members.iter().map(|m| m.node_id.clone()).collect();
-        let pending = self
+        let members = self
             .mesh()
-            .send(
-                id,
-                ClusterWrite::Keep,
-                None,
-                None,
-                &left,
-                &Default::default(),
-            )
+            .leave_all(id, ClusterWrite::Keep, info.members.clone(), wait)
             .await
             .map_err(unavailable)?;
-        let answered = mesh::wait_all(&self.control.registry, pending, wait).await;
         let errors: Vec<String> = ended
             .iter()
             .filter_map(|r| r.as_ref().err().map(|e| e.message().to_owned()))
             .collect();
         store
             .edit_cluster(id, move |c| {
+                // Each member's leave answer; the rest of each member as stored.
                 for m in &mut c.members {
-                    match answered.get(&m.node_id) {
-                        Some(r) if r.ok => m.state = MemberState::Left.into(),
-                        Some(r) => {
-                            m.state = MemberState::Failed.into();
-                            m.error = r.error.clone();
-                        }
-                        None => {
-                            m.error = "did not answer: it leaves when it next hears from us".into()
-                        }
+                    if let Some(after) = members.iter().find(|a| a.node_id == m.node_id) {
+                        m.state = after.state.clone();
+                        m.error = after.error.clone();
                     }
                 }
                 if !errors.is_empty() {

@@ -130,6 +130,27 @@ impl MeshSender {
     }
 }
 
+impl MeshSender {
+    /// Tells every node of `members` to leave cluster `cluster_id` (after
+    /// `write` to its row), waits up to `wait`, and returns the members
+    /// with what each answered ([`cluster::note_left`]).
+    pub async fn leave_all(
+        &self,
+        cluster_id: &str,
+        write: ClusterWrite,
+        mut members: Vec<pb::ClusterMember>,
+        wait: Duration,
+    ) -> Result<Vec<pb::ClusterMember>, StoreError> {
+        let left: Vec<String> = members.iter().map(|m| m.node_id.clone()).collect();
+        let pending = self
+            .send(cluster_id, write, None, None, &left, &HashMap::new())
+            .await?;
+        let answered = wait_all(&self.registry, pending, wait).await;
+        cluster::note_left(&mut members, &answered);
+        Ok(members)
+    }
+}
+
 /// Waits for answers until `wait` has passed: those that came, by node;
 /// the others are forgotten (their members stay `pending` until they answer).
 pub async fn wait_all(

@@ -286,6 +286,16 @@ fn print_plan(p: &warden_proto::pb::ClusterPlan) {
     }
 }
 
+/// A cluster as JSON, or for people.
+fn show(c: &warden_proto::pb::ClusterInfo, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(c)?);
+    } else {
+        print_status(c);
+    }
+    Ok(())
+}
+
 /// A cluster with its hire's phase and timings, for people.
 fn print_status(c: &warden_proto::pb::ClusterInfo) {
     println!(
@@ -440,11 +450,7 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
                 .into_iter()
                 .find(|c| c.cluster_id == cluster_id)
                 .ok_or_else(|| anyhow::anyhow!("no cluster {cluster_id}"))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&c)?);
-            } else {
-                print_status(&c);
-            }
+            show(&c, json)?;
         }
         ClusterCommand::Connect {
             cluster_id,
@@ -518,11 +524,7 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
                 .await
                 .map_err(refused)?
                 .into_inner();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&c)?);
-            } else {
-                print_status(&c);
-            }
+            show(&c, json)?;
         }
         ClusterCommand::End {
             cluster_id,
@@ -539,11 +541,7 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
                 .await
                 .map_err(refused)?
                 .into_inner();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&c)?);
-            } else {
-                print_status(&c);
-            }
+            show(&c, json)?;
         }
         ClusterCommand::List { json } => {
             let list = client

@@ -214,7 +214,15 @@ pub struct Core {
     waiting: Waiting,
     next_cycle_ms: Option<i64>,
     actions: VecDeque<Action>,
+    /// Challenges that came before their lease's first epoch opened (the
+    /// coordinator challenges a lease as soon as the node said it runs,
+    /// which can be a cycle before this core has seen it): they go into
+    /// that epoch, or are dropped at their deadline. At most [`EARLY_MAX`].
+    early: Vec<pb::Challenge>,
 }
+
+/// Challenges held for leases whose first epoch has not opened.
+const EARLY_MAX: usize = 64;
 
 impl Core {
     /// A core that continues `chains` (as loaded at start).
@@ -230,6 +238,7 @@ impl Core {
             waiting: Waiting::Nothing,
             next_cycle_ms: None,
             actions: VecDeque::new(),
+            early: Vec::new(),
         }
     }
 
@@ -272,6 +281,7 @@ impl Core {
     pub fn challenge(&mut self, ch: pb::Challenge) {
         match self.epochs.get_mut(&ch.lease_id) {
             Some(e) => e.add_challenge(ch.nonce),
+            None if self.early.len() < EARLY_MAX => self.early.push(ch),
             None => tracing::debug!(lease = %ch.lease_id, "challenge for no active lease"),
         }
     }
@@ -285,6 +295,9 @@ impl Core {
         inventory: &pb::InventorySummary,
     ) {
         self.schedule(now);
+        // Early challenges whose deadline passed are of no use any more.
+        self.early
+            .retain(|c| c.deadline_unix_ms == 0 || c.deadline_unix_ms > now);
         let leases = self.leases.clone();
         // Leases that ended: last epoch, then the proof (after the epoch is
         // signed, see `attested`).
@@ -324,9 +337,13 @@ impl Core {
             } else {
                 now
             };
-            self.epochs
-                .entry(l.id.clone())
-                .or_insert_with(|| Epoch::new(&l.id, &l.gpus, start, cycle_ms));
+            if !self.epochs.contains_key(&l.id) {
+                let mut epoch = Epoch::new(&l.id, &l.gpus, start, cycle_ms);
+                for ch in self.early.extract_if(.., |c| c.lease_id == l.id) {
+                    epoch.add_challenge(ch.nonce);
+                }
+                self.epochs.insert(l.id.clone(), epoch);
+            }
         }
         if leases.is_empty() {
             return;
@@ -1049,7 +1066,43 @@ mod tests {
             ..Default::default()
         });
         let a = h.run(1_000, 10_000);
-        assert_eq!(a[0].challenges, [vec![2]], "none before the epoch opened");
+        assert_eq!(
+            a[0].challenges,
+            [vec![1], vec![2]],
+            "one that came before the epoch opened waits for it"
+        );
+    }
+
+    #[test]
+    fn an_early_challenge_waits_for_its_lease_until_its_deadline() {
+        let mut h = Host::new(BTreeMap::new());
+        let early = |lease: &str, nonce: u8, deadline| pb::Challenge {
+            lease_id: lease.into(),
+            nonce: vec![nonce],
+            deadline_unix_ms: deadline,
+            ..Default::default()
+        };
+        // Before the core knows the lease at all (its first cycle is later).
+        h.core.challenge(early("l1", 1, 5_000));
+        h.core.challenge(early("l2", 2, 500));
+        h.tick(0);
+        h.tick(1_000);
+        h.core
+            .set_leases(vec![lease("l1", 0, &[]), lease("l2", 0, &[])]);
+        let a = h.run(2_000, 10_000);
+        let of = |id: &str| {
+            a.iter()
+                .find(|x| x.lease_id == id)
+                .map(|x| x.challenges.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(of("l1"), [vec![1]]);
+        assert!(of("l2").is_empty(), "its deadline passed first");
+        // Never more than EARLY_MAX held.
+        for i in 0..200u8 {
+            h.core.challenge(early("nobody", i, 99_999));
+        }
+        assert_eq!(h.core.early.len(), EARLY_MAX);
     }
 
     #[test]
