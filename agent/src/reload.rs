@@ -264,6 +264,10 @@ interface = "wm9"
 mtu = 1280
 rtt_interval = "2s"
 socket_dir = "/run/x"
+[node]
+region = "eu"
+country = "DE"
+tags = ["a"]
 "#,
         );
         let p = plan(&running, &new);
