@@ -198,18 +198,21 @@ pub fn spawn(
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (stats_tx, stats_rx) = watch::channel(spool.stats());
     let relinks = Relinks::load(spool.dir().join(RELINKS));
-    let task = tokio::spawn(run(
-        Owner {
-            spool,
-            stamp,
-            relinks,
-            set_aside_said: 0,
-        },
-        emit_rx,
-        control_rx,
-        stats_tx,
-        shutdown,
-    ));
+    let owner = Owner {
+        spool,
+        stamp,
+        relinks,
+        set_aside_said: 0,
+    };
+    // The spool writes and fsyncs synchronously: its owner runs on a thread
+    // of its own (with a runtime for its channels), never on the shared
+    // async workers, whose other tasks would wait out every fsync.
+    let task = tokio::task::spawn_blocking(move || {
+        match tokio::runtime::Builder::new_current_thread().build() {
+            Ok(rt) => rt.block_on(run(owner, emit_rx, control_rx, stats_tx, shutdown)),
+            Err(e) => tracing::error!(error = %e, "the outbox cannot start its runtime"),
+        }
+    });
     (
         Outbox {
             emit: emit_tx,
@@ -240,7 +243,9 @@ async fn run(
         tokio::select! {
             biased;
             Some(c) = control_rx.recv() => o.control(c),
-            Some(body) = emit_rx.recv() => {
+            body = emit_rx.recv() => {
+                // Every handle dropped: nobody can emit or ask any more.
+                let Some(body) = body else { break };
                 let mut group = vec![body];
                 while group.len() < MAX_GROUP {
                     match emit_rx.try_recv() {
