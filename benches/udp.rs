@@ -46,7 +46,27 @@ struct Tally {
     secs: f64,
 }
 
+/// Each receiver's (datagrams, recv calls).
+type Receivers = Vec<tokio::task::JoinHandle<io::Result<(u64, u64)>>>;
+
 impl Tally {
+    /// What `sent` since `start` came to, once the receivers are done.
+    async fn of(sent: u64, start: Instant, receivers: Receivers) -> io::Result<Tally> {
+        let secs = start.elapsed().as_secs_f64();
+        let (mut received, mut recv_calls) = (0, 0);
+        for r in receivers {
+            let (n, c) = r.await.unwrap()?;
+            received += n;
+            recv_calls += c;
+        }
+        Ok(Tally {
+            sent,
+            received,
+            recv_calls,
+            secs,
+        })
+    }
+
     fn print(&self, name: &str, round: usize) {
         let rate = |n: u64| n as f64 / self.secs;
         let gbit = |n: u64| rate(n) * (DATAGRAM * 8) as f64 / 1e9;
@@ -103,19 +123,7 @@ async fn ours(peers: usize) -> io::Result<Tally> {
         tx.send(&batch).await?;
         sent += BATCH as u64;
     }
-    let secs = start.elapsed().as_secs_f64();
-    let (mut received, mut recv_calls) = (0, 0);
-    for r in receivers {
-        let (n, c) = r.await.unwrap()?;
-        received += n;
-        recv_calls += c;
-    }
-    Ok(Tally {
-        sent,
-        received,
-        recv_calls,
-        secs,
-    })
+    Tally::of(sent, start, receivers).await
 }
 
 /// A tokio socket set up for quinn-udp, with the buffers ours asks for.
@@ -232,19 +240,7 @@ async fn quinn(peers: usize) -> io::Result<Tally> {
         }
         sent += BATCH as u64;
     }
-    let secs = start.elapsed().as_secs_f64();
-    let (mut received, mut recv_calls) = (0, 0);
-    for r in receivers {
-        let (n, c) = r.await.unwrap()?;
-        received += n;
-        recv_calls += c;
-    }
-    Ok(Tally {
-        sent,
-        received,
-        recv_calls,
-        secs,
-    })
+    Tally::of(sent, start, receivers).await
 }
 
 fn main() -> io::Result<()> {

@@ -49,13 +49,10 @@ impl AdminService {
 impl AdminService {
     /// One cluster as stored.
     async fn cluster(&self, id: &str) -> Result<Option<pb::ClusterInfo>, Status> {
-        Ok(self
-            .store
-            .list_clusters()
+        self.store
+            .cluster(id)
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?
-            .into_iter()
-            .find(|c| c.cluster_id == id))
+            .map_err(|e| Status::unavailable(e.to_string()))
     }
 
     fn mesh(&self) -> crate::mesh::MeshSender {

@@ -371,11 +371,9 @@ impl Hiring {
     ) -> Result<pb::ClusterInfo, Status> {
         let store = &self.control.store;
         let info = store
-            .list_clusters()
+            .cluster(id)
             .await
             .map_err(unavailable)?
-            .into_iter()
-            .find(|c| c.cluster_id == id)
             .ok_or_else(|| Status::not_found(format!("no cluster {id}")))?;
         let ends = info
             .members
@@ -508,14 +506,7 @@ impl Hiring {
                 })
             })
             .collect();
-        let cluster = self
-            .control
-            .store
-            .list_clusters()
-            .await
-            .map_err(unavailable)?
-            .into_iter()
-            .find(|c| c.cluster_id == id);
+        let cluster = self.control.store.cluster(id).await.map_err(unavailable)?;
         Ok(pb::ConnectClusterResponse {
             address: format!("{}/{prefix}", address.split('/').next().unwrap_or("")),
             peers,

@@ -442,15 +442,21 @@ mod tests {
     use super::*;
     use crate::delivery::spool::SpoolConfig;
 
-    #[tokio::test]
-    async fn emit_signed_returns_the_spooled_envelope_or_none_when_full() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(SpoolConfig {
-            dir: dir.path().to_owned(),
+    /// A 64 KiB spool in `dir`: full after a few dozen records.
+    pub(super) fn small_spool(dir: &std::path::Path) -> Spool {
+        Spool::open(SpoolConfig {
+            dir: dir.to_owned(),
             max_bytes: 64 << 10,
             segment_bytes: 64 << 10,
         })
-        .unwrap();
+        .unwrap()
+        .0
+    }
+
+    #[tokio::test]
+    async fn emit_signed_returns_the_spooled_envelope_or_none_when_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = small_spool(dir.path());
         let signer = Arc::new(Signer::from_seed(&[4; 32]));
         let stop = CancellationToken::new();
         let (outbox, task) = spawn(
@@ -539,12 +545,7 @@ mod class_tests {
     #[tokio::test]
     async fn a_full_spool_sheds_samples_and_still_spools_every_attestation() {
         let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(SpoolConfig {
-            dir: dir.path().to_owned(),
-            max_bytes: 64 << 10,
-            segment_bytes: 64 << 10,
-        })
-        .unwrap();
+        let spool = super::tests::small_spool(dir.path());
         let signer = Arc::new(Signer::from_seed(&[5; 32]));
         let stop = CancellationToken::new();
         let (outbox, task) = spawn(spool, stamp(&signer), stop.clone());

@@ -98,6 +98,12 @@ impl Store {
         .await
     }
 
+    /// One cluster as stored.
+    pub async fn cluster(&self, cluster_id: &str) -> Result<Option<pb::ClusterInfo>, StoreError> {
+        let cluster_id = cluster_id.to_owned();
+        self.read(move |conn| get_cluster(conn, &cluster_id)).await
+    }
+
     pub async fn list_clusters(&self) -> Result<Vec<pb::ClusterInfo>, StoreError> {
         self.read(list_clusters).await
     }
@@ -134,10 +140,10 @@ pub(crate) fn answer_mesh_command(
 
 /// One cluster as stored (None: no such cluster, or a row that does not decode).
 pub(crate) fn get_cluster(
-    tx: &Transaction,
+    conn: &Connection,
     cluster_id: &str,
 ) -> rusqlite::Result<Option<pb::ClusterInfo>> {
-    let info: Option<Vec<u8>> = tx
+    let info: Option<Vec<u8>> = conn
         .query_row(
             "SELECT info FROM clusters WHERE cluster_id = ?1",
             params![cluster_id],
