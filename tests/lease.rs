@@ -273,6 +273,89 @@ fn a_missing_image_fails_with_the_registrys_reason() {
     assert!(log.contains("pulling"), "{log}");
 }
 
+/// A registry on loopback that holds every plain-HTTP request until told
+/// to let go (TLS attempts are closed at once, so Docker falls back to
+/// HTTP, as it does for a registry on 127.0.0.1). Dropping it lets go.
+struct HeldRegistry {
+    port: u16,
+    release: std::sync::mpsc::Sender<()>,
+}
+
+impl HeldRegistry {
+    fn start() -> HeldRegistry {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = held.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut first = [0u8; 1];
+                // 0x16: a TLS handshake.
+                if conn.read_exact(&mut first).is_ok() && first[0] != 0x16 {
+                    keep.lock().unwrap().push(conn);
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            let _ = released.recv();
+            held.lock().unwrap().clear();
+        });
+        HeldRegistry { port, release }
+    }
+}
+
+impl Drop for HeldRegistry {
+    fn drop(&mut self) {
+        let _ = self.release.send(());
+    }
+}
+
+#[test]
+fn a_slow_pull_holds_up_no_other_lease() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = node(tmp.path(), "");
+    let _clean = ContainersOf(n.node_id.clone());
+    let image = image::busybox_image();
+    let registry = HeldRegistry::start();
+    let slow = format!("127.0.0.1:{}/warden-test/slow:1", registry.port);
+    let mut waiting = Command::new(WARDEN)
+        .args(["lease", "start", "--socket"])
+        .arg(n.coord.admin_socket())
+        .args([
+            &n.node_id,
+            "--image",
+            &slow,
+            "--timeout",
+            "120",
+            "--",
+            "true",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the pull under way", Duration::from_secs(30), || {
+        n.agent.proc.log_text().contains(&slow).then_some(())
+    });
+    // While that image is still coming, another lease starts, runs and ends.
+    let other = n.start(&["--image", &image, "--", "sleep", "300"]).unwrap();
+    assert_eq!(n.lease(&other)["state"], "running");
+    n.end(&other);
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "the slow lease was answered before its pull ended"
+    );
+    drop(registry);
+    let out = waiting.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&format!("pulling {slow}")), "{err}");
+    assert!(n.containers().is_empty(), "{:?}", n.containers());
+}
+
 #[test]
 fn exits_and_oom_kills_are_reported() {
     let tmp = tempfile::tempdir().unwrap();

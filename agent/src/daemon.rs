@@ -194,6 +194,7 @@ pub async fn run(
     };
 
     let (leases_tx, leases_rx) = watch::channel(Vec::new());
+    let (engine_tx, engine_rx) = crate::workloads::task::engine_channel();
     let mut metrics_address = None;
     let metrics_task = if config.metrics.listen.is_empty() {
         None
@@ -259,6 +260,7 @@ pub async fn run(
             inventory: inventory_rx.clone(),
             leases: leases_tx,
             mesh: Some(mesh_tx),
+            engine: engine_tx,
         }
         .run(commands_rx, stop_producers.clone()),
     )];
@@ -280,7 +282,7 @@ pub async fn run(
             leases: leases_rx,
             gpus: gpus_rx.clone(),
             inventory: inventory_rx.clone(),
-            docker_socket: config.workload.docker_socket.clone(),
+            engine: engine_rx,
             stop_grace: config.workload.stop_grace,
             reload: live_rx,
         }

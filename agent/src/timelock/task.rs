@@ -4,16 +4,15 @@
 //! container, sign into the outbox, save the chains) and brings the answers
 //! back. Every decision is the core's; see `core.rs` for the cycle.
 //!
-//! Docker is reached here through connections of this task's own, not
-//! through the workload task, on purpose: enforcement must not queue behind
-//! a workload command (an image load may take up to an hour, a stop its
-//! whole grace), and must keep working while that task waits for Docker to
-//! come back. What the time-lock does is read the engine (list running
-//! containers, inspect them) and stop a container holding a leased GPU;
-//! the engine serialises those against the workload task's calls, and a
-//! container of ours stopped here reaches the workload task as Docker's die
-//! event. Each use connects afresh (one version request, once per epoch or
-//! per stop), so a Docker that restarted is simply found again.
+//! Docker is reached through the handle the workload task lends (it owns
+//! the connection: it connects, follows events and reconnects), not through
+//! that task's command queue: enforcement must not wait behind a workload
+//! command (a stop takes its whole grace). What the time-lock does is read
+//! the engine (list running containers, inspect them) and stop a container
+//! holding a leased GPU; the engine serialises those against the workload
+//! task's calls, and a container of ours stopped here reaches the workload
+//! task as Docker's die event. While no handle is lent, the epoch is blind
+//! and says why.
 //!
 //! The chain heads and totals are persisted (`chains.json`, replaced
 //! atomically) after every signed attestation, so a restarted agent goes on
@@ -38,10 +37,7 @@ use super::{
 use crate::{
     config::TimeLockConfig,
     delivery::outbox::Outbox,
-    workloads::{
-        book::Lease,
-        docker::{Docker, DockerError},
-    },
+    workloads::{book::Lease, docker::DockerError, task::Engine},
 };
 
 /// Loads the chains; a missing file is none. A corrupt one is an error: a
@@ -84,8 +80,8 @@ fn scan_host(patterns: &[String], nvml: Vec<(u32, String)>) -> HostScan {
 /// The device requests of running containers other than `ours`, and what
 /// Docker could not answer, which leaves the epoch blind (an edge that
 /// failed is not "no containers").
-async fn gpu_requests(socket: &Path, ours: &BTreeSet<String>) -> GpuRequests {
-    let docker = match Docker::connect(socket).await {
+async fn gpu_requests(engine: Engine, ours: &BTreeSet<String>) -> GpuRequests {
+    let docker = match engine {
         Ok(d) => d,
         Err(e) => {
             return GpuRequests {
@@ -124,13 +120,13 @@ async fn gpu_requests(socket: &Path, ours: &BTreeSet<String>) -> GpuRequests {
 /// after `grace`); `ev` names it, and comes back on `done` with the outcome.
 fn spawn_stop(
     done: mpsc::Sender<Done>,
-    socket: PathBuf,
+    engine: Engine,
     grace: Duration,
     mut ev: pb::EnforcementEvent,
 ) {
     tokio::spawn(async move {
         ev.sigterm_unix_ms = crate::now_ms();
-        ev.outcome = match Docker::connect(&socket).await {
+        ev.outcome = match engine {
             Ok(d) => d
                 .stop(&ev.container, grace)
                 .await
@@ -173,7 +169,8 @@ pub struct TimeLock {
     pub leases: watch::Receiver<Vec<Lease>>,
     pub gpus: watch::Receiver<Vec<pb::GpuSample>>,
     pub inventory: watch::Receiver<pb::InventorySummary>,
-    pub docker_socket: PathBuf,
+    /// The workload task's Docker connection.
+    pub engine: watch::Receiver<Engine>,
     /// Grace for stopping a foreign container.
     pub stop_grace: Duration,
     /// A reloaded configuration (SIGHUP): the allowlist, device patterns
@@ -256,7 +253,8 @@ impl TimeLock {
                     core.handle_scan(scanned.map_err(|e| e.to_string()));
                 }
                 Action::FindGpuRequests { ours } => {
-                    core.handle_gpu_requests(gpu_requests(&self.docker_socket, &ours).await);
+                    let engine = self.engine.borrow().clone();
+                    core.handle_gpu_requests(gpu_requests(engine, &ours).await);
                 }
                 Action::Kill {
                     pid,
@@ -267,7 +265,7 @@ impl TimeLock {
                     spawn_kill(done.clone(), pid, start_time, grace, event);
                 }
                 Action::Stop { grace, event } => {
-                    spawn_stop(done.clone(), self.docker_socket.clone(), grace, event);
+                    spawn_stop(done.clone(), self.engine.borrow().clone(), grace, event);
                 }
                 Action::Attest(a) => {
                     let spooled = self
@@ -296,12 +294,12 @@ mod tests {
 
     #[tokio::test]
     async fn docker_that_cannot_answer_leaves_the_epoch_blind_not_clean() {
-        let tmp = tempfile::tempdir().unwrap();
-        let answer = gpu_requests(&tmp.path().join("no-docker.sock"), &BTreeSet::new()).await;
+        let why = "Docker's event stream ended".to_owned();
+        let answer = gpu_requests(Err(why.clone()), &BTreeSet::new()).await;
         assert!(answer.found.is_empty());
         assert_eq!(answer.blind.len(), 1);
         assert!(
-            answer.blind[0].contains("Docker could not be asked"),
+            answer.blind[0].contains("Docker could not be asked") && answer.blind[0].contains(&why),
             "{:?}",
             answer.blind
         );

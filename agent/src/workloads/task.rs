@@ -5,9 +5,14 @@
 //! the book when Docker (re)appears, and reports all of it: command answers
 //! as records, lifecycle as telemetry.
 //!
-//! The time-lock has its own Docker connections (see `timelock::task`, why):
-//! it reads the engine and stops containers that hold a leased GPU; a stop
-//! of one of ours reaches this task as Docker's die event, like any stop.
+//! It is also the only owner of the connection to Docker: it connects,
+//! follows the event stream and reconnects, and lends the live handle (or
+//! why there is none) on a `watch` ([`Engine`]). The time-lock borrows it to
+//! read the engine and to stop a container that holds a leased GPU, without
+//! queueing behind a workload command; a stop of one of ours reaches this
+//! task as Docker's die event, like any stop. Work that may take long (image
+//! pulls, the Ray probe) runs beside the loop and comes back to it as a
+//! message, so the loop always follows events and answers commands.
 //!
 //! Policy lives in `confine` (what a container may be) and `book` (what a
 //! command may do); this file only sequences Docker calls around them.
@@ -39,6 +44,15 @@ const DOCKER_RETRY: Duration = Duration::from_secs(2);
 /// Pull progress goes out at most this often.
 const PULL_REPORT: Duration = Duration::from_secs(1);
 
+/// The task's Docker connection as lent to others: a handle while Docker
+/// answers, otherwise why it does not.
+pub type Engine = Result<Docker, String>;
+
+/// A fresh channel for [`Engine`], saying nothing is connected yet.
+pub fn engine_channel() -> (watch::Sender<Engine>, watch::Receiver<Engine>) {
+    watch::channel(Err("the agent has not connected to Docker yet".to_owned()))
+}
+
 /// What the task needs from the rest of the agent.
 pub struct Workload {
     pub config: WorkloadConfig,
@@ -57,6 +71,8 @@ pub struct Workload {
     pub leases: watch::Sender<Vec<Lease>>,
     /// Where MeshConfig commands go, once admitted here like every command.
     pub mesh: Option<mpsc::Sender<crate::mesh::node::Request>>,
+    /// The Docker connection, lent (see [`Engine`]).
+    pub engine: watch::Sender<Engine>,
 }
 
 /// Why the book could not be loaded or saved.
@@ -135,6 +151,118 @@ struct State {
     docker: Option<Docker>,
     docker_error: Option<String>,
     default_memory: i64,
+    /// Commands waiting for their images: (lease, command id).
+    pulling: Vec<(String, String)>,
+    /// Where a pull brings its command back.
+    pulled: mpsc::Sender<Pulled>,
+}
+
+/// A command whose images were being pulled, and how that went.
+struct Pulled {
+    cmd: pb::Command,
+    result: Result<(), String>,
+}
+
+/// What a command that succeeded gives back.
+#[derive(Default)]
+struct Success {
+    containers: Vec<pb::ContainerState>,
+    gpu_uuids: Vec<String>,
+    ray_alive_nodes: u32,
+    /// Notes that go with a success (peers a mesh config left out).
+    note: String,
+}
+
+impl Success {
+    fn containers(containers: Vec<pb::ContainerState>) -> Success {
+        Success {
+            containers,
+            ..Default::default()
+        }
+    }
+}
+
+/// Sends a command's answer as a record.
+async fn answer(
+    outbox: &Outbox,
+    command_id: &str,
+    lease_id: String,
+    outcome: Result<Success, String>,
+) {
+    let result = match outcome {
+        Ok(s) => pb::CommandResult {
+            command_id: command_id.to_owned(),
+            lease_id,
+            ok: true,
+            error: s.note,
+            containers: s.containers,
+            gpu_uuids: s.gpu_uuids,
+            ray_alive_nodes: s.ray_alive_nodes,
+        },
+        Err(error) => {
+            tracing::warn!(command = %command_id, lease = %lease_id, %error, "command refused or failed");
+            pb::CommandResult {
+                command_id: command_id.to_owned(),
+                lease_id,
+                ok: false,
+                error,
+                ..Default::default()
+            }
+        }
+    };
+    let _ = outbox.emit(pb::record::Body::CommandResult(result)).await;
+}
+
+/// The lease a command is about, if it names one.
+fn lease_of(cmd: &pb::Command) -> String {
+    match &cmd.body {
+        Some(pb::command::Body::LeaseStart(x)) => x.lease_id.clone(),
+        Some(pb::command::Body::LeaseEnd(x)) => x.lease_id.clone(),
+        Some(pb::command::Body::RunContainer(x)) => x.lease_id.clone(),
+        Some(pb::command::Body::StopContainer(x)) => x.lease_id.clone(),
+        Some(pb::command::Body::RayProbe(x)) => x.lease_id.clone(),
+        Some(pb::command::Body::MeshConfig(_)) | None => String::new(),
+    }
+}
+
+/// Pulls one image for container `name` of `lease_id`, reporting progress
+/// (at most once per [`PULL_REPORT`]) and the outcome as workload events.
+async fn pull(
+    docker: &Docker,
+    outbox: &Outbox,
+    lease_id: &str,
+    name: &str,
+    image: &str,
+) -> Result<(), String> {
+    tracing::info!(%image, lease = %lease_id, "pulling");
+    let mut last = Instant::now() - PULL_REPORT;
+    let mut progress = Vec::new();
+    let result = docker
+        .pull(image, |line| {
+            if last.elapsed() >= PULL_REPORT {
+                last = Instant::now();
+                progress.push(wev(
+                    lease_id,
+                    name,
+                    "",
+                    WorkloadEventKind::Pull,
+                    format!("{image}: {line}"),
+                ));
+            }
+        })
+        .await;
+    let outcome = match &result {
+        Ok(()) => format!("{image}: pulled"),
+        Err(e) => format!("{image}: pull failed: {e}"),
+    };
+    progress.push(wev(lease_id, name, "", WorkloadEventKind::Pull, outcome));
+    let _ = outbox
+        .emit(pb::record::Body::Telemetry(pb::Telemetry {
+            workload_events: progress,
+            ..Default::default()
+        }))
+        .await;
+    result.map_err(|e| format!("container {name}: pulling {image}: {e}"))
 }
 
 impl Workload {
@@ -149,6 +277,7 @@ impl Workload {
             }
         };
         let memory = default_memory(&self.config);
+        let (pulled, mut pulls) = mpsc::channel(16);
         let mut st = State {
             w: self,
             book,
@@ -156,6 +285,8 @@ impl Workload {
             docker: None,
             docker_error: None,
             default_memory: memory,
+            pulling: Vec::new(),
+            pulled,
         };
         st.publish();
         let mut events: Option<mpsc::Receiver<ContainerEvent>> = None;
@@ -180,6 +311,7 @@ impl Workload {
                         retry_at = Instant::now() + DOCKER_RETRY;
                     }
                 },
+                Some(p) = pulls.recv() => st.pulled(p).await,
                 _ = tokio::time::sleep_until(next_retry), if st.docker.is_none() => {}
                 Ok(()) = st.w.reload.changed() => {
                     let config = st.w.reload.borrow_and_update().workload.clone();
@@ -234,6 +366,7 @@ impl State {
             Ok(d) => d,
             Err(e) => {
                 let msg = e.to_string();
+                self.w.engine.send_modify(|e| *e = Err(msg.clone()));
                 if self.docker_error.as_deref() != Some(msg.as_str()) {
                     tracing::warn!(error = %msg, "Docker is unreachable; retrying (leases cannot start until it answers)");
                     self.report(vec![wev(
@@ -273,6 +406,7 @@ impl State {
             self.report(vec![wev("", "", "", WorkloadEventKind::DockerUp, version)])
                 .await;
         }
+        self.w.engine.send_modify(|e| *e = Ok(docker.clone()));
         self.docker = Some(docker);
         self.reconcile().await;
         Some(rx)
@@ -282,6 +416,7 @@ impl State {
         tracing::warn!(reason = why, "lost Docker; reconnecting");
         self.docker = None;
         self.docker_error = Some(why.to_owned());
+        self.w.engine.send_modify(|e| *e = Err(why.to_owned()));
         self.report(vec![wev(
             "",
             "",
@@ -455,92 +590,177 @@ impl State {
         self.report(vec![e]).await;
     }
 
-    /// Acts on one verified command and sends the answer as a record.
+    /// Admits one verified command and acts on it.
     async fn command(&mut self, cmd: pb::Command) {
         let now = crate::now_ms();
         let skew = self.w.config.clock_skew.as_millis() as i64;
-        // Notes that go with a success (peers a mesh config left out).
-        let mut note = String::new();
-        let mut ray_alive_nodes = 0;
-        let started = matches!(cmd.body, Some(pb::command::Body::LeaseStart(_)));
-        let (lease_id, outcome) = match self.book.admit(&cmd, &self.w.node_id, now, skew) {
-            Err(e) => (String::new(), Err(e)),
+        match self.book.admit(&cmd, &self.w.node_id, now, skew) {
+            Err(e) => answer(&self.w.outbox, &cmd.command_id, String::new(), Err(e)).await,
             Ok(()) => {
                 self.book.remember(&cmd, now, skew);
                 self.save();
-                match cmd.body {
-                    Some(pb::command::Body::LeaseStart(ls)) => {
-                        let id = ls.lease_id.clone();
-                        (id, self.lease_start(ls).await)
-                    }
-                    Some(pb::command::Body::LeaseEnd(le)) => {
-                        let id = le.lease_id.clone();
-                        (id, self.lease_end(le).await)
-                    }
-                    Some(pb::command::Body::RunContainer(rc)) => {
-                        let id = rc.lease_id.clone();
-                        (id, self.run_container(rc).await)
-                    }
-                    Some(pb::command::Body::StopContainer(sc)) => {
-                        let id = sc.lease_id.clone();
-                        (id, self.stop_container(sc).await)
-                    }
-                    Some(pb::command::Body::RayProbe(rp)) => {
-                        let id = rp.lease_id.clone();
-                        match self.ray_probe(rp).await {
-                            Ok(n) => {
-                                ray_alive_nodes = n;
-                                (id, Ok(Vec::new()))
-                            }
-                            Err(e) => (id, Err(e)),
-                        }
-                    }
-                    Some(pb::command::Body::MeshConfig(mc)) => match self.mesh_config(mc).await {
-                        Ok(n) => {
-                            note = n;
-                            (String::new(), Ok(Vec::new()))
-                        }
-                        Err(e) => (String::new(), Err(e)),
-                    },
-                    None => (String::new(), Err("the command is empty".into())),
+                self.execute(cmd, false).await;
+            }
+        }
+    }
+
+    /// Acts on an admitted command and sends the answer as a record; one
+    /// whose images are not all here is first sent to pull them beside the
+    /// loop (`pulled` once that is done), one that probes Ray answers from
+    /// beside the loop too.
+    async fn execute(&mut self, cmd: pb::Command, pulled: bool) {
+        if !pulled {
+            match self.images_to_pull(&cmd).await {
+                Ok(None) => {}
+                Ok(Some((lease_id, images))) => return self.spawn_pull(cmd, lease_id, images),
+                Err((lease_id, e)) => {
+                    return answer(&self.w.outbox, &cmd.command_id, lease_id, Err(e)).await
                 }
             }
-        };
-        let result = match outcome {
-            Ok(containers) => pb::CommandResult {
-                command_id: cmd.command_id.clone(),
-                // What "all GPUs" meant here: the GPUs the chain will report.
-                gpu_uuids: if started {
-                    self.book
+        }
+        let command_id = cmd.command_id.clone();
+        let (lease_id, outcome) = match cmd.body {
+            Some(pb::command::Body::LeaseStart(ls)) => {
+                let id = ls.lease_id.clone();
+                let outcome = self.lease_start(ls).await.map(|containers| Success {
+                    // What "all GPUs" meant here: the GPUs the chain will report.
+                    gpu_uuids: self
+                        .book
                         .leases
-                        .get(&lease_id)
+                        .get(&id)
                         .map(|l| l.gpus.clone())
-                        .unwrap_or_default()
-                } else {
-                    Vec::new()
-                },
-                lease_id,
-                ok: true,
-                error: note,
-                containers,
-                ray_alive_nodes,
-            },
-            Err(error) => {
-                tracing::warn!(command = %cmd.command_id, lease = %lease_id, %error, "command refused or failed");
-                pb::CommandResult {
-                    command_id: cmd.command_id.clone(),
-                    lease_id,
-                    ok: false,
-                    error,
+                        .unwrap_or_default(),
+                    containers,
                     ..Default::default()
+                });
+                (id, outcome)
+            }
+            Some(pb::command::Body::LeaseEnd(le)) => {
+                let id = le.lease_id.clone();
+                (id, self.lease_end(le).await.map(Success::containers))
+            }
+            Some(pb::command::Body::RunContainer(rc)) => {
+                let id = rc.lease_id.clone();
+                (id, self.run_container(rc).await.map(Success::containers))
+            }
+            Some(pb::command::Body::StopContainer(sc)) => {
+                let id = sc.lease_id.clone();
+                (id, self.stop_container(sc).await.map(Success::containers))
+            }
+            Some(pb::command::Body::RayProbe(rp)) => {
+                let id = rp.lease_id.clone();
+                match self.ray_probe(&rp) {
+                    Ok(probe) => {
+                        let outbox = self.w.outbox.clone();
+                        tokio::spawn(async move {
+                            let outcome = probe.await.map(|n| Success {
+                                ray_alive_nodes: n,
+                                ..Default::default()
+                            });
+                            answer(&outbox, &command_id, id, outcome).await;
+                        });
+                        return;
+                    }
+                    Err(e) => (id, Err(e)),
                 }
             }
+            Some(pb::command::Body::MeshConfig(mc)) => (
+                String::new(),
+                self.mesh_config(mc).await.map(|note| Success {
+                    note,
+                    ..Default::default()
+                }),
+            ),
+            None => (String::new(), Err("the command is empty".into())),
         };
-        let _ = self
-            .w
-            .outbox
-            .emit(pb::record::Body::CommandResult(result))
-            .await;
+        answer(&self.w.outbox, &command_id, lease_id, outcome).await;
+    }
+
+    /// The images a LeaseStart or RunContainer needs that Docker does not
+    /// have, with the lease they are for; `None` when there is nothing to
+    /// pull (or the command is of another kind). A command its checks
+    /// refuse is refused before anything is pulled for it.
+    async fn images_to_pull(
+        &self,
+        cmd: &pb::Command,
+    ) -> Result<Option<(String, Vec<(String, String)>)>, (String, String)> {
+        let (lease_id, specs) = match &cmd.body {
+            Some(pb::command::Body::LeaseStart(ls)) => {
+                let fail = |e| (ls.lease_id.clone(), e);
+                self.book.plan_start(ls, &self.node_gpus()).map_err(fail)?;
+                (&ls.lease_id, ls.containers.iter().collect::<Vec<_>>())
+            }
+            Some(pb::command::Body::RunContainer(rc)) => (&rc.lease_id, rc.spec.iter().collect()),
+            _ => return Ok(None),
+        };
+        let fail = |e: String| (lease_id.clone(), e);
+        for spec in &specs {
+            confine::check(spec, &self.w.config).map_err(|e| fail(e.to_string()))?;
+        }
+        let docker = self.docker().map_err(fail)?;
+        let mut missing: Vec<(String, String)> = Vec::new();
+        for spec in specs {
+            if missing.iter().any(|(_, image)| *image == spec.image) {
+                continue;
+            }
+            let present = docker
+                .image_present(&spec.image)
+                .await
+                .map_err(|e| fail(format!("container {}: {e}", spec.name)))?;
+            if !present {
+                missing.push((spec.name.clone(), spec.image.clone()));
+            }
+        }
+        Ok((!missing.is_empty()).then(|| (lease_id.clone(), missing)))
+    }
+
+    /// Pulls `images` beside the loop; the command comes back to the loop
+    /// as [`Pulled`] when they are here (or cannot be).
+    fn spawn_pull(&mut self, cmd: pb::Command, lease_id: String, images: Vec<(String, String)>) {
+        let docker = match self.docker() {
+            Ok(d) => d,
+            // `images_to_pull` had a handle a moment ago; answer as it would.
+            Err(e) => {
+                let outbox = self.w.outbox.clone();
+                tokio::spawn(
+                    async move { answer(&outbox, &cmd.command_id, lease_id, Err(e)).await },
+                );
+                return;
+            }
+        };
+        self.pulling
+            .push((lease_id.clone(), cmd.command_id.clone()));
+        let outbox = self.w.outbox.clone();
+        let back = self.pulled.clone();
+        tokio::spawn(async move {
+            let mut result = Ok(());
+            for (name, image) in &images {
+                result = pull(&docker, &outbox, &lease_id, name, image).await;
+                if result.is_err() {
+                    break;
+                }
+            }
+            let _ = back.send(Pulled { cmd, result }).await;
+        });
+    }
+
+    /// A command back from its pull: carried out, unless the pull failed or
+    /// its lease was ended meanwhile.
+    async fn pulled(&mut self, p: Pulled) {
+        let id = &p.cmd.command_id;
+        let waiting = self.pulling.iter().position(|(_, c)| c == id);
+        let lease_id = match waiting {
+            Some(i) => self.pulling.remove(i).0,
+            None => {
+                let lease = lease_of(&p.cmd);
+                let e = format!("lease {lease} was ended while its images were pulled");
+                return answer(&self.w.outbox, id, lease, Err(e)).await;
+            }
+        };
+        match p.result {
+            Ok(()) => self.execute(p.cmd, true).await,
+            Err(e) => answer(&self.w.outbox, id, lease_id, Err(e)).await,
+        }
     }
 
     /// Hands a mesh config to the mesh task and waits for how it went. A
@@ -568,8 +788,13 @@ impl State {
     /// How many Ray nodes the cluster whose head is at `rp.address` has
     /// alive, asked from inside the lease's first container (it holds the
     /// cluster's token). A fixed probe: the address is checked and passed
-    /// as an argument, never through a shell.
-    async fn ray_probe(&self, rp: pb::RayProbe) -> Result<u32, String> {
+    /// as an argument, never through a shell. What is checked here is
+    /// checked at once; the probe itself (up to a minute) is the future
+    /// returned, run beside the loop.
+    fn ray_probe(
+        &self,
+        rp: &pb::RayProbe,
+    ) -> Result<impl std::future::Future<Output = Result<u32, String>>, String> {
         let addr: std::net::SocketAddr = rp
             .address
             .parse()
@@ -582,7 +807,10 @@ impl State {
             .containers
             .iter()
             .find(|c| !c.id.is_empty())
-            .ok_or_else(|| format!("lease {} runs no container", rp.lease_id))?;
+            .ok_or_else(|| format!("lease {} runs no container", rp.lease_id))?
+            .id
+            .clone();
+        let docker = self.docker()?;
         const PROBE: &str = "import ray, sys\n\
             ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n\
             print('alive', sum(1 for n in ray.nodes() if n['Alive']))\n";
@@ -592,29 +820,30 @@ impl State {
             PROBE.to_owned(),
             addr.to_string(),
         ];
-        let (code, out) = self
-            .docker()?
-            .exec_output(&first.id, cmd, 64 << 10, Duration::from_secs(60))
-            .await
-            .map_err(|e| e.to_string())?;
-        let alive = out
-            .lines()
-            .rev()
-            .find_map(|l| l.strip_prefix("alive ")?.trim().parse().ok());
-        match (code, alive) {
-            (0, Some(n)) => Ok(n),
-            _ => {
-                let tail: String = out
-                    .chars()
-                    .rev()
-                    .take(300)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                Err(format!("the Ray probe exited with {code}: {}", tail.trim()))
+        Ok(async move {
+            let (code, out) = docker
+                .exec_output(&first, cmd, 64 << 10, Duration::from_secs(60))
+                .await
+                .map_err(|e| e.to_string())?;
+            let alive = out
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("alive ")?.trim().parse().ok());
+            match (code, alive) {
+                (0, Some(n)) => Ok(n),
+                _ => {
+                    let tail: String = out
+                        .chars()
+                        .rev()
+                        .take(300)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect();
+                    Err(format!("the Ray probe exited with {code}: {}", tail.trim()))
+                }
             }
-        }
+        })
     }
 
     /// The network namespace of the lease's first container, running.
@@ -736,7 +965,11 @@ impl State {
             .await
             .map_err(|e| fail(e.to_string()))?;
         if !present {
-            self.pull(docker, lease, spec).await.map_err(fail)?;
+            // Pulled before the command was carried out; removed since.
+            return Err(fail(format!(
+                "image {} is not on this node (it was removed after it was pulled)",
+                spec.image
+            )));
         }
         let config = confine::container_config(
             spec,
@@ -838,46 +1071,15 @@ impl State {
         Ok(spec)
     }
 
-    async fn pull(
-        &self,
-        docker: &Docker,
-        lease: &Lease,
-        spec: &pb::ContainerSpec,
-    ) -> Result<(), String> {
-        tracing::info!(image = %spec.image, "pulling");
-        let mut last = Instant::now() - PULL_REPORT;
-        let mut progress = Vec::new();
-        let result = docker
-            .pull(&spec.image, |line| {
-                if last.elapsed() >= PULL_REPORT {
-                    last = Instant::now();
-                    progress.push(wev(
-                        &lease.id,
-                        &spec.name,
-                        "",
-                        WorkloadEventKind::Pull,
-                        format!("{}: {line}", spec.image),
-                    ));
-                }
-            })
-            .await;
-        let outcome = match &result {
-            Ok(()) => format!("{}: pulled", spec.image),
-            Err(e) => format!("{}: pull failed: {e}", spec.image),
-        };
-        progress.push(wev(
-            &lease.id,
-            &spec.name,
-            "",
-            WorkloadEventKind::Pull,
-            outcome,
-        ));
-        self.report(progress).await;
-        result.map_err(|e| format!("pulling {}: {e}", spec.image))
-    }
-
     async fn lease_end(&mut self, le: pb::LeaseEnd) -> Result<Vec<pb::ContainerState>, String> {
         let Some(lease) = self.book.leases.get(&le.lease_id).cloned() else {
+            // A start still pulling its images is called off: it will not run.
+            let before = self.pulling.len();
+            self.pulling.retain(|(l, _)| *l != le.lease_id);
+            if self.pulling.len() < before {
+                tracing::info!(lease = %le.lease_id, "lease ended before its images were pulled");
+                return Ok(Vec::new());
+            }
             return Err(format!("lease {} is not active on this node", le.lease_id));
         };
         let docker = self.docker()?;
