@@ -401,6 +401,22 @@ impl pb::admin_server::Admin for AdminService {
         ))
     }
 
+    async fn scale_cluster(
+        &self,
+        req: Request<pb::ScaleClusterRequest>,
+    ) -> Result<Response<pb::ClusterInfo>, Status> {
+        let _ = req;
+        Err(Status::unimplemented("cluster scale: not yet"))
+    }
+
+    async fn export_cluster(
+        &self,
+        req: Request<pb::ExportClusterRequest>,
+    ) -> Result<Response<pb::ExportClusterResponse>, Status> {
+        let _ = req;
+        Err(Status::unimplemented("cluster export: not yet"))
+    }
+
     async fn connect_cluster(
         &self,
         req: Request<pb::ConnectClusterRequest>,

@@ -134,11 +134,28 @@ wire_text! {
         Ray => "ray",
         /// Every lease running and every member on the mesh.
         Ready => "ready",
+        /// A ready cluster changing size (`cluster scale`) or replacing a
+        /// lost member; its other members keep running.
+        Scaling => "scaling",
         /// A step failed; what started was ended.
         Failed => "failed",
         /// Its leases being ended.
         Ending => "ending",
         Ended => "ended",
+    }
+}
+
+wire_text! {
+    /// What changed a hired cluster's members (`ClusterEvent.kind`).
+    pub enum ClusterEventKind {
+        ScaledUp => "scaled-up",
+        ScaledDown => "scaled-down",
+        /// A member's node left or its lease failed.
+        Lost => "lost",
+        /// A lost member's replacement runs.
+        Replaced => "replaced",
+        /// No replacement could be found or started.
+        NotReplaced => "not-replaced",
     }
 }
 
