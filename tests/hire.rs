@@ -116,11 +116,12 @@ fn rig(tag: &str, net: u8, labels: &[&str], spare: usize) -> Rig {
     let tmp = tempfile::tempdir().unwrap();
     let id = std::process::id() % 100_000;
     let lan = Lan::new(tag, labels.len() + spare, net);
-    // Hires as short as a second: the test cannot wait the seed's hour.
+    // Hires as short as a second: the test cannot wait the seed's hour; a
+    // member away for two seconds is replaced.
     let (coord, link) = lan.coordinator(
         &tmp.path().join("coord"),
         free_port(),
-        "[clusters]\nmin_duration = \"1s\"\n",
+        "[clusters]\nmin_duration = \"1s\"\nreplace_after = \"2s\"\n",
     );
     let agents: Vec<Agent> = labels
         .iter()
@@ -606,15 +607,22 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
 }
 
 /// `--purpose ray`: the head in the first member's container on its mesh
-/// address, the other joining it, token authentication on; the hire is
+/// address, the others joining it, token authentication on; the hire is
 /// ready when Ray says every member is alive, and the renter's connection
-/// details work only with the token.
+/// details work only with the token. Then the cluster is scaled up by one
+/// and down by one, and a member whose agent dies is replaced by the node
+/// left free.
 #[test]
 fn a_ray_cluster_is_ready_when_every_member_is_alive() {
-    let r = rig(
+    let mut r = rig(
         "wr",
         203,
-        &["region = \"eu\"", "region = \"eu\"", "region = \"eu\""],
+        &[
+            "region = \"eu\"",
+            "region = \"eu\"",
+            "region = \"eu\"",
+            "region = \"eu\"",
+        ],
         0,
     );
     let image = common::ray::ray_image();
@@ -755,6 +763,106 @@ fn a_ray_cluster_is_ready_when_every_member_is_alive() {
         !String::from_utf8_lossy(&bad.stdout).contains("alive"),
         "a wrong token is refused"
     );
+
+    // Up by one: the free node starts, meshes and joins Ray live (the
+    // coordinator answers once Ray counts four alive).
+    let ray_alive_at = |container: &str| -> String {
+        let out = std::process::Command::new("docker")
+            .args(["exec", "-e", &format!("RAY_AUTH_TOKEN={token}"), container])
+            .args(["timeout", "-k", "5", "120", "python3", "-c"])
+            .arg(format!(
+                "import ray; ray.init(address='{head}:6379', logging_level='ERROR'); \
+                 print('alive', ' '.join(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))"
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let host = |m: &Value| {
+        m["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let up = cluster(
+        &r.coord,
+        &["scale", "r1", "--nodes", "4", "--timeout", "300"],
+    )
+    .unwrap();
+    assert_eq!(up["phase"], "ready", "{up:#}");
+    let m4 = members(&up);
+    assert_eq!(m4.len(), 4, "{up:#}");
+    assert_eq!(m4[0]["node_id"], members(c)[0]["node_id"], "the head stays");
+    let fourth = m4[3].clone();
+    assert_eq!(up["events"][0]["kind"], "scaled-up", "{up:#}");
+    assert_eq!(up["events"][0]["node_id"], fourth["node_id"]);
+    assert_eq!(up["order"]["nodes"], 4);
+    let alive = ray_alive_at(&head_container);
+    assert!(alive.contains(&host(&fourth)), "{alive}");
+    // Down by one: the newest member leaves and its lease ends.
+    let down = cluster(&r.coord, &["scale", "r1", "--nodes", "3"]).unwrap();
+    assert_eq!(down["phase"], "ready", "{down:#}");
+    let m3 = members(&down);
+    assert_eq!(m3.len(), 3);
+    assert!(m3.iter().all(|m| m["node_id"] != fourth["node_id"]));
+    assert_eq!(down["events"][1]["kind"], "scaled-down", "{down:#}");
+    assert_eq!(
+        lease_state(&r.coord, fourth["lease_id"].as_str().unwrap()),
+        "ended"
+    );
+    // A size the members cannot make is refused, naming what it can be.
+    let err = cluster(&r.coord, &["scale", "r1", "--gpus", "3"]).unwrap_err();
+    assert!(err.contains("--nodes"), "{err}");
+
+    // The second member's agent dies: two seconds later the member is
+    // lost, and the node left free takes its place, in the mesh and in Ray.
+    let lost = m3[1].clone();
+    let at = r.names.iter().position(|n| *n == lost["node_id"]).unwrap();
+    r.agents[at].proc.kill9();
+    let healed = wait_for("the lost member replaced", Duration::from_secs(240), || {
+        let s = cluster(&r.coord, &["status", "r1"]).ok()?;
+        (s["phase"] == "ready"
+            && s["events"]
+                .as_array()?
+                .iter()
+                .any(|e| e["kind"] == "replaced" || e["kind"] == "not-replaced"))
+        .then_some(s)
+    });
+    let events = healed["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["scaled-up", "scaled-down", "lost", "replaced"],
+        "{healed:#}"
+    );
+    assert_eq!(events[2]["node_id"], lost["node_id"]);
+    assert!(
+        events[2]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not been connected"),
+        "{healed:#}"
+    );
+    assert_eq!(events[3]["replacement_node_id"], fourth["node_id"]);
+    let now = members(&healed);
+    assert_eq!(now.len(), 3);
+    assert!(now.iter().all(|m| m["node_id"] != lost["node_id"]));
+    let newcomer = now
+        .iter()
+        .find(|m| m["node_id"] == fourth["node_id"])
+        .unwrap();
+    assert_eq!(newcomer["lease_id"], events[3]["replacement_lease_id"]);
+    assert_eq!(
+        lease_state(&r.coord, newcomer["lease_id"].as_str().unwrap()),
+        "running"
+    );
+    let alive = ray_alive_at(&head_container);
+    assert!(alive.contains(&host(newcomer)), "{alive}");
+    let text = String::from_utf8(r.coord.cli("cluster", &["status", "r1"]).stdout).unwrap();
+    assert!(text.contains("replaced") && text.contains("lost"), "{text}");
 
     let ended = cluster(&r.coord, &["end", "r1"]).unwrap();
     assert_eq!(ended["phase"], "ended");

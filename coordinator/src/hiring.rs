@@ -729,12 +729,19 @@ impl Hiring {
             .await;
     }
 
-    /// Asks the head's node, every second, how many Ray nodes are alive,
-    /// until every member's is or `deadline` passes (then why not).
+    /// Asks the head's node, every second, which Ray nodes are alive, until
+    /// there is one at every member's mesh address or `deadline` passes
+    /// (then why not). By address, not by count: a lost member's Ray node
+    /// counts as alive for a while after its node went away.
     async fn ray_ready(&self, c: &pb::ClusterInfo, deadline: Instant) -> Result<(), String> {
         let head = c.members.first().ok_or("the cluster has no members")?;
         let (node, lease, address) = (&head.node_id, &head.lease_id, &c.ray_address);
-        let members = c.members.len() as u32;
+        let hosts: Vec<String> = c
+            .members
+            .iter()
+            .filter_map(hire::host_of)
+            .map(|a| a.to_string())
+            .collect();
         let registry = &self.control.registry;
         let mut last = String::from("no answer yet");
         while Instant::now() < deadline {
@@ -751,9 +758,16 @@ impl Hiring {
                 .map_err(|e| format!("the Ray head's node {node}: {e}"))?;
             let command_id = pending.command_id.clone();
             match tokio::time::timeout_at(deadline, pending.answer).await {
-                Ok(Ok(r)) if r.ok && r.ray_alive_nodes >= members => return Ok(()),
                 Ok(Ok(r)) if r.ok => {
-                    last = format!("{} of {members} Ray nodes alive", r.ray_alive_nodes)
+                    let missing: Vec<&str> = hosts
+                        .iter()
+                        .filter(|h| !r.ray_alive_addresses.contains(h))
+                        .map(String::as_str)
+                        .collect();
+                    if missing.is_empty() {
+                        return Ok(());
+                    }
+                    last = format!("no Ray node alive at {}", missing.join(", "));
                 }
                 Ok(Ok(r)) => last = r.error,
                 Ok(Err(_)) => return Err("the coordinator is shutting down".into()),
