@@ -11,38 +11,8 @@ mod common;
 
 use std::{path::Path, time::Duration};
 
-use common::{image::Remove, *};
+use common::{hire::*, image::Remove, *};
 use serde_json::Value;
-
-/// Two fake GPUs with no process on them, their uuids unique to this LAN
-/// and node: all the tests' agents share one Docker engine, and an agent
-/// stops any container holding a GPU uuid it leased (as it must).
-fn gpus(state: &Path, net: u8, node: usize) {
-    let devices: Vec<Value> = (0..2)
-        .map(|i| {
-            let mut g = fake_gpu(i);
-            g["uuid"] =
-                format!("GPU-{net:02x}{node:02x}{i:04x}-0000-4000-8000-000000000000").into();
-            g["processes"] = serde_json::json!([]);
-            g
-        })
-        .collect();
-    write_fake_state(state, &devices);
-}
-
-/// `warden cluster ARGS… --json`: Ok(parsed output) or Err(stderr).
-fn cluster(coord: &Coordinator, args: &[&str]) -> Result<Value, String> {
-    // Before any `--`, after which the words are the container's command.
-    let mut all = args.to_vec();
-    let at = all.iter().position(|a| *a == "--").unwrap_or(all.len());
-    all.insert(at, "--json");
-    let out = coord.cli("cluster", &all);
-    if out.status.success() {
-        Ok(serde_json::from_slice(&out.stdout).unwrap())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
 
 fn leases(coord: &Coordinator) -> Vec<Value> {
     let out = coord.cli("lease", &["list", "--json"]);
@@ -97,84 +67,6 @@ fn bridge_connects(container: &str, port: u16) -> bool {
         .to_owned();
     let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
     std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
-}
-
-/// A coordinator in a hub and one agent per `labels` entry on its own host,
-/// each with two fake GPUs, all connected: the LAN, the coordinator, the
-/// agents and their node ids.
-struct Rig {
-    tmp: tempfile::TempDir,
-    lan: Lan,
-    coord: Coordinator,
-    agents: Vec<Agent>,
-    names: Vec<String>,
-    id: u32,
-}
-
-/// `spare` more hosts on the LAN run no agent (a renter's machine).
-fn rig(tag: &str, net: u8, labels: &[&str], spare: usize) -> Rig {
-    let tmp = tempfile::tempdir().unwrap();
-    let id = std::process::id() % 100_000;
-    let lan = Lan::new(tag, labels.len() + spare, net);
-    // Hires as short as a second: the test cannot wait the seed's hour; a
-    // member away for two seconds is replaced.
-    let (coord, link) = lan.coordinator(
-        &tmp.path().join("coord"),
-        free_port(),
-        "[clusters]\nmin_duration = \"1s\"\nreplace_after = \"2s\"\n",
-    );
-    let agents: Vec<Agent> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, labels)| {
-            let dir = tmp.path().join(format!("agent{i}"));
-            let state = tmp.path().join(format!("gpus{i}.json"));
-            gpus(&state, net, i);
-            let config = format!(
-                "state_dir = \"{}\"\n{}\n[gpu]\nnvml_library = \"{}\"\nsample_interval = \"200ms\"\n\
-                 [metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n\
-                 [mesh]\ninterface = \"{tag}{i}-{id}\"\nendpoints = [\"{}:51820\"]\nrtt_interval = \"1s\"\n\
-                 [node]\n{labels}\n",
-                dir.display(),
-                fast_agent_toml(&link, "1s", 0),
-                fake_nvml().display(),
-                lan.host_ip(i),
-            );
-            lan.agent(i, &dir, &config, &[("FAKE_NVML_STATE", &state)])
-        })
-        .collect();
-    let node_of = |a: &Agent| {
-        wait_for("agent status", Duration::from_secs(30), || a.status())["node_id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    let names: Vec<String> = agents.iter().map(node_of).collect();
-    wait_for(
-        "every node connected with GPUs and a mesh key",
-        Duration::from_secs(60),
-        || {
-            let n = nodes_json(&coord);
-            (n.as_array()?
-                .iter()
-                .filter(|n| {
-                    n["connected"] == true
-                        && n["mesh_public_key"] != ""
-                        && n["inventory"]["gpus"].as_array().map_or(0, |g| g.len()) == 2
-                })
-                .count()
-                == labels.len())
-            .then_some(())
-        },
-    );
-    Rig {
-        tmp,
-        lan,
-        coord,
-        agents,
-        names,
-        id,
-    }
 }
 
 #[test]
@@ -383,10 +275,12 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
             .unwrap()
     };
     // B listens on its mesh address; A sends over the mesh.
+    let listening = docker(&["exec", "-d", &cb, "sh", "-c", "nc -l -p 7000 > /tmp/got"]);
     assert!(
-        docker(&["exec", "-d", &cb, "sh", "-c", "nc -l -p 7000 > /tmp/got"])
-            .status
-            .success()
+        listening.status.success(),
+        "{}; container {cb} of {m5:#?}; all: {}",
+        String::from_utf8_lossy(&listening.stderr),
+        String::from_utf8_lossy(&docker(&["ps", "-a"]).stdout)
     );
     wait_for("A reaches B over the mesh", Duration::from_secs(30), || {
         let _ = docker(&[
@@ -687,7 +581,12 @@ fn a_ray_cluster_is_ready_when_every_member_is_alive() {
 
     // Each member's interface is WireGuard with the others as peers (`wg
     // show` through its UAPI socket, which stays on the host).
-    let ifname = format!("wr0-{}", r.id);
+    let first = r
+        .names
+        .iter()
+        .position(|n| *n == members(c)[0]["node_id"])
+        .unwrap();
+    let ifname = format!("wr{first}-{}", r.id);
     let show = run(&["wg", "show", &ifname]);
     let show = String::from_utf8_lossy(&show.stdout);
     assert_eq!(show.matches("peer: ").count(), 2, "{show}");

@@ -479,6 +479,7 @@ pub fn http_get(addr: &str, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+pub mod hire;
 pub mod image;
 pub mod lan;
 pub mod ray;
