@@ -17,6 +17,26 @@ use crate::{
     pb, types,
 };
 
+/// The record's file in an exported set; each bundle is
+/// [`lease_file_name`] of its lease.
+pub const RECORD_FILE: &str = "cluster.json";
+
+/// `lease-ID.json`, for an id that is safe as a file name (ASCII letters,
+/// digits, `-`, `_`, `.`, not starting with `.`).
+pub fn lease_file_name(lease_id: &str) -> Option<String> {
+    let safe = !lease_id.is_empty()
+        && !lease_id.starts_with('.')
+        && lease_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    safe.then(|| format!("lease-{lease_id}.json"))
+}
+
+/// Whether a file of a set's directory is a lease bundle by its name.
+pub fn is_lease_file(name: &str) -> bool {
+    name.starts_with("lease-") && name.ends_with(".json")
+}
+
 /// Rule names of the set check; each bundle's own rules are those of
 /// [`crate::chain::rule`].
 pub mod rule {
@@ -372,51 +392,9 @@ pub fn verify_set(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        dsse::Signer,
-        vectors::{self, Lease},
-    };
+    use crate::{dsse::Signer, vectors};
 
-    /// An honest lease `n` of node seed `seed`, signed by the vectors'
-    /// coordinator.
-    fn lease(n: u8, seed: u8) -> vectors::Evidence {
-        let mut l = Lease::honest(6, 1);
-        let id = format!("l-{n:016x}");
-        l.lease_id = id.clone();
-        l.node_seed = [seed; 32];
-        for a in &mut l.attestations {
-            a.lease_id = id.clone();
-        }
-        l.sign()
-    }
-
-    fn entry(ev: &vectors::Evidence) -> pb::ClusterLease {
-        let node = ev.lease.node();
-        pb::ClusterLease {
-            lease_id: ev.lease.lease_id.clone(),
-            node_id: node.key_id().to_owned(),
-            node_public_key: node.public_key().to_vec(),
-            gpu_uuids: ev.lease.gpus.clone(),
-            mesh_address: "10.90.0.2/24".into(),
-            joined_unix_ms: ev.lease.t1,
-            left_unix_ms: ev.lease.t2,
-            left_reason: "cluster-ended".into(),
-        }
-    }
-
-    fn record(coord: &Signer, leases: Vec<pb::ClusterLease>) -> pb::Envelope {
-        coord.sign_message(
-            types::CLUSTER_RECORD,
-            &pb::ClusterRecord {
-                cluster_id: "c1".into(),
-                coordinator_key_id: coord.key_id().to_owned(),
-                coordinator_public_key: coord.public_key().to_vec(),
-                leases,
-                phase: "ended".into(),
-                ..Default::default()
-            },
-        )
-    }
+    use vectors::{cluster_entry as entry, cluster_lease as lease, cluster_record as record};
 
     fn file(ev: &vectors::Evidence) -> SetFile {
         SetFile {
