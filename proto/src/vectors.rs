@@ -1325,39 +1325,6 @@ pub fn tally(records: &[Envelope]) -> Tally {
     t
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every vector gives exactly its expected rules (the files and
-    /// `warden verify` are checked against the same in tests/verify.rs).
-    #[test]
-    fn every_case_fails_exactly_its_rules() {
-        let mut wrong = Vec::new();
-        for c in cases() {
-            let b = Bundle::from_json(&c.bundle).expect("a bundle");
-            let (report, _) = b.verify(&c.setup.trust, &c.setup.params);
-            let mut got = report.rules();
-            got.sort();
-            if got != c.expected {
-                wrong.push(format!(
-                    "{}: expected {:?}\n  got {:?}\n  {}",
-                    c.name,
-                    c.expected,
-                    got,
-                    report
-                        .failures
-                        .iter()
-                        .map(|f| f.to_string())
-                        .collect::<Vec<_>>()
-                        .join("\n  ")
-                ));
-            }
-        }
-        assert!(wrong.is_empty(), "\n{}", wrong.join("\n\n"));
-    }
-}
-
 /// Lease `n` of a cluster (id `l-` and `n` in 16 hex digits) on the node of
 /// seed `[node_seed; 32]`: an honest lease of 6 windows on one GPU, signed
 /// by the vectors' coordinator.
@@ -1411,4 +1378,37 @@ pub fn cluster_set(n: u8) -> (Envelope, Vec<Bundle>) {
     let coord = Signer::from_seed(&COORDINATOR_SEED);
     let record = cluster_record(&coord, leases.iter().map(cluster_entry).collect());
     (record, leases.iter().map(Evidence::bundle).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every vector gives exactly its expected rules (the files and
+    /// `warden verify` are checked against the same in tests/verify.rs).
+    #[test]
+    fn every_case_fails_exactly_its_rules() {
+        let mut wrong = Vec::new();
+        for c in cases() {
+            let b = Bundle::from_json(&c.bundle).expect("a bundle");
+            let (report, _) = b.verify(&c.setup.trust, &c.setup.params);
+            let mut got = report.rules();
+            got.sort();
+            if got != c.expected {
+                wrong.push(format!(
+                    "{}: expected {:?}\n  got {:?}\n  {}",
+                    c.name,
+                    c.expected,
+                    got,
+                    report
+                        .failures
+                        .iter()
+                        .map(|f| f.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n  ")
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "\n{}", wrong.join("\n\n"));
+    }
 }
