@@ -133,7 +133,7 @@ fn rig(tag: &str, net: u8, labels: &[&str], spare: usize) -> Rig {
                 "state_dir = \"{}\"\n{}\n[gpu]\nnvml_library = \"{}\"\nsample_interval = \"200ms\"\n\
                  [metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n\
                  [mesh]\ninterface = \"{tag}{i}-{id}\"\nendpoints = [\"{}:51820\"]\nrtt_interval = \"1s\"\n\
-                 [node]\n{labels}\n",
+                 [timelock]\nepoch = \"1s\"\n[node]\n{labels}\n",
                 dir.display(),
                 fast_agent_toml(&link, "1s", 0),
                 fake_nvml().display(),
@@ -336,6 +336,67 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
             || mesh_status(a).is_null().then_some(()),
         );
     }
+
+    // Its proof: the record and both leases' bundles, checked as a set.
+    for m in &m1 {
+        let id = m["lease_id"].as_str().unwrap();
+        wait_for("the verdict", Duration::from_secs(60), || {
+            leases(coord)
+                .into_iter()
+                .find(|l| l["lease_id"] == id && l["verdict"] != "")
+        });
+    }
+    let proof = r.tmp.path().join("c1-proof");
+    let out = coord.cli("cluster", &["export", "c1", "-o", proof.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verify = |extra: &[&str]| {
+        let out = std::process::Command::new(WARDEN)
+            .arg("verify")
+            .arg(&proof)
+            .arg("--coordinator-key")
+            .arg(coord.dir.join("coordinator.pub"))
+            // Coverage depends on how promptly this loaded machine sampled.
+            .args(["--min-coverage", "0"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = verify(&[]);
+    assert!(ok, "{text}");
+    assert!(text.trim_end().ends_with("HOLDS"), "{text}");
+    for m in &m1 {
+        assert!(text.contains(m["lease_id"].as_str().unwrap()), "{text}");
+    }
+    let again = coord.cli("cluster", &["export", "c1", "-o", proof.to_str().unwrap()]);
+    assert!(
+        !again.status.success(),
+        "a non-empty directory needs --force"
+    );
+    let unknown = coord.cli("cluster", &["export", "nope", "-o", "/nonexistent/x"]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no cluster nope"));
+    // One byte of the signed record changed: the set no longer holds.
+    let record = proof.join("cluster.json");
+    let mut env: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    let payload = env["payload"].as_str().unwrap();
+    let flipped = if payload.starts_with('C') { "D" } else { "C" };
+    env["payload"] = format!("{flipped}{}", &payload[1..]).into();
+    std::fs::write(&record, env.to_string()).unwrap();
+    let (ok, text) = verify(&[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("bad-record") && text.contains("does NOT hold"),
+        "{text}"
+    );
 
     // With an image, the mesh lives in the containers: each lease's first
     // container gets the mesh interface, the containers reach each other at
