@@ -212,12 +212,12 @@ fn verify_set(
         cluster_record::{self, SetFile},
         dsse,
     };
-    if trust_args.node_key.is_some() {
+    let trust = trust_from(trust_args)?;
+    if trust.node_key.is_some() {
         anyhow::bail!(
-            "--node-key pins one node; a cluster's leases are on several, and its record binds each lease's node key"
+            "a node key (--node-key, or `node` in --keys) pins one node; a cluster's leases are on several, and its record binds each lease's node key"
         );
     }
-    let trust = trust_from(trust_args)?;
     let record_path = dir.join(cluster_record::RECORD_FILE);
     let text = std::fs::read(&record_path).with_context(|| {
         format!(
