@@ -116,11 +116,12 @@ fn rig(tag: &str, net: u8, labels: &[&str], spare: usize) -> Rig {
     let tmp = tempfile::tempdir().unwrap();
     let id = std::process::id() % 100_000;
     let lan = Lan::new(tag, labels.len() + spare, net);
-    // Hires as short as a second: the test cannot wait the seed's hour.
+    // Hires as short as a second: the test cannot wait the seed's hour; a
+    // member away for two seconds is replaced.
     let (coord, link) = lan.coordinator(
         &tmp.path().join("coord"),
         free_port(),
-        "[clusters]\nmin_duration = \"1s\"\n",
+        "[clusters]\nmin_duration = \"1s\"\nreplace_after = \"2s\"\n",
     );
     let agents: Vec<Agent> = labels
         .iter()
@@ -667,15 +668,22 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
 }
 
 /// `--purpose ray`: the head in the first member's container on its mesh
-/// address, the other joining it, token authentication on; the hire is
+/// address, the others joining it, token authentication on; the hire is
 /// ready when Ray says every member is alive, and the renter's connection
-/// details work only with the token.
+/// details work only with the token. Then the cluster is scaled up by one
+/// and down by one, and a member whose agent dies is replaced by the node
+/// left free.
 #[test]
 fn a_ray_cluster_is_ready_when_every_member_is_alive() {
-    let r = rig(
+    let mut r = rig(
         "wr",
         203,
-        &["region = \"eu\"", "region = \"eu\"", "region = \"eu\""],
+        &[
+            "region = \"eu\"",
+            "region = \"eu\"",
+            "region = \"eu\"",
+            "region = \"eu\"",
+        ],
         0,
     );
     let image = common::ray::ray_image();
@@ -817,6 +825,172 @@ fn a_ray_cluster_is_ready_when_every_member_is_alive() {
         "a wrong token is refused"
     );
 
+    // Up by one: the free node starts, meshes and joins Ray live (the
+    // coordinator answers once Ray counts four alive).
+    let ray_alive_at = |container: &str| -> String {
+        let out = std::process::Command::new("docker")
+            .args(["exec", "-e", &format!("RAY_AUTH_TOKEN={token}"), container])
+            .args(["timeout", "-k", "5", "120", "python3", "-c"])
+            .arg(format!(
+                "import ray; ray.init(address='{head}:6379', logging_level='ERROR'); \
+                 print('alive', ' '.join(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))"
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let host = |m: &Value| {
+        m["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let up = cluster(
+        &r.coord,
+        &["scale", "r1", "--nodes", "4", "--timeout", "300"],
+    )
+    .unwrap();
+    assert_eq!(up["phase"], "ready", "{up:#}");
+    let m4 = members(&up);
+    assert_eq!(m4.len(), 4, "{up:#}");
+    assert_eq!(m4[0]["node_id"], members(c)[0]["node_id"], "the head stays");
+    let fourth = m4[3].clone();
+    assert_eq!(up["events"][0]["kind"], "scaled-up", "{up:#}");
+    assert_eq!(up["events"][0]["node_id"], fourth["node_id"]);
+    assert_eq!(up["order"]["nodes"], 4);
+    let alive = ray_alive_at(&head_container);
+    assert!(alive.contains(&host(&fourth)), "{alive}");
+    // Down by one: the newest member leaves and its lease ends.
+    let down = cluster(&r.coord, &["scale", "r1", "--nodes", "3"]).unwrap();
+    assert_eq!(down["phase"], "ready", "{down:#}");
+    let m3 = members(&down);
+    assert_eq!(m3.len(), 3);
+    assert!(m3.iter().all(|m| m["node_id"] != fourth["node_id"]));
+    assert_eq!(down["events"][1]["kind"], "scaled-down", "{down:#}");
+    assert_eq!(
+        lease_state(&r.coord, fourth["lease_id"].as_str().unwrap()),
+        "ended"
+    );
+    // A size the members cannot make is refused, naming what it can be.
+    let err = cluster(&r.coord, &["scale", "r1", "--gpus", "3"]).unwrap_err();
+    assert!(err.contains("--nodes"), "{err}");
+
+    // The second member's agent dies: two seconds later the member is
+    // lost, and the node left free takes its place, in the mesh and in Ray.
+    let lost = m3[1].clone();
+    let at = r.names.iter().position(|n| *n == lost["node_id"]).unwrap();
+    r.agents[at].proc.kill9();
+    let healed = wait_for("the lost member replaced", Duration::from_secs(240), || {
+        let s = cluster(&r.coord, &["status", "r1"]).ok()?;
+        (s["phase"] == "ready"
+            && s["events"]
+                .as_array()?
+                .iter()
+                .any(|e| e["kind"] == "replaced" || e["kind"] == "not-replaced"))
+        .then_some(s)
+    });
+    let events = healed["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["scaled-up", "scaled-down", "lost", "replaced"],
+        "{healed:#}"
+    );
+    assert_eq!(events[2]["node_id"], lost["node_id"]);
+    assert!(
+        events[2]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not been connected"),
+        "{healed:#}"
+    );
+    assert_eq!(events[3]["replacement_node_id"], fourth["node_id"]);
+    let now = members(&healed);
+    assert_eq!(now.len(), 3);
+    assert!(now.iter().all(|m| m["node_id"] != lost["node_id"]));
+    let newcomer = now
+        .iter()
+        .find(|m| m["node_id"] == fourth["node_id"])
+        .unwrap();
+    assert_eq!(newcomer["lease_id"], events[3]["replacement_lease_id"]);
+    assert_eq!(
+        lease_state(&r.coord, newcomer["lease_id"].as_str().unwrap()),
+        "running"
+    );
+    let alive = ray_alive_at(&head_container);
+    assert!(alive.contains(&host(newcomer)), "{alive}");
+    let text = String::from_utf8(r.coord.cli("cluster", &["status", "r1"]).stdout).unwrap();
+    assert!(text.contains("replaced") && text.contains("lost"), "{text}");
+
     let ended = cluster(&r.coord, &["end", "r1"]).unwrap();
     assert_eq!(ended["phase"], "ended");
+
+    // Its proof lists every lease it ever had: the three members, the one
+    // scaled away and the lost one. Each holds but the lost member's, whose
+    // node died before it could prove anything; nothing is missing or extra.
+    let every: Vec<String> = now
+        .iter()
+        .map(|m| m["lease_id"].as_str().unwrap().to_owned())
+        .chain([fourth["lease_id"].as_str().unwrap().to_owned()])
+        .collect();
+    for id in &every {
+        wait_for("the verdict", Duration::from_secs(60), || {
+            leases(&r.coord)
+                .into_iter()
+                .find(|l| l["lease_id"] == id.as_str() && l["verdict"] != "")
+        });
+    }
+    let proof = r.tmp.path().join("r1-proof");
+    let out = r
+        .coord
+        .cli("cluster", &["export", "r1", "-o", proof.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(WARDEN)
+        .arg("verify")
+        .arg(&proof)
+        .arg("--coordinator-key")
+        .arg(r.coord.dir.join("coordinator.pub"))
+        .args(["--min-coverage", "0", "--json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["failures"], serde_json::json!([]), "{report:#}");
+    let record = &report["record"];
+    assert_eq!(record["events"].as_array().unwrap().len(), 4, "{report:#}");
+    let outcomes = report["leases"].as_array().unwrap();
+    assert_eq!(outcomes.len(), 5, "{report:#}");
+    let lost_lease = lost["lease_id"].as_str().unwrap();
+    for l in outcomes {
+        assert_eq!(l["listed"], true, "{l:#}");
+        assert_eq!(l["failures"], serde_json::json!([]), "{l:#}");
+        let bundle_failures = l["report"]["failures"].as_array().unwrap();
+        assert_eq!(
+            bundle_failures.is_empty(),
+            l["lease_id"] != lost_lease,
+            "{l:#}"
+        );
+    }
+    let entry = |id: &str| {
+        record["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["lease_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(entry(lost_lease)["left_reason"], "lost");
+    assert_eq!(
+        entry(fourth["lease_id"].as_str().unwrap())["left_reason"],
+        "scaled-down"
+    );
+    assert_eq!(entry(&every[0])["left_reason"], "cluster-ended");
 }

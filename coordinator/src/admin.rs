@@ -403,8 +403,17 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::ScaleClusterRequest>,
     ) -> Result<Response<pb::ClusterInfo>, Status> {
-        let _ = req;
-        Err(Status::unimplemented("cluster scale: not yet"))
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.hiring
+                .scale(
+                    &r.cluster_id,
+                    r.gpus,
+                    r.nodes,
+                    wait_or(r.timeout_seconds, crate::hire::DEFAULT_READY_WAIT),
+                )
+                .await?,
+        ))
     }
 
     async fn export_cluster(

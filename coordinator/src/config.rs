@@ -41,12 +41,17 @@ pub struct ClustersConfig {
     /// tests, which cannot wait an hour for a cluster to end.
     #[serde(with = "humantime_serde")]
     pub min_duration: std::time::Duration,
+    /// How long a member's node may stay disconnected before the member
+    /// is replaced (a lease that fails is replaced at once).
+    #[serde(with = "humantime_serde")]
+    pub replace_after: std::time::Duration,
 }
 
 impl Default for ClustersConfig {
     fn default() -> Self {
         Self {
             min_duration: crate::hire::MIN_DURATION,
+            replace_after: crate::hire::REPLACE_AFTER,
         }
     }
 }
@@ -208,6 +213,14 @@ impl CoordinatorConfig {
             return Err(ConfigError::Invalid {
                 key: "clusters.min_duration",
                 reason: "must be longer than zero".into(),
+            });
+        }
+        if cfg.clusters.replace_after.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "clusters.replace_after",
+                reason:
+                    "must be longer than zero (a member would be replaced at its first reconnect)"
+                        .into(),
             });
         }
         cfg.validate_enrollment()?;

@@ -4,7 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use warden_proto::{dsse::VerifyingKey, pb};
+use warden_proto::{
+    dsse::VerifyingKey,
+    pb,
+    states::{ClusterEventKind, ClusterPhase, LeaseState, MemberState},
+};
 
 /// A lease of the cluster as stored: the lease and its node's public key.
 #[derive(Debug, Clone)]
@@ -41,28 +45,37 @@ pub fn lease_ids(c: &pb::ClusterInfo) -> Vec<String> {
     out
 }
 
-/// Why a lease that ended left the cluster: the last event that took it
-/// out, else how the cluster or the lease ended.
-fn left_reason(c: &pb::ClusterInfo, lease: Option<&pb::LeaseInfo>, lease_id: &str) -> String {
-    let ended = lease.is_some_and(|l| l.ended_unix_ms > 0 || l.state == "failed");
-    if !ended {
-        return String::new();
+/// When and why a lease left the cluster: the last event that took it out
+/// (at the lease's end, or the event's time while the lease has not ended:
+/// a lost node may never say), else how the lease or the cluster ended;
+/// (0, "") while it is a member.
+fn left(c: &pb::ClusterInfo, lease: Option<&pb::LeaseInfo>, lease_id: &str) -> (i64, String) {
+    let state = lease.and_then(|l| LeaseState::parse(&l.state));
+    let ended_at = lease.map_or(0, |l| l.ended_unix_ms);
+    if let Some(e) = c.events.iter().rev().find(|e| {
+        e.lease_id == lease_id
+            && matches!(
+                ClusterEventKind::parse(&e.kind),
+                Some(ClusterEventKind::ScaledDown | ClusterEventKind::Lost)
+            )
+    }) {
+        let at = if ended_at > 0 {
+            ended_at
+        } else {
+            e.time_unix_ms
+        };
+        return (at, e.kind.clone());
     }
-    if let Some(e) = c
-        .events
-        .iter()
-        .rev()
-        .find(|e| e.lease_id == lease_id && matches!(e.kind.as_str(), "scaled-down" | "lost"))
-    {
-        return e.kind.clone();
+    if ended_at == 0 && state != Some(LeaseState::Failed) {
+        return (0, String::new());
     }
-    match (c.phase.as_str(), lease.map(|l| l.state.as_str())) {
-        ("ending" | "ended", _) => "cluster-ended",
-        ("failed", _) => "cluster-failed",
-        (_, Some("failed")) => "lease-failed",
+    let why = match (ClusterPhase::parse(&c.phase), state) {
+        (Some(ClusterPhase::Ending | ClusterPhase::Ended), _) => "cluster-ended",
+        (Some(ClusterPhase::Failed), _) => "cluster-failed",
+        (_, Some(LeaseState::Failed)) => "lease-failed",
         _ => "lease-ended",
-    }
-    .to_owned()
+    };
+    (ended_at, why.to_owned())
 }
 
 /// The record of a hired cluster as of `now`: a function of what the
@@ -104,23 +117,28 @@ pub fn record(
             };
             gpu_uuids.sort();
             let lease = row.map(|r| &r.lease);
+            let (left_unix_ms, left_reason) = left(c, lease, &id);
             pb::ClusterLease {
-                left_reason: left_reason(c, lease, &id),
+                left_reason,
+                left_unix_ms,
                 lease_id: id,
                 node_id,
                 node_public_key: row.map(|r| r.node_public_key.clone()).unwrap_or_default(),
                 gpu_uuids,
                 mesh_address: member
-                    .filter(|m| m.state != "left")
+                    .filter(|m| MemberState::parse(&m.state) != Some(MemberState::Left))
                     .map(|m| m.address.clone())
                     .unwrap_or_default(),
                 joined_unix_ms: lease.map_or(0, |l| l.started_unix_ms),
-                left_unix_ms: lease.map_or(0, |l| l.ended_unix_ms),
             }
         })
         .collect::<Vec<_>>();
     let total_ms = c.timings.as_ref().map_or(0, |t| t.total_ms);
-    let ended_unix_ms = if matches!(c.phase.as_str(), "ended" | "failed") {
+    let over = matches!(
+        ClusterPhase::parse(&c.phase),
+        Some(ClusterPhase::Ended | ClusterPhase::Failed)
+    );
+    let ended_unix_ms = if over {
         leases.iter().map(|l| l.left_unix_ms).max().unwrap_or(0)
     } else {
         0
@@ -321,6 +339,17 @@ mod tests {
         assert_eq!(r.ended_unix_ms, 5_100);
         assert_eq!(r.leases[0].left_reason, "cluster-ended");
         assert_eq!(r.leases[2].left_reason, "lost", "the event, not the end");
+    }
+
+    #[test]
+    fn a_lost_member_whose_lease_never_ended_left_at_the_event() {
+        let (c, mut rows) = cluster();
+        let r = rows.get_mut("l-2").unwrap();
+        r.lease.ended_unix_ms = 0;
+        r.lease.state = "running".into();
+        let r = record(&c, &rows, &key(), 9_000).unwrap();
+        let l2 = &r.leases[2];
+        assert_eq!((l2.left_unix_ms, l2.left_reason.as_str()), (2_000, "lost"));
     }
 
     #[test]

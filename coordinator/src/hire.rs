@@ -12,7 +12,7 @@ use std::{
 use prost::Message as _;
 use warden_proto::{
     pb,
-    states::{ClusterPhase, ClusterPurpose, LeaseState},
+    states::{ClusterEventKind, ClusterPhase, ClusterPurpose, LeaseState},
 };
 
 use crate::{
@@ -24,6 +24,9 @@ use crate::{
 pub const MIN_DURATION: Duration = Duration::from_secs(3600);
 /// The longest: a year (a bound, not a product limit).
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+/// How long a member's node may be disconnected before it is replaced: a
+/// minute rides out an agent restart or a short network cut.
+pub const REPLACE_AFTER: Duration = Duration::from_secs(60);
 /// How long a hire waits for ready by default: the seed promises 90 s.
 pub const DEFAULT_READY_WAIT: Duration = Duration::from_secs(90);
 
@@ -162,6 +165,30 @@ pub fn ray_container(
     spec.env.push(format!("RAY_AUTH_TOKEN={token}"));
     spec.command = vec!["sh".into(), "-c".into(), format!("{wait_addr}; {start}")];
     spec
+}
+
+/// A member's mesh host address ("10.90.0.2/24" → 10.90.0.2).
+pub fn host_of(m: &pb::ClusterMember) -> Option<std::net::Ipv4Addr> {
+    m.address.split('/').next()?.parse().ok()
+}
+
+/// The containers of member `m` of hired cluster `c`: none without an
+/// image; for Ray, its part (the head is the first member, the token the
+/// cluster's); otherwise the order's container.
+pub fn member_containers(c: &pb::ClusterInfo, m: &pb::ClusterMember) -> Vec<pb::ContainerSpec> {
+    let Some(base) = c
+        .order
+        .as_ref()
+        .and_then(|o| o.container.as_ref())
+        .filter(|b| !b.image.is_empty())
+    else {
+        return Vec::new();
+    };
+    let head = c.members.first().and_then(host_of);
+    match (c.order.as_ref().is_some_and(is_ray), head, host_of(m)) {
+        (true, Some(h), Some(me)) => vec![ray_container(base, h, me, &c.ray_token)],
+        _ => vec![base.clone()],
+    }
 }
 
 /// The lease states in which a lease holds its GPUs.
@@ -311,6 +338,7 @@ pub fn extend(c: &mut pb::ClusterInfo, add_seconds: u64) -> Result<(), ExtendErr
                 | ClusterPhase::Meshing
                 | ClusterPhase::Ray
                 | ClusterPhase::Ready
+                | ClusterPhase::Scaling
         )
     ) {
         return Err(ExtendError::NotRunning(
@@ -350,11 +378,165 @@ pub fn expired(clusters: &[pb::ClusterInfo], now_ms: i64) -> Vec<String> {
                         | ClusterPhase::Meshing
                         | ClusterPhase::Ray
                         | ClusterPhase::Ready
+                        | ClusterPhase::Scaling
                 )
             )
         })
         .map(|c| c.cluster_id.clone())
         .collect()
+}
+
+/// How a hired cluster is to change size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resize {
+    /// New members for this much more.
+    Grow(Want),
+    /// These members leave (newest first).
+    Shrink(Vec<String>),
+    Same,
+}
+
+/// Why a cluster cannot be scaled as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScaleError {
+    #[error("cluster {0} was made with `cluster set`, not hired: change it with `cluster set`")]
+    NotHired(String),
+    #[error("cluster {0} is {1}: only a ready cluster is scaled")]
+    NotReady(String, String),
+    #[error("the cluster was ordered by {0}: scale it with --{0} N (at least 1)")]
+    WrongKind(&'static str),
+    #[error("members leave whole, newest first: the cluster can go to {above} or {below} GPU(s), not {wanted}")]
+    Uneven { wanted: u32, above: u32, below: u32 },
+}
+
+/// How `c` goes from its size to `gpus` GPUs or `nodes` nodes (the kind
+/// its order was given in). Members leave newest first, whole; the size
+/// asked is at least one, so the first member (a Ray cluster's head) never
+/// leaves.
+pub fn resize(c: &pb::ClusterInfo, gpus: u32, nodes: u32) -> Result<Resize, ScaleError> {
+    let Some(order) = &c.order else {
+        return Err(ScaleError::NotHired(c.cluster_id.clone()));
+    };
+    if ClusterPhase::parse(&c.phase) != Some(ClusterPhase::Ready) {
+        return Err(ScaleError::NotReady(c.cluster_id.clone(), c.phase.clone()));
+    }
+    let by_gpus = order.gpus > 0;
+    let (want, held) = match (by_gpus, gpus, nodes) {
+        (true, g, 0) if g > 0 => (g, c.members.iter().map(|m| m.gpu_uuids.len() as u32).sum()),
+        (false, 0, n) if n > 0 => (n, c.members.len() as u32),
+        (true, _, _) => return Err(ScaleError::WrongKind("gpus")),
+        (false, _, _) => return Err(ScaleError::WrongKind("nodes")),
+    };
+    if want > held {
+        return Ok(Resize::Grow(if by_gpus {
+            Want::Gpus(want - held)
+        } else {
+            Want::Nodes(want - held)
+        }));
+    }
+    if want == held {
+        return Ok(Resize::Same);
+    }
+    let mut left = held;
+    let mut leaving = Vec::new();
+    for m in c.members.iter().rev() {
+        let size = if by_gpus { m.gpu_uuids.len() as u32 } else { 1 };
+        if left - size < want {
+            return Err(ScaleError::Uneven {
+                wanted: want,
+                above: left,
+                below: left - size,
+            });
+        }
+        left -= size;
+        leaving.push(m.node_id.clone());
+        if left == want {
+            return Ok(Resize::Shrink(leaving));
+        }
+    }
+    // Members hold no GPUs at all: nothing to remove reaches `want`.
+    Err(ScaleError::Uneven {
+        wanted: want,
+        above: left,
+        below: left,
+    })
+}
+
+/// What a replacement must bring: as many GPUs as the lost member held,
+/// or one node.
+pub fn replacement(c: &pb::ClusterInfo, lost: &pb::ClusterMember) -> Want {
+    match &c.order {
+        Some(o) if o.gpus > 0 => Want::Gpus(lost.gpu_uuids.len().max(1) as u32),
+        _ => Want::Nodes(1),
+    }
+}
+
+/// The members of a ready cluster that are lost at `now_ms`, each with
+/// why: its lease failed or ended under it, or its node has not been
+/// connected for `after_ms` (`seen`: a node's last contact, ms; `None`
+/// while it is connected).
+pub fn lost(
+    c: &pb::ClusterInfo,
+    leases: &[pb::LeaseInfo],
+    seen: impl Fn(&str) -> Option<i64>,
+    now_ms: i64,
+    after_ms: i64,
+) -> Vec<(pb::ClusterMember, String)> {
+    if c.order.is_none() || ClusterPhase::parse(&c.phase) != Some(ClusterPhase::Ready) {
+        return Vec::new();
+    }
+    let reported = |m: &pb::ClusterMember| {
+        c.events.iter().any(|e| {
+            e.lease_id == m.lease_id
+                && ClusterEventKind::parse(&e.kind) == Some(ClusterEventKind::Lost)
+        })
+    };
+    c.members
+        .iter()
+        .filter(|m| !reported(m))
+        .filter_map(|m| {
+            let lease = leases.iter().find(|l| l.lease_id == m.lease_id);
+            let why = match lease.map(|l| LeaseState::parse(&l.state)) {
+                Some(Some(LeaseState::Failed)) => Some(format!(
+                    "its lease {} failed: {}",
+                    m.lease_id,
+                    lease.map_or("", |l| l.error.as_str())
+                )),
+                Some(Some(LeaseState::Ended)) => {
+                    Some(format!("its lease {} was ended", m.lease_id))
+                }
+                _ => None,
+            }
+            .or_else(|| {
+                let last = seen(&m.node_id)?;
+                (now_ms - last >= after_ms).then(|| {
+                    format!(
+                        "node {} has not been connected for {} s",
+                        m.node_id,
+                        (now_ms - last) / 1000
+                    )
+                })
+            })?;
+            Some((m.clone(), why))
+        })
+        .collect()
+}
+
+/// A member event, at `now_ms`.
+pub fn event(
+    kind: ClusterEventKind,
+    m: &pb::ClusterMember,
+    detail: String,
+    now_ms: i64,
+) -> pb::ClusterEvent {
+    pb::ClusterEvent {
+        time_unix_ms: now_ms,
+        kind: kind.into(),
+        node_id: m.node_id.clone(),
+        lease_id: m.lease_id.clone(),
+        detail,
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -643,5 +825,170 @@ mod tests {
             extend(&mut by_hand, 60),
             Err(ExtendError::NotHired(_))
         ));
+    }
+
+    /// A ready hired cluster of members with these many GPUs each.
+    fn ready(sizes: &[usize], ray: bool) -> pb::ClusterInfo {
+        let mut o = an_order();
+        o.gpus = sizes.iter().sum::<usize>() as u32;
+        if ray {
+            o.purpose = "ray".into();
+        }
+        pb::ClusterInfo {
+            cluster_id: "c".into(),
+            order: Some(o),
+            phase: ClusterPhase::Ready.into(),
+            ray_token: "t".into(),
+            members: sizes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| pb::ClusterMember {
+                    node_id: format!("n{i}"),
+                    address: format!("10.90.0.{}/24", i + 1),
+                    lease_id: format!("l{i}"),
+                    gpu_uuids: (0..*n).map(|g| format!("GPU-{i}-{g}")).collect(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_cluster_grows_by_what_is_missing_and_shrinks_newest_first() {
+        let c = ready(&[2, 1, 2], false);
+        assert_eq!(resize(&c, 7, 0), Ok(Resize::Grow(Want::Gpus(2))));
+        assert_eq!(resize(&c, 5, 0), Ok(Resize::Same));
+        assert_eq!(resize(&c, 3, 0), Ok(Resize::Shrink(vec!["n2".into()])));
+        assert_eq!(
+            resize(&c, 2, 0),
+            Ok(Resize::Shrink(vec!["n2".into(), "n1".into()]))
+        );
+        // Members leave whole: 4 is not reachable from 2+1+2.
+        assert_eq!(
+            resize(&c, 4, 0),
+            Err(ScaleError::Uneven {
+                wanted: 4,
+                above: 5,
+                below: 3
+            })
+        );
+        // The order's kind only, and a size of at least one.
+        assert_eq!(resize(&c, 0, 2), Err(ScaleError::WrongKind("gpus")));
+        assert_eq!(resize(&c, 0, 0), Err(ScaleError::WrongKind("gpus")));
+        let mut by_nodes = c.clone();
+        by_nodes.order.as_mut().unwrap().gpus = 0;
+        by_nodes.order.as_mut().unwrap().nodes = 3;
+        assert_eq!(resize(&by_nodes, 0, 4), Ok(Resize::Grow(Want::Nodes(1))));
+        assert_eq!(
+            resize(&by_nodes, 0, 1),
+            Ok(Resize::Shrink(vec!["n2".into(), "n1".into()]))
+        );
+        // Only a ready hired cluster.
+        let mut busy = c.clone();
+        busy.phase = ClusterPhase::Scaling.into();
+        assert!(matches!(resize(&busy, 7, 0), Err(ScaleError::NotReady(..))));
+        let mut set = c;
+        set.order = None;
+        assert!(matches!(resize(&set, 7, 0), Err(ScaleError::NotHired(_))));
+    }
+
+    #[test]
+    fn a_ray_cluster_never_loses_its_head_to_a_scale() {
+        let c = ready(&[1, 1], true);
+        assert_eq!(resize(&c, 1, 0), Ok(Resize::Shrink(vec!["n1".into()])));
+        // The head holds two GPUs: going to one would take it away.
+        let mut one = ready(&[2], true);
+        one.members.truncate(1);
+        assert_eq!(
+            resize(&one, 1, 0),
+            Err(ScaleError::Uneven {
+                wanted: 1,
+                above: 2,
+                below: 0
+            })
+        );
+    }
+
+    #[test]
+    fn members_are_lost_by_a_failed_lease_at_once_or_a_long_absence() {
+        let c = ready(&[1, 1, 1], false);
+        let lease = |id: &str, state: LeaseState| pb::LeaseInfo {
+            lease_id: id.into(),
+            state: state.into(),
+            error: "exit 127".into(),
+            ..Default::default()
+        };
+        let leases = [
+            lease("l0", LeaseState::Running),
+            lease("l1", LeaseState::Failed),
+            lease("l2", LeaseState::Running),
+        ];
+        // n2 has been away 30 s of the 60 allowed; n0 is connected.
+        let seen = |n: &str| (n == "n2").then_some(70_000);
+        let lost_now = lost(&c, &leases, seen, 100_000, 60_000);
+        assert_eq!(lost_now.len(), 1);
+        assert_eq!(lost_now[0].0.node_id, "n1");
+        assert!(
+            lost_now[0].1.contains("failed: exit 127"),
+            "{}",
+            lost_now[0].1
+        );
+        // Later, n2's absence counts too.
+        let later = lost(&c, &leases, seen, 130_000, 60_000);
+        assert_eq!(
+            later
+                .iter()
+                .map(|(m, _)| m.node_id.as_str())
+                .collect::<Vec<_>>(),
+            ["n1", "n2"]
+        );
+        assert!(
+            later[1].1.contains("not been connected for 60 s"),
+            "{}",
+            later[1].1
+        );
+        // A member already reported lost is not reported again.
+        let mut reported = c.clone();
+        reported.events.push(event(
+            ClusterEventKind::Lost,
+            &c.members[1],
+            String::new(),
+            1,
+        ));
+        let again = lost(&reported, &leases, seen, 100_000, 60_000);
+        assert!(again.is_empty(), "{again:?}");
+        // Nothing is lost while the cluster changes or is not ready.
+        let mut scaling = c;
+        scaling.phase = ClusterPhase::Scaling.into();
+        assert!(lost(&scaling, &leases, seen, 130_000, 60_000).is_empty());
+    }
+
+    #[test]
+    fn a_replacement_brings_what_the_lost_member_held() {
+        let c = ready(&[2, 1], false);
+        assert_eq!(replacement(&c, &c.members[0]), Want::Gpus(2));
+        let mut by_nodes = c.clone();
+        by_nodes.order.as_mut().unwrap().gpus = 0;
+        by_nodes.order.as_mut().unwrap().nodes = 2;
+        assert_eq!(replacement(&by_nodes, &c.members[0]), Want::Nodes(1));
+    }
+
+    #[test]
+    fn a_new_members_container_joins_the_existing_head() {
+        let c = ready(&[1, 1, 1], true);
+        let added = &c.members[2];
+        let joining = &member_containers(&c, added)[0];
+        let script = joining.command.join(" ");
+        assert!(script.contains("--address 10.90.0.1:6379"), "{script}");
+        assert!(script.contains("--node-ip-address 10.90.0.3"), "{script}");
+        assert!(joining.env.contains(&"RAY_AUTH_TOKEN=t".to_owned()));
+        let mut plain = ready(&[1], false);
+        assert_eq!(
+            member_containers(&plain, &plain.members[0].clone()),
+            vec![spec()]
+        );
+        plain.order.as_mut().unwrap().container = None;
+        assert!(member_containers(&plain, &plain.members[0].clone()).is_empty());
     }
 }

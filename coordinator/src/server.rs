@@ -264,11 +264,12 @@ pub async fn start(
             registry: registry.clone(),
         },
         cfg.clusters.min_duration,
+        cfg.clusters.replace_after,
     );
     let expiry = tokio::spawn(
         hiring
             .clone()
-            .run_expiry(Duration::from_secs(1), shutdown.clone()),
+            .run_upkeep(Duration::from_secs(1), shutdown.clone()),
     );
     let admin = Server::builder()
         .add_service(AdminServer::new(AdminService::new(

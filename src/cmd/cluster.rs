@@ -74,6 +74,24 @@ enum ClusterCommand {
         #[arg(long, default_value_t = 30)]
         timeout: u32,
     },
+    /// Grow a ready hired cluster (new members start, join the mesh and
+    /// Ray) or shrink it (the newest members leave, their leases end), to
+    /// a size of the kind it was ordered in.
+    #[command(group(clap::ArgGroup::new("size").required(true).args(["gpus", "nodes"])))]
+    Scale {
+        cluster_id: String,
+        /// The new number of GPUs (a cluster ordered with --gpus).
+        #[arg(long)]
+        gpus: Option<u32>,
+        /// The new number of nodes (a cluster ordered with --nodes).
+        #[arg(long)]
+        nodes: Option<u32>,
+        /// Seconds to wait for new members to be ready.
+        #[arg(long, default_value_t = 90)]
+        timeout: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// Move a running hired cluster's end later.
     #[command(group(clap::ArgGroup::new("by").required(true).args(["hours", "duration"])))]
     Extend {
@@ -368,6 +386,26 @@ fn print_status(c: &warden_proto::pb::ClusterInfo) {
             m.error
         );
     }
+    for e in &c.events {
+        let when = std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.time_unix_ms as u64);
+        let by = if e.replacement_node_id.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " by {} (lease {})",
+                e.replacement_node_id, e.replacement_lease_id
+            )
+        };
+        println!(
+            "  {} {:<12} {} (lease {}){by}{}{}",
+            humantime::format_rfc3339_seconds(when),
+            e.kind,
+            e.node_id,
+            e.lease_id,
+            if e.detail.is_empty() { "" } else { ": " },
+            e.detail
+        );
+    }
 }
 
 async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()> {
@@ -517,6 +555,25 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
                 }
                 None => print!("{text}"),
             }
+        }
+        ClusterCommand::Scale {
+            cluster_id,
+            gpus,
+            nodes,
+            timeout,
+            json,
+        } => {
+            let c = client
+                .scale_cluster(pb::ScaleClusterRequest {
+                    cluster_id,
+                    gpus: gpus.unwrap_or(0),
+                    nodes: nodes.unwrap_or(0),
+                    timeout_seconds: timeout,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            show(&c, json)?;
         }
         ClusterCommand::Extend {
             cluster_id,

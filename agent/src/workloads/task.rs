@@ -169,6 +169,7 @@ struct Success {
     containers: Vec<pb::ContainerState>,
     gpu_uuids: Vec<String>,
     ray_alive_nodes: u32,
+    ray_alive_addresses: Vec<String>,
     /// Notes that go with a success (peers a mesh config left out).
     note: String,
 }
@@ -198,6 +199,7 @@ async fn answer(
             containers: s.containers,
             gpu_uuids: s.gpu_uuids,
             ray_alive_nodes: s.ray_alive_nodes,
+            ray_alive_addresses: s.ray_alive_addresses,
         },
         Err(error) => {
             tracing::warn!(command = %command_id, lease = %lease_id, %error, "command refused or failed");
@@ -653,8 +655,9 @@ impl State {
                     Ok(probe) => {
                         let outbox = self.w.outbox.clone();
                         tokio::spawn(async move {
-                            let outcome = probe.await.map(|n| Success {
-                                ray_alive_nodes: n,
+                            let outcome = probe.await.map(|alive| Success {
+                                ray_alive_nodes: alive.len() as u32,
+                                ray_alive_addresses: alive,
                                 ..Default::default()
                             });
                             answer(&outbox, &command_id, id, outcome).await;
@@ -785,8 +788,8 @@ impl State {
             .map_err(|_| "the mesh task stopped while applying".to_owned())?
     }
 
-    /// How many Ray nodes the cluster whose head is at `rp.address` has
-    /// alive, asked from inside the lease's first container (it holds the
+    /// The Ray nodes (their addresses) the cluster whose head is at
+    /// `rp.address` has alive, asked from inside the lease's first container (it holds the
     /// cluster's token). A fixed probe: the address is checked and passed
     /// as an argument, never through a shell. What is checked here is
     /// checked at once; the probe itself (up to a minute) is the future
@@ -794,7 +797,7 @@ impl State {
     fn ray_probe(
         &self,
         rp: &pb::RayProbe,
-    ) -> Result<impl std::future::Future<Output = Result<u32, String>>, String> {
+    ) -> Result<impl std::future::Future<Output = Result<Vec<String>, String>>, String> {
         let addr: std::net::SocketAddr = rp
             .address
             .parse()
@@ -813,7 +816,7 @@ impl State {
         let docker = self.docker()?;
         const PROBE: &str = "import ray, sys\n\
             ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n\
-            print('alive', sum(1 for n in ray.nodes() if n['Alive']))\n";
+            print('alive', *sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']))\n";
         let cmd = vec![
             "python3".to_owned(),
             "-c".to_owned(),
@@ -825,12 +828,12 @@ impl State {
                 .exec_output(&first, cmd, 64 << 10, Duration::from_secs(60))
                 .await
                 .map_err(|e| e.to_string())?;
-            let alive = out
-                .lines()
-                .rev()
-                .find_map(|l| l.strip_prefix("alive ")?.trim().parse().ok());
+            let alive = out.lines().rev().find_map(|l| {
+                let rest = l.strip_prefix("alive")?;
+                Some(rest.split_whitespace().map(str::to_owned).collect())
+            });
             match (code, alive) {
-                (0, Some(n)) => Ok(n),
+                (0, Some(alive)) => Ok(alive),
                 _ => {
                     let tail: String = out
                         .chars()
