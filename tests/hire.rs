@@ -383,6 +383,22 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
         !again.status.success(),
         "a non-empty directory needs --force"
     );
+    // With --force an earlier export's stale bundle goes; other files stay.
+    std::fs::write(proof.join("lease-stale.json"), "{}").unwrap();
+    std::fs::write(proof.join("notes.txt"), "mine").unwrap();
+    let forced = coord.cli(
+        "cluster",
+        &["export", "c1", "-o", proof.to_str().unwrap(), "--force"],
+    );
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    assert!(!proof.join("lease-stale.json").exists());
+    assert!(proof.join("notes.txt").exists());
+    let (ok, text) = verify(&[]);
+    assert!(ok, "{text}");
     let unknown = coord.cli("cluster", &["export", "nope", "-o", "/nonexistent/x"]);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no cluster nope"));
     // One byte of the signed record changed: the set no longer holds.

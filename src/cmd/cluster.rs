@@ -111,8 +111,9 @@ enum ClusterCommand {
         cluster_id: String,
         #[arg(short, long, value_name = "DIR")]
         output: PathBuf,
-        /// Write into DIR even if it holds files already (those of the same
-        /// names are replaced).
+        /// Write into DIR even if it holds files already (an earlier
+        /// export's cluster.json and lease-*.json are removed first, so
+        /// the set is this export's alone; other files are left).
         #[arg(long)]
         force: bool,
     },
@@ -637,6 +638,9 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
                 .await
                 .map_err(refused)?
                 .into_inner();
+            if occupied {
+                remove_old_set(&output)?;
+            }
             export_files(&output, &r)?;
         }
         ClusterCommand::List { json } => {
@@ -655,6 +659,21 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
                     print(c, false)?;
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// Removes an earlier export's files from `dir`: a stale bundle left
+/// beside a new record would be an extra lease.
+fn remove_old_set(dir: &std::path::Path) -> Result<()> {
+    use warden_proto::cluster_record::{is_lease_file, RECORD_FILE};
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == RECORD_FILE || is_lease_file(&name) {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
         }
     }
     Ok(())
