@@ -47,6 +47,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "MountSpec",
         "RenterPeer",
         "ClusterEvent",
+        // And what `warden verify DIR --json` prints of a cluster record.
+        "ClusterRecord",
+        "ClusterOrderSummary",
+        "ClusterLease",
+        "ClusterRecordEvent",
     ] {
         builder = builder.type_attribute(format!(".warden.v1.{m}"), "#[derive(serde::Serialize)]");
     }
@@ -62,6 +67,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("NodeInfo.mesh_public_key", "base64_std"),
         ("NodeInfo.missing", "seq_ranges"),
         ("RenterPeer.public_key", "base64_std"),
+        ("ClusterRecord.coordinator_public_key", "base64_std"),
+        ("ClusterLease.node_public_key", "base64_std"),
     ] {
         builder = builder.field_attribute(
             format!(".warden.v1.{field}"),

@@ -230,6 +230,83 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
         );
     }
 
+    // Its proof: the record and both leases' bundles, checked as a set.
+    for m in &m1 {
+        let id = m["lease_id"].as_str().unwrap();
+        wait_for("the verdict", Duration::from_secs(60), || {
+            leases(coord)
+                .into_iter()
+                .find(|l| l["lease_id"] == id && l["verdict"] != "")
+        });
+    }
+    let proof = r.tmp.path().join("c1-proof");
+    let out = coord.cli("cluster", &["export", "c1", "-o", proof.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verify = |extra: &[&str]| {
+        let out = std::process::Command::new(WARDEN)
+            .arg("verify")
+            .arg(&proof)
+            .arg("--coordinator-key")
+            .arg(coord.dir.join("coordinator.pub"))
+            // Coverage depends on how promptly this loaded machine sampled.
+            .args(["--min-coverage", "0"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = verify(&[]);
+    assert!(ok, "{text}");
+    assert!(text.trim_end().ends_with("HOLDS"), "{text}");
+    for m in &m1 {
+        assert!(text.contains(m["lease_id"].as_str().unwrap()), "{text}");
+    }
+    let again = coord.cli("cluster", &["export", "c1", "-o", proof.to_str().unwrap()]);
+    assert!(
+        !again.status.success(),
+        "a non-empty directory needs --force"
+    );
+    // With --force an earlier export's stale bundle goes; other files stay.
+    std::fs::write(proof.join("lease-stale.json"), "{}").unwrap();
+    std::fs::write(proof.join("notes.txt"), "mine").unwrap();
+    let forced = coord.cli(
+        "cluster",
+        &["export", "c1", "-o", proof.to_str().unwrap(), "--force"],
+    );
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    assert!(!proof.join("lease-stale.json").exists());
+    assert!(proof.join("notes.txt").exists());
+    let (ok, text) = verify(&[]);
+    assert!(ok, "{text}");
+    let unknown = coord.cli("cluster", &["export", "nope", "-o", "/nonexistent/x"]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no cluster nope"));
+    // One byte of the signed record changed: the set no longer holds.
+    let record = proof.join("cluster.json");
+    let mut env: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    let payload = env["payload"].as_str().unwrap();
+    let flipped = if payload.starts_with('C') { "D" } else { "C" };
+    env["payload"] = format!("{flipped}{}", &payload[1..]).into();
+    std::fs::write(&record, env.to_string()).unwrap();
+    let (ok, text) = verify(&[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("bad-record") && text.contains("does NOT hold"),
+        "{text}"
+    );
+
     // With an image, the mesh lives in the containers: each lease's first
     // container gets the mesh interface, the containers reach each other at
     // their mesh addresses, and neither this host nor another container
@@ -765,4 +842,70 @@ fn a_ray_cluster_is_ready_when_every_member_is_alive() {
 
     let ended = cluster(&r.coord, &["end", "r1"]).unwrap();
     assert_eq!(ended["phase"], "ended");
+
+    // Its proof lists every lease it ever had: the three members, the one
+    // scaled away and the lost one. Each holds but the lost member's, whose
+    // node died before it could prove anything; nothing is missing or extra.
+    let every: Vec<String> = now
+        .iter()
+        .map(|m| m["lease_id"].as_str().unwrap().to_owned())
+        .chain([fourth["lease_id"].as_str().unwrap().to_owned()])
+        .collect();
+    for id in &every {
+        wait_for("the verdict", Duration::from_secs(60), || {
+            leases(&r.coord)
+                .into_iter()
+                .find(|l| l["lease_id"] == id.as_str() && l["verdict"] != "")
+        });
+    }
+    let proof = r.tmp.path().join("r1-proof");
+    let out = r
+        .coord
+        .cli("cluster", &["export", "r1", "-o", proof.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(WARDEN)
+        .arg("verify")
+        .arg(&proof)
+        .arg("--coordinator-key")
+        .arg(r.coord.dir.join("coordinator.pub"))
+        .args(["--min-coverage", "0", "--json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["failures"], serde_json::json!([]), "{report:#}");
+    let record = &report["record"];
+    assert_eq!(record["events"].as_array().unwrap().len(), 4, "{report:#}");
+    let outcomes = report["leases"].as_array().unwrap();
+    assert_eq!(outcomes.len(), 5, "{report:#}");
+    let lost_lease = lost["lease_id"].as_str().unwrap();
+    for l in outcomes {
+        assert_eq!(l["listed"], true, "{l:#}");
+        assert_eq!(l["failures"], serde_json::json!([]), "{l:#}");
+        let bundle_failures = l["report"]["failures"].as_array().unwrap();
+        assert_eq!(
+            bundle_failures.is_empty(),
+            l["lease_id"] != lost_lease,
+            "{l:#}"
+        );
+    }
+    let entry = |id: &str| {
+        record["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["lease_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(entry(lost_lease)["left_reason"], "lost");
+    assert_eq!(
+        entry(fourth["lease_id"].as_str().unwrap())["left_reason"],
+        "scaled-down"
+    );
+    assert_eq!(entry(&every[0])["left_reason"], "cluster-ended");
 }

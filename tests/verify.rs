@@ -268,6 +268,78 @@ fn a_bundle_that_is_not_one_is_an_error_naming_the_field() {
     assert!(err.contains("node_public_key"), "{err}");
 }
 
+/// A cluster's exported set (`warden cluster export`'s layout) holds with
+/// the pinned key and fails, naming the lease, when a file goes missing or
+/// the record is touched.
+#[test]
+fn a_cluster_set_is_checked_as_a_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c1");
+    std::fs::create_dir(&dir).unwrap();
+    let (record, bundles) = vectors::cluster_set(3);
+    let record_path = dir.join("cluster.json");
+    std::fs::write(&record_path, pretty(&warden_proto::dsse::to_json(&record))).unwrap();
+    for b in &bundles {
+        std::fs::write(
+            dir.join(format!("lease-{}.json", b.lease_id)),
+            pretty(&b.to_json()),
+        )
+        .unwrap();
+    }
+    let key = warden_proto::dsse::Signer::from_seed(&vectors::COORDINATOR_SEED)
+        .verifying_key()
+        .to_base64();
+    let d = dir.to_str().unwrap();
+
+    let (ok, out, err) = verify(&[d, "--coordinator-key", &key]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(out.matches("lease       l-").count(), 3, "{out}");
+    assert!(out.trim_end().ends_with("HOLDS"), "{out}");
+
+    // Never on the record's own key unless asked.
+    let (ok, _, err) = verify(&[d]);
+    assert!(!ok);
+    assert!(err.contains("untrusted"), "{err}");
+    let (ok, out, _) = verify(&[d, "--self-asserted"]);
+    assert!(ok);
+    assert!(out.contains("HOLDS (SELF-ASSERTED"), "{out}");
+
+    // A lease's file removed: missing, by name.
+    let gone = dir.join(format!("lease-{}.json", bundles[1].lease_id));
+    let text = std::fs::read(&gone).unwrap();
+    std::fs::remove_file(&gone).unwrap();
+    let (ok, out, err) = verify(&[d, "--coordinator-key", &key]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("lease {}: missing-lease", bundles[1].lease_id)),
+        "{err}"
+    );
+    assert!(out.contains("MISSING"), "{out}");
+    std::fs::write(&gone, text).unwrap();
+
+    // One byte of the record's payload changed.
+    let mut env: Value = serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    let mut payload = base64_decode(env["payload"].as_str().unwrap());
+    let at = payload.len() / 2;
+    payload[at] ^= 1;
+    env["payload"] = base64_encode(&payload).into();
+    std::fs::write(&record_path, env.to_string()).unwrap();
+    let (ok, _, err) = verify(&[d, "--coordinator-key", &key]);
+    assert!(!ok);
+    assert!(err.contains("record: bad-record"), "{err}");
+    assert!(err.contains("does NOT hold"), "{err}");
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
 #[test]
 fn the_coordinator_prints_its_key_without_starting() {
     let tmp = tempfile::tempdir().unwrap();

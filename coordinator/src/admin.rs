@@ -242,12 +242,10 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .ok_or_else(|| Status::not_found(format!("no lease {lease_id}")))?;
-        let bundle = crate::verifier::lease::bundle(&lease_id, &ev, &self.signer.verifying_key())
-            .map_err(|e| Status::internal(format!("node key: {e}")))?;
-        Ok(Response::new(pb::ExportLeaseResponse {
-            bundle_json: serde_json::to_string_pretty(&bundle.to_json())
-                .map_err(|e| Status::internal(e.to_string()))?,
-        }))
+        let bundle_json =
+            crate::verifier::lease::bundle_json(&lease_id, &ev, &self.signer.verifying_key())
+                .map_err(|e| Status::internal(format!("node key: {e}")))?;
+        Ok(Response::new(pb::ExportLeaseResponse { bundle_json }))
     }
 
     async fn set_cluster(
@@ -422,8 +420,70 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::ExportClusterRequest>,
     ) -> Result<Response<pb::ExportClusterResponse>, Status> {
-        let _ = req;
-        Err(Status::unimplemented("cluster export: not yet"))
+        use crate::export::{self, LeaseRow};
+        let id = req.into_inner().cluster_id;
+        let c = self
+            .cluster(&id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no cluster {id}")))?;
+        if c.order.is_none() {
+            return Err(Status::failed_precondition(
+                export::ExportError::NotHired(id).to_string(),
+            ));
+        }
+        let key = self.signer.verifying_key();
+        let mut rows = std::collections::BTreeMap::new();
+        let mut leases = Vec::new();
+        for lease_id in export::lease_ids(&c) {
+            let ev = self
+                .store
+                .evidence(&lease_id)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            // A lease without a bundle is named, not a reason to export nothing.
+            let (node_id, bundle_json, error) = match ev {
+                None => (
+                    String::new(),
+                    String::new(),
+                    "no such lease stored".to_owned(),
+                ),
+                Some(ev) => {
+                    let made = crate::verifier::lease::bundle_json(&lease_id, &ev, &key);
+                    let node_id = ev.node_id.clone();
+                    rows.insert(
+                        lease_id.clone(),
+                        LeaseRow {
+                            node_public_key: ev.node_public_key,
+                            lease: ev.lease,
+                        },
+                    );
+                    match made {
+                        Ok(json) => (node_id, json, String::new()),
+                        Err(e) => (node_id, String::new(), format!("node key: {e}")),
+                    }
+                }
+            };
+            leases.push(pb::ExportedLease {
+                lease_id,
+                node_id,
+                bundle_json,
+                error,
+            });
+        }
+        let record = export::record(&c, &rows, &key, now_ms())
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        for l in leases.iter_mut().filter(|l| l.node_id.is_empty()) {
+            if let Some(r) = record.leases.iter().find(|r| r.lease_id == l.lease_id) {
+                l.node_id = r.node_id.clone();
+            }
+        }
+        let env = self
+            .signer
+            .sign_message(warden_proto::types::CLUSTER_RECORD, &record);
+        Ok(Response::new(pb::ExportClusterResponse {
+            record_json: format!("{:#}", warden_proto::dsse::to_json(&env)),
+            leases,
+        }))
     }
 
     async fn connect_cluster(

@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod devtls;
 pub mod enrollment;
+pub mod export;
 pub mod hire;
 pub mod hiring;
 pub mod ids;

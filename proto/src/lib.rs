@@ -3,6 +3,7 @@
 
 pub mod bundle;
 pub mod chain;
+pub mod cluster_record;
 pub mod dsse;
 pub mod identity;
 pub mod json;

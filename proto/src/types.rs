@@ -23,3 +23,5 @@ pub const COMMAND: &str = "application/vnd.warden.command.v1+protobuf";
 pub const CHALLENGE: &str = "application/vnd.warden.challenge.v1+protobuf";
 /// Coordinator's judgement of a lease: [`crate::pb::LeaseVerdict`].
 pub const VERDICT: &str = "application/vnd.warden.verdict.v1+protobuf";
+/// Coordinator's record of a hired cluster's leases: [`crate::pb::ClusterRecord`].
+pub const CLUSTER_RECORD: &str = "application/vnd.warden.cluster-record.v1+protobuf";

@@ -1325,6 +1325,61 @@ pub fn tally(records: &[Envelope]) -> Tally {
     t
 }
 
+/// Lease `n` of a cluster (id `l-` and `n` in 16 hex digits) on the node of
+/// seed `[node_seed; 32]`: an honest lease of 6 windows on one GPU, signed
+/// by the vectors' coordinator.
+pub fn cluster_lease(n: u8, node_seed: u8) -> Evidence {
+    let mut l = Lease::honest(6, 1);
+    let id = format!("l-{n:016x}");
+    l.lease_id = id.clone();
+    l.node_seed = [node_seed; 32];
+    for a in &mut l.attestations {
+        a.lease_id = id.clone();
+    }
+    l.sign()
+}
+
+/// The cluster record's entry for a lease, as the coordinator makes it.
+pub fn cluster_entry(ev: &Evidence) -> pb::ClusterLease {
+    let node = ev.lease.node();
+    pb::ClusterLease {
+        lease_id: ev.lease.lease_id.clone(),
+        node_id: node.key_id().to_owned(),
+        node_public_key: node.public_key().to_vec(),
+        gpu_uuids: ev.lease.gpus.clone(),
+        mesh_address: "10.90.0.2/24".into(),
+        joined_unix_ms: ev.lease.t1,
+        left_unix_ms: ev.lease.t2,
+        left_reason: "cluster-ended".into(),
+    }
+}
+
+/// Cluster `c1`'s record listing `leases`, signed by `coord`.
+pub fn cluster_record(coord: &Signer, leases: Vec<pb::ClusterLease>) -> Envelope {
+    coord.sign_message(
+        types::CLUSTER_RECORD,
+        &pb::ClusterRecord {
+            cluster_id: "c1".into(),
+            coordinator_key_id: coord.key_id().to_owned(),
+            coordinator_public_key: coord.public_key().to_vec(),
+            leases,
+            phase: "ended".into(),
+            created_unix_ms: T1 - 1_000,
+            ended_unix_ms: T1 + 6 * EPOCH,
+            ..Default::default()
+        },
+    )
+}
+
+/// An exported cluster of `n` leases, each on a node of its own: the
+/// record and the bundles.
+pub fn cluster_set(n: u8) -> (Envelope, Vec<Bundle>) {
+    let leases: Vec<Evidence> = (1..=n).map(|i| cluster_lease(i, i)).collect();
+    let coord = Signer::from_seed(&COORDINATOR_SEED);
+    let record = cluster_record(&coord, leases.iter().map(cluster_entry).collect());
+    (record, leases.iter().map(Evidence::bundle).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

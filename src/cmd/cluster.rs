@@ -104,6 +104,19 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The cluster's proof: DIR/cluster.json (the record this coordinator
+    /// signs: members, times, replacements) and DIR/lease-ID.json for every
+    /// lease it ever had; `warden verify DIR` checks the set.
+    Export {
+        cluster_id: String,
+        #[arg(short, long, value_name = "DIR")]
+        output: PathBuf,
+        /// Write into DIR even if it holds files already (an earlier
+        /// export's cluster.json and lease-*.json are removed first, so
+        /// the set is this export's alone; other files are left).
+        #[arg(long)]
+        force: bool,
+    },
     /// End a hired cluster: its leases end, its members leave the mesh.
     End {
         cluster_id: String,
@@ -600,6 +613,36 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
                 .into_inner();
             show(&c, json)?;
         }
+        ClusterCommand::Export {
+            cluster_id,
+            output,
+            force,
+        } => {
+            // Checked before asking: a set mixed with an older export's
+            // files would not verify (or worse, hide a lease).
+            let occupied = match std::fs::read_dir(&output) {
+                Ok(mut entries) => entries.next().is_some(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => return Err(e).with_context(|| format!("reading {}", output.display())),
+            };
+            if occupied && !force {
+                anyhow::bail!(
+                    "{} is not empty; choose an empty directory or pass --force",
+                    output.display()
+                );
+            }
+            let r = client
+                .export_cluster(pb::ExportClusterRequest {
+                    cluster_id: cluster_id.clone(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if occupied {
+                remove_old_set(&output)?;
+            }
+            export_files(&output, &r)?;
+        }
         ClusterCommand::List { json } => {
             let list = client
                 .list_clusters(pb::ListClustersRequest {})
@@ -617,6 +660,67 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Removes an earlier export's files from `dir`: a stale bundle left
+/// beside a new record would be an extra lease.
+fn remove_old_set(dir: &std::path::Path) -> Result<()> {
+    use warden_proto::cluster_record::{is_lease_file, RECORD_FILE};
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == RECORD_FILE || is_lease_file(&name) {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes an export's files into `dir` and says what was written and which
+/// leases have no bundle (the set will not verify without them).
+fn export_files(dir: &std::path::Path, r: &warden_proto::pb::ExportClusterResponse) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |name: &str, text: &str| -> Result<PathBuf> {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    };
+    println!(
+        "{}  the cluster record, signed by the coordinator",
+        write(warden_proto::cluster_record::RECORD_FILE, &r.record_json)?.display()
+    );
+    let mut missing = 0;
+    for l in &r.leases {
+        if !l.error.is_empty() || l.bundle_json.is_empty() {
+            missing += 1;
+            println!(
+                "  no bundle for lease {} on node {}: {}",
+                l.lease_id, l.node_id, l.error
+            );
+            continue;
+        }
+        // The id comes from the coordinator, but it names a file here.
+        let Some(name) = warden_proto::cluster_record::lease_file_name(&l.lease_id) else {
+            anyhow::bail!(
+                "the coordinator sent a lease id unfit for a file name: {:?}",
+                l.lease_id
+            );
+        };
+        println!(
+            "{}  lease {} on node {}",
+            write(&name, &l.bundle_json)?.display(),
+            l.lease_id,
+            l.node_id
+        );
+    }
+    if missing > 0 {
+        println!(
+            "{missing} lease(s) without a bundle: `warden verify {}` will name them missing",
+            dir.display()
+        );
     }
     Ok(())
 }

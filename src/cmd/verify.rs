@@ -1,5 +1,6 @@
-//! `warden verify`: a lease bundle checked offline against the keys the
-//! verifier trusts.
+//! `warden verify`: a lease bundle, or a cluster's exported set (a
+//! directory from `warden cluster export`), checked offline against the
+//! keys the verifier trusts.
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +8,8 @@ use anyhow::{Context, Result};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// A lease bundle (`warden lease export`), or a directory from `warden
+    /// cluster export` (its record and every lease's bundle).
     bundle: PathBuf,
     #[command(flatten)]
     trust: TrustArgs,
@@ -28,17 +31,17 @@ pub struct Args {
 
 impl Args {
     pub fn run(self) -> Result<()> {
-        verify(
-            &self.bundle,
-            &self.trust,
-            &warden_proto::chain::Params {
-                max_skew_ms: self.max_skew_ms,
-                min_coverage: self.min_coverage,
-                now_unix_ms: self.now.unwrap_or_else(warden_agent::now_ms),
-                max_delay_ms: self.max_delay_ms,
-            },
-            self.json,
-        )
+        let params = warden_proto::chain::Params {
+            max_skew_ms: self.max_skew_ms,
+            min_coverage: self.min_coverage,
+            now_unix_ms: self.now.unwrap_or_else(warden_agent::now_ms),
+            max_delay_ms: self.max_delay_ms,
+        };
+        if self.bundle.is_dir() {
+            verify_set(&self.bundle, &self.trust, &params, self.json)
+        } else {
+            verify(&self.bundle, &self.trust, &params, self.json)
+        }
     }
 }
 
@@ -194,5 +197,152 @@ fn verify(
         eprintln!("{f}");
     }
     eprintln!("does NOT hold: {} problem(s)", report.failures.len());
+    std::process::exit(1);
+}
+
+/// A cluster's set: the record (`cluster.json`) and every `lease-*.json`.
+fn verify_set(
+    dir: &Path,
+    trust_args: &TrustArgs,
+    params: &warden_proto::chain::Params,
+    json: bool,
+) -> Result<()> {
+    use warden_proto::{
+        bundle::Bundle,
+        cluster_record::{self, SetFile},
+        dsse,
+    };
+    let trust = trust_from(trust_args)?;
+    if trust.node_key.is_some() {
+        anyhow::bail!(
+            "a node key (--node-key, or `node` in --keys) pins one node; a cluster's leases are on several, and its record binds each lease's node key"
+        );
+    }
+    let record_path = dir.join(cluster_record::RECORD_FILE);
+    let text = std::fs::read(&record_path).with_context(|| {
+        format!(
+            "reading {} (a directory is checked as a `warden cluster export`)",
+            record_path.display()
+        )
+    })?;
+    let record = serde_json::from_slice::<serde_json::Value>(&text)
+        .map_err(|e| format!("not JSON: {e}"))
+        .and_then(|v| dsse::from_json(&v).map_err(|e| e.to_string()));
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("reading {}", dir.display()))?;
+    names.sort();
+    let mut files = Vec::new();
+    for name in names {
+        if name == cluster_record::RECORD_FILE {
+            continue;
+        }
+        if !cluster_record::is_lease_file(&name) {
+            eprintln!("ignored     {name} (not lease-*.json)");
+            continue;
+        }
+        let path = dir.join(&name);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let bundle = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .map_err(|e| format!("not JSON: {e}"))
+            .and_then(|v| Bundle::from_json(&v).map_err(|e| e.to_string()));
+        files.push(SetFile {
+            source: name,
+            bundle,
+        });
+    }
+    let report = cluster_record::verify_set(&record, &files, &trust, params);
+    let holds = report.holds();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "holds": holds,
+                "coordinator_key_id": report.coordinator_key_id,
+                "coordinator_key_source": report.coordinator_key_source,
+                "record": report.record,
+                "failures": report.failures,
+                "leases": report.leases,
+            }))?
+        );
+    } else {
+        println!(
+            "trusted     coordinator key {} ({})",
+            report.coordinator_key_id.as_deref().unwrap_or("-"),
+            report.coordinator_key_source
+        );
+        if let Some(r) = &report.record {
+            println!(
+                "cluster     {}: {}, {} lease(s), {} event(s){}",
+                r.cluster_id,
+                r.phase,
+                r.leases.len(),
+                r.events.len(),
+                if report.failures.is_empty() {
+                    ""
+                } else {
+                    " (as the record claims; it does not verify)"
+                }
+            );
+        }
+        for l in &report.leases {
+            let state = match (&l.report, l.listed) {
+                _ if l.holds() => format!(
+                    "holds, {:.2} % countersigned coverage",
+                    l.report.as_ref().map_or(0.0, |r| r.summary.coverage) * 100.0
+                ),
+                (None, true) => "MISSING".to_owned(),
+                (None, false) => "EXTRA".to_owned(),
+                (Some(r), _) => format!(
+                    "does NOT hold ({} problem(s))",
+                    r.failures.len() + l.failures.len()
+                ),
+            };
+            println!(
+                "lease       {} on node {} ({}): {state}",
+                if l.lease_id.is_empty() {
+                    "?"
+                } else {
+                    &l.lease_id
+                },
+                if l.node_id.is_empty() {
+                    "?"
+                } else {
+                    &l.node_id
+                },
+                l.source.as_deref().unwrap_or("no file"),
+            );
+        }
+    }
+    if holds {
+        if !json {
+            if report.coordinator_key_source == "pinned" {
+                println!("HOLDS");
+            } else {
+                println!("HOLDS (SELF-ASSERTED: the key came from the record; this proves nothing against the coordinator's or the nodes' owners)");
+            }
+        }
+        return Ok(());
+    }
+    let mut problems = 0;
+    for f in &report.failures {
+        eprintln!("record: {f}");
+        problems += 1;
+    }
+    for l in &report.leases {
+        let who = if l.lease_id.is_empty() {
+            l.source.clone().unwrap_or_default()
+        } else {
+            format!("lease {}", l.lease_id)
+        };
+        let chain = l.report.iter().flat_map(|r| &r.failures);
+        for f in l.failures.iter().chain(chain) {
+            eprintln!("{who}: {f}");
+            problems += 1;
+        }
+    }
+    eprintln!("does NOT hold: {problems} problem(s)");
     std::process::exit(1);
 }

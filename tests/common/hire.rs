@@ -73,7 +73,7 @@ pub fn rig(tag: &str, net: u8, labels: &[&str], spare: usize) -> Rig {
                 "state_dir = \"{}\"\n{}\n[gpu]\nnvml_library = \"{}\"\nsample_interval = \"200ms\"\n\
                  [metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n\
                  [mesh]\ninterface = \"{tag}{i}-{id}\"\nendpoints = [\"{}:51820\"]\nrtt_interval = \"1s\"\n\
-                 [node]\n{labels}\n",
+                 [timelock]\nepoch = \"1s\"\n[node]\n{labels}\n",
                 dir.display(),
                 fast_agent_toml(&link, "1s", 0),
                 fake_nvml().display(),

@@ -32,6 +32,19 @@ pub fn bundle(
     })
 }
 
+/// The bundle as `warden lease export` writes it (pretty JSON): one helper
+/// for a lease's export and a cluster's.
+pub fn bundle_json(
+    lease_id: &str,
+    ev: &Evidence,
+    coordinator: &VerifyingKey,
+) -> Result<String, KeyError> {
+    Ok(format!(
+        "{:#}",
+        bundle(lease_id, ev, coordinator)?.to_json()
+    ))
+}
+
 /// The verdict on a lease's evidence, as of `now`: every rule of the chain,
 /// plus T1/T2 checked against when this coordinator saw the lease start and
 /// end (a node cannot move its lease in time).
