@@ -446,6 +446,18 @@ impl Hiring {
         if joined.is_ok() && hire::is_ray(&order_pb) {
             joined = self.ray_ready(&grown, deadline).await;
         }
+        // A cluster ended meanwhile took down the members it knew of.
+        if joined.is_ok() {
+            let now = store.cluster(id).await.map_err(|e| e.to_string())?;
+            if now.is_none_or(|c| {
+                matches!(
+                    ClusterPhase::parse(&c.phase),
+                    Some(ClusterPhase::Ending | ClusterPhase::Ended)
+                )
+            }) {
+                joined = Err(format!("cluster {id} was ended meanwhile"));
+            }
+        }
         if let Err(why) = joined {
             tracing::warn!(cluster = %id, reason = %why, "new members failed; they leave again");
             let _ = self.drop_members(id, &added_ids, 0, END_WAIT).await;
