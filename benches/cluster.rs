@@ -3,8 +3,10 @@
 //! to 10 Gbit/s, a third of the GPUs leased, tags), for orders of 8, 64
 //! and 512 GPUs, with and without filters. Median of repeated runs. Run
 //! with `cargo bench --bench cluster` (`WARDEN_BENCH_NODES=10000,100000`);
-//! prints figures, asserts nothing. The whole hire (leases, mesh, Ray) is
-//! timed by `tests/hire.rs` (`cargo test --test hire -- --nocapture`).
+//! prints figures, asserts nothing. Then the whole hire, order to ready by
+//! phase, with real agents and Docker ([`whole_hire`]; root only).
+
+mod whole_hire;
 
 use std::{
     collections::BTreeSet,
@@ -121,5 +123,8 @@ fn main() {
                 times.len()
             );
         }
+    }
+    if std::env::var("WARDEN_BENCH_HIRES").as_deref() != Ok("0") {
+        whole_hire::run();
     }
 }

@@ -5,10 +5,11 @@
 //! three nodes with `--purpose ray` (the Ray image the tests build,
 //! cached under target/), each several times, ending each before the
 //! next. Prints the coordinator's own phase timings (match, leases, mesh,
-//! Ray, total); asserts only that each hire was ready. Run as root with
-//! `cargo bench --bench hire` (`WARDEN_BENCH_ROUNDS=N`, default 5).
+//! Ray, total); asserts only that each hire was ready. Part of
+//! `cargo bench --bench cluster` (run as root; `WARDEN_BENCH_ROUNDS=N`,
+//! default 5; `WARDEN_BENCH_HIRES=0` skips it).
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../../tests/common/mod.rs"]
 mod rigs;
 
 use rigs::{hire::*, image::busybox_image, ray::ray_image, ContainersOf};
@@ -50,7 +51,8 @@ fn report(what: &str, timings: &[Value]) {
     }
 }
 
-fn main() {
+/// Hires, ends and reports each kind of cluster.
+pub fn run() {
     let n: usize = std::env::var("WARDEN_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
