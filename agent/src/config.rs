@@ -599,6 +599,11 @@ impl AgentConfig {
         self.state_dir.join("book.json")
     }
 
+    /// The commands acted on (a replay is refused across restarts).
+    pub fn commands_file(&self) -> PathBuf {
+        self.state_dir.join("commands.json")
+    }
+
     /// The lease chains (`timelock`).
     pub fn chains_file(&self) -> PathBuf {
         self.state_dir.join("chains.json")
@@ -611,12 +616,13 @@ impl AgentConfig {
 
     /// The agent's own files and directories, by what they are: none of
     /// them may double as the status socket.
-    pub fn own_paths(&self) -> [(PathBuf, &'static str); 7] {
+    pub fn own_paths(&self) -> [(PathBuf, &'static str); 8] {
         [
             (self.state_dir.clone(), "state directory"),
             (self.key_file(), "node key"),
             (self.mesh_key_file(), "mesh key"),
             (self.book_file(), "lease book"),
+            (self.commands_file(), "admitted commands"),
             (self.chains_file(), "lease chains"),
             (self.lock_file(), "lock file"),
             (self.spool_dir(), "spool directory"),
@@ -699,6 +705,7 @@ mod tests {
         for (file, what) in [
             ("node.key", "node key"),
             ("book.json", "lease book"),
+            ("commands.json", "admitted commands"),
             ("spool", "spool directory"),
         ] {
             let e = AgentConfig::parse(

@@ -249,7 +249,20 @@ pub async fn run(
         },
         tasks.clone(),
     ));
+    let (workload_tx, workload_rx) = tokio::sync::mpsc::channel(64);
     let mut producers = vec![tokio::spawn(
+        crate::commands::Dispatch {
+            node_id: node_id_for_workload.clone(),
+            admission: crate::commands::load(&config.commands_file(), &config.book_file()),
+            path: config.commands_file(),
+            reload: live_rx.clone(),
+            outbox: outbox.clone(),
+            workload: workload_tx,
+            mesh: mesh_tx,
+        }
+        .run(commands_rx, stop_producers.clone()),
+    )];
+    producers.push(tokio::spawn(
         Workload {
             config: config.workload.clone(),
             node_id: node_id_for_workload,
@@ -259,11 +272,10 @@ pub async fn run(
             outbox: outbox.clone(),
             inventory: inventory_rx.clone(),
             leases: leases_tx,
-            mesh: Some(mesh_tx),
             engine: engine_tx,
         }
-        .run(commands_rx, stop_producers.clone()),
-    )];
+        .run(workload_rx, stop_producers.clone()),
+    ));
     producers.push(tokio::spawn(
         crate::mesh::node::MeshNode {
             config: config.mesh.clone(),

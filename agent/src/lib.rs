@@ -1,9 +1,10 @@
 //! The Warden agent: the host daemon that turns a GPU machine into a
 //! rentable, verifiable node. Each folder is a subsystem (`delivery`,
-//! `workloads`, `timelock`, `host`, `mesh`); inside one, pure modules hold
+//! `commands`, `workloads`, `timelock`, `host`, `mesh`); inside one, pure modules hold
 //! the decisions and the tasks and edges around them do the I/O. `daemon`
 //! wires the tasks together. docs/architecture.md draws the arrows.
 
+pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod delivery;

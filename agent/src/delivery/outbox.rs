@@ -438,12 +438,12 @@ fn log_eviction(e: &Eviction) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::delivery::spool::SpoolConfig;
 
     /// A 64 KiB spool in `dir`: full after a few dozen records.
-    pub(super) fn small_spool(dir: &std::path::Path) -> Spool {
+    pub(crate) fn small_spool(dir: &std::path::Path) -> Spool {
         Spool::open(SpoolConfig {
             dir: dir.to_owned(),
             max_bytes: 64 << 10,

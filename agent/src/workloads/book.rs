@@ -1,9 +1,10 @@
 //! The node's leases: which are active, which GPUs and containers each
-//! holds, and which coordinator commands were already acted on.
+//! holds, and what a lease command may do.
 //!
 //! Pure data and decisions; the workload task persists it (`book.json` in
 //! the state directory, replaced atomically) so a restarted agent knows its
-//! leases, adopts their containers and refuses a replayed command.
+//! leases and adopts their containers. Which commands were acted on is
+//! `commands::admission`'s.
 
 use std::collections::BTreeMap;
 
@@ -125,65 +126,9 @@ impl Lease {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Book {
     pub leases: BTreeMap<String, Lease>,
-    /// Command ids acted on, with their expiry: a replay is refused, and an
-    /// id is forgotten only once its command could no longer be accepted.
-    pub seen_commands: BTreeMap<String, i64>,
-}
-
-/// Longest lease id and command id accepted.
-const MAX_ID: usize = 128;
-
-fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_ID
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 impl Book {
-    /// Whether a verified command may be acted on now: it names this node,
-    /// has not expired (allowing `skew_ms` for clocks) and is not a replay.
-    pub fn admit(
-        &self,
-        cmd: &pb::Command,
-        node_id: &str,
-        now_ms: i64,
-        skew_ms: i64,
-    ) -> Result<(), String> {
-        if cmd.node_id != node_id {
-            return Err(format!(
-                "command {} is for node {}, not this node ({node_id})",
-                cmd.command_id, cmd.node_id
-            ));
-        }
-        if !valid_id(&cmd.command_id) {
-            return Err("command id is empty, too long or has odd characters".into());
-        }
-        if now_ms > cmd.expires_unix_ms + skew_ms {
-            return Err(format!(
-                "command {} expired {} ms ago (check both clocks)",
-                cmd.command_id,
-                now_ms - cmd.expires_unix_ms
-            ));
-        }
-        if self.seen_commands.contains_key(&cmd.command_id) {
-            return Err(format!(
-                "command {} was already acted on (a replay)",
-                cmd.command_id
-            ));
-        }
-        Ok(())
-    }
-
-    /// Remembers an admitted command and forgets those long expired.
-    pub fn remember(&mut self, cmd: &pb::Command, now_ms: i64, skew_ms: i64) {
-        self.seen_commands
-            .retain(|_, expires| *expires + skew_ms >= now_ms);
-        self.seen_commands
-            .insert(cmd.command_id.clone(), cmd.expires_unix_ms);
-    }
-
     /// Which lease holds a GPU.
     pub fn gpu_owner(&self, uuid: &str) -> Option<&str> {
         self.leases
@@ -199,7 +144,7 @@ impl Book {
         ls: &pb::LeaseStart,
         node_gpus: &[String],
     ) -> Result<Vec<String>, String> {
-        if !valid_id(&ls.lease_id) {
+        if !crate::commands::admission::valid_id(&ls.lease_id) {
             return Err(format!("lease id `{}` is not valid", ls.lease_id));
         }
         if self.leases.contains_key(&ls.lease_id) {
@@ -261,16 +206,6 @@ impl Book {
 mod tests {
     use super::*;
 
-    fn cmd(id: &str, node: &str, expires: i64) -> pb::Command {
-        pb::Command {
-            node_id: node.into(),
-            command_id: id.into(),
-            issued_unix_ms: 0,
-            expires_unix_ms: expires,
-            body: None,
-        }
-    }
-
     fn lease(id: &str, gpus: &[&str]) -> Lease {
         Lease {
             id: id.into(),
@@ -279,30 +214,6 @@ mod tests {
             started_unix_ms: 1,
             containers: Vec::new(),
         }
-    }
-
-    #[test]
-    fn commands_are_admitted_once_for_this_node_before_expiry() {
-        let mut b = Book::default();
-        let c = cmd("c1", "n1", 1000);
-        b.admit(&c, "n1", 900, 0).unwrap();
-        assert!(b
-            .admit(&c, "n2", 900, 0)
-            .unwrap_err()
-            .contains("not this node"));
-        assert!(b
-            .admit(&c, "n1", 1001, 0)
-            .unwrap_err()
-            .contains("expired 1 ms ago"));
-        b.admit(&c, "n1", 1001, 5).unwrap(); // within the skew
-        b.remember(&c, 900, 0);
-        assert!(b.admit(&c, "n1", 950, 0).unwrap_err().contains("replay"));
-        // Forgotten only once it could no longer be admitted anyway.
-        b.remember(&cmd("c2", "n1", 5000), 1000, 0);
-        assert!(b.seen_commands.contains_key("c1"));
-        b.remember(&cmd("c3", "n1", 9000), 1001, 0);
-        assert!(!b.seen_commands.contains_key("c1"));
-        assert!(b.admit(&cmd("", "n1", 5000), "n1", 0, 0).is_err());
     }
 
     #[test]
@@ -384,7 +295,6 @@ mod tests {
             time_unix_ms: 5,
         });
         b.leases.insert("l1".into(), l);
-        b.remember(&cmd("c1", "n", 10), 0, 0);
         let json = serde_json::to_string(&b).unwrap();
         assert_eq!(serde_json::from_str::<Book>(&json).unwrap(), b);
         assert_eq!(b.find_container("l1", "main").unwrap().id, "abc");

@@ -1,7 +1,8 @@
 //! The workload task: the only owner of the lease book and of the lifecycle
 //! of Warden's containers (the ones labelled `warden.managed`). It acts on
-//! the coordinator's commands (start and end leases, run and stop their
-//! containers), follows Docker's events, reconciles what Docker runs with
+//! the coordinator's commands, once `commands` admitted them (start and end
+//! leases, run and stop their containers, probe Ray; it also finds a lease's
+//! network namespace for the mesh lane), follows Docker's events, reconciles what Docker runs with
 //! the book when Docker (re)appears, and reports all of it: command answers
 //! as records, lifecycle as telemetry.
 //!
@@ -30,7 +31,10 @@ use warden_proto::{
     states::{ContainerStatus, WorkloadEventKind},
 };
 
-use crate::delivery::outbox::Outbox;
+use crate::{
+    commands::{answer, lease_of, Success, ToWorkload},
+    delivery::outbox::Outbox,
+};
 
 use super::{
     book::{Book, Container, Lease, ObservedStatus},
@@ -69,8 +73,6 @@ pub struct Workload {
     pub inventory: watch::Receiver<pb::InventorySummary>,
     /// The active leases, for `warden status`.
     pub leases: watch::Sender<Vec<Lease>>,
-    /// Where MeshConfig commands go, once admitted here like every command.
-    pub mesh: Option<mpsc::Sender<crate::mesh::node::Request>>,
     /// The Docker connection, lent (see [`Engine`]).
     pub engine: watch::Sender<Engine>,
 }
@@ -163,70 +165,6 @@ struct Pulled {
     result: Result<(), String>,
 }
 
-/// What a command that succeeded gives back.
-#[derive(Default)]
-struct Success {
-    containers: Vec<pb::ContainerState>,
-    gpu_uuids: Vec<String>,
-    ray_alive_nodes: u32,
-    ray_alive_addresses: Vec<String>,
-    /// Notes that go with a success (peers a mesh config left out).
-    note: String,
-}
-
-impl Success {
-    fn containers(containers: Vec<pb::ContainerState>) -> Success {
-        Success {
-            containers,
-            ..Default::default()
-        }
-    }
-}
-
-/// Sends a command's answer as a record.
-async fn answer(
-    outbox: &Outbox,
-    command_id: &str,
-    lease_id: String,
-    outcome: Result<Success, String>,
-) {
-    let result = match outcome {
-        Ok(s) => pb::CommandResult {
-            command_id: command_id.to_owned(),
-            lease_id,
-            ok: true,
-            error: s.note,
-            containers: s.containers,
-            gpu_uuids: s.gpu_uuids,
-            ray_alive_nodes: s.ray_alive_nodes,
-            ray_alive_addresses: s.ray_alive_addresses,
-        },
-        Err(error) => {
-            tracing::warn!(command = %command_id, lease = %lease_id, %error, "command refused or failed");
-            pb::CommandResult {
-                command_id: command_id.to_owned(),
-                lease_id,
-                ok: false,
-                error,
-                ..Default::default()
-            }
-        }
-    };
-    let _ = outbox.emit(pb::record::Body::CommandResult(result)).await;
-}
-
-/// The lease a command is about, if it names one.
-fn lease_of(cmd: &pb::Command) -> String {
-    match &cmd.body {
-        Some(pb::command::Body::LeaseStart(x)) => x.lease_id.clone(),
-        Some(pb::command::Body::LeaseEnd(x)) => x.lease_id.clone(),
-        Some(pb::command::Body::RunContainer(x)) => x.lease_id.clone(),
-        Some(pb::command::Body::StopContainer(x)) => x.lease_id.clone(),
-        Some(pb::command::Body::RayProbe(x)) => x.lease_id.clone(),
-        Some(pb::command::Body::MeshConfig(_)) | None => String::new(),
-    }
-}
-
 /// Pulls one image for container `name` of `lease_id`, reporting progress
 /// (at most once per [`PULL_REPORT`]) and the outcome as workload events.
 async fn pull(
@@ -270,7 +208,7 @@ async fn pull(
 impl Workload {
     /// Runs until `shutdown`. Lease containers are left running on shutdown:
     /// the next start adopts them.
-    pub async fn run(self, mut commands: mpsc::Receiver<pb::Command>, shutdown: CancellationToken) {
+    pub async fn run(self, mut commands: mpsc::Receiver<ToWorkload>, shutdown: CancellationToken) {
         let (book, trusted) = match load_book(&self.book_path) {
             Ok(b) => (b, true),
             Err(e) => {
@@ -301,8 +239,11 @@ impl Workload {
             let next_retry = tokio::time::Instant::from_std(retry_at);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                cmd = commands.recv() => match cmd {
-                    Some(cmd) => st.command(cmd).await,
+                asked = commands.recv() => match asked {
+                    Some(ToWorkload::Command(cmd)) => st.execute(*cmd, false).await,
+                    Some(ToWorkload::LeaseNetns { lease_id, reply }) => {
+                        let _ = reply.send(st.lease_netns(&lease_id).await);
+                    }
                     None => return,
                 },
                 ev = async { events.as_mut()?.recv().await }, if events.is_some() => match ev {
@@ -592,20 +533,6 @@ impl State {
         self.report(vec![e]).await;
     }
 
-    /// Admits one verified command and acts on it.
-    async fn command(&mut self, cmd: pb::Command) {
-        let now = crate::now_ms();
-        let skew = self.w.config.clock_skew.as_millis() as i64;
-        match self.book.admit(&cmd, &self.w.node_id, now, skew) {
-            Err(e) => answer(&self.w.outbox, &cmd.command_id, String::new(), Err(e)).await,
-            Ok(()) => {
-                self.book.remember(&cmd, now, skew);
-                self.save();
-                self.execute(cmd, false).await;
-            }
-        }
-    }
-
     /// Acts on an admitted command and sends the answer as a record; one
     /// whose images are not all here is first sent to pull them beside the
     /// loop (`pulled` once that is done), one that probes Ray answers from
@@ -656,7 +583,6 @@ impl State {
                         let outbox = self.w.outbox.clone();
                         tokio::spawn(async move {
                             let outcome = probe.await.map(|alive| Success {
-                                ray_alive_nodes: alive.len() as u32,
                                 ray_alive_addresses: alive,
                                 ..Default::default()
                             });
@@ -667,12 +593,10 @@ impl State {
                     Err(e) => (id, Err(e)),
                 }
             }
-            Some(pb::command::Body::MeshConfig(mc)) => (
+            // Routed to the mesh lane by `commands`; never here.
+            Some(pb::command::Body::MeshConfig(_)) => (
                 String::new(),
-                self.mesh_config(mc).await.map(|note| Success {
-                    note,
-                    ..Default::default()
-                }),
+                Err("a mesh config reached the workload task".into()),
             ),
             None => (String::new(), Err("the command is empty".into())),
         };
@@ -764,28 +688,6 @@ impl State {
             Ok(()) => self.execute(p.cmd, true).await,
             Err(e) => answer(&self.w.outbox, id, lease_id, Err(e)).await,
         }
-    }
-
-    /// Hands a mesh config to the mesh task and waits for how it went. A
-    /// config naming a lease goes with the network namespace of the lease's
-    /// first container, where the interface is to live.
-    async fn mesh_config(&self, mc: pb::MeshConfig) -> Result<String, String> {
-        let tx = self.w.mesh.as_ref().ok_or("this agent runs no mesh")?;
-        let netns = if mc.lease_id.is_empty() || mc.cluster_id.is_empty() {
-            None
-        } else {
-            Some(self.lease_netns(&mc.lease_id).await?)
-        };
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        tx.send(crate::mesh::node::Request {
-            config: mc,
-            netns,
-            reply,
-        })
-        .await
-        .map_err(|_| "the mesh task has stopped")?;
-        rx.await
-            .map_err(|_| "the mesh task stopped while applying".to_owned())?
     }
 
     /// The Ray nodes (their addresses) the cluster whose head is at
@@ -1187,7 +1089,16 @@ mod tests {
         let path = dir.path().join("book.json");
         assert_eq!(load_book(&path).unwrap(), Book::default());
         let mut b = Book::default();
-        b.seen_commands.insert("c1".into(), 5);
+        b.leases.insert(
+            "l1".into(),
+            Lease {
+                id: "l1".into(),
+                renter: String::new(),
+                gpus: vec!["GPU-a".into()],
+                started_unix_ms: 5,
+                containers: Vec::new(),
+            },
+        );
         save_book(&path, &b).unwrap();
         assert_eq!(load_book(&path).unwrap(), b);
         std::fs::write(&path, b"{not json").unwrap();
