@@ -380,8 +380,11 @@ pub fn fake_nvml() -> PathBuf {
         .get_or_init(|| {
             let lib = Path::new(WARDEN).parent().unwrap().join("libfake_nvml.so");
             if !lib.exists() {
+                // Beside the binary in use: a bench's is the release one.
+                let release = lib.parent().is_some_and(|d| d.ends_with("release"));
                 let ok = Command::new(env!("CARGO"))
                     .args(["build", "-p", "fake-nvml"])
+                    .args(release.then_some("--release"))
                     .current_dir(env!("CARGO_MANIFEST_DIR"))
                     .status()
                     .unwrap()
