@@ -614,6 +614,15 @@ impl AgentConfig {
         self.state_dir.join(warden_state::lock::LOCK_FILE)
     }
 
+    /// What the configuration names on disk that must exist for it to
+    /// work (the coordinator's CA): checked at start and at each reload.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        match &self.coordinator {
+            Some(link) => link.check_ca(),
+            None => Ok(()),
+        }
+    }
+
     /// The agent's own files and directories, by what they are: none of
     /// them may double as the status socket.
     pub fn own_paths(&self) -> [(PathBuf, &'static str); 8] {
@@ -662,6 +671,22 @@ impl CoordinatorLink {
             Some(n) => Ok(n.clone()),
             None => self.host().map(str::to_owned),
         }
+    }
+
+    /// Whether `ca_cert` holds a certificate the uplink can trust: a
+    /// missing or empty file would only show as a retry forever.
+    pub fn check_ca(&self) -> Result<(), ConfigError> {
+        let why = match std::fs::read(&self.ca_cert) {
+            Err(e) => format!("cannot read {}: {e}", self.ca_cert.display()),
+            Ok(pem) if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => {
+                format!("{} holds no PEM certificate", self.ca_cert.display())
+            }
+            Ok(_) => return Ok(()),
+        };
+        Err(invalid(
+            "coordinator.ca_cert",
+            format!("{why}; copy the coordinator's CA certificate there (the ca.pem `warden coordinator init` wrote, from its operator)"),
+        ))
     }
 
     /// The pinned coordinator key.

@@ -72,6 +72,7 @@ pub async fn run(
     reload: Option<Reloader>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
+    config.check_files()?;
     let dir = &config.state_dir;
     // One agent per state: a second would take over the socket and reuse
     // seqs. Held until this function returns (or the kernel drops it with
@@ -436,6 +437,7 @@ async fn reload_loop(
         let loaded = (r.load)().and_then(|new| {
             let plan = reload::plan(&running, &new);
             plan.config.validate()?;
+            new.check_files()?;
             Ok(plan)
         });
         let outcome = match loaded {

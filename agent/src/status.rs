@@ -21,6 +21,9 @@ use crate::delivery::{spool::SpoolStats, uplink::UplinkStatus};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
     pub node_id: String,
+    /// Why records are not being receipted (cause and fix), if they are not.
+    #[serde(default)]
+    pub problem: Option<crate::delivery::problem::Problem>,
     pub version: String,
     pub start_id: String,
     pub coordinator: CoordinatorStatus,
@@ -85,8 +88,15 @@ pub struct Sources {
 impl Sources {
     fn report(&self) -> StatusReport {
         let uplink = self.uplink.borrow().clone();
+        let spool = *self.spool.borrow();
         StatusReport {
             node_id: self.node_id.clone(),
+            problem: crate::delivery::problem::problem(
+                self.configured,
+                &uplink,
+                &spool,
+                crate::now_ms(),
+            ),
             version: env!("CARGO_PKG_VERSION").into(),
             start_id: self.start_id.clone(),
             last_receipt_seq: uplink.last_receipt_seq,
@@ -94,7 +104,7 @@ impl Sources {
                 configured: self.configured,
                 uplink,
             },
-            spool: *self.spool.borrow(),
+            spool,
             nvml: self.inventory.borrow().nvml_status.clone(),
             gpus: self.gpus.borrow().clone(),
             link: self.link.borrow().clone(),

@@ -49,6 +49,9 @@ fn print(r: &StatusReport) {
     let (c, s) = (&r.coordinator, &r.spool);
     println!("node        {}", r.node_id);
     println!("version     {}  (start {})", r.version, r.start_id);
+    if let Some(p) = &r.problem {
+        println!("PROBLEM     records are not being receipted: {}", p.text);
+    }
     if c.configured {
         let state = if c.uplink.connected {
             "connected"

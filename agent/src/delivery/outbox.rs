@@ -611,7 +611,15 @@ mod class_tests {
                 first: 41
             }
         );
-        assert!(outbox.stats().borrow().anchored);
+        // The figures follow the answer (the owner publishes them after it).
+        let mut stats = outbox.stats();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            stats.wait_for(|s| s.anchored),
+        )
+        .await
+        .expect("the spool's figures say anchored")
+        .unwrap();
         // The timelock still holds a2's old digest as its head.
         outbox
             .emit_signed(attestation(dsse::payload_sha256(&a2).to_vec(), 3))

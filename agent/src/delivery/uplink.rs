@@ -37,6 +37,7 @@ use crate::{
 
 /// What `warden status` shows of the connection.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct UplinkStatus {
     pub address: String,
     pub connected: bool,
@@ -53,6 +54,10 @@ pub struct UplinkStatus {
     pub last_refusal: Option<String>,
     /// The last seq the coordinator said it holds for this node (its Welcome).
     pub coordinator_last_seq: Option<u64>,
+    /// Why the uplink is not delivering, with the fix (the last failure's).
+    pub problem: Option<String>,
+    pub connected_since_unix_ms: i64,
+    pub last_receipt_unix_ms: i64,
 }
 
 /// Why one connection ended.
@@ -79,6 +84,29 @@ pub enum UplinkError {
     Closed,
     #[error("local spool: {0}")]
     Spool(String),
+    #[error("the coordinator at {address} signs with key id {theirs}, not with the pinned coordinator.public_key {pinned} (key id {pinned_id}); nothing is sent to it, since its receipts and commands could not be trusted")]
+    WrongKey {
+        address: String,
+        theirs: String,
+        pinned: String,
+        pinned_id: String,
+    },
+}
+
+impl UplinkError {
+    /// What to do about it, for the status and doctor.
+    pub fn fix(&self) -> &'static str {
+        match self {
+            UplinkError::Ca { .. } => "copy the coordinator's CA certificate (the ca.pem `warden coordinator init` wrote) to the path in coordinator.ca_cert, then restart the agent",
+            UplinkError::Config(_) => "correct the key named above in the agent's config file",
+            UplinkError::Connect(_) => "check coordinator.address (host and port), that the coordinator runs, and that this host reaches it (firewall); records stay in the spool meanwhile",
+            UplinkError::Refused(_) | UplinkError::Registration(_) => "ask the coordinator's operator: the coordinator's own words above say why (enrollment: coordinator.join_token, or its allowlist)",
+            UplinkError::Handshake(_) => "the agent and the coordinator may be of different versions; upgrade the older one",
+            UplinkError::Stream(_) | UplinkError::Closed => "the agent reconnects by itself; if this repeats, read the coordinator's log",
+            UplinkError::Spool(_) => "read the spool error above; check the disk under state_dir",
+            UplinkError::WrongKey { .. } => "set coordinator.public_key to the key `warden coordinator key` prints on the coordinator's host, then restart the agent",
+        }
+    }
 }
 
 /// Everything the uplink task needs.
@@ -175,8 +203,11 @@ impl Uplink {
                 } else {
                     tracing::debug!(error = %msg, "still unreachable");
                 }
-                self.status
-                    .send_modify(|s| s.last_error = Some(msg.clone()));
+                let problem = format!("{msg}. Fix: {}", e.fix());
+                self.status.send_modify(|s| {
+                    s.last_error = Some(msg.clone());
+                    s.problem = Some(problem);
+                });
                 last_error = Some(msg);
             }
             // A connection that lived a while earns a fresh backoff.
@@ -230,6 +261,8 @@ impl Uplink {
         self.status.send_modify(|s| {
             s.connected = true;
             s.last_error = None;
+            s.problem = None;
+            s.connected_since_unix_ms = crate::now_ms();
         });
 
         let mut stats = self.outbox.stats();
@@ -379,15 +412,23 @@ impl Uplink {
                 hello.payload_type
             )));
         }
+        // A coordinator whose Hello the pinned key does not verify would
+        // have every receipt and command ignored: records would pile up
+        // unreceipted while the link looked fine. Refused here, said plainly.
         let nonce = match dsse::open::<pb::Hello>(&hello, types::HELLO, pinned) {
             Ok(h) => h.nonce,
-            Err(e) => {
-                // The nonce only binds the Register to this stream; the pinned
-                // key still guards every receipt and command, which is said here early.
-                tracing::warn!(error = %e, "the coordinator's Hello does not verify against the pinned coordinator key (coordinator.public_key): its receipts and commands will be ignored");
-                <pb::Hello as prost::Message>::decode(hello.payload.as_slice())
-                    .map_err(|e| UplinkError::Handshake(format!("Hello does not decode: {e}")))?
-                    .nonce
+            Err(_) => {
+                return Err(UplinkError::WrongKey {
+                    address: self.link.address.clone(),
+                    theirs: hello
+                        .signatures
+                        .first()
+                        .map(|s| s.keyid.clone())
+                        .filter(|k| !k.is_empty())
+                        .unwrap_or_else(|| "(none)".into()),
+                    pinned: self.link.public_key.clone(),
+                    pinned_id: pinned.key_id().to_owned(),
+                })
             }
         };
         let register = self.signer.sign_message(
@@ -434,6 +475,7 @@ impl Uplink {
                 self.status.send_modify(|s| {
                     s.receipts += 1;
                     s.last_receipt_seq = s.last_receipt_seq.max(seq);
+                    s.last_receipt_unix_ms = crate::now_ms();
                 });
             }
             Inbound::SetAside { seq, why } => {

@@ -74,6 +74,11 @@ pub struct Facts {
     pub key_path: String,
     pub key: KeyState,
     pub clock: Option<KernelClock>,
+    /// The coordinator section's files (its CA); None when none is configured.
+    pub coordinator: Option<Result<(), String>>,
+    /// What the running agent says of its delivery (its status socket):
+    /// None when no agent answers there.
+    pub delivery: Option<Option<crate::delivery::problem::Problem>>,
 }
 
 const GB: f64 = 1e9;
@@ -215,6 +220,47 @@ pub fn evaluate(f: &Facts, t: &DoctorConfig) -> Vec<Check> {
             "`modprobe tun`; the agent needs CAP_NET_ADMIN for its mesh interface",
         ),
     });
+    if let Some(c) = &f.coordinator {
+        out.push(match c {
+            Ok(()) => row(
+                "coordinator",
+                true,
+                "CA certificate readable".into(),
+                "coordinator.ca_cert holds a certificate".into(),
+                "",
+            ),
+            Err(e) => row(
+                "coordinator",
+                false,
+                e.clone(),
+                "coordinator.ca_cert holds a certificate".into(),
+                "see the message; the agent refuses to start without it",
+            ),
+        });
+    }
+    out.push(match &f.delivery {
+        None => Check {
+            name: "delivery",
+            verdict: Verdict::Skip,
+            value: "no agent answers on the status socket".into(),
+            threshold: "records receipted".into(),
+            fix: String::new(),
+        },
+        Some(None) => row(
+            "delivery",
+            true,
+            "the running agent's records are receipted".into(),
+            "records receipted".into(),
+            "",
+        ),
+        Some(Some(p)) => Check {
+            name: "delivery",
+            verdict: Verdict::Fail,
+            value: p.text.clone(),
+            threshold: "records receipted".into(),
+            fix: "as the message says (cause, then Fix:)".into(),
+        },
+    });
     out.push(match &f.key {
         KeyState::Ok => row(
             "key",
@@ -334,7 +380,18 @@ pub async fn gather(cfg: &AgentConfig) -> Facts {
         }
         None => None,
     };
+    let delivery = match crate::status::query(&cfg.status_socket()).await {
+        Ok(v) => serde_json::from_value::<crate::status::StatusReport>(v)
+            .ok()
+            .map(|r| r.problem),
+        Err(_) => None,
+    };
     Facts {
+        coordinator: cfg
+            .coordinator
+            .as_ref()
+            .map(|c| c.check_ca().map_err(|e| e.to_string())),
+        delivery,
         memory_bytes,
         disk_path: cfg.state_dir.display().to_string(),
         disk_free,
@@ -415,7 +472,37 @@ mod tests {
                 synced: true,
                 est_error_us: 10,
             }),
+            coordinator: Some(Ok(())),
+            delivery: Some(None),
         }
+    }
+
+    #[test]
+    fn a_missing_ca_or_an_agent_that_cannot_deliver_fails_the_doctor() {
+        let mut f = good();
+        assert!(failed(&evaluate(&f, &DoctorConfig::default())).is_empty());
+        f.coordinator = Some(Err("coordinator.ca_cert: cannot read /ca.pem".into()));
+        f.delivery = Some(Some(crate::delivery::problem::Problem {
+            kind: "disconnected".into(),
+            text: "wrong key. Fix: set it".into(),
+        }));
+        let checks = evaluate(&f, &DoctorConfig::default());
+        assert_eq!(failed(&checks), ["coordinator", "delivery"]);
+        let d = checks.iter().find(|c| c.name == "delivery").unwrap();
+        assert!(d.value.contains("wrong key"), "{d:?}");
+        // No agent running: not measured, not failed.
+        f.delivery = None;
+        f.coordinator = None;
+        let checks = evaluate(&f, &DoctorConfig::default());
+        assert!(failed(&checks).is_empty());
+        assert_eq!(
+            checks
+                .iter()
+                .find(|c| c.name == "delivery")
+                .unwrap()
+                .verdict,
+            Verdict::Skip
+        );
     }
 
     fn verdicts(f: &Facts) -> Vec<(&'static str, Verdict)> {
@@ -431,7 +518,17 @@ mod tests {
         assert_eq!(
             checks.iter().map(|c| c.name).collect::<Vec<_>>(),
             [
-                "memory", "disk", "download", "upload", "rtt", "docker", "nvml", "tun", "key",
+                "memory",
+                "disk",
+                "download",
+                "upload",
+                "rtt",
+                "docker",
+                "nvml",
+                "tun",
+                "coordinator",
+                "delivery",
+                "key",
                 "clock"
             ]
         );

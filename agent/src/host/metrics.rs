@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub coordinator_configured: bool,
     pub link: Option<pb::LinkSample>,
     pub mesh: Option<crate::mesh::node::MeshStatus>,
+    /// When it was taken (ms), for how long delivery has stalled.
+    pub now_ms: i64,
 }
 
 /// Where a scrape reads the agent's live state.
@@ -56,6 +58,7 @@ impl Sources {
             coordinator_configured: self.configured,
             link: self.link.borrow().clone(),
             mesh: self.mesh.borrow().clone(),
+            now_ms: crate::now_ms(),
         }
     }
 }
@@ -305,6 +308,21 @@ pub fn render(s: &Snapshot) -> String {
     ];
     for (name, kind, help, v) in scalars {
         Family::head(&mut out, name, kind, help).sample(name, "", v);
+    }
+    // One series while records are not being receipted; its cause and fix
+    // are in `warden status`.
+    let problem =
+        crate::delivery::problem::problem(s.coordinator_configured, &s.uplink, &s.spool, s.now_ms);
+    let name = "warden_delivery_problem";
+    let mut head = Family::head(
+        &mut out,
+        name,
+        "gauge",
+        "1 while records are not being receipted, by kind (not_configured, spool_full, disconnected, stalled); `warden status` says the cause and the fix.",
+    );
+    match problem {
+        Some(p) => head.sample(name, &format!("kind=\"{}\"", label(&p.kind)), 1.0),
+        None => head.sample(name, "", 0.0),
     }
     if let Some(l) = s.link.as_ref().filter(|l| l.error.is_empty()) {
         for (name, help, v) in [
@@ -615,6 +633,7 @@ mod tests {
             coordinator_configured: true,
             link: None,
             mesh: None,
+            now_ms: 0,
         }
     }
 
@@ -680,6 +699,14 @@ mod tests {
         assert!(text.contains("warden_spool_shed_total 5\n"));
         assert!(text.contains("warden_spool_set_aside_records 2\n"));
         assert!(text.contains("warden_coordinator_connected 1\n"));
+        assert!(text.contains("warden_delivery_problem 0\n"), "{text}");
+        let mut down = snapshot();
+        down.uplink.connected = false;
+        let text = render(&down);
+        assert!(
+            text.contains("warden_delivery_problem{kind=\"disconnected\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("warden_records_sent_total 9\n"));
         assert!(
             !text.contains("warden_link_"),
