@@ -78,6 +78,53 @@ fn dev_mode_runs_both_halves_and_stops_cleanly_on_sigint() {
         "{metrics}"
     );
 
+    // The banner's export line is all `warden` needs to find both sockets.
+    let log = p.log_text();
+    let export = log
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("export "))
+        .unwrap_or_else(|| panic!("no export line in:\n{log}"))
+        .to_owned();
+    let env: Vec<(String, String)> = export
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let warden = |args: &[&str]| {
+        std::process::Command::new(WARDEN)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap()
+    };
+    let out = warden(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("connected"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A lease runs when Ctrl-C comes: dev mode ends it before it stops.
+    let node = s["node_id"].as_str().unwrap().to_owned();
+    let _clean = ContainersOf(node.clone());
+    let image = image::busybox_image();
+    let out = warden(&[
+        "lease", "start", &node, "--image", &image, "--", "sleep", "600",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let containers = || {
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-aq", "--filter"])
+            .arg(format!("label=warden.node={node}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert!(!containers().is_empty(), "the lease runs a container");
+
     let _ = std::process::Command::new("kill")
         .args(["-INT", &p.pid().to_string()])
         .status();
@@ -95,7 +142,13 @@ fn dev_mode_runs_both_halves_and_stops_cleanly_on_sigint() {
     assert!(code.success(), "{}", p.log_text());
     let log = p.log_text();
     assert!(log.contains("spool flushed"), "{log}");
+    assert!(log.contains("ending 1 lease(s)"), "{log}");
     assert!(!sock.exists(), "status socket left behind");
+    assert_eq!(
+        containers(),
+        "",
+        "dev mode left its lease's container behind"
+    );
 }
 
 /// What a victim's file or directory looks like: kind, owner, mode, and

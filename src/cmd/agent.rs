@@ -4,6 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Result;
+use tokio_util::sync::CancellationToken;
 use warden_coordinator::{config::EnrollmentPolicy, CoordinatorConfig};
 
 use crate::{
@@ -74,7 +75,11 @@ async fn run_dev(
     state_dir: Option<PathBuf>,
     nvml_lib: Option<PathBuf>,
 ) -> Result<()> {
-    let shutdown = shutdown_on_signal();
+    // Ctrl-C first ends this run's leases (through the coordinator, so
+    // their proofs are made), then stops both halves: a newcomer who then
+    // deletes the directory leaves no container behind.
+    let signal = shutdown_on_signal();
+    let shutdown = CancellationToken::new();
     let reloads = reload_on_sighup();
     let mut cfg = load_agent_config(config)?;
     if let Some(l) = nvml_lib {
@@ -116,9 +121,14 @@ async fn run_dev(
         &coordinator.public_key.to_base64(),
         &tls.ca_cert,
     ));
-    // A second dev agent (or anything else on the port) must not stop a newcomer.
+    // A second dev agent (or anything else on the port) must not stop a
+    // newcomer; the banner says where metrics went instead.
+    let mut metrics_moved = None;
     if std::net::TcpListener::bind(&cfg.metrics.listen).is_err() {
-        cfg.metrics.listen = "127.0.0.1:0".into();
+        metrics_moved = Some(std::mem::replace(
+            &mut cfg.metrics.listen,
+            "127.0.0.1:0".into(),
+        ));
     }
     cfg.validate()?;
     let exe = std::env::current_exe().unwrap_or_else(|_| "warden".into());
@@ -131,11 +141,13 @@ async fn run_dev(
          \n  coordinator        https://localhost:{port} (TLS, CA {ca})\
          \n  coordinator key    {key}\
          \n  coordinator db     {db}\
-         \n  agent status       {exe} status --socket {status}\
-         \n  nodes              {exe} nodes --socket {admin}\
-         \n  run a lease        {exe} lease --socket {admin} start {node} --image IMAGE -- CMD\
          \n  metrics            {metrics}\
-         \n\nPress Ctrl-C to stop.\n",
+         \n\nIn another shell, so that `warden` finds this agent and its coordinator:\
+         \n\n  export WARDEN_SOCKET={status} WARDEN_ADMIN_SOCKET={admin}\
+         \n\n  {exe} status\
+         \n  {exe} nodes\
+         \n  {exe} lease start {node} --image IMAGE -- CMD\
+         \n\nPress Ctrl-C to stop (the leases this run started are ended).\n",
         root = root.display(),
         fresh = if fresh {
             " (new for this run; --state-dir DIR keeps one across runs)"
@@ -150,14 +162,70 @@ async fn run_dev(
         status = cfg.status_socket().display(),
         admin = coordinator.admin_socket.display(),
         node = signer.key_id(),
-        metrics = if cfg.metrics.listen.ends_with(":0") {
-            "on a free port (warden status shows it)".to_owned()
-        } else {
-            format!("http://{}/metrics", cfg.metrics.listen)
+        metrics = match &metrics_moved {
+            Some(taken) => format!(
+                "{taken} is in use (another agent?): on a free port instead, which `warden status` shows"
+            ),
+            None if cfg.metrics.listen.ends_with(":0") => {
+                "on a free port (`warden status` shows it)".to_owned()
+            }
+            None => format!("http://{}/metrics", cfg.metrics.listen),
         },
     );
+    let admin = coordinator.admin_socket.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        signal.cancelled().await;
+        end_dev_leases(&admin).await;
+        stop.cancel();
+    });
     let agent = warden_agent::run(cfg, None, shutdown.clone()).await;
     shutdown.cancel();
     coordinator.wait().await?;
     Ok(agent?)
+}
+
+/// Ends every lease still starting or running on the dev coordinator, at
+/// once, each within a short grace; says what it could not end.
+async fn end_dev_leases(admin: &std::path::Path) {
+    use warden_proto::{pb, states::LeaseState};
+    let Ok(mut client) = warden_coordinator::admin::connect(admin).await else {
+        return;
+    };
+    let Ok(list) = client.list_leases(pb::ListLeasesRequest {}).await else {
+        return;
+    };
+    let live: Vec<String> = list
+        .into_inner()
+        .leases
+        .into_iter()
+        .filter(|l| {
+            matches!(
+                LeaseState::parse(&l.state),
+                Some(LeaseState::Starting | LeaseState::Running)
+            )
+        })
+        .map(|l| l.lease_id)
+        .collect();
+    if live.is_empty() {
+        return;
+    }
+    eprintln!("ending {} lease(s) before stopping…", live.len());
+    let mut ends = tokio::task::JoinSet::new();
+    for id in live {
+        let mut c = client.clone();
+        ends.spawn(async move {
+            let r = c
+                .end_lease(pb::EndLeaseRequest {
+                    lease_id: id.clone(),
+                    grace_seconds: 5,
+                    timeout_seconds: 30,
+                })
+                .await;
+            if let Err(e) = r {
+                eprintln!("lease {id} not ended: {}", e.message());
+            }
+        });
+    }
+    ends.join_all().await;
 }

@@ -12,8 +12,9 @@ use super::admin::{admin_client, refused};
 pub struct Args {
     #[command(subcommand)]
     command: LeaseCommand,
-    /// The coordinator's admin socket [default: /var/lib/warden-coordinator/admin.sock].
-    #[arg(long, global = true)]
+    /// The coordinator's admin socket [default: the coordinator config's,
+    /// else /var/lib/warden-coordinator/admin.sock].
+    #[arg(long, global = true, env = "WARDEN_ADMIN_SOCKET")]
     socket: Option<PathBuf>,
 }
 

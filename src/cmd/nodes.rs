@@ -10,8 +10,9 @@ use super::admin::admin_client;
 pub struct Args {
     #[arg(long)]
     json: bool,
-    /// The coordinator's admin socket [default: /var/lib/warden-coordinator/admin.sock].
-    #[arg(long)]
+    /// The coordinator's admin socket [default: the coordinator config's,
+    /// else /var/lib/warden-coordinator/admin.sock].
+    #[arg(long, env = "WARDEN_ADMIN_SOCKET")]
     socket: Option<PathBuf>,
 }
 

@@ -12,8 +12,9 @@ use crate::settings::load_agent_config;
 pub struct Args {
     #[arg(long)]
     json: bool,
-    /// The agent's status socket [default: /var/lib/warden/agent.sock].
-    #[arg(long)]
+    /// The agent's status socket [default: the agent config's, else
+    /// /var/lib/warden/agent.sock].
+    #[arg(long, env = "WARDEN_SOCKET")]
     socket: Option<PathBuf>,
 }
 
@@ -33,7 +34,12 @@ async fn status(json: bool, socket: Option<PathBuf>) -> Result<()> {
     });
     let v = warden_agent::status::query(&socket)
         .await
-        .with_context(|| "is the agent running? (warden agent, or systemctl status warden)")?;
+        .with_context(|| {
+            format!(
+                "cannot read the agent's status socket {}: is the agent running? (`systemctl status warden-agent`; for `warden agent --dev`, the `export` line it printed)",
+                socket.display()
+            )
+        })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

@@ -66,7 +66,8 @@ impl Proc {
             .envs(env.iter().map(|(k, v)| (*k, *v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            // What it prints (a banner) goes in the log too.
+            .stdout(err.try_clone().unwrap())
             .stderr(err)
             .spawn()
             .expect("spawn warden");
