@@ -79,7 +79,44 @@ pub struct Facts {
     /// What the running agent says of its delivery (its status socket):
     /// None when no agent answers there.
     pub delivery: Option<Option<crate::delivery::problem::Problem>>,
+    /// How Docker would serve a GPU device request, or why it cannot be asked.
+    pub gpu_runtime: Result<GpuRuntime, String>,
+    /// The NVIDIA kernel module's version (/proc/driver/nvidia/version), if loaded.
+    pub kernel_driver: Option<String>,
 }
+
+/// What Docker offers for GPU containers.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GpuRuntime {
+    /// `workload.gpu_driver`: the driver the leases' device requests name.
+    pub driver: String,
+    /// The runtimes Docker lists (`docker info`).
+    pub runtimes: Vec<String>,
+    /// The NVIDIA Container Toolkit's hook on dockerd's PATH (what serves
+    /// `--gpus` on Docker's "nvidia" driver); None if dockerd's PATH could
+    /// not be read.
+    pub hook: Option<bool>,
+    /// CDI specs for nvidia.com devices in Docker's CDI directories.
+    pub cdi: bool,
+}
+
+/// The version in /proc/driver/nvidia/version's first line ("NVRM version:
+/// NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 …", or "… Open
+/// Kernel Module for x86_64  560.35.03  Release Build …"): its first word
+/// of digits and dots.
+pub fn kernel_module_version(text: &str) -> Option<String> {
+    text.lines()
+        .next()?
+        .split_whitespace()
+        .find(|w| w.contains('.') && w.chars().all(|c| c.is_ascii_digit() || c == '.'))
+        .map(str::to_owned)
+}
+
+/// The hook that lets Docker serve NVIDIA device requests.
+const HOOK: &str = "nvidia-container-runtime-hook";
+/// What to install when it is missing (the same words a lease refused for
+/// it carries).
+const RUNTIME_FIX: &str = crate::workloads::docker::GPU_RUNTIME_FIX;
 
 const GB: f64 = 1e9;
 
@@ -201,9 +238,23 @@ pub fn evaluate(f: &Facts, t: &DoctorConfig) -> Vec<Check> {
             false,
             e.clone(),
             "NVML loads".into(),
-            "install the NVIDIA driver (nvidia-smi must work), or set gpu.nvml_library",
+            if e.to_lowercase().contains("mismatch") {
+                "the kernel module and the library are of different driver versions (an upgrade is half applied): reboot, or reload the nvidia kernel modules"
+            } else {
+                "install the NVIDIA driver (nvidia-smi must work), or set gpu.nvml_library"
+            },
         ),
     });
+    out.push(gpu_runtime_check(f));
+    if let (Some(kernel), Ok((_, library))) = (&f.kernel_driver, &f.nvml) {
+        out.push(row(
+            "driver",
+            kernel == library,
+            format!("kernel module {kernel}, NVML library {library}"),
+            "the same version".into(),
+            "a driver upgrade is half applied: reboot (or unload and reload the nvidia kernel modules)",
+        ));
+    }
     out.push(match &f.tun {
         Ok(()) => row(
             "tun",
@@ -341,6 +392,17 @@ pub async fn gather(cfg: &AgentConfig) -> Facts {
     let state_dir = cfg.state_dir.clone();
     let lib = cfg.gpu.nvml_library.clone();
     let key_path = cfg.key_file();
+    let driver = cfg.workload.gpu_driver.clone();
+    let gpu = tokio::task::spawn_blocking(move || {
+        (
+            gpu_runtime(&driver),
+            std::fs::read_to_string("/proc/driver/nvidia/version")
+                .ok()
+                .and_then(|t| kernel_module_version(&t)),
+        )
+    })
+    .await
+    .unwrap_or_else(|e| (Err(format!("check panicked: {e}")), None));
     let local = tokio::task::spawn_blocking(move || {
         let nvml = NvmlSource::load(lib.as_deref())
             .map_err(|e| e.to_string())
@@ -387,6 +449,8 @@ pub async fn gather(cfg: &AgentConfig) -> Facts {
         Err(_) => None,
     };
     Facts {
+        gpu_runtime: gpu.0,
+        kernel_driver: gpu.1,
         coordinator: cfg
             .coordinator
             .as_ref()
@@ -415,6 +479,108 @@ fn key_state(path: &Path) -> KeyState {
         }
         Err(e) => KeyState::Bad(e.to_string()),
     }
+}
+
+/// Whether Docker can give a lease its GPUs: a node with NVIDIA GPUs needs
+/// the driver its device requests name served (the NVIDIA hook on dockerd's
+/// PATH, an "nvidia" runtime, or CDI specs).
+fn gpu_runtime_check(f: &Facts) -> Check {
+    let has_gpus = matches!(&f.nvml, Ok((n, _)) if *n > 0) || f.kernel_driver.is_some();
+    let threshold = "Docker serves GPU device requests".to_owned();
+    if !has_gpus {
+        return Check {
+            name: "gpu runtime",
+            verdict: Verdict::Skip,
+            value: "no NVIDIA GPU here".into(),
+            threshold,
+            fix: String::new(),
+        };
+    }
+    match &f.gpu_runtime {
+        Err(e) => row(
+            "gpu runtime",
+            false,
+            e.clone(),
+            threshold,
+            "start Docker, then run the doctor again",
+        ),
+        Ok(r) => {
+            let served = r.hook == Some(true) || r.runtimes.iter().any(|n| n == "nvidia") || r.cdi;
+            let how = [
+                (r.hook == Some(true), format!("{HOOK} on dockerd's PATH")),
+                (
+                    r.runtimes.iter().any(|n| n == "nvidia"),
+                    "runtime nvidia".into(),
+                ),
+                (r.cdi, "CDI specs for nvidia.com".into()),
+            ]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, s)| s)
+            .collect::<Vec<_>>();
+            row(
+                "gpu runtime",
+                served,
+                if served {
+                    format!("driver {}: {}", r.driver, how.join(", "))
+                } else {
+                    format!(
+                        "driver {}: no {HOOK} on dockerd's PATH, no nvidia runtime (Docker has {}), no CDI spec; every GPU lease would fail with `could not select device driver`",
+                        r.driver,
+                        if r.runtimes.is_empty() { "none".to_owned() } else { r.runtimes.join(", ") }
+                    )
+                },
+                threshold,
+                RUNTIME_FIX,
+            )
+        }
+    }
+}
+
+/// What Docker offers for GPU containers, asked of the engine and of
+/// dockerd's process.
+fn gpu_runtime(driver: &str) -> Result<GpuRuntime, String> {
+    let info =
+        crate::host::inventory::docker_info(Path::new(crate::host::inventory::DOCKER_SOCKET))?;
+    let runtimes = info["Runtimes"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    let cdi_dirs: Vec<String> = info["CDISpecDirs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_else(|| vec!["/etc/cdi".into(), "/var/run/cdi".into()]);
+    let cdi = cdi_dirs.iter().any(|d| {
+        std::fs::read_dir(d).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("nvidia.com/")))
+        })
+    });
+    Ok(GpuRuntime {
+        driver: driver.to_owned(),
+        runtimes,
+        hook: dockerd_path().map(|path| path.split(':').any(|d| Path::new(d).join(HOOK).is_file())),
+        cdi,
+    })
+}
+
+/// The PATH dockerd runs with (from /proc), if a dockerd runs.
+fn dockerd_path() -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        if comm.trim() != "dockerd" {
+            return None;
+        }
+        let env = std::fs::read(e.path().join("environ")).ok()?;
+        env.split(|b| *b == 0)
+            .find_map(|kv| kv.strip_prefix(b"PATH="))
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+    })
 }
 
 /// Creates (and at once drops) a TUN interface: what the mesh will do.
@@ -474,7 +640,76 @@ mod tests {
             }),
             coordinator: Some(Ok(())),
             delivery: Some(None),
+            gpu_runtime: Ok(GpuRuntime {
+                driver: "nvidia".into(),
+                runtimes: vec!["runc".into()],
+                hook: Some(true),
+                cdi: false,
+            }),
+            kernel_driver: Some("550.54.15".into()),
         }
+    }
+
+    #[test]
+    fn a_gpu_host_without_the_container_toolkit_or_with_a_half_upgraded_driver_fails() {
+        let mut f = good();
+        f.gpu_runtime = Ok(GpuRuntime {
+            driver: "nvidia".into(),
+            runtimes: vec!["io.containerd.runc.v2".into(), "runc".into()],
+            hook: Some(false),
+            cdi: false,
+        });
+        let checks = evaluate(&f, &DoctorConfig::default());
+        assert_eq!(failed(&checks), ["gpu runtime"]);
+        let c = checks.iter().find(|c| c.name == "gpu runtime").unwrap();
+        assert!(c.value.contains("could not select device driver"), "{c:?}");
+        assert!(c.fix.contains("nvidia-container-toolkit"), "{c:?}");
+        // An nvidia runtime or CDI specs serve it too.
+        for runtime in [
+            GpuRuntime {
+                runtimes: vec!["nvidia".into()],
+                ..Default::default()
+            },
+            GpuRuntime {
+                cdi: true,
+                ..Default::default()
+            },
+        ] {
+            f.gpu_runtime = Ok(runtime);
+            assert!(failed(&evaluate(&f, &DoctorConfig::default())).is_empty());
+        }
+        // The kernel module from before an upgrade, the library from after it.
+        f.kernel_driver = Some("535.129.03".into());
+        let checks = evaluate(&f, &DoctorConfig::default());
+        assert_eq!(failed(&checks), ["driver"]);
+        // NVML's own word for it.
+        f.kernel_driver = None;
+        f.nvml = Err("Driver/library version mismatch".into());
+        let checks = evaluate(&f, &DoctorConfig::default());
+        let n = checks.iter().find(|c| c.name == "nvml").unwrap();
+        assert!(n.fix.contains("reboot"), "{n:?}");
+        // No NVIDIA GPU at all: not a failure of the runtime.
+        f.nvml = Err("libnvidia-ml.so not found".into());
+        f.gpu_runtime = Ok(GpuRuntime::default());
+        let checks = evaluate(&f, &DoctorConfig::default());
+        assert_eq!(
+            checks
+                .iter()
+                .find(|c| c.name == "gpu runtime")
+                .unwrap()
+                .verdict,
+            Verdict::Skip
+        );
+    }
+
+    #[test]
+    fn the_kernel_modules_version_is_read_from_procfs() {
+        let text = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\nGCC version:  gcc version 12.2.0\n";
+        assert_eq!(kernel_module_version(text).as_deref(), Some("550.54.15"));
+        let open =
+            "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  560.35.03  Release Build\n";
+        assert_eq!(kernel_module_version(open).as_deref(), Some("560.35.03"));
+        assert_eq!(kernel_module_version(""), None);
     }
 
     #[test]
@@ -525,6 +760,8 @@ mod tests {
                 "rtt",
                 "docker",
                 "nvml",
+                "gpu runtime",
+                "driver",
                 "tun",
                 "coordinator",
                 "delivery",

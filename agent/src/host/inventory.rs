@@ -129,13 +129,27 @@ pub fn tun_available() -> bool {
 
 /// The Docker engine's version from `GET /version` on its socket.
 pub fn docker_version(socket: &Path) -> Result<String, String> {
+    let v = docker_get(socket, "/version")?;
+    v["Version"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no Version in the answer of {}", socket.display()))
+}
+
+/// Docker's `/info`: its runtimes, CDI directories and the rest.
+pub fn docker_info(socket: &Path) -> Result<serde_json::Value, String> {
+    docker_get(socket, "/info")
+}
+
+/// One GET of the Engine API over its socket, its JSON answer.
+fn docker_get(socket: &Path, path: &str) -> Result<serde_json::Value, String> {
     let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok();
     s.set_write_timeout(Some(Duration::from_secs(2))).ok();
-    s.write_all(b"GET /version HTTP/1.0\r\nHost: docker\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: docker\r\n\r\n").as_bytes())
         .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
-    s.take(64 << 10)
+    s.take(1 << 20)
         .read_to_end(&mut buf)
         .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&buf);
@@ -143,12 +157,8 @@ pub fn docker_version(socket: &Path) -> Result<String, String> {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b)
         .unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(body)
-        .map_err(|e| format!("unexpected answer from {}: {e}", socket.display()))?;
-    v["Version"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| format!("no Version in the answer of {}", socket.display()))
+    serde_json::from_str(body)
+        .map_err(|e| format!("unexpected answer from {}: {e}", socket.display()))
 }
 
 #[cfg(test)]

@@ -103,6 +103,19 @@ pub enum DockerError {
     },
 }
 
+/// What a host whose Docker cannot serve GPU device requests needs.
+pub const GPU_RUNTIME_FIX: &str = "install the NVIDIA Container Toolkit (package nvidia-container-toolkit), run `nvidia-ctk runtime configure --runtime=docker` and restart Docker";
+
+/// Docker's message, with what to do when it is one a supplier can fix:
+/// a GPU lease on a host without the NVIDIA Container Toolkit.
+fn with_fix(message: String) -> String {
+    if message.contains("could not select device driver") {
+        format!("{message}: this node's Docker cannot give containers GPUs; {GPU_RUNTIME_FIX} (`warden doctor` checks it)")
+    } else {
+        message
+    }
+}
+
 /// A handle on one Docker engine; cheap to clone (the connection pool is shared).
 #[derive(Debug, Clone)]
 pub struct Docker {
@@ -676,7 +689,7 @@ impl Docker {
             } => DockerError::Api {
                 what,
                 status: Some(status_code),
-                message,
+                message: with_fix(message),
             },
             BollardError::DockerStreamError { error } => DockerError::Api {
                 what,
@@ -899,6 +912,17 @@ fn event_kind(action: &str, attributes: &HashMap<String, String>) -> EventKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gpu_request_docker_cannot_serve_says_what_to_install() {
+        let m =
+            with_fix("could not select device driver \"nvidia\" with capabilities: [[gpu]]".into());
+        assert!(
+            m.contains("nvidia-container-toolkit") && m.contains("warden doctor"),
+            "{m}"
+        );
+        assert_eq!(with_fix("Conflict.".into()), "Conflict.");
+    }
     use crate::workloads::confine::LABEL_LEASE;
     use bollard::models::{EventActor, ProgressDetail};
 
