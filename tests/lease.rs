@@ -381,12 +381,42 @@ fn exits_and_oom_kills_are_reported() {
         let c = &n.lease(&exits)["containers"][0];
         (c["state"] == "exited" && c["exit_code"] == 3).then_some(())
     });
+    // A lease whose containers all stopped is not `running`: it says how.
+    let l = n.lease(&exits);
+    assert_eq!(l["state"], "stopped", "{l:#}");
+    assert!(
+        l["error"].as_str().unwrap().contains("main exited with 3"),
+        "{l:#}"
+    );
     wait_for("the OOM kill reported", Duration::from_secs(60), || {
         let c = &n.lease(&oom)["containers"][0];
         (c["state"] == "oom-killed" && c["exit_code"] == 137).then_some(())
     });
+    let l = n.lease(&oom);
+    assert_eq!(l["state"], "stopped", "{l:#}");
+    assert!(
+        l["error"].as_str().unwrap().contains("killed for memory"),
+        "{l:#}"
+    );
+    // A command the image lacks: the container's init cannot exec it and
+    // exits 127; the lease says so rather than staying `running`.
+    let missing = n
+        .start(&["--image", &image, "--", "/no/such/binary"])
+        .unwrap();
+    let l = wait_for(
+        "the missing command reported",
+        Duration::from_secs(30),
+        || Some(n.lease(&missing)).filter(|l| l["state"] == "stopped"),
+    );
+    assert!(
+        l["error"]
+            .as_str()
+            .unwrap()
+            .contains("exited with 127 (its command was not found in the image)"),
+        "{l:#}"
+    );
     // Ending a lease whose container already exited still cleans it up.
-    for id in [&exits, &oom] {
+    for id in [&exits, &oom, &missing] {
         n.end(id);
     }
     assert!(n.containers().is_empty());

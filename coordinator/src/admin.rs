@@ -70,7 +70,10 @@ impl AdminService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .ok_or_else(|| Status::not_found(format!("no lease {lease_id}")))?;
-        if info.state != LeaseState::Running {
+        if !matches!(
+            LeaseState::parse(&info.state),
+            Some(LeaseState::Running | LeaseState::Stopped)
+        ) {
             return Err(Status::failed_precondition(format!(
                 "lease {lease_id} is {}, not running",
                 info.state

@@ -35,7 +35,13 @@ pub async fn run(
             Ok(l) => l,
             Err(_) => return,
         };
-        for lease in leases.iter().filter(|l| l.state == LeaseState::Running) {
+        // A stopped lease is still attested: it is challenged too.
+        for lease in leases.iter().filter(|l| {
+            matches!(
+                LeaseState::parse(&l.state),
+                Some(LeaseState::Running | LeaseState::Stopped)
+            )
+        }) {
             let Some(tx) = registry.sender(&lease.node_id) else {
                 continue;
             };

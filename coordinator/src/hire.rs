@@ -193,10 +193,7 @@ pub fn member_containers(c: &pb::ClusterInfo, m: &pb::ClusterMember) -> Vec<pb::
 
 /// The lease states in which a lease holds its GPUs.
 fn holds_gpus(state: &str) -> bool {
-    matches!(
-        LeaseState::parse(state),
-        Some(LeaseState::Starting | LeaseState::Running | LeaseState::Ending)
-    )
+    LeaseState::parse(state).is_some_and(LeaseState::is_live)
 }
 
 /// What the matcher may choose from: every node the store knows, with the
@@ -505,6 +502,11 @@ pub fn lost(
                 Some(Some(LeaseState::Ended)) => {
                     Some(format!("its lease {} was ended", m.lease_id))
                 }
+                Some(Some(LeaseState::Stopped)) => Some(format!(
+                    "its lease {} stopped: {}",
+                    m.lease_id,
+                    lease.map_or("", |l| l.error.as_str())
+                )),
                 _ => None,
             }
             .or_else(|| {

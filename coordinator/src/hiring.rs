@@ -667,7 +667,7 @@ impl Hiring {
                     l.lease_id == e.lease_id
                         && matches!(
                             LeaseState::parse(&l.state),
-                            Some(LeaseState::Starting | LeaseState::Running)
+                            Some(LeaseState::Starting | LeaseState::Running | LeaseState::Stopped)
                         )
                 });
                 if running && registry.is_connected(&e.node_id) {

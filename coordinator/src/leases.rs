@@ -70,6 +70,7 @@ pub fn apply_result(info: &mut pb::LeaseInfo, kind: Kind, r: &pb::CommandResult,
             }
             info.error.clear();
             merge(&mut info.containers, &r.containers);
+            settle(info);
         }
         (Kind::LeaseStart, false) => {
             info.state = LeaseState::Failed.into();
@@ -82,7 +83,8 @@ pub fn apply_result(info: &mut pb::LeaseInfo, kind: Kind, r: &pb::CommandResult,
             merge(&mut info.containers, &r.containers);
         }
         (Kind::RunContainer | Kind::StopContainer, true) => {
-            merge(&mut info.containers, &r.containers)
+            merge(&mut info.containers, &r.containers);
+            settle(info);
         }
         (Kind::LeaseEnd, false) => {
             // The node still runs it: ending it can be tried again.
@@ -128,6 +130,63 @@ pub fn apply_event(info: &mut pb::LeaseInfo, ev: &pb::WorkloadEvent) {
         c.id = ev.container_id.clone();
     }
     c.time_unix_ms = ev.time_unix_ms;
+    settle(info);
+}
+
+/// A running lease whose containers have all stopped is `stopped`, with
+/// how each stopped as its error; a stopped one with a container running
+/// again is `running`. Containers removed by a stop command do not count
+/// (a lease may hold its GPUs with none).
+fn settle(info: &mut pb::LeaseInfo) {
+    let state = LeaseState::parse(&info.state);
+    if !matches!(state, Some(LeaseState::Running | LeaseState::Stopped)) {
+        return;
+    }
+    let present: Vec<&pb::ContainerState> = info
+        .containers
+        .iter()
+        .filter(|c| c.state != ContainerStatus::Removed)
+        .collect();
+    if present.is_empty() {
+        return;
+    }
+    if present.iter().any(|c| c.state == ContainerStatus::Running) {
+        if state == Some(LeaseState::Stopped) {
+            info.state = LeaseState::Running.into();
+            info.error.clear();
+        }
+        return;
+    }
+    info.state = LeaseState::Stopped.into();
+    info.error = present
+        .iter()
+        .map(|c| how_it_stopped(c))
+        .collect::<Vec<_>>()
+        .join("; ");
+}
+
+/// "container main exited with 127 (its command was not found in the image)".
+fn how_it_stopped(c: &pb::ContainerState) -> String {
+    let name = &c.name;
+    match ContainerStatus::parse(&c.state) {
+        Some(ContainerStatus::OomKilled) => {
+            format!("container {name} was killed for memory (raise its --memory)")
+        }
+        Some(ContainerStatus::Missing) => {
+            format!("container {name} is gone from the node's Docker")
+        }
+        _ => {
+            let why = match c.exit_code {
+                0 => " (it finished)",
+                126 => " (its command is not executable)",
+                127 => " (its command was not found in the image)",
+                137 => " (killed: SIGKILL)",
+                143 => " (stopped: SIGTERM)",
+                _ => "",
+            };
+            format!("container {name} exited with {}{why}", c.exit_code)
+        }
+    }
 }
 
 /// Notes the coordinator's verdict on the lease's row.
@@ -140,6 +199,45 @@ pub fn apply_verdict(info: &mut pb::LeaseInfo, v: pb::LeaseVerdict) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_whose_containers_all_stopped_is_stopped_and_says_how() {
+        let mut info = pb::LeaseInfo {
+            state: LeaseState::Running.into(),
+            containers: vec![c("main", "running", 1), c("side", "running", 1)],
+            ..Default::default()
+        };
+        apply_event(&mut info, &ev("main", "exited", 127, 5));
+        assert_eq!(info.state, "running", "one still runs");
+        apply_event(&mut info, &ev("side", "oom", 137, 6));
+        assert_eq!(info.state, "stopped");
+        assert!(
+            info.error
+                .contains("main exited with 127 (its command was not found")
+                && info.error.contains("side was killed for memory"),
+            "{}",
+            info.error
+        );
+        // A container started in it again: running, the error gone.
+        apply_event(&mut info, &ev("main", "started", 0, 7));
+        assert_eq!((info.state.as_str(), info.error.as_str()), ("running", ""));
+        // Containers removed by a stop command do not make it stopped.
+        let mut held = pb::LeaseInfo {
+            state: LeaseState::Running.into(),
+            containers: vec![c("main", "removed", 1)],
+            ..Default::default()
+        };
+        settle(&mut held);
+        assert_eq!(held.state, "running");
+        // Ending or ended leases are not touched.
+        let mut ending = pb::LeaseInfo {
+            state: LeaseState::Ending.into(),
+            containers: vec![c("main", "exited", 1)],
+            ..Default::default()
+        };
+        settle(&mut ending);
+        assert_eq!(ending.state, "ending");
+    }
 
     fn c(name: &str, state: &str, t: i64) -> pb::ContainerState {
         pb::ContainerState {

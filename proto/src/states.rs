@@ -68,12 +68,29 @@ wire_text! {
     pub enum LeaseState {
         /// LeaseStart sent, no answer yet.
         Starting => "starting",
+        /// Its containers run (or it holds its GPUs with none yet).
         Running => "running",
+        /// Every container of it has stopped (exited, killed for memory, or
+        /// gone from Docker): `error` says how each did. It still holds its
+        /// GPUs until it is ended; a container started in it makes it
+        /// running again.
+        Stopped => "stopped",
         /// The node refused or failed to start it.
         Failed => "failed",
         /// LeaseEnd sent, no answer yet.
         Ending => "ending",
         Ended => "ended",
+    }
+}
+
+impl LeaseState {
+    /// Whether the lease is live on its node: it holds its GPUs, takes
+    /// container commands and is challenged.
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            LeaseState::Starting | LeaseState::Running | LeaseState::Stopped | LeaseState::Ending
+        )
     }
 }
 

@@ -202,7 +202,7 @@ async fn end_dev_leases(admin: &std::path::Path) {
         .filter(|l| {
             matches!(
                 LeaseState::parse(&l.state),
-                Some(LeaseState::Starting | LeaseState::Running)
+                Some(LeaseState::Starting | LeaseState::Running | LeaseState::Stopped)
             )
         })
         .map(|l| l.lease_id)
