@@ -361,6 +361,21 @@ async fn health_and_reflection_are_served_over_tls() {
             "reflection {version} describes warden.v1.Admin"
         );
     }
+
+    // The admin socket's lists and describes Admin, in both versions.
+    let admin = warden_coordinator::admin::channel(&coord.admin_socket())
+        .await
+        .unwrap();
+    for (version, (names, admin_found)) in [
+        ("v1", reflect!(v1, admin.clone())),
+        ("v1alpha", reflect!(v1alpha, admin.clone())),
+    ] {
+        assert!(
+            names.iter().any(|n| n == "warden.v1.Admin"),
+            "admin socket reflection {version}: {names:?}"
+        );
+        assert!(admin_found, "admin socket reflection {version}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

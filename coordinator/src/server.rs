@@ -1,5 +1,5 @@
 //! Starts the coordinator: the agents' TLS endpoint (Uplink, health,
-//! reflection) and the admin unix socket.
+//! reflection) and the admin unix socket (Admin, reflection).
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -14,7 +14,7 @@ use warden_proto::{
     pb::{
         admin_server::AdminServer, link_probe_server::LinkProbeServer, uplink_server::UplinkServer,
     },
-    PUBLIC_FILE_DESCRIPTOR_SET,
+    FILE_DESCRIPTOR_SET, PUBLIC_FILE_DESCRIPTOR_SET,
 };
 use warden_state::{
     dir::{self, DirError},
@@ -210,7 +210,7 @@ pub async fn start(
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<UplinkServer<UplinkService>>().await;
     health.set_serving::<LinkProbeServer<ProbeService>>().await;
-    let (reflection, reflection_v1alpha) = reflection(PUBLIC_FILE_DESCRIPTOR_SET)?;
+    let (reflection, reflection_v1alpha) = reflection_services(PUBLIC_FILE_DESCRIPTOR_SET)?;
     let signer = Arc::new(signer);
     let registry = Registry::new(signer.clone());
     let (challenge_store, challenge_registry, challenge_signer) =
@@ -270,7 +270,11 @@ pub async fn start(
             .clone()
             .run_upkeep(Duration::from_secs(1), shutdown.clone()),
     );
+    // The admin socket's reflection describes Admin too (`grpcurl -unix`).
+    let (admin_reflection, admin_reflection_v1alpha) = reflection_services(FILE_DESCRIPTOR_SET)?;
     let admin = Server::builder()
+        .add_service(admin_reflection)
+        .add_service(admin_reflection_v1alpha)
         .add_service(AdminServer::new(AdminService::new(
             store, registry, signer, hiring,
         )))
@@ -315,7 +319,7 @@ pub async fn start(
 /// Reflection over `descriptors` (and health's) in both versions: v1, and
 /// v1alpha for the tools that still ask only that (grpcurl, grpcui, Postman,
 /// Python's grpc_reflection). Each lists both reflection services.
-fn reflection(
+fn reflection_services(
     descriptors: &'static [u8],
 ) -> Result<
     (
