@@ -1,5 +1,5 @@
 //! Compiles the .proto files with protox (pure Rust, no system `protoc`) and
-//! writes the descriptor set that the coordinator serves for reflection.
+//! writes the descriptor sets that the coordinator serves for reflection.
 use std::{env, fs, path::PathBuf};
 
 use prost::Message as _;
@@ -19,6 +19,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("warden_descriptor.bin"), fds.encode_to_vec())?;
+    // The TLS port's reflection describes only what is callable there: not
+    // Admin (a unix socket's service), whose file nothing else imports.
+    let mut public = fds.clone();
+    public.file.retain(|f| f.name() != "warden/v1/admin.proto");
+    fs::write(
+        out.join("warden_public_descriptor.bin"),
+        public.encode_to_vec(),
+    )?;
     let mut builder = tonic_prost_build::configure();
     // The state messages that `warden status/inventory/nodes --json` print.
     for m in [

@@ -1,6 +1,7 @@
 //! Interop: `warden mesh up` in one network namespace and Debian's
 //! wireguard-go in another, both configured with stock `wg`, complete a
-//! handshake and carry TCP (iperf3) both ways.
+//! handshake and carry TCP (iperf3) both ways; `mesh up` brings its link up
+//! with wireguard-go's MTU and refuses a name whose socket is in use.
 
 mod common;
 
@@ -144,7 +145,10 @@ fn warden_mesh_and_wireguard_go_carry_tcp_both_ways() {
             theirs,
         ]);
         run(&["ip", "-n", ns, "addr", "add", mine, "dev", ifname]);
-        run(&["ip", "-n", ns, "link", "set", ifname, "up"]);
+        // wireguard-go leaves its link down; `warden mesh up` brought its own up.
+        if ns == &nb {
+            run(&["ip", "-n", ns, "link", "set", ifname, "up"]);
+        }
     }
 
     // TCP from warden's side to wireguard-go's, then back.
@@ -199,4 +203,103 @@ fn the_agent_announces_its_mesh_key_and_endpoints_at_register() {
         serde_json::json!(["203.0.113.7:51820"])
     );
     drop(agent);
+}
+
+/// The link as `ip -j link show` sees it inside `ns`.
+fn link(ns: &str, ifname: &str) -> serde_json::Value {
+    let out = run(&["ip", "-n", ns, "-j", "link", "show", ifname]).stdout;
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    v[0].clone()
+}
+
+fn wait_for_log(log: &Path, text: &str) -> String {
+    wait_for(text, Duration::from_secs(20), || {
+        let s = std::fs::read_to_string(log).ok()?;
+        s.contains(text).then_some(s)
+    })
+}
+
+/// `warden mesh up` for a name whose socket is served, run to its end.
+fn second_mesh_up(ns: &str, args: &[&str]) -> std::process::Output {
+    Command::new("timeout")
+        .args(["20", "ip", "netns", "exec", ns, WARDEN, "mesh", "up"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn mesh_up_brings_the_link_up_at_1420_and_refuses_a_second_for_the_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = std::process::id() % 100_000;
+    let (na, nb) = (format!("wu-a-{id}"), format!("wu-b-{id}"));
+    let ifname = format!("wwu{id}");
+    let _hosts = Hosts(vec![na.clone(), nb.clone()]);
+    run(&["ip", "netns", "add", &na]);
+    run(&["ip", "netns", "add", &nb]);
+    let sock = format!("/var/run/wireguard/{ifname}.sock");
+
+    let first_log = tmp.path().join("first.log");
+    let mut first = spawn_in(&na, &[WARDEN, "mesh", "up", &ifname], &first_log);
+    let said = wait_for_log(&first_log, "is up");
+    assert!(
+        said.contains(&format!("interface {ifname} is up, MTU 1420"))
+            && said.contains(&format!("UAPI socket {sock}"))
+            && said.contains(&format!("ip addr add ADDRESS/PREFIX dev {ifname}"))
+            && said.contains(&format!("wg setconf {ifname}")),
+        "{said}"
+    );
+    let l = link(&na, &ifname);
+    assert_eq!(l["mtu"], 1420, "{l}");
+    assert!(l["flags"].as_array().unwrap().contains(&"UP".into()), "{l}");
+
+    // A second one for the name, in the same namespace (where the TUN name
+    // is taken too) or in another (where only the socket is shared), is
+    // refused and leaves the first one's socket alone.
+    for ns in [&na, &nb] {
+        let out = second_mesh_up(ns, &[&ifname]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{ns}: {err}");
+        assert!(
+            err.contains(&format!(
+                "socket {sock} in use by a running warden mesh up / wireguard-go"
+            )),
+            "{ns}: {err}"
+        );
+    }
+    let show = String::from_utf8(run(&["ip", "netns", "exec", &na, "wg", "show", &ifname]).stdout)
+        .unwrap();
+    assert!(show.contains(&format!("interface: {ifname}")), "{show}");
+
+    // --mtu sets another (its own socket directory: the name is in use).
+    let other_log = tmp.path().join("other.log");
+    let socks = tmp.path().join("sockets");
+    let _other = spawn_in(
+        &nb,
+        &[
+            WARDEN,
+            "mesh",
+            "up",
+            &ifname,
+            "--mtu",
+            "1380",
+            "--socket-dir",
+            socks.to_str().unwrap(),
+        ],
+        &other_log,
+    );
+    wait_for_log(&other_log, &format!("interface {ifname} is up, MTU 1380"));
+    assert_eq!(link(&nb, &ifname)["mtu"], 1380);
+
+    // A socket left by a process that died is replaced.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    assert!(
+        Path::new(&sock).exists(),
+        "a killed process leaves its socket"
+    );
+    let again_log = tmp.path().join("again.log");
+    let _again = spawn_in(&na, &[WARDEN, "mesh", "up", &ifname], &again_log);
+    wait_for_log(&again_log, &format!("interface {ifname} is up, MTU 1420"));
+    run(&["ip", "netns", "exec", &na, "wg", "show", &ifname]);
 }

@@ -280,15 +280,50 @@ async fn tls_channel(coord: &Coordinator) -> tonic::transport::Channel {
         .unwrap()
 }
 
+/// Asks reflection version `$v` (`v1` or `v1alpha`) over `$channel` for
+/// its service list and for the file defining warden.v1.Admin: the names,
+/// and whether Admin was found.
+macro_rules! reflect {
+    ($v:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$v::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let ask = |m| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(m),
+        };
+        let mut replies = ServerReflectionClient::new($channel)
+            .server_reflection_info(tokio_stream::iter(vec![
+                ask(MessageRequest::ListServices(String::new())),
+                ask(MessageRequest::FileContainingSymbol(
+                    "warden.v1.Admin".into(),
+                )),
+            ]))
+            .await
+            .unwrap()
+            .into_inner();
+        let reply = replies.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+            panic!("unexpected reflection reply {reply:?}");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        // tonic-reflection ends the stream with NOT_FOUND for an unknown
+        // symbol; other servers answer with an ErrorResponse.
+        let admin_found = match replies.message().await {
+            Err(s) if s.code() == tonic::Code::NotFound => false,
+            Ok(Some(r)) => !matches!(r.message_response, Some(MessageResponse::ErrorResponse(_))),
+            other => panic!("unexpected reflection reply {other:?}"),
+        };
+        (names, admin_found)
+    }};
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_are_served_over_tls() {
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-    };
-    use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-        ServerReflectionRequest,
     };
     let tmp = tempfile::tempdir().unwrap();
     let coord = Coordinator::start(&tmp.path().join("coord"), free_port());
@@ -304,22 +339,43 @@ async fn health_and_reflection_are_served_over_tls() {
         .status;
     assert_eq!(status, ServingStatus::Serving as i32);
 
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut replies = ServerReflectionClient::new(channel)
-        .server_reflection_info(tokio_stream::iter(vec![req]))
+    // Both versions (grpcurl, grpcui, Postman and Python still ask
+    // v1alpha) list what is callable here, and neither lists nor describes
+    // Admin, which only the unix socket serves.
+    let mut expected = vec![
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "warden.v1.LinkProbe",
+        "warden.v1.Uplink",
+    ];
+    expected.sort();
+    for (version, (mut names, admin_found)) in [
+        ("v1", reflect!(v1, channel.clone())),
+        ("v1alpha", reflect!(v1alpha, channel.clone())),
+    ] {
+        names.sort();
+        assert_eq!(names, expected, "reflection {version}");
+        assert!(
+            !admin_found,
+            "reflection {version} describes warden.v1.Admin"
+        );
+    }
+
+    // The admin socket's lists and describes Admin, in both versions.
+    let admin = warden_coordinator::admin::channel(&coord.admin_socket())
         .await
-        .unwrap()
-        .into_inner();
-    let reply = replies.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
-        panic!("unexpected reflection reply {reply:?}");
-    };
-    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    assert!(names.contains(&"warden.v1.Uplink"), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+        .unwrap();
+    for (version, (names, admin_found)) in [
+        ("v1", reflect!(v1, admin.clone())),
+        ("v1alpha", reflect!(v1alpha, admin.clone())),
+    ] {
+        assert!(
+            names.iter().any(|n| n == "warden.v1.Admin"),
+            "admin socket reflection {version}: {names:?}"
+        );
+        assert!(admin_found, "admin socket reflection {version}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

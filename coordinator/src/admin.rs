@@ -523,6 +523,13 @@ impl pb::admin_server::Admin for AdminService {
 pub async fn connect(
     socket: &std::path::Path,
 ) -> Result<pb::admin_client::AdminClient<tonic::transport::Channel>, tonic::transport::Error> {
+    Ok(pb::admin_client::AdminClient::new(channel(socket).await?))
+}
+
+/// A gRPC channel to the admin socket (for Admin, or its reflection).
+pub async fn channel(
+    socket: &std::path::Path,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let socket = socket.to_owned();
     // The URI is required by the API but unused: the connector dials the socket.
     let channel = tonic::transport::Endpoint::from_static("http://admin.sock")
@@ -534,5 +541,5 @@ pub async fn connect(
             }
         }))
         .await?;
-    Ok(pb::admin_client::AdminClient::new(channel))
+    Ok(channel)
 }

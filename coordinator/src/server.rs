@@ -1,5 +1,5 @@
 //! Starts the coordinator: the agents' TLS endpoint (Uplink, health,
-//! reflection) and the admin unix socket.
+//! reflection) and the admin unix socket (Admin, reflection).
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -7,13 +7,14 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
+use tonic_reflection::server::{v1, v1alpha};
 use warden_proto::{
     dsse::{Signer, VerifyingKey},
     identity::{self, IdentityError},
     pb::{
         admin_server::AdminServer, link_probe_server::LinkProbeServer, uplink_server::UplinkServer,
     },
-    FILE_DESCRIPTOR_SET,
+    FILE_DESCRIPTOR_SET, PUBLIC_FILE_DESCRIPTOR_SET,
 };
 use warden_state::{
     dir::{self, DirError},
@@ -209,10 +210,7 @@ pub async fn start(
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<UplinkServer<UplinkService>>().await;
     health.set_serving::<LinkProbeServer<ProbeService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let (reflection, reflection_v1alpha) = reflection_services(PUBLIC_FILE_DESCRIPTOR_SET)?;
     let signer = Arc::new(signer);
     let registry = Registry::new(signer.clone());
     let (challenge_store, challenge_registry, challenge_signer) =
@@ -251,6 +249,7 @@ pub async fn start(
         .layer(TrackRpcsLayer)
         .add_service(health_svc)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(uplink)
         .add_service(LinkProbeServer::new(ProbeService::default()))
         .serve_with_incoming_shutdown(
@@ -271,7 +270,11 @@ pub async fn start(
             .clone()
             .run_upkeep(Duration::from_secs(1), shutdown.clone()),
     );
+    // The admin socket's reflection describes Admin too (`grpcurl -unix`).
+    let (admin_reflection, admin_reflection_v1alpha) = reflection_services(FILE_DESCRIPTOR_SET)?;
     let admin = Server::builder()
+        .add_service(admin_reflection)
+        .add_service(admin_reflection_v1alpha)
         .add_service(AdminServer::new(AdminService::new(
             store, registry, signer, hiring,
         )))
@@ -311,6 +314,30 @@ pub async fn start(
         ],
         _locks: locks,
     })
+}
+
+/// Reflection over `descriptors` (and health's) in both versions: v1, and
+/// v1alpha for the tools that still ask only that (grpcurl, grpcui, Postman,
+/// Python's grpc_reflection). Each lists both reflection services.
+fn reflection_services(
+    descriptors: &'static [u8],
+) -> Result<
+    (
+        v1::ServerReflectionServer<impl v1::ServerReflection>,
+        v1alpha::ServerReflectionServer<impl v1alpha::ServerReflection>,
+    ),
+    ServeError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(descriptors)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
 
 /// Loads or creates the coordinator's signing key. A damaged key file gets a

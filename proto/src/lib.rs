@@ -23,3 +23,8 @@ pub mod pb {
 /// The encoded `FileDescriptorSet` of every Warden proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/warden_descriptor.bin"));
+
+/// As [`FILE_DESCRIPTOR_SET`] without `warden.v1.Admin` (served only on the
+/// admin unix socket): what reflection on the agents' TLS port describes.
+pub const PUBLIC_FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/warden_public_descriptor.bin"));

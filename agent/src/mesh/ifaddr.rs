@@ -43,49 +43,70 @@ pub fn netmask(prefix: u8) -> Ipv4Addr {
 
 /// Sets `addr/prefix`, the MTU, and brings the interface up.
 pub fn configure(name: &str, addr: Ipv4Addr, prefix: u8, mtu: u32) -> Result<(), IfError> {
-    let err = |what| {
-        let source = io::Error::last_os_error();
-        IfError {
-            name: name.to_owned(),
-            what,
-            source,
-        }
-    };
-    let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|source| IfError {
-        name: name.to_owned(),
-        what: "control socket",
-        source,
+    let ctl = Ctl::open(name)?;
+    ctl.ioctl(libc::SIOCSIFADDR, "setting its address", |r| {
+        r[16..32].copy_from_slice(&sockaddr_in(addr))
     })?;
-    let fd = sock.as_raw_fd();
-    let ioctl = |req: libc::c_ulong, r: &mut [u8; 40]| {
+    ctl.ioctl(libc::SIOCSIFNETMASK, "setting its netmask", |r| {
+        r[16..32].copy_from_slice(&sockaddr_in(netmask(prefix)))
+    })?;
+    ctl.mtu_and_up(mtu)
+}
+
+/// Sets the MTU and brings the interface up, leaving its addresses alone
+/// (`warden mesh up`: the user adds those, as for wireguard-go).
+pub fn set_mtu_and_up(name: &str, mtu: u32) -> Result<(), IfError> {
+    Ctl::open(name)?.mtu_and_up(mtu)
+}
+
+/// A socket to aim `SIOCSIF*` ioctls at one interface through.
+struct Ctl<'a> {
+    name: &'a str,
+    sock: std::net::UdpSocket,
+}
+
+impl<'a> Ctl<'a> {
+    fn open(name: &'a str) -> Result<Self, IfError> {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|source| IfError {
+            name: name.to_owned(),
+            what: "control socket",
+            source,
+        })?;
+        Ok(Ctl { name, sock })
+    }
+
+    /// Runs request `req` on an ifreq naming the interface, filled by
+    /// `fill`; the ifreq as the kernel left it.
+    fn ioctl(
+        &self,
+        req: libc::c_ulong,
+        what: &'static str,
+        fill: impl FnOnce(&mut [u8; 40]),
+    ) -> Result<[u8; 40], IfError> {
+        let mut r = ifreq(self.name);
+        fill(&mut r);
         // SAFETY: each SIOC*IF* request reads or writes one ifreq, which `r` is.
-        unsafe { libc::ioctl(fd, req as _, r.as_mut_ptr()) }
-    };
-    let mut r = ifreq(name);
-    r[16..32].copy_from_slice(&sockaddr_in(addr));
-    if ioctl(libc::SIOCSIFADDR, &mut r) < 0 {
-        return Err(err("setting its address"));
+        if unsafe { libc::ioctl(self.sock.as_raw_fd(), req as _, r.as_mut_ptr()) } < 0 {
+            return Err(IfError {
+                name: self.name.to_owned(),
+                what,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(r)
     }
-    let mut r = ifreq(name);
-    r[16..32].copy_from_slice(&sockaddr_in(netmask(prefix)));
-    if ioctl(libc::SIOCSIFNETMASK, &mut r) < 0 {
-        return Err(err("setting its netmask"));
+
+    fn mtu_and_up(&self, mtu: u32) -> Result<(), IfError> {
+        self.ioctl(libc::SIOCSIFMTU, "setting its MTU", |r| {
+            r[16..20].copy_from_slice(&(mtu as i32).to_ne_bytes())
+        })?;
+        let r = self.ioctl(libc::SIOCGIFFLAGS, "reading its flags", |_| {})?;
+        let flags = i16::from_ne_bytes([r[16], r[17]]) | (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+        self.ioctl(libc::SIOCSIFFLAGS, "bringing it up", |r| {
+            r[16..18].copy_from_slice(&flags.to_ne_bytes())
+        })?;
+        Ok(())
     }
-    let mut r = ifreq(name);
-    r[16..20].copy_from_slice(&(mtu as i32).to_ne_bytes());
-    if ioctl(libc::SIOCSIFMTU, &mut r) < 0 {
-        return Err(err("setting its MTU"));
-    }
-    let mut r = ifreq(name);
-    if ioctl(libc::SIOCGIFFLAGS, &mut r) < 0 {
-        return Err(err("reading its flags"));
-    }
-    let flags = i16::from_ne_bytes([r[16], r[17]]) | (libc::IFF_UP | libc::IFF_RUNNING) as i16;
-    r[16..18].copy_from_slice(&flags.to_ne_bytes());
-    if ioctl(libc::SIOCSIFFLAGS, &mut r) < 0 {
-        return Err(err("bringing it up"));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

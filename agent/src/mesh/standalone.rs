@@ -14,6 +14,7 @@ use warden_state::socket::{SocketError, SocketFile};
 use super::{
     control,
     device::Device,
+    ifaddr::{self, IfError},
     tun::{Tun, TunError},
 };
 
@@ -21,23 +22,57 @@ use super::{
 pub enum StandaloneError {
     #[error(transparent)]
     Tun(#[from] TunError),
+    #[error("socket {} in use by a running warden mesh up / wireguard-go: interface {name} is already up; stop that one first or pick another name", path.display())]
+    InUse { path: PathBuf, name: String },
     #[error("UAPI socket {}: {source}", path.display())]
     Socket { path: PathBuf, source: SocketError },
+    #[error(transparent)]
+    Link(#[from] IfError),
 }
 
-/// The interface, made and bound, not yet running.
+impl StandaloneError {
+    fn socket(path: &Path, name: &str, source: SocketError) -> Self {
+        match source {
+            SocketError::InUse { .. } => StandaloneError::InUse {
+                path: path.to_owned(),
+                name: name.to_owned(),
+            },
+            source => StandaloneError::Socket {
+                path: path.to_owned(),
+                source,
+            },
+        }
+    }
+}
+
+/// The interface, made, bound, up with its MTU, not yet running.
 pub struct Standalone {
     tun: Tun,
     path: PathBuf,
     listener: UnixListener,
     socket_file: SocketFile,
+    mtu: u32,
 }
 
 impl Standalone {
     /// Makes the TUN device (`offload`: with TCP segmentation offload,
-    /// else one packet per read and write) and binds its UAPI socket in
-    /// `socket_dir`.
-    pub fn open(ifname: &str, socket_dir: &Path, offload: bool) -> Result<Self, StandaloneError> {
+    /// else one packet per read and write), binds its UAPI socket in
+    /// `socket_dir`, sets the MTU and brings the link up. A live socket for
+    /// the name (another `warden mesh up` or wireguard-go, perhaps in another
+    /// network namespace) is refused and left alone; a stale one is replaced.
+    pub fn open(
+        ifname: &str,
+        socket_dir: &Path,
+        offload: bool,
+        mtu: u32,
+    ) -> Result<Self, StandaloneError> {
+        // Asked before the TUN is made, so that a name taken in this
+        // namespace is reported as the socket in use, not as EBUSY.
+        if super::tun::valid_name(ifname) && !ifname.contains('%') {
+            let path = control::socket_path(socket_dir, ifname);
+            warden_state::socket::remove_stale(&path)
+                .map_err(|e| StandaloneError::socket(&path, ifname, e))?;
+        }
         let tun = if offload {
             Tun::create(ifname)?
         } else {
@@ -45,15 +80,14 @@ impl Standalone {
         };
         let path = control::socket_path(socket_dir, tun.name());
         let (listener, socket_file) =
-            control::bind(&path).map_err(|source| StandaloneError::Socket {
-                path: path.clone(),
-                source,
-            })?;
+            control::bind(&path).map_err(|e| StandaloneError::socket(&path, tun.name(), e))?;
+        ifaddr::set_mtu_and_up(tun.name(), mtu)?;
         Ok(Standalone {
             tun,
             path,
             listener,
             socket_file,
+            mtu,
         })
     }
 
@@ -68,6 +102,10 @@ impl Standalone {
 
     pub fn socket_path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn mtu(&self) -> u32 {
+        self.mtu
     }
 
     /// Runs the interface and answers `wg` until `shutdown`.

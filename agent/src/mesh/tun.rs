@@ -122,7 +122,8 @@ fn offer_offloads(file: &File) -> bool {
     }
 }
 
-fn valid_name(name: &str) -> bool {
+/// Whether the kernel would take `name` (and it names no other directory).
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME
         && !name.contains('/')
