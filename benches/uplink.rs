@@ -117,6 +117,7 @@ async fn throughput(n: u64, window: usize) -> f64 {
         challenges: None,
         mesh: Default::default(),
         mesh_status: watch::channel(None).1,
+        direct: tokio::sync::Mutex::new(tokio::sync::mpsc::channel(1).1),
     };
     let uplink_task = tokio::spawn(uplink.run(shutdown.clone()));
 

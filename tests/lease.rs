@@ -267,6 +267,7 @@ fn a_missing_image_fails_with_the_registrys_reason() {
         .start(&["--image", "warden-test/not-here:404", "--", "true"])
         .expect_err("no registry here");
     assert!(err.contains("pulling warden-test/not-here:404"), "{err}");
+    assert!(err.contains("warden image load"), "{err}");
     assert!(n.containers().is_empty());
     // The pull was reported as telemetry too.
     let log = n.agent.proc.log_text();
@@ -354,6 +355,103 @@ fn a_slow_pull_holds_up_no_other_lease() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains(&format!("pulling {slow}")), "{err}");
     assert!(n.containers().is_empty(), "{:?}", n.containers());
+}
+
+/// `warden lease logs`: a container's output travels from its node through
+/// the coordinator (never stored there), bounded per answer; `--follow`
+/// keeps printing new lines, none twice.
+#[test]
+fn a_containers_output_is_read_through_the_coordinator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = node(tmp.path(), "");
+    let _clean = ContainersOf(n.node_id.clone());
+    let image = image::busybox_image();
+    let ticks = n
+        .start(&[
+            "--image",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done",
+        ])
+        .unwrap();
+    let logs = |args: &[&str]| {
+        let mut all = vec!["lease", "logs"];
+        all.extend_from_slice(args);
+        n.warden(&all)
+    };
+    let numbers = |text: &str| -> Vec<u64> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+            .collect()
+    };
+    let out = wait_for("ten ticks", Duration::from_secs(30), || {
+        let out = logs(&[&ticks, "--tail", "3"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success() && numbers(&text).first().is_some_and(|f| *f >= 8)).then_some(text)
+    });
+    let last3 = numbers(&out);
+    assert_eq!(last3.len(), 3, "{out}");
+    assert!(last3.windows(2).all(|w| w[1] == w[0] + 1), "{out}");
+    // Following: new lines keep coming, in order, none twice, none missed.
+    let mut follow = Command::new(WARDEN)
+        .args([
+            "lease",
+            "--socket",
+            n.coord.admin_socket().to_str().unwrap(),
+        ])
+        .args(["logs", &ticks, "--follow", "--tail", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let _ = follow.kill();
+    let got = follow.wait_with_output().unwrap();
+    let followed = numbers(&String::from_utf8_lossy(&got.stdout));
+    assert!(followed.len() >= 8, "{followed:?}");
+    assert!(
+        followed.windows(2).all(|w| w[1] == w[0] + 1),
+        "gaps or repeats: {followed:?}"
+    );
+    // A container of another name is named as missing, with the lease's.
+    let out = logs(&[&ticks, "--name", "nope"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no container named nope (it has: main)"),
+        "{err}"
+    );
+    // A large output comes in bounded answers, and says so.
+    let loud = n
+        .start(&[
+            "--image",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "yes 0123456789012345678901234567890123456789012345678901234567890123456789 | head -n 40000; sleep 600",
+        ])
+        .unwrap();
+    let out = wait_for("the loud output", Duration::from_secs(30), || {
+        let out = logs(&[&loud, "--tail", "100000"]);
+        (!out.stdout.is_empty()).then_some(out)
+    });
+    assert!(out.stdout.len() <= 256 << 10, "{} bytes", out.stdout.len());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("more lines than one answer holds"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Logs are not records: nothing of them is stored at the coordinator.
+    let stored = count(
+        &n.coord.db(),
+        "SELECT COALESCE(MAX(LENGTH(payload)), 0) FROM records",
+    );
+    assert!(stored < 64 << 10, "a record of {stored} bytes");
+    for id in [&ticks, &loud] {
+        n.end(id);
+    }
 }
 
 #[test]

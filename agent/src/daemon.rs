@@ -168,6 +168,7 @@ pub async fn run(
     let (mesh_tx, mesh_rx) = tokio::sync::mpsc::channel(8);
     let (mesh_status_tx, mesh_status_rx) = watch::channel(None);
     let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(64);
+    let (direct_tx, direct_rx) = tokio::sync::mpsc::channel(16);
     let (challenges_tx, challenges_rx) = tokio::sync::mpsc::channel(64);
     let uplink_task = match config.coordinator.clone() {
         Some(link) => {
@@ -185,6 +186,7 @@ pub async fn run(
                 challenges: Some(challenges_tx),
                 mesh: (mesh_public.to_vec(), config.mesh.endpoints.clone()),
                 mesh_status: mesh_status_rx.clone(),
+                direct: tokio::sync::Mutex::new(direct_rx),
             };
             Some(tokio::spawn(up.run(tasks.clone())))
         }
@@ -274,6 +276,7 @@ pub async fn run(
             inventory: inventory_rx.clone(),
             leases: leases_tx,
             engine: engine_tx,
+            direct: direct_tx,
         }
         .run(workload_rx, stop_producers.clone()),
     ));

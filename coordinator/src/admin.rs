@@ -402,6 +402,65 @@ impl pb::admin_server::Admin for AdminService {
         ))
     }
 
+    async fn lease_logs(
+        &self,
+        req: Request<pb::LeaseLogsRequest>,
+    ) -> Result<Response<pb::LeaseLogsResponse>, Status> {
+        let r = req.into_inner();
+        let info = self
+            .store
+            .get_lease(&r.lease_id)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("no lease {}", r.lease_id)))?;
+        if !LeaseState::parse(&info.state).is_some_and(LeaseState::is_live) {
+            return Err(Status::failed_precondition(format!(
+                "lease {} is {}: its containers are gone from the node, and their output with them",
+                r.lease_id, info.state
+            )));
+        }
+        let body = pb::command::Body::ContainerLogs(pb::ContainerLogs {
+            lease_id: r.lease_id.clone(),
+            name: r.name,
+            tail: r.tail,
+            since_unix_ns: r.since_unix_ns,
+        });
+        let cmd = self
+            .registry
+            .command(&info.node_id, "g", body)
+            .ok_or_else(|| {
+                Status::unavailable(format!("node {} is not connected", info.node_id))
+            })?;
+        let pending = self
+            .registry
+            .send(cmd)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let wait = wait_or(r.timeout_seconds, Duration::from_secs(30));
+        let answer = match tokio::time::timeout(wait, pending.answer).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(_)) => return Err(Status::unavailable("the coordinator is shutting down")),
+            Err(_) => {
+                self.registry.forget(&pending.command_id);
+                return Err(Status::deadline_exceeded(format!(
+                    "node {} did not answer within {}s",
+                    info.node_id,
+                    wait.as_secs()
+                )));
+            }
+        };
+        if !answer.ok {
+            return Err(Status::failed_precondition(answer.error));
+        }
+        let logs = answer.logs.unwrap_or_default();
+        Ok(Response::new(pb::LeaseLogsResponse {
+            name: logs.name,
+            data: logs.data,
+            truncated: logs.truncated,
+            last_unix_ns: logs.last_unix_ns,
+        }))
+    }
+
     async fn scale_cluster(
         &self,
         req: Request<pb::ScaleClusterRequest>,

@@ -43,7 +43,9 @@ impl Kind {
             pb::command::Body::StopContainer(_) => Kind::StopContainer,
             // Not a lease command: the mesh keeps its own books, and a
             // Ray probe's answer goes only to whoever waits for it.
-            pb::command::Body::MeshConfig(_) | pb::command::Body::RayProbe(_) => return None,
+            pb::command::Body::MeshConfig(_)
+            | pb::command::Body::RayProbe(_)
+            | pb::command::Body::ContainerLogs(_) => return None,
         })
     }
 }

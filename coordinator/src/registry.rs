@@ -44,8 +44,9 @@ pub struct Registry {
 struct Streams {
     /// node id -> (session number, its outbound half).
     nodes: HashMap<String, (u64, Outbound)>,
-    /// command id -> whoever waits for its answer.
-    waiting: HashMap<String, oneshot::Sender<pb::CommandResult>>,
+    /// command id -> the node it was sent to, and whoever waits for its
+    /// answer (only that node's answer is handed on).
+    waiting: HashMap<String, (String, oneshot::Sender<pb::CommandResult>)>,
 }
 
 /// A command for a connected node, built but not yet sent: the caller
@@ -136,7 +137,7 @@ impl Registry {
     /// `Pending` (interest is registered before it goes, so no answer is missed).
     pub async fn send(&self, out: Outgoing) -> Result<Pending, StreamClosed> {
         let command_id = out.command.command_id.clone();
-        let answer = self.wait_for(&command_id);
+        let answer = self.wait_for(&out.command.node_id, &command_id);
         let env = self.signer.sign_message(types::COMMAND, &out.command);
         if out.tx.send(Ok(env)).await.is_err() {
             self.forget(&command_id);
@@ -150,9 +151,11 @@ impl Registry {
     }
 
     /// Registers interest in a command's answer (before sending it).
-    fn wait_for(&self, command_id: &str) -> oneshot::Receiver<pb::CommandResult> {
+    fn wait_for(&self, node_id: &str, command_id: &str) -> oneshot::Receiver<pb::CommandResult> {
         let (tx, rx) = oneshot::channel();
-        self.lock().waiting.insert(command_id.to_owned(), tx);
+        self.lock()
+            .waiting
+            .insert(command_id.to_owned(), (node_id.to_owned(), tx));
         rx
     }
 
@@ -161,14 +164,52 @@ impl Registry {
         self.lock().waiting.remove(command_id);
     }
 
-    /// Hands a stored answer to whoever waits for it.
-    pub(crate) fn resolve(&self, result: &pb::CommandResult) {
-        if let Some(tx) = self.lock().waiting.remove(&result.command_id) {
-            let _ = tx.send(result.clone());
+    /// Hands `node_id`'s answer to whoever waits for it, if the command
+    /// was sent to that node: another node cannot answer for it.
+    pub(crate) fn resolve(&self, node_id: &str, result: &pb::CommandResult) {
+        let mut streams = self.lock();
+        if streams
+            .waiting
+            .get(&result.command_id)
+            .is_some_and(|(to, _)| to == node_id)
+        {
+            if let Some((_, tx)) = streams.waiting.remove(&result.command_id) {
+                let _ = tx.send(result.clone());
+            }
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Streams> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_the_node_a_command_went_to_can_answer_it() {
+        let r = Registry::new(Arc::new(Signer::from_seed(&[3; 32])));
+        let (tx, mut _rx) = mpsc::channel(4);
+        r.attach("n1", tx, vec![]).unwrap();
+        let out = r
+            .command(
+                "n1",
+                "g",
+                pb::command::Body::ContainerLogs(Default::default()),
+            )
+            .unwrap();
+        let mut pending = r.send(out).await.unwrap();
+        let answer = pb::CommandResult {
+            command_id: pending.command_id.clone(),
+            ok: true,
+            ..Default::default()
+        };
+        // Another node naming the command id is not heard.
+        r.resolve("n2", &answer);
+        assert!(pending.answer.try_recv().is_err());
+        r.resolve("n1", &answer);
+        assert!(pending.answer.try_recv().unwrap().ok);
     }
 }

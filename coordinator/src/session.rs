@@ -354,6 +354,20 @@ impl Session {
                         heard = true;
                         spool = hb.spool.map(|s| s.encode_to_vec()).or(spool);
                     }
+                    Inbound::Logs(chunk) => {
+                        heard = true;
+                        self.registry.resolve(
+                            &self.node_id,
+                            &pb::CommandResult {
+                                command_id: chunk.command_id.clone(),
+                                lease_id: chunk.lease_id.clone(),
+                                ok: chunk.error.is_empty(),
+                                error: chunk.error.clone(),
+                                logs: Some(chunk),
+                                ..Default::default()
+                            },
+                        );
+                    }
                 }
             }
             if heard || !to_store.is_empty() {
@@ -402,7 +416,7 @@ impl Session {
     fn stored(&self, rec: NewRecord, outcome: Outcome) -> Result<Envelope, Status> {
         if matches!(outcome, Outcome::Stored | Outcome::Duplicate) {
             for r in &rec.state.results {
-                self.registry.resolve(r);
+                self.registry.resolve(&self.node_id, r);
             }
         }
         if let (Outcome::Stored, Some(ChainItem::Proof { lease_id })) = (&outcome, &rec.state.chain)

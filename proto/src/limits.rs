@@ -10,6 +10,8 @@ use crate::{pb, types};
 pub const REGISTER: usize = 256 << 10;
 /// A Heartbeat.
 pub const HEARTBEAT: usize = 4 << 10;
+/// A LogChunk: its 256 KiB of output and the rest.
+pub const LOGS: usize = 264 << 10;
 /// The largest Record of any kind; each kind has its own cap below it.
 pub const RECORD: usize = 512 << 10;
 

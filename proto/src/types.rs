@@ -23,5 +23,8 @@ pub const COMMAND: &str = "application/vnd.warden.command.v1+protobuf";
 pub const CHALLENGE: &str = "application/vnd.warden.challenge.v1+protobuf";
 /// Coordinator's judgement of a lease: [`crate::pb::LeaseVerdict`].
 pub const VERDICT: &str = "application/vnd.warden.verdict.v1+protobuf";
+/// Agent → coordinator: [`crate::pb::LogChunk`], a container's output
+/// answering a ContainerLogs command; sent once, never spooled nor stored.
+pub const LOGS: &str = "application/vnd.warden.logs.v1+protobuf";
 /// Coordinator's record of a hired cluster's leases: [`crate::pb::ClusterRecord`].
 pub const CLUSTER_RECORD: &str = "application/vnd.warden.cluster-record.v1+protobuf";

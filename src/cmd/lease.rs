@@ -64,6 +64,19 @@ enum LeaseCommand {
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
     },
+    /// A lease container's output (stdout and stderr), from its node.
+    Logs {
+        lease_id: String,
+        /// The container [default: the lease's first].
+        #[arg(long)]
+        name: Option<String>,
+        /// Keep printing new lines until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// The last this many lines.
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+    },
     /// Leases the coordinator knows, with their containers.
     List {
         #[arg(long)]
@@ -222,6 +235,45 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
                 .await
                 .map_err(refused)?;
             println!("{lease_id} {name} removed");
+        }
+        LeaseCommand::Logs {
+            lease_id,
+            name,
+            follow,
+            tail,
+        } => {
+            use std::io::Write;
+            let mut since = 0;
+            let mut tail = tail;
+            loop {
+                let r = client
+                    .lease_logs(pb::LeaseLogsRequest {
+                        lease_id: lease_id.clone(),
+                        name: name.clone().unwrap_or_default(),
+                        tail,
+                        since_unix_ns: since,
+                        timeout_seconds: 0,
+                    })
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                let mut out = std::io::stdout().lock();
+                out.write_all(&r.data)?;
+                out.flush()?;
+                since = since.max(r.last_unix_ns);
+                // Following: from the last line on, every line; a full
+                // answer is followed at once by the next.
+                tail = 0;
+                if r.truncated && !follow {
+                    eprintln!("(more lines than one answer holds: use --tail, or --follow to read them all)");
+                }
+                if !follow {
+                    break;
+                }
+                if !r.truncated {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
         }
         LeaseCommand::Export { lease_id, output } => {
             let json = client

@@ -55,6 +55,7 @@ pub async fn answer(
             gpu_uuids: s.gpu_uuids,
             ray_alive_nodes: s.ray_alive_addresses.len() as u32,
             ray_alive_addresses: s.ray_alive_addresses,
+            logs: None,
         },
         Err(error) => {
             tracing::warn!(command = %command_id, lease = %lease_id, %error, "command refused or failed");
@@ -78,6 +79,7 @@ pub fn lease_of(cmd: &pb::Command) -> String {
         Some(pb::command::Body::RunContainer(x)) => x.lease_id.clone(),
         Some(pb::command::Body::StopContainer(x)) => x.lease_id.clone(),
         Some(pb::command::Body::RayProbe(x)) => x.lease_id.clone(),
+        Some(pb::command::Body::ContainerLogs(x)) => x.lease_id.clone(),
         Some(pb::command::Body::MeshConfig(_)) | None => String::new(),
     }
 }

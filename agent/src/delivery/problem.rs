@@ -56,7 +56,7 @@ pub fn problem(
     }
     let since = uplink
         .last_receipt_unix_ms
-        .max(uplink.connected_since_unix_ms);
+        .max(uplink.connected_since_unix_ns);
     if spool.pending > 0 && now_ms - since >= STALL_MS {
         return Some(said("stalled", format!(
             "connected, but no receipt for {} s while {} record(s) wait. Fix: read the coordinator's log for this node's records (its refusals are in `warden status` as last refusal)",
@@ -82,7 +82,7 @@ mod tests {
     fn every_state_that_keeps_records_from_receipts_is_named() {
         let up = UplinkStatus {
             connected: true,
-            connected_since_unix_ms: 1_000,
+            connected_since_unix_ns: 1_000,
             ..Default::default()
         };
         // Connected and receipted: nothing to say, and nothing waiting is fine.

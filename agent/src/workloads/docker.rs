@@ -29,7 +29,7 @@ use bollard::{
     query_parameters::{
         CreateContainerOptions, CreateImageOptions, EventsOptions, ImportImageOptions,
         InspectContainerOptions, InspectNetworkOptions, ListContainersOptions, ListNetworksOptions,
-        RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+        LogsOptions, RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
     },
     ClientVersion, API_DEFAULT_VERSION,
 };
@@ -121,6 +121,40 @@ fn with_fix(message: String) -> String {
 pub struct Docker {
     api: bollard::Docker,
     socket: Arc<Path>,
+}
+
+/// Output read by [`Docker::logs`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Logs {
+    pub data: Vec<u8>,
+    pub truncated: bool,
+    pub last_ns: i64,
+}
+
+impl Logs {
+    /// Adds one stamped line ("2026-12-02T01:20:00.123456789Z text\n") if it
+    /// is later than `since_ns` and fits in `limit`; false once full.
+    fn take(&mut self, line: &[u8], since_ns: i64, limit: usize) -> bool {
+        let (stamp, text) = match line.iter().position(|b| *b == b' ') {
+            Some(i) => (&line[..i], &line[i + 1..]),
+            None => (&line[..0], line),
+        };
+        let ns = std::str::from_utf8(stamp)
+            .ok()
+            .and_then(|s| humantime::parse_rfc3339_weak(s.trim_end_matches('Z')).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        if ns != 0 && ns <= since_ns {
+            return true;
+        }
+        if self.data.len() + text.len() > limit {
+            self.truncated = true;
+            return false;
+        }
+        self.data.extend_from_slice(text);
+        self.last_ns = self.last_ns.max(ns);
+        true
+    }
 }
 
 /// A container Warden owns, as `list_managed` reports it.
@@ -595,6 +629,53 @@ impl Docker {
             })?
     }
 
+    /// A container's output (stdout and stderr, in order): the last `tail`
+    /// lines (0: all) stamped after `since_ns` (ns since the epoch; 0: from
+    /// the start), at most `limit` bytes of them, without Docker's stamps.
+    /// Also whether lines were left out for room, and the stamp (ns) of the
+    /// last line given.
+    pub async fn logs(
+        &self,
+        id: &str,
+        tail: u32,
+        since_ns: i64,
+        limit: usize,
+    ) -> Result<Logs, DockerError> {
+        let what = || format!("read the logs of container {id}");
+        let options = LogsOptions {
+            follow: false,
+            stdout: true,
+            stderr: true,
+            // Docker takes whole seconds; the rest is filtered by stamp below.
+            since: i32::try_from(since_ns / 1_000_000_000).unwrap_or(i32::MAX),
+            timestamps: true,
+            tail: if tail == 0 {
+                "all".into()
+            } else {
+                tail.to_string()
+            },
+            ..Default::default()
+        };
+        let mut stream = self.api.logs(id, Some(options));
+        let mut out = Logs::default();
+        let mut partial = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            partial.extend_from_slice(&chunk.map_err(|e| self.error(what(), e))?.into_bytes());
+            // Whole lines only: a line split between chunks waits for its end.
+            while let Some(end) = partial.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = partial.drain(..=end).collect();
+                if !out.take(&line, since_ns, limit) {
+                    return Ok(out);
+                }
+            }
+        }
+        if !partial.is_empty() {
+            partial.push(b'\n');
+            out.take(&partial, since_ns, limit);
+        }
+        Ok(out)
+    }
+
     /// Inspects one container: the fields Warden needs to report its state
     /// and check its confinement.
     pub async fn inspect(&self, id: &str) -> Result<Inspected, DockerError> {
@@ -912,6 +993,23 @@ fn event_kind(action: &str, attributes: &HashMap<String, String>) -> EventKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_lines_are_taken_after_their_stamp_and_within_the_limit() {
+        let mut l = Logs::default();
+        assert!(l.take(b"2026-12-02T01:20:00.500000000Z one\n", 0, 100));
+        // At or before `since`: left out (it was given last time).
+        let mut again = Logs::default();
+        assert!(again.take(b"2026-12-02T01:20:00.500000000Z one\n", l.last_ns, 100));
+        assert!(again.data.is_empty());
+        assert!(l.take(b"2026-12-02T01:20:01.000000000Z two\n", 0, 100));
+        assert_eq!(l.data, b"one\ntwo\n");
+        assert_eq!(l.last_ns, 1_796_174_401_000_000_000);
+        // Full: stops and says so.
+        assert!(!l.take(b"2026-12-02T01:20:02.000000000Z three\n", 0, 10));
+        assert!(l.truncated);
+        assert_eq!(l.data, b"one\ntwo\n");
+    }
 
     #[test]
     fn a_gpu_request_docker_cannot_serve_says_what_to_install() {

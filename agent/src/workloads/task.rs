@@ -75,7 +75,13 @@ pub struct Workload {
     pub leases: watch::Sender<Vec<Lease>>,
     /// The Docker connection, lent (see [`Engine`]).
     pub engine: watch::Sender<Engine>,
+    /// Answers that go on the live stream once, never spooled (a
+    /// container's logs); the uplink signs and sends them.
+    pub direct: mpsc::Sender<pb::LogChunk>,
 }
+
+/// The most log bytes one ContainerLogs answer carries.
+pub const LOG_LIMIT: usize = 256 << 10;
 
 /// Why the book could not be loaded or saved.
 #[derive(Debug, thiserror::Error)]
@@ -202,7 +208,10 @@ async fn pull(
             ..Default::default()
         }))
         .await;
-    result.map_err(|e| format!("container {name}: pulling {image}: {e}"))
+    // Offline nodes are common: say how an image gets there without a registry.
+    result.map_err(|e| {
+        format!("container {name}: pulling {image}: {e}; a node that reaches no registry takes images with `warden image load FILE.tar` (an archive from `docker save`)")
+    })
 }
 
 impl Workload {
@@ -593,6 +602,41 @@ impl State {
                     Err(e) => (id, Err(e)),
                 }
             }
+            Some(pb::command::Body::ContainerLogs(cl)) => {
+                let chunk = pb::LogChunk {
+                    command_id,
+                    lease_id: cl.lease_id.clone(),
+                    ..Default::default()
+                };
+                let (found, docker) = (self.log_container(&cl), self.docker());
+                let direct = self.w.direct.clone();
+                // Read beside the loop: a large log takes a while.
+                tokio::spawn(async move {
+                    let chunk = match (found, docker) {
+                        (Ok((name, id)), Ok(docker)) => {
+                            match docker.logs(&id, cl.tail, cl.since_unix_ns, LOG_LIMIT).await {
+                                Ok(l) => pb::LogChunk {
+                                    name,
+                                    data: l.data,
+                                    truncated: l.truncated,
+                                    last_unix_ns: l.last_ns,
+                                    ..chunk
+                                },
+                                Err(e) => pb::LogChunk {
+                                    name,
+                                    error: e.to_string(),
+                                    ..chunk
+                                },
+                            }
+                        }
+                        (Err(e), _) | (_, Err(e)) => pb::LogChunk { error: e, ..chunk },
+                    };
+                    if direct.send(chunk).await.is_err() {
+                        tracing::debug!("logs not sent: the uplink has stopped");
+                    }
+                });
+                return;
+            }
             // Routed to the mesh lane by `commands`; never here.
             Some(pb::command::Body::MeshConfig(_)) => (
                 String::new(),
@@ -749,6 +793,35 @@ impl State {
                 }
             }
         })
+    }
+
+    /// The container a ContainerLogs asks for (by name, or the lease's
+    /// first): its name and Docker id.
+    fn log_container(&self, cl: &pb::ContainerLogs) -> Result<(String, String), String> {
+        let lease = self
+            .book
+            .leases
+            .get(&cl.lease_id)
+            .ok_or_else(|| format!("no lease {} on this node", cl.lease_id))?;
+        let c = if cl.name.is_empty() {
+            lease.containers.first()
+        } else {
+            lease.containers.iter().find(|c| c.name == cl.name)
+        };
+        let c = c.ok_or_else(|| match cl.name.as_str() {
+            "" => format!("lease {} runs no container", cl.lease_id),
+            n => format!(
+                "lease {} has no container named {n} (it has: {})",
+                cl.lease_id,
+                lease
+                    .containers
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })?;
+        Ok((c.name.clone(), c.id.clone()))
     }
 
     /// The network namespace of the lease's first container, running.

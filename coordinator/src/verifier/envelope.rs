@@ -105,6 +105,9 @@ pub enum Inbound {
         reason: String,
     },
     Heartbeat(pb::Heartbeat),
+    /// A container's output answering a ContainerLogs command: for whoever
+    /// waits on it, never stored.
+    Logs(pb::LogChunk),
 }
 
 impl NodeCheck<'_> {
@@ -124,6 +127,26 @@ impl NodeCheck<'_> {
             };
         }
         match env.payload_type.as_str() {
+            types::LOGS if env.payload.len() > limits::LOGS => Inbound::Refuse {
+                seq: 0,
+                digest,
+                kind: RefusalKind::Malformed,
+                reason: OverLimit::TooLarge {
+                    what: "logs",
+                    size: env.payload.len(),
+                    cap: limits::LOGS,
+                }
+                .to_string(),
+            },
+            types::LOGS => match dsse::open::<pb::LogChunk>(env, types::LOGS, self.key) {
+                Ok(chunk) => Inbound::Logs(chunk),
+                Err(e) => Inbound::Refuse {
+                    seq: 0,
+                    digest,
+                    kind: RefusalKind::of_verify_error(&e),
+                    reason: format!("logs: {e}"),
+                },
+            },
             types::HEARTBEAT => {
                 match dsse::open::<pb::Heartbeat>(env, types::HEARTBEAT, self.key) {
                     Ok(hb) => Inbound::Heartbeat(hb),
