@@ -127,7 +127,7 @@ pub fn render_config(c: &ConfigChoices) -> String {
     let (l, e, le, cl) = (&d.limits, &d.enrollment, &d.leases, &d.clusters);
     let state = c.state_dir.display();
     format!(
-        r#"# Warden coordinator config, written by `warden coordinator init`.
+        r#"# Warden coordinator config (`warden coordinator init` writes one).
 # Every key is shown; commented ones are at their default. Reference:
 # /usr/share/doc/warden/config.md; setting up: /usr/share/doc/warden/coordinator.md.
 # This file holds no secret (only the join token's digest): the packaged
@@ -144,9 +144,9 @@ listen = "{listen}"
 # key_file = "{state}/coordinator.key"
 
 [tls]
-# Under the packaged unit, systemd hands {cert} and {key}
-# over as credentials and these stay unset (its dynamic user cannot read
-# root's files). Set them to run the coordinator by hand as a user that can.
+# Under the packaged unit these stay unset: systemd hands the two files below
+# over as credentials (LoadCredential=), since its dynamic user cannot read
+# root's files. Set them to run the coordinator by hand as a user that can.
 # cert = "{cert}"
 # key = "{key}"
 
@@ -220,7 +220,7 @@ mod tests {
         let text = render_config(&choices(&sha));
         assert!(!text.contains(&token));
         let cfg = CoordinatorConfig::parse(&text, "init").unwrap();
-        assert_eq!(cfg.enrollment.join_token_sha256, [sha.clone()]);
+        assert_eq!(cfg.enrollment.join_token_sha256, vec![sha.clone()]);
         assert_eq!(
             cfg.enrollment_policy().unwrap(),
             crate::config::EnrollmentPolicy::Token
@@ -244,6 +244,30 @@ mod tests {
         assert_eq!(all.clusters, cfg.clusters);
         assert_eq!(all.key_path(), cfg.key_path());
         assert_eq!(all.tls.cert.as_deref(), Some(choices(&sha).tls_cert));
+    }
+
+    /// What the package ships as /usr/share/doc/warden/examples/coordinator.toml.
+    #[test]
+    fn the_packaged_example_is_this_template() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/coordinator.toml");
+        let want = render_config(&choices("SHA-256 of a join token (`warden join-token`)"));
+        if std::env::var_os("WARDEN_BLESS").is_some() {
+            std::fs::write(path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            have == want,
+            "packaging/coordinator.toml is not the template; rewrite it: \
+             WARDEN_BLESS=1 cargo test -p warden-coordinator the_packaged_example"
+        );
+        // Used as is, it is refused, and the error says how to fill it in.
+        let e = CoordinatorConfig::parse(&have, "example")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("join_token_sha256") && e.contains("warden join-token"),
+            "{e}"
+        );
     }
 
     #[test]
