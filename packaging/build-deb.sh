@@ -99,7 +99,7 @@ Description: verifiable GPU node agent and its reference coordinator
  The package installs the binary, the warden-agent and warden-coordinator
  systemd units (only the agent's is enabled), a commented
  /etc/warden/agent.toml, and an example coordinator config
- (`warden coordinator init` writes the real one).
+ (warden coordinator init writes the real one).
 EOF
 
 mkdir -p "$outdir"
