@@ -49,9 +49,12 @@ install -D -m 0644 "$repo/systemd/warden-coordinator.service" "$root/lib/systemd
 install -D -m 0640 "$here/agent.toml" "$root/etc/warden/agent.toml"
 doc=$root/usr/share/doc/warden
 install -D -m 0644 "$repo/README.md" "$doc/README.md"
-for f in security.md config.md workloads.md attestation.md; do
+for f in security.md config.md coordinator.md workloads.md attestation.md; do
 	install -m 0644 "$repo/docs/$f" "$doc/$f"
 done
+# Not in /etc: `warden coordinator init` writes the real one there, with its
+# own join token's digest, and refuses to replace a file it did not write.
+install -D -m 0644 "$here/coordinator.toml" "$doc/examples/coordinator.toml"
 install -m 0644 "$here/debian/copyright" "$doc/copyright"
 # Debian wants a changelog in every package; this one says where it came from.
 cat <<EOF | gzip -9n >"$doc/changelog.Debian.gz"
@@ -94,8 +97,9 @@ Description: verifiable GPU node agent and its reference coordinator
  signed, hash-chained attestations to a coordinator.
  .
  The package installs the binary, the warden-agent and warden-coordinator
- systemd units (only the agent's is enabled) and a commented
- /etc/warden/agent.toml.
+ systemd units (only the agent's is enabled), a commented
+ /etc/warden/agent.toml, and an example coordinator config
+ (warden coordinator init writes the real one).
 EOF
 
 mkdir -p "$outdir"

@@ -17,10 +17,14 @@ pub fn link(port: u16, public_key: &str, ca_cert: &Path) -> CoordinatorLink {
 
 /// The same section as TOML text, for other agents to paste or include.
 pub fn link_toml(link: &CoordinatorLink) -> String {
-    format!(
+    let mut text = format!(
         "[coordinator]\naddress = \"{}\"\npublic_key = \"{}\"\nca_cert = \"{}\"\n",
         link.address,
         link.public_key,
         link.ca_cert.display()
-    )
+    );
+    if let Some(token) = &link.join_token {
+        text.push_str(&format!("join_token = \"{token}\"\n"));
+    }
+    text
 }

@@ -277,6 +277,7 @@ fn exposure(c: &Container, unit: &str) -> f64 {
 
 const AGENT_TOML: &str = "/etc/warden/agent.toml";
 const PACKAGED_TOML: &str = include_str!("../packaging/agent.toml");
+const COORDINATOR_EXAMPLE: &str = "/usr/share/doc/warden/examples/coordinator.toml";
 
 #[test]
 fn the_deb_installs_upgrades_keeps_the_suppliers_edits_and_purges() {
@@ -316,6 +317,15 @@ fn the_deb_installs_upgrades_keeps_the_suppliers_edits_and_purges() {
         .ok("dpkg-query -W -f='${Conffiles}' warden")
         .contains(AGENT_TOML));
     assert!(c.exists("/usr/share/doc/warden/security.md"));
+    assert!(c.exists("/usr/share/doc/warden/coordinator.md"));
+    // The coordinator's example config: beside the docs, not in /etc, where
+    // `warden coordinator init` writes the real one.
+    assert_eq!(mode(&c, COORDINATOR_EXAMPLE), "644 root root");
+    assert_eq!(
+        c.ok(&format!("cat {COORDINATOR_EXAMPLE}")),
+        include_str!("../packaging/coordinator.toml")
+    );
+    assert!(!c.exists("/etc/warden/coordinator.toml"));
     // Enabled (deb-systemd-helper works without a running systemd), not started.
     assert_eq!(
         c.ok("readlink /etc/systemd/system/multi-user.target.wants/warden-agent.service")
@@ -339,7 +349,10 @@ fn the_deb_installs_upgrades_keeps_the_suppliers_edits_and_purges() {
         .collect();
     assert_eq!(
         rows,
-        ["memory", "disk", "download", "upload", "rtt", "docker", "nvml", "tun", "key", "clock"],
+        [
+            "memory", "disk", "download", "upload", "rtt", "docker", "nvml", "tun", "delivery",
+            "key", "clock"
+        ],
         "{table}"
     );
     let err = String::from_utf8_lossy(&o.stderr);
@@ -452,9 +465,6 @@ fn the_units_run_under_systemd() {
     let tmp = tempfile::tempdir().unwrap();
     let image = debian_image();
     let (a, b) = build_debs(tmp.path());
-    // TLS for "localhost", made by a dev coordinator here.
-    let dev = Coordinator::start(&tmp.path().join("dev"), free_port());
-    let tls = dev.dir.join("tls");
 
     // What systemd needs in a container: to manage cgroups and mounts. The
     // agent's four capabilities are added so that its bounding set is real.
@@ -506,21 +516,32 @@ fn the_units_run_under_systemd() {
         "inactive"
     );
 
-    // The coordinator, as its operator sets it up.
-    c.copy_in(&tls.join("server.pem"), "/etc/warden/coordinator.crt");
-    c.copy_in(&tls.join("server.key"), "/etc/warden/coordinator.key");
-    c.copy_in(&tls.join("ca.pem"), "/etc/warden/coordinator-ca.pem");
-    // New nodes enroll with a join token, made by the packaged binary.
-    let jt = c.ok("warden join-token");
-    let value = |key: &str| {
-        jt.lines()
-            .find_map(|l| l.trim().strip_prefix(key))
-            .and_then(|r| r.split('"').nth(1))
-            .unwrap_or_else(|| panic!("no {key} in: {jt}"))
-            .to_owned()
-    };
-    let (token, sha) = (value("join_token = "), value("join_token_sha256 = ["));
-    c.ok(&format!("chmod 600 /etc/warden/coordinator.key && printf 'listen = \"127.0.0.1:7443\"\\n[enrollment]\\npolicy = \"token\"\\njoin_token_sha256 = [\"{sha}\"]\\n' > /etc/warden/coordinator.toml"));
+    // Without a config the coordinator's unit refuses to start.
+    let o = c.sh("systemctl start warden-coordinator");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("Assertion failed"), "{err}");
+    assert_eq!(
+        c.ok("systemctl show -P AssertResult warden-coordinator")
+            .trim(),
+        "no"
+    );
+
+    // The coordinator, as its operator sets it up: init, then start.
+    let init = c.ok("warden coordinator init --name localhost --listen 127.0.0.1:7443");
+    assert_eq!(mode(&c, "/etc/warden/coordinator.toml"), "644 root root");
+    assert_eq!(mode(&c, "/etc/warden/coordinator.key"), "600 root root");
+    let section: String = init[init.find("[coordinator]").expect(&init)..]
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let printed_key = section
+        .lines()
+        .find_map(|l| l.strip_prefix("public_key = "))
+        .expect(&section)
+        .trim_matches('"')
+        .to_owned();
     c.ok("systemctl start warden-coordinator");
     let key = wait_for("the coordinator's key", Duration::from_secs(20), || {
         let log = c.ok("journalctl -u warden-coordinator --no-pager -o cat");
@@ -528,6 +549,7 @@ fn the_units_run_under_systemd() {
             .find_map(|l| l.split_once("(key ")?.1.split_once(')'))
             .map(|(k, _)| k.to_owned())
     });
+    assert_eq!(key, printed_key, "init made the key the coordinator uses");
     // Its key belongs to the dynamic user it runs as (systemd's range 61184–65519).
     let owner: u32 = c
         .ok("stat -c %u /var/lib/private/warden-coordinator/coordinator.key")
@@ -543,8 +565,9 @@ fn the_units_run_under_systemd() {
 
     // The supplier sets the coordinator and starts the agent: `systemctl
     // start` returns once the agent said READY, i.e. once it registered.
+    // (Its CA is already where the section says: init wrote it there.)
     c.ok(&format!(
-        "printf '\\n[coordinator]\\naddress = \"https://localhost:7443\"\\npublic_key = \"{key}\"\\nca_cert = \"/etc/warden/coordinator-ca.pem\"\\njoin_token = \"{token}\"\\n[probe]\\ninterval = \"0s\"\\n' >> {AGENT_TOML}"
+        "cat >> {AGENT_TOML} <<'EOF'\n\n{section}[probe]\ninterval = \"0s\"\nEOF"
     ));
     c.ok("systemctl start warden-agent");
     assert_eq!(

@@ -43,24 +43,15 @@ pub fn ensure(dir: &Path) -> Result<DevTls, DevTlsError> {
     let cert_path = dir.join("server.pem");
     let key_path = dir.join("server.key");
     if !(ca_path.exists() && cert_path.exists() && key_path.exists()) {
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "Warden dev CA (throwaway)");
-        let ca = CertifiedIssuer::self_signed(ca_params, ca_key)?;
-        let server_key = KeyPair::generate()?;
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "warden dev coordinator");
-        let server = params.signed_by(&server_key, &ca)?;
+        let made = self_signed(
+            &["localhost".to_owned(), "127.0.0.1".to_owned()],
+            "Warden dev CA (throwaway)",
+            "warden dev coordinator",
+        )?;
         for (path, pem) in [
-            (&key_path, server_key.serialize_pem()),
-            (&cert_path, server.pem()),
-            (&ca_path, ca.pem()),
+            (&key_path, made.key_pem),
+            (&cert_path, made.cert_pem),
+            (&ca_path, made.ca_pem),
         ] {
             warden_state::file::write_private(path, pem.as_bytes()).map_err(io(path))?;
         }
@@ -71,5 +62,40 @@ pub fn ensure(dir: &Path) -> Result<DevTls, DevTlsError> {
             key: fs::read(&key_path).map_err(io(&key_path))?,
         },
         ca_cert: ca_path,
+    })
+}
+
+/// A CA made here and a server certificate it signed, PEM. The CA's key is
+/// not kept: nothing else is ever signed with it, so there is none to steal.
+pub struct SelfSigned {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Makes a CA named `ca_name` and a server certificate for `names` (DNS
+/// names or IP addresses) signed by it.
+pub fn self_signed(
+    names: &[String],
+    ca_name: &str,
+    server_name: &str,
+) -> Result<SelfSigned, rcgen::Error> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, ca_name);
+    let ca = CertifiedIssuer::self_signed(ca_params, ca_key)?;
+    let server_key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(names.to_vec())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, server_name);
+    let server = params.signed_by(&server_key, &ca)?;
+    Ok(SelfSigned {
+        ca_pem: ca.pem(),
+        cert_pem: server.pem(),
+        key_pem: server_key.serialize_pem(),
     })
 }

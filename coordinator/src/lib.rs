@@ -15,6 +15,7 @@ pub mod hire;
 pub mod hiring;
 pub mod ids;
 pub mod ingest;
+pub mod init;
 pub mod leases;
 pub mod listener;
 pub mod matcher;

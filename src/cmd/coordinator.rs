@@ -1,13 +1,27 @@
-//! `warden coordinator`: the reference coordinator, and `coordinator key`,
-//! the public key verifiers pin; `warden join-token` for its enrollment.
+//! `warden coordinator`: the reference coordinator; `coordinator init`, which
+//! sets a new one up; `coordinator key`, the public key verifiers pin;
+//! `warden join-token` for its enrollment.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use warden_coordinator::{config::EnrollmentPolicy, TlsPem};
+use warden_agent::config::CoordinatorLink;
+use warden_coordinator::{
+    config::{EnrollmentPolicy, DEFAULT_STATE_DIR},
+    init::{self, ConfigChoices, InitPaths},
+    CoordinatorConfig, TlsPem,
+};
 
-use crate::{dev, settings::load_coordinator_config, signals::shutdown_on_signal};
+use crate::{
+    dev,
+    settings::{load_coordinator_config, COORDINATOR_CONFIG},
+    signals::shutdown_on_signal,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,6 +44,7 @@ impl Args {
     pub async fn run(self) -> Result<()> {
         match self.command {
             Some(CoordinatorCommand::Key { config, json }) => coordinator_key(config, json),
+            Some(CoordinatorCommand::Init(a)) => coordinator_init(a),
             None => run_coordinator(self.config, self.dev, self.state_dir, self.listen).await,
         }
     }
@@ -46,6 +61,30 @@ enum CoordinatorCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Set up a new coordinator: a commented config, its signing key, a
+    /// self-signed CA and server certificate, a join token; prints what
+    /// suppliers paste into their agent.toml.
+    Init(InitArgs),
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    /// Config file to write; the TLS files go beside it.
+    #[arg(long, default_value = COORDINATOR_CONFIG)]
+    config: PathBuf,
+    /// The coordinator's state directory (signing key, database).
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// DNS name or IP address agents reach the coordinator by, put in its
+    /// certificate; repeat for more. The first goes into the agents' address.
+    #[arg(long = "name", value_name = "HOST")]
+    names: Vec<String>,
+    /// Listen address for agents.
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    listen: SocketAddr,
+    /// Replace an existing config and TLS files (never the signing key).
+    #[arg(long)]
+    force: bool,
 }
 
 async fn run_coordinator(
@@ -54,6 +93,13 @@ async fn run_coordinator(
     state_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
 ) -> Result<()> {
+    if let Some(path) = config.as_deref().filter(|p| !p.exists()) {
+        anyhow::bail!(
+            "no coordinator config at {}: run `warden coordinator init --name HOST` to write one \
+             (see /usr/share/doc/warden/coordinator.md)",
+            path.display()
+        );
+    }
     let mut cfg = load_coordinator_config(config)?;
     if let Some(d) = state_dir {
         cfg.state_dir = d;
@@ -125,7 +171,7 @@ fn coordinator_key(config: Option<PathBuf>, json: bool) -> Result<()> {
     let path = cfg.key_path();
     if !path.exists() {
         anyhow::bail!(
-            "no coordinator key at {} yet: the coordinator makes it when it first starts",
+            "no coordinator key at {} yet: `warden coordinator init` makes it, or the coordinator when it first starts",
             path.display()
         );
     }
@@ -140,4 +186,88 @@ fn coordinator_key(config: Option<PathBuf>, json: bool) -> Result<()> {
         println!("# key id {} ({})", key.key_id(), path.display());
     }
     Ok(())
+}
+
+/// `warden coordinator init`: checks first, then the key, the TLS files and
+/// the config last, so a config in place means the rest is there too.
+fn coordinator_init(a: InitArgs) -> Result<()> {
+    init::check_names(&a.names)?;
+    let paths = InitPaths::beside(&a.config);
+    paths.check_free(a.force, Path::exists)?;
+    let (token, sha) = warden_coordinator::enrollment::new_token();
+    let text = init::render_config(&ConfigChoices {
+        state_dir: &a.state_dir,
+        listen: a.listen,
+        tls_cert: &paths.tls_cert,
+        tls_key: &paths.tls_key,
+        join_token_sha256: &sha,
+    });
+    // Read back by the coordinator's own loader before anything is written.
+    let cfg = CoordinatorConfig::parse(&text, &a.config.display().to_string())?;
+    cfg.check_paths()?;
+
+    // The coordinator's own key code: an existing key is loaded and kept.
+    let key_path = cfg.key_path();
+    let (signer, created) = warden_coordinator::server::load_signing_key(&key_path)?;
+    let public_key = signer.verifying_key();
+
+    if let Some(dir) = paths
+        .tls_cert
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let made =
+        warden_coordinator::devtls::self_signed(&a.names, "Warden coordinator CA", &a.names[0])
+            .context("making the TLS certificates")?;
+    write_file(&paths.tls_key, &made.key_pem, 0o600)?;
+    // Certificates are public; suppliers copy the CA.
+    write_file(&paths.tls_cert, &made.cert_pem, 0o644)?;
+    write_file(&paths.ca_cert, &made.ca_pem, 0o644)?;
+    // No secret in it, and the unit's dynamic user must read it.
+    write_file(&paths.config, &text, 0o644)?;
+
+    let link = CoordinatorLink {
+        address: init::agent_address(&a.names[0], a.listen.port()),
+        public_key: public_key.to_base64(),
+        ca_cert: PathBuf::from(init::AGENT_CA_PATH),
+        server_name: None,
+        join_token: Some(token),
+    };
+    println!("wrote {}", paths.config.display());
+    println!(
+        "wrote {} and {} (server certificate for {}), signed by the CA {}",
+        paths.tls_cert.display(),
+        paths.tls_key.display(),
+        a.names.join(", "),
+        paths.ca_cert.display()
+    );
+    if created {
+        println!("created the signing key {}", key_path.display());
+    } else {
+        println!(
+            "kept the existing signing key {} (agents that pin it keep working)",
+            key_path.display()
+        );
+    }
+    if a.force {
+        println!("the join token and the CA are new: tokens issued before no longer enroll new nodes (enrolled nodes stay), and every supplier copies the new CA");
+    }
+    println!(
+        "\nFor each supplier: copy {} to {} on the node, and put this in /etc/warden/agent.toml\n\
+         (keep that file private, chmod 600: the join token lets a new node in):\n",
+        paths.ca_cert.display(),
+        init::AGENT_CA_PATH
+    );
+    print!("{}", dev::link_toml(&link));
+    println!("\nThen start the coordinator: systemctl start warden-coordinator");
+    Ok(())
+}
+
+/// Writes `text` whole (never half a file) and sets its mode.
+fn write_file(path: &Path, text: &str, mode: u32) -> Result<()> {
+    warden_state::file::write_private(path, text.as_bytes())
+        .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)))
+        .with_context(|| format!("writing {}", path.display()))
 }
