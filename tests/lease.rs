@@ -269,9 +269,28 @@ fn a_missing_image_fails_with_the_registrys_reason() {
     assert!(err.contains("pulling warden-test/not-here:404"), "{err}");
     assert!(err.contains("warden image load"), "{err}");
     assert!(n.containers().is_empty());
-    // The pull was reported as telemetry too.
+    // The pull was reported as telemetry too: its last word is the lease's
+    // progress at the coordinator (what `lease start` shows while it waits).
     let log = n.agent.proc.log_text();
     assert!(log.contains("pulling"), "{log}");
+    let lease = wait_for(
+        "the pull's outcome on the lease",
+        Duration::from_secs(10),
+        || {
+            n.leases().into_iter().find(|l| {
+                l["progress"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("pull failed"))
+            })
+        },
+    );
+    assert!(
+        lease["progress"]
+            .as_str()
+            .unwrap()
+            .starts_with("warden-test/not-here:404: pull failed"),
+        "{lease:#}"
+    );
 }
 
 /// A registry on loopback that holds every plain-HTTP request until told

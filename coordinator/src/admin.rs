@@ -168,7 +168,31 @@ impl pb::admin_server::Admin for AdminService {
                 "give GPU uuids or all GPUs, not both",
             ));
         }
-        let lease_id = ids::fresh("l");
+        let lease_id = if req.lease_id.is_empty() {
+            ids::fresh("l")
+        } else {
+            let chosen = &req.lease_id;
+            let ok = chosen.strip_prefix("l-").is_some_and(|rest| {
+                (1..=64).contains(&rest.len())
+                    && rest
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            });
+            if !ok {
+                return Err(Status::invalid_argument(format!(
+                    "lease id `{chosen}` is not `l-` and 1 to 64 of [a-z0-9]"
+                )));
+            }
+            let taken = self
+                .store
+                .get_lease(chosen)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            if taken.is_some() {
+                return Err(Status::already_exists(format!("lease {chosen} exists")));
+            }
+            chosen.clone()
+        };
         let info = pb::LeaseInfo {
             lease_id: lease_id.clone(),
             node_id: req.node_id.clone(),

@@ -101,6 +101,11 @@ pub fn apply_result(info: &mut pb::LeaseInfo, kind: Kind, r: &pb::CommandResult,
 
 /// Applies a lifecycle event the node reported for one of the lease's containers.
 pub fn apply_event(info: &mut pb::LeaseInfo, ev: &pb::WorkloadEvent) {
+    // Pull progress belongs to the lease while it starts (no container yet).
+    if WorkloadEventKind::parse(&ev.kind) == Some(WorkloadEventKind::Pull) {
+        info.progress = ev.detail.clone();
+        return;
+    }
     let Some(c) = info.containers.iter_mut().find(|c| c.name == ev.name) else {
         return;
     };

@@ -192,18 +192,42 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
             spec,
         } => {
             let timeout = spec.timeout;
-            let info = client
-                .start_lease(pb::StartLeaseRequest {
-                    node_id,
-                    gpu_uuids: gpu,
-                    all_gpus: gpus.is_some(),
-                    container: spec.spec()?,
-                    renter: renter.unwrap_or_default(),
-                    timeout_seconds: timeout,
-                })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            // Our own id, so that the image pull can be shown while we wait.
+            let lease_id = format!("l-{}", warden_agent::random_id());
+            let mut start = client.clone();
+            let request = pb::StartLeaseRequest {
+                node_id,
+                gpu_uuids: gpu,
+                all_gpus: gpus.is_some(),
+                container: spec.spec()?,
+                renter: renter.unwrap_or_default(),
+                timeout_seconds: timeout,
+                lease_id: lease_id.clone(),
+            };
+            let started = start.start_lease(request);
+            tokio::pin!(started);
+            let mut shown = String::new();
+            let info = loop {
+                tokio::select! {
+                    r = &mut started => break r.map_err(refused)?.into_inner(),
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
+                        let Ok(list) = client.list_leases(pb::ListLeasesRequest {}).await else {
+                            continue;
+                        };
+                        let progress = list
+                            .into_inner()
+                            .leases
+                            .into_iter()
+                            .find(|l| l.lease_id == lease_id)
+                            .map(|l| l.progress)
+                            .unwrap_or_default();
+                        if !progress.is_empty() && progress != shown {
+                            eprintln!("{progress}");
+                            shown = progress;
+                        }
+                    }
+                }
+            };
             println!("{}", info.lease_id);
         }
         LeaseCommand::Run { lease_id, spec } => {

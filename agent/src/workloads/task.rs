@@ -181,13 +181,28 @@ async fn pull(
     image: &str,
 ) -> Result<(), String> {
     tracing::info!(%image, lease = %lease_id, "pulling");
+    // Progress goes out as it comes (the operator's `lease start` shows
+    // it), at most once per PULL_REPORT, from a task beside the pull.
+    let (tx, mut rx) = mpsc::unbounded_channel::<pb::WorkloadEvent>();
+    let forward = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                let _ = outbox
+                    .emit(pb::record::Body::Telemetry(pb::Telemetry {
+                        workload_events: vec![ev],
+                        ..Default::default()
+                    }))
+                    .await;
+            }
+        })
+    };
     let mut last = Instant::now() - PULL_REPORT;
-    let mut progress = Vec::new();
     let result = docker
         .pull(image, |line| {
             if last.elapsed() >= PULL_REPORT {
                 last = Instant::now();
-                progress.push(wev(
+                let _ = tx.send(wev(
                     lease_id,
                     name,
                     "",
@@ -201,13 +216,9 @@ async fn pull(
         Ok(()) => format!("{image}: pulled"),
         Err(e) => format!("{image}: pull failed: {e}"),
     };
-    progress.push(wev(lease_id, name, "", WorkloadEventKind::Pull, outcome));
-    let _ = outbox
-        .emit(pb::record::Body::Telemetry(pb::Telemetry {
-            workload_events: progress,
-            ..Default::default()
-        }))
-        .await;
+    let _ = tx.send(wev(lease_id, name, "", WorkloadEventKind::Pull, outcome));
+    drop(tx);
+    let _ = forward.await;
     // Offline nodes are common: say how an image gets there without a registry.
     result.map_err(|e| {
         format!("container {name}: pulling {image}: {e}; a node that reaches no registry takes images with `warden image load FILE.tar` (an archive from `docker save`)")
