@@ -16,6 +16,38 @@ fn agent_fails(config: &std::path::Path) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A coordinator CA file that is missing or holds no certificate stops the
+/// agent at start, naming the key and the fix, instead of a retry forever.
+#[test]
+fn a_missing_or_empty_ca_file_stops_the_agent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (signer, _) = warden_proto::dsse::Signer::generate().unwrap();
+    let empty = tmp.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    for (ca, says) in [
+        (tmp.path().join("no-such-ca.pem"), "cannot read"),
+        (empty, "holds no PEM certificate"),
+    ] {
+        let cfg = tmp.path().join("agent.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "state_dir = \"{}\"\n[coordinator]\naddress = \"https://localhost:1\"\npublic_key = \"{}\"\nca_cert = \"{}\"\n",
+                tmp.path().join("state").display(),
+                signer.verifying_key().to_base64(),
+                ca.display()
+            ),
+        )
+        .unwrap();
+        let err = agent_fails(&cfg);
+        assert!(
+            err.contains("coordinator.ca_cert") && err.contains(says),
+            "{err}"
+        );
+        assert!(err.contains("warden coordinator init"), "{err}");
+    }
+}
+
 #[test]
 fn unknown_config_key_is_named() {
     let tmp = tempfile::tempdir().unwrap();

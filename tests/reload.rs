@@ -165,6 +165,26 @@ fn sighup_applies_live_keys_names_the_rest_and_survives_a_broken_file() {
     );
     assert_eq!(agent.status().unwrap()["coordinator"]["connected"], true);
 
+    // A CA file that is gone: refused as well, naming the key, not taken
+    // up to fail on the next connection.
+    let ca = link
+        .lines()
+        .find_map(|l| l.strip_prefix("ca_cert = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap()
+        .to_owned();
+    let gone = link.replace(&ca, &format!("{ca}.gone"));
+    std::fs::write(&config, format!("{base}{gone}")).unwrap();
+    hup(&agent.proc);
+    let s = wait_for("the CA refusal", Duration::from_secs(10), || {
+        agent.status().filter(|s| {
+            s["config"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("coordinator.ca_cert"))
+        })
+    });
+    assert_eq!(s["config"]["reloads"], 1, "{s}");
+
     // The original file again: nothing waits for a restart any more.
     std::fs::write(&config, format!("{base}{link}")).unwrap();
     hup(&agent.proc);
