@@ -350,8 +350,8 @@ fn the_deb_installs_upgrades_keeps_the_suppliers_edits_and_purges() {
     assert_eq!(
         rows,
         [
-            "memory", "disk", "download", "upload", "rtt", "docker", "nvml", "tun", "delivery",
-            "key", "clock"
+            "memory", "disk", "download", "upload", "rtt", "docker", "nvml", "runtime", "tun",
+            "delivery", "key", "clock"
         ],
         "{table}"
     );

@@ -489,7 +489,7 @@ fn gpu_runtime_check(f: &Facts) -> Check {
     let threshold = "Docker serves GPU device requests".to_owned();
     if !has_gpus {
         return Check {
-            name: "gpu runtime",
+            name: "runtime",
             verdict: Verdict::Skip,
             value: "no NVIDIA GPU here".into(),
             threshold,
@@ -498,7 +498,7 @@ fn gpu_runtime_check(f: &Facts) -> Check {
     }
     match &f.gpu_runtime {
         Err(e) => row(
-            "gpu runtime",
+            "runtime",
             false,
             e.clone(),
             threshold,
@@ -519,7 +519,7 @@ fn gpu_runtime_check(f: &Facts) -> Check {
             .map(|(_, s)| s)
             .collect::<Vec<_>>();
             row(
-                "gpu runtime",
+                "runtime",
                 served,
                 if served {
                     format!("driver {}: {}", r.driver, how.join(", "))
@@ -660,8 +660,8 @@ mod tests {
             cdi: false,
         });
         let checks = evaluate(&f, &DoctorConfig::default());
-        assert_eq!(failed(&checks), ["gpu runtime"]);
-        let c = checks.iter().find(|c| c.name == "gpu runtime").unwrap();
+        assert_eq!(failed(&checks), ["runtime"]);
+        let c = checks.iter().find(|c| c.name == "runtime").unwrap();
         assert!(c.value.contains("could not select device driver"), "{c:?}");
         assert!(c.fix.contains("nvidia-container-toolkit"), "{c:?}");
         // An nvidia runtime or CDI specs serve it too.
@@ -693,11 +693,7 @@ mod tests {
         f.gpu_runtime = Ok(GpuRuntime::default());
         let checks = evaluate(&f, &DoctorConfig::default());
         assert_eq!(
-            checks
-                .iter()
-                .find(|c| c.name == "gpu runtime")
-                .unwrap()
-                .verdict,
+            checks.iter().find(|c| c.name == "runtime").unwrap().verdict,
             Verdict::Skip
         );
     }
@@ -760,7 +756,7 @@ mod tests {
                 "rtt",
                 "docker",
                 "nvml",
-                "gpu runtime",
+                "runtime",
                 "driver",
                 "tun",
                 "coordinator",
