@@ -30,6 +30,8 @@ use crate::{
 
 /// How long a lease end may take when a cluster ends or a hire is undone.
 const END_WAIT: Duration = Duration::from_secs(60);
+/// How long one Ray probe watches for the members before it answers.
+const RAY_WATCH: Duration = Duration::from_secs(20);
 /// How long a lost member's node is waited for when it is dropped.
 const LOST_WAIT: Duration = Duration::from_secs(5);
 
@@ -757,9 +759,15 @@ impl Hiring {
         let registry = &self.control.registry;
         let mut last = String::from("no answer yet");
         while Instant::now() < deadline {
+            // The node watches until every member is alive (or a while).
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(RAY_WATCH);
             let body = pb::command::Body::RayProbe(pb::RayProbe {
                 lease_id: lease.to_owned(),
                 address: address.to_owned(),
+                expect: hosts.clone(),
+                wait_ms: wait.as_millis() as u32,
             });
             let Some(cmd) = registry.command(node, "r", body) else {
                 return Err(format!("the Ray head's node {node} is not connected"));

@@ -82,19 +82,36 @@ pub struct Workload {
 
 /// The Ray probe: the alive nodes from GCS's node table, read without
 /// starting a Ray driver (a driver costs seconds of CPU each time, taken
-/// from the Ray nodes starting beside it); a Ray whose private client
-/// moved falls back to a driver.
-const RAY_PROBE: &str = "import sys\n\
+/// from the Ray nodes starting beside it), every 0.2 s until a node is
+/// alive at every expected address or the wait is over; a Ray whose
+/// private client moved falls back to a driver, asked once.
+/// Arguments: the head's GCS address, the wait in ms, the expected IPs.
+const RAY_PROBE: &str = "import sys, time\n\
+        gcs, wait, expect = sys.argv[1], int(sys.argv[2]) / 1000, set(sys.argv[3:])\n\
+        end = time.monotonic() + wait\n\
         try:\n\
         \x20   from ray._raylet import GcsClient\n\
         \x20   from ray.core.generated.gcs_pb2 import GcsNodeInfo\n\
-        \x20   up = GcsNodeInfo.GcsNodeState.Value('ALIVE')\n\
-        \x20   nodes = GcsClient(address=sys.argv[1]).get_all_node_info().values()\n\
-        \x20   alive = [n.node_manager_address for n in nodes if n.state == up]\n\
-        except (ImportError, AttributeError):\n\
+        except ImportError:\n\
+        \x20   GcsClient = None\n\
+        if GcsClient is None:\n\
         \x20   import ray\n\
-        \x20   ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n\
+        \x20   ray.init(address=gcs, logging_level='ERROR', log_to_driver=False)\n\
         \x20   alive = [n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']]\n\
+        else:\n\
+        \x20   up, client = GcsNodeInfo.GcsNodeState.Value('ALIVE'), None\n\
+        \x20   while True:\n\
+        \x20       try:\n\
+        \x20           client = client or GcsClient(address=gcs)\n\
+        \x20           nodes = client.get_all_node_info().values()\n\
+        \x20           alive = [n.node_manager_address for n in nodes if n.state == up]\n\
+        \x20       except Exception:\n\
+        \x20           if time.monotonic() >= end:\n\
+        \x20               raise\n\
+        \x20           alive = []\n\
+        \x20       if expect <= set(alive) or time.monotonic() >= end:\n\
+        \x20           break\n\
+        \x20       time.sleep(0.2)\n\
         print('alive', *sorted(alive))\n";
 
 /// The most log bytes one ContainerLogs answer carries.
@@ -789,15 +806,28 @@ impl State {
             .clone();
         let docker = self.docker()?;
 
-        let cmd = vec![
+        let expect: Vec<std::net::IpAddr> = rp
+            .expect
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .map_err(|_| format!("expected Ray node `{a}` is not an IP address"))
+            })
+            .collect::<Result<_, _>>()?;
+        let wait = rp.wait_ms.min(60_000);
+        let mut cmd = vec![
             "python3".to_owned(),
             "-c".to_owned(),
             RAY_PROBE.to_owned(),
             addr.to_string(),
+            wait.to_string(),
         ];
+        cmd.extend(expect.iter().map(|a| a.to_string()));
+        // The probe's own wait, and a minute for Python and Ray to answer.
+        let limit = Duration::from_millis(wait.into()) + Duration::from_secs(60);
         Ok(async move {
             let (code, out) = docker
-                .exec_output(&first, cmd, 64 << 10, Duration::from_secs(60))
+                .exec_output(&first, cmd, 64 << 10, limit)
                 .await
                 .map_err(|e| e.to_string())?;
             let alive = out.lines().rev().find_map(|l| {
