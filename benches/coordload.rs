@@ -300,7 +300,7 @@ async fn run(n: usize, load: &Load) -> Figures {
     let pid = coord.0.id();
     let ca = Certificate::from_pem(std::fs::read(&ca).unwrap());
     let shared = Arc::new(Shared::default());
-    // None until the window opens; the agents stamp what they count with it.
+    // None until all registered; the agents stamp what they count with it.
     let (window_tx, window_rx) = watch::channel(None::<(Instant, Instant)>);
     let (stop_tx, stop_rx) = watch::channel(false);
     let gate = Arc::new(Semaphore::new(REGISTERING));
@@ -338,13 +338,18 @@ async fn run(n: usize, load: &Load) -> Figures {
     }
     let register = started.elapsed();
 
-    // The steady window: the coordinator's CPU and RSS from procfs, the
-    // streams held sampled each second.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let (ticks0, _) = common::proc_figures(pid);
-    let open = Instant::now();
+    // The agents start their mix together once all are registered (a mix
+    // started during registration piles a backlog up before the window at
+    // high rates); the window opens one longest interval later, when every
+    // timer has fired once and the load is steady. In it: the coordinator's
+    // CPU and RSS from procfs, the streams held sampled each second.
+    let warmup = plan.heartbeat.max(plan.telemetry).max(plan.epoch);
+    let open = Instant::now() + warmup;
     let close = open + Duration::from_secs(load.secs);
     window_tx.send_replace(Some((open, close)));
+    tokio::time::sleep_until(open.into()).await;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let (ticks0, _) = common::proc_figures(pid);
     let (mut smin, mut smax, mut max_rss) = (i64::MAX, 0, 0);
     while Instant::now() < close {
         tokio::time::sleep(Duration::from_secs(1).min(close - Instant::now())).await;
@@ -495,7 +500,8 @@ impl Agent {
 
     /// Heartbeats, telemetry and (leased) attestations at the plan's
     /// intervals, each timer started at a random phase so N agents do not
-    /// send in step; receipts and refusals read as they come.
+    /// send in step (records once all agents are registered); receipts and
+    /// refusals read as they come.
     async fn send_mix(&mut self, node: &Signer, s: &mut Stream) -> usize {
         let phase = |d: Duration| tokio::time::Instant::now() + d.mul_f64(rand::random::<f64>());
         let tick = |d: Duration| {
@@ -513,6 +519,9 @@ impl Agent {
         // Seq → when it was sent, for records sent inside the window.
         let mut waiting: HashMap<u64, Instant> = HashMap::new();
         let mut stopped_at = None;
+        // Records wait for every agent to have registered; heartbeats, which
+        // keep the stream from its idle deadline, do not.
+        let mut going = self.window.borrow().is_some();
         loop {
             let body = tokio::select! {
                 m = s.inbound.message() => {
@@ -536,8 +545,14 @@ impl Agent {
                     }
                     continue;
                 }
-                _ = tel.tick(), if stopped_at.is_none() => telemetry(self.index),
-                _ = att.tick(), if stopped_at.is_none() && self.leased => chain.next(self.index),
+                _ = self.window.changed(), if !going => {
+                    going = true;
+                    tel.reset_at(phase(self.plan.telemetry));
+                    att.reset_at(phase(self.plan.epoch));
+                    continue;
+                }
+                _ = tel.tick(), if going && stopped_at.is_none() => telemetry(self.index),
+                _ = att.tick(), if going && stopped_at.is_none() && self.leased => chain.next(self.index),
                 _ = self.stop.changed(), if stopped_at.is_none() => {
                     stopped_at = Some(Instant::now());
                     if waiting.is_empty() { break }
