@@ -5,7 +5,8 @@
 //! Hello's nonce → Registered, Welcome) and then sends what an agent sends at
 //! its default rates: heartbeats, telemetry with 8 GPU samples, and for the
 //! leased fraction an attestation each epoch, all signed, with increasing
-//! seqs as the spool gives them.
+//! seqs as the spool gives them. Heartbeats start at registration; records
+//! once all N are registered; the window opens one longest interval later.
 //!
 //! Run with `cargo bench --bench coordload`; prints a table per N, asserts
 //! nothing. Environment:
