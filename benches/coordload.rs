@@ -23,7 +23,6 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     sync::{
         atomic::{AtomicI64, AtomicU64, Ordering},
         Arc,
@@ -53,7 +52,7 @@ const REGISTERING: usize = 32;
 const GRACE: Duration = Duration::from_secs(3);
 
 fn main() {
-    raise_nofile();
+    common::raise_nofile();
     let counts: Vec<usize> = env("WARDEN_LOAD_AGENTS", "100,1000")
         .split(',')
         .map(|s| s.trim().parse().expect("WARDEN_LOAD_AGENTS: numbers"))
@@ -86,20 +85,6 @@ fn env(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.into())
 }
 
-/// Every agent holds a TLS connection: N of them need N descriptors here.
-fn raise_nofile() {
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain getrlimit/setrlimit on this process.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
-        l.rlim_cur = l.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
-    }
-}
-
 /// What every run shares: the window, the mix, and the agent's defaults the
 /// rates come from.
 struct Load {
@@ -120,49 +105,20 @@ impl Load {
 /// (the bench enrolls N fresh identities at once; the default allows 60 a
 /// minute) and whose connection table holds N; other limits as shipped.
 fn coordinator(dir: &Path, n: usize) -> (common::Killed, u16, PathBuf) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    std::fs::create_dir_all(dir).unwrap();
-    let cfg = dir.join("c.toml");
     let max = (n + 256).max(8192);
-    std::fs::write(
-        &cfg,
-        format!(
+    common::dev_coordinator(
+        dir,
+        &format!(
             "[enrollment]\nnew_nodes_per_minute = 1000000\nnew_nodes_per_minute_per_ip = 1000000\n\
              [limits]\nmax_connections = {max}\n"
         ),
     )
-    .unwrap();
-    let child = Command::new(common::WARDEN)
-        .args(["coordinator", "--dev", "--config", cfg.to_str().unwrap()])
-        .args(["--state-dir", dir.to_str().unwrap()])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !dir.join("agent-link.toml").exists() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "no coordinator");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (common::Killed(child), port, dir.join("tls/ca.pem"))
 }
 
 /// The loopback address agent `i` connects from: one per agent, so the
 /// per-address connection cap never applies.
 fn source(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 1, (i / 250) as u8, 1 + (i % 250) as u8))
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 /// Counters every agent updates; read by the sampler and at the end.
@@ -481,7 +437,7 @@ impl Agent {
                 public_key: node.public_key().to_vec(),
                 agent_version: "coordload".into(),
                 inventory: Some(inventory(self.index)),
-                time_unix_ms: now_ms(),
+                time_unix_ms: common::now_ms(),
                 start_id: format!("load-{}", self.index),
                 session_nonce: nonce,
                 ..Default::default()
@@ -537,7 +493,7 @@ impl Agent {
                 _ = hb.tick(), if stopped_at.is_none() => {
                     let env = node.sign_message(types::HEARTBEAT, &pb::Heartbeat {
                         node_id: node.key_id().to_owned(),
-                        time_unix_ms: now_ms(),
+                        time_unix_ms: common::now_ms(),
                         spool: Some(pb::SpoolState { max_bytes: 1 << 30, ..Default::default() }),
                         last_receipt_seq: seq,
                     });
@@ -567,7 +523,7 @@ impl Agent {
                 &pb::Record {
                     node_id: node.key_id().to_owned(),
                     seq,
-                    time_unix_ms: now_ms(),
+                    time_unix_ms: common::now_ms(),
                     start_id: format!("load-{}", self.index),
                     body: Some(body),
                 },
@@ -645,7 +601,7 @@ struct Chain {
 impl Chain {
     fn next(&mut self, node: usize) -> pb::record::Body {
         self.lease_seq += 1;
-        let end = now_ms();
+        let end = common::now_ms();
         let start = if self.window_end == 0 {
             end - 10_000
         } else {
@@ -724,7 +680,7 @@ fn inventory(node: usize) -> pb::InventorySummary {
 
 /// One telemetry record: the host and the last sample of each of 8 GPUs.
 fn telemetry(node: usize) -> pb::record::Body {
-    let t = now_ms();
+    let t = common::now_ms();
     pb::record::Body::Telemetry(pb::Telemetry {
         host: Some(pb::HostSample {
             load1: 12.5,

@@ -12,7 +12,6 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -38,7 +37,7 @@ use warden_proto::{
 mod common;
 
 fn main() {
-    raise_nofile();
+    common::raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -48,46 +47,6 @@ fn main() {
     rt.block_on(enrollment());
     caps();
     rt.block_on(bytes());
-}
-
-fn raise_nofile() {
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain getrlimit/setrlimit on this process.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
-        l.rlim_cur = l.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
-    }
-}
-
-/// A dev coordinator process with `extra` config; (process, port, CA path).
-fn coordinator(dir: &Path, extra: &str) -> (common::Killed, u16, std::path::PathBuf) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    std::fs::create_dir_all(dir).unwrap();
-    let cfg = dir.join("c.toml");
-    std::fs::write(&cfg, extra).unwrap();
-    let child = Command::new(common::WARDEN)
-        .args(["coordinator", "--dev", "--config", cfg.to_str().unwrap()])
-        .args(["--state-dir", dir.to_str().unwrap()])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let link = dir.join("agent-link.toml");
-    let t0 = Instant::now();
-    while !link.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "no coordinator");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (common::Killed(child), port, dir.join("tls/ca.pem"))
 }
 
 fn tls(ca: &Path) -> Arc<rustls::ClientConfig> {
@@ -115,7 +74,8 @@ fn fds(pid: u32) -> usize {
 async fn connections() {
     let tmp = tempfile::tempdir().unwrap();
     // Default limits, but no idle deadline while the bench fills the table.
-    let (coord, port, ca) = coordinator(tmp.path(), "[limits]\nidle_timeout = \"1h\"\n");
+    let (coord, port, ca) =
+        common::dev_coordinator(tmp.path(), "[limits]\nidle_timeout = \"1h\"\n");
     let pid = coord.0.id();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let connector = tokio_rustls::TlsConnector::from(tls(&ca));
@@ -215,7 +175,7 @@ async fn register(
             node_id: node.key_id().to_owned(),
             public_key: node.public_key().to_vec(),
             agent_version: "bench".into(),
-            time_unix_ms: now_ms(),
+            time_unix_ms: common::now_ms(),
             session_nonce: nonce,
             ..Default::default()
         },
@@ -227,16 +187,9 @@ async fn register(
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 async fn enrollment() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_coord, port, ca) = coordinator(tmp.path(), "");
+    let (_coord, port, ca) = common::dev_coordinator(tmp.path(), "");
     // One address: 20 s of fresh identities, as fast as the answers come.
     let ch = channel(port, &ca).await;
     let (mut ok, mut no) = (0, 0);
@@ -250,7 +203,7 @@ async fn enrollment() {
     println!("coordnet/enrollment one address, 20s: {ok} new nodes accepted, {no} refused (RESOURCE_EXHAUSTED)");
     // 32 addresses (the coordinator sees 127.0.5.x): the global rate.
     let tmp = tempfile::tempdir().unwrap();
-    let (_coord, port, ca) = coordinator(tmp.path(), "");
+    let (_coord, port, ca) = common::dev_coordinator(tmp.path(), "");
     let (ok, no) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let t = Instant::now();
     let mut tasks = Vec::new();
@@ -302,7 +255,7 @@ fn caps() {
 
 async fn bytes() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_coord, port, ca) = coordinator(tmp.path(), "");
+    let (_coord, port, ca) = common::dev_coordinator(tmp.path(), "");
     let ch = channel(port, &ca).await;
     let node = Signer::generate().unwrap().0;
     let (tx, mut inbound) = register(&ch, &node).await.unwrap();
@@ -325,7 +278,7 @@ async fn bytes() {
             &pb::Record {
                 node_id: node.key_id().to_owned(),
                 seq,
-                time_unix_ms: now_ms(),
+                time_unix_ms: common::now_ms(),
                 body: Some(pb::record::Body::Telemetry(pb::Telemetry {
                     gpu_events: vec![pb::GpuEvent {
                         detail: "x".repeat(pad),

@@ -142,3 +142,53 @@ pub fn steady_secs() -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(30)
 }
+
+/// Raises this process's open-file limit to its hard limit: every
+/// simulated agent or held connection needs a descriptor.
+pub fn raise_nofile() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on this process.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur = l.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A `warden coordinator --dev` process on a free loopback port with
+/// `config` as its file: (process, port, its CA file), once it is up.
+pub fn dev_coordinator(dir: &Path, config: &str) -> (Killed, u16, PathBuf) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join("c.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let child = Command::new(WARDEN)
+        .args(["coordinator", "--dev", "--config", cfg.to_str().unwrap()])
+        .args(["--state-dir", dir.to_str().unwrap()])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !dir.join("agent-link.toml").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no coordinator");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Killed(child), port, dir.join("tls/ca.pem"))
+}

@@ -624,6 +624,15 @@ impl Hiring {
     /// task of its own; `seen` is a node's last contact while it is not
     /// connected.
     async fn replace_lost(&self, clusters: &[pb::ClusterInfo]) {
+        // Every second: read the whole network only when a cluster could
+        // lose a member or has a lost member's lease to end.
+        let concerned = |c: &pb::ClusterInfo| {
+            (c.order.is_some() && ClusterPhase::parse(&c.phase) == Some(ClusterPhase::Ready))
+                || c.events.iter().any(|e| e.kind == ClusterEventKind::Lost)
+        };
+        if !clusters.iter().any(concerned) {
+            return;
+        }
         let store = &self.control.store;
         let (nodes, leases) = match futures::join!(store.list_nodes(), store.list_leases()) {
             (Ok(n), Ok(l)) => (n, l),
