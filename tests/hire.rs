@@ -706,18 +706,16 @@ fn a_ray_cluster_is_ready_when_every_member_is_alive() {
         ))
         .output()
         .unwrap();
-    let mut mesh: Vec<String> = members(c)
-        .iter()
-        .map(|m| {
-            m["address"]
-                .as_str()
-                .unwrap()
-                .split('/')
-                .next()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let host = |m: &Value| {
+        m["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let mut mesh: Vec<String> = members(c).iter().map(host).collect();
     mesh.sort();
     let ran = String::from_utf8_lossy(&placed.stdout);
     assert!(
@@ -753,15 +751,6 @@ fn a_ray_cluster_is_ready_when_every_member_is_alive() {
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let host = |m: &Value| {
-        m["address"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .to_owned()
     };
     let up = cluster(
         &r.coord,
