@@ -28,6 +28,10 @@ need dpkg-shlibdeps dpkg-dev
 # The Ray image (tests/common/ray.rs): the host's pip fetches Ray's wheels into
 # a debootstrapped root.
 python3 -m pip --version >/dev/null 2>&1 || need_pkgs+=(python3-pip)
+# The coordinator's PostgreSQL backend: a throwaway server (scripts/test-postgres.sh).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_pkgs+=(postgresql)
+need openssl openssl
+need ss iproute2
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "== installing: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -70,6 +74,9 @@ if command -v docker >/dev/null 2>&1; then
     exit 1
   fi
 fi
+
+# The coordinator's store tests run on SQLite and on this PostgreSQL.
+. scripts/test-postgres.sh
 
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy || true
 

@@ -207,8 +207,12 @@ async fn tampered_and_foreign_records_are_refused_and_not_stored() {
     let (_tx2, mut again) = registered(tls_channel(&coord).await, &node, 4 << 20).await;
     assert_eq!(welcome(&mut again, &coordinator_key).await.last_seq, 2);
     let conn = rusqlite::Connection::open(coord.db()).unwrap();
-    let stored = warden_coordinator::store::read_payload(&conn, node.key_id(), 2)
-        .unwrap()
+    let stored: Vec<u8> = conn
+        .query_row(
+            "SELECT payload FROM records WHERE node_id = ?1 AND seq = 2",
+            [node.key_id()],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(
         stored, good2.payload,

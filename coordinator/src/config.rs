@@ -8,6 +8,8 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::store::PostgresTarget;
+
 /// Why a configuration could not be used: the one type the agent and the
 /// coordinator share, so a config error reads the same from both.
 pub use warden_state::config::ConfigError;
@@ -20,8 +22,11 @@ pub struct CoordinatorConfig {
     pub state_dir: PathBuf,
     /// Address the agents' gRPC endpoint listens on (TLS).
     pub listen: SocketAddr,
-    /// SQLite database; defaults to `<state_dir>/coordinator.db`.
+    /// SQLite database; defaults to `<state_dir>/coordinator.db`. Not
+    /// with `[postgres]`.
     pub database: Option<PathBuf>,
+    /// A PostgreSQL database instead of SQLite: what replicas share.
+    pub postgres: Option<PostgresConfig>,
     /// Admin unix socket (mode 0600); defaults to `<state_dir>/admin.sock`.
     pub admin_socket: Option<PathBuf>,
     /// The coordinator's Ed25519 signing key; defaults to `<state_dir>/coordinator.key`.
@@ -158,6 +163,21 @@ impl Default for LeasesConfig {
     }
 }
 
+/// `[postgres]`: the PostgreSQL database the coordinator (and its
+/// replicas) store in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user@host:port/dbname`, or libpq `key=value` words.
+    pub url: String,
+    /// PEM of the CA that signed the server's certificate: TLS is then
+    /// required and the server's name checked. Needed unless the
+    /// database is on this host (a Unix socket or a loopback address).
+    pub ca_cert: Option<PathBuf>,
+    /// A file holding the password (mode 0600), rather than in `url`.
+    pub password_file: Option<PathBuf>,
+}
+
 /// Server certificate and key, PEM. Required outside `--dev`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -175,6 +195,7 @@ impl Default for CoordinatorConfig {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             database: None,
+            postgres: None,
             admin_socket: None,
             key_file: None,
             tls: TlsConfig::default(),
@@ -223,9 +244,34 @@ impl CoordinatorConfig {
                         .into(),
             });
         }
+        if cfg.postgres.is_some() && cfg.database.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "database",
+                reason: "is a SQLite file, and [postgres] names a PostgreSQL database: keep one"
+                    .into(),
+            });
+        }
         cfg.validate_enrollment()?;
         cfg.validate_limits()?;
         Ok(cfg)
+    }
+
+    /// The PostgreSQL database to open, when `[postgres]` names one: its
+    /// password read from `password_file`, which must be private.
+    pub fn postgres_target(&self) -> Result<Option<PostgresTarget>, ConfigError> {
+        let Some(pg) = &self.postgres else {
+            return Ok(None);
+        };
+        let password = match &pg.password_file {
+            None => None,
+            Some(path) => Some(read_secret(path, "postgres.password_file")?),
+        };
+        PostgresTarget::new(&pg.url, pg.ca_cert.as_deref(), password.as_deref())
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid {
+                key: "postgres",
+                reason: e.to_string(),
+            })
     }
 
     fn validate_enrollment(&self) -> Result<(), ConfigError> {
@@ -341,6 +387,14 @@ impl CoordinatorConfig {
         Ok((cert, key))
     }
 
+    /// Where the coordinator stores, as logs show it.
+    pub fn database_shown(&self) -> String {
+        match self.postgres_target() {
+            Ok(Some(t)) => t.to_string(),
+            _ => self.database_path().display().to_string(),
+        }
+    }
+
     pub fn database_path(&self) -> PathBuf {
         self.database
             .clone()
@@ -409,6 +463,23 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 /// A node id: the key id of its Ed25519 key, 32 lowercase hex characters.
 pub fn is_node_id(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// A secret's file, trimmed: refused unless only its owner may read it.
+fn read_secret(path: &Path, key: &'static str) -> Result<String, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let invalid = |reason: String| ConfigError::Invalid { key, reason };
+    let meta = std::fs::metadata(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(invalid(format!(
+            "{} may be read by others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        )));
+    }
+    let text =
+        std::fs::read_to_string(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
 }
 
 #[cfg(test)]

@@ -7,16 +7,14 @@
 //! what it did commit together; the rules themselves are the pure ones of
 //! `leases`, `cluster` and `warden_proto::chain`.
 
-use rusqlite::Transaction;
-
 use crate::{
     clock::now_ms,
     cluster, leases,
-    store::{self, ChainItem, NewRecord, NodeState},
+    store::{self, ChainItem, DbError, NewRecord, NodeState, Tx},
 };
 
 /// The effects of one record newly stored (a `store::Effects`).
-pub fn effects(tx: &Transaction, r: &NewRecord) -> rusqlite::Result<()> {
+pub fn effects(tx: &mut Tx<'_>, r: &NewRecord) -> Result<(), DbError> {
     apply_leases(tx, &r.node_id, &r.state)?;
     apply_mesh_results(tx, &r.node_id, &r.state)?;
     if let Some(item) = &r.state.chain {
@@ -27,7 +25,7 @@ pub fn effects(tx: &Transaction, r: &NewRecord) -> rusqlite::Result<()> {
 
 /// Moves leases along with what a node answered and reported. A node can
 /// only touch its own leases and answer its own commands.
-fn apply_leases(tx: &Transaction, node_id: &str, st: &NodeState) -> rusqlite::Result<()> {
+fn apply_leases(tx: &mut Tx<'_>, node_id: &str, st: &NodeState) -> Result<(), DbError> {
     let now = now_ms();
     for r in &st.results {
         let Some(sent) = store::answer_command(tx, node_id, r)? else {
@@ -51,7 +49,7 @@ fn apply_leases(tx: &Transaction, node_id: &str, st: &NodeState) -> rusqlite::Re
 }
 
 /// A member's answer to a MeshConfig moves its state in its cluster.
-fn apply_mesh_results(tx: &Transaction, node_id: &str, st: &NodeState) -> rusqlite::Result<()> {
+fn apply_mesh_results(tx: &mut Tx<'_>, node_id: &str, st: &NodeState) -> Result<(), DbError> {
     for r in &st.results {
         let Some(sent) = store::answer_mesh_command(tx, node_id, r)? else {
             continue;
@@ -68,7 +66,7 @@ fn apply_mesh_results(tx: &Transaction, node_id: &str, st: &NodeState) -> rusqli
 /// Indexes a chain record under its lease, checking the link live: a record
 /// that does not follow the last one stored is noted on the lease (it is
 /// stored all the same: the verdict judges the whole chain).
-fn index_chain(tx: &Transaction, r: &NewRecord, item: &ChainItem) -> rusqlite::Result<()> {
+fn index_chain(tx: &mut Tx<'_>, r: &NewRecord, item: &ChainItem) -> Result<(), DbError> {
     let lease_id = match item {
         ChainItem::Attestation { lease_id, .. } | ChainItem::Proof { lease_id } => lease_id,
     };
@@ -102,82 +100,83 @@ mod tests {
     use crate::{
         leases::Kind,
         store::{
-            fixtures::{node, rec},
-            NodeRow, Store,
+            fixtures::{databases, node, rec},
+            NodeRow,
         },
     };
     use warden_proto::{pb, states::LeaseState};
 
     #[tokio::test]
     async fn a_nodes_answer_moves_its_lease_and_a_broken_link_is_noted() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("c.db")).unwrap();
-        store.register(node()).await.unwrap();
-        let other = NodeRow {
-            node_id: "n2".into(),
-            ..node()
-        };
-        store.register(other).await.unwrap();
-        let lease = pb::LeaseInfo {
-            lease_id: "l-1".into(),
-            node_id: "n1".into(),
-            state: LeaseState::Starting.into(),
-            ..Default::default()
-        };
-        store
-            .put_lease(lease, "c-1".into(), Kind::LeaseStart)
-            .await
-            .unwrap();
-        let answer = |node_id: &str, seq| NewRecord {
-            node_id: node_id.into(),
-            state: NodeState {
-                results: vec![pb::CommandResult {
-                    command_id: "c-1".into(),
-                    ok: true,
+        for db in databases() {
+            let store = db.open();
+            store.register(node()).await.unwrap();
+            let other = NodeRow {
+                node_id: "n2".into(),
+                ..node()
+            };
+            store.register(other).await.unwrap();
+            let lease = pb::LeaseInfo {
+                lease_id: "l-1".into(),
+                node_id: "n1".into(),
+                state: LeaseState::Starting.into(),
+                ..Default::default()
+            };
+            store
+                .put_lease(lease, "c-1".into(), Kind::LeaseStart)
+                .await
+                .unwrap();
+            let answer = |node_id: &str, seq| NewRecord {
+                node_id: node_id.into(),
+                state: NodeState {
+                    results: vec![pb::CommandResult {
+                        command_id: "c-1".into(),
+                        ok: true,
+                        ..Default::default()
+                    }],
                     ..Default::default()
-                }],
-                ..Default::default()
-            },
-            ..rec(seq, seq as u8)
-        };
-        // `rec(seq, d)` hashes to [d; 32].
-        let link = |seq: u64, lease_seq, prev: u8| NewRecord {
-            state: NodeState {
-                chain: Some(ChainItem::Attestation {
-                    lease_id: "l-1".into(),
-                    lease_seq,
-                    prev_sha256: vec![prev; 32],
-                }),
-                ..Default::default()
-            },
-            ..rec(seq, seq as u8)
-        };
-        // Another node cannot answer n1's command.
-        store
-            .insert_with(vec![answer("n2", 1)], effects)
-            .await
-            .unwrap();
-        assert_eq!(
-            store.get_lease("l-1").await.unwrap().unwrap().state,
-            LeaseState::Starting
-        );
-        store
-            .insert_with(
-                vec![answer("n1", 1), link(2, 1, 0), link(3, 2, 2), link(4, 3, 9)],
-                effects,
-            )
-            .await
-            .unwrap();
-        let info = store.get_lease("l-1").await.unwrap().unwrap();
-        assert_eq!(info.state, LeaseState::Running);
-        assert_eq!(info.attestations, 3);
-        assert_eq!(
-            info.chain_errors,
-            ["record seq 4: lease seq 3 does not follow 2 (or its link is wrong)"]
-        );
-        assert_eq!(
-            store.evidence("l-1").await.unwrap().unwrap().records.len(),
-            3
-        );
+                },
+                ..rec(seq, seq as u8)
+            };
+            // `rec(seq, d)` hashes to [d; 32].
+            let link = |seq: u64, lease_seq, prev: u8| NewRecord {
+                state: NodeState {
+                    chain: Some(ChainItem::Attestation {
+                        lease_id: "l-1".into(),
+                        lease_seq,
+                        prev_sha256: vec![prev; 32],
+                    }),
+                    ..Default::default()
+                },
+                ..rec(seq, seq as u8)
+            };
+            // Another node cannot answer n1's command.
+            store
+                .insert_with(vec![answer("n2", 1)], effects)
+                .await
+                .unwrap();
+            assert_eq!(
+                store.get_lease("l-1").await.unwrap().unwrap().state,
+                LeaseState::Starting
+            );
+            store
+                .insert_with(
+                    vec![answer("n1", 1), link(2, 1, 0), link(3, 2, 2), link(4, 3, 9)],
+                    effects,
+                )
+                .await
+                .unwrap();
+            let info = store.get_lease("l-1").await.unwrap().unwrap();
+            assert_eq!(info.state, LeaseState::Running);
+            assert_eq!(info.attestations, 3);
+            assert_eq!(
+                info.chain_errors,
+                ["record seq 4: lease seq 3 does not follow 2 (or its link is wrong)"]
+            );
+            assert_eq!(
+                store.evidence("l-1").await.unwrap().unwrap().records.len(),
+                3
+            );
+        }
     }
 }

@@ -99,15 +99,18 @@ pub struct Running {
     pub addr: SocketAddr,
     pub admin_socket: PathBuf,
     pub public_key: VerifyingKey,
-    pub database: PathBuf,
+    /// Where it stores: the SQLite file, or the PostgreSQL database
+    /// (without its password).
+    pub database: String,
     /// What the connection limits did so far.
     pub connections: Arc<Counters>,
     /// The connection cap in force (`limits.max_connections`, fitted under
     /// the file descriptor limit).
     pub max_connections: usize,
     tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
-    /// The state directory's and the database's, held until the servers stop.
-    _locks: [DirLock; 2],
+    /// The state directory's and (SQLite's) the database's, held until
+    /// the servers stop.
+    _locks: Vec<DirLock>,
 }
 
 impl Running {
@@ -133,24 +136,26 @@ pub async fn start(
     let policy = cfg.enrollment_policy()?;
     let acceptor = listener::acceptor(&tls.cert, &tls.key)?;
     cfg.check_paths()?;
-    // One coordinator per state directory and per database: a second would
-    // answer the same nodes from the same rows. The database may live
-    // elsewhere, so it has its own lock beside it.
+    // One coordinator per state directory and per SQLite file: a second
+    // would answer the same nodes from the same rows. The file may live
+    // elsewhere, so it has its own lock beside it. Replicas share a
+    // PostgreSQL database by design, each with its own state directory.
     dir::ensure_private(&cfg.state_dir)?;
+    let postgres = cfg.postgres_target()?;
     let database = cfg.database_path();
-    let locks = [
-        DirLock::acquire(
-            &cfg.lock_path(),
-            format!(
-                "the coordinator state directory {}",
-                cfg.state_dir.display()
-            ),
-        )?,
-        DirLock::acquire(
+    let mut locks = vec![DirLock::acquire(
+        &cfg.lock_path(),
+        format!(
+            "the coordinator state directory {}",
+            cfg.state_dir.display()
+        ),
+    )?];
+    if postgres.is_none() {
+        locks.push(DirLock::acquire(
             &cfg.database_lock_path(),
             format!("the coordinator database {}", database.display()),
-        )?,
-    ];
+        )?);
+    }
     let (signer, created) = load_signing_key(&cfg.key_path())?;
     if created {
         tracing::info!(key = %cfg.key_path().display(), "created coordinator signing key");
@@ -171,7 +176,18 @@ pub async fn start(
     let admin_socket = cfg.admin_socket_path();
     let (admin_listener, admin_file) =
         warden_state::socket::bind(&admin_socket).map_err(ServeError::AdminSocket)?;
-    let store = Store::open_with_quota(&database, cfg.limits.node_storage_bytes)?;
+    let (store, database) = match postgres {
+        Some(target) => {
+            let shown = target.to_string();
+            let store = Store::open_postgres(target, cfg.limits.node_storage_bytes)?;
+            (store, shown)
+        }
+        None => {
+            let store = Store::open_with_quota(&database, cfg.limits.node_storage_bytes)?;
+            (store, database.display().to_string())
+        }
+    };
+    tracing::info!(database = %database, "store opened");
     let (max_connections, nofile) = listener::fit_connections(cfg.limits.max_connections);
     if max_connections < cfg.limits.max_connections {
         tracing::warn!(

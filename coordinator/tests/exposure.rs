@@ -90,7 +90,7 @@ impl Coord {
     }
 
     fn db(&self) -> PathBuf {
-        self.running.database.clone()
+        PathBuf::from(&self.running.database)
     }
 }
 

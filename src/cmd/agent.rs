@@ -157,7 +157,7 @@ async fn run_dev(
         port = coordinator.addr.port(),
         ca = tls.ca_cert.display(),
         key = coordinator.public_key.to_base64(),
-        db = coordinator.database.display(),
+        db = coordinator.database,
         exe = exe.display(),
         status = cfg.status_socket().display(),
         admin = coordinator.admin_socket.display(),

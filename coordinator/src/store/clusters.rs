@@ -2,10 +2,12 @@
 //! MeshConfig commands sent to its members, with their answers.
 
 use prost::Message;
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use warden_proto::pb;
 
-use super::{Store, StoreError};
+use super::{
+    db::{args, DbError, Tx},
+    Store, StoreError,
+};
 
 /// What a cluster write does to the cluster's row.
 #[derive(Debug, Clone)]
@@ -36,20 +38,25 @@ impl Store {
         let cluster_id = cluster_id.to_owned();
         self.write(move |tx| {
             match info {
-                ClusterWrite::Put(info) => tx.execute(
-                    "INSERT OR REPLACE INTO clusters (cluster_id, info) VALUES (?1, ?2)",
-                    params![cluster_id, info.encode_to_vec()],
+                ClusterWrite::Put(info) => tx.exec(
+                    "INSERT INTO clusters (cluster_id, info) VALUES (?1, ?2)
+                     ON CONFLICT (cluster_id) DO UPDATE SET info = excluded.info",
+                    args![cluster_id, info.encode_to_vec()],
                 )?,
-                ClusterWrite::Delete => tx.execute(
+                ClusterWrite::Delete => tx.exec(
                     "DELETE FROM clusters WHERE cluster_id = ?1",
-                    params![cluster_id],
+                    args![cluster_id],
                 )?,
                 ClusterWrite::Keep => 0,
             };
             for m in sent {
-                tx.execute(
-                    "INSERT OR REPLACE INTO mesh_commands (command_id, node_id, cluster_id, generation) VALUES (?1, ?2, ?3, ?4)",
-                    params![m.command_id, m.node_id, m.cluster_id, m.generation as i64],
+                tx.exec(
+                    "INSERT INTO mesh_commands (command_id, node_id, cluster_id, generation)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (command_id) DO UPDATE SET node_id = excluded.node_id,
+                        cluster_id = excluded.cluster_id, generation = excluded.generation,
+                        result = NULL",
+                    args![m.command_id, m.node_id, m.cluster_id, m.generation as i64],
                 )?;
             }
             Ok(())
@@ -101,7 +108,7 @@ impl Store {
     /// One cluster as stored.
     pub async fn cluster(&self, cluster_id: &str) -> Result<Option<pb::ClusterInfo>, StoreError> {
         let cluster_id = cluster_id.to_owned();
-        self.read(move |conn| get_cluster(conn, &cluster_id)).await
+        self.read(move |tx| get_cluster(tx, &cluster_id)).await
     }
 
     pub async fn list_clusters(&self) -> Result<Vec<pb::ClusterInfo>, StoreError> {
@@ -112,23 +119,21 @@ impl Store {
 /// The MeshConfig command a result answers, if it was sent to `node_id`
 /// (a node answers only its own commands); its answer is kept with it.
 pub(crate) fn answer_mesh_command(
-    tx: &Transaction,
+    tx: &mut Tx<'_>,
     node_id: &str,
     result: &pb::CommandResult,
-) -> rusqlite::Result<Option<MeshSent>> {
-    let sent: Option<(String, i64)> = tx
-        .query_row(
-            "SELECT cluster_id, generation FROM mesh_commands WHERE command_id = ?1 AND node_id = ?2",
-            params![result.command_id, node_id],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .optional()?;
+) -> Result<Option<MeshSent>, DbError> {
+    let sent: Option<(String, i64)> = tx.query_row(
+        "SELECT cluster_id, generation FROM mesh_commands WHERE command_id = ?1 AND node_id = ?2",
+        args![result.command_id, node_id],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
     let Some((cluster_id, generation)) = sent else {
         return Ok(None);
     };
-    tx.execute(
+    tx.exec(
         "UPDATE mesh_commands SET result = ?2 WHERE command_id = ?1",
-        params![result.command_id, result.encode_to_vec()],
+        args![result.command_id, result.encode_to_vec()],
     )?;
     Ok(Some(MeshSent {
         command_id: result.command_id.clone(),
@@ -140,40 +145,38 @@ pub(crate) fn answer_mesh_command(
 
 /// One cluster as stored (None: no such cluster, or a row that does not decode).
 pub(crate) fn get_cluster(
-    conn: &Connection,
+    tx: &mut Tx<'_>,
     cluster_id: &str,
-) -> rusqlite::Result<Option<pb::ClusterInfo>> {
-    let info: Option<Vec<u8>> = conn
-        .query_row(
-            "SELECT info FROM clusters WHERE cluster_id = ?1",
-            params![cluster_id],
-            |row| row.get(0),
-        )
-        .optional()?;
+) -> Result<Option<pb::ClusterInfo>, DbError> {
+    let info: Option<Vec<u8>> = tx.query_row(
+        "SELECT info FROM clusters WHERE cluster_id = ?1",
+        args![cluster_id],
+        |row| row.get(0),
+    )?;
     Ok(info.and_then(|b| pb::ClusterInfo::decode(b.as_slice()).ok()))
 }
 
 /// Rewrites an existing cluster's row.
 pub(crate) fn update_cluster(
-    tx: &Transaction,
+    tx: &mut Tx<'_>,
     cluster_id: &str,
     info: &pb::ClusterInfo,
-) -> rusqlite::Result<()> {
-    tx.execute(
+) -> Result<(), DbError> {
+    tx.exec(
         "UPDATE clusters SET info = ?2 WHERE cluster_id = ?1",
-        params![cluster_id, info.encode_to_vec()],
+        args![cluster_id, info.encode_to_vec()],
     )?;
     Ok(())
 }
 
-fn list_clusters(conn: &Connection) -> rusqlite::Result<Vec<pb::ClusterInfo>> {
-    let mut stmt = conn.prepare("SELECT info FROM clusters ORDER BY cluster_id")?;
-    let rows = stmt.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
-    let mut out = Vec::new();
-    for b in rows {
-        if let Ok(c) = pb::ClusterInfo::decode(b?.as_slice()) {
-            out.push(c);
-        }
-    }
-    Ok(out)
+fn list_clusters(tx: &mut Tx<'_>) -> Result<Vec<pb::ClusterInfo>, DbError> {
+    let rows = tx.query_map(
+        "SELECT info FROM clusters ORDER BY cluster_id",
+        &[],
+        |row| row.get::<Vec<u8>>(0),
+    )?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|b| pb::ClusterInfo::decode(b.as_slice()).ok())
+        .collect())
 }

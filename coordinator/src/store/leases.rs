@@ -3,10 +3,12 @@
 //! challenges and its verdict: what the lease's evidence is gathered from.
 
 use prost::Message;
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use warden_proto::{chain::Head, pb};
 
-use super::{ChainItem, Store, StoreError};
+use super::{
+    db::{args, DbError, Dialect, Tx},
+    ChainItem, Store, StoreError,
+};
 use crate::leases::Kind;
 
 /// Everything stored about one lease's chain, for verification and export.
@@ -50,9 +52,11 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.write(move |tx| {
             put_lease(tx, &info)?;
-            tx.execute(
-                "INSERT OR REPLACE INTO commands (command_id, node_id, lease_id, kind) VALUES (?1, ?2, ?3, ?4)",
-                params![command_id, info.node_id, info.lease_id, kind.as_str()],
+            tx.exec(
+                "INSERT INTO commands (command_id, node_id, lease_id, kind) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (command_id) DO UPDATE SET node_id = excluded.node_id,
+                    lease_id = excluded.lease_id, kind = excluded.kind, result = NULL",
+                args![command_id, info.node_id, info.lease_id, kind.as_str()],
             )?;
             Ok(())
         })
@@ -61,22 +65,22 @@ impl Store {
 
     pub async fn get_lease(&self, lease_id: &str) -> Result<Option<pb::LeaseInfo>, StoreError> {
         let lease_id = lease_id.to_owned();
-        self.read(move |conn| get_lease(conn, &lease_id)).await
+        self.read(move |tx| get_lease(tx, &lease_id)).await
     }
 
     /// A lease's chain, proof, challenges and verdict as stored (None: no such lease).
     pub async fn evidence(&self, lease_id: &str) -> Result<Option<Evidence>, StoreError> {
         let lease_id = lease_id.to_owned();
-        self.read(move |conn| evidence(conn, &lease_id)).await
+        self.read(move |tx| evidence(tx, &lease_id)).await
     }
 
     /// A challenge sent (the signed envelope), counted on the lease.
     pub fn put_challenge(&self, lease_id: &str, env: pb::Envelope) {
         let lease_id = lease_id.to_owned();
         self.write_later(move |tx| {
-            tx.execute(
+            tx.exec(
                 "INSERT INTO challenges (lease_id, issued_ms, envelope) VALUES (?1, ?2, ?3)",
-                params![lease_id, crate::clock::now_ms(), env.encode_to_vec()],
+                args![lease_id, crate::clock::now_ms(), env.encode_to_vec()],
             )?;
             if let Some(mut info) = get_lease(tx, &lease_id)? {
                 info.challenges_sent += 1;
@@ -90,7 +94,7 @@ impl Store {
     /// one chains to), if any.
     pub async fn last_challenge(&self, lease_id: &str) -> Result<Option<ChallengeTip>, StoreError> {
         let lease_id = lease_id.to_owned();
-        self.read(move |conn| last_challenge(conn, &lease_id)).await
+        self.read(move |tx| last_challenge(tx, &lease_id)).await
     }
 
     /// The coordinator's signed verdict, stored with the lease, whose row
@@ -103,9 +107,9 @@ impl Store {
     ) {
         let lease_id = lease_id.to_owned();
         self.write_later(move |tx| {
-            tx.execute(
+            tx.exec(
                 "UPDATE leases SET verdict = ?2 WHERE lease_id = ?1",
-                params![lease_id, env.encode_to_vec()],
+                args![lease_id, env.encode_to_vec()],
             )?;
             if let Some(mut info) = get_lease(tx, &lease_id)? {
                 apply(&mut info);
@@ -123,23 +127,21 @@ impl Store {
 /// The lease command `command_id`, if it was sent to `node_id` (a node
 /// answers only its own commands); its answer is kept with it.
 pub(crate) fn answer_command(
-    tx: &Transaction,
+    tx: &mut Tx<'_>,
     node_id: &str,
     result: &pb::CommandResult,
-) -> rusqlite::Result<Option<SentCommand>> {
-    let cmd: Option<(String, String)> = tx
-        .query_row(
-            "SELECT lease_id, kind FROM commands WHERE command_id = ?1 AND node_id = ?2",
-            params![result.command_id, node_id],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .optional()?;
+) -> Result<Option<SentCommand>, DbError> {
+    let cmd: Option<(String, String)> = tx.query_row(
+        "SELECT lease_id, kind FROM commands WHERE command_id = ?1 AND node_id = ?2",
+        args![result.command_id, node_id],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
     let Some((lease_id, kind)) = cmd else {
         return Ok(None);
     };
-    tx.execute(
+    tx.exec(
         "UPDATE commands SET result = ?2 WHERE command_id = ?1",
-        params![result.command_id, result.encode_to_vec()],
+        args![result.command_id, result.encode_to_vec()],
     )?;
     Ok(Some(SentCommand {
         lease_id,
@@ -149,15 +151,13 @@ pub(crate) fn answer_command(
 
 /// The head of the lease's stored attestations: what the next one must
 /// follow (the chain's start when none is stored).
-pub(crate) fn chain_head(tx: &Transaction, lease_id: &str) -> rusqlite::Result<Head> {
-    let last: Option<(i64, Vec<u8>)> = tx
-        .query_row(
-            "SELECT lease_seq, payload_sha256 FROM lease_records
-             WHERE lease_id = ?1 AND kind = 'attestation' ORDER BY lease_seq DESC LIMIT 1",
-            [lease_id],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .optional()?;
+pub(crate) fn chain_head(tx: &mut Tx<'_>, lease_id: &str) -> Result<Head, DbError> {
+    let last: Option<(i64, Vec<u8>)> = tx.query_row(
+        "SELECT lease_seq, payload_sha256 FROM lease_records
+         WHERE lease_id = ?1 AND kind = 'attestation' ORDER BY lease_seq DESC LIMIT 1",
+        args![lease_id],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
     Ok(last.map_or(Head::default(), |(s, d)| Head {
         lease_seq: s as u64,
         // Stored from a [u8; 32]; anything else links to nothing.
@@ -167,12 +167,12 @@ pub(crate) fn chain_head(tx: &Transaction, lease_id: &str) -> rusqlite::Result<H
 
 /// Indexes a node's record `seq` under its lease's chain (once).
 pub(crate) fn index_chain_record(
-    tx: &Transaction,
+    tx: &mut Tx<'_>,
     node_id: &str,
     seq: u64,
     item: &ChainItem,
     payload_sha256: &[u8; 32],
-) -> rusqlite::Result<()> {
+) -> Result<(), DbError> {
     let (lease_id, lease_seq, kind) = match item {
         ChainItem::Attestation {
             lease_id,
@@ -181,10 +181,17 @@ pub(crate) fn index_chain_record(
         } => (lease_id, *lease_seq as i64, "attestation"),
         ChainItem::Proof { lease_id } => (lease_id, 0, "proof"),
     };
-    tx.execute(
-        "INSERT OR IGNORE INTO lease_records (lease_id, node_id, seq, lease_seq, kind, payload_sha256)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![lease_id, node_id, seq as i64, lease_seq, kind, &payload_sha256[..]],
+    tx.exec(
+        "INSERT INTO lease_records (lease_id, node_id, seq, lease_seq, kind, payload_sha256)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+        args![
+            lease_id,
+            node_id,
+            seq as i64,
+            lease_seq,
+            kind,
+            &payload_sha256[..]
+        ],
     )?;
     Ok(())
 }
@@ -197,36 +204,34 @@ fn envelope(payload_type: String, payload: Vec<u8>, keyid: String, sig: Vec<u8>)
     }
 }
 
-fn evidence(conn: &Connection, lease_id: &str) -> rusqlite::Result<Option<Evidence>> {
-    let row: Option<(String, Vec<u8>, Option<Vec<u8>>)> = conn
-        .query_row(
-            "SELECT l.node_id, n.public_key, l.verdict FROM leases l JOIN nodes n ON n.node_id = l.node_id
-             WHERE l.lease_id = ?1",
-            [lease_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()?;
+fn evidence(tx: &mut Tx<'_>, lease_id: &str) -> Result<Option<Evidence>, DbError> {
+    let row: Option<(String, Vec<u8>, Option<Vec<u8>>)> = tx.query_row(
+        "SELECT l.node_id, n.public_key, l.verdict FROM leases l JOIN nodes n ON n.node_id = l.node_id
+         WHERE l.lease_id = ?1",
+        args![lease_id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
     let Some((node_id, node_public_key, verdict)) = row else {
         return Ok(None);
     };
-    let mut stmt = conn.prepare(
+    let rows = tx.query_map(
         "SELECT lr.kind, r.payload_type, r.payload, r.keyid, r.sig, rc.envelope FROM lease_records lr
          JOIN records r ON r.node_id = lr.node_id AND r.seq = lr.seq
          JOIN receipts rc ON rc.node_id = lr.node_id AND rc.seq = lr.seq
          WHERE lr.lease_id = ?1 ORDER BY lr.lease_seq, lr.seq",
+        args![lease_id],
+        |r| {
+            Ok((
+                r.get::<String>(0)?,
+                envelope(r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?),
+                r.get::<Vec<u8>>(5)?,
+            ))
+        },
     )?;
     let mut records = Vec::new();
     let mut receipts = Vec::new();
     let mut proof = None;
-    let rows = stmt.query_map([lease_id], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            envelope(r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?),
-            r.get::<_, Vec<u8>>(5)?,
-        ))
-    })?;
-    for row in rows {
-        let (kind, env, receipt) = row?;
+    for (kind, env, receipt) in rows {
         if kind == "proof" {
             proof = Some(env);
         } else {
@@ -236,13 +241,21 @@ fn evidence(conn: &Connection, lease_id: &str) -> rusqlite::Result<Option<Eviden
             }
         }
     }
-    let mut stmt = conn
-        .prepare("SELECT envelope FROM challenges WHERE lease_id = ?1 ORDER BY issued_ms, rowid")?;
-    let challenges = stmt
-        .query_map([lease_id], |r| r.get::<_, Vec<u8>>(0))?
-        .filter_map(|b| b.ok().and_then(|b| pb::Envelope::decode(b.as_slice()).ok()))
+    // In the order sent: SQLite's rowid, PostgreSQL's serial id.
+    let sql = match tx.dialect() {
+        Dialect::Sqlite => {
+            "SELECT envelope FROM challenges WHERE lease_id = ?1 ORDER BY issued_ms, rowid"
+        }
+        Dialect::Postgres => {
+            "SELECT envelope FROM challenges WHERE lease_id = ?1 ORDER BY issued_ms, id"
+        }
+    };
+    let challenges = tx
+        .query_map(sql, args![lease_id], |r| r.get::<Vec<u8>>(0))?
+        .into_iter()
+        .filter_map(|b| pb::Envelope::decode(b.as_slice()).ok())
         .collect();
-    let lease = get_lease(conn, lease_id)?.unwrap_or_default();
+    let lease = get_lease(tx, lease_id)?.unwrap_or_default();
     Ok(Some(Evidence {
         node_id,
         node_public_key,
@@ -255,14 +268,12 @@ fn evidence(conn: &Connection, lease_id: &str) -> rusqlite::Result<Option<Eviden
     }))
 }
 
-fn last_challenge(conn: &Connection, lease_id: &str) -> rusqlite::Result<Option<ChallengeTip>> {
-    let blob: Option<Vec<u8>> = conn
-        .query_row(
-            "SELECT envelope FROM challenges WHERE lease_id = ?1 ORDER BY issued_ms DESC, rowid DESC LIMIT 1",
-            [lease_id],
-            |r| r.get(0),
-        )
-        .optional()?;
+fn last_challenge(tx: &mut Tx<'_>, lease_id: &str) -> Result<Option<ChallengeTip>, DbError> {
+    let sql = match tx.dialect() {
+        Dialect::Sqlite => "SELECT envelope FROM challenges WHERE lease_id = ?1 ORDER BY issued_ms DESC, rowid DESC LIMIT 1",
+        Dialect::Postgres => "SELECT envelope FROM challenges WHERE lease_id = ?1 ORDER BY issued_ms DESC, id DESC LIMIT 1",
+    };
+    let blob: Option<Vec<u8>> = tx.query_row(sql, args![lease_id], |r| r.get(0))?;
     Ok(blob
         .and_then(|b| pb::Envelope::decode(b.as_slice()).ok())
         .map(|env| {
@@ -276,11 +287,11 @@ fn last_challenge(conn: &Connection, lease_id: &str) -> rusqlite::Result<Option<
         }))
 }
 
-pub(crate) fn put_lease(tx: &Transaction, info: &pb::LeaseInfo) -> rusqlite::Result<()> {
-    tx.execute(
+pub(crate) fn put_lease(tx: &mut Tx<'_>, info: &pb::LeaseInfo) -> Result<(), DbError> {
+    tx.exec(
         "INSERT INTO leases (lease_id, node_id, created_ms, info) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (lease_id) DO UPDATE SET info = excluded.info",
-        params![
+        args![
             info.lease_id,
             info.node_id,
             info.created_unix_ms,
@@ -290,28 +301,23 @@ pub(crate) fn put_lease(tx: &Transaction, info: &pb::LeaseInfo) -> rusqlite::Res
     Ok(())
 }
 
-pub(crate) fn get_lease(
-    conn: &Connection,
-    lease_id: &str,
-) -> rusqlite::Result<Option<pb::LeaseInfo>> {
-    let blob: Option<Vec<u8>> = conn
-        .query_row(
-            "SELECT info FROM leases WHERE lease_id = ?1",
-            [lease_id],
-            |r| r.get(0),
-        )
-        .optional()?;
+pub(crate) fn get_lease(tx: &mut Tx<'_>, lease_id: &str) -> Result<Option<pb::LeaseInfo>, DbError> {
+    let blob: Option<Vec<u8>> = tx.query_row(
+        "SELECT info FROM leases WHERE lease_id = ?1",
+        args![lease_id],
+        |r| r.get(0),
+    )?;
     Ok(blob.and_then(|b| pb::LeaseInfo::decode(b.as_slice()).ok()))
 }
 
-fn list_leases(conn: &Connection) -> rusqlite::Result<Vec<pb::LeaseInfo>> {
-    let mut stmt = conn.prepare("SELECT info FROM leases ORDER BY created_ms, lease_id")?;
-    let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
-    let mut out = Vec::new();
-    for b in rows {
-        if let Ok(info) = pb::LeaseInfo::decode(b?.as_slice()) {
-            out.push(info);
-        }
-    }
-    Ok(out)
+fn list_leases(tx: &mut Tx<'_>) -> Result<Vec<pb::LeaseInfo>, DbError> {
+    let rows = tx.query_map(
+        "SELECT info FROM leases ORDER BY created_ms, lease_id",
+        &[],
+        |r| r.get::<Vec<u8>>(0),
+    )?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|b| pb::LeaseInfo::decode(b.as_slice()).ok())
+        .collect())
 }

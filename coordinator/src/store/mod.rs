@@ -1,33 +1,41 @@
-//! SQLite storage of nodes, records, leases and clusters; it stores and
-//! keeps what it is told, the rules that decide what to store live above it.
+//! Storage of nodes, records, leases and clusters, in SQLite (embedded,
+//! the default) or PostgreSQL (shared by coordinator replicas); it stores
+//! and keeps what it is told, the rules that decide what to store live
+//! above it.
 //!
 //! One thread owns the connection; callers queue work for it through a
 //! channel. The thread drains whatever is queued and commits it in one
-//! transaction (`synchronous=FULL`), so many agents' records share one
-//! fsync and a receipt is only ever sent for a record that is durably
-//! stored. Each file here holds one part of the schema and the work on it:
-//! `schema` (the file, its checks and migrations), `nodes`, `records`,
-//! `leases`, `clusters`.
+//! transaction (SQLite's `synchronous=FULL`, PostgreSQL's commit), so many
+//! agents' records share one flush and a receipt is only ever sent for a
+//! record that is durably stored. Each file here holds one part of the
+//! schema and the work on it: `db` (the SQL both databases speak),
+//! `schema` (opening, checks and migrations), `postgres` (reaching one),
+//! `nodes`, `records`, `leases`, `clusters`.
 
-use std::{path::Path, thread};
+use std::{path::Path, thread, time::Duration};
 
-use rusqlite::{Connection, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 mod clusters;
+pub(crate) mod db;
 mod leases;
 mod nodes;
+mod postgres;
 mod records;
 mod schema;
 
 pub(crate) use clusters::{answer_mesh_command, get_cluster, update_cluster};
 pub use clusters::{ClusterWrite, MeshSent};
+pub use db::{DbError, Dialect, Tx};
 pub(crate) use leases::{answer_command, chain_head, get_lease, index_chain_record, put_lease};
 pub use leases::{ChallengeTip, Evidence, SentCommand};
 pub use nodes::{Gap, MeshIdentities, NodeRow, NodeStats, Registered, MAX_GAPS};
+pub use postgres::PostgresTarget;
 pub use records::{
-    no_effects, read_payload, ChainItem, Effects, GpuState, NewRecord, NodeState, Outcome, Stamped,
+    no_effects, ChainItem, Effects, GpuState, NewRecord, NodeState, Outcome, Stamped,
 };
+
+use db::Conn;
 
 /// Most jobs folded into one transaction.
 const MAX_BATCH: usize = 4096;
@@ -36,10 +44,7 @@ const MAX_BATCH: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database {path}: {source}")]
-    Open {
-        path: String,
-        source: rusqlite::Error,
-    },
+    Open { path: String, source: DbError },
     #[error("database {path} is damaged ({detail}); the coordinator will not start on it. Stop it, keep a copy of the file (with its -wal and -shm), then restore your last backup, or salvage what SQLite can read: sqlite3 {path} .recover | sqlite3 {path}.recovered, check it and move it into place")]
     Corrupt { path: String, detail: String },
     #[error("database {path}: {source}")]
@@ -47,19 +52,29 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    #[error("database {database} has schema version {found}, newer than this coordinator knows ({known}): a newer coordinator migrated it; run that version (all replicas the same)")]
+    Newer {
+        database: String,
+        found: usize,
+        known: usize,
+    },
+    #[error("{why}")]
+    PostgresConfig { why: String },
+    #[error("database {target}: {source}")]
+    Connect { target: String, source: DbError },
     #[error("database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Sql(#[from] DbError),
     #[error("the store thread has stopped")]
     Stopped,
 }
 
 /// What runs once the batch a job was in has committed (or failed to):
 /// the job's answer goes out only then.
-type AfterCommit = Box<dyn FnOnce(Result<(), &rusqlite::Error>) + Send>;
+type AfterCommit = Box<dyn FnOnce(Result<(), &DbError>) + Send>;
 
 /// Work for the store thread, run inside the batch's transaction. An error
 /// aborts the whole batch (nothing of it is committed).
-type Job = Box<dyn FnOnce(&Transaction) -> rusqlite::Result<Option<AfterCommit>> + Send>;
+type Job = Box<dyn FnOnce(&mut Tx<'_>) -> Result<Option<AfterCommit>, DbError> + Send>;
 
 /// Cheap handle to the store thread.
 #[derive(Clone)]
@@ -70,23 +85,57 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database and starts its thread, with
-    /// no storage quota.
+    /// Opens (creating if needed) the SQLite database and starts its
+    /// thread, with no storage quota.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         Self::open_with_quota(path, u64::MAX)
     }
 
-    /// Opens (creating if needed) the database and starts its thread.
-    /// The file and its -wal and -shm are private to the owner; a damaged
-    /// database is refused (SQLite's quick_check) rather than served from.
-    /// No node may store more than `node_quota` bytes of record payloads.
+    /// Opens (creating if needed) the SQLite database and starts its
+    /// thread. The file and its -wal and -shm are private to the owner; a
+    /// damaged database is refused (SQLite's quick_check) rather than
+    /// served from. No node may store more than `node_quota` bytes of
+    /// record payloads.
     pub fn open_with_quota(path: &Path, node_quota: u64) -> Result<Self, StoreError> {
-        let conn = schema::open(path)?;
+        let path = path.to_owned();
+        Self::start(move || schema::open(&path), None, node_quota)
+    }
+
+    /// Connects to the PostgreSQL database, migrates it and starts the
+    /// store's thread, which connects again whenever the connection is
+    /// lost (what was queued meanwhile fails, and is sent again).
+    pub fn open_postgres(target: PostgresTarget, node_quota: u64) -> Result<Self, StoreError> {
+        let first = target.clone();
+        Self::start(
+            move || schema::open_postgres(&first),
+            Some(target),
+            node_quota,
+        )
+    }
+
+    /// Opens the database on the store's own thread (PostgreSQL's client
+    /// runs a runtime of its own, which may not start inside the
+    /// caller's), waits for it, and leaves the thread serving the store.
+    fn start(
+        open: impl FnOnce() -> Result<Conn, StoreError> + Send + 'static,
+        reconnect: Option<PostgresTarget>,
+        node_quota: u64,
+    ) -> Result<Self, StoreError> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (opened, is_open) = std::sync::mpsc::sync_channel(1);
         thread::Builder::new()
             .name("warden-store".into())
-            .spawn(move || run(conn, rx))
-            .map_err(|e| StoreError::Sql(rusqlite::Error::ToSqlConversionFailure(e.into())))?;
+            .spawn(move || match open() {
+                Ok(conn) => {
+                    let _ = opened.send(Ok(()));
+                    run(conn, reconnect, rx)
+                }
+                Err(e) => {
+                    let _ = opened.send(Err(e));
+                }
+            })
+            .map_err(|e| StoreError::Sql(DbError::Failed(format!("store thread: {e}"))))?;
+        is_open.recv().map_err(|_| StoreError::Stopped)??;
         Ok(Self { tx, node_quota })
     }
 
@@ -94,7 +143,7 @@ impl Store {
     /// a read waits for nothing).
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.submit(Box::new(move |tx| {
@@ -107,7 +156,7 @@ impl Store {
     /// Runs `f` in the next batch and answers once the batch is committed.
     async fn write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Transaction) -> rusqlite::Result<T> + Send + 'static,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.submit(Box::new(move |tx| {
@@ -116,7 +165,7 @@ impl Store {
                 let _ = reply.send(
                     committed
                         .map(|()| value)
-                        .map_err(|e| StoreError::Sql(clone_err(e))),
+                        .map_err(|e| StoreError::Sql(e.copy())),
                 );
             });
             Ok(Some(after))
@@ -125,16 +174,29 @@ impl Store {
     }
 
     /// Runs `f` in the next batch; nobody waits for it.
-    fn write_later(&self, f: impl FnOnce(&Transaction) -> rusqlite::Result<()> + Send + 'static) {
+    fn write_later(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<(), DbError> + Send + 'static) {
         let _ = self.submit(Box::new(move |tx| f(tx).map(|()| None)));
     }
 
     fn submit(&self, job: Job) -> Result<(), StoreError> {
         self.tx.send(job).map_err(|_| StoreError::Stopped)
     }
+
+    /// Reads one stored record's payload; for tests and tools.
+    pub async fn payload(&self, node_id: &str, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let node_id = node_id.to_owned();
+        self.read(move |tx| {
+            tx.query_row(
+                "SELECT payload FROM records WHERE node_id = ?1 AND seq = ?2",
+                db::args![node_id, seq as i64],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>) {
+fn run(mut conn: Conn, reconnect: Option<PostgresTarget>, mut rx: mpsc::UnboundedReceiver<Job>) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -143,21 +205,35 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>) {
                 Err(_) => break,
             }
         }
+        if conn.is_closed() {
+            if let Some(target) = &reconnect {
+                match target.connect() {
+                    Ok(c) => {
+                        tracing::info!(database = %target, "reconnected to the database");
+                        conn = c;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "database unreachable; this batch fails and its records are not acknowledged");
+                        // Not a hot loop while the database is down.
+                        thread::sleep(Duration::from_millis(500));
+                    }
+                }
+            }
+        }
         apply(&mut conn, batch);
     }
 }
 
-fn apply(conn: &mut Connection, batch: Vec<Job>) {
+fn apply(conn: &mut Conn, batch: Vec<Job>) {
     let mut after = Vec::new();
-    let result = (|| -> rusqlite::Result<()> {
-        let tx = conn.transaction()?;
+    let result = conn.transaction(|tx| {
         for job in batch {
-            if let Some(a) = job(&tx)? {
+            if let Some(a) = job(tx)? {
                 after.push(a);
             }
         }
-        tx.commit()
-    })();
+        Ok(())
+    });
     for a in after {
         a(result.as_ref().map(|_| ()));
     }
@@ -166,14 +242,71 @@ fn apply(conn: &mut Connection, batch: Vec<Job>) {
     }
 }
 
-fn clone_err(e: &rusqlite::Error) -> rusqlite::Error {
-    rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
-}
-
 #[cfg(test)]
 pub(crate) mod fixtures {
-    //! Rows the store's tests build on.
+    //! Rows the store's tests build on, and the databases they run on.
     use super::*;
+
+    /// A database a test runs on, opened (and opened again) as a Store.
+    pub enum TestDb {
+        Sqlite(tempfile::TempDir),
+        Postgres(PostgresTarget),
+    }
+
+    impl TestDb {
+        pub fn open(&self) -> Store {
+            self.open_with_quota(u64::MAX)
+        }
+
+        pub fn open_with_quota(&self, quota: u64) -> Store {
+            match self {
+                TestDb::Sqlite(dir) => Store::open_with_quota(&dir.path().join("c.db"), quota),
+                TestDb::Postgres(t) => Store::open_postgres(t.clone(), quota),
+            }
+            .unwrap_or_else(|e| panic!("{self}: {e}"))
+        }
+    }
+
+    impl std::fmt::Display for TestDb {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                TestDb::Sqlite(_) => f.write_str("sqlite"),
+                TestDb::Postgres(t) => write!(f, "postgres {t}"),
+            }
+        }
+    }
+
+    /// Every database the store's tests run on: SQLite always; PostgreSQL
+    /// too when `WARDEN_TEST_POSTGRES` names a server (scripts/test.sh
+    /// starts one), each test in a fresh schema of its own.
+    pub fn databases() -> Vec<TestDb> {
+        let mut dbs = vec![TestDb::Sqlite(tempfile::tempdir().unwrap())];
+        if let Some(t) = test_postgres() {
+            dbs.push(TestDb::Postgres(t));
+        }
+        dbs
+    }
+
+    /// A fresh schema in the test PostgreSQL, as a target whose
+    /// connections use it; None when no test server is named.
+    pub fn test_postgres() -> Option<PostgresTarget> {
+        let url = std::env::var("WARDEN_TEST_POSTGRES").ok()?;
+        let ca = std::env::var_os("WARDEN_TEST_POSTGRES_CA").map(std::path::PathBuf::from);
+        let target = PostgresTarget::new(&url, ca.as_deref(), None)
+            .unwrap_or_else(|e| panic!("WARDEN_TEST_POSTGRES: {e}"));
+        let schema = format!("t{}", hex::encode(rand::random::<[u8; 8]>()));
+        // Off the test's runtime: the client runs one of its own.
+        let admin = target.clone();
+        let made = schema.clone();
+        std::thread::spawn(move || {
+            let mut conn = admin.connect().unwrap_or_else(|e| panic!("{e}"));
+            conn.transaction(|tx| tx.batch(&format!("CREATE SCHEMA {made}")))
+                .unwrap_or_else(|e| panic!("{admin}: {e}"));
+        })
+        .join()
+        .unwrap();
+        Some(target.with_options(&format!("-c search_path={schema}")))
+    }
 
     pub fn rec(seq: u64, digest: u8) -> NewRecord {
         NewRecord {

@@ -2,10 +2,12 @@
 //! enrolled, its mesh identity, and the per-node figures the admin API lists.
 
 use prost::Message as _;
-use rusqlite::{params, Connection, OptionalExtension};
 use warden_proto::pb;
 
-use super::{Store, StoreError};
+use super::{
+    db::{args, DbError, Tx},
+    Store, StoreError,
+};
 use crate::{cluster::MeshIdentity, enrollment::EnrolledBy};
 
 /// A node as it registered.
@@ -88,11 +90,13 @@ impl Store {
     pub async fn register(&self, node: NodeRow) -> Result<Registered, StoreError> {
         self.write(move |tx| {
             let mesh_changed = upsert_node(tx, &node)?;
-            let last_seq: Option<i64> = tx.query_row(
-                "SELECT max(seq) FROM records WHERE node_id = ?1",
-                params![node.node_id],
-                |row| row.get(0),
-            )?;
+            let last_seq: Option<i64> = tx
+                .query_row(
+                    "SELECT max(seq) FROM records WHERE node_id = ?1",
+                    args![node.node_id],
+                    |row| row.get(0),
+                )?
+                .flatten();
             Ok(Registered {
                 mesh_changed,
                 last_seq: last_seq.unwrap_or(0) as u64,
@@ -104,13 +108,12 @@ impl Store {
     /// How a node was enrolled; None for a node never registered.
     pub async fn enrolled(&self, node_id: &str) -> Result<Option<EnrolledBy>, StoreError> {
         let node_id = node_id.to_owned();
-        self.read(move |conn| {
-            conn.query_row(
+        self.read(move |tx| {
+            tx.query_row(
                 "SELECT enrolled FROM nodes WHERE node_id = ?1",
-                params![node_id],
-                |r| r.get::<_, String>(0),
+                args![node_id],
+                |r| r.get::<String>(0),
             )
-            .optional()
             .map(|o| o.map(|s| EnrolledBy::parse(&s)))
         })
         .await
@@ -121,11 +124,12 @@ impl Store {
     pub fn seen(&self, node_id: &str, time_ms: i64, spool: Option<Vec<u8>>) {
         let node_id = node_id.to_owned();
         self.write_later(move |tx| {
-            tx.execute(
-                "UPDATE nodes SET last_seen_ms = max(last_seen_ms, ?2),
-                                  spool_state = coalesce(?3, spool_state)
+            tx.exec(
+                "UPDATE nodes SET
+                    last_seen_ms = CASE WHEN last_seen_ms > ?2 THEN last_seen_ms ELSE ?2 END,
+                    spool_state = coalesce(?3, spool_state)
                  WHERE node_id = ?1",
-                params![node_id, time_ms, spool],
+                args![node_id, time_ms, spool],
             )?;
             Ok(())
         });
@@ -144,16 +148,14 @@ impl Store {
 
 /// Whether the node's mesh key or endpoints differ from those stored (a
 /// new node: true).
-fn upsert_node(tx: &rusqlite::Transaction, n: &NodeRow) -> rusqlite::Result<bool> {
+fn upsert_node(tx: &mut Tx<'_>, n: &NodeRow) -> Result<bool, DbError> {
     let endpoints = n.mesh_endpoints.join("\n");
-    let before: Option<(Vec<u8>, String)> = tx
-        .query_row(
-            "SELECT mesh_public_key, mesh_endpoints FROM nodes WHERE node_id = ?1",
-            params![n.node_id],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .optional()?;
-    tx.execute(
+    let before: Option<(Vec<u8>, String)> = tx.query_row(
+        "SELECT mesh_public_key, mesh_endpoints FROM nodes WHERE node_id = ?1",
+        args![n.node_id],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    tx.exec(
         "INSERT INTO nodes (node_id, public_key, agent_version, hostname, inventory, start_id,
                             peer_address, first_seen_ms, last_seen_ms, inventory_ms,
                             mesh_public_key, mesh_endpoints, enrolled, labels)
@@ -164,9 +166,10 @@ fn upsert_node(tx: &rusqlite::Transaction, n: &NodeRow) -> rusqlite::Result<bool
             mesh_public_key = excluded.mesh_public_key, mesh_endpoints = excluded.mesh_endpoints,
             start_id = excluded.start_id, labels = excluded.labels,
             peer_address = excluded.peer_address,
-            enrolled = coalesce(?12, enrolled),
-            last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
-        params![
+            enrolled = coalesce(?12, nodes.enrolled),
+            last_seen_ms = CASE WHEN nodes.last_seen_ms > excluded.last_seen_ms
+                                THEN nodes.last_seen_ms ELSE excluded.last_seen_ms END",
+        args![
             n.node_id,
             n.public_key,
             n.agent_version,
@@ -185,8 +188,8 @@ fn upsert_node(tx: &rusqlite::Transaction, n: &NodeRow) -> rusqlite::Result<bool
     Ok(before != Some((n.mesh_public_key.clone(), endpoints)))
 }
 
-fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
-    let mut stmt = conn.prepare(
+fn list_nodes(tx: &mut Tx<'_>) -> Result<Vec<NodeStats>, DbError> {
+    let mut nodes = tx.query_map(
         "SELECT n.node_id, n.public_key, n.agent_version, n.hostname, n.first_seen_ms,
                 n.last_seen_ms, n.peer_address,
                 (SELECT count(*) FROM records r WHERE r.node_id = n.node_id),
@@ -194,160 +197,163 @@ fn list_nodes(conn: &Connection) -> rusqlite::Result<Vec<NodeStats>> {
                 n.spool_state, n.inventory, n.link, n.mesh_public_key, n.mesh_endpoints,
                 n.labels
          FROM nodes n ORDER BY n.node_id",
+        &[],
+        |row| {
+            Ok(NodeStats {
+                node_id: row.get(0)?,
+                public_key: row.get(1)?,
+                agent_version: row.get(2)?,
+                hostname: row.get(3)?,
+                first_seen_ms: row.get(4)?,
+                last_seen_ms: row.get(5)?,
+                peer_address: row.get(6)?,
+                records: row.get::<i64>(7)? as u64,
+                last_seq: row.get::<Option<i64>>(8)?.unwrap_or(0) as u64,
+                spool_state: row.get(9)?,
+                inventory: row.get(10)?,
+                gpus: Vec::new(),
+                link: row.get(11)?,
+                mesh_public_key: row.get(12)?,
+                mesh_endpoints: row.get::<String>(13)?.lines().map(str::to_owned).collect(),
+                missing: Vec::new(),
+                // Checked before it was stored; a row an older coordinator
+                // wrote has none.
+                labels: pb::NodeLabels::decode(row.get::<Vec<u8>>(14)?.as_slice())
+                    .unwrap_or_default(),
+            })
+        },
     )?;
-    let mut gpus = conn.prepare("SELECT sample FROM gpus WHERE node_id = ?1 ORDER BY idx, uuid")?;
-    // Each stored seq whose successor is not stored, with the next stored one.
-    let mut gaps = conn.prepare(
-        "SELECT seq, next FROM (
-             SELECT seq, lead(seq) OVER (ORDER BY seq) AS next FROM records WHERE node_id = ?1
-             UNION ALL SELECT 0, (SELECT min(seq) FROM records WHERE node_id = ?1)
-         ) WHERE next > seq + 1 ORDER BY seq LIMIT ?2",
-    )?;
-    let rows = stmt.query_map([], |row| {
-        Ok(NodeStats {
-            node_id: row.get(0)?,
-            public_key: row.get(1)?,
-            agent_version: row.get(2)?,
-            hostname: row.get(3)?,
-            first_seen_ms: row.get(4)?,
-            last_seen_ms: row.get(5)?,
-            peer_address: row.get(6)?,
-            records: row.get::<_, i64>(7)? as u64,
-            last_seq: row.get::<_, Option<i64>>(8)?.unwrap_or(0) as u64,
-            spool_state: row.get(9)?,
-            inventory: row.get(10)?,
-            gpus: Vec::new(),
-            link: row.get(11)?,
-            mesh_public_key: row.get(12)?,
-            mesh_endpoints: row
-                .get::<_, String>(13)?
-                .lines()
-                .map(str::to_owned)
-                .collect(),
-            missing: Vec::new(),
-            // Checked before it was stored; a row an older coordinator
-            // wrote has none.
-            labels: pb::NodeLabels::decode(row.get::<_, Vec<u8>>(14)?.as_slice())
-                .unwrap_or_default(),
-        })
-    })?;
-    let mut nodes = rows.collect::<rusqlite::Result<Vec<_>>>()?;
     for n in &mut nodes {
-        n.gpus = gpus
-            .query_map([&n.node_id], |row| row.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        n.missing = gaps
-            .query_map(params![n.node_id, MAX_GAPS as i64], |row| {
+        n.gpus = tx.query_map(
+            "SELECT sample FROM gpus WHERE node_id = ?1 ORDER BY idx, uuid",
+            args![n.node_id],
+            |row| row.get(0),
+        )?;
+        // Each stored seq whose successor is not stored, with the next stored one.
+        n.missing = tx.query_map(
+            "SELECT seq, next FROM (
+                 SELECT seq, lead(seq) OVER (ORDER BY seq) AS next FROM records WHERE node_id = ?1
+                 UNION ALL SELECT 0, (SELECT min(seq) FROM records WHERE node_id = ?1)
+             ) AS runs WHERE next > seq + 1 ORDER BY seq LIMIT ?2",
+            args![n.node_id, MAX_GAPS as i64],
+            |row| {
                 Ok(Gap {
-                    first: row.get::<_, i64>(0)? as u64 + 1,
-                    last: row.get::<_, i64>(1)? as u64 - 1,
+                    first: row.get::<i64>(0)? as u64 + 1,
+                    last: row.get::<i64>(1)? as u64 - 1,
                 })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
+            },
+        )?;
     }
     Ok(nodes)
 }
 
-fn mesh_identities(conn: &Connection) -> rusqlite::Result<MeshIdentities> {
-    let mut stmt = conn.prepare("SELECT node_id, mesh_public_key, mesh_endpoints FROM nodes")?;
-    let rows = stmt.query_map([], |row| {
-        let endpoints: String = row.get(2)?;
-        Ok((
-            row.get::<_, String>(0)?,
-            MeshIdentity {
-                public_key: row.get(1)?,
-                endpoints: endpoints.lines().map(str::to_owned).collect(),
-            },
-        ))
-    })?;
-    rows.collect()
+fn mesh_identities(tx: &mut Tx<'_>) -> Result<MeshIdentities, DbError> {
+    let rows = tx.query_map(
+        "SELECT node_id, mesh_public_key, mesh_endpoints FROM nodes",
+        &[],
+        |row| {
+            let endpoints: String = row.get(2)?;
+            Ok((
+                row.get::<String>(0)?,
+                MeshIdentity {
+                    public_key: row.get(1)?,
+                    endpoints: endpoints.lines().map(str::to_owned).collect(),
+                },
+            ))
+        },
+    )?;
+    Ok(rows.into_iter().collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::fixtures::{node, rec};
+    use crate::store::fixtures::{databases, node, rec};
 
     #[tokio::test]
     async fn registration_says_when_the_mesh_identity_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("c.db")).unwrap();
-        let mut n = node();
-        n.mesh_public_key = vec![7; 32];
-        n.mesh_endpoints = vec!["192.0.2.1:51820".into()];
-        let changed = |r: Registered| r.mesh_changed;
-        assert!(
-            changed(store.register(n.clone()).await.unwrap()),
-            "a new node"
-        );
-        assert!(
-            !changed(store.register(n.clone()).await.unwrap()),
-            "the same again"
-        );
-        n.mesh_endpoints = vec!["192.0.2.2:51820".into()];
-        assert!(
-            changed(store.register(n.clone()).await.unwrap()),
-            "a new endpoint"
-        );
-        n.mesh_public_key = vec![8; 32];
-        assert!(changed(store.register(n).await.unwrap()), "a new key");
+        for db in databases() {
+            let store = db.open();
+            let mut n = node();
+            n.mesh_public_key = vec![7; 32];
+            n.mesh_endpoints = vec!["192.0.2.1:51820".into()];
+            let changed = |r: Registered| r.mesh_changed;
+            assert!(
+                changed(store.register(n.clone()).await.unwrap()),
+                "a new node"
+            );
+            assert!(
+                !changed(store.register(n.clone()).await.unwrap()),
+                "the same again"
+            );
+            n.mesh_endpoints = vec!["192.0.2.2:51820".into()];
+            assert!(
+                changed(store.register(n.clone()).await.unwrap()),
+                "a new endpoint"
+            );
+            n.mesh_public_key = vec![8; 32];
+            assert!(changed(store.register(n).await.unwrap()), "a new key");
+        }
     }
 
     #[tokio::test]
     async fn registration_says_the_last_seq_and_listing_names_the_gaps() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("c.db")).unwrap();
-        assert_eq!(store.register(node()).await.unwrap().last_seq, 0);
-        store
-            .insert(vec![rec(3, 3), rec(4, 4), rec(7, 7), rec(10, 10)])
-            .await
-            .unwrap();
-        assert_eq!(store.register(node()).await.unwrap().last_seq, 10);
-        let nodes = store.list_nodes().await.unwrap();
-        let gap = |first, last| Gap { first, last };
-        assert_eq!(nodes[0].missing, vec![gap(1, 2), gap(5, 6), gap(8, 9)]);
+        for db in databases() {
+            let store = db.open();
+            assert_eq!(store.register(node()).await.unwrap().last_seq, 0);
+            store
+                .insert(vec![rec(3, 3), rec(4, 4), rec(7, 7), rec(10, 10)])
+                .await
+                .unwrap();
+            assert_eq!(store.register(node()).await.unwrap().last_seq, 10);
+            let nodes = store.list_nodes().await.unwrap();
+            let gap = |first, last| Gap { first, last };
+            assert_eq!(nodes[0].missing, vec![gap(1, 2), gap(5, 6), gap(8, 9)]);
+        }
     }
 
     #[tokio::test]
     async fn labels_are_stored_as_the_last_register_declared_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("c.db")).unwrap();
-        store.register(node()).await.unwrap();
-        assert_eq!(
-            store.list_nodes().await.unwrap()[0].labels,
-            pb::NodeLabels::default()
-        );
-        let labels = pb::NodeLabels {
-            region: "eu-west".into(),
-            country: "DE".into(),
-            tags: vec!["soc2".into()],
-        };
-        store
-            .register(NodeRow {
-                labels: labels.clone(),
-                ..node()
-            })
-            .await
-            .unwrap();
-        assert_eq!(store.list_nodes().await.unwrap()[0].labels, labels);
+        for db in databases() {
+            let store = db.open();
+            store.register(node()).await.unwrap();
+            assert_eq!(
+                store.list_nodes().await.unwrap()[0].labels,
+                pb::NodeLabels::default()
+            );
+            let labels = pb::NodeLabels {
+                region: "eu-west".into(),
+                country: "DE".into(),
+                tags: vec!["soc2".into()],
+            };
+            store
+                .register(NodeRow {
+                    labels: labels.clone(),
+                    ..node()
+                })
+                .await
+                .unwrap();
+            assert_eq!(store.list_nodes().await.unwrap()[0].labels, labels);
+        }
     }
 
     #[tokio::test]
     async fn enrollment_is_kept_and_only_changed_when_given() {
         use crate::enrollment::EnrolledBy;
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("c.db")).unwrap();
-        assert_eq!(store.enrolled("n1").await.unwrap(), None);
-        store.register(node()).await.unwrap();
-        assert_eq!(store.enrolled("n1").await.unwrap(), Some(EnrolledBy::Open));
-        store
-            .register(NodeRow {
-                enrolled: Some(EnrolledBy::Token),
-                ..node()
-            })
-            .await
-            .unwrap();
-        store.register(node()).await.unwrap();
-        assert_eq!(store.enrolled("n1").await.unwrap(), Some(EnrolledBy::Token));
+        for db in databases() {
+            let store = db.open();
+            assert_eq!(store.enrolled("n1").await.unwrap(), None);
+            store.register(node()).await.unwrap();
+            assert_eq!(store.enrolled("n1").await.unwrap(), Some(EnrolledBy::Open));
+            store
+                .register(NodeRow {
+                    enrolled: Some(EnrolledBy::Token),
+                    ..node()
+                })
+                .await
+                .unwrap();
+            store.register(node()).await.unwrap();
+            assert_eq!(store.enrolled("n1").await.unwrap(), Some(EnrolledBy::Token));
+        }
     }
 }

@@ -2,10 +2,12 @@
 //! acknowledged them, each node's stored bytes (its quota), and the latest
 //! node state they carry (GPU samples, inventory, link probe).
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use warden_proto::pb;
 
-use super::{Store, StoreError};
+use super::{
+    db::{args, DbError, Tx},
+    Store, StoreError,
+};
 
 /// A verified record to store, with the receipt that acknowledges it.
 #[derive(Debug, Clone)]
@@ -92,10 +94,10 @@ pub enum Outcome {
 /// clusters along, indexing a lease's chain): rules that live above the
 /// store, run in the transaction of the record they follow, for a record
 /// newly stored (not a replay).
-pub type Effects = fn(&Transaction, &NewRecord) -> rusqlite::Result<()>;
+pub type Effects = fn(&mut Tx<'_>, &NewRecord) -> Result<(), DbError>;
 
 /// No effects: the records are only stored.
-pub fn no_effects(_: &Transaction, _: &NewRecord) -> rusqlite::Result<()> {
+pub fn no_effects(_: &mut Tx<'_>, _: &NewRecord) -> Result<(), DbError> {
     Ok(())
 }
 
@@ -125,37 +127,25 @@ impl Store {
 
 /// Stores one record (unless it is a replay, a conflict or over quota),
 /// its receipt and the node state it carries, then runs `effects` on it.
+/// Idempotent by (node, seq, digest) also across replicas: of two storing
+/// the same record at once, one stores it and the other finds it stored.
 fn insert_record(
-    tx: &Transaction,
+    tx: &mut Tx<'_>,
     r: &NewRecord,
     node_quota: u64,
     effects: Effects,
-) -> rusqlite::Result<Outcome> {
+) -> Result<Outcome, DbError> {
     let seq = r.seq as i64;
     // A replay is receipted again even over quota: it takes no room.
-    let stored: Option<Vec<u8>> = tx
-        .query_row(
-            "SELECT payload_sha256 FROM records WHERE node_id = ?1 AND seq = ?2",
-            params![r.node_id, seq],
-            |row| row.get(0),
-        )
-        .optional()?;
-    if let Some(stored) = stored {
-        return Ok(if stored == r.payload_sha256 {
-            Outcome::Duplicate
-        } else {
-            Outcome::Conflict {
-                stored_sha256: stored,
-            }
-        });
+    if let Some(seen) = stored_as(tx, r)? {
+        return Ok(seen);
     }
     let used: u64 = tx
         .query_row(
             "SELECT stored_bytes FROM nodes WHERE node_id = ?1",
-            params![r.node_id],
-            |row| row.get::<_, i64>(0),
-        )
-        .optional()?
+            args![r.node_id],
+            |row| row.get::<i64>(0),
+        )?
         .unwrap_or(0)
         .max(0) as u64;
     if used.saturating_add(r.payload.len() as u64) > node_quota {
@@ -164,11 +154,12 @@ fn insert_record(
             quota: node_quota,
         });
     }
-    tx.execute(
+    let inserted = tx.exec(
         "INSERT INTO records (node_id, seq, payload_type, payload, keyid, sig,
                               payload_sha256, received_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (node_id, seq) DO NOTHING",
+        args![
             r.node_id,
             seq,
             r.payload_type,
@@ -179,209 +170,229 @@ fn insert_record(
             r.received_ms
         ],
     )?;
-    tx.execute(
+    if inserted == 0 {
+        // Another replica stored this seq since we looked.
+        return Ok(stored_as(tx, r)?.unwrap_or(Outcome::Duplicate));
+    }
+    tx.exec(
         "UPDATE nodes SET stored_bytes = stored_bytes + ?2 WHERE node_id = ?1",
-        params![r.node_id, r.payload.len() as i64],
+        args![r.node_id, r.payload.len() as i64],
     )?;
-    tx.execute(
-        "INSERT OR REPLACE INTO receipts (node_id, seq, envelope) VALUES (?1, ?2, ?3)",
-        params![r.node_id, seq, r.receipt],
+    tx.exec(
+        "INSERT INTO receipts (node_id, seq, envelope) VALUES (?1, ?2, ?3)
+         ON CONFLICT (node_id, seq) DO UPDATE SET envelope = excluded.envelope",
+        args![r.node_id, seq, r.receipt],
     )?;
     keep_newest_state(tx, &r.node_id, &r.state)?;
     effects(tx, r)?;
     Ok(Outcome::Stored)
 }
 
+/// What a record already stored under this seq makes of `r`: the same one
+/// (a replay) or a different one (a conflict); None when there is none.
+fn stored_as(tx: &mut Tx<'_>, r: &NewRecord) -> Result<Option<Outcome>, DbError> {
+    let stored: Option<Vec<u8>> = tx.query_row(
+        "SELECT payload_sha256 FROM records WHERE node_id = ?1 AND seq = ?2",
+        args![r.node_id, r.seq as i64],
+        |row| row.get(0),
+    )?;
+    Ok(stored.map(|stored| {
+        if stored == r.payload_sha256 {
+            Outcome::Duplicate
+        } else {
+            Outcome::Conflict {
+                stored_sha256: stored,
+            }
+        }
+    }))
+}
+
 /// Keeps the newest of what is stored and what the record says.
-fn keep_newest_state(tx: &Transaction, node_id: &str, st: &NodeState) -> rusqlite::Result<()> {
+fn keep_newest_state(tx: &mut Tx<'_>, node_id: &str, st: &NodeState) -> Result<(), DbError> {
     for g in &st.gpus {
-        tx.execute(
+        tx.exec(
             "INSERT INTO gpus (node_id, uuid, idx, sample, time_ms) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (node_id, uuid) DO UPDATE SET
                 idx = excluded.idx, sample = excluded.sample, time_ms = excluded.time_ms
              WHERE excluded.time_ms >= gpus.time_ms",
-            params![node_id, g.uuid, g.index, g.sample, g.time_ms],
+            args![node_id, g.uuid, g.index, g.sample, g.time_ms],
         )?;
     }
     if let Some(link) = &st.link {
-        tx.execute(
+        tx.exec(
             "UPDATE nodes SET link = ?2, link_ms = ?3 WHERE node_id = ?1 AND link_ms <= ?3",
-            params![node_id, link.bytes, link.time_ms],
+            args![node_id, link.bytes, link.time_ms],
         )?;
     }
     if let Some(inv) = &st.inventory {
-        tx.execute(
+        tx.exec(
             "UPDATE nodes SET inventory = ?2, inventory_ms = ?3 WHERE node_id = ?1 AND inventory_ms <= ?3",
-            params![node_id, inv.bytes, inv.time_ms],
+            args![node_id, inv.bytes, inv.time_ms],
         )?;
     }
     Ok(())
-}
-
-/// Reads one stored record's payload; for tests and tools.
-pub fn read_payload(
-    conn: &Connection,
-    node_id: &str,
-    seq: u64,
-) -> rusqlite::Result<Option<Vec<u8>>> {
-    conn.query_row(
-        "SELECT payload FROM records WHERE node_id = ?1 AND seq = ?2",
-        params![node_id, seq as i64],
-        |row| row.get(0),
-    )
-    .optional()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::{
-        fixtures::{node, rec},
+        fixtures::{databases, node, rec},
         NodeRow,
     };
 
     #[tokio::test]
     async fn stores_once_and_flags_conflicts() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("c.db")).unwrap();
-        store.register(node()).await.unwrap();
-        let out = store.insert(vec![rec(1, 1), rec(2, 2)]).await.unwrap();
-        assert_eq!(out, vec![Outcome::Stored, Outcome::Stored]);
-        let out = store.insert(vec![rec(2, 2), rec(3, 3)]).await.unwrap();
-        assert_eq!(out, vec![Outcome::Duplicate, Outcome::Stored]);
-        let out = store.insert(vec![rec(3, 7)]).await.unwrap();
-        assert_eq!(
-            out,
-            vec![Outcome::Conflict {
-                stored_sha256: vec![3; 32]
-            }]
-        );
-        store.seen("n1", 99, Some(vec![0x20, 0x01]));
-        let nodes = store.list_nodes().await.unwrap();
-        assert_eq!(nodes.len(), 1);
-        assert_eq!(nodes[0].records, 3);
-        assert_eq!(nodes[0].last_seq, 3);
-        assert_eq!(nodes[0].last_seen_ms, 99);
-        assert_eq!(nodes[0].first_seen_ms, 10);
-        assert_eq!(nodes[0].spool_state, Some(vec![0x20, 0x01]));
-        assert!(nodes[0].missing.is_empty());
+        for db in databases() {
+            let store = db.open();
+            store.register(node()).await.unwrap();
+            let out = store.insert(vec![rec(1, 1), rec(2, 2)]).await.unwrap();
+            assert_eq!(out, vec![Outcome::Stored, Outcome::Stored]);
+            let out = store.insert(vec![rec(2, 2), rec(3, 3)]).await.unwrap();
+            assert_eq!(out, vec![Outcome::Duplicate, Outcome::Stored]);
+            let out = store.insert(vec![rec(3, 7)]).await.unwrap();
+            assert_eq!(
+                out,
+                vec![Outcome::Conflict {
+                    stored_sha256: vec![3; 32]
+                }]
+            );
+            store.seen("n1", 99, Some(vec![0x20, 0x01]));
+            let nodes = store.list_nodes().await.unwrap();
+            assert_eq!(nodes.len(), 1);
+            assert_eq!(nodes[0].records, 3);
+            assert_eq!(nodes[0].last_seq, 3);
+            assert_eq!(nodes[0].last_seen_ms, 99);
+            assert_eq!(nodes[0].first_seen_ms, 10);
+            assert_eq!(nodes[0].spool_state, Some(vec![0x20, 0x01]));
+            assert!(nodes[0].missing.is_empty(), "{db}");
+        }
     }
 
     #[tokio::test]
     async fn survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
-        {
-            let store = Store::open(&path).unwrap();
-            store.register(node()).await.unwrap();
-            store.insert(vec![rec(1, 1)]).await.unwrap();
+        for db in databases() {
+            {
+                let store = db.open();
+                store.register(node()).await.unwrap();
+                store.insert(vec![rec(1, 1)]).await.unwrap();
+            }
+            let store = db.open();
+            assert_eq!(
+                store.insert(vec![rec(1, 1)]).await.unwrap(),
+                vec![Outcome::Duplicate],
+                "{db}"
+            );
+            assert_eq!(store.payload("n1", 1).await.unwrap(), Some(vec![1]));
         }
-        let store = Store::open(&path).unwrap();
-        assert_eq!(
-            store.insert(vec![rec(1, 1)]).await.unwrap(),
-            vec![Outcome::Duplicate]
-        );
-        let conn = Connection::open(&path).unwrap();
-        assert_eq!(read_payload(&conn, "n1", 1).unwrap(), Some(vec![1]));
     }
 
     #[tokio::test]
     async fn keeps_the_newest_gpu_state_and_inventory() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("c.db")).unwrap();
-        store.register(node()).await.unwrap();
-        let with = |seq, gpus: Vec<(&str, u32, u8, i64)>, inv: Option<(u8, i64)>| NewRecord {
-            state: NodeState {
-                gpus: gpus
-                    .into_iter()
-                    .map(|(u, i, b, t)| GpuState {
-                        uuid: u.to_owned(),
-                        index: i,
-                        sample: vec![b],
+        for db in databases() {
+            let store = db.open();
+            store.register(node()).await.unwrap();
+            let with = |seq, gpus: Vec<(&str, u32, u8, i64)>, inv: Option<(u8, i64)>| NewRecord {
+                state: NodeState {
+                    gpus: gpus
+                        .into_iter()
+                        .map(|(u, i, b, t)| GpuState {
+                            uuid: u.to_owned(),
+                            index: i,
+                            sample: vec![b],
+                            time_ms: t,
+                        })
+                        .collect(),
+                    inventory: inv.map(|(b, t)| Stamped {
+                        bytes: vec![b],
                         time_ms: t,
-                    })
-                    .collect(),
-                inventory: inv.map(|(b, t)| Stamped {
-                    bytes: vec![b],
-                    time_ms: t,
-                }),
-                link: None,
-                ..Default::default()
-            },
-            ..rec(seq, seq as u8)
-        };
-        store
-            .insert(vec![
-                with(
-                    1,
-                    vec![("GPU-b", 1, 10, 100), ("GPU-a", 0, 20, 100)],
-                    Some((1, 100)),
-                ),
-                // A replayed older record must not roll the state back.
-                with(2, vec![("GPU-a", 0, 21, 200)], Some((2, 200))),
-                with(3, vec![("GPU-a", 0, 19, 50)], Some((3, 50))),
-            ])
-            .await
-            .unwrap();
-        let n = &store.list_nodes().await.unwrap()[0];
-        assert_eq!(
-            n.gpus,
-            vec![vec![21], vec![10]],
-            "index order, newest sample"
-        );
-        assert_eq!(n.inventory, vec![2]);
-        // A duplicate carries no new state either.
-        store
-            .insert(vec![with(2, vec![("GPU-a", 0, 99, 999)], None)])
-            .await
-            .unwrap();
-        assert_eq!(store.list_nodes().await.unwrap()[0].gpus[0], vec![21]);
+                    }),
+                    link: None,
+                    ..Default::default()
+                },
+                ..rec(seq, seq as u8)
+            };
+            store
+                .insert(vec![
+                    with(
+                        1,
+                        vec![("GPU-b", 1, 10, 100), ("GPU-a", 0, 20, 100)],
+                        Some((1, 100)),
+                    ),
+                    // A replayed older record must not roll the state back.
+                    with(2, vec![("GPU-a", 0, 21, 200)], Some((2, 200))),
+                    with(3, vec![("GPU-a", 0, 19, 50)], Some((3, 50))),
+                ])
+                .await
+                .unwrap();
+            let n = &store.list_nodes().await.unwrap()[0];
+            assert_eq!(
+                n.gpus,
+                vec![vec![21], vec![10]],
+                "index order, newest sample"
+            );
+            assert_eq!(n.inventory, vec![2]);
+            // A duplicate carries no new state either.
+            store
+                .insert(vec![with(2, vec![("GPU-a", 0, 99, 999)], None)])
+                .await
+                .unwrap();
+            assert_eq!(
+                store.list_nodes().await.unwrap()[0].gpus[0],
+                vec![21],
+                "{db}"
+            );
+        }
     }
 
     #[tokio::test]
     async fn a_node_over_its_storage_quota_is_refused_and_others_are_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_with_quota(&dir.path().join("c.db"), 2500).unwrap();
-        store.register(node()).await.unwrap();
-        store
-            .register(NodeRow {
-                node_id: "n2".into(),
-                ..node()
-            })
-            .await
-            .unwrap();
-        let big = |node: &str, seq| NewRecord {
-            node_id: node.into(),
-            payload: vec![seq as u8; 1000],
-            ..rec(seq, seq as u8)
-        };
-        let out = store
-            .insert(vec![big("n1", 1), big("n1", 2), big("n1", 3), big("n2", 1)])
-            .await
-            .unwrap();
-        assert_eq!(
-            out,
-            vec![
-                Outcome::Stored,
-                Outcome::Stored,
-                Outcome::OverQuota {
-                    stored: 2000,
-                    quota: 2500
-                },
-                Outcome::Stored
-            ]
-        );
-        // A replay of a stored record is still receipted.
-        assert_eq!(
-            store.insert(vec![big("n1", 2)]).await.unwrap(),
-            vec![Outcome::Duplicate]
-        );
-        // Counted across reopen (from the column, kept by migration 7).
-        drop(store);
-        let store = Store::open_with_quota(&dir.path().join("c.db"), 2500).unwrap();
-        assert!(matches!(
-            store.insert(vec![big("n1", 3)]).await.unwrap()[0],
-            Outcome::OverQuota { stored: 2000, .. }
-        ));
+        for db in databases() {
+            let store = db.open_with_quota(2500);
+            store.register(node()).await.unwrap();
+            store
+                .register(NodeRow {
+                    node_id: "n2".into(),
+                    ..node()
+                })
+                .await
+                .unwrap();
+            let big = |node: &str, seq| NewRecord {
+                node_id: node.into(),
+                payload: vec![seq as u8; 1000],
+                ..rec(seq, seq as u8)
+            };
+            let out = store
+                .insert(vec![big("n1", 1), big("n1", 2), big("n1", 3), big("n2", 1)])
+                .await
+                .unwrap();
+            assert_eq!(
+                out,
+                vec![
+                    Outcome::Stored,
+                    Outcome::Stored,
+                    Outcome::OverQuota {
+                        stored: 2000,
+                        quota: 2500
+                    },
+                    Outcome::Stored
+                ]
+            );
+            // A replay of a stored record is still receipted.
+            assert_eq!(
+                store.insert(vec![big("n1", 2)]).await.unwrap(),
+                vec![Outcome::Duplicate]
+            );
+            // Counted across reopen (from the column, kept by migration 7).
+            drop(store);
+            let store = db.open_with_quota(2500);
+            assert!(
+                matches!(
+                    store.insert(vec![big("n1", 3)]).await.unwrap()[0],
+                    Outcome::OverQuota { stored: 2000, .. }
+                ),
+                "{db}"
+            );
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! The database file and its schema: opened private and checked, then
-//! brought up to date by the migrations in order.
+//! The database and its schema: a SQLite file opened private and checked,
+//! or a PostgreSQL database reached over TLS; either brought up to date by
+//! the migrations in order.
 
 use std::{
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
@@ -8,16 +9,16 @@ use std::{
 
 use rusqlite::Connection;
 
-use super::StoreError;
+use super::{db::Conn, postgres::PostgresTarget, StoreError};
 
-/// Opens (creating if needed) the database: the file and its -wal and -shm
-/// private to the owner, a damaged file refused (SQLite's quick_check), the
-/// schema migrated.
-pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
+/// Opens (creating if needed) the SQLite database: the file and its -wal
+/// and -shm private to the owner, a damaged file refused (SQLite's
+/// quick_check), the schema migrated.
+pub(super) fn open(path: &Path) -> Result<Conn, StoreError> {
     private_files(path)?;
-    let open_err = |source| StoreError::Open {
+    let open_err = |source: rusqlite::Error| StoreError::Open {
         path: path.display().to_string(),
-        source,
+        source: source.into(),
     };
     let mut conn = Connection::open(path).map_err(open_err)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
@@ -25,16 +26,66 @@ pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
     let started = std::time::Instant::now();
     check_integrity(&conn, path)?;
     tracing::debug!(db = %path.display(), took = ?started.elapsed(), "database quick_check ok");
-    init(&mut conn).map_err(|e| corrupt_or(path, e))?;
-    Ok(conn)
+    init(&mut conn, path)?;
+    Ok(Conn::Sqlite(conn))
 }
 
-/// Schema changes in order; `PRAGMA user_version` counts those applied, so
-/// a database from an older coordinator is brought up to date at open.
-pub(super) const MIGRATIONS: &[&str] = &[
-    // 1: the first schema (databases made before versioning have it already,
-    // hence IF NOT EXISTS).
-    "CREATE TABLE IF NOT EXISTS nodes (
+/// Connects to the PostgreSQL database and migrates its schema: one
+/// replica at a time (an advisory lock held by the migrating transaction),
+/// so replicas that start together apply each migration once.
+pub(super) fn open_postgres(target: &PostgresTarget) -> Result<Conn, StoreError> {
+    let mut conn = target.connect()?;
+    let migrated = conn.transaction(|tx| {
+        tx.exec("SELECT pg_advisory_xact_lock(7146740590712435)", &[])?;
+        tx.batch("CREATE TABLE IF NOT EXISTS warden_schema (version BIGINT NOT NULL)")?;
+        let applied = tx.query_row("SELECT version FROM warden_schema", &[], |r| {
+            r.get::<i64>(0)
+        })?;
+        if applied.is_none() {
+            tx.exec("INSERT INTO warden_schema (version) VALUES (0)", &[])?;
+        }
+        let applied = applied.unwrap_or(0).max(0) as usize;
+        if applied > MIGRATIONS.len() {
+            return Ok(Err(applied));
+        }
+        for m in &MIGRATIONS[applied..] {
+            tx.batch(m.postgres)?;
+        }
+        tx.exec(
+            "UPDATE warden_schema SET version = ?1",
+            super::db::args![MIGRATIONS.len() as i64],
+        )?;
+        Ok(Ok(()))
+    });
+    match migrated {
+        Ok(Ok(())) => Ok(conn),
+        Ok(Err(found)) => Err(StoreError::Newer {
+            database: target.to_string(),
+            found,
+            known: MIGRATIONS.len(),
+        }),
+        Err(source) => Err(StoreError::Connect {
+            target: target.to_string(),
+            source,
+        }),
+    }
+}
+
+/// One schema change, as each database writes it.
+pub(super) struct Migration {
+    pub sqlite: &'static str,
+    pub postgres: &'static str,
+}
+
+/// Schema changes in order, for both databases from one list: version N is
+/// the same tables on either. SQLite counts those applied in `PRAGMA
+/// user_version`, PostgreSQL in `warden_schema`, so a database from an
+/// older coordinator is brought up to date at open.
+pub(super) const MIGRATIONS: &[Migration] = &[
+    // 1: the first schema (SQLite databases made before versioning have it
+    // already, hence IF NOT EXISTS).
+    Migration {
+        sqlite: "CREATE TABLE IF NOT EXISTS nodes (
             node_id TEXT PRIMARY KEY,
             public_key BLOB NOT NULL,
             agent_version TEXT NOT NULL,
@@ -63,75 +114,179 @@ pub(super) const MIGRATIONS: &[&str] = &[
             envelope BLOB NOT NULL,
             PRIMARY KEY (node_id, seq)
         ) WITHOUT ROWID;",
+        postgres: "CREATE TABLE nodes (
+            node_id TEXT PRIMARY KEY,
+            public_key BYTEA NOT NULL,
+            agent_version TEXT NOT NULL,
+            hostname TEXT NOT NULL,
+            inventory BYTEA NOT NULL,
+            start_id TEXT NOT NULL,
+            peer_address TEXT NOT NULL,
+            first_seen_ms BIGINT NOT NULL,
+            last_seen_ms BIGINT NOT NULL,
+            spool_state BYTEA
+        );
+        CREATE TABLE records (
+            node_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            payload_type TEXT NOT NULL,
+            payload BYTEA NOT NULL,
+            keyid TEXT NOT NULL,
+            sig BYTEA NOT NULL,
+            payload_sha256 BYTEA NOT NULL,
+            received_ms BIGINT NOT NULL,
+            PRIMARY KEY (node_id, seq)
+        );
+        CREATE TABLE receipts (
+            node_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            envelope BYTEA NOT NULL,
+            PRIMARY KEY (node_id, seq)
+        );",
+    },
     // 2: the latest state per GPU, when the stored inventory was taken, and
     // the last link probe.
-    "ALTER TABLE nodes ADD COLUMN inventory_ms INTEGER NOT NULL DEFAULT 0;
-     ALTER TABLE nodes ADD COLUMN link BLOB;
-     ALTER TABLE nodes ADD COLUMN link_ms INTEGER NOT NULL DEFAULT 0;
-     CREATE TABLE gpus (
-         node_id TEXT NOT NULL,
-         uuid TEXT NOT NULL,
-         idx INTEGER NOT NULL,
-         sample BLOB NOT NULL,
-         time_ms INTEGER NOT NULL,
-         PRIMARY KEY (node_id, uuid)
-     ) WITHOUT ROWID;",
+    Migration {
+        sqlite: "ALTER TABLE nodes ADD COLUMN inventory_ms INTEGER NOT NULL DEFAULT 0;
+            ALTER TABLE nodes ADD COLUMN link BLOB;
+            ALTER TABLE nodes ADD COLUMN link_ms INTEGER NOT NULL DEFAULT 0;
+            CREATE TABLE gpus (
+                node_id TEXT NOT NULL,
+                uuid TEXT NOT NULL,
+                idx INTEGER NOT NULL,
+                sample BLOB NOT NULL,
+                time_ms INTEGER NOT NULL,
+                PRIMARY KEY (node_id, uuid)
+            ) WITHOUT ROWID;",
+        postgres: "ALTER TABLE nodes ADD COLUMN inventory_ms BIGINT NOT NULL DEFAULT 0;
+            ALTER TABLE nodes ADD COLUMN link BYTEA;
+            ALTER TABLE nodes ADD COLUMN link_ms BIGINT NOT NULL DEFAULT 0;
+            CREATE TABLE gpus (
+                node_id TEXT NOT NULL,
+                uuid TEXT NOT NULL,
+                idx BIGINT NOT NULL,
+                sample BYTEA NOT NULL,
+                time_ms BIGINT NOT NULL,
+                PRIMARY KEY (node_id, uuid)
+            );",
+    },
     // 3: leases (the row is an encoded LeaseInfo) and the commands sent for them.
-    "CREATE TABLE leases (
-         lease_id TEXT PRIMARY KEY,
-         node_id TEXT NOT NULL,
-         created_ms INTEGER NOT NULL,
-         info BLOB NOT NULL
-     ) WITHOUT ROWID;
-     CREATE TABLE commands (
-         command_id TEXT PRIMARY KEY,
-         node_id TEXT NOT NULL,
-         lease_id TEXT NOT NULL,
-         kind TEXT NOT NULL,
-         result BLOB
-     ) WITHOUT ROWID;",
+    Migration {
+        sqlite: "CREATE TABLE leases (
+                lease_id TEXT PRIMARY KEY,
+                node_id TEXT NOT NULL,
+                created_ms INTEGER NOT NULL,
+                info BLOB NOT NULL
+            ) WITHOUT ROWID;
+            CREATE TABLE commands (
+                command_id TEXT PRIMARY KEY,
+                node_id TEXT NOT NULL,
+                lease_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                result BLOB
+            ) WITHOUT ROWID;",
+        postgres: "CREATE TABLE leases (
+                lease_id TEXT PRIMARY KEY,
+                node_id TEXT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                info BYTEA NOT NULL
+            );
+            CREATE TABLE commands (
+                command_id TEXT PRIMARY KEY,
+                node_id TEXT NOT NULL,
+                lease_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                result BYTEA
+            );",
+    },
     // 4: each lease's chain records (by the node's record seq), its
-    // challenges and the verdict.
-    "CREATE TABLE lease_records (
-         lease_id TEXT NOT NULL,
-         node_id TEXT NOT NULL,
-         seq INTEGER NOT NULL,
-         lease_seq INTEGER NOT NULL,
-         kind TEXT NOT NULL,
-         payload_sha256 BLOB NOT NULL,
-         PRIMARY KEY (lease_id, seq)
-     ) WITHOUT ROWID;
-     CREATE TABLE challenges (
-         lease_id TEXT NOT NULL,
-         issued_ms INTEGER NOT NULL,
-         envelope BLOB NOT NULL
-     );
-     CREATE INDEX challenges_lease ON challenges (lease_id);
-     ALTER TABLE leases ADD COLUMN verdict BLOB;",
+    // challenges (in the order sent: SQLite's rowid, PostgreSQL's id) and
+    // the verdict.
+    Migration {
+        sqlite: "CREATE TABLE lease_records (
+                lease_id TEXT NOT NULL,
+                node_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                lease_seq INTEGER NOT NULL,
+                kind TEXT NOT NULL,
+                payload_sha256 BLOB NOT NULL,
+                PRIMARY KEY (lease_id, seq)
+            ) WITHOUT ROWID;
+            CREATE TABLE challenges (
+                lease_id TEXT NOT NULL,
+                issued_ms INTEGER NOT NULL,
+                envelope BLOB NOT NULL
+            );
+            CREATE INDEX challenges_lease ON challenges (lease_id);
+            ALTER TABLE leases ADD COLUMN verdict BLOB;",
+        postgres: "CREATE TABLE lease_records (
+                lease_id TEXT NOT NULL,
+                node_id TEXT NOT NULL,
+                seq BIGINT NOT NULL,
+                lease_seq BIGINT NOT NULL,
+                kind TEXT NOT NULL,
+                payload_sha256 BYTEA NOT NULL,
+                PRIMARY KEY (lease_id, seq)
+            );
+            CREATE TABLE challenges (
+                id BIGSERIAL PRIMARY KEY,
+                lease_id TEXT NOT NULL,
+                issued_ms BIGINT NOT NULL,
+                envelope BYTEA NOT NULL
+            );
+            CREATE INDEX challenges_lease ON challenges (lease_id);
+            ALTER TABLE leases ADD COLUMN verdict BYTEA;",
+    },
     // 5: the node's mesh key and endpoints, from its Register.
-    "ALTER TABLE nodes ADD COLUMN mesh_public_key BLOB NOT NULL DEFAULT x'';
-     ALTER TABLE nodes ADD COLUMN mesh_endpoints TEXT NOT NULL DEFAULT '';",
+    Migration {
+        sqlite: "ALTER TABLE nodes ADD COLUMN mesh_public_key BLOB NOT NULL DEFAULT x'';
+            ALTER TABLE nodes ADD COLUMN mesh_endpoints TEXT NOT NULL DEFAULT '';",
+        postgres: "ALTER TABLE nodes ADD COLUMN mesh_public_key BYTEA NOT NULL DEFAULT ''::bytea;
+            ALTER TABLE nodes ADD COLUMN mesh_endpoints TEXT NOT NULL DEFAULT '';",
+    },
     // 6: clusters (the row is an encoded ClusterInfo) and the MeshConfig
     // commands sent to their members.
-    "CREATE TABLE clusters (
-         cluster_id TEXT PRIMARY KEY,
-         info BLOB NOT NULL
-     ) WITHOUT ROWID;
-     CREATE TABLE mesh_commands (
-         command_id TEXT PRIMARY KEY,
-         node_id TEXT NOT NULL,
-         cluster_id TEXT NOT NULL,
-         generation INTEGER NOT NULL,
-         result BLOB
-     ) WITHOUT ROWID;",
+    Migration {
+        sqlite: "CREATE TABLE clusters (
+                cluster_id TEXT PRIMARY KEY,
+                info BLOB NOT NULL
+            ) WITHOUT ROWID;
+            CREATE TABLE mesh_commands (
+                command_id TEXT PRIMARY KEY,
+                node_id TEXT NOT NULL,
+                cluster_id TEXT NOT NULL,
+                generation INTEGER NOT NULL,
+                result BLOB
+            ) WITHOUT ROWID;",
+        postgres: "CREATE TABLE clusters (
+                cluster_id TEXT PRIMARY KEY,
+                info BYTEA NOT NULL
+            );
+            CREATE TABLE mesh_commands (
+                command_id TEXT PRIMARY KEY,
+                node_id TEXT NOT NULL,
+                cluster_id TEXT NOT NULL,
+                generation BIGINT NOT NULL,
+                result BYTEA
+            );",
+    },
     // 7: how each node was enrolled (the policy then), and the record bytes
     // it has stored (its storage quota).
-    "ALTER TABLE nodes ADD COLUMN enrolled TEXT NOT NULL DEFAULT 'open';
-     ALTER TABLE nodes ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0;
-     UPDATE nodes SET stored_bytes =
-         (SELECT coalesce(sum(length(payload)), 0) FROM records r WHERE r.node_id = nodes.node_id);",
+    Migration {
+        sqlite: "ALTER TABLE nodes ADD COLUMN enrolled TEXT NOT NULL DEFAULT 'open';
+            ALTER TABLE nodes ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0;
+            UPDATE nodes SET stored_bytes =
+                (SELECT coalesce(sum(length(payload)), 0) FROM records r WHERE r.node_id = nodes.node_id);",
+        postgres: "ALTER TABLE nodes ADD COLUMN enrolled TEXT NOT NULL DEFAULT 'open';
+            ALTER TABLE nodes ADD COLUMN stored_bytes BIGINT NOT NULL DEFAULT 0;
+            UPDATE nodes SET stored_bytes =
+                (SELECT coalesce(sum(length(payload)), 0) FROM records r WHERE r.node_id = nodes.node_id);",
+    },
     // 8: the labels the node declared in its last Register (encoded NodeLabels).
-    "ALTER TABLE nodes ADD COLUMN labels BLOB NOT NULL DEFAULT x'';",
+    Migration {
+        sqlite: "ALTER TABLE nodes ADD COLUMN labels BLOB NOT NULL DEFAULT x'';",
+        postgres: "ALTER TABLE nodes ADD COLUMN labels BYTEA NOT NULL DEFAULT ''::bytea;",
+    },
 ];
 
 /// Creates the database file with mode 0600 (SQLite gives its -wal and
@@ -202,24 +357,37 @@ fn corrupt_or(path: &Path, e: rusqlite::Error) -> StoreError {
         }
         _ => StoreError::Open {
             path: path.display().to_string(),
-            source: e,
+            source: e.into(),
         },
     }
 }
 
-fn init(conn: &mut Connection) -> rusqlite::Result<()> {
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    let applied: usize =
-        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-        tx.commit()?;
+fn init(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let step = |conn: &mut Connection| -> rusqlite::Result<Option<usize>> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let applied: usize =
+            conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+        if applied > MIGRATIONS.len() {
+            return Ok(Some(applied));
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(applied) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(m.sqlite)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(None)
+    };
+    match step(conn).map_err(|e| corrupt_or(path, e))? {
+        None => Ok(()),
+        Some(found) => Err(StoreError::Newer {
+            database: path.display().to_string(),
+            found,
+            known: MIGRATIONS.len(),
+        }),
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -315,7 +483,7 @@ mod tests {
         {
             // The first schema exactly as the first coordinator made it.
             let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(MIGRATIONS[0].sqlite).unwrap();
             conn.execute(
                 "INSERT INTO nodes VALUES ('n1', x'01', '0.1.0', 'h', x'', 's', 'p', 1, 2, NULL)",
                 [],
