@@ -180,3 +180,83 @@ fn list_clusters(tx: &mut Tx<'_>) -> Result<Vec<pb::ClusterInfo>, DbError> {
         .filter_map(|b| pb::ClusterInfo::decode(b.as_slice()).ok())
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::fixtures::databases;
+
+    #[tokio::test]
+    async fn clusters_their_edits_and_their_members_answers() {
+        for db in databases() {
+            let store = db.open();
+            let info = pb::ClusterInfo {
+                cluster_id: "k-1".into(),
+                ..Default::default()
+            };
+            let sent = |id: &str, node: &str, generation| MeshSent {
+                command_id: id.into(),
+                node_id: node.into(),
+                cluster_id: "k-1".into(),
+                generation,
+            };
+            store
+                .put_cluster(
+                    "k-1",
+                    ClusterWrite::Put(Box::new(info)),
+                    vec![sent("m-1", "n1", 1), sent("m-2", "n2", 1)],
+                )
+                .await
+                .unwrap();
+            let edited = store
+                .edit_cluster("k-1", |c| c.subnet = "acme".into())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(edited.subnet, "acme", "{db}");
+            let refused = store
+                .try_edit_cluster("k-1", |c| {
+                    c.subnet = "other".into();
+                    Err("no")
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(refused, Err("no"));
+            assert_eq!(store.cluster("k-1").await.unwrap().unwrap().subnet, "acme");
+            assert!(store.edit_cluster("k-9", |_| {}).await.unwrap().is_none());
+
+            // A member answers its own command; another node cannot.
+            let answer = |node: &'static str, id: &'static str| {
+                let result = pb::CommandResult {
+                    command_id: id.into(),
+                    ok: true,
+                    ..Default::default()
+                };
+                store.write(move |tx| answer_mesh_command(tx, node, &result))
+            };
+            assert_eq!(answer("n2", "m-1").await.unwrap(), None, "{db}");
+            assert_eq!(
+                answer("n1", "m-1").await.unwrap(),
+                Some(sent("m-1", "n1", 1))
+            );
+            // Sent again with a new generation: the same id finds the new one.
+            store
+                .put_cluster("k-1", ClusterWrite::Keep, vec![sent("m-1", "n1", 2)])
+                .await
+                .unwrap();
+            assert_eq!(
+                answer("n1", "m-1").await.unwrap(),
+                Some(sent("m-1", "n1", 2))
+            );
+
+            assert_eq!(store.list_clusters().await.unwrap().len(), 1);
+            store
+                .put_cluster("k-1", ClusterWrite::Delete, vec![])
+                .await
+                .unwrap();
+            assert!(store.cluster("k-1").await.unwrap().is_none(), "{db}");
+            assert!(store.list_clusters().await.unwrap().is_empty());
+        }
+    }
+}

@@ -284,7 +284,10 @@ impl Conn {
     ) -> Result<R, DbError> {
         match self {
             Conn::Sqlite(conn) => {
-                let tx = conn.transaction()?;
+                // Takes the write lock at once: another writer on the file
+                // (a tool, a test) is waited for, not failed at an upgrade.
+                let tx =
+                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let out = f(&mut Tx::Sqlite(&tx))?;
                 tx.commit()?;
                 Ok(out)

@@ -321,3 +321,99 @@ fn list_leases(tx: &mut Tx<'_>) -> Result<Vec<pb::LeaseInfo>, DbError> {
         .filter_map(|b| pb::LeaseInfo::decode(b.as_slice()).ok())
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::fixtures::{databases, node, rec};
+    use crate::store::{NewRecord, NodeState};
+    use warden_proto::states::LeaseState;
+
+    fn challenge(index: u64) -> pb::Envelope {
+        let c = pb::Challenge {
+            lease_id: "l-1".into(),
+            index,
+            ..Default::default()
+        };
+        envelope("t".into(), c.encode_to_vec(), "k".into(), vec![index as u8])
+    }
+
+    #[tokio::test]
+    async fn a_leases_commands_chain_challenges_and_verdict_are_its_evidence() {
+        for db in databases() {
+            let store = db.open();
+            store.register(node()).await.unwrap();
+            let lease = pb::LeaseInfo {
+                lease_id: "l-1".into(),
+                node_id: "n1".into(),
+                created_unix_ms: 5,
+                state: LeaseState::Starting.into(),
+                ..Default::default()
+            };
+            store
+                .put_lease(lease.clone(), "c-1".into(), Kind::LeaseStart)
+                .await
+                .unwrap();
+            // Sent again under the same command id: one row, its answer cleared.
+            store
+                .put_lease(lease, "c-1".into(), Kind::LeaseStart)
+                .await
+                .unwrap();
+            let link = |seq: u64, lease_seq| NewRecord {
+                state: NodeState {
+                    chain: Some(ChainItem::Attestation {
+                        lease_id: "l-1".into(),
+                        lease_seq,
+                        prev_sha256: vec![0; 32],
+                    }),
+                    ..Default::default()
+                },
+                receipt: challenge(100 + seq).encode_to_vec(),
+                ..rec(seq, seq as u8)
+            };
+            let proof = NewRecord {
+                state: NodeState {
+                    chain: Some(ChainItem::Proof {
+                        lease_id: "l-1".into(),
+                    }),
+                    ..Default::default()
+                },
+                ..rec(9, 9)
+            };
+            store
+                .insert_with(vec![link(2, 2), link(1, 1), proof], crate::ingest::effects)
+                .await
+                .unwrap();
+            assert_eq!(store.last_challenge("l-1").await.unwrap(), None);
+            for i in [1, 2, 3] {
+                store.put_challenge("l-1", challenge(i));
+            }
+            let tip = store.last_challenge("l-1").await.unwrap().unwrap();
+            assert_eq!(tip.index, 3, "{db}");
+            store.put_verdict("l-1", challenge(99), |info| {
+                info.verdict = "valid".into();
+            });
+            let ev = store.evidence("l-1").await.unwrap().unwrap();
+            assert_eq!(ev.node_id, "n1");
+            assert_eq!(ev.node_public_key, vec![1; 32]);
+            // In lease order, whatever order they arrived in.
+            let sigs = |envs: &[pb::Envelope]| -> Vec<u8> {
+                envs.iter().map(|e| e.signatures[0].sig[0]).collect()
+            };
+            assert_eq!(ev.records.len(), 2, "{db}");
+            assert_eq!(ev.records[0].payload, vec![1]);
+            assert_eq!(ev.records[1].payload, vec![2]);
+            assert_eq!(sigs(&ev.receipts), vec![101, 102], "{db}");
+            assert_eq!(ev.proof.unwrap().payload, vec![9]);
+            assert_eq!(sigs(&ev.challenges), vec![1, 2, 3], "{db}");
+            assert_eq!(ev.verdict.unwrap().signatures[0].sig, vec![99]);
+            assert_eq!(ev.lease.verdict, "valid");
+            assert_eq!(ev.lease.challenges_sent, 3);
+            assert_eq!(ev.lease.attestations, 2);
+            let all = store.list_leases().await.unwrap();
+            assert_eq!(all.len(), 1);
+            assert_eq!(all[0].verdict, "valid");
+            assert!(store.evidence("l-2").await.unwrap().is_none());
+        }
+    }
+}

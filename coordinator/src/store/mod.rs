@@ -73,8 +73,17 @@ pub enum StoreError {
 type AfterCommit = Box<dyn FnOnce(Result<(), &DbError>) + Send>;
 
 /// Work for the store thread, run inside the batch's transaction. An error
-/// aborts the whole batch (nothing of it is committed).
-type Job = Box<dyn FnOnce(&mut Tx<'_>) -> Result<Option<AfterCommit>, DbError> + Send>;
+/// aborts the whole batch (nothing of it is committed); the jobs queued
+/// after it are then given the error instead of a transaction, so each
+/// caller hears what failed.
+type Job = Box<dyn FnOnce(Slot<'_, '_>) -> Result<Option<AfterCommit>, DbError> + Send>;
+
+/// What a job gets: the batch's transaction, or the error that aborted the
+/// batch before the job's turn.
+enum Slot<'a, 'c> {
+    Run(&'a mut Tx<'c>),
+    Failed(&'a DbError),
+}
 
 /// Cheap handle to the store thread.
 #[derive(Clone)]
@@ -146,8 +155,15 @@ impl Store {
         f: impl FnOnce(&mut Tx<'_>) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(Box::new(move |tx| {
-            let _ = reply.send(f(tx).map_err(StoreError::from));
+        self.submit(Box::new(move |slot| {
+            match slot {
+                Slot::Run(tx) => {
+                    let _ = reply.send(f(tx).map_err(StoreError::from));
+                }
+                Slot::Failed(e) => {
+                    let _ = reply.send(Err(StoreError::Sql(e.copy())));
+                }
+            }
             Ok(None)
         }))?;
         rx.await.map_err(|_| StoreError::Stopped)?
@@ -159,8 +175,20 @@ impl Store {
         f: impl FnOnce(&mut Tx<'_>) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(Box::new(move |tx| {
-            let value = f(tx)?;
+        self.submit(Box::new(move |slot| {
+            let value = match slot {
+                Slot::Run(tx) => match f(tx) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let _ = reply.send(Err(StoreError::Sql(e.copy())));
+                        return Err(e);
+                    }
+                },
+                Slot::Failed(e) => {
+                    let _ = reply.send(Err(StoreError::Sql(e.copy())));
+                    return Ok(None);
+                }
+            };
             let after: AfterCommit = Box::new(move |committed| {
                 let _ = reply.send(
                     committed
@@ -175,7 +203,10 @@ impl Store {
 
     /// Runs `f` in the next batch; nobody waits for it.
     fn write_later(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<(), DbError> + Send + 'static) {
-        let _ = self.submit(Box::new(move |tx| f(tx).map(|()| None)));
+        let _ = self.submit(Box::new(move |slot| match slot {
+            Slot::Run(tx) => f(tx).map(|()| None),
+            Slot::Failed(_) => Ok(None),
+        }));
     }
 
     fn submit(&self, job: Job) -> Result<(), StoreError> {
@@ -226,9 +257,10 @@ fn run(mut conn: Conn, reconnect: Option<PostgresTarget>, mut rx: mpsc::Unbounde
 
 fn apply(conn: &mut Conn, batch: Vec<Job>) {
     let mut after = Vec::new();
+    let mut jobs = batch.into_iter();
     let result = conn.transaction(|tx| {
-        for job in batch {
-            if let Some(a) = job(tx)? {
+        for job in jobs.by_ref() {
+            if let Some(a) = job(Slot::Run(tx))? {
                 after.push(a);
             }
         }
@@ -239,6 +271,9 @@ fn apply(conn: &mut Conn, batch: Vec<Job>) {
     }
     if let Err(e) = result {
         tracing::error!(error = %e, "store transaction failed; its records were not acknowledged");
+        for job in jobs {
+            let _ = job(Slot::Failed(&e));
+        }
     }
 }
 

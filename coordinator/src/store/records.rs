@@ -395,4 +395,50 @@ mod tests {
             );
         }
     }
+
+    #[tokio::test]
+    async fn two_replicas_storing_the_same_records_at_once_store_each_once() {
+        for db in databases() {
+            let (a, b) = (db.open(), db.open());
+            a.register(node()).await.unwrap();
+            let batch = |from: u64| -> Vec<NewRecord> {
+                (from..from + 300)
+                    .map(|i| NewRecord {
+                        payload: vec![i as u8; 100],
+                        ..rec(i, i as u8)
+                    })
+                    .collect()
+            };
+            // Overlapping runs, in seq order as an agent resends them.
+            let mut runs = Vec::new();
+            for (store, from) in [(&a, 1), (&b, 1), (&a, 151), (&b, 151)] {
+                let store = store.clone();
+                let recs = batch(from);
+                runs.push(tokio::spawn(async move { store.insert(recs).await }));
+            }
+            let mut stored = 0;
+            for run in runs {
+                for out in run.await.unwrap().unwrap_or_else(|e| panic!("{db}: {e}")) {
+                    match out {
+                        Outcome::Stored => stored += 1,
+                        Outcome::Duplicate => {}
+                        other => panic!("{db}: {other:?}"),
+                    }
+                }
+            }
+            assert_eq!(stored, 450, "{db}: each of 1..=450 stored once");
+            let n = &b.list_nodes().await.unwrap()[0];
+            assert_eq!((n.records, n.last_seq), (450, 450), "{db}");
+            assert!(n.missing.is_empty());
+            // Counted once towards the quota too.
+            let quota = db.open_with_quota(450 * 100 + 99);
+            assert!(
+                matches!(
+                    quota.insert(vec![batch(451).remove(0)]).await.unwrap()[0],
+                    Outcome::OverQuota { stored: 45_000, .. }
+                ),
+                "{db}"
+            );
+        }
+    }
 }
