@@ -254,6 +254,8 @@ impl Uplink {
                         tracing::warn!(address, error = %msg, "disconnected from coordinator; {then}");
                     } else if matches!(e, UplinkError::Registration(_)) {
                         tracing::warn!(address, error = %msg, "registration refused; {then}");
+                    } else if matches!(e, UplinkError::WrongKey { .. }) {
+                        tracing::warn!(address, error = %msg, "coordinator not trusted; {then}");
                     } else {
                         tracing::warn!(address, error = %msg, "coordinator unreachable; {then}");
                     }
