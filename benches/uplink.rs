@@ -96,7 +96,7 @@ async fn throughput(n: u64, window: usize) -> f64 {
     let (status_tx, _status_rx) = watch::channel(UplinkStatus::default());
     let uplink = Uplink {
         link: CoordinatorLink {
-            address: format!("https://localhost:{}", coord.addr.port()),
+            address: format!("https://localhost:{}", coord.addr.port()).into(),
             public_key: coord.public_key.to_base64(),
             ca_cert: tls.ca_cert.clone(),
             server_name: None,

@@ -226,8 +226,10 @@ impl Default for MetricsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorLink {
-    /// `https://host:port` of the coordinator's gRPC endpoint.
-    pub address: String,
+    /// `https://host:port` of the coordinator's gRPC endpoint, or a list of
+    /// them: replicas of one coordinator (one signing key, one CA), tried
+    /// in turn when the stream dies.
+    pub address: Addresses,
     /// The coordinator's Ed25519 public key (base64 or hex): messages not
     /// signed by it are ignored.
     pub public_key: String,
@@ -245,6 +247,86 @@ pub struct CoordinatorLink {
         serialize_with = "token_digest"
     )]
     pub join_token: Option<String>,
+}
+
+/// `coordinator.address`: one `https://host:port`, or a list of them.
+/// Written back as it was given (a string for one), so reload diffs and
+/// `warden status` show the key as the supplier wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addresses(Vec<String>);
+
+impl Addresses {
+    /// The addresses in the order the uplink tries them.
+    pub fn list(&self) -> &[String] {
+        &self.0
+    }
+
+    /// The value as TOML (`"https://…"` or `["https://…", …]`), for a
+    /// `[coordinator]` section printed for others to paste.
+    pub fn to_toml(&self) -> String {
+        match self.0.as_slice() {
+            [one] => toml_string(one),
+            many => format!(
+                "[{}]",
+                many.iter()
+                    .map(|a| toml_string(a))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+}
+
+/// A TOML basic string (a JSON string is one, for what an address holds).
+fn toml_string(s: &str) -> String {
+    serde_json::Value::String(s.to_owned()).to_string()
+}
+
+impl From<String> for Addresses {
+    fn from(one: String) -> Self {
+        Addresses(vec![one])
+    }
+}
+
+impl From<Vec<String>> for Addresses {
+    fn from(list: Vec<String>) -> Self {
+        Addresses(list)
+    }
+}
+
+impl Serialize for Addresses {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => s.serialize_str(one),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Addresses {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Addresses;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an \"https://host:port\" string or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Addresses, E> {
+                Ok(Addresses(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Addresses, A::Error> {
+                let mut list = Vec::new();
+                while let Some(a) = seq.next_element::<String>()? {
+                    list.push(a);
+                }
+                Ok(Addresses(list))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// A join token as `warden status` and reload diffs show it: a short
@@ -553,7 +635,7 @@ impl AgentConfig {
             ));
         }
         if let Some(c) = &self.coordinator {
-            c.host()?;
+            c.check_addresses()?;
             VerifyingKey::parse(&c.public_key)
                 .map_err(|e| invalid("coordinator.public_key", e.to_string()))?;
             if let Some(t) = &c.join_token {
@@ -640,37 +722,48 @@ impl AgentConfig {
 }
 
 impl CoordinatorLink {
-    /// The host part of `address`, checked to be an `https://host:port` URL.
-    pub fn host(&self) -> Result<&str, ConfigError> {
-        let rest = self.address.strip_prefix("https://").ok_or_else(|| {
-            invalid(
-                "coordinator.address",
-                format!(
-                    "`{}` must start with https:// (TLS is required)",
-                    self.address
-                ),
-            )
-        })?;
-        let authority = rest.split('/').next().unwrap_or_default();
-        let host = match authority.strip_prefix('[') {
-            Some(v6) => v6.split(']').next().unwrap_or_default(),
-            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-        };
-        if host.is_empty() {
+    /// Every address is an `https://host:port` URL, and there is at least
+    /// one, none listed twice.
+    pub fn check_addresses(&self) -> Result<(), ConfigError> {
+        let list = self.address.list();
+        if list.is_empty() {
             return Err(invalid(
                 "coordinator.address",
-                format!("`{}` has no host", self.address),
+                "the list is empty; give at least one \"https://host:port\"".into(),
             ));
         }
-        Ok(host)
+        for (i, a) in list.iter().enumerate() {
+            host_of(a)?;
+            if list[..i].contains(a) {
+                return Err(invalid(
+                    "coordinator.address",
+                    format!("`{a}` is listed twice"),
+                ));
+            }
+        }
+        Ok(())
     }
 
-    /// The TLS name to expect in the coordinator's certificate.
-    pub fn tls_name(&self) -> Result<String, ConfigError> {
+    /// The TLS name to expect in the certificate of the coordinator at
+    /// `address`: `server_name` when set (for every address), else the
+    /// address's own host.
+    pub fn tls_name(&self, address: &str) -> Result<String, ConfigError> {
         match &self.server_name {
             Some(n) => Ok(n.clone()),
-            None => self.host().map(str::to_owned),
+            None => host_of(address).map(str::to_owned),
         }
+    }
+
+    /// The addresses in the order to try them starting from `first` (one
+    /// of them; else from the first configured).
+    pub fn addresses_from(&self, first: &str) -> Vec<&str> {
+        let list = self.address.list();
+        let start = list.iter().position(|a| a == first).unwrap_or(0);
+        list[start..]
+            .iter()
+            .chain(&list[..start])
+            .map(String::as_str)
+            .collect()
     }
 
     /// Whether `ca_cert` holds a certificate the uplink can trust: a
@@ -694,6 +787,29 @@ impl CoordinatorLink {
         VerifyingKey::parse(&self.public_key)
             .map_err(|e| invalid("coordinator.public_key", e.to_string()))
     }
+}
+
+/// The host part of a coordinator address, checked to be an
+/// `https://host:port` URL.
+pub fn host_of(address: &str) -> Result<&str, ConfigError> {
+    let rest = address.strip_prefix("https://").ok_or_else(|| {
+        invalid(
+            "coordinator.address",
+            format!("`{address}` must start with https:// (TLS is required)"),
+        )
+    })?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    if host.is_empty() {
+        return Err(invalid(
+            "coordinator.address",
+            format!("`{address}` has no host"),
+        ));
+    }
+    Ok(host)
 }
 
 fn invalid(key: &'static str, reason: String) -> ConfigError {
@@ -1025,19 +1141,106 @@ mod tests {
 
     #[test]
     fn coordinator_host_is_taken_from_address() {
-        let link = |a: &str| CoordinatorLink {
-            address: a.into(),
+        let link = CoordinatorLink {
+            address: Addresses::from(vec![]),
             public_key: String::new(),
             ca_cert: PathBuf::new(),
             server_name: None,
             join_token: None,
         };
         assert_eq!(
-            link("https://coord.example:7443").tls_name().unwrap(),
+            link.tls_name("https://coord.example:7443").unwrap(),
             "coord.example"
         );
-        assert_eq!(link("https://[::1]:7443/").tls_name().unwrap(), "::1");
-        assert_eq!(link("https://localhost").tls_name().unwrap(), "localhost");
-        assert!(link("https://:7443").host().is_err());
+        assert_eq!(link.tls_name("https://[::1]:7443/").unwrap(), "::1");
+        assert_eq!(link.tls_name("https://localhost").unwrap(), "localhost");
+        assert!(host_of("https://:7443").is_err());
+        let named = CoordinatorLink {
+            server_name: Some("coord.internal".into()),
+            ..link
+        };
+        assert_eq!(
+            named.tls_name("https://10.0.0.2:7443").unwrap(),
+            "coord.internal",
+            "server_name applies to every address"
+        );
+    }
+
+    const KEY: &str = "5866666666666666666666666666666666666666666666666666666666666666";
+
+    fn with_address(value: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::parse(
+            &format!(
+                "[coordinator]\naddress = {value}\npublic_key = \"{KEY}\"\nca_cert = \"/ca.pem\"\n"
+            ),
+            "a.toml",
+        )
+    }
+
+    #[test]
+    fn address_is_one_string_or_a_list() {
+        let one = with_address("\"https://c1:7443\"").unwrap();
+        let link = one.coordinator.unwrap();
+        assert_eq!(link.address.list(), ["https://c1:7443"]);
+        // Shown as written: a string stays a string.
+        assert_eq!(
+            serde_json::to_value(&link).unwrap()["address"],
+            "https://c1:7443"
+        );
+        assert_eq!(link.address.to_toml(), "\"https://c1:7443\"");
+
+        let many = with_address("[\"https://c1:7443\", \"https://c2:7443\"]").unwrap();
+        let link = many.coordinator.unwrap();
+        assert_eq!(link.address.list(), ["https://c1:7443", "https://c2:7443"]);
+        assert_eq!(
+            serde_json::to_value(&link).unwrap()["address"],
+            serde_json::json!(["https://c1:7443", "https://c2:7443"])
+        );
+        assert_eq!(
+            link.address.to_toml(),
+            "[\"https://c1:7443\", \"https://c2:7443\"]"
+        );
+        assert_eq!(
+            link.addresses_from("https://c2:7443"),
+            ["https://c2:7443", "https://c1:7443"]
+        );
+        assert_eq!(
+            link.addresses_from("https://elsewhere:1"),
+            ["https://c1:7443", "https://c2:7443"]
+        );
+        // The TOML printed for others reads back the same.
+        let again = with_address(&link.address.to_toml()).unwrap();
+        assert_eq!(again.coordinator.unwrap().address, link.address);
+    }
+
+    #[test]
+    fn every_listed_address_is_checked_and_an_empty_list_is_refused() {
+        for (value, why) in [
+            ("[]", "the list is empty"),
+            (
+                "[\"https://c1:7443\", \"http://c2:7443\"]",
+                "`http://c2:7443` must start with https://",
+            ),
+            ("[\"https://c1:7443\", \"https://:1\"]", "has no host"),
+            ("[\"https://c1:7443\", \"https://c1:7443\"]", "listed twice"),
+        ] {
+            let e = with_address(value).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ConfigError::Invalid {
+                        key: "coordinator.address",
+                        ..
+                    }
+                ),
+                "{value}: {e}"
+            );
+            assert!(e.to_string().contains(why), "{value}: {e}");
+        }
+        // Not a string nor a list of strings: the parser names the key.
+        for value in ["7443", "[7443]", "{ host = \"c1\" }"] {
+            let e = with_address(value).unwrap_err().to_string();
+            assert!(e.contains("address"), "{value}: {e}");
+        }
     }
 }

@@ -331,6 +331,7 @@ pub async fn run(
     {
         producers.push(tokio::spawn(linkprobe::run(
             link,
+            uplink_rx.clone(),
             config.probe.clone(),
             config.uplink.connect_timeout,
             outbox.clone(),

@@ -150,10 +150,17 @@ mod tests {
             ["nvidia-persistenced", "/usr/bin/dcgm"]
         );
         assert_eq!(
-            p.config.coordinator.unwrap().address,
-            "https://c.example:7443",
+            p.config.coordinator.unwrap().address.list(),
+            ["https://c.example:7443"],
             "the running address stays until a restart"
         );
+        // A list in place of the string is the same one key.
+        let listed = parse(&LINK.replace(
+            "\"https://c.example:7443\"",
+            "[\"https://c.example:7443\", \"https://d.example:7443\"]",
+        ));
+        assert_eq!(changed_keys(&running, &listed), ["coordinator.address"]);
+        assert!(changed_keys(&listed, &listed.clone()).is_empty());
     }
 
     #[test]

@@ -229,7 +229,7 @@ fn coordinator_init(a: InitArgs) -> Result<()> {
     write_file(&paths.config, &text, 0o644)?;
 
     let link = CoordinatorLink {
-        address: init::agent_address(&a.names[0], a.listen.port()),
+        address: init::agent_address(&a.names[0], a.listen.port()).into(),
         public_key: public_key.to_base64(),
         ca_cert: PathBuf::from(init::AGENT_CA_PATH),
         server_name: None,

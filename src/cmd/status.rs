@@ -64,9 +64,26 @@ fn print(r: &StatusReport) {
         } else {
             "disconnected"
         };
-        println!("coordinator {} {}", c.uplink.address, state);
+        let of = c.uplink.addresses.len();
+        let place = match c
+            .uplink
+            .addresses
+            .iter()
+            .position(|a| a.address == c.uplink.address)
+        {
+            Some(i) if of > 1 => format!(" (address {} of {of})", i + 1),
+            _ => String::new(),
+        };
+        println!("coordinator {} {state}{place}", c.uplink.address);
         if let Some(e) = &c.uplink.last_error {
             println!("            last error: {e}");
+        }
+        if of > 1 {
+            for a in &c.uplink.addresses {
+                if let (Some(e), false) = (&a.last_error, a.address == c.uplink.address) {
+                    println!("            {}: {e}", a.address);
+                }
+            }
         }
     } else {
         println!("coordinator none configured");

@@ -207,6 +207,47 @@ impl Coordinator {
             .unwrap()
     }
 
+    /// Another dev coordinator in `dir` on `port`, with its own database,
+    /// presenting this one's TLS certificate (one CA) and, when `same_key`,
+    /// signing with this one's key: a replica behind a second address. With
+    /// `same_key` false it is a coordinator agents pinned to this one's key
+    /// must not trust.
+    pub fn start_beside(&self, dir: &Path, port: u16, same_key: bool) -> Coordinator {
+        use std::os::unix::fs::PermissionsExt;
+        let private = |d: &Path| {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        };
+        private(dir);
+        private(&dir.join("tls"));
+        let mut files = vec!["tls/ca.pem", "tls/server.pem", "tls/server.key"];
+        if same_key {
+            files.push("coordinator.key");
+        }
+        for f in files {
+            // fs::copy keeps the mode (0600).
+            std::fs::copy(self.dir.join(f), dir.join(f)).unwrap();
+        }
+        Coordinator::start(dir, port)
+    }
+
+    /// The `[coordinator]` section of this one (its key, its CA) with
+    /// `address` listing the coordinators on `ports`, in that order.
+    pub fn link_toml_to(&self, ports: &[u16]) -> String {
+        let list: Vec<String> = ports
+            .iter()
+            .map(|p| format!("\"https://localhost:{p}\""))
+            .collect();
+        self.link_toml()
+            .lines()
+            .map(|l| match l.starts_with("address") {
+                true => format!("address = [{}]", list.join(", ")),
+                false => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The coordinator's public key as written in agent-link.toml.
     pub fn public_key(&self) -> String {
         let text = self.link_toml();
@@ -244,6 +285,21 @@ pub fn record_stats(db: &Path) -> (u64, u64, u64, u64) {
         },
     )
     .unwrap_or((0, 0, 0, 0))
+}
+
+/// The seqs of one database's records (with repeats, if any).
+pub fn stored_seqs(db: &Path) -> Vec<u64> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut stmt = conn.prepare("SELECT seq FROM records").unwrap();
+    let seqs = stmt
+        .query_map([], |r| r.get::<_, i64>(0))
+        .unwrap()
+        .map(|s| s.unwrap() as u64)
+        .collect();
+    seqs
 }
 
 pub fn count(db: &Path, sql: &str) -> u64 {

@@ -1,5 +1,8 @@
 //! The task that owns the connection to the coordinator: one bidirectional
-//! gRPC stream over TLS, reopened with jittered exponential backoff.
+//! gRPC stream over TLS, reopened with jittered exponential backoff. With
+//! several coordinator addresses it stays on one while its stream lives and
+//! moves to the next when it dies, waiting only after a whole round failed
+//! ([`Rotation`], pure).
 //!
 //! On each connection it registers (the coordinator's Hello gives the nonce
 //! that binds the Register to this stream; Registered accepts it), takes
@@ -30,6 +33,7 @@ use warden_proto::{
 
 use crate::{
     config::{CoordinatorLink, UplinkConfig},
+    delivery::failover::{Next, Outcome, Rotation},
     delivery::outbox::Outbox,
     delivery::session::{Ignored, Inbound, Session},
     delivery::Window,
@@ -39,7 +43,12 @@ use crate::{
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct UplinkStatus {
+    /// The address the agent is on now (connected, or trying).
     pub address: String,
+    /// Every configured address in the order they are tried, with the
+    /// last failure at each: a standby that is down or signs with another
+    /// key shows here while the agent delivers through another.
+    pub addresses: Vec<AddressStatus>,
     pub connected: bool,
     pub last_error: Option<String>,
     pub last_receipt_seq: u64,
@@ -58,6 +67,16 @@ pub struct UplinkStatus {
     pub problem: Option<String>,
     pub connected_since_unix_ns: i64,
     pub last_receipt_unix_ms: i64,
+}
+
+/// One configured coordinator address, as `warden status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct AddressStatus {
+    pub address: String,
+    /// Why the last try there failed or its stream ended; cleared when a
+    /// stream there registers.
+    pub last_error: Option<String>,
 }
 
 /// Why one connection ended.
@@ -135,9 +154,11 @@ pub struct Uplink {
     pub direct: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<pb::LogChunk>>,
 }
 
-/// A TLS channel to the coordinator, trusting only the configured CA.
+/// A TLS channel to the coordinator at `address` (one of the link's),
+/// trusting only the configured CA.
 pub async fn channel(
     link: &CoordinatorLink,
+    address: &str,
     connect_timeout: Duration,
     keepalive: Duration,
 ) -> Result<tonic::transport::Channel, UplinkError> {
@@ -147,8 +168,8 @@ pub async fn channel(
     })?;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
-        .domain_name(link.tls_name()?);
-    Ok(Endpoint::from_shared(link.address.clone())?
+        .domain_name(link.tls_name(address)?);
+    Ok(Endpoint::from_shared(address.to_owned())?
         .tls_config(tls)?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
@@ -178,62 +199,106 @@ impl Uplink {
                 return;
             }
         };
-        self.status
-            .send_modify(|s| s.address = self.link.address.clone());
-        let mut attempt = 0u32;
-        let mut last_error: Option<String> = None;
+        let addresses = self.link.address.list().to_vec();
+        if addresses.is_empty() {
+            tracing::error!("uplink disabled: coordinator.address lists no address");
+            return;
+        }
+        let several = addresses.len() > 1;
+        self.status.send_modify(|s| {
+            s.addresses = addresses
+                .iter()
+                .map(|a| AddressStatus {
+                    address: a.clone(),
+                    last_error: None,
+                })
+                .collect();
+        });
+        let mut rotation = Rotation::new(addresses.len(), self.config.backoff_max);
+        // The last failure at each address: each distinct one is logged once.
+        let mut last_errors: Vec<Option<String>> = vec![None; addresses.len()];
         loop {
-            let started = Instant::now();
+            let i = rotation.current();
+            let address = addresses[i].as_str();
+            self.status.send_modify(|s| s.address = address.to_owned());
+            let mut up_since = None;
             let end = tokio::select! {
-                r = self.session(&pinned, &shutdown, &mut last_error) => r,
+                r = self.session(address, &pinned, &shutdown, &mut up_since) => r,
                 _ = shutdown.cancelled() => Ok(()),
             };
             self.status.send_modify(|s| s.connected = false);
             if shutdown.is_cancelled() {
                 return;
             }
+            if up_since.is_some() {
+                last_errors[i] = None;
+            }
+            let next = rotation.ended(match up_since {
+                Some(t) => Outcome::Dropped { lived: t.elapsed() },
+                None => Outcome::Failed,
+            });
             if let Err(e) = end {
                 let msg = crate::error_chain(&e);
+                let then = match next {
+                    Next::After { .. }
+                        if matches!(e, UplinkError::Stream(_) | UplinkError::Closed) =>
+                    {
+                        "reconnecting with backoff"
+                    }
+                    Next::After { .. } => "retrying with backoff",
+                    Next::Now(_) => "trying the next coordinator address at once",
+                };
                 // Log each distinct state once; repeats of the same failure go to debug.
-                if last_error.as_deref() != Some(msg.as_str()) {
+                if last_errors[i].as_deref() != Some(msg.as_str()) {
                     if matches!(e, UplinkError::Stream(_) | UplinkError::Closed) {
-                        tracing::warn!(address = %self.link.address, error = %msg, "disconnected from coordinator; reconnecting with backoff");
+                        tracing::warn!(address, error = %msg, "disconnected from coordinator; {then}");
                     } else if matches!(e, UplinkError::Registration(_)) {
-                        tracing::warn!(address = %self.link.address, error = %msg, "registration refused; retrying with backoff");
+                        tracing::warn!(address, error = %msg, "registration refused; {then}");
+                    } else if matches!(e, UplinkError::WrongKey { .. }) {
+                        tracing::warn!(address, error = %msg, "coordinator not trusted; {then}");
                     } else {
-                        tracing::warn!(address = %self.link.address, error = %msg, "coordinator unreachable; retrying with backoff");
+                        tracing::warn!(address, error = %msg, "coordinator unreachable; {then}");
                     }
                 } else {
-                    tracing::debug!(error = %msg, "still unreachable");
+                    tracing::debug!(address, error = %msg, "still unreachable");
                 }
-                let problem = format!("{msg}. Fix: {}", e.fix());
+                let shown = if several && !matches!(e, UplinkError::WrongKey { .. }) {
+                    format!("{address}: {msg}")
+                } else {
+                    msg.clone()
+                };
+                let problem = format!("{shown}. Fix: {}", e.fix());
                 self.status.send_modify(|s| {
-                    s.last_error = Some(msg.clone());
+                    s.last_error = Some(shown);
                     s.problem = Some(problem);
+                    if let Some(a) = s.addresses.get_mut(i) {
+                        a.last_error = Some(msg.clone());
+                    }
                 });
-                last_error = Some(msg);
+                last_errors[i] = Some(msg);
             }
-            // A connection that lived a while earns a fresh backoff.
-            if started.elapsed() > self.config.backoff_max {
-                attempt = 0;
-            }
-            let delay = backoff(
-                attempt,
-                self.config.backoff_initial,
-                self.config.backoff_max,
-                rand::rng().random::<f64>(),
-            );
-            attempt = attempt.saturating_add(1);
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.cancelled() => return,
+            if let Next::After { attempt, .. } = next {
+                let delay = backoff(
+                    attempt,
+                    self.config.backoff_initial,
+                    self.config.backoff_max,
+                    rand::rng().random::<f64>(),
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return,
+                }
             }
         }
     }
 
-    async fn connect(&self) -> Result<UplinkClient<tonic::transport::Channel>, UplinkError> {
+    async fn connect(
+        &self,
+        address: &str,
+    ) -> Result<UplinkClient<tonic::transport::Channel>, UplinkError> {
         let channel = channel(
             &self.link,
+            address,
             self.config.connect_timeout,
             self.config.keepalive,
         )
@@ -243,14 +308,16 @@ impl Uplink {
             .max_encoding_message_size(8 << 20))
     }
 
-    /// One connection: returns when the stream ends.
+    /// One connection to `address`: returns when the stream ends.
+    /// `up_since` is set when the stream has registered.
     async fn session(
         &self,
+        address: &str,
         pinned: &VerifyingKey,
         shutdown: &CancellationToken,
-        last_error: &mut Option<String>,
+        up_since: &mut Option<Instant>,
     ) -> Result<(), UplinkError> {
-        let mut client = self.connect().await?;
+        let mut client = self.connect(address).await?;
         let window = self.config.max_in_flight;
         let (out, out_rx) = tokio::sync::mpsc::channel::<Envelope>(window + 16);
         let mut inbound = client
@@ -258,14 +325,17 @@ impl Uplink {
             .await
             .map_err(UplinkError::Refused)?
             .into_inner();
-        self.register(pinned, &out, &mut inbound).await?;
-        tracing::info!(address = %self.link.address, "connected to coordinator");
-        last_error.take();
+        self.register(address, pinned, &out, &mut inbound).await?;
+        tracing::info!(address, "connected to coordinator");
+        *up_since = Some(Instant::now());
         self.status.send_modify(|s| {
             s.connected = true;
             s.last_error = None;
             s.problem = None;
             s.connected_since_unix_ns = crate::now_ms();
+            if let Some(a) = s.addresses.iter_mut().find(|a| a.address == address) {
+                a.last_error = None;
+            }
         });
 
         let mut stats = self.outbox.stats();
@@ -410,6 +480,7 @@ impl Uplink {
     /// waits for Registered.
     async fn register(
         &self,
+        address: &str,
         pinned: &VerifyingKey,
         out: &tokio::sync::mpsc::Sender<Envelope>,
         inbound: &mut tonic::Streaming<Envelope>,
@@ -429,7 +500,7 @@ impl Uplink {
             Ok(h) => h.nonce,
             Err(_) => {
                 return Err(UplinkError::WrongKey {
-                    address: self.link.address.clone(),
+                    address: address.to_owned(),
                     theirs: hello
                         .signatures
                         .first()

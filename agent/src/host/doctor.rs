@@ -437,9 +437,9 @@ pub async fn gather(cfg: &AgentConfig) -> Facts {
         }
     };
     let link = match &cfg.coordinator {
-        Some(link) => {
-            Some(crate::host::linkprobe::probe(link, &cfg.probe, cfg.uplink.connect_timeout).await)
-        }
+        Some(link) => Some(
+            crate::host::linkprobe::probe(link, None, &cfg.probe, cfg.uplink.connect_timeout).await,
+        ),
         None => None,
     };
     let delivery = match crate::status::query(&cfg.status_socket()).await {

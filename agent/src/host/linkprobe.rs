@@ -155,20 +155,42 @@ pub async fn measure(channel: Channel, cfg: &ProbeConfig) -> Result<pb::LinkSamp
 }
 
 /// Connects and probes; a failure becomes a sample with `error` set.
+/// With several coordinator addresses, the first that connects is probed,
+/// trying `first` (the one the uplink is on) before the others.
 pub async fn probe(
     link: &CoordinatorLink,
+    first: Option<&str>,
     cfg: &ProbeConfig,
     connect_timeout: Duration,
 ) -> pb::LinkSample {
-    let result = match crate::delivery::uplink::channel(
-        link,
-        connect_timeout,
-        crate::config::UplinkConfig::default().keepalive,
-    )
-    .await
-    {
-        Ok(ch) => measure(ch, cfg).await,
-        Err(e) => Err(ProbeError::Connect(crate::error_chain(&e))),
+    let mut failures = Vec::new();
+    let mut channel = None;
+    for address in link.addresses_from(first.unwrap_or_default()) {
+        match crate::delivery::uplink::channel(
+            link,
+            address,
+            connect_timeout,
+            crate::config::UplinkConfig::default().keepalive,
+        )
+        .await
+        {
+            Ok(ch) => {
+                channel = Some(ch);
+                break;
+            }
+            Err(e) => failures.push((address, crate::error_chain(&e))),
+        }
+    }
+    let result = match channel {
+        Some(ch) => measure(ch, cfg).await,
+        None => Err(ProbeError::Connect(match failures.as_slice() {
+            [(_, one)] => one.clone(),
+            many => many
+                .iter()
+                .map(|(a, e)| format!("{a}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        })),
     };
     result.unwrap_or_else(|e| pb::LinkSample {
         error: e.to_string(),
@@ -181,6 +203,7 @@ pub async fn probe(
 /// and publishing it for status and /metrics.
 pub async fn run(
     link: CoordinatorLink,
+    uplink: watch::Receiver<crate::delivery::uplink::UplinkStatus>,
     cfg: ProbeConfig,
     connect_timeout: Duration,
     outbox: Outbox,
@@ -189,7 +212,10 @@ pub async fn run(
 ) {
     loop {
         let sample = tokio::select! {
-            s = probe(&link, &cfg, connect_timeout) => s,
+            s = async {
+                let on = uplink.borrow().address.clone();
+                probe(&link, Some(&on), &cfg, connect_timeout).await
+            } => s,
             _ = shutdown.cancelled() => return,
         };
         if sample.error.is_empty() {
