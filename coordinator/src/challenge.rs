@@ -42,7 +42,8 @@ pub async fn run(
                 Some(LeaseState::Running | LeaseState::Stopped)
             )
         }) {
-            let Some(tx) = registry.sender(&lease.node_id) else {
+            // Only the replica holding the node's stream challenges it: once.
+            let Some(tx) = registry.local_sender(&lease.node_id) else {
                 continue;
             };
             // Chained per lease: each names the previous one, so a bundle

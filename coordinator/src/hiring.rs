@@ -992,13 +992,22 @@ impl Hiring {
 
     /// Ends hired clusters when their time is up and replaces lost
     /// members, checking every `every`.
-    pub async fn run_upkeep(self, every: Duration, shutdown: CancellationToken) {
+    pub async fn run_upkeep(
+        self,
+        every: Duration,
+        replica: crate::replicas::Replica,
+        shutdown: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            // Among replicas, only the leader keeps the clusters' time.
+            if !replica.leads() {
+                continue;
             }
             let clusters = match self.control.store.list_clusters().await {
                 Ok(c) => c,

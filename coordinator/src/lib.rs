@@ -1,6 +1,6 @@
 //! The reference Warden coordinator: verifies every envelope agents send,
-//! stores nodes, records and receipts in SQLite, and answers each record
-//! with a signed receipt.
+//! stores nodes, records and receipts in SQLite or in a PostgreSQL shared by
+//! several replicas, and answers each record with a signed receipt.
 
 pub mod admin;
 pub mod challenge;
@@ -23,6 +23,7 @@ pub mod mesh;
 pub mod probe;
 pub mod ratelimit;
 pub mod registry;
+pub mod replicas;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -5,6 +5,11 @@
 //! here (a fresh id, an expiry of [`COMMAND_TTL`]), recorded by the caller
 //! while still unsent, then signed and sent here, and its answer (stored by
 //! the node's session first) is handed to whoever waits for it.
+//!
+//! With replicas on one PostgreSQL, a node's stream may be on another
+//! replica (`crate::replicas` keeps the map): a command for it is relayed
+//! there through the database, and its answer relayed back to the replica
+//! that waits for it.
 
 use std::{
     collections::HashMap,
@@ -23,7 +28,11 @@ use warden_proto::{
     types,
 };
 
-use crate::{clock::now_ms, ids};
+use crate::{
+    clock::now_ms,
+    ids,
+    store::{presence::RelayKind, Store},
+};
 
 /// How long a command stays valid after it is sent.
 pub const COMMAND_TTL: Duration = Duration::from_secs(60);
@@ -38,6 +47,14 @@ pub struct Registry {
     next: Arc<AtomicU64>,
     /// Signs the commands sent through here.
     signer: Arc<Signer>,
+    /// This replica and its database, when there are replicas.
+    relay: Option<Arc<Relay>>,
+}
+
+/// What relaying between replicas needs: the shared database and who we are.
+struct Relay {
+    store: Store,
+    me: String,
 }
 
 #[derive(Default)]
@@ -47,6 +64,11 @@ struct Streams {
     /// command id -> the node it was sent to, and whoever waits for its
     /// answer (only that node's answer is handed on).
     waiting: HashMap<String, (String, oneshot::Sender<pb::CommandResult>)>,
+    /// node id -> the other replica that holds its stream.
+    remote: HashMap<String, String>,
+    /// command id -> (the node it went to, the replica that relayed it
+    /// here and waits for its answer, until when).
+    relayed: HashMap<String, (String, String, i64)>,
 }
 
 /// A command for a connected node, built but not yet sent: the caller
@@ -74,7 +96,16 @@ impl Registry {
             inner: Arc::default(),
             next: Arc::default(),
             signer,
+            relay: None,
         }
+    }
+
+    /// This registry as replica `me` of the replicas sharing `store`: the
+    /// streams it holds are noted there, and nodes on other replicas are
+    /// reached through it.
+    pub fn with_relay(mut self, store: Store, me: String) -> Self {
+        self.relay = Some(Arc::new(Relay { store, me }));
+        self
     }
 
     /// Makes `tx` the node's stream, after queueing `first` on it. Both under
@@ -89,6 +120,11 @@ impl Registry {
             tx.try_send(Ok(env)).ok()?;
         }
         map.nodes.insert(node_id.to_owned(), (id, tx));
+        map.remote.remove(node_id);
+        drop(map);
+        if let Some(r) = &self.relay {
+            r.store.stream_opened(node_id, &r.me, id);
+        }
         Some(id)
     }
 
@@ -98,16 +134,88 @@ impl Registry {
         if map.nodes.get(node_id).map(|(s, _)| *s) == Some(session) {
             map.nodes.remove(node_id);
         }
+        drop(map);
+        if let Some(r) = &self.relay {
+            r.store.stream_closed(node_id, &r.me, session);
+        }
     }
 
+    /// Whether the node's stream is here or on another live replica.
     pub fn is_connected(&self, node_id: &str) -> bool {
-        self.lock().nodes.contains_key(node_id)
+        let map = self.lock();
+        map.nodes.contains_key(node_id) || map.remote.contains_key(node_id)
     }
 
-    /// The outbound half of a node's live stream (for what is not a
-    /// command, such as a challenge).
-    pub fn sender(&self, node_id: &str) -> Option<Outbound> {
+    /// The outbound half of the node's stream held here (for what only
+    /// the replica holding the stream sends, such as a challenge).
+    pub fn local_sender(&self, node_id: &str) -> Option<Outbound> {
         self.lock().nodes.get(node_id).map(|(_, tx)| tx.clone())
+    }
+
+    /// The outbound half of the node's stream: here, or a relay to the
+    /// replica that holds it.
+    pub fn sender(&self, node_id: &str) -> Option<Outbound> {
+        let to = {
+            let map = self.lock();
+            if let Some((_, tx)) = map.nodes.get(node_id) {
+                return Some(tx.clone());
+            }
+            map.remote.get(node_id)?.clone()
+        };
+        let relay = self.relay.clone()?;
+        let (tx, mut rx) = mpsc::channel::<Result<Envelope, Status>>(8);
+        let node = node_id.to_owned();
+        tokio::spawn(async move {
+            // A Status ends a stream held here; there is none to relay.
+            while let Some(Ok(env)) = rx.recv().await {
+                use prost::Message as _;
+                if let Err(e) = relay
+                    .store
+                    .relay(
+                        &to,
+                        &relay.me,
+                        &node,
+                        RelayKind::Envelope,
+                        env.encode_to_vec(),
+                    )
+                    .await
+                {
+                    tracing::warn!(%node, replica = %to, error = %e, "cannot relay to the replica holding the node's stream");
+                }
+            }
+        });
+        Some(tx)
+    }
+
+    /// Which nodes' streams other live replicas hold now.
+    pub(crate) fn set_remote(&self, remote: HashMap<String, String>) {
+        let mut map = self.lock();
+        map.remote = remote;
+        let now = now_ms();
+        map.relayed.retain(|_, (_, _, until)| *until > now);
+    }
+
+    /// Hands an envelope another replica relayed to the node's stream
+    /// here; a command's answer will be relayed back to `from`.
+    pub(crate) fn deliver(&self, node_id: &str, env: Envelope, from: &str) {
+        use prost::Message as _;
+        let mut map = self.lock();
+        let Some((_, tx)) = map.nodes.get(node_id) else {
+            tracing::debug!(node = %node_id, %from, "relayed envelope for a stream no longer here");
+            return;
+        };
+        let tx = tx.clone();
+        if env.payload_type == types::COMMAND {
+            if let Ok(c) = pb::Command::decode(env.payload.as_slice()) {
+                let until = now_ms() + COMMAND_TTL.as_millis() as i64;
+                map.relayed
+                    .insert(c.command_id, (node_id.to_owned(), from.to_owned(), until));
+            }
+        }
+        drop(map);
+        if tx.try_send(Ok(env)).is_err() {
+            tracing::warn!(node = %node_id, "relayed envelope dropped: the node's stream is full or closed");
+        }
     }
 
     /// A command for `node_id` carrying `body`, its id starting with
@@ -166,7 +274,36 @@ impl Registry {
 
     /// Hands `node_id`'s answer to whoever waits for it, if the command
     /// was sent to that node: another node cannot answer for it.
+    /// A command relayed here from another replica has its answer relayed
+    /// back there.
     pub(crate) fn resolve(&self, node_id: &str, result: &pb::CommandResult) {
+        if self.resolve_here(node_id, result) {
+            return;
+        }
+        let back = {
+            let mut map = self.lock();
+            match map.relayed.get(&result.command_id) {
+                Some((to, _, _)) if to == node_id => map.relayed.remove(&result.command_id),
+                _ => None,
+            }
+        };
+        if let (Some((_, from, _)), Some(relay)) = (back, self.relay.clone()) {
+            use prost::Message as _;
+            let (node, body) = (node_id.to_owned(), result.encode_to_vec());
+            tokio::spawn(async move {
+                if let Err(e) = relay
+                    .store
+                    .relay(&from, &relay.me, &node, RelayKind::Result, body)
+                    .await
+                {
+                    tracing::warn!(%node, replica = %from, error = %e, "cannot relay a command's answer back");
+                }
+            });
+        }
+    }
+
+    /// Hands the answer to whoever waits here; whether anyone did.
+    pub(crate) fn resolve_here(&self, node_id: &str, result: &pb::CommandResult) -> bool {
         let mut streams = self.lock();
         if streams
             .waiting
@@ -175,8 +312,10 @@ impl Registry {
         {
             if let Some((_, tx)) = streams.waiting.remove(&result.command_id) {
                 let _ = tx.send(result.clone());
+                return true;
             }
         }
+        false
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Streams> {

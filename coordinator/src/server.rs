@@ -30,6 +30,7 @@ use crate::{
     probe::ProbeService,
     ratelimit::NodeThrottle,
     registry::Registry,
+    replicas::Replica,
     session::{Gate, UplinkService},
     store::{Store, StoreError},
 };
@@ -176,7 +177,7 @@ pub async fn start(
     let admin_socket = cfg.admin_socket_path();
     let (admin_listener, admin_file) =
         warden_state::socket::bind(&admin_socket).map_err(ServeError::AdminSocket)?;
-    let (store, database) = match postgres {
+    let (store, database) = match postgres.clone() {
         Some(target) => {
             let shown = target.to_string();
             let store = Store::open_postgres(target, cfg.limits.node_storage_bytes)?;
@@ -228,7 +229,17 @@ pub async fn start(
     health.set_serving::<LinkProbeServer<ProbeService>>().await;
     let (reflection, reflection_v1alpha) = reflection_services(PUBLIC_FILE_DESCRIPTOR_SET)?;
     let signer = Arc::new(signer);
-    let registry = Registry::new(signer.clone());
+    // Replicas share one PostgreSQL; a coordinator on SQLite is alone.
+    let (replica, registry) = match postgres {
+        Some(target) => {
+            let replica = Replica::fresh();
+            let registry =
+                Registry::new(signer.clone()).with_relay(store.clone(), replica.id.clone());
+            replica.start(target, registry.clone(), shutdown.clone());
+            (replica, registry)
+        }
+        None => (Replica::alone(), Registry::new(signer.clone())),
+    };
     let (challenge_store, challenge_registry, challenge_signer) =
         (store.clone(), registry.clone(), signer.clone());
     let uplink = UplinkServer::new(UplinkService::new(
@@ -281,11 +292,11 @@ pub async fn start(
         cfg.clusters.min_duration,
         cfg.clusters.replace_after,
     );
-    let expiry = tokio::spawn(
-        hiring
-            .clone()
-            .run_upkeep(Duration::from_secs(1), shutdown.clone()),
-    );
+    let expiry = tokio::spawn(hiring.clone().run_upkeep(
+        Duration::from_secs(1),
+        replica.clone(),
+        shutdown.clone(),
+    ));
     // The admin socket's reflection describes Admin too (`grpcurl -unix`).
     let (admin_reflection, admin_reflection_v1alpha) = reflection_services(FILE_DESCRIPTOR_SET)?;
     let admin = Server::builder()
@@ -312,7 +323,7 @@ pub async fn start(
         cfg.leases.clone(),
         shutdown.clone(),
     ));
-    tracing::info!(%addr, admin = %admin_socket.display(), key = %public_key.to_base64(), enrollment = ?policy, max_connections, "coordinator listening");
+    tracing::info!(%addr, admin = %admin_socket.display(), key = %public_key.to_base64(), enrollment = ?policy, max_connections, replica = %replica.id, "coordinator listening");
     Ok(Running {
         addr,
         admin_socket,

@@ -213,6 +213,18 @@ impl Coordinator {
     /// `same_key` false it is a coordinator agents pinned to this one's key
     /// must not trust.
     pub fn start_beside(&self, dir: &Path, port: u16, same_key: bool) -> Coordinator {
+        self.start_beside_with(dir, port, same_key, "")
+    }
+
+    /// As `start_beside`, with `extra` TOML (e.g. the `[postgres]` the
+    /// replicas share).
+    pub fn start_beside_with(
+        &self,
+        dir: &Path,
+        port: u16,
+        same_key: bool,
+        extra: &str,
+    ) -> Coordinator {
         use std::os::unix::fs::PermissionsExt;
         let private = |d: &Path| {
             std::fs::create_dir_all(d).unwrap();
@@ -228,7 +240,7 @@ impl Coordinator {
             // fs::copy keeps the mode (0600).
             std::fs::copy(self.dir.join(f), dir.join(f)).unwrap();
         }
-        Coordinator::start(dir, port)
+        Coordinator::start_with(dir, port, extra)
     }
 
     /// The `[coordinator]` section of this one (its key, its CA) with

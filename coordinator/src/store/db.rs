@@ -259,7 +259,9 @@ plain_col!(String, Option<String>, Vec<u8>, Option<Vec<u8>>);
 /// connection.
 type Statements = HashMap<&'static str, postgres::Statement>;
 
-/// A connection to either database.
+/// A connection to either database (one per store thread or replica: the
+/// size of either does not matter).
+#[allow(clippy::large_enum_variant)]
 pub enum Conn {
     Sqlite(rusqlite::Connection),
     Postgres {
@@ -309,6 +311,25 @@ impl Conn {
                     statements.clear();
                 }
                 result
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for a notification on a channel this
+    /// connection LISTENs on; whether one came (SQLite has none: it waits).
+    pub fn wait_notification(&mut self, timeout: std::time::Duration) -> Result<bool, DbError> {
+        match self {
+            Conn::Sqlite(_) => {
+                std::thread::sleep(timeout);
+                Ok(false)
+            }
+            Conn::Postgres { client, .. } => {
+                use postgres::fallible_iterator::FallibleIterator as _;
+                let mut n = client.notifications();
+                let came = n.timeout_iter(timeout).next()?.is_some();
+                // Several may have come together: one look serves them all.
+                while n.iter().next()?.is_some() {}
+                Ok(came)
             }
         }
     }

@@ -21,6 +21,7 @@ pub(crate) mod db;
 mod leases;
 mod nodes;
 mod postgres;
+pub mod presence;
 mod records;
 mod schema;
 
@@ -285,7 +286,7 @@ pub(crate) mod fixtures {
     /// A database a test runs on, opened (and opened again) as a Store.
     pub enum TestDb {
         Sqlite(tempfile::TempDir),
-        Postgres(PostgresTarget),
+        Postgres(Box<PostgresTarget>),
     }
 
     impl TestDb {
@@ -296,7 +297,7 @@ pub(crate) mod fixtures {
         pub fn open_with_quota(&self, quota: u64) -> Store {
             match self {
                 TestDb::Sqlite(dir) => Store::open_with_quota(&dir.path().join("c.db"), quota),
-                TestDb::Postgres(t) => Store::open_postgres(t.clone(), quota),
+                TestDb::Postgres(t) => Store::open_postgres((**t).clone(), quota),
             }
             .unwrap_or_else(|e| panic!("{self}: {e}"))
         }
@@ -317,7 +318,7 @@ pub(crate) mod fixtures {
     pub fn databases() -> Vec<TestDb> {
         let mut dbs = vec![TestDb::Sqlite(tempfile::tempdir().unwrap())];
         if let Some(t) = test_postgres() {
-            dbs.push(TestDb::Postgres(t));
+            dbs.push(TestDb::Postgres(Box::new(t)));
         }
         dbs
     }

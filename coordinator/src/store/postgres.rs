@@ -67,7 +67,7 @@ impl PostgresTarget {
     }
 
     /// A new connection (with the statement cache of its own).
-    pub(super) fn connect(&self) -> Result<Conn, StoreError> {
+    pub(crate) fn connect(&self) -> Result<Conn, StoreError> {
         let client = match &self.tls {
             Some(tls) => self.config.connect(tls.clone()),
             None => self.config.connect(postgres::NoTls),

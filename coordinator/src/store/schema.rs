@@ -287,6 +287,52 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         sqlite: "ALTER TABLE nodes ADD COLUMN labels BLOB NOT NULL DEFAULT x'';",
         postgres: "ALTER TABLE nodes ADD COLUMN labels BYTEA NOT NULL DEFAULT ''::bytea;",
     },
+    // 9: replicas on one database: each replica's last heartbeat, which
+    // replica holds each node's stream, and what one replica relays to
+    // another (a command for a node whose stream is there, an answer for
+    // the replica that sent the command).
+    Migration {
+        sqlite: "CREATE TABLE replicas (
+                replica_id TEXT PRIMARY KEY,
+                seen_ms INTEGER NOT NULL
+            ) WITHOUT ROWID;
+            CREATE TABLE streams (
+                node_id TEXT PRIMARY KEY,
+                replica_id TEXT NOT NULL,
+                session INTEGER NOT NULL,
+                since_ms INTEGER NOT NULL
+            ) WITHOUT ROWID;
+            CREATE TABLE relay (
+                id INTEGER PRIMARY KEY,
+                to_replica TEXT NOT NULL,
+                from_replica TEXT NOT NULL,
+                node_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                body BLOB NOT NULL,
+                created_ms INTEGER NOT NULL
+            );
+            CREATE INDEX relay_to ON relay (to_replica);",
+        postgres: "CREATE TABLE replicas (
+                replica_id TEXT PRIMARY KEY,
+                seen_ms BIGINT NOT NULL
+            );
+            CREATE TABLE streams (
+                node_id TEXT PRIMARY KEY,
+                replica_id TEXT NOT NULL,
+                session BIGINT NOT NULL,
+                since_ms BIGINT NOT NULL
+            );
+            CREATE TABLE relay (
+                id BIGSERIAL PRIMARY KEY,
+                to_replica TEXT NOT NULL,
+                from_replica TEXT NOT NULL,
+                node_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                body BYTEA NOT NULL,
+                created_ms BIGINT NOT NULL
+            );
+            CREATE INDEX relay_to ON relay (to_replica);",
+    },
 ];
 
 /// Creates the database file with mode 0600 (SQLite gives its -wal and
