@@ -1,6 +1,6 @@
 //! A load generator for the coordinator (issue #15): N simulated agents in
 //! this one process against a real `warden coordinator --dev` process
-//! (SQLite). Each agent has its own Ed25519 node key and its own TLS
+//! (SQLite, or PostgreSQL). Each agent has its own Ed25519 node key and its own TLS
 //! connection, does the real handshake (Hello → Register signed with the
 //! Hello's nonce → Registered, Welcome) and then sends what an agent sends at
 //! its default rates: heartbeats, telemetry with 8 GPU samples, and for the
@@ -13,7 +13,9 @@
 //! - `WARDEN_LOAD_AGENTS`: agent counts, comma-separated (default "100,1000");
 //! - `WARDEN_LOAD_SECONDS`: the steady window measured (default 20);
 //! - `WARDEN_LOAD_LEASED`: the fraction of agents with a lease (default 0.1);
-//! - `WARDEN_LOAD_RATE`: multiplies every per-agent rate (default 1).
+//! - `WARDEN_LOAD_RATE`: multiplies every per-agent rate (default 1);
+//! - `WARDEN_LOAD_POSTGRES` (and `WARDEN_LOAD_POSTGRES_CA`): store in that
+//!   PostgreSQL database instead of SQLite.
 //!
 //! The agents do not verify the coordinator's signatures (a real agent
 //! does): their CPU is this machine's too, and the figures are the
@@ -104,13 +106,24 @@ impl Load {
 /// A dev coordinator process whose enrollment rate does not pace the bench
 /// (the bench enrolls N fresh identities at once; the default allows 60 a
 /// minute) and whose connection table holds N; other limits as shipped.
+/// With `WARDEN_LOAD_POSTGRES` (a URL, and `WARDEN_LOAD_POSTGRES_CA` for
+/// TLS) it stores in that PostgreSQL instead of SQLite.
 fn coordinator(dir: &Path, n: usize) -> (common::Killed, u16, PathBuf) {
     let max = (n + 256).max(8192);
+    let postgres = match std::env::var("WARDEN_LOAD_POSTGRES") {
+        Ok(url) => {
+            let ca = std::env::var("WARDEN_LOAD_POSTGRES_CA")
+                .map(|ca| format!("ca_cert = \"{ca}\"\n"))
+                .unwrap_or_default();
+            format!("[postgres]\nurl = \"{url}\"\n{ca}")
+        }
+        Err(_) => String::new(),
+    };
     common::dev_coordinator(
         dir,
         &format!(
             "[enrollment]\nnew_nodes_per_minute = 1000000\nnew_nodes_per_minute_per_ip = 1000000\n\
-             [limits]\nmax_connections = {max}\n"
+             [limits]\nmax_connections = {max}\n{postgres}"
         ),
     )
 }
