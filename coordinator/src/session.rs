@@ -325,21 +325,24 @@ impl Session {
             let mut replies = Vec::new();
             let mut heard = false;
             let mut spool = None;
+            let mut envs = Vec::with_capacity(chunk.len());
             for item in chunk {
-                let env = match item {
-                    Ok(env) => env,
+                match item {
+                    Ok(env) => envs.push(env),
                     Err(status) => {
                         // Tell the agent why (e.g. an oversized message), not just hang up.
                         let _ = self.tx.send(Err(status.clone())).await;
                         return Err(status);
                     }
-                };
-                let check = NodeCheck {
-                    node_id: &self.node_id,
-                    key: &self.key,
-                    signer: &self.signer,
-                };
-                match check.check(&env) {
+                }
+            }
+            let check = NodeCheck {
+                node_id: &self.node_id,
+                key: &self.key,
+                signer: &self.signer,
+            };
+            for inbound in check.check_all(&envs) {
+                match inbound {
                     Inbound::Store(r) => to_store.push(*r),
                     Inbound::Refuse {
                         seq,
@@ -373,33 +376,33 @@ impl Session {
             if heard || !to_store.is_empty() {
                 self.store.seen(&self.node_id, now_ms(), spool);
             }
-            let outcomes = if to_store.is_empty() {
-                Vec::new()
-            } else {
+            if !to_store.is_empty() {
+                let refused: Vec<(u64, [u8; 32])> =
+                    to_store.iter().map(|r| (r.seq, r.payload_sha256)).collect();
                 match self
                     .store
-                    .insert_with(to_store.clone(), crate::ingest::effects)
+                    .insert_with(to_store, crate::ingest::effects)
                     .await
                 {
-                    Ok(o) => o,
+                    Ok(stored) => {
+                        for (rec, outcome) in stored {
+                            replies.push(self.stored(rec, outcome)?);
+                        }
+                    }
                     Err(e) => {
                         // Nothing of the chunk is stored: the agent keeps the
                         // records and sends them again later; the stream stays up.
-                        tracing::error!(node = %self.node_id, error = %e, records = to_store.len(), "records not stored; refused for now");
-                        for rec in to_store.drain(..) {
+                        tracing::error!(node = %self.node_id, error = %e, records = refused.len(), "records not stored; refused for now");
+                        for (seq, digest) in refused {
                             replies.push(self.refusal(
-                                rec.seq,
-                                rec.payload_sha256,
+                                seq,
+                                digest,
                                 RefusalKind::RetryLater,
                                 format!("the coordinator could not store it now: {e}"),
                             ));
                         }
-                        Vec::new()
                     }
                 }
-            };
-            for (rec, outcome) in to_store.into_iter().zip(outcomes) {
-                replies.push(self.stored(rec, outcome)?);
             }
             for r in replies {
                 if self.tx.send(Ok(r)).await.is_err() {

@@ -104,21 +104,22 @@ pub fn no_effects(_: &mut Tx<'_>, _: &NewRecord) -> Result<(), DbError> {
 impl Store {
     /// Stores records; one outcome per record, in order, after commit.
     pub async fn insert(&self, records: Vec<NewRecord>) -> Result<Vec<Outcome>, StoreError> {
-        self.insert_with(records, no_effects).await
+        let stored = self.insert_with(records, no_effects).await?;
+        Ok(stored.into_iter().map(|(_, o)| o).collect())
     }
 
     /// Stores records as `insert` does, running `effects` on each one newly
-    /// stored, in the same transaction.
+    /// stored, in the same transaction; each record back with its outcome.
     pub async fn insert_with(
         &self,
         records: Vec<NewRecord>,
         effects: Effects,
-    ) -> Result<Vec<Outcome>, StoreError> {
+    ) -> Result<Vec<(NewRecord, Outcome)>, StoreError> {
         let quota = self.node_quota;
         self.write(move |tx| {
             records
-                .iter()
-                .map(|r| insert_record(tx, r, quota, effects))
+                .into_iter()
+                .map(|r| insert_record(tx, &r, quota, effects).map(|o| (r, o)))
                 .collect()
         })
         .await
@@ -129,6 +130,8 @@ impl Store {
 /// its receipt and the node state it carries, then runs `effects` on it.
 /// Idempotent by (node, seq, digest) also across replicas: of two storing
 /// the same record at once, one stores it and the other finds it stored.
+/// The insert comes first (one index lookup for a new record, the common
+/// case); what is there is read only when it did nothing.
 fn insert_record(
     tx: &mut Tx<'_>,
     r: &NewRecord,
@@ -136,10 +139,6 @@ fn insert_record(
     effects: Effects,
 ) -> Result<Outcome, DbError> {
     let seq = r.seq as i64;
-    // A replay is receipted again even over quota: it takes no room.
-    if let Some(seen) = stored_as(tx, r)? {
-        return Ok(seen);
-    }
     let used: u64 = tx
         .query_row(
             "SELECT stored_bytes FROM nodes WHERE node_id = ?1",
@@ -149,10 +148,11 @@ fn insert_record(
         .unwrap_or(0)
         .max(0) as u64;
     if used.saturating_add(r.payload.len() as u64) > node_quota {
-        return Ok(Outcome::OverQuota {
+        // A replay is receipted again even over quota: it takes no room.
+        return Ok(stored_as(tx, r)?.unwrap_or(Outcome::OverQuota {
             stored: used,
             quota: node_quota,
-        });
+        }));
     }
     let inserted = tx.exec(
         "INSERT INTO records (node_id, seq, payload_type, payload, keyid, sig,
@@ -171,7 +171,8 @@ fn insert_record(
         ],
     )?;
     if inserted == 0 {
-        // Another replica stored this seq since we looked.
+        // Stored before (a replay, perhaps through another replica): the
+        // same record, or another under its seq.
         return Ok(stored_as(tx, r)?.unwrap_or(Outcome::Duplicate));
     }
     tx.exec(
