@@ -13,7 +13,8 @@
 //! - `WARDEN_LOAD_AGENTS`: agent counts, comma-separated (default "100,1000");
 //! - `WARDEN_LOAD_SECONDS`: the steady window measured (default 20);
 //! - `WARDEN_LOAD_LEASED`: the fraction of agents with a lease (default 0.1);
-//! - `WARDEN_LOAD_RATE`: multiplies every per-agent rate (default 1);
+//! - `WARDEN_LOAD_RATE`: multiplies each agent's record rates (telemetry,
+//!   attestations; heartbeats stay at their interval) (default 1);
 //! - `WARDEN_LOAD_POSTGRES` (and `WARDEN_LOAD_POSTGRES_CA`): store in that
 //!   PostgreSQL database instead of SQLite.
 //!
@@ -277,7 +278,8 @@ async fn run(n: usize, load: &Load) -> Figures {
     let (ready_tx, mut ready_rx) = mpsc::channel::<bool>(n.max(1));
     let leased = (n as f64 * load.leased).round() as usize;
     let plan = Plan {
-        heartbeat: load.every(load.defaults.uplink.heartbeat_interval),
+        // Liveness, not load: a busy agent heartbeats no faster.
+        heartbeat: load.defaults.uplink.heartbeat_interval,
         telemetry: load.every(load.defaults.telemetry.interval),
         epoch: load.every(load.defaults.timelock.epoch),
     };

@@ -31,12 +31,12 @@ cat >"$pg_dir/data/pg_hba.conf" <<EOF
 local   all all              trust
 hostssl all all 127.0.0.1/32 trust
 EOF
-# fsync off: the tests check what is stored, not power loss (the bench
-# that measures PostgreSQL starts its own, with fsync on).
+# fsync off: the tests check what is stored, not power loss (a bench that
+# measures PostgreSQL sources this with WARDEN_TEST_PG_FSYNC=on).
 runuser -u postgres -- "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/server.log" -w start -o \
   "-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1 -c ssl=on \
    -c ssl_cert_file=$pg_dir/server.pem -c ssl_key_file=$pg_dir/server.key \
-   -c max_connections=300 -c fsync=off" >/dev/null \
+   -c max_connections=300 -c fsync=${WARDEN_TEST_PG_FSYNC:-off}" >/dev/null \
   || { cat "$pg_dir/server.log"; exit 1; }
 stop_postgres() {
   runuser -u postgres -- "$pg_bin/pg_ctl" -D "$pg_dir/data" -m immediate stop >/dev/null 2>&1 || true

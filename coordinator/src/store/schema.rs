@@ -412,6 +412,10 @@ fn init(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let step = |conn: &mut Connection| -> rusqlite::Result<Option<usize>> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // 16 MiB of pages (the default is 2 MiB): the pages thousands of
+        // nodes append to stay in memory instead of being read back at
+        // each insert. Not much more: SQLite walks the cache at each commit.
+        conn.pragma_update(None, "cache_size", -16384)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let applied: usize =
             conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
