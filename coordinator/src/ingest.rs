@@ -31,7 +31,7 @@ fn apply_leases(tx: &mut Tx<'_>, node_id: &str, st: &NodeState) -> Result<(), Db
         let Some(sent) = store::answer_command(tx, node_id, r)? else {
             continue;
         };
-        let (Some(kind), Some(mut info)) = (sent.kind, store::get_lease(tx, &sent.lease_id)?)
+        let (Some(kind), Some(mut info)) = (sent.kind, store::lease_to_change(tx, &sent.lease_id)?)
         else {
             continue;
         };
@@ -39,7 +39,8 @@ fn apply_leases(tx: &mut Tx<'_>, node_id: &str, st: &NodeState) -> Result<(), Db
         store::put_lease(tx, &info)?;
     }
     for ev in st.workload_events.iter().filter(|e| !e.lease_id.is_empty()) {
-        if let Some(mut info) = store::get_lease(tx, &ev.lease_id)?.filter(|i| i.node_id == node_id)
+        if let Some(mut info) =
+            store::lease_to_change(tx, &ev.lease_id)?.filter(|i| i.node_id == node_id)
         {
             leases::apply_event(&mut info, ev);
             store::put_lease(tx, &info)?;
@@ -54,7 +55,7 @@ fn apply_mesh_results(tx: &mut Tx<'_>, node_id: &str, st: &NodeState) -> Result<
         let Some(sent) = store::answer_mesh_command(tx, node_id, r)? else {
             continue;
         };
-        let Some(mut info) = store::get_cluster(tx, &sent.cluster_id)? else {
+        let Some(mut info) = store::cluster_to_change(tx, &sent.cluster_id)? else {
             continue;
         };
         cluster::apply_result(&mut info, node_id, sent.generation, r);
@@ -70,7 +71,8 @@ fn index_chain(tx: &mut Tx<'_>, r: &NewRecord, item: &ChainItem) -> Result<(), D
     let lease_id = match item {
         ChainItem::Attestation { lease_id, .. } | ChainItem::Proof { lease_id } => lease_id,
     };
-    let Some(mut info) = store::get_lease(tx, lease_id)?.filter(|i| i.node_id == r.node_id) else {
+    let Some(mut info) = store::lease_to_change(tx, lease_id)?.filter(|i| i.node_id == r.node_id)
+    else {
         return Ok(()); // not a lease of this node: nothing to index
     };
     if let ChainItem::Attestation {

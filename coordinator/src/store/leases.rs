@@ -82,7 +82,7 @@ impl Store {
                 "INSERT INTO challenges (lease_id, issued_ms, envelope) VALUES (?1, ?2, ?3)",
                 args![lease_id, crate::clock::now_ms(), env.encode_to_vec()],
             )?;
-            if let Some(mut info) = get_lease(tx, &lease_id)? {
+            if let Some(mut info) = lease_to_change(tx, &lease_id)? {
                 info.challenges_sent += 1;
                 put_lease(tx, &info)?;
             }
@@ -111,7 +111,7 @@ impl Store {
                 "UPDATE leases SET verdict = ?2 WHERE lease_id = ?1",
                 args![lease_id, env.encode_to_vec()],
             )?;
-            if let Some(mut info) = get_lease(tx, &lease_id)? {
+            if let Some(mut info) = lease_to_change(tx, &lease_id)? {
                 apply(&mut info);
                 put_lease(tx, &info)?;
             }
@@ -299,6 +299,21 @@ pub(crate) fn put_lease(tx: &mut Tx<'_>, info: &pb::LeaseInfo) -> Result<(), DbE
         ],
     )?;
     Ok(())
+}
+
+/// A lease about to be changed in this transaction: on PostgreSQL its row
+/// is locked until commit, so that a replica changing the same lease
+/// meanwhile waits for this change instead of overwriting it.
+pub(crate) fn lease_to_change(
+    tx: &mut Tx<'_>,
+    lease_id: &str,
+) -> Result<Option<pb::LeaseInfo>, DbError> {
+    let sql = match tx.dialect() {
+        Dialect::Sqlite => "SELECT info FROM leases WHERE lease_id = ?1",
+        Dialect::Postgres => "SELECT info FROM leases WHERE lease_id = ?1 FOR UPDATE",
+    };
+    let blob: Option<Vec<u8>> = tx.query_row(sql, args![lease_id], |r| r.get(0))?;
+    Ok(blob.and_then(|b| pb::LeaseInfo::decode(b.as_slice()).ok()))
 }
 
 pub(crate) fn get_lease(tx: &mut Tx<'_>, lease_id: &str) -> Result<Option<pb::LeaseInfo>, DbError> {

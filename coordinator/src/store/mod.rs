@@ -27,10 +27,12 @@ pub mod presence;
 mod records;
 mod schema;
 
-pub(crate) use clusters::{answer_mesh_command, get_cluster, update_cluster};
+pub(crate) use clusters::{answer_mesh_command, cluster_to_change, update_cluster};
 pub use clusters::{ClusterWrite, MeshSent};
 pub use db::{DbError, Dialect, Tx};
-pub(crate) use leases::{answer_command, chain_head, get_lease, index_chain_record, put_lease};
+pub(crate) use leases::{
+    answer_command, chain_head, index_chain_record, lease_to_change, put_lease,
+};
 pub use leases::{ChallengeTip, Evidence, SentCommand};
 pub use nodes::{Gap, MeshIdentities, NodeRow, NodeStats, Registered, MAX_GAPS};
 pub use postgres::PostgresTarget;

@@ -5,7 +5,7 @@
 use warden_proto::pb;
 
 use super::{
-    db::{args, DbError, Tx},
+    db::{args, DbError, ToArg, Tx},
     Store, StoreError,
 };
 
@@ -139,20 +139,30 @@ fn insert_record(
     effects: Effects,
 ) -> Result<Outcome, DbError> {
     let seq = r.seq as i64;
-    let used: u64 = tx
-        .query_row(
+    let size = r.payload.len() as i64;
+    // The room is taken first, where the quota has it: the check and the
+    // count in one statement.
+    let quota = i64::try_from(node_quota).unwrap_or(i64::MAX);
+    let took = tx.query_row(
+        "UPDATE nodes SET stored_bytes = stored_bytes + ?2
+         WHERE node_id = ?1 AND stored_bytes + ?2 <= ?3 RETURNING stored_bytes",
+        args![r.node_id, size, quota],
+        |row| row.get::<i64>(0),
+    )?;
+    if took.is_none() {
+        let used: Option<i64> = tx.query_row(
             "SELECT stored_bytes FROM nodes WHERE node_id = ?1",
             args![r.node_id],
-            |row| row.get::<i64>(0),
-        )?
-        .unwrap_or(0)
-        .max(0) as u64;
-    if used.saturating_add(r.payload.len() as u64) > node_quota {
-        // A replay is receipted again even over quota: it takes no room.
-        return Ok(stored_as(tx, r)?.unwrap_or(Outcome::OverQuota {
-            stored: used,
-            quota: node_quota,
-        }));
+            |row| row.get(0),
+        )?;
+        // A node with no row has nothing to charge (tools, tests).
+        if let Some(used) = used {
+            // A replay is receipted again even over quota: it takes no room.
+            return Ok(stored_as(tx, r)?.unwrap_or(Outcome::OverQuota {
+                stored: used.max(0) as u64,
+                quota: node_quota,
+            }));
+        }
     }
     let inserted = tx.exec(
         "INSERT INTO records (node_id, seq, payload_type, payload, keyid, sig,
@@ -172,13 +182,15 @@ fn insert_record(
     )?;
     if inserted == 0 {
         // Stored before (a replay, perhaps through another replica): the
-        // same record, or another under its seq.
+        // same record, or another under its seq. It takes no more room.
+        if took.is_some() {
+            tx.exec(
+                "UPDATE nodes SET stored_bytes = stored_bytes - ?2 WHERE node_id = ?1",
+                args![r.node_id, size],
+            )?;
+        }
         return Ok(stored_as(tx, r)?.unwrap_or(Outcome::Duplicate));
     }
-    tx.exec(
-        "UPDATE nodes SET stored_bytes = stored_bytes + ?2 WHERE node_id = ?1",
-        args![r.node_id, r.payload.len() as i64],
-    )?;
     tx.exec(
         "INSERT INTO receipts (node_id, seq, envelope) VALUES (?1, ?2, ?3)
          ON CONFLICT (node_id, seq) DO UPDATE SET envelope = excluded.envelope",
@@ -210,14 +222,24 @@ fn stored_as(tx: &mut Tx<'_>, r: &NewRecord) -> Result<Option<Outcome>, DbError>
 
 /// Keeps the newest of what is stored and what the record says.
 fn keep_newest_state(tx: &mut Tx<'_>, node_id: &str, st: &NodeState) -> Result<(), DbError> {
+    // One row per GPU, the newest sample of each: a uuid twice in one
+    // statement is an error on PostgreSQL, which would fail the whole batch
+    // (other nodes' records too) for one node's malformed sample.
+    let mut newest: Vec<&GpuState> = Vec::with_capacity(st.gpus.len());
     for g in &st.gpus {
-        tx.exec(
-            "INSERT INTO gpus (node_id, uuid, idx, sample, time_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (node_id, uuid) DO UPDATE SET
-                idx = excluded.idx, sample = excluded.sample, time_ms = excluded.time_ms
-             WHERE excluded.time_ms >= gpus.time_ms",
-            args![node_id, g.uuid, g.index, g.sample, g.time_ms],
-        )?;
+        match newest.iter_mut().find(|n| n.uuid == g.uuid) {
+            Some(n) if n.time_ms <= g.time_ms => *n = g,
+            Some(_) => {}
+            None => newest.push(g),
+        }
+    }
+    // A sample's GPUs in one statement (a round trip each on PostgreSQL).
+    for gpus in newest.chunks(GPUS_PER_STATEMENT) {
+        let mut args = vec![node_id.arg()];
+        for g in gpus {
+            args.extend([g.uuid.arg(), g.index.arg(), g.sample.arg(), g.time_ms.arg()]);
+        }
+        tx.exec(gpus_upsert(gpus.len()), &args)?;
     }
     if let Some(link) = &st.link {
         tx.exec(
@@ -232,6 +254,36 @@ fn keep_newest_state(tx: &mut Tx<'_>, node_id: &str, st: &NodeState) -> Result<(
         )?;
     }
     Ok(())
+}
+
+/// GPUs upserted by one statement, at most.
+const GPUS_PER_STATEMENT: usize = 16;
+
+/// The upsert of `n` GPUs' latest samples (1 ≤ n ≤ GPUS_PER_STATEMENT):
+/// `?1` the node, then uuid, index, sample and time of each. An older
+/// sample never replaces a newer one (replays come late).
+fn gpus_upsert(n: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        (1..=GPUS_PER_STATEMENT)
+            .map(|n| {
+                let rows: Vec<String> = (0..n)
+                    .map(|i| {
+                        let p = 2 + 4 * i;
+                        format!("(?1, ?{}, ?{}, ?{}, ?{})", p, p + 1, p + 2, p + 3)
+                    })
+                    .collect();
+                format!(
+                    "INSERT INTO gpus (node_id, uuid, idx, sample, time_ms) VALUES {}
+                     ON CONFLICT (node_id, uuid) DO UPDATE SET
+                        idx = excluded.idx, sample = excluded.sample, time_ms = excluded.time_ms
+                     WHERE excluded.time_ms >= gpus.time_ms",
+                    rows.join(", ")
+                )
+            })
+            .collect()
+    });
+    &all[n - 1]
 }
 
 #[cfg(test)]
@@ -440,6 +492,48 @@ mod tests {
                 ),
                 "{db}"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn many_gpus_and_a_uuid_twice_in_one_sample_fail_nothing() {
+        for db in databases() {
+            let store = db.open();
+            store.register(node()).await.unwrap();
+            let gpu = |i: u32, b: u8, t| GpuState {
+                uuid: format!("GPU-{i}"),
+                index: i,
+                sample: vec![b],
+                time_ms: t,
+            };
+            // 20 GPUs (more than one statement holds), GPU-3 twice.
+            let mut gpus: Vec<GpuState> = (0..20).map(|i| gpu(i, i as u8, 100)).collect();
+            gpus.push(gpu(3, 99, 101));
+            gpus.push(gpu(3, 98, 50));
+            let sample = NewRecord {
+                state: NodeState {
+                    gpus,
+                    ..Default::default()
+                },
+                ..rec(1, 1)
+            };
+            // Another node's record in the same batch is stored all the same.
+            store
+                .register(NodeRow {
+                    node_id: "n2".into(),
+                    ..node()
+                })
+                .await
+                .unwrap();
+            let other = NewRecord {
+                node_id: "n2".into(),
+                ..rec(1, 1)
+            };
+            let out = store.insert(vec![sample, other]).await.unwrap();
+            assert_eq!(out, [Outcome::Stored, Outcome::Stored], "{db}");
+            let n = store.list_nodes().await.unwrap();
+            assert_eq!(n[0].gpus.len(), 20, "{db}");
+            assert_eq!(n[0].gpus[3], vec![99], "{db}: the newest of the two");
         }
     }
 }

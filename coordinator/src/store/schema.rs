@@ -21,6 +21,8 @@ pub(super) fn open(path: &Path) -> Result<Conn, StoreError> {
         source: source.into(),
     };
     let mut conn = Connection::open(path).map_err(open_err)?;
+    // Every statement the store runs stays prepared (the default keeps 16).
+    conn.set_prepared_statement_cache_capacity(128);
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(open_err)?;
     let started = std::time::Instant::now();

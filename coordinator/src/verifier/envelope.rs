@@ -555,12 +555,18 @@ mod tests {
         };
         assert_eq!(outcome(&check.check(&unsigned)), "heartbeat");
         let theirs = node.sign_message(types::HEARTBEAT, &hb("someone-else"));
-        assert_eq!(outcome(&check.check(&theirs)), "refuse 0 REFUSAL_KIND_WRONG_NODE");
+        assert_eq!(
+            outcome(&check.check(&theirs)),
+            "refuse 0 REFUSAL_KIND_WRONG_NODE"
+        );
         let garbage = Envelope {
             payload_type: types::HEARTBEAT.into(),
             payload: vec![0xff; 8],
             signatures: vec![],
         };
-        assert_eq!(outcome(&check.check(&garbage)), "refuse 0 REFUSAL_KIND_MALFORMED");
+        assert_eq!(
+            outcome(&check.check(&garbage)),
+            "refuse 0 REFUSAL_KIND_MALFORMED"
+        );
     }
 }
