@@ -77,10 +77,158 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if let Ok(outage) = std::env::var("WARDEN_LOAD_STORM") {
+        let outage = Duration::from_secs(outage.parse().expect("WARDEN_LOAD_STORM: seconds"));
+        for n in counts {
+            rt.block_on(storm(n, outage, &load));
+        }
+        return;
+    }
     for n in counts {
         let f = rt.block_on(run(n, &load));
         f.print(n, &load);
     }
+}
+
+/// A reconnect storm: N agents registered and heartbeating; the
+/// coordinator SIGKILLed, down for `outage`, started again on its port and
+/// state; each agent meanwhile retries as the real one does (its uplink's
+/// jittered exponential backoff, `uplink.backoff_initial` to
+/// `backoff_max`). Prints how long after the restart all N were registered
+/// again, and the coordinator's CPU and largest RSS until then.
+async fn storm(n: usize, outage: Duration, load: &Load) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (coord, port, ca_path) = coordinator(tmp.path(), n);
+    let ca = Certificate::from_pem(std::fs::read(&ca_path).unwrap());
+    let shared = Arc::new(Shared::default());
+    let (_window_tx, window_rx) = watch::channel(None::<(Instant, Instant)>);
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    let gate = Arc::new(Semaphore::new(REGISTERING));
+    let (back_tx, mut back_rx) = mpsc::unbounded_channel::<Instant>();
+    let (up_tx, mut up_rx) = mpsc::channel::<()>(n.max(1));
+    let uplink = load.defaults.uplink.clone();
+    for i in 0..n {
+        let agent = Agent {
+            index: i,
+            leased: false,
+            port,
+            ca: ca.clone(),
+            plan: Plan {
+                heartbeat: uplink.heartbeat_interval,
+                telemetry: Duration::from_secs(3600),
+                epoch: Duration::from_secs(3600),
+            },
+            shared: shared.clone(),
+            window: window_rx.clone(),
+            stop: stop_rx.clone(),
+        };
+        let (gate, up, back, uplink) =
+            (gate.clone(), up_tx.clone(), back_tx.clone(), uplink.clone());
+        tokio::spawn(async move {
+            let (node, _) = Signer::generate().unwrap();
+            let mut first = true;
+            let mut attempt = 0u32;
+            loop {
+                let registered = if first {
+                    let _turn = gate.acquire().await;
+                    agent.register(&node).await
+                } else {
+                    agent.register(&node).await
+                };
+                match registered {
+                    Ok(mut s) => {
+                        attempt = 0;
+                        if std::mem::take(&mut first) {
+                            let _ = up.send(()).await;
+                        } else {
+                            let _ = back.send(Instant::now());
+                        }
+                        // Held (heartbeats) until the coordinator goes.
+                        agent.clone().send_mix(&node, &mut s).await;
+                    }
+                    Err(kind) if !first => shared_error(&agent, kind),
+                    Err(kind) => {
+                        shared_error(&agent, kind);
+                        return;
+                    }
+                }
+                let wait = warden_agent::delivery::uplink::backoff(
+                    attempt,
+                    uplink.backoff_initial,
+                    uplink.backoff_max,
+                    rand::random::<f64>(),
+                );
+                attempt = attempt.saturating_add(1);
+                tokio::time::sleep(wait).await;
+            }
+        });
+    }
+    drop(up_tx);
+    let mut up = 0;
+    while up < n && up_rx.recv().await.is_some() {
+        up += 1;
+    }
+    let pid = coord.0.id();
+    drop(coord); // SIGKILL
+    let killed = Instant::now();
+    tokio::time::sleep(outage).await;
+    let (coord, _, _) = restart(tmp.path(), n, port);
+    let restarted = Instant::now();
+    let pid2 = coord.0.id();
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let (ticks0, _) = common::proc_figures(pid2);
+    let mut back = 0;
+    let mut max_rss = 0;
+    let mut last = restarted;
+    let deadline = restarted + Duration::from_secs(120);
+    while back < up && Instant::now() < deadline {
+        tokio::select! {
+            t = back_rx.recv() => {
+                if let Some(t) = t {
+                    back += 1;
+                    last = last.max(t);
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        max_rss = max_rss.max(common::proc_figures(pid2).1);
+    }
+    let (ticks1, rss) = common::proc_figures(pid2);
+    let settle = last.duration_since(restarted);
+    let _ = pid;
+    println!(
+        "coordload storm agents={n} outage={}s backoff={:?}..{:?}",
+        outage.as_secs(),
+        uplink.backoff_initial,
+        uplink.backoff_max
+    );
+    println!("  registered before  {up} of {n}");
+    println!(
+        "  back after restart {back} of {up}, the last {:.1}s after the restart ({:.1}s after the kill)",
+        settle.as_secs_f64(),
+        last.duration_since(killed).as_secs_f64()
+    );
+    println!(
+        "  coordinator cpu    {:.1}% of one core until then",
+        (ticks1 - ticks0) as f64 / hz / settle.as_secs_f64().max(1e-3) * 100.0
+    );
+    println!(
+        "  coordinator rss    {:.0} MiB at the end (max {:.0} MiB)",
+        rss as f64 / 1024.0,
+        max_rss.max(rss) as f64 / 1024.0
+    );
+    let errors = std::mem::take(&mut *shared.errors.lock().unwrap());
+    println!("  errors             {errors:?}");
+}
+
+/// The run's coordinator started again on `port`, state kept.
+fn restart(dir: &Path, n: usize, port: u16) -> (common::Killed, u16, PathBuf) {
+    let (config, _) = coordinator_config(n);
+    common::dev_coordinator_on(dir, &config, port)
+}
+
+fn shared_error(agent: &Agent, kind: String) {
+    agent.shared.error(format!("register: {kind}"));
 }
 
 /// An environment variable, or its default.
@@ -110,6 +258,12 @@ impl Load {
 /// With `WARDEN_LOAD_POSTGRES` (a URL, and `WARDEN_LOAD_POSTGRES_CA` for
 /// TLS) it stores in that PostgreSQL instead of SQLite.
 fn coordinator(dir: &Path, n: usize) -> (common::Killed, u16, PathBuf) {
+    let (config, _) = coordinator_config(n);
+    common::dev_coordinator(dir, &config)
+}
+
+/// The coordinator's config for a run of `n` agents, and its connection cap.
+fn coordinator_config(n: usize) -> (String, usize) {
     let max = (n + 256).max(8192);
     let postgres = match std::env::var("WARDEN_LOAD_POSTGRES") {
         Ok(url) => {
@@ -120,13 +274,11 @@ fn coordinator(dir: &Path, n: usize) -> (common::Killed, u16, PathBuf) {
         }
         Err(_) => String::new(),
     };
-    common::dev_coordinator(
-        dir,
-        &format!(
-            "[enrollment]\nnew_nodes_per_minute = 1000000\nnew_nodes_per_minute_per_ip = 1000000\n\
-             [limits]\nmax_connections = {max}\n{postgres}"
-        ),
-    )
+    let config = format!(
+        "[enrollment]\nnew_nodes_per_minute = 1000000\nnew_nodes_per_minute_per_ip = 1000000\n\
+         [limits]\nmax_connections = {max}\n{postgres}"
+    );
+    (config, max)
 }
 
 /// The loopback address agent `i` connects from: one per agent, so the
@@ -372,6 +524,7 @@ struct Plan {
 }
 
 /// One simulated agent.
+#[derive(Clone)]
 struct Agent {
     index: usize,
     leased: bool,

@@ -420,7 +420,7 @@ impl Default for UplinkConfig {
         Self {
             heartbeat_interval: Duration::from_secs(5),
             backoff_initial: Duration::from_millis(250),
-            backoff_max: Duration::from_secs(30),
+            backoff_max: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(20),
             max_in_flight: 512,

@@ -174,7 +174,13 @@ pub fn dev_coordinator(dir: &Path, config: &str) -> (Killed, u16, PathBuf) {
         .local_addr()
         .unwrap()
         .port();
+    dev_coordinator_on(dir, config, port)
+}
+
+/// As `dev_coordinator`, on `port` (a restart where its agents look for it).
+pub fn dev_coordinator_on(dir: &Path, config: &str, port: u16) -> (Killed, u16, PathBuf) {
     std::fs::create_dir_all(dir).unwrap();
+    let _ = std::fs::remove_file(dir.join("agent-link.toml"));
     let cfg = dir.join("c.toml");
     std::fs::write(&cfg, config).unwrap();
     let child = Command::new(WARDEN)
