@@ -536,4 +536,48 @@ mod tests {
             assert_eq!(n[0].gpus[3], vec![99], "{db}: the newest of the two");
         }
     }
+
+    #[tokio::test]
+    async fn a_lost_database_connection_fails_one_batch_and_the_next_reconnects() {
+        let Some(target) = crate::store::fixtures::test_postgres() else {
+            return; // PostgreSQL only: SQLite has no connection to lose
+        };
+        let store = Store::open_postgres(target.clone(), u64::MAX).unwrap();
+        store.register(node()).await.unwrap();
+        store.insert(vec![rec(1, 1)]).await.unwrap();
+        let pid = store
+            .read(|tx| tx.query_row("SELECT pg_backend_pid()", &[], |r| r.get::<i64>(0)))
+            .await
+            .unwrap()
+            .unwrap();
+        // The server ends the store's connection (a restart, a failover).
+        std::thread::spawn(move || {
+            let mut admin = target.connect().unwrap();
+            admin
+                .transaction(|tx| {
+                    tx.query_row(
+                        "SELECT CAST(pg_terminate_backend(CAST(?1 AS INTEGER)) AS INTEGER)",
+                        args![pid],
+                        |r| r.get::<i64>(0),
+                    )
+                })
+                .unwrap();
+        })
+        .join()
+        .unwrap();
+        // The batch that meets the dead connection fails: its records are
+        // not acknowledged (the agent sends them again)...
+        let mut outcome = store.insert(vec![rec(2, 2)]).await;
+        for _ in 0..20 {
+            if outcome.is_ok() {
+                break;
+            }
+            // ...and a later one is stored on a new connection.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            outcome = store.insert(vec![rec(2, 2)]).await;
+        }
+        assert_eq!(outcome.unwrap(), [Outcome::Stored]);
+        assert_eq!(store.payload("n1", 2).await.unwrap(), Some(vec![2]));
+        assert_eq!(store.list_nodes().await.unwrap()[0].records, 2);
+    }
 }
