@@ -363,7 +363,8 @@ impl CoordinatorConfig {
     /// Under systemd the packaged unit hands the TLS certificate and key
     /// over as credentials (`LoadCredential=tls.crt:…`), since its dynamic
     /// user cannot read root's files: from `dir` (`$CREDENTIALS_DIRECTORY`)
-    /// they fill `tls.cert` and `tls.key` unless the config sets them.
+    /// they fill `tls.cert` and `tls.key` unless the config sets them; so
+    /// does `postgres.password` fill `postgres.password_file`.
     pub fn take_tls_credentials(&mut self, dir: Option<&Path>) {
         let Some(dir) = dir else { return };
         let found = |name: &str| Some(dir.join(name)).filter(|p| p.exists());
@@ -372,6 +373,9 @@ impl CoordinatorConfig {
         }
         if self.tls.key.is_none() {
             self.tls.key = found("tls.key");
+        }
+        if let Some(pg) = self.postgres.as_mut().filter(|p| p.password_file.is_none()) {
+            pg.password_file = found("postgres.password");
         }
     }
 
@@ -601,5 +605,47 @@ mod tests {
         let mut cfg = CoordinatorConfig::default();
         cfg.take_tls_credentials(None);
         assert_eq!(cfg.tls.cert, None);
+    }
+
+    #[test]
+    fn the_postgres_password_comes_from_a_private_file_or_the_units_credential() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        let secret = creds.join("postgres.password");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut c = CoordinatorConfig::parse(
+            "[postgres]\nurl = \"postgres://warden@127.0.0.1/warden\"\n",
+            "t",
+        )
+        .unwrap();
+        c.take_tls_credentials(Some(&creds));
+        assert_eq!(
+            c.postgres.as_ref().unwrap().password_file,
+            Some(secret.clone())
+        );
+        // Readable by others: refused, naming the key and the fix.
+        let err = c.postgres_target().err().unwrap().to_string();
+        assert!(
+            err.contains("postgres.password_file") && err.contains("chmod 600"),
+            "{err}"
+        );
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let t = c.postgres_target().unwrap().unwrap();
+        assert_eq!(t.to_string(), "postgres://warden@127.0.0.1:5432/warden");
+        // Both stores at once: refused.
+        let err = CoordinatorConfig::parse(
+            "database = \"/x.db\"\n[postgres]\nurl = \"postgres://w@127.0.0.1/w\"\n",
+            "t",
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("database") && err.contains("keep one"),
+            "{err}"
+        );
     }
 }
