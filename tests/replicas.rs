@@ -194,3 +194,181 @@ fn replicas_share_the_network_relay_commands_and_survive_one_killed() {
         );
     }
 }
+
+/// `warden cluster ARGS… --json` through `c`: Ok(parsed) or Err(stderr).
+fn cluster_cli(c: &Coordinator, args: &[&str]) -> Result<Value, String> {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = c.cli("cluster", &all);
+    match out.status.success() {
+        true => Ok(serde_json::from_slice(&out.stdout).unwrap()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+#[test]
+fn a_cluster_hired_through_one_replica_runs_on_nodes_of_the_other_and_outlives_it() {
+    let Some((_, ca)) = test_postgres() else {
+        eprintln!("no test PostgreSQL (WARDEN_TEST_POSTGRES): run scripts/test.sh");
+        return;
+    };
+    let (url, _) = test_postgres().unwrap();
+    let schema = format!("hire{}", std::process::id());
+    psql(&url, &ca, "public", &format!("CREATE SCHEMA {schema}"));
+    // The coordinators live in the LAN's hub namespace: they reach the
+    // test PostgreSQL by its Unix socket (a file, beside its CA).
+    let socket_dir = std::path::Path::new(&ca)
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
+    let port = url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let extra = format!(
+        "[postgres]\nurl = \"host={socket_dir} port={port} user=warden dbname=warden options='-c search_path={schema}'\"\n\
+         [clusters]\nmin_duration = \"1s\"\nreplace_after = \"5s\"\n"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let net = 209;
+    let lan = Lan::new("wp", 2, net);
+    let (mut a, link) = lan.coordinator(&tmp.path().join("a"), free_port(), &extra);
+    let b_port = free_port();
+    let b = a.start_beside_in(
+        Some(&lan.hub),
+        &tmp.path().join("b"),
+        &format!("{}:{b_port}", lan.hub_ip()),
+        true,
+        &extra,
+    );
+    // Each agent lists both replicas, a's first.
+    let both = format!(
+        "address = [\"https://{h}:{}\", \"https://{h}:{b_port}\"]",
+        a.port,
+        h = lan.hub_ip()
+    );
+    let link: String = link
+        .lines()
+        .map(|l| {
+            if l.starts_with("address") {
+                both.clone()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let id = std::process::id() % 100_000;
+    let agents: Vec<Agent> = (0..2)
+        .map(|i| {
+            let dir = tmp.path().join(format!("agent{i}"));
+            let state = tmp.path().join(format!("gpus{i}.json"));
+            common::hire::gpus(&state, net, i);
+            let config = format!(
+                "state_dir = \"{}\"\n{}\n[gpu]\nnvml_library = \"{}\"\nsample_interval = \"200ms\"\n\
+                 [metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n\
+                 [mesh]\ninterface = \"wp{i}-{id}\"\nendpoints = [\"{}:51820\"]\nrtt_interval = \"1s\"\n\
+                 [timelock]\nepoch = \"1s\"\n[workload]\nstop_grace = \"2s\"\n",
+                dir.display(),
+                fast_agent_toml(&link, "1s", 0),
+                fake_nvml().display(),
+                lan.host_ip(i),
+            );
+            lan.agent(i, &dir, &config, &[("FAKE_NVML_STATE", &state)])
+        })
+        .collect();
+    let names: Vec<String> = agents
+        .iter()
+        .map(|ag| {
+            let s = wait_for("agent on replica a", Duration::from_secs(30), || {
+                let s = ag.status()?;
+                (s["coordinator"]["connected"] == true
+                    && s["coordinator"]["address"]
+                        .as_str()?
+                        .ends_with(&format!(":{}", a.port)))
+                .then_some(s)
+            });
+            s["node_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let _clean: Vec<ContainersOf> = names.iter().cloned().map(ContainersOf).collect();
+    wait_for(
+        "b sees both nodes connected with GPUs",
+        Duration::from_secs(60),
+        || {
+            let list = nodes_json(&b);
+            (list
+                .as_array()?
+                .iter()
+                .filter(|n| {
+                    n["connected"] == true
+                        && n["mesh_public_key"] != ""
+                        && n["inventory"]["gpus"].as_array().map_or(0, |g| g.len()) == 2
+                })
+                .count()
+                == 2)
+                .then_some(())
+        },
+    );
+
+    // Hired through b: leases and MeshConfigs relayed to a's streams.
+    let hired = cluster_cli(&b, &["hire", "k1", "--nodes", "2", "--duration", "10m"]).unwrap();
+    assert_eq!(hired["cluster"]["phase"], "ready", "{hired:#}");
+    let pairs: Vec<(&Agent, &str)> = agents.iter().zip([&*names[0], &*names[1]]).collect();
+    wait_pings(
+        &pairs,
+        &[&names[0], &names[1]],
+        "the members reach each other",
+    );
+
+    // a dies: its agents move to b, the cluster stays as it is.
+    a.proc.kill9();
+    for ag in &agents {
+        wait_for("agent on replica b", Duration::from_secs(15), || {
+            let s = ag.status()?;
+            (s["coordinator"]["connected"] == true
+                && s["coordinator"]["address"]
+                    .as_str()?
+                    .ends_with(&format!(":{b_port}")))
+            .then_some(())
+        });
+    }
+    wait_for("b leads", Duration::from_secs(30), || {
+        b.proc
+            .log_text()
+            .contains("this replica leads")
+            .then_some(())
+    });
+    // Past replace_after: nobody was replaced, the mesh still carries.
+    std::thread::sleep(Duration::from_secs(6));
+    let status = cluster_cli(&b, &["status", "k1"]).unwrap();
+    assert_eq!(status["phase"], "ready", "{status:#}");
+    let now: Vec<&str> = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["node_id"].as_str().unwrap())
+        .collect();
+    assert!(
+        now.contains(&names[0].as_str()) && now.contains(&names[1].as_str()),
+        "{status:#}"
+    );
+    wait_pings(
+        &pairs,
+        &[&names[0], &names[1]],
+        "the members still reach each other",
+    );
+
+    let ended = cluster_cli(&b, &["end", "k1"]).unwrap();
+    assert_eq!(ended["phase"], "ended", "{ended:#}");
+    for ag in &agents {
+        wait_for("the members left the mesh", Duration::from_secs(30), || {
+            mesh_status(ag).is_null().then_some(())
+        });
+    }
+}

@@ -225,6 +225,18 @@ impl Coordinator {
         same_key: bool,
         extra: &str,
     ) -> Coordinator {
+        self.start_beside_in(None, dir, &format!("127.0.0.1:{port}"), same_key, extra)
+    }
+
+    /// As `start_beside_with`, listening on `listen` inside namespace `ns`.
+    pub fn start_beside_in(
+        &self,
+        ns: Option<&str>,
+        dir: &Path,
+        listen: &str,
+        same_key: bool,
+        extra: &str,
+    ) -> Coordinator {
         use std::os::unix::fs::PermissionsExt;
         let private = |d: &Path| {
             std::fs::create_dir_all(d).unwrap();
@@ -240,7 +252,7 @@ impl Coordinator {
             // fs::copy keeps the mode (0600).
             std::fs::copy(self.dir.join(f), dir.join(f)).unwrap();
         }
-        Coordinator::start_with(dir, port, extra)
+        Coordinator::start_in(ns, dir, listen, extra)
     }
 
     /// The `[coordinator]` section of this one (its key, its CA) with
