@@ -39,7 +39,12 @@ pub async fn run(
                 .unwrap_or_default(),
             ..Default::default()
         });
-        if !outbox.emit(body).await {
+        // The last one waits until it is spooled (the ones before it are,
+        // in order): the line below then means all of them are in the
+        // spool, which tests and benches wait on.
+        if config.max_records != 0 && emitted + 1 == config.max_records {
+            let _ = outbox.emit_signed(body).await;
+        } else if !outbox.emit(body).await {
             return;
         }
         emitted += 1;
