@@ -275,6 +275,12 @@ fn each_damaged_state_file_recovers_or_names_itself() {
         let before = stored(&coord);
         agent = Agent::start_with(&dir, &config);
         let t = resumed(&coord, before, "delivery after a damaged file");
+        // Said when the part that owns the file loads it, which may come
+        // after delivery resumed.
+        let said = Instant::now() + Duration::from_secs(30);
+        while !agent.proc.log_text().contains(says) && Instant::now() < said {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let log = agent.proc.log_text();
         assert!(log.contains(says), "{file}: {}\n{log}", path.display());
         eprintln!(
