@@ -176,6 +176,14 @@ pub struct PostgresConfig {
     pub ca_cert: Option<PathBuf>,
     /// A file holding the password (mode 0600), rather than in `url`.
     pub password_file: Option<PathBuf>,
+    /// Connections the store writes through at once (each node's writes
+    /// on one of them); default 4.
+    #[serde(default = "default_pg_connections")]
+    pub connections: usize,
+}
+
+fn default_pg_connections() -> usize {
+    4
 }
 
 /// Server certificate and key, PEM. Required outside `--dev`.
@@ -243,6 +251,14 @@ impl CoordinatorConfig {
                     "must be longer than zero (a member would be replaced at its first reconnect)"
                         .into(),
             });
+        }
+        if let Some(n) = cfg.postgres.as_ref().map(|p| p.connections) {
+            if !(1..=64).contains(&n) {
+                return Err(ConfigError::Invalid {
+                    key: "postgres.connections",
+                    reason: format!("{n} is not between 1 and 64"),
+                });
+            }
         }
         if cfg.postgres.is_some() && cfg.database.is_some() {
             return Err(ConfigError::Invalid {

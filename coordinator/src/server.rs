@@ -180,7 +180,8 @@ pub async fn start(
     let (store, database) = match postgres.clone() {
         Some(target) => {
             let shown = target.to_string();
-            let store = Store::open_postgres(target, cfg.limits.node_storage_bytes)?;
+            let connections = cfg.postgres.as_ref().map_or(1, |p| p.connections);
+            let store = Store::open_postgres(target, cfg.limits.node_storage_bytes, connections)?;
             (store, shown)
         }
         None => {

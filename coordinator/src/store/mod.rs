@@ -99,7 +99,12 @@ enum Slot<'a, 'c> {
 /// Cheap handle to the store thread.
 #[derive(Clone)]
 pub struct Store {
-    tx: mpsc::Sender<Job>,
+    /// Each connection's thread. Lane 0 takes everything but what belongs
+    /// to one node (its records, registration, liveness), which goes to
+    /// the lane its id hashes to: one node's writes stay in order, and on
+    /// PostgreSQL several connections store at once instead of one waiting
+    /// on each statement's round trip. SQLite has one lane (one writer).
+    lanes: std::sync::Arc<[mpsc::Sender<Job>]>,
     /// The most record payload bytes a node may store.
     node_quota: u64,
 }
@@ -118,45 +123,42 @@ impl Store {
     /// record payloads.
     pub fn open_with_quota(path: &Path, node_quota: u64) -> Result<Self, StoreError> {
         let path = path.to_owned();
-        Self::start(move || schema::open(&path), None, node_quota)
+        let lane = lane(move || schema::open(&path), None)?;
+        Ok(Self {
+            lanes: vec![lane].into(),
+            node_quota,
+        })
     }
 
     /// Connects to the PostgreSQL database, migrates it and starts the
-    /// store's thread, which connects again whenever the connection is
-    /// lost (what was queued meanwhile fails, and is sent again).
-    pub fn open_postgres(target: PostgresTarget, node_quota: u64) -> Result<Self, StoreError> {
+    /// store's `connections` threads (at least one), each of which
+    /// connects again whenever its connection is lost (what was queued on
+    /// it meanwhile fails, and is sent again).
+    pub fn open_postgres(
+        target: PostgresTarget,
+        node_quota: u64,
+        connections: usize,
+    ) -> Result<Self, StoreError> {
         let first = target.clone();
-        Self::start(
+        let mut lanes = vec![lane(
             move || schema::open_postgres(&first),
-            Some(target),
+            Some(target.clone()),
+        )?];
+        for _ in 1..connections.max(1) {
+            let t = target.clone();
+            lanes.push(lane(move || t.connect(), Some(target.clone()))?);
+        }
+        Ok(Self {
+            lanes: lanes.into(),
             node_quota,
-        )
+        })
     }
 
-    /// Opens the database on the store's own thread (PostgreSQL's client
-    /// runs a runtime of its own, which may not start inside the
-    /// caller's), waits for it, and leaves the thread serving the store.
-    fn start(
-        open: impl FnOnce() -> Result<Conn, StoreError> + Send + 'static,
-        reconnect: Option<PostgresTarget>,
-        node_quota: u64,
-    ) -> Result<Self, StoreError> {
-        let (tx, rx) = mpsc::channel();
-        let (opened, is_open) = mpsc::sync_channel(1);
-        thread::Builder::new()
-            .name("warden-store".into())
-            .spawn(move || match open() {
-                Ok(conn) => {
-                    let _ = opened.send(Ok(()));
-                    run(conn, reconnect, rx)
-                }
-                Err(e) => {
-                    let _ = opened.send(Err(e));
-                }
-            })
-            .map_err(|e| StoreError::Sql(DbError::Failed(format!("store thread: {e}"))))?;
-        is_open.recv().map_err(|_| StoreError::Stopped)??;
-        Ok(Self { tx, node_quota })
+    /// The lane of what belongs to `node_id`.
+    fn lane_of(&self, node_id: &str) -> &mpsc::Sender<Job> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(node_id);
+        &self.lanes[(h % self.lanes.len() as u64) as usize]
     }
 
     /// Runs `f` in the next batch and answers at once (before the commit:
@@ -186,29 +188,7 @@ impl Store {
         f: impl FnOnce(&mut Tx<'_>) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(Box::new(move |slot| {
-            let value = match slot {
-                Slot::Run(tx) => match f(tx) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        let _ = reply.send(Err(StoreError::Sql(e.copy())));
-                        return Err(e);
-                    }
-                },
-                Slot::Failed(e) => {
-                    let _ = reply.send(Err(StoreError::Sql(e.copy())));
-                    return Ok(None);
-                }
-            };
-            let after: AfterCommit = Box::new(move |committed| {
-                let _ = reply.send(
-                    committed
-                        .map(|()| value)
-                        .map_err(|e| StoreError::Sql(e.copy())),
-                );
-            });
-            Ok(Some(after))
-        }))?;
+        self.submit(write_job(f, reply))?;
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 
@@ -221,7 +201,33 @@ impl Store {
     }
 
     fn submit(&self, job: Job) -> Result<(), StoreError> {
-        self.tx.send(job).map_err(|_| StoreError::Stopped)
+        self.lanes[0].send(job).map_err(|_| StoreError::Stopped)
+    }
+
+    /// `write` on the lane of `node_id`'s writes.
+    async fn write_for<T: Send + 'static>(
+        &self,
+        node_id: &str,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let job = write_job(f, reply);
+        self.lane_of(node_id)
+            .send(job)
+            .map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// `write_later` on the lane of `node_id`'s writes.
+    fn write_later_for(
+        &self,
+        node_id: &str,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<(), DbError> + Send + 'static,
+    ) {
+        let _ = self.lane_of(node_id).send(Box::new(move |slot| match slot {
+            Slot::Run(tx) => f(tx).map(|()| None),
+            Slot::Failed(_) => Ok(None),
+        }));
     }
 
     /// Reads one stored record's payload; for tests and tools.
@@ -236,6 +242,62 @@ impl Store {
         })
         .await
     }
+}
+
+/// Opens a connection on a thread of its own (PostgreSQL's client runs a
+/// runtime of its own, which may not start inside the caller's), waits for
+/// it, and leaves the thread serving what is sent to the lane.
+fn lane(
+    open: impl FnOnce() -> Result<Conn, StoreError> + Send + 'static,
+    reconnect: Option<PostgresTarget>,
+) -> Result<mpsc::Sender<Job>, StoreError> {
+    let (tx, rx) = mpsc::channel();
+    let (opened, is_open) = mpsc::sync_channel(1);
+    thread::Builder::new()
+        .name("warden-store".into())
+        .spawn(move || match open() {
+            Ok(conn) => {
+                let _ = opened.send(Ok(()));
+                run(conn, reconnect, rx)
+            }
+            Err(e) => {
+                let _ = opened.send(Err(e));
+            }
+        })
+        .map_err(|e| StoreError::Sql(DbError::Failed(format!("store thread: {e}"))))?;
+    is_open.recv().map_err(|_| StoreError::Stopped)??;
+    Ok(tx)
+}
+
+/// A job that runs `f` and answers on `reply` once its batch is committed
+/// (or failed).
+fn write_job<T: Send + 'static>(
+    f: impl FnOnce(&mut Tx<'_>) -> Result<T, DbError> + Send + 'static,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+) -> Job {
+    Box::new(move |slot| {
+        let value = match slot {
+            Slot::Run(tx) => match f(tx) {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = reply.send(Err(StoreError::Sql(e.copy())));
+                    return Err(e);
+                }
+            },
+            Slot::Failed(e) => {
+                let _ = reply.send(Err(StoreError::Sql(e.copy())));
+                return Ok(None);
+            }
+        };
+        let after: AfterCommit = Box::new(move |committed| {
+            let _ = reply.send(
+                committed
+                    .map(|()| value)
+                    .map_err(|e| StoreError::Sql(e.copy())),
+            );
+        });
+        Ok(Some(after))
+    })
 }
 
 fn run(mut conn: Conn, reconnect: Option<PostgresTarget>, rx: mpsc::Receiver<Job>) {
@@ -316,7 +378,7 @@ pub(crate) mod fixtures {
         pub fn open_with_quota(&self, quota: u64) -> Store {
             match self {
                 TestDb::Sqlite(dir) => Store::open_with_quota(&dir.path().join("c.db"), quota),
-                TestDb::Postgres(t) => Store::open_postgres((**t).clone(), quota),
+                TestDb::Postgres(t) => Store::open_postgres((**t).clone(), quota, 2),
             }
             .unwrap_or_else(|e| panic!("{self}: {e}"))
         }

@@ -88,7 +88,8 @@ impl Store {
     /// new or changed (its cluster's peers then need them), and the last
     /// seq stored for it (the agent's Welcome says it).
     pub async fn register(&self, node: NodeRow) -> Result<Registered, StoreError> {
-        self.write(move |tx| {
+        let id = node.node_id.clone();
+        self.write_for(&id, move |tx| {
             let mesh_changed = upsert_node(tx, &node)?;
             let last_seq: Option<i64> = tx
                 .query_row(
@@ -122,8 +123,9 @@ impl Store {
     /// Notes that a node was heard from, with the spool state its last
     /// heartbeat reported (encoded `SpoolState`); written with the next batch.
     pub fn seen(&self, node_id: &str, time_ms: i64, spool: Option<Vec<u8>>) {
+        let lane = node_id.to_owned();
         let node_id = node_id.to_owned();
-        self.write_later(move |tx| {
+        self.write_later_for(&lane, move |tx| {
             tx.exec(
                 "UPDATE nodes SET
                     last_seen_ms = CASE WHEN last_seen_ms > ?2 THEN last_seen_ms ELSE ?2 END,

@@ -60,8 +60,9 @@ pub struct Beat {
 impl Store {
     /// Notes that `replica` holds `node_id`'s stream (session `session`).
     pub fn stream_opened(&self, node_id: &str, replica: &str, session: u64) {
+        let lane = node_id.to_owned();
         let (node_id, replica) = (node_id.to_owned(), replica.to_owned());
-        self.write_later(move |tx| {
+        self.write_later_for(&lane, move |tx| {
             tx.exec(
                 "INSERT INTO streams (node_id, replica_id, session, since_ms) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (node_id) DO UPDATE SET replica_id = excluded.replica_id,
@@ -75,8 +76,9 @@ impl Store {
     /// Notes that the stream is gone, unless a newer one (here or on
     /// another replica) took its place.
     pub fn stream_closed(&self, node_id: &str, replica: &str, session: u64) {
+        let lane = node_id.to_owned();
         let (node_id, replica) = (node_id.to_owned(), replica.to_owned());
-        self.write_later(move |tx| {
+        self.write_later_for(&lane, move |tx| {
             tx.exec(
                 "DELETE FROM streams WHERE node_id = ?1 AND replica_id = ?2 AND session = ?3",
                 args![node_id, replica, session as i64],

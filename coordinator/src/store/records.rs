@@ -116,7 +116,11 @@ impl Store {
         effects: Effects,
     ) -> Result<Vec<(NewRecord, Outcome)>, StoreError> {
         let quota = self.node_quota;
-        self.write(move |tx| {
+        let node = records
+            .first()
+            .map(|r| r.node_id.clone())
+            .unwrap_or_default();
+        self.write_for(&node, move |tx| {
             records
                 .into_iter()
                 .map(|r| insert_record(tx, &r, quota, effects).map(|o| (r, o)))
@@ -542,7 +546,7 @@ mod tests {
         let Some(target) = crate::store::fixtures::test_postgres() else {
             return; // PostgreSQL only: SQLite has no connection to lose
         };
-        let store = Store::open_postgres(target.clone(), u64::MAX).unwrap();
+        let store = Store::open_postgres(target.clone(), u64::MAX, 1).unwrap();
         store.register(node()).await.unwrap();
         store.insert(vec![rec(1, 1)]).await.unwrap();
         let pid = store
