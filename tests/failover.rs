@@ -12,17 +12,6 @@ use std::{
 
 use common::*;
 
-fn address(c: &Coordinator) -> String {
-    format!("https://localhost:{}", c.port)
-}
-
-/// The agent's status once it is connected to `c`.
-fn connected_to(agent: &Agent, c: &Coordinator) -> Option<serde_json::Value> {
-    let s = agent.status()?;
-    (s["coordinator"]["connected"] == true && s["coordinator"]["address"] == address(c))
-        .then_some(s)
-}
-
 #[test]
 fn agent_moves_to_the_next_coordinator_when_its_stream_dies_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
@@ -40,7 +29,7 @@ fn agent_moves_to_the_next_coordinator_when_its_stream_dies_and_loses_nothing() 
         "records receipted by the first",
         Duration::from_secs(60),
         || {
-            let s = connected_to(&agent, &first)?;
+            let s = connected_at(&agent, &first.address())?;
             let receipted = s["last_receipt_seq"].as_u64()?;
             (receipted >= 100 && count(&first.db(), "SELECT count(*) FROM receipts") >= 100)
                 .then_some(())
@@ -55,12 +44,12 @@ fn agent_moves_to_the_next_coordinator_when_its_stream_dies_and_loses_nothing() 
     let s = wait_for(
         "the agent on the second coordinator",
         Duration::from_secs(15),
-        || connected_to(&agent, &second),
+        || connected_at(&agent, &second.address()),
     );
     let moved_in = killed.elapsed();
     eprintln!("moved to the second coordinator in {moved_in:?}");
     let on_first = &s["coordinator"]["addresses"][0];
-    assert_eq!(on_first["address"], address(&first));
+    assert_eq!(on_first["address"], first.address());
     assert!(on_first["last_error"].is_string(), "{s}");
 
     // Every record the agent produced is receipted, by one or the other.
@@ -71,7 +60,7 @@ fn agent_moves_to_the_next_coordinator_when_its_stream_dies_and_loses_nothing() 
     let last = s["spool"]["next_seq"].as_u64().unwrap() - 1;
     assert_eq!(
         s["coordinator"]["address"],
-        address(&second),
+        second.address(),
         "still on the second"
     );
     let (a, b) = (stored_seqs(&first.db()), stored_seqs(&second.db()));
@@ -105,7 +94,7 @@ fn an_address_whose_coordinator_signs_with_another_key_is_skipped() {
     );
 
     let s = wait_for("20 records receipted", Duration::from_secs(60), || {
-        let s = connected_to(&agent, &good)?;
+        let s = connected_at(&agent, &good.address())?;
         (s["spool"]["pending"] == 0 && s["last_receipt_seq"] == 20).then_some(s)
     });
     // Nothing was sent to the other one: not even the Register.
@@ -115,7 +104,7 @@ fn an_address_whose_coordinator_signs_with_another_key_is_skipped() {
     // Status says why the first address is not used; no PROBLEM, since
     // records are receipted.
     let skipped = &s["coordinator"]["addresses"][0];
-    assert_eq!(skipped["address"], address(&other));
+    assert_eq!(skipped["address"], other.address());
     let why = skipped["last_error"].as_str().unwrap();
     assert!(why.contains("signs with key id"), "{why}");
     assert!(s["problem"].is_null(), "{s}");
@@ -125,11 +114,11 @@ fn an_address_whose_coordinator_signs_with_another_key_is_skipped() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains(&format!("{} connected (address 2 of 2)", address(&good))),
+        text.contains(&format!("{} connected (address 2 of 2)", good.address())),
         "{text}"
     );
     assert!(
-        text.contains(&format!("{}: the coordinator at", address(&other))),
+        text.contains(&format!("{}: the coordinator at", other.address())),
         "{text}"
     );
     // One connection, kept.

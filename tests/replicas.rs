@@ -39,16 +39,6 @@ fn psql(url: &str, ca: &str, schema: &str, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-fn address(c: &Coordinator) -> String {
-    format!("https://localhost:{}", c.port)
-}
-
-fn on(agent: &Agent, c: &Coordinator) -> Option<Value> {
-    let s = agent.status()?;
-    (s["coordinator"]["connected"] == true && s["coordinator"]["address"] == address(c))
-        .then_some(s)
-}
-
 /// `warden lease ARGS…` through `c`'s admin socket: stdout, or stderr.
 fn lease(c: &Coordinator, args: &[&str]) -> Result<String, String> {
     let out = c.cli("lease", args);
@@ -118,7 +108,9 @@ fn replicas_share_the_network_relay_commands_and_survive_one_killed() {
     let nodes: Vec<String> = agents
         .iter()
         .map(|ag| {
-            let s = wait_for("agent on replica a", Duration::from_secs(30), || on(ag, &a));
+            let s = wait_for("agent on replica a", Duration::from_secs(30), || {
+                connected_at(ag, &a.address())
+            });
             s["node_id"].as_str().unwrap().to_owned()
         })
         .collect();
@@ -156,7 +148,9 @@ fn replicas_share_the_network_relay_commands_and_survive_one_killed() {
     a.proc.kill9();
     let killed = Instant::now();
     for ag in &agents {
-        wait_for("agent on replica b", Duration::from_secs(15), || on(ag, &b));
+        wait_for("agent on replica b", Duration::from_secs(15), || {
+            connected_at(ag, &b.address())
+        });
     }
     eprintln!(
         "both agents on the surviving replica {:?} after the kill",
@@ -192,17 +186,6 @@ fn replicas_share_the_network_relay_commands_and_survive_one_killed() {
             n[0] == n[1] && n[1] == n[3] && n[2] == 1 && n[3] >= last,
             "node {node}: count, distinct, min, max = {got}; the agent's last seq {last}"
         );
-    }
-}
-
-/// `warden cluster ARGS… --json` through `c`: Ok(parsed) or Err(stderr).
-fn cluster_cli(c: &Coordinator, args: &[&str]) -> Result<Value, String> {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let out = c.cli("cluster", &all);
-    match out.status.success() {
-        true => Ok(serde_json::from_slice(&out.stdout).unwrap()),
-        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
     }
 }
 
@@ -247,51 +230,30 @@ fn a_cluster_hired_through_one_replica_runs_on_nodes_of_the_other_and_outlives_i
         &extra,
     );
     // Each agent lists both replicas, a's first.
-    let both = format!(
-        "address = [\"https://{h}:{}\", \"https://{h}:{b_port}\"]",
-        a.port,
-        h = lan.hub_ip()
+    let (at_a, at_b) = (
+        format!("https://{}:{}", lan.hub_ip(), a.port),
+        format!("https://{}:{b_port}", lan.hub_ip()),
     );
+    let both = format!("address = [\"{at_a}\", \"{at_b}\"]");
     let link: String = link
         .lines()
-        .map(|l| {
-            if l.starts_with("address") {
-                both.clone()
-            } else {
-                l.to_owned()
-            }
+        .map(|l| match l.starts_with("address") {
+            true => both.clone(),
+            false => l.to_owned(),
         })
         .collect::<Vec<_>>()
         .join("\n");
-    let id = std::process::id() % 100_000;
     let agents: Vec<Agent> = (0..2)
         .map(|i| {
-            let dir = tmp.path().join(format!("agent{i}"));
-            let state = tmp.path().join(format!("gpus{i}.json"));
-            common::hire::gpus(&state, net, i);
-            let config = format!(
-                "state_dir = \"{}\"\n{}\n[gpu]\nnvml_library = \"{}\"\nsample_interval = \"200ms\"\n\
-                 [metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n\
-                 [mesh]\ninterface = \"wp{i}-{id}\"\nendpoints = [\"{}:51820\"]\nrtt_interval = \"1s\"\n\
-                 [timelock]\nepoch = \"1s\"\n[workload]\nstop_grace = \"2s\"\n",
-                dir.display(),
-                fast_agent_toml(&link, "1s", 0),
-                fake_nvml().display(),
-                lan.host_ip(i),
-            );
-            lan.agent(i, &dir, &config, &[("FAKE_NVML_STATE", &state)])
+            let extra = "[workload]\nstop_grace = \"2s\"\n";
+            common::hire::member(&lan, tmp.path(), "wp", net, i, &link, extra)
         })
         .collect();
     let names: Vec<String> = agents
         .iter()
         .map(|ag| {
             let s = wait_for("agent on replica a", Duration::from_secs(30), || {
-                let s = ag.status()?;
-                (s["coordinator"]["connected"] == true
-                    && s["coordinator"]["address"]
-                        .as_str()?
-                        .ends_with(&format!(":{}", a.port)))
-                .then_some(s)
+                connected_at(ag, &at_a)
             });
             s["node_id"].as_str().unwrap().to_owned()
         })
@@ -317,7 +279,8 @@ fn a_cluster_hired_through_one_replica_runs_on_nodes_of_the_other_and_outlives_i
     );
 
     // Hired through b: leases and MeshConfigs relayed to a's streams.
-    let hired = cluster_cli(&b, &["hire", "k1", "--nodes", "2", "--duration", "10m"]).unwrap();
+    let hired =
+        common::hire::cluster(&b, &["hire", "k1", "--nodes", "2", "--duration", "10m"]).unwrap();
     assert_eq!(hired["cluster"]["phase"], "ready", "{hired:#}");
     let pairs: Vec<(&Agent, &str)> = agents.iter().zip([&*names[0], &*names[1]]).collect();
     wait_pings(
@@ -330,12 +293,7 @@ fn a_cluster_hired_through_one_replica_runs_on_nodes_of_the_other_and_outlives_i
     a.proc.kill9();
     for ag in &agents {
         wait_for("agent on replica b", Duration::from_secs(15), || {
-            let s = ag.status()?;
-            (s["coordinator"]["connected"] == true
-                && s["coordinator"]["address"]
-                    .as_str()?
-                    .ends_with(&format!(":{b_port}")))
-            .then_some(())
+            connected_at(ag, &at_b)
         });
     }
     wait_for("b leads", Duration::from_secs(30), || {
@@ -346,7 +304,7 @@ fn a_cluster_hired_through_one_replica_runs_on_nodes_of_the_other_and_outlives_i
     });
     // Past replace_after: nobody was replaced, the mesh still carries.
     std::thread::sleep(Duration::from_secs(6));
-    let status = cluster_cli(&b, &["status", "k1"]).unwrap();
+    let status = common::hire::cluster(&b, &["status", "k1"]).unwrap();
     assert_eq!(status["phase"], "ready", "{status:#}");
     let now: Vec<&str> = status["members"]
         .as_array()
@@ -364,7 +322,7 @@ fn a_cluster_hired_through_one_replica_runs_on_nodes_of_the_other_and_outlives_i
         "the members still reach each other",
     );
 
-    let ended = cluster_cli(&b, &["end", "k1"]).unwrap();
+    let ended = common::hire::cluster(&b, &["end", "k1"]).unwrap();
     assert_eq!(ended["phase"], "ended", "{ended:#}");
     for ag in &agents {
         wait_for("the members left the mesh", Duration::from_secs(30), || {

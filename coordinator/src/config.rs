@@ -381,7 +381,7 @@ impl CoordinatorConfig {
     /// user cannot read root's files: from `dir` (`$CREDENTIALS_DIRECTORY`)
     /// they fill `tls.cert` and `tls.key` unless the config sets them; so
     /// does `postgres.password` fill `postgres.password_file`.
-    pub fn take_tls_credentials(&mut self, dir: Option<&Path>) {
+    pub fn take_credentials(&mut self, dir: Option<&Path>) {
         let Some(dir) = dir else { return };
         let found = |name: &str| Some(dir.join(name)).filter(|p| p.exists());
         if self.tls.cert.is_none() {
@@ -405,14 +405,6 @@ impl CoordinatorConfig {
             reason: "is required (the PEM private key of tls.cert)".into(),
         })?;
         Ok((cert, key))
-    }
-
-    /// Where the coordinator stores, as logs show it.
-    pub fn database_shown(&self) -> String {
-        match self.postgres_target() {
-            Ok(Some(t)) => t.to_string(),
-            _ => self.database_path().display().to_string(),
-        }
     }
 
     pub fn database_path(&self) -> PathBuf {
@@ -609,17 +601,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("tls.crt"), "cert").unwrap();
         let mut cfg = CoordinatorConfig::default();
-        cfg.take_tls_credentials(Some(dir.path()));
+        cfg.take_credentials(Some(dir.path()));
         assert_eq!(cfg.tls.cert, Some(dir.path().join("tls.crt")));
         assert_eq!(cfg.tls.key, None, "no tls.key credential was passed");
 
         let mut cfg = CoordinatorConfig::default();
         cfg.tls.cert = Some("/etc/mine.pem".into());
-        cfg.take_tls_credentials(Some(dir.path()));
+        cfg.take_credentials(Some(dir.path()));
         assert_eq!(cfg.tls.cert, Some(PathBuf::from("/etc/mine.pem")));
 
         let mut cfg = CoordinatorConfig::default();
-        cfg.take_tls_credentials(None);
+        cfg.take_credentials(None);
         assert_eq!(cfg.tls.cert, None);
     }
 
@@ -637,7 +629,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        c.take_tls_credentials(Some(&creds));
+        c.take_credentials(Some(&creds));
         assert_eq!(
             c.postgres.as_ref().unwrap().password_file,
             Some(secret.clone())

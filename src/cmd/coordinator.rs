@@ -113,7 +113,7 @@ async fn run_coordinator(
     }
     // Before the TLS files: who may enroll is the first thing to decide.
     cfg.enrollment_policy()?;
-    cfg.take_tls_credentials(
+    cfg.take_credentials(
         std::env::var_os("CREDENTIALS_DIRECTORY")
             .map(PathBuf::from)
             .as_deref(),

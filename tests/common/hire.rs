@@ -50,6 +50,35 @@ pub struct Rig {
     pub id: u32,
 }
 
+/// The agent of host `i` of `lan` (its state under `dir`, two fake GPUs
+/// with uuids of `net`, a mesh interface named after `tag`), linked by
+/// `link`, with `extra` TOML sections.
+pub fn member(
+    lan: &Lan,
+    dir: &Path,
+    tag: &str,
+    net: u8,
+    i: usize,
+    link: &str,
+    extra: &str,
+) -> Agent {
+    let id = std::process::id() % 100_000;
+    let state = dir.join(format!("gpus{i}.json"));
+    let dir = dir.join(format!("agent{i}"));
+    gpus(&state, net, i);
+    let config = format!(
+        "state_dir = \"{}\"\n{}\n[gpu]\nnvml_library = \"{}\"\nsample_interval = \"200ms\"\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n\
+         [mesh]\ninterface = \"{tag}{i}-{id}\"\nendpoints = [\"{}:51820\"]\nrtt_interval = \"1s\"\n\
+         [timelock]\nepoch = \"1s\"\n{extra}",
+        dir.display(),
+        fast_agent_toml(link, "1s", 0),
+        fake_nvml().display(),
+        lan.host_ip(i),
+    );
+    lan.agent(i, &dir, &config, &[("FAKE_NVML_STATE", &state)])
+}
+
 /// `spare` more hosts on the LAN run no agent (a renter's machine).
 pub fn rig(tag: &str, net: u8, labels: &[&str], spare: usize) -> Rig {
     let tmp = tempfile::tempdir().unwrap();
@@ -66,20 +95,15 @@ pub fn rig(tag: &str, net: u8, labels: &[&str], spare: usize) -> Rig {
         .iter()
         .enumerate()
         .map(|(i, labels)| {
-            let dir = tmp.path().join(format!("agent{i}"));
-            let state = tmp.path().join(format!("gpus{i}.json"));
-            gpus(&state, net, i);
-            let config = format!(
-                "state_dir = \"{}\"\n{}\n[gpu]\nnvml_library = \"{}\"\nsample_interval = \"200ms\"\n\
-                 [metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n\
-                 [mesh]\ninterface = \"{tag}{i}-{id}\"\nendpoints = [\"{}:51820\"]\nrtt_interval = \"1s\"\n\
-                 [timelock]\nepoch = \"1s\"\n[node]\n{labels}\n",
-                dir.display(),
-                fast_agent_toml(&link, "1s", 0),
-                fake_nvml().display(),
-                lan.host_ip(i),
-            );
-            lan.agent(i, &dir, &config, &[("FAKE_NVML_STATE", &state)])
+            member(
+                &lan,
+                tmp.path(),
+                tag,
+                net,
+                i,
+                &link,
+                &format!("[node]\n{labels}\n"),
+            )
         })
         .collect();
     let node_of = |a: &Agent| {

@@ -255,6 +255,11 @@ impl Coordinator {
         Coordinator::start_in(ns, dir, listen, extra)
     }
 
+    /// Its address as agents on this host dial it.
+    pub fn address(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+
     /// The `[coordinator]` section of this one (its key, its CA) with
     /// `address` listing the coordinators on `ports`, in that order.
     pub fn link_toml_to(&self, ports: &[u16]) -> String {
@@ -510,6 +515,12 @@ pub fn write_fake_state(path: &Path, devices: &[serde_json::Value]) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The agent's status once it is connected to the coordinator at `address`.
+pub fn connected_at(agent: &Agent, address: &str) -> Option<serde_json::Value> {
+    let s = agent.status()?;
+    (s["coordinator"]["connected"] == true && s["coordinator"]["address"] == address).then_some(s)
 }
 
 /// `warden nodes --json` against a coordinator, parsed.
