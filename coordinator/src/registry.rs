@@ -199,6 +199,13 @@ impl Registry {
     /// here; a command's answer will be relayed back to `from`.
     pub(crate) fn deliver(&self, node_id: &str, env: Envelope, from: &str) {
         use prost::Message as _;
+        // Only what a replica signed with the coordinator's key goes on:
+        // a row written into the database by anyone else reaches no node.
+        let key = self.signer.verifying_key();
+        if let Err(e) = warden_proto::dsse::verify(&env, &env.payload_type, &key) {
+            tracing::warn!(node = %node_id, %from, error = %e, "relayed envelope not signed by this coordinator's key: dropped");
+            return;
+        }
         let mut map = self.lock();
         let Some((_, tx)) = map.nodes.get(node_id) else {
             tracing::debug!(node = %node_id, %from, "relayed envelope for a stream no longer here");
@@ -350,5 +357,23 @@ mod tests {
         assert!(pending.answer.try_recv().is_err());
         r.resolve("n1", &answer);
         assert!(pending.answer.try_recv().unwrap().ok);
+    }
+
+    #[tokio::test]
+    async fn a_relayed_envelope_reaches_the_node_only_if_the_coordinator_signed_it() {
+        let signer = Arc::new(Signer::from_seed(&[3; 32]));
+        let r = Registry::new(signer.clone());
+        let (tx, mut rx) = mpsc::channel(4);
+        r.attach("n1", tx, vec![]).unwrap();
+        let command = pb::Command {
+            node_id: "n1".into(),
+            command_id: "c-1".into(),
+            ..Default::default()
+        };
+        let forged = Signer::from_seed(&[4; 32]).sign_message(types::COMMAND, &command);
+        r.deliver("n1", forged, "r-x");
+        assert!(rx.try_recv().is_err(), "a forged envelope went on");
+        r.deliver("n1", signer.sign_message(types::COMMAND, &command), "r-x");
+        assert_eq!(rx.try_recv().unwrap().unwrap().payload_type, types::COMMAND);
     }
 }

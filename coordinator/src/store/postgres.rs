@@ -207,4 +207,42 @@ mod tests {
             "{msg}"
         );
     }
+
+    #[test]
+    fn a_server_whose_certificate_another_ca_signed_is_not_used() {
+        let (Ok(url), Ok(ca)) = (
+            std::env::var("WARDEN_TEST_POSTGRES"),
+            std::env::var("WARDEN_TEST_POSTGRES_CA"),
+        ) else {
+            return; // needs the test PostgreSQL (scripts/test.sh)
+        };
+        // An impostor's CA: the real server's certificate does not chain to it.
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("other-ca.pem");
+        let made = crate::devtls::self_signed(&["localhost".into()], "impostor", "x").unwrap();
+        std::fs::write(&other, made.ca_pem).unwrap();
+        let (url2, other2) = (url.clone(), other.clone());
+        let refused = std::thread::spawn(move || {
+            PostgresTarget::new(&url2, Some(&other2), None)
+                .unwrap()
+                .connect()
+                .err()
+                .map(|e| e.to_string())
+        })
+        .join()
+        .unwrap()
+        .expect("connected with a CA that did not sign the server's certificate");
+        assert!(refused.contains("postgres://warden@localhost"), "{refused}");
+        assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+        // The right CA connects.
+        let ok = std::thread::spawn(move || {
+            PostgresTarget::new(&url, Some(std::path::Path::new(&ca)), None)
+                .unwrap()
+                .connect()
+                .is_ok()
+        })
+        .join()
+        .unwrap();
+        assert!(ok);
+    }
 }
