@@ -15,6 +15,11 @@
 //! - `WARDEN_LOAD_LEASED`: the fraction of agents with a lease (default 0.1);
 //! - `WARDEN_LOAD_RATE`: multiplies each agent's record rates (telemetry,
 //!   attestations; heartbeats stay at their interval) (default 1);
+//! - `WARDEN_LOAD_BACKLOG`: instead of the mix, each agent comes with this
+//!   many records already signed in its spool (telemetry, and attestations
+//!   for the leased) and sends them as the agent's uplink does, up to its
+//!   `max_in_flight` unreceipted: the drain after an outage, a coordinator's
+//!   busiest record path; the window ends when all are receipted;
 //! - `WARDEN_LOAD_POSTGRES` (and `WARDEN_LOAD_POSTGRES_CA`): store in that
 //!   PostgreSQL database instead of SQLite.
 //!
@@ -70,6 +75,9 @@ fn main() {
         rate: env("WARDEN_LOAD_RATE", "1")
             .parse()
             .expect("WARDEN_LOAD_RATE: a number"),
+        backlog: env("WARDEN_LOAD_BACKLOG", "0")
+            .parse()
+            .expect("WARDEN_LOAD_BACKLOG: a number"),
         defaults: AgentConfig::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -109,6 +117,8 @@ async fn storm(n: usize, outage: Duration, load: &Load) {
     let uplink = load.defaults.uplink.clone();
     for i in 0..n {
         let agent = Agent {
+            backlog: 0,
+            in_flight: uplink.max_in_flight,
             index: i,
             leased: false,
             port,
@@ -242,6 +252,8 @@ struct Load {
     secs: u64,
     leased: f64,
     rate: f64,
+    /// Records each agent drains instead of the mix (0: the mix).
+    backlog: usize,
     defaults: AgentConfig,
 }
 
@@ -296,6 +308,8 @@ struct Shared {
     sent: AtomicU64,
     receipted: AtomicU64,
     heartbeats: AtomicU64,
+    /// Agents whose backlog is all receipted.
+    drained: AtomicU64,
     /// Errors by kind ("register: Unavailable", "refusal: CONFLICT", ...).
     errors: std::sync::Mutex<BTreeMap<String, u64>>,
     /// Send → receipt, µs, for records sent inside the window.
@@ -335,8 +349,17 @@ struct Figures {
 impl Figures {
     fn print(&self, n: usize, load: &Load) {
         println!(
-            "coordload agents={n} leased={} rate=x{} window={:.0}s",
-            load.leased, load.rate, self.window
+            "coordload agents={n} leased={} {} window={:.1}s",
+            load.leased,
+            if load.backlog > 0 {
+                format!(
+                    "backlog={} in_flight={}",
+                    load.backlog, load.defaults.uplink.max_in_flight
+                )
+            } else {
+                format!("rate=x{}", load.rate)
+            },
+            self.window
         );
         let rows = [
             (
@@ -439,6 +462,8 @@ async fn run(n: usize, load: &Load) -> Figures {
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
         let agent = Agent {
+            backlog: load.backlog,
+            in_flight: load.defaults.uplink.max_in_flight,
             index: i,
             leased: i < leased,
             port,
@@ -467,7 +492,17 @@ async fn run(n: usize, load: &Load) -> Figures {
     // high rates); the window opens one longest interval later, when every
     // timer has fired once and the load is steady. In it: the coordinator's
     // CPU and RSS from procfs, the streams held sampled each second.
-    let warmup = plan.heartbeat.max(plan.telemetry).max(plan.epoch);
+    // A drain starts at once and ends when every backlog is receipted.
+    let warmup = if load.backlog > 0 {
+        Duration::ZERO
+    } else {
+        plan.heartbeat.max(plan.telemetry).max(plan.epoch)
+    };
+    let tick = if load.backlog > 0 {
+        Duration::from_millis(100)
+    } else {
+        Duration::from_secs(1)
+    };
     let open = Instant::now() + warmup;
     let close = open + Duration::from_secs(load.secs);
     window_tx.send_replace(Some((open, close)));
@@ -475,8 +510,10 @@ async fn run(n: usize, load: &Load) -> Figures {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let (ticks0, _) = common::proc_figures(pid);
     let (mut smin, mut smax, mut max_rss) = (i64::MAX, 0, 0);
-    while Instant::now() < close {
-        tokio::time::sleep(Duration::from_secs(1).min(close - Instant::now())).await;
+    while Instant::now() < close
+        && !(load.backlog > 0 && shared.drained.load(Ordering::Relaxed) >= registered as u64)
+    {
+        tokio::time::sleep(tick.min(close - Instant::now())).await;
         let s = shared.streams.load(Ordering::Relaxed);
         (smin, smax) = (smin.min(s), smax.max(s));
         max_rss = max_rss.max(common::proc_figures(pid).1);
@@ -526,6 +563,9 @@ struct Plan {
 /// One simulated agent.
 #[derive(Clone)]
 struct Agent {
+    /// Records signed before registering and drained (0: the mix).
+    backlog: usize,
+    in_flight: usize,
     index: usize,
     leased: bool,
     port: u16,
@@ -548,6 +588,8 @@ impl Agent {
     /// answered.
     async fn run(mut self, gate: Arc<Semaphore>, ready: mpsc::Sender<bool>) -> usize {
         let (node, _) = Signer::generate().unwrap();
+        // A spool's records were signed when made, before the outage.
+        let spool = self.spool(&node);
         let stream = {
             let _turn = gate.acquire().await;
             self.register(&node).await
@@ -562,7 +604,11 @@ impl Agent {
         };
         self.shared.streams.fetch_add(1, Ordering::Relaxed);
         let _ = ready.send(true).await;
-        let unanswered = self.send_mix(&node, &mut s).await;
+        let unanswered = if spool.is_empty() {
+            self.send_mix(&node, &mut s).await
+        } else {
+            self.drain(&node, &mut s, spool).await
+        };
         self.shared.streams.fetch_sub(1, Ordering::Relaxed);
         unanswered
     }
@@ -686,16 +732,7 @@ impl Agent {
                 _ = tokio::time::sleep(GRACE), if stopped_at.is_some() => break,
             };
             seq += 1;
-            let env = node.sign_message(
-                types::RECORD,
-                &pb::Record {
-                    node_id: node.key_id().to_owned(),
-                    seq,
-                    time_unix_ms: common::now_ms(),
-                    start_id: format!("load-{}", self.index),
-                    body: Some(body),
-                },
-            );
+            let env = record(node, self.index, seq, body);
             if std::mem::take(&mut chain.signing) {
                 chain.prev = dsse::payload_sha256(&env).to_vec();
             }
@@ -703,6 +740,74 @@ impl Agent {
             if self.send(&s.tx, env) && self.in_window(at) {
                 waiting.insert(seq, at);
                 self.shared.sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        waiting.len()
+    }
+
+    /// The backlog, signed: telemetry, and for the leased every other one
+    /// an attestation of its chain.
+    fn spool(&self, node: &Signer) -> Vec<Envelope> {
+        let mut chain = Chain::default();
+        (1..=self.backlog as u64)
+            .map(|seq| {
+                let body = if self.leased && seq % 2 == 0 {
+                    chain.next(self.index)
+                } else {
+                    telemetry(self.index)
+                };
+                let env = record(node, self.index, seq, body);
+                if std::mem::take(&mut chain.signing) {
+                    chain.prev = dsse::payload_sha256(&env).to_vec();
+                }
+                env
+            })
+            .collect()
+    }
+
+    /// Sends the backlog once the window opens, at most `in_flight`
+    /// unreceipted, heartbeating meanwhile; stays connected until stopped.
+    async fn drain(&mut self, node: &Signer, s: &mut Stream, spool: Vec<Envelope>) -> usize {
+        let mut hb = tokio::time::interval(self.plan.heartbeat);
+        hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut waiting: HashMap<u64, Instant> = HashMap::new();
+        let mut next = spool.into_iter().enumerate().peekable();
+        let mut going = self.window.borrow().is_some();
+        let mut done = false;
+        loop {
+            if going {
+                while waiting.len() < self.in_flight {
+                    let Some((i, env)) = next.next() else { break };
+                    let at = Instant::now();
+                    if self.send(&s.tx, env) {
+                        waiting.insert(i as u64 + 1, at);
+                        self.shared.sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if !done && waiting.is_empty() && next.peek().is_none() {
+                    done = true;
+                    self.shared.drained.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            tokio::select! {
+                m = s.inbound.message() => match m {
+                    Ok(Some(e)) => self.answer(&e, &mut waiting),
+                    Ok(None) => { self.shared.error("stream closed by the coordinator".into()); break }
+                    Err(st) => { self.shared.error(format!("stream: {:?}", st.code())); break }
+                },
+                _ = hb.tick() => {
+                    let env = node.sign_message(types::HEARTBEAT, &pb::Heartbeat {
+                        node_id: node.key_id().to_owned(),
+                        time_unix_ms: common::now_ms(),
+                        spool: Some(pb::SpoolState { max_bytes: 1 << 30, ..Default::default() }),
+                        last_receipt_seq: 0,
+                    });
+                    if self.send(&s.tx, env) {
+                        self.shared.heartbeats.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                _ = self.window.changed(), if !going => going = true,
+                _ = self.stop.changed() => break,
             }
         }
         waiting.len()
@@ -813,6 +918,20 @@ impl Chain {
             ..Default::default()
         })
     }
+}
+
+/// Record `seq` of agent `index`, signed.
+fn record(node: &Signer, index: usize, seq: u64, body: pb::record::Body) -> Envelope {
+    node.sign_message(
+        types::RECORD,
+        &pb::Record {
+            node_id: node.key_id().to_owned(),
+            seq,
+            time_unix_ms: common::now_ms(),
+            start_id: format!("load-{index}"),
+            body: Some(body),
+        },
+    )
 }
 
 fn uuid(node: usize, gpu: u32) -> String {
