@@ -833,20 +833,30 @@ impl Agent {
     /// A receipt ends a record's wait; a refusal is counted by its kind.
     fn answer(&self, e: &Envelope, waiting: &mut HashMap<u64, Instant>) {
         match e.payload_type.as_str() {
-            types::RECEIPT => {
-                let Ok(r) = pb::Receipt::decode(e.payload.as_slice()) else {
-                    return self.shared.error("undecodable receipt".into());
-                };
-                if let Some(sent) = waiting.remove(&r.seq) {
-                    let now = Instant::now();
-                    if self.in_window(now) {
-                        self.shared.receipted.fetch_add(1, Ordering::Relaxed);
+            types::RECEIPT | types::RECEIPTS => {
+                let seqs: Vec<u64> = if e.payload_type == types::RECEIPT {
+                    pb::Receipt::decode(e.payload.as_slice()).map(|r| vec![r.seq])
+                } else {
+                    pb::Receipts::decode(e.payload.as_slice())
+                        .map(|s| s.receipts.iter().map(|r| r.seq).collect())
+                }
+                .unwrap_or_else(|_| {
+                    self.shared.error("undecodable receipt".into());
+                    Vec::new()
+                });
+                let now = Instant::now();
+                let mut lat = self
+                    .shared
+                    .latencies
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                for seq in seqs {
+                    if let Some(sent) = waiting.remove(&seq) {
+                        if self.in_window(now) {
+                            self.shared.receipted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        lat.push((now - sent).as_micros() as u64);
                     }
-                    self.shared
-                        .latencies
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((now - sent).as_micros() as u64);
                 }
             }
             types::REFUSAL => {

@@ -266,6 +266,9 @@ async fn bytes() {
         while let Ok(Some(e)) = inbound.message().await {
             if e.payload_type == types::RECEIPT {
                 r.fetch_add(1, Ordering::Relaxed);
+            } else if e.payload_type == types::RECEIPTS {
+                let n = pb::Receipts::decode(e.payload.as_slice()).map_or(0, |s| s.receipts.len());
+                r.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
     });

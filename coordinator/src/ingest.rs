@@ -102,7 +102,7 @@ mod tests {
     use crate::{
         leases::Kind,
         store::{
-            fixtures::{databases, node, rec},
+            fixtures::{coordinator_signer, databases, node, rec},
             NodeRow,
         },
     };
@@ -112,6 +112,7 @@ mod tests {
     async fn a_nodes_answer_moves_its_lease_and_a_broken_link_is_noted() {
         for db in databases() {
             let store = db.open();
+            let signer = std::sync::Arc::new(coordinator_signer());
             store.register(node()).await.unwrap();
             let other = NodeRow {
                 node_id: "n2".into(),
@@ -154,7 +155,7 @@ mod tests {
             };
             // Another node cannot answer n1's command.
             store
-                .insert_with(vec![answer("n2", 1)], effects)
+                .insert_with(vec![answer("n2", 1)], effects, signer.clone())
                 .await
                 .unwrap();
             assert_eq!(
@@ -165,6 +166,7 @@ mod tests {
                 .insert_with(
                     vec![answer("n1", 1), link(2, 1, 0), link(3, 2, 2), link(4, 3, 9)],
                     effects,
+                    signer,
                 )
                 .await
                 .unwrap();

@@ -381,13 +381,14 @@ impl Session {
                     to_store.iter().map(|r| (r.seq, r.payload_sha256)).collect();
                 match self
                     .store
-                    .insert_with(to_store, crate::ingest::effects)
+                    .insert_with(to_store, crate::ingest::effects, self.signer.clone())
                     .await
                 {
                     Ok(stored) => {
-                        for (rec, outcome) in stored {
-                            replies.push(self.stored(rec, outcome)?);
+                        for (rec, outcome) in stored.records {
+                            replies.extend(self.stored(rec, outcome));
                         }
+                        replies.extend(stored.receipts);
                     }
                     Err(e) => {
                         // Nothing of the chunk is stored: the agent keeps the
@@ -414,9 +415,9 @@ impl Session {
     }
 
     /// What a record's storing asks once committed: its answers go to whoever
-    /// waits, a stored proof has its lease judged, and the node is answered
-    /// (the receipt, or why not).
-    fn stored(&self, rec: NewRecord, outcome: Outcome) -> Result<Envelope, Status> {
+    /// waits, a stored proof has its lease judged, and a record not stored
+    /// is refused (why). The receipts of those stored come from the store.
+    fn stored(&self, rec: NewRecord, outcome: Outcome) -> Option<Envelope> {
         if matches!(outcome, Outcome::Stored | Outcome::Duplicate) {
             for r in &rec.state.results {
                 self.registry.resolve(&self.node_id, r);
@@ -432,10 +433,9 @@ impl Session {
                 crate::verifier::lease::judge(&store, &signer, &lease, min).await
             });
         }
-        Ok(match outcome {
-            Outcome::Stored | Outcome::Duplicate => Envelope::decode(rec.receipt.as_slice())
-                .map_err(|e| Status::internal(format!("receipt re-decode: {e}")))?,
-            Outcome::Conflict { stored_sha256 } => self.refusal(
+        match outcome {
+            Outcome::Stored | Outcome::Duplicate => None,
+            Outcome::Conflict { stored_sha256 } => Some(self.refusal(
                 rec.seq,
                 rec.payload_sha256,
                 RefusalKind::Conflict,
@@ -444,7 +444,7 @@ impl Session {
                     rec.seq,
                     hex::encode(stored_sha256)
                 ),
-            ),
+            )),
             Outcome::OverQuota { stored, quota } => {
                 let why = OverLimit::Quota {
                     node: self.node_id.clone(),
@@ -455,14 +455,14 @@ impl Session {
                 tracing::warn!(node = %self.node_id, seq = rec.seq, "record refused: {why}");
                 // Retryable: the record stays in the agent's spool until
                 // the operator raises the quota.
-                self.refusal(
+                Some(self.refusal(
                     rec.seq,
                     rec.payload_sha256,
                     RefusalKind::RetryLater,
                     why.to_string(),
-                )
+                ))
             }
-        })
+        }
     }
 
     fn refusal(&self, seq: u64, digest: [u8; 32], kind: RefusalKind, reason: String) -> Envelope {

@@ -358,7 +358,7 @@ fn verify_signatures<'a>(c: &Chain<'a>) -> Verified<'a> {
         add(Some(item), types::RECORD, Some(c.node_key), Slot::Record(i));
     }
     for (i, item) in c.receipts.iter().enumerate() {
-        add(Some(item), types::RECEIPT, ckey, Slot::Receipt(i));
+        add(Some(item), receipt_type(item), ckey, Slot::Receipt(i));
     }
     for (i, item) in c.challenges.iter().enumerate() {
         add(Some(item), types::CHALLENGE, ckey, Slot::Challenge(i));
@@ -902,6 +902,15 @@ fn check_gpus(a: &pb::Attestation, leased: &[String], what: &str, report: &mut R
     }
 }
 
+/// The payload type a receipt item is checked as: a `Receipts` (several
+/// under one signature) as itself, anything else as a `Receipt`.
+fn receipt_type(item: &Item) -> &'static str {
+    match item {
+        Ok(env) if env.payload_type == types::RECEIPTS => types::RECEIPTS,
+        _ => types::RECEIPT,
+    }
+}
+
 /// What the countersignatures say of the valid windows.
 #[derive(Default)]
 struct Counted {
@@ -925,37 +934,29 @@ fn check_countersignatures(
     let mut received: BTreeMap<(u64, [u8; 32]), i64> = BTreeMap::new();
     for (i, item) in c.receipts.iter().enumerate() {
         let what = format!("receipt {}", i + 1);
-        let Some((rc, _)) = open_coordinator::<pb::Receipt>(
-            item,
-            verified.receipts[i].as_ref(),
-            types::RECEIPT,
-            &what,
-            rule::BAD_COUNTERSIGNATURE,
-            report,
-        ) else {
-            continue;
+        let ty = receipt_type(item);
+        let signed = verified.receipts[i].as_ref();
+        let rule = rule::BAD_COUNTERSIGNATURE;
+        // Each entry of a Receipts counts as a Receipt signed alone would.
+        let entries: Vec<(String, pb::Receipt)> = if ty == types::RECEIPTS {
+            match open_coordinator::<pb::Receipts>(item, signed, ty, &what, rule, report) {
+                Some((set, _)) => set
+                    .receipts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, rc)| (format!("{what} entry {}", j + 1), rc))
+                    .collect(),
+                None => continue,
+            }
+        } else {
+            match open_coordinator::<pb::Receipt>(item, signed, ty, &what, rule, report) {
+                Some((rc, _)) => vec![(what, rc)],
+                None => continue,
+            }
         };
-        if rc.node_id != node_id || rc.lease_id != c.lease_id {
-            report.fail(
-                rule::BAD_COUNTERSIGNATURE,
-                format!(
-                    "{what}: countersigns lease {} of node {}, not lease {} of node {node_id}",
-                    rc.lease_id, rc.node_id, c.lease_id
-                ),
-            );
-            continue;
+        for (what, rc) in entries {
+            count_receipt(&what, rc, node_id, &c.lease_id, &mut received, report);
         }
-        let Ok(digest) = <[u8; 32]>::try_from(rc.payload_sha256.as_slice()) else {
-            report.fail(
-                rule::BAD_COUNTERSIGNATURE,
-                format!("{what}: payload_sha256 is not 32 bytes"),
-            );
-            continue;
-        };
-        let at = received
-            .entry((rc.lease_seq, digest))
-            .or_insert(rc.time_unix_ms);
-        *at = (*at).min(rc.time_unix_ms);
     }
     let mut counted = Counted::default();
     for r in chain.valid() {
@@ -985,6 +986,39 @@ fn check_countersignatures(
         }
     }
     counted
+}
+
+/// One receipt (alone, or an entry of a Receipts) indexed by what it
+/// countersigns, unless it names another node or lease or has no digest.
+fn count_receipt(
+    what: &str,
+    rc: pb::Receipt,
+    node_id: &str,
+    lease_id: &str,
+    received: &mut BTreeMap<(u64, [u8; 32]), i64>,
+    report: &mut Report,
+) {
+    if rc.node_id != node_id || rc.lease_id != lease_id {
+        report.fail(
+            rule::BAD_COUNTERSIGNATURE,
+            format!(
+                "{what}: countersigns lease {} of node {}, not lease {lease_id} of node {node_id}",
+                rc.lease_id, rc.node_id
+            ),
+        );
+        return;
+    }
+    let Ok(digest) = <[u8; 32]>::try_from(rc.payload_sha256.as_slice()) else {
+        report.fail(
+            rule::BAD_COUNTERSIGNATURE,
+            format!("{what}: payload_sha256 is not 32 bytes"),
+        );
+        return;
+    };
+    let at = received
+        .entry((rc.lease_seq, digest))
+        .or_insert(rc.time_unix_ms);
+    *at = (*at).min(rc.time_unix_ms);
 }
 
 /// How the lease's challenges went.
@@ -1527,6 +1561,70 @@ mod tests {
         assert!(!v.holds);
         assert_eq!(v.last_seq, 3);
         assert_eq!(v.head_sha256, dsse::payload_sha256(&ev.records[2]).to_vec());
+    }
+
+    #[test]
+    fn receipts_under_one_signature_countersign_as_each_alone_would() {
+        let signed = || Lease::honest(6, 1).sign();
+        let entries = |ev: &vectors::Evidence| -> Vec<pb::Receipt> {
+            ev.receipts
+                .iter()
+                .map(|e| pb::Receipt::decode(e.payload.as_slice()).unwrap())
+                .collect()
+        };
+        let set = |by: &dsse::Signer, rs: &[pb::Receipt]| {
+            by.sign_message(
+                types::RECEIPTS,
+                &pb::Receipts {
+                    receipts: rs.to_vec(),
+                },
+            )
+        };
+        // Two sets (4 and 2 entries) stand for the six receipts.
+        let mut ev = signed();
+        let (rs, c) = (entries(&ev), ev.lease.coordinator());
+        ev.receipts = vec![set(&c, &rs[..4]), set(&c, &rs[4..])];
+        let r = run(&ev);
+        assert!(r.holds(), "{:?}", r.failures);
+        assert_eq!(r.summary.coverage, 1.0);
+
+        // Signed by the node key, not the coordinator's: none counts.
+        let mut ev = signed();
+        let rs = entries(&ev);
+        ev.receipts = vec![set(&ev.lease.node(), &rs)];
+        let r = run(&ev);
+        let missing = |r: &Report| -> Vec<String> {
+            r.failures
+                .iter()
+                .filter(|f| f.rule == rule::MISSING_COUNTERSIGNATURE)
+                .map(|f| f.detail.clone())
+                .collect()
+        };
+        assert_eq!(r.rules()[0], rule::BAD_COUNTERSIGNATURE, "{:?}", r.failures);
+        assert_eq!(missing(&r).len(), 6);
+
+        // An entry naming another lease fails alone; the others count.
+        let mut ev = signed();
+        let (mut rs, c) = (entries(&ev), ev.lease.coordinator());
+        rs[5].lease_id = "l-other".into();
+        ev.receipts = vec![set(&c, &rs)];
+        let r = run(&ev);
+        assert_eq!(r.rules()[0], rule::BAD_COUNTERSIGNATURE, "{:?}", r.failures);
+        assert!(
+            r.failures[0].detail.starts_with("receipt 1 entry 6:"),
+            "{:?}",
+            r.failures
+        );
+        let missing = missing(&r);
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert!(missing[0].contains("lease seq 6"), "{missing:?}");
+
+        // A flipped bit in the set: none counts.
+        let mut ev = signed();
+        let (rs, c) = (entries(&ev), ev.lease.coordinator());
+        ev.receipts = vec![set(&c, &rs)];
+        ev.receipts[0].payload[3] ^= 1;
+        assert!(!run(&ev).holds());
     }
 
     #[test]

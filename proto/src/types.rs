@@ -13,6 +13,9 @@ pub const HEARTBEAT: &str = "application/vnd.warden.heartbeat.v1+protobuf";
 pub const RECORD: &str = "application/vnd.warden.record.v1+protobuf";
 /// Coordinator → agent: [`crate::pb::Receipt`].
 pub const RECEIPT: &str = "application/vnd.warden.receipt.v1+protobuf";
+/// Coordinator → agent: [`crate::pb::Receipts`], several receipts of one
+/// node (and one lease, or none) under one signature.
+pub const RECEIPTS: &str = "application/vnd.warden.receipts.v1+protobuf";
 /// Coordinator → agent: [`crate::pb::Refusal`].
 pub const REFUSAL: &str = "application/vnd.warden.refusal.v1+protobuf";
 /// Coordinator → agent, first on every accepted stream: [`crate::pb::Welcome`].

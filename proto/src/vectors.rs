@@ -519,6 +519,43 @@ pub fn cases() -> Vec<Case> {
         &[],
     ));
 
+    // Receipts of records stored together, under one signature.
+    let receipts: Vec<pb::Receipt> = ev
+        .receipts
+        .iter()
+        .map(|e| pb::Receipt::decode(e.payload.as_slice()).expect("a receipt"))
+        .collect();
+    let set = |by: &Signer, receipts: Vec<pb::Receipt>| {
+        by.sign_message(types::RECEIPTS, &pb::Receipts { receipts })
+    };
+    let mut e = honest.sign();
+    e.receipts = vec![
+        set(&honest.coordinator(), receipts[..4].to_vec()),
+        set(&honest.coordinator(), receipts[4..].to_vec()),
+    ];
+    out.push(case(
+        "valid-receipts-set",
+        "As valid, the six receipts given as two Receipts (four entries and two), each under one coordinator signature, as a coordinator acknowledges records stored together.",
+        &e,
+        pinned(&e),
+        &[],
+    ));
+    let mut other = receipts.clone();
+    other[5].lease_id = "l-other".into();
+    e.receipts = vec![set(&honest.coordinator(), other)];
+    out.push(case(
+        "bad-receipts-set-entry",
+        "One Receipts for the six windows whose sixth entry names another lease: that entry is a bad countersignature and window 6 is not countersigned (coverage 5 of 6, below the verdict's); the other five count.",
+        &e,
+        pinned(&e),
+        &[
+            (BAD_COUNTERSIGNATURE, 1),
+            (MISSING_COUNTERSIGNATURE, 1),
+            (LOW_COVERAGE, 1),
+            (VERDICT_MISMATCH, 1),
+        ],
+    ));
+
     let mut l = honest.clone();
     l.start_ids[3..]
         .iter_mut()

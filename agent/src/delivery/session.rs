@@ -23,6 +23,10 @@ pub enum Inbound {
     Anchor(u64),
     /// A receipt for the bytes in flight: the record leaves the spool.
     Ack(u64),
+    /// A Receipts (several under one signature): those of `seqs` leave the
+    /// spool; `wrong` are in flight with other bytes. Its other entries are
+    /// for records no longer in flight (a set given again for a replay).
+    Acks { seqs: Vec<u64>, wrong: Vec<u64> },
     /// A refusal for good: set the record aside, saying why.
     SetAside { seq: u64, why: String },
     /// A refusal for now: the record waits and goes again after `retry_in`.
@@ -157,6 +161,27 @@ impl Session {
                     OnReceipt::WrongDigest => Inbound::Ignored(Ignored::WrongDigest { seq }),
                     OnReceipt::Unknown => Inbound::Ignored(Ignored::NotInFlight { seq }),
                 }
+            }
+            types::RECEIPTS => {
+                let set = match self.open::<pb::Receipts>(env, types::RECEIPTS, "receipts") {
+                    Ok(r) => r,
+                    Err(i) => return Inbound::Ignored(i),
+                };
+                if let Some(other) = set.receipts.iter().find(|r| r.node_id != self.node_id) {
+                    return Inbound::Ignored(Ignored::OtherNode {
+                        what: "receipts",
+                        node: other.node_id.clone(),
+                    });
+                }
+                let (mut seqs, mut wrong) = (Vec::new(), Vec::new());
+                for r in &set.receipts {
+                    match self.window.receipt(r.seq, &r.payload_sha256) {
+                        OnReceipt::Ack => seqs.push(r.seq),
+                        OnReceipt::WrongDigest => wrong.push(r.seq),
+                        OnReceipt::Unknown => {}
+                    }
+                }
+                Inbound::Acks { seqs, wrong }
             }
             types::REFUSAL => {
                 let r = match self.open::<pb::Refusal>(env, types::REFUSAL, "refusal") {
@@ -349,6 +374,69 @@ mod tests {
         assert_eq!(
             s.handle(&receipt(2, d(3)), t0),
             Inbound::Ignored(Ignored::WrongDigest { seq: 2 })
+        );
+    }
+
+    #[test]
+    fn a_receipts_acks_what_is_in_flight_with_those_bytes_and_nothing_unsigned_or_for_another() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        for seq in 1..=3 {
+            s.window().sent(seq, d(seq));
+        }
+        let entry = |node: &str, seq: u64, digest: [u8; 32]| pb::Receipt {
+            node_id: node.into(),
+            seq,
+            payload_sha256: digest.to_vec(),
+            ..Default::default()
+        };
+        let set =
+            |by: &Signer, receipts| by.sign_message(types::RECEIPTS, &pb::Receipts { receipts });
+        // Signed by another key, or naming another node: nothing leaves.
+        let stranger = Signer::from_seed(&[8; 32]);
+        assert!(matches!(
+            s.handle(&set(&stranger, vec![entry(NODE, 1, d(1))]), t0),
+            Inbound::Ignored(Ignored::Unverified {
+                what: "receipts",
+                ..
+            })
+        ));
+        assert_eq!(
+            s.handle(
+                &set(
+                    &coordinator(),
+                    vec![entry(NODE, 1, d(1)), entry("node-b", 2, d(2))]
+                ),
+                t0
+            ),
+            Inbound::Ignored(Ignored::OtherNode {
+                what: "receipts",
+                node: "node-b".into()
+            })
+        );
+        assert_eq!(s.window().in_flight(), 3);
+        // 1 and 2 acked, 3 in flight with other bytes, 9 long gone.
+        let all = vec![
+            entry(NODE, 1, d(1)),
+            entry(NODE, 2, d(2)),
+            entry(NODE, 3, d(4)),
+            entry(NODE, 9, d(9)),
+        ];
+        assert_eq!(
+            s.handle(&set(&coordinator(), all.clone()), t0),
+            Inbound::Acks {
+                seqs: vec![1, 2],
+                wrong: vec![3]
+            }
+        );
+        assert_eq!(s.window().in_flight(), 1);
+        // Given again (a replay's answer): nothing more.
+        assert_eq!(
+            s.handle(&set(&coordinator(), all), t0),
+            Inbound::Acks {
+                seqs: vec![],
+                wrong: vec![3]
+            }
         );
     }
 

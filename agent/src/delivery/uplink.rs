@@ -545,19 +545,33 @@ impl Uplink {
         Ok(())
     }
 
+    /// Records receipted: they leave the spool.
+    fn acked(&self, seqs: &[u64]) {
+        let Some(&last) = seqs.iter().max() else {
+            return;
+        };
+        for &seq in seqs {
+            self.outbox.ack(seq);
+        }
+        self.status.send_modify(|s| {
+            s.receipts += seqs.len() as u64;
+            s.last_receipt_seq = s.last_receipt_seq.max(last);
+            s.last_receipt_unix_ms = crate::now_ms();
+        });
+    }
+
     /// Does what one coordinator message asks (the session core decided
     /// it): anchors the spool, acks or sets aside a record, passes a
     /// challenge or command on, and keeps the status and the log.
     async fn carry_out(&self, inbound: Inbound) -> Result<(), UplinkError> {
         match inbound {
             Inbound::Anchor(last) => self.anchor(last).await?,
-            Inbound::Ack(seq) => {
-                self.outbox.ack(seq);
-                self.status.send_modify(|s| {
-                    s.receipts += 1;
-                    s.last_receipt_seq = s.last_receipt_seq.max(seq);
-                    s.last_receipt_unix_ms = crate::now_ms();
-                });
+            Inbound::Ack(seq) => self.acked(&[seq]),
+            Inbound::Acks { seqs, wrong } => {
+                self.acked(&seqs);
+                for seq in wrong {
+                    log_ignored(&Ignored::WrongDigest { seq });
+                }
             }
             Inbound::SetAside { seq, why } => {
                 // The outbox logs the set-aside itself.

@@ -217,7 +217,7 @@ fn evidence(tx: &mut Tx<'_>, lease_id: &str) -> Result<Option<Evidence>, DbError
     let rows = tx.query_map(
         "SELECT lr.kind, r.payload_type, r.payload, r.keyid, r.sig, rc.envelope FROM lease_records lr
          JOIN records r ON r.node_id = lr.node_id AND r.seq = lr.seq
-         JOIN receipts rc ON rc.node_id = lr.node_id AND rc.seq = lr.seq
+         JOIN receipts rc ON rc.node_id = r.node_id AND rc.seq = coalesce(r.receipt_seq, r.seq)
          WHERE lr.lease_id = ?1 ORDER BY lr.lease_seq, lr.seq",
         args![lease_id],
         |r| {
@@ -230,14 +230,18 @@ fn evidence(tx: &mut Tx<'_>, lease_id: &str) -> Result<Option<Evidence>, DbError
     )?;
     let mut records = Vec::new();
     let mut receipts = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut proof = None;
     for (kind, env, receipt) in rows {
         if kind == "proof" {
             proof = Some(env);
         } else {
             records.push(env);
-            if let Ok(r) = pb::Envelope::decode(receipt.as_slice()) {
-                receipts.push(r);
+            // One Receipts may acknowledge several of the lease's records.
+            if seen.insert(receipt.clone()) {
+                if let Ok(r) = pb::Envelope::decode(receipt.as_slice()) {
+                    receipts.push(r);
+                }
             }
         }
     }
@@ -383,7 +387,6 @@ mod tests {
                     }),
                     ..Default::default()
                 },
-                receipt: challenge(100 + seq).encode_to_vec(),
                 ..rec(seq, seq as u8)
             };
             let proof = NewRecord {
@@ -396,7 +399,11 @@ mod tests {
                 ..rec(9, 9)
             };
             store
-                .insert_with(vec![link(2, 2), link(1, 1), proof], crate::ingest::effects)
+                .insert_with(
+                    vec![link(2, 2), link(1, 1), proof],
+                    crate::ingest::effects,
+                    std::sync::Arc::new(crate::store::fixtures::coordinator_signer()),
+                )
                 .await
                 .unwrap();
             assert_eq!(store.last_challenge("l-1").await.unwrap(), None);
@@ -418,7 +425,19 @@ mod tests {
             assert_eq!(ev.records.len(), 2, "{db}");
             assert_eq!(ev.records[0].payload, vec![1]);
             assert_eq!(ev.records[1].payload, vec![2]);
-            assert_eq!(sigs(&ev.receipts), vec![101, 102], "{db}");
+            // Both links stored together: one Receipts acknowledges them,
+            // given once, with the coordinator's signature.
+            assert_eq!(ev.receipts.len(), 1, "{db}");
+            let key = crate::store::fixtures::coordinator_signer().verifying_key();
+            let set: pb::Receipts =
+                warden_proto::dsse::open(&ev.receipts[0], warden_proto::types::RECEIPTS, &key)
+                    .unwrap();
+            let links: Vec<(u64, u64, &str)> = set
+                .receipts
+                .iter()
+                .map(|r| (r.seq, r.lease_seq, r.lease_id.as_str()))
+                .collect();
+            assert_eq!(links, [(2, 2, "l-1"), (1, 1, "l-1")], "{db}");
             assert_eq!(ev.proof.unwrap().payload, vec![9]);
             assert_eq!(sigs(&ev.challenges), vec![1, 2, 3], "{db}");
             assert_eq!(ev.verdict.unwrap().signatures[0].sig, vec![99]);

@@ -37,7 +37,8 @@ pub use leases::{ChallengeTip, Evidence, SentCommand};
 pub use nodes::{Gap, MeshIdentities, NodeRow, NodeStats, Registered, MAX_GAPS};
 pub use postgres::PostgresTarget;
 pub use records::{
-    no_effects, ChainItem, Effects, GpuState, NewRecord, NodeState, Outcome, Stamped,
+    no_effects, receipt_of, sign_receipts, ChainItem, Effects, GpuState, Inserted, NewRecord,
+    NodeState, Outcome, Stamped,
 };
 
 use db::Conn;
@@ -435,9 +436,13 @@ pub(crate) mod fixtures {
             sig: vec![0; 64],
             payload_sha256: [digest; 32],
             received_ms: 1,
-            receipt: vec![9],
             state: NodeState::default(),
         }
+    }
+
+    /// The key the store's tests sign receipts with.
+    pub fn coordinator_signer() -> warden_proto::dsse::Signer {
+        warden_proto::dsse::Signer::from_seed(&[7; 32])
     }
 
     pub fn node() -> NodeRow {

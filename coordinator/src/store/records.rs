@@ -1,15 +1,27 @@
 //! Records: each node's signed records by seq, the receipts that
 //! acknowledged them, each node's stored bytes (its quota), and the latest
 //! node state they carry (GPU samples, inventory, link probe).
+//!
+//! A receipt is signed when its record is stored, in the same transaction:
+//! the records of one node stored together are acknowledged by one
+//! signature per lease among them (a `Receipts`; a `Receipt` for one), kept
+//! once in `receipts` under the first of their seqs.
 
-use warden_proto::pb;
+use std::sync::Arc;
+
+use prost::Message;
+use warden_proto::{
+    dsse::Signer,
+    pb::{self, Envelope},
+    types,
+};
 
 use super::{
     db::{args, DbError, ToArg, Tx},
     Store, StoreError,
 };
 
-/// A verified record to store, with the receipt that acknowledges it.
+/// A verified record to store.
 #[derive(Debug, Clone)]
 pub struct NewRecord {
     pub node_id: String,
@@ -20,8 +32,6 @@ pub struct NewRecord {
     pub sig: Vec<u8>,
     pub payload_sha256: [u8; 32],
     pub received_ms: i64,
-    /// The encoded, signed receipt envelope.
-    pub receipt: Vec<u8>,
     /// What the record says about the node's current state, applied only
     /// when it is newer than what is stored (replays come late).
     pub state: NodeState,
@@ -101,33 +111,169 @@ pub fn no_effects(_: &mut Tx<'_>, _: &NewRecord) -> Result<(), DbError> {
     Ok(())
 }
 
-impl Store {
-    /// Stores records; one outcome per record, in order, after commit.
-    pub async fn insert(&self, records: Vec<NewRecord>) -> Result<Vec<Outcome>, StoreError> {
-        let stored = self.insert_with(records, no_effects).await?;
-        Ok(stored.into_iter().map(|(_, o)| o).collect())
-    }
+/// What storing some records did.
+#[derive(Debug)]
+pub struct Inserted {
+    /// Each record with its outcome, in order.
+    pub records: Vec<(NewRecord, Outcome)>,
+    /// The receipts to send: for those newly stored, one envelope per node
+    /// and lease among them; for a replay, the envelope stored when it was
+    /// first stored. Each envelope once.
+    pub receipts: Vec<Envelope>,
+}
 
-    /// Stores records as `insert` does, running `effects` on each one newly
-    /// stored, in the same transaction; each record back with its outcome.
+impl Inserted {
+    pub fn outcomes(&self) -> Vec<Outcome> {
+        self.records.iter().map(|(_, o)| o.clone()).collect()
+    }
+}
+
+impl Store {
+    /// Stores records, their receipts signed by `signer`, running
+    /// `effects` on each one newly stored, in the same transaction.
     pub async fn insert_with(
         &self,
         records: Vec<NewRecord>,
         effects: Effects,
-    ) -> Result<Vec<(NewRecord, Outcome)>, StoreError> {
+        signer: Arc<Signer>,
+    ) -> Result<Inserted, StoreError> {
         let quota = self.node_quota;
         let node = records
             .first()
             .map(|r| r.node_id.clone())
             .unwrap_or_default();
         self.write_for(&node, move |tx| {
-            records
-                .into_iter()
-                .map(|r| insert_record(tx, &r, quota, effects).map(|o| (r, o)))
-                .collect()
+            insert_records(tx, records, quota, effects, &signer)
         })
         .await
     }
+}
+
+#[cfg(test)]
+impl Store {
+    /// Stores records with no effects, receipts signed by the test key;
+    /// one outcome per record, in order.
+    pub async fn insert(&self, records: Vec<NewRecord>) -> Result<Vec<Outcome>, StoreError> {
+        let signer = Arc::new(super::fixtures::coordinator_signer());
+        Ok(self
+            .insert_with(records, no_effects, signer)
+            .await?
+            .outcomes())
+    }
+}
+
+/// The receipts of the records of one node and one lease (or none) stored
+/// together, kept under the first one's seq.
+struct Group {
+    node_id: String,
+    lease_id: String,
+    anchor: u64,
+    entries: Vec<pb::Receipt>,
+}
+
+fn insert_records(
+    tx: &mut Tx<'_>,
+    records: Vec<NewRecord>,
+    quota: u64,
+    effects: Effects,
+    signer: &Signer,
+) -> Result<Inserted, DbError> {
+    let mut out = Vec::with_capacity(records.len());
+    let mut groups: Vec<Group> = Vec::new();
+    let mut receipts: Vec<Vec<u8>> = Vec::new();
+    for r in records {
+        let entry = receipt_of(&r);
+        let at = groups
+            .iter()
+            .position(|g| g.node_id == r.node_id && g.lease_id == entry.lease_id);
+        let anchor = at.map_or(r.seq, |i| groups[i].anchor);
+        let outcome = insert_record(tx, &r, quota, effects, anchor)?;
+        match outcome {
+            Outcome::Stored => match at {
+                Some(i) => groups[i].entries.push(entry),
+                None => groups.push(Group {
+                    node_id: r.node_id.clone(),
+                    lease_id: entry.lease_id.clone(),
+                    anchor,
+                    entries: vec![entry],
+                }),
+            },
+            Outcome::Duplicate => {
+                // The receipt given when it was stored; one signed now for a
+                // record stored without one (none is, since receipts came in).
+                let env = match stored_receipt(tx, &r.node_id, r.seq)? {
+                    Some(env) => env,
+                    None => sign_receipts(signer, vec![entry]).encode_to_vec(),
+                };
+                if !receipts.contains(&env) {
+                    receipts.push(env);
+                }
+            }
+            Outcome::Conflict { .. } | Outcome::OverQuota { .. } => {}
+        }
+        out.push((r, outcome));
+    }
+    let mut envelopes = Vec::with_capacity(groups.len() + receipts.len());
+    for g in groups {
+        let env = sign_receipts(signer, g.entries);
+        tx.exec(
+            "INSERT INTO receipts (node_id, seq, envelope) VALUES (?1, ?2, ?3)
+             ON CONFLICT (node_id, seq) DO UPDATE SET envelope = excluded.envelope",
+            args![g.node_id, g.anchor as i64, env.encode_to_vec()],
+        )?;
+        envelopes.push(env);
+    }
+    envelopes.extend(
+        receipts
+            .iter()
+            .filter_map(|bytes| Envelope::decode(bytes.as_slice()).ok()),
+    );
+    Ok(Inserted {
+        records: out,
+        receipts: envelopes,
+    })
+}
+
+/// What a record's receipt says: when it arrived, and for an attestation
+/// its lease and lease seq (the live countersignature of that link).
+pub fn receipt_of(r: &NewRecord) -> pb::Receipt {
+    let (lease_id, lease_seq) = match &r.state.chain {
+        Some(ChainItem::Attestation {
+            lease_id,
+            lease_seq,
+            ..
+        }) => (lease_id.clone(), *lease_seq),
+        _ => (String::new(), 0),
+    };
+    pb::Receipt {
+        node_id: r.node_id.clone(),
+        seq: r.seq,
+        payload_sha256: r.payload_sha256.to_vec(),
+        time_unix_ms: r.received_ms,
+        lease_id,
+        lease_seq,
+    }
+}
+
+/// One signature over receipts of one node and lease: a `Receipt` alone,
+/// a `Receipts` for several (signing each cost more than storing it).
+pub fn sign_receipts(signer: &Signer, mut entries: Vec<pb::Receipt>) -> Envelope {
+    if entries.len() == 1 {
+        let one = entries.remove(0);
+        return signer.sign_message(types::RECEIPT, &one);
+    }
+    signer.sign_message(types::RECEIPTS, &pb::Receipts { receipts: entries })
+}
+
+/// The envelope that acknowledged a stored record, if any.
+fn stored_receipt(tx: &mut Tx<'_>, node_id: &str, seq: u64) -> Result<Option<Vec<u8>>, DbError> {
+    tx.query_row(
+        "SELECT rc.envelope FROM records r JOIN receipts rc
+            ON rc.node_id = r.node_id AND rc.seq = coalesce(r.receipt_seq, r.seq)
+         WHERE r.node_id = ?1 AND r.seq = ?2",
+        args![node_id, seq as i64],
+        |row| row.get(0),
+    )
 }
 
 /// Stores one record (unless it is a replay, a conflict or over quota),
@@ -141,6 +287,7 @@ fn insert_record(
     r: &NewRecord,
     node_quota: u64,
     effects: Effects,
+    receipt_seq: u64,
 ) -> Result<Outcome, DbError> {
     let seq = r.seq as i64;
     let size = r.payload.len() as i64;
@@ -170,8 +317,8 @@ fn insert_record(
     }
     let inserted = tx.exec(
         "INSERT INTO records (node_id, seq, payload_type, payload, keyid, sig,
-                              payload_sha256, received_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                              payload_sha256, received_ms, receipt_seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT (node_id, seq) DO NOTHING",
         args![
             r.node_id,
@@ -181,7 +328,8 @@ fn insert_record(
             r.keyid,
             r.sig,
             &r.payload_sha256[..],
-            r.received_ms
+            r.received_ms,
+            receipt_seq as i64
         ],
     )?;
     if inserted == 0 {
@@ -195,11 +343,6 @@ fn insert_record(
         }
         return Ok(stored_as(tx, r)?.unwrap_or(Outcome::Duplicate));
     }
-    tx.exec(
-        "INSERT INTO receipts (node_id, seq, envelope) VALUES (?1, ?2, ?3)
-         ON CONFLICT (node_id, seq) DO UPDATE SET envelope = excluded.envelope",
-        args![r.node_id, seq, r.receipt],
-    )?;
     keep_newest_state(tx, &r.node_id, &r.state)?;
     effects(tx, r)?;
     Ok(Outcome::Stored)

@@ -340,7 +340,9 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     // middle of the tree, and with rows of a kilobyte or more every insert
     // rebalanced pages there: the commits wrote about seven times the
     // records' bytes. Appended at the end, a page is written once full.
-    // PostgreSQL's tables are heaps already.
+    // PostgreSQL's tables are heaps already. On both, `receipt_seq`: the
+    // seq under which the record's receipt is stored in `receipts` when one
+    // envelope (a Receipts) acknowledged several records; NULL for its own.
     Migration {
         sqlite: "CREATE TABLE records_arrived (
                 id INTEGER PRIMARY KEY,
@@ -351,7 +353,8 @@ pub(super) const MIGRATIONS: &[Migration] = &[
                 keyid TEXT NOT NULL,
                 sig BLOB NOT NULL,
                 payload_sha256 BLOB NOT NULL,
-                received_ms INTEGER NOT NULL
+                received_ms INTEGER NOT NULL,
+                receipt_seq INTEGER
             );
             INSERT INTO records_arrived (node_id, seq, payload_type, payload, keyid, sig,
                                          payload_sha256, received_ms)
@@ -360,7 +363,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
             DROP TABLE records;
             ALTER TABLE records_arrived RENAME TO records;
             CREATE UNIQUE INDEX records_node_seq ON records (node_id, seq);",
-        postgres: "SELECT 1;",
+        postgres: "ALTER TABLE records ADD COLUMN receipt_seq BIGINT;",
     },
 ];
 

@@ -261,27 +261,6 @@ impl NodeCheck<'_> {
                     .map(|s| s.sig.clone())
                     .unwrap_or_default();
                 let state = node_state(&rec);
-                // An attestation's receipt is the live countersignature of
-                // that link: its lease and lease seq, and when it arrived.
-                let (lease_id, lease_seq) = match &state.chain {
-                    Some(ChainItem::Attestation {
-                        lease_id,
-                        lease_seq,
-                        ..
-                    }) => (lease_id.clone(), *lease_seq),
-                    _ => (String::new(), 0),
-                };
-                let receipt = self.signer.sign_message(
-                    types::RECEIPT,
-                    &pb::Receipt {
-                        node_id: self.node_id.to_owned(),
-                        seq: rec.seq,
-                        payload_sha256: digest.to_vec(),
-                        time_unix_ms: now_ms(),
-                        lease_id,
-                        lease_seq,
-                    },
-                );
                 Inbound::Store(Box::new(NewRecord {
                     node_id: self.node_id.to_owned(),
                     seq: rec.seq,
@@ -291,7 +270,6 @@ impl NodeCheck<'_> {
                     sig,
                     payload_sha256: digest,
                     received_ms: now_ms(),
-                    receipt: receipt.encode_to_vec(),
                     state,
                 }))
             }

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 TYPE_RECORD = "application/vnd.warden.record.v1+protobuf"
 TYPE_RECEIPT = "application/vnd.warden.receipt.v1+protobuf"
+TYPE_RECEIPTS = "application/vnd.warden.receipts.v1+protobuf"
 TYPE_CHALLENGE = "application/vnd.warden.challenge.v1+protobuf"
 TYPE_VERDICT = "application/vnd.warden.verdict.v1+protobuf"
 
@@ -357,6 +358,7 @@ RECORD = {1: S("node_id", "string"), 2: S("seq", "uint64"), 3: S("time_unix_ms",
           "_oneof": (10, 11, 12, 13, 14)}
 RECEIPT = {1: S("node_id", "string"), 2: S("seq", "uint64"), 3: S("payload_sha256", "bytes"),
            4: S("time_unix_ms", "int64"), 5: S("lease_id", "string"), 6: S("lease_seq", "uint64")}
+RECEIPTS = {1: S("receipts", RECEIPT, True)}
 CHALLENGE = {1: S("node_id", "string"), 2: S("lease_id", "string"), 3: S("nonce", "bytes"),
              4: S("issued_unix_ms", "int64"), 5: S("deadline_unix_ms", "int64"),
              6: S("index", "uint64"), 7: S("prev_sha256", "bytes")}
@@ -367,8 +369,8 @@ LEASE_VERDICT = {1: S("lease_id", "string"), 2: S("node_id", "string"), 3: S("ho
                  10: S("last_seq", "uint64"), 11: S("challenges", "uint64"),
                  12: S("last_challenge_sha256", "bytes"), 13: S("gpus", "string", True)}
 
-SCHEMA_OF_TYPE = {TYPE_RECORD: RECORD, TYPE_RECEIPT: RECEIPT, TYPE_CHALLENGE: CHALLENGE,
-                  TYPE_VERDICT: LEASE_VERDICT}
+SCHEMA_OF_TYPE = {TYPE_RECORD: RECORD, TYPE_RECEIPT: RECEIPT, TYPE_RECEIPTS: RECEIPTS,
+                  TYPE_CHALLENGE: CHALLENGE, TYPE_VERDICT: LEASE_VERDICT}
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,19 +750,24 @@ class Lease:
             if self.coord_key is None:
                 self.fail("bad-countersignature", f"{item.label()}: no coordinator key")
                 continue
+            # A Receipts is checked as itself, anything else as a Receipt.
+            ptype = TYPE_RECEIPTS if item.env.payload_type == TYPE_RECEIPTS else TYPE_RECEIPT
             try:
-                r = open_envelope(item.env, TYPE_RECEIPT, self.coord_key)
+                opened = open_envelope(item.env, ptype, self.coord_key)
             except VerifyError as e:
                 self.fail("bad-countersignature", f"{item.label()}: {e.reason}")
                 continue
-            if (r["node_id"] != self.node_id() or r["lease_id"] != self.lease_id
-                    or len(r["payload_sha256"]) != 32):
-                self.fail("bad-countersignature", f"{item.label()}: another node or lease, or "
-                                                  f"not a 32-byte digest")
-                continue
-            k = (r["lease_seq"], r["payload_sha256"])
-            if k not in self.receipt_index or r["time_unix_ms"] < self.receipt_index[k]:
-                self.receipt_index[k] = r["time_unix_ms"]
+            # Each entry of a Receipts counts as a Receipt signed alone would.
+            entries = opened["receipts"] if ptype == TYPE_RECEIPTS else [opened]
+            for r in entries:
+                if (r["node_id"] != self.node_id() or r["lease_id"] != self.lease_id
+                        or len(r["payload_sha256"]) != 32):
+                    self.fail("bad-countersignature", f"{item.label()}: another node or lease, "
+                                                      f"or not a 32-byte digest")
+                    continue
+                k = (r["lease_seq"], r["payload_sha256"])
+                if k not in self.receipt_index or r["time_unix_ms"] < self.receipt_index[k]:
+                    self.receipt_index[k] = r["time_unix_ms"]
         for m in self.valid_members():
             s = m.att["lease_seq"]
             t = self.receipt_index.get((s, m.digest))
