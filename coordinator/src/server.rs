@@ -38,6 +38,11 @@ use crate::{
 /// Largest envelope accepted from an agent (a 4 MiB payload and its signature).
 pub const MAX_MESSAGE_BYTES: usize = (4 << 20) + 4096;
 
+/// HTTP/2 receive window of an agent's connection and stream: at most this
+/// much sent and not yet read per connection, however many records its
+/// agent has to send (a read chunk holds about as much again).
+pub const RECEIVE_WINDOW_BYTES: u32 = 128 << 10;
+
 /// Why the coordinator could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -274,6 +279,11 @@ pub async fn start(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         // An agent needs one stream (the probe opens its own connection).
         .max_concurrent_streams(Some(32))
+        // What a connection may have sent and not yet been read: an agent
+        // emptying its spool fills it, and every connection may at once
+        // (hyper's default is 1 MiB each, 8 GiB for 8,192 connections).
+        .initial_stream_window_size(Some(RECEIVE_WINDOW_BYTES))
+        .initial_connection_window_size(Some(RECEIVE_WINDOW_BYTES))
         .layer(TrackRpcsLayer)
         .add_service(health_svc)
         .add_service(reflection)

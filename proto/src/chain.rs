@@ -955,7 +955,7 @@ fn check_countersignatures(
             }
         };
         for (what, rc) in entries {
-            count_receipt(&what, rc, node_id, &c.lease_id, &mut received, report);
+            count_receipt(&what, rc, node_id, c.lease_id, &mut received, report);
         }
     }
     let mut counted = Counted::default();
