@@ -386,11 +386,20 @@ fn receipt_delays(b: &Value) -> Vec<i64> {
             ends.insert(a.lease_seq, a.window_end_unix_ms);
         }
     }
+    // After the outage the spool's attestations come in together: one
+    // Receipts acknowledges them, each entry a receipt.
     b["receipts"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| pb::Receipt::decode(b64(&r["payload"]).as_slice()).unwrap())
+        .flat_map(|r| {
+            let payload = b64(&r["payload"]);
+            if r["payloadType"] == warden_proto::types::RECEIPTS {
+                pb::Receipts::decode(payload.as_slice()).unwrap().receipts
+            } else {
+                vec![pb::Receipt::decode(payload.as_slice()).unwrap()]
+            }
+        })
         .filter_map(|rc| Some(rc.time_unix_ms - ends.get(&rc.lease_seq)?))
         .collect()
 }

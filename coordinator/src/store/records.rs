@@ -470,6 +470,83 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn records_stored_together_get_one_signature_per_lease_and_a_replay_the_same() {
+        for db in databases() {
+            let store = db.open();
+            store.register(node()).await.unwrap();
+            let signer = Arc::new(crate::store::fixtures::coordinator_signer());
+            let key = signer.verifying_key();
+            let link = |seq: u64, lease: &str| NewRecord {
+                state: NodeState {
+                    chain: Some(ChainItem::Attestation {
+                        lease_id: lease.into(),
+                        lease_seq: seq,
+                        prev_sha256: vec![0; 32],
+                    }),
+                    ..Default::default()
+                },
+                ..rec(seq, seq as u8)
+            };
+            let first = store
+                .insert_with(
+                    vec![
+                        rec(1, 1),
+                        link(2, "l-a"),
+                        rec(3, 3),
+                        link(4, "l-a"),
+                        link(5, "l-b"),
+                    ],
+                    no_effects,
+                    signer.clone(),
+                )
+                .await
+                .unwrap();
+            assert!(first.outcomes().iter().all(|o| *o == Outcome::Stored));
+            // No lease, l-a, l-b: three envelopes; one alone is a Receipt.
+            let kinds: Vec<&str> = first
+                .receipts
+                .iter()
+                .map(|e| e.payload_type.as_str())
+                .collect();
+            assert_eq!(
+                kinds,
+                [types::RECEIPTS, types::RECEIPTS, types::RECEIPT],
+                "{db}"
+            );
+            let set: pb::Receipts =
+                warden_proto::dsse::open(&first.receipts[1], types::RECEIPTS, &key).unwrap();
+            let seqs: Vec<(u64, &str, u64)> = set
+                .receipts
+                .iter()
+                .map(|r| (r.seq, r.lease_id.as_str(), r.lease_seq))
+                .collect();
+            assert_eq!(seqs, [(2, "l-a", 2), (4, "l-a", 4)], "{db}");
+            // Replays of 2 and 4 (and a conflict under 3): the envelope they
+            // were given, once; nothing for the conflict.
+            let again = store
+                .insert_with(
+                    vec![link(2, "l-a"), rec(3, 9), link(4, "l-a")],
+                    no_effects,
+                    signer,
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                again.outcomes(),
+                [
+                    Outcome::Duplicate,
+                    Outcome::Conflict {
+                        stored_sha256: vec![3; 32]
+                    },
+                    Outcome::Duplicate
+                ],
+                "{db}"
+            );
+            assert_eq!(again.receipts, [first.receipts[1].clone()], "{db}");
+        }
+    }
+
+    #[tokio::test]
     async fn survives_reopen() {
         for db in databases() {
             {
