@@ -262,20 +262,7 @@ fn a_cluster_hired_through_one_replica_runs_on_nodes_of_the_other_and_outlives_i
     wait_for(
         "b sees both nodes connected with GPUs",
         Duration::from_secs(60),
-        || {
-            let list = nodes_json(&b);
-            (list
-                .as_array()?
-                .iter()
-                .filter(|n| {
-                    n["connected"] == true
-                        && n["mesh_public_key"] != ""
-                        && n["inventory"]["gpus"].as_array().map_or(0, |g| g.len()) == 2
-                })
-                .count()
-                == 2)
-                .then_some(())
-        },
+        || (common::hire::ready(&nodes_json(&b))? == 2).then_some(()),
     );
 
     // Hired through b: leases and MeshConfigs relayed to a's streams.

@@ -339,7 +339,6 @@ impl Session {
             let check = NodeCheck {
                 node_id: &self.node_id,
                 key: &self.key,
-                signer: &self.signer,
             };
             for inbound in check.check_all(&envs) {
                 match inbound {

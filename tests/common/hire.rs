@@ -116,19 +116,7 @@ pub fn rig(tag: &str, net: u8, labels: &[&str], spare: usize) -> Rig {
     wait_for(
         "every node connected with GPUs and a mesh key",
         Duration::from_secs(60),
-        || {
-            let n = nodes_json(&coord);
-            (n.as_array()?
-                .iter()
-                .filter(|n| {
-                    n["connected"] == true
-                        && n["mesh_public_key"] != ""
-                        && n["inventory"]["gpus"].as_array().map_or(0, |g| g.len()) == 2
-                })
-                .count()
-                == labels.len())
-            .then_some(())
-        },
+        || (ready(&nodes_json(&coord))? == labels.len()).then_some(()),
     );
     Rig {
         tmp,
@@ -138,4 +126,20 @@ pub fn rig(tag: &str, net: u8, labels: &[&str], spare: usize) -> Rig {
         names,
         id,
     }
+}
+
+/// How many nodes of `warden nodes --json` could join a cluster: connected,
+/// with a mesh key and the rig's two GPUs.
+pub fn ready(nodes: &serde_json::Value) -> Option<usize> {
+    Some(
+        nodes
+            .as_array()?
+            .iter()
+            .filter(|n| {
+                n["connected"] == true
+                    && n["mesh_public_key"] != ""
+                    && n["inventory"]["gpus"].as_array().map_or(0, |g| g.len()) == 2
+            })
+            .count(),
+    )
 }

@@ -180,14 +180,16 @@ fn insert_records(
 ) -> Result<Inserted, DbError> {
     let mut out = Vec::with_capacity(records.len());
     let mut groups: Vec<Group> = Vec::new();
-    let mut receipts: Vec<Vec<u8>> = Vec::new();
+    // Replays: where each one's receipt is stored (node, seq), each once,
+    // and the receipt to sign should none be there.
+    let mut replayed: Vec<(String, u64, pb::Receipt)> = Vec::new();
     for r in records {
         let entry = receipt_of(&r);
         let at = groups
             .iter()
             .position(|g| g.node_id == r.node_id && g.lease_id == entry.lease_id);
         let anchor = at.map_or(r.seq, |i| groups[i].anchor);
-        let outcome = insert_record(tx, &r, quota, effects, anchor)?;
+        let (outcome, receipt_at) = insert_record(tx, &r, quota, effects, anchor)?;
         match outcome {
             Outcome::Stored => match at {
                 Some(i) => groups[i].entries.push(entry),
@@ -199,21 +201,16 @@ fn insert_records(
                 }),
             },
             Outcome::Duplicate => {
-                // The receipt given when it was stored; one signed now for a
-                // record stored without one (none is, since receipts came in).
-                let env = match stored_receipt(tx, &r.node_id, r.seq)? {
-                    Some(env) => env,
-                    None => sign_receipts(signer, vec![entry]).encode_to_vec(),
-                };
-                if !receipts.contains(&env) {
-                    receipts.push(env);
+                let at = receipt_at.unwrap_or(r.seq);
+                if !replayed.iter().any(|(n, s, _)| *n == r.node_id && *s == at) {
+                    replayed.push((r.node_id.clone(), at, entry));
                 }
             }
             Outcome::Conflict { .. } | Outcome::OverQuota { .. } => {}
         }
         out.push((r, outcome));
     }
-    let mut envelopes = Vec::with_capacity(groups.len() + receipts.len());
+    let mut envelopes = Vec::with_capacity(groups.len() + replayed.len());
     for g in groups {
         let env = sign_receipts(signer, g.entries);
         tx.exec(
@@ -223,11 +220,21 @@ fn insert_records(
         )?;
         envelopes.push(env);
     }
-    envelopes.extend(
-        receipts
-            .iter()
-            .filter_map(|bytes| Envelope::decode(bytes.as_slice()).ok()),
-    );
+    for (node_id, at, entry) in replayed {
+        // The receipt given when it was stored; one signed now for a record
+        // stored without one (none is, since receipts came in).
+        let stored: Option<Vec<u8>> = tx.query_row(
+            "SELECT envelope FROM receipts WHERE node_id = ?1 AND seq = ?2",
+            args![node_id, at as i64],
+            |row| row.get(0),
+        )?;
+        envelopes.push(
+            match stored.and_then(|b| Envelope::decode(b.as_slice()).ok()) {
+                Some(env) => env,
+                None => sign_receipts(signer, vec![entry]),
+            },
+        );
+    }
     Ok(Inserted {
         records: out,
         receipts: envelopes,
@@ -265,30 +272,20 @@ pub fn sign_receipts(signer: &Signer, mut entries: Vec<pb::Receipt>) -> Envelope
     signer.sign_message(types::RECEIPTS, &pb::Receipts { receipts: entries })
 }
 
-/// The envelope that acknowledged a stored record, if any.
-fn stored_receipt(tx: &mut Tx<'_>, node_id: &str, seq: u64) -> Result<Option<Vec<u8>>, DbError> {
-    tx.query_row(
-        "SELECT rc.envelope FROM records r JOIN receipts rc
-            ON rc.node_id = r.node_id AND rc.seq = coalesce(r.receipt_seq, r.seq)
-         WHERE r.node_id = ?1 AND r.seq = ?2",
-        args![node_id, seq as i64],
-        |row| row.get(0),
-    )
-}
-
 /// Stores one record (unless it is a replay, a conflict or over quota),
 /// its receipt and the node state it carries, then runs `effects` on it.
 /// Idempotent by (node, seq, digest) also across replicas: of two storing
 /// the same record at once, one stores it and the other finds it stored.
 /// The insert comes first (one index lookup for a new record, the common
-/// case); what is there is read only when it did nothing.
+/// case); what is there is read only when it did nothing. For a replay,
+/// also the seq its receipt is stored under.
 fn insert_record(
     tx: &mut Tx<'_>,
     r: &NewRecord,
     node_quota: u64,
     effects: Effects,
     receipt_seq: u64,
-) -> Result<Outcome, DbError> {
+) -> Result<(Outcome, Option<u64>), DbError> {
     let seq = r.seq as i64;
     let size = r.payload.len() as i64;
     // The room is taken first, where the quota has it: the check and the
@@ -309,10 +306,13 @@ fn insert_record(
         // A node with no row has nothing to charge (tools, tests).
         if let Some(used) = used {
             // A replay is receipted again even over quota: it takes no room.
-            return Ok(stored_as(tx, r)?.unwrap_or(Outcome::OverQuota {
-                stored: used.max(0) as u64,
-                quota: node_quota,
-            }));
+            return Ok(stored_as(tx, r)?.unwrap_or((
+                Outcome::OverQuota {
+                    stored: used.max(0) as u64,
+                    quota: node_quota,
+                },
+                None,
+            )));
         }
     }
     let inserted = tx.exec(
@@ -341,28 +341,33 @@ fn insert_record(
                 args![r.node_id, size],
             )?;
         }
-        return Ok(stored_as(tx, r)?.unwrap_or(Outcome::Duplicate));
+        return Ok(stored_as(tx, r)?.unwrap_or((Outcome::Duplicate, None)));
     }
     keep_newest_state(tx, &r.node_id, &r.state)?;
     effects(tx, r)?;
-    Ok(Outcome::Stored)
+    Ok((Outcome::Stored, None))
 }
 
 /// What a record already stored under this seq makes of `r`: the same one
-/// (a replay) or a different one (a conflict); None when there is none.
-fn stored_as(tx: &mut Tx<'_>, r: &NewRecord) -> Result<Option<Outcome>, DbError> {
-    let stored: Option<Vec<u8>> = tx.query_row(
-        "SELECT payload_sha256 FROM records WHERE node_id = ?1 AND seq = ?2",
+/// (a replay, with the seq its receipt is stored under) or a different one
+/// (a conflict); None when there is none.
+fn stored_as(tx: &mut Tx<'_>, r: &NewRecord) -> Result<Option<(Outcome, Option<u64>)>, DbError> {
+    let stored: Option<(Vec<u8>, i64)> = tx.query_row(
+        "SELECT payload_sha256, coalesce(receipt_seq, seq) FROM records
+         WHERE node_id = ?1 AND seq = ?2",
         args![r.node_id, r.seq as i64],
-        |row| row.get(0),
+        |row| Ok((row.get(0)?, row.get(1)?)),
     )?;
-    Ok(stored.map(|stored| {
+    Ok(stored.map(|(stored, at)| {
         if stored == r.payload_sha256 {
-            Outcome::Duplicate
+            (Outcome::Duplicate, Some(at as u64))
         } else {
-            Outcome::Conflict {
-                stored_sha256: stored,
-            }
+            (
+                Outcome::Conflict {
+                    stored_sha256: stored,
+                },
+                None,
+            )
         }
     }))
 }

@@ -5,7 +5,7 @@
 
 use prost::Message;
 use warden_proto::{
-    dsse::{self, Signer, VerifyError, VerifyingKey},
+    dsse::{self, VerifyError, VerifyingKey},
     limits::{self, RecordKind},
     pb::{self, Envelope, RefusalKind},
     types,
@@ -86,16 +86,14 @@ pub fn check_register(
     Ok((reg, key))
 }
 
-/// Checks one node's envelopes after its Register: the node, its key, and
-/// the coordinator's signer (for receipts).
+/// Checks one node's envelopes after its Register: the node and its key.
 pub struct NodeCheck<'a> {
     pub node_id: &'a str,
     pub key: &'a VerifyingKey,
-    pub signer: &'a Signer,
 }
 
-/// What one inbound envelope asks of the session: store it (with its
-/// receipt), refuse it (and why), or note a heartbeat.
+/// What one inbound envelope asks of the session: store it (the store
+/// signs its receipt), refuse it (and why), or note a heartbeat.
 pub enum Inbound {
     Store(Box<NewRecord>),
     Refuse {
@@ -360,6 +358,7 @@ pub fn node_state(rec: &pb::Record) -> NodeState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use warden_proto::dsse::Signer;
 
     const NONCE: [u8; 32] = [7; 32];
 
@@ -463,12 +462,10 @@ mod tests {
     fn a_chunk_checked_as_one_batch_comes_out_as_each_checked_alone() {
         let (node, _) = Signer::generate().unwrap();
         let (other, _) = Signer::generate().unwrap();
-        let (coordinator, _) = Signer::generate().unwrap();
         let key = node.verifying_key();
         let check = NodeCheck {
             node_id: node.key_id(),
             key: &key,
-            signer: &coordinator,
         };
         let record = |by: &Signer, seq| {
             by.sign_message(
@@ -514,12 +511,10 @@ mod tests {
     #[test]
     fn a_heartbeat_is_taken_as_its_stream_is_but_never_for_another_node() {
         let (node, _) = Signer::generate().unwrap();
-        let (coordinator, _) = Signer::generate().unwrap();
         let key = node.verifying_key();
         let check = NodeCheck {
             node_id: node.key_id(),
             key: &key,
-            signer: &coordinator,
         };
         let hb = |node_id: &str| pb::Heartbeat {
             node_id: node_id.into(),
