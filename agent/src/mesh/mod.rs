@@ -32,7 +32,7 @@ pub mod device;
 pub mod ifaddr;
 pub mod key;
 #[cfg(test)]
-mod netns;
+pub(crate) mod netns;
 pub mod node;
 pub mod offload;
 pub mod peers;

@@ -526,6 +526,30 @@ impl Docker {
         Ok(true)
     }
 
+    /// The host interface of a bridge network: the name it was given, or
+    /// Docker's `br-` and the first 12 characters of its id.
+    pub async fn network_bridge(&self, name: &str) -> Result<String, DockerError> {
+        let net = self
+            .api
+            .inspect_network(name, None::<InspectNetworkOptions>)
+            .await
+            .map_err(|e| self.error(format!("inspect network {name}"), e))?;
+        let given = net
+            .options
+            .as_ref()
+            .and_then(|o| o.get("com.docker.network.bridge.name"))
+            .filter(|b| !b.is_empty());
+        match (given, net.id.as_deref()) {
+            (Some(b), _) => Ok(b.clone()),
+            (None, Some(id)) if id.len() >= 12 => Ok(format!("br-{}", &id[..12])),
+            _ => Err(DockerError::Api {
+                what: format!("inspect network {name}"),
+                status: None,
+                message: "it has no id".into(),
+            }),
+        }
+    }
+
     /// Removes a network; one already gone is not an error.
     pub async fn remove_network(&self, name: &str) -> Result<(), DockerError> {
         match self.api.remove_network(name).await {

@@ -39,8 +39,8 @@ use crate::{
 use super::{
     book::{Book, Container, Lease, ObservedStatus},
     confine::{self, WorkloadConfig, LABEL_LEASE, LABEL_NAME, LABEL_NODE},
-    docker::{ContainerEvent, Docker, EventKind},
-    hostpath,
+    docker::{ContainerEvent, Docker, DockerError, EventKind},
+    hostpath, isolation,
 };
 
 /// How often an unreachable Docker is tried again.
@@ -517,7 +517,7 @@ impl State {
             if owner != self.w.node_id || self.book.leases.contains_key(lease) {
                 continue;
             }
-            match docker.remove_network(&name).await {
+            match drop_network(docker, &name).await {
                 Ok(()) => {
                     tracing::info!(%lease, network = %name, "removed the network of no active lease")
                 }
@@ -1057,13 +1057,22 @@ impl State {
         {
             tracing::info!(lease = %lease_id, network = %name, "lease network created");
         }
-        Ok(())
+        // Before any container of the lease is on it; again for each (a
+        // rule deleted by hand comes back at the next container).
+        let bridge = docker
+            .network_bridge(&name)
+            .await
+            .map_err(|e| format!("lease network: {e}"))?;
+        tokio::task::spawn_blocking(move || isolation::isolate(&bridge))
+            .await
+            .map_err(|e| format!("lease network isolation: {e}"))?
+            .map_err(|e| format!("lease network {name}: {e}"))
     }
 
     /// Removes a lease's network, saying so if it cannot.
     async fn remove_network(&self, docker: &Docker, lease_id: &str) {
         let name = confine::network_name(lease_id);
-        if let Err(e) = docker.remove_network(&name).await {
+        if let Err(e) = drop_network(docker, &name).await {
             tracing::warn!(lease = %lease_id, network = %name, error = %e, "cannot remove the lease network");
         }
     }
@@ -1206,6 +1215,27 @@ impl State {
         s.time_unix_ms = crate::now_ms();
         Ok(vec![s])
     }
+}
+
+/// Removes a lease network, then the rules that kept its bridge apart
+/// (not before: its containers may still be on it until it goes).
+async fn drop_network(docker: &Docker, name: &str) -> Result<(), String> {
+    let bridge = match docker.network_bridge(name).await {
+        Ok(b) => Some(b),
+        Err(DockerError::NotFound { .. }) => None,
+        Err(e) => return Err(e.to_string()),
+    };
+    docker
+        .remove_network(name)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(bridge) = bridge {
+        tokio::task::spawn_blocking(move || isolation::release(&bridge))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
