@@ -162,11 +162,14 @@ impl Store {
     }
 }
 
-/// The receipts of the records of one node and one lease (or none) stored
-/// together, kept under the first one's seq.
+/// The receipts of the records of one node and one lease (or none)
+/// stored together, kept under the first one's seq; or of replays among
+/// them, signed again and not kept.
 struct Group {
     node_id: String,
     lease_id: String,
+    /// Newly stored (kept under `anchor`), or replays.
+    kept: bool,
     anchor: u64,
     entries: Vec<pb::Receipt>,
 }
@@ -180,60 +183,53 @@ fn insert_records(
 ) -> Result<Inserted, DbError> {
     let mut out = Vec::with_capacity(records.len());
     let mut groups: Vec<Group> = Vec::new();
-    // Replays: where each one's receipt is stored (node, seq), each once,
-    // and the receipt to sign should none be there.
-    let mut replayed: Vec<(String, u64, pb::Receipt)> = Vec::new();
     for r in records {
-        let entry = receipt_of(&r);
-        let at = groups
-            .iter()
-            .position(|g| g.node_id == r.node_id && g.lease_id == entry.lease_id);
+        let mut entry = receipt_of(&r);
+        let group = |groups: &[Group], kept| {
+            groups.iter().position(|g| {
+                g.kept == kept && g.node_id == r.node_id && g.lease_id == entry.lease_id
+            })
+        };
+        let at = group(&groups, true);
         let anchor = at.map_or(r.seq, |i| groups[i].anchor);
-        let (outcome, receipt_at) = insert_record(tx, &r, quota, effects, anchor)?;
-        match outcome {
-            Outcome::Stored => match at {
-                Some(i) => groups[i].entries.push(entry),
-                None => groups.push(Group {
-                    node_id: r.node_id.clone(),
-                    lease_id: entry.lease_id.clone(),
-                    anchor,
-                    entries: vec![entry],
-                }),
-            },
+        let (outcome, first_received) = insert_record(tx, &r, quota, effects, anchor)?;
+        let at = match outcome {
+            Outcome::Stored => Some((at, true)),
+            // A replay is receipted as it was first received, signed
+            // again with the chunk's other replays: not the stored
+            // envelope, which may hold hundreds of others' receipts (a
+            // node replaying one record at a time would have each sent
+            // whole).
             Outcome::Duplicate => {
-                let at = receipt_at.unwrap_or(r.seq);
-                if !replayed.iter().any(|(n, s, _)| *n == r.node_id && *s == at) {
-                    replayed.push((r.node_id.clone(), at, entry));
-                }
+                entry.time_unix_ms = first_received.unwrap_or(entry.time_unix_ms);
+                Some((group(&groups, false), false))
             }
-            Outcome::Conflict { .. } | Outcome::OverQuota { .. } => {}
+            Outcome::Conflict { .. } | Outcome::OverQuota { .. } => None,
+        };
+        match at {
+            Some((Some(i), _)) => groups[i].entries.push(entry),
+            Some((None, kept)) => groups.push(Group {
+                node_id: r.node_id.clone(),
+                lease_id: entry.lease_id.clone(),
+                kept,
+                anchor,
+                entries: vec![entry],
+            }),
+            None => {}
         }
         out.push((r, outcome));
     }
-    let mut envelopes = Vec::with_capacity(groups.len() + replayed.len());
+    let mut envelopes = Vec::with_capacity(groups.len());
     for g in groups {
         let env = sign_receipts(signer, g.entries);
-        tx.exec(
-            "INSERT INTO receipts (node_id, seq, envelope) VALUES (?1, ?2, ?3)
-             ON CONFLICT (node_id, seq) DO UPDATE SET envelope = excluded.envelope",
-            args![g.node_id, g.anchor as i64, env.encode_to_vec()],
-        )?;
+        if g.kept {
+            tx.exec(
+                "INSERT INTO receipts (node_id, seq, envelope) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (node_id, seq) DO UPDATE SET envelope = excluded.envelope",
+                args![g.node_id, g.anchor as i64, env.encode_to_vec()],
+            )?;
+        }
         envelopes.push(env);
-    }
-    for (node_id, at, entry) in replayed {
-        // The receipt given when it was stored; one signed now for a record
-        // stored without one (none is, since receipts came in).
-        let stored: Option<Vec<u8>> = tx.query_row(
-            "SELECT envelope FROM receipts WHERE node_id = ?1 AND seq = ?2",
-            args![node_id, at as i64],
-            |row| row.get(0),
-        )?;
-        envelopes.push(
-            match stored.and_then(|b| Envelope::decode(b.as_slice()).ok()) {
-                Some(env) => env,
-                None => sign_receipts(signer, vec![entry]),
-            },
-        );
     }
     Ok(Inserted {
         records: out,
@@ -278,14 +274,14 @@ pub fn sign_receipts(signer: &Signer, mut entries: Vec<pb::Receipt>) -> Envelope
 /// the same record at once, one stores it and the other finds it stored.
 /// The insert comes first (one index lookup for a new record, the common
 /// case); what is there is read only when it did nothing. For a replay,
-/// also the seq its receipt is stored under.
+/// also when it was first received.
 fn insert_record(
     tx: &mut Tx<'_>,
     r: &NewRecord,
     node_quota: u64,
     effects: Effects,
     receipt_seq: u64,
-) -> Result<(Outcome, Option<u64>), DbError> {
+) -> Result<(Outcome, Option<i64>), DbError> {
     let seq = r.seq as i64;
     let size = r.payload.len() as i64;
     // The room is taken first, where the quota has it: the check and the
@@ -349,18 +345,17 @@ fn insert_record(
 }
 
 /// What a record already stored under this seq makes of `r`: the same one
-/// (a replay, with the seq its receipt is stored under) or a different one
+/// (a replay, with when it was first received) or a different one
 /// (a conflict); None when there is none.
-fn stored_as(tx: &mut Tx<'_>, r: &NewRecord) -> Result<Option<(Outcome, Option<u64>)>, DbError> {
+fn stored_as(tx: &mut Tx<'_>, r: &NewRecord) -> Result<Option<(Outcome, Option<i64>)>, DbError> {
     let stored: Option<(Vec<u8>, i64)> = tx.query_row(
-        "SELECT payload_sha256, coalesce(receipt_seq, seq) FROM records
-         WHERE node_id = ?1 AND seq = ?2",
+        "SELECT payload_sha256, received_ms FROM records WHERE node_id = ?1 AND seq = ?2",
         args![r.node_id, r.seq as i64],
         |row| Ok((row.get(0)?, row.get(1)?)),
     )?;
     Ok(stored.map(|(stored, at)| {
         if stored == r.payload_sha256 {
-            (Outcome::Duplicate, Some(at as u64))
+            (Outcome::Duplicate, Some(at))
         } else {
             (
                 Outcome::Conflict {
@@ -526,13 +521,18 @@ mod tests {
                 .map(|r| (r.seq, r.lease_id.as_str(), r.lease_seq))
                 .collect();
             assert_eq!(seqs, [(2, "l-a", 2), (4, "l-a", 4)], "{db}");
-            // Replays of 2 and 4 (and a conflict under 3): the envelope they
-            // were given, once; nothing for the conflict.
+            // Replays of 2 and 4 (and a conflict under 3), arriving later:
+            // receipted together as first received, which is the set they
+            // were given; nothing for the conflict.
+            let later = |r: NewRecord| NewRecord {
+                received_ms: 99,
+                ..r
+            };
             let again = store
                 .insert_with(
-                    vec![link(2, "l-a"), rec(3, 9), link(4, "l-a")],
+                    vec![later(link(2, "l-a")), rec(3, 9), later(link(4, "l-a"))],
                     no_effects,
-                    signer,
+                    signer.clone(),
                 )
                 .await
                 .unwrap();
@@ -548,6 +548,16 @@ mod tests {
                 "{db}"
             );
             assert_eq!(again.receipts, [first.receipts[1].clone()], "{db}");
+            // A node replaying one record of a set gets its own receipt,
+            // not the whole set again (an amplifier otherwise).
+            let one = store
+                .insert_with(vec![later(link(4, "l-a"))], no_effects, signer)
+                .await
+                .unwrap();
+            assert_eq!(one.receipts.len(), 1, "{db}");
+            let r: pb::Receipt =
+                warden_proto::dsse::open(&one.receipts[0], types::RECEIPT, &key).unwrap();
+            assert_eq!((r.seq, r.lease_seq, r.time_unix_ms), (4, 4, 1), "{db}");
         }
     }
 
