@@ -505,7 +505,9 @@ impl State {
     }
 
     /// Removes this node's lease networks whose lease is not active (its
-    /// containers are gone by now: reconcile removed them first).
+    /// containers are gone by now: reconcile removed them first), and keeps
+    /// the others apart (after a reboot the kernel's rules are gone while
+    /// Docker brings the leases' containers back).
     async fn remove_stale_networks(&self, docker: &Docker) {
         let networks = match docker.list_managed_networks().await {
             Ok(n) => n,
@@ -514,7 +516,13 @@ impl State {
         for (name, labels) in networks {
             let owner = labels.get(LABEL_NODE).map(String::as_str).unwrap_or("");
             let lease = labels.get(LABEL_LEASE).map(String::as_str).unwrap_or("");
-            if owner != self.w.node_id || self.book.leases.contains_key(lease) {
+            if owner != self.w.node_id {
+                continue;
+            }
+            if self.book.leases.contains_key(lease) {
+                if let Err(e) = isolate_network(docker, &name).await {
+                    tracing::error!(%lease, network = %name, error = %e, "cannot keep a lease network apart from the others");
+                }
                 continue;
             }
             match drop_network(docker, &name).await {
@@ -1059,13 +1067,8 @@ impl State {
         }
         // Before any container of the lease is on it; again for each (a
         // rule deleted by hand comes back at the next container).
-        let bridge = docker
-            .network_bridge(&name)
+        isolate_network(docker, &name)
             .await
-            .map_err(|e| format!("lease network: {e}"))?;
-        tokio::task::spawn_blocking(move || isolation::isolate(&bridge))
-            .await
-            .map_err(|e| format!("lease network isolation: {e}"))?
             .map_err(|e| format!("lease network {name}: {e}"))
     }
 
@@ -1215,6 +1218,18 @@ impl State {
         s.time_unix_ms = crate::now_ms();
         Ok(vec![s])
     }
+}
+
+/// Keeps a lease network's bridge apart from every other (`isolation`).
+async fn isolate_network(docker: &Docker, name: &str) -> Result<(), String> {
+    let bridge = docker
+        .network_bridge(name)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || isolation::isolate(&bridge))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// Removes a lease network, then the rules that kept its bridge apart
