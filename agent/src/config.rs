@@ -114,6 +114,14 @@ pub struct TimeLockConfig {
     /// SIGTERM, then SIGKILL after this long, for a foreign process.
     #[serde(with = "humantime_serde")]
     pub kill_grace: Duration,
+    /// Deny foreign opens of the leased GPUs' device nodes at the open
+    /// (fanotify permission events); false, or a kernel without them: the
+    /// `/proc` scan every cycle finds and ends foreign holders instead.
+    pub prevent: bool,
+    /// While every lease is guarded at the open, the full `/proc` scan (for
+    /// what the guard cannot see) runs this often.
+    #[serde(with = "humantime_serde")]
+    pub safety_scan: Duration,
 }
 
 impl Default for TimeLockConfig {
@@ -126,6 +134,8 @@ impl Default for TimeLockConfig {
                 .map(|s| s.to_string())
                 .collect(),
             kill_grace: Duration::from_secs(2),
+            prevent: true,
+            safety_scan: Duration::from_secs(30),
         }
     }
 }

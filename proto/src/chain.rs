@@ -19,7 +19,7 @@ use prost::Message;
 use crate::{
     dsse::{self, VerifyError, VerifyingKey},
     pb::{self, Envelope},
-    states::HolderClass,
+    states::{GuardMode, HolderClass},
     types,
 };
 
@@ -85,6 +85,18 @@ pub mod rule {
 
 /// The holder verdicts an attestation may carry (`states::HolderClass`'s text).
 pub const HOLDER_VERDICTS: &[&str] = &["lease-container", "agent", "allowlisted", "foreign"];
+
+/// The guard modes an attestation may carry (`states::GuardMode`'s text);
+/// empty, from agents older than the field, reads as "scan".
+pub const GUARD_MODES: &[&str] = &["open", "scan"];
+
+/// Opens denied in a window: its entries' attempts and the rest.
+pub fn prevented(a: &pb::Attestation) -> u64 {
+    a.prevented
+        .iter()
+        .map(|p| p.attempts)
+        .fold(a.prevented_more, u64::saturating_add)
+}
 
 /// What a verifier tolerates.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,6 +167,10 @@ pub struct Summary {
     pub foreign_events: u64,
     pub kills: u64,
     pub container_stops: u64,
+    /// Opens denied at the open (`prevented`).
+    pub prevented: u64,
+    /// Windows guarded at the open (`guard` "open"), of `records`.
+    pub guarded_windows: usize,
     pub restarts: u32,
     pub start_ids: Vec<String>,
     pub challenges: usize,
@@ -880,6 +896,25 @@ fn check_payload(a: &pb::Attestation, what: &str, report: &mut Report) {
             ),
         );
     }
+    if !a.guard.is_empty() && GuardMode::parse(&a.guard).is_none() {
+        report.fail(
+            rule::BAD_PAYLOAD,
+            format!(
+                "{what}: guard `{}` is not one of {}",
+                a.guard,
+                GUARD_MODES.join(", ")
+            ),
+        );
+    }
+    if let Some(p) = a.prevented.iter().find(|p| p.attempts == 0) {
+        report.fail(
+            rule::BAD_PAYLOAD,
+            format!(
+                "{what}: a prevented open by pid {} counts 0 attempts",
+                p.pid
+            ),
+        );
+    }
 }
 
 /// Every leased GPU reported, once, and no other.
@@ -1237,6 +1272,8 @@ fn summarise(
     s.foreign_events = tally.foreign_events;
     s.kills = tally.kills;
     s.container_stops = tally.container_stops;
+    s.prevented = tally.prevented;
+    s.guarded_windows = tally.guarded_windows;
     s.restarts = tally.start_ids.len().saturating_sub(1) as u32;
     s.start_ids = tally.start_ids.clone();
     let (t1, t2) = span.unwrap_or_else(|| {
@@ -1307,6 +1344,11 @@ fn check_proof_figures(pr: &pb::LeaseProof, s: &Summary, tally: &Tally, report: 
         "container_stops",
         pr.container_stops.to_string(),
         s.container_stops.to_string(),
+    );
+    mismatch(
+        "prevented",
+        pr.prevented.to_string(),
+        s.prevented.to_string(),
     );
     mismatch("restarts", pr.restarts.to_string(), s.restarts.to_string());
     if (pr.coverage - s.claimed_coverage).abs() > 1e-6 {
@@ -1410,6 +1452,11 @@ pub struct Tally {
     pub foreign_events: u64,
     pub kills: u64,
     pub container_stops: u64,
+    /// Absent from chains saved before the field: 0.
+    #[serde(default)]
+    pub prevented: u64,
+    #[serde(default)]
+    pub guarded_windows: usize,
     pub start_ids: Vec<String>,
 }
 
@@ -1430,6 +1477,10 @@ impl Tally {
             .count() as u64;
         self.kills += a.enforcement.iter().filter(|e| is_kill(e)).count() as u64;
         self.container_stops += a.enforcement.iter().filter(|e| e.action == "stop").count() as u64;
+        self.prevented = self.prevented.saturating_add(prevented(a));
+        if a.guard == GuardMode::Open {
+            self.guarded_windows += 1;
+        }
         if !self.start_ids.contains(&rec.start_id) {
             self.start_ids.push(rec.start_id.clone());
         }
@@ -1452,6 +1503,7 @@ impl Tally {
             foreign_events: self.foreign_events,
             kills: self.kills,
             container_stops: self.container_stops,
+            prevented: self.prevented,
             restarts: self.start_ids.len().saturating_sub(1) as u32,
         }
     }

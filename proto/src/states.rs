@@ -215,6 +215,16 @@ wire_text! {
     }
 }
 
+wire_text! {
+    /// How a window's opens of the leased GPUs were guarded (`Attestation.guard`).
+    pub enum GuardMode {
+        /// Under fanotify permission marks: a foreign open is denied.
+        Open => "open",
+        /// Found by scanning /proc and ended.
+        Scan => "scan",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +244,7 @@ mod tests {
         assert_eq!(Judgement::of(false).as_str(), "fails");
         let holders: Vec<_> = HolderClass::ALL.iter().map(|h| h.as_str()).collect();
         assert_eq!(holders, crate::chain::HOLDER_VERDICTS);
+        let guards: Vec<_> = GuardMode::ALL.iter().map(|g| g.as_str()).collect();
+        assert_eq!(guards, crate::chain::GUARD_MODES);
     }
 }

@@ -893,6 +893,66 @@ pub fn cases() -> Vec<Case> {
         pinned(&e),
         &[(BAD_PAYLOAD, 1)],
     ));
+    // Windows guarded at the open, two of them with denied opens.
+    let mut guarded = honest.clone();
+    for a in &mut guarded.attestations {
+        a.guard = "open".into();
+    }
+    guarded.attestations[1].prevented = vec![pb::PreventedOpen {
+        pid: 4242,
+        exe: "/usr/bin/python3".into(),
+        gpu: guarded.gpus[0].clone(),
+        device: "/dev/nvidia0".into(),
+        attempts: 3,
+        first_unix_ms: guarded.attestations[1].window_start_unix_ms + 100,
+        last_unix_ms: guarded.attestations[1].window_start_unix_ms + 900,
+        ..Default::default()
+    }];
+    guarded.attestations[4].prevented_more = 2;
+    guarded.attestations[5].guard = "scan".into();
+    guarded.attestations[5].unguarded = "fanotify is unavailable: Operation not permitted".into();
+    let e = guarded.sign();
+    out.push(case(
+        "valid-prevented",
+        "As valid, five windows guarded at the open and the last one by scan; window 2 lists three opens denied to one process, window 5 counts two more beyond its entries: the proof says 5 prevented.",
+        &e,
+        pinned(&e),
+        &[],
+    ));
+    let mut e = guarded.sign();
+    let mut p = pb::Record::decode(
+        e.proof
+            .as_ref()
+            .map(|p| p.payload.as_slice())
+            .unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    if let Some(pb::record::Body::LeaseProof(pr)) = p.body.as_mut() {
+        pr.prevented = 0;
+    }
+    e.proof = Some(e.lease.node().sign_message(types::RECORD, &p));
+    out.push(case(
+        "proof-hides-prevented",
+        "As valid-prevented, but the proof says no open was prevented.",
+        &e,
+        pinned(&e),
+        &[(PROOF_MISMATCH, 1)],
+    ));
+    let mut l = guarded.clone();
+    l.attestations[2].guard = "none".into();
+    l.attestations[3].prevented = vec![pb::PreventedOpen {
+        pid: 7,
+        attempts: 0,
+        ..Default::default()
+    }];
+    let e = l.sign();
+    out.push(case(
+        "bad-payload-guard",
+        "A guard outside \"open\" and \"scan\" in window 3, and a prevented open of 0 attempts in window 4.",
+        &e,
+        pinned(&e),
+        &[(BAD_PAYLOAD, 2)],
+    ));
     let mut l = honest.clone();
     l.attestations[2].sampled_ms = EPOCH + 1;
     let e = l.sign();

@@ -171,6 +171,10 @@ fn verify(
             s.foreign_events, s.kills, s.container_stops
         );
         println!(
+            "prevention  {} opens denied at the open; {} of {} windows guarded at the open",
+            s.prevented, s.guarded_windows, s.records
+        );
+        println!(
             "challenges  {} issued, {} answered, {} issued while the agent was down",
             s.challenges, s.challenges_answered, s.challenges_in_gaps
         );

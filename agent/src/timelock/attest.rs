@@ -8,7 +8,9 @@
 
 use std::collections::BTreeMap;
 
-use warden_proto::{chain::Head, pb};
+use warden_proto::{chain::Head, pb, states::GuardMode};
+
+use super::guard::PreventedLog;
 
 #[derive(Debug, Clone, Default, PartialEq)]
 struct GpuStats {
@@ -64,6 +66,10 @@ pub struct Epoch {
     enforcement: Vec<pb::EnforcementEvent>,
     challenges: Vec<Vec<u8>>,
     blind: Vec<String>,
+    /// Why some cycle of the window was not guarded at the open (the first
+    /// reason); None: every one was.
+    unguarded: Option<String>,
+    prevented: PreventedLog,
 }
 
 impl Epoch {
@@ -84,6 +90,8 @@ impl Epoch {
             enforcement: Vec::new(),
             challenges: Vec::new(),
             blind: Vec::new(),
+            unguarded: None,
+            prevented: PreventedLog::default(),
         }
     }
 
@@ -135,6 +143,17 @@ impl Epoch {
         }
     }
 
+    /// A cycle not guarded at the open, for `why`: the window says "scan"
+    /// (the first reason is kept).
+    pub fn add_unguarded(&mut self, why: String) {
+        self.unguarded.get_or_insert(why);
+    }
+
+    /// Opens denied during the window.
+    pub fn add_prevented(&mut self, log: PreventedLog) {
+        self.prevented.merge(log);
+    }
+
     /// Closes the window `[start, end_ms)` as the link after `head`.
     pub fn finish(self, end_ms: i64, head: &Head) -> pb::Attestation {
         let window = (end_ms - self.start_ms).max(0);
@@ -148,6 +167,15 @@ impl Epoch {
             enforcement: self.enforcement,
             challenges: self.challenges,
             blind: self.blind,
+            guard: match self.unguarded {
+                None => GuardMode::Open,
+                Some(_) => GuardMode::Scan,
+            }
+            .as_str()
+            .into(),
+            unguarded: self.unguarded.unwrap_or_default(),
+            prevented: self.prevented.entries,
+            prevented_more: self.prevented.more,
             ..Default::default()
         };
         head.link(&mut a);

@@ -9,11 +9,20 @@
 //!
 //! One sampling cycle: leases that ended get their last epoch signed and
 //! their proof; leases that started get an epoch; the cycle's samples go
-//! into every open epoch; then the host is scanned ([`Action::Scan`]), the
+//! into every open epoch; the open guard is given the leased GPUs' device
+//! nodes and says what it guards and which opens it denied
+//! ([`Action::Guard`]); then the host is scanned ([`Action::Scan`]), the
 //! holders judged (`enforce::decide`), foreign ones ended; epochs that are
 //! over are closed, after asking Docker which containers requested a leased
 //! GPU ([`Action::FindGpuRequests`]) once per epoch. An edge that failed
 //! reaches the epoch as blind, never as an empty answer.
+//!
+//! The scan reads every process's descriptors, so it is what a lease costs
+//! the host. While every lease is guarded at the open it is only a safety
+//! net: a full scan when a lease comes under the guard (for what opened
+//! before the marks), then every `safety_scan_ms`; the cycles between
+//! describe only the processes NVML lists. A lease not guarded (no
+//! fanotify, a node that could not be marked) is scanned every cycle.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet, VecDeque},
@@ -32,6 +41,7 @@ use warden_proto::{
 use super::{
     attest::Epoch,
     enforce::{self, AllowReason, LeaseView, Policy, Seen, Verdict},
+    guard::{self, GuardReport, Target},
     procs::parse::Holder,
 };
 use crate::workloads::book::Lease;
@@ -117,6 +127,8 @@ pub struct Settings {
     pub kill_grace: Duration,
     /// The same for a foreign container.
     pub stop_grace: Duration,
+    /// While every lease is guarded at the open, a full scan this often.
+    pub safety_scan_ms: i64,
 }
 
 /// An enforcement the core asked for; it comes back with its outcome
@@ -130,12 +142,21 @@ pub enum Enforcing {
 /// What the task is to do, in the order given.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Scan `/proc` for holders of the device nodes matching `patterns`, and
-    /// describe the processes NVML listed (pid, GPU uuid); answer with
-    /// [`Core::handle_scan`] before anything else.
+    /// Make the open guard's marks `targets` and judge opens by `leases`
+    /// (no target, no lease: the guard is to let go); answer with
+    /// [`Core::handle_guard`] before anything else.
+    Guard {
+        targets: Vec<Target>,
+        leases: Vec<LeaseView>,
+        all_gpus_leased: bool,
+    },
+    /// Describe the processes NVML listed (pid, GPU uuid) and, when `full`,
+    /// scan `/proc` for holders of the device nodes matching `patterns`;
+    /// answer with [`Core::handle_scan`] before anything else.
     Scan {
         patterns: Vec<String>,
         nvml: Vec<(u32, String)>,
+        full: bool,
     },
     /// Ask Docker for the device requests of running containers other than
     /// `ours`; answer with [`Core::handle_gpu_requests`] before anything else.
@@ -164,6 +185,24 @@ pub enum Action {
     Persist,
 }
 
+/// The leases as the policy sees them.
+fn lease_views(leases: &[Lease]) -> Vec<LeaseView> {
+    leases
+        .iter()
+        .map(|l| LeaseView {
+            lease_id: l.id.clone(),
+            gpus: l.gpus.clone(),
+            containers: l.containers.iter().map(|c| c.id.clone()).collect(),
+        })
+        .collect()
+}
+
+/// Whether every GPU of the node is leased (then the control nodes are too).
+fn all_leased(leases: &[Lease], inv: &pb::InventorySummary) -> bool {
+    let leased: HashSet<&String> = leases.iter().flat_map(|l| &l.gpus).collect();
+    !inv.gpus.is_empty() && inv.gpus.iter().all(|g| leased.contains(&g.uuid))
+}
+
 /// What a scan of the host found, and what it could not see.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HostScan {
@@ -189,12 +228,15 @@ struct Cycle {
     now: i64,
     leases: Vec<Lease>,
     inventory: pb::InventorySummary,
+    /// The processes NVML listed: (pid, GPU uuid).
+    nvml: Vec<(u32, String)>,
 }
 
 #[derive(Debug, Default)]
 enum Waiting {
     #[default]
     Nothing,
+    Guard(Cycle),
     Scan(Cycle),
     GpuRequests(Cycle, Vec<String>),
 }
@@ -219,6 +261,14 @@ pub struct Core {
     /// which can be a cycle before this core has seen it): they go into
     /// that epoch, or are dropped at their deadline. At most [`EARLY_MAX`].
     early: Vec<pb::Challenge>,
+    /// Per lease, why it was not guarded at the open in the last cycle
+    /// (None: it was); what an epoch opened between cycles starts with.
+    guarded: BTreeMap<String, Option<String>>,
+    /// Whether the guard holds marks (it is told to let go once leases end).
+    guarding: bool,
+    /// When the last full scan ran, and the guarded leases it covered.
+    last_full_scan_ms: Option<i64>,
+    scanned: BTreeSet<String>,
 }
 
 /// Challenges held for leases whose first epoch has not opened.
@@ -239,6 +289,10 @@ impl Core {
             next_cycle_ms: None,
             actions: VecDeque::new(),
             early: Vec::new(),
+            guarded: BTreeMap::new(),
+            guarding: false,
+            last_full_scan_ms: None,
+            scanned: BTreeSet::new(),
         }
     }
 
@@ -249,16 +303,23 @@ impl Core {
         device_patterns: Vec<String>,
         kill_grace: Duration,
         stop_grace: Duration,
+        safety_scan: Duration,
     ) {
         self.settings.policy.allow_exe = allow_exe;
         self.settings.device_patterns = device_patterns;
         self.settings.kill_grace = kill_grace;
         self.settings.stop_grace = stop_grace;
+        self.settings.safety_scan_ms = safety_scan.as_millis() as i64;
     }
 
     /// The leases now. Starts and ends are acted on at the next cycle.
     pub fn set_leases(&mut self, leases: Vec<Lease>) {
         self.leases = leases;
+    }
+
+    /// The policy now (the guard judges opens by it too).
+    pub fn policy(&self) -> &Policy {
+        &self.settings.policy
     }
 
     /// The chains, as [`Action::Persist`] saves them.
@@ -339,13 +400,25 @@ impl Core {
             };
             if !self.epochs.contains_key(&l.id) {
                 let mut epoch = Epoch::new(&l.id, &l.gpus, start, cycle_ms);
+                if let Some(Some(why)) = self.guarded.get(&l.id) {
+                    epoch.add_unguarded(why.clone());
+                }
                 for ch in self.early.extract_if(.., |c| c.lease_id == l.id) {
                     epoch.add_challenge(ch.nonce);
                 }
                 self.epochs.insert(l.id.clone(), epoch);
             }
         }
+        self.guarded.retain(|id, _| leases.iter().any(|l| &l.id == id));
         if leases.is_empty() {
+            if self.guarding {
+                self.guarding = false;
+                self.actions.push_back(Action::Guard {
+                    targets: Vec::new(),
+                    leases: Vec::new(),
+                    all_gpus_leased: false,
+                });
+            }
             return;
         }
         for e in self.epochs.values_mut() {
@@ -357,14 +430,94 @@ impl Core {
             .iter()
             .flat_map(|g| g.processes.iter().map(move |p| (p.pid, g.uuid.clone())))
             .collect();
-        self.waiting = Waiting::Scan(Cycle {
+        let views = lease_views(&leases);
+        let all_gpus_leased = all_leased(&leases, inventory);
+        let minors: Vec<(String, u32)> = leases
+            .iter()
+            .flat_map(|l| &l.gpus)
+            .filter_map(|uuid| {
+                let g = inventory.gpus.iter().find(|g| &g.uuid == uuid)?;
+                Some((uuid.clone(), g.minor_number))
+            })
+            .collect();
+        self.guarding = true;
+        self.actions.push_back(Action::Guard {
+            targets: guard::targets(&self.settings.device_patterns, &minors, all_gpus_leased),
+            leases: views,
+            all_gpus_leased,
+        });
+        self.waiting = Waiting::Guard(Cycle {
             now,
             leases,
             inventory: inventory.clone(),
+            nvml,
         });
+    }
+
+    /// The answer to [`Action::Guard`]: what is guarded at the open, and
+    /// the opens denied since the last answer. Then the scan: full unless
+    /// every lease is guarded and was covered by a full scan since it came
+    /// under the guard, less than `safety_scan_ms` ago.
+    pub fn handle_guard(&mut self, report: GuardReport) {
+        let Waiting::Guard(cycle) = std::mem::take(&mut self.waiting) else {
+            return;
+        };
+        for l in &cycle.leases {
+            let why = report.unguarded_for(&l.gpus);
+            if let (Some(why), Some(e)) = (&why, self.epochs.get_mut(&l.id)) {
+                e.add_unguarded(why.clone());
+            }
+            self.guarded.insert(l.id.clone(), why);
+        }
+        // Denied opens go to the leases of their GPU (a control node's, and
+        // those beyond the log's entries, to every lease).
+        for p in &report.prevented.entries {
+            for l in cycle
+                .leases
+                .iter()
+                .filter(|l| p.gpu.is_empty() || l.gpus.contains(&p.gpu))
+            {
+                if let Some(e) = self.epochs.get_mut(&l.id) {
+                    e.add_prevented(guard::PreventedLog {
+                        entries: vec![p.clone()],
+                        more: 0,
+                    });
+                }
+            }
+        }
+        if report.prevented.more > 0 {
+            for l in &cycle.leases {
+                if let Some(e) = self.epochs.get_mut(&l.id) {
+                    e.add_prevented(guard::PreventedLog {
+                        entries: Vec::new(),
+                        more: report.prevented.more,
+                    });
+                }
+            }
+        }
+        let guarded: BTreeSet<String> = cycle
+            .leases
+            .iter()
+            .filter(|l| matches!(self.guarded.get(&l.id), Some(None)))
+            .map(|l| l.id.clone())
+            .collect();
+        let now = cycle.now;
+        let due = self.last_full_scan_ms.is_none_or(|at| {
+            now - at >= self.settings.safety_scan_ms || now < at
+        });
+        let full = guarded.len() < cycle.leases.len() || !guarded.is_subset(&self.scanned) || due;
+        if full {
+            self.last_full_scan_ms = Some(now);
+            self.scanned = guarded;
+        } else {
+            self.scanned.retain(|id| guarded.contains(id));
+        }
+        let nvml = cycle.nvml.clone();
+        self.waiting = Waiting::Scan(cycle);
         self.actions.push_back(Action::Scan {
             patterns: self.settings.device_patterns.clone(),
             nvml,
+            full,
         });
     }
 
@@ -400,16 +553,8 @@ impl Core {
             }
         }
         let leases = &cycle.leases;
-        let views: Vec<LeaseView> = leases
-            .iter()
-            .map(|l| LeaseView {
-                lease_id: l.id.clone(),
-                gpus: l.gpus.clone(),
-                containers: l.containers.iter().map(|c| c.id.clone()).collect(),
-            })
-            .collect();
-        let leased: HashSet<&String> = leases.iter().flat_map(|l| &l.gpus).collect();
-        let all_leased = !inv.gpus.is_empty() && inv.gpus.iter().all(|g| leased.contains(&g.uuid));
+        let views = lease_views(leases);
+        let all_leased = all_leased(leases, inv);
         for d in enforce::decide(&seen, &views, all_leased, &self.settings.policy) {
             let Some(name) = recorded(&d.verdict) else {
                 continue;
@@ -572,10 +717,11 @@ impl Core {
                 self.actions
                     .push_back(Action::Attest(epoch.finish(cycle.now, &state.head())));
             }
-            self.epochs.insert(
-                id.clone(),
-                Epoch::new(&id, &l.gpus, cycle.now, self.settings.cycle_ms),
-            );
+            let mut epoch = Epoch::new(&id, &l.gpus, cycle.now, self.settings.cycle_ms);
+            if let Some(Some(why)) = self.guarded.get(&id) {
+                epoch.add_unguarded(why.clone());
+            }
+            self.epochs.insert(id.clone(), epoch);
             self.actions.push_back(Action::Persist);
         }
     }
@@ -584,7 +730,7 @@ impl Core {
     fn prove(&mut self, id: &str, t2: i64) -> Option<pb::LeaseProof> {
         let state = self.chains.remove(id)?;
         let proof = state.tally.proof(id, state.t1_unix_ms, t2);
-        tracing::info!(lease = %id, records = proof.last_seq, coverage = format!("{:.3}", proof.coverage), kills = proof.kills, "lease proof signed");
+        tracing::info!(lease = %id, records = proof.last_seq, coverage = format!("{:.3}", proof.coverage), kills = proof.kills, prevented = proof.prevented, "lease proof signed");
         Some(proof)
     }
 
@@ -639,6 +785,7 @@ mod tests {
             device_patterns: vec!["/dev/nvidia*".into()],
             kill_grace: Duration::from_secs(2),
             stop_grace: Duration::from_secs(10),
+            safety_scan_ms: 30_000,
         }
     }
 
@@ -682,6 +829,8 @@ mod tests {
         inventory: pb::InventorySummary,
         scan: Result<HostScan, String>,
         docker: GpuRequests,
+        /// What the guard answers (by default: no guard).
+        guard: GuardReport,
         /// Signing fails (a full spool) while set.
         spool_full: bool,
         next_seq: u64,
@@ -708,6 +857,7 @@ mod tests {
                 },
                 scan: Ok(HostScan::default()),
                 docker: GpuRequests::default(),
+                guard: GuardReport::off("no guard in this test"),
                 spool_full: false,
                 next_seq: 1,
                 done: Vec::new(),
@@ -723,6 +873,19 @@ mod tests {
             while let Some(a) = self.core.poll_action() {
                 self.done.push(a.clone());
                 match a {
+                    Action::Guard { .. } => {
+                        let r = self.guard.clone();
+                        // Denied opens are reported once.
+                        self.guard.prevented = Default::default();
+                        self.core.handle_guard(r)
+                    }
+                    // A partial scan reads no descriptors: only NVML's pids.
+                    Action::Scan { full: false, .. } => self.core.handle_scan(
+                        self.scan.clone().map(|s| HostScan {
+                            holders: Vec::new(),
+                            ..s
+                        }),
+                    ),
                     Action::Scan { .. } => self.core.handle_scan(self.scan.clone()),
                     Action::FindGpuRequests { .. } => {
                         self.core.handle_gpu_requests(self.docker.clone())
@@ -809,9 +972,16 @@ mod tests {
         // Ended: the last (short) epoch, its proof right after, then saved.
         h.core.set_leases(Vec::new());
         let end = h.tick(25_000);
-        let [Action::Attest(last), Action::Prove(proof), Action::Persist] = end.as_slice() else {
+        // The guard lets go of the nodes.
+        let [Action::Attest(last), Action::Prove(proof), Action::Persist, Action::Guard {
+            targets,
+            leases,
+            ..
+        }] = end.as_slice()
+        else {
             panic!("{end:?}");
         };
+        assert!(targets.is_empty() && leases.is_empty());
         assert_eq!(
             (last.window_start_unix_ms, last.window_end_unix_ms),
             (21_000, 25_000)
@@ -868,6 +1038,178 @@ mod tests {
             "{}",
             proof.coverage
         );
+    }
+
+    fn guarded(gpus: &[&str]) -> GuardReport {
+        GuardReport {
+            guarded: gpus.iter().map(|g| (*g).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The `full` of each scan asked.
+    fn full_scans(actions: &[Action]) -> Vec<bool> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Scan { full, .. } => Some(*full),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn under_the_guard_a_full_scan_runs_when_a_lease_comes_under_it_then_every_safety_interval() {
+        let mut h = Host::new(BTreeMap::new());
+        h.guard = guarded(&[GPU, "GPU-b"]);
+        h.core.set_leases(vec![lease("l1", 0, &[])]);
+        let full_at = |h: &mut Host, from: i64, to: i64| -> Vec<i64> {
+            (from..=to)
+                .step_by(1_000)
+                .filter(|&now| {
+                    let f = full_scans(&h.tick(now));
+                    assert_eq!(f.len(), 1, "one scan a cycle");
+                    f[0]
+                })
+                .collect()
+        };
+        assert_eq!(full_at(&mut h, 0, 65_000), [0, 30_000, 60_000]);
+        let a = attestations(&h.done);
+        assert!(!a.is_empty());
+        assert!(a.iter().all(|a| a.guard == "open" && a.unguarded.is_empty()));
+
+        // A second lease comes under the guard: at once, for what opened before.
+        let mut l2 = lease("l2", 66_000, &[]);
+        l2.gpus = vec!["GPU-b".into()];
+        h.core.set_leases(vec![lease("l1", 0, &[]), l2.clone()]);
+        assert_eq!(full_at(&mut h, 66_000, 70_000), [66_000]);
+
+        // One lease ends and another takes its GPU in the same cycle: the
+        // new lease is scanned at once even though the GPU stayed guarded.
+        let mut l3 = l2.clone();
+        l3.id = "l3".into();
+        h.core.set_leases(vec![lease("l1", 0, &[]), l3]);
+        assert_eq!(full_at(&mut h, 71_000, 73_000), [71_000]);
+
+        // The guard loses GPU-a's node: every cycle is a full scan, and
+        // l1's windows say why they are "scan".
+        h.guard = GuardReport {
+            guarded: ["GPU-b".to_owned()].into(),
+            unguarded: vec![(Some(GPU.into()), "/dev/nvidia0: No such file".into())],
+            ..Default::default()
+        };
+        let before = h.done.len();
+        assert_eq!(full_at(&mut h, 74_000, 76_000), [74_000, 75_000, 76_000]);
+        h.run(77_000, 90_000);
+        let l1: Vec<_> = attestations(&h.done[before..])
+            .into_iter()
+            .filter(|a| a.lease_id == "l1")
+            .collect();
+        assert!(!l1.is_empty());
+        assert!(l1
+            .iter()
+            .all(|a| a.guard == "scan" && a.unguarded == "/dev/nvidia0: No such file"));
+    }
+
+    #[test]
+    fn without_a_guard_every_cycle_is_a_full_scan_and_every_window_says_why() {
+        let mut h = Host::new(BTreeMap::new());
+        h.core.set_leases(vec![lease("l1", 0, &[])]);
+        h.run(0, 25_000);
+        assert!(full_scans(&h.done).iter().all(|f| *f));
+        assert_eq!(full_scans(&h.done).len(), 26);
+        let a = attestations(&h.done);
+        assert_eq!(a.len(), 2);
+        assert!(a
+            .iter()
+            .all(|a| a.guard == "scan" && a.unguarded == "no guard in this test"));
+        // The lease's last window, opened between cycles, says it too.
+        h.core.set_leases(Vec::new());
+        let end = attestations(&h.tick(26_000));
+        assert_eq!(end[0].guard, "scan");
+    }
+
+    #[test]
+    fn denied_opens_go_into_the_windows_of_their_gpus_leases_and_the_proof_counts_them() {
+        let mut h = Host::new(BTreeMap::new());
+        h.inventory.gpus.push(pb::GpuInfo {
+            uuid: "GPU-b".into(),
+            minor_number: 1,
+            ..Default::default()
+        });
+        h.samples.push(pb::GpuSample {
+            uuid: "GPU-b".into(),
+            ..Default::default()
+        });
+        let mut l2 = lease("l2", 0, &[]);
+        l2.gpus = vec!["GPU-b".into()];
+        h.core.set_leases(vec![lease("l1", 0, &[]), l2]);
+        h.guard = guarded(&[GPU, "GPU-b"]);
+        let first = h.tick(0);
+        // Both GPUs leased: the control nodes are guarded too.
+        let Some(Action::Guard {
+            targets,
+            all_gpus_leased: true,
+            ..
+        }) = first.iter().find(|a| matches!(a, Action::Guard { .. }))
+        else {
+            panic!("{first:?}");
+        };
+        assert!(targets.iter().any(|t| t.path == "/dev/nvidiactl"));
+        assert!(targets.iter().any(|t| t.path == "/dev/nvidia1"));
+        let open = |pid: u32, gpu: &str, device: &str, attempts: u64| pb::PreventedOpen {
+            pid,
+            exe: "/usr/bin/miner".into(),
+            gpu: gpu.into(),
+            device: device.into(),
+            attempts,
+            first_unix_ms: 1_500,
+            last_unix_ms: 1_900,
+            ..Default::default()
+        };
+        h.guard.prevented = guard::PreventedLog {
+            entries: vec![
+                open(100, GPU, "/dev/nvidia0", 3),
+                open(100, "", "/dev/nvidiactl", 1),
+            ],
+            more: 2,
+        };
+        h.tick(1_000);
+        h.guard.prevented = guard::PreventedLog {
+            entries: vec![open(100, GPU, "/dev/nvidia0", 4)],
+            more: 0,
+        };
+        h.tick(2_000);
+        let a = h.run(3_000, 10_000);
+        let of = |id: &str| a.iter().find(|a| a.lease_id == id).unwrap().clone();
+        let (a1, a2) = (of("l1"), of("l2"));
+        assert_eq!(a1.guard, "open");
+        assert_eq!(
+            a1.prevented
+                .iter()
+                .map(|p| (p.device.as_str(), p.attempts))
+                .collect::<Vec<_>>(),
+            [("/dev/nvidia0", 7), ("/dev/nvidiactl", 1)]
+        );
+        assert_eq!(a1.prevented_more, 2);
+        assert_eq!(
+            a2.prevented
+                .iter()
+                .map(|p| (p.device.as_str(), p.attempts))
+                .collect::<Vec<_>>(),
+            [("/dev/nvidiactl", 1)]
+        );
+        assert!(a.iter().all(|a| a.enforcement.is_empty()), "nothing to kill");
+        h.core.set_leases(Vec::new());
+        let proofs: Vec<_> = h
+            .tick(11_000)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Prove(p) => Some((p.lease_id, p.prevented)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(proofs, [("l1".to_owned(), 10), ("l2".to_owned(), 3)]);
     }
 
     #[test]
@@ -938,6 +1280,7 @@ mod tests {
             vec!["/dev/nvidia*".into()],
             Duration::ZERO,
             Duration::ZERO,
+            Duration::from_secs(30),
         );
         assert_eq!(kills(&h.tick(0)), 0);
         let a = h.run(1_000, 10_000);
@@ -1134,7 +1477,9 @@ mod tests {
         let mut h = Host::new(chains);
         h.core.set_leases(vec![lease("running", 0, &[])]);
         let first = h.tick(50_000);
-        let [Action::Prove(proof), Action::Persist, Action::Scan { .. }] = first.as_slice() else {
+        let [Action::Prove(proof), Action::Persist, Action::Guard { .. }, Action::Scan { .. }] =
+            first.as_slice()
+        else {
             panic!("{first:?}");
         };
         assert_eq!(

@@ -32,6 +32,7 @@ use warden_proto::pb;
 use super::{
     core::{Action, ChainState, Core, Enforcing, GpuRequests, HostScan, Settings},
     enforce::{exec, Policy, Seen},
+    guard::{fanotify::Guard, GuardReport},
     procs,
 };
 use crate::{
@@ -55,9 +56,9 @@ fn save_chains(path: &Path, chains: &BTreeMap<String, ChainState>) -> std::io::R
     warden_state::file::write_private(path, &bytes)
 }
 
-/// Finds the holders of the device nodes matching `patterns`, and describes
-/// the processes NVML listed. Blocking (it reads `/proc`).
-fn scan_host(patterns: &[String], nvml: Vec<(u32, String)>) -> HostScan {
+/// Describes the processes NVML listed and, when `full`, finds the holders
+/// of the device nodes matching `patterns`. Blocking (it reads `/proc`).
+fn scan_host(patterns: &[String], nvml: Vec<(u32, String)>, full: bool) -> HostScan {
     let proc_root = Path::new("/proc");
     let nvml = nvml
         .into_iter()
@@ -69,6 +70,12 @@ fn scan_host(patterns: &[String], nvml: Vec<(u32, String)>) -> HostScan {
             })
         })
         .collect();
+    if !full {
+        return HostScan {
+            nvml,
+            ..Default::default()
+        };
+    }
     let scan = procs::scan(proc_root, patterns);
     HostScan {
         holders: scan.holders,
@@ -181,6 +188,33 @@ pub struct TimeLock {
 /// An enforcement finished.
 type Done = (Enforcing, pb::EnforcementEvent);
 
+/// The open guard, or why there is none.
+enum Guarding {
+    On(Guard),
+    Off(String),
+}
+
+impl Guarding {
+    /// A guard if `prevent` and the kernel allow one.
+    fn new(prevent: bool) -> Guarding {
+        if !prevent {
+            return Guarding::Off(
+                "prevention is off in the configuration (timelock.prevent = false)".into(),
+            );
+        }
+        match Guard::start(PathBuf::from("/proc")) {
+            Ok(g) => {
+                tracing::info!("open guard on: foreign opens of leased GPUs are denied");
+                Guarding::On(g)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no open guard: foreign holders of leased GPUs are found by scanning /proc every cycle");
+                Guarding::Off(e.to_string())
+            }
+        }
+    }
+}
+
 impl TimeLock {
     /// Runs until `shutdown`.
     pub async fn run(
@@ -207,9 +241,12 @@ impl TimeLock {
                 device_patterns: self.config.device_patterns.clone(),
                 kill_grace: self.config.kill_grace,
                 stop_grace: self.stop_grace,
+                safety_scan_ms: self.config.safety_scan.as_millis() as i64,
             },
             chains,
         );
+        let mut prevent = self.config.prevent;
+        let mut guarding = Guarding::new(prevent);
         let (done_tx, mut done_rx) = mpsc::channel::<Done>(256);
         loop {
             // The core's deadline is on the agent's clock; a wait is never
@@ -221,7 +258,11 @@ impl TimeLock {
                 _ = shutdown.cancelled() => return,
                 Ok(()) = self.reload.changed() => {
                     let c = self.reload.borrow_and_update().clone();
-                    core.reconfigure(c.timelock.allow_exe, c.timelock.device_patterns, c.timelock.kill_grace, c.workload.stop_grace);
+                    core.reconfigure(c.timelock.allow_exe, c.timelock.device_patterns, c.timelock.kill_grace, c.workload.stop_grace, c.timelock.safety_scan);
+                    if c.timelock.prevent != prevent {
+                        prevent = c.timelock.prevent;
+                        guarding = Guarding::new(prevent);
+                    }
                 }
                 Some(ch) = challenges.recv() => core.challenge(ch),
                 Some((what, ev)) = done_rx.recv() => {
@@ -237,19 +278,36 @@ impl TimeLock {
                     let samples = self.gpus.borrow().clone();
                     let inventory = self.inventory.borrow().clone();
                     core.handle_tick(crate::now_ms(), &samples, &inventory);
-                    self.execute(&mut core, &done_tx).await;
+                    self.execute(&mut core, &mut guarding, &done_tx).await;
                 }
             }
         }
     }
 
     /// Carries out the core's actions in order, answering those it waits for.
-    async fn execute(&self, core: &mut Core, done: &mpsc::Sender<Done>) {
+    async fn execute(&self, core: &mut Core, guarding: &mut Guarding, done: &mpsc::Sender<Done>) {
         while let Some(action) = core.poll_action() {
             match action {
-                Action::Scan { patterns, nvml } => {
+                Action::Guard {
+                    targets,
+                    leases,
+                    all_gpus_leased,
+                } => {
+                    // A few stat and fanotify_mark calls: not worth a thread.
+                    let report = match guarding {
+                        Guarding::On(g) => g.apply(&targets, leases, all_gpus_leased, core.policy().clone()),
+                        Guarding::Off(why) => GuardReport::off(why.clone()),
+                    };
+                    core.handle_guard(report);
+                }
+                Action::Scan {
+                    patterns,
+                    nvml,
+                    full,
+                } => {
                     let scanned =
-                        tokio::task::spawn_blocking(move || scan_host(&patterns, nvml)).await;
+                        tokio::task::spawn_blocking(move || scan_host(&patterns, nvml, full))
+                            .await;
                     core.handle_scan(scanned.map_err(|e| e.to_string()));
                 }
                 Action::FindGpuRequests { ours } => {

@@ -34,6 +34,7 @@ TYPE_VERDICT = "application/vnd.warden.verdict.v1+protobuf"
 MAX_PAYLOAD = 4 * 1024 * 1024  # 4,194,304 bytes
 ZERO32 = bytes(32)
 HOLDER_VERDICTS = {"lease-container", "agent", "allowlisted", "foreign"}
+GUARD_MODES = {"", "open", "scan"}
 BUNDLE_FORMAT = "warden.lease-bundle.v2"
 
 
@@ -339,18 +340,23 @@ ENFORCEMENT_EVENT = {1: S("pid", "uint32"), 2: S("exe", "string"), 3: S("contain
                      4: S("gpu", "string"), 5: S("action", "string"), 6: S("outcome", "string"),
                      7: S("detected_unix_ms", "int64"), 8: S("sigterm_unix_ms", "int64"),
                      9: S("sigkill_unix_ms", "int64"), 10: S("done_unix_ms", "int64")}
+PREVENTED_OPEN = {1: S("pid", "uint32"), 2: S("exe", "string"), 3: S("container", "string"),
+                  4: S("gpu", "string"), 5: S("device", "string"), 6: S("attempts", "uint64"),
+                  7: S("first_unix_ms", "int64"), 8: S("last_unix_ms", "int64")}
 ATTESTATION = {1: S("lease_id", "string"), 2: S("lease_seq", "uint64"),
                3: S("prev_sha256", "bytes"), 4: S("window_start_unix_ms", "int64"),
                5: S("window_end_unix_ms", "int64"), 6: S("sampled_ms", "int64"),
                7: S("gpus", GPU_WINDOW, True), 8: S("holders", HOLDER_SEEN, True),
                9: S("enforcement", ENFORCEMENT_EVENT, True), 10: S("challenges", "bytes", True),
-               11: S("blind", "string", True)}
+               11: S("blind", "string", True), 12: S("guard", "string"),
+               13: S("unguarded", "string"), 14: S("prevented", PREVENTED_OPEN, True),
+               15: S("prevented_more", "uint64")}
 LEASE_PROOF = {1: S("lease_id", "string"), 2: S("t1_unix_ms", "int64"),
                3: S("t2_unix_ms", "int64"), 4: S("first_seq", "uint64"),
                5: S("last_seq", "uint64"), 6: S("head_sha256", "bytes"),
                7: S("coverage", "double"), 8: S("foreign_events", "uint64"),
                9: S("kills", "uint64"), 10: S("container_stops", "uint64"),
-               11: S("restarts", "uint32")}
+               11: S("restarts", "uint32"), 12: S("prevented", "uint64")}
 RECORD = {1: S("node_id", "string"), 2: S("seq", "uint64"), 3: S("time_unix_ms", "int64"),
           4: S("start_id", "string"), 10: S("telemetry", TELEMETRY),
           11: S("inventory", INVENTORY_SUMMARY), 12: S("command_result", COMMAND_RESULT),
@@ -720,6 +726,10 @@ class Lease:
             bad = [h["verdict"] for h in a["holders"] if h["verdict"] not in HOLDER_VERDICTS]
             if bad:
                 self.fail("bad-payload", f"lease seq {s}: holder verdict {bad[0]!r}")
+            if a["guard"] not in GUARD_MODES:
+                self.fail("bad-payload", f"lease seq {s}: guard {a['guard']!r}")
+            if any(p["attempts"] == 0 for p in a["prevented"]):
+                self.fail("bad-payload", f"lease seq {s}: a prevented open with 0 attempts")
             if end <= start:
                 self.fail("window-backward", f"lease seq {s}: window ends at or before start")
             if prev_end is not None and start < prev_end:
@@ -904,6 +914,9 @@ class Lease:
                          if e["action"] == "kill" and e["sigterm_unix_ms"] > 0),
             "container_stops": sum(1 for a in atts for e in a["enforcement"]
                                    if e["action"] == "stop"),
+            "prevented": min(2**64 - 1, sum(a["prevented_more"] +
+                                            sum(p["attempts"] for p in a["prevented"])
+                                            for a in atts)),
             "restarts": max(0, len({m.msg["start_id"] for m in vm}) - 1),
         }
         for name, value in ours.items():

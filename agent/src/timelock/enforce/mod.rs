@@ -19,7 +19,18 @@ use crate::timelock::procs::parse::{self as procs, Holder};
 /// clocks, power limits and compute mode, so a host process running it on
 /// a leased GPU is as foreign as any other. Suppliers running a monitoring
 /// daemon on the host (DCGM's `nv-hostengine`) add it to the list.
-pub const DEFAULT_ALLOW_EXE: &[&str] = &["nvidia-persistenced"];
+///
+/// The NVIDIA Container Toolkit's host binaries are in it by full path (only
+/// root can write there): the runtime hook queries the driver through NVML,
+/// opening every GPU's node, whenever a GPU container starts (the lease's
+/// own among them), and an open guard that denied it would break the lease.
+pub const DEFAULT_ALLOW_EXE: &[&str] = &[
+    "nvidia-persistenced",
+    "/usr/bin/nvidia-container-cli",
+    "/usr/bin/nvidia-container-runtime-hook",
+    "/usr/bin/nvidia-ctk",
+    "/usr/bin/nvidia-cdi-hook",
+];
 
 /// An active lease as the policy needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,6 +286,49 @@ pub fn decide(
             .map(|(_, s, reason)| decision(s, Verdict::Allowed(reason))),
     );
     out
+}
+
+/// Whether an open of a guarded device node may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Allow(AllowReason),
+    Deny,
+}
+
+/// The open guard's policy: `opener` (the process opening, with the node it
+/// opens as `device` and its GPU) judged by the rules of [`decide`] as if it
+/// already held the node; every verdict that would end it — a kill, a
+/// container stop, and pid 1, which a scan spares only because killing it
+/// would bring the host down — is a denial. So the guard and the scan never
+/// disagree about who may hold a leased GPU.
+pub fn admit(
+    opener: &Seen,
+    leases: &[LeaseView],
+    all_gpus_leased: bool,
+    policy: &Policy,
+) -> Admit {
+    let mut owner: BTreeMap<&str, &LeaseView> = BTreeMap::new();
+    for lease in leases {
+        for gpu in &lease.gpus {
+            owner.entry(gpu.as_str()).or_insert(lease);
+        }
+    }
+    let any_lease_container: BTreeSet<&str> = leases
+        .iter()
+        .flat_map(|l| l.containers.iter().map(String::as_str))
+        .collect();
+    match verdict(
+        opener,
+        leases,
+        &owner,
+        &any_lease_container,
+        all_gpus_leased,
+        policy,
+    ) {
+        Verdict::Allowed(AllowReason::ProtectedPid) => Admit::Deny,
+        Verdict::Allowed(reason) => Admit::Allow(reason),
+        Verdict::KillProcess | Verdict::StopContainer(_) => Admit::Deny,
+    }
 }
 
 /// The verdict about one holder, before folding (rules 1 to 8 of [`decide`]).
@@ -561,9 +615,71 @@ mod tests {
     }
 
     #[test]
+    fn an_open_is_admitted_exactly_when_a_holder_would_be_left_alone() {
+        let (c1, c2) = (id('a'), id('b'));
+        let (ours, theirs) = (c1.as_str(), c2.as_str());
+        let leases = [LeaseView {
+            lease_id: "l1".into(),
+            gpus: vec!["GPU-0".into()],
+            containers: vec![ours.into()],
+        }];
+        let p = Policy::new(AGENT);
+        let opener = |pid: u32, exe: &str, container: Option<&str>, gpu: Option<&str>| Seen {
+            holder: Holder {
+                pid,
+                start_time: 1,
+                exe: exe.into(),
+                comm: String::new(),
+                container: container.map(Into::into),
+                device: "/dev/nvidia0".into(),
+                uid: 0,
+            },
+            gpu: gpu.map(Into::into),
+        };
+        let g = Some("GPU-0");
+        let admit = |s: &Seen, all: bool| admit(s, &leases, all, &p);
+        assert_eq!(
+            admit(&opener(AGENT, "/usr/bin/warden", None, g), false),
+            Admit::Allow(AllowReason::Agent)
+        );
+        assert_eq!(
+            admit(&opener(9, "/bin/app", Some(ours), g), false),
+            Admit::Allow(AllowReason::LeaseContainer)
+        );
+        assert_eq!(
+            admit(&opener(9, "/usr/bin/nvidia-persistenced", None, g), false),
+            Admit::Allow(AllowReason::Allowlisted)
+        );
+        assert_eq!(admit(&opener(9, "/usr/bin/python3", None, g), false), Admit::Deny);
+        assert_eq!(admit(&opener(9, "/bin/app", Some(theirs), g), false), Admit::Deny);
+        assert_eq!(
+            admit(&opener(1, "/sbin/init", None, g), false),
+            Admit::Deny,
+            "pid 1 is spared a kill, not an open"
+        );
+        assert_eq!(
+            admit(&opener(9, "/usr/bin/python3", None, Some("GPU-1")), false),
+            Admit::Allow(AllowReason::NotALeasedGpu)
+        );
+        // A control node: free while a GPU is, the lease's when all are leased.
+        let ctl = opener(9, "/usr/bin/python3", None, None);
+        assert_eq!(admit(&ctl, false), Admit::Allow(AllowReason::ControlDevice));
+        assert_eq!(admit(&ctl, true), Admit::Deny);
+        assert_eq!(
+            admit(&opener(9, "/bin/app", Some(ours), None), true),
+            Admit::Allow(AllowReason::LeaseContainer)
+        );
+    }
+
+    #[test]
     fn allowlist_forms() {
         let p = Policy::new(1);
-        assert_eq!(p.allow_exe, vec!["nvidia-persistenced".to_owned()]);
+        assert_eq!(p.allow_exe[0], "nvidia-persistenced");
+        assert!(p.allows_exe("/usr/bin/nvidia-container-cli"));
+        assert!(
+            !p.allows_exe("/tmp/nvidia-container-cli"),
+            "the toolkit's binaries are allowed by path only"
+        );
         assert!(p.allows_exe("/usr/bin/nvidia-persistenced"));
         assert!(p.allows_exe("nvidia-persistenced"));
         assert!(!p.allows_exe("/usr/bin/nvidia-smi"));
