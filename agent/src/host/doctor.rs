@@ -40,6 +40,36 @@ pub struct Check {
     pub fix: String,
 }
 
+/// The open guard: a warning, not a failure, when off or unavailable (the
+/// time-lock still scans; it costs more and prevents nothing).
+fn guard_check(guard: &(bool, Result<(), String>)) -> Check {
+    let threshold = "fanotify permission events (timelock.prevent)".to_owned();
+    let (verdict, value, fix) = match guard {
+        (true, Ok(())) => (
+            Verdict::Pass,
+            "foreign opens of leased GPUs are denied at the open".to_owned(),
+            "",
+        ),
+        (true, Err(e)) => (
+            Verdict::Warn,
+            e.clone(),
+            "run the agent as root on a kernel built with CONFIG_FANOTIFY_ACCESS_PERMISSIONS; until then foreign holders are found by scanning /proc every cycle and ended after the fact, and attestations say \"scan\"",
+        ),
+        (false, _) => (
+            Verdict::Warn,
+            "off (timelock.prevent = false)".to_owned(),
+            "set timelock.prevent = true to deny foreign opens of leased GPUs instead of ending the holders after a scan",
+        ),
+    };
+    Check {
+        name: "guard",
+        verdict,
+        value,
+        threshold,
+        fix: fix.to_owned(),
+    }
+}
+
 /// What the key file looks like.
 #[derive(Debug, Clone, PartialEq)]
 pub enum KeyState {
@@ -71,6 +101,9 @@ pub struct Facts {
     /// (GPU count, driver version) or why NVML did not load.
     pub nvml: Result<(usize, String), String>,
     pub tun: Result<(), String>,
+    /// The open guard: `timelock.prevent`, and whether fanotify permission
+    /// events work here.
+    pub guard: (bool, Result<(), String>),
     pub key_path: String,
     pub key: KeyState,
     pub clock: Option<KernelClock>,
@@ -271,6 +304,7 @@ pub fn evaluate(f: &Facts, t: &DoctorConfig) -> Vec<Check> {
             "`modprobe tun`; the agent needs CAP_NET_ADMIN for its mesh interface",
         ),
     });
+    out.push(guard_check(&f.guard));
     if let Some(c) = &f.coordinator {
         out.push(match c {
             Ok(()) => row(
@@ -393,6 +427,7 @@ pub async fn gather(cfg: &AgentConfig) -> Facts {
     let lib = cfg.gpu.nvml_library.clone();
     let key_path = cfg.key_file();
     let driver = cfg.workload.gpu_driver.clone();
+    let prevent = cfg.timelock.prevent;
     let gpu = tokio::task::spawn_blocking(move || {
         (
             gpu_runtime(&driver),
@@ -416,17 +451,19 @@ pub async fn gather(cfg: &AgentConfig) -> Facts {
             )),
             nvml,
             tun_check(),
+            crate::timelock::guard::fanotify::probe(),
             key_state(&key_path),
             kernel_clock(),
         )
     })
     .await;
-    let (memory_bytes, disk_free, docker, nvml, tun, key, clock) = match local {
+    let (memory_bytes, disk_free, docker, nvml, tun, guard, key, clock) = match local {
         Ok(v) => v,
         Err(e) => {
             let e = format!("check panicked: {e}");
             (
                 0,
+                Err(e.clone()),
                 Err(e.clone()),
                 Err(e.clone()),
                 Err(e.clone()),
@@ -463,6 +500,7 @@ pub async fn gather(cfg: &AgentConfig) -> Facts {
         docker,
         nvml,
         tun,
+        guard: (prevent, guard),
         key_path: cfg.key_file().display().to_string(),
         key,
         clock,
@@ -632,6 +670,7 @@ mod tests {
             docker: Ok("24.0.7".into()),
             nvml: Ok((8, "550.54.15".into())),
             tun: Ok(()),
+            guard: (true, Ok(())),
             key_path: "/var/lib/warden/node.key".into(),
             key: KeyState::Ok,
             clock: Some(KernelClock {
@@ -759,6 +798,7 @@ mod tests {
                 "runtime",
                 "driver",
                 "tun",
+                "guard",
                 "coordinator",
                 "delivery",
                 "key",
@@ -811,6 +851,25 @@ mod tests {
             assert_eq!(failed(&checks), [name], "{checks:#?}");
             let c = checks.iter().find(|c| c.name == name).unwrap();
             assert!(!c.fix.is_empty() && !c.value.is_empty(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn a_host_without_the_open_guard_is_warned_not_failed() {
+        for guard in [
+            (true, Err("fanotify permission events are unavailable: EPERM".to_owned())),
+            (false, Ok(())),
+        ] {
+            let mut f = good();
+            f.guard = guard.clone();
+            let checks = evaluate(&f, &DoctorConfig::default());
+            assert!(failed(&checks).is_empty(), "{checks:#?}");
+            let c = checks.iter().find(|c| c.name == "guard").unwrap();
+            assert_eq!(c.verdict, Verdict::Warn, "{c:?}");
+            assert!(c.fix.contains("timelock.prevent") || c.fix.contains("FANOTIFY"));
+            if let (true, Err(e)) = &guard {
+                assert_eq!(&c.value, e);
+            }
         }
     }
 

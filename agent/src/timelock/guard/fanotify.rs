@@ -424,10 +424,8 @@ mod tests {
 
     #[test]
     fn a_foreign_open_is_denied_the_agents_and_allowlisted_go_through_and_drop_frees_the_node() {
-        if let Err(e) = probe() {
-            eprintln!("skipped: {e}");
-            return;
-        }
+        // Required of the test machine (root, a kernel with permission events).
+        probe().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let node = dir.path().join("nvidia0");
         std::fs::write(&node, b"").unwrap();
@@ -481,10 +479,8 @@ mod tests {
 
     #[test]
     fn a_missing_gpu_node_is_reported_unguarded_and_a_missing_control_node_is_not() {
-        if let Err(e) = probe() {
-            eprintln!("skipped: {e}");
-            return;
-        }
+        // Required of the test machine (root, a kernel with permission events).
+        probe().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut guard = Guard::start(PathBuf::from("/proc")).unwrap();
         let targets = super::super::targets(
