@@ -351,7 +351,7 @@ fn the_deb_installs_upgrades_keeps_the_suppliers_edits_and_purges() {
         rows,
         [
             "memory", "disk", "download", "upload", "rtt", "docker", "nvml", "runtime", "tun",
-            "delivery", "key", "clock"
+            "guard", "delivery", "key", "clock"
         ],
         "{table}"
     );

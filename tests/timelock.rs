@@ -34,6 +34,15 @@ struct Rig {
 }
 
 fn rig(tmp: &Path) -> Rig {
+    rig_with(tmp, "")
+}
+
+/// The scan-only time-lock (no open guard), as on a kernel without fanotify
+/// permission events: foreign holders are found and ended.
+const SCAN_ONLY: &str = "prevent = false\n";
+
+/// `timelock` is added to the agent's `[timelock]` section.
+fn rig_with(tmp: &Path, timelock: &str) -> Rig {
     let dev_dir = tmp.join("dev");
     std::fs::create_dir_all(&dev_dir).unwrap();
     let dev = dev_dir.join("nvidia0");
@@ -45,7 +54,7 @@ fn rig(tmp: &Path) -> Rig {
         &tmp.join("agent"),
         &format!(
             "{}\n[gpu]\nnvml_library = \"{}\"\nsample_interval = \"100ms\"\n\
-             [timelock]\nepoch = \"1s\"\nkill_grace = \"300ms\"\ndevice_patterns = [\"{}/nvidia*\"]\n",
+             [timelock]\nepoch = \"1s\"\nkill_grace = \"300ms\"\ndevice_patterns = [\"{}/nvidia*\"]\n{timelock}",
             fast_agent_toml(&coord.link_toml(), "1h", 0),
             fake_nvml().display(),
             dev_dir.display()
@@ -182,7 +191,7 @@ fn kill(child: &mut Child) {
 #[test]
 fn a_foreign_process_is_killed_during_a_lease_and_the_kill_is_in_the_chain() {
     let tmp = tempfile::tempdir().unwrap();
-    let r = rig(tmp.path());
+    let r = rig_with(tmp.path(), SCAN_ONLY);
 
     // Outside a lease the same process is left alone.
     let mut before = r.squatter();
@@ -255,6 +264,10 @@ fn a_foreign_process_is_killed_during_a_lease_and_the_kill_is_in_the_chain() {
             .join("\n")
     );
     assert!(out.contains("restarts    0 ("), "{out}");
+    assert!(
+        out.contains("prevention  0 opens denied at the open; 0 of "),
+        "no window of a scan-only agent is guarded at the open: {out}"
+    );
     let b: Value = serde_json::from_slice(&std::fs::read(&bundle).unwrap()).unwrap();
     assert!(!b["challenges"].as_array().unwrap().is_empty());
     assert!(!b["verdict"].is_null());
@@ -262,6 +275,127 @@ fn a_foreign_process_is_killed_during_a_lease_and_the_kill_is_in_the_chain() {
     // The same evidence judged more strictly: the verifier says why it fails.
     let (_, out) = verify(&r, &bundle, &["--min-coverage", "1.01"]);
     assert!(out.contains("low-coverage"), "{out}");
+}
+
+/// `sh -c SCRIPT` to its end: what it printed.
+fn sh(script: &str) -> String {
+    let out = Command::new("sh").args(["-c", script]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_foreign_open_of_a_leased_gpu_is_denied_at_the_open_and_counted_in_the_proof() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = rig(tmp.path());
+    let dev = r.dev.display().to_string();
+    let try_open = format!("{{ :; }} 3<'{dev}' 2>/dev/null && echo opened || echo denied");
+
+    // A holder from before the lease: there is no open left to deny; the
+    // full scan made when the lease comes under the guard ends it.
+    let mut early = r.squatter();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(alive(&mut early), "killed outside a lease");
+    assert_eq!(sh(&try_open).trim(), "opened", "denied outside a lease");
+    let id = r.start();
+    wait_for("the early holder ended", Duration::from_secs(30), || {
+        (!alive(&mut early)).then_some(())
+    });
+    wait_for("the guard on the node", Duration::from_secs(30), || {
+        (sh(&try_open).trim() == "denied").then_some(())
+    });
+
+    // A host process trying twenty times: each open denied, the process
+    // itself left alone (it runs to its end).
+    let out = sh(&format!(
+        "i=0; while [ $i -lt 20 ]; do {try_open}; i=$((i+1)); done; echo finished"
+    ));
+    assert_eq!(out.matches("denied").count(), 20, "{out}");
+    assert!(!out.contains("opened") && out.contains("finished"), "{out}");
+
+    // A container of no lease with the node mounted in: denied too, and
+    // recorded with its container id.
+    let image = image::busybox_image();
+    let name = format!("opener-{}", std::process::id());
+    let _rm = image::Remove::containers(&[&name]);
+    let out = Command::new("docker")
+        .args([
+            "run",
+            "--name",
+            &name,
+            "-v",
+            &format!("{dev}:{dev}"),
+            &image,
+        ])
+        .args(["sh", "-c", &try_open])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "denied",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let container_denied = wait_for(
+        "the container's open logged",
+        Duration::from_secs(30),
+        || {
+            r.agent
+                .proc
+                .log_text()
+                .lines()
+                .find(|l| {
+                    l.contains("open of a leased GPU denied")
+                        && l.split("container=").nth(1).is_some_and(|c| c.len() >= 64)
+                })
+                .map(str::to_owned)
+        },
+    );
+    assert!(container_denied.contains(&dev), "{container_denied}");
+
+    // Epochs, and one signed after the first challenge.
+    let signed = wait_for(
+        "attestations and a challenge",
+        Duration::from_secs(30),
+        || {
+            let i = r.info(&id);
+            let n = i["attestations"].as_u64()?;
+            (n >= 3 && i["challenges_sent"].as_u64()? >= 1).then_some(n)
+        },
+    );
+    wait_for(
+        "an epoch after the challenge",
+        Duration::from_secs(30),
+        || (r.info(&id)["attestations"].as_u64()? > signed).then_some(()),
+    );
+    r.end(&id);
+    // The lease is over: the guard lets go of the node.
+    wait_for("the node free again", Duration::from_secs(30), || {
+        (sh(&try_open).trim() == "opened").then_some(())
+    });
+
+    let (info, bundle) = r.export(&id);
+    assert_eq!(info["verdict"], "holds", "{info:#}");
+    let (ok, out) = verify(&r, &bundle, &[]);
+    assert!(ok, "{out}");
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("prevention  "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let denied: u64 = line.split(' ').next().unwrap().parse().unwrap();
+    // At least the twenty, the container's, and the probes above.
+    assert!(denied >= 22, "{out}");
+    let guarded: u64 = line
+        .split("; ")
+        .nth(1)
+        .and_then(|w| w.split(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(guarded >= 3, "{out}");
+    let kills: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("enforcement "))
+        .and_then(|l| l.split(", ").nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(kills >= 1, "the early holder: {out}");
 }
 
 #[test]
@@ -407,7 +541,7 @@ fn receipt_delays(b: &Value) -> Vec<i64> {
 #[test]
 fn a_container_not_of_the_lease_holding_a_leased_gpu_is_stopped() {
     let tmp = tempfile::tempdir().unwrap();
-    let r = rig(tmp.path());
+    let r = rig_with(tmp.path(), SCAN_ONLY);
     let image = image::busybox_image();
     let name = format!("squatter-{}", std::process::id());
     let _rm = image::Remove::containers(&[&name]);

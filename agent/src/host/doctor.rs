@@ -857,7 +857,10 @@ mod tests {
     #[test]
     fn a_host_without_the_open_guard_is_warned_not_failed() {
         for guard in [
-            (true, Err("fanotify permission events are unavailable: EPERM".to_owned())),
+            (
+                true,
+                Err("fanotify permission events are unavailable: EPERM".to_owned()),
+            ),
             (false, Ok(())),
         ] {
             let mut f = good();

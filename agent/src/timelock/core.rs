@@ -409,7 +409,8 @@ impl Core {
                 self.epochs.insert(l.id.clone(), epoch);
             }
         }
-        self.guarded.retain(|id, _| leases.iter().any(|l| &l.id == id));
+        self.guarded
+            .retain(|id, _| leases.iter().any(|l| &l.id == id));
         if leases.is_empty() {
             if self.guarding {
                 self.guarding = false;
@@ -502,9 +503,9 @@ impl Core {
             .map(|l| l.id.clone())
             .collect();
         let now = cycle.now;
-        let due = self.last_full_scan_ms.is_none_or(|at| {
-            now - at >= self.settings.safety_scan_ms || now < at
-        });
+        let due = self
+            .last_full_scan_ms
+            .is_none_or(|at| now - at >= self.settings.safety_scan_ms || now < at);
         let full = guarded.len() < cycle.leases.len() || !guarded.is_subset(&self.scanned) || due;
         if full {
             self.last_full_scan_ms = Some(now);
@@ -880,12 +881,12 @@ mod tests {
                         self.core.handle_guard(r)
                     }
                     // A partial scan reads no descriptors: only NVML's pids.
-                    Action::Scan { full: false, .. } => self.core.handle_scan(
-                        self.scan.clone().map(|s| HostScan {
+                    Action::Scan { full: false, .. } => {
+                        self.core.handle_scan(self.scan.clone().map(|s| HostScan {
                             holders: Vec::new(),
                             ..s
-                        }),
-                    ),
+                        }))
+                    }
                     Action::Scan { .. } => self.core.handle_scan(self.scan.clone()),
                     Action::FindGpuRequests { .. } => {
                         self.core.handle_gpu_requests(self.docker.clone())
@@ -974,9 +975,7 @@ mod tests {
         let end = h.tick(25_000);
         // The guard lets go of the nodes.
         let [Action::Attest(last), Action::Prove(proof), Action::Persist, Action::Guard {
-            targets,
-            leases,
-            ..
+            targets, leases, ..
         }] = end.as_slice()
         else {
             panic!("{end:?}");
@@ -1076,7 +1075,9 @@ mod tests {
         assert_eq!(full_at(&mut h, 0, 65_000), [0, 30_000, 60_000]);
         let a = attestations(&h.done);
         assert!(!a.is_empty());
-        assert!(a.iter().all(|a| a.guard == "open" && a.unguarded.is_empty()));
+        assert!(a
+            .iter()
+            .all(|a| a.guard == "open" && a.unguarded.is_empty()));
 
         // A second lease comes under the guard: at once, for what opened before.
         let mut l2 = lease("l2", 66_000, &[]);
@@ -1199,7 +1200,10 @@ mod tests {
                 .collect::<Vec<_>>(),
             [("/dev/nvidiactl", 1)]
         );
-        assert!(a.iter().all(|a| a.enforcement.is_empty()), "nothing to kill");
+        assert!(
+            a.iter().all(|a| a.enforcement.is_empty()),
+            "nothing to kill"
+        );
         h.core.set_leases(Vec::new());
         let proofs: Vec<_> = h
             .tick(11_000)

@@ -295,7 +295,9 @@ impl TimeLock {
                 } => {
                     // A few stat and fanotify_mark calls: not worth a thread.
                     let report = match guarding {
-                        Guarding::On(g) => g.apply(&targets, leases, all_gpus_leased, core.policy().clone()),
+                        Guarding::On(g) => {
+                            g.apply(&targets, leases, all_gpus_leased, core.policy().clone())
+                        }
                         Guarding::Off(why) => GuardReport::off(why.clone()),
                     };
                     core.handle_guard(report);
@@ -306,8 +308,7 @@ impl TimeLock {
                     full,
                 } => {
                     let scanned =
-                        tokio::task::spawn_blocking(move || scan_host(&patterns, nvml, full))
-                            .await;
+                        tokio::task::spawn_blocking(move || scan_host(&patterns, nvml, full)).await;
                     core.handle_scan(scanned.map_err(|e| e.to_string()));
                 }
                 Action::FindGpuRequests { ours } => {

@@ -301,12 +301,7 @@ pub enum Admit {
 /// container stop, and pid 1, which a scan spares only because killing it
 /// would bring the host down — is a denial. So the guard and the scan never
 /// disagree about who may hold a leased GPU.
-pub fn admit(
-    opener: &Seen,
-    leases: &[LeaseView],
-    all_gpus_leased: bool,
-    policy: &Policy,
-) -> Admit {
+pub fn admit(opener: &Seen, leases: &[LeaseView], all_gpus_leased: bool, policy: &Policy) -> Admit {
     let mut owner: BTreeMap<&str, &LeaseView> = BTreeMap::new();
     for lease in leases {
         for gpu in &lease.gpus {
@@ -650,8 +645,14 @@ mod tests {
             admit(&opener(9, "/usr/bin/nvidia-persistenced", None, g), false),
             Admit::Allow(AllowReason::Allowlisted)
         );
-        assert_eq!(admit(&opener(9, "/usr/bin/python3", None, g), false), Admit::Deny);
-        assert_eq!(admit(&opener(9, "/bin/app", Some(theirs), g), false), Admit::Deny);
+        assert_eq!(
+            admit(&opener(9, "/usr/bin/python3", None, g), false),
+            Admit::Deny
+        );
+        assert_eq!(
+            admit(&opener(9, "/bin/app", Some(theirs), g), false),
+            Admit::Deny
+        );
         assert_eq!(
             admit(&opener(1, "/sbin/init", None, g), false),
             Admit::Deny,

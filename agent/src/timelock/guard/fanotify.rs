@@ -100,9 +100,8 @@ fn init() -> io::Result<OwnedFd> {
 fn mark(fan: RawFd, flags: libc::c_uint, path: &str) -> io::Result<()> {
     let c = CString::new(path).map_err(io::Error::other)?;
     // SAFETY: `c` is a valid C string for the call's duration.
-    let r = unsafe {
-        libc::fanotify_mark(fan, flags, libc::FAN_OPEN_PERM, libc::AT_FDCWD, c.as_ptr())
-    };
+    let r =
+        unsafe { libc::fanotify_mark(fan, flags, libc::FAN_OPEN_PERM, libc::AT_FDCWD, c.as_ptr()) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -301,10 +300,21 @@ fn answer_opens(fan: &OwnedFd, shared: &Mutex<Shared>, stop: &AtomicBool, proc_r
             let file = unsafe { OwnedFd::from_raw_fd(m.fd) };
             let allow = m.vers != libc::FANOTIFY_METADATA_VERSION
                 || m.mask & libc::FAN_OPEN_PERM == 0
-                || judge(&file, m.pid as u32, agent_pid, shared, proc_root, &mut logged);
+                || judge(
+                    &file,
+                    m.pid as u32,
+                    agent_pid,
+                    shared,
+                    proc_root,
+                    &mut logged,
+                );
             let response = libc::fanotify_response {
                 fd: m.fd,
-                response: if allow { libc::FAN_ALLOW } else { libc::FAN_DENY },
+                response: if allow {
+                    libc::FAN_ALLOW
+                } else {
+                    libc::FAN_DENY
+                },
             };
             // SAFETY: writes one response struct from the stack.
             unsafe {
@@ -335,7 +345,11 @@ fn judge(
     let Ok(inode) = fd_inode(file) else {
         return true; // the kernel's own descriptor, unreadable: nothing to judge by
     };
-    let view = shared.lock().unwrap_or_else(|e| e.into_inner()).view.clone();
+    let view = shared
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .view
+        .clone();
     let Some((device, gpu)) = view.nodes.get(&inode).cloned() else {
         return true; // a node no longer guarded
     };
@@ -444,7 +458,10 @@ mod tests {
 
         assert!(!child_opens(&node), "a foreign open went through");
         assert!(!child_opens(&node));
-        assert!(!child_opens(&ctl), "every GPU is leased: the control node too");
+        assert!(
+            !child_opens(&ctl),
+            "every GPU is leased: the control node too"
+        );
         // The agent itself (this process) opens freely.
         assert!(std::fs::File::open(&node).is_ok());
 
@@ -463,7 +480,9 @@ mod tests {
         // The shell allowlisted (by its real path): it opens.
         let sh_path = std::fs::canonicalize("/bin/sh").unwrap();
         let mut allowing = policy.clone();
-        allowing.allow_exe.push(sh_path.to_string_lossy().into_owned());
+        allowing
+            .allow_exe
+            .push(sh_path.to_string_lossy().into_owned());
         guard.apply(&targets, vec![lease()], true, allowing);
         assert!(child_opens(&node), "an allowlisted executable was denied");
 

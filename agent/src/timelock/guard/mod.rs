@@ -42,7 +42,11 @@ const CONTROL_NODES: &[&str] = &["ctl", "-uvm", "-uvm-tools", "-modeset"];
 /// Control nodes are guarded only when every GPU is leased: while one is
 /// free, a host process opening `nvidiactl` may be working there (the rule
 /// `enforce::decide` applies to holders). Sorted, without duplicates.
-pub fn targets(patterns: &[String], leased: &[(String, u32)], all_gpus_leased: bool) -> Vec<Target> {
+pub fn targets(
+    patterns: &[String],
+    leased: &[(String, u32)],
+    all_gpus_leased: bool,
+) -> Vec<Target> {
     let mut out = BTreeSet::new();
     let gpu_of = |minor: u32| {
         leased
@@ -70,8 +74,7 @@ pub fn targets(patterns: &[String], leased: &[(String, u32)], all_gpus_leased: b
             }
             Some(_) => {}
             None => {
-                if let Some(uuid) =
-                    crate::timelock::procs::parse::gpu_index_of(p).and_then(gpu_of)
+                if let Some(uuid) = crate::timelock::procs::parse::gpu_index_of(p).and_then(gpu_of)
                 {
                     out.insert(Target {
                         path: p.clone(),
