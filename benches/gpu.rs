@@ -9,60 +9,15 @@
 
 mod common;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use warden_agent::host::gpu::{nvml::NvmlSource, GpuSource};
-
-/// The fake library next to the warden binary, built if this run has not.
-fn fake_nvml() -> PathBuf {
-    let lib = Path::new(common::WARDEN)
-        .parent()
-        .unwrap()
-        .join("libfake_nvml.so");
-    if !lib.exists() {
-        let release = common::WARDEN.contains("/release/");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", "fake-nvml"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if release {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success() && lib.exists(),
-            "cannot build {}",
-            lib.display()
-        );
-    }
-    lib
-}
-
-fn write_state(path: &Path, gpus: usize) {
-    let devices: Vec<_> = (0..gpus)
-        .map(|i| {
-            serde_json::json!({
-                "uuid": format!("GPU-{i:08x}-0000-4000-8000-000000000000"),
-                "name": "NVIDIA H100 80GB HBM3",
-                "pci_bus_id": format!("00000000:{:02X}:00.0", i + 1),
-                "memory_total_mib": 81559, "memory_used_mib": 40000,
-                "utilization_gpu": 97, "utilization_memory": 60,
-                "power_mw": 650000, "temperature_c": 71, "sm_clock_mhz": 1980,
-                "processes": [{"pid": 99_999_000 + i, "used_memory_mib": 40000}],
-            })
-        })
-        .collect();
-    let state = serde_json::json!({"driver_version": "550.54.15", "cuda_version": 12040, "devices": devices});
-    std::fs::write(path, serde_json::to_vec(&state).unwrap()).unwrap();
-}
 
 fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("gpus.json");
-    write_state(&state, 8);
-    let lib = fake_nvml();
+    common::write_gpu_state(&state, 8);
+    let lib = common::fake_nvml();
 
     // 1. One cycle, in-process.
     std::env::set_var("FAKE_NVML_STATE", &state);

@@ -13,8 +13,10 @@ use serde_json::Value;
 use crate::config::{AgentConfig, WorkloadConfig};
 
 /// Keys (or `section.` prefixes) applied without a restart, and why that is safe:
-/// - `timelock.allow_exe`, `kill_grace`, `device_patterns`: the enforcer reads
-///   them afresh each cycle; the chain records what it decided either way.
+/// - `timelock.allow_exe`, `kill_grace`, `device_patterns`, `prevent`,
+///   `safety_scan`: the enforcer reads them afresh each cycle (the open guard
+///   is started or dropped at once); the chain records what it decided
+///   either way, and each window says how it was guarded.
 /// - `workload.*` but the Docker socket: checked when a container is created or
 ///   stopped; running containers keep the confinement they were made with.
 /// - `doctor.*`: not used by the agent; `warden doctor` reads the file itself.
@@ -22,6 +24,8 @@ pub const LIVE: &[&str] = &[
     "timelock.allow_exe",
     "timelock.kill_grace",
     "timelock.device_patterns",
+    "timelock.prevent",
+    "timelock.safety_scan",
     "workload.allowed_host_paths",
     "workload.allowed_capabilities",
     "workload.default_memory_bytes",
@@ -74,6 +78,8 @@ fn merge_live(running: &AgentConfig, new: &AgentConfig) -> AgentConfig {
     m.timelock.allow_exe = new.timelock.allow_exe.clone();
     m.timelock.kill_grace = new.timelock.kill_grace;
     m.timelock.device_patterns = new.timelock.device_patterns.clone();
+    m.timelock.prevent = new.timelock.prevent;
+    m.timelock.safety_scan = new.timelock.safety_scan;
     m.workload = WorkloadConfig {
         docker_socket: running.workload.docker_socket.clone(),
         ..new.workload.clone()
@@ -264,6 +270,8 @@ epoch = "20s"
 device_patterns = ["/dev/x*"]
 allow_exe = ["y"]
 kill_grace = "1s"
+prevent = false
+safety_scan = "5s"
 [mesh]
 listen_port = 1
 endpoints = ["a:1"]
