@@ -24,7 +24,9 @@ const INCLUDE: &str = "systemd,systemd-sysv,procps";
 /// Names the cached root: change it when the recipe above changes.
 const ROOTFS: &str = "warden-test-debian-rootfs-bookworm-1.tar";
 /// Upper bounds for `systemd-analyze security` (docs/security.md gives the figures).
-const MAX_EXPOSURE_AGENT: f64 = 3.5;
+/// The agent's was 3.2 offline before the open guard's `CAP_SYS_ADMIN` and
+/// fanotify calls (+0.3, +0.2 as systemd weighs them): 3.6.
+const MAX_EXPOSURE_AGENT: f64 = 3.7;
 const MAX_EXPOSURE_COORDINATOR: f64 = 1.5;
 
 fn version() -> &'static str {
