@@ -102,29 +102,8 @@ fn main() {
     let patterns = vec![format!("{}/nvidia*", tmp.path().display())];
 
     let t = Instant::now();
-    let idle: Vec<Killed> = (0..1000)
-        .map(|_| {
-            Killed(
-                Command::new("sleep")
-                    .arg("600")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            )
-        })
-        .collect();
-    let procs_now = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter(|e| {
-            e.as_ref().is_ok_and(|e| {
-                e.file_name()
-                    .to_str()
-                    .is_some_and(|n| n.parse::<u32>().is_ok())
-            })
-        })
-        .count();
+    let idle = common::idle_processes(1000);
+    let procs_now = common::process_count();
     println!(
         "enforce/setup: {} idle processes started in {:.1} s; {procs_now} processes in /proc",
         idle.len(),

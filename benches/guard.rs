@@ -16,41 +16,30 @@ mod common;
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use common::Killed;
 use warden_agent::timelock::{
     enforce::Policy,
     guard::{self, fanotify::Guard},
 };
 
-fn warden_lease(socket: &Path, args: &[&str]) -> String {
-    let out = Command::new(common::WARDEN)
-        .arg("lease")
-        .args(["--socket", socket.to_str().unwrap()])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 fn node_id(status: &Path) -> String {
     let t0 = Instant::now();
     loop {
-        assert!(t0.elapsed() < Duration::from_secs(60), "agent never connected");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "agent never connected"
+        );
         let out = Command::new(common::WARDEN)
             .args(["status", "--json", "--socket", status.to_str().unwrap()])
             .output()
             .unwrap();
         let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if s["coordinator"]["connected"] == true && s["gpus"].as_array().is_some_and(|g| g.len() == 8) {
+        if s["coordinator"]["connected"] == true
+            && s["gpus"].as_array().is_some_and(|g| g.len() == 8)
+        {
             return s["node_id"].as_str().unwrap().to_owned();
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -58,7 +47,14 @@ fn node_id(status: &Path) -> String {
 }
 
 /// The agent's CPU (% of one core) over `secs` of a lease of all its GPUs.
-fn lease_cpu(tmp: &Path, link: &str, socket: &Path, dev: &Path, state: &Path, prevent: bool) -> f64 {
+fn lease_cpu(
+    tmp: &Path,
+    link: &str,
+    socket: &Path,
+    dev: &Path,
+    state: &Path,
+    prevent: bool,
+) -> f64 {
     let dir = tmp.join(format!("agent-prevent-{prevent}"));
     std::fs::create_dir_all(&dir).unwrap();
     let config = format!(
@@ -69,7 +65,7 @@ fn lease_cpu(tmp: &Path, link: &str, socket: &Path, dev: &Path, state: &Path, pr
     );
     let agent = common::spawn_agent(&dir, &config, &[("FAKE_NVML_STATE", state.to_owned())]);
     let node = node_id(&dir.join("agent/agent.sock"));
-    let lease = warden_lease(socket, &["start", &node, "--gpus", "all"]);
+    let lease = common::warden_lease(socket, &["start", &node, "--gpus", "all"]).1;
     // The lease's first cycles (and its first full scan) are not the steady state.
     std::thread::sleep(Duration::from_secs(5));
     let pid = agent.0.id();
@@ -78,7 +74,7 @@ fn lease_cpu(tmp: &Path, link: &str, socket: &Path, dev: &Path, state: &Path, pr
     std::thread::sleep(Duration::from_secs(common::steady_secs()));
     let (t1, _) = common::proc_figures(pid);
     let cpu = (t1 - t0) as f64 / 100.0 / start.elapsed().as_secs_f64() * 100.0;
-    warden_lease(socket, &["end", &lease]);
+    common::warden_lease(socket, &["end", &lease]);
     drop(agent);
     cpu
 }
@@ -138,26 +134,8 @@ fn main() {
 
     // 1. The agent during a lease among 1,000 more processes.
     let t = Instant::now();
-    let idle: Vec<Killed> = (0..1000)
-        .map(|_| {
-            Killed(
-                Command::new("sleep")
-                    .arg("3600")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            )
-        })
-        .collect();
-    let procs = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .is_ok_and(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u32>().is_ok()))
-        })
-        .count();
+    let idle = common::idle_processes(1000);
+    let procs = common::process_count();
     println!(
         "guard/setup: {} idle processes in {:.1} s; {procs} processes in /proc",
         idle.len(),

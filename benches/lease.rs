@@ -10,27 +10,7 @@ mod common;
 #[allow(dead_code)]
 mod image;
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
-
-fn warden(socket: &std::path::Path, args: &[&str]) -> (Duration, String) {
-    let t = Instant::now();
-    let out = Command::new(common::WARDEN)
-        .arg("lease")
-        .args(["--socket", socket.to_str().unwrap()])
-        .args(args)
-        .output()
-        .unwrap();
-    let took = t.elapsed();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (took, String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
+use std::{process::Command, time::Duration};
 
 fn summary(mut v: Vec<Duration>) -> String {
     v.sort();
@@ -72,12 +52,12 @@ fn main() {
     };
     let (mut starts, mut ends) = (Vec::new(), Vec::new());
     for _ in 0..n {
-        let (t, lease) = warden(
+        let (t, lease) = common::warden_lease(
             &socket,
             &["start", &node_id, "--image", &image, "--", "sleep", "300"],
         );
         starts.push(t);
-        let (t, _) = warden(&socket, &["end", &lease]);
+        let (t, _) = common::warden_lease(&socket, &["end", &lease]);
         ends.push(t);
     }
     println!("lease/start_to_running n={n}: {}", summary(starts));

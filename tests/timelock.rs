@@ -136,6 +136,25 @@ impl Rig {
         (info, path)
     }
 
+    /// A few epochs, so that challenges come; then one more epoch signed
+    /// after the first challenge, so that it is answered.
+    fn answered_epochs(&self, id: &str) {
+        let signed = wait_for(
+            "attestations and a challenge",
+            Duration::from_secs(30),
+            || {
+                let i = self.info(id);
+                let n = i["attestations"].as_u64()?;
+                (n >= 3 && i["challenges_sent"].as_u64()? >= 1).then_some(n)
+            },
+        );
+        wait_for(
+            "an epoch after the challenge",
+            Duration::from_secs(30),
+            || (self.info(id)["attestations"].as_u64()? > signed).then_some(()),
+        );
+    }
+
     /// A host process that opens the GPU's device node and ignores SIGTERM.
     fn squatter(&self) -> Child {
         Command::new("sh")
@@ -220,22 +239,7 @@ fn a_foreign_process_is_killed_during_a_lease_and_the_kill_is_in_the_chain() {
             .contains("foreign process on a leased GPU"),
         "logged before the kill began"
     );
-    // A few epochs, so that challenges come; then one more epoch signed
-    // after the first challenge, so that it is answered.
-    let signed = wait_for(
-        "attestations and a challenge",
-        Duration::from_secs(30),
-        || {
-            let i = r.info(&id);
-            let n = i["attestations"].as_u64()?;
-            (n >= 3 && i["challenges_sent"].as_u64()? >= 1).then_some(n)
-        },
-    );
-    wait_for(
-        "an epoch after the challenge",
-        Duration::from_secs(30),
-        || (r.info(&id)["attestations"].as_u64()? > signed).then_some(()),
-    );
+    r.answered_epochs(&id);
     r.end(&id);
 
     let (info, bundle) = r.export(&id);
@@ -352,21 +356,7 @@ fn a_foreign_open_of_a_leased_gpu_is_denied_at_the_open_and_counted_in_the_proof
     );
     assert!(container_denied.contains(&dev), "{container_denied}");
 
-    // Epochs, and one signed after the first challenge.
-    let signed = wait_for(
-        "attestations and a challenge",
-        Duration::from_secs(30),
-        || {
-            let i = r.info(&id);
-            let n = i["attestations"].as_u64()?;
-            (n >= 3 && i["challenges_sent"].as_u64()? >= 1).then_some(n)
-        },
-    );
-    wait_for(
-        "an epoch after the challenge",
-        Duration::from_secs(30),
-        || (r.info(&id)["attestations"].as_u64()? > signed).then_some(()),
-    );
+    r.answered_epochs(&id);
     r.end(&id);
     // The lease is over: the guard lets go of the node.
     wait_for("the node free again", Duration::from_secs(30), || {

@@ -201,10 +201,7 @@ pub fn dev_coordinator_on(dir: &Path, config: &str, port: u16) -> (Killed, u16, 
 
 /// The fake library next to the warden binary, built if this run has not.
 pub fn fake_nvml() -> PathBuf {
-    let lib = Path::new(WARDEN)
-        .parent()
-        .unwrap()
-        .join("libfake_nvml.so");
+    let lib = Path::new(WARDEN).parent().unwrap().join("libfake_nvml.so");
     if !lib.exists() {
         let release = WARDEN.contains("/release/");
         let mut cmd = Command::new(env!("CARGO"));
@@ -240,4 +237,54 @@ pub fn write_gpu_state(path: &Path, gpus: usize) {
         .collect();
     let state = serde_json::json!({"driver_version": "550.54.15", "cuda_version": 12040, "devices": devices});
     std::fs::write(path, serde_json::to_vec(&state).unwrap()).unwrap();
+}
+
+/// `n` idle `sleep` processes, killed on drop: a host with many processes.
+pub fn idle_processes(n: usize) -> Vec<Killed> {
+    (0..n)
+        .map(|_| {
+            Killed(
+                Command::new("sleep")
+                    .arg("3600")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// How many processes `/proc` lists.
+pub fn process_count() -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter(|e| {
+            e.as_ref().is_ok_and(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.parse::<u32>().is_ok())
+            })
+        })
+        .count()
+}
+
+/// `warden lease --socket SOCKET ARGS…`, which must succeed: how long it
+/// took and what it printed.
+pub fn warden_lease(socket: &Path, args: &[&str]) -> (Duration, String) {
+    let t = Instant::now();
+    let out = Command::new(WARDEN)
+        .arg("lease")
+        .args(["--socket", socket.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (took, String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }

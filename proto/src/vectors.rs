@@ -271,6 +271,22 @@ pub struct Evidence {
 }
 
 impl Evidence {
+    /// The proof changed by `f` and signed again with the node key (the
+    /// node's owner can always do that).
+    pub fn reprove_with(&mut self, f: impl FnOnce(&mut pb::LeaseProof)) {
+        let mut p = pb::Record::decode(
+            self.proof
+                .as_ref()
+                .map(|p| p.payload.as_slice())
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default();
+        if let Some(pb::record::Body::LeaseProof(pr)) = p.body.as_mut() {
+            f(pr);
+        }
+        self.proof = Some(self.lease.node().sign_message(types::RECORD, &p));
+    }
+
     /// The verdict the coordinator signs for this evidence.
     pub fn coordinator_verdict(&self) -> Envelope {
         let l = &self.lease;
@@ -920,17 +936,7 @@ pub fn cases() -> Vec<Case> {
         &[],
     ));
     let mut e = guarded.sign();
-    let mut p = pb::Record::decode(
-        e.proof
-            .as_ref()
-            .map(|p| p.payload.as_slice())
-            .unwrap_or_default(),
-    )
-    .unwrap_or_default();
-    if let Some(pb::record::Body::LeaseProof(pr)) = p.body.as_mut() {
-        pr.prevented = 0;
-    }
-    e.proof = Some(e.lease.node().sign_message(types::RECORD, &p));
+    e.reprove_with(|pr| pr.prevented = 0);
     out.push(case(
         "proof-hides-prevented",
         "As valid-prevented, but the proof says no open was prevented.",
@@ -1153,17 +1159,7 @@ pub fn cases() -> Vec<Case> {
         &[(NO_PROOF, 1)],
     ));
     let mut e = ev.clone();
-    let mut p = pb::Record::decode(
-        e.proof
-            .as_ref()
-            .map(|p| p.payload.as_slice())
-            .unwrap_or_default(),
-    )
-    .unwrap_or_default();
-    if let Some(pb::record::Body::LeaseProof(pr)) = p.body.as_mut() {
-        pr.kills = 1;
-    }
-    e.proof = Some(e.lease.node().sign_message(types::RECORD, &p));
+    e.reprove_with(|pr| pr.kills = 1);
     out.push(case(
         "proof-mismatch",
         "The proof claims a kill the chain does not hold.",

@@ -207,29 +207,11 @@ pub fn decide(
     all_gpus_leased: bool,
     policy: &Policy,
 ) -> Vec<Decision> {
-    let mut owner: BTreeMap<&str, &LeaseView> = BTreeMap::new();
-    for lease in leases {
-        for gpu in &lease.gpus {
-            owner.entry(gpu.as_str()).or_insert(lease);
-        }
-    }
-    let any_lease_container: BTreeSet<&str> = leases
-        .iter()
-        .flat_map(|l| l.containers.iter().map(String::as_str))
-        .collect();
+    let owners = Owners::of(leases);
 
     let verdicts: Vec<Verdict> = seen
         .iter()
-        .map(|s| {
-            verdict(
-                s,
-                leases,
-                &owner,
-                &any_lease_container,
-                all_gpus_leased,
-                policy,
-            )
-        })
+        .map(|s| verdict(s, leases, &owners, all_gpus_leased, policy))
         .collect();
 
     let decision = |s: &Seen, verdict: Verdict| Decision {
@@ -302,27 +284,35 @@ pub enum Admit {
 /// would bring the host down — is a denial. So the guard and the scan never
 /// disagree about who may hold a leased GPU.
 pub fn admit(opener: &Seen, leases: &[LeaseView], all_gpus_leased: bool, policy: &Policy) -> Admit {
-    let mut owner: BTreeMap<&str, &LeaseView> = BTreeMap::new();
-    for lease in leases {
-        for gpu in &lease.gpus {
-            owner.entry(gpu.as_str()).or_insert(lease);
-        }
-    }
-    let any_lease_container: BTreeSet<&str> = leases
-        .iter()
-        .flat_map(|l| l.containers.iter().map(String::as_str))
-        .collect();
-    match verdict(
-        opener,
-        leases,
-        &owner,
-        &any_lease_container,
-        all_gpus_leased,
-        policy,
-    ) {
+    let owners = Owners::of(leases);
+    match verdict(opener, leases, &owners, all_gpus_leased, policy) {
         Verdict::Allowed(AllowReason::ProtectedPid) => Admit::Deny,
         Verdict::Allowed(reason) => Admit::Allow(reason),
         Verdict::KillProcess | Verdict::StopContainer(_) => Admit::Deny,
+    }
+}
+
+/// Who owns what among the active leases.
+struct Owners<'a> {
+    /// Each leased GPU's lease (the first, if two list it).
+    gpu: BTreeMap<&'a str, &'a LeaseView>,
+    /// Every lease's containers.
+    any_container: BTreeSet<&'a str>,
+}
+
+impl<'a> Owners<'a> {
+    fn of(leases: &'a [LeaseView]) -> Owners<'a> {
+        let mut gpu: BTreeMap<&str, &LeaseView> = BTreeMap::new();
+        for lease in leases {
+            for g in &lease.gpus {
+                gpu.entry(g.as_str()).or_insert(lease);
+            }
+        }
+        let any_container = leases
+            .iter()
+            .flat_map(|l| l.containers.iter().map(String::as_str))
+            .collect();
+        Owners { gpu, any_container }
     }
 }
 
@@ -330,8 +320,7 @@ pub fn admit(opener: &Seen, leases: &[LeaseView], all_gpus_leased: bool, policy:
 fn verdict(
     s: &Seen,
     leases: &[LeaseView],
-    owner: &BTreeMap<&str, &LeaseView>,
-    any_lease_container: &BTreeSet<&str>,
+    owners: &Owners,
     all_gpus_leased: bool,
     policy: &Policy,
 ) -> Verdict {
@@ -344,7 +333,7 @@ fn verdict(
     }
     let in_lease = match &s.gpu {
         Some(gpu) => {
-            let Some(lease) = owner.get(gpu.as_str()) else {
+            let Some(lease) = owners.gpu.get(gpu.as_str()) else {
                 return Verdict::Allowed(AllowReason::NotALeasedGpu);
             };
             h.container
@@ -357,7 +346,7 @@ fn verdict(
             }
             h.container
                 .as_deref()
-                .is_some_and(|c| any_lease_container.contains(c))
+                .is_some_and(|c| owners.any_container.contains(c))
         }
     };
     if in_lease {
