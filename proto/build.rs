@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/warden/v1/uplink.proto",
         "proto/warden/v1/admin.proto",
         "proto/warden/v1/probe.proto",
+        "proto/warden/v1/workproof.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
@@ -60,6 +61,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ClusterOrderSummary",
         "ClusterLease",
         "ClusterRecordEvent",
+        // And what `warden challenge solve` prints.
+        "WorkRound",
+        "TileOpening",
     ] {
         builder = builder.type_attribute(format!(".warden.v1.{m}"), "#[derive(serde::Serialize)]");
     }

@@ -1,0 +1,32 @@
+//! The work challenge (docs/attestation.md#work-challenge): a seeded int8
+//! matrix product on the claimed GPU, committed tile by tile in a Merkle
+//! tree, opened where the commitment itself points, checked by
+//! recomputing only the opened tiles.
+//!
+//! Everything here is pure: the matrices ([`matrix`]), the commitment
+//! ([`merkle`]), the CPU reference solver ([`solve`]), the checker any
+//! coordinator can run ([`check`]), the size and deadline of a challenge
+//! for a claimed GPU ([`sizing`]) and the NVML identity rule
+//! ([`identity`]).
+
+pub mod check;
+pub mod identity;
+pub mod matrix;
+pub mod merkle;
+pub mod sizing;
+pub mod solve;
+
+pub use check::{check, CheckError};
+pub use solve::{solve, ParamError, Params};
+
+/// Columns of C in one committed tile: a tile is C[i, 64j .. 64j+64].
+pub const TILE: usize = 64;
+/// The largest matrix side a challenge may name (a 192 GB card at 0.6 fill
+/// is ~128k; the cap keeps tile indices and tree depths small).
+pub const MAX_N: u32 = 1 << 18;
+/// The most products one challenge may ask for (bounds the answer's size).
+pub const MAX_ROUNDS: u32 = 32;
+/// The most tiles opened per round (bounds the answer's size).
+pub const MAX_SPOT_TILES: u32 = 64;
+/// The domain prefix of every hash but the Merkle tree's.
+pub const DOMAIN: &[u8; 14] = b"warden-work-v1";
