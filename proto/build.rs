@@ -61,9 +61,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ClusterOrderSummary",
         "ClusterLease",
         "ClusterRecordEvent",
-        // And what `warden challenge solve` prints.
-        "WorkRound",
-        "TileOpening",
     ] {
         builder = builder.type_attribute(format!(".warden.v1.{m}"), "#[derive(serde::Serialize)]");
     }

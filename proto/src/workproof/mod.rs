@@ -10,6 +10,7 @@
 //! ([`identity`]).
 
 pub mod check;
+pub mod contract;
 pub mod identity;
 pub mod matrix;
 pub mod merkle;
