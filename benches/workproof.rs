@@ -2,9 +2,9 @@
 //! `cargo bench --bench workproof`; prints numbers, asserts nothing.
 //!
 //! 1. The CPU reference solver, one round, for a few small n (all threads).
-//! 2. The coordinator's whole check of that answer (16 tiles).
-//! 3. One opened tile's check at the n the sizing gives real GPUs (a row
-//!    of A and 64 columns of B regenerated, 64 dot products, the Merkle
+//! 2. The coordinator's whole check of that answer (32 tiles).
+//! 3. One opened tile's check at the n the sizing gives real GPUs (8 rows
+//!    of A and 8 columns of B regenerated, 64 dot products, the Merkle
 //!    path), and from it the check of a whole challenge for each model:
 //!    rounds × spot tiles × that (the checker does nothing else of size).
 
@@ -18,7 +18,7 @@ use warden_proto::{
         matrix::{self, Side},
         merkle,
         sizing::{self, Policy},
-        Params, TILE,
+        solve, Params, SIDE, TILE,
     },
 };
 
@@ -28,17 +28,18 @@ fn secs<T>(f: impl FnOnce() -> T) -> (T, f64) {
     (out, t.elapsed().as_secs_f64())
 }
 
-/// The correct tile (row, columns col0..col0+64) of round seed `s`.
+/// The correct tile `index` of round seed `s` (8 rows of A, 8 columns of B).
 fn tile(s: &[u8; 32], n: u32, index: u64) -> pb::TileOpening {
-    let per_row = n as u64 / TILE as u64;
-    let (row, col0) = (index / per_row, index % per_row * TILE as u64);
+    let (row0, col0) = solve::tile_origin(n, index);
     let mut a = vec![0i8; n as usize];
     let mut b = vec![0i8; n as usize];
-    matrix::line(s, Side::A, row as u32, &mut a);
     let mut bytes = Vec::with_capacity(TILE * 4);
-    for k in 0..TILE as u64 {
-        matrix::line(s, Side::B, (col0 + k) as u32, &mut b);
-        bytes.extend_from_slice(&matrix::dot(&a, &b).to_le_bytes());
+    for r in 0..SIDE as u64 {
+        matrix::line(s, Side::A, (row0 + r) as u32, &mut a);
+        for c in 0..SIDE as u64 {
+            matrix::line(s, Side::B, (col0 + c) as u32, &mut b);
+            bytes.extend_from_slice(&matrix::dot(&a, &b).to_le_bytes());
+        }
     }
     pb::TileOpening {
         index,
@@ -49,7 +50,7 @@ fn tile(s: &[u8; 32], n: u32, index: u64) -> pb::TileOpening {
 
 fn main() {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("CPU reference solver and full check, 1 round, 16 spot tiles ({threads} threads):");
+    println!("CPU reference solver and full check, 1 round, 32 spot tiles ({threads} threads):");
     for n in [256u32, 512, 1024] {
         let ch = pb::WorkChallenge {
             node_id: "bench".into(),
@@ -58,7 +59,7 @@ fn main() {
             gpu_uuid: "GPU-b".into(),
             n,
             rounds: 1,
-            spot_tiles: 16,
+            spot_tiles: 32,
             deadline_unix_ms: i64::MAX,
             ..Default::default()
         };
@@ -89,7 +90,7 @@ fn main() {
     let seed = [2u8; 32];
     let mut per_tile = Vec::new();
     for n in [4096u32, 16384, 65536, 110_464] {
-        let index = (n as u64 / 2) * (n as u64 / TILE as u64) + 3;
+        let index = (n as u64 / 16) * (n as u64 / SIDE as u64) + 3;
         let o = tile(&seed, n, index);
         let depth = merkle::depth(n as u64 * n as u64 / TILE as u64);
         let path = vec![[7u8; 32]; depth as usize];
@@ -106,7 +107,7 @@ fn main() {
         println!("  n {n:>6}: {:>7.2} ms per tile", times[2] * 1e3);
         per_tile.push((n, times[2]));
     }
-    // Check cost is linear in n (65 lines of n entries): scaled from the nearest n measured.
+    // Check cost is linear in n (16 lines of n entries): scaled from the nearest n measured.
     let at = |n: u32| {
         let (m, t) = per_tile
             .iter()
@@ -116,7 +117,7 @@ fn main() {
         t * n as f64 / m as f64
     };
     println!(
-        "Whole challenge per model (default policy: fill 0.6, 60 s target, 16 tiles per round):"
+        "Whole challenge per model (default policy: fill 0.6, 30 s target, 32 tiles per round):"
     );
     for (name, mem) in [
         ("NVIDIA H200", 141u64 << 30),

@@ -39,6 +39,8 @@ pub enum Inbound {
     },
     /// A verified challenge for this node: to the time-lock.
     Challenge(pb::Challenge),
+    /// A verified work challenge for this node: to the work runner.
+    WorkChallenge(Box<pb::WorkChallenge>),
     /// A verified command: to the workload task (boxed: it may carry a
     /// whole container spec).
     Command(Box<pb::Command>),
@@ -211,6 +213,15 @@ impl Session {
                 match self.open::<pb::Challenge>(env, types::CHALLENGE, "challenge") {
                     Ok(c) => match self.for_us("challenge", &c.node_id) {
                         Ok(()) => Inbound::Challenge(c),
+                        Err(i) => Inbound::Ignored(i),
+                    },
+                    Err(i) => Inbound::Ignored(i),
+                }
+            }
+            types::WORK_CHALLENGE => {
+                match self.open::<pb::WorkChallenge>(env, types::WORK_CHALLENGE, "work challenge") {
+                    Ok(c) => match self.for_us("work challenge", &c.node_id) {
+                        Ok(()) => Inbound::WorkChallenge(Box::new(c)),
                         Err(i) => Inbound::Ignored(i),
                     },
                     Err(i) => Inbound::Ignored(i),

@@ -106,6 +106,8 @@ pub enum Inbound {
     /// A container's output answering a ContainerLogs command: for whoever
     /// waits on it, never stored.
     Logs(pb::LogChunk),
+    /// The answer to a work challenge, signed by the node: to the work gate.
+    WorkAnswer(Box<pb::WorkAnswer>),
 }
 
 impl NodeCheck<'_> {
@@ -162,6 +164,37 @@ impl NodeCheck<'_> {
                 }
                 .to_string(),
             },
+            types::WORK_ANSWER if env.payload.len() > limits::WORK_ANSWER => Inbound::Refuse {
+                seq: 0,
+                digest,
+                kind: RefusalKind::Malformed,
+                reason: OverLimit::TooLarge {
+                    what: "work answer",
+                    size: env.payload.len(),
+                    cap: limits::WORK_ANSWER,
+                }
+                .to_string(),
+            },
+            types::WORK_ANSWER => {
+                match dsse::open::<pb::WorkAnswer>(env, types::WORK_ANSWER, self.key) {
+                    Ok(a) if a.node_id == self.node_id => Inbound::WorkAnswer(Box::new(a)),
+                    Ok(a) => Inbound::Refuse {
+                        seq: 0,
+                        digest,
+                        kind: RefusalKind::WrongNode,
+                        reason: format!(
+                            "work answer names node {} but this stream belongs to node {}",
+                            a.node_id, self.node_id
+                        ),
+                    },
+                    Err(e) => Inbound::Refuse {
+                        seq: 0,
+                        digest,
+                        kind: RefusalKind::of_verify_error(&e),
+                        reason: format!("work answer: {e}"),
+                    },
+                }
+            }
             types::LOGS => match dsse::open::<pb::LogChunk>(env, types::LOGS, self.key) {
                 Ok(chunk) => Inbound::Logs(chunk),
                 Err(e) => Inbound::Refuse {

@@ -1,13 +1,13 @@
 //! The checker: whether an answer proves the challenge's products were
 //! computed. Cost per round: one Merkle path and one tile recomputation
-//! per opened tile — a row of A and 64 columns of B regenerated (65·n/64
+//! per opened tile — 8 rows of A and 8 columns of B regenerated (16·n/64
 //! SHA-256 blocks) and 64 dot products of length n. Never O(n²).
 
 use super::{
     matrix::{self, Side},
     merkle,
-    solve::{seed32, spot_tiles, ParamError, Params},
-    TILE,
+    solve::{seed32, spot_tiles, tile_origin, ParamError, Params},
+    SIDE, TILE,
 };
 use crate::pb;
 
@@ -41,7 +41,7 @@ pub enum CheckError {
         got: u64,
         want: u64,
     },
-    #[error("round {round}, tile {index}: {len} bytes, not 256 (64 int32)")]
+    #[error("round {round}, tile {index}: {len} bytes, not 256 (8×8 int32)")]
     TileLength {
         round: usize,
         index: u64,
@@ -186,29 +186,33 @@ pub fn check_round(
     Ok(())
 }
 
-/// Recomputes one opened tile from a row of A and 64 columns of B.
+/// Recomputes one opened tile from 8 rows of A and 8 columns of B.
 pub fn check_tile(
     n: u32,
     round: usize,
     seed_r: &[u8; 32],
     o: &pb::TileOpening,
 ) -> Result<(), CheckError> {
-    let per_row = n as u64 / TILE as u64;
-    let (row, col0) = (o.index / per_row, (o.index % per_row) * TILE as u64);
-    let mut a = vec![0i8; n as usize];
-    let mut b = vec![0i8; n as usize];
-    matrix::line(seed_r, Side::A, row as u32, &mut a);
+    let (row0, col0) = tile_origin(n, o.index);
+    let n = n as usize;
+    let mut a = vec![0i8; n * SIDE];
+    let mut b = vec![0i8; n * SIDE];
+    for (k, line) in a.chunks_exact_mut(n).enumerate() {
+        matrix::line(seed_r, Side::A, (row0 + k as u64) as u32, line);
+    }
+    for (k, line) in b.chunks_exact_mut(n).enumerate() {
+        matrix::line(seed_r, Side::B, (col0 + k as u64) as u32, line);
+    }
     for (k, got) in o.tile.chunks_exact(4).enumerate() {
-        let col = col0 + k as u64;
-        matrix::line(seed_r, Side::B, col as u32, &mut b);
-        let want = matrix::dot(&a, &b);
+        let (r, c) = (k / SIDE, k % SIDE);
+        let want = matrix::dot(&a[r * n..][..n], &b[c * n..][..n]);
         let got = i32::from_le_bytes([got[0], got[1], got[2], got[3]]);
         if got != want {
             return Err(CheckError::WrongProduct {
                 round,
                 index: o.index,
-                row,
-                col,
+                row: row0 + r as u64,
+                col: col0 + c as u64,
                 got,
                 want,
             });
@@ -385,7 +389,7 @@ mod tests {
         }
         let tree = Tree::new(
             (0..p.tiles())
-                .map(|t| merkle::leaf(&solve::tile_bytes(&c, t)))
+                .map(|t| merkle::leaf(&solve::tile_bytes(&c, p.n, t)))
                 .collect(),
         );
         let root = tree.root();
@@ -393,7 +397,7 @@ mod tests {
             .into_iter()
             .map(|t| pb::TileOpening {
                 index: t,
-                tile: solve::tile_bytes(&c, t),
+                tile: solve::tile_bytes(&c, p.n, t),
                 path: tree.path(t as usize).iter().map(|h| h.to_vec()).collect(),
             })
             .collect();
@@ -414,17 +418,18 @@ mod tests {
             let p = Params::of(&ch).unwrap();
             let seed_r = crate::workproof::matrix::first_seed(&seed32(&ch.seed).unwrap(), NODE);
             let c = solve::product(&seed_r, 64, 1);
-            let tree = Tree::new((0..p.tiles()).map(|t| merkle::leaf(&solve::tile_bytes(&c, t))).collect());
+            let tree = Tree::new((0..p.tiles()).map(|t| merkle::leaf(&solve::tile_bytes(&c, p.n, t))).collect());
             let root = tree.root();
             let spots = spot_tiles(&seed_r, &root, p.tiles(), 8);
             let mut c2 = c.clone();
-            c2[spots[q] as usize * TILE + k] += delta;
+            let (r0, c0) = tile_origin(64, spots[q]);
+            c2[(r0 as usize + k / SIDE) * 64 + c0 as usize + k % SIDE] += delta;
             // Try the cheater's root: its own spots, its own paths.
-            let tree2 = Tree::new((0..p.tiles()).map(|t| merkle::leaf(&solve::tile_bytes(&c2, t))).collect());
+            let tree2 = Tree::new((0..p.tiles()).map(|t| merkle::leaf(&solve::tile_bytes(&c2, p.n, t))).collect());
             let root2 = tree2.root();
             let openings: Vec<pb::TileOpening> = spot_tiles(&seed_r, &root2, p.tiles(), 8).into_iter().map(|t| pb::TileOpening {
                 index: t,
-                tile: solve::tile_bytes(&c2, t),
+                tile: solve::tile_bytes(&c2, p.n, t),
                 path: tree2.path(t as usize).iter().map(|h| h.to_vec()).collect(),
             }).collect();
             // n = 64 has 64 tiles and 8 spots: the wrong tile may not be

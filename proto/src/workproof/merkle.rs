@@ -10,7 +10,7 @@ use super::matrix::to32;
 /// A padding leaf, past the last tile.
 pub const EMPTY: [u8; 32] = [0; 32];
 
-/// The leaf of one tile (its 64 int32, little-endian).
+/// The leaf of one tile (its 8×8 int32, little-endian).
 pub fn leaf(tile: &[u8]) -> [u8; 32] {
     let mut c = Context::new(&SHA256);
     c.update(&[0]);

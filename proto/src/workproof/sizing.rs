@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::{solve::Params, MAX_N, MAX_ROUNDS, TILE};
+use super::{solve::Params, MAX_N, MAX_ROUNDS, N_STEP, TILE};
 
 /// A claimed model's conservative int8 (dense, int32-accumulate) figure.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -114,10 +114,10 @@ impl Default for Policy {
         Policy {
             fill: 0.6,
             max_n: MAX_N,
-            target: Duration::from_secs(60),
-            allowance: Duration::from_secs(20),
+            target: Duration::from_secs(30),
+            allowance: Duration::from_secs(10),
             slack: 1.25,
-            spot_tiles: 16,
+            spot_tiles: 32,
             unknown_tops: 20.0,
         }
     }
@@ -141,9 +141,8 @@ pub fn plan(memory_total_bytes: u64, gpu_name: &str, policy: &Policy) -> Plan {
     let m = model(gpu_name);
     let tops = m.map_or(policy.unknown_tops, |m| m.int8_tops).max(1e-3);
     let fit = (policy.fill.clamp(0.0, 1.0) * memory_total_bytes as f64 / 7.0).sqrt();
-    let tile = TILE as u32;
-    let cap = policy.max_n.min(MAX_N) / tile * tile;
-    let n = ((fit as u64 / TILE as u64) as u32 * tile).clamp(tile, cap.max(tile));
+    let cap = policy.max_n.min(MAX_N) / N_STEP * N_STEP;
+    let n = ((fit as u64 / N_STEP as u64) as u32 * N_STEP).clamp(N_STEP, cap.max(N_STEP));
     let per_round = 2.0 * (n as f64).powi(3) / (tops * 1e12);
     let rounds = ((policy.target.as_secs_f64() / per_round).ceil() as u64)
         .clamp(1, MAX_ROUNDS as u64) as u32;
@@ -187,15 +186,15 @@ mod tests {
     }
 
     #[test]
-    fn an_h200_fills_its_memory_and_a_minute_and_an_a100_would_miss() {
+    fn an_h200_fills_its_memory_and_half_a_minute_and_an_a100_would_miss() {
         let h200 = plan(141 << 30, "NVIDIA H200", &Policy::default());
         assert_eq!(h200.params.n % 64, 0);
         // 7·n² within 60 % of the memory, and within one tile of it.
         let bytes = |n: u64| 7 * n * n;
         assert!(bytes(h200.params.n as u64) as f64 <= 0.6 * (141u64 << 30) as f64);
         assert!(bytes(h200.params.n as u64 + 64) as f64 > 0.6 * (141u64 << 30) as f64);
-        assert!(h200.expected >= Duration::from_secs(60));
-        assert!(h200.expected < Duration::from_secs(70));
+        assert!(h200.expected >= Duration::from_secs(30));
+        assert!(h200.expected < Duration::from_secs(35));
         // The same work at an A100's rate takes longer than the deadline.
         let a100_time = h200.expected.mul_f64(990.0 / 312.0);
         assert!(

@@ -6,7 +6,7 @@ use ring::digest::{Context, SHA256};
 use super::{
     matrix::{self, Side},
     merkle::{self, Tree},
-    DOMAIN, MAX_N, MAX_ROUNDS, MAX_SPOT_TILES, TILE,
+    DOMAIN, MAX_N, MAX_ROUNDS, MAX_SPOT_TILES, N_STEP, SIDE, TILE,
 };
 use crate::pb;
 
@@ -43,7 +43,7 @@ impl Params {
     }
 
     pub fn validate(&self) -> Result<(), ParamError> {
-        if self.n < TILE as u32 || self.n > MAX_N || !self.n.is_multiple_of(TILE as u32) {
+        if self.n < N_STEP || self.n > MAX_N || !self.n.is_multiple_of(N_STEP) {
             return Err(ParamError::N(self.n));
         }
         if self.rounds == 0 || self.rounds > MAX_ROUNDS {
@@ -62,9 +62,14 @@ impl Params {
         Ok(())
     }
 
-    /// Tiles (Merkle leaves before padding) in one round: n·n/64.
+    /// Tiles (Merkle leaves before padding) in one round: (n/8)².
     pub fn tiles(&self) -> u64 {
         self.n as u64 * self.n as u64 / TILE as u64
+    }
+
+    /// Tiles in one row of tiles: n/8.
+    pub fn tiles_per_row(&self) -> u64 {
+        self.n as u64 / SIDE as u64
     }
 }
 
@@ -128,13 +133,22 @@ pub fn product(seed_r: &[u8; 32], n: usize, threads: usize) -> Vec<i32> {
     c
 }
 
-/// The bytes of tile `index` of C: 64 int32, little-endian.
-pub fn tile_bytes(c: &[i32], index: u64) -> Vec<u8> {
-    let at = index as usize * TILE;
-    c[at..at + TILE]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect()
+/// The first row and column of tile `index` (row-major over (n/8)² tiles).
+pub fn tile_origin(n: u32, index: u64) -> (u64, u64) {
+    let per_row = n as u64 / SIDE as u64;
+    (index / per_row * SIDE as u64, index % per_row * SIDE as u64)
+}
+
+/// The bytes of tile `index` of C (n×n, row-major): its 8 rows of 8
+/// int32, row after row, little-endian.
+pub fn tile_bytes(c: &[i32], n: u32, index: u64) -> Vec<u8> {
+    let (row, col) = tile_origin(n, index);
+    let mut out = Vec::with_capacity(TILE * 4);
+    for r in 0..SIDE {
+        let at = (row as usize + r) * n as usize + col as usize;
+        out.extend(c[at..at + SIDE].iter().flat_map(|v| v.to_le_bytes()));
+    }
+    out
 }
 
 /// Solves a challenge on the CPU: every round's root and openings.
@@ -150,10 +164,8 @@ pub fn solve(
     let mut rounds = Vec::with_capacity(p.rounds as usize);
     for _ in 0..p.rounds {
         let c = product(&seed_r, n, threads);
-        // Row-major tiles: tile t is C[t / (n/64), 64·(t mod n/64) ..], which
-        // is c[64t .. 64t+64] since a row holds n/64 whole tiles.
         let leaves = (0..p.tiles())
-            .map(|t| merkle::leaf(&tile_bytes(&c, t)))
+            .map(|t| merkle::leaf(&tile_bytes(&c, p.n, t)))
             .collect();
         let tree = Tree::new(leaves);
         let root = tree.root();
@@ -161,7 +173,7 @@ pub fn solve(
             .into_iter()
             .map(|t| pb::TileOpening {
                 index: t,
-                tile: tile_bytes(&c, t),
+                tile: tile_bytes(&c, p.n, t),
                 path: tree.path(t as usize).iter().map(|h| h.to_vec()).collect(),
             })
             .collect();
