@@ -534,6 +534,25 @@ mod tests {
     }
 
     #[test]
+    fn gpus_without_a_passed_work_challenge_are_not_offered_and_the_reason_is_named() {
+        let mut unproved = node("u", "eu", &[H100, H100], FAST);
+        for g in &mut unproved.gpus {
+            g.verified = false;
+        }
+        let mut half = node("h", "eu", &[H100, H100], FAST);
+        half.gpus[0].verified = false;
+        let nodes = [unproved, half];
+        let p = plan(&nodes, &order(Want::Gpus(1))).unwrap();
+        assert_eq!(p.members[0].gpus, vec!["h-gpu1".to_owned()]);
+        let why = plan(&nodes, &order(Want::Gpus(2))).unwrap_err();
+        assert_eq!(why.left_out, vec![(Filter::Unverified, 1)]);
+        assert!(
+            why.to_string().contains("passed its work challenge"),
+            "{why}"
+        );
+    }
+
+    #[test]
     fn tiers_follow_the_slower_direction_and_the_written_thresholds() {
         let t = |d, u| {
             Tier::of(Some(&Link {

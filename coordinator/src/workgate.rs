@@ -426,7 +426,7 @@ mod tests {
         answer(&mut g, &ch, &solve(&ch, &gpu("1")), 10);
         assert!(g.matchable(NODE, "GPU-1"));
         // The hourly one: still matchable while it is out.
-        let ch = issue(&mut g, 3_600_000, "c2");
+        let ch = issue(&mut g, 3_600_010, "c2");
         assert!(g.matchable(NODE, "GPU-1"));
         let late = ch.deadline_unix_ms + 1;
         answer(&mut g, &ch, &solve(&ch, &gpu("1")), late);

@@ -492,6 +492,43 @@ mod tests {
     }
 
     #[test]
+    fn work_challenges_are_passed_on_only_verified_and_for_this_node() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        let ch = pb::WorkChallenge {
+            node_id: NODE.into(),
+            challenge_id: "wc-1".into(),
+            ..Default::default()
+        };
+        let env = coordinator().sign_message(types::WORK_CHALLENGE, &ch);
+        assert_eq!(
+            s.handle(&env, t0),
+            Inbound::WorkChallenge(Box::new(ch.clone()))
+        );
+        let other = pb::WorkChallenge {
+            node_id: "node-b".into(),
+            ..ch.clone()
+        };
+        let env = coordinator().sign_message(types::WORK_CHALLENGE, &other);
+        assert!(matches!(
+            s.handle(&env, t0),
+            Inbound::Ignored(Ignored::OtherNode {
+                what: "work challenge",
+                ..
+            })
+        ));
+        let (stranger, _) = warden_proto::dsse::Signer::generate().unwrap();
+        let env = stranger.sign_message(types::WORK_CHALLENGE, &ch);
+        assert!(matches!(
+            s.handle(&env, t0),
+            Inbound::Ignored(Ignored::Unverified {
+                what: "work challenge",
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn challenges_and_commands_are_passed_on_verified() {
         let t0 = Instant::now();
         let mut s = session(t0);
