@@ -44,7 +44,7 @@ fn log_count(log: &str, what: &str) -> usize {
 fn a_gpu_is_offered_once_its_challenge_passes_in_a_container_and_again_after_its_serial_changes() {
     let tag = format!("warden-test/solver:{}", std::process::id());
     let _image = Remove::image(&tag);
-    image::solver_image(&tag);
+    image::solver_image(&tag, WARDEN);
     let tmp = tempfile::tempdir().unwrap();
     let tmp = tmp.path();
     let state = tmp.join("gpus.json");

@@ -124,7 +124,7 @@ impl WorkChallengeConfig {
                 ),
             );
         }
-        if !(self.slack >= 1.0) {
+        if self.slack.is_nan() || self.slack < 1.0 {
             return bad("work_challenge.slack", format!("{} is below 1", self.slack));
         }
         if !(1..=warden_proto::workproof::MAX_SPOT_TILES).contains(&self.spot_tiles) {
@@ -137,7 +137,7 @@ impl WorkChallengeConfig {
                 ),
             );
         }
-        if !(self.unknown_tops > 0.0) {
+        if self.unknown_tops.is_nan() || self.unknown_tops <= 0.0 {
             return bad(
                 "work_challenge.unknown_tops",
                 format!("{} is not above 0", self.unknown_tops),

@@ -140,22 +140,19 @@ impl Drop for Remove {
     }
 }
 
-/// An image holding this build's `warden` binary (and the shared libraries
+/// An image holding the `warden` binary at `warden` (and the shared libraries
 /// `ldd` names, at their paths) whose command is `warden challenge solve`:
 /// the CPU reference solver behind the work challenge's container contract.
 /// Built fresh under `tag` (the binary changes between builds).
-pub fn solver_image(tag: &str) -> String {
+pub fn solver_image(tag: &str, warden: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("rootfs");
     for d in ["tmp", "etc", "proc", "sys", "dev"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
-    std::fs::copy(super::WARDEN, root.join("warden")).unwrap();
-    let ldd = Command::new("ldd")
-        .arg(super::WARDEN)
-        .output()
-        .expect("run ldd");
-    assert!(ldd.status.success(), "ldd {} failed", super::WARDEN);
+    std::fs::copy(warden, root.join("warden")).unwrap();
+    let ldd = Command::new("ldd").arg(warden).output().expect("run ldd");
+    assert!(ldd.status.success(), "ldd {} failed", warden);
     for line in String::from_utf8_lossy(&ldd.stdout).lines() {
         // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)".
         let Some(path) = line
