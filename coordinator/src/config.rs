@@ -616,6 +616,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn work_challenge_values_out_of_range_are_refused_naming_the_key() {
+        let c = CoordinatorConfig::parse("", "t").unwrap();
+        assert!(!c.work_challenge.enabled);
+        for (toml, key) in [
+            ("spot_tiles = 0", "work_challenge.spot_tiles"),
+            ("spot_tiles = 65", "work_challenge.spot_tiles"),
+            ("fill = 0.0", "work_challenge.fill"),
+            ("fill = 1.5", "work_challenge.fill"),
+            ("slack = 0.5", "work_challenge.slack"),
+            ("slack = nan", "work_challenge.slack"),
+            ("max_n = 10", "work_challenge.max_n"),
+            ("unknown_tops = 0.0", "work_challenge.unknown_tops"),
+            ("interval = \"0s\"", "work_challenge.interval"),
+        ] {
+            let e = CoordinatorConfig::parse(&format!("[work_challenge]\n{toml}\n"), "t")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+        let c = CoordinatorConfig::parse(
+            "[work_challenge]\nenabled = true\nmax_n = 128\nspot_tiles = 8\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.work_challenge.settings().sizing.max_n, 128);
+    }
+
+    #[test]
     fn defaults() {
         let c = CoordinatorConfig::parse("", "t").unwrap();
         assert_eq!(c.listen.port(), 7443);
