@@ -317,6 +317,16 @@ impl Gate {
             .is_some_and(|e| e.good)
     }
 
+    /// Whether a hire may take this GPU now: matchable and not being
+    /// challenged (a renter's work beside the solver would slow both, and
+    /// the node's time-lock would stop the solver as a stranger on a
+    /// leased GPU).
+    pub fn offerable(&self, node_id: &str, uuid: &str) -> bool {
+        self.gpus
+            .get(&(node_id.to_owned(), uuid.to_owned()))
+            .is_some_and(|e| e.good && !matches!(e.state, State::Pending { .. }))
+    }
+
     pub fn entry(&self, node_id: &str, uuid: &str) -> Option<&Entry> {
         self.gpus.get(&(node_id.to_owned(), uuid.to_owned()))
     }
@@ -425,9 +435,12 @@ mod tests {
         let ch = issue(&mut g, 0, "c1");
         answer(&mut g, &ch, &solve(&ch, &gpu("1")), 10);
         assert!(g.matchable(NODE, "GPU-1"));
-        // The hourly one: still matchable while it is out.
+        // The hourly one: still in good standing while it is out, but not
+        // offered to a hire until it is answered.
+        assert!(g.offerable(NODE, "GPU-1"));
         let ch = issue(&mut g, 3_600_010, "c2");
         assert!(g.matchable(NODE, "GPU-1"));
+        assert!(!g.offerable(NODE, "GPU-1"));
         let late = ch.deadline_unix_ms + 1;
         answer(&mut g, &ch, &solve(&ch, &gpu("1")), late);
         assert!(!g.matchable(NODE, "GPU-1"));

@@ -49,12 +49,12 @@ impl Work {
             .map(|i| i.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Marks each candidate GPU verified or not.
+    /// Marks each candidate GPU verified or not (one being challenged is not).
     pub fn restrict(&self, candidates: &mut [Candidate]) {
         let Some(gate) = self.gate() else { return };
         for c in candidates {
             for g in &mut c.gpus {
-                g.verified = gate.matchable(&c.node_id, &g.uuid);
+                g.verified = gate.offerable(&c.node_id, &g.uuid);
             }
         }
     }
