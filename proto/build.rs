@@ -47,6 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ClusterInfo",
         "ClusterMember",
         "NodeLabels",
+        "GpuWorkStanding",
         "ClusterOrder",
         "ClusterTimings",
         "ClusterPlan",

@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use common::{image::Remove, *};
 
-/// Small challenges, retried soon: what a test can wait for.
-const WORK: &str = "[work_challenge]\nenabled = true\nmax_n = 128\ntarget = \"0s\"\nallowance = \"60s\"\nspot_tiles = 8\nretry = \"2s\"\n\n[clusters]\nmin_duration = \"1s\"\n";
+/// Small challenges: what a test can wait for (`retry` follows).
+fn work(retry: &str) -> String {
+    format!("[work_challenge]\nenabled = true\nmax_n = 128\ntarget = \"0s\"\nallowance = \"60s\"\nspot_tiles = 8\nretry = \"{retry}\"\n\n[clusters]\nmin_duration = \"1s\"\n")
+}
 
 fn gpu(serial: &str) -> serde_json::Value {
     let mut g = fake_gpu(0);
@@ -49,7 +51,7 @@ fn a_gpu_is_offered_once_its_challenge_passes_in_a_container_and_again_after_its
     let tmp = tmp.path();
     let state = tmp.join("gpus.json");
     write_fake_state(&state, &[gpu("1320000000001")]);
-    let coord = Coordinator::start_with(&tmp.join("coord"), free_port(), WORK);
+    let coord = Coordinator::start_with(&tmp.join("coord"), free_port(), &work("2s"));
     let agent = Agent::start_env(
         &tmp.join("agent"),
         &format!(
@@ -83,6 +85,11 @@ fn a_gpu_is_offered_once_its_challenge_passes_in_a_container_and_again_after_its
         node.as_str(),
         "{plan:#}"
     );
+    let nodes = nodes_json(&coord);
+    let work = &nodes[0]["work"][0];
+    assert_eq!(work["state"], "passed", "{nodes:#}");
+    assert_eq!(work["offered"], true);
+    assert_eq!(work["cc_status"], "ok");
 
     // The board's serial changes: out of matching until it passes again.
     write_fake_state(&state, &[gpu("9999999999999")]);
@@ -108,7 +115,7 @@ fn a_node_without_a_solver_is_never_offered_and_says_why() {
     let tmp = tmp.path();
     let state = tmp.join("gpus.json");
     write_fake_state(&state, &[gpu("1")]);
-    let coord = Coordinator::start_with(&tmp.join("coord"), free_port(), WORK);
+    let coord = Coordinator::start_with(&tmp.join("coord"), free_port(), &work("1h"));
     let _agent = Agent::start_env(
         &tmp.join("agent"),
         &format!(
@@ -128,4 +135,12 @@ fn a_node_without_a_solver_is_never_offered_and_says_why() {
     );
     let why = hire(&coord).unwrap_err();
     assert!(why.contains("passed its work challenge"), "{why}");
+    let nodes = nodes_json(&coord);
+    let work = &nodes[0]["work"][0];
+    assert_eq!(work["state"], "failed", "{nodes:#}");
+    assert_eq!(work["offered"], false);
+    assert!(
+        work["reason"].as_str().unwrap().contains("no solver image"),
+        "{nodes:#}"
+    );
 }

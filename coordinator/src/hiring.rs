@@ -88,6 +88,11 @@ impl Hiring {
         }
     }
 
+    /// The work gate, for the admin view.
+    pub fn work(&self) -> &crate::workissuer::Work {
+        &self.work
+    }
+
     /// GPUs are offered only as `work` says they passed their challenge.
     pub fn with_work(mut self, work: crate::workissuer::Work) -> Self {
         self.work = work;

@@ -327,6 +327,14 @@ impl Gate {
             .is_some_and(|e| e.good && !matches!(e.state, State::Pending { .. }))
     }
 
+    /// A node's GPUs: (uuid, entry).
+    pub fn entries<'a>(&'a self, node_id: &'a str) -> impl Iterator<Item = (&'a str, &'a Entry)> {
+        self.gpus
+            .iter()
+            .filter(move |((n, _), _)| n == node_id)
+            .map(|((_, u), e)| (u.as_str(), e))
+    }
+
     pub fn entry(&self, node_id: &str, uuid: &str) -> Option<&Entry> {
         self.gpus.get(&(node_id.to_owned(), uuid.to_owned()))
     }

@@ -59,16 +59,27 @@ impl Work {
         }
     }
 
-    /// A GPU's standing, for the admin view: (state, why, matchable).
-    pub fn standing(&self, node_id: &str, uuid: &str) -> Option<(String, String, bool)> {
-        let gate = self.gate()?;
-        let e = gate.entry(node_id, uuid)?;
-        let why = match &e.state {
-            State::Unverified { why } => why.clone(),
-            State::Failed { reason, .. } => reason.clone(),
-            _ => String::new(),
+    /// Each GPU's standing on a node, for the admin view (empty when off).
+    pub fn standings(&self, node_id: &str) -> Vec<pb::GpuWorkStanding> {
+        let Some(gate) = self.gate() else {
+            return Vec::new();
         };
-        Some((e.state.name().to_owned(), why, e.good))
+        let mut out: Vec<pb::GpuWorkStanding> = gate
+            .entries(node_id)
+            .map(|(uuid, e)| pb::GpuWorkStanding {
+                uuid: uuid.to_owned(),
+                state: e.state.name().to_owned(),
+                reason: match &e.state {
+                    State::Unverified { why } => why.clone(),
+                    State::Failed { reason, .. } => reason.clone(),
+                    _ => String::new(),
+                },
+                offered: gate.offerable(node_id, uuid),
+                cc_status: e.cc_status.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+        out
     }
 
     /// An answer from `node_id`'s stream (its signature already verified):
