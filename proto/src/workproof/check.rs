@@ -409,6 +409,30 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn whatever_a_node_sends_the_checker_answers_without_panicking(
+            junk in proptest::collection::vec(any::<u8>(), 0..2048),
+            flip in any::<usize>(),
+            bit in 0u8..8,
+        ) {
+            use prost::Message;
+            let ch = challenge(64, 2, 8);
+            if let Ok(a) = pb::WorkAnswer::decode(junk.as_slice()) {
+                let _ = check(&ch, &a, 0);
+            }
+            let _ = crate::workproof::contract::Output::parse(&junk);
+            // An honest answer with one bit flipped anywhere in its encoding.
+            let mut bytes = answer(&ch).encode_to_vec();
+            let at = flip % bytes.len();
+            bytes[at] ^= 1 << bit;
+            if let Ok(a) = pb::WorkAnswer::decode(bytes.as_slice()) {
+                let _ = check(&ch, &a, 0);
+            }
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
         #[test]
         fn any_one_wrong_entry_in_an_opened_tile_is_caught(q in 0usize..8, k in 0usize..64, delta in 1i32..1000) {
