@@ -58,6 +58,7 @@ fn nodes(n: usize) -> Vec<Candidate> {
                         model: model.to_owned(),
                         memory_bytes: gb << 30,
                         free: r.below(3) != 0,
+                        verified: true,
                     })
                     .collect(),
                 link: (r.below(10) != 0).then(|| Link {

@@ -968,6 +968,7 @@ fn inventory(node: usize) -> pb::InventorySummary {
                 memory_total_bytes: 80 << 30,
                 pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + g),
                 minor_number: g,
+                ..Default::default()
             })
             .collect(),
         nvml_status: "ok".into(),

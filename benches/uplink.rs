@@ -115,6 +115,8 @@ async fn throughput(n: u64, window: usize) -> f64 {
         status: status_tx,
         commands: None,
         challenges: None,
+        work: None,
+        work_answers: tokio::sync::Mutex::new(tokio::sync::mpsc::channel(1).1),
         mesh: Default::default(),
         mesh_status: watch::channel(None).1,
         direct: tokio::sync::Mutex::new(tokio::sync::mpsc::channel(1).1),

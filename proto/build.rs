@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/warden/v1/uplink.proto",
         "proto/warden/v1/admin.proto",
         "proto/warden/v1/probe.proto",
+        "proto/warden/v1/workproof.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
@@ -46,6 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ClusterInfo",
         "ClusterMember",
         "NodeLabels",
+        "GpuWorkStanding",
         "ClusterOrder",
         "ClusterTimings",
         "ClusterPlan",

@@ -61,6 +61,12 @@ enum Command {
     Status(cmd::status::Args),
     /// List the nodes a running coordinator knows.
     Nodes(cmd::nodes::Args),
+    /// The work challenge's CPU reference solver (the container contract of
+    /// docs/attestation.md#work-challenge).
+    Challenge {
+        #[command(subcommand)]
+        command: cmd::challenge::ChallengeCommand,
+    },
     /// Make a join token for a coordinator whose enrollment policy is
     /// "token": the token for agents, its SHA-256 for the coordinator.
     JoinToken,
@@ -107,6 +113,7 @@ fn run() -> Result<()> {
             Command::Coordinator(args) => args.run().await,
             Command::Status(args) => args.run().await,
             Command::Nodes(args) => args.run().await,
+            Command::Challenge { command } => command.run(),
             Command::JoinToken => {
                 cmd::coordinator::join_token();
                 Ok(())

@@ -40,6 +40,7 @@ pub struct AgentConfig {
     pub timelock: TimeLockConfig,
     pub mesh: MeshConfig,
     pub node: NodeConfig,
+    pub work_challenge: crate::workproof::WorkConfig,
 }
 
 /// What the supplier declares about the node, for renters' filters
@@ -421,6 +422,7 @@ impl Default for AgentConfig {
             timelock: TimeLockConfig::default(),
             mesh: MeshConfig::default(),
             node: NodeConfig::default(),
+            work_challenge: Default::default(),
         }
     }
 }

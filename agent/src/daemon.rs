@@ -170,6 +170,8 @@ pub async fn run(
     let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(64);
     let (direct_tx, direct_rx) = tokio::sync::mpsc::channel(16);
     let (challenges_tx, challenges_rx) = tokio::sync::mpsc::channel(64);
+    let (work_tx, work_rx) = tokio::sync::mpsc::channel(4);
+    let (work_answers_tx, work_answers_rx) = tokio::sync::mpsc::channel(4);
     let uplink_task = match config.coordinator.clone() {
         Some(link) => {
             let up = Uplink {
@@ -184,6 +186,8 @@ pub async fn run(
                 status: uplink_tx,
                 commands: Some(commands_tx),
                 challenges: Some(challenges_tx),
+                work: Some(work_tx),
+                work_answers: tokio::sync::Mutex::new(work_answers_rx),
                 mesh: (mesh_public.to_vec(), config.mesh.endpoints.clone()),
                 mesh_status: mesh_status_rx.clone(),
                 direct: tokio::sync::Mutex::new(direct_rx),
@@ -268,7 +272,7 @@ pub async fn run(
     producers.push(tokio::spawn(
         Workload {
             config: config.workload.clone(),
-            node_id: node_id_for_workload,
+            node_id: node_id_for_workload.clone(),
             book_path: config.book_file(),
             state_dir: dir.to_owned(),
             reload: live_rx.clone(),
@@ -303,6 +307,16 @@ pub async fn run(
             reload: live_rx,
         }
         .run(challenges_rx, stop_producers.clone()),
+    ));
+    producers.push(tokio::spawn(
+        crate::workproof::WorkRunner {
+            config: config.work_challenge.clone(),
+            workload: config.workload.clone(),
+            node_id: node_id_for_workload.clone(),
+            gpus: gpus.clone(),
+            answers: work_answers_tx,
+        }
+        .run(work_rx, stop_producers.clone()),
     ));
     if let Ok(source) = &gpus {
         let (driver_events, watcher) = gpu::watch_events(source.clone(), stop_producers.clone());

@@ -15,6 +15,7 @@ pub mod reload;
 pub mod status;
 pub mod timelock;
 pub mod workloads;
+pub mod workproof;
 
 pub use config::AgentConfig;
 pub use daemon::{run, AgentError, Reloader};

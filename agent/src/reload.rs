@@ -283,6 +283,8 @@ socket_dir = "/run/x"
 region = "eu"
 country = "DE"
 tags = ["a"]
+[work_challenge]
+image = "solver:1"
 "#,
         );
         let p = plan(&running, &new);

@@ -121,6 +121,7 @@ impl pb::admin_server::Admin for AdminService {
                 (n, link)
             })
             .map(|(n, link)| pb::NodeInfo {
+                work: self.hiring.work().standings(&n.node_id),
                 tier: crate::matcher::Tier::of_sample(link.as_ref()).name().into(),
                 labels: Some(n.labels),
                 connected: self.registry.is_connected(&n.node_id),

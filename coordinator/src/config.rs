@@ -36,6 +36,121 @@ pub struct CoordinatorConfig {
     pub enrollment: EnrollmentConfig,
     pub limits: LimitsConfig,
     pub clusters: ClustersConfig,
+    pub work_challenge: WorkChallengeConfig,
+}
+
+/// `[work_challenge]`: proof that nodes' GPUs are real and the claimed
+/// model (docs/attestation.md#work-challenge). Off by default: when on,
+/// a GPU is offered to renters only once a challenge passed on it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkChallengeConfig {
+    pub enabled: bool,
+    /// A passed GPU is challenged again this long after.
+    #[serde(with = "humantime_serde")]
+    pub interval: std::time::Duration,
+    /// A failed one is challenged again this long after.
+    #[serde(with = "humantime_serde")]
+    pub retry: std::time::Duration,
+    /// Share of the GPU's memory the challenge's matrices fill (0 to 1].
+    pub fill: f64,
+    /// Upper bound on the matrix side (a multiple of 64).
+    pub max_n: u32,
+    /// GPU time the claimed model should spend on one challenge.
+    #[serde(with = "humantime_serde")]
+    pub target: std::time::Duration,
+    /// Added to every deadline: container start and the answer's upload.
+    #[serde(with = "humantime_serde")]
+    pub allowance: std::time::Duration,
+    /// The deadline allows this many times the claimed model's time (≥ 1).
+    pub slack: f64,
+    /// Tiles opened per round (1 to 64).
+    pub spot_tiles: u32,
+    /// int8 TOPS assumed for a model not in the table.
+    pub unknown_tops: f64,
+}
+
+impl Default for WorkChallengeConfig {
+    fn default() -> Self {
+        let p = warden_proto::workproof::sizing::Policy::default();
+        Self {
+            enabled: false,
+            interval: std::time::Duration::from_secs(3600),
+            retry: std::time::Duration::from_secs(300),
+            fill: p.fill,
+            max_n: p.max_n,
+            target: p.target,
+            allowance: p.allowance,
+            slack: p.slack,
+            spot_tiles: p.spot_tiles,
+            unknown_tops: p.unknown_tops,
+        }
+    }
+}
+
+impl WorkChallengeConfig {
+    /// The gate's settings.
+    pub fn settings(&self) -> crate::workgate::Settings {
+        crate::workgate::Settings {
+            interval: self.interval,
+            retry: self.retry,
+            sizing: warden_proto::workproof::sizing::Policy {
+                fill: self.fill,
+                max_n: self.max_n,
+                target: self.target,
+                allowance: self.allowance,
+                slack: self.slack,
+                spot_tiles: self.spot_tiles,
+                unknown_tops: self.unknown_tops,
+            },
+        }
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let bad = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        if !(self.fill > 0.0 && self.fill <= 1.0) {
+            return bad(
+                "work_challenge.fill",
+                format!("{} is not in (0, 1]", self.fill),
+            );
+        }
+        if self.max_n < 64 || self.max_n > warden_proto::workproof::MAX_N {
+            return bad(
+                "work_challenge.max_n",
+                format!(
+                    "{} is not between 64 and {}",
+                    self.max_n,
+                    warden_proto::workproof::MAX_N
+                ),
+            );
+        }
+        if self.slack.is_nan() || self.slack < 1.0 {
+            return bad("work_challenge.slack", format!("{} is below 1", self.slack));
+        }
+        if !(1..=warden_proto::workproof::MAX_SPOT_TILES).contains(&self.spot_tiles) {
+            return bad(
+                "work_challenge.spot_tiles",
+                format!(
+                    "{} is not between 1 and {}",
+                    self.spot_tiles,
+                    warden_proto::workproof::MAX_SPOT_TILES
+                ),
+            );
+        }
+        if self.unknown_tops.is_nan() || self.unknown_tops <= 0.0 {
+            return bad(
+                "work_challenge.unknown_tops",
+                format!("{} is not above 0", self.unknown_tops),
+            );
+        }
+        if self.interval.is_zero() || self.retry.is_zero() {
+            return bad(
+                "work_challenge.interval",
+                "interval and retry must be longer than zero".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `[clusters]`: hired clusters.
@@ -211,6 +326,7 @@ impl Default for CoordinatorConfig {
             enrollment: EnrollmentConfig::default(),
             limits: LimitsConfig::default(),
             clusters: ClustersConfig::default(),
+            work_challenge: WorkChallengeConfig::default(),
         }
     }
 }
@@ -225,6 +341,7 @@ impl CoordinatorConfig {
     /// Parses TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let cfg: Self = warden_state::config::parse_toml(text, origin)?;
+        cfg.work_challenge.check()?;
         let m = cfg.leases.min_coverage;
         if !(0.0..=1.0).contains(&m) {
             return Err(ConfigError::Invalid {
@@ -497,6 +614,34 @@ fn read_secret(path: &Path, key: &'static str) -> Result<String, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn work_challenge_values_out_of_range_are_refused_naming_the_key() {
+        let c = CoordinatorConfig::parse("", "t").unwrap();
+        assert!(!c.work_challenge.enabled);
+        for (toml, key) in [
+            ("spot_tiles = 0", "work_challenge.spot_tiles"),
+            ("spot_tiles = 65", "work_challenge.spot_tiles"),
+            ("fill = 0.0", "work_challenge.fill"),
+            ("fill = 1.5", "work_challenge.fill"),
+            ("slack = 0.5", "work_challenge.slack"),
+            ("slack = nan", "work_challenge.slack"),
+            ("max_n = 10", "work_challenge.max_n"),
+            ("unknown_tops = 0.0", "work_challenge.unknown_tops"),
+            ("interval = \"0s\"", "work_challenge.interval"),
+        ] {
+            let e = CoordinatorConfig::parse(&format!("[work_challenge]\n{toml}\n"), "t")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+        let c = CoordinatorConfig::parse(
+            "[work_challenge]\nenabled = true\nmax_n = 128\nspot_tiles = 8\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.work_challenge.settings().sizing.max_n, 128);
+    }
 
     #[test]
     fn defaults() {

@@ -238,6 +238,8 @@ pub fn candidates(
                     memory_bytes: g.memory_total_bytes,
                     free: !whole.contains(n.node_id.as_str())
                         && !taken.is_some_and(|t| t.contains(g.uuid.as_str())),
+                    // The work gate decides, where it is on (Work::restrict).
+                    verified: true,
                 })
                 .collect();
             Candidate {

@@ -52,6 +52,8 @@ pub struct Hiring {
     /// When this coordinator started (ms): nobody is counted away for
     /// longer than that.
     started_ms: i64,
+    /// Which GPUs passed their work challenge (all, where it is off).
+    work: crate::workissuer::Work,
 }
 
 /// A cluster marked as changing; unmarked when dropped.
@@ -82,7 +84,19 @@ impl Hiring {
             replace_after,
             changing: Default::default(),
             started_ms: now_ms(),
+            work: Default::default(),
         }
+    }
+
+    /// The work gate, for the admin view.
+    pub fn work(&self) -> &crate::workissuer::Work {
+        &self.work
+    }
+
+    /// GPUs are offered only as `work` says they passed their challenge.
+    pub fn with_work(mut self, work: crate::workissuer::Work) -> Self {
+        self.work = work;
+        self
     }
 
     fn mesh(&self) -> MeshSender {
@@ -118,7 +132,8 @@ impl Hiring {
         let nodes = store.list_nodes().await.map_err(unavailable)?;
         let leases = store.list_leases().await.map_err(unavailable)?;
         let registry = &self.control.registry;
-        let candidates = hire::candidates(&nodes, &leases, |n| registry.is_connected(n));
+        let mut candidates = hire::candidates(&nodes, &leases, |n| registry.is_connected(n));
+        self.work.restrict(&mut candidates);
         // A node's mesh serves one cluster at a time.
         let mut order = order;
         order.exclude = clusters
@@ -404,7 +419,8 @@ impl Hiring {
         let nodes = store.list_nodes().await.map_err(|e| e.to_string())?;
         let leases = store.list_leases().await.map_err(|e| e.to_string())?;
         let registry = &self.control.registry;
-        let candidates = hire::candidates(&nodes, &leases, |n| registry.is_connected(n));
+        let mut candidates = hire::candidates(&nodes, &leases, |n| registry.is_connected(n));
+        self.work.restrict(&mut candidates);
         let plan = matcher::plan(&candidates, &order).map_err(|e| e.to_string())?;
         let who = self.mesh().identities().await.map_err(|e| e.to_string())?;
         if let Some(m) = plan

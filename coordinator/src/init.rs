@@ -125,6 +125,7 @@ fn dur(d: std::time::Duration) -> String {
 pub fn render_config(c: &ConfigChoices) -> String {
     let d = CoordinatorConfig::default();
     let (l, e, le, cl) = (&d.limits, &d.enrollment, &d.leases, &d.clusters);
+    let w = &d.work_challenge;
     let state = c.state_dir.display();
     format!(
         r#"# Warden coordinator config (`warden coordinator init` writes one).
@@ -178,6 +179,20 @@ join_token_sha256 = ["{sha}"]
 [clusters]
 # min_duration = "{md}"
 # replace_after = "{ra}"
+
+# Work challenges (config.md, attestation.md#work-challenge): a GPU is
+# offered to hires only once a seeded matrix product on it passed.
+[work_challenge]
+# enabled = {we}
+# interval = "{wi}"
+# retry = "{wr}"
+# fill = {wf:?}
+# max_n = {wn}
+# target = "{wt}"
+# allowance = "{wa}"
+# slack = {ws:?}
+# spot_tiles = {wk}
+# unknown_tops = {wu:?}
 "#,
         listen = c.listen,
         cert = c.tls_cert.display(),
@@ -197,6 +212,16 @@ join_token_sha256 = ["{sha}"]
         nsb = l.node_storage_bytes,
         md = dur(cl.min_duration),
         ra = dur(cl.replace_after),
+        we = w.enabled,
+        wi = dur(w.interval),
+        wr = dur(w.retry),
+        wf = w.fill,
+        wn = w.max_n,
+        wt = dur(w.target),
+        wa = dur(w.allowance),
+        ws = w.slack,
+        wk = w.spot_tiles,
+        wu = w.unknown_tops,
     )
 }
 

@@ -28,6 +28,8 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod verifier;
+pub mod workgate;
+pub mod workissuer;
 
 pub use config::CoordinatorConfig;
 pub use server::{start, Running, ServeError, TlsPem};

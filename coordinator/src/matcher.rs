@@ -114,6 +114,9 @@ pub struct Gpu {
     pub memory_bytes: u64,
     /// Not in a lease.
     pub free: bool,
+    /// Passed a work challenge and nothing contradicted it since (always,
+    /// where the coordinator does not issue them): docs/attestation.md#work-challenge.
+    pub verified: bool,
 }
 
 /// What the coordinator knows of a node, as the matcher needs it.
@@ -164,6 +167,7 @@ pub enum Filter {
     Offline,
     Unhealthy,
     NoFreeGpu,
+    Unverified,
     GpuModel,
     GpuMemory,
     Tier,
@@ -178,6 +182,9 @@ impl Filter {
             Filter::Offline => "not connected",
             Filter::Unhealthy => "not healthy",
             Filter::NoFreeGpu => "no free GPU",
+            Filter::Unverified => {
+                "no free GPU that passed its work challenge (or its NVML identity changed since)"
+            }
             Filter::GpuModel => "no free GPU of that model (--gpu-model)",
             Filter::GpuMemory => "no free GPU with that much memory (--min-gpu-memory)",
             Filter::Tier => "link below the tier (--tier)",
@@ -255,8 +262,12 @@ fn admit<'a>(node: &'a Candidate, order: &Order) -> Result<Vec<&'a Gpu>, Filter>
     if free.is_empty() {
         return Err(Filter::NoFreeGpu);
     }
+    let verified: Vec<&Gpu> = free.into_iter().filter(|g| g.verified).collect();
+    if verified.is_empty() {
+        return Err(Filter::Unverified);
+    }
     let model = order.gpu_model.as_deref().map(str::to_lowercase);
-    let of_model: Vec<&Gpu> = free
+    let of_model: Vec<&Gpu> = verified
         .into_iter()
         .filter(|g| {
             model
@@ -489,6 +500,7 @@ mod tests {
                     model: (*model).into(),
                     memory_bytes: mem * GIB,
                     free: *free,
+                    verified: true,
                 })
                 .collect(),
             link: link.map(|(down_mbps, up_mbps, rtt_ms)| Link {
@@ -519,6 +531,25 @@ mod tests {
 
     fn ids(p: &Plan) -> Vec<&str> {
         p.members.iter().map(|m| m.node_id.as_str()).collect()
+    }
+
+    #[test]
+    fn gpus_without_a_passed_work_challenge_are_not_offered_and_the_reason_is_named() {
+        let mut unproved = node("u", "eu", &[H100, H100], FAST);
+        for g in &mut unproved.gpus {
+            g.verified = false;
+        }
+        let mut half = node("h", "eu", &[H100, H100], FAST);
+        half.gpus[0].verified = false;
+        let nodes = [unproved, half];
+        let p = plan(&nodes, &order(Want::Gpus(1))).unwrap();
+        assert_eq!(p.members[0].gpus, vec!["h-gpu1".to_owned()]);
+        let why = plan(&nodes, &order(Want::Gpus(2))).unwrap_err();
+        assert_eq!(why.left_out, vec![(Filter::Unverified, 1)]);
+        assert!(
+            why.to_string().contains("passed its work challenge"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -248,14 +248,29 @@ pub async fn start(
     };
     let (challenge_store, challenge_registry, challenge_signer) =
         (store.clone(), registry.clone(), signer.clone());
-    let uplink = UplinkServer::new(UplinkService::new(
-        signer.clone(),
+    let work = crate::workissuer::Work::new(
+        cfg.work_challenge
+            .enabled
+            .then(|| cfg.work_challenge.settings()),
+    );
+    let work_issuer = tokio::spawn(crate::workissuer::run(
+        work.clone(),
         store.clone(),
         registry.clone(),
+        signer.clone(),
         shutdown.clone(),
-        cfg.leases.min_coverage,
-        gate,
-    ))
+    ));
+    let uplink = UplinkServer::new(
+        UplinkService::new(
+            signer.clone(),
+            store.clone(),
+            registry.clone(),
+            shutdown.clone(),
+            cfg.leases.min_coverage,
+            gate,
+        )
+        .with_work(work.clone()),
+    )
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
     // Connections come from our own accept loop (limits, deadlines), TLS done.
@@ -302,7 +317,8 @@ pub async fn start(
         },
         cfg.clusters.min_duration,
         cfg.clusters.replace_after,
-    );
+    )
+    .with_work(work.clone());
     let expiry = tokio::spawn(hiring.clone().run_upkeep(
         Duration::from_secs(1),
         replica.clone(),
@@ -346,7 +362,7 @@ pub async fn start(
             tokio::spawn(grpc),
             tokio::spawn(admin),
             tokio::spawn(async move {
-                let _ = tokio::join!(challenges, accept, report, expiry);
+                let _ = tokio::join!(challenges, accept, report, expiry, work_issuer);
                 Ok(())
             }),
         ],

@@ -73,6 +73,8 @@ pub struct UplinkService {
     /// Least coverage for a lease's proof to hold.
     min_coverage: f64,
     gate: Gate,
+    /// Where work answers go (off unless `[work_challenge]` is on).
+    work: crate::workissuer::Work,
 }
 
 impl UplinkService {
@@ -91,7 +93,14 @@ impl UplinkService {
             shutdown,
             min_coverage,
             gate,
+            work: Default::default(),
         }
+    }
+
+    /// Work answers from the nodes go to `work`.
+    pub fn with_work(mut self, work: crate::workissuer::Work) -> Self {
+        self.work = work;
+        self
     }
 
     /// Registers the stream's node, then serves it until the stream ends.
@@ -164,6 +173,7 @@ impl UplinkService {
             tx,
             min_coverage: self.min_coverage,
             throttle: self.gate.throttle.clone(),
+            work: self.work.clone(),
         };
         let node = session.node_id.clone();
         let end = tokio::select! {
@@ -294,6 +304,7 @@ struct Session {
     tx: Outbound,
     min_coverage: f64,
     throttle: NodeThrottle,
+    work: crate::workissuer::Work,
 }
 
 impl Session {
@@ -355,6 +366,12 @@ impl Session {
                     Inbound::Heartbeat(hb) => {
                         heard = true;
                         spool = hb.spool.map(|s| s.encode_to_vec()).or(spool);
+                    }
+                    Inbound::WorkAnswer(answer) => {
+                        heard = true;
+                        // Judged apart: its check must not hold up the stream.
+                        let (work, node) = (self.work.clone(), self.node_id.clone());
+                        tokio::spawn(async move { work.answered(&node, *answer).await });
                     }
                     Inbound::Logs(chunk) => {
                         heard = true;

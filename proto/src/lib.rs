@@ -13,6 +13,7 @@ pub mod refusal;
 pub mod states;
 pub mod types;
 pub mod vectors;
+pub mod workproof;
 
 /// Generated protobuf and gRPC code for package `warden.v1`.
 pub mod pb {

@@ -12,6 +12,11 @@ pub const REGISTER: usize = 256 << 10;
 pub const HEARTBEAT: usize = 4 << 10;
 /// A LogChunk: its 256 KiB of output and the rest.
 pub const LOGS: usize = 264 << 10;
+/// A WorkAnswer: at most [`crate::workproof::MAX_ROUNDS`] rounds of
+/// [`crate::workproof::MAX_SPOT_TILES`] openings (a tile and its path,
+/// about 1.3 KiB each: 2.6 MiB) and a CC report (under 13 KiB); below the
+/// coordinator's 4 MiB message cap.
+pub const WORK_ANSWER: usize = 3 << 20;
 /// The largest Record of any kind; each kind has its own cap below it.
 pub const RECORD: usize = 512 << 10;
 
@@ -84,6 +89,7 @@ pub fn max_payload(payload_type: &str) -> Option<usize> {
         types::REGISTER => Some(REGISTER),
         types::HEARTBEAT => Some(HEARTBEAT),
         types::RECORD => Some(RECORD),
+        types::WORK_ANSWER => Some(WORK_ANSWER),
         _ => None,
     }
 }

@@ -31,3 +31,9 @@ pub const VERDICT: &str = "application/vnd.warden.verdict.v1+protobuf";
 pub const LOGS: &str = "application/vnd.warden.logs.v1+protobuf";
 /// Coordinator's record of a hired cluster's leases: [`crate::pb::ClusterRecord`].
 pub const CLUSTER_RECORD: &str = "application/vnd.warden.cluster-record.v1+protobuf";
+/// Coordinator → agent: [`crate::pb::WorkChallenge`] (a seeded matrix
+/// product to run on one GPU; docs/attestation.md#work-challenge).
+pub const WORK_CHALLENGE: &str = "application/vnd.warden.work-challenge.v1+protobuf";
+/// Agent → coordinator: [`crate::pb::WorkAnswer`], sent once on the live
+/// stream, never spooled nor receipted.
+pub const WORK_ANSWER: &str = "application/vnd.warden.work-answer.v1+protobuf";

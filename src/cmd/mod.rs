@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod challenge;
 pub mod cluster;
 pub mod coordinator;
 pub mod host;

@@ -139,3 +139,54 @@ impl Drop for Remove {
         }
     }
 }
+
+/// An image holding the `warden` binary at `warden` (and the shared libraries
+/// `ldd` names, at their paths) whose command is `warden challenge solve`:
+/// the CPU reference solver behind the work challenge's container contract.
+/// Built fresh under `tag` (the binary changes between builds).
+pub fn solver_image(tag: &str, warden: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("rootfs");
+    for d in ["tmp", "etc", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy(warden, root.join("warden")).unwrap();
+    let ldd = Command::new("ldd").arg(warden).output().expect("run ldd");
+    assert!(ldd.status.success(), "ldd {} failed", warden);
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)".
+        let Some(path) = line
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(Path::new)
+        else {
+            continue;
+        };
+        let to = root.join(path.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(path, &to).unwrap();
+    }
+    let mut tar = Command::new("tar")
+        .args(["-C", root.to_str().unwrap(), "-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run tar");
+    let import = Command::new("docker")
+        .args([
+            "import",
+            "--change",
+            r#"CMD ["/warden", "challenge", "solve", "--threads", "1"]"#,
+            "-",
+            tag,
+        ])
+        .stdin(tar.stdout.take().unwrap())
+        .output()
+        .expect("run docker import");
+    let tar_ok = tar.wait().unwrap().success();
+    assert!(
+        tar_ok && import.status.success(),
+        "could not build {tag}: {}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    tag.to_owned()
+}

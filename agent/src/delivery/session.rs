@@ -39,6 +39,8 @@ pub enum Inbound {
     },
     /// A verified challenge for this node: to the time-lock.
     Challenge(pb::Challenge),
+    /// A verified work challenge for this node: to the work runner.
+    WorkChallenge(Box<pb::WorkChallenge>),
     /// A verified command: to the workload task (boxed: it may carry a
     /// whole container spec).
     Command(Box<pb::Command>),
@@ -211,6 +213,15 @@ impl Session {
                 match self.open::<pb::Challenge>(env, types::CHALLENGE, "challenge") {
                     Ok(c) => match self.for_us("challenge", &c.node_id) {
                         Ok(()) => Inbound::Challenge(c),
+                        Err(i) => Inbound::Ignored(i),
+                    },
+                    Err(i) => Inbound::Ignored(i),
+                }
+            }
+            types::WORK_CHALLENGE => {
+                match self.open::<pb::WorkChallenge>(env, types::WORK_CHALLENGE, "work challenge") {
+                    Ok(c) => match self.for_us("work challenge", &c.node_id) {
+                        Ok(()) => Inbound::WorkChallenge(Box::new(c)),
                         Err(i) => Inbound::Ignored(i),
                     },
                     Err(i) => Inbound::Ignored(i),
@@ -478,6 +489,43 @@ mod tests {
         assert_eq!(s.window().due(t1 + Duration::from_secs(3600)), vec![2, 3]);
         // Unanchored: whichever comes first.
         assert_eq!(s.wake_at(false), Some(due.min(t0 + WAIT)));
+    }
+
+    #[test]
+    fn work_challenges_are_passed_on_only_verified_and_for_this_node() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        let ch = pb::WorkChallenge {
+            node_id: NODE.into(),
+            challenge_id: "wc-1".into(),
+            ..Default::default()
+        };
+        let env = coordinator().sign_message(types::WORK_CHALLENGE, &ch);
+        assert_eq!(
+            s.handle(&env, t0),
+            Inbound::WorkChallenge(Box::new(ch.clone()))
+        );
+        let other = pb::WorkChallenge {
+            node_id: "node-b".into(),
+            ..ch.clone()
+        };
+        let env = coordinator().sign_message(types::WORK_CHALLENGE, &other);
+        assert!(matches!(
+            s.handle(&env, t0),
+            Inbound::Ignored(Ignored::OtherNode {
+                what: "work challenge",
+                ..
+            })
+        ));
+        let (stranger, _) = warden_proto::dsse::Signer::generate().unwrap();
+        let env = stranger.sign_message(types::WORK_CHALLENGE, &ch);
+        assert!(matches!(
+            s.handle(&env, t0),
+            Inbound::Ignored(Ignored::Unverified {
+                what: "work challenge",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -145,6 +145,10 @@ pub struct Uplink {
     pub commands: Option<tokio::sync::mpsc::Sender<pb::Command>>,
     /// Where verified challenges go (the time-lock task).
     pub challenges: Option<tokio::sync::mpsc::Sender<pb::Challenge>>,
+    /// Where verified work challenges go (the work runner).
+    pub work: Option<tokio::sync::mpsc::Sender<pb::WorkChallenge>>,
+    /// Work answers, sent once on the live stream like `direct`.
+    pub work_answers: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<pb::WorkAnswer>>,
     /// The mesh public key and endpoints announced at Register.
     pub mesh: (Vec<u8>, Vec<String>),
     /// The mesh as it runs, so Register says which cluster it is in.
@@ -351,6 +355,8 @@ impl Uplink {
         let mut direct = self.direct.lock().await;
         // Asked before this stream was up: their askers have given up.
         while direct.try_recv().is_ok() {}
+        // An answer to another stream's challenge may still be in time.
+        let mut work_answers = self.work_answers.lock().await;
 
         loop {
             let spool = *stats.borrow_and_update();
@@ -404,6 +410,12 @@ impl Uplink {
                 Some(chunk) = direct.recv() => {
                     // Like a heartbeat, not a record: skipped if the pipe is full.
                     let _ = out.try_send(self.signer.sign_message(types::LOGS, &chunk));
+                }
+                Some(answer) = work_answers.recv() => {
+                    // Waits for room: a dropped answer fails the challenge.
+                    if out.send(self.signer.sign_message(types::WORK_ANSWER, &answer)).await.is_err() {
+                        return Err(UplinkError::Closed);
+                    }
                 }
             }
         }
@@ -608,6 +620,10 @@ impl Uplink {
                     let _ = tx.try_send(ch);
                 }
             }
+            Inbound::WorkChallenge(ch) => match &self.work {
+                Some(tx) if tx.try_send(*ch).is_ok() => {}
+                _ => tracing::warn!("ignored a work challenge: the work runner is busy or stopped"),
+            },
             Inbound::Command(cmd) => match &self.commands {
                 Some(tx) => {
                     if tx.try_send(*cmd).is_err() {

@@ -593,6 +593,7 @@ mod tests {
                     memory_total_bytes: 80 << 30,
                     pci_bus_id: "00000000:01:00.0".into(),
                     minor_number: 0,
+                    ..Default::default()
                 }],
                 ..Default::default()
             },

@@ -30,6 +30,7 @@ use bollard::{
         CreateContainerOptions, CreateImageOptions, EventsOptions, ImportImageOptions,
         InspectContainerOptions, InspectNetworkOptions, ListContainersOptions, ListNetworksOptions,
         LogsOptions, RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+        WaitContainerOptions,
     },
     ClientVersion, API_DEFAULT_VERSION,
 };
@@ -121,6 +122,15 @@ fn with_fix(message: String) -> String {
 pub struct Docker {
     api: bollard::Docker,
     socket: Arc<Path>,
+}
+
+/// How a one-shot container ended ([`Docker::run_to_end`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Ended {
+    /// None: it had not exited by the limit (it was removed, killed).
+    pub exit_code: Option<i64>,
+    /// Its stdout, at most `max` bytes and one more when there was more.
+    pub stdout: Vec<u8>,
 }
 
 /// Output read by [`Docker::logs`].
@@ -403,6 +413,77 @@ impl Docker {
             return Err(err);
         }
         Ok(created.id)
+    }
+
+    /// Creates, starts and waits up to `limit` for a one-shot container to
+    /// exit; then its exit code (None: still running at `limit`, killed)
+    /// and its stdout, cut at `max` bytes. The container is removed in every
+    /// case, so nothing is left behind.
+    pub async fn run_to_end(
+        &self,
+        name: &str,
+        config: ContainerCreateBody,
+        limit: Duration,
+        max: usize,
+    ) -> Result<Ended, DockerError> {
+        let id = self.create_and_start(name, config).await?;
+        let api = self.api.clone().with_timeout(limit + REQUEST_TIMEOUT);
+        let waited = tokio::time::timeout(limit, async {
+            let mut wait = api.wait_container(&id, None::<WaitContainerOptions>);
+            match wait.next().await {
+                Some(Ok(r)) => Ok(r.status_code),
+                // bollard reports a non-zero exit as an error carrying the code.
+                Some(Err(BollardError::DockerContainerWaitError { code, .. })) => Ok(code),
+                Some(Err(e)) => Err(self.error(format!("wait for container {name}"), e)),
+                None => Err(DockerError::Api {
+                    what: format!("wait for container {name}"),
+                    status: None,
+                    message: "the engine ended the wait without a status".into(),
+                }),
+            }
+        })
+        .await;
+        let result = match waited {
+            Err(_) => Ok(Ended {
+                exit_code: None,
+                stdout: Vec::new(),
+            }),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(code)) => self.stdout(&id, max).await.map(|stdout| Ended {
+                exit_code: Some(code),
+                stdout,
+            }),
+        };
+        if let Err(e) = self.remove(&id).await {
+            tracing::warn!(
+                container = name,
+                "could not remove a finished container: {e}"
+            );
+        }
+        result
+    }
+
+    /// A container's stdout, at most `max` bytes (more is cut).
+    async fn stdout(&self, id: &str, max: usize) -> Result<Vec<u8>, DockerError> {
+        let options = LogsOptions {
+            follow: false,
+            stdout: true,
+            stderr: false,
+            tail: "all".into(),
+            ..Default::default()
+        };
+        let mut stream = self.api.logs(id, Some(options));
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let bytes = chunk
+                .map_err(|e| self.error(format!("read the output of container {id}"), e))?
+                .into_bytes();
+            out.extend_from_slice(&bytes[..bytes.len().min(max + 1 - out.len().min(max + 1))]);
+            if out.len() > max {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Stops (SIGTERM or the image's stop signal, then SIGKILL after

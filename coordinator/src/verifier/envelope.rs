@@ -106,6 +106,8 @@ pub enum Inbound {
     /// A container's output answering a ContainerLogs command: for whoever
     /// waits on it, never stored.
     Logs(pb::LogChunk),
+    /// The answer to a work challenge, signed by the node: to the work gate.
+    WorkAnswer(Box<pb::WorkAnswer>),
 }
 
 impl NodeCheck<'_> {
@@ -162,6 +164,37 @@ impl NodeCheck<'_> {
                 }
                 .to_string(),
             },
+            types::WORK_ANSWER if env.payload.len() > limits::WORK_ANSWER => Inbound::Refuse {
+                seq: 0,
+                digest,
+                kind: RefusalKind::Malformed,
+                reason: OverLimit::TooLarge {
+                    what: "work answer",
+                    size: env.payload.len(),
+                    cap: limits::WORK_ANSWER,
+                }
+                .to_string(),
+            },
+            types::WORK_ANSWER => {
+                match dsse::open::<pb::WorkAnswer>(env, types::WORK_ANSWER, self.key) {
+                    Ok(a) if a.node_id == self.node_id => Inbound::WorkAnswer(Box::new(a)),
+                    Ok(a) => Inbound::Refuse {
+                        seq: 0,
+                        digest,
+                        kind: RefusalKind::WrongNode,
+                        reason: format!(
+                            "work answer names node {} but this stream belongs to node {}",
+                            a.node_id, self.node_id
+                        ),
+                    },
+                    Err(e) => Inbound::Refuse {
+                        seq: 0,
+                        digest,
+                        kind: RefusalKind::of_verify_error(&e),
+                        reason: format!("work answer: {e}"),
+                    },
+                }
+            }
             types::LOGS => match dsse::open::<pb::LogChunk>(env, types::LOGS, self.key) {
                 Ok(chunk) => Inbound::Logs(chunk),
                 Err(e) => Inbound::Refuse {
@@ -455,7 +488,39 @@ mod tests {
             Inbound::Refuse { seq, kind, .. } => format!("refuse {seq} {}", kind.as_str_name()),
             Inbound::Heartbeat(_) => "heartbeat".into(),
             Inbound::Logs(_) => "logs".into(),
+            Inbound::WorkAnswer(a) => format!("work answer {}", a.challenge_id),
         }
+    }
+
+    #[test]
+    fn a_work_answer_is_taken_only_signed_by_the_node_for_itself_and_under_its_cap() {
+        let (node, _) = Signer::generate().unwrap();
+        let (other, _) = Signer::generate().unwrap();
+        let key = node.verifying_key();
+        let check = NodeCheck {
+            node_id: node.key_id(),
+            key: &key,
+        };
+        let answer = |n: &str| pb::WorkAnswer {
+            node_id: n.into(),
+            challenge_id: "wc-1".into(),
+            ..Default::default()
+        };
+        let ours = node.sign_message(types::WORK_ANSWER, &answer(node.key_id()));
+        assert_eq!(outcome(&check.check(&ours)), "work answer wc-1");
+        let forged = other.sign_message(types::WORK_ANSWER, &answer(node.key_id()));
+        assert!(outcome(&check.check(&forged)).starts_with("refuse 0"));
+        let theirs = node.sign_message(types::WORK_ANSWER, &answer("someone-else"));
+        assert_eq!(
+            outcome(&check.check(&theirs)),
+            "refuse 0 REFUSAL_KIND_WRONG_NODE"
+        );
+        let mut big = ours.clone();
+        big.payload = vec![0; limits::WORK_ANSWER + 1];
+        assert_eq!(
+            outcome(&check.check(&big)),
+            "refuse 0 REFUSAL_KIND_MALFORMED"
+        );
     }
 
     #[test]

@@ -56,6 +56,12 @@ struct Device {
     /// Xid errors to raise, in order; each is delivered once through the
     /// event API (`nvmlEventSetWait_v2`), so a test appends to raise more.
     xid_errors: Vec<u64>,
+    /// The board serial (nvmlDeviceGetSerial); empty: NOT_SUPPORTED.
+    serial: String,
+    /// A confidential-computing report (hex) for
+    /// nvmlDeviceGetConfComputeGpuAttestationReport, which returns it
+    /// followed by the caller's nonce; absent: NOT_SUPPORTED (no CC mode).
+    cc_report_hex: Option<String>,
 }
 
 #[derive(Deserialize, Clone, Default)]
@@ -621,4 +627,61 @@ pub unsafe extern "C" fn nvmlDeviceGetMinorNumber(device: *mut c_void, minor: *m
         let d = self::device(device)?;
         put(minor, d.minor_number.unwrap_or(device as u32 - 1))
     })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetSerial(
+    device: *mut c_void,
+    serial: *mut c_char,
+    length: c_uint,
+) -> Ret {
+    run(|| {
+        let d = self::device(device)?;
+        if d.serial.is_empty() {
+            return Err(ERROR_NOT_SUPPORTED);
+        }
+        write_str(&d.serial, serial, length)
+    })
+}
+
+/// `nvmlConfComputeGpuAttestationReport_t` as in nvml.h.
+#[repr(C)]
+pub struct CcReport {
+    is_cec_attestation_report_present: c_uint,
+    attestation_report_size: c_uint,
+    cec_attestation_report_size: c_uint,
+    nonce: [u8; 32],
+    attestation_report: [u8; 8192],
+    cec_attestation_report: [u8; 4096],
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetConfComputeGpuAttestationReport(
+    device: *mut c_void,
+    report: *mut CcReport,
+) -> Ret {
+    run(|| {
+        let d = self::device(device)?;
+        let body = d.cc_report_hex.ok_or(ERROR_NOT_SUPPORTED)?;
+        if report.is_null() {
+            return Err(ERROR_INVALID_ARGUMENT);
+        }
+        let r = &mut *report;
+        let mut bytes = hex_bytes(&body).ok_or(ERROR_UNKNOWN)?;
+        // The real report signs the nonce; the fake shows it was passed.
+        bytes.extend_from_slice(&r.nonce);
+        let n = bytes.len().min(r.attestation_report.len());
+        r.attestation_report[..n].copy_from_slice(&bytes[..n]);
+        r.attestation_report_size = n as c_uint;
+        r.is_cec_attestation_report_present = 0;
+        r.cec_attestation_report_size = 0;
+        Ok(())
+    })
+}
+
+fn hex_bytes(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
 }

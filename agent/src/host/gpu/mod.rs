@@ -39,6 +39,12 @@ pub trait GpuSource: Send + Sync {
     /// Blocks up to `timeout` for driver events (Xid errors), returning
     /// those that came; empty on timeout. Sources without events sleep.
     fn wait_events(&self, timeout: std::time::Duration) -> Vec<pb::GpuEvent>;
+    /// The confidential-computing attestation report of GPU `uuid` over
+    /// `nonce` (nvmlDeviceGetConfComputeGpuAttestationReport), verbatim.
+    fn cc_report(&self, uuid: &str, nonce: [u8; 32]) -> Result<Vec<u8>, GpuError> {
+        let _ = (uuid, nonce);
+        Err(GpuError::Nvml("not supported".into()))
+    }
 }
 
 /// Health changes between two sampling cycles, keyed by GPU uuid: a GPU

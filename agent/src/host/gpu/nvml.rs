@@ -164,13 +164,23 @@ impl GpuSource for NvmlSource {
         let mut gpus = Vec::new();
         for index in 0..count {
             let d = self.nvml.device_by_index(index).map_err(err)?;
+            let pci = d.pci_info().map_err(err)?;
             gpus.push(pb::GpuInfo {
                 index,
                 uuid: d.uuid().map_err(err)?,
                 name: d.name().map_err(err)?,
                 memory_total_bytes: d.memory_info().map_err(err)?.total,
-                pci_bus_id: d.pci_info().map_err(err)?.bus_id,
+                pci_bus_id: pci.bus_id,
                 minor_number: d.minor_number().map_err(err)?,
+                // Consumer boards have no serial: NOT_SUPPORTED is "".
+                serial: match d.serial() {
+                    Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => {
+                        String::new()
+                    }
+                    other => other.map_err(err)?,
+                },
+                pci_device_id: pci.pci_device_id,
+                pci_subsystem_id: pci.pci_sub_system_id.unwrap_or(0),
             });
         }
         Ok(Inventory {
@@ -178,6 +188,26 @@ impl GpuSource for NvmlSource {
             cuda_version: self.nvml.sys_cuda_driver_version().map_err(err)?,
             gpus,
         })
+    }
+
+    fn cc_report(&self, uuid: &str, nonce: [u8; 32]) -> Result<Vec<u8>, GpuError> {
+        let err = |e: NvmlError| match e {
+            NvmlError::NotSupported => GpuError::Nvml("not supported".into()),
+            e => GpuError::Nvml(describe(&e)),
+        };
+        // By index, as the inventory finds GPUs (the same NVML calls).
+        let count = self.nvml.device_count().map_err(err)?;
+        let d = (0..count)
+            .filter_map(|i| self.nvml.device_by_index(i).ok())
+            .find(|d| d.uuid().is_ok_and(|u| u == uuid))
+            .ok_or_else(|| GpuError::Nvml(format!("no GPU {uuid} on this node")))?;
+        let r = d
+            .confidential_compute_gpu_attestation_report(nonce)
+            .map_err(err)?;
+        // Kept whole: the report, then the CEC report when present.
+        let mut out = r.attestation_report;
+        out.extend_from_slice(&r.cec_attestation_report);
+        Ok(out)
     }
 
     fn wait_events(&self, timeout: Duration) -> Vec<pb::GpuEvent> {

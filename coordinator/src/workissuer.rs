@@ -1,0 +1,205 @@
+//! The work challenge's shell (docs/attestation.md#work-challenge): keeps
+//! the gate fed with inventories, sends the challenges it says are due,
+//! checks answers off the async threads, and answers the matcher. The
+//! decisions are the gate's (`workgate.rs`).
+//!
+//! State is in memory, on the replica holding each node's stream: a
+//! restart, or a matcher on another replica, sees the node unverified
+//! until it passes again there.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use warden_proto::{dsse::Signer, pb, types};
+
+use crate::{
+    clock::now_ms,
+    matcher::Candidate,
+    registry::Registry,
+    store::Store,
+    workgate::{Gate, Settings, State},
+};
+
+/// How late an answer may arrive past its deadline before the challenge
+/// counts as unanswered (the answer in transit is still judged on time).
+const GRACE: Duration = Duration::from_secs(5);
+/// How often the issuer looks for due challenges and expired ones.
+const TICK: Duration = Duration::from_millis(500);
+
+/// The gate and its settings; cheap to clone. Off: every GPU is verified.
+#[derive(Clone, Default)]
+pub struct Work {
+    inner: Option<Arc<(Mutex<Gate>, Settings)>>,
+}
+
+impl Work {
+    pub fn new(settings: Option<Settings>) -> Work {
+        Work {
+            inner: settings.map(|s| Arc::new((Mutex::new(Gate::default()), s))),
+        }
+    }
+
+    fn gate(&self) -> Option<std::sync::MutexGuard<'_, Gate>> {
+        self.inner
+            .as_ref()
+            .map(|i| i.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Marks each candidate GPU verified or not (one being challenged is not).
+    pub fn restrict(&self, candidates: &mut [Candidate]) {
+        let Some(gate) = self.gate() else { return };
+        for c in candidates {
+            for g in &mut c.gpus {
+                g.verified = gate.offerable(&c.node_id, &g.uuid);
+            }
+        }
+    }
+
+    /// Each GPU's standing on a node, for the admin view (empty when off).
+    pub fn standings(&self, node_id: &str) -> Vec<pb::GpuWorkStanding> {
+        let Some(gate) = self.gate() else {
+            return Vec::new();
+        };
+        let mut out: Vec<pb::GpuWorkStanding> = gate
+            .entries(node_id)
+            .map(|(uuid, e)| pb::GpuWorkStanding {
+                uuid: uuid.to_owned(),
+                state: e.state.name().to_owned(),
+                reason: match &e.state {
+                    State::Unverified { why } => why.clone(),
+                    State::Failed { reason, .. } => reason.clone(),
+                    _ => String::new(),
+                },
+                offered: gate.offerable(node_id, uuid),
+                cc_status: e.cc_status.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+        out
+    }
+
+    /// An answer from `node_id`'s stream (its signature already verified):
+    /// judged on a blocking thread (a few seconds for a big challenge).
+    pub async fn answered(&self, node_id: &str, answer: pb::WorkAnswer) {
+        let Some(inner) = self.inner.clone() else {
+            return;
+        };
+        let received = now_ms();
+        let node = node_id.to_owned();
+        let judged = tokio::task::spawn_blocking(move || {
+            let pending = {
+                let gate = inner.0.lock().unwrap_or_else(|e| e.into_inner());
+                gate.pending(&node, &answer.challenge_id).cloned()
+            };
+            let Some(ch) = pending else {
+                return (answer, None);
+            };
+            // The tile work without the lock; then the identity under it.
+            let verdict = warden_proto::workproof::check(&ch, &answer, received)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    inner
+                        .0
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .judge_identity(&ch, &answer)
+                });
+            inner.0.lock().unwrap_or_else(|e| e.into_inner()).answered(
+                &node,
+                &answer,
+                verdict.clone(),
+                now_ms(),
+            );
+            (answer, Some((ch, verdict)))
+        })
+        .await;
+        match judged {
+            Ok((answer, None)) => {
+                tracing::warn!(node = %node_id, challenge = %answer.challenge_id, "work answer for no pending challenge (late, or another replica's)")
+            }
+            Ok((answer, Some((ch, Ok(()))))) => tracing::info!(
+                node = %node_id, gpu = %ch.gpu_uuid, challenge = %ch.challenge_id, n = ch.n, rounds = ch.rounds,
+                solve_ms = answer.solve_ms, cc = %answer.cc_status, "work challenge passed"
+            ),
+            Ok((_, Some((ch, Err(why))))) => tracing::warn!(
+                node = %node_id, gpu = %ch.gpu_uuid, challenge = %ch.challenge_id, reason = %why,
+                "work challenge failed: the GPU is out of matching until one passes"
+            ),
+            Err(e) => tracing::error!(node = %node_id, error = %e, "work answer check panicked"),
+        }
+    }
+}
+
+/// Runs until `shutdown`: every tick, feeds the gate the stored
+/// inventories of the nodes streaming here, fails overdue challenges and
+/// sends those due.
+pub async fn run(
+    work: Work,
+    store: Store,
+    registry: Registry,
+    signer: Arc<Signer>,
+    shutdown: CancellationToken,
+) {
+    let Some(inner) = work.inner.clone() else {
+        return;
+    };
+    let settings = inner.1.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let (nodes, leases) = match futures::join!(store.list_nodes(), store.list_leases()) {
+            (Ok(n), Ok(l)) => (n, l),
+            _ => continue,
+        };
+        let candidates =
+            crate::hire::candidates(&nodes, &leases, |n| registry.local_sender(n).is_some());
+        let now = now_ms();
+        let due = {
+            let mut gate = inner.0.lock().unwrap_or_else(|e| e.into_inner());
+            for n in nodes
+                .iter()
+                .filter(|n| registry.local_sender(&n.node_id).is_some())
+            {
+                let inv = pb::InventorySummary::decode(n.inventory.as_slice()).unwrap_or_default();
+                gate.inventory(&n.node_id, &inv.gpus);
+            }
+            for ch in gate.expire(now, GRACE) {
+                tracing::warn!(node = %ch.node_id, gpu = %ch.gpu_uuid, challenge = %ch.challenge_id, "work challenge unanswered by its deadline: the GPU is out of matching until one passes");
+            }
+            gate.due(now, &settings, |node, uuid| {
+                candidates.iter().any(|c| {
+                    c.node_id == node
+                        && c.connected
+                        && c.gpus.iter().any(|g| g.uuid == uuid && g.free)
+                })
+            })
+        };
+        for d in due {
+            let Some(tx) = registry.local_sender(&d.node_id) else {
+                continue;
+            };
+            let ch = Gate::challenge(
+                &d,
+                &settings,
+                now_ms(),
+                rand::random(),
+                rand::random(),
+                crate::ids::fresh("wc"),
+            );
+            let env = signer.sign_message(types::WORK_CHALLENGE, &ch);
+            inner
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .issued(ch.clone());
+            tracing::info!(node = %d.node_id, gpu = %d.gpu.uuid, challenge = %ch.challenge_id, n = ch.n, rounds = ch.rounds, deadline_ms = ch.deadline_unix_ms - ch.issued_unix_ms, "work challenge sent");
+            let _ = tx.send(Ok(env)).await;
+        }
+    }
+}
