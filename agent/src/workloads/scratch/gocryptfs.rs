@@ -129,8 +129,11 @@ pub fn live(plain: &Path) -> Result<(), String> {
     if !mounted_at(&mounts, plain) {
         return Err(format!("{} is not mounted", plain.display()));
     }
-    std::fs::metadata(plain)
-        .map(drop)
+    // statfs and opendir always reach the daemon; a stat of the mount's
+    // root may be answered from the kernel's cache for a while after it died.
+    rustix::fs::statvfs(plain)
+        .map_err(std::io::Error::from)
+        .and_then(|_| std::fs::read_dir(plain).map(drop))
         .map_err(|e| format!("{} does not answer: {e}", plain.display()))
 }
 
