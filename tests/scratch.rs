@@ -497,3 +497,76 @@ fn volumes_left_behind_or_killed_with_the_agent_are_destroyed_at_its_next_start(
     assert!(err.contains("scratch volume was lost"), "{err}");
     n.end(&id);
 }
+
+#[test]
+fn a_volume_docker_cannot_see_is_never_handed_to_a_container() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _unmount = Unmounts(tmp.path().to_owned());
+    let coord = Coordinator::start(&tmp.path().join("coord"), free_port());
+    // The agent in a mount namespace of its own, as a sandboxed service
+    // would be: its mounts never reach dockerd's.
+    let dir = tmp.path().join("agent");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n[workload]\nstop_grace = \"1s\"\n",
+            dir.display(),
+            fast_agent_toml(&coord.link_toml(), "1h", 0)
+        ),
+    )
+    .unwrap();
+    let log = tmp.path().join("agent.log");
+    let err = std::fs::File::create(&log).unwrap();
+    let child = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            WARDEN,
+            "agent",
+            "--config",
+        ])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(err.try_clone().unwrap())
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let agent = Agent {
+        dir: dir.clone(),
+        config,
+        proc: Proc { child, log },
+    };
+    let s = wait_for("agent connected", Duration::from_secs(30), || {
+        agent
+            .status()
+            .filter(|s| s["coordinator"]["connected"] == true)
+    });
+    let n = Node {
+        coord,
+        agent,
+        node_id: s["node_id"].as_str().unwrap().to_owned(),
+    };
+    let _clean = ContainersOf(n.node_id.clone());
+    let image = image::busybox_image();
+    let id = n
+        .start(&["--image", &image, "--", "sleep", "300"])
+        .expect("auto: the lease runs without the volume");
+    let c = inspect(&format!("warden-{id}-main")).unwrap();
+    assert!(
+        c["Mounts"].as_array().is_none_or(|m| m.is_empty()),
+        "the bare mount point was handed over: {}",
+        c["Mounts"]
+    );
+    let note = n.start_note(&id);
+    assert!(
+        note.starts_with("no encrypted scratch volume:") && note.contains("Docker does not see it"),
+        "{note}"
+    );
+    // What was mounted in the agent's namespace alone is gone again.
+    assert!(!n.layout().dir(&id).exists());
+    n.end(&id);
+}
