@@ -55,10 +55,10 @@ fn password() -> Result<Zeroizing<String>, ScratchError> {
     Ok(hex)
 }
 
-/// Runs gocryptfs with `password` on its standard input; its output (never
-/// the key: `-q`, and `-init`'s master key printout is silenced by it) is
-/// collected in an anonymous memory file, because a mount's background
-/// process keeps the parent's output open for as long as it runs.
+/// Runs gocryptfs with `password` on its standard input. Its errors are
+/// collected in an anonymous memory file rather than a pipe, because a
+/// mount's background process keeps the parent's stderr open for as long
+/// as it runs (a pipe would never reach its end).
 fn run(step: &'static str, args: &[&str], password: &str) -> Result<(), ScratchError> {
     let out = rustix::fs::memfd_create("gocryptfs-output", rustix::fs::MemfdFlags::CLOEXEC)
         .map(File::from)
@@ -67,7 +67,8 @@ fn run(step: &'static str, args: &[&str], password: &str) -> Result<(), ScratchE
     let mut child = Command::new(PROGRAM)
         .args(args)
         .stdin(Stdio::piped())
-        .stdout(dup()?)
+        // Never kept: `-init` without `-q` prints the master key there.
+        .stdout(Stdio::null())
         .stderr(dup()?)
         .spawn()
         .map_err(ScratchError::Missing)?;
