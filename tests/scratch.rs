@@ -364,6 +364,19 @@ fn another_lease_never_reaches_a_leases_scratch() {
     wait_for("A wrote", Duration::from_secs(20), || {
         std::fs::read_to_string(a_plain.join("a")).ok()
     });
+    // Within a lease the volume is shared: a container added later sees it.
+    let out = n.warden(&[
+        "lease", "run", &a, "--name", "side", "--image", &image, "--", "sleep", "300",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        exec(&format!("warden-{a}-side"), "65534", "cat /scratch/a").trim(),
+        marker
+    );
     let b = n.start(&["--image", &image, "--", "sleep", "300"]).unwrap();
     // B's /scratch is its own, empty volume.
     let listing = exec(
