@@ -155,6 +155,7 @@ fn main() {
     let socket = tmp.path().join("coord/admin.sock");
     let agent = |name: &str, mode: &str| {
         let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
         let a = common::spawn_agent(
             &dir,
             &format!("{link}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n[workload]\nscratch = \"{mode}\"\n"),
