@@ -583,3 +583,70 @@ fn a_volume_docker_cannot_see_is_never_handed_to_a_container() {
     assert!(!n.layout().dir(&id).exists());
     n.end(&id);
 }
+
+/// `warden doctor --json`'s scratch row.
+fn doctor_scratch(cfg: &Path, path: Option<&str>) -> Value {
+    let mut cmd = Command::new(WARDEN);
+    cmd.args(["doctor", "--json", "--config", cfg.to_str().unwrap()]);
+    if let Some(p) = path {
+        cmd.env("PATH", p);
+    }
+    let out = cmd.output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "scratch")
+        .cloned()
+        .unwrap_or_else(|| panic!("no scratch row: {report:#}"))
+}
+
+#[test]
+fn doctor_makes_a_real_volume_and_says_when_it_cannot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _unmount = Unmounts(tmp.path().to_owned());
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let cfg = tmp.path().join("agent.toml");
+    let write = |mode: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "state_dir = \"{}\"\n[workload]\nscratch = \"{mode}\"\n",
+                state.display()
+            ),
+        )
+        .unwrap()
+    };
+    write("auto");
+    let row = doctor_scratch(&cfg, None);
+    assert_eq!(row["verdict"], "pass", "{row}");
+    assert!(
+        row["value"]
+            .as_str()
+            .unwrap()
+            .contains("found encrypted on disk"),
+        "{row}"
+    );
+    // The probe's volume is gone again: nothing mounted, nothing left.
+    assert!(!proc_mounts().contains(state.to_str().unwrap()));
+    assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0);
+
+    // Without gocryptfs: a warning under auto, a failure under required.
+    let row = doctor_scratch(&cfg, Some("/nonexistent"));
+    assert_eq!(row["verdict"], "warn", "{row}");
+    assert!(row["fix"]
+        .as_str()
+        .unwrap()
+        .contains("apt-get install gocryptfs"));
+    write("required");
+    let row = doctor_scratch(&cfg, Some("/nonexistent"));
+    assert_eq!(row["verdict"], "fail", "{row}");
+    assert!(row["value"]
+        .as_str()
+        .unwrap()
+        .contains("every lease is refused"));
+    write("off");
+    assert_eq!(doctor_scratch(&cfg, None)["verdict"], "skip");
+}
