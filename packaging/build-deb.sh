@@ -86,7 +86,7 @@ Architecture: $arch
 Maintainer: The Warden authors <warden@localhost>
 Installed-Size: $(du -sk --exclude=DEBIAN "$root" | cut -f1)
 Depends: $shlibs, procps
-Recommends: docker.io
+Recommends: docker.io, gocryptfs
 Suggests: wireguard-tools
 Section: admin
 Priority: optional

@@ -32,6 +32,8 @@ python3 -m pip --version >/dev/null 2>&1 || need_pkgs+=(python3-pip)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_pkgs+=(postgresql)
 need openssl openssl
 need ss iproute2
+# Each lease's encrypted scratch volume (agent/src/workloads/scratch).
+need gocryptfs gocryptfs
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "== installing: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -353,7 +353,7 @@ fn the_deb_installs_upgrades_keeps_the_suppliers_edits_and_purges() {
         rows,
         [
             "memory", "disk", "download", "upload", "rtt", "docker", "nvml", "runtime", "tun",
-            "guard", "delivery", "key", "clock"
+            "guard", "scratch", "delivery", "key", "clock"
         ],
         "{table}"
     );

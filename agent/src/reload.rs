@@ -35,6 +35,7 @@ pub const LIVE: &[&str] = &[
     "workload.publish_address",
     "workload.min_host_port",
     "workload.clock_skew",
+    "workload.scratch",
     "doctor.",
 ];
 
@@ -265,6 +266,7 @@ gpu_driver = "cdi"
 publish_address = "0.0.0.0"
 min_host_port = 80
 clock_skew = "1s"
+scratch = "off"
 [timelock]
 epoch = "20s"
 device_patterns = ["/dev/x*"]

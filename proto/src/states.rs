@@ -202,6 +202,11 @@ wire_text! {
         Stopped => "stopped",
         LeaseStarted => "lease-started",
         LeaseEnded => "lease-ended",
+        /// A lease's encrypted scratch volume found dead (its gocryptfs
+        /// ended, with the key): destroyed; its containers lose `/scratch`.
+        ScratchLost => "scratch-lost",
+        /// The scratch volume of no active lease, destroyed.
+        ScratchRemoved => "scratch-removed",
     }
 }
 

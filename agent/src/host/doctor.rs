@@ -116,6 +116,10 @@ pub struct Facts {
     pub gpu_runtime: Result<GpuRuntime, String>,
     /// The NVIDIA kernel module's version (/proc/driver/nvidia/version), if loaded.
     pub kernel_driver: Option<String>,
+    /// `workload.scratch`, and what a real scratch volume made here did
+    /// (`scratch::gocryptfs::probe`); not tried when it is off.
+    pub scratch_mode: crate::workloads::scratch::ScratchMode,
+    pub scratch: Result<String, String>,
 }
 
 /// What Docker offers for GPU containers.
@@ -305,6 +309,7 @@ pub fn evaluate(f: &Facts, t: &DoctorConfig) -> Vec<Check> {
         ),
     });
     out.push(guard_check(&f.guard));
+    out.push(scratch_check(f));
     if let Some(c) = &f.coordinator {
         out.push(match c {
             Ok(()) => row(
@@ -428,6 +433,22 @@ pub async fn gather(cfg: &AgentConfig) -> Facts {
     let key_path = cfg.key_file();
     let driver = cfg.workload.gpu_driver.clone();
     let prevent = cfg.timelock.prevent;
+    let scratch_mode = cfg.workload.scratch;
+    // Where the agent makes its volumes (the state directory's filesystem),
+    // or the temporary directory before the first start.
+    let scratch_base = if cfg.state_dir.is_dir() {
+        cfg.state_dir.clone()
+    } else {
+        std::env::temp_dir()
+    };
+    let scratch = tokio::task::spawn_blocking(move || {
+        if scratch_mode == crate::workloads::scratch::ScratchMode::Off {
+            return Err("not tried".to_owned());
+        }
+        crate::workloads::scratch::gocryptfs::probe(&scratch_base)
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("check panicked: {e}")));
     let gpu = tokio::task::spawn_blocking(move || {
         (
             gpu_runtime(&driver),
@@ -486,6 +507,8 @@ pub async fn gather(cfg: &AgentConfig) -> Facts {
         Err(_) => None,
     };
     Facts {
+        scratch_mode,
+        scratch,
         gpu_runtime: gpu.0,
         kernel_driver: gpu.1,
         coordinator: cfg
@@ -516,6 +539,40 @@ fn key_state(path: &Path) -> KeyState {
             KeyState::Missing
         }
         Err(e) => KeyState::Bad(e.to_string()),
+    }
+}
+
+/// Whether leases get their encrypted scratch volume: without one, what a
+/// renter writes to `/scratch` lands on the disk as plaintext. Under `auto`
+/// that is a warning (leases run, and their answer says so); under
+/// `required` every lease would be refused.
+fn scratch_check(f: &Facts) -> Check {
+    use crate::workloads::scratch::ScratchMode;
+    let threshold = "a gocryptfs volume mounts, Docker sees it, disk holds ciphertext".to_owned();
+    let fix = "install gocryptfs (Debian: apt-get install gocryptfs), run the agent as root in the host's mount namespace (docs/workloads.md#encrypted-scratch), or set workload.scratch = \"off\"";
+    match (&f.scratch, f.scratch_mode) {
+        (_, ScratchMode::Off) => Check {
+            name: "scratch",
+            verdict: Verdict::Skip,
+            value: "workload.scratch is off: leases get no encrypted volume".into(),
+            threshold,
+            fix: String::new(),
+        },
+        (Ok(v), _) => row("scratch", true, v.clone(), threshold, ""),
+        (Err(e), ScratchMode::Required) => row(
+            "scratch",
+            false,
+            format!("{e}; every lease is refused (workload.scratch is required)"),
+            threshold,
+            fix,
+        ),
+        (Err(e), ScratchMode::Auto) => Check {
+            name: "scratch",
+            verdict: Verdict::Warn,
+            value: format!("{e}; leases run without an encrypted volume and say so"),
+            threshold,
+            fix: fix.into(),
+        },
     }
 }
 
@@ -686,6 +743,8 @@ mod tests {
                 cdi: false,
             }),
             kernel_driver: Some("550.54.15".into()),
+            scratch_mode: crate::workloads::scratch::ScratchMode::Auto,
+            scratch: Ok("gocryptfs 2.3: a volume was mounted".into()),
         }
     }
 
@@ -799,6 +858,7 @@ mod tests {
                 "driver",
                 "tun",
                 "guard",
+                "scratch",
                 "coordinator",
                 "delivery",
                 "key",
@@ -835,6 +895,13 @@ mod tests {
             ),
             ("nvml", Box::new(|f| f.nvml = Err("not loaded".into()))),
             ("tun", Box::new(|f| f.tun = Err("no such device".into()))),
+            (
+                "scratch",
+                Box::new(|f| {
+                    f.scratch_mode = crate::workloads::scratch::ScratchMode::Required;
+                    f.scratch = Err("gocryptfs cannot be run".into());
+                }),
+            ),
             (
                 "key",
                 Box::new(|f| f.key = KeyState::Bad("mode 0644".into())),
@@ -874,6 +941,30 @@ mod tests {
                 assert_eq!(&c.value, e);
             }
         }
+    }
+
+    #[test]
+    fn a_node_without_encrypted_scratch_says_so() {
+        use crate::workloads::scratch::ScratchMode;
+        let mut f = good();
+        f.scratch =
+            Err("the volume is mounted where this agent runs but Docker does not see it".into());
+        // auto: leases still run (without the volume): a warning with its fix.
+        let checks = evaluate(&f, &DoctorConfig::default());
+        assert!(failed(&checks).is_empty());
+        let c = checks.iter().find(|c| c.name == "scratch").unwrap();
+        assert_eq!(c.verdict, Verdict::Warn);
+        assert!(
+            c.value.contains("Docker does not see it") && c.value.contains("without"),
+            "{c:?}"
+        );
+        assert!(c.fix.contains("apt-get install gocryptfs"), "{c:?}");
+        // required: every lease would be refused.
+        f.scratch_mode = ScratchMode::Required;
+        assert_eq!(failed(&evaluate(&f, &DoctorConfig::default())), ["scratch"]);
+        // off: nothing to check.
+        f.scratch_mode = ScratchMode::Off;
+        assert!(verdicts(&f).contains(&("scratch", Verdict::Skip)));
     }
 
     #[test]

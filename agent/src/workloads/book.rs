@@ -126,6 +126,10 @@ impl Lease {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Book {
     pub leases: BTreeMap<String, Lease>,
+    /// The leases that got an encrypted scratch volume, and whether it
+    /// still lives (`workloads::scratch`). Absent: the lease has none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scratch: BTreeMap<String, crate::workloads::scratch::Volume>,
 }
 
 impl Book {

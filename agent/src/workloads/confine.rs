@@ -57,6 +57,9 @@ pub struct WorkloadConfig {
     /// on top of its own expiry (clocks differ).
     #[serde(with = "humantime_serde")]
     pub clock_skew: Duration,
+    /// Whether each lease gets an encrypted scratch volume at `/scratch`
+    /// (`scratch`): `auto` where gocryptfs works, `required`, or `off`.
+    pub scratch: super::scratch::ScratchMode,
 }
 
 impl Default for WorkloadConfig {
@@ -72,6 +75,7 @@ impl Default for WorkloadConfig {
             publish_address: std::net::Ipv4Addr::LOCALHOST.into(),
             min_host_port: 1024,
             clock_skew: Duration::from_secs(5),
+            scratch: super::scratch::ScratchMode::Auto,
         }
     }
 }
@@ -421,6 +425,16 @@ fn check_mount(m: &pb::MountSpec, cfg: &WorkloadConfig) -> Result<(), String> {
     if !Path::new(&m.target).is_absolute() {
         return Err(format!("mount target `{}` must be absolute", m.target));
     }
+    // Compared by components: `/scratch/` and `/scratch/.` are the same place.
+    if Path::new(&m.target)
+        .components()
+        .eq(Path::new(super::scratch::TARGET).components())
+    {
+        return Err(format!(
+            "mount target {} is the lease's encrypted scratch volume; mount elsewhere",
+            m.target
+        ));
+    }
     // The socket itself, or any directory that holds it.
     let socket_hit = DOCKER_SOCKETS
         .iter()
@@ -637,6 +651,24 @@ mod tests {
         );
         assert!(refused(|s| s.mounts = vec![mount("relative")]).contains("absolute"));
         assert!(refused(|s| s.mounts = vec![mount("/data/../etc")]).contains("without `..`"));
+        // Nothing may take the scratch volume's place, whatever the config allows.
+        let data = WorkloadConfig {
+            allowed_host_paths: vec!["/data".into()],
+            ..Default::default()
+        };
+        for target in ["/scratch", "/scratch/", "//scratch/."] {
+            let r = refused_with(
+                |s| {
+                    s.mounts = vec![pb::MountSpec {
+                        source: "/data".into(),
+                        target: target.into(),
+                        read_only: true,
+                    }]
+                },
+                &data,
+            );
+            assert!(r.contains("encrypted scratch volume"), "{target}: {r}");
+        }
         // The Docker socket, and the directories holding it, even when allowlisted.
         let cfg = WorkloadConfig {
             allowed_host_paths: vec!["/".into()],

@@ -41,6 +41,7 @@ use super::{
     confine::{self, WorkloadConfig, LABEL_LEASE, LABEL_NAME, LABEL_NODE},
     docker::{ContainerEvent, Docker, DockerError, EventKind},
     hostpath, isolation,
+    scratch::{self, gocryptfs, ScratchMode, Volume},
 };
 
 /// How often an unreachable Docker is tried again.
@@ -197,6 +198,8 @@ struct State {
     pulling: Vec<(String, String)>,
     /// Where a pull brings its command back.
     pulled: mpsc::Sender<Pulled>,
+    /// Where the leases' encrypted scratch volumes live.
+    scratch: scratch::Layout,
 }
 
 /// A command whose images were being pulled, and how that went.
@@ -272,7 +275,9 @@ impl Workload {
         };
         let memory = default_memory(&self.config);
         let (pulled, mut pulls) = mpsc::channel(16);
+        let scratch = scratch::Layout::new(&self.state_dir);
         let mut st = State {
+            scratch,
             w: self,
             book,
             trusted,
@@ -483,6 +488,7 @@ impl State {
         }
         if self.trusted {
             self.remove_stale_networks(&docker).await;
+            events.extend(self.reconcile_scratch().await);
         }
         for lease in self.book.leases.values_mut() {
             for c in &mut lease.containers {
@@ -502,6 +508,80 @@ impl State {
         }
         self.save();
         self.report(events).await;
+    }
+
+    /// Destroys the scratch volumes of leases that are not active (their
+    /// containers are gone by now: reconcile removed them first), and those
+    /// of active leases found dead: their gocryptfs ended (an agent restart
+    /// under systemd ends it), and with it the key, so what is on disk can
+    /// never be read again. Returns what it reports.
+    async fn reconcile_scratch(&mut self) -> Vec<pb::WorkloadEvent> {
+        let layout = self.scratch.clone();
+        let active: std::collections::BTreeSet<String> = self.book.leases.keys().cloned().collect();
+        let encrypted: Vec<String> = self
+            .book
+            .scratch
+            .iter()
+            .filter(|(_, v)| **v == Volume::Encrypted)
+            .map(|(l, _)| l.clone())
+            .collect();
+        let found = tokio::task::spawn_blocking(move || {
+            let dirs: Vec<String> = match std::fs::read_dir(&layout.root) {
+                Ok(d) => d
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            let mounts = gocryptfs::own_mounts().map_err(|e| e.to_string())?;
+            let dead: Vec<(String, String)> = encrypted
+                .into_iter()
+                .filter_map(|l| gocryptfs::live(&layout.plain(&l)).err().map(|e| (l, e)))
+                .collect();
+            Ok::<_, String>((scratch::leftovers(&layout, &dirs, &mounts, &active), dead))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        let (stale, dead) = match found {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot look for leftover scratch volumes");
+                return Vec::new();
+            }
+        };
+        let mut events = Vec::new();
+        for lease in stale {
+            let outcome = match self.destroy_scratch(&lease).await {
+                Ok(()) => "destroyed: unmounted, key gone, ciphertext removed".to_owned(),
+                Err(e) => format!("could not be destroyed: {e}"),
+            };
+            tracing::info!(%lease, %outcome, "scratch volume of no active lease");
+            self.book.scratch.remove(&lease);
+            events.push(wev(
+                &lease,
+                "",
+                "",
+                WorkloadEventKind::ScratchRemoved,
+                outcome,
+            ));
+        }
+        for (lease, why) in dead {
+            let outcome = match self.destroy_scratch(&lease).await {
+                Ok(()) => "its remains are removed".to_owned(),
+                Err(e) => format!("its remains could not be removed: {e}"),
+            };
+            tracing::warn!(%lease, %why, %outcome, "a lease's scratch volume is lost; its containers' /scratch is unreadable");
+            self.book.scratch.insert(lease.clone(), Volume::Lost);
+            events.push(wev(
+                &lease,
+                "",
+                "",
+                WorkloadEventKind::ScratchLost,
+                format!("{why}; the key is gone with its gocryptfs process, so its data can never be read; {outcome}"),
+            ));
+        }
+        events
     }
 
     /// Removes this node's lease networks whose lease is not active (its
@@ -613,17 +693,21 @@ impl State {
         let (lease_id, outcome) = match cmd.body {
             Some(pb::command::Body::LeaseStart(ls)) => {
                 let id = ls.lease_id.clone();
-                let outcome = self.lease_start(ls).await.map(|containers| Success {
-                    // What "all GPUs" meant here: the GPUs the chain will report.
-                    gpu_uuids: self
-                        .book
-                        .leases
-                        .get(&id)
-                        .map(|l| l.gpus.clone())
-                        .unwrap_or_default(),
-                    containers,
-                    ..Default::default()
-                });
+                let outcome = self
+                    .lease_start(ls)
+                    .await
+                    .map(|(containers, note)| Success {
+                        note,
+                        // What "all GPUs" meant here: the GPUs the chain will report.
+                        gpu_uuids: self
+                            .book
+                            .leases
+                            .get(&id)
+                            .map(|l| l.gpus.clone())
+                            .unwrap_or_default(),
+                        containers,
+                        ..Default::default()
+                    });
                 (id, outcome)
             }
             Some(pb::command::Body::LeaseEnd(le)) => {
@@ -946,13 +1030,22 @@ impl State {
             .collect()
     }
 
-    async fn lease_start(&mut self, ls: pb::LeaseStart) -> Result<Vec<pb::ContainerState>, String> {
+    /// Starts a lease: its scratch volume, then its containers. Returns
+    /// their states and what the renter is told of the volume.
+    async fn lease_start(
+        &mut self,
+        ls: pb::LeaseStart,
+    ) -> Result<(Vec<pb::ContainerState>, String), String> {
         let gpus = self.book.plan_start(&ls, &self.node_gpus())?;
         // Every spec is checked before anything is created.
         for spec in &ls.containers {
             confine::check(spec, &self.w.config).map_err(|e| e.to_string())?;
         }
         let docker = self.docker()?;
+        // Before the containers: they are made with it.
+        let volume = self.make_scratch(&ls.lease_id).await?;
+        let encrypted = volume.is_ok();
+        let note = scratch::note(&volume, self.w.config.scratch);
         let mut lease = Lease {
             id: ls.lease_id.clone(),
             renter: ls.renter.clone(),
@@ -962,7 +1055,7 @@ impl State {
         };
         for spec in &ls.containers {
             let started = match self.ensure_network(&docker, &lease.id, spec).await {
-                Ok(()) => self.start_container(&docker, &lease, spec).await,
+                Ok(()) => self.start_container(&docker, &lease, spec, encrypted).await,
                 Err(e) => Err(e),
             };
             match started {
@@ -973,6 +1066,11 @@ impl State {
                         let _ = docker.stop_and_remove(&c.id, Duration::from_secs(1)).await;
                     }
                     self.remove_network(&docker, &lease.id).await;
+                    if encrypted {
+                        if let Err(gone) = self.destroy_scratch(&lease.id).await {
+                            tracing::error!(lease = %lease.id, error = %gone, "the scratch volume of a lease that failed to start could not be destroyed; retried at the next start");
+                        }
+                    }
                     return Err(e);
                 }
             }
@@ -987,9 +1085,52 @@ impl State {
             lease.gpus.join(","),
         )])
         .await;
+        if encrypted {
+            self.book
+                .scratch
+                .insert(lease.id.clone(), Volume::Encrypted);
+        }
         self.book.leases.insert(lease.id.clone(), lease);
         self.save();
-        Ok(states)
+        Ok((states, note))
+    }
+
+    /// Makes the lease's encrypted scratch volume as `workload.scratch`
+    /// says: `Ok(Ok)` made, `Ok(Err(why))` the lease goes on without one
+    /// (off, or unavailable in `auto`), `Err` the lease is refused.
+    async fn make_scratch(&self, lease_id: &str) -> Result<Result<(), String>, String> {
+        let mode = self.w.config.scratch;
+        if mode == ScratchMode::Off {
+            return Ok(Err("workload.scratch is off".into()));
+        }
+        let (layout, id) = (self.scratch.clone(), lease_id.to_owned());
+        let made = tokio::task::spawn_blocking(move || gocryptfs::create(&layout, &id))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match made {
+            Ok(()) => {
+                tracing::info!(lease = %lease_id, path = %self.scratch.plain(lease_id).display(), "encrypted scratch volume mounted");
+                Ok(Ok(()))
+            }
+            Err(e) if mode == ScratchMode::Required => Err(format!(
+                "the encrypted scratch volume could not be made (workload.scratch is required): {e}"
+            )),
+            Err(e) => {
+                tracing::warn!(lease = %lease_id, error = %e, "no encrypted scratch volume; the lease runs without one");
+                Ok(Err(e))
+            }
+        }
+    }
+
+    /// Destroys a lease's volume (unmount, key gone with gocryptfs,
+    /// ciphertext removed), if it has one.
+    async fn destroy_scratch(&self, lease_id: &str) -> Result<(), String> {
+        let (layout, id) = (self.scratch.clone(), lease_id.to_owned());
+        tokio::task::spawn_blocking(move || gocryptfs::destroy(&layout, &id))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
     }
 
     /// Makes sure the image is here (pulling it if not), then creates and
@@ -999,6 +1140,7 @@ impl State {
         docker: &Docker,
         lease: &Lease,
         spec: &pb::ContainerSpec,
+        scratch: bool,
     ) -> Result<Container, String> {
         let fail = |e: String| format!("container {}: {e}", spec.name);
         let spec = &self.resolve_mounts(docker, spec).await.map_err(fail)?;
@@ -1013,7 +1155,7 @@ impl State {
                 spec.image
             )));
         }
-        let config = confine::container_config(
+        let mut config = confine::container_config(
             spec,
             &confine::Owner {
                 lease_id: &lease.id,
@@ -1023,6 +1165,12 @@ impl State {
             &self.w.config,
             self.default_memory,
         );
+        if scratch {
+            let host = config.host_config.get_or_insert_with(Default::default);
+            host.mounts
+                .get_or_insert_with(Vec::new)
+                .push(scratch::mount(&self.scratch.plain(&lease.id)));
+        }
         // Taken before the container exists, so that every Docker event of it
         // is later than this state (the coordinator keeps the latest).
         let created_ms = crate::now_ms();
@@ -1149,6 +1297,15 @@ impl State {
             // The lease stays so that ending it again retries what is left.
             return Err(format!("could not remove: {}", errors.join("; ")));
         }
+        // Its containers are gone: nothing holds the volume any more.
+        if let Err(e) = self.destroy_scratch(&lease.id).await {
+            return Err(format!(
+                "the containers are removed, but the encrypted scratch volume could not be destroyed: {e}"
+            ));
+        }
+        if self.book.scratch.remove(&lease.id).is_some() {
+            tracing::info!(lease = %lease.id, "scratch volume destroyed: unmounted, key gone, ciphertext removed");
+        }
         self.remove_network(&docker, &lease.id).await;
         self.book.leases.remove(&lease.id);
         self.save();
@@ -1180,8 +1337,27 @@ impl State {
         }
         confine::check(&spec, &self.w.config).map_err(|e| e.to_string())?;
         let docker = self.docker()?;
+        let scratch = match self.book.scratch.get(&lease.id) {
+            None => false,
+            Some(Volume::Encrypted) => {
+                let plain = self.scratch.plain(&lease.id);
+                tokio::task::spawn_blocking(move || gocryptfs::live(&plain))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("lease {}'s encrypted scratch volume is lost ({e}); a new container would find /scratch unencrypted; end the lease", lease.id))?;
+                true
+            }
+            Some(Volume::Lost) => {
+                return Err(format!(
+                    "lease {}'s encrypted scratch volume was lost (its key ended with an earlier agent); a new container would find /scratch unencrypted; end the lease",
+                    lease.id
+                ))
+            }
+        };
         self.ensure_network(&docker, &lease.id, &spec).await?;
-        let c = self.start_container(&docker, &lease, &spec).await?;
+        let c = self
+            .start_container(&docker, &lease, &spec, scratch)
+            .await?;
         let state = c.to_pb(&lease.id);
         if let Some(l) = self.book.leases.get_mut(&rc.lease_id) {
             l.containers.push(c);

@@ -1,0 +1,652 @@
+//! Each lease's encrypted scratch volume, with the real agent, coordinator,
+//! Docker and gocryptfs: what a container writes to /scratch is ciphertext
+//! on the node's disk; when the lease ends the mount, its gocryptfs process
+//! (with the key) and the ciphertext are gone, and a copy of the ciphertext
+//! taken meanwhile cannot be opened. Another lease never reaches it, and a
+//! volume left behind or killed with an agent is destroyed at the next start.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use serde_json::Value;
+use warden_agent::workloads::scratch::{gocryptfs, Layout, FSTYPE};
+
+/// A coordinator and an agent connected to it, with the agent's node id.
+struct Node {
+    coord: Coordinator,
+    agent: Agent,
+    node_id: String,
+}
+
+/// `required`: a host where the volume cannot be made fails these tests
+/// instead of passing them with leases that have none.
+fn node(tmp: &Path, extra: &str) -> Node {
+    let coord = Coordinator::start(&tmp.join("coord"), free_port());
+    let agent = Agent::start(
+        &tmp.join("agent"),
+        &format!(
+            "{}\n[workload]\nstop_grace = \"1s\"\nscratch = \"required\"\n{extra}",
+            fast_agent_toml(&coord.link_toml(), "1h", 0)
+        ),
+    );
+    let s = wait_for("agent connected", Duration::from_secs(30), || {
+        agent
+            .status()
+            .filter(|s| s["coordinator"]["connected"] == true)
+    });
+    let node_id = s["node_id"].as_str().unwrap().to_owned();
+    Node {
+        coord,
+        agent,
+        node_id,
+    }
+}
+
+impl Node {
+    fn warden(&self, args: &[&str]) -> Output {
+        Command::new(WARDEN)
+            .arg(args[0])
+            .args(["--socket", self.coord.admin_socket().to_str().unwrap()])
+            .args(&args[1..])
+            .output()
+            .unwrap()
+    }
+
+    /// `warden lease start NODE ARGS…`: Ok(lease id) or Err(stderr).
+    fn start(&self, args: &[&str]) -> Result<String, String> {
+        let mut all = vec!["lease", "start", &self.node_id];
+        all.extend_from_slice(args);
+        let out = self.warden(&all);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn end(&self, id: &str) {
+        let out = self.warden(&["lease", "end", id]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn layout(&self) -> Layout {
+        Layout::new(&self.agent.dir)
+    }
+
+    /// The answer the node gave to the lease's start (its note).
+    fn start_note(&self, lease: &str) -> String {
+        stored_records(&self.coord.db())
+            .into_iter()
+            .find_map(|r| match r.body {
+                Some(warden_proto::pb::record::Body::CommandResult(c))
+                    if c.lease_id == lease && c.ok && !c.containers.is_empty() =>
+                {
+                    Some(c.error)
+                }
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Unmounts (lazily) every volume left under the test's directory when the
+/// test ends, pass or fail, so no mount or gocryptfs outlives it.
+struct Unmounts(PathBuf);
+
+impl Drop for Unmounts {
+    fn drop(&mut self) {
+        let Ok(mounts) = gocryptfs::own_mounts() else {
+            return;
+        };
+        for m in mounts.iter().filter(|m| m.mount_point.starts_with(&self.0)) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&m.mount_point)
+                .status();
+        }
+    }
+}
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker").args(args).output().unwrap()
+}
+
+/// `docker exec` in a lease's container, as `user`; its stdout, or panics.
+fn exec(container: &str, user: &str, script: &str) -> String {
+    let out = docker(&["exec", "-u", user, container, "sh", "-c", script]);
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn inspect(name: &str) -> Option<Value> {
+    let out = docker(&["inspect", name]);
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice::<Value>(&out.stdout)
+        .ok()?
+        .get(0)
+        .cloned()
+}
+
+fn proc_mounts() -> String {
+    std::fs::read_to_string("/proc/mounts").unwrap()
+}
+
+/// Whether a process is gone (or exited, waiting for its reaper).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
+}
+
+/// Every file below `dir` (not following links).
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Ok(kind) = e.file_type() else { continue };
+        if kind.is_dir() {
+            out.extend(files(&e.path()));
+        } else if kind.is_file() {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+/// gocryptfs run by the test itself on `cipher` with `password`: its output.
+fn try_open(cipher: &Path, mountpoint: &Path, password: &str) -> Output {
+    std::fs::create_dir_all(mountpoint).unwrap();
+    let mut child = Command::new("gocryptfs")
+        .args(["-q", "-nosyslog", "-passfile", "/dev/stdin", "--"])
+        .arg(cipher)
+        .arg(mountpoint)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn what_a_lease_writes_is_ciphertext_on_disk_and_is_shredded_when_it_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _unmount = Unmounts(tmp.path().to_owned());
+    let n = node(tmp.path(), "");
+    let _clean = ContainersOf(n.node_id.clone());
+    let image = image::busybox_image();
+    let marker = format!("renter-secret-{}", std::process::id());
+    let id = n
+        .start(&[
+            "--image",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "mkdir /scratch/deep && echo {marker} > /scratch/deep/{marker}.txt && sleep 300"
+            ),
+        ])
+        .unwrap();
+    let name = format!("warden-{id}-main");
+    let layout = n.layout();
+    let (cipher, plain) = (layout.cipher(&id), layout.plain(&id));
+
+    // The container sees the volume at /scratch, and its users other than
+    // root may write to it (allow_other, mode 1777).
+    wait_for("the marker written", Duration::from_secs(20), || {
+        let out = docker(&["exec", &name, "cat", &format!("/scratch/deep/{marker}.txt")]);
+        out.status.success().then_some(())
+    });
+    exec(
+        &name,
+        "65534",
+        &format!("echo {marker} > /scratch/by-nobody"),
+    );
+    let c = inspect(&name).unwrap();
+    let mounts = c["Mounts"].as_array().unwrap();
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    assert_eq!(mounts[0]["Destination"], "/scratch");
+    assert_eq!(mounts[0]["Source"], plain.to_str().unwrap());
+    assert_eq!(mounts[0]["RW"], true);
+    // The renter is told.
+    let note = n.start_note(&id);
+    assert!(
+        note.contains("/scratch is an encrypted scratch volume"),
+        "{note}"
+    );
+
+    // On the host: a gocryptfs mount, nosuid and nodev, over ciphertext
+    // that holds neither the marker nor the file's name.
+    let mounted = gocryptfs::own_mounts()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.mount_point == plain)
+        .expect("the volume is mounted");
+    assert_eq!(mounted.fstype, FSTYPE);
+    assert!(
+        mounted.options.contains("nosuid") && mounted.options.contains("nodev"),
+        "{mounted:?}"
+    );
+    let on_disk = files(&cipher);
+    assert!(on_disk.len() >= 4, "conf, diriv and two files: {on_disk:?}");
+    for f in &on_disk {
+        let bytes = std::fs::read(f).unwrap();
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+            "plaintext in {}",
+            f.display()
+        );
+        assert!(
+            !f.to_string_lossy().contains(&marker),
+            "a plaintext name: {}",
+            f.display()
+        );
+    }
+    // Through the mount it reads back (the check above is not vacuous).
+    assert_eq!(
+        std::fs::read_to_string(plain.join("deep").join(format!("{marker}.txt"))).unwrap(),
+        format!("{marker}\n")
+    );
+    // The master key is in one process's memory: gocryptfs serving it.
+    let pids = gocryptfs::holders(&cipher);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    // A thief's copy of the disk, taken while the lease runs.
+    let copy = tmp.path().join("stolen");
+    let cp = Command::new("cp")
+        .args(["-a"])
+        .arg(&cipher)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+
+    n.end(&id);
+
+    // The mount, its process (the key), the ciphertext and the wrapped key
+    // are gone; nothing on the host names the volume any more.
+    assert!(
+        !proc_mounts().contains(plain.to_str().unwrap()),
+        "still in /proc/mounts"
+    );
+    assert!(
+        pids.iter().all(|p| exited(*p)),
+        "gocryptfs {pids:?} still runs"
+    );
+    assert!(gocryptfs::holders(&cipher).is_empty());
+    assert!(
+        !layout.dir(&id).exists(),
+        "the volume's directory is removed"
+    );
+    let scratch_path = layout.dir(&id);
+    for f in files(&n.agent.dir) {
+        assert!(
+            !f.starts_with(&scratch_path),
+            "{} is left of the volume",
+            f.display()
+        );
+        if f.file_name().is_some_and(|n| n == "book.json") {
+            let book = std::fs::read_to_string(&f).unwrap();
+            assert!(
+                !book.contains(&id),
+                "the book still names the lease: {book}"
+            );
+        }
+    }
+    // The stolen copy is a real volume whose key is wrapped under a
+    // password that nobody has: it does not open.
+    assert!(copy.join("gocryptfs.conf").is_file());
+    let conf = std::fs::read_to_string(copy.join("gocryptfs.conf")).unwrap();
+    assert!(conf.contains("EncryptedKey"), "{conf}");
+    let wrong = "0".repeat(64);
+    let out = try_open(&copy, &tmp.path().join("thief"), &wrong);
+    assert_eq!(
+        out.status.code(),
+        Some(12),
+        "gocryptfs's exit code for a wrong password: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Password incorrect"));
+    assert!(!proc_mounts().contains(tmp.path().join("thief").to_str().unwrap()));
+}
+
+#[test]
+fn another_lease_never_reaches_a_leases_scratch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _unmount = Unmounts(tmp.path().to_owned());
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let n = node(
+        tmp.path(),
+        &format!("allowed_host_paths = [\"{}\"]\n", data.display()),
+    );
+    let _clean = ContainersOf(n.node_id.clone());
+    let image = image::busybox_image();
+    let marker = format!("tenant-a-{}", std::process::id());
+    let a = n
+        .start(&[
+            "--image",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            &format!("echo {marker} > /scratch/a && sleep 300"),
+        ])
+        .unwrap();
+    let a_plain = n.layout().plain(&a);
+    wait_for("A wrote", Duration::from_secs(20), || {
+        std::fs::read_to_string(a_plain.join("a")).ok()
+    });
+    // Within a lease the volume is shared: a container added later sees it.
+    let out = n.warden(&[
+        "lease", "run", &a, "--name", "side", "--image", &image, "--", "sleep", "300",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        exec(&format!("warden-{a}-side"), "65534", "cat /scratch/a").trim(),
+        marker
+    );
+    let b = n.start(&["--image", &image, "--", "sleep", "300"]).unwrap();
+    // B's /scratch is its own, empty volume.
+    let listing = exec(
+        &format!("warden-{b}-main"),
+        "0",
+        "ls -A /scratch; grep -r . /scratch || true",
+    );
+    assert!(listing.trim().is_empty(), "B sees: {listing}");
+
+    // A spec naming A's volume as a host path is refused: it lies in the
+    // agent's state directory, never mountable.
+    let mount = |src: &Path, dst: &str| format!("{}:{dst}", src.display());
+    for src in [a_plain.clone(), n.layout().cipher(&a)] {
+        let err = n
+            .start(&[
+                "--image",
+                &image,
+                "--mount",
+                &mount(&src, "/x"),
+                "--",
+                "true",
+            ])
+            .expect_err("another lease's volume as a mount");
+        assert!(err.contains("not allowed"), "{err}");
+    }
+    // Nor through a link planted in an allowed path.
+    std::os::unix::fs::symlink(&a_plain, data.join("link")).unwrap();
+    let err = n
+        .start(&[
+            "--image",
+            &image,
+            "--mount",
+            &mount(&data.join("link"), "/x"),
+            "--",
+            "true",
+        ])
+        .expect_err("a link to another lease's volume");
+    assert!(err.contains("symbolic link"), "{err}");
+    // Nor by mounting something else in the volume's place.
+    let err = n
+        .start(&[
+            "--image",
+            &image,
+            "--mount",
+            &mount(&data, "/scratch"),
+            "--",
+            "true",
+        ])
+        .expect_err("a mount over /scratch");
+    assert!(err.contains("encrypted scratch volume"), "{err}");
+    n.end(&b);
+    n.end(&a);
+}
+
+#[test]
+fn volumes_left_behind_or_killed_with_the_agent_are_destroyed_at_its_next_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _unmount = Unmounts(tmp.path().to_owned());
+    let mut n = node(tmp.path(), "");
+    let _clean = ContainersOf(n.node_id.clone());
+    let image = image::busybox_image();
+    let id = n
+        .start(&[
+            "--image",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "echo x > /scratch/x && sleep 300",
+        ])
+        .unwrap();
+    let layout = n.layout();
+    wait_for("written", Duration::from_secs(20), || {
+        std::fs::read_to_string(layout.plain(&id).join("x")).ok()
+    });
+    // The agent dies and, as under systemd (its cgroup), gocryptfs with it:
+    // the key is gone while the lease's container runs on.
+    n.agent.proc.kill9();
+    for pid in gocryptfs::holders(&layout.cipher(&id)) {
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+    }
+    // And a volume of no lease at all, mounted, as a crash mid-end leaves it.
+    let ghost = "ghost-lease";
+    std::fs::create_dir_all(layout.cipher(ghost)).unwrap();
+    std::fs::create_dir_all(layout.plain(ghost)).unwrap();
+    let init = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo pw | gocryptfs -init -q -scryptn 10 -passfile /dev/stdin {c} && echo pw | gocryptfs -q -nosyslog -passfile /dev/stdin {c} {p}",
+            c = layout.cipher(ghost).display(),
+            p = layout.plain(ghost).display()
+        ))
+        .status()
+        .unwrap();
+    assert!(init.success());
+    assert_eq!(gocryptfs::holders(&layout.cipher(ghost)).len(), 1);
+
+    let config = n.agent.config.clone();
+    n.agent = Agent::start_with(&tmp.path().join("agent"), &config);
+    let gone = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        !layout.dir(ghost).exists() && !layout.dir(&id).exists()
+    });
+    assert!(
+        gone,
+        "volumes left: {:?}\n{}",
+        std::fs::read_dir(&layout.root)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>()),
+        n.agent.proc.log_text()
+    );
+    let mounts = proc_mounts();
+    assert!(!mounts.contains(layout.root.to_str().unwrap()), "{mounts}");
+    assert!(gocryptfs::holders(&layout.cipher(ghost)).is_empty());
+    let log = wait_for("reported", Duration::from_secs(10), || {
+        let log = n.agent.proc.log_text();
+        (log.contains("scratch volume of no active lease")
+            && log.contains("scratch volume is lost"))
+        .then_some(log)
+    });
+    assert!(log.contains(ghost), "{log}");
+    // The lease runs on, but a new container of it would find /scratch
+    // unencrypted: refused.
+    let out = n.warden(&[
+        "lease", "run", &id, "--name", "side", "--image", &image, "--", "sleep", "300",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("scratch volume was lost"), "{err}");
+    n.end(&id);
+}
+
+#[test]
+fn a_volume_docker_cannot_see_is_never_handed_to_a_container() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _unmount = Unmounts(tmp.path().to_owned());
+    let coord = Coordinator::start(&tmp.path().join("coord"), free_port());
+    // The agent in a mount namespace of its own, as a sandboxed service
+    // would be: its mounts never reach dockerd's.
+    let dir = tmp.path().join("agent");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n[workload]\nstop_grace = \"1s\"\n",
+            dir.display(),
+            fast_agent_toml(&coord.link_toml(), "1h", 0)
+        ),
+    )
+    .unwrap();
+    let log = tmp.path().join("agent.log");
+    let err = std::fs::File::create(&log).unwrap();
+    let child = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            WARDEN,
+            "agent",
+            "--config",
+        ])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(err.try_clone().unwrap())
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let agent = Agent {
+        dir: dir.clone(),
+        config,
+        proc: Proc { child, log },
+    };
+    let s = wait_for("agent connected", Duration::from_secs(30), || {
+        agent
+            .status()
+            .filter(|s| s["coordinator"]["connected"] == true)
+    });
+    let n = Node {
+        coord,
+        agent,
+        node_id: s["node_id"].as_str().unwrap().to_owned(),
+    };
+    let _clean = ContainersOf(n.node_id.clone());
+    let image = image::busybox_image();
+    let id = n
+        .start(&["--image", &image, "--", "sleep", "300"])
+        .expect("auto: the lease runs without the volume");
+    let c = inspect(&format!("warden-{id}-main")).unwrap();
+    assert!(
+        c["Mounts"].as_array().is_none_or(|m| m.is_empty()),
+        "the bare mount point was handed over: {}",
+        c["Mounts"]
+    );
+    let note = n.start_note(&id);
+    assert!(
+        note.starts_with("no encrypted scratch volume:") && note.contains("Docker does not see it"),
+        "{note}"
+    );
+    // What was mounted in the agent's namespace alone is gone again.
+    assert!(!n.layout().dir(&id).exists());
+    n.end(&id);
+}
+
+/// `warden doctor --json`'s scratch row.
+fn doctor_scratch(cfg: &Path, path: Option<&str>) -> Value {
+    let mut cmd = Command::new(WARDEN);
+    cmd.args(["doctor", "--json", "--config", cfg.to_str().unwrap()]);
+    if let Some(p) = path {
+        cmd.env("PATH", p);
+    }
+    let out = cmd.output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "scratch")
+        .cloned()
+        .unwrap_or_else(|| panic!("no scratch row: {report:#}"))
+}
+
+#[test]
+fn doctor_makes_a_real_volume_and_says_when_it_cannot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _unmount = Unmounts(tmp.path().to_owned());
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let cfg = tmp.path().join("agent.toml");
+    let write = |mode: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "state_dir = \"{}\"\n[workload]\nscratch = \"{mode}\"\n",
+                state.display()
+            ),
+        )
+        .unwrap()
+    };
+    write("auto");
+    let row = doctor_scratch(&cfg, None);
+    assert_eq!(row["verdict"], "pass", "{row}");
+    assert!(
+        row["value"]
+            .as_str()
+            .unwrap()
+            .contains("found encrypted on disk"),
+        "{row}"
+    );
+    // The probe's volume is gone again: nothing mounted, nothing left.
+    assert!(!proc_mounts().contains(state.to_str().unwrap()));
+    assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0);
+
+    // Without gocryptfs: a warning under auto, a failure under required.
+    let row = doctor_scratch(&cfg, Some("/nonexistent"));
+    assert_eq!(row["verdict"], "warn", "{row}");
+    assert!(row["fix"]
+        .as_str()
+        .unwrap()
+        .contains("apt-get install gocryptfs"));
+    write("required");
+    let row = doctor_scratch(&cfg, Some("/nonexistent"));
+    assert_eq!(row["verdict"], "fail", "{row}");
+    assert!(row["value"]
+        .as_str()
+        .unwrap()
+        .contains("every lease is refused"));
+    write("off");
+    assert_eq!(doctor_scratch(&cfg, None)["verdict"], "skip");
+}
