@@ -319,6 +319,14 @@ fn modes_under(dir: &Path) -> Vec<(PathBuf, std::fs::FileType, u32)> {
             if name.starts_with("coordinator.db") && !name.ends_with(".lock") {
                 continue;
             }
+            // A lease's encrypted scratch volume: its root is open to every
+            // uid (the renter's containers run as any user) and gocryptfs
+            // makes its own files; it is reached only through the 0700
+            // `scratch/<lease>` above it, which is checked.
+            let in_volume = d.parent().and_then(Path::file_name) == Some("scratch".as_ref());
+            if in_volume && (name == "cipher" || name == "plain") {
+                continue;
+            }
             let Ok(m) = std::fs::symlink_metadata(&p) else {
                 continue; // a temporary file renamed meanwhile
             };
