@@ -43,6 +43,11 @@ const SCAN_ONLY: &str = "prevent = false\n";
 
 /// `timelock` is added to the agent's `[timelock]` section.
 fn rig_with(tmp: &Path, timelock: &str) -> Rig {
+    rig_under(tmp, timelock, &[])
+}
+
+/// As `rig_with`, the agent started through `wrapper` (`Agent::start_under`).
+fn rig_under(tmp: &Path, timelock: &str, wrapper: &[&str]) -> Rig {
     let dev_dir = tmp.join("dev");
     std::fs::create_dir_all(&dev_dir).unwrap();
     let dev = dev_dir.join("nvidia0");
@@ -50,8 +55,9 @@ fn rig_with(tmp: &Path, timelock: &str) -> Rig {
     let state = tmp.join("gpus.json");
     write_fake_state(&state, &[fake_gpu(0)]);
     let coord = Coordinator::start_with(&tmp.join("coord"), free_port(), LEASES);
-    let agent = Agent::start_env(
-        &tmp.join("agent"),
+    let agent_dir = tmp.join("agent");
+    let config = Agent::write_config(
+        &agent_dir,
         &format!(
             "{}\n[gpu]\nnvml_library = \"{}\"\nsample_interval = \"100ms\"\n\
              [timelock]\nepoch = \"1s\"\nkill_grace = \"300ms\"\ndevice_patterns = [\"{}/nvidia*\"]\n{timelock}",
@@ -59,8 +65,8 @@ fn rig_with(tmp: &Path, timelock: &str) -> Rig {
             fake_nvml().display(),
             dev_dir.display()
         ),
-        &[("FAKE_NVML_STATE", &state)],
     );
+    let agent = Agent::start_under(wrapper, &agent_dir, &config, &[("FAKE_NVML_STATE", &state)]);
     let s = wait_for("agent connected", Duration::from_secs(30), || {
         agent.status().filter(|s| {
             s["coordinator"]["connected"] == true
@@ -386,6 +392,78 @@ fn a_foreign_open_of_a_leased_gpu_is_denied_at_the_open_and_counted_in_the_proof
         .and_then(|l| l.split(", ").nth(1)?.split(' ').next()?.parse().ok())
         .unwrap();
     assert!(kills >= 1, "the early holder: {out}");
+    // What the windows list: the container's denial under its id, the
+    // looping process as one entry with its attempts.
+    let b: Value = serde_json::from_slice(&std::fs::read(&bundle).unwrap()).unwrap();
+    let prevented: Vec<_> = attestations_of(&b)
+        .into_iter()
+        .flat_map(|a| a.prevented)
+        .collect();
+    assert!(
+        prevented
+            .iter()
+            .any(|p| p.container.len() == 64 && p.device == dev),
+        "{prevented:?}"
+    );
+    assert!(prevented.iter().any(|p| p.attempts >= 20), "{prevented:?}");
+}
+
+#[test]
+fn an_agent_that_cannot_use_fanotify_scans_instead_and_every_window_says_why() {
+    // Root without CAP_SYS_ADMIN (as under a unit that leaves it out):
+    // fanotify permission events are refused, the guard is off.
+    let tmp = tempfile::tempdir().unwrap();
+    let r = rig_under(
+        tmp.path(),
+        "",
+        &["setpriv", "--bounding-set=-sys_admin", "--"],
+    );
+    wait_for("the agent's warning", Duration::from_secs(30), || {
+        r.agent
+            .proc
+            .log_text()
+            .contains("no open guard")
+            .then_some(())
+    });
+    let id = r.start();
+    // The foreign holder is not stopped at the open, but found and ended.
+    let mut squatter = r.squatter();
+    wait_for("the squatter killed", Duration::from_secs(30), || {
+        (!alive(&mut squatter)).then_some(())
+    });
+    r.answered_epochs(&id);
+    r.end(&id);
+    let (info, bundle) = r.export(&id);
+    assert_eq!(info["verdict"], "holds", "{info:#}");
+    let (ok, out) = verify(&r, &bundle, &[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("prevention  0 opens denied at the open; 0 of "),
+        "{out}"
+    );
+    // Each window says how it was guarded, and why not at the open.
+    let b: Value = serde_json::from_slice(&std::fs::read(&bundle).unwrap()).unwrap();
+    let windows = attestations_of(&b);
+    assert!(windows.len() >= 3);
+    for a in &windows {
+        assert_eq!(a.guard, "scan", "{a:?}");
+        assert!(
+            a.unguarded
+                .starts_with("fanotify permission events are unavailable"),
+            "{a:?}"
+        );
+    }
+    let log = r.agent.proc.log_text();
+    let warned = log
+        .lines()
+        .find(|l| l.contains("no open guard"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        warned.contains("fanotify permission events are unavailable")
+            && warned.contains("CAP_SYS_ADMIN"),
+        "{warned}"
+    );
 }
 
 #[test]
@@ -492,24 +570,42 @@ fn verify_json(r: &Rig, path: &Path, extra: &[&str]) -> (bool, Value) {
     )
 }
 
+fn b64(v: &Value) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(v.as_str().unwrap())
+        .unwrap()
+}
+
+/// The attestations among a bundle's records, decoded.
+fn attestations_of(b: &Value) -> Vec<warden_proto::pb::Attestation> {
+    use prost::Message;
+    use warden_proto::pb;
+    b["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| {
+            match pb::Record::decode(b64(&r["payload"]).as_slice())
+                .unwrap()
+                .body
+            {
+                Some(pb::record::Body::Attestation(a)) => Some(a),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 /// For each attestation of a bundle: how long after its window ended the
 /// coordinator countersigned it.
 fn receipt_delays(b: &Value) -> Vec<i64> {
-    use base64::Engine as _;
     use prost::Message;
     use warden_proto::pb;
-    let b64 = |v: &Value| {
-        base64::engine::general_purpose::STANDARD
-            .decode(v.as_str().unwrap())
-            .unwrap()
-    };
-    let mut ends = std::collections::HashMap::new();
-    for r in b["records"].as_array().unwrap() {
-        let rec = pb::Record::decode(b64(&r["payload"]).as_slice()).unwrap();
-        if let Some(pb::record::Body::Attestation(a)) = rec.body {
-            ends.insert(a.lease_seq, a.window_end_unix_ms);
-        }
-    }
+    let ends: std::collections::HashMap<u64, i64> = attestations_of(b)
+        .into_iter()
+        .map(|a| (a.lease_seq, a.window_end_unix_ms))
+        .collect();
     // After the outage the spool's attestations come in together: one
     // Receipts acknowledges them, each entry a receipt.
     b["receipts"]

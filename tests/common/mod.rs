@@ -52,14 +52,28 @@ impl Proc {
     /// As `spawn_env`, inside network namespace `ns` when given (`ip netns
     /// exec` execs warden, so the pid is warden's).
     pub fn spawn_in(ns: Option<&str>, args: &[&str], log: PathBuf, env: &[(&str, &Path)]) -> Proc {
+        match ns {
+            Some(ns) => Self::spawn_under(&["ip", "netns", "exec", ns], args, log, env),
+            None => Self::spawn_under(&[], args, log, env),
+        }
+    }
+
+    /// As `spawn_env`, through `wrapper` (a command that execs the rest,
+    /// such as `ip netns exec NS` or `setpriv …`, so the pid is warden's).
+    pub fn spawn_under(
+        wrapper: &[&str],
+        args: &[&str],
+        log: PathBuf,
+        env: &[(&str, &Path)],
+    ) -> Proc {
         let err = std::fs::File::create(&log).unwrap();
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, WARDEN]);
+        let mut cmd = match wrapper {
+            [first, rest @ ..] => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(WARDEN);
                 c
             }
-            None => Command::new(WARDEN),
+            [] => Command::new(WARDEN),
         };
         let child = cmd
             .args(args)
@@ -356,6 +370,12 @@ impl Agent {
 
     /// As `start`, with environment variables (e.g. `FAKE_NVML_STATE`).
     pub fn start_env(dir: &Path, extra: &str, env: &[(&str, &Path)]) -> Agent {
+        Self::start_with_env(dir, &Self::write_config(dir, extra), env)
+    }
+
+    /// The config file `start_env` runs with: `state_dir` = `dir`, `extra`,
+    /// metrics on a free port and no link probe unless `extra` says.
+    pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.with_extension("toml");
         let mut text = format!("state_dir = \"{}\"\n{extra}\n", dir.display());
@@ -366,7 +386,7 @@ impl Agent {
             text.push_str("[probe]\ninterval = \"0s\"\n");
         }
         std::fs::write(&config, text).unwrap();
-        Self::start_with_env(dir, &config, env)
+        config
     }
 
     pub fn start_with(dir: &Path, config: &Path) -> Agent {
@@ -380,8 +400,21 @@ impl Agent {
     /// An agent inside network namespace `ns` (its status socket is a file,
     /// so the test still reads it from outside).
     pub fn start_in(ns: Option<&str>, dir: &Path, config: &Path, env: &[(&str, &Path)]) -> Agent {
-        let proc = Proc::spawn_in(
-            ns,
+        match ns {
+            Some(ns) => Self::start_under(&["ip", "netns", "exec", ns], dir, config, env),
+            None => Self::start_under(&[], dir, config, env),
+        }
+    }
+
+    /// An agent started through `wrapper` (see [`Proc::spawn_under`]).
+    pub fn start_under(
+        wrapper: &[&str],
+        dir: &Path,
+        config: &Path,
+        env: &[(&str, &Path)],
+    ) -> Agent {
+        let proc = Proc::spawn_under(
+            wrapper,
             &["agent", "--config", config.to_str().unwrap()],
             dir.with_extension(format!("agent-{}.log", crate_now())),
             env,
