@@ -142,6 +142,15 @@ impl Rig {
         (info, path)
     }
 
+    /// What `warden status` says of the open guard, once the time-lock has
+    /// said it.
+    fn guard_status(&self) -> String {
+        wait_for("the guard's status", Duration::from_secs(30), || {
+            let g = self.agent.status()?["guard"].as_str()?.to_owned();
+            (!g.is_empty()).then_some(g)
+        })
+    }
+
     /// A few epochs, so that challenges come; then one more epoch signed
     /// after the first challenge, so that it is answered.
     fn answered_epochs(&self, id: &str) {
@@ -299,6 +308,7 @@ fn a_foreign_open_of_a_leased_gpu_is_denied_at_the_open_and_counted_in_the_proof
     let r = rig(tmp.path());
     let dev = r.dev.display().to_string();
     let try_open = format!("{{ :; }} 3<'{dev}' 2>/dev/null && echo opened || echo denied");
+    assert_eq!(r.guard_status(), "on");
 
     // A holder from before the lease: there is no open left to deny; the
     // full scan made when the lease comes under the guard ends it.
@@ -425,6 +435,11 @@ fn an_agent_that_cannot_use_fanotify_scans_instead_and_every_window_says_why() {
             .contains("no open guard")
             .then_some(())
     });
+    let guard = r.guard_status();
+    assert!(
+        guard.starts_with("off: fanotify permission events are unavailable"),
+        "{guard}"
+    );
     let id = r.start();
     // The foreign holder is not stopped at the open, but found and ended.
     let mut squatter = r.squatter();

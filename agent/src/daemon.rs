@@ -237,6 +237,7 @@ pub async fn run(
         )))
     };
     let node_id_for_workload = node_id.clone();
+    let (guard_tx, guard_rx) = tokio::sync::watch::channel(String::new());
     let status_task = tokio::spawn(status::serve(
         listener,
         socket_file,
@@ -253,6 +254,7 @@ pub async fn run(
             leases: leases_rx.clone(),
             mesh: mesh_status_rx.clone(),
             config: config_status_rx,
+            guard: guard_rx,
         },
         tasks.clone(),
     ));
@@ -305,6 +307,7 @@ pub async fn run(
             engine: engine_rx,
             stop_grace: config.workload.stop_grace,
             reload: live_rx,
+            guard: guard_tx,
         }
         .run(challenges_rx, stop_producers.clone()),
     ));

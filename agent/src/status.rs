@@ -43,6 +43,10 @@ pub struct StatusReport {
     pub mesh: Option<crate::mesh::node::MeshStatus>,
     /// Reloads of the configuration file (SIGHUP) and what they left undone.
     pub config: ConfigStatus,
+    /// The time-lock's open guard: "on", or "off: why" (then foreign
+    /// holders are found by scanning and ended).
+    #[serde(default)]
+    pub guard: String,
 }
 
 /// What the reloads of the configuration did.
@@ -83,6 +87,7 @@ pub struct Sources {
     pub leases: watch::Receiver<Vec<crate::workloads::book::Lease>>,
     pub mesh: watch::Receiver<Option<crate::mesh::node::MeshStatus>>,
     pub config: watch::Receiver<ConfigStatus>,
+    pub guard: watch::Receiver<String>,
 }
 
 impl Sources {
@@ -112,6 +117,7 @@ impl Sources {
             leases: self.leases.borrow().clone(),
             mesh: self.mesh.borrow().clone(),
             config: self.config.borrow().clone(),
+            guard: self.guard.borrow().clone(),
         }
     }
 }

@@ -126,6 +126,13 @@ fn print(r: &StatusReport) {
         println!("            waiting for the coordinator's last seq before sending (the spool was started empty)");
     }
     println!("receipts    last seq {}", r.last_receipt_seq);
+    match r.guard.as_str() {
+        "on" => println!("guard       on: foreign opens of leased GPUs are denied at the open"),
+        "" => {}
+        off => {
+            println!("guard       {off} (foreign holders are found by scanning /proc and ended)")
+        }
+    }
     let cfg = &r.config;
     if let Some(file) = &cfg.file {
         println!(

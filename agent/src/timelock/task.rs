@@ -183,6 +183,8 @@ pub struct TimeLock {
     /// A reloaded configuration (SIGHUP): the allowlist, device patterns
     /// and graces apply from the next cycle; the epoch stays as started.
     pub reload: watch::Receiver<crate::AgentConfig>,
+    /// The open guard's state, for `warden status`.
+    pub guard: watch::Sender<String>,
 }
 
 /// An enforcement finished.
@@ -195,6 +197,14 @@ enum Guarding {
 }
 
 impl Guarding {
+    /// "on", or "off: why".
+    fn status(&self) -> String {
+        match self {
+            Guarding::On(_) => "on".into(),
+            Guarding::Off(why) => format!("off: {why}"),
+        }
+    }
+
     /// A guard if `prevent` and the kernel allow one.
     fn new(prevent: bool) -> Guarding {
         if !prevent {
@@ -247,6 +257,7 @@ impl TimeLock {
         );
         let mut prevent = self.config.prevent;
         let mut guarding = Guarding::new(prevent);
+        self.guard.send_replace(guarding.status());
         let (done_tx, mut done_rx) = mpsc::channel::<Done>(256);
         loop {
             // The core's deadline is on the agent's clock; a wait is never
@@ -262,6 +273,7 @@ impl TimeLock {
                     if c.timelock.prevent != prevent {
                         prevent = c.timelock.prevent;
                         guarding = Guarding::new(prevent);
+                        self.guard.send_replace(guarding.status());
                     }
                 }
                 Some(ch) = challenges.recv() => core.challenge(ch),
