@@ -86,10 +86,10 @@ fn a_gpu_is_offered_once_its_challenge_passes_in_a_container_and_again_after_its
         "{plan:#}"
     );
     let nodes = nodes_json(&coord);
-    let work = &nodes[0]["work"][0];
-    assert_eq!(work["state"], "passed", "{nodes:#}");
-    assert_eq!(work["offered"], true);
-    assert_eq!(work["cc_status"], "ok");
+    let standing = &nodes[0]["work"][0];
+    assert_eq!(standing["state"], "passed", "{nodes:#}");
+    assert_eq!(standing["offered"], true);
+    assert_eq!(standing["cc_status"], "ok");
 
     // The board's serial changes: out of matching until it passes again.
     write_fake_state(&state, &[gpu("9999999999999")]);
@@ -106,6 +106,26 @@ fn a_gpu_is_offered_once_its_challenge_passes_in_a_container_and_again_after_its
         hire(&coord).ok()
     });
     assert_eq!(plan["plan"]["members"][0]["node_id"], node.as_str());
+
+    // The coordinator restarts: the pass is stored, so the GPU is offered
+    // again without a new challenge, CC status and all.
+    let (dir, port) = (coord.dir.clone(), coord.port);
+    let mut coord = coord;
+    assert!(coord.proc.terminate().success());
+    let coord = Coordinator::start_with(&dir, port, &work("2s"));
+    wait_for("the agent back", Duration::from_secs(60), || {
+        let n = nodes_json(&coord);
+        (n[0]["connected"] == true).then_some(())
+    });
+    let plan = wait_for("a plan after the restart", Duration::from_secs(30), || {
+        hire(&coord).ok()
+    });
+    assert_eq!(plan["plan"]["members"][0]["node_id"], node.as_str());
+    let nodes = nodes_json(&coord);
+    assert_eq!(nodes[0]["work"][0]["state"], "passed", "{nodes:#}");
+    assert_eq!(nodes[0]["work"][0]["cc_status"], "ok");
+    let log = coord.proc.log_text();
+    assert_eq!(log_count(&log, "work challenge sent"), 0, "{log}");
     drop(agent);
 }
 

@@ -15,6 +15,8 @@ use warden_proto::{
     workproof::{self, identity, sizing},
 };
 
+use crate::store::GpuWorkRow;
+
 /// A GPU's standing.
 #[derive(Debug, Clone, PartialEq)]
 pub enum State {
@@ -96,6 +98,8 @@ pub fn claim_of(g: &pb::GpuInfo) -> pb::GpuIdentity {
 #[derive(Debug, Default)]
 pub struct Gate {
     gpus: HashMap<(String, String), Entry>,
+    /// GPUs whose outcome changed since [`Gate::take_changed`]: to store.
+    changed: Vec<(String, String)>,
 }
 
 impl Gate {
@@ -267,10 +271,18 @@ impl Gate {
         verdict: Result<(), String>,
         now_ms: i64,
     ) {
-        let Some(e) = self.gpus.values_mut().find(|e| {
-            matches!(&e.state, State::Pending { challenge }
-                if challenge.node_id == node_id && challenge.challenge_id == answer.challenge_id)
-        }) else {
+        let Some(key) = self
+            .gpus
+            .iter()
+            .find(|(_, e)| {
+                matches!(&e.state, State::Pending { challenge }
+                    if challenge.node_id == node_id && challenge.challenge_id == answer.challenge_id)
+            })
+            .map(|(k, _)| k.clone())
+        else {
+            return;
+        };
+        let Some(e) = self.gpus.get_mut(&key) else {
             return;
         };
         match verdict {
@@ -289,6 +301,7 @@ impl Gate {
                 e.good = false;
             }
         }
+        self.changed.push(key);
     }
 
     /// Challenges past their deadline (and `grace` for the answer in
@@ -298,6 +311,8 @@ impl Gate {
         for e in self.gpus.values_mut() {
             if let State::Pending { challenge } = &e.state {
                 if now_ms > challenge.deadline_unix_ms + grace.as_millis() as i64 {
+                    self.changed
+                        .push((challenge.node_id.clone(), challenge.gpu_uuid.clone()));
                     out.push(challenge.as_ref().clone());
                     e.state = State::Failed {
                         reason: "no answer by the deadline".into(),
@@ -333,6 +348,80 @@ impl Gate {
             .iter()
             .filter(move |((n, _), _)| n == node_id)
             .map(|((_, u), e)| (u.as_str(), e))
+    }
+
+    /// The stored form of the GPUs whose outcome changed since the last
+    /// call (a pass, a failure, an expiry), to write.
+    pub fn take_changed(&mut self) -> Vec<GpuWorkRow> {
+        let keys = std::mem::take(&mut self.changed);
+        keys.iter().filter_map(|(n, u)| self.stored(n, u)).collect()
+    }
+
+    /// A GPU's outcome as stored; None while it has none (unverified, or
+    /// its first challenge out).
+    pub fn stored(&self, node_id: &str, uuid: &str) -> Option<GpuWorkRow> {
+        let e = self.entry(node_id, uuid)?;
+        let (passed, at_ms, reason) = match &e.state {
+            State::Passed { at_ms } => (true, *at_ms, String::new()),
+            State::Failed { reason, at_ms } => (false, *at_ms, reason.clone()),
+            State::Unverified { .. } | State::Pending { .. } => return None,
+        };
+        Some(GpuWorkRow {
+            node_id: node_id.to_owned(),
+            gpu_uuid: uuid.to_owned(),
+            passed,
+            at_ms,
+            reason,
+            identity: e.passed.clone(),
+            cc_report: e.cc_report.clone(),
+            cc_status: e.cc_status.clone(),
+        })
+    }
+
+    /// Outcomes stored earlier (by this coordinator before a restart, or by
+    /// another replica): a GPU that passed is matchable again while the
+    /// inventory's identity is the one it passed with ([`Gate::inventory`]
+    /// checks, as after a pass here). A GPU with a challenge out here keeps
+    /// its standing: the answer decides.
+    pub fn restore(&mut self, rows: &[GpuWorkRow]) {
+        for r in rows {
+            let key = (r.node_id.clone(), r.gpu_uuid.clone());
+            if self
+                .gpus
+                .get(&key)
+                .is_some_and(|e| matches!(e.state, State::Pending { .. }))
+            {
+                continue;
+            }
+            let claim = self
+                .gpus
+                .get(&key)
+                .map(|e| e.claim.clone())
+                .or_else(|| r.identity.clone())
+                .unwrap_or_default();
+            let good = r.passed
+                && r.identity
+                    .as_ref()
+                    .is_some_and(|p| identity::changes(p, &claim).is_empty());
+            self.gpus.insert(
+                key,
+                Entry {
+                    state: if r.passed {
+                        State::Passed { at_ms: r.at_ms }
+                    } else {
+                        State::Failed {
+                            reason: r.reason.clone(),
+                            at_ms: r.at_ms,
+                        }
+                    },
+                    claim,
+                    passed: r.identity.clone(),
+                    good,
+                    cc_report: r.cc_report.clone(),
+                    cc_status: r.cc_status.clone(),
+                },
+            );
+        }
     }
 
     pub fn entry(&self, node_id: &str, uuid: &str) -> Option<&Entry> {
@@ -396,6 +485,66 @@ mod tests {
         assert_eq!(&pending, ch);
         let verdict = g.judge(&pending, a, now);
         g.answered(NODE, a, verdict, now);
+    }
+
+    #[test]
+    fn outcomes_are_stored_as_judged_and_a_restored_pass_stands_while_the_identity_holds() {
+        let mut g = Gate::default();
+        g.inventory(NODE, &[gpu("111")]);
+        assert!(g.take_changed().is_empty(), "nothing judged yet");
+        let ch = issue(&mut g, 1_000, "c1");
+        assert!(g.take_changed().is_empty(), "a challenge out is no outcome");
+        let mut a = solve(&ch, &gpu("111"));
+        a.cc_report = vec![7; 4];
+        a.cc_status = "ok".into();
+        answer(&mut g, &ch, &a, 1_500);
+        let rows = g.take_changed();
+        assert_eq!(rows.len(), 1);
+        let passed = rows[0].clone();
+        assert!(passed.passed && passed.at_ms == 1_500 && passed.reason.is_empty());
+        assert_eq!(passed.identity, Some(claim_of(&gpu("111"))));
+        assert_eq!(
+            (passed.cc_report.as_slice(), passed.cc_status.as_str()),
+            (&[7u8; 4][..], "ok")
+        );
+        assert!(g.take_changed().is_empty(), "taken once");
+
+        // A restarted coordinator: matchable again without a challenge,
+        // and not due before the interval.
+        let mut fresh = Gate::default();
+        fresh.restore(std::slice::from_ref(&passed));
+        fresh.inventory(NODE, &[gpu("111")]);
+        assert!(fresh.offerable(NODE, "GPU-1"));
+        assert!(fresh.due(2_000, &settings(), |_, _| true).is_empty());
+        assert_eq!(fresh.entry(NODE, "GPU-1").unwrap().cc_status, "ok");
+        // ... unless the board is not the one that passed.
+        let mut swapped = Gate::default();
+        swapped.restore(std::slice::from_ref(&passed));
+        swapped.inventory(NODE, &[gpu("222")]);
+        assert!(!swapped.matchable(NODE, "GPU-1"));
+        assert_eq!(swapped.due(2_000, &settings(), |_, _| true).len(), 1);
+
+        // A challenge that expires is stored as a failure, and restores as one.
+        let ch2 = issue(&mut g, 1_500 + 3_600_000, "c2");
+        let expired = g.expire(ch2.deadline_unix_ms + 10_000, Duration::from_secs(5));
+        assert_eq!(expired.len(), 1);
+        let rows = g.take_changed();
+        assert_eq!(rows.len(), 1);
+        assert!(!rows[0].passed && rows[0].reason == "no answer by the deadline");
+        assert_eq!(
+            rows[0].identity,
+            Some(claim_of(&gpu("111"))),
+            "the last pass's identity is kept"
+        );
+        let mut after = Gate::default();
+        after.restore(&rows);
+        after.inventory(NODE, &[gpu("111")]);
+        assert!(!after.matchable(NODE, "GPU-1"));
+
+        // A challenge out here is not overwritten by what another replica stored.
+        let ch3 = issue(&mut after, rows[0].at_ms + 60_000, "c3");
+        after.restore(std::slice::from_ref(&passed));
+        assert_eq!(after.pending(NODE, "c3"), Some(&ch3));
     }
 
     #[test]

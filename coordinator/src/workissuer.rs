@@ -3,9 +3,11 @@
 //! checks answers off the async threads, and answers the matcher. The
 //! decisions are the gate's (`workgate.rs`).
 //!
-//! State is in memory, on the replica holding each node's stream: a
-//! restart, or a matcher on another replica, sees the node unverified
-//! until it passes again there.
+//! The gate lives in memory on each replica; each GPU's outcome (pass or
+//! failure, with the identity and CC report of its last pass) is stored
+//! (`gpu_work`), read back at start, and, for nodes whose stream another
+//! replica holds, every tick: a restarted coordinator, or a matcher on
+//! another replica, knows which GPUs proved themselves.
 
 use std::{
     sync::{Arc, Mutex},
@@ -148,38 +150,59 @@ pub async fn run(
         return;
     };
     let settings = inner.1.clone();
+    match store.gpu_work().await {
+        Ok(rows) => inner
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&rows),
+        Err(e) => {
+            tracing::warn!(error = %e, "stored work-challenge outcomes unreadable: every GPU is challenged again")
+        }
+    }
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = shutdown.cancelled() => return,
         }
-        let (nodes, leases) = match futures::join!(store.list_nodes(), store.list_leases()) {
-            (Ok(n), Ok(l)) => (n, l),
-            _ => continue,
-        };
+        let (nodes, leases, stored) =
+            match futures::join!(store.list_nodes(), store.list_leases(), store.gpu_work()) {
+                (Ok(n), Ok(l), Ok(w)) => (n, l, w),
+                _ => continue,
+            };
         let candidates =
             crate::hire::candidates(&nodes, &leases, |n| registry.local_sender(n).is_some());
         let now = now_ms();
-        let due = {
+        let (due, changed) = {
             let mut gate = inner.0.lock().unwrap_or_else(|e| e.into_inner());
-            for n in nodes
-                .iter()
-                .filter(|n| registry.local_sender(&n.node_id).is_some())
-            {
+            // Nodes streaming to another replica: what that replica stored.
+            let remote: Vec<_> = stored
+                .into_iter()
+                .filter(|r| registry.local_sender(&r.node_id).is_none())
+                .collect();
+            gate.restore(&remote);
+            for n in &nodes {
                 let inv = pb::InventorySummary::decode(n.inventory.as_slice()).unwrap_or_default();
                 gate.inventory(&n.node_id, &inv.gpus);
             }
             for ch in gate.expire(now, GRACE) {
                 tracing::warn!(node = %ch.node_id, gpu = %ch.gpu_uuid, challenge = %ch.challenge_id, "work challenge unanswered by its deadline: the GPU is out of matching until one passes");
             }
-            gate.due(now, &settings, |node, uuid| {
+            let due = gate.due(now, &settings, |node, uuid| {
                 candidates.iter().any(|c| {
                     c.node_id == node
                         && c.connected
                         && c.gpus.iter().any(|g| g.uuid == uuid && g.free)
                 })
-            })
+            });
+            (due, gate.take_changed())
         };
+        for row in changed {
+            let (node, gpu) = (row.node_id.clone(), row.gpu_uuid.clone());
+            if let Err(e) = store.put_gpu_work(row).await {
+                tracing::error!(node = %node, gpu = %gpu, error = %e, "work-challenge outcome not stored: a restart will challenge the GPU again");
+            }
+        }
         for d in due {
             let Some(tx) = registry.local_sender(&d.node_id) else {
                 continue;

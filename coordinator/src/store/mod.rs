@@ -26,6 +26,7 @@ mod postgres;
 pub mod presence;
 mod records;
 mod schema;
+mod work;
 
 pub(crate) use clusters::{answer_mesh_command, cluster_to_change, update_cluster};
 pub use clusters::{ClusterWrite, MeshSent};
@@ -40,6 +41,7 @@ pub use records::{
     no_effects, receipt_of, sign_receipts, ChainItem, Effects, GpuState, Inserted, NewRecord,
     NodeState, Outcome, Stamped,
 };
+pub use work::GpuWorkRow;
 
 use db::Conn;
 

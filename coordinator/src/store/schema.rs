@@ -365,6 +365,33 @@ pub(super) const MIGRATIONS: &[Migration] = &[
             CREATE UNIQUE INDEX records_node_seq ON records (node_id, seq);",
         postgres: "ALTER TABLE records ADD COLUMN receipt_seq BIGINT;",
     },
+    // 11: each GPU's last work-challenge outcome, with the NVML identity and
+    // confidential-computing report of its last pass: a restarted
+    // coordinator, or another replica, knows which GPUs proved themselves.
+    Migration {
+        sqlite: "CREATE TABLE gpu_work (
+                node_id TEXT NOT NULL,
+                gpu_uuid TEXT NOT NULL,
+                passed INTEGER NOT NULL,
+                at_ms INTEGER NOT NULL,
+                reason TEXT NOT NULL,
+                identity BLOB,
+                cc_report BLOB NOT NULL,
+                cc_status TEXT NOT NULL,
+                PRIMARY KEY (node_id, gpu_uuid)
+            ) WITHOUT ROWID;",
+        postgres: "CREATE TABLE gpu_work (
+                node_id TEXT NOT NULL,
+                gpu_uuid TEXT NOT NULL,
+                passed BIGINT NOT NULL,
+                at_ms BIGINT NOT NULL,
+                reason TEXT NOT NULL,
+                identity BYTEA,
+                cc_report BYTEA NOT NULL,
+                cc_status TEXT NOT NULL,
+                PRIMARY KEY (node_id, gpu_uuid)
+            );",
+    },
 ];
 
 /// Creates the database file with mode 0600 (SQLite gives its -wal and
