@@ -462,8 +462,17 @@ mod tests {
             !child_opens(&ctl),
             "every GPU is leased: the control node too"
         );
-        // The agent itself (this process) opens freely.
-        assert!(std::fs::File::open(&node).is_ok());
+        // The agent itself (this process) opens freely; a stranger reopening
+        // the agent's descriptor through /proc opens the same inode, and is
+        // judged as itself.
+        let held = std::fs::File::open(&node).unwrap();
+        let via_proc = PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            held.as_raw_fd()
+        ));
+        assert!(!child_opens(&via_proc), "reopened through /proc");
+        drop(held);
 
         let r = guard.apply(&targets, vec![lease()], true, policy.clone());
         let sh: Vec<_> = r
@@ -472,10 +481,10 @@ mod tests {
             .iter()
             .filter(|e| e.device == node.to_str().unwrap())
             .collect();
-        assert_eq!(sh.iter().map(|e| e.attempts).sum::<u64>(), 2, "{r:?}");
+        assert_eq!(sh.iter().map(|e| e.attempts).sum::<u64>(), 3, "{r:?}");
         assert!(sh.iter().all(|e| e.gpu == GPU && e.container.is_empty()));
         assert!(sh.iter().all(|e| e.exe.starts_with('/')), "{sh:?}");
-        assert_eq!(r.prevented.attempts(), 3);
+        assert_eq!(r.prevented.attempts(), 4);
 
         // The shell allowlisted (by its real path): it opens.
         let sh_path = std::fs::canonicalize("/bin/sh").unwrap();
