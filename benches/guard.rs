@@ -16,7 +16,6 @@ mod common;
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -24,27 +23,6 @@ use warden_agent::timelock::{
     enforce::Policy,
     guard::{self, fanotify::Guard},
 };
-
-fn node_id(status: &Path) -> String {
-    let t0 = Instant::now();
-    loop {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "agent never connected"
-        );
-        let out = Command::new(common::WARDEN)
-            .args(["status", "--json", "--socket", status.to_str().unwrap()])
-            .output()
-            .unwrap();
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if s["coordinator"]["connected"] == true
-            && s["gpus"].as_array().is_some_and(|g| g.len() == 8)
-        {
-            return s["node_id"].as_str().unwrap().to_owned();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// The agent's CPU (% of one core) over `secs` of a lease of all its GPUs.
 fn lease_cpu(
@@ -64,7 +42,7 @@ fn lease_cpu(
         dev.display()
     );
     let agent = common::spawn_agent(&dir, &config, &[("FAKE_NVML_STATE", state.to_owned())]);
-    let node = node_id(&dir.join("agent/agent.sock"));
+    let node = common::connected_node_id(&dir.join("agent/agent.sock"), 8);
     let lease = common::warden_lease(socket, &["start", &node, "--gpus", "all"]).1;
     // The lease's first cycles (and its first full scan) are not the steady state.
     std::thread::sleep(Duration::from_secs(5));

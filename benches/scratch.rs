@@ -23,7 +23,6 @@ mod image;
 use std::{
     io::{Read, Write},
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -48,42 +47,6 @@ fn summary(mut v: Vec<Duration>) -> String {
         ms(v[0]),
         ms(v[v.len() - 1])
     )
-}
-
-fn warden(socket: &Path, args: &[&str]) -> (Duration, String) {
-    let t = Instant::now();
-    let out = Command::new(common::WARDEN)
-        .arg("lease")
-        .args(["--socket", socket.to_str().unwrap()])
-        .args(args)
-        .output()
-        .unwrap();
-    let took = t.elapsed();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (took, String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn node_id(status: &Path) -> String {
-    let t0 = Instant::now();
-    loop {
-        let out = Command::new(common::WARDEN)
-            .args(["status", "--json", "--socket", status.to_str().unwrap()])
-            .output()
-            .unwrap();
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if s["coordinator"]["connected"] == true {
-            return s["node_id"].as_str().unwrap().to_owned();
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "agent not connected"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Writes `bytes` to `path` (fsync), then reads it back: the two times.
@@ -161,19 +124,22 @@ fn main() {
             &format!("{link}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n[workload]\nscratch = \"{mode}\"\n"),
             &[],
         );
-        (a, node_id(&dir.join("agent/agent.sock")))
+        (
+            a,
+            common::connected_node_id(&dir.join("agent/agent.sock"), 0),
+        )
     };
     let (_off, off_node) = agent("off", "off");
     let (_on, on_node) = agent("on", "required");
     let mut times = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
     for _ in 0..n {
         for (i, node) in [&off_node, &on_node].into_iter().enumerate() {
-            let (t, lease) = warden(
+            let (t, lease) = common::warden_lease(
                 &socket,
                 &["start", node, "--image", &image, "--", "sleep", "300"],
             );
             times[i].0.push(t);
-            let (t, _) = warden(&socket, &["end", &lease]);
+            let (t, _) = common::warden_lease(&socket, &["end", &lease]);
             times[i].1.push(t);
         }
     }

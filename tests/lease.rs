@@ -5,78 +5,25 @@
 
 mod common;
 
-use std::{
-    path::Path,
-    process::{Command, Output},
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use common::*;
 use serde_json::Value;
 
-/// A coordinator and an agent connected to it, with the agent's node id.
-struct Node {
-    coord: Coordinator,
-    agent: Agent,
-    node_id: String,
-}
+use common::leases::{inspect, Node};
 
 fn node(tmp: &Path, extra: &str) -> Node {
-    let coord = Coordinator::start(&tmp.join("coord"), free_port());
-    let agent = Agent::start(
-        &tmp.join("agent"),
-        &format!(
-            "{}\n[workload]\nstop_grace = \"2s\"\n{extra}",
-            fast_agent_toml(&coord.link_toml(), "1h", 0)
-        ),
-    );
-    let s = wait_for("agent connected", Duration::from_secs(30), || {
-        agent
-            .status()
-            .filter(|s| s["coordinator"]["connected"] == true)
-    });
-    let node_id = s["node_id"].as_str().unwrap().to_owned();
-    Node {
-        coord,
-        agent,
-        node_id,
-    }
+    common::leases::node(tmp, "stop_grace = \"2s\"", extra)
 }
 
-impl Node {
-    /// `warden lease --socket ADMIN ARGS…` (before any `--` that ends the options).
-    fn warden(&self, args: &[&str]) -> Output {
-        Command::new(WARDEN)
-            .arg(args[0])
-            .args(["--socket", self.coord.admin_socket().to_str().unwrap()])
-            .args(&args[1..])
-            .output()
-            .unwrap()
-    }
+/// What only these tests ask of a node.
+trait Leases {
+    fn leases(&self) -> Vec<Value>;
+    fn lease(&self, id: &str) -> Value;
+    fn containers(&self) -> Vec<String>;
+}
 
-    /// `warden lease start NODE ARGS…`: Ok(lease id) or Err(stderr).
-    fn start(&self, args: &[&str]) -> Result<String, String> {
-        let mut all = vec!["lease", "start", &self.node_id];
-        all.extend_from_slice(args);
-        let out = self.warden(&all);
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    /// `warden lease end ID`, which must succeed; its output.
-    fn end(&self, id: &str) -> Output {
-        let out = self.warden(&["lease", "end", id]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
+impl Leases for Node {
     fn leases(&self) -> Vec<Value> {
         let out = self.warden(&["lease", "list", "--json"]);
         assert!(
@@ -110,20 +57,6 @@ impl Node {
             .map(str::to_owned)
             .collect()
     }
-}
-
-fn inspect(name: &str) -> Option<Value> {
-    let out = Command::new("docker")
-        .args(["inspect", name])
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice::<Value>(&out.stdout)
-        .ok()?
-        .get(0)
-        .cloned()
 }
 
 #[test]

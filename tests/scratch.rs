@@ -17,68 +17,21 @@ use common::*;
 use serde_json::Value;
 use warden_agent::workloads::scratch::{gocryptfs, Layout, FSTYPE};
 
-/// A coordinator and an agent connected to it, with the agent's node id.
-struct Node {
-    coord: Coordinator,
-    agent: Agent,
-    node_id: String,
-}
+use common::leases::{inspect, Node};
 
 /// `required`: a host where the volume cannot be made fails these tests
 /// instead of passing them with leases that have none.
 fn node(tmp: &Path, extra: &str) -> Node {
-    let coord = Coordinator::start(&tmp.join("coord"), free_port());
-    let agent = Agent::start(
-        &tmp.join("agent"),
-        &format!(
-            "{}\n[workload]\nstop_grace = \"1s\"\nscratch = \"required\"\n{extra}",
-            fast_agent_toml(&coord.link_toml(), "1h", 0)
-        ),
-    );
-    let s = wait_for("agent connected", Duration::from_secs(30), || {
-        agent
-            .status()
-            .filter(|s| s["coordinator"]["connected"] == true)
-    });
-    let node_id = s["node_id"].as_str().unwrap().to_owned();
-    Node {
-        coord,
-        agent,
-        node_id,
-    }
+    common::leases::node(tmp, "stop_grace = \"1s\"\nscratch = \"required\"", extra)
 }
 
-impl Node {
-    fn warden(&self, args: &[&str]) -> Output {
-        Command::new(WARDEN)
-            .arg(args[0])
-            .args(["--socket", self.coord.admin_socket().to_str().unwrap()])
-            .args(&args[1..])
-            .output()
-            .unwrap()
-    }
+/// What only these tests ask of a node.
+trait Scratch {
+    fn layout(&self) -> Layout;
+    fn start_note(&self, lease: &str) -> String;
+}
 
-    /// `warden lease start NODE ARGS…`: Ok(lease id) or Err(stderr).
-    fn start(&self, args: &[&str]) -> Result<String, String> {
-        let mut all = vec!["lease", "start", &self.node_id];
-        all.extend_from_slice(args);
-        let out = self.warden(&all);
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    fn end(&self, id: &str) {
-        let out = self.warden(&["lease", "end", id]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
+impl Scratch for Node {
     fn layout(&self) -> Layout {
         Layout::new(&self.agent.dir)
     }
@@ -130,17 +83,6 @@ fn exec(container: &str, user: &str, script: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn inspect(name: &str) -> Option<Value> {
-    let out = docker(&["inspect", name]);
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice::<Value>(&out.stdout)
-        .ok()?
-        .get(0)
-        .cloned()
 }
 
 fn proc_mounts() -> String {

@@ -80,15 +80,7 @@ fn identity(gpus: &dyn GpuSource, uuid: &str) -> Result<pb::GpuIdentity, GpuErro
         .iter()
         .find(|g| g.uuid == uuid)
         .ok_or_else(|| GpuError::Nvml(format!("no GPU {uuid} on this node")))?;
-    Ok(pb::GpuIdentity {
-        uuid: g.uuid.clone(),
-        serial: g.serial.clone(),
-        pci_bus_id: g.pci_bus_id.clone(),
-        pci_device_id: g.pci_device_id,
-        pci_subsystem_id: g.pci_subsystem_id,
-        memory_total_bytes: g.memory_total_bytes,
-        name: g.name.clone(),
-    })
+    Ok(warden_proto::workproof::identity::of(g))
 }
 
 /// The task: one challenge at a time (they are sent one per node).

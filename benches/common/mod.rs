@@ -288,3 +288,25 @@ pub fn warden_lease(socket: &Path, args: &[&str]) -> (Duration, String) {
     );
     (took, String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
+
+/// The node id of the agent answering on `status`, once it is connected to
+/// its coordinator and reports at least `gpus` GPUs.
+pub fn connected_node_id(status: &Path, gpus: usize) -> String {
+    let t0 = Instant::now();
+    loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "agent never connected"
+        );
+        let out = Command::new(WARDEN)
+            .args(["status", "--json", "--socket", status.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if s["coordinator"]["connected"] == true && s["gpus"].as_array().map_or(0, Vec::len) >= gpus
+        {
+            return s["node_id"].as_str().unwrap().to_owned();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -83,15 +83,7 @@ pub struct Settings {
 
 /// The identity the inventory claims for one GPU.
 pub fn claim_of(g: &pb::GpuInfo) -> pb::GpuIdentity {
-    pb::GpuIdentity {
-        uuid: g.uuid.clone(),
-        serial: g.serial.clone(),
-        pci_bus_id: g.pci_bus_id.clone(),
-        pci_device_id: g.pci_device_id,
-        pci_subsystem_id: g.pci_subsystem_id,
-        memory_total_bytes: g.memory_total_bytes,
-        name: g.name.clone(),
-    }
+    identity::of(g)
 }
 
 /// Every node's GPUs.

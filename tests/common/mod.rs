@@ -610,6 +610,7 @@ pub fn http_get(addr: &str, path: &str) -> String {
 pub mod hire;
 pub mod image;
 pub mod lan;
+pub mod leases;
 pub mod ray;
 
 #[allow(unused_imports)]

@@ -2,7 +2,21 @@
 //! stay what they were when it last passed; any change takes the node out
 //! of matching until a challenge passes again on what it is now.
 
-use crate::pb::GpuIdentity;
+use crate::pb::{GpuIdentity, GpuInfo};
+
+/// The identity an inventory entry claims for its GPU (what a node reports
+/// and what a work answer must carry).
+pub fn of(g: &GpuInfo) -> GpuIdentity {
+    GpuIdentity {
+        uuid: g.uuid.clone(),
+        serial: g.serial.clone(),
+        pci_bus_id: g.pci_bus_id.clone(),
+        pci_device_id: g.pci_device_id,
+        pci_subsystem_id: g.pci_subsystem_id,
+        memory_total_bytes: g.memory_total_bytes,
+        name: g.name.clone(),
+    }
+}
 
 /// The fields of `now` that differ from `passed` (empty: the same GPU).
 pub fn changes(passed: &GpuIdentity, now: &GpuIdentity) -> Vec<&'static str> {
