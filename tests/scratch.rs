@@ -36,19 +36,19 @@ impl Scratch for Node {
         Layout::new(&self.agent.dir)
     }
 
-    /// The answer the node gave to the lease's start (its note).
+    /// What the renter is told of the lease as it started: `warden lease
+    /// list`'s note (the node's answer, kept by the coordinator).
     fn start_note(&self, lease: &str) -> String {
-        stored_records(&self.coord.db())
-            .into_iter()
-            .find_map(|r| match r.body {
-                Some(warden_proto::pb::record::Body::CommandResult(c))
-                    if c.lease_id == lease && c.ok && !c.containers.is_empty() =>
-                {
-                    Some(c.error)
-                }
-                _ => None,
-            })
+        let out = self.warden(&["lease", "list", "--json"]);
+        let leases: Value = serde_json::from_slice(&out.stdout).unwrap();
+        leases
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["lease_id"] == lease)
+            .and_then(|l| l["note"].as_str())
             .unwrap_or_default()
+            .to_owned()
     }
 }
 

@@ -71,6 +71,8 @@ pub fn apply_result(info: &mut pb::LeaseInfo, kind: Kind, r: &pb::CommandResult,
                 info.gpu_uuids = r.gpu_uuids.clone();
             }
             info.error.clear();
+            // A successful answer's `error` is a note for the renter.
+            info.note = r.error.clone();
             merge(&mut info.containers, &r.containers);
             settle(info);
         }
@@ -263,6 +265,29 @@ mod tests {
             time_unix_ms: t,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_nodes_note_on_a_started_lease_is_kept_for_the_renter() {
+        let mut info = pb::LeaseInfo {
+            state: "starting".into(),
+            ..Default::default()
+        };
+        let note = "no encrypted scratch volume: workload.scratch is off on this node";
+        apply_result(
+            &mut info,
+            Kind::LeaseStart,
+            &pb::CommandResult {
+                ok: true,
+                error: note.into(),
+                ..Default::default()
+            },
+            11,
+        );
+        assert_eq!(
+            (info.state.as_str(), info.note.as_str(), info.error.as_str()),
+            ("running", note, "")
+        );
     }
 
     #[test]

@@ -354,10 +354,10 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
                         l.gpu_uuids.len().to_string()
                     },
                     containers.join(", "),
-                    if l.error.is_empty() {
-                        String::new()
-                    } else {
-                        format!("  error: {}", l.error)
+                    match (l.error.is_empty(), l.note.is_empty()) {
+                        (false, _) => format!("  error: {}", l.error),
+                        (true, false) => format!("  note: {}", l.note),
+                        (true, true) => String::new(),
                     },
                     match l.verdict.as_str() {
                         "" => String::new(),
