@@ -324,14 +324,10 @@ fn a_containers_output_is_read_through_the_coordinator() {
     let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
     let ticks = n
-        .start(&[
-            "--image",
+        .start_sh(
             &image,
-            "--",
-            "sh",
-            "-c",
             "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done",
-        ])
+        )
         .unwrap();
     let logs = |args: &[&str]| {
         let mut all = vec!["lease", "logs"];
@@ -381,14 +377,7 @@ fn a_containers_output_is_read_through_the_coordinator() {
     );
     // A large output comes in bounded answers, and says so.
     let loud = n
-        .start(&[
-            "--image",
-            &image,
-            "--",
-            "sh",
-            "-c",
-            "yes 0123456789012345678901234567890123456789012345678901234567890123456789 | head -n 40000; sleep 600",
-        ])
+        .start_sh(&image, "yes 0123456789012345678901234567890123456789012345678901234567890123456789 | head -n 40000; sleep 600")
         .unwrap();
     let out = wait_for("the loud output", Duration::from_secs(30), || {
         let out = logs(&[&loud, "--tail", "100000"]);
@@ -774,14 +763,7 @@ fn a_lease_knocking_while_docker_remakes_its_isolation_never_reaches_another() {
     let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
     let a = n
-        .start(&[
-            "--image",
-            &image,
-            "--",
-            "sh",
-            "-c",
-            "echo secret > /www; httpd -f -p 8080 -h /",
-        ])
+        .start_sh(&image, "echo secret > /www; httpd -f -p 8080 -h /")
         .unwrap();
     let (a_ip, _) = lease_address(&a, "main");
     let spy = n.start(&["--image", &image, "--", "sleep", "300"]).unwrap();
@@ -982,14 +964,7 @@ fn symlinks_in_an_allowed_path_never_reach_the_host() {
     // A real directory, but below what lease 1 can write while it runs: it
     // could be swapped for a link between the check and Docker's mount.
     let err = n
-        .start(&[
-            "--image",
-            &image,
-            "--mount",
-            &mount(&data.join("sub"), "/in:ro"),
-            "--",
-            "true",
-        ])
+        .start_mounting(&image, &mount(&data.join("sub"), "/in:ro"))
         .expect_err("swappable while lease 1 runs");
     assert!(err.contains("which a running container can write"), "{err}");
     // Lease 1's own mount point is no risk: it cannot replace it.

@@ -293,14 +293,7 @@ fn another_lease_never_reaches_a_leases_scratch() {
     let image = image::busybox_image();
     let marker = format!("tenant-a-{}", std::process::id());
     let a = n
-        .start(&[
-            "--image",
-            &image,
-            "--",
-            "sh",
-            "-c",
-            &format!("echo {marker} > /scratch/a && sleep 300"),
-        ])
+        .start_sh(&image, &format!("echo {marker} > /scratch/a && sleep 300"))
         .unwrap();
     let a_plain = n.layout().plain(&a);
     wait_for("A wrote", Duration::from_secs(20), || {
@@ -333,40 +326,19 @@ fn another_lease_never_reaches_a_leases_scratch() {
     let mount = |src: &Path, dst: &str| format!("{}:{dst}", src.display());
     for src in [a_plain.clone(), n.layout().cipher(&a)] {
         let err = n
-            .start(&[
-                "--image",
-                &image,
-                "--mount",
-                &mount(&src, "/x"),
-                "--",
-                "true",
-            ])
+            .start_mounting(&image, &mount(&src, "/x"))
             .expect_err("another lease's volume as a mount");
         assert!(err.contains("not allowed"), "{err}");
     }
     // Nor through a link planted in an allowed path.
     std::os::unix::fs::symlink(&a_plain, data.join("link")).unwrap();
     let err = n
-        .start(&[
-            "--image",
-            &image,
-            "--mount",
-            &mount(&data.join("link"), "/x"),
-            "--",
-            "true",
-        ])
+        .start_mounting(&image, &mount(&data.join("link"), "/x"))
         .expect_err("a link to another lease's volume");
     assert!(err.contains("symbolic link"), "{err}");
     // Nor by mounting something else in the volume's place.
     let err = n
-        .start(&[
-            "--image",
-            &image,
-            "--mount",
-            &mount(&data, "/scratch"),
-            "--",
-            "true",
-        ])
+        .start_mounting(&image, &mount(&data, "/scratch"))
         .expect_err("a mount over /scratch");
     assert!(err.contains("encrypted scratch volume"), "{err}");
     n.end(&b);
@@ -381,14 +353,7 @@ fn volumes_left_behind_or_killed_with_the_agent_are_destroyed_at_its_next_start(
     let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
     let id = n
-        .start(&[
-            "--image",
-            &image,
-            "--",
-            "sh",
-            "-c",
-            "echo x > /scratch/x && sleep 300",
-        ])
+        .start_sh(&image, "echo x > /scratch/x && sleep 300")
         .unwrap();
     let layout = n.layout();
     wait_for("written", Duration::from_secs(20), || {

@@ -62,13 +62,24 @@ fn build(tag: &str) {
         }
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
+    import_root(&root, &[], tag);
+}
+
+/// `tar` of `root` into `docker import [CHANGES…] - TAG` (each of `changes`
+/// a Dockerfile instruction), which must succeed.
+fn import_root(root: &Path, changes: &[&str], tag: &str) {
     let mut tar = Command::new("tar")
         .args(["-C", root.to_str().unwrap(), "-c", "."])
         .stdout(Stdio::piped())
         .spawn()
         .expect("run tar");
-    let import = Command::new("docker")
-        .args(["import", "-", tag])
+    let mut import = Command::new("docker");
+    import.arg("import");
+    for c in changes {
+        import.args(["--change", c]);
+    }
+    let import = import
+        .args(["-", tag])
         .stdin(tar.stdout.take().unwrap())
         .output()
         .expect("run docker import");
@@ -166,27 +177,10 @@ pub fn solver_image(tag: &str, warden: &str) -> String {
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
         std::fs::copy(path, &to).unwrap();
     }
-    let mut tar = Command::new("tar")
-        .args(["-C", root.to_str().unwrap(), "-c", "."])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run tar");
-    let import = Command::new("docker")
-        .args([
-            "import",
-            "--change",
-            r#"CMD ["/warden", "challenge", "solve", "--threads", "1"]"#,
-            "-",
-            tag,
-        ])
-        .stdin(tar.stdout.take().unwrap())
-        .output()
-        .expect("run docker import");
-    let tar_ok = tar.wait().unwrap().success();
-    assert!(
-        tar_ok && import.status.success(),
-        "could not build {tag}: {}",
-        String::from_utf8_lossy(&import.stderr)
+    import_root(
+        &root,
+        &[r#"CMD ["/warden", "challenge", "solve", "--threads", "1"]"#],
+        tag,
     );
     tag.to_owned()
 }

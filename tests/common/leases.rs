@@ -65,6 +65,17 @@ impl Node {
         }
     }
 
+    /// A lease of `image` running `sh -c SCRIPT`.
+    pub fn start_sh(&self, image: &str, script: &str) -> Result<String, String> {
+        self.start(&["--image", image, "--", "sh", "-c", script])
+    }
+
+    /// A lease of `image` with the bind mount `mount` (`SRC:DST[:ro]`),
+    /// running `true`.
+    pub fn start_mounting(&self, image: &str, mount: &str) -> Result<String, String> {
+        self.start(&["--image", image, "--mount", mount, "--", "true"])
+    }
+
     /// `warden lease end ID`, which must succeed; its output.
     pub fn end(&self, id: &str) -> Output {
         let out = self.warden(&["lease", "end", id]);
