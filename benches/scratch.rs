@@ -80,14 +80,15 @@ fn main() {
     // 1. The volume alone.
     let volumes = env_n("WARDEN_BENCH_VOLUMES", 30);
     let layout = Layout::new(&tmp.path().join("state"));
+    let here = gocryptfs::Place::here();
     let (mut made, mut destroyed) = (Vec::new(), Vec::new());
     for i in 0..volumes {
         let lease = format!("bench-{i}");
         let t = Instant::now();
-        gocryptfs::create(&layout, &lease).expect("a volume");
+        gocryptfs::create(&here, &layout, &lease).expect("a volume");
         made.push(t.elapsed());
         let t = Instant::now();
-        gocryptfs::destroy(&layout, &lease).expect("destroyed");
+        gocryptfs::destroy(&here, &layout, &lease).expect("destroyed");
         destroyed.push(t.elapsed());
     }
     println!("scratch/volume_create n={volumes}: {}", summary(made));
@@ -96,9 +97,9 @@ fn main() {
     // 3. Throughput, host side.
     let size = 64usize << 20;
     let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 4096) as u8).collect();
-    gocryptfs::create(&layout, "io").expect("a volume");
-    let (ew, er) = write_read(&layout.plain("io").join("f"), &data);
-    gocryptfs::destroy(&layout, "io").unwrap();
+    gocryptfs::create(&here, &layout, "io").expect("a volume");
+    let (ew, er) = write_read(&layout.source("io").join("f"), &data);
+    gocryptfs::destroy(&here, &layout, "io").unwrap();
     let plain_dir = tmp.path().join("plain-dir");
     std::fs::create_dir_all(&plain_dir).unwrap();
     let (pw, pr) = write_read(&plain_dir.join("f"), &data);

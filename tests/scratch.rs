@@ -159,7 +159,7 @@ fn what_a_lease_writes_is_ciphertext_on_disk_and_is_shredded_when_it_ends() {
         .unwrap();
     let name = format!("warden-{id}-main");
     let layout = n.layout();
-    let (cipher, plain) = (layout.cipher(&id), layout.plain(&id));
+    let (cipher, plain, source) = (layout.cipher(&id), layout.plain(&id), layout.source(&id));
 
     // The container sees the volume at /scratch, and its users other than
     // root may write to it (allow_other, mode 1777).
@@ -176,7 +176,7 @@ fn what_a_lease_writes_is_ciphertext_on_disk_and_is_shredded_when_it_ends() {
     let mounts = c["Mounts"].as_array().unwrap();
     assert_eq!(mounts.len(), 1, "{mounts:?}");
     assert_eq!(mounts[0]["Destination"], "/scratch");
-    assert_eq!(mounts[0]["Source"], plain.to_str().unwrap());
+    assert_eq!(mounts[0]["Source"], source.to_str().unwrap());
     assert_eq!(mounts[0]["RW"], true);
     // The renter is told.
     let note = n.start_note(&id);
@@ -214,7 +214,7 @@ fn what_a_lease_writes_is_ciphertext_on_disk_and_is_shredded_when_it_ends() {
     }
     // Through the mount it reads back (the check above is not vacuous).
     assert_eq!(
-        std::fs::read_to_string(plain.join("deep").join(format!("{marker}.txt"))).unwrap(),
+        std::fs::read_to_string(source.join("deep").join(format!("{marker}.txt"))).unwrap(),
         format!("{marker}\n")
     );
     // The master key is in one process's memory: gocryptfs serving it.
@@ -295,9 +295,9 @@ fn another_lease_never_reaches_a_leases_scratch() {
     let a = n
         .start_sh(&image, &format!("echo {marker} > /scratch/a && sleep 300"))
         .unwrap();
-    let a_plain = n.layout().plain(&a);
+    let (a_plain, a_source) = (n.layout().plain(&a), n.layout().source(&a));
     wait_for("A wrote", Duration::from_secs(20), || {
-        std::fs::read_to_string(a_plain.join("a")).ok()
+        std::fs::read_to_string(a_source.join("a")).ok()
     });
     // Within a lease the volume is shared: a container added later sees it.
     let out = n.warden(&[
@@ -324,7 +324,7 @@ fn another_lease_never_reaches_a_leases_scratch() {
     // A spec naming A's volume as a host path is refused: it lies in the
     // agent's state directory, never mountable.
     let mount = |src: &Path, dst: &str| format!("{}:{dst}", src.display());
-    for src in [a_plain.clone(), n.layout().cipher(&a)] {
+    for src in [a_plain.clone(), a_source, n.layout().cipher(&a)] {
         let err = n
             .start_mounting(&image, &mount(&src, "/x"))
             .expect_err("another lease's volume as a mount");
@@ -357,7 +357,7 @@ fn volumes_left_behind_or_killed_with_the_agent_are_destroyed_at_its_next_start(
         .unwrap();
     let layout = n.layout();
     wait_for("written", Duration::from_secs(20), || {
-        std::fs::read_to_string(layout.plain(&id).join("x")).ok()
+        std::fs::read_to_string(layout.source(&id).join("x")).ok()
     });
     // The agent dies and, as under systemd (its cgroup), gocryptfs with it:
     // the key is gone while the lease's container runs on.
@@ -418,58 +418,97 @@ fn volumes_left_behind_or_killed_with_the_agent_are_destroyed_at_its_next_start(
     n.end(&id);
 }
 
+/// `unshare --mount --propagation MODE` with the agent's bounding set
+/// less `drop` (if any): a mount namespace of its own, as the systemd
+/// unit's `ProtectSystem=` and the rest give it (slave: the host's mounts
+/// reach it, its own never reach Docker's).
+fn own_namespace<'a>(propagation: &'a str, drop: Option<&'a str>) -> Vec<&'a str> {
+    let mut w = vec!["unshare", "--mount", "--propagation", propagation];
+    if let Some(cap) = drop {
+        w.extend(["setpriv", "--bounding-set", cap]);
+    }
+    w
+}
+
+/// The gocryptfs mounts in a process's mount namespace.
+fn volumes_seen_by(pid: u32) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    warden_agent::workloads::scratch::parse_mountinfo(&text)
+        .into_iter()
+        .filter(|m| m.fstype == FSTYPE)
+        .map(|m| m.mount_point)
+        .collect()
+}
+
 #[test]
-fn a_volume_docker_cannot_see_is_never_handed_to_a_container() {
+fn an_agent_in_a_mount_namespace_of_its_own_mounts_the_volume_where_docker_sees_it() {
     let tmp = tempfile::tempdir().unwrap();
     let _unmount = Unmounts(tmp.path().to_owned());
-    let coord = Coordinator::start(&tmp.path().join("coord"), free_port());
-    // The agent in a mount namespace of its own, as a sandboxed service
-    // would be: its mounts never reach dockerd's.
-    let dir = tmp.path().join("agent");
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = tmp.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = \"{}\"\n{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[probe]\ninterval = \"0s\"\n[workload]\nstop_grace = \"1s\"\n",
-            dir.display(),
-            fast_agent_toml(&coord.link_toml(), "1h", 0)
-        ),
-    )
-    .unwrap();
-    let log = tmp.path().join("agent.log");
-    let err = std::fs::File::create(&log).unwrap();
-    let child = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            WARDEN,
-            "agent",
-            "--config",
-        ])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(err.try_clone().unwrap())
-        .stderr(err)
-        .spawn()
+    // Private, not slave: not even propagation brings the volume back to
+    // the agent, so all its work on it must happen in Docker's namespace.
+    let n = common::leases::node_under(
+        tmp.path(),
+        &own_namespace("private", None),
+        "stop_grace = \"1s\"\nscratch = \"required\"",
+        "",
+    );
+    let _clean = ContainersOf(n.node_id.clone());
+    let agent_pid = n.agent.proc.child.id();
+    let image = image::busybox_image();
+    let marker = format!("from-own-namespace-{}", std::process::id());
+    let id = n
+        .start_sh(&image, &format!("echo {marker} > /scratch/m && sleep 300"))
+        .expect("required: the volume is made");
+    let layout = n.layout();
+    let source = layout.source(&id);
+    wait_for(
+        "the marker, through the host's mount",
+        Duration::from_secs(20),
+        || std::fs::read_to_string(source.join("m")).ok(),
+    );
+    // Mounted where Docker (and this test, in the host's namespace) sees
+    // it, not in the agent's own.
+    let plain = layout.plain(&id);
+    assert!(volumes_seen_by(std::process::id()).contains(&plain));
+    let dockerd = Command::new("pidof").arg("dockerd").output().unwrap();
+    let dockerd: u32 = String::from_utf8_lossy(&dockerd.stdout)
+        .split_whitespace()
+        .next()
+        .expect("dockerd runs")
+        .parse()
         .unwrap();
-    let agent = Agent {
-        dir: dir.clone(),
-        config,
-        proc: Proc { child, log },
-    };
-    let s = wait_for("agent connected", Duration::from_secs(30), || {
-        agent
-            .status()
-            .filter(|s| s["coordinator"]["connected"] == true)
-    });
-    let n = Node {
-        coord,
-        agent,
-        node_id: s["node_id"].as_str().unwrap().to_owned(),
-    };
+    assert!(volumes_seen_by(dockerd).contains(&plain));
+    assert!(
+        !volumes_seen_by(agent_pid).contains(&plain),
+        "the agent's namespace is private: the mount is not there"
+    );
+    assert!(files(&layout.cipher(&id)).iter().all(|f| !std::fs::read(f)
+        .unwrap()
+        .windows(marker.len())
+        .any(|w| w == marker.as_bytes())));
+    assert!(n.start_note(&id).contains("is an encrypted scratch volume"));
+    let holders = gocryptfs::holders(&layout.cipher(&id));
+    assert_eq!(holders.len(), 1, "{holders:?}");
+
+    // The end unmounts it there too, the key's process exits, the
+    // ciphertext goes.
+    n.end(&id);
+    assert!(!volumes_seen_by(dockerd).contains(&plain));
+    assert!(holders.iter().all(|p| exited(*p)));
+    assert!(!layout.dir(&id).exists());
+}
+
+#[test]
+fn an_agent_that_cannot_enter_dockers_namespace_never_hands_a_container_the_bare_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _unmount = Unmounts(tmp.path().to_owned());
+    // setns into a mount namespace needs CAP_SYS_CHROOT besides SYS_ADMIN.
+    let n = common::leases::node_under(
+        tmp.path(),
+        &own_namespace("slave", Some("-sys_chroot")),
+        "stop_grace = \"1s\"",
+        "",
+    );
     let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
     let id = n
@@ -483,12 +522,44 @@ fn a_volume_docker_cannot_see_is_never_handed_to_a_container() {
     );
     let note = n.start_note(&id);
     assert!(
-        note.starts_with("no encrypted scratch volume:") && note.contains("Docker does not see it"),
+        note.starts_with("no encrypted scratch volume: cannot enter the mount namespace of")
+            && note.contains("setns"),
         "{note}"
     );
-    // What was mounted in the agent's namespace alone is gone again.
     assert!(!n.layout().dir(&id).exists());
     n.end(&id);
+}
+
+#[test]
+fn a_volume_docker_does_not_see_is_refused_by_docker_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _unmount = Unmounts(tmp.path().to_owned());
+    // An agent that sees no dockerd (a PID namespace of its own) takes its
+    // own namespace for Docker's; being private, the volume never reaches
+    // Docker, and no check of the agent can tell. The bind source, made
+    // inside the volume, does not exist where Docker looks: it refuses the
+    // container instead of giving it the bare directory.
+    let mut wrapper = own_namespace("private", None);
+    wrapper.extend(["--pid", "--fork", "--mount-proc"]);
+    let n = common::leases::node_under(tmp.path(), &wrapper, "stop_grace = \"1s\"", "");
+    let _clean = ContainersOf(n.node_id.clone());
+    let image = image::busybox_image();
+    let err = n
+        .start_sh(&image, "echo plaintext > /scratch/x; sleep 300")
+        .expect_err("the lease cannot start with a volume Docker does not see");
+    assert!(err.contains("bind source path does not exist"), "{err}");
+    let leftover = docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=warden.node={}", n.node_id),
+    ]);
+    assert!(leftover.stdout.is_empty(), "a container was made");
+    // The failed start took its volume with it.
+    let dirs = std::fs::read_dir(n.layout().root)
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(dirs, 0);
 }
 
 /// `warden doctor --json`'s scratch row.

@@ -21,14 +21,21 @@ pub struct Node {
 /// A node whose agent has `workload` in its `[workload]` section, and
 /// `extra` after it.
 pub fn node(tmp: &Path, workload: &str, extra: &str) -> Node {
+    node_under(tmp, &[], workload, extra)
+}
+
+/// As [`node`], the agent started through `wrapper` (`unshare …`, `setpriv …`).
+pub fn node_under(tmp: &Path, wrapper: &[&str], workload: &str, extra: &str) -> Node {
     let coord = Coordinator::start(&tmp.join("coord"), free_port());
-    let agent = Agent::start(
-        &tmp.join("agent"),
+    let dir = tmp.join("agent");
+    let config = Agent::write_config(
+        &dir,
         &format!(
             "{}\n[workload]\n{workload}\n{extra}",
             fast_agent_toml(&coord.link_toml(), "1h", 0)
         ),
     );
+    let agent = Agent::start_under(wrapper, &dir, &config, &[]);
     let s = wait_for("agent connected", Duration::from_secs(30), || {
         agent
             .status()

@@ -434,6 +434,7 @@ pub async fn gather(cfg: &AgentConfig) -> Facts {
     let driver = cfg.workload.gpu_driver.clone();
     let prevent = cfg.timelock.prevent;
     let scratch_mode = cfg.workload.scratch;
+    let socket = cfg.workload.docker_socket.clone();
     // Where the agent makes its volumes (the state directory's filesystem),
     // or the temporary directory before the first start.
     let scratch_base = if cfg.state_dir.is_dir() {
@@ -445,7 +446,9 @@ pub async fn gather(cfg: &AgentConfig) -> Facts {
         if scratch_mode == crate::workloads::scratch::ScratchMode::Off {
             return Err("not tried".to_owned());
         }
-        crate::workloads::scratch::gocryptfs::probe(&scratch_base)
+        use crate::workloads::scratch::gocryptfs;
+        let place = gocryptfs::Place::docker(&socket).map_err(|e| e.to_string())?;
+        gocryptfs::probe(&place, &scratch_base)
     })
     .await
     .unwrap_or_else(|e| Err(format!("check panicked: {e}")));

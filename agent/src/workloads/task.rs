@@ -525,6 +525,7 @@ impl State {
             .filter(|(_, v)| **v == Volume::Encrypted)
             .map(|(l, _)| l.clone())
             .collect();
+        let socket = self.w.config.docker_socket.clone();
         let found = tokio::task::spawn_blocking(move || {
             let dirs: Vec<String> = match std::fs::read_dir(&layout.root) {
                 Ok(d) => d
@@ -533,10 +534,18 @@ impl State {
                     .collect(),
                 Err(_) => Vec::new(),
             };
-            let mounts = gocryptfs::own_mounts().map_err(|e| e.to_string())?;
+            let place = gocryptfs::Place::docker(&socket).map_err(|e| e.to_string())?;
+            let mounts = place
+                .run(gocryptfs::own_mounts)
+                .and_then(|m| m)
+                .map_err(|e| e.to_string())?;
             let dead: Vec<(String, String)> = encrypted
                 .into_iter()
-                .filter_map(|l| gocryptfs::live(&layout.plain(&l)).err().map(|e| (l, e)))
+                .filter_map(|l| {
+                    gocryptfs::live(&place, &layout.plain(&l))
+                        .err()
+                        .map(|e| (l, e))
+                })
                 .collect();
             Ok::<_, String>((scratch::leftovers(&layout, &dirs, &mounts, &active), dead))
         })
@@ -1104,10 +1113,13 @@ impl State {
             return Ok(Err("workload.scratch is off".into()));
         }
         let (layout, id) = (self.scratch.clone(), lease_id.to_owned());
-        let made = tokio::task::spawn_blocking(move || gocryptfs::create(&layout, &id))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
+        let socket = self.w.config.docker_socket.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            gocryptfs::create(&gocryptfs::Place::docker(&socket)?, &layout, &id)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
         match made {
             Ok(()) => {
                 tracing::info!(lease = %lease_id, path = %self.scratch.plain(lease_id).display(), "encrypted scratch volume mounted");
@@ -1126,11 +1138,20 @@ impl State {
     /// Destroys a lease's volume (unmount, key gone with gocryptfs,
     /// ciphertext removed), if it has one.
     async fn destroy_scratch(&self, lease_id: &str) -> Result<(), String> {
+        // A volume's directory is the same in every mount namespace (only
+        // the mount on it differs): none here, no volume, and no need to
+        // enter Docker's namespace, which may be impossible.
+        if !self.scratch.dir(lease_id).exists() {
+            return Ok(());
+        }
         let (layout, id) = (self.scratch.clone(), lease_id.to_owned());
-        tokio::task::spawn_blocking(move || gocryptfs::destroy(&layout, &id))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+        let socket = self.w.config.docker_socket.clone();
+        tokio::task::spawn_blocking(move || {
+            gocryptfs::destroy(&gocryptfs::Place::docker(&socket)?, &layout, &id)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
     }
 
     /// Makes sure the image is here (pulling it if not), then creates and
@@ -1169,7 +1190,7 @@ impl State {
             let host = config.host_config.get_or_insert_with(Default::default);
             host.mounts
                 .get_or_insert_with(Vec::new)
-                .push(scratch::mount(&self.scratch.plain(&lease.id)));
+                .push(scratch::mount(&self.scratch.source(&lease.id)));
         }
         // Taken before the container exists, so that every Docker event of it
         // is later than this state (the coordinator keeps the latest).
@@ -1341,7 +1362,12 @@ impl State {
             None => false,
             Some(Volume::Encrypted) => {
                 let plain = self.scratch.plain(&lease.id);
-                tokio::task::spawn_blocking(move || gocryptfs::live(&plain))
+                let socket = self.w.config.docker_socket.clone();
+                tokio::task::spawn_blocking(move || {
+                    gocryptfs::Place::docker(&socket)
+                        .map_err(|e| e.to_string())
+                        .and_then(|place| gocryptfs::live(&place, &plain))
+                })
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| format!("lease {}'s encrypted scratch volume is lost ({e}); a new container would find /scratch unencrypted; end the lease", lease.id))?;

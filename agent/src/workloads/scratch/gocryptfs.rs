@@ -12,12 +12,22 @@
 //! taking the master key with it) and removes the cipher directory with
 //! its `gocryptfs.conf`: the password that could unwrap it was never
 //! written anywhere and no longer exists.
+//!
+//! Where: in Docker's mount namespace ([`Place`]), which is not the agent's
+//! under the shipped systemd unit (its `ProtectSystem=` and the rest give it
+//! one of its own, whose mounts never reach Docker's). Each step then runs
+//! on a thread of its own that has entered Docker's namespace; the
+//! gocryptfs it starts mounts there, and the agent's own namespace, a slave
+//! of the host's, sees the mount come in by propagation.
 
 use std::{
     fmt::Write as _,
     fs::File,
     io::{Read, Seek, SeekFrom, Write},
-    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -114,18 +124,137 @@ fn io(what: &'static str, path: &Path, source: std::io::Error) -> ScratchError {
     }
 }
 
-/// The mount table as this process sees it.
+/// The mount table as the calling thread sees it (a thread running in a
+/// [`Place`] sees that namespace's; `/proc/self` would be the main thread's).
 pub fn own_mounts() -> Result<Vec<MountEntry>, ScratchError> {
-    let path = Path::new("/proc/self/mountinfo");
+    let path = Path::new("/proc/thread-self/mountinfo");
     std::fs::read_to_string(path)
         .map(|t| parse_mountinfo(&t))
         .map_err(|e| io("reading", path, e))
 }
 
-/// Whether `plain` is a live volume: mounted, and its gocryptfs answers (a
-/// mount whose process died fails with "transport endpoint is not
-/// connected").
-pub fn live(plain: &Path) -> Result<(), String> {
+/// The mount namespace the volumes are made in: the one Docker makes its
+/// containers' bind mounts in.
+#[derive(Debug)]
+pub struct Place {
+    /// That namespace, where it is not the calling process's own.
+    enter: Option<OwnedFd>,
+    /// Whose namespace it is, for messages: `dockerd (pid 812)`.
+    pub whose: String,
+}
+
+impl Place {
+    /// This process's own namespace.
+    pub fn here() -> Place {
+        Place {
+            enter: None,
+            whose: "this process".into(),
+        }
+    }
+
+    /// Docker's: that of the process serving `socket` (its peer
+    /// credentials), else of a process named dockerd, else of PID 1 (for an
+    /// agent in a PID namespace of its own, as in a container, that sees no
+    /// dockerd: its volumes reach Docker there only by propagation, and
+    /// where they do not, Docker refuses the container, its bind source
+    /// being a directory inside the volume; see [`super::Layout::source`]).
+    pub fn docker(socket: &Path) -> Result<Place, ScratchError> {
+        let mut candidates: Vec<(u32, &str)> = Vec::new();
+        if let Some(pid) = peer_pid(socket) {
+            candidates.push((pid, "the process serving the Docker socket"));
+        }
+        candidates.extend(dockerd_pids().into_iter().map(|p| (p, "dockerd")));
+        candidates.push((1, "PID 1 (no dockerd is visible from the agent)"));
+        let (pid, who) = candidates[0];
+        let whose = format!("{who} (pid {pid})");
+        let path = PathBuf::from(format!("/proc/{pid}/ns/mnt"));
+        let theirs = File::open(&path).map_err(|e| ScratchError::Namespace {
+            whose: whose.clone(),
+            detail: format!("opening {}: {e}", path.display()),
+        })?;
+        let ours = Path::new("/proc/thread-self/ns/mnt");
+        let same = match (theirs.metadata(), std::fs::metadata(ours)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(ScratchError::Namespace {
+                    whose,
+                    detail: format!("comparing it with {}: {e}", ours.display()),
+                })
+            }
+        };
+        Ok(Place {
+            enter: (!same).then(|| theirs.into()),
+            whose,
+        })
+    }
+
+    /// Whether the volumes' namespace is another than the process's own.
+    pub fn is_elsewhere(&self) -> bool {
+        self.enter.is_some()
+    }
+
+    /// Runs `f` in the namespace: here, or on a thread of its own that
+    /// first leaves the process's shared filesystem context (`setns` into
+    /// a mount namespace refuses a thread that shares it) and enters it.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R, ScratchError> {
+        let Some(ns) = &self.enter else {
+            return Ok(f());
+        };
+        let failed = |step: &str, e: rustix::io::Errno| ScratchError::Namespace {
+            whose: self.whose.clone(),
+            detail: format!("{step}: {}", std::io::Error::from(e)),
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: FS unshares only this thread's root, working
+                // directory and umask; no file descriptor is affected.
+                unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::FS) }
+                    .map_err(|e| failed("unshare(CLONE_FS)", e))?;
+                rustix::thread::move_into_link_name_space(
+                    std::os::fd::AsFd::as_fd(ns),
+                    Some(rustix::thread::LinkNameSpaceType::Mount),
+                )
+                .map_err(|e| failed("setns(CLONE_NEWNS)", e))?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+}
+
+/// The PID of the process at the other end of a Unix socket, where it is
+/// visible from here (the kernel says 0 for one in a PID namespace we
+/// cannot see into).
+fn peer_pid(socket: &Path) -> Option<u32> {
+    let s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the size given.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid as u32)
+}
+
+/// Whether `plain` is a live volume: mounted where Docker sees it, and its
+/// gocryptfs answers (a mount whose process died fails with "transport
+/// endpoint is not connected").
+pub fn live(place: &Place, plain: &Path) -> Result<(), String> {
+    place.run(|| live_here(plain)).map_err(|e| e.to_string())?
+}
+
+fn live_here(plain: &Path) -> Result<(), String> {
     let mounts = own_mounts().map_err(|e| e.to_string())?;
     if !mounted_at(&mounts, plain) {
         return Err(format!("{} is not mounted", plain.display()));
@@ -139,8 +268,12 @@ pub fn live(plain: &Path) -> Result<(), String> {
 }
 
 /// Makes, mounts and opens to the containers' users the volume of
-/// `lease_id`. On failure nothing of it is left.
-pub fn create(layout: &Layout, lease_id: &str) -> Result<(), ScratchError> {
+/// `lease_id`, in `place`. On failure nothing of it is left.
+pub fn create(place: &Place, layout: &Layout, lease_id: &str) -> Result<(), ScratchError> {
+    place.run(|| create_here(layout, lease_id))?
+}
+
+fn create_here(layout: &Layout, lease_id: &str) -> Result<(), ScratchError> {
     let mut dirs = std::fs::DirBuilder::new();
     dirs.mode(0o700).recursive(true);
     dirs.create(&layout.root)
@@ -203,13 +336,18 @@ pub fn create(layout: &Layout, lease_id: &str) -> Result<(), ScratchError> {
             });
         }
         docker_sees(&plain)?;
+        // Made through the mount, so it exists only where the volume is
+        // mounted: Docker refuses a container whose bind source it cannot
+        // find, rather than handing it the bare directory below.
+        let source = layout.source(lease_id);
+        std::fs::create_dir(&source).map_err(|e| io("making", &source, e))?;
         // Like /tmp: any user of any container of the lease may write.
-        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o1777))
-            .map_err(|e| io("opening", &plain, e))?;
+        std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o1777))
+            .map_err(|e| io("opening", &source, e))?;
         Ok(())
     })();
     if let Err(e) = made {
-        if let Err(again) = destroy(layout, lease_id) {
+        if let Err(again) = destroy_here(layout, lease_id) {
             tracing::error!(lease = %lease_id, error = %again, "a volume that failed to start could not be removed");
         }
         return Err(e);
@@ -218,15 +356,14 @@ pub fn create(layout: &Layout, lease_id: &str) -> Result<(), ScratchError> {
 }
 
 /// Docker makes the containers' bind mounts in its own mount namespace: a
-/// volume mounted only in the agent's (a service with a private namespace)
-/// would leave the bare mount point under it, and the renter would write
-/// plaintext to the disk. Refused unless a dockerd sees the mount.
+/// volume mounted anywhere else would leave the bare mount point under it,
+/// and the renter would write plaintext to the disk. Refused unless a
+/// visible dockerd sees the mount. Where none is visible (the agent in a PID namespace of its own), the bind
+/// source inside the volume is the guard: Docker refuses the container.
 pub fn docker_sees(plain: &Path) -> Result<(), ScratchError> {
     let pids = dockerd_pids();
     if pids.is_empty() {
-        return Err(ScratchError::NotShared(
-            "no dockerd process is visible from the agent".into(),
-        ));
+        return Ok(());
     }
     for pid in &pids {
         let path = PathBuf::from(format!("/proc/{pid}/mountinfo"));
@@ -285,7 +422,11 @@ pub fn holders(cipher: &Path) -> Vec<u32> {
 /// then removes its directory with the ciphertext and the wrapped key.
 /// Nothing there is fine. The directory is removed only once nothing is
 /// mounted on it, so the removal never reaches through a live mount.
-pub fn destroy(layout: &Layout, lease_id: &str) -> Result<(), ScratchError> {
+pub fn destroy(place: &Place, layout: &Layout, lease_id: &str) -> Result<(), ScratchError> {
+    place.run(|| destroy_here(layout, lease_id))?
+}
+
+fn destroy_here(layout: &Layout, lease_id: &str) -> Result<(), ScratchError> {
     let (dir, cipher, plain) = (
         layout.dir(lease_id),
         layout.cipher(lease_id),
@@ -369,9 +510,21 @@ pub fn version() -> Result<String, ScratchError> {
 }
 
 /// `warden doctor`'s check: a real volume made in a fresh directory under
-/// `base`, written and read back through the mount, its ciphertext searched
-/// for what was written, then destroyed. What it did, or why it failed.
-pub fn probe(base: &Path) -> Result<String, String> {
+/// `base`, in `place`, written and read back through the mount, its
+/// ciphertext searched for what was written, then destroyed. What it did,
+/// or why it failed.
+pub fn probe(place: &Place, base: &Path) -> Result<String, String> {
+    let elsewhere = place.is_elsewhere().then(|| place.whose.clone());
+    let done = place
+        .run(|| probe_here(base))
+        .map_err(|e| e.to_string())??;
+    Ok(match elsewhere {
+        Some(whose) => format!("{done} (in the mount namespace of {whose})"),
+        None => done,
+    })
+}
+
+fn probe_here(base: &Path) -> Result<String, String> {
     let version = version().map_err(|e| e.to_string())?;
     let layout = Layout {
         root: base.join(format!(
@@ -383,8 +536,8 @@ pub fn probe(base: &Path) -> Result<String, String> {
     let lease = "probe";
     let marker = format!("warden-scratch-probe-{}", crate::random_id());
     let checked = (|| {
-        create(&layout, lease).map_err(|e| e.to_string())?;
-        let file = layout.plain(lease).join("probe");
+        create_here(&layout, lease).map_err(|e| e.to_string())?;
+        let file = layout.source(lease).join("probe");
         std::fs::write(&file, &marker).map_err(|e| format!("writing {}: {e}", file.display()))?;
         let back = std::fs::read_to_string(&file)
             .map_err(|e| format!("reading {}: {e}", file.display()))?;
@@ -396,7 +549,7 @@ pub fn probe(base: &Path) -> Result<String, String> {
         }
         Ok(())
     })();
-    let destroyed = destroy(&layout, lease).map_err(|e| e.to_string());
+    let destroyed = destroy_here(&layout, lease).map_err(|e| e.to_string());
     let _ = std::fs::remove_dir(&layout.root);
     checked?;
     destroyed?;

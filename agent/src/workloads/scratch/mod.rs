@@ -77,17 +77,26 @@ impl Layout {
         self.dir(lease_id).join("cipher")
     }
 
-    /// The mount point of the plaintext view, bind-mounted into containers.
+    /// The mount point of the plaintext view.
     pub fn plain(&self, lease_id: &str) -> PathBuf {
         self.dir(lease_id).join("plain")
     }
+
+    /// What containers get at [`TARGET`]: a directory made inside the
+    /// mounted volume, so that it exists only where the volume is mounted
+    /// (where it is not, Docker refuses the bind: "bind source path does
+    /// not exist").
+    pub fn source(&self, lease_id: &str) -> PathBuf {
+        self.plain(lease_id).join("data")
+    }
 }
 
-/// The bind mount that puts a lease's volume at [`TARGET`] in a container.
-pub fn mount(plain: &Path) -> Mount {
+/// The bind mount that puts a lease's volume ([`Layout::source`]) at
+/// [`TARGET`] in a container.
+pub fn mount(source: &Path) -> Mount {
     Mount {
         target: Some(TARGET.to_owned()),
-        source: Some(plain.to_string_lossy().into_owned()),
+        source: Some(source.to_string_lossy().into_owned()),
         typ: Some(MountType::BIND),
         read_only: Some(false),
         ..Default::default()
@@ -202,8 +211,10 @@ pub enum ScratchError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the volume is mounted where this agent runs but Docker does not see it ({0}); the agent must run in the host's mount namespace (docs/workloads.md#encrypted-scratch)")]
+    #[error("the volume is mounted but Docker does not see it ({0}) (docs/workloads.md#encrypted-scratch)")]
     NotShared(String),
+    #[error("cannot enter the mount namespace of {whose}, where Docker makes its containers' mounts: {detail} (docs/workloads.md#encrypted-scratch)")]
+    Namespace { whose: String, detail: String },
     #[error("the random key could not be made: {0}")]
     Random(String),
     #[error("{path} is still mounted after unmounting it: {detail}")]
@@ -268,7 +279,11 @@ not a mountinfo line
             Path::new("/var/run/docker.sock"),
         );
         assert!(danger.unwrap().contains("inside"));
-        let m = mount(&layout.plain("l1"));
+        assert_eq!(
+            layout.source("l1"),
+            Path::new("/var/lib/warden/scratch/l1/plain/data")
+        );
+        let m = mount(&layout.source("l1"));
         assert_eq!(m.target.as_deref(), Some(TARGET));
         assert_eq!(m.typ, Some(MountType::BIND));
         assert_eq!(m.read_only, Some(false));
