@@ -86,7 +86,7 @@ Architecture: $arch
 Maintainer: The Warden authors <warden@localhost>
 Installed-Size: $(du -sk --exclude=DEBIAN "$root" | cut -f1)
 Depends: $shlibs, procps
-Recommends: docker.io, gocryptfs
+Recommends: docker.io, gocryptfs, fuse3
 Suggests: wireguard-tools
 Section: admin
 Priority: optional

@@ -34,6 +34,8 @@ need openssl openssl
 need ss iproute2
 # Each lease's encrypted scratch volume (agent/src/workloads/scratch).
 need gocryptfs gocryptfs
+# gocryptfs mounts through fusermount, which Debian's gocryptfs does not pull in.
+need fusermount3 fuse3
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "== installing: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

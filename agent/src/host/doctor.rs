@@ -552,7 +552,7 @@ fn key_state(path: &Path) -> KeyState {
 fn scratch_check(f: &Facts) -> Check {
     use crate::workloads::scratch::ScratchMode;
     let threshold = "a gocryptfs volume mounts, Docker sees it, disk holds ciphertext".to_owned();
-    let fix = "install gocryptfs (Debian: apt-get install gocryptfs), run the agent as root in the host's mount namespace (docs/workloads.md#encrypted-scratch), or set workload.scratch = \"off\"";
+    let fix = "install gocryptfs and fuse3 (Debian: apt-get install gocryptfs fuse3), load the fuse module, run the agent as root (docs/workloads.md#encrypted-scratch), or set workload.scratch = \"off\"";
     match (&f.scratch, f.scratch_mode) {
         (_, ScratchMode::Off) => Check {
             name: "scratch",

@@ -104,10 +104,21 @@ fn run(step: &'static str, args: &[&str], password: &str) -> Result<(), ScratchE
     let mut out = out;
     let _ = out.seek(SeekFrom::Start(0));
     let _ = out.take(16 << 10).read_to_string(&mut text);
+    // One line: it ends up in a table row, a log line, a renter's note.
+    let mut stderr = text
+        .split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    // Debian's gocryptfs does not depend on the package holding it.
+    if stderr.contains("fusermount") && stderr.contains("no such file") {
+        stderr.push_str(" (install fuse3: gocryptfs mounts through its fusermount)");
+    }
     let failed = |status: String| ScratchError::Tool {
         step,
         status,
-        stderr: text.trim().to_owned(),
+        stderr,
     };
     match status {
         Ok(s) if s.success() => Ok(()),
