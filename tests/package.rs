@@ -752,6 +752,19 @@ fn the_agent_under_its_unit_gives_a_lease_an_encrypted_scratch_volume() {
         || std::fs::read_to_string(layout.source(&lease).join("m")).ok(),
     );
     assert_eq!(written.trim(), marker);
+    // A user other than root writes too: gocryptfs creates the file as that
+    // user (what CAP_SETUID, CAP_SETGID and setreuid are in the unit for).
+    let by_nobody = Command::new("docker")
+        .args(["exec", "-u", "65534", &format!("warden-{lease}-main")])
+        .args(["sh", "-c", "echo nobody > /scratch/n && stat -c %u /scratch/n"])
+        .output()
+        .unwrap();
+    assert!(
+        by_nobody.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_nobody.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&by_nobody.stdout).trim(), "65534");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let plain = layout.plain(&lease);
     assert!(
