@@ -85,7 +85,7 @@ fn main() {
     for i in 0..volumes {
         let lease = format!("bench-{i}");
         let t = Instant::now();
-        gocryptfs::create(&here, &layout, &lease).expect("a volume");
+        gocryptfs::create(&here, &layout, &lease, None).expect("a volume");
         made.push(t.elapsed());
         let t = Instant::now();
         gocryptfs::destroy(&here, &layout, &lease).expect("destroyed");
@@ -97,7 +97,7 @@ fn main() {
     // 3. Throughput, host side.
     let size = 64usize << 20;
     let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 4096) as u8).collect();
-    gocryptfs::create(&here, &layout, "io").expect("a volume");
+    gocryptfs::create(&here, &layout, "io", None).expect("a volume");
     let (ew, er) = write_read(&layout.source("io").join("f"), &data);
     gocryptfs::destroy(&here, &layout, "io").unwrap();
     let plain_dir = tmp.path().join("plain-dir");

@@ -79,6 +79,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("RenterPeer.public_key", "base64_std"),
         ("ClusterRecord.coordinator_public_key", "base64_std"),
         ("ClusterLease.node_public_key", "base64_std"),
+        ("LeaseInfo.sealed_scratch_key", "base64_std"),
     ] {
         builder = builder.field_attribute(
             format!(".warden.v1.{field}"),

@@ -756,7 +756,11 @@ fn the_agent_under_its_unit_gives_a_lease_an_encrypted_scratch_volume() {
     // user (what CAP_SETUID, CAP_SETGID and setreuid are in the unit for).
     let by_nobody = Command::new("docker")
         .args(["exec", "-u", "65534", &format!("warden-{lease}-main")])
-        .args(["sh", "-c", "echo nobody > /scratch/n && stat -c %u /scratch/n"])
+        .args([
+            "sh",
+            "-c",
+            "echo nobody > /scratch/n && stat -c %u /scratch/n",
+        ])
         .output()
         .unwrap();
     assert!(

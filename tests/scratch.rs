@@ -540,7 +540,9 @@ fn a_volume_docker_does_not_see_is_refused_by_docker_itself() {
     // inside the volume, does not exist where Docker looks: it refuses the
     // container instead of giving it the bare directory.
     let mut wrapper = own_namespace("private", None);
-    wrapper.extend(["--pid", "--fork", "--mount-proc"]);
+    // --kill-child: the agent (PID 1 there) ends with the unshare the test
+    // kills, instead of living on as an orphan.
+    wrapper.extend(["--pid", "--fork", "--kill-child", "--mount-proc"]);
     let n = common::leases::node_under(tmp.path(), &wrapper, "stop_grace = \"1s\"", "");
     let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
@@ -627,4 +629,181 @@ fn doctor_makes_a_real_volume_and_says_when_it_cannot() {
         .contains("every lease is refused"));
     write("off");
     assert_eq!(doctor_scratch(&cfg, None)["verdict"], "skip");
+}
+
+/// `wg genkey`, and its `wg pubkey`: a renter's X25519 key pair made with
+/// WireGuard's own tools; the private key's file.
+fn renter_keys(dir: &Path, name: &str) -> (PathBuf, String) {
+    let private = Command::new("wg").arg("genkey").output().unwrap();
+    assert!(private.status.success(), "wg genkey (wireguard-tools)");
+    let file = dir.join(name);
+    std::fs::write(&file, &private.stdout).unwrap();
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&private.stdout)
+        .unwrap();
+    let public = child.wait_with_output().unwrap();
+    (
+        file,
+        String::from_utf8(public.stdout).unwrap().trim().to_owned(),
+    )
+}
+
+/// Every file below `dir` whose bytes hold `needle`.
+fn holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    files(dir)
+        .into_iter()
+        .filter(|f| std::fs::read(f).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)))
+        .collect()
+}
+
+#[test]
+fn the_renter_who_asks_gets_the_key_and_nobody_else_can_open_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _unmount = Unmounts(tmp.path().to_owned());
+    let n = node(tmp.path(), "");
+    let _clean = ContainersOf(n.node_id.clone());
+    let image = image::busybox_image();
+    let (key, public) = renter_keys(tmp.path(), "renter.key");
+    let marker = format!("renters-own-{}", std::process::id());
+    let start = n.warden(&[
+        "lease",
+        "start",
+        &n.node_id,
+        "--scratch-key-to",
+        &public,
+        "--image",
+        &image,
+        "--",
+        "sh",
+        "-c",
+        &format!("echo {marker} > /scratch/m && sleep 300"),
+    ]);
+    assert!(
+        start.status.success(),
+        "{}",
+        String::from_utf8_lossy(&start.stderr)
+    );
+    let id = String::from_utf8_lossy(&start.stdout).trim().to_owned();
+    assert!(n.start_note(&id).contains("sealed to the renter's"));
+    let layout = n.layout();
+    wait_for("written", Duration::from_secs(20), || {
+        std::fs::read_to_string(layout.source(&id).join("m")).ok()
+    });
+    // The renter's copy of the ciphertext, taken while the lease runs.
+    let copy = tmp.path().join("renters-copy");
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(layout.cipher(&id))
+        .arg(&copy)
+        .status()
+        .unwrap()
+        .success());
+
+    let scratch_key = |file: &Path| {
+        n.warden(&[
+            "lease",
+            "scratch-key",
+            &id,
+            "--private-key",
+            file.to_str().unwrap(),
+        ])
+    };
+    let out = scratch_key(&key);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let password = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(password.len(), 64, "{password}");
+    // The same from the spec alone (docs/workloads.md), in Python.
+    let list: Value =
+        serde_json::from_slice(&n.warden(&["lease", "list", "--json"]).stdout).unwrap();
+    let sealed = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["lease_id"] == id.as_str())
+        .and_then(|l| l["sealed_scratch_key"].as_str())
+        .unwrap()
+        .to_owned();
+    let py = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/py/open_sealed.py"))
+        .arg(&key)
+        .arg(&id)
+        .arg(&sealed)
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), password);
+
+    // Another key opens nothing; the password is on no disk of the node or
+    // the coordinator (the records hold it sealed).
+    let (other, _) = renter_keys(tmp.path(), "other.key");
+    let out = scratch_key(&other);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not open with this key"), "{err}");
+    for dir in [&n.agent.dir, &tmp.path().join("coord")] {
+        let found = holding(dir, password.as_bytes());
+        assert!(found.is_empty(), "the password in {found:?}");
+    }
+
+    n.end(&id);
+    // The node's copy is gone; the renter's key opens the renter's copy.
+    assert!(!layout.dir(&id).exists());
+    let mnt = tmp.path().join("renters-mount");
+    std::fs::create_dir_all(&mnt).unwrap();
+    // Not try_open: its gocryptfs stays, holding a stderr pipe open.
+    let mut child = Command::new("gocryptfs")
+        .args(["-q", "-nosyslog", "-passfile", "/dev/stdin", "--"])
+        .arg(&copy)
+        .arg(&mnt)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "the renter's key opens the copy"
+    );
+    let read = std::fs::read_to_string(mnt.join("data/m"));
+    let _ = Command::new("umount").arg(&mnt).status();
+    assert_eq!(read.unwrap().trim(), marker);
+
+    // A key that is not 32 bytes is refused before anything starts.
+    let out = n.warden(&[
+        "lease",
+        "start",
+        &n.node_id,
+        "--scratch-key-to",
+        "c2hvcnQ=",
+        "--image",
+        &image,
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("32 bytes, not 5"), "{err}");
 }

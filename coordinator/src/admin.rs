@@ -169,6 +169,13 @@ impl pb::admin_server::Admin for AdminService {
                 "give GPU uuids or all GPUs, not both",
             ));
         }
+        if !req.scratch_key_to.is_empty() {
+            warden_proto::sealed::key32(&req.scratch_key_to).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "scratch_key_to (the renter's X25519 public key): {e}"
+                ))
+            })?;
+        }
         let lease_id = if req.lease_id.is_empty() {
             ids::fresh("l")
         } else {
@@ -210,6 +217,7 @@ impl pb::admin_server::Admin for AdminService {
             gpu_uuids: req.gpu_uuids,
             all_gpus: req.all_gpus,
             containers: req.container.into_iter().collect(),
+            scratch_key_to: req.scratch_key_to,
         });
         Ok(Response::new(
             self.command(info, body, wait(req.timeout_seconds)).await?,

@@ -278,6 +278,8 @@ impl Hiring {
                 gpu_uuids: m.gpu_uuids.clone(),
                 all_gpus: false,
                 containers: hire::member_containers(c, m),
+                // A cluster's renter gets no copy of its members' keys.
+                scratch_key_to: Vec::new(),
             });
             match self.control.send(lease, body).await {
                 Ok(s) => sent.push(s),

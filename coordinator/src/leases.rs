@@ -73,6 +73,7 @@ pub fn apply_result(info: &mut pb::LeaseInfo, kind: Kind, r: &pb::CommandResult,
             info.error.clear();
             // A successful answer's `error` is a note for the renter.
             info.note = r.error.clone();
+            info.sealed_scratch_key = r.sealed_scratch_key.clone();
             merge(&mut info.containers, &r.containers);
             settle(info);
         }

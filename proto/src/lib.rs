@@ -10,6 +10,7 @@ pub mod json;
 pub mod labels;
 pub mod limits;
 pub mod refusal;
+pub mod sealed;
 pub mod states;
 pub mod types;
 pub mod vectors;

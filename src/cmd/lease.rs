@@ -38,8 +38,23 @@ enum LeaseCommand {
         gpus: Option<String>,
         #[arg(long)]
         renter: Option<String>,
+        /// Have the node seal the encrypted scratch volume's key to this
+        /// X25519 public key (base64, as `wg pubkey` prints it); `lease
+        /// scratch-key` opens it with the private key.
+        #[arg(long, value_name = "PUBLIC_KEY")]
+        scratch_key_to: Option<String>,
         #[command(flatten)]
         spec: SpecArgs,
+    },
+    /// Print a lease's encrypted scratch volume key (its gocryptfs
+    /// password), which the node sealed to the key `lease start
+    /// --scratch-key-to` named.
+    ScratchKey {
+        lease_id: String,
+        /// The private key: a file holding it in base64 (`wg genkey`), or a
+        /// WireGuard config with a `PrivateKey =` line.
+        #[arg(long, value_name = "FILE")]
+        private_key: PathBuf,
     },
     /// Run one more container in a running lease.
     Run {
@@ -189,8 +204,13 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
             gpu,
             gpus,
             renter,
+            scratch_key_to,
             spec,
         } => {
+            let scratch_key_to = match scratch_key_to {
+                None => Vec::new(),
+                Some(k) => x25519_key(&k).context("--scratch-key-to")?.to_vec(),
+            };
             let timeout = spec.timeout;
             // Our own id, so that the image pull can be shown while we wait.
             let lease_id = format!("l-{}", warden_agent::random_id());
@@ -203,6 +223,7 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
                 renter: renter.unwrap_or_default(),
                 timeout_seconds: timeout,
                 lease_id: lease_id.clone(),
+                scratch_key_to,
             };
             let started = start.start_lease(request);
             tokio::pin!(started);
@@ -229,6 +250,40 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
                 }
             };
             println!("{}", info.lease_id);
+        }
+        LeaseCommand::ScratchKey {
+            lease_id,
+            private_key,
+        } => {
+            let text = std::fs::read_to_string(&private_key)
+                .with_context(|| format!("reading {}", private_key.display()))?;
+            let key = text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("PrivateKey"))
+                .and_then(|rest| rest.trim().strip_prefix('='))
+                .unwrap_or(&text);
+            let key = zeroize::Zeroizing::new(
+                x25519_key(key).with_context(|| format!("the key in {}", private_key.display()))?,
+            );
+            let info = client
+                .list_leases(pb::ListLeasesRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .leases
+                .into_iter()
+                .find(|l| l.lease_id == lease_id)
+                .with_context(|| format!("no lease {lease_id}"))?;
+            if info.sealed_scratch_key.is_empty() {
+                anyhow::bail!(
+                    "lease {lease_id} has no sealed scratch key: its start did not ask for one (--scratch-key-to), or it got no encrypted volume{}",
+                    if info.note.is_empty() { String::new() } else { format!(" ({})", info.note) }
+                );
+            }
+            let password =
+                warden_proto::sealed::open(&key, lease_id.as_bytes(), &info.sealed_scratch_key)
+                    .with_context(|| format!("lease {lease_id}'s sealed scratch key"))?;
+            println!("{}", String::from_utf8_lossy(&password));
         }
         LeaseCommand::Run { lease_id, spec } => {
             let timeout = spec.timeout;
@@ -439,4 +494,13 @@ fn parse_mount(s: &str) -> Result<warden_proto::pb::MountSpec> {
         target: target.to_string(),
         read_only,
     })
+}
+
+/// A 32-byte X25519 key in base64, as WireGuard's tools write them.
+fn x25519_key(text: &str) -> Result<[u8; 32]> {
+    use base64::{engine::general_purpose::STANDARD as B64, Engine};
+    let bytes = B64
+        .decode(text.trim())
+        .context("not base64 (a WireGuard-style X25519 key is 44 characters of base64)")?;
+    Ok(warden_proto::sealed::key32(&bytes)?)
 }

@@ -27,6 +27,8 @@ pub struct Success {
     pub ray_alive_addresses: Vec<String>,
     /// Notes that go with a success (peers a mesh config left out).
     pub note: String,
+    /// A lease's scratch key sealed to the renter's (LeaseStart).
+    pub sealed_scratch_key: Vec<u8>,
 }
 
 impl Success {
@@ -56,6 +58,7 @@ pub async fn answer(
             ray_alive_nodes: s.ray_alive_addresses.len() as u32,
             ray_alive_addresses: s.ray_alive_addresses,
             logs: None,
+            sealed_scratch_key: s.sealed_scratch_key,
         },
         Err(error) => {
             tracing::warn!(command = %command_id, lease = %lease_id, %error, "command refused or failed");

@@ -702,21 +702,22 @@ impl State {
         let (lease_id, outcome) = match cmd.body {
             Some(pb::command::Body::LeaseStart(ls)) => {
                 let id = ls.lease_id.clone();
-                let outcome = self
-                    .lease_start(ls)
-                    .await
-                    .map(|(containers, note)| Success {
-                        note,
-                        // What "all GPUs" meant here: the GPUs the chain will report.
-                        gpu_uuids: self
-                            .book
-                            .leases
-                            .get(&id)
-                            .map(|l| l.gpus.clone())
-                            .unwrap_or_default(),
-                        containers,
-                        ..Default::default()
-                    });
+                let outcome =
+                    self.lease_start(ls)
+                        .await
+                        .map(|(containers, note, sealed_scratch_key)| Success {
+                            note,
+                            sealed_scratch_key,
+                            // What "all GPUs" meant here: the GPUs the chain will report.
+                            gpu_uuids: self
+                                .book
+                                .leases
+                                .get(&id)
+                                .map(|l| l.gpus.clone())
+                                .unwrap_or_default(),
+                            containers,
+                            ..Default::default()
+                        });
                 (id, outcome)
             }
             Some(pb::command::Body::LeaseEnd(le)) => {
@@ -1040,11 +1041,19 @@ impl State {
     }
 
     /// Starts a lease: its scratch volume, then its containers. Returns
-    /// their states and what the renter is told of the volume.
+    /// their states, what the renter is told of the volume, and the
+    /// volume's key sealed to the renter's if the start asked for it.
     async fn lease_start(
         &mut self,
         ls: pb::LeaseStart,
-    ) -> Result<(Vec<pb::ContainerState>, String), String> {
+    ) -> Result<(Vec<pb::ContainerState>, String, Vec<u8>), String> {
+        let renter_key = match ls.scratch_key_to.as_slice() {
+            [] => None,
+            k => Some(
+                warden_proto::sealed::key32(k)
+                    .map_err(|e| format!("scratch_key_to (the renter's X25519 public key): {e}"))?,
+            ),
+        };
         let gpus = self.book.plan_start(&ls, &self.node_gpus())?;
         // Every spec is checked before anything is created.
         for spec in &ls.containers {
@@ -1052,9 +1061,20 @@ impl State {
         }
         let docker = self.docker()?;
         // Before the containers: they are made with it.
-        let volume = self.make_scratch(&ls.lease_id).await?;
+        let volume = self.make_scratch(&ls.lease_id, renter_key).await?;
         let encrypted = volume.is_ok();
-        let note = scratch::note(&volume, self.w.config.scratch);
+        let note = scratch::note(
+            &volume.as_ref().map(|_| ()).map_err(Clone::clone),
+            self.w.config.scratch,
+        );
+        let sealed = volume.ok().flatten().unwrap_or_default();
+        let note = if sealed.is_empty() {
+            note
+        } else {
+            format!(
+                "{note}; a copy of its key is sealed to the renter's (warden lease scratch-key)"
+            )
+        };
         let mut lease = Lease {
             id: ls.lease_id.clone(),
             renter: ls.renter.clone(),
@@ -1101,13 +1121,18 @@ impl State {
         }
         self.book.leases.insert(lease.id.clone(), lease);
         self.save();
-        Ok((states, note))
+        Ok((states, note, sealed))
     }
 
     /// Makes the lease's encrypted scratch volume as `workload.scratch`
-    /// says: `Ok(Ok)` made, `Ok(Err(why))` the lease goes on without one
-    /// (off, or unavailable in `auto`), `Err` the lease is refused.
-    async fn make_scratch(&self, lease_id: &str) -> Result<Result<(), String>, String> {
+    /// says: `Ok(Ok)` made (with its key sealed to `renter`'s, if given),
+    /// `Ok(Err(why))` the lease goes on without one (off, or unavailable in
+    /// `auto`), `Err` the lease is refused.
+    async fn make_scratch(
+        &self,
+        lease_id: &str,
+        renter: Option<[u8; 32]>,
+    ) -> Result<Result<Option<Vec<u8>>, String>, String> {
         let mode = self.w.config.scratch;
         if mode == ScratchMode::Off {
             return Ok(Err("workload.scratch is off".into()));
@@ -1115,15 +1140,20 @@ impl State {
         let (layout, id) = (self.scratch.clone(), lease_id.to_owned());
         let socket = self.w.config.docker_socket.clone();
         let made = tokio::task::spawn_blocking(move || {
-            gocryptfs::create(&gocryptfs::Place::docker(&socket)?, &layout, &id)
+            gocryptfs::create(
+                &gocryptfs::Place::docker(&socket)?,
+                &layout,
+                &id,
+                renter.as_ref(),
+            )
         })
         .await
         .map_err(|e| e.to_string())
         .and_then(|r| r.map_err(|e| e.to_string()));
         match made {
-            Ok(()) => {
-                tracing::info!(lease = %lease_id, path = %self.scratch.plain(lease_id).display(), "encrypted scratch volume mounted");
-                Ok(Ok(()))
+            Ok(sealed) => {
+                tracing::info!(lease = %lease_id, path = %self.scratch.plain(lease_id).display(), sealed_to_renter = sealed.is_some(), "encrypted scratch volume mounted");
+                Ok(Ok(sealed))
             }
             Err(e) if mode == ScratchMode::Required => Err(format!(
                 "the encrypted scratch volume could not be made (workload.scratch is required): {e}"

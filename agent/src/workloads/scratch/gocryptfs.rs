@@ -279,12 +279,23 @@ fn live_here(plain: &Path) -> Result<(), String> {
 }
 
 /// Makes, mounts and opens to the containers' users the volume of
-/// `lease_id`, in `place`. On failure nothing of it is left.
-pub fn create(place: &Place, layout: &Layout, lease_id: &str) -> Result<(), ScratchError> {
-    place.run(|| create_here(layout, lease_id))?
+/// `lease_id`, in `place`. With `renter`, an X25519 public key, its
+/// password sealed to that key for `lease_id` (`warden_proto::sealed`) is
+/// returned: the renter's copy. On failure nothing of it is left.
+pub fn create(
+    place: &Place,
+    layout: &Layout,
+    lease_id: &str,
+    renter: Option<&[u8; 32]>,
+) -> Result<Option<Vec<u8>>, ScratchError> {
+    place.run(|| create_here(layout, lease_id, renter))?
 }
 
-fn create_here(layout: &Layout, lease_id: &str) -> Result<(), ScratchError> {
+fn create_here(
+    layout: &Layout,
+    lease_id: &str,
+    renter: Option<&[u8; 32]>,
+) -> Result<Option<Vec<u8>>, ScratchError> {
     let mut dirs = std::fs::DirBuilder::new();
     dirs.mode(0o700).recursive(true);
     dirs.create(&layout.root)
@@ -302,6 +313,12 @@ fn create_here(layout: &Layout, lease_id: &str) -> Result<(), ScratchError> {
         }
         let (c, p) = (cipher.to_string_lossy(), plain.to_string_lossy());
         let password = password()?;
+        let sealed = renter
+            .map(|r| {
+                warden_proto::sealed::seal(r, lease_id.as_bytes(), password.trim_end().as_bytes())
+            })
+            .transpose()
+            .map_err(ScratchError::Seal)?;
         // scrypt's cost guards a password a person chose; this one is 256
         // random bits, so the cheapest setting loses nothing.
         run(
@@ -355,15 +372,14 @@ fn create_here(layout: &Layout, lease_id: &str) -> Result<(), ScratchError> {
         // Like /tmp: any user of any container of the lease may write.
         std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o1777))
             .map_err(|e| io("opening", &source, e))?;
-        Ok(())
+        Ok(sealed)
     })();
-    if let Err(e) = made {
+    if made.is_err() {
         if let Err(again) = destroy_here(layout, lease_id) {
             tracing::error!(lease = %lease_id, error = %again, "a volume that failed to start could not be removed");
         }
-        return Err(e);
     }
-    Ok(())
+    made
 }
 
 /// Docker makes the containers' bind mounts in its own mount namespace: a
@@ -547,7 +563,7 @@ fn probe_here(base: &Path) -> Result<String, String> {
     let lease = "probe";
     let marker = format!("warden-scratch-probe-{}", crate::random_id());
     let checked = (|| {
-        create_here(&layout, lease).map_err(|e| e.to_string())?;
+        create_here(&layout, lease, None).map_err(|e| e.to_string())?;
         let file = layout.source(lease).join("probe");
         std::fs::write(&file, &marker).map_err(|e| format!("writing {}: {e}", file.display()))?;
         let back = std::fs::read_to_string(&file)

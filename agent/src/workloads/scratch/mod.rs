@@ -215,6 +215,8 @@ pub enum ScratchError {
     NotShared(String),
     #[error("cannot enter the mount namespace of {whose}, where Docker makes its containers' mounts: {detail} (docs/workloads.md#encrypted-scratch)")]
     Namespace { whose: String, detail: String },
+    #[error("the key could not be sealed to the renter's: {0}")]
+    Seal(warden_proto::sealed::SealError),
     #[error("the random key could not be made: {0}")]
     Random(String),
     #[error("{path} is still mounted after unmounting it: {detail}")]
