@@ -109,7 +109,7 @@ fn a_lease_runs_confined_and_ends_with_nothing_left() {
         mounts.iter().all(|m| m["Destination"] == "/scratch"
             && m["Source"]
                 .as_str()
-                .is_some_and(|s| s.ends_with(&format!("/scratch/{id}/plain")))),
+                .is_some_and(|s| s.ends_with(&format!("/scratch/{id}/plain/data")))),
         "no other mount: {}",
         c["Mounts"]
     );

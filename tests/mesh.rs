@@ -14,29 +14,7 @@ use std::{
 use common::*;
 
 fn wg_key(dir: &Path, name: &str) -> (String, String) {
-    let private = String::from_utf8(run(&["wg", "genkey"]).stdout)
-        .unwrap()
-        .trim()
-        .to_owned();
-    let path = dir.join(name);
-    std::fs::write(&path, format!("{private}\n")).unwrap();
-    let mut child = Command::new("wg")
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(private.as_bytes())
-        .unwrap();
-    let public = String::from_utf8(child.wait_with_output().unwrap().stdout)
-        .unwrap()
-        .trim()
-        .to_owned();
+    let (path, public) = wg_keypair(dir, name);
     (path.display().to_string(), public)
 }
 

@@ -116,25 +116,20 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// gocryptfs run by the test itself on `cipher` with `password`: its output.
-fn try_open(cipher: &Path, mountpoint: &Path, password: &str) -> Output {
+/// gocryptfs run by the test itself on `cipher` with `password`: its
+/// output. `stderr` is not a pipe where the mount succeeds: its daemon
+/// would hold the pipe open for as long as it runs.
+fn try_open(cipher: &Path, mountpoint: &Path, password: &str, stderr: Stdio) -> Output {
     std::fs::create_dir_all(mountpoint).unwrap();
-    let mut child = Command::new("gocryptfs")
-        .args(["-q", "-nosyslog", "-passfile", "/dev/stdin", "--"])
-        .arg(cipher)
-        .arg(mountpoint)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    let _ = child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes());
-    child.wait_with_output().unwrap()
+    fed(
+        Command::new("gocryptfs")
+            .args(["-q", "-nosyslog", "-passfile", "/dev/stdin", "--"])
+            .arg(cipher)
+            .arg(mountpoint)
+            .stdout(Stdio::null())
+            .stderr(stderr),
+        format!("{password}\n").as_bytes(),
+    )
 }
 
 #[test]
@@ -268,7 +263,7 @@ fn what_a_lease_writes_is_ciphertext_on_disk_and_is_shredded_when_it_ends() {
     let conf = std::fs::read_to_string(copy.join("gocryptfs.conf")).unwrap();
     assert!(conf.contains("EncryptedKey"), "{conf}");
     let wrong = "0".repeat(64);
-    let out = try_open(&copy, &tmp.path().join("thief"), &wrong);
+    let out = try_open(&copy, &tmp.path().join("thief"), &wrong, Stdio::piped());
     assert_eq!(
         out.status.code(),
         Some(12),
@@ -631,33 +626,6 @@ fn doctor_makes_a_real_volume_and_says_when_it_cannot() {
     assert_eq!(doctor_scratch(&cfg, None)["verdict"], "skip");
 }
 
-/// `wg genkey`, and its `wg pubkey`: a renter's X25519 key pair made with
-/// WireGuard's own tools; the private key's file.
-fn renter_keys(dir: &Path, name: &str) -> (PathBuf, String) {
-    let private = Command::new("wg").arg("genkey").output().unwrap();
-    assert!(private.status.success(), "wg genkey (wireguard-tools)");
-    let file = dir.join(name);
-    std::fs::write(&file, &private.stdout).unwrap();
-    let mut child = Command::new("wg")
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&private.stdout)
-        .unwrap();
-    let public = child.wait_with_output().unwrap();
-    (
-        file,
-        String::from_utf8(public.stdout).unwrap().trim().to_owned(),
-    )
-}
-
 /// Every file below `dir` whose bytes hold `needle`.
 fn holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     files(dir)
@@ -673,7 +641,7 @@ fn the_renter_who_asks_gets_the_key_and_nobody_else_can_open_it() {
     let n = node(tmp.path(), "");
     let _clean = ContainersOf(n.node_id.clone());
     let image = image::busybox_image();
-    let (key, public) = renter_keys(tmp.path(), "renter.key");
+    let (key, public) = wg_keypair(tmp.path(), "renter.key");
     let marker = format!("renters-own-{}", std::process::id());
     let start = n.warden(&[
         "lease",
@@ -753,7 +721,7 @@ fn the_renter_who_asks_gets_the_key_and_nobody_else_can_open_it() {
 
     // Another key opens nothing; the password is on no disk of the node or
     // the coordinator (the records hold it sealed).
-    let (other, _) = renter_keys(tmp.path(), "other.key");
+    let (other, _) = wg_keypair(tmp.path(), "other.key");
     let out = scratch_key(&other);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -767,28 +735,8 @@ fn the_renter_who_asks_gets_the_key_and_nobody_else_can_open_it() {
     // The node's copy is gone; the renter's key opens the renter's copy.
     assert!(!layout.dir(&id).exists());
     let mnt = tmp.path().join("renters-mount");
-    std::fs::create_dir_all(&mnt).unwrap();
-    // Not try_open: its gocryptfs stays, holding a stderr pipe open.
-    let mut child = Command::new("gocryptfs")
-        .args(["-q", "-nosyslog", "-passfile", "/dev/stdin", "--"])
-        .arg(&copy)
-        .arg(&mnt)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    assert!(
-        child.wait().unwrap().success(),
-        "the renter's key opens the copy"
-    );
+    let opened = try_open(&copy, &mnt, &password, Stdio::null());
+    assert!(opened.status.success(), "the renter's key opens the copy");
     let read = std::fs::read_to_string(mnt.join("data/m"));
     let _ = Command::new("umount").arg(&mnt).status();
     assert_eq!(read.unwrap().trim(), marker);

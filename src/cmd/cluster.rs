@@ -245,8 +245,9 @@ impl HireArgs {
     }
 }
 
-/// The private key of a config this command wrote.
-fn private_key_in(text: &str) -> Option<[u8; 32]> {
+/// The private key of a config this command wrote (a WireGuard config's
+/// `PrivateKey =`).
+pub(super) fn private_key_in(text: &str) -> Option<[u8; 32]> {
     use base64::Engine;
     let line = text
         .lines()

@@ -257,14 +257,11 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
         } => {
             let text = std::fs::read_to_string(&private_key)
                 .with_context(|| format!("reading {}", private_key.display()))?;
-            let key = text
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("PrivateKey"))
-                .and_then(|rest| rest.trim().strip_prefix('='))
-                .unwrap_or(&text);
-            let key = zeroize::Zeroizing::new(
-                x25519_key(key).with_context(|| format!("the key in {}", private_key.display()))?,
-            );
+            let key = zeroize::Zeroizing::new(match super::cluster::private_key_in(&text) {
+                Some(k) => k,
+                None => x25519_key(&text)
+                    .with_context(|| format!("the key in {}", private_key.display()))?,
+            });
             let info = client
                 .list_leases(pb::ListLeasesRequest {})
                 .await

@@ -20,6 +20,36 @@ pub fn run(args: &[&str]) -> Output {
     out
 }
 
+/// Runs `cmd` with `input` on its standard input; its output (stdout and
+/// stderr as the command was set up: piped unless said otherwise).
+pub fn fed(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    // One that exits without reading says why in its status.
+    let _ = child.stdin.take().unwrap().write_all(input);
+    child.wait_with_output().unwrap()
+}
+
+/// A WireGuard (X25519) key pair made by `wg genkey` and `wg pubkey`: the
+/// private key written to `dir/name`, and the public key in base64.
+pub fn wg_keypair(dir: &Path, name: &str) -> (std::path::PathBuf, String) {
+    let private = run(&["wg", "genkey"]).stdout;
+    let path = dir.join(name);
+    std::fs::write(&path, &private).unwrap();
+    let public = fed(
+        Command::new("wg").arg("pubkey").stdout(Stdio::piped()),
+        &private,
+    );
+    assert!(public.status.success(), "wg pubkey");
+    (
+        path,
+        String::from_utf8(public.stdout).unwrap().trim().to_owned(),
+    )
+}
+
 /// Namespaces deleted when the test ends (their processes are gone by then).
 pub struct Hosts(pub Vec<String>);
 

@@ -614,7 +614,7 @@ pub mod leases;
 pub mod ray;
 
 #[allow(unused_imports)]
-pub use lan::{run, spawn_in, Hosts, InNs, Lan};
+pub use lan::{fed, run, spawn_in, wg_keypair, Hosts, InNs, Lan};
 
 /// A stand-in for the Docker socket that forwards to the real one, and
 /// can be cut: to the agent, Docker went away.
