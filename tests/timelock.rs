@@ -719,3 +719,62 @@ fn a_process_nvml_reports_on_a_leased_gpu_is_killed_too() {
     });
     r.end(&id);
 }
+
+/// A GPU node is a character device. Where the kernel delivers no
+/// fanotify permission events for those (Linux 6.18, this test machine),
+/// the guard must not claim the GPU: it says why, and the lease is scanned
+/// every cycle, so a foreign holder is ended and the proof holds; where the
+/// kernel does deliver them, the open is denied.
+#[test]
+fn a_gpu_node_without_permission_events_is_scanned_and_every_window_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = rig(tmp.path());
+    std::fs::remove_file(&r.dev).unwrap();
+    run(&["mknod", r.dev.to_str().unwrap(), "c", "1", "3"]);
+    assert_eq!(r.guard_status(), "on");
+    let id = r.start();
+    let try_open = format!(
+        "{{ :; }} 3<'{}' 2>/dev/null && echo opened || echo denied",
+        r.dev.display()
+    );
+    // Denied at the open, or said not to be guardable.
+    let delivered = wait_for(
+        "the guard's verdict on the node",
+        Duration::from_secs(30),
+        || {
+            if sh(&try_open).trim() == "denied" {
+                return Some(true);
+            }
+            let log = r.agent.proc.log_text();
+            log.contains("open guard: no permission events for this node")
+                .then_some(false)
+        },
+    );
+    if delivered {
+        eprintln!("this kernel delivers permission events for character devices");
+        assert_eq!(sh(&try_open).trim(), "denied");
+        r.end(&id);
+        return;
+    }
+    // The foreign holder is not stopped at the open, but found and ended.
+    assert_eq!(sh(&try_open).trim(), "opened");
+    let mut squatter = r.squatter();
+    wait_for("the squatter killed", Duration::from_secs(30), || {
+        (!alive(&mut squatter)).then_some(())
+    });
+    r.answered_epochs(&id);
+    r.end(&id);
+    let (info, bundle) = r.export(&id);
+    assert_eq!(info["verdict"], "holds", "{info:#}");
+    let b: Value = serde_json::from_slice(&std::fs::read(&bundle).unwrap()).unwrap();
+    let windows = attestations_of(&b);
+    assert!(windows.len() >= 2);
+    for a in windows.iter().filter(|a| !a.gpus.is_empty()) {
+        assert_eq!(a.guard, "scan", "{a:?}");
+        assert!(
+            a.unguarded.contains("delivers no permission event")
+                && a.unguarded.contains("a character device"),
+            "{a:?}"
+        );
+    }
+}

@@ -53,7 +53,7 @@ fn guard_check(guard: &(bool, Result<(), String>)) -> Check {
         (true, Err(e)) => (
             Verdict::Warn,
             e.clone(),
-            "run the agent as root on a kernel built with CONFIG_FANOTIFY_ACCESS_PERMISSIONS; until then foreign holders are found by scanning /proc every cycle and ended after the fact, and attestations say \"scan\"",
+            "run the agent as root on a kernel built with CONFIG_FANOTIFY_ACCESS_PERMISSIONS that delivers permission events for character devices (Linux 6.18 delivers none: docs/security.md#the-open-guard-prevent-not-only-kill); until then foreign holders are found by scanning /proc every cycle and ended after the fact, and attestations say \"scan\"",
         ),
         (false, _) => (
             Verdict::Warn,

@@ -8,6 +8,14 @@
 //! If the agent dies, the kernel drops the group with its marks and lets
 //! waiting opens through: the guard fails open, like the scan it replaces
 //! (a dead agent kills nothing either), and the chain shows the gap.
+//!
+//! A mark is not proof that opens are judged: some kernels deliver no
+//! permission events for character devices (Linux 6.18, where these tests
+//! run, delivers them for regular files only), and a GPU node is one. So
+//! each node, once marked, is opened by the agent itself: the guard thread
+//! counts every event it answers, the agent's own included, and a node
+//! whose open raised none is unmarked and reported unguarded, with why.
+//! Its lease is scanned every cycle, as without a guard.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -55,6 +63,9 @@ struct View {
 struct Shared {
     view: Arc<View>,
     log: PreventedLog,
+    /// Permission events answered, by inode: how the guard learns that
+    /// the kernel delivers them for a node.
+    events: HashMap<(u64, u64), u64>,
 }
 
 /// A marked node: the inode the mark is on.
@@ -72,6 +83,9 @@ pub struct Guard {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     marked: BTreeMap<String, Marked>,
+    /// Nodes whose marks raised no event when opened: (inode, why), so that
+    /// each is tried once, not every cycle.
+    silent: BTreeMap<String, ((u64, u64), String)>,
 }
 
 impl std::fmt::Debug for Guard {
@@ -115,8 +129,48 @@ fn inode_of(path: &Path) -> io::Result<(u64, u64)> {
 }
 
 /// Whether this kernel and these privileges allow the guard: a group is
-/// made and a temp file marked, then both dropped. For `doctor`.
+/// made and a temp file marked, then both dropped; then a guard runs on a
+/// character device of its own (`/dev/null`'s numbers, in a private temp
+/// directory), as a GPU node is one, and must see its open. For `doctor`.
 pub fn probe() -> Result<(), String> {
+    probe_file()?;
+    let dir = std::env::temp_dir().join(format!(
+        "warden-guard-probe-dev-{}-{}",
+        std::process::id(),
+        crate::now_ms()
+    ));
+    std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let node = dir.join("nvidia-probe");
+    let checked = (|| {
+        // Without CAP_MKNOD there is no node to try: the file check stands.
+        if rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &node,
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            rustix::fs::makedev(1, 3),
+        )
+        .is_err()
+        {
+            return Ok(());
+        }
+        let mut guard = Guard::start(PathBuf::from("/proc")).map_err(|e| e.to_string())?;
+        let target = Target {
+            path: node.to_string_lossy().into_owned(),
+            gpu: Some("probe".into()),
+        };
+        let r = guard.apply(&[target], vec![], false, Policy::new(std::process::id()));
+        match r.unguarded.into_iter().next() {
+            Some((_, why)) => Err(why),
+            None => Ok(()),
+        }
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    checked
+}
+
+/// The group and a mark on a regular file.
+fn probe_file() -> Result<(), String> {
     let fan = init().map_err(|e| GuardError::Init(e).to_string())?;
     // A file of our own, which nobody else opens while it is marked.
     let file = std::env::temp_dir().join(format!(
@@ -153,7 +207,46 @@ impl Guard {
             stop,
             thread: Some(thread),
             marked: BTreeMap::new(),
+            silent: BTreeMap::new(),
         })
+    }
+
+    fn events_on(&self, inode: (u64, u64)) -> u64 {
+        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.events.get(&inode).copied().unwrap_or(0)
+    }
+
+    /// Whether an open of the freshly marked `path` reaches the guard
+    /// thread: the agent opens it itself (allowed at once, by pid) and
+    /// looks for the event. The open holds until the answer, so the count
+    /// is final when it returns. Why not, if not.
+    fn delivers(&self, path: &str, inode: (u64, u64)) -> Result<(), String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let before = self.events_on(inode);
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path);
+        if self.events_on(inode) > before {
+            return Ok(());
+        }
+        let kind = match std::fs::metadata(path) {
+            Ok(m) if std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type()) => {
+                "a character device"
+            }
+            _ => "this node",
+        };
+        let release = rustix::system::uname()
+            .release()
+            .to_string_lossy()
+            .into_owned();
+        Err(format!(
+            "fanotify delivers no permission event for {path} ({kind}) on this kernel (Linux {release}){}: its opens cannot be denied, the scan stands in",
+            match opened {
+                Ok(_) => String::new(),
+                Err(e) => format!("; the agent's own open failed: {e}"),
+            }
+        ))
     }
 
     /// Makes the marks those of `targets`, judges opens from now on by
@@ -201,8 +294,20 @@ impl Guard {
             if self.marked.get(&t.path).is_some_and(|m| m.inode == inode) {
                 continue;
             }
+            if let Some((_, why)) = self.silent.get(&t.path).filter(|(i, _)| *i == inode) {
+                fail(&mut report, &mut failed, t, why.clone());
+                continue;
+            }
             match mark(fan, libc::FAN_MARK_ADD, &t.path) {
                 Ok(()) => {
+                    if let Err(why) = self.delivers(&t.path, inode) {
+                        let _ = mark(fan, libc::FAN_MARK_REMOVE, &t.path);
+                        tracing::warn!(path = %t.path, reason = %why, "open guard: no permission events for this node");
+                        self.silent.insert(t.path.clone(), (inode, why.clone()));
+                        fail(&mut report, &mut failed, t, why);
+                        continue;
+                    }
+                    self.silent.remove(&t.path);
                     self.marked.insert(
                         t.path.clone(),
                         Marked {
@@ -298,6 +403,10 @@ fn answer_opens(fan: &OwnedFd, shared: &Mutex<Shared>, stop: &AtomicBool, proc_r
             }
             // SAFETY: the kernel opened this descriptor for us with the event.
             let file = unsafe { OwnedFd::from_raw_fd(m.fd) };
+            if let Ok(inode) = fd_inode(&file) {
+                let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+                *s.events.entry(inode).or_default() += 1;
+            }
             let allow = m.vers != libc::FANOTIFY_METADATA_VERSION
                 || m.mask & libc::FAN_OPEN_PERM == 0
                 || judge(
@@ -436,10 +545,58 @@ mod tests {
             .success()
     }
 
+    /// A GPU node is a character device: guarded only where the kernel
+    /// delivers its permission events, and never said to be guarded where
+    /// it does not (Linux 6.18, this test machine, does not).
+    #[test]
+    fn a_character_device_is_guarded_only_where_the_kernel_delivers_its_events() {
+        probe_file().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("nvidia0");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &node,
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o666),
+            rustix::fs::makedev(1, 3),
+        )
+        .expect("mknod (root)");
+        let mut guard = Guard::start(PathBuf::from("/proc")).unwrap();
+        let targets = super::super::targets(
+            &[format!("{}/nvidia*", dir.path().display())],
+            &[(GPU.to_owned(), 0)],
+            false,
+        );
+        let policy = Policy::new(std::process::id());
+        let r = guard.apply(&targets, vec![lease()], false, policy.clone());
+        if r.guarded.contains(GPU) {
+            eprintln!("this kernel delivers permission events for character devices");
+            assert!(
+                !child_opens(&node),
+                "said guarded, yet a foreign open went through"
+            );
+            assert_eq!(probe(), Ok(()));
+            return;
+        }
+        let why = &r.unguarded[0].1;
+        assert!(
+            why.contains("delivers no permission event") && why.contains("a character device"),
+            "{why}"
+        );
+        assert!(child_opens(&node), "said unguarded, yet opens are denied");
+        // Said again each cycle, without marking it anew.
+        let again = guard.apply(&targets, vec![lease()], false, policy);
+        assert_eq!(again.unguarded, r.unguarded);
+        assert!(guard.marked.is_empty());
+        // And the doctor says so.
+        let doctor = probe().unwrap_err();
+        assert!(doctor.contains("a character device"), "{doctor}");
+    }
+
     #[test]
     fn a_foreign_open_is_denied_the_agents_and_allowlisted_go_through_and_drop_frees_the_node() {
         // Required of the test machine (root, a kernel with permission events).
-        probe().unwrap();
+        probe_file().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let node = dir.path().join("nvidia0");
         std::fs::write(&node, b"").unwrap();
@@ -508,7 +665,7 @@ mod tests {
     #[test]
     fn a_missing_gpu_node_is_reported_unguarded_and_a_missing_control_node_is_not() {
         // Required of the test machine (root, a kernel with permission events).
-        probe().unwrap();
+        probe_file().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut guard = Guard::start(PathBuf::from("/proc")).unwrap();
         let targets = super::super::targets(
