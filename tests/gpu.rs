@@ -408,8 +408,18 @@ fn doctor_holds_this_machine_to_the_minimums() {
     for name in ["memory", "upload", "rtt", "docker", "tun", "clock"] {
         check(name);
     }
-    // This kernel has fanotify permission events, and the doctor runs as root.
-    assert_eq!(check("guard")["verdict"], "pass", "{report:#}");
+    // This kernel has fanotify permission events, and the doctor runs as
+    // root; whether it delivers them for character devices (GPU nodes) is
+    // the kernel's to say: 6.18 does not, and then the row warns, naming it.
+    let guard = check("guard");
+    assert!(
+        guard["verdict"] == "pass"
+            || (guard["verdict"] == "warn"
+                && guard["value"]
+                    .as_str()
+                    .is_some_and(|v| v.contains("a character device"))),
+        "{report:#}"
+    );
     assert_eq!(
         check("key")["verdict"],
         "pass",

@@ -441,15 +441,7 @@ fn an_agent_that_cannot_use_fanotify_scans_instead_and_every_window_says_why() {
         "{guard}"
     );
     let id = r.start();
-    // The foreign holder is not stopped at the open, but found and ended.
-    let mut squatter = r.squatter();
-    wait_for("the squatter killed", Duration::from_secs(30), || {
-        (!alive(&mut squatter)).then_some(())
-    });
-    r.answered_epochs(&id);
-    r.end(&id);
-    let (info, bundle) = r.export(&id);
-    assert_eq!(info["verdict"], "holds", "{info:#}");
+    let (bundle, windows) = scanned_lease(&r, &id);
     let (ok, out) = verify(&r, &bundle, &[]);
     assert!(ok, "{out}");
     assert!(
@@ -457,8 +449,6 @@ fn an_agent_that_cannot_use_fanotify_scans_instead_and_every_window_says_why() {
         "{out}"
     );
     // Each window says how it was guarded, and why not at the open.
-    let b: Value = serde_json::from_slice(&std::fs::read(&bundle).unwrap()).unwrap();
-    let windows = attestations_of(&b);
     assert!(windows.len() >= 3);
     for a in &windows {
         assert_eq!(a.guard, "scan", "{a:?}");
@@ -593,6 +583,22 @@ fn b64(v: &Value) -> Vec<u8> {
 }
 
 /// The attestations among a bundle's records, decoded.
+/// A lease whose GPU is not guarded at the open: a foreign holder is not
+/// stopped there but found by the scan and ended; the lease is then ended
+/// and exported, and its proof holds. The bundle and its windows.
+fn scanned_lease(r: &Rig, id: &str) -> (PathBuf, Vec<warden_proto::pb::Attestation>) {
+    let mut squatter = r.squatter();
+    wait_for("the squatter killed", Duration::from_secs(30), || {
+        (!alive(&mut squatter)).then_some(())
+    });
+    r.answered_epochs(id);
+    r.end(id);
+    let (info, bundle) = r.export(id);
+    assert_eq!(info["verdict"], "holds", "{info:#}");
+    let b: Value = serde_json::from_slice(&std::fs::read(&bundle).unwrap()).unwrap();
+    (bundle, attestations_of(&b))
+}
+
 fn attestations_of(b: &Value) -> Vec<warden_proto::pb::Attestation> {
     use prost::Message;
     use warden_proto::pb;
@@ -756,18 +762,8 @@ fn a_gpu_node_without_permission_events_is_scanned_and_every_window_says_why() {
         r.end(&id);
         return;
     }
-    // The foreign holder is not stopped at the open, but found and ended.
     assert_eq!(sh(&try_open).trim(), "opened");
-    let mut squatter = r.squatter();
-    wait_for("the squatter killed", Duration::from_secs(30), || {
-        (!alive(&mut squatter)).then_some(())
-    });
-    r.answered_epochs(&id);
-    r.end(&id);
-    let (info, bundle) = r.export(&id);
-    assert_eq!(info["verdict"], "holds", "{info:#}");
-    let b: Value = serde_json::from_slice(&std::fs::read(&bundle).unwrap()).unwrap();
-    let windows = attestations_of(&b);
+    let (_, windows) = scanned_lease(&r, &id);
     assert!(windows.len() >= 2);
     for a in windows.iter().filter(|a| !a.gpus.is_empty()) {
         assert_eq!(a.guard, "scan", "{a:?}");
