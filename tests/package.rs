@@ -817,4 +817,40 @@ fn the_agent_under_its_unit_gives_a_lease_an_encrypted_scratch_volume() {
     );
     let log = journal();
     assert!(log.contains("encrypted scratch volume mounted"), "{log}");
+
+    // A restart of the unit ends gocryptfs with the agent (its cgroup): the
+    // key is gone, and the new agent destroys the dead volume, in Docker's
+    // namespace, and refuses new containers of that lease.
+    let start = c.sh(&format!(
+        "warden lease start {node} --image {busybox} --network none -- sleep 300"
+    ));
+    assert!(
+        start.status.success(),
+        "{}",
+        String::from_utf8_lossy(&start.stderr)
+    );
+    let second = String::from_utf8_lossy(&start.stdout).trim().to_owned();
+    let plain = layout.plain(&second);
+    assert!(std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(plain.to_str().unwrap()));
+    c.ok("systemctl restart warden-agent");
+    wait_for("the dead volume destroyed", Duration::from_secs(30), || {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        (!mounts.contains(plain.to_str().unwrap()) && !layout.dir(&second).exists()).then_some(())
+    });
+    assert_eq!(
+        c.ok("pidof gocryptfs || true").trim(),
+        "",
+        "the key's process"
+    );
+    let log = journal();
+    assert!(log.contains("scratch volume is lost"), "{log}");
+    let run = c.sh(&format!(
+        "warden lease run {second} --name side --image {busybox} --network none -- sleep 300"
+    ));
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("scratch volume was lost"), "{err}");
+    c.ok(&format!("warden lease end {second}"));
 }
