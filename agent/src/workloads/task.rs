@@ -1063,10 +1063,7 @@ impl State {
         // Before the containers: they are made with it.
         let volume = self.make_scratch(&ls.lease_id, renter_key).await?;
         let encrypted = volume.is_ok();
-        let note = scratch::note(
-            &volume.as_ref().map(|_| ()).map_err(Clone::clone),
-            self.w.config.scratch,
-        );
+        let note = scratch::note(&volume, self.w.config.scratch);
         let sealed = volume.ok().flatten().unwrap_or_default();
         let note = if sealed.is_empty() {
             note

@@ -403,14 +403,22 @@ fn answer_opens(fan: &OwnedFd, shared: &Mutex<Shared>, stop: &AtomicBool, proc_r
             }
             // SAFETY: the kernel opened this descriptor for us with the event.
             let file = unsafe { OwnedFd::from_raw_fd(m.fd) };
-            if let Ok(inode) = fd_inode(&file) {
+            // The kernel's own descriptor, unreadable: nothing to judge by.
+            let inode = fd_inode(&file).ok();
+            // Counted for every event, the agent's own included; the view
+            // taken under the same lock.
+            let view = {
                 let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
-                *s.events.entry(inode).or_default() += 1;
-            }
+                if let Some(i) = inode {
+                    *s.events.entry(i).or_default() += 1;
+                }
+                s.view.clone()
+            };
             let allow = m.vers != libc::FANOTIFY_METADATA_VERSION
                 || m.mask & libc::FAN_OPEN_PERM == 0
                 || judge(
-                    &file,
+                    inode,
+                    &view,
                     m.pid as u32,
                     agent_pid,
                     shared,
@@ -438,10 +446,11 @@ fn answer_opens(fan: &OwnedFd, shared: &Mutex<Shared>, stop: &AtomicBool, proc_r
     }
 }
 
-/// Whether `pid`'s open of the node behind `file` may go on; a denial is
-/// logged for the attestations.
+/// Whether `pid`'s open of the node `inode` may go on, judged by `view`; a
+/// denial is logged for the attestations.
 fn judge(
-    file: &OwnedFd,
+    inode: Option<(u64, u64)>,
+    view: &View,
     pid: u32,
     agent_pid: u32,
     shared: &Mutex<Shared>,
@@ -451,14 +460,9 @@ fn judge(
     if pid == agent_pid {
         return true;
     }
-    let Ok(inode) = fd_inode(file) else {
-        return true; // the kernel's own descriptor, unreadable: nothing to judge by
+    let Some(inode) = inode else {
+        return true;
     };
-    let view = shared
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .view
-        .clone();
     let Some((device, gpu)) = view.nodes.get(&inode).cloned() else {
         return true; // a node no longer guarded
     };

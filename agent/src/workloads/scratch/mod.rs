@@ -182,9 +182,9 @@ pub fn leftovers(
 
 /// What a lease's start says of its volume (the answer's note): the renter
 /// learns whether `/scratch` is encrypted, and if not, why.
-pub fn note(outcome: &Result<(), String>, mode: ScratchMode) -> String {
+pub fn note<T>(outcome: &Result<T, String>, mode: ScratchMode) -> String {
     match (outcome, mode) {
-        (Ok(()), _) => format!(
+        (Ok(_), _) => format!(
             "{TARGET} is an encrypted scratch volume (gocryptfs; its key is held in memory only and destroyed when the lease ends)"
         ),
         (Err(_), ScratchMode::Off) => {
@@ -294,12 +294,15 @@ not a mountinfo line
     #[test]
     fn the_note_says_whether_the_volume_is_encrypted_and_why_not() {
         assert!(note(&Ok(()), ScratchMode::Auto).contains("is an encrypted scratch volume"));
-        let n = note(&Err("gocryptfs cannot be run".into()), ScratchMode::Auto);
+        let n = note(
+            &Err::<(), _>("gocryptfs cannot be run".into()),
+            ScratchMode::Auto,
+        );
         assert!(
             n.starts_with("no encrypted scratch volume: gocryptfs"),
             "{n}"
         );
-        let n = note(&Err(String::new()), ScratchMode::Off);
+        let n = note(&Err::<(), _>(String::new()), ScratchMode::Off);
         assert!(n.contains("workload.scratch is off"), "{n}");
     }
 }
