@@ -270,7 +270,7 @@ fn each_damaged_state_file_recovers_or_names_itself() {
                 std::fs::write(&p, bytes).unwrap();
                 p
             }
-            None => flip_a_byte_in_the_newest_segment(&dir.join("spool")),
+            None => flip_a_byte_in_the_newest_frames(&dir.join("spool")),
         };
         let before = stored(&coord);
         agent = Agent::start_with(&dir, &config);
@@ -440,7 +440,7 @@ fn highest_seq_on_disk(spool: &Path) -> u64 {
         .expect("a segment with a frame")
 }
 
-fn flip_a_byte_in_the_newest_segment(spool: &Path) -> PathBuf {
+fn flip_a_byte_in_the_newest_frames(spool: &Path) -> PathBuf {
     let mut segs: Vec<PathBuf> = std::fs::read_dir(spool)
         .unwrap()
         .flatten()
@@ -448,10 +448,18 @@ fn flip_a_byte_in_the_newest_segment(spool: &Path) -> PathBuf {
         .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("seg-"))
         .collect();
     segs.sort();
-    let seg = segs.pop().expect("a segment");
-    let mut bytes = std::fs::read(&seg).unwrap();
+    // The newest that holds a frame (a segment just rotated to is empty).
+    let (seg, mut bytes) = segs
+        .into_iter()
+        .rev()
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .find(|(_, b)| !frame::scan(b, 0).frames.is_empty())
+        .expect("a segment with a frame");
     // Inside the first frame's payload: one record damaged, the rest intact.
-    let at = 16 + 4;
+    let at = frame::HEADER + 4;
     bytes[at] ^= 0x40;
     std::fs::write(&seg, bytes).unwrap();
     seg
