@@ -35,13 +35,14 @@ const TICK: Duration = Duration::from_millis(500);
 /// The gate and its settings; cheap to clone. Off: every GPU is verified.
 #[derive(Clone, Default)]
 pub struct Work {
-    inner: Option<Arc<(Mutex<Gate>, Settings)>>,
+    inner: Option<Arc<(Mutex<Gate>, Settings, tokio::sync::Notify)>>,
 }
 
 impl Work {
     pub fn new(settings: Option<Settings>) -> Work {
         Work {
-            inner: settings.map(|s| Arc::new((Mutex::new(Gate::default()), s))),
+            inner: settings
+                .map(|s| Arc::new((Mutex::new(Gate::default()), s, tokio::sync::Notify::new()))),
         }
     }
 
@@ -116,6 +117,7 @@ impl Work {
                 verdict.clone(),
                 now_ms(),
             );
+            inner.2.notify_one();
             (answer, Some((ch, verdict)))
         })
         .await;
@@ -163,7 +165,16 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
-            _ = shutdown.cancelled() => return,
+            // An answer judged: its outcome stored now, not a tick later (a
+            // coordinator stopped meanwhile would challenge the GPU again).
+            _ = inner.2.notified() => {
+                store_changed(&inner.0, &store).await;
+                continue;
+            }
+            _ = shutdown.cancelled() => {
+                store_changed(&inner.0, &store).await;
+                return;
+            }
         }
         let (nodes, leases, stored) =
             match futures::join!(store.list_nodes(), store.list_leases(), store.gpu_work()) {
@@ -197,12 +208,7 @@ pub async fn run(
             });
             (due, gate.take_changed())
         };
-        for row in changed {
-            let (node, gpu) = (row.node_id.clone(), row.gpu_uuid.clone());
-            if let Err(e) = store.put_gpu_work(row).await {
-                tracing::error!(node = %node, gpu = %gpu, error = %e, "work-challenge outcome not stored: a restart will challenge the GPU again");
-            }
-        }
+        put_rows(&store, changed).await;
         for d in due {
             let Some(tx) = registry.local_sender(&d.node_id) else {
                 continue;
@@ -223,6 +229,24 @@ pub async fn run(
                 .issued(ch.clone());
             tracing::info!(node = %d.node_id, gpu = %d.gpu.uuid, challenge = %ch.challenge_id, n = ch.n, rounds = ch.rounds, deadline_ms = ch.deadline_unix_ms - ch.issued_unix_ms, "work challenge sent");
             let _ = tx.send(Ok(env)).await;
+        }
+    }
+}
+
+/// Stores the outcomes the gate changed since they were last taken.
+async fn store_changed(gate: &Mutex<Gate>, store: &Store) {
+    let changed = gate
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take_changed();
+    put_rows(store, changed).await;
+}
+
+async fn put_rows(store: &Store, rows: Vec<crate::store::GpuWorkRow>) {
+    for row in rows {
+        let (node, gpu) = (row.node_id.clone(), row.gpu_uuid.clone());
+        if let Err(e) = store.put_gpu_work(row).await {
+            tracing::error!(node = %node, gpu = %gpu, error = %e, "work-challenge outcome not stored: a restart will challenge the GPU again");
         }
     }
 }
