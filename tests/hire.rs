@@ -135,7 +135,9 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
     assert!(!out.status.success(), "an hour is the least");
     assert!(leases(coord).is_empty(), "nothing started");
 
-    // The hire: leases on both eu-west nodes at once, then the mesh.
+    // The hire: leases on both eu-west nodes at once, then the mesh; the
+    // renter asks for a copy of each member's scratch key.
+    let (renter_key, renter_public) = wg_keypair(r.tmp.path(), "renter.key");
     let hired = cluster(
         coord,
         &[
@@ -147,6 +149,8 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
             "eu-west",
             "--duration",
             "10m",
+            "--scratch-key-to",
+            &renter_public,
         ],
     )
     .unwrap();
@@ -172,6 +176,51 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
         &[&names[0], &names[1]],
         "the members reach each other over the mesh",
     );
+    // Each member's key opens with the renter's private key (the same as
+    // `lease scratch-key` opens), one key per lease; another key opens none.
+    let scratch_keys = |key: &Path| {
+        coord.cli(
+            "cluster",
+            &["scratch-keys", "c1", "--private-key", key.to_str().unwrap()],
+        )
+    };
+    let out = scratch_keys(&renter_key);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Vec<String>> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split(' ').map(str::to_owned).collect())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for m in &m1 {
+        let line = lines
+            .iter()
+            .find(|l| l[0] == m["lease_id"].as_str().unwrap())
+            .unwrap_or_else(|| panic!("{m:#} in {lines:?}"));
+        assert_eq!(line[1], m["node_id"].as_str().unwrap());
+        assert_eq!(line[2].len(), 64, "{line:?}");
+        let one = coord.cli(
+            "lease",
+            &[
+                "scratch-key",
+                &line[0],
+                "--private-key",
+                renter_key.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(String::from_utf8_lossy(&one.stdout).trim(), line[2]);
+    }
+    assert_ne!(lines[0][2], lines[1][2], "a key per lease");
+    let (other_key, _) = wg_keypair(r.tmp.path(), "other.key");
+    let out = scratch_keys(&other_key);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not open with this key"), "{err}");
+    assert!(out.stdout.is_empty());
+
     let status = cluster(coord, &["status", "c1"]).unwrap();
     assert_eq!(status["phase"], "ready");
     let text = String::from_utf8(coord.cli("cluster", &["status", "c1"]).stdout).unwrap();
@@ -189,7 +238,16 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
     let err = coord.cli("cluster", &["set", "c1", &names[2]]);
     assert!(String::from_utf8_lossy(&err.stderr).contains("hired"));
 
-    // The us-east node, for a few seconds: ended when its time is up.
+    // A renter's key that is not one is refused before anything starts.
+    let err = cluster(
+        coord,
+        &["hire", "c2", "--nodes", "1", "--scratch-key-to", "c2hvcnQ="],
+    )
+    .unwrap_err();
+    assert!(err.contains("32 bytes, not 5"), "{err}");
+
+    // The us-east node, for a few seconds: ended when its time is up; it
+    // was not asked for a copy of its key.
     let c2 = cluster(coord, &["hire", "c2", "--nodes", "1", "--duration", "3s"]).unwrap();
     assert_eq!(c2["cluster"]["phase"], "ready", "{c2:#}");
     assert_eq!(members(&c2["cluster"])[0]["node_id"], names[2].as_str());
@@ -197,6 +255,18 @@ fn a_cluster_is_matched_started_meshed_ended_and_undone() {
         .as_str()
         .unwrap()
         .to_owned();
+    let out = coord.cli(
+        "cluster",
+        &[
+            "scratch-keys",
+            "c2",
+            "--private-key",
+            renter_key.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("did not ask for one"), "{err}");
     // Two seconds more; its end moves, and it still ends on its own.
     let ends = c2["cluster"]["ends_unix_ms"].as_i64().unwrap();
     let longer = cluster(coord, &["extend", "c2", "--duration", "2s"]).unwrap();

@@ -49,6 +49,8 @@ pub enum OrderError {
     RayNeedsImage,
     #[error("--purpose ray runs Ray as the containers' command: give no command")]
     RayCommand,
+    #[error("scratch_key_to (the renter's X25519 public key): {0}")]
+    ScratchKey(String),
 }
 
 /// The matcher's order for `o`, checked; `min_duration` is the
@@ -85,6 +87,10 @@ pub fn order(
             _ => return Err(OrderError::RayNeedsImage),
         },
         None => return Err(OrderError::Purpose(o.purpose.clone())),
+    }
+    if !o.scratch_key_to.is_empty() {
+        warden_proto::sealed::key32(&o.scratch_key_to)
+            .map_err(|e| OrderError::ScratchKey(e.to_string()))?;
     }
     let min_tier = match o.min_tier.as_str() {
         "" => Tier::Unmeasured,
@@ -619,6 +625,13 @@ mod tests {
             }),
             OrderError::RayNeedsImage
         );
+        assert_eq!(
+            bad(&|o| o.scratch_key_to = vec![7; 31]),
+            OrderError::ScratchKey("an X25519 key is 32 bytes, not 31".into())
+        );
+        let mut sealed = an_order();
+        sealed.scratch_key_to = vec![7; 32];
+        assert!(order(&sealed, "c", MIN_DURATION).is_ok());
         // A test coordinator may allow shorter hires.
         let mut short = an_order();
         short.duration_seconds = 5;

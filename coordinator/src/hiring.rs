@@ -256,10 +256,10 @@ impl Hiring {
         c: &pb::ClusterInfo,
         members: &[pb::ClusterMember],
     ) -> (Vec<Sent>, Option<String>) {
-        let renter = c
+        let (renter, scratch_key_to) = c
             .order
             .as_ref()
-            .map(|o| o.renter.clone())
+            .map(|o| (o.renter.clone(), o.scratch_key_to.clone()))
             .unwrap_or_default();
         let mut sent = Vec::new();
         for m in members {
@@ -278,8 +278,7 @@ impl Hiring {
                 gpu_uuids: m.gpu_uuids.clone(),
                 all_gpus: false,
                 containers: hire::member_containers(c, m),
-                // A cluster's renter gets no copy of its members' keys.
-                scratch_key_to: Vec::new(),
+                scratch_key_to: scratch_key_to.clone(),
             });
             match self.control.send(lease, body).await {
                 Ok(s) => sent.push(s),

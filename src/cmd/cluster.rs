@@ -93,6 +93,16 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print each member's encrypted scratch volume key (its gocryptfs
+    /// password), which its node sealed to the key `cluster hire
+    /// --scratch-key-to` named: one line per member, `LEASE NODE PASSWORD`.
+    ScratchKeys {
+        cluster_id: String,
+        /// The private key: a file holding it in base64 (`wg genkey`), or a
+        /// WireGuard config with a `PrivateKey =` line.
+        #[arg(long, value_name = "FILE")]
+        private_key: PathBuf,
+    },
     /// Move a running hired cluster's end later.
     #[command(group(clap::ArgGroup::new("by").required(true).args(["hours", "duration"])))]
     Extend {
@@ -185,6 +195,11 @@ struct HireArgs {
     purpose: String,
     #[arg(long, default_value = "")]
     renter: String,
+    /// Have each member's node seal its encrypted scratch volume's key to
+    /// this X25519 public key (base64, as `wg pubkey` prints it); `cluster
+    /// scratch-keys` opens them with the private key.
+    #[arg(long, value_name = "PUBLIC_KEY")]
+    scratch_key_to: Option<String>,
     /// Print the plan; start nothing.
     #[arg(long)]
     dry_run: bool,
@@ -238,6 +253,12 @@ impl HireArgs {
                 }),
                 purpose: self.purpose,
                 renter: self.renter,
+                scratch_key_to: match self.scratch_key_to {
+                    None => Vec::new(),
+                    Some(k) => super::lease::x25519_key(&k)
+                        .context("--scratch-key-to")?
+                        .to_vec(),
+                },
             }),
             dry_run: self.dry_run,
             timeout_seconds: self.timeout,
@@ -491,6 +512,50 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
             }
             if let Some(c) = &r.cluster {
                 print_status(c);
+            }
+        }
+        ClusterCommand::ScratchKeys {
+            cluster_id,
+            private_key,
+        } => {
+            let key = super::lease::private_key_file(&private_key)?;
+            let c = client
+                .list_clusters(pb::ListClustersRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .clusters
+                .into_iter()
+                .find(|c| c.cluster_id == cluster_id)
+                .ok_or_else(|| anyhow::anyhow!("no cluster {cluster_id}"))?;
+            if c.order.is_none() {
+                anyhow::bail!("cluster {cluster_id} was not hired: its members hold no leases");
+            }
+            let leases = client
+                .list_leases(pb::ListLeasesRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .leases;
+            // Every member's line that can be printed is; then the first
+            // reason one could not.
+            let mut failed = None;
+            for m in c.members.iter().filter(|m| !m.lease_id.is_empty()) {
+                let opened = leases
+                    .iter()
+                    .find(|l| l.lease_id == m.lease_id)
+                    .with_context(|| format!("no lease {}", m.lease_id))
+                    .and_then(|l| super::lease::open_scratch_key(l, &key));
+                match opened {
+                    Ok(password) => println!("{} {} {password}", m.lease_id, m.node_id),
+                    Err(e) => {
+                        eprintln!("node {}: {e:#}", m.node_id);
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
             }
         }
         ClusterCommand::Status { cluster_id, json } => {

@@ -255,13 +255,7 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
             lease_id,
             private_key,
         } => {
-            let text = std::fs::read_to_string(&private_key)
-                .with_context(|| format!("reading {}", private_key.display()))?;
-            let key = zeroize::Zeroizing::new(match super::cluster::private_key_in(&text) {
-                Some(k) => k,
-                None => x25519_key(&text)
-                    .with_context(|| format!("the key in {}", private_key.display()))?,
-            });
+            let key = private_key_file(&private_key)?;
             let info = client
                 .list_leases(pb::ListLeasesRequest {})
                 .await
@@ -271,16 +265,7 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
                 .into_iter()
                 .find(|l| l.lease_id == lease_id)
                 .with_context(|| format!("no lease {lease_id}"))?;
-            if info.sealed_scratch_key.is_empty() {
-                anyhow::bail!(
-                    "lease {lease_id} has no sealed scratch key: its start did not ask for one (--scratch-key-to), or it got no encrypted volume{}",
-                    if info.note.is_empty() { String::new() } else { format!(" ({})", info.note) }
-                );
-            }
-            let password =
-                warden_proto::sealed::open(&key, lease_id.as_bytes(), &info.sealed_scratch_key)
-                    .with_context(|| format!("lease {lease_id}'s sealed scratch key"))?;
-            println!("{}", String::from_utf8_lossy(&password));
+            println!("{}", open_scratch_key(&info, &key)?);
         }
         LeaseCommand::Run { lease_id, spec } => {
             let timeout = spec.timeout;
@@ -494,7 +479,39 @@ fn parse_mount(s: &str) -> Result<warden_proto::pb::MountSpec> {
 }
 
 /// A 32-byte X25519 key in base64, as WireGuard's tools write them.
-fn x25519_key(text: &str) -> Result<[u8; 32]> {
+/// The renter's X25519 private key from a file holding it in base64 (`wg
+/// genkey`), or a WireGuard config with a `PrivateKey =` line.
+pub(super) fn private_key_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<[u8; 32]>> {
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    );
+    Ok(zeroize::Zeroizing::new(
+        match super::cluster::private_key_in(&text) {
+            Some(k) => k,
+            None => x25519_key(&text).with_context(|| format!("the key in {}", path.display()))?,
+        },
+    ))
+}
+
+/// A lease's scratch volume password, opened from the sealed copy its node
+/// made for the renter.
+pub(super) fn open_scratch_key(
+    info: &warden_proto::pb::LeaseInfo,
+    key: &[u8; 32],
+) -> Result<String> {
+    let lease_id = &info.lease_id;
+    if info.sealed_scratch_key.is_empty() {
+        anyhow::bail!(
+            "lease {lease_id} has no sealed scratch key: its start did not ask for one (--scratch-key-to), or it got no encrypted volume{}",
+            if info.note.is_empty() { String::new() } else { format!(" ({})", info.note) }
+        );
+    }
+    let password = warden_proto::sealed::open(key, lease_id.as_bytes(), &info.sealed_scratch_key)
+        .with_context(|| format!("lease {lease_id}'s sealed scratch key"))?;
+    Ok(String::from_utf8_lossy(&password).into_owned())
+}
+
+pub(super) fn x25519_key(text: &str) -> Result<[u8; 32]> {
     use base64::{engine::general_purpose::STANDARD as B64, Engine};
     let bytes = B64
         .decode(text.trim())
