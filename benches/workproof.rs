@@ -7,6 +7,9 @@
 //!    of A and 8 columns of B regenerated, 64 dot products, the Merkle
 //!    path), and from it the check of a whole challenge for each model:
 //!    rounds × spot tiles × that (the checker does nothing else of size).
+//! 4. The coordinator's gate over a million GPUs (125,000 nodes of 8;
+//!    `WARDEN_BENCH_GATE_NODES` for another count): what the issuer does
+//!    with it every tick (feed the inventories, expire, pick what is due).
 
 use std::time::Instant;
 
@@ -140,4 +143,65 @@ fn main() {
             tiles * at(p.n) * 1e3
         );
     }
+
+    gate_at_scale();
+}
+
+fn gate_at_scale() {
+    use warden_coordinator::workgate::{Gate, Settings};
+    // WARDEN_BENCH_GATE_NODES for another size.
+    let nodes: usize = std::env::var("WARDEN_BENCH_GATE_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(125_000);
+    let per = 8usize;
+    let inventories: Vec<(String, Vec<pb::GpuInfo>)> = (0..nodes)
+        .map(|n| {
+            let gpus = (0..per)
+                .map(|i| pb::GpuInfo {
+                    uuid: format!("GPU-{n:08x}-{i}"),
+                    name: "NVIDIA H100 80GB HBM3".into(),
+                    memory_total_bytes: 80 << 30,
+                    serial: format!("{n}{i}"),
+                    ..Default::default()
+                })
+                .collect();
+            (format!("node-{n:08x}"), gpus)
+        })
+        .collect();
+    let settings = Settings {
+        interval: std::time::Duration::from_secs(3600),
+        retry: std::time::Duration::from_secs(60),
+        sizing: Policy::default(),
+    };
+    let mut gate = Gate::default();
+    println!(
+        "The gate over {} GPUs ({nodes} nodes of {per}), one issuer tick's work (median of 5):",
+        nodes * per
+    );
+    let mut feed = Vec::new();
+    let mut due = Vec::new();
+    for _ in 0..5 {
+        feed.push(
+            secs(|| {
+                for (node, gpus) in &inventories {
+                    gate.inventory(node, gpus);
+                }
+            })
+            .1,
+        );
+        let (d, t) = secs(|| {
+            gate.expire(0, std::time::Duration::from_secs(5));
+            gate.due(0, &settings, |_, _| true)
+        });
+        assert_eq!(d.len(), nodes, "one due per node");
+        due.push(t);
+    }
+    feed.sort_by(f64::total_cmp);
+    due.sort_by(f64::total_cmp);
+    println!(
+        "  feed every inventory {:>7.1} ms; expire and pick the due {:>7.1} ms",
+        feed[2] * 1e3,
+        due[2] * 1e3
+    );
 }

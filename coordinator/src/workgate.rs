@@ -8,7 +8,7 @@
 //! identity (uuid, serial, PCI ids, memory, name) other than the one that
 //! passed, takes it out until a challenge passes again.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use warden_proto::{
     pb,
@@ -86,10 +86,12 @@ pub fn claim_of(g: &pb::GpuInfo) -> pb::GpuIdentity {
     identity::of(g)
 }
 
-/// Every node's GPUs.
+/// Every node's GPUs, by node then uuid: what one node's inventory,
+/// answer or standing touches is that node's alone (a tick stays linear in
+/// the GPUs of the network).
 #[derive(Debug, Default)]
 pub struct Gate {
-    gpus: HashMap<(String, String), Entry>,
+    gpus: BTreeMap<String, BTreeMap<String, Entry>>,
     /// GPUs whose outcome changed since [`Gate::take_changed`]: to store.
     changed: Vec<(String, String)>,
 }
@@ -99,12 +101,15 @@ impl Gate {
     /// unverified, GPUs gone are forgotten, a GPU whose identity is not the
     /// one that passed is taken out of matching.
     pub fn inventory(&mut self, node_id: &str, gpus: &[pb::GpuInfo]) {
-        self.gpus
-            .retain(|(n, uuid), _| n != node_id || gpus.iter().any(|g| &g.uuid == uuid));
+        if gpus.is_empty() {
+            self.gpus.remove(node_id);
+            return;
+        }
+        let node = self.gpus.entry(node_id.to_owned()).or_default();
+        node.retain(|uuid, _| gpus.iter().any(|g| &g.uuid == uuid));
         for g in gpus {
             let claim = claim_of(g);
-            let key = (node_id.to_owned(), g.uuid.clone());
-            let e = self.gpus.entry(key).or_insert_with(|| Entry {
+            let e = node.entry(g.uuid.clone()).or_insert_with(|| Entry {
                 state: State::Unverified {
                     why: "not challenged yet".into(),
                 },
@@ -139,31 +144,27 @@ impl Gate {
         s: &Settings,
         eligible: impl Fn(&str, &str) -> bool,
     ) -> Vec<Due> {
-        let mut busy: Vec<&str> = self
-            .gpus
-            .iter()
-            .filter(|(_, e)| matches!(e.state, State::Pending { .. }))
-            .map(|((n, _), _)| n.as_str())
-            .collect();
-        let mut keys: Vec<&(String, String)> = self.gpus.keys().collect();
-        keys.sort();
         let mut out = Vec::new();
-        for key in keys {
-            let e = &self.gpus[key];
-            let node = key.0.as_str();
-            if busy.contains(&node) || !eligible(node, &key.1) {
+        // One challenge out per node at a time.
+        for (node, gpus) in &self.gpus {
+            if gpus
+                .values()
+                .any(|e| matches!(e.state, State::Pending { .. }))
+            {
                 continue;
             }
-            let due = match &e.state {
-                State::Unverified { .. } => true,
-                State::Pending { .. } => false,
-                State::Passed { at_ms } => now_ms >= at_ms + s.interval.as_millis() as i64,
-                State::Failed { at_ms, .. } => now_ms >= at_ms + s.retry.as_millis() as i64,
-            };
-            if due {
-                busy.push(node);
+            let due = gpus.iter().find(|(uuid, e)| {
+                eligible(node, uuid)
+                    && match &e.state {
+                        State::Unverified { .. } => true,
+                        State::Pending { .. } => false,
+                        State::Passed { at_ms } => now_ms >= at_ms + s.interval.as_millis() as i64,
+                        State::Failed { at_ms, .. } => now_ms >= at_ms + s.retry.as_millis() as i64,
+                    }
+            });
+            if let Some((_, e)) = due {
                 out.push(Due {
-                    node_id: node.to_owned(),
+                    node_id: node.clone(),
                     gpu: e.claim.clone(),
                 });
             }
@@ -197,10 +198,7 @@ impl Gate {
 
     /// A challenge was sent.
     pub fn issued(&mut self, ch: pb::WorkChallenge) {
-        if let Some(e) = self
-            .gpus
-            .get_mut(&(ch.node_id.clone(), ch.gpu_uuid.clone()))
-        {
+        if let Some(e) = self.entry_mut(&ch.node_id, &ch.gpu_uuid) {
             e.state = State::Pending {
                 challenge: Box::new(ch),
             };
@@ -210,9 +208,9 @@ impl Gate {
     /// The challenge out for this node with this id, to check an answer against.
     pub fn pending(&self, node_id: &str, challenge_id: &str) -> Option<&pb::WorkChallenge> {
         self.gpus
-            .iter()
-            .filter(|((n, _), _)| n == node_id)
-            .find_map(|(_, e)| match &e.state {
+            .get(node_id)?
+            .values()
+            .find_map(|e| match &e.state {
                 State::Pending { challenge } if challenge.challenge_id == challenge_id => {
                     Some(challenge.as_ref())
                 }
@@ -240,8 +238,7 @@ impl Gate {
         answer: &pb::WorkAnswer,
     ) -> Result<(), String> {
         let claim = self
-            .gpus
-            .get(&(ch.node_id.clone(), ch.gpu_uuid.clone()))
+            .entry(&ch.node_id, &ch.gpu_uuid)
             .map(|e| &e.claim)
             .ok_or("the GPU is no longer in the node's inventory")?;
         let got = answer.identity.clone().unwrap_or_default();
@@ -263,20 +260,15 @@ impl Gate {
         verdict: Result<(), String>,
         now_ms: i64,
     ) {
-        let Some(key) = self
-            .gpus
-            .iter()
-            .find(|(_, e)| {
+        let Some((uuid, e)) = self.gpus.get_mut(node_id).and_then(|gpus| {
+            gpus.iter_mut().find(|(_, e)| {
                 matches!(&e.state, State::Pending { challenge }
-                    if challenge.node_id == node_id && challenge.challenge_id == answer.challenge_id)
+                    if challenge.challenge_id == answer.challenge_id)
             })
-            .map(|(k, _)| k.clone())
-        else {
+        }) else {
             return;
         };
-        let Some(e) = self.gpus.get_mut(&key) else {
-            return;
-        };
+        let key = (node_id.to_owned(), uuid.clone());
         match verdict {
             Ok(()) => {
                 e.state = State::Passed { at_ms: now_ms };
@@ -300,7 +292,7 @@ impl Gate {
     /// transit) fail; returns them.
     pub fn expire(&mut self, now_ms: i64, grace: Duration) -> Vec<pb::WorkChallenge> {
         let mut out = Vec::new();
-        for e in self.gpus.values_mut() {
+        for e in self.gpus.values_mut().flat_map(|g| g.values_mut()) {
             if let State::Pending { challenge } = &e.state {
                 if now_ms > challenge.deadline_unix_ms + grace.as_millis() as i64 {
                     self.changed
@@ -319,9 +311,7 @@ impl Gate {
 
     /// Whether the matcher may offer this GPU.
     pub fn matchable(&self, node_id: &str, uuid: &str) -> bool {
-        self.gpus
-            .get(&(node_id.to_owned(), uuid.to_owned()))
-            .is_some_and(|e| e.good)
+        self.entry(node_id, uuid).is_some_and(|e| e.good)
     }
 
     /// Whether a hire may take this GPU now: matchable and not being
@@ -329,17 +319,17 @@ impl Gate {
     /// the node's time-lock would stop the solver as a stranger on a
     /// leased GPU).
     pub fn offerable(&self, node_id: &str, uuid: &str) -> bool {
-        self.gpus
-            .get(&(node_id.to_owned(), uuid.to_owned()))
+        self.entry(node_id, uuid)
             .is_some_and(|e| e.good && !matches!(e.state, State::Pending { .. }))
     }
 
     /// A node's GPUs: (uuid, entry).
     pub fn entries<'a>(&'a self, node_id: &'a str) -> impl Iterator<Item = (&'a str, &'a Entry)> {
         self.gpus
-            .iter()
-            .filter(move |((n, _), _)| n == node_id)
-            .map(|((_, u), e)| (u.as_str(), e))
+            .get(node_id)
+            .into_iter()
+            .flat_map(|gpus| gpus.iter())
+            .map(|(u, e)| (u.as_str(), e))
     }
 
     /// The stored form of the GPUs whose outcome changed since the last
@@ -377,17 +367,11 @@ impl Gate {
     /// its standing: the answer decides.
     pub fn restore(&mut self, rows: &[GpuWorkRow]) {
         for r in rows {
-            let key = (r.node_id.clone(), r.gpu_uuid.clone());
-            if self
-                .gpus
-                .get(&key)
-                .is_some_and(|e| matches!(e.state, State::Pending { .. }))
-            {
+            let known = self.entry(&r.node_id, &r.gpu_uuid);
+            if known.is_some_and(|e| matches!(e.state, State::Pending { .. })) {
                 continue;
             }
-            let claim = self
-                .gpus
-                .get(&key)
+            let claim = known
                 .map(|e| e.claim.clone())
                 .or_else(|| r.identity.clone())
                 .unwrap_or_default();
@@ -395,8 +379,8 @@ impl Gate {
                 && r.identity
                     .as_ref()
                     .is_some_and(|p| identity::changes(p, &claim).is_empty());
-            self.gpus.insert(
-                key,
+            self.gpus.entry(r.node_id.clone()).or_default().insert(
+                r.gpu_uuid.clone(),
                 Entry {
                     state: if r.passed {
                         State::Passed { at_ms: r.at_ms }
@@ -417,7 +401,11 @@ impl Gate {
     }
 
     pub fn entry(&self, node_id: &str, uuid: &str) -> Option<&Entry> {
-        self.gpus.get(&(node_id.to_owned(), uuid.to_owned()))
+        self.gpus.get(node_id)?.get(uuid)
+    }
+
+    fn entry_mut(&mut self, node_id: &str, uuid: &str) -> Option<&mut Entry> {
+        self.gpus.get_mut(node_id)?.get_mut(uuid)
     }
 }
 
@@ -620,5 +608,45 @@ mod tests {
         g.inventory(NODE, &[]);
         assert!(g.entry(NODE, "GPU-1").is_none());
         assert!(g.due(0, &settings(), |_, _| true).is_empty());
+    }
+
+    #[test]
+    fn one_challenge_out_per_node_and_each_node_apart() {
+        let mut g = Gate::default();
+        let two = |node: &str| {
+            [1, 2].map(|i| {
+                let mut x = gpu(&format!("{node}{i}"));
+                x.uuid = format!("GPU-{node}-{i}");
+                x
+            })
+        };
+        g.inventory("a", &two("a"));
+        g.inventory("b", &two("b"));
+        // One per node, the first uuid of each; an ineligible GPU is passed over.
+        let due = g.due(0, &settings(), |n, u| !(n == "b" && u == "GPU-b-1"));
+        let got: Vec<(&str, &str)> = due
+            .iter()
+            .map(|d| (d.node_id.as_str(), d.gpu.uuid.as_str()))
+            .collect();
+        assert_eq!(got, [("a", "GPU-a-1"), ("b", "GPU-b-2")]);
+        // A challenge out on a holds back a's other GPU, not b's.
+        let ch = Gate::challenge(&due[0], &settings(), 0, [1; 32], [2; 32], "c1".into());
+        g.issued(ch);
+        let due = g.due(0, &settings(), |_, _| true);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].node_id, "b");
+        // An answer names its node: b cannot answer a's challenge.
+        let a = pb::WorkAnswer {
+            challenge_id: "c1".into(),
+            ..Default::default()
+        };
+        assert!(g.pending("b", "c1").is_none());
+        g.answered("b", &a, Ok(()), 1);
+        assert!(!g.matchable("a", "GPU-a-1"));
+        assert!(g.pending("a", "c1").is_some());
+        // b's inventory shrinking leaves a's GPUs alone.
+        g.inventory("b", &two("b")[..1]);
+        assert_eq!(g.entries("a").count(), 2);
+        assert_eq!(g.entries("b").count(), 1);
     }
 }

@@ -199,13 +199,17 @@ pub async fn run(
             for ch in gate.expire(now, GRACE) {
                 tracing::warn!(node = %ch.node_id, gpu = %ch.gpu_uuid, challenge = %ch.challenge_id, "work challenge unanswered by its deadline: the GPU is out of matching until one passes");
             }
-            let due = gate.due(now, &settings, |node, uuid| {
-                candidates.iter().any(|c| {
-                    c.node_id == node
-                        && c.connected
-                        && c.gpus.iter().any(|g| g.uuid == uuid && g.free)
+            let free: std::collections::HashSet<(&str, &str)> = candidates
+                .iter()
+                .filter(|c| c.connected)
+                .flat_map(|c| {
+                    c.gpus
+                        .iter()
+                        .filter(|g| g.free)
+                        .map(|g| (c.node_id.as_str(), g.uuid.as_str()))
                 })
-            });
+                .collect();
+            let due = gate.due(now, &settings, |node, uuid| free.contains(&(node, uuid)));
             (due, gate.take_changed())
         };
         put_rows(&store, changed).await;
