@@ -301,7 +301,7 @@ pub async fn run(
             sample_interval: config.gpu.sample_interval,
             state_path: config.chains_file(),
             outbox: outbox.clone(),
-            leases: leases_rx,
+            leases: leases_rx.clone(),
             gpus: gpus_rx.clone(),
             inventory: inventory_rx.clone(),
             engine: engine_rx,
@@ -318,6 +318,7 @@ pub async fn run(
             node_id: node_id_for_workload.clone(),
             gpus: gpus.clone(),
             answers: work_answers_tx,
+            leases: leases_rx,
         }
         .run(work_rx, stop_producers.clone()),
     ));

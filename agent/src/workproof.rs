@@ -7,7 +7,7 @@
 use std::{sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use warden_proto::{
     pb,
@@ -17,6 +17,7 @@ use warden_proto::{
 use crate::{
     host::gpu::{GpuError, GpuSource},
     workloads::{
+        book::Lease,
         confine::WorkloadConfig,
         docker::{ContainerCreateBody, Docker, HostConfig},
     },
@@ -91,6 +92,16 @@ pub struct WorkRunner {
     pub gpus: Result<Arc<dyn GpuSource>, String>,
     /// To the uplink, sent once on the live stream.
     pub answers: mpsc::Sender<pb::WorkAnswer>,
+    /// The active leases: a leased GPU is the renter's alone.
+    pub leases: watch::Receiver<Vec<Lease>>,
+}
+
+/// The lease holding GPU `uuid`, if any.
+pub fn leased_by<'a>(leases: &'a [Lease], uuid: &str) -> Option<&'a str> {
+    leases
+        .iter()
+        .find(|l| l.gpus.iter().any(|g| g == uuid))
+        .map(|l| l.id.as_str())
 }
 
 impl WorkRunner {
@@ -169,6 +180,15 @@ impl WorkRunner {
         if ch.node_id != self.node_id {
             return Err(format!("the challenge names node {}", ch.node_id));
         }
+        // The coordinator challenges free GPUs only, but a lease may have
+        // started since it looked: the solver would take the renter's GPU
+        // (and the time-lock would stop it as a stranger there).
+        if let Some(lease) = leased_by(&self.leases.borrow(), &ch.gpu_uuid) {
+            return Err(format!(
+                "GPU {} is in lease {lease}: no challenge runs on a leased GPU",
+                ch.gpu_uuid
+            ));
+        }
         let input = Input::of(ch).map_err(|e| e.to_string())?;
         let docker = Docker::connect(&self.workload.docker_socket)
             .await
@@ -212,6 +232,55 @@ mod tests {
         assert_eq!(d.device_ids, Some(vec!["GPU-7".to_owned()]));
         assert!(h.mounts.is_none() && h.binds.is_none());
         assert!(c.env.unwrap().contains(&"WARDEN_WORK_GPU=GPU-7".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn a_challenge_on_a_leased_gpu_is_refused_before_any_container() {
+        let lease = Lease {
+            id: "l-1".into(),
+            renter: String::new(),
+            gpus: vec!["GPU-7".into()],
+            started_unix_ms: 0,
+            containers: Vec::new(),
+        };
+        let (tx, leases) = watch::channel(vec![lease]);
+        let (answers, _rx) = mpsc::channel(1);
+        let runner = WorkRunner {
+            config: WorkConfig {
+                image: "solver:1".into(),
+            },
+            // No Docker there: a challenge that got that far would say so.
+            workload: WorkloadConfig {
+                docker_socket: "/nonexistent/docker.sock".into(),
+                ..WorkloadConfig::default()
+            },
+            node_id: "n".into(),
+            gpus: Err("no GPUs in this test".into()),
+            answers,
+            leases,
+        };
+        let ch = |gpu: &str| pb::WorkChallenge {
+            node_id: "n".into(),
+            challenge_id: "c".into(),
+            gpu_uuid: gpu.into(),
+            seed: vec![1; 32],
+            n: 64,
+            rounds: 1,
+            spot_tiles: 4,
+            deadline_unix_ms: i64::MAX,
+            ..Default::default()
+        };
+        let refused = runner.answer(&ch("GPU-7")).await;
+        assert_eq!(
+            refused.error,
+            "GPU GPU-7 is in lease l-1: no challenge runs on a leased GPU"
+        );
+        // Another GPU, or this one once the lease ended, goes on to Docker.
+        let other = runner.answer(&ch("GPU-8")).await;
+        assert!(!other.error.contains("lease"), "{}", other.error);
+        tx.send_replace(Vec::new());
+        let freed = runner.answer(&ch("GPU-7")).await;
+        assert!(!freed.error.contains("lease"), "{}", freed.error);
     }
 
     #[test]
