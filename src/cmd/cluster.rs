@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 
-use super::admin::{admin_client, refused};
+use super::admin::{admin_client, cluster_named, clusters, leases, refused};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -519,24 +519,11 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
             private_key,
         } => {
             let key = super::lease::private_key_file(&private_key)?;
-            let c = client
-                .list_clusters(pb::ListClustersRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .clusters
-                .into_iter()
-                .find(|c| c.cluster_id == cluster_id)
-                .ok_or_else(|| anyhow::anyhow!("no cluster {cluster_id}"))?;
+            let c = cluster_named(&mut client, &cluster_id).await?;
             if c.order.is_none() {
                 anyhow::bail!("cluster {cluster_id} was not hired: its members hold no leases");
             }
-            let leases = client
-                .list_leases(pb::ListLeasesRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .leases;
+            let leases = leases(&mut client).await?;
             // Every member's line that can be printed is; then the first
             // reason one could not.
             let mut failed = None;
@@ -559,16 +546,7 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
             }
         }
         ClusterCommand::Status { cluster_id, json } => {
-            let c = client
-                .list_clusters(pb::ListClustersRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .clusters
-                .into_iter()
-                .find(|c| c.cluster_id == cluster_id)
-                .ok_or_else(|| anyhow::anyhow!("no cluster {cluster_id}"))?;
-            show(&c, json)?;
+            show(&cluster_named(&mut client, &cluster_id).await?, json)?;
         }
         ClusterCommand::Connect {
             cluster_id,
@@ -711,12 +689,7 @@ async fn cluster(command: ClusterCommand, socket: Option<PathBuf>) -> Result<()>
             export_files(&output, &r)?;
         }
         ClusterCommand::List { json } => {
-            let list = client
-                .list_clusters(pb::ListClustersRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .clusters;
+            let list = clusters(&mut client).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else if list.is_empty() {

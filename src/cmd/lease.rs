@@ -256,15 +256,7 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
             private_key,
         } => {
             let key = private_key_file(&private_key)?;
-            let info = client
-                .list_leases(pb::ListLeasesRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .leases
-                .into_iter()
-                .find(|l| l.lease_id == lease_id)
-                .with_context(|| format!("no lease {lease_id}"))?;
+            let info = super::admin::lease_named(&mut client, &lease_id).await?;
             println!("{}", open_scratch_key(&info, &key)?);
         }
         LeaseCommand::Run { lease_id, spec } => {
@@ -350,12 +342,7 @@ async fn lease(command: LeaseCommand, socket: Option<PathBuf>) -> Result<()> {
             println!("{lease_id} → {}", output.display());
         }
         LeaseCommand::List { json } => {
-            let leases = client
-                .list_leases(pb::ListLeasesRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .leases;
+            let leases = super::admin::leases(&mut client).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&leases)?);
                 return Ok(());
