@@ -654,20 +654,9 @@ impl SharedDir {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let d = SharedDir(dir);
-        for args in [&["--bind", "DIR", "DIR"][..], &["--make-shared", "DIR"][..]] {
-            let args: Vec<&std::ffi::OsStr> = args
-                .iter()
-                .map(|a| match *a {
-                    "DIR" => d.0.as_os_str(),
-                    a => std::ffi::OsStr::new(a),
-                })
-                .collect();
-            assert!(Command::new("mount")
-                .args(&args)
-                .status()
-                .unwrap()
-                .success());
-        }
+        let path = d.0.to_str().unwrap();
+        run(&["mount", "--bind", path, path]);
+        run(&["mount", "--make-shared", path]);
         d
     }
 }
@@ -754,20 +743,16 @@ fn the_agent_under_its_unit_gives_a_lease_an_encrypted_scratch_volume() {
     assert_eq!(written.trim(), marker);
     // A user other than root writes too: gocryptfs creates the file as that
     // user (what CAP_SETUID, CAP_SETGID and setreuid are in the unit for).
-    let by_nobody = Command::new("docker")
-        .args(["exec", "-u", "65534", &format!("warden-{lease}-main")])
-        .args([
-            "sh",
-            "-c",
-            "echo nobody > /scratch/n && stat -c %u /scratch/n",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        by_nobody.status.success(),
-        "{}",
-        String::from_utf8_lossy(&by_nobody.stderr)
-    );
+    let by_nobody = run(&[
+        "docker",
+        "exec",
+        "-u",
+        "65534",
+        &format!("warden-{lease}-main"),
+        "sh",
+        "-c",
+        "echo nobody > /scratch/n && stat -c %u /scratch/n",
+    ]);
     assert_eq!(String::from_utf8_lossy(&by_nobody.stdout).trim(), "65534");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let plain = layout.plain(&lease);
@@ -776,24 +761,10 @@ fn the_agent_under_its_unit_gives_a_lease_an_encrypted_scratch_volume() {
             && l.contains(warden_agent::workloads::scratch::FSTYPE)),
         "{mounts}"
     );
-    let mut stack = vec![layout.cipher(&lease)];
-    let mut files = 0;
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else {
-                files += 1;
-                let bytes = std::fs::read(e.path()).unwrap();
-                assert!(
-                    !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
-                    "plaintext in {}",
-                    e.path().display()
-                );
-            }
-        }
-    }
-    assert!(files >= 3, "conf, diriv and the file: {files}");
+    let on_disk = files(&layout.cipher(&lease));
+    assert!(on_disk.len() >= 3, "conf, diriv and the file: {on_disk:?}");
+    let plaintext = holding(&layout.cipher(&lease), marker.as_bytes());
+    assert!(plaintext.is_empty(), "plaintext in {plaintext:?}");
     let list = c.ok("warden lease list --json");
     assert!(list.contains("is an encrypted scratch volume"), "{list}");
     // gocryptfs runs in the agent's cgroup: stopping the unit ends it, and

@@ -99,23 +99,6 @@ fn exited(pid: u32) -> bool {
     }
 }
 
-/// Every file below `dir` (not following links).
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let Ok(kind) = e.file_type() else { continue };
-        if kind.is_dir() {
-            out.extend(files(&e.path()));
-        } else if kind.is_file() {
-            out.push(e.path());
-        }
-    }
-    out
-}
-
 /// gocryptfs run by the test itself on `cipher` with `password`: its
 /// output. `stderr` is not a pipe where the mount succeeds: its daemon
 /// would hold the pipe open for as long as it runs.
@@ -477,10 +460,7 @@ fn an_agent_in_a_mount_namespace_of_its_own_mounts_the_volume_where_docker_sees_
         !volumes_seen_by(agent_pid).contains(&plain),
         "the agent's namespace is private: the mount is not there"
     );
-    assert!(files(&layout.cipher(&id)).iter().all(|f| !std::fs::read(f)
-        .unwrap()
-        .windows(marker.len())
-        .any(|w| w == marker.as_bytes())));
+    assert!(holding(&layout.cipher(&id), marker.as_bytes()).is_empty());
     assert!(n.start_note(&id).contains("is an encrypted scratch volume"));
     let holders = gocryptfs::holders(&layout.cipher(&id));
     assert_eq!(holders.len(), 1, "{holders:?}");
@@ -626,14 +606,6 @@ fn doctor_makes_a_real_volume_and_says_when_it_cannot() {
     assert_eq!(doctor_scratch(&cfg, None)["verdict"], "skip");
 }
 
-/// Every file below `dir` whose bytes hold `needle`.
-fn holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    files(dir)
-        .into_iter()
-        .filter(|f| std::fs::read(f).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)))
-        .collect()
-}
-
 #[test]
 fn the_renter_who_asks_gets_the_key_and_nobody_else_can_open_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -705,18 +677,16 @@ fn the_renter_who_asks_gets_the_key_and_nobody_else_can_open_it() {
         .and_then(|l| l["sealed_scratch_key"].as_str())
         .unwrap()
         .to_owned();
-    let py = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/py/open_sealed.py"))
-        .arg(&key)
-        .arg(&id)
-        .arg(&sealed)
-        .output()
-        .unwrap();
-    assert!(
-        py.status.success(),
-        "{}",
-        String::from_utf8_lossy(&py.stderr)
-    );
+    let py = run(&[
+        "python3",
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/vectors/py/open_sealed.py"
+        ),
+        key.to_str().unwrap(),
+        &id,
+        &sealed,
+    ]);
     assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), password);
 
     // Another key opens nothing; the password is on no disk of the node or

@@ -118,18 +118,16 @@ pub fn open(
     Ok(buf)
 }
 
-/// The X25519 public key of a private one (as `wg pubkey` computes it).
-pub fn public_of(private: &[u8; 32]) -> [u8; 32] {
-    PublicKey::from(&StaticSecret::from(*private)).to_bytes()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn keypair(seed: u8) -> ([u8; 32], [u8; 32]) {
         let private = [seed; 32];
-        (private, public_of(&private))
+        (
+            private,
+            PublicKey::from(&StaticSecret::from(private)).to_bytes(),
+        )
     }
 
     #[test]

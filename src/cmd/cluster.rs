@@ -269,18 +269,12 @@ impl HireArgs {
 /// The private key of a config this command wrote (a WireGuard config's
 /// `PrivateKey =`).
 pub(super) fn private_key_in(text: &str) -> Option<[u8; 32]> {
-    use base64::Engine;
     let line = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("PrivateKey"))?
         .trim()
-        .strip_prefix('=')?
-        .trim();
-    base64::engine::general_purpose::STANDARD
-        .decode(line)
-        .ok()?
-        .try_into()
-        .ok()
+        .strip_prefix('=')?;
+    super::lease::x25519_key(line).ok()
 }
 
 /// A wg-quick config: this machine's key and mesh address, every member a

@@ -465,7 +465,6 @@ fn parse_mount(s: &str) -> Result<warden_proto::pb::MountSpec> {
     })
 }
 
-/// A 32-byte X25519 key in base64, as WireGuard's tools write them.
 /// The renter's X25519 private key from a file holding it in base64 (`wg
 /// genkey`), or a WireGuard config with a `PrivateKey =` line.
 pub(super) fn private_key_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<[u8; 32]>> {
@@ -498,6 +497,7 @@ pub(super) fn open_scratch_key(
     Ok(String::from_utf8_lossy(&password).into_owned())
 }
 
+/// A 32-byte X25519 key in base64, as WireGuard's tools write them.
 pub(super) fn x25519_key(text: &str) -> Result<[u8; 32]> {
     use base64::{engine::general_purpose::STANDARD as B64, Engine};
     let bytes = B64

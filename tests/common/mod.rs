@@ -607,6 +607,31 @@ pub fn http_get(addr: &str, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+/// Every file below `dir` (not following links).
+pub fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Ok(kind) = e.file_type() else { continue };
+        if kind.is_dir() {
+            out.extend(files(&e.path()));
+        } else if kind.is_file() {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+/// Every file below `dir` whose bytes hold `needle`.
+pub fn holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    files(dir)
+        .into_iter()
+        .filter(|f| std::fs::read(f).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)))
+        .collect()
+}
+
 pub mod hire;
 pub mod image;
 pub mod lan;

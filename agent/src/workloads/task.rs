@@ -525,33 +525,30 @@ impl State {
             .filter(|(_, v)| **v == Volume::Encrypted)
             .map(|(l, _)| l.clone())
             .collect();
-        let socket = self.w.config.docker_socket.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            let dirs: Vec<String> = match std::fs::read_dir(&layout.root) {
-                Ok(d) => d
-                    .flatten()
-                    .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-                    .collect(),
-                Err(_) => Vec::new(),
-            };
-            let place = gocryptfs::Place::docker(&socket).map_err(|e| e.to_string())?;
-            let mounts = place
-                .run(gocryptfs::own_mounts)
-                .and_then(|m| m)
-                .map_err(|e| e.to_string())?;
-            let dead: Vec<(String, String)> = encrypted
-                .into_iter()
-                .filter_map(|l| {
-                    gocryptfs::live(&place, &layout.plain(&l))
-                        .err()
-                        .map(|e| (l, e))
-                })
-                .collect();
-            Ok::<_, String>((scratch::leftovers(&layout, &dirs, &mounts, &active), dead))
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
+        let found = self
+            .in_dockers_namespace(move |place| {
+                let dirs: Vec<String> = match std::fs::read_dir(&layout.root) {
+                    Ok(d) => d
+                        .flatten()
+                        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
+                let mounts = place
+                    .run(gocryptfs::own_mounts)
+                    .and_then(|m| m)
+                    .map_err(|e| e.to_string())?;
+                let dead: Vec<(String, String)> = encrypted
+                    .into_iter()
+                    .filter_map(|l| {
+                        gocryptfs::live(place, &layout.plain(&l))
+                            .err()
+                            .map(|e| (l, e))
+                    })
+                    .collect();
+                Ok((scratch::leftovers(&layout, &dirs, &mounts, &active), dead))
+            })
+            .await;
         let (stale, dead) = match found {
             Ok(f) => f,
             Err(e) => {
@@ -1135,18 +1132,11 @@ impl State {
             return Ok(Err("workload.scratch is off".into()));
         }
         let (layout, id) = (self.scratch.clone(), lease_id.to_owned());
-        let socket = self.w.config.docker_socket.clone();
-        let made = tokio::task::spawn_blocking(move || {
-            gocryptfs::create(
-                &gocryptfs::Place::docker(&socket)?,
-                &layout,
-                &id,
-                renter.as_ref(),
-            )
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
+        let made = self
+            .in_dockers_namespace(move |place| {
+                gocryptfs::create(place, &layout, &id, renter.as_ref()).map_err(|e| e.to_string())
+            })
+            .await;
         match made {
             Ok(sealed) => {
                 tracing::info!(lease = %lease_id, path = %self.scratch.plain(lease_id).display(), sealed_to_renter = sealed.is_some(), "encrypted scratch volume mounted");
@@ -1172,13 +1162,25 @@ impl State {
             return Ok(());
         }
         let (layout, id) = (self.scratch.clone(), lease_id.to_owned());
+        self.in_dockers_namespace(move |place| {
+            gocryptfs::destroy(place, &layout, &id).map_err(|e| e.to_string())
+        })
+        .await
+    }
+
+    /// Runs `f` on a blocking thread with the mount namespace Docker makes
+    /// its containers' mounts in (found anew each time: Docker may have
+    /// restarted), where the scratch volumes live.
+    async fn in_dockers_namespace<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&gocryptfs::Place) -> Result<R, String> + Send + 'static,
+    ) -> Result<R, String> {
         let socket = self.w.config.docker_socket.clone();
         tokio::task::spawn_blocking(move || {
-            gocryptfs::destroy(&gocryptfs::Place::docker(&socket)?, &layout, &id)
+            f(&gocryptfs::Place::docker(&socket).map_err(|e| e.to_string())?)
         })
         .await
         .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
     }
 
     /// Makes sure the image is here (pulling it if not), then creates and
@@ -1389,14 +1391,8 @@ impl State {
             None => false,
             Some(Volume::Encrypted) => {
                 let plain = self.scratch.plain(&lease.id);
-                let socket = self.w.config.docker_socket.clone();
-                tokio::task::spawn_blocking(move || {
-                    gocryptfs::Place::docker(&socket)
-                        .map_err(|e| e.to_string())
-                        .and_then(|place| gocryptfs::live(&place, &plain))
-                })
+                self.in_dockers_namespace(move |place| gocryptfs::live(place, &plain))
                     .await
-                    .map_err(|e| e.to_string())?
                     .map_err(|e| format!("lease {}'s encrypted scratch volume is lost ({e}); a new container would find /scratch unencrypted; end the lease", lease.id))?;
                 true
             }

@@ -143,15 +143,7 @@ pub fn probe() -> Result<(), String> {
     let node = dir.join("nvidia-probe");
     let checked = (|| {
         // Without CAP_MKNOD there is no node to try: the file check stands.
-        if rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &node,
-            rustix::fs::FileType::CharacterDevice,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            rustix::fs::makedev(1, 3),
-        )
-        .is_err()
-        {
+        if null_device_at(&node, 0o600).is_err() {
             return Ok(());
         }
         let mut guard = Guard::start(PathBuf::from("/proc")).map_err(|e| e.to_string())?;
@@ -167,6 +159,18 @@ pub fn probe() -> Result<(), String> {
     })();
     let _ = std::fs::remove_dir_all(&dir);
     checked
+}
+
+/// A character device with `/dev/null`'s numbers at `path`, as a GPU node
+/// is a character device (needs CAP_MKNOD).
+fn null_device_at(path: &Path, mode: u32) -> rustix::io::Result<()> {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(mode),
+        rustix::fs::makedev(1, 3),
+    )
 }
 
 /// The group and a mark on a regular file.
@@ -557,14 +561,7 @@ mod tests {
         probe_file().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let node = dir.path().join("nvidia0");
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &node,
-            rustix::fs::FileType::CharacterDevice,
-            rustix::fs::Mode::from_raw_mode(0o666),
-            rustix::fs::makedev(1, 3),
-        )
-        .expect("mknod (root)");
+        null_device_at(&node, 0o666).expect("mknod (root)");
         let mut guard = Guard::start(PathBuf::from("/proc")).unwrap();
         let targets = super::super::targets(
             &[format!("{}/nvidia*", dir.path().display())],

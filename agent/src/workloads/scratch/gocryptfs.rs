@@ -170,13 +170,15 @@ impl Place {
     /// where they do not, Docker refuses the container, its bind source
     /// being a directory inside the volume; see [`super::Layout::source`]).
     pub fn docker(socket: &Path) -> Result<Place, ScratchError> {
-        let mut candidates: Vec<(u32, &str)> = Vec::new();
-        if let Some(pid) = peer_pid(socket) {
-            candidates.push((pid, "the process serving the Docker socket"));
-        }
-        candidates.extend(dockerd_pids().into_iter().map(|p| (p, "dockerd")));
-        candidates.push((1, "PID 1 (no dockerd is visible from the agent)"));
-        let (pid, who) = candidates[0];
+        // /proc is walked for a dockerd only when the socket's peer is not
+        // visible.
+        let (pid, who) = match peer_pid(socket) {
+            Some(pid) => (pid, "the process serving the Docker socket"),
+            None => match dockerd_pids().first() {
+                Some(&pid) => (pid, "dockerd"),
+                None => (1, "PID 1 (no dockerd is visible from the agent)"),
+            },
+        };
         let whose = format!("{who} (pid {pid})");
         let path = PathBuf::from(format!("/proc/{pid}/ns/mnt"));
         let theirs = File::open(&path).map_err(|e| ScratchError::Namespace {
